@@ -1,0 +1,1 @@
+"""ReturnFeed live_qc package."""

@@ -1,0 +1,63 @@
+"""Errors raised by the media package.
+
+Hierarchy::
+
+    MediaError                      base of everything media/ raises
+    ├── LocalMediaError             our side is misconfigured or misused
+    │   ├── SrtUnavailable          no loadable libsrt (says what to install)
+    │   └── SrtApiError             a libsrt call failed (carries errno/text)
+    └── RemoteMediaError            a peer sent something we cannot use
+        ├── TsError                 malformed MPEG-TS (sync, PSI CRC, PES)
+        ├── BitstreamError          malformed H.264/AAC/Opus data
+        ├── RtpError                malformed RTP/RTCP
+        └── UnsupportedMedia        well-formed but cannot be served
+                                    passthrough (B-frames, unknown codec)
+
+Remote errors are counted and logged by whoever reads the bytes; they never
+propagate out of an ingest session. Third-party exceptions (ctypes, PyAV)
+are translated into these at the module boundary.
+"""
+
+from __future__ import annotations
+
+
+class MediaError(Exception):
+    """Base class for media errors."""
+
+
+class LocalMediaError(MediaError):
+    """Our configuration or use of an API is wrong."""
+
+
+class SrtUnavailable(LocalMediaError):
+    """No libsrt shared library could be loaded."""
+
+
+class SrtApiError(LocalMediaError):
+    """A libsrt call returned an error."""
+
+    def __init__(self, call: str, code: int, text: str) -> None:
+        super().__init__(f"{call} failed: {text} (srt errno {code})")
+        self.call = call
+        self.code = code
+        self.text = text
+
+
+class RemoteMediaError(MediaError):
+    """A peer sent data we cannot use."""
+
+
+class TsError(RemoteMediaError):
+    """Malformed MPEG transport stream."""
+
+
+class BitstreamError(RemoteMediaError):
+    """Malformed elementary stream data."""
+
+
+class RtpError(RemoteMediaError):
+    """Malformed RTP or RTCP."""
+
+
+class UnsupportedMedia(RemoteMediaError):
+    """Well-formed media that cannot be forwarded passthrough."""

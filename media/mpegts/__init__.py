@@ -1,0 +1,1 @@
+"""ReturnFeed media/mpegts package."""

@@ -1,0 +1,1 @@
+"""ReturnFeed server package."""
