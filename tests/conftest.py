@@ -1,1 +1,95 @@
-"""Shared test configuration."""
+"""Shared fixtures.
+
+``pg_server`` is one real PostgreSQL for the whole run: the one named by
+``DATABASE_URL`` when set (CI may point at an external server), otherwise an
+embedded one started in a temporary directory. Each test that needs a
+database gets a fresh database on it (``db_url``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+if str(ROOT / "tests") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    from server.embedded_pg import EmbeddedPostgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="rf-pg-"))
+    pg = EmbeddedPostgres(tmp)
+    url = pg.start()
+    try:
+        yield url
+    finally:
+        pg.stop()
+
+
+def _with_db(base_url: str, dbname: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base_url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+
+
+def _fresh_database(pg_server: str) -> Iterator[str]:
+    import asyncpg
+
+    name = "rf_test_" + secrets.token_hex(6)
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_server)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_db(pg_server, name)
+    finally:
+        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def db_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database for one test."""
+    yield from _fresh_database(pg_server)
+
+
+@pytest.fixture(scope="module")
+def module_db_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database shared by one test module."""
+    yield from _fresh_database(pg_server)
+
+
+@pytest.fixture(scope="module")
+def api_server(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator["ServerProcess"]:
+    """One real server on an external database, admin password known."""
+    from helpers import ServerProcess
+
+    srv = ServerProcess(tmp_path_factory.mktemp("srv"),
+                        env={"DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1"})
+    srv.admin_password = "admin-password-1"
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# ReturnFeed bootstrap: install what is missing, then run the server or the tests.
+#
+#   bash config/bootstrap.sh run  [returnfeed serve flags...]
+#   bash config/bootstrap.sh test [pytest args...]
+#   bash config/bootstrap.sh setup            # install only
+#
+# Idempotent: system packages are installed only when missing, the virtual
+# environment is rebuilt only when pyproject.toml changed. Works as root or as
+# a user with sudo. On systems without apt it says exactly what to install.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+STAMP="$VENV/.returnfeed-deps"
+MODE="${1:-setup}"
+[ $# -gt 0 ] && shift
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Debian/Ubuntu packages: runtime (python, ffmpeg, libsrt) and test peers
+# (srt-live-transmit, chromium, espeak-ng/sox for caption tests, iproute2).
+APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools chromium espeak-ng sox iproute2 ca-certificates)
+SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else die "need root for: $* (install sudo or run as root)"; fi
+}
+
+missing_apt() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"
+  done
+}
+
+install_system() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    local need=()
+    command -v python3 >/dev/null 2>&1 || need+=("Python >= 3.11 with venv")
+    command -v ffmpeg >/dev/null 2>&1 || need+=("ffmpeg (built with libsrt)")
+    command -v srt-live-transmit >/dev/null 2>&1 || need+=("srt tools and libsrt 1.5 (Homebrew: brew install srt)")
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=("chromium (tests only)")
+    command -v espeak-ng >/dev/null 2>&1 || need+=("espeak-ng and sox (tests only)")
+    if [ ${#need[@]} -gt 0 ]; then
+      printf 'This system has no apt-get. Install these, then run this command again:\n' >&2
+      printf '  - %s\n' "${need[@]}" >&2
+      exit 2
+    fi
+    return
+  fi
+  local want=("${APT_PACKAGES[@]}") missing srt_ok=0 lib
+  for lib in "${SRT_LIBS[@]}"; do
+    [ -z "$(missing_apt "$lib")" ] && srt_ok=1
+  done
+  missing=$(missing_apt "${want[@]}")
+  if [ -n "$missing" ] || [ $srt_ok -eq 0 ]; then
+    say "installing system packages: $missing $([ $srt_ok -eq 0 ] && echo libsrt)"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get update -qq
+    if [ $srt_ok -eq 0 ]; then
+      # Debian/Ubuntu ship libsrt built against GnuTLS or OpenSSL; either works.
+      if apt-cache show libsrt1.5-gnutls >/dev/null 2>&1; then missing="$missing libsrt1.5-gnutls"
+      else missing="$missing libsrt1.5-openssl"; fi
+    fi
+    # shellcheck disable=SC2086
+    as_root apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+}
+
+pick_python() {
+  local c
+  for c in python3.13 python3.12 python3.11 python3; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+      echo "$c"; return
+    fi
+  done
+  die "Python >= 3.11 is required (Debian 12 / Ubuntu 24.04 ship it as python3)"
+}
+
+install_python() {
+  local want
+  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    return
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    local py
+    py=$(pick_python)
+    say "creating virtual environment with $py"
+    "$py" -m venv "$VENV"
+  fi
+  say "installing Python packages"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e ".[test]"
+  echo "$want" > "$STAMP"
+}
+
+install_system
+install_python
+
+case "$MODE" in
+  setup) say "setup complete" ;;
+  run)
+    exec "$VENV/bin/returnfeed" serve "$@" ;;
+  test)
+    export PYTHONUNBUFFERED=1
+    exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@" ;;
+  *) die "unknown mode '$MODE' (use run, test or setup)" ;;
+esac

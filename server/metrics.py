@@ -1,0 +1,77 @@
+"""Prometheus metrics, all named ``returnfeed_*``.
+
+Each application owns its own :class:`CollectorRegistry` (tests run several
+apps in one process). Values that already live elsewhere (pool size, uptime)
+are read at scrape time by a collector rather than copied on every change.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from .db import Database
+
+VERSION = "0.1.0"
+
+
+class _DynamicCollector(Collector):
+    def __init__(self, db: "Database", started: float) -> None:
+        self.db = db
+        self.started = started
+        self.extra: list[Callable[[], Iterable[Metric]]] = []
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("returnfeed_uptime_seconds", "Seconds since the server started",
+                                value=time.time() - self.started)
+        info = InfoMetricFamily("returnfeed_build", "ReturnFeed build information")
+        info.add_metric([], {"version": VERSION, "python": sys.version.split()[0]})
+        yield info
+        pool = self.db.pool
+        size = GaugeMetricFamily("returnfeed_db_pool_connections", "Database pool connections",
+                                 labels=["state"])
+        if pool is not None:
+            total = pool.get_size()
+            idle = pool.get_idle_size()
+            size.add_metric(["idle"], idle)
+            size.add_metric(["busy"], total - idle)
+        yield size
+        yield GaugeMetricFamily("returnfeed_db_pool_max", "Database pool maximum size",
+                                value=pool.get_max_size() if pool is not None else 0)
+        for fn in self.extra:
+            yield from fn()
+
+
+class Metrics:
+    def __init__(self, db: "Database") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.dynamic = _DynamicCollector(db, time.time())
+        self.registry.register(self.dynamic)
+        self.http_requests = Counter(
+            "returnfeed_http_requests", "HTTP requests by route and status",
+            ["method", "route", "status"], registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "returnfeed_http_request_duration_seconds", "HTTP request handling time",
+            ["route"], registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        )
+        self.logins = Counter("returnfeed_auth_logins", "Login attempts by result", ["result"],
+                              registry=self.registry)
+
+    def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_duration.labels(route).observe(seconds)
+
+    def add_collector(self, fn: Callable[[], Iterable[Metric]]) -> None:
+        """Register a function yielding metric families at scrape time."""
+        self.dynamic.extra.append(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

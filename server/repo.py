@@ -1,0 +1,278 @@
+"""SQL for users, productions, members, streams, tokens and audit.
+
+Every function takes a connection or pool (anything with ``fetch``/
+``fetchrow``/``execute``) so callers choose the transaction. Values are always
+bound parameters: names with quotes or SQL fragments are stored literally.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+
+from .auth import generate_passphrase
+
+Conn = Any  # asyncpg.Connection | asyncpg.Pool
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# -- secrets -------------------------------------------------------------
+
+async def get_or_create_secret(conn: Conn, name: str) -> str:
+    value = secrets.token_urlsafe(48)
+    await conn.execute(
+        "INSERT INTO server_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING", name, value
+    )
+    return await conn.fetchval("SELECT value FROM server_secrets WHERE name = $1", name)
+
+
+# -- users ---------------------------------------------------------------
+
+USER_COLS = "id, username, role, disabled, created_at"
+
+
+async def count_users(conn: Conn) -> int:
+    return await conn.fetchval("SELECT count(*) FROM users")
+
+
+async def create_user(conn: Conn, username: str, password_hash: str, role: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"INSERT INTO users (username, password_hash, role) VALUES ($1, $2, $3) RETURNING {USER_COLS}",
+        username, password_hash, role,
+    )
+
+
+async def user_by_name(conn: Conn, username: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {USER_COLS}, password_hash FROM users WHERE lower(username) = lower($1)", username
+    )
+
+
+async def user_by_id(conn: Conn, user_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(f"SELECT {USER_COLS} FROM users WHERE id = $1", user_id)
+
+
+async def list_users(conn: Conn) -> list[asyncpg.Record]:
+    return await conn.fetch(f"SELECT {USER_COLS} FROM users ORDER BY id")
+
+
+async def set_password(conn: Conn, user_id: int, password_hash: str) -> None:
+    await conn.execute("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1",
+                       user_id, password_hash)
+
+
+def user_json(r: asyncpg.Record) -> dict[str, Any]:
+    return {"id": r["id"], "username": r["username"], "role": r["role"], "disabled": r["disabled"],
+            "created_at": r["created_at"].isoformat()}
+
+
+# -- refresh tokens --------------------------------------------------------
+
+async def store_refresh(conn: Conn, user_id: int, token_hash: bytes, ttl_s: int, family: uuid.UUID | None,
+                        user_agent: str | None, ip: str | None) -> int:
+    return await conn.fetchval(
+        """INSERT INTO refresh_tokens (user_id, token_hash, family, expires_at, user_agent, ip)
+           VALUES ($1, $2, $3, $4, $5, $6) RETURNING id""",
+        user_id, token_hash, family or uuid.uuid4(), _now() + timedelta(seconds=ttl_s),
+        (user_agent or "")[:256], ip,
+    )
+
+
+async def refresh_by_hash(conn: Conn, token_hash: bytes) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        """SELECT t.id, t.user_id, t.family, t.expires_at, t.revoked_at, t.replaced_by,
+                  u.username, u.role, u.disabled
+           FROM refresh_tokens t JOIN users u ON u.id = t.user_id
+           WHERE t.token_hash = $1 FOR UPDATE OF t""",
+        token_hash,
+    )
+
+
+async def revoke_refresh(conn: Conn, token_id: int, replaced_by: int | None = None) -> None:
+    await conn.execute(
+        "UPDATE refresh_tokens SET revoked_at = coalesce(revoked_at, now()), replaced_by = $2 WHERE id = $1",
+        token_id, replaced_by,
+    )
+
+
+async def revoke_family(conn: Conn, family: uuid.UUID) -> None:
+    await conn.execute(
+        "UPDATE refresh_tokens SET revoked_at = now() WHERE family = $1 AND revoked_at IS NULL", family
+    )
+
+
+async def link_revoked(conn: Conn, jti: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM revoked_links WHERE jti = $1", jti))
+
+
+async def revoke_link(conn: Conn, jti: str, expires_at: datetime, by: int | None) -> None:
+    await conn.execute(
+        "INSERT INTO revoked_links (jti, expires_at, revoked_by) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        jti, expires_at, by,
+    )
+
+
+# -- productions -----------------------------------------------------------
+
+PROD_COLS = "p.id, p.name, p.description, p.settings, p.created_at, p.updated_at"
+
+
+def production_json(r: asyncpg.Record, my_role: str | None = None) -> dict[str, Any]:
+    out = {"id": r["id"], "name": r["name"], "description": r["description"],
+           "settings": json.loads(r["settings"]) if isinstance(r["settings"], str) else r["settings"],
+           "created_at": r["created_at"].isoformat(), "updated_at": r["updated_at"].isoformat()}
+    if my_role is not None:
+        out["my_role"] = my_role
+    return out
+
+
+async def create_production(conn: Conn, name: str, description: str, created_by: int | None) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""INSERT INTO productions AS p (name, description, created_by) VALUES ($1, $2, $3)
+            RETURNING {PROD_COLS}""",
+        name, description, created_by,
+    )
+
+
+async def find_production(conn: Conn, ref: str | int) -> asyncpg.Record | None:
+    """By id (int or all-digit string) or by exact name."""
+    if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 19):
+        row = await conn.fetchrow(f"SELECT {PROD_COLS} FROM productions p WHERE p.id = $1", int(ref))
+        if row is not None or isinstance(ref, int):
+            return row
+    return await conn.fetchrow(f"SELECT {PROD_COLS} FROM productions p WHERE p.name = $1", str(ref))
+
+
+async def list_productions(conn: Conn, user_id: int | None) -> list[asyncpg.Record]:
+    """All productions (``user_id`` None: admin) or those the user belongs to."""
+    if user_id is None:
+        return await conn.fetch(f"SELECT {PROD_COLS}, NULL::text AS my_role FROM productions p ORDER BY p.id")
+    return await conn.fetch(
+        f"""SELECT {PROD_COLS}, m.role AS my_role FROM productions p
+            JOIN production_members m ON m.production_id = p.id AND m.user_id = $1 ORDER BY p.id""",
+        user_id,
+    )
+
+
+async def update_production(conn: Conn, pid: int, name: str | None, description: str | None) -> asyncpg.Record:
+    return await conn.fetchrow(
+        f"""UPDATE productions p SET name = coalesce($2, name), description = coalesce($3, description),
+                   updated_at = now() WHERE p.id = $1 RETURNING {PROD_COLS}""",
+        pid, name, description,
+    )
+
+
+async def delete_production(conn: Conn, pid: int) -> bool:
+    return await conn.execute("DELETE FROM productions WHERE id = $1", pid) == "DELETE 1"
+
+
+async def member_role(conn: Conn, production_id: int, user_id: int) -> str | None:
+    return await conn.fetchval(
+        "SELECT role FROM production_members WHERE production_id = $1 AND user_id = $2", production_id, user_id
+    )
+
+
+async def set_member(conn: Conn, production_id: int, user_id: int, role: str,
+                     camera_stream: str | None) -> asyncpg.Record:
+    return await conn.fetchrow(
+        """INSERT INTO production_members (production_id, user_id, role, camera_stream)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (production_id, user_id) DO UPDATE SET role = $3, camera_stream = $4
+           RETURNING production_id, user_id, role, camera_stream""",
+        production_id, user_id, role, camera_stream,
+    )
+
+
+async def remove_member(conn: Conn, production_id: int, user_id: int) -> bool:
+    res = await conn.execute("DELETE FROM production_members WHERE production_id = $1 AND user_id = $2",
+                             production_id, user_id)
+    return res == "DELETE 1"
+
+
+async def list_members(conn: Conn, production_id: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        """SELECT m.user_id, u.username, m.role, m.camera_stream FROM production_members m
+           JOIN users u ON u.id = m.user_id WHERE m.production_id = $1 ORDER BY u.username""",
+        production_id,
+    )
+
+
+# -- streams ---------------------------------------------------------------
+
+STREAM_COLS = ("s.id, s.name, s.production_id, p.name AS production_name, s.passphrase, s.pbkeylen, "
+               "s.label, s.settings, s.created_at, s.updated_at")
+
+
+async def create_stream(conn: Conn, name: str, production_id: int, pbkeylen: int, label: str,
+                        settings: dict[str, Any]) -> asyncpg.Record:
+    sid = await conn.fetchval(
+        """INSERT INTO streams (name, production_id, passphrase, pbkeylen, label, settings)
+           VALUES ($1, $2, $3, $4, $5, $6::jsonb) RETURNING id""",
+        name, production_id, generate_passphrase(), pbkeylen, label, json.dumps(settings),
+    )
+    return await stream_by_id(conn, sid)
+
+
+async def stream_by_id(conn: Conn, sid: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {STREAM_COLS} FROM streams s JOIN productions p ON p.id = s.production_id WHERE s.id = $1", sid
+    )
+
+
+async def stream_by_name(conn: Conn, name: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {STREAM_COLS} FROM streams s JOIN productions p ON p.id = s.production_id WHERE s.name = $1",
+        name,
+    )
+
+
+async def list_streams(conn: Conn, production_ids: list[int] | None) -> list[asyncpg.Record]:
+    if production_ids is None:
+        return await conn.fetch(
+            f"SELECT {STREAM_COLS} FROM streams s JOIN productions p ON p.id = s.production_id ORDER BY s.id"
+        )
+    return await conn.fetch(
+        f"""SELECT {STREAM_COLS} FROM streams s JOIN productions p ON p.id = s.production_id
+            WHERE s.production_id = ANY($1::bigint[]) ORDER BY s.id""",
+        production_ids,
+    )
+
+
+async def rotate_passphrase(conn: Conn, sid: int) -> None:
+    await conn.execute("UPDATE streams SET passphrase = $2, updated_at = now() WHERE id = $1",
+                       sid, generate_passphrase())
+
+
+async def update_stream(conn: Conn, sid: int, label: str | None, settings: dict[str, Any] | None) -> None:
+    await conn.execute(
+        """UPDATE streams SET label = coalesce($2, label),
+                  settings = coalesce($3::jsonb, settings), updated_at = now() WHERE id = $1""",
+        sid, label, json.dumps(settings) if settings is not None else None,
+    )
+
+
+async def delete_stream(conn: Conn, sid: int) -> bool:
+    return await conn.execute("DELETE FROM streams WHERE id = $1", sid) == "DELETE 1"
+
+
+async def user_production_roles(conn: Conn, user_id: int) -> dict[int, str]:
+    rows = await conn.fetch("SELECT production_id, role FROM production_members WHERE user_id = $1", user_id)
+    return {r["production_id"]: r["role"] for r in rows}
+
+
+# -- audit -----------------------------------------------------------------
+
+async def audit(conn: Conn, action: str, *, actor_user_id: int | None = None, actor: str = "",
+                target: str = "", detail: dict[str, Any] | None = None, ip: str | None = None) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (actor_user_id, actor, action, target, detail, ip) VALUES ($1,$2,$3,$4,$5::jsonb,$6)",
+        actor_user_id, actor, action, target, json.dumps(detail or {}, default=str), ip,
+    )

@@ -1,0 +1,144 @@
+"""Test helpers: run the real server as a subprocess, talk to it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
+
+
+@dataclass
+class ServerProcess:
+    """``returnfeed serve`` in a subprocess, with its output collected."""
+
+    data_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    output: list[str] = field(default_factory=list)
+    admin_password: str | None = None
+
+    def start(self, timeout: float = 60) -> "ServerProcess":
+        env = dict(os.environ)
+        env.pop("DATABASE_URL", None)
+        env.update({"RETURNFEED_LOG__FORMAT": "text", "PYTHONUNBUFFERED": "1"})
+        env.update(self.env)
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
+               "--http-port", "0", *self.args]
+        if "--srt-port" not in self.args:
+            cmd += ["--srt-port", "0"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc and self.proc.stdout
+            for line in self.proc.stdout:
+                self.output.append(line.rstrip("\n"))
+                m = BANNER.search(line)
+                if m:
+                    self.port = int(m.group(1))
+                    ready.set()
+                pw = re.search(r"created user 'admin' with password: (\S+)", line)
+                if pw:
+                    self.admin_password = pw.group(1)
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(timeout) or not self.port:
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "\n".join(self.output[-40:]))
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+@dataclass
+class Resp:
+    status: int
+    headers: Any
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def http(method: str, url: str, body: Any = None, *, token: str | None = None,
+         headers: dict[str, str] | None = None, raw: bytes | None = None, timeout: float = 15) -> Resp:
+    h = dict(headers or {})
+    data = raw
+    if body is not None:
+        data = json.dumps(body).encode()
+        h.setdefault("Content-Type", "application/json")
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=data, method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return Resp(r.status, r.headers, r.read())
+    except urllib.error.HTTPError as e:
+        return Resp(e.code, e.headers, e.read())
+
+
+def login(base: str, username: str, password: str) -> dict[str, Any]:
+    r = http("POST", f"{base}/api/v1/auth/login", {"username": username, "password": password})
+    assert r.status == 200, r.body
+    return r.json()
+
+
+def wait_until(pred: Any, timeout: float = 10, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+def postgres_pids(data_dir: Path) -> list[int]:
+    """PIDs of postgres processes serving ``data_dir/pg``."""
+    pids = []
+    target = str(data_dir / "pg")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"postgres") and target.encode() in b" ".join(cmd):
+            pids.append(int(d.name))
+    return pids
