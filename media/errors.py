@@ -5,13 +5,17 @@ Hierarchy::
     MediaError                      base of everything media/ raises
     ├── LocalMediaError             our side is misconfigured or misused
     │   ├── SrtUnavailable          no loadable libsrt (says what to install)
-    │   └── SrtApiError             a libsrt call failed (carries errno/text)
+    │   ├── SrtApiError             a libsrt call failed (carries errno/text)
+    │   └── StreamClosed            (media.stream) the stream or reader ended
     └── RemoteMediaError            a peer sent something we cannot use
         ├── TsError                 malformed MPEG-TS (sync, PSI CRC, PES)
         ├── BitstreamError          malformed H.264/AAC/Opus data
         ├── RtpError                malformed RTP/RTCP
-        └── UnsupportedMedia        well-formed but cannot be served
-                                    passthrough (B-frames, unknown codec)
+        ├── UnsupportedMedia        well-formed but cannot be served
+        │                           passthrough (B-frames, unknown codec)
+        ├── StreamBusy              (media.stream) a publisher is already
+        │                           attached; SRT reject 1409 / HTTP 409
+        └── SdpError                (media.webrtc.sdp) unusable SDP offer
 
 Remote errors are counted and logged by whoever reads the bytes; they never
 propagate out of an ingest session. Third-party exceptions (ctypes, PyAV)

@@ -1,0 +1,114 @@
+"""AAC → Opus transcoder on real AAC from ffmpeg (lavfi sine)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from media.mpegts import AccessUnit, TsDemuxer
+from media.opus import Toc, packet_samples
+from media.transcode import AacToOpus, OpusPacket, TranscodeWorker, run_in_executor
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "ts"
+
+
+def aac_frames(name: str) -> list[AccessUnit]:
+    demux = TsDemuxer()
+    events = demux.feed((FIXTURES / name).read_bytes(), 0.0) + demux.flush(0.0)
+    return [e for e in events if isinstance(e, AccessUnit) and e.codec == "aac"]
+
+
+def decode(packets: list[OpusPacket], layout: str) -> np.ndarray:
+    dec = av.CodecContext.create("opus", "r")
+    dec.layout = layout
+    dec.sample_rate = 48000
+    chunks = []
+    for p in packets:
+        for f in dec.decode(av.Packet(p.data)):
+            chunks.append(f.to_ndarray().reshape(-1, f.samples))
+    return np.concatenate(chunks, axis=1)
+
+
+def dominant_hz(signal: np.ndarray) -> float:
+    mono = signal.mean(axis=0)[4800:]  # skip the start-up
+    spectrum = np.abs(np.fft.rfft(mono * np.hanning(len(mono))))
+    return float(np.fft.rfftfreq(len(mono), 1 / 48000)[spectrum.argmax()])
+
+
+@pytest.mark.parametrize(
+    "name, in_rate, channels, tone",
+    [("h264_aac_zerolatency.ts", 48000, 2, 440.0), ("h264_aac_bframes.ts", 44100, 1, 1000.0)],
+)
+def test_transcode_duration_channels_and_signal(name, in_rate, channels, tone):
+    frames = aac_frames(name)
+    t = AacToOpus()
+    packets = t.process(frames) + t.flush()
+    assert t.decode_errors == 0 and t.resets == 0
+    assert t.channels == channels
+    assert all(Toc.parse(p.data).stereo == (channels == 2) for p in packets)
+    assert all(packet_samples(p.data) == 960 for p in packets)
+    # 48 kHz timeline, continuous, anchored at the first AAC PTS (minus libopus look-ahead)
+    assert {b.pts - a.pts for a, b in zip(packets, packets[1:])} == {960}
+    assert abs(packets[0].pts - (frames[0].pts * 8 // 15 - 312)) <= 1
+    pcm = decode(packets, "stereo" if channels == 2 else "mono")
+    assert pcm.shape[0] == channels
+    in_seconds = len(frames) * 1024 / in_rate
+    out_seconds = (pcm.shape[1] - 312) / 48000  # decoder output includes the pre-skip
+    assert abs(out_seconds - in_seconds) <= 0.040
+    assert dominant_hz(pcm) == pytest.approx(tone, abs=5)
+    assert np.abs(pcm).max() > 0.05  # real audio, not silence
+
+
+def test_pts_jump_restarts_pipeline():
+    frames = aac_frames("h264_aac_zerolatency.ts")
+    first, second = frames[:40], frames[40:80]
+    t = AacToOpus()
+    out = t.process((f.data, f.pts) for f in first)
+    out += t.process((f.data, f.pts + 90000) for f in second)  # a 1 s gap (publisher reconnect)
+    out += t.flush()
+    assert t.resets == 1
+    jumps = [b.pts - a.pts for a, b in zip(out, out[1:]) if b.pts - a.pts != 960]
+    assert len(jumps) == 1 and 47000 < jumps[0] < 49500
+
+
+def test_garbage_frames_are_counted_not_raised():
+    frames = aac_frames("h264_aac_zerolatency.ts")[:20]
+    t = AacToOpus()
+    bad = [(b"\x00\x01\x02", frames[5].pts), (frames[6].data[:7] + b"\x00" * 50, frames[6].pts)]
+    out = t.process([(f.data, f.pts) for f in frames[:5]] + bad + [(f.data, f.pts) for f in frames[7:]])
+    out += t.flush()
+    assert t.decode_errors >= 1
+    assert len(out) > 15
+
+
+async def test_worker_batches_in_executor():
+    frames = aac_frames("h264_aac_zerolatency.ts")
+    expected = AacToOpus().process(frames)
+    received: list[OpusPacket] = []
+    worker = TranscodeWorker(AacToOpus(), received.extend)
+    worker.start()
+    for f in frames:
+        worker.push(f)
+        if f.pts % 7 == 0:
+            await asyncio.sleep(0)
+    await worker.stop()
+    assert worker.dropped == 0 and 1 <= worker.batches <= len(frames)
+    assert [p.pts for p in received[: len(expected)]] == [p.pts for p in expected]
+    assert len(received) >= len(expected)
+    direct = await run_in_executor(AacToOpus(), frames[:10])
+    assert len(direct) >= 8
+
+
+async def test_worker_drops_oldest_when_overloaded():
+    frames = aac_frames("h264_aac_zerolatency.ts")
+    worker = TranscodeWorker(AacToOpus(), lambda p: None, max_pending=10)
+    for f in frames[:30]:  # not started: nothing drains
+        worker.push(f)
+    assert worker.dropped == 20
+    worker.start()
+    await worker.stop()
+    assert worker.transcoder.frames_in == 10
