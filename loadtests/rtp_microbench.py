@@ -1,0 +1,404 @@
+"""Microbenchmark of the per-packet forwarding work (media/rtp).
+
+Reports µs per packet for:
+
+* packetizing access units (H.264, amortized per RTP packet; Opus),
+* the per-viewer header rewrite (``Rewriter.rewrite``), with and without
+  header extensions,
+* rewrite + SRTP protect through a real ``pylibsrtp.Session``,
+* rewrite + protect + ``sendto`` on a loopback UDP socket (the whole
+  per-viewer budget: ≤ 16 µs),
+* fan-out of one packet to N viewers (each viewer has its own SRTP key, so
+  protect cannot be shared), and the fixed per-call cost of
+  ``Session.protect`` compared with a call straight into libsrtp through
+  pylibsrtp's cffi binding with preallocated buffers.
+
+Usage: ``python loadtests/rtp_microbench.py [--quick] [--json]``.
+Numbers are the median of several timed rounds, single thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import pylibsrtp  # noqa: E402
+
+from media.rtp.h264 import H264Packetizer  # noqa: E402
+from media.rtp.history import PacketHistory  # noqa: E402
+from media.rtp.opus import OpusPacketizer  # noqa: E402
+from media.rtp.packet import LayerPacket  # noqa: E402
+from media.rtp.rewrite import Rewriter, TrackParams, TransportSeq  # noqa: E402
+
+
+def _nal(rng: random.Random, nal_header: int, size: int) -> bytes:
+    # Bytes 1..255 only: no accidental start codes inside the NAL unit.
+    return bytes((nal_header,)) + bytes(rng.randrange(1, 256) for _ in range(size - 1))
+
+
+def synthetic_gop(rng: random.Random, gop: int = 60) -> list[bytes]:
+    """One GOP of Annex-B AUs shaped like 1 Mbit/s 30 fps: 30 kB IDR, ~3.7 kB P."""
+    sc = b"\x00\x00\x00\x01"
+    aus = [
+        sc + b"\x09\xf0"  # AUD (stripped)
+        + sc + _nal(rng, 0x67, 24) + sc + _nal(rng, 0x68, 5) + sc + _nal(rng, 0x06, 40)
+        + sc + _nal(rng, 0x65, 30000)
+    ]
+    for _ in range(gop - 1):
+        aus.append(sc + b"\x09\xf0" + sc + _nal(rng, 0x41, rng.randrange(2500, 5000)))
+    return aus
+
+
+Stat = tuple[float, float]  # (min, median) µs per item over the rounds
+
+
+def summarize(samples_ns: list[float]) -> Stat:
+    return min(samples_ns) / 1000.0, statistics.median(samples_ns) / 1000.0
+
+
+def timeit(fn: Callable[[], int], rounds: int) -> Stat:
+    """µs per item over *rounds*; *fn* runs a batch and returns its item count.
+
+    The minimum is the figure to compare (the machine is shared: other
+    processes only ever add time); the median shows the spread.
+    """
+    fn()  # warm up
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter_ns()
+        n = fn()
+        samples.append((time.perf_counter_ns() - t0) / n)
+    return summarize(samples)
+
+
+#: key + salt lengths (RFC 3711 §8.2, RFC 7714 §12)
+PROFILES = {
+    "AES128_CM_SHA1_80": (pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80, 30),
+    "AEAD_AES_128_GCM": (pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM, 28),
+    "AEAD_AES_256_GCM": (pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM, 44),
+}
+
+
+def srtp_session(profile: str = "AES128_CM_SHA1_80") -> pylibsrtp.Session:
+    srtp_profile, key_len = PROFILES[profile]
+    policy = pylibsrtp.Policy(
+        key=os.urandom(key_len),
+        ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
+        srtp_profile=srtp_profile,
+    )
+    policy.allow_repeat_tx = True
+    policy.window_size = 1024
+    return pylibsrtp.Session(policy)
+
+
+def layer_packets(count: int, size: int) -> list[LayerPacket]:
+    payload = os.urandom(size)
+    return [
+        LayerPacket(seq=i & 0xFFFF, timestamp=(i // 4) * 3000, marker=(i % 4 == 3), payload=payload)
+        for i in range(count)
+    ]
+
+
+def make_rewriter(ssrc: int, extensions: bool, tseq: TransportSeq | None = None) -> Rewriter:
+    if extensions:
+        params = TrackParams(
+            ssrc=ssrc, payload_type=102, clock_rate=90000, mid="0", mid_id=4,
+            abs_send_time_id=2, transport_cc_id=3, rtx_ssrc=ssrc + 1, rtx_payload_type=103,
+        )
+        return Rewriter(params, transport_seq=tseq or TransportSeq(), initial_seq=1000, initial_ts=0)
+    params = TrackParams(ssrc=ssrc, payload_type=102, clock_rate=90000)
+    return Rewriter(params, initial_seq=1000, initial_ts=0)
+
+
+def prime(rw: Rewriter, first: LayerPacket) -> None:
+    rw.rewrite(0, LayerPacket((first.seq - 1) & 0xFFFF, first.timestamp, False, b"x", True, True), 0.0)
+
+
+def run(quick: bool) -> dict[str, Stat]:
+    rounds = 5 if quick else 25
+    n = 2000 if quick else 4000
+    rng = random.Random(7)
+    results: dict[str, Stat] = {}
+
+    # -- packetize --------------------------------------------------------
+    gop = synthetic_gop(rng)
+    pk = H264Packetizer()
+
+    def pack_gop() -> int:
+        count = 0
+        for i, au in enumerate(gop):
+            count += len(pk.packetize(au, i * 3000))
+        return count
+
+    results["h264_packetize_per_packet"] = timeit(pack_gop, rounds)
+    n_packets = pack_gop()
+    results["h264_packets_per_gop"] = (float(n_packets), float(n_packets))
+
+    opus = OpusPacketizer()
+    opus_frame = os.urandom(120)
+
+    def pack_opus() -> int:
+        p = opus.packetize
+        for i in range(n):
+            p(opus_frame, i * 960)
+        return n
+
+    results["opus_packetize_per_packet"] = timeit(pack_opus, rounds)
+
+    history = PacketHistory()
+    hist_pkts = layer_packets(n, 1100)
+
+    def put_history() -> int:
+        put = history.put
+        for p in hist_pkts:
+            put(p, 1.0)
+        return n
+
+    results["history_put_per_packet"] = timeit(put_history, rounds)
+
+    # -- rewrite ----------------------------------------------------------
+    pkts = layer_packets(n, 1100)
+    base = [0]
+
+    def bench_rewrite(extensions: bool) -> Callable[[], int]:
+        def fn() -> int:
+            rw = make_rewriter(0x1234, extensions)
+            prime(rw, pkts[0])
+            rewrite = rw.rewrite
+            now = 1.0
+            for p in pkts:
+                rewrite(0, p, now)
+            base[0] += 1
+            return n
+
+        return fn
+
+    results["rewrite_no_ext"] = timeit(bench_rewrite(False), rounds)
+    results["rewrite_mid_abs_twcc"] = timeit(bench_rewrite(True), rounds)
+
+    # -- protect ----------------------------------------------------------
+    for size in (100, 1100):
+        rw = make_rewriter(0x2000 + size, True)
+        sized = layer_packets(n, size)
+        prime(rw, sized[0])
+        wire = [rw.rewrite(0, p, 1.0) for p in sized]
+
+        for profile in PROFILES:
+
+            def protect_only(wire: list = wire, profile: str = profile) -> int:
+                protect = srtp_session(profile).protect
+                for w in wire:
+                    protect(w)
+                return len(wire)
+
+            results[f"protect_{size}B_{profile}"] = timeit(protect_only, rounds)
+
+    # Fixed per-call cost: pylibsrtp.Session.protect vs. libsrtp called
+    # through the same cffi binding with a preallocated length pointer.
+    from pylibsrtp._binding import ffi, lib
+
+    small = [w[:40] for w in wire]
+    cbuf = ffi.new("char[]", 1500)
+    mbuf = ffi.buffer(cbuf)
+    lenp = ffi.new("int *")
+
+    def protect_small() -> int:
+        protect = srtp_session().protect
+        for w in small:
+            protect(w)
+        return len(small)
+
+    def protect_raw_small() -> int:
+        sess = srtp_session()
+        srtp_ctx = sess._srtp[0]  # the session's srtp_t
+        fn = lib.srtp_protect
+        for w in small:
+            k = len(w)
+            mbuf[0:k] = w
+            lenp[0] = k
+            if fn(srtp_ctx, cbuf, lenp):
+                raise RuntimeError("srtp_protect failed")
+            mbuf[0 : lenp[0]]
+        return len(small)
+
+    results["protect_40B_session_call"] = timeit(protect_small, rounds)
+    results["protect_40B_raw_cffi"] = timeit(protect_raw_small, rounds)
+
+    # -- rewrite + protect (+ sendto) --------------------------------------
+    def bench_chain(send: bool) -> Callable[[], int]:
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.setblocking(False)
+        tx.connect(rx.getsockname())
+        rx.setblocking(False)
+
+        def drain() -> None:
+            try:
+                while True:
+                    rx.recv(2048)
+            except BlockingIOError:
+                pass
+
+        def fn() -> int:
+            sess = srtp_session()
+            rw = make_rewriter(0x3000, True)
+            prime(rw, pkts[0])
+            rewrite = rw.rewrite
+            protect = sess.protect
+            out = tx.send
+            count = 0
+            for k in range(0, n, 200):
+                for p in pkts[k : k + 200]:
+                    data = protect(rewrite(0, p, 1.0))
+                    if send:
+                        try:
+                            out(data)
+                        except BlockingIOError:
+                            pass
+                    count += 1
+                if send:
+                    t0 = time.perf_counter_ns()
+                    drain()
+                    # do not charge the receiver's work to the sender
+                    fn.drained += time.perf_counter_ns() - t0  # type: ignore[attr-defined]
+            return count
+
+        fn.drained = 0  # type: ignore[attr-defined]
+        return fn
+
+    results["rewrite_protect"] = timeit(bench_chain(False), rounds)
+    chain = bench_chain(True)
+    samples = []
+    chain()
+    for _ in range(rounds):
+        chain.drained = 0  # type: ignore[attr-defined]
+        t0 = time.perf_counter_ns()
+        c = chain()
+        samples.append((time.perf_counter_ns() - t0 - chain.drained) / c)  # type: ignore[attr-defined]
+    results["rewrite_protect_sendto"] = summarize(samples)
+
+    results["rewrite_protect_uvloop_sendto"] = bench_uvloop(pkts, n, rounds)
+
+    # -- fan-out: one layer packet to V viewers ----------------------------
+    for viewers in (1, 10, 100):
+        tseq = [TransportSeq() for _ in range(viewers)]
+        rws = [make_rewriter(0x4000 + v, True, tseq[v]) for v in range(viewers)]
+        sessions = [srtp_session() for _ in range(viewers)]
+        for rw in rws:
+            prime(rw, pkts[0])
+        pairs = list(zip([rw.rewrite for rw in rws], [s.protect for s in sessions]))
+        per = max(20, n // viewers)
+        stream = layer_packets((rounds + 2) * per, 1100)
+        cursor = [0]
+
+        def fan(pairs: list = pairs, per: int = per, stream: list = stream, cursor: list = cursor) -> int:
+            k = cursor[0]
+            cursor[0] = k + per
+            for p in stream[k : k + per]:
+                for rewrite, protect in pairs:
+                    protect(rewrite(0, p, 1.0))
+            return per * len(pairs)
+
+        results[f"fanout_{viewers}_viewers_rewrite_protect"] = timeit(fan, rounds)
+    return results
+
+
+def bench_uvloop(pkts: list[LayerPacket], n: int, rounds: int) -> Stat:
+    """rewrite + protect + ``DatagramTransport.sendto`` on a uvloop loop (the
+    transport kind aioice hands packets to), receiver drained between rounds."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ImportError:
+        return (float("nan"), float("nan"))
+
+    class Sink(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            pass
+
+    async def main() -> Stat:
+        loop = asyncio.get_running_loop()
+        rx, _ = await loop.create_datagram_endpoint(Sink, local_addr=("127.0.0.1", 0))
+        addr = rx.get_extra_info("sockname")
+        tx, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+        samples = []
+        for r in range(rounds + 1):
+            sess = srtp_session()
+            rw = make_rewriter(0x5000, True)
+            prime(rw, pkts[0])
+            rewrite, protect, sendto = rw.rewrite, sess.protect, tx.sendto
+            elapsed = 0
+            for k in range(0, n, 200):
+                t0 = time.perf_counter_ns()
+                for p in pkts[k : k + 200]:
+                    sendto(protect(rewrite(0, p, 1.0)), addr)
+                elapsed += time.perf_counter_ns() - t0
+                await asyncio.sleep(0)  # let the receiver drain (not timed)
+                await asyncio.sleep(0)
+            if r:
+                samples.append(elapsed / n)
+        tx.close()
+        rx.close()
+        return summarize(samples)
+
+    return uvloop.run(main())
+
+
+LABELS = {
+    "h264_packetize_per_packet": "H.264 packetize, per RTP packet (1 Mbit/s GOP)",
+    "h264_packets_per_gop": "  RTP packets per 60-frame GOP",
+    "opus_packetize_per_packet": "Opus packetize, per packet",
+    "history_put_per_packet": "history put, per packet",
+    "rewrite_no_ext": "rewrite, no header extensions",
+    "rewrite_mid_abs_twcc": "rewrite, mid + abs-send-time + transport-cc",
+    "protect_100B_AES128_CM_SHA1_80": "pylibsrtp protect, 100 B payload, AES128_CM_SHA1_80",
+    "protect_100B_AEAD_AES_128_GCM": "pylibsrtp protect, 100 B payload, AEAD_AES_128_GCM",
+    "protect_100B_AEAD_AES_256_GCM": "pylibsrtp protect, 100 B payload, AEAD_AES_256_GCM",
+    "protect_1100B_AES128_CM_SHA1_80": "pylibsrtp protect, 1100 B payload, AES128_CM_SHA1_80",
+    "protect_1100B_AEAD_AES_128_GCM": "pylibsrtp protect, 1100 B payload, AEAD_AES_128_GCM",
+    "protect_1100B_AEAD_AES_256_GCM": "pylibsrtp protect, 1100 B payload, AEAD_AES_256_GCM",
+    "protect_40B_session_call": "protect 40 B via Session.protect",
+    "protect_40B_raw_cffi": "protect 40 B via libsrtp (cffi, preallocated)",
+    "rewrite_protect": "rewrite + protect (1100 B)",
+    "rewrite_protect_sendto": "rewrite + protect + loopback sendto (1100 B)",
+    "rewrite_protect_uvloop_sendto": "rewrite + protect + uvloop transport.sendto (1100 B)",
+    "fanout_1_viewers_rewrite_protect": "fan-out 1 viewer, per viewer-packet",
+    "fanout_10_viewers_rewrite_protect": "fan-out 10 viewers, per viewer-packet",
+    "fanout_100_viewers_rewrite_protect": "fan-out 100 viewers, per viewer-packet",
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer packets and rounds")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args()
+    results = run(args.quick)
+    if args.json:
+        print(json.dumps({k: {"min_us": lo, "median_us": med} for k, (lo, med) in results.items()}, indent=2))
+        return
+    print(f"{'µs per packet':<60} {'min':>7} {'median':>7}")
+    for key, (lo, med) in results.items():
+        print(f"{LABELS.get(key, key):<60} {lo:>7.2f} {med:>7.2f}")
+    lo, med = results["rewrite_protect_sendto"]
+    print(f"\nper-viewer budget 16 µs: rewrite+protect+sendto = {lo:.2f} µs min, {med:.2f} µs median "
+          f"({'within' if med <= 16 else 'OVER'} budget)")
+
+
+if __name__ == "__main__":
+    main()

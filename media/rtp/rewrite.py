@@ -1,0 +1,499 @@
+"""Per-viewer, per-track RTP header rewriting (the forwarding hot path).
+
+Layer packets (:class:`media.rtp.packet.LayerPacket`) are produced once per
+simulcast layer. For each viewer track a :class:`Rewriter` turns them into
+RTP packets in the viewer's space: the viewer's SSRC and negotiated payload
+type, a viewer sequence number and timestamp, and the header extensions the
+viewer negotiated (with its ids): sdes:mid (RFC 8843 §15.1), abs-send-time
+(6.18 fixed-point seconds from ``now``) and transport-wide sequence number
+(draft-holmer-rmcat-transport-wide-cc-extensions-01 §2, one counter per
+viewer transport: :class:`TransportSeq`).
+
+Hot path: a ``bytearray`` template of header + extension block is built once;
+per packet one ``struct.pack_into`` writes M/PT/seq/ts (plus one per dynamic
+extension) and ``b"".join((template, payload))`` makes the bytes in a single
+allocation (``pylibsrtp`` wants ``bytes``).
+
+Continuity rules (DESIGN.md invariant 2; libsrtp rejects a reused index):
+
+* Within one run of a layer the viewer sequence number advances by exactly
+  what the layer's does: +1 per packet when the layer has no loss. A gap of
+  up to ``max_gap`` (upstream loss on a WHIP layer) is kept as a gap, so the
+  viewer NACKs it and a late packet can still fill the hole (it is forwarded
+  with the viewer sequence number reserved for it, once). Packetized SRT
+  layers have no gaps, so there the viewer sequence is strictly +1.
+* A layer switch, a publisher restart (``LayerPacket.discontinuity``) or a
+  jump larger than ``max_gap`` re-bases: the next packet sent gets the last
+  viewer sequence number + 1 and the timestamp last_ts + elapsed wall time ×
+  clock rate (at least +1), so the jitter buffer sees normal progress.
+  Viewer sequence numbers therefore never go backwards.
+* A switch happens only at a keyframe start of the target layer
+  (``request_switch``); until then the old layer keeps flowing (no freeze)
+  and target packets are dropped. After a restart or a big jump mid-GOP, the
+  layer is dropped until its next keyframe; :attr:`Rewriter.waiting_for_keyframe`
+  tells the egress to ask for one (GOP cache / upstream PLI).
+
+A bounded map (viewer seq → layer, layer seq, layer ts, viewer ts) turns a
+viewer NACK back into layer packets held by :class:`media.rtp.history.PacketHistory`;
+:meth:`Rewriter.retransmit` resends them plainly (same seq/ts; the SRTP
+policy needs ``allow_repeat_tx``, which aiortc sets) or as RTX (RFC 4588 §4:
+RTX SSRC and PT, own sequence numbers, payload = original seq + payload).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Mapping, NamedTuple, Sequence
+
+from media.rtp.history import PacketHistory
+from media.rtp.packet import ONE_BYTE_PROFILE, RTP_HEADER_SIZE, TWO_BYTE_PROFILE, LayerPacket
+from media.rtp.rtcp import SenderReport, build_sr
+
+__all__ = ["TrackParams", "TransportSeq", "NackTarget", "Rewriter"]
+
+_SEQ_TS = struct.Struct("!BHI")
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+_join = b"".join
+
+
+@dataclass(frozen=True, slots=True)
+class TrackParams:
+    """What the viewer negotiated for one sending track (from the SDP answer).
+
+    Extension ids of ``None`` mean "not negotiated: do not send it".
+    """
+
+    ssrc: int
+    payload_type: int
+    clock_rate: int
+    mid: str | None = None
+    mid_id: int | None = None
+    abs_send_time_id: int | None = None
+    transport_cc_id: int | None = None
+    rtx_ssrc: int | None = None
+    rtx_payload_type: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.payload_type <= 127:
+            raise ValueError("payload_type must be 0..127")
+        if self.clock_rate <= 0:
+            raise ValueError("clock_rate must be positive")
+        if (self.rtx_ssrc is None) != (self.rtx_payload_type is None):
+            raise ValueError("RTX needs both rtx_ssrc and rtx_payload_type")
+        if (self.mid is None) != (self.mid_id is None):
+            raise ValueError("the mid extension needs both mid and mid_id")
+        ids = [i for i in (self.mid_id, self.abs_send_time_id, self.transport_cc_id) if i is not None]
+        if len(set(ids)) != len(ids) or any(not 1 <= i <= 255 for i in ids):
+            raise ValueError("header extension ids must be distinct and in 1..255")
+
+
+class TransportSeq:
+    """Transport-wide sequence counter, shared by every track of one viewer transport."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, initial: int = 0) -> None:
+        self.value = initial & 0xFFFF
+
+
+class NackTarget(NamedTuple):
+    """A viewer sequence number traced back to the layer packet it carried."""
+
+    viewer_seq: int
+    layer: int
+    layer_seq: int
+    layer_ts: int
+    viewer_ts: int
+
+
+class _Template:
+    """Header + extension block with the offsets of the per-packet fields."""
+
+    __slots__ = ("buf", "abs_off", "abs_top", "twcc_off")
+
+    def __init__(self, params: TrackParams, ssrc: int, payload_type: int) -> None:
+        dynamic: list[tuple[int, int]] = []  # (id, value length)
+        if params.abs_send_time_id is not None:
+            dynamic.append((params.abs_send_time_id, 3))
+        if params.transport_cc_id is not None:
+            dynamic.append((params.transport_cc_id, 2))
+        fixed: list[tuple[int, bytes]] = []
+        if params.mid is not None and params.mid_id is not None:
+            mid = params.mid.encode()
+            if not 1 <= len(mid) <= 255:
+                raise ValueError("mid must be 1..255 bytes")
+            fixed.append((params.mid_id, mid))
+        ids = [i for i, _ in dynamic] + [i for i, _ in fixed]
+        two_byte = any(i > 14 for i in ids) or any(len(v) > 16 for _, v in fixed)
+        ext = bytearray()
+        offsets: dict[int, int] = {}
+        for ext_id, length in dynamic:
+            ext += bytes((ext_id, length)) if two_byte else bytes(((ext_id << 4) | (length - 1),))
+            offsets[ext_id] = len(ext)
+            ext += b"\x00" * length
+        for ext_id, value in fixed:
+            ext += bytes((ext_id, len(value))) if two_byte else bytes(((ext_id << 4) | (len(value) - 1),))
+            ext += value
+        ext += b"\x00" * (-len(ext) % 4)
+        has_ext = bool(ext)
+        buf = bytearray(
+            struct.pack("!BBHII", 0x90 if has_ext else 0x80, payload_type, 0, 0, ssrc)
+        )
+        if has_ext:
+            buf += _U16.pack(TWO_BYTE_PROFILE if two_byte else ONE_BYTE_PROFILE)
+            buf += _U16.pack(len(ext) // 4)
+            buf += ext
+        base = RTP_HEADER_SIZE + 4
+        self.buf = buf
+        self.abs_off = 0
+        self.abs_top = 0
+        self.twcc_off = 0
+        if params.abs_send_time_id is not None:
+            # Written as one 32-bit word starting at the byte before the
+            # value (the element's header or length byte, which is constant).
+            off = base + offsets[params.abs_send_time_id]
+            self.abs_off = off - 1
+            self.abs_top = buf[off - 1] << 24
+        if params.transport_cc_id is not None:
+            self.twcc_off = base + offsets[params.transport_cc_id]
+
+
+def _random16() -> int:
+    return int.from_bytes(os.urandom(2), "big")
+
+
+def _random32() -> int:
+    return int.from_bytes(os.urandom(4), "big")
+
+
+class Rewriter:
+    """Rewrite layer packets into one viewer track's RTP space.
+
+    ``rewrite(layer, packet, now)`` returns the RTP packet bytes to protect
+    and send, or ``None`` when the packet is not for this viewer (other
+    layer, waiting for a keyframe, duplicate, too late). ``now`` is a
+    monotonic clock in seconds, used for abs-send-time, timestamp re-basing
+    and sender reports.
+    """
+
+    __slots__ = (
+        "params",
+        "max_gap",
+        "nack_min_interval",
+        "_tmpl",
+        "_rtx_tmpl",
+        "_twcc",
+        "_mpt",
+        "_rtx_mpt",
+        "_map",
+        "_rtx_sent",
+        "_mask",
+        "_layer",
+        "_target",
+        "_lseq",
+        "_vseq",
+        "_epoch_vseq",
+        "_ts_off",
+        "_next_vts",
+        "_last_vts",
+        "_last_now",
+        "_started",
+        "_rtx_seq",
+        "packets_sent",
+        "octets_sent",
+        "retransmitted",
+        "unrecoverable",
+        "switches",
+        "rebases",
+        "dropped_late",
+    )
+
+    def __init__(
+        self,
+        params: TrackParams,
+        initial_layer: int = 0,
+        *,
+        transport_seq: TransportSeq | None = None,
+        initial_seq: int | None = None,
+        initial_ts: int | None = None,
+        initial_rtx_seq: int | None = None,
+        map_size: int = 1024,
+        max_gap: int = 128,
+        nack_min_interval: float = 0.01,
+    ) -> None:
+        if map_size < 16 or map_size & (map_size - 1) or map_size > 0x8000:
+            raise ValueError("map_size must be a power of two between 16 and 32768")
+        if not 1 <= max_gap < map_size:
+            raise ValueError("max_gap must be in 1..map_size-1")
+        if params.transport_cc_id is not None and transport_seq is None:
+            raise ValueError("transport-cc negotiated: pass the transport's TransportSeq")
+        self.params = params
+        self.max_gap = max_gap
+        self.nack_min_interval = nack_min_interval
+        self._tmpl = _Template(params, params.ssrc, params.payload_type)
+        self._rtx_tmpl = (
+            _Template(params, params.rtx_ssrc, params.rtx_payload_type)
+            if params.rtx_ssrc is not None and params.rtx_payload_type is not None
+            else None
+        )
+        self._twcc = transport_seq
+        pt = params.payload_type
+        self._mpt = (pt, pt | 0x80)
+        rpt = params.rtx_payload_type if params.rtx_payload_type is not None else 0
+        self._rtx_mpt = (rpt, rpt | 0x80)
+        self._map: list[tuple[int, int, int, int, int] | None] = [None] * map_size
+        self._rtx_sent: dict[int, float] = {}
+        self._mask = map_size - 1
+        self._layer: int | None = None
+        self._target: int | None = initial_layer
+        self._lseq = 0
+        # Extended (never wrapping) viewer sequence number of the last
+        # in-order packet; the wire value is its low 16 bits.
+        first = _random16() if initial_seq is None else initial_seq & 0xFFFF
+        self._vseq = first - 1 + 0x10000  # keep it positive for late-packet math
+        self._epoch_vseq = self._vseq
+        self._ts_off = 0
+        self._next_vts = _random32() if initial_ts is None else initial_ts & 0xFFFFFFFF
+        self._last_vts = 0
+        self._last_now = 0.0
+        self._started = False
+        self._rtx_seq = _random16() if initial_rtx_seq is None else initial_rtx_seq & 0xFFFF
+        self.packets_sent = 0
+        self.octets_sent = 0
+        self.retransmitted = 0
+        self.unrecoverable = 0
+        self.switches = 0
+        self.rebases = 0
+        self.dropped_late = 0
+
+    # -- state -----------------------------------------------------------------
+
+    @property
+    def current_layer(self) -> int | None:
+        """Layer being forwarded (None before the first keyframe)."""
+        return self._layer
+
+    @property
+    def target_layer(self) -> int | None:
+        """Layer a switch is waiting for (its next keyframe start), or None."""
+        return self._target
+
+    @property
+    def waiting_for_keyframe(self) -> bool:
+        """True while nothing is forwarded until a keyframe (ask for one)."""
+        return self._layer is None
+
+    @property
+    def last_seq(self) -> int:
+        """Viewer sequence number of the newest packet sent (16 bits)."""
+        return self._vseq & 0xFFFF
+
+    @property
+    def last_timestamp(self) -> int:
+        return self._last_vts
+
+    def request_switch(self, layer: int) -> None:
+        """Switch to *layer* at its next keyframe start; the current layer flows until then."""
+        if layer == self._layer:
+            self._target = None
+        else:
+            self._target = layer
+
+    # -- hot path --------------------------------------------------------------
+
+    def rewrite(self, layer: int, packet: LayerPacket, now: float) -> bytes | None:
+        if layer == self._layer and not packet.discontinuity:
+            seq = packet.seq
+            d = (seq - self._lseq) & 0xFFFF
+            if 0 < d <= self.max_gap:
+                vext = self._vseq + d
+                self._vseq = vext
+                self._lseq = seq
+                vts = (packet.timestamp + self._ts_off) & 0xFFFFFFFF
+                self._last_vts = vts
+                self._last_now = now
+                t = self._tmpl
+                buf = t.buf
+                _SEQ_TS.pack_into(buf, 1, self._mpt[packet.marker], vext & 0xFFFF, vts)
+                if t.abs_off:
+                    _U32.pack_into(buf, t.abs_off, t.abs_top | (int(now * 262144.0) & 0xFFFFFF))
+                if t.twcc_off:
+                    tw = self._twcc
+                    _U16.pack_into(buf, t.twcc_off, tw.value)
+                    tw.value = (tw.value + 1) & 0xFFFF
+                payload = packet.payload
+                self._map[vext & self._mask] = (vext, layer, seq, packet.timestamp, vts)
+                self.packets_sent += 1
+                self.octets_sent += len(payload)
+                return _join((buf, payload))
+            if d == 0:
+                return None  # duplicate
+            if d >= 0x8000:
+                return self._late(layer, packet, (self._lseq - seq) & 0xFFFF, now)
+            # Forward jump beyond max_gap: treat like a restart of the layer.
+        return self._slow(layer, packet, now)
+
+    # -- slow paths ------------------------------------------------------------
+
+    def _slow(self, layer: int, packet: LayerPacket, now: float) -> bytes | None:
+        if layer == self._target and packet.keyframe_start:
+            if self._layer is not None:
+                self.switches += 1
+            self._rebase(layer, packet, now)
+            return self._emit(layer, packet, self._vseq, now)
+        if layer == self._layer:
+            # Restart (flagged or a jump beyond max_gap) of the current layer.
+            if packet.keyframe_start:
+                self._rebase(layer, packet, now)
+                return self._emit(layer, packet, self._vseq, now)
+            # Mid-GOP: its predecessors are unusable; wait for the next
+            # keyframe of this layer (or of a pending target, whichever first).
+            self._layer = None
+            if self._target is None:
+                self._target = layer
+            return None
+        return None
+
+    def _rebase(self, layer: int, packet: LayerPacket, now: float) -> None:
+        self.rebases += 1
+        if self._started:
+            step = max(1, round((now - self._last_now) * self.params.clock_rate))
+            vts = (self._last_vts + step) & 0xFFFFFFFF
+        else:
+            vts = self._next_vts
+            self._started = True
+        self._ts_off = (vts - packet.timestamp) & 0xFFFFFFFF
+        self._layer = layer
+        if self._target == layer:
+            self._target = None  # a pending switch to another layer stays pending
+        self._lseq = packet.seq
+        self._vseq += 1
+        self._epoch_vseq = self._vseq
+        self._last_vts = vts
+        self._last_now = now
+
+    def _late(self, layer: int, packet: LayerPacket, back: int, now: float) -> bytes | None:
+        """An older packet of the current run: fill the hole it left, once."""
+        vext = self._vseq - back
+        if back > self._mask or vext <= self._epoch_vseq:
+            self.dropped_late += 1
+            return None
+        entry = self._map[vext & self._mask]
+        if entry is not None and entry[0] == vext:
+            return None  # already sent
+        return self._emit(layer, packet, vext, now, in_order=False)
+
+    def _emit(
+        self, layer: int, packet: LayerPacket, vext: int, now: float, in_order: bool = True
+    ) -> bytes:
+        vts = (packet.timestamp + self._ts_off) & 0xFFFFFFFF
+        if in_order:
+            self._last_vts = vts
+            self._last_now = now
+        self._map[vext & self._mask] = (vext, layer, packet.seq, packet.timestamp, vts)
+        self.packets_sent += 1
+        self.octets_sent += len(packet.payload)
+        return self._build(self._tmpl, self._mpt[packet.marker], vext & 0xFFFF, vts, packet.payload, now)
+
+    def _build(self, t: _Template, mpt: int, seq: int, ts: int, payload: bytes, now: float) -> bytes:
+        buf = t.buf
+        _SEQ_TS.pack_into(buf, 1, mpt, seq, ts)
+        if t.abs_off:
+            _U32.pack_into(buf, t.abs_off, t.abs_top | (int(now * 262144.0) & 0xFFFFFF))
+        if t.twcc_off:
+            tw = self._twcc
+            assert tw is not None
+            _U16.pack_into(buf, t.twcc_off, tw.value)
+            tw.value = (tw.value + 1) & 0xFFFF
+        return _join((buf, payload))
+
+    # -- NACK ------------------------------------------------------------------
+
+    def translate_nack(self, lost: Iterable[int]) -> list[NackTarget]:
+        """Map viewer sequence numbers (16-bit, from a Generic NACK) to layer packets.
+
+        Numbers not sent, or older than the map, are left out.
+        """
+        out: list[NackTarget] = []
+        top = self._vseq
+        mask = self._mask
+        for s in lost:
+            back = (top - s) & 0xFFFF
+            if back > mask:
+                continue
+            vext = top - back
+            entry = self._map[vext & mask]
+            if entry is not None and entry[0] == vext:
+                out.append(NackTarget(vext & 0xFFFF, entry[1], entry[2], entry[3], entry[4]))
+        return out
+
+    def retransmit(
+        self,
+        lost: Iterable[int],
+        histories: Sequence[PacketHistory] | Mapping[int, PacketHistory],
+        now: float,
+    ) -> list[bytes]:
+        """Packets answering a viewer NACK, fetched from the per-layer histories.
+
+        RTX (RFC 4588 §4) when negotiated, else the original packet again. A
+        packet already resent less than ``nack_min_interval`` ago is skipped;
+        one no longer in the history is counted in ``unrecoverable``.
+        """
+        out: list[bytes] = []
+        sent = self._rtx_sent
+        for target in self.translate_nack(lost):
+            try:
+                history = histories[target.layer]
+            except (IndexError, KeyError):
+                history = None
+            packet = (
+                history.get(target.layer_seq, now, timestamp=target.layer_ts)
+                if history is not None
+                else None
+            )
+            if packet is None:
+                self.unrecoverable += 1
+                continue
+            key = target.viewer_seq
+            last = sent.get(key)
+            if last is not None and now - last < self.nack_min_interval:
+                continue
+            sent[key] = now
+            if self._rtx_tmpl is not None:
+                rtx_seq = self._rtx_seq
+                self._rtx_seq = (rtx_seq + 1) & 0xFFFF
+                payload = _U16.pack(target.viewer_seq) + packet.payload
+                out.append(
+                    self._build(
+                        self._rtx_tmpl, self._rtx_mpt[packet.marker], rtx_seq, target.viewer_ts, payload, now
+                    )
+                )
+            else:
+                out.append(
+                    self._build(
+                        self._tmpl, self._mpt[packet.marker], target.viewer_seq, target.viewer_ts,
+                        packet.payload, now,
+                    )
+                )
+            self.retransmitted += 1
+        if len(sent) > 4 * (self._mask + 1):
+            horizon = now - max(self.nack_min_interval, 1.0)
+            for k in [k for k, t in sent.items() if t < horizon]:
+                del sent[k]
+        return out
+
+    # -- RTCP ------------------------------------------------------------------
+
+    def sender_report(self, now: float, wall_time: float) -> SenderReport:
+        """SR for this track (RFC 3550 §6.4.1) at monotonic *now* / Unix *wall_time*.
+
+        The RTP timestamp is the last packet's, extrapolated to *now*.
+        """
+        if self._started:
+            rtp_ts = (self._last_vts + round((now - self._last_now) * self.params.clock_rate)) & 0xFFFFFFFF
+        else:
+            rtp_ts = self._next_vts
+        return build_sr(self.params.ssrc, wall_time, rtp_ts, self.packets_sent, self.octets_sent)
