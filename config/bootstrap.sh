@@ -22,7 +22,8 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Debian/Ubuntu packages: runtime (python, ffmpeg, libsrt) and test peers
 # (srt-live-transmit, chromium, espeak-ng/sox for caption tests, iproute2).
-APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools chromium espeak-ng sox iproute2 ca-certificates)
+# libsrt-gnutls-dev: test-only, a test compiles against srt.h to check the ctypes layout.
+APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutls-dev chromium espeak-ng sox iproute2 ca-certificates)
 SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
 
 as_root() {

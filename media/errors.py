@@ -13,6 +13,8 @@ Hierarchy::
         ├── RtpError                malformed RTP/RTCP
         ├── UnsupportedMedia        well-formed but cannot be served
         │                           passthrough (B-frames, unknown codec)
+        ├── StreamIdError           (media.srt.streamid) unparsable SRT
+        │                           stream ID; carries the reject code
         ├── StreamBusy              (media.stream) a publisher is already
         │                           attached; SRT reject 1409 / HTTP 409
         └── SdpError                (media.webrtc.sdp) unusable SDP offer

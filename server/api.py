@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import unicodedata
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -34,14 +33,13 @@ from .auth import (
     MEMBER_ROLES, ROLES, TokenError, hash_password, hash_refresh_token, needs_rehash, new_refresh_token,
     validate_password_strength, verify_password,
 )
+from media.srt.streamid import is_valid_stream_name
+
 from .errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
 from .log import event
 
 log = logging.getLogger("returnfeed.api")
 
-#: Stream names travel in URL paths and SRT stream IDs: keep them URL- and
-#: stream-ID-safe.
-STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.~-]{0,63}$")
 
 #: Live state of a stream for the API, supplied by the media layer.
 LIVE_STATE = web.AppKey("live_state", Callable[[str], dict[str, Any]])
@@ -408,8 +406,9 @@ async def create_stream(request: web.Request) -> web.Response:
     p = await user_principal(request)
     data = await json_body(request)
     name = _str(data, "name", max_len=64)
-    if not STREAM_NAME.match(name):
-        raise BadRequest("'name' must be 1–64 characters of letters, digits, '_', '.', '~', '-', "
+    # Stream names travel in URL paths and SRT stream IDs: one rule for both.
+    if not is_valid_stream_name(name):
+        raise BadRequest("'name' must be 1–64 characters of letters, digits, '_', '.', '-', "
                          "starting with a letter or digit")
     prod_ref = data.get("production")
     if prod_ref is None:

@@ -244,8 +244,8 @@ def access_log_middleware() -> Any:
     return mw
 
 
-def create_app(settings: Settings, db: Database, tokens: TokenService) -> web.Application:
-    from . import api, health
+def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None) -> web.Application:
+    from . import api, health, whep
 
     metrics = Metrics(db)
     app = web.Application(
@@ -266,6 +266,12 @@ def create_app(settings: Settings, db: Database, tokens: TokenService) -> web.Ap
     app[STARTED] = time.time()
     health.setup(app)
     api.setup(app)
+    if media is not None:
+        app[whep.MEDIA] = media
+        app[api.LIVE_STATE] = media.live_state
+        app[api.STREAMS_CHANGED].append(media.refresh_catalog)
+        metrics.add_collector(media.collect)
+        whep.setup(app)
     if WEB_DIR.is_dir():
         async def index(request: web.Request) -> web.FileResponse:
             return web.FileResponse(WEB_DIR / "index.html")
@@ -273,3 +279,4 @@ def create_app(settings: Settings, db: Database, tokens: TokenService) -> web.Ap
         app.router.add_get("/", index)
         app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
     return app
+

@@ -74,6 +74,27 @@ class SrtSettings(_Section):
     pbkeylen: Literal[16, 24, 32] = 16
 
 
+class IceServer(_Section):
+    #: e.g. "stun:stun.example.com:3478" or "turn:turn.example.com:3478?transport=udp"
+    urls: str
+    username: str | None = None
+    credential: str | None = None
+
+
+class WebRtcSettings(_Section):
+    #: STUN/TURN servers for the server's own ICE agent and advertised to
+    #: WHIP/WHEP clients in ``Link: rel="ice-server"`` headers (RFC 9725 §4.4).
+    ice_servers: list[IceServer] = []
+    #: Most WHEP viewers this process serves; more get 503 + Retry-After.
+    max_viewers: int = Field(2000, ge=1)
+    #: A viewer whose socket has more than this many bytes queued is moved
+    #: down a layer, then dropped.
+    backlog_bytes: int = Field(524288, ge=16384)
+    #: Seconds a client should wait before retrying a WHEP request for a
+    #: stream that is not live (409 Retry-After).
+    retry_after_s: int = Field(2, ge=1)
+
+
 class DatabaseSettings(_Section):
     #: External PostgreSQL. Empty: start an embedded PostgreSQL in
     #: ``<data_dir>/pg``. Also read from ``DATABASE_URL``.
@@ -113,6 +134,7 @@ class Settings(_Section):
     data_dir: Path = Path("data")
     http: HttpSettings = HttpSettings()
     srt: SrtSettings = SrtSettings()
+    webrtc: WebRtcSettings = WebRtcSettings()
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
     log: LogSettings = LogSettings()

@@ -67,6 +67,7 @@ class Server:
     settings: Settings
     db: Database | None = None
     app: web.Application | None = None
+    media: Any = None
     runner: web.AppRunner | None = None
     addresses: list[Any] = field(default_factory=list)
 
@@ -79,7 +80,11 @@ class Server:
         try:
             await ensure_first_admin(self.db, out=out)
             tokens = await token_service(self.db, s)
-            self.app = create_app(s, self.db, tokens)
+            from .media_service import MediaService
+
+            self.media = MediaService(s, self.db, tokens)
+            await self.media.start()
+            self.app = create_app(s, self.db, tokens, self.media)
             self.runner = web.AppRunner(self.app, shutdown_timeout=s.http.shutdown_timeout_s,
                                         handle_signals=False, access_log=None)
             await self.runner.setup()
@@ -93,6 +98,10 @@ class Server:
         host = "localhost" if s.http.host in ("0.0.0.0", "::", "") else s.http.host
         event(log, logging.INFO, "server.started", http_port=port, database=self.db.kind,
               data_dir=str(s.data_dir))
+        if self.media.srt is not None:
+            out(f"SRT listener on port {self.media.srt_port} (publish with streamid=publish:<stream>)")
+        else:
+            out(f"SRT is disabled: {self.media.srt_error or 'srt.enabled = false'}")
         out(f"ReturnFeed is running: http://{host}:{port}/  (database: {self.db.kind}; Ctrl-C stops)")
 
     @property
@@ -104,6 +113,9 @@ class Server:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.media is not None:
+            await self.media.stop()
+            self.media = None
         if self.db is not None:
             await self.db.close()
             self.db = None

@@ -18,6 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
+SRT_BANNER = re.compile(r"SRT listener on port (\d+)")
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ServerProcess:
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     port: int = 0
+    srt_port: int = 0
     output: list[str] = field(default_factory=list)
     admin_password: str | None = None
 
@@ -49,6 +51,9 @@ class ServerProcess:
             assert self.proc and self.proc.stdout
             for line in self.proc.stdout:
                 self.output.append(line.rstrip("\n"))
+                srt = SRT_BANNER.search(line)
+                if srt:
+                    self.srt_port = int(srt.group(1))
                 m = BANNER.search(line)
                 if m:
                     self.port = int(m.group(1))
@@ -142,3 +147,94 @@ def postgres_pids(data_dir: Path) -> list[int]:
         if cmd and cmd[0].endswith(b"postgres") and target.encode() in b" ".join(cmd):
             pids.append(int(d.name))
     return pids
+
+
+# -- media peers -------------------------------------------------------------------
+
+def ffmpeg_publish(srt_url: str, *, seconds: float = 30, size: str = "640x360", fps: int = 25,
+                   profile: str = "baseline", bframes: bool = False, audio: str = "aac",
+                   latency_us: int = 120000, extra: list[str] | None = None) -> subprocess.Popen:
+    """A real ffmpeg SRT caller pushing test pattern + tone as MPEG-TS."""
+    v = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-profile:v", profile, "-g", str(fps), "-b:v", "800k",
+         "-preset", "veryfast"]
+    v += ["-bf", "3"] if bframes else ["-tune", "zerolatency"]
+    a = {"aac": ["-c:a", "aac", "-b:a", "96k"], "opus": ["-c:a", "libopus", "-b:a", "64k"], "none": ["-an"]}[audio]
+    url = srt_url + ("&" if "?" in srt_url else "?") + f"latency={latency_us}"
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re",
+           "-f", "lavfi", "-i", f"testsrc=size={size}:rate={fps}",
+           "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",
+           "-t", str(seconds), *v, *a, *(extra or []), "-f", "mpegts", url]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(5)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def wait_live(base: str, stream: str, token: str, timeout: float = 20) -> dict:
+    def check() -> dict | None:
+        r = http("GET", f"{base}/api/v1/streams/{stream}", token=token)
+        body = r.json() if r.status == 200 else {}
+        return body if body.get("live") and body.get("tracks") else None
+
+    return wait_until(check, timeout=timeout, interval=0.2)
+
+
+async def aiortc_whep_receive(url: str, token: str, seconds: float, *,
+                              kinds: tuple[str, ...] = ("video", "audio")) -> dict:
+    """An aiortc WHEP client that decodes what it receives; returns counts."""
+    import asyncio
+
+    import aiohttp
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    pc = RTCPeerConnection()
+    for k in kinds:
+        pc.addTransceiver(k, direction="recvonly")
+    counts: dict[str, Any] = {"video": 0, "audio": 0, "width": None}
+    tasks = []
+
+    @pc.on("track")
+    def on_track(track: Any) -> None:
+        async def reader() -> None:
+            while True:
+                try:
+                    frame = await track.recv()
+                except Exception:
+                    return
+                counts[track.kind] += 1
+                if track.kind == "video":
+                    counts["width"] = frame.width
+
+        tasks.append(asyncio.ensure_future(reader()))
+
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http_session:
+        async with http_session.post(url, data=pc.localDescription.sdp,
+                                     headers={"Content-Type": "application/sdp",
+                                              "Authorization": f"Bearer {token}"}) as resp:
+            counts["status"] = resp.status
+            counts["location"] = resp.headers.get("Location")
+            counts["etag"] = resp.headers.get("ETag")
+            answer = await resp.text()
+        if resp.status != 201:
+            await pc.close()
+            counts["body"] = answer
+            return counts
+        counts["answer"] = answer
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await asyncio.sleep(seconds)
+        base = url.split("/whep/")[0]
+        async with http_session.delete(base + counts["location"],
+                                       headers={"Authorization": f"Bearer {token}"}) as resp:
+            counts["delete_status"] = resp.status
+    await pc.close()
+    for t in tasks:
+        t.cancel()
+    return counts

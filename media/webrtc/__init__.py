@@ -1,0 +1,1 @@
+"""WebRTC sessions built on aiortc transports with our own media paths."""

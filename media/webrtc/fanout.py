@@ -1,0 +1,239 @@
+"""Packetize a stream once per layer and hand the packets to every viewer.
+
+One :class:`StreamFanout` per live stream with WebRTC viewers. It subscribes
+to the :class:`~media.stream.Stream` once, with a callback reader, and for
+every frame:
+
+1. packetizes it once for its layer (H.264 RFC 6184 / Opus RFC 7587),
+2. stores the packets in the layer's NACK history and packet GOP cache,
+3. calls every attached :class:`ViewerSink` synchronously, on the event loop.
+
+A sink's work per packet is a header rewrite, an SRTP protect and a
+``sendto`` (DESIGN.md invariant 2). Nothing here awaits: a viewer whose
+socket backs up is told (``on_backlog``), never waited for.
+
+Layers are indexed by increasing bitrate (``0`` = lowest), the convention of
+:class:`media.rtp.layers.LayerSelector`. Index ``AUDIO`` is the audio track.
+A new viewer first receives the packet GOP cache of its layer (from the last
+IDR), so its picture starts at once rather than at the next keyframe.
+
+Timestamps: video RTP timestamps are the TS PTS (90 kHz) modulo 2^32, so a
+latency probe can match frames by PTS; Opus from TS is rescaled 90 kHz →
+48 kHz; Opus produced by the AAC transcoder is already on 48 kHz.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from ..rtp.h264 import H264Packetizer
+from ..rtp.history import PacketHistory
+from ..rtp.opus import OpusPacketizer
+from ..rtp.packet import LayerPacket
+from ..stream import Discontinuity, Frame, Reader, Stream, StreamClosed
+
+log = logging.getLogger("returnfeed.webrtc")
+
+AUDIO = -1
+_LAYER_RANK = {"low": 0, "mid": 1, "high": 2}
+
+
+def layer_order(names: list[str]) -> list[str]:
+    """Layer names in increasing bitrate order (index = selector layer)."""
+    return sorted(names, key=lambda n: (_LAYER_RANK.get(n, 1), n))
+
+
+class ViewerSink(Protocol):
+    """What the fan-out calls on each viewer (all synchronous, on the loop)."""
+
+    def on_packets(self, index: int, packets: list[LayerPacket], now: float) -> None: ...
+
+    def on_layers_changed(self, layers: list[str]) -> None: ...
+
+    def on_stream_ended(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _LayerState:
+    name: str
+    packetizer: H264Packetizer | OpusPacketizer
+    history: PacketHistory
+    gop: list[LayerPacket] = field(default_factory=list)
+    gop_bytes: int = 0
+    frames: int = 0
+    packets: int = 0
+
+
+@dataclass(slots=True)
+class FanoutStats:
+    frames: int = 0
+    packets: int = 0
+    packet_sends: int = 0
+    reader_drops: int = 0
+    viewers: int = 0
+
+
+class StreamFanout:
+    """Per-stream packetizer and dispatcher for WebRTC viewers."""
+
+    def __init__(self, stream: Stream, *, max_payload: int = 1200, gop_cache_bytes: int = 8 << 20,
+                 reader_size: int = 4096, clock: Callable[[], float] = time.monotonic,
+                 on_frame_sent: Callable[[Frame, float], None] | None = None) -> None:
+        self.stream = stream
+        self.max_payload = max_payload
+        self.gop_cache_bytes = gop_cache_bytes
+        self._clock = clock
+        self._reader_size = reader_size
+        self._on_frame_sent = on_frame_sent
+        self._layers: dict[str, _LayerState] = {}
+        self._order: list[str] = []
+        self._audio = _LayerState("audio", OpusPacketizer(), PacketHistory(capacity=512, max_age=1.0))
+        self._sinks: set[ViewerSink] = set()
+        self._reader: Reader | None = None
+        self.stats = FanoutStats()
+        self.closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        # The fan-out must see every frame: its queue is only a hand-off
+        # inside one synchronous callback, drained at once.
+        self._reader = self.stream.subscribe(self._reader_size, callback=self._on_reader, from_cache=True)
+        self._on_reader(self._reader)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        for sink in list(self._sinks):
+            sink.on_stream_ended()
+        self._sinks.clear()
+
+    # -- viewers -----------------------------------------------------------------
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._order)
+
+    def histories(self) -> dict[int, PacketHistory]:
+        out = {i: self._layers[n].history for i, n in enumerate(self._order)}
+        out[AUDIO] = self._audio.history
+        return out
+
+    def attach(self, sink: ViewerSink, layer_index: int | None, now: float) -> None:
+        """Add a viewer; replay its layer's GOP so it can start decoding now."""
+        self._sinks.add(sink)
+        self.stats.viewers = len(self._sinks)
+        if self._order:
+            sink.on_layers_changed(list(self._order))
+            idx = min(max(layer_index if layer_index is not None else len(self._order) - 1, 0),
+                      len(self._order) - 1)
+            gop = self._layers[self._order[idx]].gop
+            if gop:
+                sink.on_packets(idx, list(gop), now)
+
+    def detach(self, sink: ViewerSink) -> None:
+        self._sinks.discard(sink)
+        self.stats.viewers = len(self._sinks)
+
+    @property
+    def viewer_count(self) -> int:
+        return len(self._sinks)
+
+    def gop_packets(self, index: int) -> list[LayerPacket]:
+        if 0 <= index < len(self._order):
+            return list(self._layers[self._order[index]].gop)
+        return []
+
+    # -- frames --------------------------------------------------------------------
+
+    def _on_reader(self, reader: Reader) -> None:
+        if reader.closed:
+            if not self.closed:
+                self.close()
+            return
+        try:
+            items = reader.drain()
+        except StreamClosed:
+            self.close()
+            return
+        for item in items:
+            if isinstance(item, Frame):
+                self._frame(item)
+            elif isinstance(item, Discontinuity):
+                self._discontinuity(item)
+        self.stats.reader_drops = reader.drops
+
+    def _layer(self, name: str) -> _LayerState:
+        st = self._layers.get(name)
+        if st is None:
+            st = _LayerState(name, H264Packetizer(max_payload=self.max_payload),
+                             PacketHistory(capacity=2048, max_age=1.0))
+            self._layers[name] = st
+            self._order = layer_order(list(self._layers))
+            for sink in list(self._sinks):
+                sink.on_layers_changed(list(self._order))
+        return st
+
+    def _frame(self, frame: Frame) -> None:
+        now = self._clock()
+        if frame.kind == "video":
+            if frame.codec != "h264" or frame.layer is None:
+                return
+            st = self._layer(frame.layer)
+            ts = (frame.pts if frame.pts is not None else frame.dts or 0) & 0xFFFFFFFF
+            try:
+                packets = st.packetizer.packetize(frame.data, ts)
+            except Exception as exc:  # malformed AU from a remote source: count, skip
+                log.warning("webrtc.packetize_failed", extra={"fields": {"stream": self.stream.name,
+                                                                         "error": str(exc)}})
+                return
+            if not packets:
+                return
+            if packets[0].keyframe_start:
+                st.gop = list(packets)
+                st.gop_bytes = sum(len(p.payload) for p in packets)
+            elif st.gop:
+                st.gop.extend(packets)
+                st.gop_bytes += sum(len(p.payload) for p in packets)
+                if st.gop_bytes > self.gop_cache_bytes:
+                    st.gop, st.gop_bytes = [], 0
+            index = self._order.index(st.name)
+        elif frame.kind == "audio":
+            if frame.codec != "opus" or frame.pts is None:
+                return
+            st = self._audio
+            ts = frame.pts if frame.clock_rate == 48000 else frame.pts * 48000 // frame.clock_rate
+            packets = [st.packetizer.packetize(frame.data, ts & 0xFFFFFFFF)]
+            index = AUDIO
+        else:
+            return
+        history = st.history
+        for p in packets:
+            history.put(p, now)
+        st.frames += 1
+        st.packets += len(packets)
+        self.stats.frames += 1
+        self.stats.packets += len(packets)
+        for sink in list(self._sinks):
+            sink.on_packets(index, packets, now)
+        self.stats.packet_sends += len(packets) * len(self._sinks)
+        if self._on_frame_sent is not None and index != AUDIO:
+            self._on_frame_sent(frame, self._clock())
+
+    def _discontinuity(self, marker: Discontinuity) -> None:
+        """A publisher restart or reader overflow: the next packets of the
+        layer(s) are flagged so every viewer re-bases seq/ts (never backwards)."""
+        targets = list(self._layers.values()) if marker.layer is None else [
+            st for st in self._layers.values() if st.name == marker.layer]
+        if marker.layer is None:
+            targets.append(self._audio)
+        for st in targets:
+            st.packetizer.restart()
+            st.gop, st.gop_bytes = [], 0

@@ -1,0 +1,275 @@
+"""SDP offer checks and codec choice for WHEP/WHIP (sans-I/O).
+
+An offer is checked before aiortc sees it (RFC 9725 §4.2: a malformed or
+unacceptable offer gets a 4xx, never a partial answer):
+
+* size (``max_bytes``), UTF-8, CRLF/LF lines, starts with ``v=0``;
+* at most ``max_lines`` lines and ``max_candidates`` ``a=candidate`` lines;
+* at most one audio and one video section (WHIP/WHEP §4.2: one track per
+  kind; simulcast is RID-based, RFC 8853), each with ICE credentials and a
+  DTLS fingerprint (or session-level ones);
+* what can be served passthrough: for video an H.264 payload type with
+  packetization-mode=1 (RFC 6184 §5.8) whose profile we can answer; for
+  audio Opus (RFC 7587).
+
+:func:`choose_h264` picks the offered H.264 payload type for a source's
+``profile-level-id``: the same profile when offered; otherwise a
+Constrained Baseline one, which Chromium also decodes Main/High streams
+under (REFERENCES.md) — the choice and the reason are returned so they are
+logged, never silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import RemoteMediaError
+
+
+class SdpError(RemoteMediaError):
+    """The SDP offer is malformed or cannot be served."""
+
+
+@dataclass(frozen=True, slots=True)
+class OfferedCodec:
+    payload_type: int
+    name: str  # lower case: h264, opus, rtx, vp8 ...
+    clock_rate: int
+    channels: int
+    fmtp: dict[str, str]
+    rtcp_fb: tuple[str, ...]
+
+    @property
+    def profile_level_id(self) -> str | None:
+        v = self.fmtp.get("profile-level-id")
+        return v.lower() if v else None
+
+    @property
+    def packetization_mode(self) -> int:
+        try:
+            return int(self.fmtp.get("packetization-mode", "0"))
+        except ValueError:
+            return -1
+
+
+@dataclass(slots=True)
+class OfferedMedia:
+    kind: str
+    mid: str | None
+    direction: str
+    codecs: list[OfferedCodec] = field(default_factory=list)
+    extmap: dict[str, int] = field(default_factory=dict)  # uri -> id
+    rids: list[tuple[str, str]] = field(default_factory=list)  # (rid, direction)
+    has_ice: bool = False
+    has_fingerprint: bool = False
+
+    def codec(self, pt: int) -> OfferedCodec | None:
+        return next((c for c in self.codecs if c.payload_type == pt), None)
+
+    def rtx_for(self, pt: int) -> OfferedCodec | None:
+        return next((c for c in self.codecs if c.name == "rtx" and c.fmtp.get("apt") == str(pt)), None)
+
+
+@dataclass(slots=True)
+class Offer:
+    media: list[OfferedMedia]
+    candidates: int
+
+    def section(self, kind: str) -> OfferedMedia | None:
+        return next((m for m in self.media if m.kind == kind), None)
+
+
+def parse_offer(text: str | bytes, *, max_bytes: int = 65536, max_lines: int = 2000,
+                max_candidates: int = 64) -> Offer:
+    if isinstance(text, bytes):
+        if len(text) > max_bytes:
+            raise SdpError(f"SDP larger than {max_bytes} bytes")
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SdpError("SDP is not UTF-8") from None
+    if len(text) > max_bytes:
+        raise SdpError(f"SDP larger than {max_bytes} bytes")
+    lines = [ln.rstrip("\r") for ln in text.split("\n")]
+    lines = [ln for ln in lines if ln]
+    if not lines or lines[0] != "v=0":
+        raise SdpError("SDP must start with v=0")
+    if len(lines) > max_lines:
+        raise SdpError(f"SDP has more than {max_lines} lines")
+    media: list[OfferedMedia] = []
+    session_ice_attrs: set[str] = set()
+    cur_ice_attrs: dict[int, set[str]] = {}
+    session_fp = False
+    candidates = 0
+    cur: OfferedMedia | None = None
+    rtpmap: dict[int, tuple[str, int, int]] = {}
+    fmtp: dict[int, dict[str, str]] = {}
+    fb: dict[int, list[str]] = {}
+    pts: list[int] = []
+
+    def close_section() -> None:
+        if cur is None:
+            return
+        for pt in pts:
+            name, rate, ch = rtpmap.get(pt, ("", 0, 0))
+            if not name and pt < 96:  # static payload types (RFC 3551)
+                name, rate, ch = {0: ("pcmu", 8000, 1), 8: ("pcma", 8000, 1), 9: ("g722", 8000, 1)}.get(
+                    pt, (f"static{pt}", 0, 0))
+            cur.codecs.append(OfferedCodec(pt, name, rate, ch, fmtp.get(pt, {}), tuple(fb.get(pt, []))))
+
+    for ln in lines:
+        if len(ln) < 2 or ln[1] != "=":
+            raise SdpError(f"malformed SDP line: {ln[:40]!r}")
+        key, value = ln[0], ln[2:]
+        if key == "m":
+            close_section()
+            parts = value.split()
+            if len(parts) < 4:
+                raise SdpError(f"malformed m= line: {value[:60]!r}")
+            kind = parts[0]
+            cur = OfferedMedia(kind=kind, mid=None, direction="sendrecv")
+            media.append(cur)
+            rtpmap, fmtp, fb, pts = {}, {}, {}, []
+            if kind in ("audio", "video"):
+                for p in parts[3:]:
+                    if not p.isdigit() or int(p) > 127:
+                        raise SdpError(f"bad payload type {p[:10]!r} in m={kind}")
+                    pts.append(int(p))
+            continue
+        if key != "a":
+            continue
+        attr, _, rest = value.partition(":")
+        if attr == "candidate":
+            candidates += 1
+            if candidates > max_candidates:
+                raise SdpError(f"more than {max_candidates} ICE candidates")
+            continue
+        if attr in ("ice-ufrag", "ice-pwd"):
+            (session_ice_attrs if cur is None else cur_ice_attrs.setdefault(id(cur), set())).add(attr)
+            if cur is not None:
+                cur.has_ice = len(cur_ice_attrs[id(cur)]) == 2
+            continue
+        if attr == "fingerprint":
+            if cur is None:
+                session_fp = True
+            else:
+                cur.has_fingerprint = True
+            continue
+        if cur is None:
+            continue
+        if attr == "mid":
+            cur.mid = rest.strip()[:32]
+        elif attr in ("sendrecv", "sendonly", "recvonly", "inactive"):
+            cur.direction = attr
+        elif attr == "rtpmap":
+            pt_s, _, enc = rest.partition(" ")
+            bits = enc.split("/")
+            try:
+                pt = int(pt_s)
+                rate = int(bits[1]) if len(bits) > 1 else 0
+                ch = int(bits[2]) if len(bits) > 2 else 1
+            except ValueError:
+                raise SdpError(f"malformed rtpmap: {rest[:60]!r}") from None
+            rtpmap[pt] = (bits[0].lower(), rate, ch)
+        elif attr == "fmtp":
+            pt_s, _, params = rest.partition(" ")
+            if not pt_s.isdigit():
+                raise SdpError(f"malformed fmtp: {rest[:60]!r}")
+            d: dict[str, str] = {}
+            for item in params.split(";"):
+                k, _, v = item.strip().partition("=")
+                if k:
+                    d[k.strip().lower()] = v.strip()
+            fmtp[int(pt_s)] = d
+        elif attr == "rtcp-fb":
+            pt_s, _, what = rest.partition(" ")
+            if pt_s.isdigit():
+                fb.setdefault(int(pt_s), []).append(what.strip())
+        elif attr == "extmap":
+            id_s, _, uri = rest.partition(" ")
+            id_s = id_s.split("/")[0]
+            if id_s.isdigit():
+                cur.extmap[uri.split()[0] if uri else ""] = int(id_s)
+        elif attr == "rid":
+            parts = rest.split()
+            if len(parts) >= 2:
+                cur.rids.append((parts[0], parts[1]))
+    close_section()
+
+    session_ice = len(session_ice_attrs) == 2
+    av = [m for m in media if m.kind in ("audio", "video")]
+    if not av:
+        raise SdpError("SDP offer has no audio or video section")
+    for kind in ("audio", "video"):
+        if sum(1 for m in av if m.kind == kind) > 1:
+            raise SdpError(f"more than one {kind} section (send one track per kind; simulcast uses RIDs)")
+    for m in av:
+        if not (m.has_ice or session_ice):
+            raise SdpError(f"m={m.kind} has no ICE credentials")
+        if not (m.has_fingerprint or session_fp):
+            raise SdpError(f"m={m.kind} has no DTLS fingerprint")
+        if m.mid is None:
+            raise SdpError(f"m={m.kind} has no a=mid (BUNDLE requires it)")
+    return Offer(media, candidates)
+
+
+# RFC 6184 §8.1 / RFC 6184 Table 5: profile_idc + constraint flags.
+_CB, _BASELINE, _MAIN, _HIGH = "constrained-baseline", "baseline", "main", "high"
+
+
+def h264_profile(plid: str | None) -> str:
+    """Profile family of a profile-level-id ('42e01f' → constrained-baseline)."""
+    if not plid or len(plid) != 6:
+        return _CB  # RFC 6184 §8.1: absent means Baseline; browsers treat it as CB
+    try:
+        idc = int(plid[0:2], 16)
+        iop = int(plid[2:4], 16)
+    except ValueError:
+        return "unknown"
+    if idc == 0x42:
+        return _CB if iop & 0x40 else _BASELINE
+    if idc == 0x4D:
+        return _CB if iop & 0x80 else _MAIN  # Main with constraint_set1 = CB
+    if idc == 0x58:
+        return _CB if iop & 0xC0 == 0xC0 else "extended"
+    if idc == 0x64:
+        return _HIGH
+    if idc == 0xF4:
+        return "high-444"
+    if idc in (0x6E, 0x7A):
+        return "high-10" if idc == 0x6E else "high-422"
+    return "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class CodecChoice:
+    codec: OfferedCodec
+    rtx: OfferedCodec | None
+    answer_profile_level_id: str
+    reason: str
+
+
+def choose_h264(section: OfferedMedia, source_plid: str | None) -> CodecChoice:
+    """Pick the offered H.264 payload type to send a source with ``source_plid``."""
+    h264 = [c for c in section.codecs if c.name == "h264" and c.packetization_mode == 1]
+    if not h264:
+        raise SdpError("the offer has no H.264 with packetization-mode=1; this server forwards H.264 "
+                       "without transcoding")
+    want = h264_profile(source_plid)
+    same = [c for c in h264 if h264_profile(c.profile_level_id) == want]
+    if same:
+        c = same[0]
+        return CodecChoice(c, section.rtx_for(c.payload_type), source_plid or c.profile_level_id or "42e01f",
+                           f"offer has the source profile ({want})")
+    cb = [c for c in h264 if h264_profile(c.profile_level_id) == _CB]
+    pick = (cb or h264)[0]
+    return CodecChoice(pick, section.rtx_for(pick.payload_type), pick.profile_level_id or "42e01f",
+                       f"offer lacks the source profile ({want}); sending under "
+                       f"{h264_profile(pick.profile_level_id)} payload type {pick.payload_type}")
+
+
+def choose_opus(section: OfferedMedia) -> OfferedCodec:
+    for c in section.codecs:
+        if c.name == "opus" and c.clock_rate == 48000:
+            return c
+    raise SdpError("the offer has no Opus; audio is forwarded as Opus")

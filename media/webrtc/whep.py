@@ -1,0 +1,499 @@
+"""WHEP viewer sessions: aiortc for ICE/DTLS/SRTP, our own forwarding.
+
+:class:`WhepSession` answers one viewer's offer and, once DTLS is up, joins
+the stream's :class:`~media.webrtc.fanout.StreamFanout` as a sink. Per
+packet it rewrites (:class:`media.rtp.rewrite.Rewriter`), protects and sends
+(:class:`~media.webrtc.aiortc_adapter.FastPath`) — nothing is decoded or
+re-packetized per viewer.
+
+RTCP from the viewer:
+
+* receiver reports → fraction lost and RTT (RFC 3550 §6.4.1) → layer
+  selector; REMB (draft-alvestrand-rmcat-remb) → layer selector;
+* Generic NACK (RFC 4585 §6.2.1) → retransmission from the layer's shared
+  history (RTX, RFC 4588, when negotiated);
+* PLI/FIR (RFC 4585 §6.3.1, RFC 5104 §4.3.1) → counted; the viewer resumes
+  at the layer's next IDR (an SRT source cannot be asked for one; a hook
+  lets a WebRTC source forward the request upstream).
+
+The send queue of a viewer is its ICE socket's write buffer: above
+``backlog_limit`` bytes the viewer is moved down a layer at once, and on the
+lowest layer (or pinned) it is disconnected — it never slows the others.
+
+:class:`WhepService` owns the sessions and one fan-out per stream, and runs
+one ticker for all sessions (sender reports, liveness).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
+
+from ..errors import UnsupportedMedia
+from ..rtp.layers import Action, LayerDecision, LayerSelector
+from ..rtp.packet import LayerPacket
+from ..rtp.rewrite import Rewriter, TrackParams
+from ..rtp.rtcp import (
+    Fir, Nack, Pli, ReceiverReport, Remb, Sdes, SdesChunk, SenderReport, ntp_from_unix, ntp_middle32,
+    rtt_from_report, serialize_rtcp,
+)
+from ..stream import Stream
+from . import aiortc_adapter as adapter
+from .fanout import AUDIO, StreamFanout
+from .sdp import Offer, SdpError, choose_h264, choose_opus
+
+log = logging.getLogger("returnfeed.webrtc")
+
+URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
+URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
+
+
+@dataclass(slots=True)
+class SessionStats:
+    packets_sent: int = 0
+    bytes_sent: int = 0
+    nacks: int = 0
+    retransmits: int = 0
+    plis: int = 0
+    firs: int = 0
+    switches: int = 0
+    backlog_events: int = 0
+    send_errors: int = 0
+
+
+@dataclass(slots=True)
+class _Track:
+    kind: str
+    sender: adapter.ForwardingSender
+    rewriter: Rewriter | None = None
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    id: str
+    stream: str
+    layer: str | None
+    pinned: bool
+    state: str
+    created: float
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+class WhepSession:
+    """One WHEP viewer."""
+
+    def __init__(self, service: "WhepService", stream_name: str, fanout: StreamFanout, *,
+                 owner: str, pin: str | None = None) -> None:
+        self.id = secrets.token_urlsafe(12)
+        self.etag = '"' + secrets.token_hex(8) + '"'
+        self.service = service
+        self.stream_name = stream_name
+        self.fanout = fanout
+        self.owner = owner
+        self.created = time.time()
+        self.stats = SessionStats()
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[
+            RTCIceServer(**s) for s in service.ice_servers]))
+        self._tracks: dict[str, _Track] = {}
+        self._fast: adapter.FastPath | None = None
+        self._selector: LayerSelector | None = None
+        self._layer_names: list[str] = []
+        self._pin_name = pin
+        self._attached = False
+        self.closed = False
+        self._closing: asyncio.Task | None = None
+        self.answer_note = ""
+        self.sdp_answer = ""
+
+    # -- negotiation -------------------------------------------------------------
+
+    async def answer(self, offer_sdp: str, offer: Offer, source_plid: str | None) -> str:
+        """Return the SDP answer; raises SdpError/UnsupportedMedia for what
+        cannot be served."""
+        video = offer.section("video")
+        audio = offer.section("audio")
+        video_choice = choose_h264(video, source_plid) if video is not None else None
+        opus = choose_opus(audio) if audio is not None else None
+        if video is not None and video.direction not in ("recvonly", "sendrecv"):
+            raise SdpError("the video section must be recvonly for WHEP")
+        if audio is not None and audio.direction not in ("recvonly", "sendrecv"):
+            raise SdpError("the audio section must be recvonly for WHEP")
+        transceivers = {}
+        for section in offer.media:
+            if section.kind in ("audio", "video"):
+                transceivers[section.kind] = self.pc.addTransceiver(section.kind, direction="sendonly")
+        self.pc.on("connectionstatechange", self._on_state)
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except Exception as exc:  # aiortc raises assorted errors on SDP it dislikes
+            raise SdpError(f"offer rejected by the WebRTC stack: {exc}") from None
+        for kind, tr in transceivers.items():
+            if kind == "video" and video_choice is not None:
+                c = video_choice.codec
+                fb = [RTCRtcpFeedback(type="nack"), RTCRtcpFeedback(type="nack", parameter="pli"),
+                      RTCRtcpFeedback(type="goog-remb")]
+                fb = [f for f in fb if (f.type + (" " + f.parameter if f.parameter else "")) in c.rtcp_fb]
+                codecs = [RTCRtpCodecParameters(
+                    mimeType="video/H264", clockRate=90000, payloadType=c.payload_type, rtcpFeedback=fb,
+                    parameters={"level-asymmetry-allowed": "1", "packetization-mode": "1",
+                                "profile-level-id": video_choice.answer_profile_level_id})]
+                if video_choice.rtx is not None:
+                    codecs.append(RTCRtpCodecParameters(mimeType="video/rtx", clockRate=90000,
+                                                        payloadType=video_choice.rtx.payload_type,
+                                                        parameters={"apt": c.payload_type}))
+                adapter.set_negotiated_codecs(tr, codecs)
+                self.answer_note = video_choice.reason
+            elif kind == "audio" and opus is not None:
+                params = {k: v for k, v in opus.fmtp.items() if k in ("minptime", "useinbandfec", "stereo")}
+                adapter.set_negotiated_codecs(tr, [RTCRtpCodecParameters(
+                    mimeType="audio/opus", clockRate=48000, channels=2, payloadType=opus.payload_type,
+                    parameters=params)])
+            sender = adapter.ForwardingSender(
+                kind, tr.sender.transport,
+                on_rtcp=lambda p, k=kind: self._on_rtcp(k, p),
+                on_ready=self._on_sender_ready)
+            adapter.install_sender(tr, sender)
+            self._tracks[kind] = _Track(kind, sender)
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        return self.pc.localDescription.sdp
+
+    async def add_remote_candidates(self, frag: str) -> None:
+        """Trickle ICE (RFC 8840 sdpfrag) from a PATCH."""
+        from aiortc.sdp import candidate_from_sdp
+
+        mids = [t.mid for t in self.pc.getTransceivers()]
+        for line in frag.splitlines():
+            line = line.strip()
+            if line.startswith("a=candidate:"):
+                cand = candidate_from_sdp(line[len("a=candidate:"):])
+                cand.sdpMid = mids[0] if mids else None
+                cand.sdpMLineIndex = 0
+                await self.pc.addIceCandidate(cand)
+
+    # -- connection ----------------------------------------------------------------
+
+    def _on_state(self) -> None:
+        state = self.pc.connectionState
+        if state in ("failed", "closed") and not self.closed:
+            log.info("webrtc.viewer_state", extra={"fields": {"session": self.id, "state": state}})
+            self.close_soon()
+
+    def _on_sender_ready(self, sender: adapter.ForwardingSender, parameters: RTCRtpSendParameters) -> None:
+        track = self._tracks[sender.kind]
+        codecs = parameters.codecs
+        main = codecs[0]
+        rtx = next((c for c in codecs if c.mimeType.lower().endswith("/rtx")), None)
+        ext = {e.uri: e.id for e in parameters.headerExtensions}
+        mid_id = ext.get(URI_MID)
+        track.rewriter = Rewriter(TrackParams(
+            ssrc=sender.ssrc, payload_type=main.payloadType, clock_rate=main.clockRate,
+            mid=parameters.muxId if mid_id else None, mid_id=mid_id,
+            abs_send_time_id=ext.get(URI_ABS_SEND_TIME),
+            rtx_ssrc=sender.rtx_ssrc if rtx else None, rtx_payload_type=rtx.payloadType if rtx else None,
+        ), initial_layer=AUDIO if sender.kind == "audio" else self._initial_layer_index())
+        if self._fast is None:
+            try:
+                self._fast = adapter.FastPath(sender.transport)
+            except ConnectionError:
+                self.close_soon()
+                return
+        if all(t.rewriter is not None for t in self._tracks.values()) and not self._attached:
+            self._attached = True
+            self.fanout.attach(self, self._initial_layer_index(), time.monotonic())
+            log.info("webrtc.viewer_started", extra={"fields": {
+                "session": self.id, "stream": self.stream_name, "layers": self._layer_names,
+                "layer": self.layer_name}})
+
+    def _initial_layer_index(self) -> int:
+        names = self._layer_names or self.fanout.layers
+        if not names:
+            return 0
+        if self._pin_name in names:
+            return names.index(self._pin_name)
+        return len(names) - 1  # start high; loss/RTT/REMB move it down
+
+    # -- fan-out sink ----------------------------------------------------------------
+
+    def on_layers_changed(self, layers: list[str]) -> None:
+        old = self.layer_name
+        self._layer_names = layers
+        pinned = self._pin_name in layers
+        start = layers.index(old) if old in layers else self._initial_layer_index()
+        self._selector = LayerSelector(max(len(layers), 1), initial_layer=start)
+        if pinned:
+            self._selector.pin(layers.index(self._pin_name), time.monotonic())
+        video = self._tracks.get("video")
+        if video is not None and video.rewriter is not None:
+            video.rewriter.request_switch(start)
+
+    def on_packets(self, index: int, packets: list[LayerPacket], now: float) -> None:
+        fast = self._fast
+        if fast is None or self.closed:
+            return
+        if index == AUDIO:
+            track = self._tracks.get("audio")
+        else:
+            track = self._tracks.get("video")
+        if track is None or track.rewriter is None:
+            return
+        rw = track.rewriter
+        if index != AUDIO and index != rw.current_layer and index != rw.target_layer:
+            return
+        rewrite = rw.rewrite
+        send = fast.send_rtp
+        sent = nbytes = 0
+        try:
+            for p in packets:
+                data = rewrite(index, p, now)
+                if data is not None:
+                    nbytes += send(data)
+                    sent += 1
+        except (ConnectionError, OSError, AttributeError):
+            # AttributeError: the ICE transport went away under us.
+            self.stats.send_errors += 1
+            self.close_soon()
+            return
+        self.stats.packets_sent += sent
+        self.stats.bytes_sent += nbytes
+        if index != AUDIO and fast.write_buffer_size() > self.service.backlog_limit:
+            self.stats.backlog_events += 1
+            if self._selector is not None:
+                self._apply(self._selector.on_send_queue_overflow(now))
+
+    def on_stream_ended(self) -> None:
+        self.close_soon()
+
+    # -- RTCP ------------------------------------------------------------------------
+
+    def _on_rtcp(self, kind: str, packet: Any) -> None:
+        track = self._tracks.get(kind)
+        if track is None or track.rewriter is None or self._fast is None:
+            return
+        now = time.monotonic()
+        ssrc = track.sender.ssrc
+        if isinstance(packet, (ReceiverReport, SenderReport)):
+            if kind != "video" or self._selector is None:
+                return
+            for block in packet.reports:
+                if block.ssrc == ssrc:
+                    rtt = rtt_from_report(block.lsr, block.dlsr, ntp_middle32(ntp_from_unix(time.time())))
+                    self._apply(self._selector.on_receiver_report(block.fraction_lost / 256.0, rtt, now))
+        elif isinstance(packet, Nack):
+            if packet.media_ssrc != ssrc:
+                return
+            self.stats.nacks += 1
+            out = track.rewriter.retransmit(packet.lost, self.fanout.histories(), now)
+            for data in out:
+                try:
+                    self._fast.send_rtp(data)
+                except (ConnectionError, OSError, AttributeError):
+                    self.stats.send_errors += 1
+                    return
+            self.stats.retransmits += len(out)
+        elif isinstance(packet, Pli):
+            if packet.media_ssrc == ssrc and kind == "video":
+                self.stats.plis += 1
+                self.service.on_keyframe_request(self.stream_name)
+        elif isinstance(packet, Fir):
+            if kind == "video" and any(e.ssrc == ssrc for e in packet.entries):
+                self.stats.firs += 1
+                self.service.on_keyframe_request(self.stream_name)
+        elif isinstance(packet, Remb):
+            if kind == "video" and self._selector is not None and ssrc in packet.ssrcs:
+                self._apply(self._selector.on_remb(packet.bitrate, now))
+
+    def _apply(self, decision: LayerDecision | None) -> None:
+        if decision is None:
+            return
+        if decision.action == Action.DROP_VIEWER:
+            log.info("webrtc.viewer_dropped", extra={"fields": {
+                "session": self.id, "stream": self.stream_name, "reasons": [r.value for r in decision.reasons]}})
+            self.service.count_drop(self.stream_name)
+            self.close_soon()
+            return
+        video = self._tracks.get("video")
+        if video is not None and video.rewriter is not None:
+            video.rewriter.request_switch(decision.to_layer)
+        self.stats.switches += 1
+        names = self._layer_names
+        frm = names[decision.from_layer] if decision.from_layer < len(names) else str(decision.from_layer)
+        to = names[decision.to_layer] if decision.to_layer < len(names) else str(decision.to_layer)
+        self.service.count_switch(self.stream_name, frm, to)
+        log.info("webrtc.layer_switch", extra={"fields": {
+            "session": self.id, "stream": self.stream_name, "from": frm, "to": to,
+            "reasons": [r.value for r in decision.reasons], "loss": decision.loss, "rtt": decision.rtt,
+            "bandwidth": decision.bandwidth}})
+
+    # -- control -----------------------------------------------------------------------
+
+    def pin(self, layer: str | None) -> None:
+        """Pin to a layer name, or ``None`` for automatic selection."""
+        if layer is not None and self._layer_names and layer not in self._layer_names:
+            raise ValueError(f"no layer {layer!r}; layers: {', '.join(self._layer_names)}")
+        self._pin_name = layer
+        if self._selector is None:
+            return
+        if layer is None:
+            self._selector.unpin()
+        else:
+            decision = self._selector.pin(self._layer_names.index(layer), time.monotonic())
+            if decision is not None:
+                self._apply(decision)
+            else:
+                video = self._tracks.get("video")
+                if video is not None and video.rewriter is not None:
+                    video.rewriter.request_switch(self._layer_names.index(layer))
+
+    @property
+    def layer_name(self) -> str | None:
+        video = self._tracks.get("video")
+        if video is None or video.rewriter is None or not self._layer_names:
+            return None
+        idx = video.rewriter.current_layer
+        if idx is None:
+            idx = video.rewriter.target_layer
+        return self._layer_names[idx] if idx is not None and idx < len(self._layer_names) else None
+
+    def tick(self, now: float, wall: float) -> None:
+        """Once a second: a sender report (+ CNAME) per track (RFC 3550 §6.4.1)."""
+        if self._fast is None or self.closed:
+            return
+        for track in self._tracks.values():
+            rw = track.rewriter
+            if rw is None or rw.packets_sent == 0:
+                continue
+            sr = rw.sender_report(now, wall)
+            sdes = Sdes((SdesChunk(track.sender.ssrc, ((1, self.service.cname),)),))
+            try:
+                self._fast.send_rtcp(serialize_rtcp((sr, sdes)))
+            except (ConnectionError, OSError, AttributeError):
+                self.close_soon()
+                return
+
+    def info(self) -> SessionInfo:
+        s = self.stats
+        return SessionInfo(self.id, self.stream_name, self.layer_name, self._pin_name is not None,
+                           self.pc.connectionState, self.created,
+                           {"packets_sent": s.packets_sent, "bytes_sent": s.bytes_sent, "nacks": s.nacks,
+                            "retransmits": s.retransmits, "plis": s.plis, "switches": s.switches,
+                            "backlog_events": s.backlog_events})
+
+    def close_soon(self) -> None:
+        if self._closing is None and not self.closed:
+            self._closing = asyncio.get_running_loop().create_task(self.close())
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.fanout.detach(self)
+        self.service._forget(self)
+        try:
+            await asyncio.wait_for(self.pc.close(), timeout=5)
+        except (asyncio.TimeoutError, Exception):
+            log.warning("webrtc.close_timeout", extra={"fields": {"session": self.id}})
+
+
+class WhepService:
+    """All WHEP sessions of this process, and one fan-out per stream."""
+
+    def __init__(self, *, ice_servers: list[dict[str, Any]] | None = None, max_viewers: int = 2000,
+                 backlog_limit: int = 512 * 1024,
+                 on_keyframe_request: Callable[[str], None] | None = None,
+                 on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
+        adapter.ensure_h264_profiles()
+        self.ice_servers = ice_servers or []
+        self.max_viewers = max_viewers
+        self.backlog_limit = backlog_limit
+        self.cname = ("returnfeed-" + secrets.token_hex(4)).encode()
+        self.sessions: dict[str, WhepSession] = {}
+        self.fanouts: dict[str, StreamFanout] = {}
+        self._keyframe_cb = on_keyframe_request
+        self._on_frame_sent = on_frame_sent
+        self.switches: dict[tuple[str, str, str], int] = {}
+        self.drops: dict[str, int] = {}
+        self._ticker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="whep-ticker")
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now, wall = time.monotonic(), time.time()
+            for session in list(self.sessions.values()):
+                try:
+                    session.tick(now, wall)
+                except Exception:  # one broken session must not stop the others' reports
+                    log.exception("webrtc.tick_failed", extra={"fields": {"session": session.id}})
+            for name, fo in list(self.fanouts.items()):
+                if fo.closed or (fo.viewer_count == 0 and not any(
+                        s.stream_name == name for s in self.sessions.values())):
+                    fo.close()
+                    self.fanouts.pop(name, None)
+
+    def fanout(self, stream: Stream) -> StreamFanout:
+        fo = self.fanouts.get(stream.name)
+        if fo is None or fo.closed or fo.stream is not stream:
+            if fo is not None:
+                fo.close()
+            fo = StreamFanout(stream, on_frame_sent=self._on_frame_sent)
+            fo.start()
+            self.fanouts[stream.name] = fo
+        return fo
+
+    async def create_session(self, stream: Stream, offer_sdp: str, offer: Offer, *, owner: str,
+                             pin: str | None, source_plid: str | None, b_frames: bool) -> WhepSession:
+        if b_frames:
+            raise UnsupportedMedia(
+                "the source sends B-frames, which WebRTC cannot play passthrough; encode with "
+                "B-frames off (x264: -bf 0 or -tune zerolatency)")
+        if len(self.sessions) >= self.max_viewers:
+            raise OverflowError("viewer limit reached")
+        session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin)
+        self.sessions[session.id] = session
+        try:
+            session.sdp_answer = await session.answer(offer_sdp, offer, source_plid)
+        except BaseException:
+            await session.close()
+            raise
+        return session
+
+    def _forget(self, session: WhepSession) -> None:
+        self.sessions.pop(session.id, None)
+
+    def viewers(self, stream: str) -> list[WhepSession]:
+        return [s for s in self.sessions.values() if s.stream_name == stream]
+
+    def on_keyframe_request(self, stream: str) -> None:
+        if self._keyframe_cb is not None:
+            self._keyframe_cb(stream)
+
+    def count_switch(self, stream: str, frm: str, to: str) -> None:
+        key = (stream, frm, to)
+        self.switches[key] = self.switches.get(key, 0) + 1
+
+    def count_drop(self, stream: str) -> None:
+        self.drops[stream] = self.drops.get(stream, 0) + 1
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+        await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)
+        for fo in self.fanouts.values():
+            fo.close()
+        self.fanouts.clear()

@@ -1,0 +1,485 @@
+"""Wiring of the media path: SRT listener → demux → Stream hub → WHEP / SRT read.
+
+:class:`MediaService` is created by the server process and owns, in start
+order: the stream catalog (an in-memory copy of the ``streams`` table the
+SRT listen callback reads on libsrt's thread), the
+:class:`~media.stream.StreamHub`, the :class:`~media.webrtc.whep.WhepService`
+and the :class:`~media.srt.listener.SrtListener`. Shutdown runs in reverse.
+
+SRT authorisation (the listen callback; DESIGN.md "Interfaces"):
+
+* ``publish:{stream}`` / ``#!::r={stream},m=publish``: the stream must exist;
+  the stream's passphrase is required (libsrt rejects a wrong one with
+  1010); an ``s=`` token, when given, must be a valid publish link for that
+  stream. A second publisher of a live stream (same layer) is refused with
+  1409 unless ``srt.takeover`` is set.
+* ``read:{stream}`` / ``m=request``: the stream must be live (else 1503).
+  With a valid read link in ``s=`` the reader is accepted without
+  encryption (the link is the credential); without one the stream's
+  passphrase is required, as for publishing.
+* unknown stream 1404, bad or expired token 1401, token for another stream or
+  action 1403, unparsable stream ID 1400 (with the parser's reason).
+
+AAC audio is transcoded once per stream to Opus (PyAV, executor thread) and
+published as the stream's audio track; Opus passes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from media.errors import SrtApiError, SrtUnavailable
+from media.mpegts.demux import TsDemuxer
+from media.mpegts.events import AccessUnit, DemuxError, ProgramChanged
+from media.srt.listener import Decision, RateLimit, SrtConnection, SrtListener, reject_unparsable
+from media.srt.streamid import StreamIdRequest
+from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub, StreamState, TsReader
+from media.transcode import AacToOpus, TranscodeWorker
+from media.webrtc.whep import WhepService
+
+from .auth import TokenError, TokenService
+from .config import Settings
+from .log import event
+
+log = logging.getLogger("returnfeed.media")
+
+# SRT_REJX_* (libsrt access_control.h): 1000 + HTTP status.
+REJ_BAD_REQUEST, REJ_UNAUTHORIZED, REJ_FORBIDDEN, REJ_NOT_FOUND = 1400, 1401, 1403, 1404
+REJ_CONFLICT, REJ_UNAVAILABLE = 1409, 1503
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogEntry:
+    id: int
+    name: str
+    production_id: int
+    passphrase: str
+    pbkeylen: int
+
+
+class StreamCatalog:
+    """Stream name → credentials, read from any thread, replaced atomically."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, CatalogEntry] = {}
+        self._revoked: frozenset[str] = frozenset()
+
+    def replace(self, entries: Iterable[CatalogEntry], revoked: Iterable[str]) -> None:
+        self._entries = {e.name: e for e in entries}  # one reference swap: safe for readers
+        self._revoked = frozenset(revoked)
+
+    def get(self, name: str) -> CatalogEntry | None:
+        return self._entries.get(name)
+
+    def revoked(self, jti: str) -> bool:
+        return jti in self._revoked
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass(slots=True)
+class IngestCounters:
+    sessions: int = 0
+    bytes: int = 0
+    messages: int = 0
+    access_units: int = 0
+    demux_errors: int = 0
+    refused_busy: int = 0
+
+
+class SrtIngest:
+    """One SRT publisher: TS bytes → demuxer → the stream's publisher."""
+
+    def __init__(self, service: "MediaService", conn: SrtConnection, stream: Stream, layer: str | None) -> None:
+        self.service = service
+        self.conn = conn
+        self.stream = stream
+        now = time.monotonic()
+        self.publisher = stream.attach_publisher(
+            SourceInfo("srt", remote=f"{conn.peer[0]}:{conn.peer[1]}" if isinstance(conn.peer, tuple) else str(conn.peer),
+                       description=conn.raw_streamid),
+            layer=layer, takeover=service.settings.srt.takeover, now=now)
+        self.demux = TsDemuxer()
+        self.transcoder: TranscodeWorker | None = None
+        conn.on_data = self.on_data
+        conn.on_close = self.on_close
+
+    def on_data(self, messages: list[bytes], now: float) -> None:
+        pub = self.publisher
+        demux = self.demux
+        counters = self.service.ingest
+        counters.messages += len(messages)
+        for msg in messages:
+            counters.bytes += len(msg)
+            pub.publish_ts(msg)
+            for ev in demux.feed(msg, now, end_of_message=True):
+                if isinstance(ev, AccessUnit):
+                    counters.access_units += 1
+                    if ev.codec == "aac":
+                        self._transcode(ev)
+                    else:
+                        pub.publish(ev)
+                elif isinstance(ev, ProgramChanged):
+                    pub.set_program(ev.pmt)
+                elif isinstance(ev, DemuxError):
+                    counters.demux_errors += 1
+
+    def _transcode(self, unit: AccessUnit) -> None:
+        if self.transcoder is None:
+            self.transcoder = TranscodeWorker(AacToOpus(), self._on_opus, executor=self.service.executor)
+            self.transcoder.start()
+        self.transcoder.push(unit)
+
+    def _on_opus(self, packets: list[Any]) -> None:
+        for p in packets:
+            try:
+                self.publisher.publish(p)
+            except StreamClosed:
+                return
+
+    def on_close(self, reason: str) -> None:
+        self.stream.detach_publisher(self.publisher, time.monotonic())
+        if self.transcoder is not None:
+            self.service.spawn(self.transcoder.stop())
+        self.service.ingests.pop(self.conn.socket_id, None)
+        event(log, logging.INFO, "srt.ingest_closed", stream=self.stream.name, reason=reason,
+              bytes=self.conn.bytes_received)
+
+    @property
+    def ts_counters(self) -> Any:
+        return self.demux.counters()
+
+
+class SrtRead:
+    """One SRT ``read:`` client: the stream's original TS packets, passthrough."""
+
+    def __init__(self, service: "MediaService", conn: SrtConnection, stream: Stream) -> None:
+        self.service = service
+        self.conn = conn
+        self.stream = stream
+        self.drops = 0
+        self.reader: TsReader = stream.subscribe_ts(512, callback=self._pump)
+        conn.on_close = self.on_close
+
+    def _pump(self, reader: TsReader) -> None:
+        if reader.closed:
+            self.conn.close()
+            return
+        for chunk in reader.drain():
+            if not self.conn.send(chunk):
+                self.drops += 1
+
+    def on_close(self, reason: str) -> None:
+        self.reader.close()
+        self.service.reads.pop(self.conn.socket_id, None)
+
+
+class MediaService:
+    def __init__(self, settings: Settings, db: Any, tokens: TokenService) -> None:
+        self.settings = settings
+        self.db = db
+        self.tokens = tokens
+        self.catalog = StreamCatalog()
+        self.hub = StreamHub(grace=settings.srt.reconnect_grace_s)
+        self.forwarding_latency = Histogram(
+            "returnfeed_forwarding_latency_seconds",
+            "Frame complete at ingest (last byte in) to its last RTP packet sent to every viewer",
+            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1), registry=None)
+        self.whep = WhepService(ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
+                                max_viewers=settings.webrtc.max_viewers,
+                                backlog_limit=settings.webrtc.backlog_bytes,
+                                on_frame_sent=self._frame_sent)
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
+        self.srt: SrtListener | None = None
+        self.srt_error: str | None = None
+        self.ingests: dict[int, SrtIngest] = {}
+        self.reads: dict[int, SrtRead] = {}
+        self.ingest = IngestCounters()
+        self._tasks: set[asyncio.Task] = set()
+        self._timer: asyncio.Task | None = None
+        self._catalog_lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.refresh_catalog()
+        self.whep.start()
+        s = self.settings.srt
+        if s.enabled:
+            listener = SrtListener(
+                s.host, s.port, authorize=self.authorize, on_connection=self.on_connection,
+                latency_ms=s.latency_ms, max_connections=s.max_connections,
+                reject_rate_limit=RateLimit(burst=max(5.0, s.reject_rate_per_s), per_second=s.reject_rate_per_s),
+            )
+            try:
+                await listener.start()
+                self.srt = listener
+                event(log, logging.INFO, "srt.listening", host=s.host, port=listener.port,
+                      latency_ms=s.latency_ms)
+            except SrtUnavailable as exc:
+                self.srt_error = str(exc)
+                event(log, logging.ERROR, "srt.unavailable", detail=str(exc))
+        self._timer = asyncio.get_running_loop().create_task(self._housekeeping(), name="media-housekeeping")
+
+    @property
+    def srt_port(self) -> int | None:
+        return self.srt.port if self.srt is not None else None
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            try:
+                await self._timer
+            except asyncio.CancelledError:
+                pass
+        if self.srt is not None:
+            await self.srt.close()
+            self.srt = None
+        await self.whep.close()
+        for ingest in list(self.ingests.values()):
+            if ingest.transcoder is not None:
+                await ingest.transcoder.stop()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        for stream in list(self.hub):
+            stream.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _housekeeping(self) -> None:
+        last_refresh = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for name in self.hub.expire(now):
+                event(log, logging.INFO, "stream.ended", stream=name)
+            if now - last_refresh >= 5.0:
+                last_refresh = now
+                try:
+                    await self.refresh_catalog()
+                except Exception as exc:  # the database may be briefly away; keep the last table
+                    event(log, logging.WARNING, "media.catalog_refresh_failed", error=str(exc))
+
+    async def refresh_catalog(self) -> None:
+        pool = self.db.pool
+        rows = await pool.fetch("SELECT id, name, production_id, passphrase, pbkeylen FROM streams")
+        revoked = await pool.fetch("SELECT jti FROM revoked_links WHERE expires_at > now()")
+        self.catalog.replace(
+            (CatalogEntry(r["id"], r["name"], r["production_id"], r["passphrase"], r["pbkeylen"]) for r in rows),
+            (r["jti"] for r in revoked),
+        )
+
+    # -- SRT -----------------------------------------------------------------------
+
+    def authorize(self, req: StreamIdRequest | None, peer: str, raw: str) -> Decision:
+        """Runs on libsrt's thread: in-memory lookups only."""
+        if req is None:
+            return reject_unparsable(raw)
+        entry = self.catalog.get(req.stream)
+        if entry is None:
+            return Decision.deny(REJ_NOT_FOUND, f"unknown stream {req.stream!r}")
+        token_ok = False
+        if req.token:
+            try:
+                link = self.tokens.verify_link(req.token)
+            except TokenError as exc:
+                return Decision.deny(REJ_UNAUTHORIZED, str(exc))
+            if self.catalog.revoked(link.jti):
+                return Decision.deny(REJ_UNAUTHORIZED, "link revoked")
+            if link.stream != req.stream or link.action != req.action:
+                return Decision.deny(REJ_FORBIDDEN, "token is for another stream or action")
+            token_ok = True
+        stream = self.hub.get(req.stream)
+        if req.action == "publish":
+            if stream is not None and not self.settings.srt.takeover:
+                for p in stream.publishers:
+                    if p.active and (p.layer is None or req.layer is None or p.layer == req.layer):
+                        return Decision.deny(REJ_CONFLICT, "stream is already being published")
+            return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen,
+                                  reason="publish")
+        if stream is None or stream.state != StreamState.LIVE:
+            return Decision.deny(REJ_UNAVAILABLE, "stream is not live")
+        if token_ok:
+            return Decision.allow(reason="read (link)")
+        return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen, reason="read")
+
+    def on_connection(self, conn: SrtConnection) -> None:
+        req = conn.request
+        if req is None:
+            conn.close()
+            return
+        if req.action == "publish":
+            stream = self.hub.get_or_create(req.stream)
+            try:
+                ingest = SrtIngest(self, conn, stream, req.layer)
+            except (StreamBusy, StreamClosed) as exc:
+                self.ingest.refused_busy += 1
+                event(log, logging.WARNING, "srt.publish_refused", stream=req.stream, reason=str(exc))
+                conn.close()
+                return
+            self.ingests[conn.socket_id] = ingest
+            self.ingest.sessions += 1
+            event(log, logging.INFO, "srt.publishing", stream=req.stream, layer=req.layer,
+                  peer=str(conn.peer), latency_ms=conn.latency_ms, encrypted=conn.encrypted)
+        else:
+            stream = self.hub.get(req.stream)
+            if stream is None or stream.state == StreamState.CLOSED:
+                conn.close()
+                return
+            self.reads[conn.socket_id] = SrtRead(self, conn, stream)
+            event(log, logging.INFO, "srt.reading", stream=req.stream, peer=str(conn.peer))
+
+    # -- observation --------------------------------------------------------------------
+
+    def _frame_sent(self, frame: Any, now: float) -> None:
+        self.forwarding_latency.observe(max(0.0, now - frame.arrival))
+
+    def live_state(self, name: str) -> dict[str, Any]:
+        stream = self.hub.get(name)
+        viewers = self.whep.viewers(name)
+        if stream is None:
+            return {"live": False, "state": "offline", "source": None, "tracks": [], "layers": [],
+                    "viewers": len(viewers), "viewers_by_layer": {}}
+        st = stream.stats()
+        by_layer: dict[str, int] = {}
+        for v in viewers:
+            key = v.layer_name or "starting"
+            by_layer[key] = by_layer.get(key, 0) + 1
+        tracks = []
+        for t in st.tracks:
+            d = {k: getattr(t, k) for k in t.__dataclass_fields__}
+            d["bitrate_bps"] = round(t.bitrate_bps)
+            tracks.append(d)
+        b_frames = any(t.b_frames for t in st.tracks)
+        source = None
+        if st.publishers:
+            pubs = []
+            for p in st.publishers:
+                info: dict[str, Any] = {"protocol": p.protocol, "remote": p.remote, "layer": p.layer,
+                                        "since_s": round(time.monotonic() - p.attached_at, 1), "frames": p.frames}
+                ingest = next((i for i in self.ingests.values() if i.publisher.epoch == p.epoch
+                               and i.stream is stream), None)
+                if ingest is not None:
+                    try:
+                        info["srt"] = ingest.conn.stats()
+                    except SrtApiError:
+                        info["srt"] = None
+                    c = ingest.ts_counters
+                    info["transport_errors"] = {k: getattr(c, k) for k in c.__dataclass_fields__
+                                                if isinstance(getattr(c, k), int)}
+                pubs.append(info)
+            source = {"protocol": pubs[0]["protocol"], "publishers": pubs}
+        warnings = []
+        if b_frames:
+            warnings.append("source has B-frames: WebRTC viewers cannot be served passthrough; "
+                            "encode with B-frames off (x264 -bf 0 / -tune zerolatency)")
+        return {
+            "live": st.state == StreamState.LIVE, "state": st.state.value, "source": source,
+            "tracks": tracks, "layers": list(st.layers), "viewers": len(viewers), "viewers_by_layer": by_layer,
+            "srt_readers": st.ts_readers, "bytes_in": st.ts_bytes_in, "drops": st.drops_total,
+            "warnings": warnings,
+        }
+
+    def collect(self) -> Iterable[Metric]:
+        """Prometheus families read at scrape time."""
+        streams = GaugeMetricFamily("returnfeed_stream_live", "1 when the stream is live", labels=["stream"])
+        bitrate = GaugeMetricFamily("returnfeed_track_bitrate_bps", "Track bitrate over the last seconds",
+                                    labels=["stream", "track"])
+        viewers = GaugeMetricFamily("returnfeed_viewers", "WebRTC viewers by stream and layer",
+                                    labels=["stream", "layer"])
+        drops = CounterMetricFamily("returnfeed_stream_reader_drops", "Frames dropped by slow readers",
+                                    labels=["stream"])
+        for stream in list(self.hub):
+            st = stream.stats()
+            streams.add_metric([st.name], 1 if st.state == StreamState.LIVE else 0)
+            drops.add_metric([st.name], st.drops_total)
+            for t in st.tracks:
+                bitrate.add_metric([st.name, t.id], t.bitrate_bps)
+        counts: dict[tuple[str, str], int] = {}
+        for s in list(self.whep.sessions.values()):
+            key = (s.stream_name, s.layer_name or "starting")
+            counts[key] = counts.get(key, 0) + 1
+        for (name, layer), n in counts.items():
+            viewers.add_metric([name, layer], n)
+        yield from (streams, bitrate, viewers, drops)
+
+        sent = CounterMetricFamily("returnfeed_webrtc_packets_sent", "RTP packets sent to viewers", labels=[])
+        sent_bytes = CounterMetricFamily("returnfeed_webrtc_bytes_sent", "RTP bytes sent to viewers", labels=[])
+        nacks = CounterMetricFamily("returnfeed_webrtc_nacks", "NACK packets received from viewers", labels=[])
+        rtx = CounterMetricFamily("returnfeed_webrtc_retransmits", "Packets retransmitted to viewers", labels=[])
+        plis = CounterMetricFamily("returnfeed_webrtc_plis", "PLI/FIR received from viewers", labels=[])
+        totals = [0, 0, 0, 0, 0]
+        for s in list(self.whep.sessions.values()):
+            x = s.stats
+            for i, v in enumerate((x.packets_sent, x.bytes_sent, x.nacks, x.retransmits, x.plis + x.firs)):
+                totals[i] += v
+        for fam, v in zip((sent, sent_bytes, nacks, rtx, plis), totals):
+            fam.add_metric([], v)
+            yield fam
+        switches = CounterMetricFamily("returnfeed_webrtc_layer_switches", "Layer switches",
+                                       labels=["stream", "from", "to"])
+        for (name, frm, to), n in self.whep.switches.items():
+            switches.add_metric([name, frm, to], n)
+        yield switches
+        dropped = CounterMetricFamily("returnfeed_webrtc_viewers_dropped", "Viewers dropped for not keeping up",
+                                      labels=["stream"])
+        for name, n in self.whep.drops.items():
+            dropped.add_metric([name], n)
+        yield dropped
+        yield from self.forwarding_latency.collect()
+
+        ing = self.ingest
+        for name, value, doc in (
+            ("returnfeed_srt_ingest_bytes", ing.bytes, "SRT payload bytes received from publishers"),
+            ("returnfeed_srt_ingest_messages", ing.messages, "SRT messages received from publishers"),
+            ("returnfeed_ingest_access_units", ing.access_units, "Access units demuxed"),
+            ("returnfeed_ingest_demux_errors", ing.demux_errors, "MPEG-TS demux errors"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
+        if self.srt is not None:
+            lc = self.srt.counters
+            g = GaugeMetricFamily("returnfeed_srt_connections", "Active SRT connections")
+            g.add_metric([], lc.active)
+            yield g
+            acc = CounterMetricFamily("returnfeed_srt_accepted", "SRT connections accepted")
+            acc.add_metric([], lc.accepted)
+            yield acc
+            rej = CounterMetricFamily("returnfeed_srt_rejected", "SRT handshakes rejected", labels=["code"])
+            for code, n in dict(lc.rejected_by_reason).items():
+                rej.add_metric([str(code)], n)
+            yield rej
+            rl = CounterMetricFamily("returnfeed_srt_rate_limited", "SRT handshakes refused by rate limit")
+            rl.add_metric([], lc.rate_limited)
+            yield rl
+            hf = CounterMetricFamily("returnfeed_srt_handshake_failed",
+                                     "SRT handshakes that failed after acceptance (e.g. wrong passphrase)")
+            hf.add_metric([], lc.handshake_failed)
+            yield hf
+            per = GaugeMetricFamily("returnfeed_srt_link", "Per-connection SRT link statistics",
+                                    labels=["stream", "peer", "stat"])
+            for ingest in list(self.ingests.values()):
+                try:
+                    stats = ingest.conn.stats()
+                except SrtApiError:
+                    continue
+                for key in ("msRTT", "pktRcvLoss", "pktRcvRetrans", "pktRcvDrop", "pktRcvBelated",
+                            "msRcvBuf", "mbpsRecvRate", "msRcvTsbPdDelay"):
+                    if key in stats:
+                        per.add_metric([ingest.stream.name, str(ingest.conn.peer), key], float(stats[key]))
+            yield per

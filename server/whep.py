@@ -1,0 +1,246 @@
+"""WHEP endpoints (draft-ietf-wish-whep, sharing RFC 9725's rules).
+
+==========================================  ====================================
+``POST /whep/{stream}[?layer=low|high]``    ``application/sdp`` offer → 201 +
+                                            answer, ``Location``, strong
+                                            ``ETag``, ``Link: rel=ice-server``
+``PATCH /whep/{stream}/{session}``          ``application/trickle-ice-sdpfrag``
+                                            → 204; ICE restart → 422 (not
+                                            supported); wrong ``If-Match`` → 412
+``DELETE /whep/{stream}/{session}``         ends the session → 200
+``POST /whep/{stream}/{session}/layer``     ``{"layer": "low"|"high"|"auto"}``
+                                            pins a layer at runtime
+``GET /whep/{stream}/{session}``            JSON session state
+``OPTIONS /whep/{stream}``                  204, ``Accept-Post:
+                                            application/sdp``, ICE servers
+``HEAD /whep/{stream}``                     200 when live, 409 when not
+==========================================  ====================================
+
+Authentication: ``Authorization: Bearer`` or ``?token=`` — a read link for
+the stream, or a user token of a member of the stream's production.
+Errors: 400 malformed SDP, 401/403 auth, 404 unknown stream or session, 409 +
+``Retry-After`` stream not live, 413 offer too large, 415 wrong content type,
+422 offer that cannot be served passthrough (no H.264/Opus, B-frame source),
+503 + ``Retry-After`` viewer limit. All JSON ``{error, detail}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from media.errors import UnsupportedMedia
+from media.webrtc.sdp import SdpError, parse_offer
+
+from . import repo
+from .app import DB, SETTINGS, Principal, principal, production_role
+from .errors import (
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, ServiceUnavailable,
+    Unprocessable, UnsupportedMediaType,
+)
+from .log import event
+
+log = logging.getLogger("returnfeed.whep")
+
+MEDIA = web.AppKey("media", object)
+
+
+def _ice_links(request: web.Request) -> list[str]:
+    out = []
+    for s in request.app[SETTINGS].webrtc.ice_servers:
+        link = f'<{s.urls}>; rel="ice-server"'
+        if s.username is not None:
+            link += f'; username="{s.username}"; credential="{s.credential or ""}"; credential-type="password"'
+        out.append(link)
+    return out
+
+
+def _with_links(resp: web.StreamResponse, request: web.Request) -> web.StreamResponse:
+    for link in _ice_links(request):
+        resp.headers.add("Link", link)
+    return resp
+
+
+async def _authorize_read(request: web.Request, name: str) -> tuple[Principal, Any]:
+    p = await principal(request)
+    row = await repo.stream_by_name(request.app[DB].pool, name)
+    if row is None:
+        raise NotFound("no such stream")
+    if p.kind == "link":
+        assert p.link is not None
+        if p.link.stream != name or p.link.action != "read":
+            raise Forbidden("this link is not for watching this stream")
+    elif await production_role(request, p, row["production_id"]) is None:
+        raise Forbidden("not a member of this stream's production")
+    return p, row
+
+
+def _owner(p: Principal) -> str:
+    return f"user:{p.user_id}" if p.kind == "user" else f"link:{p.link.jti if p.link else ''}"
+
+
+def _not_live(request: web.Request) -> Conflict:
+    retry = request.app[SETTINGS].webrtc.retry_after_s
+    return Conflict("stream is not live", headers={"Retry-After": str(retry)})
+
+
+async def whep_post(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["stream"]
+    settings = request.app[SETTINGS]
+    if request.content_type != "application/sdp":
+        raise UnsupportedMediaType("Content-Type must be application/sdp")
+    limit = settings.http.max_sdp_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    p, _row = await _authorize_read(request, name)
+    body = await request.read()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    try:
+        offer = parse_offer(body, max_bytes=limit)
+    except SdpError as exc:
+        raise BadRequest(f"bad SDP offer: {exc}") from None
+    media = request.app[MEDIA]
+    stream = media.hub.get(name)
+    if stream is None or not stream.live:
+        raise _not_live(request)
+    video_tracks = [t for t in stream.tracks.values() if t.kind == "video"]
+    if not video_tracks and not any(t.kind == "audio" for t in stream.tracks.values()):
+        raise _not_live(request)
+    plid = next((t.info().profile_level_id for t in video_tracks if t.info().profile_level_id), None)
+    b_frames = any(t.info().b_frames for t in video_tracks)
+    pin = request.query.get("layer")
+    if pin in ("", "auto"):
+        pin = None
+    if pin is not None and pin not in ("high", "mid", "low"):
+        raise BadRequest("layer must be high, mid, low or auto")
+    try:
+        session = await media.whep.create_session(stream, body.decode(), offer, owner=_owner(p), pin=pin,
+                                                  source_plid=plid, b_frames=b_frames)
+    except UnsupportedMedia as exc:
+        raise Unprocessable(str(exc)) from None
+    except SdpError as exc:
+        raise Unprocessable(f"cannot serve this offer: {exc}") from None
+    except OverflowError:
+        raise ServiceUnavailable("viewer limit reached", headers={"Retry-After": "10"}) from None
+    event(log, logging.INFO, "whep.session", stream=name, session=session.id, who=p.label,
+          codec_note=session.answer_note)
+    location = f"/whep/{name}/{session.id}"
+    resp = web.Response(status=201, text=session.sdp_answer, content_type="application/sdp",
+                        headers={"Location": location, "ETag": session.etag,
+                                 "Accept-Patch": "application/trickle-ice-sdpfrag"})
+    return _with_links(resp, request)
+
+
+def _session(request: web.Request, p: Principal) -> Any:
+    media = request.app[MEDIA]
+    session = media.whep.sessions.get(request.match_info["session"])
+    if session is None or session.stream_name != request.match_info["stream"]:
+        raise NotFound("no such session")
+    if session.owner != _owner(p) and not p.is_admin:
+        raise Forbidden("this session belongs to someone else")
+    return session
+
+
+async def whep_patch(request: web.Request) -> web.StreamResponse:
+    p = await principal(request)
+    session = _session(request, p)
+    if request.content_type != "application/trickle-ice-sdpfrag":
+        raise UnsupportedMediaType("Content-Type must be application/trickle-ice-sdpfrag")
+    if_match = request.headers.get("If-Match")
+    body = await request.read()
+    if len(body) > request.app[SETTINGS].http.max_sdp_bytes:
+        raise PayloadTooLarge("fragment too large")
+    try:
+        frag = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("fragment is not UTF-8") from None
+    if if_match == "*" or "a=ice-ufrag:" in frag and _changes_ufrag(frag, session):
+        # RFC 9725 §4.3.2: ICE restart; aiortc cannot restart ICE on a live connection.
+        raise Unprocessable("ICE restart is not supported; start a new session")
+    if if_match is not None and if_match != session.etag:
+        raise PreconditionFailed("ETag does not match the session")
+    candidates = sum(1 for ln in frag.splitlines() if ln.startswith("a=candidate:"))
+    if candidates > 64:
+        raise BadRequest("too many candidates in one fragment")
+    try:
+        await session.add_remote_candidates(frag)
+    except (ValueError, IndexError) as exc:
+        raise BadRequest(f"bad candidate: {exc}") from None
+    return web.Response(status=204)
+
+
+def _changes_ufrag(frag: str, session: Any) -> bool:
+    remote = session.pc.remoteDescription
+    if remote is None:
+        return False
+    current = [ln.split(":", 1)[1].strip() for ln in remote.sdp.splitlines() if ln.startswith("a=ice-ufrag:")]
+    new = [ln.split(":", 1)[1].strip() for ln in frag.splitlines() if ln.startswith("a=ice-ufrag:")]
+    return bool(new) and bool(current) and new[0] != current[0]
+
+
+async def whep_delete(request: web.Request) -> web.StreamResponse:
+    p = await principal(request)
+    session = _session(request, p)
+    await session.close()
+    event(log, logging.INFO, "whep.deleted", session=session.id)
+    return web.Response(status=200)
+
+
+async def whep_get(request: web.Request) -> web.StreamResponse:
+    p = await principal(request)
+    session = _session(request, p)
+    info = session.info()
+    return web.json_response({"id": info.id, "stream": info.stream, "layer": info.layer,
+                              "pinned": info.pinned, "state": info.state, "stats": info.stats})
+
+
+async def whep_layer(request: web.Request) -> web.StreamResponse:
+    p = await principal(request)
+    session = _session(request, p)
+    try:
+        data = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body must be JSON {\"layer\": ...}") from None
+    layer = data.get("layer") if isinstance(data, dict) else None
+    if not isinstance(layer, str):
+        raise BadRequest("'layer' must be a layer name or 'auto'")
+    try:
+        session.pin(None if layer == "auto" else layer)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    return web.json_response({"layer": session.layer_name, "pinned": layer != "auto"})
+
+
+async def whep_options(request: web.Request) -> web.StreamResponse:
+    resp = web.Response(status=204, headers={"Accept-Post": "application/sdp",
+                                             "Allow": "OPTIONS, POST, HEAD"})
+    if not request.headers.get("Access-Control-Request-Method"):
+        _with_links(resp, request)  # RFC 9725 §4.4: not on CORS preflight
+    return resp
+
+
+async def whep_head(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["stream"]
+    await _authorize_read(request, name)
+    stream = request.app[MEDIA].hub.get(name)
+    live = stream is not None and stream.live
+    headers = {"Accept-Post": "application/sdp"}
+    if not live:
+        headers["Retry-After"] = str(request.app[SETTINGS].webrtc.retry_after_s)
+    return web.Response(status=200 if live else 409, headers=headers)
+
+
+def setup(app: web.Application) -> None:
+    r = app.router
+    r.add_route("POST", "/whep/{stream}", whep_post)
+    r.add_route("OPTIONS", "/whep/{stream}", whep_options)
+    r.add_route("HEAD", "/whep/{stream}", whep_head)
+    r.add_route("PATCH", "/whep/{stream}/{session}", whep_patch)
+    r.add_route("DELETE", "/whep/{stream}/{session}", whep_delete)
+    r.add_route("GET", "/whep/{stream}/{session}", whep_get)
+    r.add_route("POST", "/whep/{stream}/{session}/layer", whep_layer)
+    r.add_route("OPTIONS", "/whep/{stream}/{session}", whep_options)

@@ -1,0 +1,83 @@
+"""Real Chromium plays WHEP streams fed by a real ffmpeg SRT source."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from helpers import ffmpeg_publish, http, login, stop_process, wait_live
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+
+PLAY = """async ([url, token]) => {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver('video', {direction: 'recvonly'});
+  pc.addTransceiver('audio', {direction: 'recvonly'});
+  const v = document.createElement('video'); v.muted = true; v.autoplay = true; document.body.appendChild(v);
+  pc.ontrack = e => { v.srcObject = e.streams[0] || new MediaStream([e.track]); };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise(r => { if (pc.iceGatheringState === 'complete') r();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === 'complete' && r(); setTimeout(r, 2000); });
+  const res = await fetch(url, {method: 'POST', body: pc.localDescription.sdp,
+    headers: {'Content-Type': 'application/sdp', 'Authorization': 'Bearer ' + token}});
+  if (res.status !== 201) return {status: res.status, body: await res.text()};
+  await pc.setRemoteDescription({type: 'answer', sdp: await res.text()});
+  window._pc = pc;
+  return {status: 201};
+}"""
+
+STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r => {
+  if (r.type === 'inbound-rtp') out[r.kind] = {framesDecoded: r.framesDecoded || 0, freezeCount: r.freezeCount || 0,
+    packetsLost: r.packetsLost, packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0,
+    keyFramesDecoded: r.keyFramesDecoded || 0}; }); return out; }"""
+
+
+async def _play(base: str, stream: str, token: str, seconds: float) -> list[dict]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(base + "/healthz")
+            r = await page.evaluate(PLAY, [f"{base}/whep/{stream}", token])
+            assert r["status"] == 201, r
+            samples = []
+            for _ in range(int(seconds)):
+                await asyncio.sleep(1)
+                samples.append(await page.evaluate(STATS))
+            return samples
+        finally:
+            await browser.close()
+
+
+@pytest.mark.parametrize("profile, size", [("baseline", "640x360"), ("high", "1280x720")])
+def test_chromium_plays_srt_source(api_server, profile, size) -> None:
+    base = api_server.url
+    admin = login(base, "admin", api_server.admin_password)["access_token"]
+    http("POST", f"{base}/api/v1/productions", {"name": "Chromium"}, token=admin)
+    name = f"chrome-{profile}"
+    r = http("POST", f"{base}/api/v1/streams", {"name": name, "production": "Chromium"}, token=admin)
+    assert r.status == 201, r.body
+    url = r.json()["srt_url"].replace(":8890?", f":{api_server.srt_port}?").replace(":0?", f":{api_server.srt_port}?")
+    proc = ffmpeg_publish(url, seconds=60, size=size, profile=profile)
+    try:
+        live = wait_live(base, name, admin)
+        plid = next(t["profile_level_id"] for t in live["tracks"] if t["kind"] == "video")
+        assert plid.startswith("64" if profile == "high" else "42")
+        samples = asyncio.run(_play(base, name, admin, 6))
+    finally:
+        stop_process(proc)
+    video = [s["video"] for s in samples if "video" in s]
+    decoded = [v["framesDecoded"] for v in video]
+    print(f"{profile}: framesDecoded per second {decoded}, last {video[-1]}")
+    assert decoded[-1] >= 80, decoded  # 25 fps for ~6 s
+    assert all(b > a for a, b in zip(decoded[1:], decoded[2:])), decoded  # keeps growing
+    assert video[-1]["freezeCount"] == 0
+    assert video[-1]["frameWidth"] == int(size.split("x")[0])
+    assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
