@@ -679,10 +679,15 @@ class Publisher:
             for held in pending:
                 self._route(held, None)
 
-    def publish_ts(self, data: bytes) -> None:
-        """Fan the original TS bytes out to TS readers."""
+    def publish_ts(self, data: bytes, *, rap_offset: int | None = None, psi: bytes = b"") -> None:
+        """Fan the original TS bytes out to TS readers.
+
+        ``rap_offset``: where in ``data`` a keyframe PES starts (see
+        :mod:`media.mpegts.rap`), with ``psi`` the latest PAT+PMT packets;
+        the stream then restarts its TS cache there, so a new TS reader
+        begins at a point a decoder can start from."""
         if self.active:
-            self.stream._publish_ts(self, data)
+            self.stream._publish_ts(self, data, rap_offset, psi)
 
     def discontinuity(self, layer: str | None = None) -> None:
         """The source lost data or reset timestamps (TsDiscontinuity):
@@ -746,6 +751,8 @@ class Stream:
         self._publishers: dict[str | None, Publisher] = {}
         self._audio_owner: Publisher | None = None
         self._ts_owner: Publisher | None = None
+        self._ts_cache: list[bytes] = []  # PAT+PMT, then TS since the last keyframe start
+        self._ts_cache_bytes = 0
         self._readers: list[Reader] = []
         self._ts_readers: list[TsReader] = []
         self._next_id = 1
@@ -823,6 +830,7 @@ class Stream:
             self._audio_owner = None
         if self._ts_owner is pub:
             self._ts_owner = None
+            self._ts_cache, self._ts_cache_bytes = [], 0
         for layer in set(pub._pid_layer.values()) | ({pub.layer} if pub.layer else set()):
             self._drop_layer_cache(layer)
 
@@ -913,6 +921,11 @@ class Stream:
         if self.state == StreamState.CLOSED:
             raise StreamClosed(f"stream {self.name!r} is closed")
         reader = TsReader(self._new_id(), maxsize, callback, self._remove_reader)
+        cached = self._ts_cache
+        if cached and len(cached) <= maxsize:
+            # Start at the last keyframe, after the PAT/PMT, not mid-GOP.
+            reader._buf.extend(cached)
+            reader._event.set()
         self._ts_readers.append(reader)
         return reader
 
@@ -1012,13 +1025,21 @@ class Stream:
             if reader.wants(frame):
                 reader._offer(frame)
 
-    def _publish_ts(self, pub: Publisher, data: bytes) -> None:
+    def _publish_ts(self, pub: Publisher, data: bytes, rap_offset: int | None = None, psi: bytes = b"") -> None:
         owner = self._ts_owner
         if owner is None or not owner.active:
             owner = self._ts_owner = pub
         if owner is not pub:
             return
         self._ts_bytes_in += len(data)
+        if rap_offset is not None and psi:
+            self._ts_cache = [psi, data[rap_offset:]]
+            self._ts_cache_bytes = len(psi) + len(data) - rap_offset
+        elif self._ts_cache:
+            self._ts_cache.append(data)
+            self._ts_cache_bytes += len(data)
+            if self._ts_cache_bytes > self._cache_limit:
+                self._ts_cache, self._ts_cache_bytes = [], 0
         for reader in self._ts_readers:
             reader._offer(data)
 

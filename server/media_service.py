@@ -40,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from media.errors import SrtApiError, SrtUnavailable
 from media.mpegts.demux import TsDemuxer
 from media.mpegts.events import AccessUnit, DemuxError, ProgramChanged
+from media.mpegts.rap import RandomAccessScanner
 from media.srt.listener import Decision, RateLimit, SrtConnection, SrtListener, reject_unparsable
 from media.srt.streamid import StreamIdRequest
 from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub, StreamState, TsReader
@@ -110,6 +111,7 @@ class SrtIngest:
                        description=conn.raw_streamid),
             layer=layer, takeover=service.settings.srt.takeover, now=now)
         self.demux = TsDemuxer()
+        self.rap = RandomAccessScanner()
         self.transcoder: TranscodeWorker | None = None
         conn.on_data = self.on_data
         conn.on_close = self.on_close
@@ -119,9 +121,9 @@ class SrtIngest:
         demux = self.demux
         counters = self.service.ingest
         counters.messages += len(messages)
+        rap = self.rap
         for msg in messages:
             counters.bytes += len(msg)
-            pub.publish_ts(msg)
             for ev in demux.feed(msg, now, end_of_message=True):
                 if isinstance(ev, AccessUnit):
                     counters.access_units += 1
@@ -131,8 +133,11 @@ class SrtIngest:
                         pub.publish(ev)
                 elif isinstance(ev, ProgramChanged):
                     pub.set_program(ev.pmt)
+                    rap.configure(ev.pmt.pmt_pid, frozenset(t.pid for t in ev.pmt.tracks if t.kind == "video"))
                 elif isinstance(ev, DemuxError):
                     counters.demux_errors += 1
+            # The original packets for SRT readers, marked where a keyframe starts.
+            pub.publish_ts(msg, rap_offset=rap.scan(msg), psi=rap.psi)
 
     def _transcode(self, unit: AccessUnit) -> None:
         if self.transcoder is None:
