@@ -11,6 +11,10 @@ A keyframe start is a packet on a video PID with payload_unit_start_indicator
 set whose PES payload carries an IDR slice (nal_unit_type 5) or an SPS (7)
 within that first packet — what encoders emit at each IDR (AUD, SPS, PPS,
 IDR). Packets are read in place; nothing is copied unless a RAP is found.
+Once the PSI is known, a chunk without any ``00 00 01`` is skipped at
+C speed; the PAT/PMT copies are then refreshed only from chunks that also
+hold a start code (their content, not their continuity counter, is what a
+new reader needs).
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ class RandomAccessScanner:
         Also records PAT/PMT packets (single-packet sections, as every
         encoder sends them) for :attr:`psi`.
         """
+        if self.pat and self.pmt and data.find(b"\x00\x00\x01") < 0:
+            # No start code anywhere: no PES starts here (every PES header
+            # begins with 00 00 01), and the PSI is already known. Most
+            # chunks of a frame's body take this C-speed exit.
+            return None
         found = None
         n = len(data) - TS + 1
         video = self.video_pids
