@@ -17,9 +17,10 @@ Layers are indexed by increasing bitrate (``0`` = lowest), the convention of
 A new viewer first receives the packet GOP cache of its layer (from the last
 IDR), so its picture starts at once rather than at the next keyframe.
 
-Timestamps: video RTP timestamps are the TS PTS (90 kHz) modulo 2^32, so a
-latency probe can match frames by PTS; Opus from TS is rescaled 90 kHz →
-48 kHz; Opus produced by the AAC transcoder is already on 48 kHz.
+Timestamps: a video layer's RTP timestamps are the TS PTS (90 kHz) modulo
+2^32 (each viewer's rewriter then adds its own random offset, RFC 3550
+§5.1); Opus from TS is rescaled 90 kHz → 48 kHz; Opus produced by the AAC
+transcoder is already on 48 kHz.
 """
 
 from __future__ import annotations
