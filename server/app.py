@@ -244,8 +244,9 @@ def access_log_middleware() -> Any:
     return mw
 
 
-def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None) -> web.Application:
-    from . import api, health, whep
+def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None,
+               tally: Any = None) -> web.Application:
+    from . import api, health, pages, tally_routes, whep
 
     metrics = Metrics(db)
     app = web.Application(
@@ -272,6 +273,16 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         app[api.STREAMS_CHANGED].append(media.refresh_catalog)
         metrics.add_collector(media.collect)
         whep.setup(app)
+    if tally is not None:
+        tally_routes.setup(app, tally)
+        app[api.STREAMS_CHANGED].append(tally.on_streams_changed)
+        metrics.add_collector(tally.collect)
+
+        async def close_tally(app: web.Application) -> None:
+            await tally.stop()  # closes every tally socket with 1001 before the runner waits on handlers
+
+        app.on_shutdown.append(close_tally)
+    pages.setup(app)
     if WEB_DIR.is_dir():
         async def index(request: web.Request) -> web.FileResponse:
             return web.FileResponse(WEB_DIR / "index.html")

@@ -68,6 +68,7 @@ class Server:
     db: Database | None = None
     app: web.Application | None = None
     media: Any = None
+    tally: Any = None
     runner: web.AppRunner | None = None
     addresses: list[Any] = field(default_factory=list)
 
@@ -84,7 +85,11 @@ class Server:
 
             self.media = MediaService(s, self.db, tokens)
             await self.media.start()
-            self.app = create_app(s, self.db, tokens, self.media)
+            from .tally_service import TallyService
+
+            self.tally = TallyService(self.db)
+            await self.tally.start()
+            self.app = create_app(s, self.db, tokens, self.media, self.tally)
             self.runner = web.AppRunner(self.app, shutdown_timeout=s.http.shutdown_timeout_s,
                                         handle_signals=False, access_log=None)
             await self.runner.setup()
@@ -113,6 +118,9 @@ class Server:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self.tally is not None:
+            await self.tally.stop()
+            self.tally = None
         if self.media is not None:
             await self.media.stop()
             self.media = None

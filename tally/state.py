@@ -127,6 +127,7 @@ class Origin(StrEnum):
     REPORT = "report"
     AUTHORITY_LOST = "authority_lost"
     AUTHORITY_RESTORED = "authority_restored"
+    PEER = "peer"  # adopted from another server node (adopt())
 
 
 def _check_name(value: object, what: str) -> str:
@@ -619,6 +620,26 @@ class TallyState:
                 raise SnapshotError(f"unknown bus in snapshot flags: {bs!r}") from exc
         state._current = state._compute_all()
         return state
+
+    def adopt(self, data: Mapping[str, Any], *, now: float, who: str = "peer") -> TallyChange | None:
+        """Take the director state and sequence number of a snapshot saved by
+        another server node (``to_dict`` there, shared through the database).
+
+        Only a snapshot with a higher ``seq`` is taken. The change it causes is
+        emitted with the snapshot's ``seq``, so clients of every node see the
+        same sequence. What local adapters reported is kept."""
+        other = TallyState.from_dict(data, sources=self._sources.values())
+        if other._seq <= self._seq:
+            return None
+        self._program, self._preview, self._transition = other._program, other._preview, None
+        for name, cfg in self._sources.items():
+            if cfg.authority == DIRECTOR:
+                self._ext[name] = other._ext[name]
+        self._seq = other._seq - 1
+        change = self._commit(Origin.PEER, who, now)
+        if change is None:
+            self._seq = other._seq  # nothing visible changed; follow the sequence anyway
+        return change
 
     # --------------------------------------------------------------- internals
 

@@ -382,3 +382,25 @@ def test_change_to_dict_is_json():
             "cam1": {"state": "program", "buses": ["program"], "aux": False, "label": "Camera 1", "authority": "director"}
         },
     }
+
+
+def test_adopt_takes_newer_peer_snapshot_with_its_seq() -> None:
+    from tally.state import SourceConfig, TallyState
+
+    srcs = [SourceConfig("cam1"), SourceConfig("cam2"), SourceConfig("ext", authority="vmix", vmix_input=1)]
+    a = TallyState("p", srcs)
+    b = TallyState("p", srcs)
+    a.cut("cam1", now=0.0)
+    a.set_preview("cam2", now=0.0)
+    seen = []
+    b.add_listener(seen.append)
+    change = b.adopt(a.to_dict(), now=1.0)
+    assert change is not None and change.seq == a.seq == b.seq == 2 and change.origin == "peer"
+    assert b.source_state("cam1").state == "program" and b.source_state("cam2").state == "preview"
+    assert b.source_state("ext").state == "unknown"  # external state is each node's own
+    assert seen == [change]
+    assert b.adopt(a.to_dict(), now=2.0) is None  # not newer: ignored
+    stale = a.to_dict()
+    a.cut("cam2", now=3.0)
+    b.adopt(a.to_dict(), now=3.0)
+    assert b.adopt(stale, now=4.0) is None and b.program == "cam2"

@@ -1,0 +1,180 @@
+"""Tally endpoints: ``/ws/tally`` and the REST controls.
+
+``GET /ws/tally`` — WebSocket (protocol in :mod:`tally.protocol`). Auth:
+``Authorization: Bearer`` or ``?token=``. A signed stream link decides its
+production (its holder can watch, not switch); a user token names the
+production with ``?production=<id or name>`` and must belong to a member.
+Directors (and admins) may send ``cut``/``preview``/``take``; others get
+an ``error`` for them and nothing changes. Refused upgrades are plain HTTP
+errors with a JSON body (401, 403, 404) so a client sees why.
+
+REST (JSON, errors ``{error, detail}``):
+
+* ``GET /api/v1/productions/{id}/tally`` — snapshot (members);
+* ``POST /api/v1/productions/{id}/tally`` ``{"type": "cut"|"preview"|"take",
+  "source"?, "duration"?}`` — directors; 403 for camera/viewer, 409 for a
+  refused command (unknown source, source driven by a switcher);
+* ``GET|PUT /api/v1/productions/{id}/tally/config`` — sources and switcher
+  adapters (see :mod:`server.tally_service`); PUT is for directors;
+* ``GET /api/v1/productions/{id}/tally/events?limit=&before_seq=`` — audit.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from tally.errors import CommandRejected
+from tally.hub import aiohttp_sink
+
+from . import repo
+from .app import DB, Principal, client_ip, json_body, principal, production_role, require_production_role
+from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .tally_service import TallyConfigError, TallyService, validate_config
+
+TALLY = web.AppKey("tally", TallyService)
+
+WS_MAX_MESSAGE = 64 * 1024
+
+
+async def _production_for(request: web.Request, p: Principal) -> Any:
+    pool = request.app[DB].pool
+    if p.kind == "link":
+        assert p.link is not None
+        row = await repo.find_production(pool, p.link.production_id)
+    else:
+        ref = request.query.get("production")
+        if not ref:
+            raise BadRequest("add ?production=<id or name>")
+        row = await repo.find_production(pool, ref)
+    if row is None:
+        raise NotFound("no such production")
+    return row
+
+
+async def ws_tally(request: web.Request) -> web.StreamResponse:
+    p = await principal(request)
+    prod = await _production_for(request, p)
+    role = await production_role(request, p, prod["id"])
+    if role is None:
+        raise Forbidden("not a member of this production")
+    service = request.app[TALLY]
+    pt = await service.get(prod["id"])
+    ws = web.WebSocketResponse(compress=False, max_msg_size=WS_MAX_MESSAGE, autoping=True)
+    await ws.prepare(request)
+    who = p.username if p.kind == "user" else f"link:{p.link.stream if p.link else ''}"
+    client = pt.hub.connect(aiohttp_sink(ws), director=role in ("admin", "director"), who=who)
+    try:
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                pt.hub.receive(client, msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        pt.hub.disconnect(client)
+    return ws
+
+
+async def _pt(request: web.Request, *roles: str) -> tuple[Any, Principal]:
+    p = await principal(request)
+    raw = request.match_info["production_id"]
+    if not raw.isdigit():
+        raise NotFound("no such production")
+    prod = await repo.find_production(request.app[DB].pool, int(raw))
+    if prod is None:
+        raise NotFound("no such production")
+    await require_production_role(request, p, prod["id"], *roles)
+    return await request.app[TALLY].get(prod["id"]), p
+
+
+async def get_tally(request: web.Request) -> web.Response:
+    pt, _ = await _pt(request, "director", "camera", "viewer")
+    return web.json_response(request.app[TALLY].snapshot(pt))
+
+
+async def post_tally(request: web.Request) -> web.Response:
+    pt, p = await _pt(request, "director")
+    data = await json_body(request)
+    kind = data.get("type")
+    source = data.get("source")
+    now = time.monotonic()
+    who = p.username or p.label
+    try:
+        if kind == "cut":
+            if not isinstance(source, str):
+                raise BadRequest("'source' must be a source name")
+            pt.state.cut(source, now=now, who=who)
+        elif kind == "preview":
+            if not isinstance(source, str):
+                raise BadRequest("'source' must be a source name")
+            pt.state.set_preview(source, now=now, who=who)
+        elif kind == "take":
+            duration = data.get("duration")
+            pt.state.take(duration, now=now, who=who)
+        else:
+            raise BadRequest("'type' must be cut, preview or take")
+    except CommandRejected as exc:
+        raise Conflict(exc.detail, extra={"code": exc.code}) from None
+    pt.hub.flush()
+    return web.json_response(request.app[TALLY].snapshot(pt))
+
+
+async def get_config(request: web.Request) -> web.Response:
+    pt, _ = await _pt(request, "director")
+    row = await request.app[DB].pool.fetchrow("SELECT settings FROM productions WHERE id = $1", pt.production_id)
+    settings = row["settings"] if isinstance(row["settings"], dict) else json.loads(row["settings"] or "{}")
+    return web.json_response(settings.get("tally", {}))
+
+
+async def put_config(request: web.Request) -> web.Response:
+    pt, p = await _pt(request, "director")
+    data = await json_body(request)
+    try:
+        cfg = validate_config(data)
+    except TallyConfigError as exc:
+        raise BadRequest(str(exc)) from None
+    pool = request.app[DB].pool
+    async with pool.acquire() as conn:
+        await conn.execute(
+            """UPDATE productions SET settings = jsonb_set(settings, '{tally}', $2::jsonb), updated_at = now()
+               WHERE id = $1""", pt.production_id, json.dumps(cfg))
+        await repo.audit(conn, "tally.config", actor_user_id=p.user_id, actor=p.username,
+                         target=str(pt.production_id), detail={"adapters": [a["type"] for a in cfg["adapters"]]},
+                         ip=client_ip(request))
+    service = request.app[TALLY]
+    await service.reload(pt.production_id)
+    try:
+        fresh = await service.get(pt.production_id)
+    except Exception as exc:  # e.g. a source definition the state machine refuses
+        raise BadRequest(f"configuration stored but not usable: {exc}") from None
+    return web.json_response(service.snapshot(fresh))
+
+
+async def get_events(request: web.Request) -> web.Response:
+    pt, _ = await _pt(request, "director")
+    try:
+        limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+        before = int(request.query["before_seq"]) if "before_seq" in request.query else None
+    except ValueError:
+        raise BadRequest("limit and before_seq must be integers") from None
+    rows = await request.app[DB].pool.fetch(
+        """SELECT seq, changes, actor, origin, at FROM tally_events
+           WHERE production_id = $1 AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC, id DESC LIMIT $3""",
+        pt.production_id, before, limit)
+    return web.json_response({"events": [
+        {"seq": r["seq"], "changes": json.loads(r["changes"]) if isinstance(r["changes"], str) else r["changes"],
+         "actor": r["actor"], "origin": r["origin"], "at": r["at"].isoformat()} for r in rows]})
+
+
+def setup(app: web.Application, service: TallyService) -> None:
+    app[TALLY] = service
+    r = app.router
+    r.add_get("/ws/tally", ws_tally)
+    r.add_get("/api/v1/productions/{production_id}/tally", get_tally)
+    r.add_post("/api/v1/productions/{production_id}/tally", post_tally)
+    r.add_get("/api/v1/productions/{production_id}/tally/config", get_config)
+    r.add_put("/api/v1/productions/{production_id}/tally/config", put_config)
+    r.add_get("/api/v1/productions/{production_id}/tally/events", get_events)

@@ -1,0 +1,413 @@
+"""Tally wiring: per-production state + hub + adapters, persistence, clustering.
+
+One :class:`ProductionTally` per production, created on first use:
+
+* **Sources** are the production's streams (driven by the director) plus
+  the sources listed in the production's tally configuration
+  (``productions.settings["tally"]``), which may also hand a source to an
+  external switcher (vMix input, OBS scenes, TSL address).
+* **Adapters** from the same configuration: ``vmix``, ``obs``, ``tsl_in``
+  (UDP/TCP listener), ``tsl_out`` (UDP/TCP to displays/multiviewers).
+* **Persistence**: every change is queued (never awaited by the hub) and a
+  writer task appends it to ``tally_events`` (who, origin, changed sources)
+  and upserts ``tally_state``; the state is restored from there on restart.
+* **Several nodes** share one database: after writing, the writer sends
+  ``NOTIFY returnfeed_tally`` with the production and sequence number; the
+  other nodes read the row and :meth:`~tally.state.TallyState.adopt` it, so
+  their clients get the same change with the same ``seq``. The row is only
+  written when its ``seq`` is lower than ours; if another node got there
+  first, this node adopts the stored state instead (last writer loses,
+  every node converges on the database's order).
+
+The configuration object (``PUT /api/v1/productions/{id}/tally/config``)::
+
+    {"transition_s": 1.0,
+     "sources": {"cam1": {"label": "Cam 1"},
+                 "vt": {"authority": "vmix", "vmix_input": 3}},
+     "adapters": [{"type": "vmix", "host": "10.0.0.5", "port": 8099},
+                  {"type": "obs", "url": "ws://10.0.0.6:4455", "password": "…"},
+                  {"type": "tsl_in", "version": 5, "transport": "udp", "port": 9800,
+                   "authority": "tsl:studio", "addresses": {"1": "cam1"}},
+                  {"type": "tsl_out", "version": 3, "transport": "udp", "host": "10.0.0.9",
+                   "port": 9801, "addresses": {"cam1": 1, "cam2": 2}}]}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from prometheus_client import Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from tally.errors import ConfigError, SnapshotError, TallyError
+from tally.hub import TallyHub
+from tally.obs import ObsClient
+from tally.state import DIRECTOR, SourceConfig, TallyChange, TallyState
+from tally.tsl import TslInput, TslOutput
+from tally.vmix import VmixClient
+
+from .log import event
+
+log = logging.getLogger("returnfeed.tally")
+
+CHANNEL = "returnfeed_tally"
+MAX_PENDING = 10_000
+ADAPTER_TYPES = ("vmix", "obs", "tsl_in", "tsl_out")
+
+
+class TallyConfigError(ValueError):
+    """The production's tally configuration is invalid (message says where)."""
+
+
+def validate_config(cfg: Any) -> dict[str, Any]:
+    """Check a tally configuration object; return it normalised."""
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise TallyConfigError("tally config must be an object")
+    unknown = set(cfg) - {"transition_s", "sources", "adapters"}
+    if unknown:
+        raise TallyConfigError(f"unknown tally config keys: {', '.join(sorted(unknown))}")
+    out: dict[str, Any] = {}
+    if "transition_s" in cfg:
+        t = cfg["transition_s"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 60:
+            raise TallyConfigError("transition_s must be a number of seconds, 0..60")
+        out["transition_s"] = float(t)
+    sources = cfg.get("sources", {})
+    if not isinstance(sources, dict):
+        raise TallyConfigError("sources must be an object of name → settings")
+    for name, s in sources.items():
+        if not isinstance(s, dict):
+            raise TallyConfigError(f"sources.{name} must be an object")
+        try:
+            SourceConfig.from_dict({"name": name, **s})
+        except (ConfigError, TypeError) as exc:
+            raise TallyConfigError(f"sources.{name}: {exc}") from None
+    out["sources"] = sources
+    adapters = cfg.get("adapters", [])
+    if not isinstance(adapters, list) or len(adapters) > 16:
+        raise TallyConfigError("adapters must be a list of at most 16 adapters")
+    for i, a in enumerate(adapters):
+        if not isinstance(a, dict) or a.get("type") not in ADAPTER_TYPES:
+            raise TallyConfigError(f"adapters[{i}].type must be one of {', '.join(ADAPTER_TYPES)}")
+        t = a["type"]
+        if t in ("vmix", "tsl_out") and not isinstance(a.get("host"), str):
+            raise TallyConfigError(f"adapters[{i}].host is required")
+        if t == "obs" and not isinstance(a.get("url"), str):
+            raise TallyConfigError(f"adapters[{i}].url is required (ws://host:4455)")
+        if t.startswith("tsl"):
+            if a.get("version", 5) not in (3, 5):
+                raise TallyConfigError(f"adapters[{i}].version must be 3 or 5")
+            if a.get("transport", "udp") not in ("udp", "tcp"):
+                raise TallyConfigError(f"adapters[{i}].transport must be udp or tcp")
+            port = a.get("port")
+            if t == "tsl_out" and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
+                raise TallyConfigError(f"adapters[{i}].port must be 1..65535")
+    out["adapters"] = adapters
+    return out
+
+
+@dataclass(slots=True)
+class _Adapter:
+    spec: dict[str, Any]
+    obj: Any
+    kind: str
+    authority: str | None
+
+    @property
+    def connected(self) -> bool | None:
+        return getattr(self.obj, "synced", None)
+
+
+@dataclass(slots=True)
+class ProductionTally:
+    service: "TallyService"
+    production_id: int
+    name: str
+    state: TallyState
+    hub: TallyHub
+    adapters: list[_Adapter] = field(default_factory=list)
+    pending: deque = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    writer: asyncio.Task | None = None
+    dropped: int = 0
+    closed: bool = False
+    stream_names: list[str] = field(default_factory=list)
+
+    def on_change(self, change: TallyChange) -> None:
+        """State listener: queue for the writer, never await (hub runs first)."""
+        if change.origin == "peer":
+            return  # another node wrote it already
+        if len(self.pending) >= MAX_PENDING:
+            self.dropped += 1
+            self.pending.popleft()
+        self.pending.append((change, self.state.to_dict()))
+        self.wake.set()
+
+    async def write_loop(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            batch = []
+            while self.pending:
+                batch.append(self.pending.popleft())
+            if batch:
+                try:
+                    await self.service.persist(self, batch)
+                except Exception as exc:  # keep going; a later write carries the latest state
+                    event(log, logging.ERROR, "tally.persist_failed", production=self.production_id,
+                          error=str(exc), changes=len(batch))
+            if self.closed and not self.pending:
+                return
+
+    async def close(self) -> None:
+        self.closed = True
+        for a in self.adapters:
+            try:
+                await a.obj.close()
+            except Exception:
+                log.exception("tally.adapter_close_failed")
+        self.hub.close()
+        self.wake.set()
+        if self.writer is not None:
+            try:
+                await asyncio.wait_for(self.writer, 5)
+            except (asyncio.TimeoutError, Exception):
+                self.writer.cancel()
+
+
+class TallyService:
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.node = secrets.token_hex(6)
+        self.productions: dict[int, ProductionTally] = {}
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._listen_conn: Any = None
+        self.delivery = Histogram(
+            "returnfeed_tally_persist_seconds", "Tally change to its database write (audit) completing",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=None)
+        self.notifications = 0
+
+    async def start(self) -> None:
+        import asyncpg
+
+        self._listen_conn = await asyncpg.connect(self.db.url)
+        await self._listen_conn.add_listener(CHANNEL, self._on_notify)
+
+    async def stop(self) -> None:
+        for p in list(self.productions.values()):
+            await p.close()
+        self.productions.clear()
+        if self._listen_conn is not None:
+            try:
+                await self._listen_conn.close(timeout=5)
+            except Exception:
+                self._listen_conn.terminate()
+            self._listen_conn = None
+
+    # -- productions ---------------------------------------------------------------
+
+    async def get(self, production_id: int) -> ProductionTally:
+        p = self.productions.get(production_id)
+        if p is not None and not p.closed:
+            return p
+        lock = self._locks.setdefault(production_id, asyncio.Lock())
+        async with lock:
+            p = self.productions.get(production_id)
+            if p is None or p.closed:
+                p = await self._load(production_id)
+                self.productions[production_id] = p
+        return p
+
+    async def reload(self, production_id: int) -> None:
+        """Sources or configuration changed: rebuild (clients reconnect, get a snapshot)."""
+        p = self.productions.pop(production_id, None)
+        if p is not None:
+            await p.close()
+
+    async def on_streams_changed(self) -> None:
+        """Streams were added, renamed or removed: rebuild the productions
+        whose source list no longer matches (their clients reconnect)."""
+        rows = await self.db.pool.fetch("SELECT production_id, array_agg(name ORDER BY id) AS names "
+                                        "FROM streams GROUP BY production_id")
+        names = {r["production_id"]: list(r["names"]) for r in rows}
+        for pid, p in list(self.productions.items()):
+            if p.stream_names != names.get(pid, []):
+                await self.reload(pid)
+
+    async def _load(self, production_id: int) -> ProductionTally:
+        pool = self.db.pool
+        prod = await pool.fetchrow("SELECT id, name, settings FROM productions WHERE id = $1", production_id)
+        if prod is None:
+            raise KeyError(production_id)
+        settings = prod["settings"] if isinstance(prod["settings"], dict) else json.loads(prod["settings"] or "{}")
+        cfg = validate_config(settings.get("tally"))
+        streams = await pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
+                                   production_id)
+        sources = self._sources(streams, cfg)
+        row = await pool.fetchrow("SELECT seq, state FROM tally_state WHERE production_id = $1", production_id)
+        state = None
+        if row is not None:
+            saved = row["state"] if isinstance(row["state"], dict) else json.loads(row["state"])
+            try:
+                state = TallyState.from_dict(saved, sources=sources)
+            except SnapshotError as exc:
+                event(log, logging.WARNING, "tally.restore_failed", production=production_id, error=str(exc))
+        if state is None:
+            seq = row["seq"] if row is not None else 0
+            state = TallyState(prod["name"], sources, default_transition=cfg.get("transition_s", 1.0), seq=seq)
+        hub = TallyHub(state)
+        p = ProductionTally(self, production_id, prod["name"], state, hub,
+                            stream_names=[s["name"] for s in streams])
+        state.add_listener(p.on_change)
+        hub.start()
+        p.writer = asyncio.get_running_loop().create_task(p.write_loop(), name=f"tally-writer-{production_id}")
+        for spec in cfg.get("adapters", []):
+            try:
+                p.adapters.append(await self._start_adapter(state, spec))
+            except (TallyError, OSError, ValueError) as exc:
+                event(log, logging.ERROR, "tally.adapter_failed", production=production_id, type=spec.get("type"),
+                      error=str(exc))
+        event(log, logging.INFO, "tally.loaded", production=production_id, sources=len(sources), seq=state.seq,
+              adapters=len(p.adapters))
+        return p
+
+    @staticmethod
+    def _sources(streams: Iterable[Any], cfg: dict[str, Any]) -> list[SourceConfig]:
+        extra = dict(cfg.get("sources", {}))
+        out = []
+        for s in streams:
+            overrides = extra.pop(s["name"], {})
+            out.append(SourceConfig.from_dict({"name": s["name"], "label": s["label"] or "", **overrides}))
+        for name, spec in extra.items():
+            out.append(SourceConfig.from_dict({"name": name, **spec}))
+        return out
+
+    async def _start_adapter(self, state: TallyState, spec: dict[str, Any]) -> _Adapter:
+        t = spec["type"]
+        if t == "vmix":
+            authority = spec.get("authority", "vmix")
+            obj = VmixClient(state, spec["host"], int(spec.get("port", 8099)), authority=authority)
+            obj.start()
+            return _Adapter(spec, obj, t, authority)
+        if t == "obs":
+            authority = spec.get("authority", "obs")
+            obj = ObsClient(state, spec["url"], password=spec.get("password"), authority=authority)
+            obj.start()
+            return _Adapter(spec, obj, t, authority)
+        version = int(spec.get("version", 5))
+        if t == "tsl_in":
+            authority = spec.get("authority", "tsl")
+            addresses = {int(k): v for k, v in spec.get("addresses", {}).items()} or None
+            obj = TslInput(state, authority=authority, version=version, addresses=addresses,
+                           lost_after=spec.get("lost_after"))
+            host, port = spec.get("host", "0.0.0.0"), int(spec.get("port", 0))
+            if spec.get("transport", "udp") == "tcp":
+                await obj.listen_tcp(host, port)
+            else:
+                await obj.listen_udp(host, port)
+            return _Adapter(spec, obj, t, authority)
+        obj = TslOutput(state, version=version, addresses=spec.get("addresses") or None)
+        if spec.get("transport", "udp") == "tcp":
+            await obj.start_tcp(spec["host"], int(spec["port"]))
+        else:
+            await obj.start_udp(spec["host"], int(spec["port"]))
+        return _Adapter(spec, obj, t, None)
+
+    # -- persistence and clustering ---------------------------------------------------
+
+    async def persist(self, p: ProductionTally, batch: list[tuple[TallyChange, dict[str, Any]]]) -> None:
+        start = time.monotonic()
+        last_change, snapshot = batch[-1]
+        async with self.db.pool.acquire() as conn, conn.transaction():
+            await conn.executemany(
+                """INSERT INTO tally_events (production_id, seq, changes, actor, origin)
+                   VALUES ($1, $2, $3::jsonb, $4, $5)""",
+                [(p.production_id, c.seq, json.dumps({n: st.to_json() for n, st in c.sources.items()}),
+                  c.who[:200], c.origin) for c, _ in batch],
+            )
+            stored = await conn.fetchval(
+                """INSERT INTO tally_state (production_id, seq, state) VALUES ($1, $2, $3::jsonb)
+                   ON CONFLICT (production_id) DO UPDATE SET seq = EXCLUDED.seq, state = EXCLUDED.state,
+                          updated_at = now()
+                   WHERE tally_state.seq < EXCLUDED.seq
+                   RETURNING seq""",
+                p.production_id, last_change.seq, json.dumps(snapshot),
+            )
+            if stored is not None:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps(
+                    {"production": p.production_id, "seq": stored, "node": self.node}))
+        self.delivery.observe(time.monotonic() - start)
+        if stored is None:
+            # Another node wrote this sequence number first: converge on its state.
+            event(log, logging.WARNING, "tally.conflict", production=p.production_id, seq=last_change.seq)
+            await self._adopt_from_db(p)
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            msg = json.loads(payload)
+            production, seq, node = int(msg["production"]), int(msg["seq"]), str(msg["node"])
+        except (ValueError, KeyError, TypeError):
+            return
+        self.notifications += 1
+        if node == self.node:
+            return
+        p = self.productions.get(production)
+        if p is None or p.closed or seq <= p.state.seq:
+            return
+        asyncio.get_running_loop().create_task(self._adopt_from_db(p))
+
+    async def _adopt_from_db(self, p: ProductionTally) -> None:
+        row = await self.db.pool.fetchrow("SELECT state FROM tally_state WHERE production_id = $1", p.production_id)
+        if row is None:
+            return
+        saved = row["state"] if isinstance(row["state"], dict) else json.loads(row["state"])
+        try:
+            p.state.adopt(saved, now=time.monotonic())
+        except SnapshotError as exc:
+            event(log, logging.WARNING, "tally.adopt_failed", production=p.production_id, error=str(exc))
+
+    # -- observation -----------------------------------------------------------------------
+
+    def collect(self) -> Iterable[Metric]:
+        clients = GaugeMetricFamily("returnfeed_tally_clients", "Connected tally WebSocket clients",
+                                    labels=["production"])
+        seq = GaugeMetricFamily("returnfeed_tally_seq", "Tally sequence number", labels=["production"])
+        adapters = GaugeMetricFamily("returnfeed_tally_adapter_connected",
+                                     "1 when a switcher adapter is connected and in sync", labels=["production", "type"])
+        missing = CounterMetricFamily("returnfeed_tally_clients_missing",
+                                      "Clients closed for missing heartbeats", labels=["production"])
+        slow = CounterMetricFamily("returnfeed_tally_clients_slow", "Clients closed for not keeping up",
+                                   labels=["production"])
+        deltas = CounterMetricFamily("returnfeed_tally_deltas", "Tally deltas broadcast", labels=["production"])
+        for p in list(self.productions.values()):
+            label = [str(p.production_id)]
+            clients.add_metric(label, len(p.hub.clients))
+            seq.add_metric(label, p.state.seq)
+            missing.add_metric(label, p.hub.stats.missing_closed)
+            slow.add_metric(label, p.hub.stats.slow_closed)
+            deltas.add_metric(label, p.hub.stats.deltas)
+            for a in p.adapters:
+                c = a.connected
+                if c is not None:
+                    adapters.add_metric([str(p.production_id), a.kind], 1 if c else 0)
+        yield from (clients, seq, adapters, missing, slow, deltas)
+        yield from self.delivery.collect()
+
+    def snapshot(self, p: ProductionTally) -> dict[str, Any]:
+        return {"production": p.name, "production_id": p.production_id, "seq": p.state.seq,
+                "program": p.state.program, "preview": p.state.preview,
+                "sources": {n: st.to_json() for n, st in p.state.states().items()},
+                "adapters": [{"type": a.kind, "authority": a.authority, "connected": a.connected}
+                             for a in p.adapters]}
+
+
+__all__ = ["TallyService", "ProductionTally", "validate_config", "TallyConfigError", "DIRECTOR"]

@@ -1,0 +1,257 @@
+"""Tally through real server processes: WebSocket contract, REST, persistence,
+switcher adapters wired from the API, and two nodes on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+import websockets
+
+from helpers import ServerProcess, http, login
+
+pytestmark = pytest.mark.integration
+
+
+async def _recv_json(ws, kinds=("snapshot", "tally", "error"), timeout=5.0) -> dict:
+    """Next message of one of ``kinds`` (heartbeats skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), max(0.05, deadline - time.monotonic())))
+        if msg["type"] in kinds:
+            return msg
+
+
+def _ws_url(base: str, query: str) -> str:
+    return base.replace("http://", "ws://") + "/ws/tally?" + query
+
+
+@pytest.fixture(scope="module")
+def env(api_server):
+    base = api_server.url
+    admin = login(base, "admin", api_server.admin_password)["access_token"]
+    r = http("POST", f"{base}/api/v1/productions", {"name": "Tally show"}, token=admin)
+    prod = r.json()
+    for n in ("cam1", "cam2", "cam3"):
+        assert http("POST", f"{base}/api/v1/streams", {"name": n, "production": prod["id"]}, token=admin).status == 201
+    http("POST", f"{base}/api/v1/users", {"username": "camop", "password": "camop-password", "role": "camera"}, token=admin)
+    http("PUT", f"{base}/api/v1/productions/{prod['id']}/members/camop", {"role": "camera", "camera_stream": "cam1"},
+         token=admin)
+    camop = login(base, "camop", "camop-password")["access_token"]
+    link = http("POST", f"{base}/api/v1/streams/cam2/links", {"action": "publish"}, token=admin).json()["token"]
+    return {"base": base, "admin": admin, "prod": prod, "camop": camop, "link": link}
+
+
+def test_ws_refusals(env) -> None:
+    base = env["base"]
+
+    async def status(url: str, headers=None) -> int:
+        try:
+            async with websockets.connect(url, additional_headers=headers or {}):
+                return 101
+        except websockets.InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def run():
+        assert await status(_ws_url(base, f"production={env['prod']['id']}")) == 401
+        assert await status(_ws_url(base, "token=garbage")) == 401
+        assert await status(_ws_url(base, f"token={env['admin']}")) == 400  # which production?
+        assert await status(_ws_url(base, f"token={env['admin']}&production=99999")) == 404
+
+    asyncio.run(run())
+    r = http("POST", f"{base}/api/v1/users", {"username": "stranger", "password": "stranger-password", "role": "viewer"},
+             token=env["admin"])
+    assert r.status == 201
+    stranger = login(base, "stranger", "stranger-password")["access_token"]
+    assert asyncio.run(status(_ws_url(base, f"token={stranger}&production={env['prod']['id']}"))) == 403
+
+
+def test_snapshot_then_ordered_deltas_and_camera_cannot_cut(env) -> None:
+    base, pid = env["base"], env["prod"]["id"]
+
+    async def run():
+        async with websockets.connect(_ws_url(base, f"token={env['link']}")) as cam, \
+                websockets.connect(_ws_url(base, f"production={pid}"),
+                                   additional_headers={"Authorization": f"Bearer {env['admin']}"}) as director:
+            snap = await _recv_json(cam)
+            assert snap["type"] == "snapshot" and set(snap["sources"]) == {"cam1", "cam2", "cam3"}
+            seq0 = (await _recv_json(director))["seq"]
+            # a camera link cannot switch: error, nothing changes
+            await cam.send(json.dumps({"type": "cut", "source": "cam2", "id": 7}))
+            err = await _recv_json(cam, ("error",))
+            assert err["code"] == "forbidden" and err["id"] == 7
+            seqs = []
+            for cmd in ({"type": "preview", "source": "cam2"}, {"type": "cut", "source": "cam1"},
+                        {"type": "cut", "source": "cam2"}):
+                t0 = time.perf_counter()
+                await director.send(json.dumps(cmd))
+                d = await _recv_json(cam, ("tally",))
+                seqs.append(d["seq"])
+                assert time.perf_counter() - t0 < 2.0
+            assert seqs == sorted(seqs) and seqs[0] > seq0
+            state = http("GET", f"{base}/api/v1/productions/{pid}/tally", token=env["camop"]).json()
+            assert state["sources"]["cam2"]["state"] == "program"
+            assert state["seq"] == seqs[-1]
+
+    asyncio.run(run())
+
+
+def test_rest_control_and_audit(env) -> None:
+    base, pid = env["base"], env["prod"]["id"]
+    r = http("POST", f"{base}/api/v1/productions/{pid}/tally", {"type": "cut", "source": "cam3"}, token=env["camop"])
+    assert r.status == 403
+    r = http("POST", f"{base}/api/v1/productions/{pid}/tally", {"type": "cut", "source": "nope"}, token=env["admin"])
+    assert r.status == 409 and r.json()["code"] == "unknown_source"
+    r = http("POST", f"{base}/api/v1/productions/{pid}/tally", {"type": "explode"}, token=env["admin"])
+    assert r.status == 400
+    r = http("POST", f"{base}/api/v1/productions/{pid}/tally", {"type": "cut", "source": "cam3"}, token=env["admin"])
+    assert r.status == 200 and r.json()["sources"]["cam3"]["state"] == "program"
+    time.sleep(0.5)
+    events = http("GET", f"{base}/api/v1/productions/{pid}/tally/events?limit=5", token=env["admin"]).json()["events"]
+    assert events[0]["origin"] == "cut" and events[0]["actor"] == "admin" and "cam3" in events[0]["changes"]
+    assert http("GET", f"{base}/api/v1/productions/{pid}/tally/events", token=env["camop"]).status == 403
+
+
+def test_missing_heartbeat_closes_4001(env) -> None:
+    async def run():
+        # websockets' own pings are protocol-level; the tally protocol wants JSON pings.
+        async with websockets.connect(_ws_url(env["base"], f"token={env['link']}"), ping_interval=None) as ws:
+            t0 = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed) as exc:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 10)
+            return exc.value.rcvd.code, time.monotonic() - t0
+
+    code, elapsed = asyncio.run(run())
+    assert code == 4001 and 2.5 < elapsed < 6
+
+
+def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:
+    base, pid = env["base"], env["prod"]["id"]
+
+    async def run():
+        lines: asyncio.Queue = asyncio.Queue()
+        writers = []
+
+        async def vmix(reader, writer):
+            writers.append(writer)
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                text = line.decode().strip()
+                if text == "SUBSCRIBE TALLY":
+                    writer.write(b"SUBSCRIBE OK TALLY\r\n")
+                elif text == "TALLY":
+                    writer.write(b"TALLY OK 20\r\n")
+                await lines.put(text)
+                await writer.drain()
+
+        server = await asyncio.start_server(vmix, "127.0.0.1", 0)
+        vport = server.sockets[0].getsockname()[1]
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        tsl_port = probe.getsockname()[1]
+        probe.close()
+        cfg = {"sources": {"vt1": {"authority": "vmix", "vmix_input": 1},
+                           "gfx": {"authority": "vmix", "vmix_input": 2},
+                           "ext1": {"authority": "tsl:desk", "tsl_address": 5}},
+               "adapters": [{"type": "vmix", "host": "127.0.0.1", "port": vport},
+                            {"type": "tsl_in", "version": 3, "transport": "udp", "host": "127.0.0.1",
+                             "port": tsl_port, "authority": "tsl:desk"}]}
+        r = await asyncio.to_thread(http, "PUT", f"{base}/api/v1/productions/{pid}/tally/config", cfg,
+                                    token=env["admin"])
+        assert r.status == 200, r.body
+        async with websockets.connect(_ws_url(base, f"production={pid}"),
+                                      additional_headers={"Authorization": f"Bearer {env['admin']}"}) as ws:
+            snap = await _recv_json(ws)
+            state = dict((k, v["state"]) for k, v in snap["sources"].items())
+            # vMix reported "20": input 1 preview, input 2 off — or still unknown if not yet synced
+            got = dict(state)
+            while got.get("vt1") != "preview":
+                d = await _recv_json(ws, ("tally",))
+                got.update({k: v["state"] for k, v in d["sources"].items()})
+            assert got["gfx"] == "off"
+            assert got["ext1"] == "unknown"  # TSL has not spoken yet
+            for w in writers:
+                w.write(b"TALLY OK 12\r\n")
+                await w.drain()
+            while got.get("vt1") != "program":
+                d = await _recv_json(ws, ("tally",))
+                got.update({k: v["state"] for k, v in d["sources"].items()})
+            assert got["gfx"] == "preview"
+            # TSL 3.1 in: address 5, tally 1 on → program (UDP → WebSocket)
+            from tally.tsl import TslV31Message
+
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            t0 = time.perf_counter()
+            sock.sendto(TslV31Message(5, (True, False, False, False), 3, "EXT1").serialize(), ("127.0.0.1", tsl_port))
+            while got.get("ext1") != "program":
+                d = await _recv_json(ws, ("tally",))
+                got.update({k: v["state"] for k, v in d["sources"].items()})
+            print(f"TSL UDP in -> WebSocket out: {(time.perf_counter() - t0) * 1000:.2f} ms")
+            sock.close()
+            # the vision mixer goes away: its sources become unknown, never a stale red
+            for w in writers:
+                w.close()
+            server.close()
+            while got.get("vt1") != "unknown":
+                d = await _recv_json(ws, ("tally",), timeout=10)
+                got.update({k: v["state"] for k, v in d["sources"].items()})
+            assert got["gfx"] == "unknown" and got["ext1"] == "program"
+        m = (await asyncio.to_thread(http, "GET", f"{base}/metrics")).body.decode()
+        assert "returnfeed_tally_adapter_connected" in m and "returnfeed_tally_clients" in m
+        r = await asyncio.to_thread(http, "PUT", f"{base}/api/v1/productions/{pid}/tally/config",
+                                    {"adapters": [{"type": "warp-drive"}]}, token=env["admin"])
+        assert r.status == 400
+        await asyncio.to_thread(http, "PUT", f"{base}/api/v1/productions/{pid}/tally/config", {}, token=env["admin"])
+
+    asyncio.run(run())
+
+
+def test_state_survives_restart_and_two_nodes_share_sequence(db_url, tmp_path) -> None:
+    env = {"DATABASE_URL": db_url, "RETURNFEED_ADMIN_PASSWORD": "two-node-pass"}
+    a = ServerProcess(tmp_path / "a", env=env).start()
+    b = ServerProcess(tmp_path / "b", env=env).start()
+    try:
+        admin = login(a.url, "admin", "two-node-pass")["access_token"]
+        pid = http("POST", f"{a.url}/api/v1/productions", {"name": "Cluster"}, token=admin).json()["id"]
+        for n in ("c1", "c2"):
+            http("POST", f"{a.url}/api/v1/streams", {"name": n, "production": pid}, token=admin)
+
+        async def run():
+            hdr = {"Authorization": f"Bearer {admin}"}
+            async with websockets.connect(_ws_url(a.url, f"production={pid}"), additional_headers=hdr) as wa, \
+                    websockets.connect(_ws_url(b.url, f"production={pid}"), additional_headers=hdr) as wb:
+                await _recv_json(wa)
+                await _recv_json(wb)
+                seen_a, seen_b = [], []
+                for cmd in ({"type": "cut", "source": "c1"}, {"type": "preview", "source": "c2"},
+                            {"type": "take", "duration": 0}):
+                    await wa.send(json.dumps(cmd))
+                    da = await _recv_json(wa, ("tally",))
+                    db_ = await _recv_json(wb, ("tally",))
+                    seen_a.append((da["seq"], {k: v["state"] for k, v in da["sources"].items()}))
+                    seen_b.append((db_["seq"], {k: v["state"] for k, v in db_["sources"].items()}))
+                return seen_a, seen_b
+
+        seen_a, seen_b = asyncio.run(run())
+        assert [s for s, _ in seen_a] == [s for s, _ in seen_b]
+        final_a = http("GET", f"{a.url}/api/v1/productions/{pid}/tally", token=admin).json()
+        final_b = http("GET", f"{b.url}/api/v1/productions/{pid}/tally", token=admin).json()
+        assert final_a["seq"] == final_b["seq"] and final_a["sources"] == final_b["sources"]
+        assert final_a["program"] == "c2"
+    finally:
+        a.stop()
+        b.stop()
+    # restart: the state comes back from the database
+    c = ServerProcess(tmp_path / "c", env=env).start()
+    try:
+        admin = login(c.url, "admin", "two-node-pass")["access_token"]
+        snap = http("GET", f"{c.url}/api/v1/productions/{pid}/tally", token=admin).json()
+        assert snap["program"] == "c2" and snap["seq"] == final_a["seq"]
+    finally:
+        c.stop()
