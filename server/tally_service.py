@@ -191,9 +191,13 @@ class TallyService:
         self.productions: dict[int, ProductionTally] = {}
         self._locks: dict[int, asyncio.Lock] = {}
         self._listen_conn: Any = None
-        self.delivery = Histogram(
+        self.persisted = Histogram(
             "returnfeed_tally_persist_seconds", "Tally change to its database write (audit) completing",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=None)
+        self.delivered = Histogram(
+            "returnfeed_tally_delivery_seconds",
+            "Tally change to its frame written to every connected client's socket",
+            buckets=(0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.025, 0.05, 0.1, 0.25), registry=None)
         self.notifications = 0
 
     async def start(self) -> None:
@@ -265,6 +269,7 @@ class TallyService:
             seq = row["seq"] if row is not None else 0
             state = TallyState(prod["name"], sources, default_transition=cfg.get("transition_s", 1.0), seq=seq)
         hub = TallyHub(state)
+        hub.on_delivered = lambda seconds, clients: self.delivered.observe(seconds)
         p = ProductionTally(self, production_id, prod["name"], state, hub,
                             stream_names=[s["name"] for s in streams])
         state.add_listener(p.on_change)
@@ -345,7 +350,7 @@ class TallyService:
             if stored is not None:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps(
                     {"production": p.production_id, "seq": stored, "node": self.node}))
-        self.delivery.observe(time.monotonic() - start)
+        self.persisted.observe(time.monotonic() - start)
         if stored is None:
             # Another node wrote this sequence number first: converge on its state.
             event(log, logging.WARNING, "tally.conflict", production=p.production_id, seq=last_change.seq)
@@ -400,7 +405,8 @@ class TallyService:
                 if c is not None:
                     adapters.add_metric([str(p.production_id), a.kind], 1 if c else 0)
         yield from (clients, seq, adapters, missing, slow, deltas)
-        yield from self.delivery.collect()
+        yield from self.persisted.collect()
+        yield from self.delivered.collect()
 
     def snapshot(self, p: ProductionTally) -> dict[str, Any]:
         return {"production": p.name, "production_id": p.production_id, "seq": p.state.seq,

@@ -270,6 +270,10 @@ class TallyHub:
         self._pong_frame = build_text_frame(encode_pong())
         self.stats = HubStats()
         self._closed = False
+        self._pending_since: float | None = None
+        #: Called after each flush with (seconds from the first change of the
+        #: delta to the last client written, clients written): for metrics.
+        self.on_delivered: Callable[[float, int], None] | None = None
         state.add_listener(self._on_change)
 
     # ------------------------------------------------------------ clients
@@ -344,6 +348,7 @@ class TallyHub:
             self._flush_handle.cancel()
             self._flush_handle = None
         delta = self._acc.take()
+        since, self._pending_since = self._pending_since, None
         if delta is None:
             return 0
         seq = delta.seq
@@ -366,6 +371,9 @@ class TallyHub:
         self.stats.frames += n
         for client, code, reason in bad:
             self._drop(client, code, reason)
+        if self.on_delivered is not None and since is not None:
+            # change → its frame written to every client's socket
+            self.on_delivered(self._clock() - since, n)
         return n
 
     def tick(self, now: float | None = None) -> list[TallyClient]:
@@ -404,6 +412,8 @@ class TallyHub:
     # ------------------------------------------------------------ internals
 
     def _on_change(self, change: TallyChange) -> None:
+        if self._pending_since is None:
+            self._pending_since = self._clock()
         self._acc.add(change)
         self.stats.changes += 1
         try:

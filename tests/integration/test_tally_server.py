@@ -204,6 +204,7 @@ def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:
             assert got["gfx"] == "unknown" and got["ext1"] == "program"
         m = (await asyncio.to_thread(http, "GET", f"{base}/metrics")).body.decode()
         assert "returnfeed_tally_adapter_connected" in m and "returnfeed_tally_clients" in m
+        assert "returnfeed_tally_delivery_seconds_count" in m
         r = await asyncio.to_thread(http, "PUT", f"{base}/api/v1/productions/{pid}/tally/config",
                                     {"adapters": [{"type": "warp-drive"}]}, token=env["admin"])
         assert r.status == 400
