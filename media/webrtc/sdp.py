@@ -259,7 +259,12 @@ def choose_h264(section: OfferedMedia, source_plid: str | None) -> CodecChoice:
     same = [c for c in h264 if h264_profile(c.profile_level_id) == want]
     if same:
         c = same[0]
-        return CodecChoice(c, section.rtx_for(c.payload_type), source_plid or c.profile_level_id or "42e01f",
+        # RFC 6184 §8.2.2: the answer keeps the offered profile (profile_idc
+        # and constraint flags, e.g. Constrained High 640c); with
+        # level-asymmetry-allowed it may state the level the source sends.
+        offered = c.profile_level_id or "42e01f"
+        level = source_plid[4:6] if source_plid and len(source_plid) == 6 else offered[4:6]
+        return CodecChoice(c, section.rtx_for(c.payload_type), offered[:4] + level,
                            f"offer has the source profile ({want})")
     cb = [c for c in h264 if h264_profile(c.profile_level_id) == _CB]
     pick = (cb or h264)[0]

@@ -23,6 +23,10 @@ def test_h264_choice_matches_source_profile() -> None:
     video = parse_offer(OFFER).section("video")
     main = choose_h264(video, "4d0028")
     assert h264_profile(main.codec.profile_level_id) == "main" and main.answer_profile_level_id == "4d0028"
+    # the answer keeps the offered profile and constraint flags, with the source's level
+    constrained_high = parse_offer(OFFER.replace("profile-level-id=4d001f", "profile-level-id=640c1f")).section("video")
+    ch = choose_h264(constrained_high, "640020")
+    assert ch.answer_profile_level_id == "640c20"
     assert main.rtx is not None and main.rtx.fmtp["apt"] == str(main.codec.payload_type)
     cb = choose_h264(video, "42e01f")
     assert cb.codec.profile_level_id == "42e01f" and cb.codec.packetization_mode == 1
