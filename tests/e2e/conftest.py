@@ -1,0 +1,273 @@
+"""Browser fixtures: the system Chromium driven by Playwright (sync API), and
+a scripted peer for the pages' client-side protocol logic.
+
+``browser``: one Chromium per test module (fake camera/microphone, autoplay
+allowed, real host candidates for WebRTC on loopback).
+
+``scripted``: an aiohttp app in a thread that serves the real pages
+(``server.pages.setup`` + ``web/`` under ``/static/``) next to a scripted
+``/ws/tally`` that speaks tally/protocol.py and can be told to go silent
+(heartbeat stopped, socket left open), a ``/whep/{stream}`` that always
+answers 409 + ``Retry-After``, a ``/whip/{stream}`` that keeps the offer,
+and the few API reads the camera and watch pages make. It tests what the browser does with the protocol — timing of
+"tally lost", sequence numbers, reconnects, Retry-After — independently of
+the server's implementation; the real server is exercised in test_pages.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+
+
+def _in_thread(fn: Any) -> Any:
+    """Run ``fn`` in a fresh thread: Playwright's sync API keeps an event loop
+    running in the main thread, where ``asyncio.run`` is refused."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
+@pytest.fixture(scope="module")
+def e2e_db_url(pg_server: str) -> Iterator[str]:
+    """A fresh database for one test module (created off the main thread)."""
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    import asyncpg
+
+    name = "rf_e2e_" + secrets.token_hex(6)
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(pg_server)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    _in_thread(lambda: asyncio.run(run(f'CREATE DATABASE "{name}"')))
+    parts = urlsplit(pg_server)
+    try:
+        yield urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+    finally:
+        _in_thread(lambda: asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Chromium for one test module. Module scope on purpose: while the sync
+    API is open it keeps an event loop running in the main thread, which
+    would break ``asyncio.run`` in other modules' tests and fixtures."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class ScriptedBackend:
+    """Pages + a scripted tally/WHEP peer on one origin (see module docstring)."""
+
+    PRODUCTION = 7
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self.sockets: list[Any] = []
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self.connections: list[dict[str, str]] = []
+        self.whep_posts: list[tuple[float, str]] = []
+        self.whip_offers: list[tuple[str, str, str]] = []  # (stream, bearer, sdp)
+        self.silent = False
+        self.snapshot_sources: dict[str, Any] = {}
+        self.seq = 1
+        self.retry_after = 1
+        self._runner: Any = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._ready = threading.Event()
+
+    # -- lifecycle ---------------------------------------------------------
+    def start(self) -> "ScriptedBackend":
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("scripted backend did not start")
+        return self
+
+    def stop(self) -> None:
+        async def _stop() -> None:
+            for ws in list(self.sockets):
+                await ws.close()
+            await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._start())
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _start(self) -> None:
+        from aiohttp import web
+
+        from server import pages
+
+        app = web.Application()
+        pages.setup(app)
+        app.router.add_static("/static/", ROOT / "web")
+        app.router.add_get("/api/v1/auth/me", self._me)
+        app.router.add_get("/api/v1/streams", self._streams)
+        app.router.add_get("/api/v1/streams/{name}", self._stream)
+        app.router.add_post("/whep/{stream}", self._whep)
+        app.router.add_post("/whip/{stream}", self._whip)
+        app.router.add_get("/ws/tally", self._tally)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        self.loop.create_task(self._heartbeat())
+
+    # -- handlers ----------------------------------------------------------
+    @staticmethod
+    def _token(request: Any) -> str:
+        auth = request.headers.get("Authorization", "")
+        return auth.removeprefix("Bearer ").strip() or request.query.get("token", "")
+
+    async def _me(self, request: Any) -> Any:
+        from aiohttp import web
+
+        token = self._token(request)
+        if not token.startswith("link-"):
+            return web.json_response({"error": "unauthorized", "detail": "bad token"}, status=401)
+        return web.json_response({"kind": "link", "role": "camera", "stream": token.removeprefix("link-"),
+                                  "action": "publish", "production_id": self.PRODUCTION, "expires_at": 2**31})
+
+    async def _streams(self, request: Any) -> Any:
+        from aiohttp import web
+
+        name = self._token(request).removeprefix("link-")
+        return web.json_response({"streams": [self._stream_json(name)]})
+
+    async def _stream(self, request: Any) -> Any:
+        from aiohttp import web
+
+        return web.json_response(self._stream_json(request.match_info["name"]))
+
+    def _stream_json(self, name: str) -> dict[str, Any]:
+        return {"name": name, "label": f"{name.upper()} scripted", "live": False, "state": "offline",
+                "production": {"id": self.PRODUCTION, "name": "Scripted"}, "tracks": [], "layers": []}
+
+    async def _whep(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.whep_posts.append((time.monotonic(), request.match_info["stream"]))
+        return web.json_response({"error": "conflict", "detail": "stream is not live"}, status=409,
+                                 headers={"Retry-After": str(self.retry_after)})
+
+    async def _whip(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self.whip_offers.append((request.match_info["stream"], self._token(request), await request.text()))
+        return web.json_response({"error": "conflict", "detail": "try later"}, status=409,
+                                 headers={"Retry-After": "30"})
+
+    async def _tally(self, request: Any) -> Any:
+        from aiohttp import WSMsgType, web
+
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.connections.append(dict(request.query))
+        self.sockets.append(ws)
+        if not self.silent:
+            await ws.send_str(json.dumps({"type": "snapshot", "seq": self.seq, "production": "Scripted",
+                                          "sources": self.snapshot_sources}))
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                data = json.loads(msg.data)
+                self.received.append((time.monotonic(), data))
+                if data.get("type") == "ping" and not self.silent:
+                    await ws.send_str('{"type":"pong"}')
+        finally:
+            if ws in self.sockets:
+                self.sockets.remove(ws)
+        return ws
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if self.silent:
+                continue
+            for ws in list(self.sockets):
+                if not ws.closed:
+                    await ws.send_str('{"type":"ping"}')
+
+    # -- test controls (call from the test thread) ----------------------------
+    def call(self, fn: Any, *args: Any) -> Any:
+        async def run() -> Any:
+            return await fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def set_source(self, name: str, state: str, seq: int | None = None) -> None:
+        """Change a source and send the delta (with ``seq``, default next)."""
+        src = {"state": state, "buses": [state] if state in ("program", "preview") else [], "aux": False,
+               "label": name, "authority": "director"}
+        if seq is None:
+            self.seq += 1
+            seq = self.seq
+            self.snapshot_sources[name] = src
+        self.call(self._broadcast, json.dumps({"type": "tally", "seq": seq, "sources": {name: src}}))
+
+    async def _broadcast(self, text: str) -> None:
+        for ws in list(self.sockets):
+            if not ws.closed:
+                await ws.send_str(text)
+
+    def set_silent(self, silent: bool) -> None:
+        self.silent = silent
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedBackend]:
+    backend = ScriptedBackend().start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
