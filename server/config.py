@@ -87,8 +87,9 @@ class WebRtcSettings(_Section):
     ice_servers: list[IceServer] = []
     #: Most WHEP viewers this process serves; more get 503 + Retry-After.
     max_viewers: int = Field(2000, ge=1)
-    #: A viewer whose socket has more than this many bytes queued is moved
-    #: down a layer, then dropped.
+    #: Send buffer of each viewer's socket (its send queue; the kernel may cap
+    #: it at net.core.wmem_max). When it is full the viewer loses packets,
+    #: is moved down a layer, then dropped — it never slows the others.
     backlog_bytes: int = Field(524288, ge=16384)
     #: Seconds a client should wait before retrying a WHEP request for a
     #: stream that is not live (409 Retry-After).

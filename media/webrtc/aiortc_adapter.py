@@ -25,11 +25,16 @@ moves one fails loudly instead of silently falling back to decoding.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
+import os
+import socket
+import struct
+import sys
 from typing import Any, Callable
 
 import aiortc
-from aiortc import RTCRtpSender
+from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import CODECS
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
 
@@ -44,6 +49,9 @@ AIORTC_VERSION = "1.16.0"
 _H264_EXTRA_PROFILES = ("4d001f", "640c1f", "64001f", "f4001f")
 
 RtcpCallback = Callable[[Any], None]
+
+_UDP_SEGMENT = 103  # linux/udp.h: UDP_SEGMENT (GSO segment size)
+_U16 = struct.Struct("=H")
 
 
 class AiortcInternalsChanged(RuntimeError):
@@ -72,6 +80,7 @@ def check_internals() -> None:
         RTCRtpTransceiver.__init__.__code__.co_names
     ):
         raise AiortcInternalsChanged("RTCRtpTransceiver no longer stores its sender as __sender")
+    check_ingest_internals()
 
 
 def ensure_h264_profiles() -> None:
@@ -166,16 +175,35 @@ def offered_header_extensions(transceiver: Any) -> list[Any]:
 
 
 class FastPath:
-    """Synchronous SRTP-protect + sendto on a connected DTLS transport."""
+    """Synchronous SRTP-protect + send on a connected DTLS transport.
 
-    __slots__ = ("_dtls", "_srtp", "_conn")
+    Packets go straight to the nominated ICE pair's UDP socket (a duplicate
+    of the descriptor aioice's transport owns), not through the transport's
+    write buffer: a viewer whose kernel buffer is full loses the datagram
+    and the caller hears about it (``backlogged``), which is the bounded
+    per-viewer send queue DESIGN.md asks for.
 
-    def __init__(self, dtls_transport: Any) -> None:
+    ``send_batch`` uses UDP generic segmentation offload (Linux ≥ 4.18,
+    ``UDP_SEGMENT``) for runs of equal-size packets — the FU-A fragments of
+    a frame — so one system call carries several datagrams; measured here
+    5.3 → 2.8 µs per packet for runs of five. Where the kernel refuses it,
+    it falls back to one ``sendto`` per packet for the rest of the process.
+    """
+
+    __slots__ = ("_dtls", "_srtp", "_conn", "_sock", "_sock_of", "_sndbuf", "backlogged")
+
+    gso_ok = hasattr(socket, "SOL_UDP") and sys.platform.startswith("linux")
+
+    def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
         self._dtls = dtls_transport
+        self._sndbuf = sndbuf
         self._srtp = dtls_transport._tx_srtp
         if self._srtp is None:
             raise ConnectionError("DTLS transport has no SRTP session yet")
         self._conn = dtls_transport.transport._connection  # aioice.Connection
+        self._sock: socket.socket | None = None
+        self._sock_of: Any = None
+        self.backlogged = 0
 
     def _pair(self) -> Any:
         pair = self._conn._nominated.get(1)
@@ -183,25 +211,186 @@ class FastPath:
             raise ConnectionError("no nominated ICE candidate pair")
         return pair
 
+    def _socket(self, pair: Any) -> socket.socket:
+        transport = pair.protocol.transport
+        if transport is None:
+            raise ConnectionError("ICE transport closed")
+        if self._sock_of is not transport:
+            self.close()
+            self._sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+            self._sock.setblocking(False)
+            if self._sndbuf:
+                # The viewer's send queue: the kernel buffer of its socket.
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            self._sock_of = transport
+        assert self._sock is not None
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            self._sock_of = None
+
     def send_rtp(self, packet: bytes) -> int:
-        """Protect and send one RTP packet; return the bytes written."""
+        """Protect and send one RTP packet; return the bytes written (0 when
+        the socket's buffer was full and the packet was dropped)."""
         data = self._srtp.protect(packet)
-        pair = self._conn._nominated.get(1)
-        if pair is None:
-            raise ConnectionError("no nominated ICE candidate pair")
-        pair.protocol.transport.sendto(data, pair.remote_addr)
+        pair = self._pair()
+        try:
+            self._socket(pair).sendto(data, pair.remote_addr)
+        except BlockingIOError:
+            self.backlogged += 1
+            return 0
         return len(data)
+
+    def send_batch(self, packets: list[bytes]) -> int:
+        """Protect and send several RTP packets; return the bytes written."""
+        protect = self._srtp.protect
+        datas = [protect(p) for p in packets]
+        pair = self._pair()
+        sock = self._socket(pair)
+        addr = pair.remote_addr
+        sent = 0
+        i, n = 0, len(datas)
+        while i < n:
+            size = len(datas[i])
+            j = i + 1
+            if FastPath.gso_ok:
+                while j < n and j - i < 64 and len(datas[j]) == size:
+                    j += 1
+            try:
+                if j - i > 1:
+                    try:
+                        sock.sendmsg([b"".join(datas[i:j])], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))], 0,
+                                       addr)
+                    except OSError as exc:
+                        if exc.errno not in (errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO):
+                            raise
+                        FastPath.gso_ok = False  # this kernel cannot segment: one sendto each from now on
+                        continue
+                    sent += size * (j - i)
+                else:
+                    sock.sendto(datas[i], addr)
+                    sent += size
+            except BlockingIOError:
+                self.backlogged += j - i
+            i = j
+        return sent
 
     def send_rtcp(self, packet: bytes) -> int:
         data = self._srtp.protect_rtcp(packet)
         pair = self._pair()
-        pair.protocol.transport.sendto(data, pair.remote_addr)
+        try:
+            self._socket(pair).sendto(data, pair.remote_addr)
+        except BlockingIOError:
+            return 0
         return len(data)
 
-    def write_buffer_size(self) -> int:
-        """Bytes queued in the datagram transport (the viewer's send queue)."""
-        pair = self._conn._nominated.get(1)
-        if pair is None or pair.protocol.transport is None:
-            return 0
-        return pair.protocol.transport.get_write_buffer_size()
 
+
+
+# -- WHIP ingest: RTP captured before aiortc's receivers (media/webrtc/whip.py) --------
+
+
+def check_ingest_internals() -> None:
+    """The internals the WHIP ingest path relies on (part of :func:`check_internals`)."""
+    import inspect
+
+    import aioice
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+    from aiortc.rtcrtpreceiver import RTCRtpReceiver
+    from aiortc.rtcrtptransceiver import RTCRtpTransceiver
+
+    for owner, name in ((RTCDtlsTransport, "_handle_rtp_data"), (RTCDtlsTransport, "_handle_rtcp_data"),
+                        (RTCRtpReceiver, "receive")):
+        if not inspect.iscoroutinefunction(getattr(owner, name, None)):
+            raise AiortcInternalsChanged(f"{owner.__name__}.{name} is gone or no longer a coroutine")
+    params = list(inspect.signature(RTCDtlsTransport._handle_rtp_data).parameters)
+    if params[:2] != ["self", "data"] or "arrival_time_ms" not in params:
+        raise AiortcInternalsChanged(f"RTCDtlsTransport._handle_rtp_data signature changed: {params}")
+    for name in ("_handle_rtp_data", "_handle_rtcp_data", "_rx_srtp"):
+        if name not in RTCDtlsTransport._recv_next.__code__.co_names:
+            raise AiortcInternalsChanged(f"RTCDtlsTransport._recv_next no longer uses {name}: captured RTP "
+                                         "would bypass the WHIP ingest")
+    if "_tx_srtp" not in RTCDtlsTransport.__init__.__code__.co_names:
+        raise AiortcInternalsChanged("RTCDtlsTransport no longer keeps _tx_srtp")
+    if "_RTCRtpTransceiver__receiver" not in RTCRtpTransceiver.__init__.__code__.co_names:
+        raise AiortcInternalsChanged("RTCRtpTransceiver no longer stores its receiver as __receiver")
+    if "_ssrc" not in RTCRtpSender.__init__.__code__.co_names:
+        raise AiortcInternalsChanged("RTCRtpSender no longer keeps its SSRC in _ssrc")
+    if "_nominated" not in aioice.Connection.__init__.__code__.co_names:
+        raise AiortcInternalsChanged("aioice.Connection no longer keeps _nominated candidate pairs")
+
+
+class CapturingReceiver(RTCRtpReceiver):
+    """An ``RTCRtpReceiver`` that never starts aiortc's jitter buffer,
+    decoder thread or RTCP loop: ``receive()`` only records the negotiated
+    parameters. Its RTP never reaches it anyway — :func:`capture_rtp` takes
+    it at the DTLS transport."""
+
+    def __init__(self, kind: str, transport: Any) -> None:
+        super().__init__(kind, transport)
+        self.parameters: Any = None
+
+    async def receive(self, parameters: Any) -> None:  # noqa: D401 - aiortc API
+        self.parameters = parameters
+
+
+def install_receiver(transceiver: Any, receiver: CapturingReceiver) -> None:
+    """Replace ``transceiver``'s receiver (before setRemoteDescription)."""
+    receiver._set_rtcp_ssrc(transceiver.sender._ssrc)
+    transceiver._RTCRtpTransceiver__receiver = receiver
+
+
+def sender_ssrc(transceiver: Any) -> int:
+    """The SSRC aiortc announces for ``transceiver`` (``a=ssrc`` in its SDP);
+    a receive-only transceiver uses it as its RTCP sender SSRC."""
+    return int(transceiver.sender._ssrc)
+
+
+def capture_rtp(dtls_transport: Any, on_rtp: Callable[[bytes], None], on_rtcp: Callable[[bytes], None]) -> None:
+    """Route every SRTP-decrypted RTP/RTCP datagram of ``dtls_transport`` to
+    ``on_rtp``/``on_rtcp`` (synchronous, bytes) instead of aiortc's parser
+    and RtpRouter. Exceptions are logged, never raised into aiortc's
+    receive loop (which would tear the transport down)."""
+
+    async def handle_rtp(data: bytes, arrival_time_ms: int = 0) -> None:
+        try:
+            on_rtp(data)
+        except Exception:
+            log.exception("whip.rtp_handler_failed")
+
+    async def handle_rtcp(data: bytes) -> None:
+        try:
+            on_rtcp(data)
+        except Exception:
+            log.exception("whip.rtcp_handler_failed")
+
+    dtls_transport._handle_rtp_data = handle_rtp
+    dtls_transport._handle_rtcp_data = handle_rtcp
+
+
+def send_rtcp(dtls_transport: Any, packet: bytes) -> None:
+    """SRTCP-protect ``packet`` and queue it on the nominated ICE pair's
+    datagram transport (buffered by asyncio: RTCP to a publisher is rare and
+    must not be dropped). Raises ConnectionError when not connected."""
+    srtp = dtls_transport._tx_srtp
+    if srtp is None:
+        raise ConnectionError("DTLS transport has no SRTP session yet")
+    pair = dtls_transport.transport._connection._nominated.get(1)
+    if pair is None or pair.protocol.transport is None:
+        raise ConnectionError("no nominated ICE candidate pair")
+    pair.protocol.transport.sendto(srtp.protect_rtcp(packet), pair.remote_addr)
+
+
+def nominated_remote(dtls_transport: Any) -> str | None:
+    """``host:port`` of the peer on the nominated ICE pair, if any."""
+    try:
+        pair = dtls_transport.transport._connection._nominated.get(1)
+    except AttributeError:
+        return None
+    if pair is None:
+        return None
+    host, port = pair.remote_addr[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

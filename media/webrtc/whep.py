@@ -201,7 +201,7 @@ class WhepSession:
         ), initial_layer=AUDIO if sender.kind == "audio" else self._initial_layer_index())
         if self._fast is None:
             try:
-                self._fast = adapter.FastPath(sender.transport)
+                self._fast = adapter.FastPath(sender.transport, sndbuf=self.service.backlog_limit)
             except ConnectionError:
                 self.close_soon()
                 return
@@ -248,24 +248,28 @@ class WhepSession:
         if index != AUDIO and index != rw.current_layer and index != rw.target_layer:
             return
         rewrite = rw.rewrite
-        send = fast.send_rtp
-        sent = nbytes = 0
+        out = []
+        for p in packets:
+            data = rewrite(index, p, now)
+            if data is not None:
+                out.append(data)
+        if not out:
+            return
+        before = fast.backlogged
         try:
-            for p in packets:
-                data = rewrite(index, p, now)
-                if data is not None:
-                    nbytes += send(data)
-                    sent += 1
+            nbytes = fast.send_batch(out)
         except (ConnectionError, OSError, AttributeError):
             # AttributeError: the ICE transport went away under us.
             self.stats.send_errors += 1
             self.close_soon()
             return
-        self.stats.packets_sent += sent
+        self.stats.packets_sent += len(out)
         self.stats.bytes_sent += nbytes
-        if index != AUDIO and fast.write_buffer_size() > self.service.backlog_limit:
+        if fast.backlogged != before:
+            # The kernel buffer of this viewer's socket was full: packets were
+            # dropped for this viewer only. Move it down, or drop it.
             self.stats.backlog_events += 1
-            if self._selector is not None:
+            if self._selector is not None and index != AUDIO:
                 self._apply(self._selector.on_send_queue_overflow(now))
 
     def on_stream_ended(self) -> None:
@@ -396,6 +400,8 @@ class WhepSession:
         self.closed = True
         self.fanout.detach(self)
         self.service._forget(self)
+        if self._fast is not None:
+            self._fast.close()
         try:
             await asyncio.wait_for(self.pc.close(), timeout=5)
         except (asyncio.TimeoutError, Exception):
