@@ -70,6 +70,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from media.errors import RtpError  # noqa: E402
+from media.webrtc.aiortc_adapter import ensure_h264_profiles  # noqa: E402
 from media.rtp.packet import RTP_HEADER_SIZE, HeaderExtensionUri, peek_header, unwrap_rtx_payload  # noqa: E402
 from media.rtp.rtcp import (  # noqa: E402
     ReportBlock,
@@ -166,36 +167,9 @@ def check_internals() -> None:
 
 
 def prepare_aiortc() -> None:
-    """Add H.264 Main (4d001f) and High (640c1f) with RTX to aiortc's codec table.
-
-    aiortc only knows 42001f/42e01f (``aiortc.codecs.CODECS`` is a module-level
-    list). Idempotent; a profile already present (e.g. added by
-    ``media/webrtc/aiortc_adapter.ensure_h264_profiles`` in the same process)
-    is left alone.
-    """
-    from aiortc.codecs import CODECS
-    from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
-
-    video = CODECS["video"]
-    present = {str(c.parameters.get("profile-level-id", "")).lower() for c in video
-               if c.mimeType.lower() == "video/h264"}
-    used = {c.payloadType for c in CODECS["video"] + CODECS["audio"]}
-    pt = 96
-    for plid in H264_PROFILES:
-        if plid in present:
-            continue
-        while pt in used or pt + 1 in used:
-            pt += 1
-        video.append(RTCRtpCodecParameters(
-            mimeType="video/H264", clockRate=90000, payloadType=pt,
-            rtcpFeedback=[RTCRtcpFeedback(type="nack"), RTCRtcpFeedback(type="nack", parameter="pli"),
-                          RTCRtcpFeedback(type="goog-remb")],
-            parameters={"level-asymmetry-allowed": "1", "packetization-mode": "1", "profile-level-id": plid},
-        ))
-        video.append(RTCRtpCodecParameters(mimeType="video/rtx", clockRate=90000, payloadType=pt + 1,
-                                           parameters={"apt": pt}))
-        used.update((pt, pt + 1))
-
+    """Add H.264 Main (4d001f) and High (640c1f) with RTX to aiortc's codec
+    table (the server's own helper; idempotent)."""
+    ensure_h264_profiles(H264_PROFILES)
 
 _original_host_addresses: Callable[..., list[str]] | None = None
 

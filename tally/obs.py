@@ -340,11 +340,7 @@ class ObsClient:
         self.password = password
         self.authority = authority
         self.scenes = state.obs_scenes(authority) if scenes is None else _normalise(scenes)
-        for names in self.scenes.values():
-            for name in names:
-                cfg = state.sources.get(name)
-                if cfg is None or cfg.authority != authority:
-                    raise ConfigError(f"OBS scene mapping names {name!r}, which {authority} does not drive")
+        state.check_mapping(authority, self.scenes, "OBS scene")
         if backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ConfigError("need 0 < backoff_initial <= backoff_max")
         self.backoff_initial = backoff_initial

@@ -413,6 +413,15 @@ class TallyState:
 
     # -------------------------------------------------------------- listeners
 
+    def check_mapping(self, authority: str, mapping: Mapping[Any, Iterable[str]], what: str) -> None:
+        """Raise ConfigError unless every source an adapter's mapping names
+        exists and is driven by that adapter's ``authority``."""
+        for names in mapping.values():
+            for name in names:
+                cfg = self._sources.get(name)
+                if cfg is None or cfg.authority != authority:
+                    raise ConfigError(f"{what} mapping names {name!r}, which {authority} does not drive")
+
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
 

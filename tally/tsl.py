@@ -483,11 +483,7 @@ class TslInput:
         self.authority = authority
         self.version = version
         mapping = state.tsl_addresses(authority) if addresses is None else _normalise_addresses(addresses)
-        for names in mapping.values():
-            for name in names:
-                cfg = state.sources.get(name)
-                if cfg is None or cfg.authority != authority:
-                    raise ConfigError(f"TSL address mapping names {name!r}, which {authority} does not drive")
+        state.check_mapping(authority, mapping, "TSL address")
         if version == 3 and any(not 0 <= a <= V31_MAX_ADDRESS for a in mapping):
             raise ConfigError("TSL 3.1 addresses are 0..126")
         self.addresses = mapping

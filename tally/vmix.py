@@ -171,11 +171,7 @@ class VmixClient:
         self.port = port
         self.authority = authority
         self.inputs = state.vmix_inputs(authority) if inputs is None else _normalise(inputs)
-        for names in self.inputs.values():
-            for name in names:
-                cfg = state.sources.get(name)
-                if cfg is None or cfg.authority != authority:
-                    raise ConfigError(f"vMix mapping names {name!r}, which {authority} does not drive")
+        state.check_mapping(authority, self.inputs, "vMix")
         if backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ConfigError("need 0 < backoff_initial <= backoff_max")
         self.backoff_initial = backoff_initial

@@ -83,14 +83,18 @@ def check_internals() -> None:
     check_ingest_internals()
 
 
-def ensure_h264_profiles() -> None:
-    """Add Main/High H.264 profiles (with RTX) to aiortc's codec table once."""
+def ensure_h264_profiles(profiles: tuple[str, ...] = _H264_EXTRA_PROFILES) -> None:
+    """Add H.264 profiles (with RTX) to aiortc's codec table, once each.
+
+    aiortc only knows 42001f/42e01f; ``aiortc.codecs.CODECS`` is a
+    module-level list, so this changes every peer connection of the process.
+    """
     video = CODECS["video"]
     present = {str(c.parameters.get("profile-level-id", "")).lower() for c in video
                if c.mimeType.lower() == "video/h264"}
     used = {c.payloadType for c in CODECS["video"] + CODECS["audio"]}
     pt = 96
-    for plid in _H264_EXTRA_PROFILES:
+    for plid in profiles:
         if plid in present:
             continue
         while pt in used or pt + 1 in used:
