@@ -246,7 +246,7 @@ def access_log_middleware() -> Any:
 
 def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None,
                tally: Any = None) -> web.Application:
-    from . import api, health, pages, tally_routes, whep
+    from . import api, health, pages, tally_routes, whep, whip
 
     metrics = Metrics(db)
     app = web.Application(
@@ -273,6 +273,7 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         app[api.STREAMS_CHANGED].append(media.refresh_catalog)
         metrics.add_collector(media.collect)
         whep.setup(app)
+        whip.setup(app)
     if tally is not None:
         tally_routes.setup(app, tally)
         app[api.STREAMS_CHANGED].append(tally.on_streams_changed)

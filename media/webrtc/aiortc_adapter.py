@@ -16,6 +16,13 @@ everything, which a passthrough forwarder must not do, so this module:
 * :class:`FastPath` sends already-built RTP/RTCP without a coroutine per
   packet: SRTP-protect with the DTLS transport's pylibsrtp session, then
   ``sendto`` on the nominated ICE pair's datagram transport.
+* WHIP ingest: :class:`CapturingReceiver` (installed by
+  :func:`install_receiver`) never starts aiortc's decoder thread, jitter
+  buffer or RTCP loop; :func:`capture_rtp` takes the SRTP-decrypted RTP and
+  RTCP bytes off the DTLS transport (its ``_handle_rtp_data`` /
+  ``_handle_rtcp_data``) before aiortc's parser and ``RtpRouter`` — which
+  would put every simulcast layer into one receiver — see them;
+  :func:`send_rtcp` sends our receiver reports and feedback upstream.
 
 :func:`check_internals` verifies each internal this module touches exists
 with the expected shape; the adapter tests call it so an aiortc upgrade that
@@ -343,7 +350,6 @@ class CapturingReceiver(RTCRtpReceiver):
 
 def install_receiver(transceiver: Any, receiver: CapturingReceiver) -> None:
     """Replace ``transceiver``'s receiver (before setRemoteDescription)."""
-    receiver._set_rtcp_ssrc(transceiver.sender._ssrc)
     transceiver._RTCRtpTransceiver__receiver = receiver
 
 

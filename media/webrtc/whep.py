@@ -422,7 +422,8 @@ class WhepService:
         self.cname = ("returnfeed-" + secrets.token_hex(4)).encode()
         self.sessions: dict[str, WhepSession] = {}
         self.fanouts: dict[str, StreamFanout] = {}
-        self._keyframe_cb = on_keyframe_request
+        self.keyframe_handlers: list[Callable[[str], None]] = (
+            [on_keyframe_request] if on_keyframe_request is not None else [])
         self._on_frame_sent = on_frame_sent
         self.switches: dict[tuple[str, str, str], int] = {}
         self.drops: dict[str, int] = {}
@@ -481,8 +482,8 @@ class WhepService:
         return [s for s in self.sessions.values() if s.stream_name == stream]
 
     def on_keyframe_request(self, stream: str) -> None:
-        if self._keyframe_cb is not None:
-            self._keyframe_cb(stream)
+        for handler in self.keyframe_handlers:
+            handler(stream)
 
     def count_switch(self, stream: str, frm: str, to: str) -> None:
         key = (stream, frm, to)

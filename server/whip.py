@@ -1,0 +1,285 @@
+"""WHIP endpoints (RFC 9725).
+
+=========================================  =====================================
+``POST /whip/{stream}``                    ``application/sdp`` offer → 201 +
+                                           answer, ``Location``, strong
+                                           ``ETag``, ``Link: rel=ice-server``
+                                           (§4.2, §4.6)
+``PATCH /whip/{stream}/{session}``         ``application/trickle-ice-sdpfrag``
+                                           → 204 (§4.3.1); ICE restart → 422
+                                           (§4.3.2: not supported); wrong
+                                           ``If-Match`` → 412
+``DELETE /whip/{stream}/{session}``        ends publishing → 200 (§4.2); the
+                                           stream keeps its viewers for the
+                                           reconnect grace period
+``GET /whip/{stream}/{session}``           JSON session state and ingest stats
+``OPTIONS /whip/{stream}``                 204, ``Accept-Post: application/sdp``,
+                                           ICE servers (not on CORS preflight)
+=========================================  =====================================
+
+Authentication (§4.5 bearer token, or ``?token=``): a ``publish`` link for
+this stream, or a user who is director of the stream's production (or
+admin). Camera and viewer users and read links get 403.
+
+Errors, all JSON ``{error, detail}``: 400 malformed SDP, 401/403 auth, 404
+unknown stream or session, 409 + ``Retry-After`` the stream is already being
+published (unless ``srt.takeover`` is set, which lets the newest publisher
+take over — the same rule as SRT), 413 offer too large, 415 wrong content
+type, 422 offer that cannot be ingested passthrough (no H.264
+packetization-mode 1 / Opus, not sendonly, not BUNDLEd, bad simulcast),
+503 + ``Retry-After`` session limit.
+
+Wiring: :func:`setup` creates the :class:`~media.webrtc.whip.WhipService`
+on the media service's hub, starts/stops it with the app, sends WHEP
+viewers' keyframe requests (PLI/FIR) to the stream's WHIP publisher, adds
+per-publisher ingest stats to the streams API and ``returnfeed_whip_*``
+metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from aiohttp import web
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from media.errors import UnsupportedMedia
+from media.stream import StreamBusy
+from media.webrtc.sdp import SdpError, parse_offer
+from media.webrtc.whip import WhipService, WhipSession
+
+from . import api, repo
+from .app import DB, METRICS, SETTINGS, Principal, client_ip, principal, production_role
+from .errors import (
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, ServiceUnavailable,
+    Unprocessable, UnsupportedMediaType,
+)
+from .log import event
+from .whep import MEDIA
+
+log = logging.getLogger("returnfeed.whip")
+
+WHIP = web.AppKey("whip", WhipService)
+
+_PUBLISH_ROLES = ("admin", "director")
+
+
+def _ice_links(request: web.Request) -> list[str]:
+    """RFC 9725 §4.6 ``Link: <url>; rel="ice-server"`` values."""
+    out = []
+    for s in request.app[SETTINGS].webrtc.ice_servers:
+        link = f'<{s.urls}>; rel="ice-server"'
+        if s.username is not None:
+            link += f'; username="{s.username}"; credential="{s.credential or ""}"; credential-type="password"'
+        out.append(link)
+    return out
+
+
+def _with_links(resp: web.StreamResponse, request: web.Request) -> web.StreamResponse:
+    for link in _ice_links(request):
+        resp.headers.add("Link", link)
+    return resp
+
+
+def _owner(p: Principal) -> str:
+    return f"user:{p.user_id}" if p.kind == "user" else f"link:{p.link.jti if p.link else ''}"
+
+
+async def _authorize_publish(request: web.Request, name: str) -> tuple[Principal, Any]:
+    p = await principal(request)
+    row = await repo.stream_by_name(request.app[DB].pool, name)
+    if row is None:
+        raise NotFound("no such stream")
+    if p.kind == "link":
+        assert p.link is not None
+        if p.link.stream != name or p.link.action != "publish":
+            raise Forbidden("this link is not for publishing this stream")
+    elif await production_role(request, p, row["production_id"]) not in _PUBLISH_ROLES:
+        raise Forbidden("publishing needs a publish link or the director role in this stream's production")
+    return p, row
+
+
+async def whip_post(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["stream"]
+    settings = request.app[SETTINGS]
+    if request.content_type != "application/sdp":
+        raise UnsupportedMediaType("Content-Type must be application/sdp")
+    limit = settings.http.max_sdp_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    p, _row = await _authorize_publish(request, name)
+    body = await request.read()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    try:
+        offer = parse_offer(body, max_bytes=limit)
+    except SdpError as exc:
+        raise BadRequest(f"bad SDP offer: {exc}") from None
+    service = request.app[WHIP]
+    try:
+        session = await service.create_session(name, body.decode(), offer, owner=_owner(p),
+                                               remote=client_ip(request), label=p.label)
+    except StreamBusy as exc:
+        raise Conflict(str(exc), headers={"Retry-After": str(settings.webrtc.retry_after_s)}) from None
+    except (SdpError, UnsupportedMedia) as exc:
+        raise Unprocessable(f"cannot ingest this offer: {exc}") from None
+    except OverflowError:
+        raise ServiceUnavailable("WHIP session limit reached", headers={"Retry-After": "10"}) from None
+    plan = session.plan
+    event(log, logging.INFO, "whip.session", stream=name, session=session.id, who=p.label,
+          video=plan.video.reason if plan and plan.video else None, rids=list(plan.rids) if plan else [])
+    resp = web.Response(status=201, text=session.sdp_answer, content_type="application/sdp",
+                        headers={"Location": f"/whip/{name}/{session.id}", "ETag": session.etag,
+                                 "Accept-Patch": "application/trickle-ice-sdpfrag"})
+    return _with_links(resp, request)
+
+
+async def _session(request: web.Request) -> tuple[Principal, WhipSession]:
+    p = await principal(request)
+    session = request.app[WHIP].sessions.get(request.match_info["session"])
+    if session is None or session.stream_name != request.match_info["stream"]:
+        raise NotFound("no such session")
+    if session.owner != _owner(p) and not p.is_admin:
+        row = await repo.stream_by_name(request.app[DB].pool, session.stream_name)
+        role = None if row is None or p.kind != "user" else await production_role(request, p, row["production_id"])
+        if role not in _PUBLISH_ROLES:
+            raise Forbidden("this session belongs to someone else")
+    return p, session
+
+
+def _changes_ufrag(frag: str, session: WhipSession) -> bool:
+    remote = session.pc.remoteDescription
+    if remote is None:
+        return False
+    current = [ln.split(":", 1)[1].strip() for ln in remote.sdp.splitlines() if ln.startswith("a=ice-ufrag:")]
+    new = [ln.split(":", 1)[1].strip() for ln in frag.splitlines() if ln.startswith("a=ice-ufrag:")]
+    return bool(new) and bool(current) and new[0] != current[0]
+
+
+async def whip_patch(request: web.Request) -> web.StreamResponse:
+    _p, session = await _session(request)
+    if request.content_type != "application/trickle-ice-sdpfrag":
+        raise UnsupportedMediaType("Content-Type must be application/trickle-ice-sdpfrag")
+    body = await request.read()
+    if len(body) > request.app[SETTINGS].http.max_sdp_bytes:
+        raise PayloadTooLarge("fragment too large")
+    try:
+        frag = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("fragment is not UTF-8") from None
+    if_match = request.headers.get("If-Match")
+    if if_match == "*" or ("a=ice-ufrag:" in frag and _changes_ufrag(frag, session)):
+        # RFC 9725 §4.3.2: ICE restart; aiortc cannot restart ICE on a live connection.
+        raise Unprocessable("ICE restart is not supported; DELETE this session and POST a new offer")
+    if if_match is not None and if_match != session.etag:
+        raise PreconditionFailed("ETag does not match the session")
+    if sum(1 for ln in frag.splitlines() if ln.startswith("a=candidate:")) > 64:
+        raise BadRequest("too many candidates in one fragment")
+    try:
+        await session.add_remote_candidates(frag)
+    except (ValueError, IndexError) as exc:
+        raise BadRequest(f"bad candidate: {exc}") from None
+    return web.Response(status=204)
+
+
+async def whip_delete(request: web.Request) -> web.StreamResponse:
+    p, session = await _session(request)
+    await session.close("deleted by " + p.label)
+    event(log, logging.INFO, "whip.deleted", stream=session.stream_name, session=session.id, who=p.label)
+    return web.Response(status=200)
+
+
+async def whip_get(request: web.Request) -> web.StreamResponse:
+    _p, session = await _session(request)
+    info = session.info()
+    return web.json_response({"id": info.id, "stream": info.stream, "state": info.state,
+                              "publishing": info.attached, "remote": info.remote, "stats": info.stats,
+                              "layers": info.layers})
+
+
+async def whip_options(request: web.Request) -> web.StreamResponse:
+    resp = web.Response(status=204, headers={"Accept-Post": "application/sdp", "Allow": "OPTIONS, POST"})
+    if not request.headers.get("Access-Control-Request-Method"):
+        _with_links(resp, request)  # RFC 9725 §4.6: not on CORS preflight
+    return resp
+
+
+async def whip_session_options(request: web.Request) -> web.StreamResponse:
+    return web.Response(status=204, headers={"Accept-Patch": "application/trickle-ice-sdpfrag",
+                                             "Allow": "OPTIONS, PATCH, DELETE, GET"})
+
+
+def _live_state(base: Callable[[str], dict[str, Any]], service: WhipService) -> Callable[[str], dict[str, Any]]:
+    """The streams API's live state, plus ingest stats of a WHIP publisher."""
+
+    def live_state(name: str) -> dict[str, Any]:
+        out = base(name)
+        source = out.get("source")
+        session = service.publishing(name)
+        if source and session is not None:
+            for pub in source.get("publishers", []):
+                if pub.get("protocol") == "whip":
+                    info = session.info()
+                    pub["whip"] = {"session": info.id, "state": info.state, "stats": info.stats,
+                                   "layers": info.layers}
+        return out
+
+    return live_state
+
+
+def _collector(service: WhipService) -> Callable[[], Any]:
+    def collect() -> Any:
+        g = GaugeMetricFamily("returnfeed_whip_sessions", "WHIP sessions (connecting or publishing)")
+        g.add_metric([], len(service.sessions))
+        out: list[Metric] = [g]
+        c = service.counters()
+        for name, value, doc in (
+            ("returnfeed_whip_sessions_started", service.sessions_total, "WHIP sessions created"),
+            ("returnfeed_whip_packets_received", c.packets, "RTP packets received from WHIP publishers"),
+            ("returnfeed_whip_bytes_received", c.bytes, "RTP bytes received from WHIP publishers"),
+            ("returnfeed_whip_packets_lost", c.lost, "RTP packets from WHIP publishers given up on"),
+            ("returnfeed_whip_packets_recovered", c.recovered, "Holes filled by retransmissions"),
+            ("returnfeed_whip_nacks_sent", c.nacks_sent, "NACK packets sent to WHIP publishers"),
+            ("returnfeed_whip_plis_sent", c.plis_sent, "PLIs sent to WHIP publishers"),
+            ("returnfeed_whip_frames_dropped", c.frames_dropped,
+             "Access units from WHIP publishers dropped (broken, or waiting for a keyframe)"),
+        ):
+            m = CounterMetricFamily(name, doc)
+            m.add_metric([], value)
+            out.append(m)
+        return out
+
+    return collect
+
+
+def setup(app: web.Application) -> None:
+    """Routes and wiring; call after ``whep.setup`` (needs ``MEDIA``)."""
+    media = app[MEDIA]
+    settings = app[SETTINGS]
+    service = WhipService(media.hub, ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
+                          takeover=settings.srt.takeover)
+    app[WHIP] = service
+
+    # A WHEP viewer's PLI/FIR reaches the stream's WHIP publisher (rate-limited
+    # per layer in the ingest).
+    media.whep.keyframe_handlers.append(service.request_keyframe)
+    app[api.LIVE_STATE] = _live_state(app[api.LIVE_STATE], service)
+    app[METRICS].add_collector(_collector(service))
+
+    async def start(app: web.Application) -> None:
+        service.start()
+
+    async def stop(app: web.Application) -> None:
+        await service.close()
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+
+    r = app.router
+    r.add_route("POST", "/whip/{stream}", whip_post)
+    r.add_route("OPTIONS", "/whip/{stream}", whip_options)
+    r.add_route("PATCH", "/whip/{stream}/{session}", whip_patch)
+    r.add_route("DELETE", "/whip/{stream}/{session}", whip_delete)
+    r.add_route("GET", "/whip/{stream}/{session}", whip_get)
+    r.add_route("OPTIONS", "/whip/{stream}/{session}", whip_session_options)
