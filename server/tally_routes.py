@@ -2,7 +2,8 @@
 
 ``GET /ws/tally`` — WebSocket (protocol in :mod:`tally.protocol`). Auth:
 ``Authorization: Bearer`` or ``?token=``. A signed stream link decides its
-production (its holder can watch, not switch); a user token names the
+production and sees only its own stream's source (its holder can watch,
+not switch); a user token names the
 production with ``?production=<id or name>`` and must belong to a member.
 Directors (and admins) may send ``cut``/``preview``/``take``; others get
 an ``error`` for them and nothing changes. Refused upgrades are plain HTTP
@@ -66,7 +67,11 @@ async def ws_tally(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(compress=False, max_msg_size=WS_MAX_MESSAGE, autoping=True)
     await ws.prepare(request)
     who = p.username if p.kind == "user" else f"link:{p.link.stream if p.link else ''}"
-    client = pt.hub.connect(aiohttp_sink(ws), director=role in ("admin", "director"), who=who)
+    # A signed camera/viewer link sees only its own stream's tally (issue:
+    # "a camera link can only see its production's program and its own tally";
+    # the program video is its WHEP return feed).
+    only = frozenset({p.link.stream}) if p.kind == "link" and p.link is not None else None
+    client = pt.hub.connect(aiohttp_sink(ws), director=role in ("admin", "director"), who=who, only=only)
     try:
         async for msg in ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):

@@ -210,10 +210,15 @@ def aiohttp_sink(ws: Any, *, abort_after: float = 2.0) -> TransportSink:
 class TallyClient:
     """One connected client, as the hub sees it."""
 
-    __slots__ = ("id", "sink", "director", "who", "seq", "last_seen", "connected_at", "closed", "_write", "_backlog")
+    __slots__ = ("id", "sink", "director", "who", "only", "seq", "last_seen", "connected_at", "closed", "_write",
+                 "_backlog")
 
-    def __init__(self, client_id: int, sink: FrameSink, director: bool, who: str, now: float) -> None:
+    def __init__(self, client_id: int, sink: FrameSink, director: bool, who: str, now: float,
+                 only: frozenset[str] | None = None) -> None:
         self.id = client_id
+        #: Sources this client may see (a camera operator's link: its own
+        #: camera); None = the whole production.
+        self.only = only
         self.sink = sink
         self.director = director
         self.who = who
@@ -282,22 +287,32 @@ class TallyHub:
     def clients(self) -> list[TallyClient]:
         return list(self._clients.values())
 
-    def connect(self, sink: FrameSink, *, director: bool = False, who: str = "", now: float | None = None) -> TallyClient:
-        """Register a client and send it the snapshot."""
+    def connect(self, sink: FrameSink, *, director: bool = False, who: str = "", now: float | None = None,
+                only: frozenset[str] | None = None) -> TallyClient:
+        """Register a client and send it the snapshot.
+
+        ``only`` scopes a client to some sources (it sees nothing else, in the
+        snapshot or in deltas); frames are still encoded once per distinct
+        scope, not per client."""
         if self._closed:
             raise TallyError("hub is closed")
         now = self._clock() if now is None else now
         self._next_id += 1
-        client = TallyClient(self._next_id, sink, director, who, now)
+        client = TallyClient(self._next_id, sink, director, who, now, only)
         seq = self.state.seq
-        cache = self._snapshot_cache
-        if cache is None or cache[0] != seq:
-            frame = build_text_frame(encode_snapshot(seq, self.state.production, self.state.states()))
-            self._snapshot_cache = cache = (seq, frame)
+        if only is None:
+            cache = self._snapshot_cache
+            if cache is None or cache[0] != seq:
+                frame = build_text_frame(encode_snapshot(seq, self.state.production, self.state.states()))
+                self._snapshot_cache = cache = (seq, frame)
+            frame = cache[1]
+        else:
+            states = {n: st for n, st in self.state.states().items() if n in only}
+            frame = build_text_frame(encode_snapshot(seq, self.state.production, states))
         client.seq = seq
         self._clients[client.id] = client
         self.stats.connects += 1
-        self._write_one(client, cache[1])
+        self._write_one(client, frame)
         return client
 
     def disconnect(self, client: TallyClient) -> None:
@@ -352,7 +367,8 @@ class TallyHub:
         if delta is None:
             return 0
         seq = delta.seq
-        frame = build_text_frame(encode_tally(seq, delta.sources))
+        full = build_text_frame(encode_tally(seq, delta.sources))
+        scoped: dict[frozenset[str], bytes | None] = {}
         self.stats.deltas += 1
         limit = self.max_backlog
         bad: list[tuple[TallyClient, int, str]] = []
@@ -361,6 +377,16 @@ class TallyHub:
             if client.seq >= seq:
                 continue
             client.seq = seq
+            only = client.only
+            if only is None:
+                frame = full
+            else:
+                if only not in scoped:
+                    part = {name: st for name, st in delta.sources.items() if name in only}
+                    scoped[only] = build_text_frame(encode_tally(seq, part)) if part else None
+                frame = scoped[only]
+                if frame is None:
+                    continue  # nothing this client may see changed
             try:
                 client._write(frame)
                 if client._backlog() > limit:

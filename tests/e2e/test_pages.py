@@ -131,8 +131,9 @@ def test_scripted_camera_tally_states_and_silence(browser, scripted):
         scripted.set_silent(False)
         wait_tally(page, "off", timeout=10)
         assert len(scripted.connections) > connections
-        # The page asked for the return feed (409 here) and waited.
-        assert page.evaluate("document.body.dataset.feed") == "waiting"
+        # The page asked for the return feed (409 here) and waits between
+        # attempts (it passes through "connecting" on each retry).
+        page.wait_for_function("document.body.dataset.feed === 'waiting'", timeout=10_000)
     finally:
         ctx.close()
 
@@ -476,7 +477,7 @@ def test_viewer_stats(browser, live_server, show, sources):
         # Leaving the page ends the WHEP session with a DELETE (keepalive fetch).
         deleted = sum("whep.deleted" in line for line in live_server.output)
         page.goto("about:blank")
-        wait_until(lambda: sum("whep.deleted" in line for line in live_server.output) > deleted, timeout=10)
+        wait_until(lambda: sum("whep.deleted" in line for line in live_server.output) > deleted, timeout=20)
     finally:
         ctx.close()
 

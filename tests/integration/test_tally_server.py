@@ -77,21 +77,29 @@ def test_snapshot_then_ordered_deltas_and_camera_cannot_cut(env) -> None:
                 websockets.connect(_ws_url(base, f"production={pid}"),
                                    additional_headers={"Authorization": f"Bearer {env['admin']}"}) as director:
             snap = await _recv_json(cam)
-            assert snap["type"] == "snapshot" and set(snap["sources"]) == {"cam1", "cam2", "cam3"}
+            # a camera link sees its own camera only
+            assert snap["type"] == "snapshot" and set(snap["sources"]) == {"cam2"}
             seq0 = (await _recv_json(director))["seq"]
             # a camera link cannot switch: error, nothing changes
             await cam.send(json.dumps({"type": "cut", "source": "cam2", "id": 7}))
             err = await _recv_json(cam, ("error",))
             assert err["code"] == "forbidden" and err["id"] == 7
             seqs = []
-            for cmd in ({"type": "preview", "source": "cam2"}, {"type": "cut", "source": "cam1"},
-                        {"type": "cut", "source": "cam2"}):
+            cam_states = []
+            for cmd, cam2_changes in (({"type": "preview", "source": "cam2"}, True),
+                                      ({"type": "cut", "source": "cam1"}, False),
+                                      ({"type": "cut", "source": "cam2"}, True)):
                 t0 = time.perf_counter()
                 await director.send(json.dumps(cmd))
-                d = await _recv_json(cam, ("tally",))
+                d = await _recv_json(director, ("tally",))
                 seqs.append(d["seq"])
+                if cam2_changes:
+                    c = await _recv_json(cam, ("tally",))
+                    assert set(c["sources"]) == {"cam2"} and c["seq"] == d["seq"]
+                    cam_states.append(c["sources"]["cam2"]["state"])
                 assert time.perf_counter() - t0 < 2.0
             assert seqs == sorted(seqs) and seqs[0] > seq0
+            assert cam_states == ["preview", "program"]
             state = http("GET", f"{base}/api/v1/productions/{pid}/tally", token=env["camop"]).json()
             assert state["sources"]["cam2"]["state"] == "program"
             assert state["seq"] == seqs[-1]

@@ -527,3 +527,47 @@ def test_real_server_scenarios_under_uvloop():
         runner.run(test_real_server_slow_client_dropped_without_delaying_others())
         runner.run(test_transport_sink_close_aborts_after_grace())
         runner.run(test_hub_timer_finishes_take_on_time())
+
+
+def test_scoped_clients_see_only_their_sources() -> None:
+    from tally.hub import TallyHub
+    from tally.state import SourceConfig, TallyState
+
+    class Sink:
+        def __init__(self) -> None:
+            self.frames: list[bytes] = []
+
+        def write(self, frame: bytes) -> None:
+            self.frames.append(frame)
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+        def close(self, code: int, reason: str) -> None:
+            pass
+
+    import json as _json
+
+    def texts(sink: Sink) -> list[dict]:
+        out = []
+        for f in sink.frames:
+            n = f[1] & 0x7F
+            off = 2 if n < 126 else 4
+            out.append(_json.loads(f[off:]))
+        return out
+
+    state = TallyState("p", [SourceConfig("cam1"), SourceConfig("cam2")])
+    hub = TallyHub(state)
+    full, cam2, cam2b = Sink(), Sink(), Sink()
+    hub.connect(full)
+    hub.connect(cam2, only=frozenset({"cam2"}))
+    hub.connect(cam2b, only=frozenset({"cam2"}))
+    assert set(texts(cam2)[0]["sources"]) == {"cam2"} and set(texts(full)[0]["sources"]) == {"cam1", "cam2"}
+    state.cut("cam1", now=0.0)
+    hub.flush()
+    assert len(texts(cam2)) == 1 and texts(full)[-1]["sources"].keys() == {"cam1"}  # nothing for cam2
+    state.set_preview("cam2", now=0.0)
+    hub.flush()
+    assert texts(cam2)[-1]["sources"] == {"cam2": texts(full)[-1]["sources"]["cam2"]}
+    assert cam2.frames[-1] is cam2b.frames[-1]  # encoded once per scope, not per client
+    hub.close()
