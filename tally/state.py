@@ -21,8 +21,9 @@ Two kinds of authority drive sources:
 
 ``director`` (the local M/E)
     The control room's commands: ``cut(source)`` puts the source on program
-    (the previous program drops to off, or stays green if it is also on
-    preview); ``set_preview(source)``; ``take(duration)`` is an auto
+    (cutting the preview source swaps program and preview like a mixer's CUT
+    button; a hot cut to another source leaves preview alone and the old
+    program drops to off); ``set_preview(source)``; ``take(duration)`` is an auto
     transition — while it runs, both the outgoing and the incoming source
     are on program (red during a dissolve), and when ``tick(now)`` passes the
     end (or ``finish_transition(now)`` is called) program and preview swap,
@@ -434,10 +435,17 @@ class TallyState:
     # ------------------------------------------------------ director commands
 
     def cut(self, source: str, *, now: float, who: str = DIRECTOR) -> TallyChange | None:
-        """Hot cut: ``source`` goes on program at once."""
+        """Cut: ``source`` goes on program at once.
+
+        Like a vision mixer's CUT button, cutting the source that is on
+        preview swaps the buses (the outgoing program source lands on
+        preview, green); a hot cut to any other source changes program only.
+        """
         self._require_director(source)
         if self._transition is not None:
             self._settle()
+        if source == self._preview and self._program is not None:
+            self._preview = self._program
         self._program = source
         return self._commit(Origin.CUT, who, now)
 

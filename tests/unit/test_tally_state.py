@@ -404,3 +404,17 @@ def test_adopt_takes_newer_peer_snapshot_with_its_seq() -> None:
     a.cut("cam2", now=3.0)
     b.adopt(a.to_dict(), now=3.0)
     assert b.adopt(stale, now=4.0) is None and b.program == "cam2"
+
+
+def test_cut_of_the_preview_source_swaps_like_a_mixer() -> None:
+    from tally.state import SourceConfig, TallyState
+
+    st = TallyState("p", [SourceConfig("cam1"), SourceConfig("cam2"), SourceConfig("cam3")])
+    st.cut("cam1", now=0.0)
+    st.set_preview("cam2", now=0.0)
+    change = st.cut("cam2", now=1.0)  # CUT button: preview → program, program → preview
+    assert st.program == "cam2" and st.preview == "cam1"
+    assert {n: s.state for n, s in change.sources.items()} == {"cam1": "preview", "cam2": "program"}
+    st.cut("cam3", now=2.0)  # hot cut to a source not on preview: preview stays
+    assert st.program == "cam3" and st.preview == "cam1"
+    assert st.source_state("cam2").state == "off"
