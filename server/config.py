@@ -94,6 +94,15 @@ class WebRtcSettings(_Section):
     #: Seconds a client should wait before retrying a WHEP request for a
     #: stream that is not live (409 Retry-After).
     retry_after_s: int = Field(2, ge=1)
+    #: WHIP publishers this process accepts at once.
+    whip_max_sessions: int = Field(64, ge=1)
+    #: Bandwidth estimate (REMB) sent to WHIP publishers: browsers fill their
+    #: uplink up to about this with media and padding.
+    whip_remb_bps: int = Field(3_000_000, ge=100_000)
+    #: How long WHIP RTP may wait to be put back in order (seconds).
+    whip_reorder_window_s: float = Field(0.05, ge=0.0, le=1.0)
+    #: A WHIP publisher that sends no media for this long is dropped (seconds).
+    whip_media_timeout_s: float = Field(8.0, gt=0)
 
 
 class DatabaseSettings(_Section):

@@ -257,8 +257,11 @@ def setup(app: web.Application) -> None:
     """Routes and wiring; call after ``whep.setup`` (needs ``MEDIA``)."""
     media = app[MEDIA]
     settings = app[SETTINGS]
-    service = WhipService(media.hub, ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
-                          takeover=settings.srt.takeover)
+    w = settings.webrtc
+    service = WhipService(media.hub, ice_servers=[s.model_dump(exclude_none=True) for s in w.ice_servers],
+                          takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
+                          media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,
+                          reorder_window=w.whip_reorder_window_s)
     app[WHIP] = service
 
     # A WHEP viewer's PLI/FIR reaches the stream's WHIP publisher (rate-limited
