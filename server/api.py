@@ -26,7 +26,7 @@ from aiohttp import web
 
 from . import repo
 from .app import (
-    DB, LIMITER, METRICS, SETTINGS, TOKENS, Principal, base_url, client_ip, json_body, principal,
+    DB, LIMITER, METRICS, SETTINGS, TOKENS, base_url, client_ip, json_body, principal,
     require_production_role, require_roles, user_principal,
 )
 from .auth import (

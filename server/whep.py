@@ -33,35 +33,17 @@ from typing import Any
 from aiohttp import web
 
 from media.errors import UnsupportedMedia
-from media.webrtc.sdp import SdpError, parse_offer
+from media.webrtc.sdp import SdpError
 
 from . import repo
 from .app import DB, SETTINGS, Principal, principal, production_role
-from .errors import (
-    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, ServiceUnavailable,
-    Unprocessable, UnsupportedMediaType,
-)
+from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
+from .webrtc_http import check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links
 
 log = logging.getLogger("returnfeed.whep")
 
 MEDIA = web.AppKey("media", object)
-
-
-def _ice_links(request: web.Request) -> list[str]:
-    out = []
-    for s in request.app[SETTINGS].webrtc.ice_servers:
-        link = f'<{s.urls}>; rel="ice-server"'
-        if s.username is not None:
-            link += f'; username="{s.username}"; credential="{s.credential or ""}"; credential-type="password"'
-        out.append(link)
-    return out
-
-
-def _with_links(resp: web.StreamResponse, request: web.Request) -> web.StreamResponse:
-    for link in _ice_links(request):
-        resp.headers.add("Link", link)
-    return resp
 
 
 async def _authorize_read(request: web.Request, name: str) -> tuple[Principal, Any]:
@@ -78,10 +60,6 @@ async def _authorize_read(request: web.Request, name: str) -> tuple[Principal, A
     return p, row
 
 
-def _owner(p: Principal) -> str:
-    return f"user:{p.user_id}" if p.kind == "user" else f"link:{p.link.jti if p.link else ''}"
-
-
 def _not_live(request: web.Request) -> Conflict:
     retry = request.app[SETTINGS].webrtc.retry_after_s
     return Conflict("stream is not live", headers={"Retry-After": str(retry)})
@@ -89,20 +67,9 @@ def _not_live(request: web.Request) -> Conflict:
 
 async def whep_post(request: web.Request) -> web.StreamResponse:
     name = request.match_info["stream"]
-    settings = request.app[SETTINGS]
-    if request.content_type != "application/sdp":
-        raise UnsupportedMediaType("Content-Type must be application/sdp")
-    limit = settings.http.max_sdp_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    limit = check_offer_headers(request)
     p, _row = await _authorize_read(request, name)
-    body = await request.read()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
-    try:
-        offer = parse_offer(body, max_bytes=limit)
-    except SdpError as exc:
-        raise BadRequest(f"bad SDP offer: {exc}") from None
+    offer_sdp, offer = await read_offer(request, limit)
     media = request.app[MEDIA]
     stream = media.hub.get(name)
     if stream is None or not stream.live:
@@ -118,7 +85,7 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
     if pin is not None and pin not in ("high", "mid", "low"):
         raise BadRequest("layer must be high, mid, low or auto")
     try:
-        session = await media.whep.create_session(stream, body.decode(), offer, owner=_owner(p), pin=pin,
+        session = await media.whep.create_session(stream, offer_sdp, offer, owner=owner_key(p), pin=pin,
                                                   source_plid=plid, b_frames=b_frames)
     except UnsupportedMedia as exc:
         raise Unprocessable(str(exc)) from None
@@ -132,7 +99,7 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
     resp = web.Response(status=201, text=session.sdp_answer, content_type="application/sdp",
                         headers={"Location": location, "ETag": session.etag,
                                  "Accept-Patch": "application/trickle-ice-sdpfrag"})
-    return _with_links(resp, request)
+    return with_ice_links(resp, request)
 
 
 def _session(request: web.Request, p: Principal) -> Any:
@@ -140,46 +107,14 @@ def _session(request: web.Request, p: Principal) -> Any:
     session = media.whep.sessions.get(request.match_info["session"])
     if session is None or session.stream_name != request.match_info["stream"]:
         raise NotFound("no such session")
-    if session.owner != _owner(p) and not p.is_admin:
+    if session.owner != owner_key(p) and not p.is_admin:
         raise Forbidden("this session belongs to someone else")
     return session
 
 
 async def whep_patch(request: web.Request) -> web.StreamResponse:
     p = await principal(request)
-    session = _session(request, p)
-    if request.content_type != "application/trickle-ice-sdpfrag":
-        raise UnsupportedMediaType("Content-Type must be application/trickle-ice-sdpfrag")
-    if_match = request.headers.get("If-Match")
-    body = await request.read()
-    if len(body) > request.app[SETTINGS].http.max_sdp_bytes:
-        raise PayloadTooLarge("fragment too large")
-    try:
-        frag = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("fragment is not UTF-8") from None
-    if if_match == "*" or "a=ice-ufrag:" in frag and _changes_ufrag(frag, session):
-        # RFC 9725 §4.3.2: ICE restart; aiortc cannot restart ICE on a live connection.
-        raise Unprocessable("ICE restart is not supported; start a new session")
-    if if_match is not None and if_match != session.etag:
-        raise PreconditionFailed("ETag does not match the session")
-    candidates = sum(1 for ln in frag.splitlines() if ln.startswith("a=candidate:"))
-    if candidates > 64:
-        raise BadRequest("too many candidates in one fragment")
-    try:
-        await session.add_remote_candidates(frag)
-    except (ValueError, IndexError) as exc:
-        raise BadRequest(f"bad candidate: {exc}") from None
-    return web.Response(status=204)
-
-
-def _changes_ufrag(frag: str, session: Any) -> bool:
-    remote = session.pc.remoteDescription
-    if remote is None:
-        return False
-    current = [ln.split(":", 1)[1].strip() for ln in remote.sdp.splitlines() if ln.startswith("a=ice-ufrag:")]
-    new = [ln.split(":", 1)[1].strip() for ln in frag.splitlines() if ln.startswith("a=ice-ufrag:")]
-    return bool(new) and bool(current) and new[0] != current[0]
+    return await patch_trickle(request, _session(request, p), "start a new session")
 
 
 async def whep_delete(request: web.Request) -> web.StreamResponse:
@@ -219,7 +154,7 @@ async def whep_options(request: web.Request) -> web.StreamResponse:
     resp = web.Response(status=204, headers={"Accept-Post": "application/sdp",
                                              "Allow": "OPTIONS, POST, HEAD"})
     if not request.headers.get("Access-Control-Request-Method"):
-        _with_links(resp, request)  # RFC 9725 §4.4: not on CORS preflight
+        with_ice_links(resp, request)  # RFC 9725 §4.4: not on CORS preflight
     return resp
 
 

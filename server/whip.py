@@ -46,16 +46,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from media.errors import UnsupportedMedia
 from media.stream import StreamBusy
-from media.webrtc.sdp import SdpError, parse_offer
+from media.webrtc.sdp import SdpError
 from media.webrtc.whip import WhipService, WhipSession
 
 from . import api, repo
 from .app import DB, METRICS, SETTINGS, Principal, client_ip, principal, production_role
-from .errors import (
-    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, ServiceUnavailable,
-    Unprocessable, UnsupportedMediaType,
-)
+from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
+from .webrtc_http import check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links
 from .whep import MEDIA
 
 log = logging.getLogger("returnfeed.whip")
@@ -63,27 +61,6 @@ log = logging.getLogger("returnfeed.whip")
 WHIP = web.AppKey("whip", WhipService)
 
 _PUBLISH_ROLES = ("admin", "director")
-
-
-def _ice_links(request: web.Request) -> list[str]:
-    """RFC 9725 §4.6 ``Link: <url>; rel="ice-server"`` values."""
-    out = []
-    for s in request.app[SETTINGS].webrtc.ice_servers:
-        link = f'<{s.urls}>; rel="ice-server"'
-        if s.username is not None:
-            link += f'; username="{s.username}"; credential="{s.credential or ""}"; credential-type="password"'
-        out.append(link)
-    return out
-
-
-def _with_links(resp: web.StreamResponse, request: web.Request) -> web.StreamResponse:
-    for link in _ice_links(request):
-        resp.headers.add("Link", link)
-    return resp
-
-
-def _owner(p: Principal) -> str:
-    return f"user:{p.user_id}" if p.kind == "user" else f"link:{p.link.jti if p.link else ''}"
 
 
 async def _authorize_publish(request: web.Request, name: str) -> tuple[Principal, Any]:
@@ -103,22 +80,12 @@ async def _authorize_publish(request: web.Request, name: str) -> tuple[Principal
 async def whip_post(request: web.Request) -> web.StreamResponse:
     name = request.match_info["stream"]
     settings = request.app[SETTINGS]
-    if request.content_type != "application/sdp":
-        raise UnsupportedMediaType("Content-Type must be application/sdp")
-    limit = settings.http.max_sdp_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    limit = check_offer_headers(request)
     p, _row = await _authorize_publish(request, name)
-    body = await request.read()
-    if len(body) > limit:
-        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
-    try:
-        offer = parse_offer(body, max_bytes=limit)
-    except SdpError as exc:
-        raise BadRequest(f"bad SDP offer: {exc}") from None
+    offer_sdp, offer = await read_offer(request, limit)
     service = request.app[WHIP]
     try:
-        session = await service.create_session(name, body.decode(), offer, owner=_owner(p),
+        session = await service.create_session(name, offer_sdp, offer, owner=owner_key(p),
                                                remote=client_ip(request), label=p.label)
     except StreamBusy as exc:
         raise Conflict(str(exc), headers={"Retry-After": str(settings.webrtc.retry_after_s)}) from None
@@ -132,7 +99,7 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
     resp = web.Response(status=201, text=session.sdp_answer, content_type="application/sdp",
                         headers={"Location": f"/whip/{name}/{session.id}", "ETag": session.etag,
                                  "Accept-Patch": "application/trickle-ice-sdpfrag"})
-    return _with_links(resp, request)
+    return with_ice_links(resp, request)
 
 
 async def _session(request: web.Request) -> tuple[Principal, WhipSession]:
@@ -140,7 +107,7 @@ async def _session(request: web.Request) -> tuple[Principal, WhipSession]:
     session = request.app[WHIP].sessions.get(request.match_info["session"])
     if session is None or session.stream_name != request.match_info["stream"]:
         raise NotFound("no such session")
-    if session.owner != _owner(p) and not p.is_admin:
+    if session.owner != owner_key(p) and not p.is_admin:
         row = await repo.stream_by_name(request.app[DB].pool, session.stream_name)
         role = None if row is None or p.kind != "user" else await production_role(request, p, row["production_id"])
         if role not in _PUBLISH_ROLES:
@@ -148,39 +115,9 @@ async def _session(request: web.Request) -> tuple[Principal, WhipSession]:
     return p, session
 
 
-def _changes_ufrag(frag: str, session: WhipSession) -> bool:
-    remote = session.pc.remoteDescription
-    if remote is None:
-        return False
-    current = [ln.split(":", 1)[1].strip() for ln in remote.sdp.splitlines() if ln.startswith("a=ice-ufrag:")]
-    new = [ln.split(":", 1)[1].strip() for ln in frag.splitlines() if ln.startswith("a=ice-ufrag:")]
-    return bool(new) and bool(current) and new[0] != current[0]
-
-
 async def whip_patch(request: web.Request) -> web.StreamResponse:
     _p, session = await _session(request)
-    if request.content_type != "application/trickle-ice-sdpfrag":
-        raise UnsupportedMediaType("Content-Type must be application/trickle-ice-sdpfrag")
-    body = await request.read()
-    if len(body) > request.app[SETTINGS].http.max_sdp_bytes:
-        raise PayloadTooLarge("fragment too large")
-    try:
-        frag = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("fragment is not UTF-8") from None
-    if_match = request.headers.get("If-Match")
-    if if_match == "*" or ("a=ice-ufrag:" in frag and _changes_ufrag(frag, session)):
-        # RFC 9725 §4.3.2: ICE restart; aiortc cannot restart ICE on a live connection.
-        raise Unprocessable("ICE restart is not supported; DELETE this session and POST a new offer")
-    if if_match is not None and if_match != session.etag:
-        raise PreconditionFailed("ETag does not match the session")
-    if sum(1 for ln in frag.splitlines() if ln.startswith("a=candidate:")) > 64:
-        raise BadRequest("too many candidates in one fragment")
-    try:
-        await session.add_remote_candidates(frag)
-    except (ValueError, IndexError) as exc:
-        raise BadRequest(f"bad candidate: {exc}") from None
-    return web.Response(status=204)
+    return await patch_trickle(request, session, "DELETE this session and POST a new offer")
 
 
 async def whip_delete(request: web.Request) -> web.StreamResponse:
@@ -201,7 +138,7 @@ async def whip_get(request: web.Request) -> web.StreamResponse:
 async def whip_options(request: web.Request) -> web.StreamResponse:
     resp = web.Response(status=204, headers={"Accept-Post": "application/sdp", "Allow": "OPTIONS, POST"})
     if not request.headers.get("Access-Control-Request-Method"):
-        _with_links(resp, request)  # RFC 9725 §4.6: not on CORS preflight
+        with_ice_links(resp, request)  # RFC 9725 §4.6: not on CORS preflight
     return resp
 
 

@@ -1,0 +1,106 @@
+"""HTTP rules WHIP and WHEP share (RFC 9725; draft-ietf-wish-whep reuses them).
+
+* reading an SDP offer: ``Content-Type: application/sdp`` (else 415), at
+  most ``http.max_sdp_bytes`` (413), parsed and checked by
+  :func:`media.webrtc.sdp.parse_offer` (400 with the reason);
+* ``Link: <url>; rel="ice-server"`` headers from ``webrtc.ice_servers``
+  (§4.6);
+* who owns a session (the user, or the signed link it was created with);
+* ``PATCH`` of a session resource with ``application/trickle-ice-sdpfrag``
+  (§4.3): trickled candidates 204, an ICE restart (``If-Match: *`` or a new
+  ufrag) 422 because aiortc cannot restart ICE on a live connection, a
+  stale ``If-Match`` 412.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from media.webrtc.sdp import Offer, SdpError, parse_offer
+
+from .app import SETTINGS, Principal
+from .errors import BadRequest, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType
+
+MAX_TRICKLE_CANDIDATES = 64
+
+
+def ice_links(request: web.Request) -> list[str]:
+    """RFC 9725 §4.6 ``Link`` header values for the configured ICE servers."""
+    out = []
+    for s in request.app[SETTINGS].webrtc.ice_servers:
+        link = f'<{s.urls}>; rel="ice-server"'
+        if s.username is not None:
+            link += f'; username="{s.username}"; credential="{s.credential or ""}"; credential-type="password"'
+        out.append(link)
+    return out
+
+
+def with_ice_links(resp: web.StreamResponse, request: web.Request) -> web.StreamResponse:
+    for link in ice_links(request):
+        resp.headers.add("Link", link)
+    return resp
+
+
+def owner_key(p: Principal) -> str:
+    """Who a session belongs to: a user, or the signed link that created it."""
+    return f"user:{p.user_id}" if p.kind == "user" else f"link:{p.link.jti if p.link else ''}"
+
+
+def check_offer_headers(request: web.Request) -> int:
+    """Content type and declared size of an offer; returns the size limit."""
+    if request.content_type != "application/sdp":
+        raise UnsupportedMediaType("Content-Type must be application/sdp")
+    limit = request.app[SETTINGS].http.max_sdp_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    return limit
+
+
+async def read_offer(request: web.Request, limit: int) -> tuple[str, Offer]:
+    """Read and check the offer body (after authorisation)."""
+    body = await request.read()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"SDP offer larger than {limit} bytes")
+    try:
+        offer = parse_offer(body, max_bytes=limit)
+    except SdpError as exc:
+        raise BadRequest(f"bad SDP offer: {exc}") from None
+    return body.decode(), offer
+
+
+def _changes_ufrag(frag: str, remote_sdp: str | None) -> bool:
+    if remote_sdp is None:
+        return False
+    current = [ln.split(":", 1)[1].strip() for ln in remote_sdp.splitlines() if ln.startswith("a=ice-ufrag:")]
+    new = [ln.split(":", 1)[1].strip() for ln in frag.splitlines() if ln.startswith("a=ice-ufrag:")]
+    return bool(new) and bool(current) and new[0] != current[0]
+
+
+async def patch_trickle(request: web.Request, session: Any, restart_hint: str) -> web.StreamResponse:
+    """Handle a PATCH on a session that has ``etag``, ``pc`` and
+    ``add_remote_candidates(frag)``."""
+    if request.content_type != "application/trickle-ice-sdpfrag":
+        raise UnsupportedMediaType("Content-Type must be application/trickle-ice-sdpfrag")
+    body = await request.read()
+    if len(body) > request.app[SETTINGS].http.max_sdp_bytes:
+        raise PayloadTooLarge("fragment too large")
+    try:
+        frag = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("fragment is not UTF-8") from None
+    if_match = request.headers.get("If-Match")
+    remote = session.pc.remoteDescription
+    if if_match == "*" or ("a=ice-ufrag:" in frag and _changes_ufrag(frag, remote.sdp if remote else None)):
+        # RFC 9725 §4.3.2: ICE restart; aiortc cannot restart ICE on a live connection.
+        raise Unprocessable(f"ICE restart is not supported; {restart_hint}")
+    if if_match is not None and if_match != session.etag:
+        raise PreconditionFailed("ETag does not match the session")
+    if sum(1 for ln in frag.splitlines() if ln.startswith("a=candidate:")) > MAX_TRICKLE_CANDIDATES:
+        raise BadRequest("too many candidates in one fragment")
+    try:
+        await session.add_remote_candidates(frag)
+    except (ValueError, IndexError) as exc:
+        raise BadRequest(f"bad candidate: {exc}") from None
+    return web.Response(status=204)
