@@ -404,3 +404,18 @@ def nominated_remote(dtls_transport: Any) -> str | None:
         return None
     host, port = pair.remote_addr[:2]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+async def add_trickle_candidates(pc: Any, frag: str) -> None:
+    """Apply the ``a=candidate`` lines of a trickle-ICE fragment (RFC 8840)
+    to a peer connection; with BUNDLE they all belong to the first m-line."""
+    from aiortc.sdp import candidate_from_sdp
+
+    mids = [t.mid for t in pc.getTransceivers()]
+    for line in frag.splitlines():
+        line = line.strip()
+        if line.startswith("a=candidate:"):
+            cand = candidate_from_sdp(line[len("a=candidate:"):])
+            cand.sdpMid = mids[0] if mids else None
+            cand.sdpMLineIndex = 0
+            await pc.addIceCandidate(cand)

@@ -1013,16 +1013,7 @@ class WhipSession:
 
     async def add_remote_candidates(self, frag: str) -> None:
         """Trickle ICE (RFC 8840 sdpfrag) from a PATCH."""
-        from aiortc.sdp import candidate_from_sdp
-
-        mids = [t.mid for t in self.pc.getTransceivers()]
-        for line in frag.splitlines():
-            line = line.strip()
-            if line.startswith("a=candidate:"):
-                cand = candidate_from_sdp(line[len("a=candidate:"):])
-                cand.sdpMid = mids[0] if mids else None
-                cand.sdpMLineIndex = 0
-                await self.pc.addIceCandidate(cand)
+        await adapter.add_trickle_candidates(self.pc, frag)
 
     # -- connection ------------------------------------------------------------------
 
