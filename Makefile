@@ -1,5 +1,6 @@
-# Shortcuts for the two README commands (they do not need make themselves).
-.PHONY: run test setup bench-srt bench-tally
+# Shortcuts for the two README commands (they do not need make themselves),
+# and for the benchmarks (figures, not tests; see loadtests/README.md).
+.PHONY: run test setup bench-srt bench-rtp bench-tally
 
 run:
 	bash config/bootstrap.sh run
@@ -10,8 +11,15 @@ test:
 setup:
 	bash config/bootstrap.sh setup
 
+# 16 SRT callers x 6 Mbit/s through the server's whole ingest path.
 bench-srt: setup
-	.venv/bin/python loadtests/srt_ingest.py
+	.venv/bin/python loadtests/srt_ingest.py --pipeline
 
+# Per-packet cost of packetize / rewrite / protect / send.
+bench-rtp: setup
+	.venv/bin/python loadtests/rtp_microbench.py
+
+# Tally delivery to 200 and 1000 WebSocket clients (in-process hub server).
 bench-tally: setup
-	.venv/bin/python loadtests/tally_swarm.py
+	.venv/bin/python loadtests/tally_swarm.py --clients 200
+	.venv/bin/python loadtests/tally_swarm.py --clients 1000
