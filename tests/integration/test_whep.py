@@ -144,3 +144,35 @@ def test_viewers_visible_in_api_and_metrics(env) -> None:
     m = http("GET", f"{base}/metrics").body.decode()
     assert "returnfeed_forwarding_latency_seconds_bucket" in m and "returnfeed_stream_live" in m
     http("DELETE", base + r.headers["Location"], token=env["admin"])
+
+
+def test_viewer_that_goes_away_without_delete_is_freed(env) -> None:
+    """A viewer closing its peer connection (DTLS close, no DELETE) frees its session."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+
+    base = env["base"]
+
+    async def run() -> tuple[int, int]:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        r = await asyncio.to_thread(http, "POST", f"{base}/whep/live1", None, token=env["admin"],
+                                    raw=pc.localDescription.sdp.encode(), headers={"Content-Type": "application/sdp"})
+        assert r.status == 201
+        await pc.setRemoteDescription(RTCSessionDescription(r.body.decode(), "answer"))
+        for _ in range(100):
+            if pc.connectionState == "connected":
+                break
+            await asyncio.sleep(0.1)
+        loc = r.headers["Location"]
+        during = (await asyncio.to_thread(http, "GET", base + loc, None, token=env["admin"])).status
+        await pc.close()  # no DELETE
+        for _ in range(100):
+            after = (await asyncio.to_thread(http, "GET", base + loc, None, token=env["admin"])).status
+            if after == 404:
+                break
+            await asyncio.sleep(0.1)
+        return during, after
+
+    during, after = asyncio.run(run())
+    assert during == 200 and after == 404
