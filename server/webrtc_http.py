@@ -20,8 +20,11 @@ from aiohttp import web
 
 from media.webrtc.sdp import Offer, SdpError, parse_offer
 
-from .app import SETTINGS, Principal
-from .errors import BadRequest, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType
+from . import repo
+from .app import DB, SETTINGS, Principal, principal, production_role
+from .errors import (
+    BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType,
+)
 
 MAX_TRICKLE_CANDIDATES = 64
 
@@ -41,6 +44,32 @@ def with_ice_links(resp: web.StreamResponse, request: web.Request) -> web.Stream
     for link in ice_links(request):
         resp.headers.add("Link", link)
     return resp
+
+
+#: Production roles that may publish (WHIP) a stream without a publish link.
+PUBLISH_ROLES = ("admin", "director")
+
+
+async def authorize_stream(request: web.Request, name: str, action: str) -> tuple[Principal, Any]:
+    """Who may read (WHEP) or publish (WHIP) stream ``name``: a signed link
+    for that stream and action, or a user of its production — any member to
+    read, a director (or admin) to publish. Returns the principal and row."""
+    p = await principal(request)
+    row = await repo.stream_by_name(request.app[DB].pool, name)
+    if row is None:
+        raise NotFound("no such stream")
+    if p.kind == "link":
+        assert p.link is not None
+        if p.link.stream != name or p.link.action != action:
+            verb = "watching" if action == "read" else "publishing"
+            raise Forbidden(f"this link is not for {verb} this stream")
+        return p, row
+    role = await production_role(request, p, row["production_id"])
+    if action == "read" and role is None:
+        raise Forbidden("not a member of this stream's production")
+    if action == "publish" and role not in PUBLISH_ROLES:
+        raise Forbidden("publishing needs a publish link or the director role in this stream's production")
+    return p, row
 
 
 def owner_key(p: Principal) -> str:

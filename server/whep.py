@@ -35,29 +35,16 @@ from aiohttp import web
 from media.errors import UnsupportedMedia
 from media.webrtc.sdp import SdpError
 
-from . import repo
-from .app import DB, SETTINGS, Principal, principal, production_role
+from .app import SETTINGS, Principal, principal
 from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
-from .webrtc_http import check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links
+from .webrtc_http import (
+    authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links,
+)
 
 log = logging.getLogger("returnfeed.whep")
 
 MEDIA = web.AppKey("media", object)
-
-
-async def _authorize_read(request: web.Request, name: str) -> tuple[Principal, Any]:
-    p = await principal(request)
-    row = await repo.stream_by_name(request.app[DB].pool, name)
-    if row is None:
-        raise NotFound("no such stream")
-    if p.kind == "link":
-        assert p.link is not None
-        if p.link.stream != name or p.link.action != "read":
-            raise Forbidden("this link is not for watching this stream")
-    elif await production_role(request, p, row["production_id"]) is None:
-        raise Forbidden("not a member of this stream's production")
-    return p, row
 
 
 def _not_live(request: web.Request) -> Conflict:
@@ -68,7 +55,7 @@ def _not_live(request: web.Request) -> Conflict:
 async def whep_post(request: web.Request) -> web.StreamResponse:
     name = request.match_info["stream"]
     limit = check_offer_headers(request)
-    p, _row = await _authorize_read(request, name)
+    p, _row = await authorize_stream(request, name, "read")
     offer_sdp, offer = await read_offer(request, limit)
     media = request.app[MEDIA]
     stream = media.hub.get(name)
@@ -160,7 +147,7 @@ async def whep_options(request: web.Request) -> web.StreamResponse:
 
 async def whep_head(request: web.Request) -> web.StreamResponse:
     name = request.match_info["stream"]
-    await _authorize_read(request, name)
+    await authorize_stream(request, name, "read")
     stream = request.app[MEDIA].hub.get(name)
     live = stream is not None and stream.live
     headers = {"Accept-Post": "application/sdp"}

@@ -53,35 +53,20 @@ from . import api, repo
 from .app import DB, METRICS, SETTINGS, Principal, client_ip, principal, production_role
 from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
-from .webrtc_http import check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links
+from .webrtc_http import (
+    PUBLISH_ROLES, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links,
+)
 from .whep import MEDIA
 
 log = logging.getLogger("returnfeed.whip")
 
 WHIP = web.AppKey("whip", WhipService)
 
-_PUBLISH_ROLES = ("admin", "director")
-
-
-async def _authorize_publish(request: web.Request, name: str) -> tuple[Principal, Any]:
-    p = await principal(request)
-    row = await repo.stream_by_name(request.app[DB].pool, name)
-    if row is None:
-        raise NotFound("no such stream")
-    if p.kind == "link":
-        assert p.link is not None
-        if p.link.stream != name or p.link.action != "publish":
-            raise Forbidden("this link is not for publishing this stream")
-    elif await production_role(request, p, row["production_id"]) not in _PUBLISH_ROLES:
-        raise Forbidden("publishing needs a publish link or the director role in this stream's production")
-    return p, row
-
-
 async def whip_post(request: web.Request) -> web.StreamResponse:
     name = request.match_info["stream"]
     settings = request.app[SETTINGS]
     limit = check_offer_headers(request)
-    p, _row = await _authorize_publish(request, name)
+    p, _row = await authorize_stream(request, name, "publish")
     offer_sdp, offer = await read_offer(request, limit)
     service = request.app[WHIP]
     try:
@@ -110,7 +95,7 @@ async def _session(request: web.Request) -> tuple[Principal, WhipSession]:
     if session.owner != owner_key(p) and not p.is_admin:
         row = await repo.stream_by_name(request.app[DB].pool, session.stream_name)
         role = None if row is None or p.kind != "user" else await production_role(request, p, row["production_id"])
-        if role not in _PUBLISH_ROLES:
+        if role not in PUBLISH_ROLES:
             raise Forbidden("this session belongs to someone else")
     return p, session
 

@@ -595,7 +595,9 @@ def test_tally_lost_when_heartbeat_stops(camera, live_server, show):
     try:
         seen = wait_tally(phone, "unknown", timeout=8)
         print(f"tally lost shown {seen - stopped:.2f} s after the server stopped")
-        assert 2.5 <= seen - stopped <= 5.0
+        # The page counts 3 s from the last message it got; the server's last
+        # ping may have left up to 1 s before the freeze.
+        assert 2.0 <= seen - stopped <= 5.0
         assert phone.text_content("#tally-text") == "TALLY LOST"
         shot(phone, "camera-tally-lost.png")
     finally:
