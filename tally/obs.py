@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -67,7 +66,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.typing import Subprotocol
 
-from tally.errors import ConfigError, HandshakeFailed, ObsError
+from tally.adapter import ReconnectingClient
+from tally.errors import HandshakeFailed, ObsError
 from tally.state import Bus, TallyChange, TallyState
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,7 @@ def _normalise(mapping: Mapping[str, str | Sequence[str]]) -> dict[str, tuple[st
     return {scene: (names,) if isinstance(names, str) else tuple(names) for scene, names in mapping.items()}
 
 
-class ObsClient:
+class ObsClient(ReconnectingClient):
     """Keeps an OBS WebSocket v5 session and reports tally to a ``TallyState``."""
 
     def __init__(
@@ -335,51 +335,23 @@ class ObsClient:
         max_transition: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.state = state
+        super().__init__(state, authority, backoff_initial=backoff_initial, backoff_max=backoff_max, clock=clock)
         self.url = url
+        self._task_name = f"obs-{url}"
         self.password = password
-        self.authority = authority
         self.scenes = state.obs_scenes(authority) if scenes is None else _normalise(scenes)
         state.check_mapping(authority, self.scenes, "OBS scene")
-        if backoff_initial <= 0 or backoff_max < backoff_initial:
-            raise ConfigError("need 0 < backoff_initial <= backoff_max")
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
         self.open_timeout = open_timeout
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.order_window = order_window
         self.max_transition = max_transition
-        self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-        self._synced = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self.tracker: ObsTallyTracker | None = None
         self._got_state = False
-        self._closing = False
         self.connects = 0
         self.errors = 0
         self.stopped_reason: str | None = None
-
-    @property
-    def synced(self) -> bool:
-        return self._synced.is_set()
-
-    async def wait_synced(self) -> None:
-        await self._synced.wait()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"obs-{self.url}")
-
-    async def close(self) -> None:
-        self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._lost()
 
     def report(self, tracker: ObsTallyTracker, now: float) -> TallyChange | None:
         """Map the tracker's scenes to sources and report the full set."""
@@ -396,11 +368,10 @@ class ObsClient:
         return self.state.report(self.authority, buses, full=True, now=now)
 
     def _lost(self) -> None:
-        self._synced.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.state.authority_lost(self.authority, now=self._clock())
+        super()._lost()
 
     async def _run(self) -> None:
         delay = self.backoff_initial

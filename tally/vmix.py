@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from tally.adapter import ReconnectingClient
 from tally.errors import ConfigError, HandshakeFailed, VmixError
 from tally.state import Bus, TallyChange, TallyState
 
@@ -147,7 +148,7 @@ def _normalise(mapping: Mapping[int, str | Sequence[str]]) -> dict[int, tuple[st
     return out
 
 
-class VmixClient:
+class VmixClient(ReconnectingClient):
     """Keeps a subscription to vMix tally and reports it to a ``TallyState``."""
 
     def __init__(
@@ -166,50 +167,21 @@ class VmixClient:
         max_line: int = MAX_LINE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.state = state
+        super().__init__(state, authority, backoff_initial=backoff_initial, backoff_max=backoff_max, clock=clock)
         self.host = host
         self.port = port
-        self.authority = authority
+        self._task_name = f"vmix-{host}:{port}"
         self.inputs = state.vmix_inputs(authority) if inputs is None else _normalise(inputs)
         state.check_mapping(authority, self.inputs, "vMix")
-        if backoff_initial <= 0 or backoff_max < backoff_initial:
-            raise ConfigError("need 0 < backoff_initial <= backoff_max")
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
         self.connect_timeout = connect_timeout
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.max_line = max_line
-        self._clock = clock
-        self._task: asyncio.Task[None] | None = None
-        self._synced = asyncio.Event()
         self._got_tally = False
-        self._closing = False
         self.connects = 0
         self.errors = 0
         self.version: str | None = None
         self.last_delay: float | None = None
-
-    @property
-    def synced(self) -> bool:
-        """True while connected and the state has been reported."""
-        return self._synced.is_set()
-
-    async def wait_synced(self) -> None:
-        await self._synced.wait()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"vmix-{self.host}:{self.port}")
-
-    async def close(self) -> None:
-        self._closing = True
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._lost()
 
     def handle_tally(self, tally: VmixTally, now: float) -> TallyChange | None:
         """Map one ``TALLY OK`` to a full report (sans-I/O entry point)."""
@@ -219,10 +191,6 @@ class VmixClient:
             for name in names:
                 report[name] = report.get(name, frozenset()) | buses
         return self.state.report(self.authority, report, full=True, now=now)
-
-    def _lost(self) -> None:
-        self._synced.clear()
-        self.state.authority_lost(self.authority, now=self._clock())
 
     async def _run(self) -> None:
         delay = self.backoff_initial
