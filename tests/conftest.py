@@ -25,6 +25,21 @@ if str(ROOT / "tests") not in sys.path:
     sys.path.insert(0, str(ROOT / "tests"))
 
 
+@pytest.fixture
+def lib():  # type: ignore[no-untyped-def]
+    """The system libsrt through the project's binding (skips, and fails in
+    CI, when no libsrt can be loaded)."""
+    from media.errors import SrtUnavailable
+    from media.srt.binding import SrtLibrary
+
+    try:
+        library = SrtLibrary.open()
+    except SrtUnavailable as exc:
+        pytest.skip(f"libsrt not installed: {exc}")
+    yield library
+    library.close()
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")

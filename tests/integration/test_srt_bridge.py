@@ -12,21 +12,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from media.errors import SrtUnavailable
 from media.srt.binding import SockOpt, SrtLibrary
 from media.srt.bridge import SrtBridge
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def lib():
-    try:
-        library = SrtLibrary.open()
-    except SrtUnavailable as exc:
-        pytest.skip(f"libsrt not installed: {exc}")
-    yield library
-    library.close()
 
 
 @dataclass

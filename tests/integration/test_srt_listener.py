@@ -152,13 +152,6 @@ def clip_remux(clip: Path) -> bytes:
     ).stdout
 
 
-@pytest.fixture
-def lib():
-    library = SrtLibrary.open()
-    yield library
-    library.close()
-
-
 def srt_url(port: int, streamid: str, **params: object) -> str:
     query = "&".join([f"streamid={streamid}"] + [f"{k}={v}" for k, v in params.items()])
     return f"srt://127.0.0.1:{port}?{query}"

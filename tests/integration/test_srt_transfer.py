@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from media.errors import SrtApiError, SrtUnavailable
+from media.errors import SrtApiError
 from media.srt.binding import (
     EpollFlag,
     EpollOpt,
@@ -24,16 +24,6 @@ from media.srt.binding import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def lib():
-    try:
-        library = SrtLibrary.open()
-    except SrtUnavailable as exc:
-        pytest.skip(f"libsrt not installed: {exc}")
-    yield library
-    library.close()
 
 
 def _listener(lib: SrtLibrary, latency_ms: int = 40) -> tuple[int, int]:

@@ -43,16 +43,6 @@ from media.srt.binding import (
 LP64 = ctypes.sizeof(ctypes.c_void_p) == 8
 
 
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        library = SrtLibrary.open()
-    except SrtUnavailable as exc:
-        pytest.skip(f"libsrt not installed: {exc}")
-    yield library
-    library.close()
-
-
 # -- numbers from srt.h (libsrt 1.5.1) -------------------------------------
 
 
