@@ -91,6 +91,10 @@ class WebRtcSettings(_Section):
     #: it at net.core.wmem_max). When it is full the viewer loses packets,
     #: is moved down a layer, then dropped — it never slows the others.
     backlog_bytes: int = Field(524288, ge=16384)
+    #: A viewer whose every send fails for this long (a route that went away,
+    #: a firewall that drops all of its packets) is disconnected; shorter
+    #: runs of send errors are counted and survived (seconds).
+    send_failure_timeout_s: float = Field(5.0, gt=0)
     #: Seconds a client should wait before retrying a WHEP request for a
     #: stream that is not live (409 Retry-After).
     retry_after_s: int = Field(2, ge=1)

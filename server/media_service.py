@@ -203,6 +203,7 @@ class MediaService:
         self.whep = WhepService(ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
+                                send_failure_timeout=settings.webrtc.send_failure_timeout_s,
                                 on_frame_sent=self._frame_sent)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
         self.srt: SrtListener | None = None
@@ -361,9 +362,12 @@ class MediaService:
                     "viewers": len(viewers), "viewers_by_layer": {}}
         st = stream.stats()
         by_layer: dict[str, int] = {}
+        now = time.monotonic()
+        struggling = 0
         for v in viewers:
             key = v.layer_name or "starting"
             by_layer[key] = by_layer.get(key, 0) + 1
+            struggling += v.snapshot(now).struggling
         tracks = []
         for t in st.tracks:
             d = {k: getattr(t, k) for k in t.__dataclass_fields__}
@@ -395,6 +399,7 @@ class MediaService:
         return {
             "live": st.state == StreamState.LIVE, "state": st.state.value, "source": source,
             "tracks": tracks, "layers": list(st.layers), "viewers": len(viewers), "viewers_by_layer": by_layer,
+            "viewers_struggling": struggling,
             "srt_readers": st.ts_readers, "bytes_in": st.ts_bytes_in, "drops": st.drops_total,
             "warnings": warnings,
         }
@@ -422,19 +427,44 @@ class MediaService:
             viewers.add_metric([name, layer], n)
         yield from (streams, bitrate, viewers, drops)
 
-        sent = CounterMetricFamily("returnfeed_webrtc_packets_sent", "RTP packets sent to viewers", labels=[])
-        sent_bytes = CounterMetricFamily("returnfeed_webrtc_bytes_sent", "RTP bytes sent to viewers", labels=[])
-        nacks = CounterMetricFamily("returnfeed_webrtc_nacks", "NACK packets received from viewers", labels=[])
-        rtx = CounterMetricFamily("returnfeed_webrtc_retransmits", "Packets retransmitted to viewers", labels=[])
-        plis = CounterMetricFamily("returnfeed_webrtc_plis", "PLI/FIR received from viewers", labels=[])
-        totals = [0, 0, 0, 0, 0]
-        for s in list(self.whep.sessions.values()):
-            x = s.stats
-            for i, v in enumerate((x.packets_sent, x.bytes_sent, x.nacks, x.retransmits, x.plis + x.firs)):
-                totals[i] += v
-        for fam, v in zip((sent, sent_bytes, nacks, rtx, plis), totals):
-            fam.add_metric([], v)
+        # Totals include closed sessions: every _total only ever goes up.
+        total, send_errors = self.whep.totals()
+        for name, value, doc in (
+            ("returnfeed_webrtc_packets_sent", total.packets_sent, "RTP packets sent to viewers"),
+            ("returnfeed_webrtc_bytes_sent", total.bytes_sent, "RTP bytes sent to viewers, retransmissions included"),
+            ("returnfeed_webrtc_nacks", total.nacks, "NACK packets received from viewers"),
+            ("returnfeed_webrtc_retransmits", total.retransmits, "Packets retransmitted to viewers"),
+            ("returnfeed_webrtc_retransmit_bytes", total.retransmit_bytes, "Bytes retransmitted to viewers"),
+            ("returnfeed_webrtc_plis", total.plis + total.firs, "PLI/FIR received from viewers"),
+            ("returnfeed_webrtc_viewer_freezes", total.freezes,
+             "Viewer pictures that froze (a PLI/FIR until the next keyframe reached the viewer)"),
+            ("returnfeed_webrtc_viewer_frozen_seconds", total.frozen_s,
+             "Seconds viewers spent between a PLI/FIR and the next keyframe"),
+        ):
+            fam = CounterMetricFamily(name, doc)
+            fam.add_metric([], value)
             yield fam
+        errors = CounterMetricFamily("returnfeed_webrtc_send_errors", "Datagram sends to viewers that failed "
+                                     "(counted and survived unless they last)", labels=["errno"])
+        for code, n in send_errors.items():
+            errors.add_metric([code], n)
+        yield errors
+        closed = CounterMetricFamily("returnfeed_webrtc_sessions_closed", "WHEP sessions ended, by reason",
+                                     labels=["reason"])
+        for reason, n in self.whep.closed_by_reason.items():
+            closed.add_metric([reason], n)
+        yield closed
+        struggling = GaugeMetricFamily("returnfeed_webrtc_viewers_struggling",
+                                       "Viewers frozen, failing to receive, or losing more than the "
+                                       "down-switch threshold", labels=["stream"])
+        now = time.monotonic()
+        per_stream: dict[str, int] = {}
+        for s in list(self.whep.sessions.values()):
+            n = 1 if s.snapshot(now).struggling else 0
+            per_stream[s.stream_name] = per_stream.get(s.stream_name, 0) + n
+        for name, n in per_stream.items():
+            struggling.add_metric([name], n)
+        yield struggling
         switches = CounterMetricFamily("returnfeed_webrtc_layer_switches", "Layer switches",
                                        labels=["stream", "from", "to"])
         for (name, frm, to), n in self.whep.switches.items():

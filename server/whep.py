@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from aiohttp import web
@@ -35,7 +36,8 @@ from aiohttp import web
 from media.errors import UnsupportedMedia
 from media.webrtc.sdp import SdpError
 
-from .app import SETTINGS, Principal, principal
+from . import repo
+from .app import DB, SETTINGS, Principal, principal, require_production_role
 from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
@@ -156,8 +158,28 @@ async def whep_head(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200 if live else 409, headers=headers)
 
 
+async def stream_viewers(request: web.Request) -> web.StreamResponse:
+    """``GET /api/v1/streams/{name}/viewers``: every WHEP viewer of a stream
+    with its layer, loss, RTT, bandwidth estimate, freezes, send errors and
+    retransmissions (directors of the stream's production)."""
+    p = await principal(request)
+    name = request.match_info["name"]
+    row = await repo.stream_by_name(request.app[DB].pool, name)
+    if row is None:
+        raise NotFound("no such stream")
+    await require_production_role(request, p, row["production_id"], "director")
+    now = time.monotonic()
+    viewers = [s.snapshot(now) for s in request.app[MEDIA].whep.viewers(name)]
+    by_layer: dict[str, int] = {}
+    for v in viewers:
+        by_layer[v.layer or "starting"] = by_layer.get(v.layer or "starting", 0) + 1
+    return web.json_response({"stream": name, "viewers": [v.as_json() for v in viewers],
+                              "by_layer": by_layer, "struggling": sum(v.struggling for v in viewers)})
+
+
 def setup(app: web.Application) -> None:
     r = app.router
+    r.add_route("GET", "/api/v1/streams/{name}/viewers", stream_viewers)
     r.add_route("POST", "/whep/{stream}", whep_post)
     r.add_route("OPTIONS", "/whep/{stream}", whep_options)
     r.add_route("HEAD", "/whep/{stream}", whep_head)

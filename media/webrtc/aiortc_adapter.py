@@ -185,25 +185,142 @@ def offered_header_extensions(transceiver: Any) -> list[Any]:
     return list(transceiver._headerExtensions)
 
 
+#: linux/udp.h UDP_MAX_SEGMENTS: the most datagrams one GSO send may carry
+#: (64 on the kernels we run on; newer ones allow 128).
+GSO_MAX_SEGMENTS = 64
+#: The most bytes one GSO send may carry: a UDP payload is at most
+#: 65,535 − 8 (UDP header) − 20 (IPv4 header) = 65,507 bytes (RFC 768,
+#: RFC 791); the kernel answers ``EMSGSIZE`` above it. Kept a little lower.
+GSO_MAX_BYTES = 65_000
+
+#: Errors one datagram send can meet that say nothing about the viewer's
+#: next send: a firewall rule that drops this packet (EPERM), a full device
+#: queue (ENOBUFS), an ICMP error from an earlier datagram reported on this
+#: one (ECONNREFUSED, EHOSTUNREACH, ENETUNREACH), a route change (ENETDOWN,
+#: EHOSTDOWN, EADDRNOTAVAIL), a datagram the path cannot carry (EMSGSIZE).
+#: They are counted and the session goes on; only an error that lasts
+#: (see :attr:`DatagramSender.failing_since`) ends a session.
+TRANSIENT_SEND_ERRNOS = frozenset({
+    errno.EPERM, errno.ENOBUFS, errno.EAGAIN, errno.ECONNREFUSED, errno.EMSGSIZE, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EADDRNOTAVAIL, errno.EINTR,
+})
+
+#: GSO errors that mean "this socket's route cannot segment" (no UDP GSO in
+#: the kernel, a device without checksum offload): send one datagram at a
+#: time on this socket from then on.
+_GSO_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO})
+
+
+class DatagramSender:
+    """Send already-protected datagrams to one peer on a non-blocking UDP
+    socket, with UDP generic segmentation offload for runs of equal size.
+
+    ``send_batch`` groups consecutive datagrams of one size — the FU-A
+    fragments of a frame — into one ``sendmsg`` with ``UDP_SEGMENT`` (Linux
+    ≥ 4.18), capped at :data:`GSO_MAX_SEGMENTS` datagrams and
+    :data:`GSO_MAX_BYTES` bytes per call: a single-slice 1080p keyframe is
+    130 KB and more, past the kernel's limit for one send. Measured here 5.3
+    → 2.8 µs per packet for runs of five. Any GSO failure resends that run
+    one datagram at a time, so a GSO problem never costs a packet.
+
+    Per-datagram outcome, never an exception for a transient problem:
+
+    * the socket buffer is full (``EAGAIN``): the datagram is dropped for
+      this viewer only and counted in ``backlogged`` — the bounded per-viewer
+      send queue DESIGN.md asks for;
+    * a transient error (:data:`TRANSIENT_SEND_ERRNOS`): counted in
+      ``errors`` (by errno in ``errors_by_errno``); the next send is tried.
+
+    ``failing_since`` is the ``now`` of the first failed send after the last
+    successful one (``None`` while sends succeed): the session ends a viewer
+    only when it stays set for a while. Other ``OSError``s (a closed socket)
+    propagate.
+    """
+
+    __slots__ = ("sock", "addr", "gso", "backlogged", "errors", "errors_by_errno", "last_errno",
+                 "failing_since", "gso_fallbacks")
+
+    gso_available = hasattr(socket, "SOL_UDP") and sys.platform.startswith("linux")
+
+    def __init__(self, sock: Any, addr: Any) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.gso = DatagramSender.gso_available
+        self.backlogged = 0
+        self.errors = 0
+        self.errors_by_errno: dict[int, int] = {}
+        self.last_errno: int | None = None
+        self.failing_since: float | None = None
+        self.gso_fallbacks = 0
+
+    def _failed(self, exc: OSError, count: int, now: float) -> None:
+        code = exc.errno or 0
+        if code not in TRANSIENT_SEND_ERRNOS:
+            raise exc
+        self.errors += count
+        self.errors_by_errno[code] = self.errors_by_errno.get(code, 0) + count
+        self.last_errno = code
+        if self.failing_since is None:
+            self.failing_since = now
+
+    def send(self, data: bytes, now: float = 0.0) -> int:
+        """Send one datagram; return the bytes written (0 when it was dropped)."""
+        try:
+            self.sock.sendto(data, self.addr)
+        except BlockingIOError:
+            self.backlogged += 1
+            return 0
+        except OSError as exc:
+            self._failed(exc, 1, now)
+            return 0
+        self.failing_since = None
+        return len(data)
+
+    def send_batch(self, datas: list[bytes], now: float = 0.0) -> int:
+        """Send several datagrams in order; return the bytes written."""
+        sent = 0
+        i, n = 0, len(datas)
+        send = self.send
+        while i < n:
+            size = len(datas[i])
+            j = i + 1
+            if self.gso:
+                limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size) if size else 1
+                while j < n and j - i < limit and len(datas[j]) == size:
+                    j += 1
+            if j - i > 1:
+                try:
+                    self.sock.sendmsg([b"".join(datas[i:j])], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))],
+                                      0, self.addr)
+                except BlockingIOError:
+                    self.backlogged += j - i
+                except OSError as exc:
+                    # Whatever the kernel disliked about the batch, the
+                    # datagrams themselves may be fine: send them one by one.
+                    self.gso_fallbacks += 1
+                    if exc.errno in _GSO_UNSUPPORTED:
+                        self.gso = False
+                    for k in range(i, j):
+                        sent += send(datas[k], now)
+                else:
+                    sent += size * (j - i)
+                    self.failing_since = None
+            else:
+                sent += send(datas[i], now)
+            i = j
+        return sent
+
+
 class FastPath:
     """Synchronous SRTP-protect + send on a connected DTLS transport.
 
     Packets go straight to the nominated ICE pair's UDP socket (a duplicate
     of the descriptor aioice's transport owns), not through the transport's
-    write buffer: a viewer whose kernel buffer is full loses the datagram
-    and the caller hears about it (``backlogged``), which is the bounded
-    per-viewer send queue DESIGN.md asks for.
-
-    ``send_batch`` uses UDP generic segmentation offload (Linux ≥ 4.18,
-    ``UDP_SEGMENT``) for runs of equal-size packets — the FU-A fragments of
-    a frame — so one system call carries several datagrams; measured here
-    5.3 → 2.8 µs per packet for runs of five. Where the kernel refuses it,
-    it falls back to one ``sendto`` per packet for the rest of the process.
+    write buffer, through a :class:`DatagramSender` (GSO batching, transient
+    errors counted and survived, a full buffer drops for this viewer only).
     """
 
-    __slots__ = ("_dtls", "_srtp", "_conn", "_sock", "_sock_of", "_sndbuf", "backlogged")
-
-    gso_ok = hasattr(socket, "SOL_UDP") and sys.platform.startswith("linux")
+    __slots__ = ("_dtls", "_srtp", "_conn", "_sender", "_sock_of", "_sndbuf")
 
     def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
         self._dtls = dtls_transport
@@ -212,93 +329,63 @@ class FastPath:
         if self._srtp is None:
             raise ConnectionError("DTLS transport has no SRTP session yet")
         self._conn = dtls_transport.transport._connection  # aioice.Connection
-        self._sock: socket.socket | None = None
+        self._sender: DatagramSender | None = None
         self._sock_of: Any = None
-        self.backlogged = 0
 
-    def _pair(self) -> Any:
+    @property
+    def sender(self) -> DatagramSender | None:
+        """The current socket's sender (its counters), once anything was sent."""
+        return self._sender
+
+    @property
+    def backlogged(self) -> int:
+        return self._sender.backlogged if self._sender is not None else 0
+
+    def _current(self) -> DatagramSender:
         pair = self._conn._nominated.get(1)
         if pair is None:
             raise ConnectionError("no nominated ICE candidate pair")
-        return pair
-
-    def _socket(self, pair: Any) -> socket.socket:
         transport = pair.protocol.transport
         if transport is None:
             raise ConnectionError("ICE transport closed")
-        if self._sock_of is not transport:
-            self.close()
-            self._sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-            self._sock.setblocking(False)
+        sender = self._sender
+        if self._sock_of is not transport or sender is None:
+            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+            sock.setblocking(False)
             if self._sndbuf:
                 # The viewer's send queue: the kernel buffer of its socket.
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            fresh = DatagramSender(sock, pair.remote_addr)
+            if sender is not None:
+                # Counters describe the viewer, not one socket.
+                fresh.backlogged, fresh.errors, fresh.gso_fallbacks = (
+                    sender.backlogged, sender.errors, sender.gso_fallbacks)
+                fresh.errors_by_errno = sender.errors_by_errno
+                fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
+                sender.sock.close()
+            self._sender = sender = fresh
             self._sock_of = transport
-        assert self._sock is not None
-        return self._sock
+        elif sender.addr != pair.remote_addr:
+            sender.addr = pair.remote_addr
+        return sender
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self._sock_of = None
+        if self._sender is not None:
+            self._sender.sock.close()
+        self._sock_of = None
 
-    def send_rtp(self, packet: bytes) -> int:
+    def send_rtp(self, packet: bytes, now: float = 0.0) -> int:
         """Protect and send one RTP packet; return the bytes written (0 when
-        the socket's buffer was full and the packet was dropped)."""
-        data = self._srtp.protect(packet)
-        pair = self._pair()
-        try:
-            self._socket(pair).sendto(data, pair.remote_addr)
-        except BlockingIOError:
-            self.backlogged += 1
-            return 0
-        return len(data)
+        it was dropped: full buffer or a transient error, both counted)."""
+        return self._current().send(self._srtp.protect(packet), now)
 
-    def send_batch(self, packets: list[bytes]) -> int:
+    def send_batch(self, packets: list[bytes], now: float = 0.0) -> int:
         """Protect and send several RTP packets; return the bytes written."""
         protect = self._srtp.protect
-        datas = [protect(p) for p in packets]
-        pair = self._pair()
-        sock = self._socket(pair)
-        addr = pair.remote_addr
-        sent = 0
-        i, n = 0, len(datas)
-        while i < n:
-            size = len(datas[i])
-            j = i + 1
-            if FastPath.gso_ok:
-                while j < n and j - i < 64 and len(datas[j]) == size:
-                    j += 1
-            try:
-                if j - i > 1:
-                    try:
-                        sock.sendmsg([b"".join(datas[i:j])], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))], 0,
-                                       addr)
-                    except OSError as exc:
-                        if exc.errno not in (errno.EINVAL, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EIO):
-                            raise
-                        FastPath.gso_ok = False  # this kernel cannot segment: one sendto each from now on
-                        continue
-                    sent += size * (j - i)
-                else:
-                    sock.sendto(datas[i], addr)
-                    sent += size
-            except BlockingIOError:
-                self.backlogged += j - i
-            i = j
-        return sent
+        return self._current().send_batch([protect(p) for p in packets], now)
 
-    def send_rtcp(self, packet: bytes) -> int:
-        data = self._srtp.protect_rtcp(packet)
-        pair = self._pair()
-        try:
-            self._socket(pair).sendto(data, pair.remote_addr)
-        except BlockingIOError:
-            return 0
-        return len(data)
-
-
+    def send_rtcp(self, packet: bytes, now: float = 0.0) -> int:
+        return self._current().send(self._srtp.protect_rtcp(packet), now)
 
 
 # -- WHIP ingest: RTP captured before aiortc's receivers (media/webrtc/whip.py) --------

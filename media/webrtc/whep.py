@@ -27,6 +27,7 @@ one ticker for all sessions (sender reports, liveness).
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import secrets
 import time
@@ -51,6 +52,9 @@ from .sdp import Offer, SdpError, choose_h264, choose_opus
 
 log = logging.getLogger("returnfeed.webrtc")
 
+#: Close reasons that mean something went wrong (logged as warnings).
+_FAILURE_REASONS = frozenset({"send_failed", "transport_closed", "ice_failed", "slow_viewer"})
+
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 
@@ -65,7 +69,14 @@ class SessionStats:
     firs: int = 0
     switches: int = 0
     backlog_events: int = 0
-    send_errors: int = 0
+    retransmit_bytes: int = 0
+    freezes: int = 0
+    frozen_s: float = 0.0
+
+    def add(self, other: "SessionStats") -> None:
+        """Accumulate ``other`` (a closed session's totals) into these."""
+        for name in SessionStats.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass(slots=True)
@@ -84,6 +95,39 @@ class SessionInfo:
     state: str
     created: float
     stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ViewerSnapshot:
+    """One viewer as a director sees it (``GET /api/v1/streams/{s}/viewers``).
+
+    ``loss`` is the smoothed fraction lost from the viewer's receiver reports,
+    ``rtt_ms`` the round trip from them, ``estimate_bps`` the viewer's
+    bandwidth estimate (REMB); ``frozen`` is true between a picture request
+    (PLI/FIR) and the next keyframe that reached it; ``struggling`` is true
+    while it is frozen, its sends fail, or its loss is above the down-switch
+    threshold.
+    """
+
+    id: str
+    stream: str
+    layer: str | None
+    pinned: bool
+    state: str
+    since_s: float
+    loss: float | None
+    rtt_ms: float | None
+    estimate_bps: int | None
+    frozen: bool
+    struggling: bool
+    errors_by_errno: dict[str, int]
+    counters: dict[str, int | float]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "layer": self.layer, "pinned": self.pinned, "state": self.state,
+                "since_s": self.since_s, "loss": self.loss, "rtt_ms": self.rtt_ms,
+                "estimate_bps": self.estimate_bps, "frozen": self.frozen, "struggling": self.struggling,
+                "send_errors_by_errno": self.errors_by_errno, **self.counters}
 
 
 class WhepSession:
@@ -109,6 +153,10 @@ class WhepSession:
         self._attached = False
         self.closed = False
         self._closing: asyncio.Task | None = None
+        self.close_reason: str | None = None
+        # A viewer that asked for a picture (PLI/FIR) shows a frozen or broken
+        # one until the next keyframe of its layer reaches it.
+        self._frozen_since: float | None = None
         self.answer_note = ""
         self.sdp_answer = ""
 
@@ -175,7 +223,7 @@ class WhepSession:
         state = self.pc.connectionState
         if state in ("failed", "closed") and not self.closed:
             log.info("webrtc.viewer_state", extra={"fields": {"session": self.id, "state": state}})
-            self.close_soon()
+            self.close_soon("ice_failed" if state == "failed" else "peer_closed")
 
     def _on_sender_ready(self, sender: adapter.ForwardingSender, parameters: RTCRtpSendParameters) -> None:
         track = self._tracks[sender.kind]
@@ -194,7 +242,7 @@ class WhepSession:
             try:
                 self._fast = adapter.FastPath(sender.transport, sndbuf=self.service.backlog_limit)
             except ConnectionError:
-                self.close_soon()
+                self.close_soon("transport_closed")
                 return
         if all(t.rewriter is not None for t in self._tracks.values()) and not self._attached:
             self._attached = True
@@ -246,16 +294,23 @@ class WhepSession:
                 out.append(data)
         if not out:
             return
+        if (self._frozen_since is not None and index != AUDIO and packets[0].keyframe_start
+                and rw.current_layer == index):
+            self.stats.freezes += 1
+            self.stats.frozen_s += max(0.0, now - self._frozen_since)
+            self._frozen_since = None
         before = fast.backlogged
         try:
-            nbytes = fast.send_batch(out)
+            nbytes = fast.send_batch(out, now)
         except (ConnectionError, OSError, AttributeError):
-            # AttributeError: the ICE transport went away under us.
-            self.stats.send_errors += 1
-            self.close_soon()
+            # The ICE transport or its socket went away under us (transient
+            # send errors never get here: the sender counts and survives them).
+            self.close_soon("transport_closed")
             return
         self.stats.packets_sent += len(out)
         self.stats.bytes_sent += nbytes
+        if fast.sender is not None and fast.sender.failing_since is not None:
+            self._check_send_failure(now)
         if fast.backlogged != before:
             # The kernel buffer of this viewer's socket was full: packets were
             # dropped for this viewer only. Move it down, or drop it.
@@ -264,7 +319,19 @@ class WhepSession:
                 self._apply(self._selector.on_send_queue_overflow(now))
 
     def on_stream_ended(self) -> None:
-        self.close_soon()
+        self.close_soon("stream_ended")
+
+    def _check_send_failure(self, now: float) -> None:
+        """End the session only when sends have failed for
+        ``send_failure_timeout`` seconds without one success in between."""
+        sender = self._fast.sender if self._fast is not None else None
+        if sender is None or sender.failing_since is None:
+            return
+        if now - sender.failing_since >= self.service.send_failure_timeout:
+            code = sender.last_errno
+            name = errno.errorcode.get(code, str(code)) if code is not None else "unknown"
+            self.close_soon("send_failed", detail=f"every send failed for "
+                            f"{now - sender.failing_since:.1f} s (last error {name})")
 
     # -- RTCP ------------------------------------------------------------------------
 
@@ -288,18 +355,24 @@ class WhepSession:
             out = track.rewriter.retransmit(packet.lost, self.fanout.histories(), now)
             for data in out:
                 try:
-                    self._fast.send_rtp(data)
+                    nbytes = self._fast.send_rtp(data, now)
                 except (ConnectionError, OSError, AttributeError):
-                    self.stats.send_errors += 1
+                    self.close_soon("transport_closed")
                     return
+                self.stats.retransmit_bytes += nbytes
+                self.stats.bytes_sent += nbytes
             self.stats.retransmits += len(out)
         elif isinstance(packet, Pli):
             if packet.media_ssrc == ssrc and kind == "video":
                 self.stats.plis += 1
+                if self._frozen_since is None:
+                    self._frozen_since = now
                 self.service.on_keyframe_request(self.stream_name)
         elif isinstance(packet, Fir):
             if kind == "video" and any(e.ssrc == ssrc for e in packet.entries):
                 self.stats.firs += 1
+                if self._frozen_since is None:
+                    self._frozen_since = now
                 self.service.on_keyframe_request(self.stream_name)
         elif isinstance(packet, Remb):
             if kind == "video" and self._selector is not None and ssrc in packet.ssrcs:
@@ -312,7 +385,7 @@ class WhepSession:
             log.info("webrtc.viewer_dropped", extra={"fields": {
                 "session": self.id, "stream": self.stream_name, "reasons": [r.value for r in decision.reasons]}})
             self.service.count_drop(self.stream_name)
-            self.close_soon()
+            self.close_soon("slow_viewer")
             return
         video = self._tracks.get("video")
         if video is not None and video.rewriter is not None:
@@ -368,29 +441,60 @@ class WhepSession:
             sr = rw.sender_report(now, wall)
             sdes = Sdes((SdesChunk(track.sender.ssrc, ((1, self.service.cname),)),))
             try:
-                self._fast.send_rtcp(serialize_rtcp((sr, sdes)))
+                self._fast.send_rtcp(serialize_rtcp((sr, sdes)), now)
             except (ConnectionError, OSError, AttributeError):
-                self.close_soon()
+                self.close_soon("transport_closed")
                 return
+        self._check_send_failure(now)
+
+    def counters(self) -> dict[str, int | float]:
+        """Cumulative figures of this viewer (send errors from its sender)."""
+        s = self.stats
+        sender = self._fast.sender if self._fast is not None else None
+        return {"packets_sent": s.packets_sent, "bytes_sent": s.bytes_sent, "nacks": s.nacks,
+                "retransmits": s.retransmits, "retransmit_bytes": s.retransmit_bytes, "plis": s.plis,
+                "firs": s.firs, "switches": s.switches, "backlog_events": s.backlog_events,
+                "send_errors": sender.errors if sender is not None else 0,
+                "freezes": s.freezes, "frozen_s": round(s.frozen_s, 3)}
+
+    def snapshot(self, now: float) -> "ViewerSnapshot":
+        """What a director (and /metrics) sees of this viewer now."""
+        sel = self._selector
+        sender = self._fast.sender if self._fast is not None else None
+        loss = sel.loss if sel is not None else None
+        failing = sender is not None and sender.failing_since is not None
+        frozen = self._frozen_since is not None
+        frozen_s = self.stats.frozen_s + (now - self._frozen_since if self._frozen_since is not None else 0.0)
+        struggling = frozen or failing or (loss is not None and sel is not None and loss > sel.policy.down_loss)
+        return ViewerSnapshot(
+            id=self.id, stream=self.stream_name, layer=self.layer_name, pinned=self._pin_name is not None,
+            state=self.pc.connectionState, since_s=round(time.time() - self.created, 1),
+            loss=None if loss is None else round(loss, 4),
+            rtt_ms=None if sel is None or sel.rtt is None else round(sel.rtt * 1000.0, 1),
+            estimate_bps=None if sel is None or sel.bandwidth is None else round(sel.bandwidth),
+            frozen=frozen, struggling=struggling,
+            errors_by_errno={errno.errorcode.get(k, str(k)): v for k, v in sender.errors_by_errno.items()}
+            if sender is not None else {},
+            counters={**self.counters(), "frozen_s": round(frozen_s, 3)})
 
     def info(self) -> SessionInfo:
-        s = self.stats
         return SessionInfo(self.id, self.stream_name, self.layer_name, self._pin_name is not None,
-                           self.pc.connectionState, self.created,
-                           {"packets_sent": s.packets_sent, "bytes_sent": s.bytes_sent, "nacks": s.nacks,
-                            "retransmits": s.retransmits, "plis": s.plis, "switches": s.switches,
-                            "backlog_events": s.backlog_events})
+                           self.pc.connectionState, self.created, self.counters())
 
-    def close_soon(self) -> None:
+    def close_soon(self, reason: str, detail: str = "") -> None:
         if self._closing is None and not self.closed:
-            self._closing = asyncio.get_running_loop().create_task(self.close())
+            self._closing = asyncio.get_running_loop().create_task(self.close(reason, detail))
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "deleted", detail: str = "") -> None:
         if self.closed:
             return
         self.closed = True
+        self.close_reason = reason
         self.fanout.detach(self)
         self.service._forget(self)
+        log.log(logging.WARNING if reason in _FAILURE_REASONS else logging.INFO, "webrtc.viewer_closed",
+                extra={"fields": {"session": self.id, "stream": self.stream_name, "reason": reason,
+                                  "detail": detail, "layer": self.layer_name, **self.counters()}})
         if self._fast is not None:
             self._fast.close()
         try:
@@ -403,13 +507,14 @@ class WhepService:
     """All WHEP sessions of this process, and one fan-out per stream."""
 
     def __init__(self, *, ice_servers: list[dict[str, Any]] | None = None, max_viewers: int = 2000,
-                 backlog_limit: int = 512 * 1024,
+                 backlog_limit: int = 512 * 1024, send_failure_timeout: float = 5.0,
                  on_keyframe_request: Callable[[str], None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
         adapter.ensure_h264_profiles()
         self.ice_servers = ice_servers or []
         self.max_viewers = max_viewers
         self.backlog_limit = backlog_limit
+        self.send_failure_timeout = send_failure_timeout
         self.cname = ("returnfeed-" + secrets.token_hex(4)).encode()
         self.sessions: dict[str, WhepSession] = {}
         self.fanouts: dict[str, StreamFanout] = {}
@@ -418,6 +523,10 @@ class WhepService:
         self._on_frame_sent = on_frame_sent
         self.switches: dict[tuple[str, str, str], int] = {}
         self.drops: dict[str, int] = {}
+        #: Totals of closed sessions, so that every ``_total`` stays a counter.
+        self.closed_totals = SessionStats()
+        self.closed_send_errors: dict[str, int] = {}
+        self.closed_by_reason: dict[str, int] = {}
         self._ticker: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -467,7 +576,31 @@ class WhepService:
         return session
 
     def _forget(self, session: WhepSession) -> None:
-        self.sessions.pop(session.id, None)
+        if self.sessions.pop(session.id, None) is None:
+            return
+        self.closed_totals.add(session.stats)
+        sender = session._fast.sender if session._fast is not None else None
+        if sender is not None:
+            for code, n in sender.errors_by_errno.items():
+                name = errno.errorcode.get(code, str(code))
+                self.closed_send_errors[name] = self.closed_send_errors.get(name, 0) + n
+        reason = session.close_reason or "deleted"
+        self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
+
+    def totals(self) -> tuple[SessionStats, dict[str, int]]:
+        """Cumulative figures over every session this process has had, and
+        send errors by errno: closed sessions plus the live ones."""
+        total = SessionStats()
+        total.add(self.closed_totals)
+        errors = dict(self.closed_send_errors)
+        for session in list(self.sessions.values()):
+            total.add(session.stats)
+            sender = session._fast.sender if session._fast is not None else None
+            if sender is not None:
+                for code, n in sender.errors_by_errno.items():
+                    name = errno.errorcode.get(code, str(code))
+                    errors[name] = errors.get(name, 0) + n
+        return total, errors
 
     def viewers(self, stream: str) -> list[WhepSession]:
         return [s for s in self.sessions.values() if s.stream_name == stream]

@@ -81,3 +81,45 @@ def test_chromium_plays_srt_source(api_server, profile, size) -> None:
     assert video[-1]["freezeCount"] == 0
     assert video[-1]["frameWidth"] == int(size.split("x")[0])
     assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
+
+
+@pytest.mark.parametrize("size, fps, bitrate", [("1920x1080", 15, "12M"), ("3840x2160", 3, "12M")])
+def test_chromium_keeps_playing_single_slice_keyframes(api_server, size, fps, bitrate) -> None:
+    """Keyframes of one NAL far past one UDP send (x264 without sliced
+    threads, as OBS and hardware encoders send): Chromium keeps decoding
+    through several GOPs and the server still lists its session."""
+    base = api_server.url
+    admin = login(base, "admin", api_server.admin_password)["access_token"]
+    http("POST", f"{base}/api/v1/productions", {"name": "Chromium"}, token=admin)
+    name = f"chrome-bigkey-{size.split('x')[1]}"
+    r = http("POST", f"{base}/api/v1/streams", {"name": name, "production": "Chromium"}, token=admin)
+    assert r.status == 201, r.body
+    url = r.json()["srt_url"].replace(":8890?", f":{api_server.srt_port}?").replace(":0?", f":{api_server.srt_port}?")
+    single_slice = ["-preset", "ultrafast", "-x264-params", f"sliced-threads=0:keyint={fps}", "-bf", "0",
+                    "-maxrate", bitrate, "-bufsize", bitrate]
+    proc = ffmpeg_publish(url, seconds=60, size=size, fps=fps, source="testsrc2", bitrate=bitrate,
+                          profile="high", extra=single_slice)
+    seen: list[dict] = []
+
+    async def watch() -> list[dict]:
+        async def poll_viewers() -> None:
+            await asyncio.sleep(7)
+            seen.append(http("GET", f"{base}/api/v1/streams/{name}/viewers", token=admin).json())
+
+        task = asyncio.ensure_future(poll_viewers())
+        samples = await _play(base, name, admin, 8)
+        await task
+        return samples
+
+    try:
+        wait_live(base, name, admin, timeout=30)
+        samples = asyncio.run(watch())
+    finally:
+        stop_process(proc)
+    video = [s["video"] for s in samples if "video" in s]
+    print(f"{size}: {video[-1]}; server: {seen}")
+    assert video[-1]["frameWidth"] == int(size.split("x")[0])
+    assert video[-1]["keyFramesDecoded"] >= 3, video  # several ~100+ KB keyframes got through
+    assert video[-1]["framesDecoded"] > video[len(video) // 2]["framesDecoded"], video  # still decoding
+    viewers = seen[0]["viewers"]
+    assert len(viewers) == 1 and viewers[0]["send_errors"] == 0, seen

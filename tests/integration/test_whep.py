@@ -176,3 +176,119 @@ def test_viewer_that_goes_away_without_delete_is_freed(env) -> None:
 
     during, after = asyncio.run(run())
     assert during == 200 and after == 404
+
+
+# x264 without sliced threads — what OBS and most hardware encoders send —
+# puts a whole keyframe in one NAL: its FU-A run is well past the 65,507
+# bytes one UDP send (and so one GSO batch) may carry.
+BIG_KEYFRAMES = {
+    "1080p": dict(size="1920x1080", fps=15, bitrate="12M", min_keyframe=130_000),
+    # aiortc's receiver holds at most 512 packets (≈ 600 KB) in its jitter
+    # buffer, so its 4K keyframe stays near 340 KB (five UDP sends' worth).
+    "4k": dict(size="3840x2160", fps=3, bitrate="4M", min_keyframe=300_000),
+}
+
+
+def _single_slice(fps: int, bitrate: str) -> list[str]:
+    return ["-preset", "ultrafast", "-x264-params", f"sliced-threads=0:keyint={2 * fps}", "-bf", "0",
+            "-maxrate", bitrate, "-bufsize", bitrate]
+
+
+def _keyframe_sizes(size: str, fps: int, bitrate: str) -> list[int]:
+    import subprocess
+
+    enc = subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={fps}",
+         "-t", "3", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-tune", "zerolatency", "-b:v", bitrate,
+         *_single_slice(fps, bitrate), "-f", "h264", "-"], capture_output=True, check=True)
+    probe = subprocess.run(["ffprobe", "-v", "error", "-f", "h264", "-show_entries", "packet=size,flags",
+                            "-of", "csv", "-"], input=enc.stdout, capture_output=True, check=True)
+    return [int(line.split(",")[1]) for line in probe.stdout.decode().splitlines() if ",K" in line]
+
+
+@pytest.mark.parametrize("kind", sorted(BIG_KEYFRAMES))
+def test_large_single_slice_keyframes_keep_every_viewer(env, kind) -> None:
+    """A keyframe bigger than one UDP send never disconnects a viewer: three
+    aiortc viewers decode a single-slice source for several GOPs and their
+    sessions are still there to DELETE afterwards."""
+    spec = BIG_KEYFRAMES[kind]
+    sizes = _keyframe_sizes(spec["size"], spec["fps"], spec["bitrate"])
+    assert sizes and min(sizes) > spec["min_keyframe"], sizes  # the test source is what it claims
+    base, admin = env["base"], env["admin"]
+    name = f"bigkey-{kind}"
+    r = http("POST", f"{base}/api/v1/streams", {"name": name, "production": "WHEP show"}, token=admin)
+    assert r.status == 201, r.body
+    env["streams"][name] = r.json()
+    proc = ffmpeg_publish(env["srt"](name), seconds=60, size=spec["size"], fps=spec["fps"], source="testsrc2",
+                          bitrate=spec["bitrate"], extra=_single_slice(spec["fps"], spec["bitrate"]))
+    try:
+        wait_live(base, name, admin, timeout=30)
+        seconds = 8 if kind == "4k" else 5
+
+        async def viewers() -> list[dict]:
+            return await asyncio.gather(*(aiortc_whep_receive(f"{base}/whep/{name}", admin, seconds)
+                                          for _ in range(3)))
+
+        results = asyncio.run(viewers())
+        metrics = http("GET", f"{base}/metrics").body.decode()
+    finally:
+        stop_process(proc)
+    for out in results:
+        assert out["status"] == 201, out.get("body")
+        # Still alive at the end: the session answered DELETE, not 404.
+        assert out["delete_status"] == 200, out
+        assert out["width"] == int(spec["size"].split("x")[0]), out
+        assert out["video"] >= spec["fps"] * (seconds - 3), out
+    assert 'returnfeed_webrtc_sessions_closed_total{reason="send_failed"}' not in metrics
+    assert 'returnfeed_webrtc_sessions_closed_total{reason="transport_closed"}' not in metrics
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_per_viewer_state_for_directors_and_counters_that_never_go_down(env) -> None:
+    base, admin = env["base"], env["admin"]
+    seen: dict = {}
+
+    async def watch() -> dict:
+        async def look() -> None:
+            await asyncio.sleep(3)
+            seen["viewers"] = http("GET", f"{base}/api/v1/streams/live1/viewers", token=admin)
+            seen["stream"] = http("GET", f"{base}/api/v1/streams/live1", token=admin).json()
+            seen["metrics"] = http("GET", f"{base}/metrics").body.decode()
+
+        task = asyncio.ensure_future(look())
+        out = await aiortc_whep_receive(f"{base}/whep/live1", admin, 4)
+        await task
+        return out
+
+    out = asyncio.run(watch())
+    assert out["status"] == 201 and out["delete_status"] == 200
+    r = seen["viewers"]
+    assert r.status == 200, r.body
+    body = r.json()
+    assert body["stream"] == "live1" and body["by_layer"]
+    mine = [v for v in body["viewers"] if out["location"].endswith("/" + v["id"])]
+    assert len(mine) == 1, body
+    v = mine[0]
+    for key in ("layer", "loss", "rtt_ms", "estimate_bps", "frozen", "struggling", "packets_sent", "bytes_sent",
+                "nacks", "retransmits", "retransmit_bytes", "plis", "send_errors", "freezes", "frozen_s"):
+        assert key in v, key
+    assert v["layer"] == "high" and v["packets_sent"] > 0 and v["send_errors"] == 0
+    assert v["rtt_ms"] is not None and v["loss"] is not None  # the viewer sends receiver reports
+    assert seen["stream"]["viewers_by_layer"].get("high", 0) >= 1
+    assert "viewers_struggling" in seen["stream"]
+    during = _metric(seen["metrics"], "returnfeed_webrtc_packets_sent_total")
+    after = http("GET", f"{base}/metrics").body.decode()
+    # The session is closed now; its packets still count.
+    assert _metric(after, "returnfeed_webrtc_packets_sent_total") >= during > 0
+    assert _metric(after, 'returnfeed_webrtc_sessions_closed_total{reason="deleted"}') >= 1
+    # Only directors see viewers.
+    link = http("POST", f"{base}/api/v1/streams/live1/links", {"action": "read"}, token=admin).json()["token"]
+    assert http("GET", f"{base}/api/v1/streams/live1/viewers", token=link).status == 403
+    assert http("GET", f"{base}/api/v1/streams/nosuch/viewers", token=admin).status == 404
+    assert http("GET", f"{base}/api/v1/streams/live1/viewers").status == 401

@@ -183,7 +183,22 @@ function streamBadges(s) {
   if (a && a.codec) out.push(h("span", { class: "badge" }, a.codec.toUpperCase()));
   const bps = tracks.reduce((n, t) => n + (Number(t.bitrate_bps) || 0), 0);
   if (bps) out.push(h("span", { class: "badge", title: "bitrate in" }, formatBitrate(bps)));
-  if (typeof s.viewers === "number") out.push(h("span", { class: "badge", title: "WHEP viewers" }, `viewers ${s.viewers}`));
+  if (typeof s.viewers === "number") {
+    // Viewers per layer ("viewers 12 · high 9 · low 3") and how many struggle
+    // (frozen, failing sends, or losing more than the down-switch threshold).
+    const byLayer = s.viewers_by_layer && typeof s.viewers_by_layer === "object" ? s.viewers_by_layer : {};
+    const parts = [`viewers ${s.viewers}`];
+    const names = Object.keys(byLayer);
+    if (names.length > 1 || (names.length === 1 && s.viewers > 0 && Array.isArray(s.layers) && s.layers.length > 1)) {
+      for (const name of names.sort()) parts.push(`${name} ${byLayer[name]}`);
+    }
+    out.push(h("span", { class: "badge", title: "WHEP viewers by layer", "data-badge": "viewers" }, parts.join(" · ")));
+    const struggling = Number(s.viewers_struggling) || 0;
+    if (struggling > 0) {
+      out.push(h("span", { class: "badge b-warn", title: "viewers frozen, losing packets or failing to receive",
+                           "data-badge": "struggling" }, `⚠ ${struggling} struggling`));
+    }
+  }
   const src = s.source;
   if (src) {
     const parts = [(src.protocol || "").toUpperCase()].filter(Boolean);

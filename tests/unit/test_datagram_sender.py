@@ -1,0 +1,174 @@
+"""The viewer send path: GSO batches within the kernel's limits, transient
+errors counted and survived (media/webrtc/aiortc_adapter.py DatagramSender)."""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import pytest
+
+from media.webrtc.aiortc_adapter import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, DatagramSender
+
+
+@pytest.fixture()
+def pair():
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.settimeout(2)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    tx.setblocking(False)
+    yield tx, rx
+    tx.close()
+    rx.close()
+
+
+def _receive(rx: socket.socket, n: int) -> list[bytes]:
+    return [rx.recv(65535) for _ in range(n)]
+
+
+def _keyframe(total: int, size: int = 1228) -> list[bytes]:
+    """The FU-A run of one large NAL: equal-size datagrams, then a shorter last one."""
+    full, rest = divmod(total, size)
+    out = [bytes([i & 0xFF]) * size for i in range(full)]
+    if rest:
+        out.append(b"\xee" * rest)
+    return out
+
+
+@pytest.mark.parametrize("total", [79_000, 140_000, 1_200_000])  # 720p, 1080p single slice, 4K keyframe
+def test_large_keyframe_arrives_whole_and_in_order(pair, total) -> None:
+    tx, rx = pair
+    sender = DatagramSender(tx, rx.getsockname())
+    datas = _keyframe(total)
+    sent = sender.send_batch(datas, now=1.0)
+    got = _receive(rx, len(datas))
+    assert got == datas
+    assert sent == total
+    assert sender.errors == 0 and sender.failing_since is None and sender.backlogged == 0
+
+
+class _Sock:
+    """A socket double that records sends and fails as scripted."""
+
+    def __init__(self, fail=None) -> None:
+        self.gso_calls: list[tuple[int, int]] = []
+        self.single: list[bytes] = []
+        self.fail = fail or (lambda kind, data: None)
+
+    def sendmsg(self, buffers, ancdata, flags, addr):
+        data = buffers[0]
+        self.fail("gso", data)
+        self.gso_calls.append((len(data), int.from_bytes(ancdata[0][2], "little")))
+        return len(data)
+
+    def sendto(self, data, addr):
+        self.fail("one", data)
+        self.single.append(data)
+        return len(data)
+
+
+def test_gso_batches_respect_count_and_byte_limits() -> None:
+    sock = _Sock()
+    sender = DatagramSender(sock, ("127.0.0.1", 9))
+    sender.gso = True
+    datas = _keyframe(1228 * 200)
+    assert sender.send_batch(datas) == 1228 * 200
+    assert sock.gso_calls, "runs of equal size go out with GSO"
+    for nbytes, segment in sock.gso_calls:
+        assert segment == 1228
+        assert nbytes <= GSO_MAX_BYTES and nbytes // segment <= GSO_MAX_SEGMENTS
+
+
+def test_any_gso_error_falls_back_to_single_sends() -> None:
+    def fail(kind, data):
+        if kind == "gso":
+            raise OSError(errno.EMSGSIZE, "Message too long")
+
+    sock = _Sock(fail)
+    sender = DatagramSender(sock, ("127.0.0.1", 9))
+    sender.gso = True
+    datas = _keyframe(1228 * 10)
+    assert sender.send_batch(datas) == 1228 * 10
+    assert sock.single == datas
+    assert sender.gso_fallbacks >= 1 and sender.gso, "EMSGSIZE does not turn GSO off for good"
+    assert sender.errors == 0
+
+
+def test_gso_unsupported_turns_it_off_for_this_socket() -> None:
+    def fail(kind, data):
+        if kind == "gso":
+            raise OSError(errno.EIO, "Input/output error")
+
+    sock = _Sock(fail)
+    sender = DatagramSender(sock, ("127.0.0.1", 9))
+    sender.gso = True
+    datas = _keyframe(1228 * 4)
+    sender.send_batch(datas)
+    sender.send_batch(datas)
+    assert sock.single == datas + datas
+    assert not sender.gso and sender.gso_fallbacks == 1
+
+
+@pytest.mark.parametrize("code", [errno.EPERM, errno.ENOBUFS, errno.ECONNREFUSED, errno.EMSGSIZE,
+                                  errno.EHOSTUNREACH, errno.ENETUNREACH])
+def test_transient_errors_are_counted_and_survived(code) -> None:
+    calls = {"n": 0}
+
+    def fail(kind, data):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:  # a firewall dropping one packet in three
+            raise OSError(code, "refused")
+
+    sock = _Sock(fail)
+    sender = DatagramSender(sock, ("127.0.0.1", 9))
+    sender.gso = False
+    datas = [bytes([i]) * 100 for i in range(30)]
+    sent = sender.send_batch(datas, now=5.0)
+    assert len(sock.single) == 20 and sent == 2000
+    assert sender.errors == 10 and sender.errors_by_errno == {code: 10}
+    assert sender.last_errno == code
+    # the last send succeeded: not failing
+    sender.send(b"x" * 10, now=6.0)
+    assert sender.failing_since is None
+
+
+def test_failing_since_marks_an_unbroken_run_of_failures() -> None:
+    state = {"fail": True}
+
+    def fail(kind, data):
+        if state["fail"]:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+    sock = _Sock(fail)
+    sender = DatagramSender(sock, ("127.0.0.1", 9))
+    sender.gso = False
+    sender.send(b"a", now=10.0)
+    sender.send(b"b", now=12.0)
+    assert sender.failing_since == 10.0
+    state["fail"] = False
+    sender.send(b"c", now=13.0)
+    assert sender.failing_since is None
+    assert sender.errors == 2
+
+
+def test_full_buffer_drops_for_this_viewer_only() -> None:
+    def fail(kind, data):
+        raise BlockingIOError(errno.EAGAIN, "full")
+
+    sender = DatagramSender(_Sock(fail), ("127.0.0.1", 9))
+    sender.gso = True
+    assert sender.send_batch(_keyframe(1228 * 5)) == 0
+    assert sender.backlogged == 5 and sender.errors == 0 and sender.failing_since is None
+
+
+def test_a_closed_socket_is_not_transient() -> None:
+    def fail(kind, data):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    sender = DatagramSender(_Sock(fail), ("127.0.0.1", 9))
+    sender.gso = False
+    with pytest.raises(OSError):
+        sender.send(b"x")
