@@ -1,0 +1,177 @@
+"""Fan-out cost of two checkouts, side by side, in one sitting.
+
+For each checkout (a directory holding a ReturnFeed tree, e.g. a
+``git worktree`` of the commit before a change) this starts that tree's
+server with its own embedded PostgreSQL, creates a stream and a read link,
+publishes one pre-encoded clip into it with ``ffmpeg -c copy`` (so the
+publisher costs next to nothing), runs :mod:`whep_swarm` from *this* tree
+against it and records the server's CPU per delivered packet. Rounds
+alternate A, B, A, B … so that drift in the machine's load hits both.
+
+    .venv/bin/python loadtests/fanout_ab.py --checkout before=../rf-before \\
+        --checkout after=. --viewers 200 --hold 30 --rounds 2
+
+Prints one line per run and the median per checkout. A benchmark, not a
+test: figures depend on the machine; compare only within one sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
+SRT_BANNER = re.compile(r"SRT listener on port (\d+)")
+PASSWORD = "fanout-ab-benchmark-password"
+
+
+def api(method: str, url: str, body: object = None, token: str | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def make_clip(path: Path, kbps: int, seconds: int) -> None:
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=30",
+         "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", str(seconds),
+         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "veryfast", "-tune", "zerolatency", "-bf", "0",
+         "-g", "30", "-b:v", f"{kbps}k", "-maxrate", f"{kbps}k", "-bufsize", f"{kbps}k",
+         "-c:a", "libopus", "-b:a", "64k", "-f", "mpegts", str(path)], check=True)
+
+
+class Server:
+    def __init__(self, checkout: Path, data_dir: Path, cpus: str | None) -> None:
+        env = dict(os.environ, RETURNFEED_ADMIN_PASSWORD=PASSWORD, RETURNFEED_LOG__LEVEL="warning",
+                   PYTHONPATH=str(checkout))
+        env.pop("DATABASE_URL", None)
+        python = checkout / ".venv" / "bin" / "python"
+        cmd = [str(python if python.exists() else sys.executable), "-m", "server.cli", "serve",
+               "--data-dir", str(data_dir), "--http-port", "0", "--srt-port", "0"]
+        if cpus:
+            cmd = ["taskset", "-c", cpus, *cmd]
+        self.proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, start_new_session=True)
+        self.port = self.srt_port = 0
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                if m := SRT_BANNER.search(line):
+                    self.srt_port = int(m.group(1))
+                if m := BANNER.search(line):
+                    self.port = int(m.group(1))
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(90) or not self.port:
+            self.stop()
+            raise RuntimeError(f"server from {checkout} did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="rf-ab-") as tmp:
+        server = Server(checkout, Path(tmp) / "data", args.server_cpus)
+        publisher = None
+        try:
+            base = f"http://127.0.0.1:{server.port}"
+            token = api("POST", f"{base}/api/v1/auth/login", {"username": "admin", "password": PASSWORD})["access_token"]
+            api("POST", f"{base}/api/v1/productions", {"name": "bench"}, token)
+            stream = api("POST", f"{base}/api/v1/streams", {"name": "cam1", "production": "bench"}, token)
+            srt = re.sub(r"srt://[^/?]+", f"srt://127.0.0.1:{server.srt_port}", stream["srt_url"])
+            publisher = subprocess.Popen(
+                ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+                 "-c", "copy", "-f", "mpegts", srt + "&latency=20000"], start_new_session=True)
+            link = api("POST", f"{base}/api/v1/streams/cam1/links", {"action": "read"}, token)["token"]
+            deadline = time.monotonic() + 20
+            while not api("GET", f"{base}/api/v1/streams/cam1", None, token).get("live"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("stream did not go live")
+                time.sleep(0.2)
+            out = Path(tmp) / "swarm.json"
+            cmd = [sys.executable, str(HERE / "whep_swarm.py"), "--url", f"{base}/whep/cam1?token={link}",
+                   "--viewers", str(args.viewers), "--procs", str(args.procs), "--rate", str(args.rate),
+                   "--hold", str(args.hold), "--server-pid", str(server.proc.pid), "--json", str(out)]
+            if args.nack:
+                cmd.append("--nack")
+            if args.swarm_cpus:
+                cmd = ["taskset", "-c", args.swarm_cpus, *cmd]
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False, timeout=args.hold + 240)
+            report = json.loads(out.read_text())
+        finally:
+            if publisher is not None:
+                os.killpg(publisher.pid, signal.SIGTERM)
+                publisher.wait(10)
+            server.stop()
+    sv = report["server"]
+    return {"label": label, "us_per_packet": sv.get("us_per_packet"), "core_pct": sv.get("core_pct"),
+            "receiving": report["viewers"]["receiving"], "lost": report["sequence_window"]["lost"],
+            "viewers": args.viewers}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkout", action="append", required=True, metavar="LABEL=DIR")
+    ap.add_argument("--viewers", type=int, default=200)
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--hold", type=float, default=30.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--kbps", type=int, default=1000)
+    ap.add_argument("--nack", action="store_true")
+    ap.add_argument("--server-cpus", help="taskset list for the server (e.g. 0,1)")
+    ap.add_argument("--swarm-cpus", help="taskset list for the swarm (e.g. 2-15)")
+    args = ap.parse_args()
+    checkouts = []
+    for spec in args.checkout:
+        label, _, path = spec.partition("=")
+        checkouts.append((label, Path(path).resolve()))
+    with tempfile.TemporaryDirectory(prefix="rf-ab-clip-") as tmp:
+        clip = Path(tmp) / "clip.ts"
+        make_clip(clip, args.kbps, 20)
+        results: list[dict] = []
+        for round_ in range(args.rounds):
+            for label, path in checkouts:
+                r = one_run(label, path, clip, args)
+                results.append(r)
+                print(f"round {round_ + 1} {label}: {r['us_per_packet']:.2f} µs per packet-viewer, "
+                      f"{r['core_pct']:.0f}% of a core, {r['receiving']}/{r['viewers']} viewers receiving, "
+                      f"{r['lost']} lost",
+                      flush=True)
+    print()
+    for label, _ in checkouts:
+        values = [r["us_per_packet"] for r in results if r["label"] == label and r["us_per_packet"]]
+        if values:
+            print(f"{label}: median {statistics.median(values):.2f} µs per packet-viewer over {len(values)} runs "
+                  f"({', '.join(f'{v:.2f}' for v in values)})")
+
+
+if __name__ == "__main__":
+    main()
