@@ -127,7 +127,7 @@ async def whep_layer(request: web.Request) -> web.StreamResponse:
     session = _session(request, p)
     try:
         data = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("body must be JSON {\"layer\": ...}") from None
     layer = data.get("layer") if isinstance(data, dict) else None
     if not isinstance(layer, str):

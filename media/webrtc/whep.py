@@ -404,8 +404,9 @@ class WhepSession:
 
     def pin(self, layer: str | None) -> None:
         """Pin to a layer name, or ``None`` for automatic selection."""
-        if layer is not None and self._layer_names and layer not in self._layer_names:
-            raise ValueError(f"no layer {layer!r}; layers: {', '.join(self._layer_names)}")
+        known = self._layer_names or self.fanout.layers
+        if layer is not None and layer not in known:
+            raise ValueError(f"no layer {layer!r}; layers: {', '.join(known) or 'none yet'}")
         self._pin_name = layer
         if self._selector is None:
             return

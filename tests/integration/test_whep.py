@@ -296,3 +296,15 @@ def test_per_viewer_state_for_directors_and_counters_that_never_go_down(env) -> 
     assert http("GET", f"{base}/api/v1/streams/live1/viewers", token=link).status == 403
     assert http("GET", f"{base}/api/v1/streams/nosuch/viewers", token=admin).status == 404
     assert http("GET", f"{base}/api/v1/streams/live1/viewers").status == 401
+
+
+def test_layer_control_refuses_unknown_layers_and_hostile_json(env) -> None:
+    base, admin = env["base"], env["admin"]
+    r = _post(env, "live1")
+    assert r.status == 201
+    loc = r.headers["Location"]
+    for raw in (b'{"layer": "ultra"}', b"[" * 200_000, b'{"layer": 7}', b"\xff\xfe"):
+        r = http("POST", base + loc + "/layer", raw=raw, token=admin, headers={"Content-Type": "application/json"})
+        assert r.status == 400, (raw[:20], r.status, r.body[:200])
+        assert r.json()["error"] == "bad_request"
+    assert http("DELETE", base + loc, token=admin).status == 200
