@@ -367,6 +367,10 @@ def test_control_room_shows_live_tile(control, sources):
     badges = page.text_content(".tile[data-name=cam1] .tile-badges")
     assert "LIVE" in badges and "H264" in badges and "640×360" in badges, badges
     assert "SRT" in badges and "RTT" in badges, badges
+    # The tile is itself a WHEP viewer of cam1: the viewers badge counts it.
+    page.wait_for_function("""() => { const b = document.querySelector(
+        '.tile[data-name=cam1] [data-badge=viewers]'); return b && /viewers [1-9]/.test(b.textContent); }""",
+                           timeout=15000)
     offline = page.text_content(".tile[data-name=cam2] .tile-badges")
     assert "OFFLINE" in offline, offline
 
