@@ -90,6 +90,7 @@ class _Pid:
         "pps",
         "pts_time",
         "pts_late",
+        "start_time",
         # PSI
         "sec_buf",
         "last_section",
@@ -122,6 +123,7 @@ class _Pid:
         self.pps: bytes | None = None
         self.pts_time: float | None = None
         self.pts_late = False
+        self.start_time: float | None = None  # the now of the feed carrying the current PES's first packet
         self.sec_buf: bytearray | None = None
         self.last_section: bytes | None = None
         self.psi_time: float | None = None
@@ -147,6 +149,14 @@ class TsDemuxer:
         message_size: the transport's full message size (SRT/UDP live mode:
             7 × 188 = 1316); a message shorter than this that ends on a video
             PID is taken as an encoder flush (rule MESSAGE).
+        quiet_gap: seconds without data after a full-size message that ended
+            on an unbounded PES before that PES is taken as complete (rule
+            QUIET, see :meth:`next_deadline`); None disables the rule. The
+            messages of one frame leave an encoder back to back (tens of µs
+            apart, measured on FFmpeg's UDP output), frames 16–40 ms apart;
+            10 ms is twice Python's GIL switch interval, the longest a
+            receiving thread should wait to hand over data that already
+            arrived while the consumer's thread runs.
         program_number: which program to follow; None = the first in the PAT.
         pcr_repetition_limit: TR 101 290 2.3a limit (100 ms), measured on
             arrival times. FFmpeg spaces PCRs exactly 100 ms apart in stream
@@ -163,9 +173,12 @@ class TsDemuxer:
         message_size: int = 1316,
         program_number: int | None = None,
         pcr_repetition_limit: float = 0.1,
+        quiet_gap: float | None = 0.010,
     ) -> None:
         if max_pes_size < 1024:
             raise ValueError("max_pes_size must be at least 1024 bytes")
+        if quiet_gap is not None and not 0 < quiet_gap < 1:
+            raise ValueError("quiet_gap must be between 0 and 1 second")
         self._cap = max_pes_size
         self._pid_timeout = pid_timeout
         self._early = early_completion
@@ -174,7 +187,16 @@ class TsDemuxer:
         # one wrong guess.
         self._message_rule = early_completion
         self._full_messages = False
+        self._short_messages = False
         self._message_size = message_size
+        # QUIET rule: armed once the sender showed both full messages and
+        # flushes; disarmed for good after one wrong guess. The candidate is
+        # the PES whose packet ended the last full message, with its parts
+        # list and length then (any later payload of the PID changes them).
+        self._quiet_gap = quiet_gap
+        self._quiet_rule = early_completion and quiet_gap is not None
+        self._quiet: tuple[_Pid, list[bytes], int] | None = None
+        self._last_data = 0.0
         self._program_number = program_number
         self._pcr_limit = pcr_repetition_limit
         self._pids: dict[int, _Pid] = {}
@@ -215,7 +237,7 @@ class TsDemuxer:
         self._pes_oversize = 0
         self._scrambled = 0
         self._access_units = 0
-        self._completed = [0, 0, 0, 0, 0]  # indexed by Completion
+        self._completed = [0] * len(Completion)  # indexed by Completion
         self._early_overrun = 0
 
     # ------------------------------------------------------------------ API
@@ -256,6 +278,7 @@ class TsDemuxer:
             completed_length=c[Completion.LENGTH],
             completed_stuffing=c[Completion.STUFFING],
             completed_message=c[Completion.MESSAGE],
+            completed_quiet=c[Completion.QUIET],
             early_overrun=self._early_overrun,
         )
 
@@ -276,8 +299,8 @@ class TsDemuxer:
         (seconds, monotonic). Returns the events it completed, in order.
 
         ``end_of_message``: ``data`` is exactly one whole transport message
-        (an SRT/UDP datagram). Enables the MESSAGE early-completion rule.
-        Never raises on malformed input."""
+        (an SRT/UDP datagram). Enables the MESSAGE and QUIET
+        early-completion rules. Never raises on malformed input."""
         if type(data) is not bytes:
             data = bytes(data)
         events: list = []
@@ -286,6 +309,10 @@ class TsDemuxer:
             self._pat_time = now
         n = len(data)
         if n:
+            # Only poll() fires rule QUIET: data that arrives late may have
+            # been waiting in the receiving thread, so it is no proof of
+            # silence.
+            self._last_data = now
             if not self._tail and self._locked and n % 188 == 0:
                 k = n // 188
                 if data[0::188] == (_SYNC_RUNS[k] if k < 64 else b"\x47" * k):
@@ -296,6 +323,10 @@ class TsDemuxer:
                 self._feed_slow(data, now, events)
             if end_of_message and n == self._message_size:
                 self._full_messages = True
+                if self._quiet_rule and self._short_messages and not self._tail and self._locked:
+                    self._quiet_candidate(data, n)
+            elif end_of_message and n < self._message_size:
+                self._short_messages = True
             if (
                 end_of_message
                 and self._message_rule
@@ -321,17 +352,44 @@ class TsDemuxer:
             self._tick(now)
         return events
 
-    def poll(self, now: float) -> None:
-        """Advance the clock without data (updates timeout counters)."""
+    def next_deadline(self) -> float | None:
+        """When :meth:`poll` should next be called to complete a frame by
+        rule QUIET (the ``now`` clock of :meth:`feed`), or None.
+
+        Set after a full-size message (``end_of_message``) whose last packet
+        belongs to an unbounded PES: FFmpeg flushes its output after each
+        frame, so when the frame's bytes fill the message exactly no short
+        message marks its end; the silence that follows does. The clock
+        restarts with every feed, so a burst still being received is never
+        cut."""
+        quiet = self._quiet
+        if quiet is None:
+            return None
+        st, parts, count = quiet
+        if st.parts is not parts or len(parts) != count or st.state != _S_COLLECT:
+            self._quiet = None  # the PES went on or was completed otherwise
+            return None
+        return self._last_data + self._quiet_gap
+
+    def poll(self, now: float) -> list:
+        """Advance the clock without data (updates timeout counters).
+        Returns the events completed by rule QUIET (see
+        :meth:`next_deadline`)."""
         if self._started is None:
             self._started = now
             self._pat_time = now
+        events: list = []
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline:
+            self._fire_quiet(now, events)
         self._tick(now)
+        return events
 
     def flush(self, now: float) -> list:
         """End of input: emit every PES still being collected (unbounded
         ones as complete, bounded ones cut short as errors)."""
         events: list = []
+        self._quiet = None
         for st in list(self._pids.values()):
             if st.role == _R_PES and st.state == _S_COLLECT:
                 if st.expected == 0:
@@ -341,6 +399,25 @@ class TsDemuxer:
                     st.reset_pes()
         self._tail = b""
         return events
+
+    def _quiet_candidate(self, data: bytes, n: int) -> None:
+        """Remember the PES that the last packet of a full message belongs to."""
+        last = n - 188
+        self._quiet = None
+        if data[last] != _SYNC or not data[last + 3] & 0x10:
+            return
+        st = self._pids.get(((data[last + 1] & 0x1F) << 8) | data[last + 2])
+        if st is not None and st.role == _R_PES and st.state == _S_COLLECT and st.expected == 0 and st.parts:
+            self._quiet = (st, st.parts, len(st.parts))
+
+    def _fire_quiet(self, now: float, events: list) -> None:
+        st, parts, count = self._quiet
+        self._quiet = None
+        # Unchanged since the message that ended on it: no payload of the PID
+        # arrived during the silence (a new PES or more of this one would
+        # have replaced or grown the parts list).
+        if st.role == _R_PES and st.state == _S_COLLECT and st.parts is parts and len(parts) == count:
+            self._try_early(st, Completion.QUIET, now, events)
 
     # ------------------------------------------------------------ framing
 
@@ -488,7 +565,12 @@ class TsDemuxer:
                     used += 1 + buf[off + 5 + used]  # transport_private_data
                 if flags & 0x01 and used < afl:
                     used += 1 + buf[off + 5 + used]  # adaptation_field_extension
-                stuffed = afl > used
+                # An adaptation field with no flag set carries nothing: its
+                # bytes only pad the packet (§2.4.3.4/§2.4.3.5). FFmpeg's
+                # mpegts_write_pes writes exactly that (`01 00`) when two
+                # bytes are left over in a PES's last packet, one more than
+                # the lone length byte (`00`) it writes for one.
+                stuffed = afl > used or not flags
         if discontinuity and st.role == _R_PES:
             events.append(TsDiscontinuity(pid, DiscontinuityReason.INDICATOR, now))
         if not afc & 1:
@@ -565,6 +647,7 @@ class TsDemuxer:
             st.state = _S_COLLECT
             st.corrupt = False
             st.done_early = None
+            st.start_time = now
             self._pes_length(st, now, events)
             if st.state != _S_COLLECT:
                 return
@@ -593,6 +676,8 @@ class TsDemuxer:
                     self._early_overrun += 1
                     if st.done_early == Completion.MESSAGE:
                         self._message_rule = False
+                    elif st.done_early == Completion.QUIET:
+                        self._quiet_rule = False
                     else:
                         st.early_ok = False
                     self._pes_error(st, ErrorKind.EARLY_OVERRUN, f"payload after early completion ({st.done_early.name}); rule disabled", now, events)
@@ -741,7 +826,7 @@ class TsDemuxer:
             self._pes_error(st, ErrorKind.ES_INVALID, "PES without H.264 NAL units", now, events)
             return False
         self._access_units += 1
-        events.append(AccessUnit(st.pid, "h264", pts, dts, keyframe, payload, now, st.sps, st.pps, st.corrupt, how))
+        events.append(AccessUnit(st.pid, "h264", pts, dts, keyframe, payload, now, st.sps, st.pps, st.corrupt, how, st.start_time))
         return True
 
     def _emit_other(self, st, payload, pts, dts, how, now, events, plausible_only) -> bool:
@@ -754,7 +839,7 @@ class TsDemuxer:
                     keyframe = True
                     break
         self._access_units += 1
-        events.append(AccessUnit(st.pid, st.codec or "unknown", pts, dts, keyframe, payload, now, None, None, st.corrupt, how))
+        events.append(AccessUnit(st.pid, st.codec or "unknown", pts, dts, keyframe, payload, now, None, None, st.corrupt, how, st.start_time))
         return True
 
     def _emit_aac(self, st, payload, pts, how, now, events, plausible_only) -> bool:
@@ -787,7 +872,7 @@ class TsDemuxer:
         elapsed = 0
         for s, e, samples in frames:
             fpts = None if pts is None else (pts + (elapsed * 180000 + rate) // (2 * rate)) & _TS_MASK
-            events.append(AccessUnit(st.pid, "aac", fpts, fpts, True, payload[s:e], now, None, None, st.corrupt, how))
+            events.append(AccessUnit(st.pid, "aac", fpts, fpts, True, payload[s:e], now, None, None, st.corrupt, how, st.start_time))
             elapsed += samples
         self._access_units += len(frames)
         return bool(frames)
@@ -816,7 +901,7 @@ class TsDemuxer:
         elapsed = 0
         for s, e, samples in units:
             upts = None if pts is None else (pts + elapsed * 90000 // 48000) & _TS_MASK
-            events.append(AccessUnit(st.pid, "opus", upts, upts, True, payload[s:e], now, None, None, st.corrupt, how))
+            events.append(AccessUnit(st.pid, "opus", upts, upts, True, payload[s:e], now, None, None, st.corrupt, how, st.start_time))
             elapsed += samples
         self._access_units += len(units)
         return bool(units)
