@@ -65,6 +65,7 @@ class CatalogEntry:
     production_id: int
     passphrase: str
     pbkeylen: int
+    latency_ms: int | None = None  # None: the listener's srt.latency_ms
 
 
 class StreamCatalog:
@@ -281,10 +282,11 @@ class MediaService:
 
     async def refresh_catalog(self) -> None:
         pool = self.db.pool
-        rows = await pool.fetch("SELECT id, name, production_id, passphrase, pbkeylen FROM streams")
+        rows = await pool.fetch("SELECT id, name, production_id, passphrase, pbkeylen, latency_ms FROM streams")
         revoked = await pool.fetch("SELECT jti FROM revoked_links WHERE expires_at > now()")
         self.catalog.replace(
-            (CatalogEntry(r["id"], r["name"], r["production_id"], r["passphrase"], r["pbkeylen"]) for r in rows),
+            (CatalogEntry(r["id"], r["name"], r["production_id"], r["passphrase"], r["pbkeylen"], r["latency_ms"])
+             for r in rows),
             (r["jti"] for r in revoked),
         )
 
@@ -315,12 +317,13 @@ class MediaService:
                     if p.active and (p.layer is None or req.layer is None or p.layer == req.layer):
                         return Decision.deny(REJ_CONFLICT, "stream is already being published")
             return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen,
-                                  reason="publish")
+                                  latency_ms=entry.latency_ms, reason="publish")
         if stream is None or stream.state != StreamState.LIVE:
             return Decision.deny(REJ_UNAVAILABLE, "stream is not live")
         if token_ok:
-            return Decision.allow(reason="read (link)")
-        return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen, reason="read")
+            return Decision.allow(latency_ms=entry.latency_ms, reason="read (link)")
+        return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen,
+                              latency_ms=entry.latency_ms, reason="read")
 
     def on_connection(self, conn: SrtConnection) -> None:
         req = conn.request
