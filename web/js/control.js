@@ -366,10 +366,10 @@ function renderSettings() {
 function streamCard(s) {
   const fields = [];
   if (s.srt_url) fields.push(copyField("SRT URL for FFmpeg / OBS (latency in µs)", s.srt_url));
-  if (s.srt_url_ms) fields.push(copyField("SRT URL for srt-live-transmit / GStreamer (latency in ms)", s.srt_url_ms));
   if (s.passphrase) fields.push(copyField("SRT passphrase", s.passphrase, { secret: true }));
   if (s.whip_url) fields.push(copyField("WHIP URL (bearer: a camera link token)", s.whip_url));
   if (s.whep_url) fields.push(copyField("WHEP URL", s.whep_url));
+  if (s.srt_url_ms) fields.push(copyField("SRT URL for srt-live-transmit / GStreamer (latency in ms)", s.srt_url_ms));
   if (s.srt_read_url) fields.push(copyField("SRT read URL", s.srt_read_url));
   // Directors (who see the passphrase) may change the latency.
   if (s.passphrase) fields.push(latencyForm(s));
@@ -443,9 +443,9 @@ async function createStream(ev) {
     $("create-result").replaceChildren(h("div", { class: "card result" },
       h("h3", {}, "Created ", h("code", {}, s.name)),
       s.srt_url ? copyField(`SRT URL for FFmpeg / OBS (latency ${s.latency_ms} ms, in µs)`, s.srt_url) : null,
-      s.srt_url_ms ? copyField("SRT URL for srt-live-transmit / GStreamer (latency in ms)", s.srt_url_ms) : null,
       s.passphrase ? copyField("SRT passphrase", s.passphrase, { secret: true }) : null,
       s.whip_url ? copyField("WHIP URL", s.whip_url) : null,
+      s.srt_url_ms ? copyField("SRT URL for srt-live-transmit / GStreamer (latency in ms)", s.srt_url_ms) : null,
       cameraBtn));
     await pollStreams();
   } catch (e) {
