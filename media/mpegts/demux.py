@@ -195,8 +195,12 @@ class TsDemuxer:
         # list and length then (any later payload of the PID changes them).
         self._quiet_gap = quiet_gap
         self._quiet_rule = early_completion and quiet_gap is not None
-        self._quiet: tuple[_Pid, list[bytes], int] | None = None
+        self._quiet_armed = False  # _quiet_rule and both message sizes seen
+        self._quiet: _Pid | None = None
+        self._quiet_parts: list[bytes] = []
+        self._quiet_count = 0
         self._last_data = 0.0
+        self._run_last: _Pid | None = None  # fast-path state of the last packet _run saw
         self._program_number = program_number
         self._pcr_limit = pcr_repetition_limit
         self._pids: dict[int, _Pid] = {}
@@ -317,16 +321,27 @@ class TsDemuxer:
                 k = n // 188
                 if data[0::188] == (_SYNC_RUNS[k] if k < 64 else b"\x47" * k):
                     self._run(data, 0, n, now, events)
+                    if self._quiet_armed and end_of_message and n == self._message_size:
+                        # Rule QUIET candidate: the PES (if any) that the
+                        # message's last packet carried payload of.
+                        st = self._run_last
+                        if st is not None and st.state == _S_COLLECT and st.expected == 0 and data[n - 185] & 0x10:
+                            self._quiet = st
+                            self._quiet_parts = st.parts
+                            self._quiet_count = len(st.parts)
+                        else:
+                            self._quiet = None
                 else:
                     self._feed_slow(data, now, events)
             else:
                 self._feed_slow(data, now, events)
             if end_of_message and n == self._message_size:
-                self._full_messages = True
-                if self._quiet_rule and self._short_messages and not self._tail and self._locked:
-                    self._quiet_candidate(data, n)
-            elif end_of_message and n < self._message_size:
+                if not self._full_messages:
+                    self._full_messages = True
+                    self._quiet_armed = self._quiet_rule and self._short_messages
+            elif end_of_message and n < self._message_size and not self._short_messages:
                 self._short_messages = True
+                self._quiet_armed = self._quiet_rule and self._full_messages
             if (
                 end_of_message
                 and self._message_rule
@@ -362,11 +377,10 @@ class TsDemuxer:
         message marks its end; the silence that follows does. The clock
         restarts with every feed, so a burst still being received is never
         cut."""
-        quiet = self._quiet
-        if quiet is None:
+        st = self._quiet
+        if st is None:
             return None
-        st, parts, count = quiet
-        if st.parts is not parts or len(parts) != count or st.state != _S_COLLECT:
+        if st.parts is not self._quiet_parts or len(st.parts) != self._quiet_count or st.state != _S_COLLECT:
             self._quiet = None  # the PES went on or was completed otherwise
             return None
         return self._last_data + self._quiet_gap
@@ -400,23 +414,13 @@ class TsDemuxer:
         self._tail = b""
         return events
 
-    def _quiet_candidate(self, data: bytes, n: int) -> None:
-        """Remember the PES that the last packet of a full message belongs to."""
-        last = n - 188
-        self._quiet = None
-        if data[last] != _SYNC or not data[last + 3] & 0x10:
-            return
-        st = self._pids.get(((data[last + 1] & 0x1F) << 8) | data[last + 2])
-        if st is not None and st.role == _R_PES and st.state == _S_COLLECT and st.expected == 0 and st.parts:
-            self._quiet = (st, st.parts, len(st.parts))
-
     def _fire_quiet(self, now: float, events: list) -> None:
-        st, parts, count = self._quiet
+        # Called when next_deadline() passed, which checked that no payload of
+        # the PID arrived during the silence (a new PES or more of this one
+        # would have replaced or grown the parts list).
+        st = self._quiet
         self._quiet = None
-        # Unchanged since the message that ended on it: no payload of the PID
-        # arrived during the silence (a new PES or more of this one would
-        # have replaced or grown the parts list).
-        if st.role == _R_PES and st.state == _S_COLLECT and st.parts is parts and len(parts) == count:
+        if st is not None and st.role == _R_PES:
             self._try_early(st, Completion.QUIET, now, events)
 
     # ------------------------------------------------------------ framing
@@ -499,6 +503,7 @@ class TsDemuxer:
         self._bytes += count * 188
         fast = self._fast
         slow = self._packet
+        st = None
         for off in range(start, end, 188):
             # Key includes TEI/PUSI/priority: only plain packets of a PES PID hit.
             st = fast.get((buf[off + 1] << 8) | buf[off + 2])
@@ -509,6 +514,7 @@ class TsDemuxer:
                 st.room -= 184
                 continue
             slow(buf, off, now, events)
+        self._run_last = st
 
     # ------------------------------------------------------------- packets
 
@@ -677,7 +683,7 @@ class TsDemuxer:
                     if st.done_early == Completion.MESSAGE:
                         self._message_rule = False
                     elif st.done_early == Completion.QUIET:
-                        self._quiet_rule = False
+                        self._quiet_rule = self._quiet_armed = False
                     else:
                         st.early_ok = False
                     self._pes_error(st, ErrorKind.EARLY_OVERRUN, f"payload after early completion ({st.done_early.name}); rule disabled", now, events)
