@@ -152,11 +152,11 @@ class TsDemuxer:
         quiet_gap: seconds without data after a full-size message that ended
             on an unbounded PES before that PES is taken as complete (rule
             QUIET, see :meth:`next_deadline`); None disables the rule. The
-            messages of one frame leave an encoder back to back (tens of µs
-            apart, measured on FFmpeg's UDP output), frames 16–40 ms apart;
-            10 ms is twice Python's GIL switch interval, the longest a
-            receiving thread should wait to hand over data that already
-            arrived while the consumer's thread runs.
+            messages of one frame leave an encoder back to back (FFmpeg over
+            UDP, real time, 70 s: mostly tens of µs apart, at most 2.7 ms),
+            frames 16–40 ms apart; 10 ms is also twice Python's GIL switch
+            interval, the longest a receiving thread should wait to hand
+            over data that already arrived while the consumer's thread runs.
         program_number: which program to follow; None = the first in the PAT.
         pcr_repetition_limit: TR 101 290 2.3a limit (100 ms), measured on
             arrival times. FFmpeg spaces PCRs exactly 100 ms apart in stream
@@ -681,7 +681,9 @@ class TsDemuxer:
                     # this transport).
                     self._early_overrun += 1
                     if st.done_early == Completion.MESSAGE:
-                        self._message_rule = False
+                        # short messages are not flushes after all, and
+                        # QUIET assumes the same framing
+                        self._message_rule = self._quiet_rule = self._quiet_armed = False
                     elif st.done_early == Completion.QUIET:
                         self._quiet_rule = self._quiet_armed = False
                     else:

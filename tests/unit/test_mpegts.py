@@ -493,6 +493,26 @@ def test_quiet_rule_wrong_guess_disarms_it():
         f.data for f in frames[cut_frame + 1 :]]
 
 
+def test_message_rule_wrong_guess_disarms_quiet_too():
+    """A short message that was not a flush shows the sender does not frame
+    by frame: QUIET, which trusts the same framing, goes off with MESSAGE."""
+    frames = real_video_units(12)
+    packets, last = _exact_fit_stream(frames)
+    msgs = _as_messages(packets, last)
+    idx = next(i for i, (m, ends) in enumerate(msgs) if ends == 2)
+    m = msgs[idx][0]
+    cut = next(k * 188 for k in range(1, len(m) // 188) if m[k * 188 - 1] != 0)
+    msgs[idx : idx + 1] = [(m[:cut], None), (m[cut:], 2)]
+    data, timed = _timed(msgs)
+    demux = TsDemuxer()
+    out = replay(data, timed, demux)
+    video = [e for e, _, _ in out if isinstance(e, AccessUnit)]
+    assert demux.counters().early_overrun == 1 and video[2].completion == Completion.MESSAGE
+    later = [v.completion for v in video[3:-1]]
+    assert Completion.NEXT_START in later and set(later) == {Completion.NEXT_START}
+    assert demux.next_deadline() is None
+
+
 def test_message_rule_needs_full_messages_first():
     """A sender that never fills a message (e.g. 4 packets per datagram)
     never arms the rule, so short messages are not taken as flushes."""
