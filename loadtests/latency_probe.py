@@ -483,6 +483,8 @@ async def run_whep(args: argparse.Namespace, target: SrtTarget, whep_url: str, t
                 out["runs"].append(_evaluate(n, viewer, sender, window, srt_latency_ns, swarm_report))
                 # includes the ramp for loaded runs (the scrape brackets the whole run)
                 out["runs"][-1]["server_histogram"] = histogram_window(m0, m1)
+                out["runs"][-1]["server_histogram_first_byte"] = histogram_window(
+                    m0, m1, "returnfeed_forwarding_latency_from_first_byte_seconds")
                 log(_line(out["runs"][-1]))
     finally:
         sender.stop_event.set()
@@ -533,10 +535,12 @@ def _line(r: dict[str, Any]) -> str:
     if "load" in r:
         load = f"; load {r['load']['connected']}/{r['load']['requested']} connected, lost {r['load']['lost']}"
     server = ""
-    h = r.get("server_histogram")
-    if h and h.get("frames"):
-        server = (f"\n      server's own histogram (whole run, bucket bounds): p50 ≤ {h.get('p50_le_ms')} ms, "
-                  f"p90 ≤ {h.get('p90_le_ms')} ms, p99 ≤ {h.get('p99_le_ms')} ms over {h['frames']} frames")
+    for key, what in (("server_histogram", "server's own histogram"),
+                      ("server_histogram_first_byte", "from the frame's first byte")):
+        h = r.get(key)
+        if h and h.get("frames"):
+            server += (f"\n      {what} (whole run, bucket bounds): p50 ≤ {h.get('p50_le_ms')} ms, "
+                       f"p90 ≤ {h.get('p90_le_ms')} ms, p99 ≤ {h.get('p99_le_ms')} ms over {h['frames']} frames")
     return (f"{r['viewers']:>4} viewers: frames {r['frames_matched']}/{r['frames_sent']} matched; added latency "
             f"ms p50 {f(a['p50'])} p90 {f(a['p90'])} p99 {f(a['p99'])} max {f(a['max'])} min {f(a['min'])}"
             f" (rtp ts {'= PTS' if r['rtp_ts_is_pts'] else 'offset ' + str(r['offset'])}){load}{server}")

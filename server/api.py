@@ -367,11 +367,35 @@ def _srt_host(request: web.Request) -> str:
     return host.rsplit(":", 1)[0] if ":" in host else host
 
 
-def srt_url(request: web.Request, streamid: str, passphrase: str, pbkeylen: int) -> str:
+#: Per-stream SRT latency bounds (ms), as the streams table checks them.
+LATENCY_MIN_MS, LATENCY_MAX_MS = 20, 8000
+
+
+def stream_latency_ms(request: web.Request, r: asyncpg.Record) -> int:
+    """The stream's own SRT latency, else the server's."""
+    own = r["latency_ms"]
+    return own if own is not None else request.app[SETTINGS].srt.latency_ms
+
+
+def srt_url(request: web.Request, streamid: str, passphrase: str, pbkeylen: int, latency_ms: int, *,
+            latency_unit_us: bool = True) -> str:
+    """A caller URL. libsrt agrees on the larger of both sides' latencies, so
+    the URL asks for the stream's. FFmpeg (and OBS, which uses FFmpeg's SRT
+    protocol) reads ``latency`` in microseconds; srt-live-transmit and
+    GStreamer read it in milliseconds (``latency_unit_us=False``)."""
     s = request.app[SETTINGS].srt
-    q = urlencode({"streamid": streamid, "passphrase": passphrase, "pbkeylen": pbkeylen, "mode": "caller"},
-                  quote_via=quote, safe=":#!=,")
+    latency = latency_ms * 1000 if latency_unit_us else latency_ms
+    q = urlencode({"streamid": streamid, "passphrase": passphrase, "pbkeylen": pbkeylen, "mode": "caller",
+                   "latency": latency}, quote_via=quote, safe=":#!=,")
     return f"srt://{_srt_host(request)}:{s.port}?{q}"
+
+
+def srt_urls(request: web.Request, key: str, streamid: str, r: asyncpg.Record) -> dict[str, str]:
+    """``key`` (latency in µs, FFmpeg/OBS) and ``key + '_ms'`` (srt-live-transmit, GStreamer)."""
+    latency = stream_latency_ms(request, r)
+    return {key: srt_url(request, streamid, r["passphrase"], r["pbkeylen"], latency),
+            key + "_ms": srt_url(request, streamid, r["passphrase"], r["pbkeylen"], latency,
+                                 latency_unit_us=False)}
 
 
 def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: bool) -> dict[str, Any]:
@@ -384,13 +408,15 @@ def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: boo
         "watch_url": f"{base}/watch/{quote(name)}",
         "srt_streamid": f"publish:{name}",
         "pbkeylen": r["pbkeylen"],
+        "latency_ms": stream_latency_ms(request, r),
+        "latency_default": r["latency_ms"] is None,
         "settings": r["settings"] if isinstance(r["settings"], dict) else json.loads(r["settings"]),
         "created_at": r["created_at"].isoformat(),
     }
     if secrets_visible:
         out["passphrase"] = r["passphrase"]
-        out["srt_url"] = srt_url(request, f"publish:{name}", r["passphrase"], r["pbkeylen"])
-        out["srt_read_url"] = srt_url(request, f"read:{name}", r["passphrase"], r["pbkeylen"])
+        out.update(srt_urls(request, "srt_url", f"publish:{name}", r))
+        out.update(srt_urls(request, "srt_read_url", f"read:{name}", r))
     out.update(request.app.get(LIVE_STATE, _offline)(name))
     return out
 
@@ -424,10 +450,11 @@ async def create_stream(request: web.Request) -> web.Response:
     pbkeylen = _int(data, "pbkeylen", default=request.app[SETTINGS].srt.pbkeylen)
     if pbkeylen not in (16, 24, 32):
         raise BadRequest("'pbkeylen' must be 16, 24 or 32")
+    latency_ms = _int(data, "latency_ms", lo=LATENCY_MIN_MS, hi=LATENCY_MAX_MS)
     pool = request.app[DB].pool
     try:
         async with pool.acquire() as conn:
-            row = await repo.create_stream(conn, name, prod["id"], pbkeylen, label, settings)
+            row = await repo.create_stream(conn, name, prod["id"], pbkeylen, label, settings, latency_ms)
             await repo.audit(conn, "stream.create", actor_user_id=p.user_id, actor=p.username,
                              target=name, detail={"production": prod["id"]}, ip=client_ip(request))
     except asyncpg.UniqueViolationError:
@@ -478,9 +505,14 @@ async def update_stream(request: web.Request) -> web.Response:
     rotate = data.get("rotate_passphrase", False)
     if not isinstance(rotate, bool):
         raise BadRequest("'rotate_passphrase' must be a boolean")
+    # null resets the stream to the server's default latency
+    set_latency = "latency_ms" in data
+    latency_ms = _int(data, "latency_ms", lo=LATENCY_MIN_MS, hi=LATENCY_MAX_MS)
     pool = request.app[DB].pool
     async with pool.acquire() as conn:
         await repo.update_stream(conn, row["id"], label, settings)
+        if set_latency:
+            await repo.set_stream_latency(conn, row["id"], latency_ms)
         if rotate:
             await repo.rotate_passphrase(conn, row["id"])
             await repo.audit(conn, "stream.rotate_passphrase", actor_user_id=p.user_id, actor=p.username,
@@ -523,8 +555,7 @@ def link_urls(request: web.Request, stream: asyncpg.Record, action: str, token: 
         out = {
             "whip_url": f"{base}/whip/{name}?{q}",
             "camera_url": f"{base}/camera/{name}?{q}",
-            "srt_url": srt_url(request, f"#!::r={stream['name']},m=publish,s={token}",
-                               stream["passphrase"], stream["pbkeylen"]),
+            **srt_urls(request, "srt_url", f"#!::r={stream['name']},m=publish,s={token}", stream),
         }
     else:
         out = {"whep_url": f"{base}/whep/{name}?{q}", "watch_url": f"{base}/watch/{name}?{q}"}

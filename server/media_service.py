@@ -31,6 +31,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -57,6 +58,10 @@ log = logging.getLogger("returnfeed.media")
 REJ_BAD_REQUEST, REJ_UNAUTHORIZED, REJ_FORBIDDEN, REJ_NOT_FOUND = 1400, 1401, 1403, 1404
 REJ_CONFLICT, REJ_UNAVAILABLE = 1409, 1503
 
+#: Video frames whose first-byte arrival is kept until the fan-out reports
+#: them sent (a frame nobody watches is forgotten after this many others).
+FIRST_BYTE_FRAMES = 256
+
 
 @dataclass(frozen=True, slots=True)
 class CatalogEntry:
@@ -65,6 +70,7 @@ class CatalogEntry:
     production_id: int
     passphrase: str
     pbkeylen: int
+    latency_ms: int | None = None  # None: the listener's srt.latency_ms
 
 
 class StreamCatalog:
@@ -113,6 +119,10 @@ class SrtIngest:
         self.demux = TsDemuxer()
         self.rap = RandomAccessScanner()
         self.transcoder: TranscodeWorker | None = None
+        # The demuxer's QUIET deadline (a frame that ended exactly on a full
+        # message is complete once the sender stays silent): one timer, re-armed
+        # lazily when it fires early because more data moved the deadline.
+        self._quiet_timer: asyncio.TimerHandle | None = None
         conn.on_data = self.on_data
         conn.on_close = self.on_close
 
@@ -124,20 +134,46 @@ class SrtIngest:
         rap = self.rap
         for msg in messages:
             counters.bytes += len(msg)
-            for ev in demux.feed(msg, now, end_of_message=True):
-                if isinstance(ev, AccessUnit):
-                    counters.access_units += 1
-                    if ev.codec == "aac":
-                        self._transcode(ev)
-                    else:
-                        pub.publish(ev)
-                elif isinstance(ev, ProgramChanged):
-                    pub.set_program(ev.pmt)
-                    rap.configure(ev.pmt.pmt_pid, frozenset(t.pid for t in ev.pmt.tracks if t.kind == "video"))
-                elif isinstance(ev, DemuxError):
-                    counters.demux_errors += 1
+            self._dispatch(demux.feed(msg, now, end_of_message=True))
             # The original packets for SRT readers, marked where a keyframe starts.
             pub.publish_ts(msg, rap_offset=rap.scan(msg), psi=rap.psi)
+        if self._quiet_timer is None:
+            deadline = demux.next_deadline()
+            if deadline is not None:
+                self._arm(deadline)
+
+    def _dispatch(self, events: list) -> None:
+        pub = self.publisher
+        counters = self.service.ingest
+        for ev in events:
+            if isinstance(ev, AccessUnit):
+                counters.access_units += 1
+                if ev.codec == "aac":
+                    self._transcode(ev)
+                else:
+                    if ev.kind == "video" and ev.first_arrival is not None:
+                        self.service.note_first_byte(ev.data, ev.first_arrival)
+                    pub.publish(ev)
+            elif isinstance(ev, ProgramChanged):
+                pub.set_program(ev.pmt)
+                self.rap.configure(ev.pmt.pmt_pid, frozenset(t.pid for t in ev.pmt.tracks if t.kind == "video"))
+            elif isinstance(ev, DemuxError):
+                counters.demux_errors += 1
+
+    def _arm(self, deadline: float) -> None:
+        delay = max(0.0, deadline - time.monotonic())
+        self._quiet_timer = asyncio.get_running_loop().call_later(delay, self._on_quiet_timer)
+
+    def _on_quiet_timer(self) -> None:
+        self._quiet_timer = None
+        deadline = self.demux.next_deadline()
+        if deadline is None:
+            return
+        now = time.monotonic()
+        if now < deadline:
+            self._arm(deadline)
+            return
+        self._dispatch(self.demux.poll(now))
 
     def _transcode(self, unit: AccessUnit) -> None:
         if self.transcoder is None:
@@ -153,6 +189,9 @@ class SrtIngest:
                 return
 
     def on_close(self, reason: str) -> None:
+        if self._quiet_timer is not None:
+            self._quiet_timer.cancel()
+            self._quiet_timer = None
         self.stream.detach_publisher(self.publisher, time.monotonic())
         if self.transcoder is not None:
             self.service.spawn(self.transcoder.stop())
@@ -200,6 +239,18 @@ class MediaService:
             "returnfeed_forwarding_latency_seconds",
             "Frame complete at ingest (last byte in) to its last RTP packet sent to every viewer",
             buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1), registry=None)
+        # The same end point timed from the frame's first byte: includes how
+        # long the frame took to arrive and any wait in the demuxer for its
+        # end (a frame released only when the next one starts shows a whole
+        # frame interval here, not in the histogram above).
+        self.first_byte_latency = Histogram(
+            "returnfeed_forwarding_latency_from_first_byte_seconds",
+            "SRT ingest: a video frame's first byte in to its last RTP packet sent to every viewer",
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2), registry=None)
+        # media.stream.Frame carries only the completion time, and hands
+        # the access unit's bytes through unchanged: the bytes object is the
+        # key (kept alive here, so its id cannot be reused meanwhile).
+        self._first_bytes: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
         self.whep = WhepService(ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
@@ -282,10 +333,11 @@ class MediaService:
 
     async def refresh_catalog(self) -> None:
         pool = self.db.pool
-        rows = await pool.fetch("SELECT id, name, production_id, passphrase, pbkeylen FROM streams")
+        rows = await pool.fetch("SELECT id, name, production_id, passphrase, pbkeylen, latency_ms FROM streams")
         revoked = await pool.fetch("SELECT jti FROM revoked_links WHERE expires_at > now()")
         self.catalog.replace(
-            (CatalogEntry(r["id"], r["name"], r["production_id"], r["passphrase"], r["pbkeylen"]) for r in rows),
+            (CatalogEntry(r["id"], r["name"], r["production_id"], r["passphrase"], r["pbkeylen"], r["latency_ms"])
+             for r in rows),
             (r["jti"] for r in revoked),
         )
 
@@ -316,12 +368,13 @@ class MediaService:
                     if p.active and (p.layer is None or req.layer is None or p.layer == req.layer):
                         return Decision.deny(REJ_CONFLICT, "stream is already being published")
             return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen,
-                                  reason="publish")
+                                  latency_ms=entry.latency_ms, reason="publish")
         if stream is None or stream.state != StreamState.LIVE:
             return Decision.deny(REJ_UNAVAILABLE, "stream is not live")
         if token_ok:
-            return Decision.allow(reason="read (link)")
-        return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen, reason="read")
+            return Decision.allow(latency_ms=entry.latency_ms, reason="read (link)")
+        return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen,
+                              latency_ms=entry.latency_ms, reason="read")
 
     def on_connection(self, conn: SrtConnection) -> None:
         req = conn.request
@@ -351,8 +404,18 @@ class MediaService:
 
     # -- observation --------------------------------------------------------------------
 
+    def note_first_byte(self, data: bytes, first_arrival: float) -> None:
+        """Remember when the first byte of the video frame ``data`` came in."""
+        first_bytes = self._first_bytes
+        first_bytes[id(data)] = (data, first_arrival)
+        if len(first_bytes) > FIRST_BYTE_FRAMES:
+            first_bytes.popitem(last=False)
+
     def _frame_sent(self, frame: Any, now: float) -> None:
         self.forwarding_latency.observe(max(0.0, now - frame.arrival))
+        entry = self._first_bytes.pop(id(frame.data), None)
+        if entry is not None and entry[0] is frame.data:
+            self.first_byte_latency.observe(max(0.0, now - entry[1]))
 
     def live_state(self, name: str) -> dict[str, Any]:
         stream = self.hub.get(name)
@@ -476,6 +539,7 @@ class MediaService:
             dropped.add_metric([name], n)
         yield dropped
         yield from self.forwarding_latency.collect()
+        yield from self.first_byte_latency.collect()
 
         ing = self.ingest
         for name, value, doc in (

@@ -208,15 +208,15 @@ async def list_members(conn: Conn, production_id: int) -> list[asyncpg.Record]:
 # -- streams ---------------------------------------------------------------
 
 STREAM_COLS = ("s.id, s.name, s.production_id, p.name AS production_name, s.passphrase, s.pbkeylen, "
-               "s.label, s.settings, s.created_at, s.updated_at")
+               "s.latency_ms, s.label, s.settings, s.created_at, s.updated_at")
 
 
 async def create_stream(conn: Conn, name: str, production_id: int, pbkeylen: int, label: str,
-                        settings: dict[str, Any]) -> asyncpg.Record:
+                        settings: dict[str, Any], latency_ms: int | None = None) -> asyncpg.Record:
     sid = await conn.fetchval(
-        """INSERT INTO streams (name, production_id, passphrase, pbkeylen, label, settings)
-           VALUES ($1, $2, $3, $4, $5, $6::jsonb) RETURNING id""",
-        name, production_id, generate_passphrase(), pbkeylen, label, json.dumps(settings),
+        """INSERT INTO streams (name, production_id, passphrase, pbkeylen, label, settings, latency_ms)
+           VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) RETURNING id""",
+        name, production_id, generate_passphrase(), pbkeylen, label, json.dumps(settings), latency_ms,
     )
     return await stream_by_id(conn, sid)
 
@@ -257,6 +257,11 @@ async def update_stream(conn: Conn, sid: int, label: str | None, settings: dict[
                   settings = coalesce($3::jsonb, settings), updated_at = now() WHERE id = $1""",
         sid, label, json.dumps(settings) if settings is not None else None,
     )
+
+
+async def set_stream_latency(conn: Conn, sid: int, latency_ms: int | None) -> None:
+    """None: back to the server's default."""
+    await conn.execute("UPDATE streams SET latency_ms = $2, updated_at = now() WHERE id = $1", sid, latency_ms)
 
 
 async def delete_stream(conn: Conn, sid: int) -> bool:

@@ -155,12 +155,16 @@ def ffmpeg_publish(srt_url: str, *, seconds: float = 30, size: str = "640x360", 
                    profile: str = "baseline", bframes: bool = False, audio: str = "aac",
                    latency_us: int = 120000, extra: list[str] | None = None, source: str = "testsrc",
                    bitrate: str = "800k") -> subprocess.Popen:
-    """A real ffmpeg SRT caller pushing test pattern + tone as MPEG-TS."""
+    """A real ffmpeg SRT caller pushing test pattern + tone as MPEG-TS.
+    ``latency_us`` is added unless the URL already asks for a latency (the
+    API's URLs do)."""
     v = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-profile:v", profile, "-g", str(fps), "-b:v", bitrate,
          "-preset", "veryfast"]
     v += ["-bf", "3"] if bframes else ["-tune", "zerolatency"]
     a = {"aac": ["-c:a", "aac", "-b:a", "96k"], "opus": ["-c:a", "libopus", "-b:a", "64k"], "none": ["-an"]}[audio]
-    url = srt_url + ("&" if "?" in srt_url else "?") + f"latency={latency_us}"
+    url = srt_url
+    if "latency=" not in url:
+        url += ("&" if "?" in url else "?") + f"latency={latency_us}"
     cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re",
            "-f", "lavfi", "-i", f"{source}=size={size}:rate={fps}",
            "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000",

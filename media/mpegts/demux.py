@@ -90,6 +90,7 @@ class _Pid:
         "pps",
         "pts_time",
         "pts_late",
+        "start_time",
         # PSI
         "sec_buf",
         "last_section",
@@ -122,6 +123,7 @@ class _Pid:
         self.pps: bytes | None = None
         self.pts_time: float | None = None
         self.pts_late = False
+        self.start_time: float | None = None  # the now of the feed carrying the current PES's first packet
         self.sec_buf: bytearray | None = None
         self.last_section: bytes | None = None
         self.psi_time: float | None = None
@@ -147,6 +149,14 @@ class TsDemuxer:
         message_size: the transport's full message size (SRT/UDP live mode:
             7 × 188 = 1316); a message shorter than this that ends on a video
             PID is taken as an encoder flush (rule MESSAGE).
+        quiet_gap: seconds without data after a full-size message that ended
+            on an unbounded PES before that PES is taken as complete (rule
+            QUIET, see :meth:`next_deadline`); None disables the rule. The
+            messages of one frame leave an encoder back to back (FFmpeg over
+            UDP, real time, 70 s: mostly tens of µs apart, at most 2.7 ms),
+            frames 16–40 ms apart; 10 ms is also twice Python's GIL switch
+            interval, the longest a receiving thread should wait to hand
+            over data that already arrived while the consumer's thread runs.
         program_number: which program to follow; None = the first in the PAT.
         pcr_repetition_limit: TR 101 290 2.3a limit (100 ms), measured on
             arrival times. FFmpeg spaces PCRs exactly 100 ms apart in stream
@@ -163,9 +173,12 @@ class TsDemuxer:
         message_size: int = 1316,
         program_number: int | None = None,
         pcr_repetition_limit: float = 0.1,
+        quiet_gap: float | None = 0.010,
     ) -> None:
         if max_pes_size < 1024:
             raise ValueError("max_pes_size must be at least 1024 bytes")
+        if quiet_gap is not None and not 0 < quiet_gap < 1:
+            raise ValueError("quiet_gap must be between 0 and 1 second")
         self._cap = max_pes_size
         self._pid_timeout = pid_timeout
         self._early = early_completion
@@ -174,7 +187,20 @@ class TsDemuxer:
         # one wrong guess.
         self._message_rule = early_completion
         self._full_messages = False
+        self._short_messages = False
         self._message_size = message_size
+        # QUIET rule: armed once the sender showed both full messages and
+        # flushes; disarmed for good after one wrong guess. The candidate is
+        # the PES whose packet ended the last full message, with its parts
+        # list and length then (any later payload of the PID changes them).
+        self._quiet_gap = quiet_gap
+        self._quiet_rule = early_completion and quiet_gap is not None
+        self._quiet_armed = False  # _quiet_rule and both message sizes seen
+        self._quiet: _Pid | None = None
+        self._quiet_parts: list[bytes] = []
+        self._quiet_count = 0
+        self._last_data = 0.0
+        self._run_last: _Pid | None = None  # fast-path state of the last packet _run saw
         self._program_number = program_number
         self._pcr_limit = pcr_repetition_limit
         self._pids: dict[int, _Pid] = {}
@@ -215,7 +241,7 @@ class TsDemuxer:
         self._pes_oversize = 0
         self._scrambled = 0
         self._access_units = 0
-        self._completed = [0, 0, 0, 0, 0]  # indexed by Completion
+        self._completed = [0] * len(Completion)  # indexed by Completion
         self._early_overrun = 0
 
     # ------------------------------------------------------------------ API
@@ -256,6 +282,7 @@ class TsDemuxer:
             completed_length=c[Completion.LENGTH],
             completed_stuffing=c[Completion.STUFFING],
             completed_message=c[Completion.MESSAGE],
+            completed_quiet=c[Completion.QUIET],
             early_overrun=self._early_overrun,
         )
 
@@ -276,8 +303,8 @@ class TsDemuxer:
         (seconds, monotonic). Returns the events it completed, in order.
 
         ``end_of_message``: ``data`` is exactly one whole transport message
-        (an SRT/UDP datagram). Enables the MESSAGE early-completion rule.
-        Never raises on malformed input."""
+        (an SRT/UDP datagram). Enables the MESSAGE and QUIET
+        early-completion rules. Never raises on malformed input."""
         if type(data) is not bytes:
             data = bytes(data)
         events: list = []
@@ -286,16 +313,35 @@ class TsDemuxer:
             self._pat_time = now
         n = len(data)
         if n:
+            # Only poll() fires rule QUIET: data that arrives late may have
+            # been waiting in the receiving thread, so it is no proof of
+            # silence.
+            self._last_data = now
             if not self._tail and self._locked and n % 188 == 0:
                 k = n // 188
                 if data[0::188] == (_SYNC_RUNS[k] if k < 64 else b"\x47" * k):
                     self._run(data, 0, n, now, events)
+                    if self._quiet_armed and end_of_message and n == self._message_size:
+                        # Rule QUIET candidate: the PES (if any) that the
+                        # message's last packet carried payload of.
+                        st = self._run_last
+                        if st is not None and st.state == _S_COLLECT and st.expected == 0 and data[n - 185] & 0x10:
+                            self._quiet = st
+                            self._quiet_parts = st.parts
+                            self._quiet_count = len(st.parts)
+                        else:
+                            self._quiet = None
                 else:
                     self._feed_slow(data, now, events)
             else:
                 self._feed_slow(data, now, events)
             if end_of_message and n == self._message_size:
-                self._full_messages = True
+                if not self._full_messages:
+                    self._full_messages = True
+                    self._quiet_armed = self._quiet_rule and self._short_messages
+            elif end_of_message and n < self._message_size and not self._short_messages:
+                self._short_messages = True
+                self._quiet_armed = self._quiet_rule and self._full_messages
             if (
                 end_of_message
                 and self._message_rule
@@ -321,17 +367,43 @@ class TsDemuxer:
             self._tick(now)
         return events
 
-    def poll(self, now: float) -> None:
-        """Advance the clock without data (updates timeout counters)."""
+    def next_deadline(self) -> float | None:
+        """When :meth:`poll` should next be called to complete a frame by
+        rule QUIET (the ``now`` clock of :meth:`feed`), or None.
+
+        Set after a full-size message (``end_of_message``) whose last packet
+        belongs to an unbounded PES: FFmpeg flushes its output after each
+        frame, so when the frame's bytes fill the message exactly no short
+        message marks its end; the silence that follows does. The clock
+        restarts with every feed, so a burst still being received is never
+        cut."""
+        st = self._quiet
+        if st is None:
+            return None
+        if st.parts is not self._quiet_parts or len(st.parts) != self._quiet_count or st.state != _S_COLLECT:
+            self._quiet = None  # the PES went on or was completed otherwise
+            return None
+        return self._last_data + self._quiet_gap
+
+    def poll(self, now: float) -> list:
+        """Advance the clock without data (updates timeout counters).
+        Returns the events completed by rule QUIET (see
+        :meth:`next_deadline`)."""
         if self._started is None:
             self._started = now
             self._pat_time = now
+        events: list = []
+        deadline = self.next_deadline()
+        if deadline is not None and now >= deadline:
+            self._fire_quiet(now, events)
         self._tick(now)
+        return events
 
     def flush(self, now: float) -> list:
         """End of input: emit every PES still being collected (unbounded
         ones as complete, bounded ones cut short as errors)."""
         events: list = []
+        self._quiet = None
         for st in list(self._pids.values()):
             if st.role == _R_PES and st.state == _S_COLLECT:
                 if st.expected == 0:
@@ -341,6 +413,15 @@ class TsDemuxer:
                     st.reset_pes()
         self._tail = b""
         return events
+
+    def _fire_quiet(self, now: float, events: list) -> None:
+        # Called when next_deadline() passed, which checked that no payload of
+        # the PID arrived during the silence (a new PES or more of this one
+        # would have replaced or grown the parts list).
+        st = self._quiet
+        self._quiet = None
+        if st is not None and st.role == _R_PES:
+            self._try_early(st, Completion.QUIET, now, events)
 
     # ------------------------------------------------------------ framing
 
@@ -422,6 +503,7 @@ class TsDemuxer:
         self._bytes += count * 188
         fast = self._fast
         slow = self._packet
+        st = None
         for off in range(start, end, 188):
             # Key includes TEI/PUSI/priority: only plain packets of a PES PID hit.
             st = fast.get((buf[off + 1] << 8) | buf[off + 2])
@@ -432,6 +514,7 @@ class TsDemuxer:
                 st.room -= 184
                 continue
             slow(buf, off, now, events)
+        self._run_last = st
 
     # ------------------------------------------------------------- packets
 
@@ -488,7 +571,12 @@ class TsDemuxer:
                     used += 1 + buf[off + 5 + used]  # transport_private_data
                 if flags & 0x01 and used < afl:
                     used += 1 + buf[off + 5 + used]  # adaptation_field_extension
-                stuffed = afl > used
+                # An adaptation field with no flag set carries nothing: its
+                # bytes only pad the packet (§2.4.3.4/§2.4.3.5). FFmpeg's
+                # mpegts_write_pes writes exactly that (`01 00`) when two
+                # bytes are left over in a PES's last packet, one more than
+                # the lone length byte (`00`) it writes for one.
+                stuffed = afl > used or not flags
         if discontinuity and st.role == _R_PES:
             events.append(TsDiscontinuity(pid, DiscontinuityReason.INDICATOR, now))
         if not afc & 1:
@@ -565,6 +653,7 @@ class TsDemuxer:
             st.state = _S_COLLECT
             st.corrupt = False
             st.done_early = None
+            st.start_time = now
             self._pes_length(st, now, events)
             if st.state != _S_COLLECT:
                 return
@@ -592,7 +681,11 @@ class TsDemuxer:
                     # this transport).
                     self._early_overrun += 1
                     if st.done_early == Completion.MESSAGE:
-                        self._message_rule = False
+                        # short messages are not flushes after all, and
+                        # QUIET assumes the same framing
+                        self._message_rule = self._quiet_rule = self._quiet_armed = False
+                    elif st.done_early == Completion.QUIET:
+                        self._quiet_rule = self._quiet_armed = False
                     else:
                         st.early_ok = False
                     self._pes_error(st, ErrorKind.EARLY_OVERRUN, f"payload after early completion ({st.done_early.name}); rule disabled", now, events)
@@ -741,7 +834,7 @@ class TsDemuxer:
             self._pes_error(st, ErrorKind.ES_INVALID, "PES without H.264 NAL units", now, events)
             return False
         self._access_units += 1
-        events.append(AccessUnit(st.pid, "h264", pts, dts, keyframe, payload, now, st.sps, st.pps, st.corrupt, how))
+        events.append(AccessUnit(st.pid, "h264", pts, dts, keyframe, payload, now, st.sps, st.pps, st.corrupt, how, st.start_time))
         return True
 
     def _emit_other(self, st, payload, pts, dts, how, now, events, plausible_only) -> bool:
@@ -754,7 +847,7 @@ class TsDemuxer:
                     keyframe = True
                     break
         self._access_units += 1
-        events.append(AccessUnit(st.pid, st.codec or "unknown", pts, dts, keyframe, payload, now, None, None, st.corrupt, how))
+        events.append(AccessUnit(st.pid, st.codec or "unknown", pts, dts, keyframe, payload, now, None, None, st.corrupt, how, st.start_time))
         return True
 
     def _emit_aac(self, st, payload, pts, how, now, events, plausible_only) -> bool:
@@ -787,7 +880,7 @@ class TsDemuxer:
         elapsed = 0
         for s, e, samples in frames:
             fpts = None if pts is None else (pts + (elapsed * 180000 + rate) // (2 * rate)) & _TS_MASK
-            events.append(AccessUnit(st.pid, "aac", fpts, fpts, True, payload[s:e], now, None, None, st.corrupt, how))
+            events.append(AccessUnit(st.pid, "aac", fpts, fpts, True, payload[s:e], now, None, None, st.corrupt, how, st.start_time))
             elapsed += samples
         self._access_units += len(frames)
         return bool(frames)
@@ -816,7 +909,7 @@ class TsDemuxer:
         elapsed = 0
         for s, e, samples in units:
             upts = None if pts is None else (pts + elapsed * 90000 // 48000) & _TS_MASK
-            events.append(AccessUnit(st.pid, "opus", upts, upts, True, payload[s:e], now, None, None, st.corrupt, how))
+            events.append(AccessUnit(st.pid, "opus", upts, upts, True, payload[s:e], now, None, None, st.corrupt, how, st.start_time))
             elapsed += samples
         self._access_units += len(units)
         return bool(units)

@@ -32,6 +32,7 @@ class Completion(enum.IntEnum):
     STUFFING = 2  # early: last packet padded with adaptation-field stuffing
     MESSAGE = 3  # early: the transport message ended on this PID after a flush
     FLUSH = 4  # TsDemuxer.flush() at end of input
+    QUIET = 5  # early: a full message ended on this PID and the sender then went quiet
 
 
 class DiscontinuityReason(str, enum.Enum):
@@ -48,7 +49,7 @@ class ErrorKind(str, enum.Enum):
     PES_TRUNCATED = "pes_truncated"  # a PES with a length ended early
     PES_OVERRUN = "pes_overrun"  # payload after a PES was already complete
     PES_OVERSIZE = "pes_oversize"  # PES larger than max_pes_size, dropped
-    EARLY_OVERRUN = "early_overrun"  # payload after an early completion: rule disabled for the PID
+    EARLY_OVERRUN = "early_overrun"  # payload after an early completion: that rule is disabled
     ES_INVALID = "es_invalid"  # ADTS/Opus framing broken inside a PES
     SCRAMBLED = "scrambled"  # transport_scrambling_control != 0
     TRANSPORT_ERROR = "transport_error"  # transport_error_indicator set (TR 101 290 2.1)
@@ -94,7 +95,12 @@ class AccessUnit:
     ``sps``/``pps``: H.264 parameter sets (NAL units without start code) in
     force for this PID, i.e. the last ones seen up to and including this AU.
     ``corrupt``: packets of this PES were lost (CC error, TEI) — forward or
-    drop as the consumer sees fit."""
+    drop as the consumer sees fit.
+    ``arrival``: the ``now`` of the call that completed the PES (the frame
+    left the demuxer then); ``first_arrival``: the ``now`` of the feed that
+    carried the PES's first packet, so ``arrival - first_arrival`` is how
+    long the frame was being received and held (a frame completed only by
+    the next PES start shows a whole frame interval here)."""
 
     pid: int
     codec: str
@@ -107,6 +113,7 @@ class AccessUnit:
     pps: bytes | None = None
     corrupt: bool = False
     completion: Completion = Completion.NEXT_START
+    first_arrival: float | None = None
 
     @property
     def kind(self) -> str:
@@ -114,7 +121,7 @@ class AccessUnit:
 
     @property
     def early(self) -> bool:
-        return self.completion in (Completion.STUFFING, Completion.MESSAGE)
+        return self.completion in (Completion.STUFFING, Completion.MESSAGE, Completion.QUIET)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,4 +181,5 @@ class TsCounters:
     completed_length: int = 0
     completed_stuffing: int = 0
     completed_message: int = 0
+    completed_quiet: int = 0
     early_overrun: int = 0

@@ -539,12 +539,15 @@ def test_control_room_creates_stream_and_links(control, show):
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.fill("#stream-name", "cam3")
     page.fill("#stream-label", "Camera 3 — crane")
+    page.fill("#stream-latency", "20")
     page.click("#create-stream button[type=submit]")
     card = page.locator("#create-result .card")
     card.wait_for(timeout=10000)
     values = card.locator(".copy-field input").evaluate_all("els => els.map(e => e.value)")
     srt_url, passphrase, whip_url = values[:3]
     assert srt_url.startswith("srt://") and "streamid=publish:cam3" in srt_url and f"passphrase={passphrase}" in srt_url
+    assert "latency=20000" in srt_url  # 20 ms in FFmpeg's unit (µs)
+    assert http("GET", f"{show['base']}/api/v1/streams/cam3", token=show["token"]).json()["latency_ms"] == 20
     assert len(passphrase) >= 10
     assert whip_url.endswith("/whip/cam3")
     assert card.locator(".copy-field input").nth(1).get_attribute("type") == "password"
@@ -552,6 +555,19 @@ def test_control_room_creates_stream_and_links(control, show):
     assert page.evaluate("() => navigator.clipboard.readText()") == srt_url
     page.wait_for_selector(".tile[data-name=cam3]", timeout=10000)
     assert "Camera 3" in page.text_content(".tile[data-name=cam3] .tile-name")
+    # the stream's card changes its SRT latency (and back to the default)
+    page.click("#panel-streams summary")
+    latency = page.locator('#stream-settings input[aria-label="SRT latency of cam3 in milliseconds"]')
+    assert latency.input_value() == "20"
+    latency.fill("45")
+    latency.press("Enter")
+    wait_until(lambda: http("GET", f"{show['base']}/api/v1/streams/cam3",
+                            token=show["token"]).json()["latency_ms"] == 45, timeout=5, interval=0.1)
+    page.wait_for_function("() => [...document.querySelectorAll('#stream-settings .copy-field input')]"
+                           ".some((e) => e.value.includes('publish:cam3') && e.value.includes('latency=45000'))")
+    page.locator("#stream-settings .stream-card", has_text="cam3").locator("button", has_text="Server default").click()
+    wait_until(lambda: http("GET", f"{show['base']}/api/v1/streams/cam3",
+                            token=show["token"]).json()["latency_default"], timeout=5, interval=0.1)
 
     page.select_option("#link-stream", "cam3")
     page.check('input[name="link-kind"][value="viewer"]')

@@ -132,6 +132,47 @@ def test_stream_create_shape(api_server, world) -> None:
     assert s["live"] is False
 
 
+def test_stream_latency_create_update_and_urls(api_server, world) -> None:
+    base = api_server.url
+    t = world["tokens"]["dir1"]
+    pid = world["prod"]["id"]
+    # the server's default (srt.latency_ms 120) when not given
+    d = world["stream"]
+    assert (d["latency_ms"], d["latency_default"]) == (120, True)
+    assert d["srt_url"].endswith("&latency=120000") and d["srt_url_ms"].endswith("&latency=120")
+    r = http("POST", f"{base}/api/v1/streams", {"name": "lowlat", "production": pid, "latency_ms": 20}, token=t)
+    assert r.status == 201, r.body
+    s = r.json()
+    assert (s["latency_ms"], s["latency_default"]) == (20, False)
+    # FFmpeg/OBS read latency= in microseconds, srt-live-transmit/GStreamer in milliseconds
+    assert "latency=20000" in s["srt_url"] and "latency=20000" in s["srt_read_url"]
+    assert s["srt_url_ms"].endswith("&latency=20") and s["srt_read_url_ms"].endswith("&latency=20")
+    assert s["srt_url_ms"].replace("latency=20", "latency=20000") == s["srt_url"]
+    for bad in (19, 8001, 0, -5, "20", 20.5, True):
+        r = http("POST", f"{base}/api/v1/streams", {"name": "lowlat2", "production": pid, "latency_ms": bad}, token=t)
+        assert r.status == 400, bad
+        assert r.json()["error"] == "bad_request" and "latency_ms" in r.json()["detail"]
+    # PATCH: change, refuse out of range (unchanged), reset with null
+    r = http("PATCH", f"{base}/api/v1/streams/lowlat", {"latency_ms": 250}, token=t)
+    assert r.status == 200 and r.json()["latency_ms"] == 250 and "latency=250000" in r.json()["srt_url"]
+    for bad in (10, 9000, "fast"):
+        r = http("PATCH", f"{base}/api/v1/streams/lowlat", {"latency_ms": bad}, token=t)
+        assert r.status == 400 and "latency_ms" in r.json()["detail"]
+    assert http("GET", f"{base}/api/v1/streams/lowlat", token=t).json()["latency_ms"] == 250
+    r = http("PATCH", f"{base}/api/v1/streams/lowlat", {"label": "kept"}, token=t)
+    assert r.json()["latency_ms"] == 250  # untouched when not sent
+    r = http("PATCH", f"{base}/api/v1/streams/lowlat", {"latency_ms": None}, token=t)
+    assert (r.json()["latency_ms"], r.json()["latency_default"]) == (120, True)
+    # only directors change it; members see the value
+    assert http("PATCH", f"{base}/api/v1/streams/lowlat", {"latency_ms": 40},
+                token=world["tokens"]["cam1op"]).status == 403
+    assert http("GET", f"{base}/api/v1/streams/lowlat", token=world["tokens"]["view1"]).json()["latency_ms"] == 120
+    # publish links carry the stream's latency too
+    http("PATCH", f"{base}/api/v1/streams/lowlat", {"latency_ms": 30}, token=t)
+    link = http("POST", f"{base}/api/v1/streams/lowlat/links", {"action": "publish"}, token=t).json()
+    assert "latency=30000" in link["srt_url"] and link["srt_url_ms"].endswith("&latency=30")
+
+
 def test_stream_name_conflicts_and_validation(api_server, world) -> None:
     base = api_server.url
     t = world["tokens"]["dir1"]

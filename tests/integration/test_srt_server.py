@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from urllib.parse import quote
@@ -66,6 +67,64 @@ def test_publish_shows_live_tracks_and_stats(env, name, audio, latency) -> None:
         m = http("GET", f"{env['base']}/metrics").body.decode()
         assert f'returnfeed_stream_live{{stream="{name}"}} 1.0' in m
         assert "returnfeed_srt_link" in m
+    finally:
+        stop_process(proc)
+
+
+def _local(env, url: str) -> str:
+    """An API URL pointed at the test server's SRT port."""
+    return re.sub(r"^srt://[^?]*\?", f"srt://127.0.0.1:{env['port']}?", url)
+
+
+def _agreed_latency(env, name: str) -> dict:
+    state = wait_live(env["base"], name, env["admin"])
+    return state["source"]["publishers"][0]["srt"]
+
+
+def test_stream_latency_is_served_per_connection(env, tmp_path) -> None:
+    """A stream created with latency_ms 20 is served at 20 ms to callers that
+    ask for 20 with the URL the API returned (FFmpeg: µs, srt-live-transmit:
+    ms); the same FFmpeg asking for 20 ms on a stream at the default gets
+    120 (SRT agrees on the larger)."""
+    base = env["base"]
+    r = http("POST", f"{base}/api/v1/streams", {"name": "s-lat20", "production": "SRT show", "latency_ms": 20},
+             token=env["admin"])
+    assert r.status == 201, r.body
+    fast = r.json()
+    assert "latency=20000" in fast["srt_url"] and fast["srt_url_ms"].endswith("latency=20")
+    proc = ffmpeg_publish(_local(env, fast["srt_url"]), seconds=20, audio="none")
+    try:
+        srt = _agreed_latency(env, "s-lat20")
+        assert (srt["latency_ms"], srt["peer_latency_ms"], srt["msRcvTsbPdDelay"]) == (20, 20, 20)
+    finally:
+        stop_process(proc)
+    wait_until(lambda: not http("GET", f"{base}/api/v1/streams/s-lat20", token=env["admin"]).json()["source"],
+               timeout=30)
+
+    src = tmp_path / "src.ts"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25",
+                    "-t", "20", "-c:v", "libx264", "-tune", "zerolatency", "-pix_fmt", "yuv420p", "-f", "mpegts",
+                    str(src)], check=True)
+    pacer = subprocess.Popen(["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-i", str(src), "-c", "copy",
+                              "-f", "mpegts", "-"], stdout=subprocess.PIPE, start_new_session=True)
+    slt = subprocess.Popen(["srt-live-transmit", "-q", "file://con", _local(env, fast["srt_url_ms"])],
+                           stdin=pacer.stdout, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        srt = _agreed_latency(env, "s-lat20")
+        assert (srt["latency_ms"], srt["msRcvTsbPdDelay"]) == (20, 20)
+    finally:
+        stop_process(slt)
+        stop_process(pacer)
+
+    r = http("POST", f"{base}/api/v1/streams", {"name": "s-latdef", "production": "SRT show"}, token=env["admin"])
+    default = r.json()
+    assert default["latency_ms"] == 120
+    asks_20 = _local(env, default["srt_url"]).replace("latency=120000", "latency=20000")
+    proc = ffmpeg_publish(asks_20, seconds=20, audio="none")
+    try:
+        srt = _agreed_latency(env, "s-latdef")
+        assert (srt["latency_ms"], srt["msRcvTsbPdDelay"]) == (120, 120)
     finally:
         stop_process(proc)
 

@@ -232,6 +232,131 @@ def test_message_rule_on_live_udp_capture():
     assert all(a.early for a in video)
 
 
+def load_capture(name: str) -> tuple[bytes, list[tuple[float, int]]]:
+    """A live UDP capture: the bytes and (arrival seconds, length) per datagram."""
+    lines = (FIXTURES / f"{name}.msgs").read_text().split("\n")
+    msgs = [(float(t), int(n)) for t, n in (line.split() for line in lines if line)]
+    data = load(f"{name}.ts")
+    assert sum(n for _, n in msgs) == len(data)
+    return data, msgs
+
+
+def replay(data: bytes, msgs: list[tuple[float, int]], demux: TsDemuxer) -> list[tuple[object, int, float]]:
+    """Feed datagrams at their arrival times and call poll() at every
+    deadline the demuxer asks for, as the SRT ingest does. Returns (event,
+    index of the last datagram received before it, time it came out)."""
+    out: list[tuple[object, int, float]] = []
+    pos = 0
+    for i, (t, n) in enumerate(msgs):
+        deadline = demux.next_deadline()
+        if deadline is not None and deadline <= t:
+            out += [(e, i - 1, deadline) for e in demux.poll(deadline)]
+        out += [(e, i, t) for e in demux.feed(data[pos : pos + n], t, end_of_message=True)]
+        pos += n
+    out += [(e, len(msgs) - 1, msgs[-1][0]) for e in demux.flush(msgs[-1][0])]
+    return out
+
+
+def video_pes_ends(data: bytes, msgs: list[tuple[float, int]], pid: int = 0x100) -> list[tuple[int, bytes]]:
+    """For every video PES followed by another: the index of the datagram
+    carrying its last packet, and that packet."""
+    starts = []
+    pos = 0
+    for _, n in msgs:
+        starts.append(pos // 188)
+        pos += n
+    ends = []
+    last = None
+    for i in range(len(data) // 188):
+        p = data[i * 188 : i * 188 + 188]
+        if ((p[1] & 0x1F) << 8 | p[2]) != pid or not p[3] & 0x10:
+            continue
+        if p[1] & 0x40 and last is not None:
+            msg = max(j for j, s in enumerate(starts) if s <= last)
+            ends.append((msg, data[last * 188 : last * 188 + 188]))
+        last = i
+    return ends
+
+
+def _ends_full_message(msgs, ends, index: int) -> bool:
+    msg, _ = ends[index]
+    return msgs[msg][1] == 1316
+
+
+def test_two_byte_padding_completes_at_its_last_packet():
+    """FFmpeg pads a PES's last packet with the 2-byte adaptation field
+    `01 00` when two bytes are left over; that frame ends there, even when
+    its last packet also fills a 1316-byte message exactly."""
+    data, msgs = load_capture("h264_udp_pad2_full_message")
+    ends = video_pes_ends(data, msgs)
+    padded = [k for k, (_, pkt) in enumerate(ends) if pkt[3] & 0x20 and pkt[4:6] == b"\x01\x00"]
+    assert padded and _ends_full_message(msgs, ends, padded[0])
+    out = replay(data, msgs, TsDemuxer())
+    video = [(e, i, t) for e, i, t in out if isinstance(e, AccessUnit) and e.codec == "h264"]
+    reference, _ = demux_all(data, early_completion=False)
+    assert [key(e) for e, _, _ in video] == [key(a) for a in units(reference, "h264")]
+    # every frame comes out with the datagram that carries its last packet
+    assert [i for _, i, _ in video[: len(ends)]] == [msg for msg, _ in ends]
+    assert video[padded[0]][0].completion == Completion.STUFFING
+    assert all(e.early for e, _, _ in video[: len(ends)])
+
+
+def test_exactly_full_last_packet_completes_when_the_sender_goes_quiet():
+    """A frame whose last packet is exactly full and fills its 1316-byte
+    message: no stuffing, no short message. It comes out when nothing more
+    arrived for quiet_gap, long before the next frame starts."""
+    data, msgs = load_capture("h264_udp_exact_full_message")
+    ends = video_pes_ends(data, msgs)
+    exact = [k for k, (_, pkt) in enumerate(ends) if not pkt[3] & 0x20]
+    assert exact and _ends_full_message(msgs, ends, exact[0])
+    demux = TsDemuxer()
+    out = replay(data, msgs, demux)
+    video = [(e, i, t) for e, i, t in out if isinstance(e, AccessUnit) and e.codec == "h264"]
+    reference, _ = demux_all(data, early_completion=False)
+    assert [key(e) for e, _, _ in video] == [key(a) for a in units(reference, "h264")]
+    assert [i for _, i, _ in video[: len(ends)]] == [msg for msg, _ in ends]
+    au, last_msg, out_at = video[exact[0]]
+    assert au.completion == Completion.QUIET
+    assert out_at == au.arrival == pytest.approx(msgs[last_msg][0] + 0.010)
+    assert au.arrival < msgs[last_msg + 1][0]  # the next frame was still on its way
+    assert all(e.early for e, _, _ in video[: len(ends)])
+    assert demux.counters().completed_quiet == 1 and demux.counters().early_overrun == 0
+
+
+def test_quiet_rule_off_waits_for_next_frame():
+    """The same capture without the rule: the frame waits for the next PES."""
+    data, msgs = load_capture("h264_udp_exact_full_message")
+    ends = video_pes_ends(data, msgs)
+    exact = next(k for k, (_, pkt) in enumerate(ends) if not pkt[3] & 0x20)
+    out = replay(data, msgs, TsDemuxer(quiet_gap=None))
+    video = [(e, i) for e, i, _ in out if isinstance(e, AccessUnit) and e.codec == "h264"]
+    au, msg = video[exact]
+    assert au.completion == Completion.NEXT_START and msg > ends[exact][0]
+    assert au.arrival - msgs[ends[exact][0]][0] > 0.030
+
+
+def test_first_arrival_is_when_the_frame_started():
+    """first_arrival: the feed that carried the PES start; a frame held until
+    the next PES start shows a whole frame interval from it."""
+    data, msgs = load_capture("h264_aac_udp")
+    starts = []
+    pos = 0
+    for t, n in msgs:
+        for k in range(n // 188):
+            o = pos + k * 188
+            if data[o + 1] & 0x40 and ((data[o + 1] & 0x1F) << 8 | data[o + 2]) == 0x100:
+                starts.append(t)
+        pos += n
+    early = [e for e, _, _ in replay(data, msgs, TsDemuxer()) if isinstance(e, AccessUnit) and e.codec == "h264"]
+    late = [e for e, _, _ in replay(data, msgs, TsDemuxer(early_completion=False))
+            if isinstance(e, AccessUnit) and e.codec == "h264"]
+    assert [a.first_arrival for a in early] == starts[: len(early)]
+    assert [a.first_arrival for a in late] == starts[: len(late)]
+    held = sorted(a.arrival - a.first_arrival for a in late[:-1])
+    assert held[len(held) // 2] > 0.030  # 25 fps: each waits for the next frame
+    assert max(a.arrival - a.first_arrival for a in early) < 0.005
+
+
 def _filler_nal(size: int) -> bytes:
     # filler_data_rbsp (§7.3.2.7): 0xFF bytes then rbsp_trailing_bits.
     return b"\x00\x00\x01\x0c" + b"\xff" * (size - 5) + b"\x80"
@@ -301,6 +426,91 @@ def test_message_rule_exact_fit():
     # Without the hint the same stream completes only at the next PES start.
     plain, _ = demux_all(b"".join(packets), chunk=188)
     assert [v.completion for v in units(plain)] == [Completion.NEXT_START] * 7 + [Completion.FLUSH]
+
+
+def _timed(msgs: list[tuple[bytes, int | None]], frame_interval: float = 0.040) -> tuple[bytes, list[tuple[float, int]]]:
+    """Datagrams of one frame 20 µs apart, frames frame_interval apart."""
+    out = []
+    t = frame = 0.0
+    for msg, ends in msgs:
+        out.append((t, len(msg)))
+        t += 0.00002
+        if ends is not None:
+            frame += frame_interval
+            t = frame
+    return b"".join(m for m, _ in msgs), out
+
+
+def test_quiet_rule_on_crafted_exact_fit():
+    frames = real_video_units(12)
+    packets, last = _exact_fit_stream(frames)
+    msgs = _as_messages(packets, last)
+    data, timed = _timed(msgs)
+    demux = TsDemuxer()
+    out = replay(data, timed, demux)
+    video = [(e, t) for e, _, t in out if isinstance(e, AccessUnit)]
+    expected = []
+    seen_short = False
+    for (msg, ends), (t, _) in zip(msgs, timed):
+        seen_short |= len(msg) < 1316
+        if ends is not None and ends < len(frames) - 1:
+            if len(msg) < 1316:
+                expected.append((Completion.MESSAGE, t))
+            elif seen_short:
+                expected.append((Completion.QUIET, pytest.approx(t + 0.010)))
+            else:  # no flush seen yet: the sender's framing is unknown
+                expected.append((Completion.NEXT_START, pytest.approx((ends + 1) * 0.040)))
+    assert [(v.completion, t) for v, t in video[:-1]] == expected
+    assert sum(c == Completion.QUIET for c, _ in expected) >= 2
+    assert [v.data[: len(f.data)] for (v, _), f in zip(video, frames)] == [f.data for f in frames]
+    assert demux.counters().early_overrun == 0
+
+
+def test_quiet_rule_wrong_guess_disarms_it():
+    """A sender that stalls mid-frame after a full message fools the rule
+    once: the frame comes out cut (once, never twice), the rest of it is
+    dropped and counted, and the rule stays off for the connection."""
+    frames = real_video_units(12)
+    packets, last = _exact_fit_stream(frames)
+    msgs = _as_messages(packets, last)
+    data, timed = _timed(msgs)
+    # Stall 25 ms after the first full message inside a frame (not its last),
+    # once a short message has armed the rule.
+    short_seen = next(i for i, (m, _) in enumerate(msgs) if len(m) < 1316)
+    stall = next(i for i, (m, ends) in enumerate(msgs) if i > short_seen and ends is None and len(m) == 1316)
+    timed = [(t + (0.025 if i > stall else 0.0), n) for i, (t, n) in enumerate(timed)]
+    cut_frame = sum(1 for _, ends in msgs[:stall] if ends is not None)
+    demux = TsDemuxer()
+    out = replay(data, timed, demux)
+    video = [e for e, _, _ in out if isinstance(e, AccessUnit)]
+    assert len(video) == len(frames)
+    assert video[cut_frame].completion == Completion.QUIET
+    assert len(video[cut_frame].data) < len(frames[cut_frame].data)
+    assert [e.kind for e, _, _ in out if isinstance(e, DemuxError)] == [ErrorKind.EARLY_OVERRUN]
+    assert demux.counters().early_overrun == 1
+    assert all(v.completion != Completion.QUIET for v in video[cut_frame + 1 :])
+    assert [v.data[: len(f.data)] for v, f in zip(video[cut_frame + 1 :], frames[cut_frame + 1 :])] == [
+        f.data for f in frames[cut_frame + 1 :]]
+
+
+def test_message_rule_wrong_guess_disarms_quiet_too():
+    """A short message that was not a flush shows the sender does not frame
+    by frame: QUIET, which trusts the same framing, goes off with MESSAGE."""
+    frames = real_video_units(12)
+    packets, last = _exact_fit_stream(frames)
+    msgs = _as_messages(packets, last)
+    idx = next(i for i, (m, ends) in enumerate(msgs) if ends == 2)
+    m = msgs[idx][0]
+    cut = next(k * 188 for k in range(1, len(m) // 188) if m[k * 188 - 1] != 0)
+    msgs[idx : idx + 1] = [(m[:cut], None), (m[cut:], 2)]
+    data, timed = _timed(msgs)
+    demux = TsDemuxer()
+    out = replay(data, timed, demux)
+    video = [e for e, _, _ in out if isinstance(e, AccessUnit)]
+    assert demux.counters().early_overrun == 1 and video[2].completion == Completion.MESSAGE
+    later = [v.completion for v in video[3:-1]]
+    assert Completion.NEXT_START in later and set(later) == {Completion.NEXT_START}
+    assert demux.next_deadline() is None
 
 
 def test_message_rule_needs_full_messages_first():

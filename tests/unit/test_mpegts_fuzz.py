@@ -45,7 +45,11 @@ def mutated(draw, seed: bytes = SEED):
             p = (pos // 188) * 188
             if p + 5 <= len(data):
                 data[p + draw(st.integers(1, 4))] ^= draw(st.integers(1, 255))
-    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=30)))
+    if draw(st.booleans()):
+        # SRT-sized messages, so the message-boundary rules (MESSAGE, QUIET) run
+        cuts = list(range(1316, len(data), 1316))
+    else:
+        cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=30)))
     return bytes(data), cuts
 
 
@@ -58,7 +62,10 @@ def test_feed_never_raises_on_mutated_streams(case):
     prev = 0
     now = 0.0
     for cut in cuts + [len(data)]:
-        now += 0.01
+        deadline = demux.next_deadline()
+        if deadline is not None:
+            events += demux.poll(deadline)
+        now += 0.02
         events += demux.feed(data[prev:cut], now, end_of_message=True)
         _check(demux, events)
         prev = cut

@@ -366,7 +366,8 @@ function applyStreams(list) {
 
 function renderSettings() {
   const list = [...state.streams.values()];
-  const sig = JSON.stringify(list.map((s) => [s.name, s.label, s.srt_url, s.passphrase, s.whip_url, s.whep_url]));
+  const sig = JSON.stringify(list.map((s) => [s.name, s.label, s.srt_url, s.passphrase, s.whip_url, s.whep_url,
+    s.latency_ms, s.latency_default]));
   if (sig === state.settingsSig) return;
   state.settingsSig = sig;
   const box = $("stream-settings");
@@ -379,15 +380,48 @@ function renderSettings() {
 
 function streamCard(s) {
   const fields = [];
-  if (s.srt_url) fields.push(copyField("SRT URL (paste into the encoder)", s.srt_url));
+  if (s.srt_url) fields.push(copyField("SRT URL for FFmpeg / OBS (latency in µs)", s.srt_url));
   if (s.passphrase) fields.push(copyField("SRT passphrase", s.passphrase, { secret: true }));
   if (s.whip_url) fields.push(copyField("WHIP URL (bearer: a camera link token)", s.whip_url));
   if (s.whep_url) fields.push(copyField("WHEP URL", s.whep_url));
+  if (s.srt_url_ms) fields.push(copyField("SRT URL for srt-live-transmit / GStreamer (latency in ms)", s.srt_url_ms));
   if (s.srt_read_url) fields.push(copyField("SRT read URL", s.srt_read_url));
-  if (!s.passphrase) fields.push(h("p", { class: "muted" }, "Only directors of this production see the passphrase."));
+  // Directors (who see the passphrase) may change the latency.
+  if (s.passphrase) fields.push(latencyForm(s));
+  else fields.push(h("p", { class: "muted" }, `SRT latency ${s.latency_ms} ms.`),
+    h("p", { class: "muted" }, "Only directors of this production see the passphrase."));
   return h("section", { class: "stream-card card" },
     h("h3", {}, s.label && s.label !== s.name ? `${s.label} ` : "", h("code", {}, s.name)),
     fields);
+}
+
+/** The stream's SRT latency: an encoder asking for less still gets this
+ * (SRT uses the larger of both sides'); a new value applies to the next
+ * connection, so the encoder reconnects to get it. */
+function latencyForm(s) {
+  const input = h("input", { type: "number", min: "20", max: "8000", step: "1", required: "",
+    value: String(s.latency_ms), "aria-label": `SRT latency of ${s.name} in milliseconds` });
+  const reset = h("button", { type: "button", disabled: s.latency_default ? "" : null }, "Server default");
+  const err = h("p", { class: "error", role: "alert" });
+  const save = async (latency) => {
+    err.textContent = "";
+    releaseFocus();
+    try {
+      await api(state.session, "PATCH", `/api/v1/streams/${encodeURIComponent(s.name)}`, { latency_ms: latency });
+      await pollStreams();
+    } catch (e) {
+      err.textContent = describeError(e);
+    }
+  };
+  const form = h("form", { class: "inline-form" },
+    h("label", {}, "SRT latency, ms ", input),
+    h("button", { type: "submit" }, "Set"), reset);
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    save(Number(input.value));
+  });
+  reset.addEventListener("click", () => save(null));
+  return h("div", {}, form, err);
 }
 
 /** After using a form, give the keyboard back to the switcher shortcuts. */
@@ -403,12 +437,15 @@ async function createStream(ev) {
   err.textContent = "";
   const name = $("stream-name").value.trim();
   const label = $("stream-label").value.trim();
+  const latency = $("stream-latency").value.trim();
   const body = { name, production: state.production };
   if (label) body.label = label;
+  if (latency) body.latency_ms = Number(latency);
   try {
     const s = await api(state.session, "POST", "/api/v1/streams", body);
     $("stream-name").value = "";
     $("stream-label").value = "";
+    $("stream-latency").value = "";
     const cameraBtn = h("button", { type: "button" }, "Make a camera link…");
     cameraBtn.addEventListener("click", () => {
       renderLinkStreams(true);
@@ -420,9 +457,10 @@ async function createStream(ev) {
     });
     $("create-result").replaceChildren(h("div", { class: "card result" },
       h("h3", {}, "Created ", h("code", {}, s.name)),
-      s.srt_url ? copyField("SRT URL (paste into the encoder)", s.srt_url) : null,
+      s.srt_url ? copyField(`SRT URL for FFmpeg / OBS (latency ${s.latency_ms} ms, in µs)`, s.srt_url) : null,
       s.passphrase ? copyField("SRT passphrase", s.passphrase, { secret: true }) : null,
       s.whip_url ? copyField("WHIP URL", s.whip_url) : null,
+      s.srt_url_ms ? copyField("SRT URL for srt-live-transmit / GStreamer (latency in ms)", s.srt_url_ms) : null,
       cameraBtn));
     await pollStreams();
   } catch (e) {
