@@ -386,7 +386,7 @@ def srt_url(request: web.Request, streamid: str, passphrase: str, pbkeylen: int,
     s = request.app[SETTINGS].srt
     latency = latency_ms * 1000 if latency_unit_us else latency_ms
     q = urlencode({"streamid": streamid, "passphrase": passphrase, "pbkeylen": pbkeylen, "mode": "caller",
-                   "latency": latency}, quote_via=quote, safe=":#!=,")
+                   "latency": latency}, quote_via=quote, safe=":!=,")
     return f"srt://{_srt_host(request)}:{s.port}?{q}"
 
 
@@ -418,6 +418,9 @@ def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: boo
         out.update(srt_urls(request, "srt_url", f"publish:{name}", r))
         out.update(srt_urls(request, "srt_read_url", f"read:{name}", r))
     out.update(request.app.get(LIVE_STATE, _offline)(name))
+    if not secrets_visible:
+        # Peers' addresses and why their encoders failed are for directors.
+        out.pop("connection_failures", None)
     return out
 
 

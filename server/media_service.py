@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from datetime import datetime, timezone
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -40,7 +41,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from media.errors import SrtApiError, SrtUnavailable
 from media.mpegts.demux import TsDemuxer
-from media.mpegts.events import AccessUnit, DemuxError, ProgramChanged
+from media.mpegts.events import AccessUnit, DemuxError, ProgramChanged, TsDiscontinuity
 from media.mpegts.rap import RandomAccessScanner
 from media.srt.listener import Decision, RateLimit, SrtConnection, SrtListener, reject_unparsable
 from media.srt.streamid import StreamIdRequest
@@ -101,6 +102,7 @@ class IngestCounters:
     messages: int = 0
     access_units: int = 0
     demux_errors: int = 0
+    discontinuities: int = 0
     refused_busy: int = 0
 
 
@@ -159,6 +161,16 @@ class SrtIngest:
                 self.rap.configure(ev.pmt.pmt_pid, frozenset(t.pid for t in ev.pmt.tracks if t.kind == "video"))
             elif isinstance(ev, DemuxError):
                 counters.demux_errors += 1
+            elif isinstance(ev, TsDiscontinuity):
+                # Packets were lost (CC error), the sender signalled a break or
+                # sync was lost: the frames that follow reference a picture the
+                # viewers never got whole, so their layer restarts at its next
+                # IDR. An audio PID needs nothing: Opus/AAC frames stand alone.
+                counters.discontinuities += 1
+                if ev.pid is None:
+                    pub.discontinuity(None)
+                elif (layer := pub.layers.get(ev.pid)) is not None:
+                    pub.discontinuity(layer)
 
     def _arm(self, deadline: float) -> None:
         delay = max(0.0, deadline - time.monotonic())
@@ -417,12 +429,27 @@ class MediaService:
         if entry is not None and entry[0] is frame.data:
             self.first_byte_latency.observe(max(0.0, now - entry[1]))
 
+    def connection_failures(self, name: str, limit: int = 10) -> list[dict[str, Any]]:
+        """The last SRT callers for ``name`` that did not get through, newest
+        first: what a director needs to fix an encoder's settings."""
+        if self.srt is None:
+            return []
+        out = []
+        for f in reversed(list(self.srt.failures)):
+            if f.stream == name:
+                out.append({"at": datetime.fromtimestamp(f.at, timezone.utc).isoformat(), "protocol": "srt",
+                            "peer": f.peer, "code": f.code, "reason": f.reason})
+                if len(out) >= limit:
+                    break
+        return out
+
     def live_state(self, name: str) -> dict[str, Any]:
         stream = self.hub.get(name)
         viewers = self.whep.viewers(name)
         if stream is None:
             return {"live": False, "state": "offline", "source": None, "tracks": [], "layers": [],
-                    "viewers": len(viewers), "viewers_by_layer": {}}
+                    "viewers": len(viewers), "viewers_by_layer": {},
+                    "connection_failures": self.connection_failures(name)}
         st = stream.stats()
         by_layer: dict[str, int] = {}
         now = time.monotonic()
@@ -463,6 +490,7 @@ class MediaService:
             "live": st.state == StreamState.LIVE, "state": st.state.value, "source": source,
             "tracks": tracks, "layers": list(st.layers), "viewers": len(viewers), "viewers_by_layer": by_layer,
             "viewers_struggling": struggling,
+            "connection_failures": self.connection_failures(name),
             "srt_readers": st.ts_readers, "bytes_in": st.ts_bytes_in, "drops": st.drops_total,
             "warnings": warnings,
         }
@@ -547,6 +575,8 @@ class MediaService:
             ("returnfeed_srt_ingest_messages", ing.messages, "SRT messages received from publishers"),
             ("returnfeed_ingest_access_units", ing.access_units, "Access units demuxed"),
             ("returnfeed_ingest_demux_errors", ing.demux_errors, "MPEG-TS demux errors"),
+            ("returnfeed_ingest_discontinuities", ing.discontinuities,
+             "MPEG-TS continuity breaks (lost packets, signalled breaks, sync loss); video restarts at an IDR"),
         ):
             c = CounterMetricFamily(name, doc)
             c.add_metric([], value)

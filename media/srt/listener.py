@@ -59,7 +59,7 @@ import logging
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -283,6 +283,19 @@ def _log(level: int, event: str, **fields: object) -> None:
 # --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ConnectionFailure:
+    """A caller that did not get through, for the people who run the stream
+    (``SrtListener.failures``). Never carries the raw stream ID: it may hold
+    a token."""
+
+    at: float  # wall clock (time.time())
+    peer: str
+    stream: str | None  # None when the stream ID named none we could read
+    code: int | None  # the reject code the caller saw; None: closed after the handshake
+    reason: str
+
+
 @dataclass(slots=True)
 class _Pending:
     request: StreamIdRequest | None
@@ -470,6 +483,7 @@ class SrtListener:
         max_pending_bytes: int = 32 * 1024 * 1024,
         wait_timeout_ms: int = 100,
         stats_interval_s: float = 1.0,
+        failure_history: int = 256,
     ) -> None:
         if not 0 <= latency_ms <= 60_000:
             raise ValueError(f"latency_ms out of range: {latency_ms}")
@@ -496,6 +510,8 @@ class SrtListener:
         self._lock = threading.Lock()
         self._pending: dict[int, _Pending] = {}
         self._connections: dict[int, SrtConnection] = {}
+        #: The most recent callers that did not get through (bounded).
+        self.failures: deque[ConnectionFailure] = deque(maxlen=failure_history)
         self._closing = False
         self._checker: asyncio.TimerHandle | None = None
         self._sampler: asyncio.TimerHandle | None = None
@@ -634,6 +650,10 @@ class SrtListener:
             _log(logging.WARNING, "rate_limit", ip=ip, note="further rejects of this IP skip authorize")
         return -1
 
+    def _failed(self, peer: str, stream: str | None, code: int | None, reason: str) -> None:
+        # deque.append is atomic; called from libsrt's thread and the loop's.
+        self.failures.append(ConnectionFailure(time.time(), peer, stream, code, reason))
+
     def _listen_callback(self, ns: int, hsversion: int, peeraddr: int | None, streamid_ptr: int | None) -> int:
         try:
             return self._decide(ns, hsversion, peeraddr, streamid_ptr)
@@ -704,6 +724,8 @@ class SrtListener:
             )
 
         if not decision.accept:
+            self._failed(peer, request.stream if request is not None else None, decision.reason_code,
+                         decision.reason or f"rejected ({decision.reason_code})")
             fields: dict[str, object] = {"peer": peer, "streamid": raw, "reason": decision.reason}
             if parse_error is not None:
                 fields["parse_error"] = parse_error
@@ -741,11 +763,14 @@ class SrtListener:
             return
         conn = SrtConnection(self, sock, pending, time.monotonic())
         wanted = pending.decision.pbkeylen
-        if wanted and pending.decision.passphrase and conn.pbkeylen != wanted:
+        if wanted and pending.decision.passphrase and conn.pbkeylen < wanted:
             # In caller-listener mode the caller's key length wins (libsrt 1.5),
-            # so a policy asking for one AES key size is enforced here: the
-            # connection is closed before anyone sees it.
+            # so the stream's key length is a minimum, enforced here: a caller
+            # with a shorter key is closed before anyone sees it.
             bridge.close_socket(sock)
+            self._failed(conn.peer, conn.request.stream if conn.request else None, None,
+                         f"key too short: the encoder uses AES-{conn.pbkeylen * 8}, the stream requires "
+                         f"AES-{wanted * 8} or longer (set pbkeylen={wanted} or more)")
             with self._lock:
                 self.counters.policy_closed += 1
             if self._limiter is not None:
@@ -756,7 +781,7 @@ class SrtListener:
                 socket=sock,
                 peer=conn.peer,
                 streamid=conn.raw_streamid,
-                reason=f"caller uses AES-{conn.pbkeylen * 8}, stream requires AES-{wanted * 8}",
+                reason=f"caller uses AES-{conn.pbkeylen * 8}, stream requires AES-{wanted * 8} or longer",
             )
             return
         self._connections[sock] = conn
@@ -888,6 +913,11 @@ class SrtListener:
                     failed.append((ns, p, state))
             self.counters.handshake_failed += len(failed)
         for ns, p, state in failed:
+            self._failed(p.peer, p.request.stream if p.request is not None else None, None,
+                         "wrong or missing passphrase (or the encoder left during the handshake)"
+                         if p.decision.passphrase else
+                         "the encoder sent a passphrase but the stream is not encrypted (or it left during the "
+                         "handshake)")
             tripped = self._limiter.charge(p.ip, now) if self._limiter is not None else False
             _log(
                 logging.INFO,

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 from typing import Final, Literal
 
 from media.errors import RemoteMediaError
@@ -195,11 +196,31 @@ def parse_stream_id(raw: str | bytes) -> StreamIdRequest:
         raise StreamIdError(f"stream ID must be str or bytes, not {type(raw).__name__}")
     if not text:
         raise StreamIdError("empty stream ID; expected 'publish:NAME', 'read:NAME' or '#!::r=NAME,m=publish'")
+    if text[:3].upper() == "%23":
+        # A '#' in a URL starts its fragment, so an access-control stream ID
+        # in an srt:// URL has to be written %23!::…; GStreamer and FFmpeg ≥ 6
+        # decode it, FFmpeg 5.1 and srt-live-transmit send it as written.
+        # Decode it here (RFC 3986 §2.1) so one URL serves all of them.
+        text = _percent_decode(text)
     if _CONTROL_RE.search(text):
         raise StreamIdError("stream ID contains control characters")
     if text.startswith("#!"):
         return _parse_access_control(text)
     return _parse_colon(text)
+
+
+_PCT_RE: Final = re.compile(r"%([0-9A-Fa-f]{2})")
+
+
+def _percent_decode(text: str) -> str:
+    """Strict percent-decoding: every ``%`` must start a valid ``%XX`` and the
+    result must be UTF-8."""
+    if text.count("%") != len(_PCT_RE.findall(text)):
+        raise StreamIdError("stream ID has a '%' that does not start a %XX escape")
+    try:
+        return unquote_to_bytes(text).decode("utf-8")
+    except UnicodeDecodeError:
+        raise StreamIdError("percent-encoded stream ID is not valid UTF-8") from None
 
 
 # -- colon form -----------------------------------------------------------

@@ -95,3 +95,53 @@ def test_quiet_timer_releases_a_frame_before_the_next_one_arrives() -> None:
     name = "returnfeed_forwarding_latency_from_first_byte_seconds"
     assert first[f"{name}_count"] == len(delivered) == complete["returnfeed_forwarding_latency_seconds_count"]
     assert first[f"{name}_sum"] >= complete["returnfeed_forwarding_latency_seconds_sum"] + 0.0099
+
+
+def _video_pid(data: bytes) -> int:
+    from media.mpegts.demux import TsDemuxer
+    from media.mpegts.events import ProgramChanged
+
+    for ev in TsDemuxer().feed(data[: 188 * 200], 0.0):
+        if isinstance(ev, ProgramChanged):
+            return next(t.pid for t in ev.pmt.tracks if t.kind == "video")
+    raise AssertionError("no PMT in the capture")
+
+
+def test_lost_video_packets_restart_the_layer_at_the_next_idr() -> None:
+    """Every demux event reaches the stream: a continuity error on the video
+    PID (a packet lost on the way) marks a discontinuity to every reader, and
+    the next video frame it gets is a keyframe — never the broken frames in
+    between."""
+    from media.stream import Discontinuity
+
+    data = (FIXTURES / "h264_aac_zerolatency.ts").read_bytes()
+    pid = _video_pid(data)
+    packets = [data[i : i + 188] for i in range(0, len(data) - len(data) % 188, 188)]
+    video = [i for i, p in enumerate(packets) if ((p[1] & 0x1F) << 8 | p[2]) == pid]
+    # Lose one video packet in the middle of the first GOP, away from a PES start.
+    lost = next(i for i in video[len(video) // 4 :] if not packets[i][1] & 0x40 and not packets[i + 1][1] & 0x40)
+    damaged = packets[:lost] + packets[lost + 1 :]
+
+    async def run() -> tuple[list, MediaService]:
+        service = MediaService(Settings(), None, None)
+        stream = service.hub.get_or_create("cam1")
+        got: list = []
+        stream.subscribe(maxsize=10_000, callback=lambda reader: got.extend(reader.drain()))
+        conn = FakeConnection()
+        SrtIngest(service, conn, stream, None)
+        now = time.monotonic()
+        for i in range(0, len(damaged), 7):
+            conn.on_data([b"".join(damaged[i : i + 7])], now)
+            now += 0.001
+        await asyncio.sleep(0)
+        return got, service
+
+    got, service = asyncio.run(run())
+    assert service.ingest.discontinuities >= 1
+    markers = [i for i, item in enumerate(got) if isinstance(item, Discontinuity) and item.reason == "source"]
+    assert markers, "the continuity error reached the stream's readers"
+    after = [item for item in got[markers[0] + 1 :] if isinstance(item, Frame) and item.kind == "video"]
+    assert after and after[0].keyframe, "video resumes at an IDR"
+    before = [item for item in got[: markers[0]] if isinstance(item, Frame) and item.kind == "video"]
+    pes_starts = sum(1 for i in video if packets[i][1] & 0x40)
+    assert before and len(before) + len(after) < pes_starts - 1, "the frames up to the IDR were withheld"

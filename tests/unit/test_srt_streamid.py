@@ -206,3 +206,18 @@ def test_fuzz_never_raises_anything_else(raw: bytes | str) -> None:
         assert isinstance(result, StreamIdRequest)
         assert is_valid_stream_name(result.stream)
         assert result.action in ("publish", "read")
+
+
+def test_percent_encoded_access_control_stream_id() -> None:
+    """'#' starts a URL fragment, so URLs carry the access-control form as
+    %23!::…; callers that send it as written are understood."""
+    req = parse_stream_id("%23!::r=cam1,m=publish,s=abc.def-_")
+    assert (req.stream, req.action, req.token) == ("cam1", "publish", "abc.def-_")
+    req = parse_stream_id(b"%23%21%3A%3Ar%3Dcam1%2Fl%C3%A9,m%3Dpublish".replace(b"l%C3%A9", b"low"))
+    assert (req.stream, req.layer, req.action) == ("cam1", "low", "publish")
+    for bad in ("%23!::r=cam1%", "%23!::r=cam1%zz", "%23!::r=%FF%FE"):
+        with pytest.raises(StreamIdError):
+            parse_stream_id(bad)
+    # Only the %23 form is decoded: a '%' elsewhere is left to the syntax rules.
+    with pytest.raises(StreamIdError):
+        parse_stream_id("publish:cam%31")

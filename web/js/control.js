@@ -209,6 +209,15 @@ function streamBadges(s) {
   }
   const layers = Array.isArray(s.layers) ? s.layers.map((l) => (typeof l === "string" ? l : l.name || l.rid)).filter(Boolean) : [];
   if (layers.length > 1) out.push(h("span", { class: "badge", title: "simulcast layers" }, layers.join("/")));
+  const failures = Array.isArray(s.connection_failures) ? s.connection_failures : [];
+  const recent = failures.filter((f) => Date.now() - Date.parse(f.at) < 10 * 60 * 1000);
+  if (recent.length) {
+    // Why an encoder could not connect (wrong passphrase, key too short,
+    // busy, bad token …): the newest reason on the tile, the rest on hover.
+    const lines = recent.map((f) => `${new Date(f.at).toLocaleTimeString()} ${f.peer} — ${f.reason}`);
+    out.push(h("span", { class: "badge b-warn", title: lines.join("\n"), "data-badge": "refused" },
+      `⚠ refused: ${recent[0].reason.split(":")[0]}`));
+  }
   if (Array.isArray(s.warnings) && s.warnings.length) {
     out.push(h("span", { class: "badge b-warn", title: s.warnings.join("\n") }, `⚠ ${s.warnings.length}`));
   }
