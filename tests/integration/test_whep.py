@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,11 +212,23 @@ def _keyframe_sizes(size: str, fps: int, bitrate: str) -> list[int]:
     return [int(line.split(",")[1]) for line in probe.stdout.decode().splitlines() if ",K" in line]
 
 
+DECODING_VIEWER = """
+import asyncio, json, sys
+from helpers import aiortc_whep_receive
+out = asyncio.run(aiortc_whep_receive(sys.argv[1], sys.argv[2], float(sys.argv[3])))
+print(json.dumps({k: v for k, v in out.items() if k != "answer"}))
+"""
+
+
 @pytest.mark.parametrize("kind", sorted(BIG_KEYFRAMES))
 def test_large_single_slice_keyframes_keep_every_viewer(env, kind) -> None:
     """A keyframe bigger than one UDP send never disconnects a viewer: three
-    aiortc viewers decode a single-slice source for several GOPs and their
-    sessions are still there to DELETE afterwards."""
+    light viewers (no decoding) keep receiving frames in order, an aiortc
+    viewer decodes the picture, and all four sessions are still there at the
+    end, with no send error on the server."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "loadtests"))
+    from whep_client import WhepViewer
+
     spec = BIG_KEYFRAMES[kind]
     sizes = _keyframe_sizes(spec["size"], spec["fps"], spec["bitrate"])
     assert sizes and min(sizes) > spec["min_keyframe"], sizes  # the test source is what it claims
@@ -225,24 +239,50 @@ def test_large_single_slice_keyframes_keep_every_viewer(env, kind) -> None:
     env["streams"][name] = r.json()
     proc = ffmpeg_publish(env["srt"](name), seconds=60, size=spec["size"], fps=spec["fps"], source="testsrc2",
                           bitrate=spec["bitrate"], extra=_single_slice(spec["fps"], spec["bitrate"]))
+    seconds = 8 if kind == "4k" else 6
+
+    async def watch() -> tuple[dict, list, dict]:
+        viewers = [WhepViewer(f"{base}/whep/{name}", token=admin) for _ in range(3)]
+        for v in viewers:
+            await v.connect()
+        # The decoding viewer runs in its own process: its decoder would
+        # otherwise hold this loop's GIL and starve the light viewers' sockets.
+        decoder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", DECODING_VIEWER, f"{base}/whep/{name}", admin, str(seconds),
+            stdout=asyncio.subprocess.PIPE, cwd=str(Path(__file__).resolve().parent.parent))
+        await asyncio.sleep(seconds / 2)
+        listed: dict = {}
+        for _ in range(int(seconds * 4)):  # until the decoding viewer (slow to start on a busy machine) is in
+            listed = http("GET", f"{base}/api/v1/streams/{name}/viewers", token=admin).json()
+            if len(listed["viewers"]) == 4:
+                break
+            await asyncio.sleep(0.25)
+        out = json.loads((await decoder.communicate())[0])
+        stats = [(v.stats.video.frames, v.stats.video.packets, v.stats.video.lost, v.stats.video.backwards)
+                 if v.stats.video else (0, 0, None, None) for v in viewers]
+        for v in viewers:
+            await v.close()
+        return out, stats, listed
+
     try:
         wait_live(base, name, admin, timeout=30)
-        seconds = 8 if kind == "4k" else 5
-
-        async def viewers() -> list[dict]:
-            return await asyncio.gather(*(aiortc_whep_receive(f"{base}/whep/{name}", admin, seconds)
-                                          for _ in range(3)))
-
-        results = asyncio.run(viewers())
+        out, stats, listed = asyncio.run(watch())
         metrics = http("GET", f"{base}/metrics").body.decode()
     finally:
         stop_process(proc)
-    for out in results:
-        assert out["status"] == 201, out.get("body")
-        # Still alive at the end: the session answered DELETE, not 404.
-        assert out["delete_status"] == 200, out
-        assert out["width"] == int(spec["size"].split("x")[0]), out
-        assert out["video"] >= spec["fps"] * (seconds - 3), out
+    assert out["status"] == 201, out.get("body")
+    assert out["delete_status"] == 200, out  # still alive at the end: DELETE found it
+    assert out["width"] == int(spec["size"].split("x")[0]), out
+    print(kind, stats, [{k: v[k] for k in ("packets_sent", "backlog_events", "nacks", "retransmits")}
+                        for v in listed["viewers"]])
+    for frames, packets, lost, backwards in stats:
+        assert frames >= spec["fps"] * (seconds - 4), stats
+        # Loss is not asserted: a burst of 100+ packets overflows a loopback
+        # receiver's socket buffer when the machine is busy (the server's own
+        # counters, below, show every packet left it).
+        assert backwards == 0, stats
+    assert len(listed["viewers"]) == 4, listed
+    assert all(v["send_errors"] == 0 and v["backlog_events"] == 0 for v in listed["viewers"]), listed
     assert 'returnfeed_webrtc_sessions_closed_total{reason="send_failed"}' not in metrics
     assert 'returnfeed_webrtc_sessions_closed_total{reason="transport_closed"}' not in metrics
 
