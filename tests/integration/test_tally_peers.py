@@ -372,3 +372,100 @@ def test_tsl5_tcp_one_shot_sender_drives_tally_and_only_silence_loses_it(env):
         await asyncio.to_thread(http, "PUT", config_url, {}, token=admin)
 
     asyncio.run(run())
+
+
+# ------------------------------------------------ item 2 with real OBS Studio
+
+
+class ObsControl:
+    """A second obs-websocket session, playing the OBS operator."""
+
+    def __init__(self, url: str, password: str) -> None:
+        self.url, self.password = url, password
+        self.ws = None
+        self._n = 0
+
+    async def open(self, timeout: float = 60.0) -> None:
+        from tally.obs import obs_authentication
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ws = await websockets.connect(self.url, subprotocols=["obswebsocket.json"], open_timeout=5)
+                hello = json.loads(await asyncio.wait_for(self.ws.recv(), 5))
+                break
+            except (OSError, websockets.WebSocketException, asyncio.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+        auth = hello["d"]["authentication"]
+        await self.ws.send(json.dumps({"op": 1, "d": {"rpcVersion": 1, "eventSubscriptions": 0, "authentication":
+                                                       obs_authentication(self.password, auth["salt"], auth["challenge"])}}))
+        assert json.loads(await asyncio.wait_for(self.ws.recv(), 5))["op"] == 2
+
+    async def request(self, kind: str, **data) -> dict:
+        self._n += 1
+        rid = str(self._n)
+        await self.ws.send(json.dumps({"op": 6, "d": {"requestType": kind, "requestId": rid, "requestData": data}}))
+        while True:
+            msg = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+            if msg["op"] == 7 and msg["d"]["requestId"] == rid:
+                assert msg["d"]["requestStatus"]["result"], msg
+                return msg["d"].get("responseData", {})
+
+
+def test_config_put_keeps_real_obs_adapter_and_its_tally(env):
+    """Issue 10 item 2 with OBS Studio 29 / obs-websocket 5: PUTting the
+    same configuration (or one that leaves OBS alone) never shows TALLY
+    LOST, and the kept adapter keeps following OBS."""
+    import obs_peer
+
+    why = obs_peer.missing()
+    if why:
+        pytest.skip(why)
+    base, pid, admin = env["base"], env["pid"], env["admin"]
+    config_url = f"{base}/api/v1/productions/{pid}/tally/config"
+
+    async def put(body) -> dict:
+        r = await asyncio.to_thread(http, "PUT", config_url, body, token=admin)
+        assert r.status == 200, r.body
+        return r.json()
+
+    async def run():
+        async with obs_peer.ObsStudio() as obs:
+            ctl = ObsControl(obs.url, obs_peer.PASSWORD)
+            try:
+                await ctl.open()
+            except Exception:
+                pytest.fail(f"OBS did not come up: {obs.log()}")
+            for scene in ("Cam A", "Cam B"):
+                await ctl.request("CreateScene", sceneName=scene)
+            await ctl.request("SetCurrentProgramScene", sceneName="Cam A")
+            cfg = {"sources": {"obsA": {"authority": "obs", "obs_scenes": ["Cam A"]},
+                               "obsB": {"authority": "obs", "obs_scenes": ["Cam B"]}},
+                   "adapters": [{"type": "obs", "url": obs.url, "password": obs_peer.PASSWORD}]}
+            await put(cfg)
+            async with Recorder(env["ws"], admin) as ws:
+                await ws.wait_state("obsA", "program", timeout=20)
+                assert ws.state()["obsB"] == "off"
+                n, seq = len(ws.messages), ws.seqs()[-1]
+                snap = await put(cfg)  # the same again
+                changed = json.loads(json.dumps(cfg))
+                changed["sources"]["gfx"] = {}
+                await asyncio.sleep(1.0)
+                assert len(ws.messages) == n and snap["seq"] == seq
+                assert snap["adapters"] == [{"type": "obs", "authority": "obs", "connected": True}]
+                await put(changed)  # OBS untouched
+                await ws.wait_state("gfx", "off")
+                await ctl.request("SetCurrentProgramScene", sceneName="Cam B")
+                await ws.wait_state("obsB", "program")
+                assert ws.state()["obsA"] == "off"
+                seen = [st["state"] for m in ws.messages if m["type"] == "tally"
+                        for name, st in m["sources"].items() if name in ("obsA", "obsB")]
+                assert "unknown" not in seen, seen  # never TALLY LOST
+                seqs = ws.seqs()
+                assert seqs == sorted(set(seqs)) and ws.closed is None
+            await put({})
+            await ctl.ws.close()
+
+    asyncio.run(run())
