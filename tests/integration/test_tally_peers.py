@@ -469,3 +469,44 @@ def test_config_put_keeps_real_obs_adapter_and_its_tally(env):
             await ctl.ws.close()
 
     asyncio.run(run())
+
+
+# ------------------------------------------------ item 3: a repeating UDP sender
+
+
+async def test_tslumd_udp_sender_is_never_lost_while_it_repeats_and_is_lost_after_silence():
+    """``tslumd`` (PyPI) 0.0.7 ``UmdSender`` resends its full state every
+    0.3 s: with ``lost_after=1`` the source stays known as long as it runs
+    and turns unknown ~1 s after it stops."""
+    tslumd = pytest.importorskip("tslumd", reason="tslumd not installed (bash config/bootstrap.sh setup)")
+    from tally.state import Tally
+    from tally.tsl import TslInput
+
+    state = TallyState("show", [SourceConfig("desk", authority="tsl", tsl_address=4)])
+    inp = TslInput(state, authority="tsl", version=5, lost_after=1.0)
+    _, port = await inp.listen_udp("127.0.0.1", 0)
+    history: list[str] = []
+    state.add_listener(lambda ch: history.extend(st.state.value for n, st in ch.sources.items() if n == "desk"))
+    sender = tslumd.UmdSender(clients=[("127.0.0.1", port)])
+    await sender.open()
+    try:
+        sender.set_tally_color((0, 4), "rh_tally", "red")
+        deadline = time.monotonic() + 5
+        while state.source_state("desk").state is not Tally.PROGRAM:
+            assert time.monotonic() < deadline, history
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(2.5)  # 2.5 × lost_after of repeats
+        assert history == ["program"] and inp.packets >= 6
+        sender.set_tally_color((0, 4), "rh_tally", "green")
+        while state.source_state("desk").state is not Tally.PREVIEW:
+            assert time.monotonic() < deadline + 3, history
+            await asyncio.sleep(0.01)
+    finally:
+        await sender.close()
+    stopped = time.monotonic()
+    while state.source_state("desk").state is not Tally.UNKNOWN:
+        assert time.monotonic() - stopped < 3, history
+        await asyncio.sleep(0.01)
+    assert 0.6 <= time.monotonic() - stopped <= 2.0
+    assert history == ["program", "preview", "unknown"]
+    await inp.close()
