@@ -510,3 +510,43 @@ async def test_tslumd_udp_sender_is_never_lost_while_it_repeats_and_is_lost_afte
     assert 0.6 <= time.monotonic() - stopped <= 2.0
     assert history == ["program", "preview", "unknown"]
     await inp.close()
+
+
+# ------------------------------------------------ TSL 3.1 output to a real display listener
+
+
+async def test_tsl31_output_drives_the_tsl_umd_listener():
+    """npm ``tsl-umd`` 1.1.2 (a TSL 3.1 UDP listener) decodes what TslOutput
+    sends: tally 1 = program, tally 2 = preview, the label as text."""
+    _node_peer("tsl-umd")
+    from tally.tsl import TslOutput
+
+    script = ("const T = require('tsl-umd'); const u = new T(0);"
+              "u.server.on('listening', () => console.log('PORT ' + u.server.address().port));"
+              "u.on('message', m => console.log(JSON.stringify(m)));")
+    proc = await asyncio.create_subprocess_exec("node", "-e", script, env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    state = TallyState("show", [SourceConfig("cam1", "Cam One", tsl_address=1), SourceConfig("cam2", tsl_address=2)])
+    out = TslOutput(state, version=3, refresh_interval=10)
+    try:
+        port = 0
+        while not port:
+            line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+            assert line, "tsl-umd exited"
+            if line.startswith("PORT "):
+                port = int(line.split()[1])
+        await out.start_udp("127.0.0.1", port)
+        state.cut("cam1", now=0)
+        state.set_preview("cam2", now=0)
+        got: dict[int, dict] = {}
+        while not (got.get(1, {}).get("tally1") == 1 and got.get(2, {}).get("tally2") == 1):
+            line = (await asyncio.wait_for(proc.stdout.readline(), 5)).decode()
+            if line.startswith("{"):
+                m = json.loads(line)
+                got[m["address"]] = m
+        assert got[1]["tally2"] == 0 and got[2]["tally1"] == 0
+        assert got[1]["label"].strip() == "Cam One"
+    finally:
+        await out.close()
+        proc.terminate()
+        await proc.wait()
