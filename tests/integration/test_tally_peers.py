@@ -173,13 +173,13 @@ async def _tsl5_send(transport: str, port: int, index: int, rh_tally: int, text:
 
 
 async def test_passive_wscat_survives_many_heartbeat_windows():
-    """The heartbeat scaled down (ping every 0.1 s, dropped after 0.3 s of
-    silence): a passive wscat stays for 4 s — 13 windows, what an hour is to
-    the default 1 s / 3 s — and gets every change in order. A client that
-    does not answer protocol pings would be dropped within 0.3 s (see
-    tests/unit/test_tally_hub.py)."""
+    """The heartbeat scaled down (ping every 0.2 s, dropped after 0.8 s of
+    silence): a passive wscat stays for 6 s — 7.5 windows, and ~30 pings
+    answered — and gets every change in order. A client that does not
+    answer protocol pings is dropped within one window (see
+    tests/unit/test_tally_hub.py). Only wscat's automatic Pongs keep it."""
     state = TallyState("show", [SourceConfig("cam1"), SourceConfig("cam2")])
-    hub = TallyHub(state, heartbeat_interval=0.1, missing_after=0.3)
+    hub = TallyHub(state, heartbeat_interval=0.2, missing_after=0.8)
     hub.start()
 
     async def handler(request: web.Request) -> web.WebSocketResponse:
@@ -194,7 +194,7 @@ async def test_passive_wscat_survives_many_heartbeat_windows():
         url = str(server.make_url("/ws/tally")).replace("http://", "ws://")
         async with Wscat(url) as wscat:
             await wscat.wait_for(lambda ms: any(m["type"] == "snapshot" for m in ms))
-            t_end = time.monotonic() + 4.0
+            t_end = time.monotonic() + 6.0
             cuts = 0
             while time.monotonic() < t_end:
                 state.cut(("cam1", "cam2")[cuts % 2], now=time.monotonic())
@@ -203,7 +203,7 @@ async def test_passive_wscat_survives_many_heartbeat_windows():
             await wscat.wait_for(lambda ms: sum(m["type"] == "tally" for m in ms) == cuts)
             assert wscat.running and len(hub.clients) == 1 and hub.stats.missing_closed == 0
             assert [m["seq"] for m in wscat.messages() if m["type"] == "tally"] == list(range(1, cuts + 1))
-            assert wscat.pings() >= 30  # RFC 6455 pings arrive (and are answered by wscat)
+            assert wscat.pings() >= 20  # RFC 6455 pings arrive (and are answered by wscat)
     hub.close()
 
 
@@ -459,7 +459,7 @@ def test_config_put_keeps_real_obs_adapter_and_its_tally(env):
                 await ws.wait_state("gfx", "off")
                 await ctl.request("SetCurrentProgramScene", sceneName="Cam B")
                 await ws.wait_state("obsB", "program")
-                assert ws.state()["obsA"] == "off"
+                await ws.wait_state("obsA", "off")  # after OBS's default fade (both on air during it)
                 seen = [st["state"] for m in ws.messages if m["type"] == "tally"
                         for name, st in m["sources"].items() if name in ("obsA", "obsB")]
                 assert "unknown" not in seen, seen  # never TALLY LOST

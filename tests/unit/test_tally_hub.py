@@ -592,7 +592,7 @@ async def test_real_server_protocol_pong_alone_keeps_a_client():
     standard client) stays connected for many missing_after windows; one
     that answers nothing is closed with 4001."""
     state = make_state()
-    hub = TallyHub(state, heartbeat_interval=0.05, missing_after=0.2)
+    hub = TallyHub(state, heartbeat_interval=0.1, missing_after=0.4)
     hub.start()
     async with TestServer(make_app(hub)) as server, aiohttp.ClientSession() as http:
         url = server.make_url("/ws/tally")
@@ -612,7 +612,7 @@ async def test_real_server_protocol_pong_alone_keeps_a_client():
 
         reader = asyncio.create_task(read_passive())
         deaf_close = None
-        t_end = time.monotonic() + 1.5  # 7.5 × missing_after
+        t_end = time.monotonic() + 2.0  # 5 × missing_after
         i = 0
         while time.monotonic() < t_end:
             msg = await deaf.receive(timeout=2)
