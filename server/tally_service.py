@@ -8,6 +8,9 @@ One :class:`ProductionTally` per production, created on first use:
   external switcher (vMix input, OBS scenes, TSL address).
 * **Adapters** from the same configuration: ``vmix``, ``obs``, ``tsl_in``
   (UDP/TCP listener), ``tsl_out`` (UDP/TCP to displays/multiviewers).
+* **Configuration changes** (``apply``) happen in place: the state machine
+  replaces its source definitions as one sequenced change, unchanged
+  adapters keep running, and clients stay connected.
 * **Persistence**: every change is queued (never awaited by the hub) and a
   writer task appends it to ``tally_events`` (who, origin, changed sources)
   and upserts ``tally_state``; the state is restored from there on restart.

@@ -343,6 +343,9 @@ def test_tsl5_tcp_one_shot_sender_drives_tally_and_only_silence_loses_it(env):
                               "port": port, "authority": "tsl:v5", "lost_after": lost_after}]}
 
     async def run():
+        for bad in (0, -1, "5", True):
+            r = await asyncio.to_thread(http, "PUT", config_url, cfg(bad), token=admin)
+            assert r.status == 400 and "lost_after" in r.json()["detail"], r.body
         r = await asyncio.to_thread(http, "PUT", config_url, cfg(None), token=admin)
         assert r.status == 200, r.body
         async with Recorder(env["ws"], admin) as ws:
