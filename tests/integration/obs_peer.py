@@ -109,7 +109,10 @@ class ObsStudio:
                  "exec xvfb-run -a -s '-screen 0 640x360x24' obs --minimize-to-tray --disable-shutdown-check "
                  "--disable-updater --multi")
         env = {**os.environ, "HOME": str(self.home), "LIBGL_ALWAYS_SOFTWARE": "1"}
-        self.proc = subprocess.Popen(["unshare", "--net", "sh", "-c", inner], env=env, cwd=self.home,
+        # Not root: a user namespace too (maps us to root inside, so the
+        # loopback can be brought up).
+        unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
+        self.proc = subprocess.Popen([*unshare, "sh", "-c", inner], env=env, cwd=self.home,
                                      stdout=open(self.home / "obs.log", "wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.server = await asyncio.start_server(
