@@ -23,8 +23,18 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # Debian/Ubuntu packages: runtime (python, ffmpeg, libsrt) and test peers
 # (srt-live-transmit, GStreamer srtsink, chromium, espeak-ng/sox for caption tests, iproute2).
 # libsrt-gnutls-dev: test-only, a test compiles against srt.h to check the ctypes layout.
-APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutls-dev chromium espeak-ng sox iproute2 ca-certificates
-              gstreamer1.0-tools gstreamer1.0-plugins-bad)
+# gstreamer1.0-tools, -plugins-bad: test-only SRT caller (srtsink).
+# obs-studio, xvfb: test-only tally peer (real OBS with obs-websocket 5 under a
+# virtual display). Node.js/npm for the npm peers below are installed only
+# when `npm` is missing (NodeSource's nodejs carries its own npm and
+# conflicts with Debian's npm package).
+APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutls-dev chromium espeak-ng sox iproute2
+              ca-certificates gstreamer1.0-tools gstreamer1.0-plugins-bad obs-studio xvfb)
+# Third-party tally peers from npm, pinned, installed into the git-ignored
+# .peers/ (never fetched at test time): wscat (a standard WebSocket client),
+# tsl-umd (TSL 3.1 listener), tsl-umd-v5 (TSL 5.0 UDP/TCP sender/listener).
+NPM_PEERS=(wscat@6.1.0 tsl-umd@1.1.2 tsl-umd-v5@1.0.7)
+PEERS="$ROOT/.peers"
 SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
 
 as_root() {
@@ -48,6 +58,8 @@ install_system() {
     command -v srt-live-transmit >/dev/null 2>&1 || need+=("srt tools and libsrt 1.5 (Homebrew: brew install srt)")
     command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || need+=("chromium (tests only)")
     command -v espeak-ng >/dev/null 2>&1 || need+=("espeak-ng and sox (tests only)")
+    command -v npm >/dev/null 2>&1 || need+=("Node.js >= 18 and npm (tests only)")
+    command -v obs >/dev/null 2>&1 || need+=("OBS Studio 29+ and Xvfb (tests only)")
     if [ ${#need[@]} -gt 0 ]; then
       printf 'This system has no apt-get. Install these, then run this command again:\n' >&2
       printf '  - %s\n' "${need[@]}" >&2
@@ -102,8 +114,28 @@ install_python() {
   echo "$want" > "$STAMP"
 }
 
+install_peers() {
+  local want have
+  want="${NPM_PEERS[*]}"
+  have=$(cat "$PEERS/.returnfeed-peers" 2>/dev/null || true)
+  if [ "$have" = "$want" ] && [ -d "$PEERS/node_modules" ]; then
+    return
+  fi
+  if ! command -v npm >/dev/null 2>&1; then
+    command -v apt-get >/dev/null 2>&1 || die "install Node.js >= 18 with npm (tally peer tests), then run this again"
+    say "installing system packages: nodejs npm"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  say "installing npm test peers: $want"
+  mkdir -p "$PEERS"
+  npm install --prefix "$PEERS" --no-audit --no-fund --save-exact --loglevel=error "${NPM_PEERS[@]}" >/dev/null
+  echo "$want" > "$PEERS/.returnfeed-peers"
+}
+
 install_system
 install_python
+install_peers
 
 case "$MODE" in
   setup) say "setup complete" ;;

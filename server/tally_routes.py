@@ -16,7 +16,9 @@ REST (JSON, errors ``{error, detail}``):
   "source"?, "duration"?}`` — directors; 403 for camera/viewer, 409 for a
   refused command (unknown source, source driven by a switcher);
 * ``GET|PUT /api/v1/productions/{id}/tally/config`` — sources and switcher
-  adapters (see :mod:`server.tally_service`); PUT is for directors;
+  adapters (see :mod:`server.tally_service`); PUT is for directors and is
+  applied in place (clients stay connected, unchanged adapters keep running,
+  every resulting change is an ordinary delta);
 * ``GET /api/v1/productions/{id}/tally/events?limit=&before_seq=`` — audit.
 """
 
@@ -26,10 +28,10 @@ import json
 import time
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from tally.errors import CommandRejected
-from tally.hub import aiohttp_sink
+from tally.hub import aiohttp_sink, serve_aiohttp
 
 from . import repo
 from .app import DB, Principal, client_ip, json_body, principal, production_role, require_production_role
@@ -64,7 +66,9 @@ async def ws_tally(request: web.Request) -> web.StreamResponse:
         raise Forbidden("not a member of this production")
     service = request.app[TALLY]
     pt = await service.get(prod["id"])
-    ws = web.WebSocketResponse(compress=False, max_msg_size=WS_MAX_MESSAGE, autoping=True)
+    # autoping=False: aiohttp would swallow the Pong frames that standard
+    # clients answer our RFC 6455 Pings with; serve_aiohttp counts them.
+    ws = web.WebSocketResponse(compress=False, max_msg_size=WS_MAX_MESSAGE, autoping=False)
     await ws.prepare(request)
     who = p.username if p.kind == "user" else f"link:{p.link.stream if p.link else ''}"
     # A signed camera/viewer link sees only its own stream's tally (issue:
@@ -72,14 +76,7 @@ async def ws_tally(request: web.Request) -> web.StreamResponse:
     # the program video is its WHEP return feed).
     only = frozenset({p.link.stream}) if p.kind == "link" and p.link is not None else None
     client = pt.hub.connect(aiohttp_sink(ws), director=role in ("admin", "director"), who=who, only=only)
-    try:
-        async for msg in ws:
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                pt.hub.receive(client, msg.data)
-            elif msg.type == WSMsgType.ERROR:
-                break
-    finally:
-        pt.hub.disconnect(client)
+    await serve_aiohttp(pt.hub, client, ws)
     return ws
 
 
@@ -150,9 +147,9 @@ async def put_config(request: web.Request) -> web.Response:
                          target=str(pt.production_id), detail={"adapters": [a["type"] for a in cfg["adapters"]]},
                          ip=client_ip(request))
     service = request.app[TALLY]
-    await service.reload(pt.production_id)
     try:
-        fresh = await service.get(pt.production_id)
+        # In place: connected clients stay, unchanged adapters keep running.
+        fresh = await service.apply(pt.production_id)
     except Exception as exc:  # e.g. a source definition the state machine refuses
         raise BadRequest(f"configuration stored but not usable: {exc}") from None
     return web.json_response(service.snapshot(fresh))

@@ -8,6 +8,9 @@ One :class:`ProductionTally` per production, created on first use:
   external switcher (vMix input, OBS scenes, TSL address).
 * **Adapters** from the same configuration: ``vmix``, ``obs``, ``tsl_in``
   (UDP/TCP listener), ``tsl_out`` (UDP/TCP to displays/multiviewers).
+* **Configuration changes** (``apply``) happen in place: the state machine
+  replaces its source definitions as one sequenced change, unchanged
+  adapters keep running, and clients stay connected.
 * **Persistence**: every change is queued (never awaited by the hub) and a
   writer task appends it to ``tally_events`` (who, origin, changed sources)
   and upserts ``tally_state``; the state is restored from there on restart.
@@ -108,11 +111,31 @@ def validate_config(cfg: Any) -> dict[str, Any]:
                 raise TallyConfigError(f"adapters[{i}].version must be 3 or 5")
             if a.get("transport", "udp") not in ("udp", "tcp"):
                 raise TallyConfigError(f"adapters[{i}].transport must be udp or tcp")
+            lost = a.get("lost_after")
+            if t == "tsl_in" and lost is not None and (
+                    isinstance(lost, bool) or not isinstance(lost, (int, float)) or not 0 < lost <= 86400):
+                raise TallyConfigError(f"adapters[{i}].lost_after must be seconds of silence, > 0 (or null: never)")
             port = a.get("port")
             if t == "tsl_out" and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
                 raise TallyConfigError(f"adapters[{i}].port must be 1..65535")
     out["adapters"] = adapters
     return out
+
+
+_DEFAULT_AUTHORITY = {"vmix": "vmix", "obs": "obs", "tsl_in": "tsl"}
+
+
+def adapter_key(spec: dict[str, Any], sources: Iterable[SourceConfig]) -> str:
+    """What an adapter depends on: its own settings and the definitions of
+    the sources it maps (an input: the sources of its authority; a TSL
+    output: every source's name and address). Same key → the running
+    adapter is kept when a configuration is applied."""
+    if spec["type"] == "tsl_out":
+        relevant: list[Any] = [[s.name, s.tsl_address] for s in sources]
+    else:
+        authority = spec.get("authority", _DEFAULT_AUTHORITY[spec["type"]])
+        relevant = [s.to_dict() for s in sources if s.authority == authority]
+    return json.dumps([spec, relevant], sort_keys=True)
 
 
 @dataclass(slots=True)
@@ -121,6 +144,7 @@ class _Adapter:
     obj: Any
     kind: str
     authority: str | None
+    key: str = ""
 
     @property
     def connected(self) -> bool | None:
@@ -232,20 +256,79 @@ class TallyService:
         return p
 
     async def reload(self, production_id: int) -> None:
-        """Sources or configuration changed: rebuild (clients reconnect, get a snapshot)."""
+        """Drop the production's tally (clients are closed with 1001 and
+        reconnect); the next ``get`` rebuilds it. Configuration changes use
+        ``apply``, which keeps clients connected."""
         p = self.productions.pop(production_id, None)
         if p is not None:
             await p.close()
 
     async def on_streams_changed(self) -> None:
-        """Streams were added, renamed or removed: rebuild the productions
-        whose source list no longer matches (their clients reconnect)."""
+        """Streams were added, renamed or removed: apply the new source list
+        to the productions whose streams no longer match (in place)."""
         rows = await self.db.pool.fetch("SELECT production_id, array_agg(name ORDER BY id) AS names "
                                         "FROM streams GROUP BY production_id")
         names = {r["production_id"]: list(r["names"]) for r in rows}
         for pid, p in list(self.productions.items()):
             if p.stream_names != names.get(pid, []):
-                await self.reload(pid)
+                await self.apply(pid)
+
+    async def apply(self, production_id: int) -> ProductionTally:
+        """Apply the stored configuration and stream list to a running
+        production in place (issue 10: a PUT of the tally config must not
+        disconnect anybody or wipe state).
+
+        The hub, its clients and the writer stay. Adapters whose key
+        (``adapter_key``) is unchanged keep running, so their sources keep
+        what they reported; changed or removed ones are closed (their
+        sources turn ``unknown`` as a normal delta) and new ones started
+        after the sources are replaced. Every visible effect goes through
+        the state machine, so clients get ordinary deltas with the next
+        ``seq``, and the writer records them (origin ``config``)."""
+        p = self.productions.get(production_id)
+        if p is None or p.closed:
+            return await self.get(production_id)
+        lock = self._locks.setdefault(production_id, asyncio.Lock())
+        async with lock:
+            pool = self.db.pool
+            prod = await pool.fetchrow("SELECT settings FROM productions WHERE id = $1", production_id)
+            if prod is None:
+                raise KeyError(production_id)
+            settings = prod["settings"] if isinstance(prod["settings"], dict) else json.loads(prod["settings"] or "{}")
+            cfg = validate_config(settings.get("tally"))
+            streams = await pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
+                                       production_id)
+            sources = self._sources(streams, cfg)
+            specs = cfg.get("adapters", [])
+            running: dict[str, list[_Adapter]] = {}
+            for a in p.adapters:
+                running.setdefault(a.key, []).append(a)
+            plan: list[tuple[dict[str, Any], _Adapter | None]] = []
+            for spec in specs:
+                same = running.get(adapter_key(spec, sources))
+                plan.append((spec, same.pop() if same else None))
+            for a in (a for group in running.values() for a in group):
+                try:
+                    await a.obj.close()
+                except Exception:
+                    log.exception("tally.adapter_close_failed")
+            p.state.reconfigure(sources, default_transition=cfg.get("transition_s", 1.0), now=time.monotonic())
+            p.stream_names = [s["name"] for s in streams]
+            adapters = []
+            for spec, kept in plan:
+                if kept is not None:
+                    adapters.append(kept)
+                    continue
+                try:
+                    adapters.append(await self._start_adapter(p.state, spec))
+                except (TallyError, OSError, ValueError) as exc:
+                    event(log, logging.ERROR, "tally.adapter_failed", production=production_id,
+                          type=spec.get("type"), error=str(exc))
+            started = sum(1 for _, kept in plan if kept is None)
+            p.adapters = adapters
+            event(log, logging.INFO, "tally.applied", production=production_id, sources=len(sources),
+                  seq=p.state.seq, adapters_kept=len(plan) - started, adapters_started=started)
+        return p
 
     async def _load(self, production_id: int) -> ProductionTally:
         pool = self.db.pool
@@ -297,6 +380,11 @@ class TallyService:
         return out
 
     async def _start_adapter(self, state: TallyState, spec: dict[str, Any]) -> _Adapter:
+        adapter = await self._make_adapter(state, spec)
+        adapter.key = adapter_key(spec, state.sources.values())
+        return adapter
+
+    async def _make_adapter(self, state: TallyState, spec: dict[str, Any]) -> _Adapter:
         t = spec["type"]
         if t == "vmix":
             authority = spec.get("authority", "vmix")

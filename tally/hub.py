@@ -28,25 +28,27 @@ at ``seq`` ≥ the delta's seq skips it; every other client gets it.
 
 Heartbeat and transitions
 -------------------------
-``tick(now)`` sends the server ``ping`` every ``heartbeat_interval`` and
-closes (4001 "heartbeat timeout") and returns the clients not heard from for
-``missing_after`` seconds; ``start()`` runs it on a loop timer. The hub also
-arms a timer for the end of a running ``take`` so the transition completes
-on time.
+``tick(now)`` sends, every ``heartbeat_interval``, the JSON ``ping`` (for
+browsers: their WebSocket API can neither send nor see protocol pings) and
+an RFC 6455 Ping frame (§5.5.2: "Upon receipt of a Ping frame, an endpoint
+MUST send a Pong frame in response" — so any standard client that only
+listens, e.g. ``wscat``, answers it without knowing our JSON protocol).
+Any frame a client sends counts as a sign of life: a text message, a Pong,
+a Ping (``touch``). ``tick`` closes (4001 "heartbeat timeout") and returns
+the clients not heard from for ``missing_after`` seconds; ``start()`` runs
+it on a loop timer. The hub also arms a timer for the end of a running
+``take`` so the transition completes on time.
 
 Server wiring (aiohttp)
 -----------------------
 ::
 
-    ws = web.WebSocketResponse(compress=False, max_msg_size=64 * 1024)
+    # autoping=False: aiohttp would swallow Pong frames, which are the
+    # only sign of life a standard passive client sends.
+    ws = web.WebSocketResponse(compress=False, max_msg_size=64 * 1024, autoping=False)
     await ws.prepare(request)
     client = hub.connect(aiohttp_sink(ws), director=is_director, who=username)
-    try:
-        async for msg in ws:
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                hub.receive(client, msg.data)
-    finally:
-        hub.disconnect(client)
+    await serve_aiohttp(hub, client, ws)
     return ws
 
 ``aiohttp_transport`` is the one place that knows where aiohttp keeps the
@@ -94,6 +96,7 @@ OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
 _FIN = 0x80
+_AIOHTTP_ERROR = 0x102  # aiohttp WSMsgType.ERROR: the connection failed
 
 
 def build_frame(opcode: int, payload: bytes) -> bytes:
@@ -207,6 +210,31 @@ def aiohttp_sink(ws: Any, *, abort_after: float = 2.0) -> TransportSink:
     return TransportSink(aiohttp_transport(ws), abort_after=abort_after)
 
 
+async def serve_aiohttp(hub: "TallyHub", client: "TallyClient", ws: Any) -> None:
+    """Read one aiohttp ``WebSocketResponse`` (prepared with
+    ``autoping=False``) until it closes, then disconnect ``client``.
+
+    Every frame counts as a sign of life. Pings are answered here because
+    autoping is off (RFC 6455 §5.5.3: the Pong carries the Ping's
+    "Application data"). Duck-typed like the rest of the hub: aiohttp's
+    ``WSMsgType`` values are the RFC 6455 opcodes (``ERROR`` is 0x102);
+    a test pins that."""
+    try:
+        async for msg in ws:
+            t = int(msg.type)
+            if t == OP_TEXT or t == OP_BINARY:
+                hub.receive(client, msg.data)
+            elif t == OP_PONG:
+                hub.touch(client)
+            elif t == OP_PING:
+                hub.touch(client)
+                await ws.pong(msg.data)
+            elif t == _AIOHTTP_ERROR:
+                break
+    finally:
+        hub.disconnect(client)
+
+
 class TallyClient:
     """One connected client, as the hub sees it."""
 
@@ -271,7 +299,9 @@ class TallyHub:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._next_ping: float | None = None
         self._snapshot_cache: tuple[int, bytes] | None = None
-        self._ping_frame = build_text_frame(PING)
+        # Sent together: the JSON ping for browsers, the protocol Ping for
+        # standard clients (see the module docstring).
+        self._ping_frame = build_text_frame(PING) + build_frame(OP_PING, b"")
         self._pong_frame = build_text_frame(encode_pong())
         self.stats = HubStats()
         self._closed = False
@@ -322,8 +352,8 @@ class TallyHub:
             client.closed = "disconnected"
 
     def touch(self, client: TallyClient, now: float | None = None) -> None:
-        """Count a frame that is not a text message (e.g. a WebSocket
-        ping) as a sign of life."""
+        """Count a frame that is not a text message (an RFC 6455 Pong or
+        Ping) as a sign of life."""
         client.last_seen = self._clock() if now is None else now
 
     def receive(self, client: TallyClient, data: str | bytes, now: float | None = None) -> TallyChange | None:
@@ -405,7 +435,7 @@ class TallyHub:
     def tick(self, now: float | None = None) -> list[TallyClient]:
         """Heartbeat, transition deadline, missing-client detection.
 
-        Sends ``ping`` when due, completes a finished transition, and closes
+        Sends ``ping`` (JSON and an RFC 6455 Ping frame) when due, completes a finished transition, and closes
         and returns the clients not heard from for ``missing_after`` s."""
         now = self._clock() if now is None else now
         self.state.tick(now)

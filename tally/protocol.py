@@ -62,9 +62,10 @@ connections.
 
 Heartbeat
 ---------
-The server sends ``ping`` every second; a client sends ``ping`` (or answers
-with ``pong``) at least every second. The server closes a client it has not
-heard from for 3 s (close code 4001). A client that has received nothing for
+The server sends ``ping`` and an RFC 6455 Ping frame every second; a browser
+client sends ``ping`` (or answers with ``pong``) at least every second, a
+standard client's automatic Pong is enough: any frame counts. The server
+closes a client it has not heard from for 3 s (close code 4001). A client that has received nothing for
 3 s must show "tally lost" and reconnect; on reconnect the snapshot replaces
 everything it knew.
 

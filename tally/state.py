@@ -129,6 +129,7 @@ class Origin(StrEnum):
     AUTHORITY_LOST = "authority_lost"
     AUTHORITY_RESTORED = "authority_restored"
     PEER = "peer"  # adopted from another server node (adopt())
+    CONFIG = "config"  # source definitions changed (reconfigure())
 
 
 def _check_name(value: object, what: str) -> str:
@@ -212,6 +213,10 @@ class SourceState:
     buses: tuple[Bus, ...]
     label: str
     authority: str
+    #: The source was removed from the production by a configuration
+    #: change: this is its last state (``unknown``, so a client that does
+    #: not know the flag shows "tally lost", never a stale colour).
+    removed: bool = False
 
     @property
     def aux(self) -> bool:
@@ -219,13 +224,16 @@ class SourceState:
 
     def to_json(self) -> dict[str, Any]:
         """The protocol's per-source object."""
-        return {
+        out = {
             "state": self.state.value,
             "buses": [b.value for b in self.buses],
             "aux": Bus.AUX in self.buses,
             "label": self.label,
             "authority": self.authority,
         }
+        if self.removed:
+            out["removed"] = True
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -556,6 +564,74 @@ class TallyState:
                 self._lost.discard(name)
         return self._commit(Origin.AUTHORITY_RESTORED, who or authority, now)
 
+    # ---------------------------------------------------------- configuration
+
+    def reconfigure(
+        self,
+        sources: Iterable[SourceConfig],
+        *,
+        default_transition: float | None = None,
+        now: float,
+        who: str = "config",
+    ) -> TallyChange | None:
+        """Replace the source definitions in place (a configuration change).
+
+        Everything that did not change keeps its state: a source whose
+        authority is the same keeps what that authority reported (or its
+        ``unknown``) and its place on the director's buses. A source handed
+        to another authority starts over like a new one: ``unknown`` when
+        external (until its authority reports), off when the director drives
+        it. The director's program/preview forget sources that are gone or no
+        longer director-driven; a transition involving one is completed
+        first. A removed source is sent one last time as ``unknown`` with
+        ``removed`` set and is absent from later snapshots.
+
+        All of it is one ordinary change with the next ``seq`` (``None``
+        when nothing visible changed, e.g. the same configuration again).
+        Invalid definitions raise ``ConfigError`` and change nothing."""
+        new: dict[str, SourceConfig] = {}
+        for cfg in sources:
+            if not isinstance(cfg, SourceConfig):
+                raise ConfigError(f"expected SourceConfig, got {type(cfg).__name__}")
+            if cfg.name in new:
+                raise ConfigError(f"duplicate source name {cfg.name!r}")
+            new[cfg.name] = cfg
+        transition = (self.default_transition if default_transition is None
+                      else _check_duration(default_transition, ConfigError))
+        old = self._sources
+
+        def director_source(name: str | None) -> bool:
+            return name is not None and name in new and new[name].authority == DIRECTOR
+
+        t = self._transition
+        if t is not None and not (director_source(t.to_source)
+                                  and (t.from_source is None or director_source(t.from_source))):
+            self._settle()
+        if not director_source(self._program):
+            self._program = None
+        if not director_source(self._preview):
+            self._preview = None
+        ext: dict[str, frozenset[Bus]] = {}
+        lost: set[str] = set()
+        for name, cfg in new.items():
+            prev = old.get(name)
+            if prev is not None and prev.authority == cfg.authority:
+                ext[name] = self._ext[name]
+                if name in self._lost:
+                    lost.add(name)
+            else:
+                ext[name] = frozenset()
+                if cfg.authority != DIRECTOR:
+                    lost.add(name)
+        gone = {
+            name: SourceState(Tally.UNKNOWN, (), cfg.label, cfg.authority, removed=True)
+            for name, cfg in old.items()
+            if name not in new
+        }
+        self._sources, self._ext, self._lost = new, ext, lost
+        self.default_transition = transition
+        return self._commit(Origin.CONFIG, who, now, gone)
+
     # ------------------------------------------------------------ persistence
 
     def to_dict(self) -> dict[str, Any]:
@@ -720,10 +796,13 @@ class TallyState:
             out[name] = SourceState(tally, buses, cfg.label, cfg.authority)
         return out
 
-    def _commit(self, origin: Origin, who: str, now: float) -> TallyChange | None:
+    def _commit(self, origin: Origin, who: str, now: float,
+                gone: Mapping[str, SourceState] | None = None) -> TallyChange | None:
         new = self._compute_all()
         old = self._current
         changed = {name: st for name, st in new.items() if old.get(name) != st}
+        if gone:
+            changed.update(gone)
         self._current = new
         if not changed:
             return None

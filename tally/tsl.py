@@ -45,9 +45,21 @@ Adapters (asyncio)
 ``TslInput`` listens (UDP and/or TCP) for a switcher's tally and reports the
 mapped sources to a ``TallyState`` under its own authority. Defaults: V3.1
 tally 1 = program, tally 2 = preview; V5.0 lamps red = program, green =
-preview, amber = both (union over the configured lamps). TSL has no
-keepalive, so loss detection is optional: ``lost_after`` seconds of silence
-(or the last TCP connection closing) → ``authority_lost``.
+preview, amber = both (union over the configured lamps).
+
+When is a TSL source lost (decision)
+------------------------------------
+Only after *silence*: ``lost_after`` seconds without a packet, whatever the
+transport, → ``authority_lost`` (sources ``unknown``); the next packet makes
+them known again. A TCP connection closing is **not** a loss: 5.0 says the
+protocol "can operate over TCP/IP, or any other byte stream interface" with
+the DLE/STX wrapper and nothing more — no session, no keepalive — so a
+sender may connect, send one packet and close (``tsl-umd-v5`` does exactly
+that for every message) and the state it sent stays valid. Neither version
+has a keepalive either, and senders that only send on change are
+conforming, so ``lost_after`` is off unless configured: set it (a few times
+the sender's repeat interval) for senders that resend their state
+periodically. Closing the adapter (configuration change, shutdown) loses it.
 
 ``TslOutput`` drives tally displays and multiviewers (UDP send or TCP
 connect with reconnect): it sends the changed sources on every change and
@@ -588,14 +600,22 @@ class TslInput:
             self._lost_timer.cancel()
             self._lost_timer = None
         if self._udp is not None:
+            protocol = self._udp.get_protocol()
             self._udp.close()
             self._udp = None
+            # The socket is released one loop iteration later: wait, so a new
+            # input (configuration change) can bind the same port at once.
+            if isinstance(protocol, _TslUdpProtocol):
+                await protocol.closed
         if self._tcp is not None:
             self._tcp.close()
             for t in list(self._tcp_conns):
                 t.close()
             await self._tcp.wait_closed()
             self._tcp = None
+        # Nobody listens for this authority any more: what it reported can
+        # no longer be corrected, so it must not stay lit.
+        self.state.authority_lost(self.authority, now=self._clock())
 
     def _arm_lost_timer(self) -> None:
         if self.lost_after is None:
@@ -618,18 +638,22 @@ class TslInput:
             self._lost_timer = asyncio.get_running_loop().call_later(max(remaining, 0.0) + 0.001, self._on_silence)
 
     def _tcp_closed(self, transport: asyncio.Transport) -> None:
+        # Not a loss (see "When is a TSL source lost"): one-shot senders
+        # close after every message. Only silence (lost_after) counts.
         self._tcp_conns.discard(transport)
-        if not self._tcp_conns and self._tcp is not None:
-            log.warning("TSL input %s: last TCP connection closed", self.authority)
-            self.state.authority_lost(self.authority, now=self._clock())
 
 
 class _TslUdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: TslInput) -> None:
         self.owner = owner
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def datagram_received(self, data: bytes, addr: object) -> None:
         self.owner.feed_datagram(data, self.owner._clock())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class _TslTcpProtocol(asyncio.Protocol):

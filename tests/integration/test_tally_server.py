@@ -124,17 +124,39 @@ def test_rest_control_and_audit(env) -> None:
 
 
 def test_missing_heartbeat_closes_4001(env) -> None:
-    async def run():
-        # websockets' own pings are protocol-level; the tally protocol wants JSON pings.
-        async with websockets.connect(_ws_url(env["base"], f"token={env['link']}"), ping_interval=None) as ws:
-            t0 = time.monotonic()
-            with pytest.raises(websockets.ConnectionClosed) as exc:
-                while True:
-                    await asyncio.wait_for(ws.recv(), 10)
-            return exc.value.rcvd.code, time.monotonic() - t0
+    """A client that sends no frame at all — not even the Pong every
+    standard client answers the server's RFC 6455 Ping with — is closed."""
+    import base64
+    import os
+    import struct
 
-    code, elapsed = asyncio.run(run())
-    assert code == 4001 and 2.5 < elapsed < 6
+    async def run():
+        port = int(env["base"].rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write((f"GET /ws/tally?token={env['link']} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                      f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                      "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        t0 = time.monotonic()
+        pings = 0
+        while True:  # read server frames (unmasked), answer nothing
+            b0, b1 = await asyncio.wait_for(reader.readexactly(2), 10)
+            n = b1 & 0x7F
+            if n == 126:
+                n = struct.unpack("!H", await reader.readexactly(2))[0]
+            elif n == 127:
+                n = struct.unpack("!Q", await reader.readexactly(8))[0]
+            payload = await reader.readexactly(n)
+            if b0 & 0x0F == 0x9:
+                pings += 1
+            if b0 & 0x0F == 0x8:
+                writer.close()
+                return struct.unpack("!H", payload[:2])[0], time.monotonic() - t0, pings
+
+    code, elapsed, pings = asyncio.run(run())
+    assert code == 4001 and 2.5 < elapsed < 6 and pings >= 2
 
 
 def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:

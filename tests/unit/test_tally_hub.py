@@ -24,6 +24,7 @@ from tally.hub import (
     build_close_frame,
     build_frame,
     build_text_frame,
+    serve_aiohttp,
 )
 from tally.state import SourceConfig, TallyState
 
@@ -103,12 +104,21 @@ class FakeSink:
     def close(self, code: int, reason: str) -> None:
         self.closed = (code, reason)
 
-    def messages(self) -> list[dict]:
+    def all_frames(self) -> list[tuple[int, bytes]]:
         out = []
         for f in self.frames:
-            (op, payload), = parse_server_frames(f)[0]
-            assert op == 1
-            out.append(json.loads(payload))
+            frames, rest = parse_server_frames(f)
+            assert frames and rest == b""
+            out += frames
+        return out
+
+    def messages(self) -> list[dict]:
+        """The JSON text messages (RFC 6455 Ping frames left out)."""
+        out = []
+        for op, payload in self.all_frames():
+            assert op in (1, 9)
+            if op == 1:
+                out.append(json.loads(payload))
         return out
 
 
@@ -213,6 +223,8 @@ def test_tick_heartbeat_and_missing_detection():
     alive = hub.connect(alive_sink, now=100.0)
     assert hub.tick(100.0) == []
     assert alive_sink.messages()[-1] == {"type": "ping"}
+    # the RFC 6455 Ping goes with it, for standard clients (empty payload)
+    assert alive_sink.all_frames()[-1] == (0x9, b"")
     n = len(alive_sink.frames)
     hub.tick(100.5)
     assert len(alive_sink.frames) == n  # at most one ping per interval
@@ -303,18 +315,13 @@ HUB = web.AppKey("hub", TallyHub)
 
 def make_app(hub: TallyHub, abort_after: float = 5.0) -> web.Application:
     async def handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(compress=False, max_msg_size=64 * 1024)
+        ws = web.WebSocketResponse(compress=False, max_msg_size=64 * 1024, autoping=False)
         await ws.prepare(request)
         # The isolated aiohttp internal must be the connection's transport.
         assert aiohttp_transport(ws) is request.transport
         client = hub.connect(aiohttp_sink(ws, abort_after=abort_after), director=request.query.get("role") == "director")
         request.app[CLIENTS].append(client)
-        try:
-            async for msg in ws:
-                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                    hub.receive(client, msg.data)
-        finally:
-            hub.disconnect(client)
+        await serve_aiohttp(hub, client, ws)
         return ws
 
     app = web.Application()
@@ -570,4 +577,83 @@ def test_scoped_clients_see_only_their_sources() -> None:
     hub.flush()
     assert texts(cam2)[-1]["sources"] == {"cam2": texts(full)[-1]["sources"]["cam2"]}
     assert cam2.frames[-1] is cam2b.frames[-1]  # encoded once per scope, not per client
+    hub.close()
+
+
+def test_aiohttp_message_types_are_the_rfc6455_opcodes():
+    """serve_aiohttp compares message types as integers (tally never
+    imports aiohttp)."""
+    assert (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.PING, WSMsgType.PONG) == (0x1, 0x2, 0x9, 0xA)
+    assert WSMsgType.ERROR == 0x102
+
+
+async def test_real_server_protocol_pong_alone_keeps_a_client():
+    """Issue 10 item 1: a client that only answers RFC 6455 pings (a passive
+    standard client) stays connected for many missing_after windows; one
+    that answers nothing is closed with 4001."""
+    state = make_state()
+    hub = TallyHub(state, heartbeat_interval=0.1, missing_after=0.4)
+    hub.start()
+    async with TestServer(make_app(hub)) as server, aiohttp.ClientSession() as http:
+        url = server.make_url("/ws/tally")
+        passive = await http.ws_connect(url, autoping=True)  # answers Ping with Pong, sends nothing else
+        deaf = await http.ws_connect(url, autoping=False)    # answers nothing
+        for ws in (passive, deaf):
+            assert (await ws.receive_json(timeout=2))["type"] == "snapshot"
+        got: list[dict] = []
+        pings = 0
+
+        async def read_passive() -> None:
+            while True:
+                msg = await passive.receive()
+                if msg.type is not WSMsgType.TEXT:
+                    return
+                got.append(json.loads(msg.data))
+
+        reader = asyncio.create_task(read_passive())
+        deaf_close = None
+        t_end = time.monotonic() + 2.0  # 5 × missing_after
+        i = 0
+        while time.monotonic() < t_end:
+            msg = await deaf.receive(timeout=2)
+            if msg.type is WSMsgType.PING:
+                pings += 1  # seen, deliberately not answered
+            elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+                deaf_close = (msg.data, msg.extra)
+                break
+        while time.monotonic() < t_end:
+            state.cut(("cam1", "cam2", "cam3")[i % 3], now=time.monotonic())
+            i += 1
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)
+        assert deaf_close == (4001, "heartbeat timeout") and pings >= 2
+        assert not reader.done(), "the passive client was closed"
+        assert len(hub.clients) == 1
+        seqs = [m["seq"] for m in got if m["type"] == "tally"]
+        assert seqs == list(range(1, i + 1))  # every change, in order
+        assert sum(1 for m in got if m["type"] == "ping") >= 10
+        await passive.close()
+        reader.cancel()
+    hub.close()
+
+
+async def test_real_server_client_ping_frame_is_answered_and_counts():
+    state = make_state()
+    hub = TallyHub(state, heartbeat_interval=10, missing_after=0.3)
+    async with TestServer(make_app(hub)) as server, aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(server.make_url("/ws/tally"), autoping=False)
+        await ws.receive_json(timeout=2)
+        client = hub.clients[0]
+        before = client.last_seen
+        await asyncio.sleep(0.05)
+        await ws.ping(b"rf")
+        msg = await ws.receive(timeout=2)
+        assert msg.type is WSMsgType.PONG and msg.data == b"rf"
+        assert client.last_seen > before
+        await ws.pong(b"")
+        await asyncio.sleep(0.05)
+        t = client.last_seen
+        assert t > before
+        assert hub.tick(t + 0.29) == [] and hub.tick(t + 0.31) == [client]
+        await ws.close()
     hub.close()

@@ -418,3 +418,83 @@ def test_cut_of_the_preview_source_swaps_like_a_mixer() -> None:
     st.cut("cam3", now=2.0)  # hot cut to a source not on preview: preview stays
     assert st.program == "cam3" and st.preview == "cam1"
     assert st.source_state("cam2").state == "off"
+
+
+# ------------------------------------------------------------ reconfigure
+
+
+def test_reconfigure_same_definitions_changes_nothing():
+    s = make_state()
+    s.cut("cam1", now=0)
+    s.set_preview("cam2", now=0)
+    s.report("vmix", {"v1": ["program"]}, now=0)
+    seen: list[TallyChange] = []
+    s.add_listener(seen.append)
+    before, seq = tallies(s), s.seq
+    assert s.reconfigure(list(s.sources.values()), now=1) is None
+    assert tallies(s) == before and s.seq == seq and seen == []
+
+
+def test_reconfigure_keeps_reported_state_and_is_one_sequenced_change():
+    s = make_state()
+    s.cut("cam1", now=0)
+    s.set_preview("cam3", now=0)
+    s.report("vmix", {"v1": ["program"], "v2": ["preview"]}, now=0)
+    seq = s.seq
+    seen: list[TallyChange] = []
+    s.add_listener(seen.append)
+    new = [
+        SourceConfig("cam1", "Camera One"),               # label changed
+        SourceConfig("cam2", "Camera 2", tsl_address=1),  # same
+        SourceConfig("v1", authority="vmix", vmix_input=1),
+        SourceConfig("v2", authority="vmix", vmix_input=2),
+        SourceConfig("o1", authority="obs", obs_scenes=("Wide", "Both")),
+        SourceConfig("o2", authority="obs", obs_scenes=("Close", "Both")),
+        SourceConfig("cam4", authority="tsl:desk", tsl_address=4),  # new, external
+        SourceConfig("cam5"),                              # new, director
+    ]  # cam3 (on preview) removed
+    change = s.reconfigure(new, default_transition=2.0, now=1, who="admin")
+    assert change is not None and seen == [change]
+    assert change.seq == seq + 1 == s.seq and change.origin == "config" and change.who == "admin"
+    assert set(change.sources) == {"cam1", "cam3", "cam4", "cam5"}
+    assert change.sources["cam1"].label == "Camera One" and change.sources["cam1"].state is Tally.PROGRAM
+    gone = change.sources["cam3"]
+    assert gone.removed and gone.state is Tally.UNKNOWN and gone.to_json()["removed"] is True
+    assert change.sources["cam4"].state is Tally.UNKNOWN and change.sources["cam5"].state is Tally.OFF
+    assert "removed" not in change.sources["cam5"].to_json()
+    # what vMix reported is kept; preview forgot the removed source
+    assert tallies(s)["v1"] == "program" and tallies(s)["v2"] == "preview"
+    assert s.preview is None and s.program == "cam1" and "cam3" not in s.states()
+    assert s.default_transition == 2.0
+    with pytest.raises(CommandRejected):
+        s.cut("cam3", now=2)
+
+
+def test_reconfigure_authority_handover_and_transition():
+    s = make_state()
+    s.cut("cam1", now=0)
+    s.set_preview("cam2", now=0)
+    s.take(5.0, now=0)
+    # cam2 (incoming) goes to a switcher mid-transition: the take completes
+    # first, then cam2 leaves the director's buses and waits for its switcher
+    new = [SourceConfig("cam1"), SourceConfig("cam2", authority="tsl", tsl_address=1), SourceConfig("cam3")]
+    change = s.reconfigure(new, now=1)
+    assert s.transition is None and s.program is None and s.preview == "cam1"
+    assert tallies(s) == {"cam1": "preview", "cam2": "unknown", "cam3": "off"}
+    assert {"v1", "o1"} <= {n for n, st in change.sources.items() if st.removed}
+    s.report("tsl", {"cam2": ["program"]}, full=False, now=2)
+    assert tallies(s)["cam2"] == "program"
+    # and back to the director: off, no leftover from the switcher
+    s.reconfigure([SourceConfig("cam1"), SourceConfig("cam2"), SourceConfig("cam3")], now=3)
+    assert tallies(s)["cam2"] == "off"
+
+
+def test_reconfigure_refuses_bad_definitions_without_change():
+    s = make_state()
+    s.cut("cam1", now=0)
+    seq, before = s.seq, tallies(s)
+    with pytest.raises(ConfigError):
+        s.reconfigure([SourceConfig("a"), SourceConfig("a")], now=1)
+    with pytest.raises(ConfigError):
+        s.reconfigure([SourceConfig("a")], default_transition=99, now=1)
+    assert s.seq == seq and tallies(s) == before

@@ -416,7 +416,7 @@ async def test_udp_input_lost_timer():
         await inp.close()
 
 
-async def test_tcp_input_chunked_stuffed_stream_and_disconnect_loses_authority():
+async def test_tcp_input_chunked_stuffed_stream_and_disconnect_keeps_state():
     s = tsl_state()
     inp = TslInput(s, authority="tsl", version=5, addresses={0xFE: "cam1", 0: "cam0"})
     host, port = await inp.listen_tcp("127.0.0.1", 0)
@@ -434,12 +434,52 @@ async def test_tcp_input_chunked_stuffed_stream_and_disconnect_loses_authority()
         assert s.source_state("cam0").state is Tally.PREVIEW
     finally:
         writer.close()
-    for _ in range(100):
-        if s.source_state("cam1").state is Tally.UNKNOWN:
+    # A closed TCP connection is not a lost source: TSL 5.0 has no session
+    # (one-shot senders close after every message).
+    await writer.wait_closed()
+    for _ in range(20):
+        if not inp._tcp_conns:
             break
         await asyncio.sleep(0.005)
+    assert not inp._tcp_conns
+    assert s.source_state("cam1").state is Tally.PROGRAM
+    assert s.source_state("cam0").state is Tally.PREVIEW
+    await inp.close()  # nobody listens any more: never a stale red
     assert s.source_state("cam1").state is Tally.UNKNOWN
-    await inp.close()
+
+
+async def test_tcp_one_shot_senders_then_silence_loses_authority():
+    """Each message on its own connection keeps tally; only lost_after of
+    silence (any transport) turns the sources unknown."""
+    s = tsl_state()
+    inp = TslInput(s, authority="tsl", version=5, addresses={0xFE: "cam1", 0: "cam0"}, lost_after=0.15)
+    host, port = await inp.listen_tcp("127.0.0.1", 0)
+
+    async def one_shot(colour: TallyColour) -> None:
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(TslV5Packet(0, (TslV5Message(0xFE, left=colour),)).serialize_wrapped())
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    async def until(state: Tally) -> None:
+        for _ in range(200):
+            if s.source_state("cam1").state is state:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"cam1 is {s.source_state('cam1').state}, expected {state}")
+
+    try:
+        for colour, expect in ((TallyColour.RED, Tally.PROGRAM), (TallyColour.GREEN, Tally.PREVIEW)):
+            await one_shot(colour)
+            await until(expect)
+            await asyncio.sleep(0.05)  # connection closed, well inside lost_after
+            assert s.source_state("cam1").state is expect
+        await until(Tally.UNKNOWN)  # silence
+        await one_shot(TallyColour.RED)
+        await until(Tally.PROGRAM)
+    finally:
+        await inp.close()
 
 
 async def test_tcp_output_connects_sends_wrapped_and_reconnects():
@@ -483,5 +523,6 @@ def test_adapters_under_uvloop():
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(test_udp_input_to_state_and_udp_output_round_trip())
         runner.run(test_udp_input_lost_timer())
-        runner.run(test_tcp_input_chunked_stuffed_stream_and_disconnect_loses_authority())
+        runner.run(test_tcp_input_chunked_stuffed_stream_and_disconnect_keeps_state())
+        runner.run(test_tcp_one_shot_senders_then_silence_loses_authority())
         runner.run(test_tcp_output_connects_sends_wrapped_and_reconnects())
