@@ -9,7 +9,7 @@
  *            {"type":"ping"} every second (answered with pong);
  *            {"type":"pong"} answers; {"type":"error","code","detail","id"?}.
  *   client → {"type":"ping"} every second; cut / preview / take commands.
- *   SOURCE = {state: "program"|"preview"|"off"|"unknown", buses, aux, label, authority}.
+ *   SOURCE = {state: "program"|"preview"|"off"|"unknown", buses, aux, label, authority[, removed]}.
  *
  * Liveness: anything received counts as a sign of life. Nothing for 3 s →
  * status "lost" (every source must be shown as unknown, never its last
@@ -169,7 +169,10 @@ export class TallyClient {
         if (typeof msg.seq === "number") this.seq = msg.seq;
         const changed = [];
         for (const [name, src] of Object.entries(msg.sources || {})) {
-          this.sources.set(name, src);
+          // A source taken out of the production's config comes one last
+          // time as unknown with removed: true, then never again.
+          if (src && src.removed) this.sources.delete(name);
+          else this.sources.set(name, src);
           changed.push(name);
         }
         this.onChange(this.sources, changed, msg);
