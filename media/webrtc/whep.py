@@ -90,8 +90,15 @@ class WhepSession:
     """One WHEP viewer."""
 
     def __init__(self, service: "WhepService", stream_name: str, fanout: StreamFanout, *,
-                 owner: str, pin: str | None = None) -> None:
+                 owner: str, pin: str | None = None, sync: bool = True) -> None:
         self.id = secrets.token_urlsafe(12)
+        # Lip sync (a=msid, RFC 8830 §2): a browser synchronizes only tracks
+        # of one MediaStream, so one stream id for audio and video; with
+        # sync off (video first) each track gets its own and plays at once.
+        self.sync = sync
+        msid = "returnfeed-" + secrets.token_hex(8)
+        self._stream_ids = {"audio": msid, "video": msid} if sync else {
+            "audio": msid + "-audio", "video": msid + "-video"}
         self.etag = '"' + secrets.token_hex(8) + '"'
         self.service = service
         self.stream_name = stream_name
@@ -159,7 +166,7 @@ class WhepSession:
                 kind, tr.sender.transport,
                 on_rtcp=lambda p, k=kind: self._on_rtcp(k, p),
                 on_ready=self._on_sender_ready)
-            adapter.install_sender(tr, sender)
+            adapter.install_sender(tr, sender, self._stream_ids[kind])
             self._tracks[kind] = _Track(kind, sender)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
@@ -450,14 +457,15 @@ class WhepService:
         return fo
 
     async def create_session(self, stream: Stream, offer_sdp: str, offer: Offer, *, owner: str,
-                             pin: str | None, source_plid: str | None, b_frames: bool) -> WhepSession:
+                             pin: str | None, source_plid: str | None, b_frames: bool,
+                             sync: bool = True) -> WhepSession:
         if b_frames:
             raise UnsupportedMedia(
                 "the source sends B-frames, which WebRTC cannot play passthrough; encode with "
                 "B-frames off (x264: -bf 0 or -tune zerolatency)")
         if len(self.sessions) >= self.max_viewers:
             raise OverflowError("viewer limit reached")
-        session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin)
+        session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin, sync=sync)
         self.sessions[session.id] = session
         try:
             session.sdp_answer = await session.answer(offer_sdp, offer, source_plid)

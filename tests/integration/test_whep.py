@@ -176,3 +176,36 @@ def test_viewer_that_goes_away_without_delete_is_freed(env) -> None:
 
     during, after = asyncio.run(run())
     assert during == 200 and after == 404
+
+
+def _msids(answer: str) -> dict[str, str]:
+    """The a=msid stream id of each m-section (RFC 8830 §2: ``a=msid:<stream> <track>``)."""
+    out: dict[str, str] = {}
+    kind = None
+    for line in answer.splitlines():
+        if line.startswith("m="):
+            kind = line[2:].split(" ", 1)[0]
+        elif line.startswith("a=msid:") and kind is not None:
+            out[kind] = line[len("a=msid:"):].split(" ", 1)[0]
+    return out
+
+
+def test_lip_sync_is_a_per_session_choice_of_stream_id(env) -> None:
+    """Browsers lip-sync only tracks of one MediaStream: by default the answer
+    puts audio and video in one (same a=msid stream id, a fresh one per
+    session); ?sync=0 (video first) gives each track its own."""
+    base = env["base"]
+    answers = []
+    for query in ("", "?sync=1", "?sync=0"):
+        r = _post(env, "live1", query=query)
+        assert r.status == 201, r.body
+        answers.append(_msids(r.body.decode()))
+        assert http("DELETE", base + r.headers["Location"], token=env["admin"]).status == 200
+    default, synced, video_first = answers
+    for ids in answers:
+        assert set(ids) == {"audio", "video"}, ids
+    assert default["audio"] == default["video"]
+    assert synced["audio"] == synced["video"] and synced["video"] != default["video"]
+    assert video_first["audio"] != video_first["video"]
+    r = _post(env, "live1", query="?sync=yes")
+    assert r.status == 400 and r.json()["error"] == "bad_request" and "sync" in r.json()["detail"]
