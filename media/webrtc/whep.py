@@ -365,14 +365,16 @@ class WhepSession:
         return self._layer_names[idx] if idx is not None and idx < len(self._layer_names) else None
 
     def tick(self, now: float, wall: float) -> None:
-        """Once a second: a sender report (+ CNAME) per track (RFC 3550 §6.4.1)."""
+        """Once a second: a sender report (+ CNAME) per track (RFC 3550 §6.4.1),
+        audio and video on the stream's presentation clock (lip sync)."""
         if self._fast is None or self.closed:
             return
+        anchors = self.fanout.anchors()
         for track in self._tracks.values():
             rw = track.rewriter
             if rw is None or rw.packets_sent == 0:
                 continue
-            sr = rw.sender_report(now, wall)
+            sr = rw.sender_report(now, wall, anchors)
             sdes = Sdes((SdesChunk(track.sender.ssrc, ((1, self.service.cname),)),))
             try:
                 self._fast.send_rtcp(serialize_rtcp((sr, sdes)))
