@@ -54,11 +54,12 @@ def test_transcode_duration_channels_and_signal(name, in_rate, channels, tone):
     assert all(packet_samples(p.data) == 960 for p in packets)
     # 48 kHz timeline, continuous, anchored at the first AAC PTS (minus libopus look-ahead)
     assert {b.pts - a.pts for a, b in zip(packets, packets[1:])} == {960}
-    assert abs(packets[0].pts - (frames[0].pts * 8 // 15 - 312)) <= 1
+    # (libopus look-ahead: 120 samples with the default application=lowdelay)
+    assert abs(packets[0].pts - (frames[0].pts * 8 // 15 - 120)) <= 1
     pcm = decode(packets, "stereo" if channels == 2 else "mono")
     assert pcm.shape[0] == channels
     in_seconds = len(frames) * 1024 / in_rate
-    out_seconds = (pcm.shape[1] - 312) / 48000  # decoder output includes the pre-skip
+    out_seconds = (pcm.shape[1] - 120) / 48000  # decoder output includes the pre-skip
     assert abs(out_seconds - in_seconds) <= 0.040
     assert dominant_hz(pcm) == pytest.approx(tone, abs=5)
     assert np.abs(pcm).max() > 0.05  # real audio, not silence
@@ -72,9 +73,9 @@ def _adts(raw: bytes, rate: int, channels: int) -> bytes:
                   (n >> 3) & 0xFF, ((n & 7) << 5) | 0x1F, 0xFC)) + raw
 
 
-@pytest.mark.parametrize("rate, channels, application", [(48000, 2, "audio"), (44100, 1, "audio"),
-                                                         (48000, 2, "lowdelay")])
-def test_output_pts_put_the_sound_where_the_aac_pts_said(rate, channels, application):
+@pytest.mark.parametrize("rate, channels, application, frame_ms", [
+    (48000, 2, "lowdelay", 20), (44100, 1, "lowdelay", 20), (48000, 2, "audio", 20), (48000, 1, "lowdelay", 10)])
+def test_output_pts_put_the_sound_where_the_aac_pts_said(rate, channels, application, frame_ms):
     """A noise burst at AAC PTS P comes out of the Opus at 48 kHz timestamp
     P × 8/15, decoded as WebRTC does (no pre-skip): the AAC encoder's priming
     (its packets' PTS start 1024 samples early, as in an MPEG-TS), the
@@ -97,7 +98,7 @@ def test_output_pts_put_the_sound_where_the_aac_pts_said(rate, channels, applica
     packets += enc.encode(None)
     assert packets[0].pts == -1024  # the encoder's priming, carried in the PTS
     origin = 900000  # 90 kHz PTS of input sample 0 (10 s)
-    t = AacToOpus(application=application)
+    t = AacToOpus(application=application, frame_ms=frame_ms)
     out = t.process([(_adts(bytes(p), rate, channels), origin + int(p.pts) * 90000 // rate) for p in packets])
     out += t.flush()
     timeline = np.zeros(out[-1].pts - out[0].pts + 2000, dtype=np.float32)
@@ -163,3 +164,12 @@ async def test_worker_drops_oldest_when_overloaded():
     worker.start()
     await worker.stop()
     assert worker.transcoder.frames_in == 10
+
+
+def test_unsupported_settings_are_refused():
+    from media.errors import LocalMediaError
+
+    with pytest.raises(LocalMediaError):
+        AacToOpus(frame_ms=15)
+    with pytest.raises(LocalMediaError):
+        AacToOpus(application="music")
