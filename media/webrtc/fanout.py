@@ -25,14 +25,16 @@ transcoder is already on 48 kHz.
 Presentation clock (for the viewers' sender reports, lip sync): each layer
 and the audio track keep a :class:`~media.rtp.rewrite.MediaAnchor` — the
 RTP timestamp of their latest frame and the monotonic time at which that
-frame's PTS is presented, ``PTS (s) + base``. ``base`` is taken once from the
+frame's PTS is presented, ``PTS (s) + base``. ``base`` is taken from the
 stream's first frame (its arrival minus its PTS) and shared by every track
 whose own arrival − PTS lies within ``SAME_CLOCK_S`` of it: then equal PTS
 mean equal presentation times, however late the track arrives (the AAC→Opus
 transcoder's delay is in its arrival, not in its PTS). A track further off
 has an unrelated clock (WHIP: each SSRC starts at a random RTP timestamp) and
-keeps its own base, its arrival. A publisher restart resets the bases; PTS
-are unwrapped across the 33-bit MPEG-TS wrap.
+gets its own base, its arrival. A track whose PTS jump away from its
+arrivals by more than ``SAME_CLOCK_S`` (a source that reset its clock) is
+placed again the same way; a publisher restart resets every base. PTS are
+unwrapped across the 33-bit MPEG-TS wrap.
 """
 
 from __future__ import annotations
@@ -268,12 +270,15 @@ class StreamFanout:
             st.media_wrap += _PTS_WRAP_S
             media += _PTS_WRAP_S
         st.last_media = media
-        if st.base is None:
-            own = frame.arrival - media
+        own = frame.arrival - media
+        if st.base is None or abs(own - st.base) > SAME_CLOCK_S:
+            # First frame, or the PTS jumped while the arrivals did not (the
+            # source reset its clock, with or without telling): join the
+            # reference clock if this track is on it, else become it.
             ref = self._ref_base
-            if ref is None:
+            if ref is None or abs(own - ref) > SAME_CLOCK_S:
                 self._ref_base = ref = own
-            st.base = ref if abs(own - ref) <= SAME_CLOCK_S else own
+            st.base = ref
         st.anchor = MediaAnchor(ts, media + st.base)
 
     def _discontinuity(self, marker: Discontinuity) -> None:

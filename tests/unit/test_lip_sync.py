@@ -191,3 +191,44 @@ def test_tracks_on_unrelated_clocks_keep_their_own_arrival_base() -> None:
     assert audio.timestamp == (last_audio + far) * 48000 // 90000 & 0xFFFFFFFF
     assert abs(audio.at - (1.05 + (last_audio - pts0) / 90000)) < 1e-3
     fanout.close()
+
+
+def test_anchors_follow_the_pts_wrap_and_a_source_clock_reset() -> None:
+    """The 33-bit MPEG-TS PTS wraps every 26.5 h: the presentation clock goes
+    on (no 26.5 h jump in the sender reports); a source that resets its
+    timestamps moves every track to its new clock together."""
+    stream = StreamHub().get_or_create("wrap")
+    clock = [0.0]
+    fanout = StreamFanout(stream, clock=lambda: clock[0])
+    demux = TsDemuxer()
+    events = demux.feed((FIXTURES / "h264_opus.ts").read_bytes(), 0.0) + demux.flush(0.0)
+    units = sorted((e for e in events if isinstance(e, AccessUnit) and e.pts is not None), key=lambda u: u.pts)
+    pts0 = units[0].pts
+    start = (1 << 33) - 45000  # half a second before the wrap
+    pub = stream.attach_publisher(SourceInfo("srt", "192.0.2.1:5000"), now=0.0)
+    pub.set_program(next(e.pmt for e in events if isinstance(e, ProgramChanged)))
+    fanout.start()
+    for u in units:
+        at = 1.0 + (u.pts - pts0) / 90000
+        clock[0] = at
+        pts = (u.pts - pts0 + start) & ((1 << 33) - 1)
+        pub.publish(dataclasses.replace(u, pts=pts, dts=pts, arrival=at))
+    last = units[-1].pts - pts0
+    anchors = fanout.anchors()
+    # Every anchor still says "presented at its arrival" after the wrap.
+    assert abs(anchors[0].at - (1.0 + max(u.pts - pts0 for u in units if u.codec == "h264") / 90000)) < 1e-6
+    assert abs(anchors[AUDIO].at - (1.0 + max(u.pts - pts0 for u in units if u.codec == "opus") / 90000)) < 1e-3
+    assert last > 45000  # the run crossed the wrap
+    # The source resets its timestamps (announced for the video only, as an
+    # SRT source's TS discontinuity is): both tracks move to the new clock.
+    pub.discontinuity()
+    jump = 5_000_000
+    for u in units:
+        at = 10.0 + (u.pts - pts0) / 90000
+        clock[0] = at
+        pts = u.pts + jump
+        pub.publish(dataclasses.replace(u, pts=pts, dts=pts, arrival=at))
+    anchors = fanout.anchors()
+    assert abs(anchors[0].at - (10.0 + max(u.pts - pts0 for u in units if u.codec == "h264") / 90000)) < 1e-6
+    assert abs(anchors[AUDIO].at - (10.0 + max(u.pts - pts0 for u in units if u.codec == "opus") / 90000)) < 1e-3
+    fanout.close()
