@@ -288,8 +288,18 @@ async def watch(url: str, token: str, seconds: float) -> dict[str, Any]:
             r = await page.evaluate(PLAY, [url, token, WORKLET])
             if r["status"] != 201:
                 raise RuntimeError(f"WHEP POST: {r}")
-            await asyncio.sleep(seconds)
-            return await page.evaluate(STATS)
+            # Chromium's own view of sync, once a second: the capture time
+            # (NTP, through our sender reports) of what each track plays now.
+            playout = []
+            for _ in range(int(seconds)):
+                await asyncio.sleep(1)
+                st = (await page.evaluate(STATS))["stats"]
+                a = st.get("audio", {}).get("estimatedPlayoutTimestamp")
+                v = st.get("video", {}).get("estimatedPlayoutTimestamp")
+                playout.append(round(v - a, 1) if a and v else None)
+            result = await page.evaluate(STATS)
+            result["playout"] = playout
+            return result
         finally:
             await browser.close()
 
@@ -340,6 +350,9 @@ def run_mode(prov: Any, units: list[AccessUnit], audio: str, sync: bool, seconds
         "audio_minus_video": summary([sound[k] - video[k] for k in both]),
         "audio_minus_video_per_second_ms": [round((sound[k] - video[k]) * 1000, 1) for k in both],
         "video_per_second_ms": [round(video[k] * 1000, 1) for k in sorted(video)],
+        # estimatedPlayoutTimestamp video − audio: > 0 when Chromium believes
+        # the picture shows later media than the sound plays (sound late).
+        "chromium_video_minus_audio_playout_ms": result["playout"],
         "audio_per_second_ms": [round(sound[k] * 1000, 1) for k in sorted(sound)],
         "webaudio_output_latency_ms": round((result["outputLatency"] or 0) * 1000, 1),
         "webaudio_base_latency_ms": round((result["baseLatency"] or 0) * 1000, 1),
