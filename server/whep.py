@@ -122,7 +122,8 @@ async def whep_get(request: web.Request) -> web.StreamResponse:
     session = _session(request, p)
     info = session.info()
     return web.json_response({"id": info.id, "stream": info.stream, "layer": info.layer,
-                              "pinned": info.pinned, "state": info.state, "stats": info.stats})
+                              "pinned": info.pinned, "sync": session.sync, "state": info.state,
+                              "stats": info.stats})
 
 
 async def whep_layer(request: web.Request) -> web.StreamResponse:

@@ -200,6 +200,8 @@ def test_lip_sync_is_a_per_session_choice_of_stream_id(env) -> None:
         r = _post(env, "live1", query=query)
         assert r.status == 201, r.body
         answers.append(_msids(r.body.decode()))
+        state = http("GET", base + r.headers["Location"], token=env["admin"]).json()
+        assert state["sync"] is (query != "?sync=0")
         assert http("DELETE", base + r.headers["Location"], token=env["admin"]).status == 200
     default, synced, video_first = answers
     for ids in answers:
