@@ -12,15 +12,16 @@ frames, RFC 7587 clock 48 kHz, ``application=lowdelay`` by default).
 
 Delay (what a sound waits between the AAC source and the Opus out; the
 viewers' sender reports take it into account through the PTS, see
-media/webrtc/fanout.py), counted in samples: the AAC encoder of the source cannot send a frame
+media/webrtc/fanout.py): the AAC encoder of the source cannot send a frame
 before the 2048 samples its window spans (42.7 ms, the source's cost);
 here an Opus frame waits for the AAC frame that completes it (0–21 ms,
 1024- vs 960-sample frames), for its own 20 ms, and for libopus's look-ahead
 — 6.5 ms with ``application=audio``, 2.5 ms with ``lowdelay`` (CELT only,
 no SILK: fine for programme sound at these bitrates), hence the default.
 Decoding, resampling, encoding and the executor hop add about 1 ms of wall
-time (measured: mean 1.1 ms, max 5 ms, frames pushed in real time). 10 ms frames (``frame_ms=10``) would save about 5 ms more but double
-the audio packets every viewer is sent, which the fan-out pays per viewer.
+time (measured: mean 1.1 ms, max 5 ms, frames pushed in real time). 10 ms
+frames (``frame_ms=10``) would save about 5 ms more but double the audio
+packets every viewer is sent, which the fan-out pays per viewer.
 
 Timestamps. The first AAC frame's 90 kHz PTS fixes the origin: its 48 kHz
 equivalent (PTS × 8 / 15). Output packet PTS are the encoder's, on that 48
