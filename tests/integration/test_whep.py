@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import aiortc_whep_receive, ffmpeg_publish, http, login, stop_process, wait_live
+from helpers import aiortc_whep_receive, ffmpeg_publish, http, login, stop_process, wait_live, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -127,10 +127,15 @@ def test_bframe_source_refused_with_reason(env) -> None:
     proc = ffmpeg_publish(env["srt"]("bframes1"), seconds=30, profile="main", bframes=True, audio="none")
     try:
         wait_live(env["base"], "bframes1", env["admin"])
+        # The server knows of B-frames once it has seen a B-slice (x264 sends
+        # I and P first): an offer before that is answered.
+        def warned() -> bool:
+            s = http("GET", f"{env['base']}/api/v1/streams/bframes1", token=env["admin"]).json()
+            return any("B-frames" in w for w in s["warnings"])
+
+        wait_until(warned, timeout=10)
         r = _post(env, "bframes1")
         assert r.status == 422 and "B-frames" in r.json()["detail"]
-        s = http("GET", f"{env['base']}/api/v1/streams/bframes1", token=env["admin"]).json()
-        assert any("B-frames" in w for w in s["warnings"])
     finally:
         stop_process(proc)
 
