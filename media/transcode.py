@@ -7,14 +7,29 @@ publish its packets as the stream's Opus track), never per viewer.
 
 Pipeline (PyAV): ADTS frames → FFmpeg ``aac`` decoder → ``AudioResampler``
 (48 kHz, s16, mono or stereo as the source; more channels are downmixed to
-stereo; exact 20 ms frames of 960 samples) → ``libopus`` encoder (20 ms
-frames, RFC 7587 clock 48 kHz).
+stereo; exact frames of 20 ms, 960 samples) → ``libopus`` encoder (20 ms
+frames, RFC 7587 clock 48 kHz, ``application=lowdelay`` by default).
+
+Delay (what a sound waits between the AAC source and the Opus out; the
+viewers' sender reports take it into account through the PTS, see
+media/webrtc/fanout.py): the AAC encoder of the source cannot send a frame
+before the 2048 samples its window spans (42.7 ms, the source's cost);
+here an Opus frame waits for the AAC frame that completes it (0–21 ms,
+1024- vs 960-sample frames), for its own 20 ms, and for libopus's look-ahead
+— 6.5 ms with ``application=audio``, 2.5 ms with ``lowdelay`` (CELT only,
+no SILK: fine for programme sound at these bitrates), hence the default.
+Decoding, resampling, encoding and the executor hop add about 1 ms of wall
+time (measured: mean 1.1 ms, max 5 ms, frames pushed in real time). 10 ms
+frames (``frame_ms=10``) would save about 5 ms more but double the audio
+packets every viewer is sent, which the fan-out pays per viewer.
 
 Timestamps. The first AAC frame's 90 kHz PTS fixes the origin: its 48 kHz
 equivalent (PTS × 8 / 15). Output packet PTS are the encoder's, on that 48
-kHz clock; libopus reports its 312-sample look-ahead as a negative offset
-(the first packet's PTS is origin − 312), which keeps audio aligned with
-video for receivers that do not apply pre-skip (WebRTC). A jump of more than
+kHz clock; libopus reports its look-ahead (312 samples, 120 with
+``lowdelay``) as a negative offset (the first packet's PTS is origin −
+look-ahead), which keeps audio aligned with video for receivers that do not
+apply pre-skip (WebRTC): a sound at AAC PTS P plays at Opus timestamp
+P × 8/15 (tests/unit/test_transcode.py checks it). A jump of more than
 100 ms between the expected and the received AAC PTS (lost frames, a
 publisher reconnect) flushes the encoder and restarts the pipeline at the
 new PTS. The 33-bit PTS wrap (26.5 h) is treated as such a jump.
@@ -46,7 +61,7 @@ log = logging.getLogger(__name__)
 
 _TB48 = Fraction(1, 48000)
 _TB90 = Fraction(1, 90000)
-_FRAME = 960  # 20 ms at 48 kHz
+_FRAME_MS = (10, 20)  # libopus frame durations offered (samples at 48 kHz: ×48)
 _JUMP = 9000  # 100 ms in 90 kHz ticks
 
 
@@ -73,9 +88,13 @@ class AacToOpus:
     Not thread-safe: use it from one thread at a time (TranscodeWorker runs
     one batch at a time)."""
 
-    def __init__(self, *, bitrate: int | None = None, application: str = "audio") -> None:
+    def __init__(self, *, bitrate: int | None = None, application: str = "lowdelay", frame_ms: int = 20) -> None:
         if application not in ("audio", "voip", "lowdelay"):
             raise LocalMediaError(f"unknown libopus application {application!r}")
+        if frame_ms not in _FRAME_MS:
+            raise LocalMediaError(f"Opus frames of {frame_ms} ms not offered; use one of {_FRAME_MS}")
+        self._frame_ms = frame_ms
+        self._frame = frame_ms * 48
         self._bitrate = bitrate
         self._application = application
         self._decoder: Any = None
@@ -159,14 +178,14 @@ class AacToOpus:
         self._in_rate = rate
         self._layout = "mono" if channels == 1 else "stereo"
         self._decoder = av.CodecContext.create("aac", "r")
-        self._resampler = av.AudioResampler(format="s16", layout=self._layout, rate=48000, frame_size=_FRAME)
+        self._resampler = av.AudioResampler(format="s16", layout=self._layout, rate=48000, frame_size=self._frame)
         enc = av.CodecContext.create("libopus", "w")
         enc.sample_rate = 48000
         enc.layout = self._layout
         enc.format = "s16"
         enc.time_base = _TB48
         enc.bit_rate = self._bitrate or (32000 if channels == 1 else 64000)
-        enc.options = {"application": self._application, "frame_duration": "20"}
+        enc.options = {"application": self._application, "frame_duration": str(self._frame_ms)}
         enc.open()
         self._encoder = enc
         self._origin48 = pts * 8 // 15
@@ -191,7 +210,7 @@ class AacToOpus:
     def _emit(self, packets: Iterable[Any], out: list[OpusPacket]) -> None:
         for p in packets:
             self.packets_out += 1
-            out.append(OpusPacket(bytes(p), int(p.pts), int(p.duration or _FRAME), self._channels))
+            out.append(OpusPacket(bytes(p), int(p.pts), int(p.duration or self._frame), self._channels))
 
 
 async def run_in_executor(

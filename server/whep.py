@@ -2,8 +2,10 @@
 
 ==========================================  ====================================
 ``POST /whep/{stream}[?layer=low|high]``    ``application/sdp`` offer → 201 +
-                                            answer, ``Location``, strong
-                                            ``ETag``, ``Link: rel=ice-server``
+``[&sync=0|1]``                             answer, ``Location``, strong
+                                            ``ETag``, ``Link: rel=ice-server``;
+                                            ``sync=0``: video first, no lip
+                                            sync (one a=msid per track)
 ``PATCH /whep/{stream}/{session}``          ``application/trickle-ice-sdpfrag``
                                             → 204; ICE restart → 422 (not
                                             supported); wrong ``If-Match`` → 412
@@ -73,9 +75,12 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
         pin = None
     if pin is not None and pin not in ("high", "mid", "low"):
         raise BadRequest("layer must be high, mid, low or auto")
+    sync = request.query.get("sync", "1")
+    if sync not in ("0", "1"):
+        raise BadRequest("sync must be 1 (audio and video lip-synced, the default) or 0 (video first)")
     try:
         session = await media.whep.create_session(stream, offer_sdp, offer, owner=owner_key(p), pin=pin,
-                                                  source_plid=plid, b_frames=b_frames)
+                                                  source_plid=plid, b_frames=b_frames, sync=sync == "1")
     except UnsupportedMedia as exc:
         raise Unprocessable(str(exc)) from None
     except SdpError as exc:
@@ -119,7 +124,8 @@ async def whep_get(request: web.Request) -> web.StreamResponse:
     session = _session(request, p)
     info = session.info()
     return web.json_response({"id": info.id, "stream": info.stream, "layer": info.layer,
-                              "pinned": info.pinned, "state": info.state, "stats": info.stats})
+                              "pinned": info.pinned, "sync": session.sync, "state": info.state,
+                              "stats": info.stats})
 
 
 async def whep_layer(request: web.Request) -> web.StreamResponse:

@@ -51,7 +51,7 @@ from media.rtp.history import PacketHistory
 from media.rtp.packet import ONE_BYTE_PROFILE, RTP_HEADER_SIZE, TWO_BYTE_PROFILE, LayerPacket
 from media.rtp.rtcp import SenderReport, build_sr
 
-__all__ = ["TrackParams", "TransportSeq", "NackTarget", "Rewriter"]
+__all__ = ["TrackParams", "TransportSeq", "NackTarget", "MediaAnchor", "Rewriter"]
 
 _SEQ_TS = struct.Struct("!BHI")
 _U32 = struct.Struct("!I")
@@ -107,6 +107,20 @@ class NackTarget(NamedTuple):
     layer_seq: int
     layer_ts: int
     viewer_ts: int
+
+
+class MediaAnchor(NamedTuple):
+    """Where a layer's RTP timeline sits on its stream's presentation clock.
+
+    The layer RTP timestamp ``timestamp`` (layer space, before a viewer's
+    offset) is presented at ``at`` (monotonic seconds). Every track of a
+    stream whose sources share one media clock (the PTS of one MPEG-TS, the
+    AAC→Opus transcoder's output stamped on that PTS) gets its anchors from
+    the same clock, so equal PTS mean equal ``at`` across tracks and layers.
+    """
+
+    timestamp: int
+    at: float
 
 
 class _Template:
@@ -487,12 +501,31 @@ class Rewriter:
 
     # -- RTCP ------------------------------------------------------------------
 
-    def sender_report(self, now: float, wall_time: float) -> SenderReport:
+    def sender_report(
+        self, now: float, wall_time: float, anchors: Mapping[int, MediaAnchor] | None = None
+    ) -> SenderReport:
         """SR for this track (RFC 3550 §6.4.1) at monotonic *now* / Unix *wall_time*.
 
-        The RTP timestamp is the last packet's, extrapolated to *now*.
+        RFC 3550 §6.4.1: the RTP timestamp "corresponds to the same time as
+        the NTP timestamp (above), but in the same units and with the same
+        random offset as the RTP timestamps in data packets. This
+        correspondence may be used for intra- and inter-media
+        synchronization". With ``anchors`` (layer index → :class:`MediaAnchor`,
+        from the fan-out) it is the viewer timestamp of the media presented
+        at *now* on the stream's clock: the current layer's anchor plus this
+        viewer's offset for that layer, which a switch or re-base changes
+        (and the next report follows). Audio and video of one viewer then
+        map equal PTS to one NTP time, whatever the arrival delays (AAC→Opus
+        transcoding, network jitter) — the browser's lip sync. Without an
+        anchor for the current layer the last packet's timestamp is
+        extrapolated to *now*.
         """
-        if self._started:
+        anchor = anchors.get(self._layer) if anchors is not None and self._layer is not None else None
+        if anchor is not None:
+            rtp_ts = (
+                anchor.timestamp + self._ts_off + round((now - anchor.at) * self.params.clock_rate)
+            ) & 0xFFFFFFFF
+        elif self._started:
             rtp_ts = (self._last_vts + round((now - self._last_now) * self.params.clock_rate)) & 0xFFFFFFFF
         else:
             rtp_ts = self._next_vts

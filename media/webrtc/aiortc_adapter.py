@@ -87,6 +87,11 @@ def check_internals() -> None:
         RTCRtpTransceiver.__init__.__code__.co_names
     ):
         raise AiortcInternalsChanged("RTCRtpTransceiver no longer stores its sender as __sender")
+    from aiortc import rtcpeerconnection
+
+    describe = getattr(rtcpeerconnection, "create_media_description_for_transceiver", None)
+    if describe is None or "_stream_id" not in describe.__code__.co_names:
+        raise AiortcInternalsChanged("the answer's a=msid no longer comes from RTCRtpSender._stream_id")
     check_ingest_internals()
 
 
@@ -168,8 +173,16 @@ class ForwardingSender(RTCRtpSender):
                 log.exception("webrtc.rtcp_handler_failed")
 
 
-def install_sender(transceiver: Any, sender: ForwardingSender) -> None:
-    """Replace ``transceiver``'s sender (before the answer is created)."""
+def install_sender(transceiver: Any, sender: ForwardingSender, stream_id: str) -> None:
+    """Replace ``transceiver``'s sender (before the answer is created).
+
+    ``stream_id`` is the MediaStream id the answer announces for the track
+    (``a=msid:<stream id> <track id>``, RFC 8830 §2). aiortc writes the
+    sender's ``_stream_id`` there; a fresh sender gets a random one, so
+    audio and video would land in different streams and a browser would not
+    lip-sync them (WebRTC syncs only tracks of one stream).
+    """
+    sender._stream_id = stream_id
     transceiver._RTCRtpTransceiver__sender = sender
 
 

@@ -21,6 +21,20 @@ Timestamps: a video layer's RTP timestamps are the TS PTS (90 kHz) modulo
 2^32 (each viewer's rewriter then adds its own random offset, RFC 3550
 §5.1); Opus from TS is rescaled 90 kHz → 48 kHz; Opus produced by the AAC
 transcoder is already on 48 kHz.
+
+Presentation clock (for the viewers' sender reports, lip sync): each layer
+and the audio track keep a :class:`~media.rtp.rewrite.MediaAnchor` — the
+RTP timestamp of their latest frame and the monotonic time at which that
+frame's PTS is presented, ``PTS (s) + base``. ``base`` is taken from the
+stream's first frame (its arrival minus its PTS) and shared by every track
+whose own arrival − PTS lies within ``SAME_CLOCK_S`` of it: then equal PTS
+mean equal presentation times, however late the track arrives (the AAC→Opus
+transcoder's delay is in its arrival, not in its PTS). A track further off
+has an unrelated clock (WHIP: each SSRC starts at a random RTP timestamp) and
+gets its own base, its arrival. A track whose PTS jump away from its
+arrivals by more than ``SAME_CLOCK_S`` (a source that reset its clock) is
+placed again the same way; a publisher restart resets every base. PTS are
+unwrapped across the 33-bit MPEG-TS wrap.
 """
 
 from __future__ import annotations
@@ -34,11 +48,17 @@ from ..rtp.h264 import H264Packetizer
 from ..rtp.history import PacketHistory
 from ..rtp.opus import OpusPacketizer
 from ..rtp.packet import LayerPacket
+from ..rtp.rewrite import MediaAnchor
 from ..stream import Discontinuity, Frame, Reader, Stream, StreamClosed
 
 log = logging.getLogger("returnfeed.webrtc")
 
 AUDIO = -1
+#: Tracks whose arrival − PTS differ by less than this share one media clock:
+#: more than any transcoding or interleaving delay, far less than random RTP
+#: timestamp origins (hours apart).
+SAME_CLOCK_S = 2.0
+_PTS_WRAP_S = (1 << 33) / 90000  # MPEG-TS PTS: 33 bits at 90 kHz
 _LAYER_RANK = {"low": 0, "mid": 1, "high": 2}
 
 
@@ -66,6 +86,10 @@ class _LayerState:
     gop_bytes: int = 0
     frames: int = 0
     packets: int = 0
+    base: float | None = None  # presentation time − PTS (s)
+    last_media: float | None = None
+    media_wrap: float = 0.0
+    anchor: MediaAnchor | None = None
 
 
 @dataclass(slots=True)
@@ -94,6 +118,7 @@ class StreamFanout:
         self._audio = _LayerState("audio", OpusPacketizer(), PacketHistory(capacity=512, max_age=1.0))
         self._sinks: set[ViewerSink] = set()
         self._reader: Reader | None = None
+        self._ref_base: float | None = None
         self.stats = FanoutStats()
         self.closed = False
 
@@ -125,6 +150,13 @@ class StreamFanout:
     def histories(self) -> dict[int, PacketHistory]:
         out = {i: self._layers[n].history for i, n in enumerate(self._order)}
         out[AUDIO] = self._audio.history
+        return out
+
+    def anchors(self) -> dict[int, MediaAnchor]:
+        """Layer index → where its RTP timestamps sit on the presentation clock."""
+        out = {i: a for i, n in enumerate(self._order) if (a := self._layers[n].anchor) is not None}
+        if self._audio.anchor is not None:
+            out[AUDIO] = self._audio.anchor
         return out
 
     def attach(self, sink: ViewerSink, layer_index: int | None, now: float) -> None:
@@ -215,6 +247,7 @@ class StreamFanout:
             index = AUDIO
         else:
             return
+        self._anchor(st, frame, ts & 0xFFFFFFFF)
         history = st.history
         for p in packets:
             history.put(p, now)
@@ -228,6 +261,26 @@ class StreamFanout:
         if self._on_frame_sent is not None and index != AUDIO:
             self._on_frame_sent(frame, self._clock())
 
+    def _anchor(self, st: _LayerState, frame: Frame, ts: int) -> None:
+        pts = frame.pts if frame.pts is not None else frame.dts
+        if pts is None:
+            return
+        media = pts / frame.clock_rate + st.media_wrap
+        if st.last_media is not None and media < st.last_media - _PTS_WRAP_S / 2:
+            st.media_wrap += _PTS_WRAP_S
+            media += _PTS_WRAP_S
+        st.last_media = media
+        own = frame.arrival - media
+        if st.base is None or abs(own - st.base) > SAME_CLOCK_S:
+            # First frame, or the PTS jumped while the arrivals did not (the
+            # source reset its clock, with or without telling): join the
+            # reference clock if this track is on it, else become it.
+            ref = self._ref_base
+            if ref is None or abs(own - ref) > SAME_CLOCK_S:
+                self._ref_base = ref = own
+            st.base = ref
+        st.anchor = MediaAnchor(ts, media + st.base)
+
     def _discontinuity(self, marker: Discontinuity) -> None:
         """A publisher restart or reader overflow: the next packets of the
         layer(s) are flagged so every viewer re-bases seq/ts (never backwards)."""
@@ -235,6 +288,10 @@ class StreamFanout:
             st for st in self._layers.values() if st.name == marker.layer]
         if marker.layer is None:
             targets.append(self._audio)
+            self._ref_base = None
         for st in targets:
             st.packetizer.restart()
             st.gop, st.gop_bytes = [], 0
+            # The PTS may start anywhere now: measure the clock again.
+            st.base = st.last_media = st.anchor = None
+            st.media_wrap = 0.0

@@ -134,8 +134,15 @@ class WhepSession:
     """One WHEP viewer."""
 
     def __init__(self, service: "WhepService", stream_name: str, fanout: StreamFanout, *,
-                 owner: str, pin: str | None = None) -> None:
+                 owner: str, pin: str | None = None, sync: bool = True) -> None:
         self.id = secrets.token_urlsafe(12)
+        # Lip sync (a=msid, RFC 8830 §2): a browser synchronizes only tracks
+        # of one MediaStream, so one stream id for audio and video; with
+        # sync off (video first) each track gets its own and plays at once.
+        self.sync = sync
+        msid = "returnfeed-" + secrets.token_hex(8)
+        self._stream_ids = {"audio": msid, "video": msid} if sync else {
+            "audio": msid + "-audio", "video": msid + "-video"}
         self.etag = '"' + secrets.token_hex(8) + '"'
         self.service = service
         self.stream_name = stream_name
@@ -207,7 +214,7 @@ class WhepSession:
                 kind, tr.sender.transport,
                 on_rtcp=lambda p, k=kind: self._on_rtcp(k, p),
                 on_ready=self._on_sender_ready)
-            adapter.install_sender(tr, sender)
+            adapter.install_sender(tr, sender, self._stream_ids[kind])
             self._tracks[kind] = _Track(kind, sender)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
@@ -432,14 +439,16 @@ class WhepSession:
         return self._layer_names[idx] if idx is not None and idx < len(self._layer_names) else None
 
     def tick(self, now: float, wall: float) -> None:
-        """Once a second: a sender report (+ CNAME) per track (RFC 3550 §6.4.1)."""
+        """Once a second: a sender report (+ CNAME) per track (RFC 3550 §6.4.1),
+        audio and video on the stream's presentation clock (lip sync)."""
         if self._fast is None or self.closed:
             return
+        anchors = self.fanout.anchors()
         for track in self._tracks.values():
             rw = track.rewriter
             if rw is None or rw.packets_sent == 0:
                 continue
-            sr = rw.sender_report(now, wall)
+            sr = rw.sender_report(now, wall, anchors)
             sdes = Sdes((SdesChunk(track.sender.ssrc, ((1, self.service.cname),)),))
             try:
                 self._fast.send_rtcp(serialize_rtcp((sr, sdes)), now)
@@ -560,14 +569,15 @@ class WhepService:
         return fo
 
     async def create_session(self, stream: Stream, offer_sdp: str, offer: Offer, *, owner: str,
-                             pin: str | None, source_plid: str | None, b_frames: bool) -> WhepSession:
+                             pin: str | None, source_plid: str | None, b_frames: bool,
+                             sync: bool = True) -> WhepSession:
         if b_frames:
             raise UnsupportedMedia(
                 "the source sends B-frames, which WebRTC cannot play passthrough; encode with "
                 "B-frames off (x264: -bf 0 or -tune zerolatency)")
         if len(self.sessions) >= self.max_viewers:
             raise OverflowError("viewer limit reached")
-        session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin)
+        session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin, sync=sync)
         self.sessions[session.id] = session
         try:
             session.sdp_answer = await session.answer(offer_sdp, offer, source_plid)

@@ -105,6 +105,7 @@ class ScriptedBackend:
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.connections: list[dict[str, str]] = []
         self.whep_posts: list[tuple[float, str]] = []
+        self.whep_queries: list[tuple[str, dict[str, str]]] = []  # (stream, query) per POST
         self.whip_offers: list[tuple[str, str, str]] = []  # (stream, bearer, sdp)
         self.silent = False
         self.snapshot_sources: dict[str, Any] = {}
@@ -196,6 +197,7 @@ class ScriptedBackend:
         from aiohttp import web
 
         self.whep_posts.append((time.monotonic(), request.match_info["stream"]))
+        self.whep_queries.append((request.match_info["stream"], dict(request.query)))
         return web.json_response({"error": "conflict", "detail": "stream is not live"}, status=409,
                                  headers={"Retry-After": str(self.retry_after)})
 

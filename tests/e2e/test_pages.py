@@ -134,6 +134,9 @@ def test_scripted_camera_tally_states_and_silence(browser, scripted):
         # The page asked for the return feed (409 here) and waits between
         # attempts (it passes through "connecting" on each retry).
         page.wait_for_function("document.body.dataset.feed === 'waiting'", timeout=10_000)
+        # The return feed is video first (no lip sync): the earliest picture.
+        assert scripted.whep_queries and all(q.get("sync") == "0" for _, q in scripted.whep_queries), \
+            scripted.whep_queries
     finally:
         ctx.close()
 
@@ -150,6 +153,8 @@ def test_scripted_whep_honours_retry_after(browser, scripted):
         assert 3 <= len(posts) <= 5, posts
         assert all(1.9 <= g <= 3.0 for g in gaps), gaps
         assert "Not live yet" in page.text_content("#state")
+        # The viewer page wants lip sync: the server's default, no sync=0.
+        assert all("sync" not in q for name, q in scripted.whep_queries if name == "cam9")
     finally:
         ctx.close()
 

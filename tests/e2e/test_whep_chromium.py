@@ -19,7 +19,9 @@ PLAY = """async ([url, token]) => {
   pc.addTransceiver('video', {direction: 'recvonly'});
   pc.addTransceiver('audio', {direction: 'recvonly'});
   const v = document.createElement('video'); v.muted = true; v.autoplay = true; document.body.appendChild(v);
-  pc.ontrack = e => { v.srcObject = e.streams[0] || new MediaStream([e.track]); };
+  window._streams = {};
+  pc.ontrack = e => { v.srcObject = e.streams[0] || new MediaStream([e.track]);
+    window._streams[e.track.kind] = e.streams.map(s => s.id); };
   await pc.setLocalDescription(await pc.createOffer());
   await new Promise(r => { if (pc.iceGatheringState === 'complete') r();
     pc.onicegatheringstatechange = () => pc.iceGatheringState === 'complete' && r(); setTimeout(r, 2000); });
@@ -34,7 +36,7 @@ PLAY = """async ([url, token]) => {
 STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r => {
   if (r.type === 'inbound-rtp') out[r.kind] = {framesDecoded: r.framesDecoded || 0, freezeCount: r.freezeCount || 0,
     packetsLost: r.packetsLost, packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0,
-    keyFramesDecoded: r.keyFramesDecoded || 0}; }); return out; }"""
+    keyFramesDecoded: r.keyFramesDecoded || 0}; }); out.streams = window._streams; return out; }"""
 
 
 async def _play(base: str, stream: str, token: str, seconds: float) -> list[dict]:
@@ -81,6 +83,10 @@ def test_chromium_plays_srt_source(api_server, profile, size) -> None:
     assert video[-1]["freezeCount"] == 0
     assert video[-1]["frameWidth"] == int(size.split("x")[0])
     assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
+    # Lip sync: Chromium puts both tracks in one MediaStream (one a=msid), the
+    # only case in which it synchronizes their playout.
+    streams = samples[-1]["streams"]
+    assert len(streams["video"]) == 1 and streams["audio"] == streams["video"], streams
 
 
 @pytest.mark.parametrize("size, fps, bitrate", [("1920x1080", 15, "12M"), ("3840x2160", 3, "12M")])

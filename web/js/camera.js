@@ -8,8 +8,10 @@
  *      stream played, and the camera's own link is a publish link);
  *   2. else a stream called "program" if GET /api/v1/streams lists one;
  *   3. else the camera's own stream.
- *   It is played over WHEP (whep.js) with automatic layer selection, and
- *   reconnects by itself.
+ *   It is played over WHEP (whep.js) with automatic layer selection and
+ *   `sync: false` (video first: the operator needs the picture as early as
+ *   possible; waiting for the slower audio path would delay it),
+ *   and reconnects by itself.
  *
  * Tally: GET /api/v1/auth/me tells the link's production (`production_id`)
  * and stream; /ws/tally for that production gives this stream's source
@@ -370,6 +372,7 @@ async function main() {
     url: `/whep/${encodeURIComponent(program)}`,
     auth: feedAuth,
     video: $("program"),
+    sync: false,
     onState: feedStatus,
   });
   page.player.start();

@@ -8,9 +8,10 @@
  *   stream with badges (live/offline, codec/resolution/fps, bitrate,
  *   viewers, source protocol, SRT RTT and loss, simulcast layers).
  * - A tile starts its WHEP player (whep.js, `?layer=low` when the stream has
- *   a "low" layer) the first time its stream is live and keeps it: the client
- *   reconnects by itself with backoff and honours Retry-After while the feed
- *   is away.
+ *   a "low" layer, and `?sync=0`: the tiles are muted, so waiting for the
+ *   sound would only delay the picture) the first time its stream is live
+ *   and keeps it: the client reconnects by itself with backoff and honours
+ *   Retry-After while the feed is away.
  * - Tally over /ws/tally (tally.js): tiles and the PREVIEW / PROGRAM buses
  *   show the server's state, in colour and text (PGM ● red / PVW ▲ green /
  *   ? amber when tally is lost). Click a tile or press 1–9 → preview;
@@ -123,6 +124,7 @@ class Tile {
       auth: state.session,
       video: this.video,
       layer: layers.includes("low") ? "low" : null,
+      sync: false,
       onState: (st, info) => {
         this.feedState = st;
         this.feedInfo = info;

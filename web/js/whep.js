@@ -3,7 +3,7 @@
  * shared by every page.
  *
  *   const player = new WhepClient({ url: "/whep/cam1", auth, video, layer: "low",
- *                                   onState: (state, info) => … });
+ *                                   sync: false, onState: (state, info) => … });
  *   player.start();  …  player.stop();
  *
  * One connection attempt:
@@ -12,7 +12,9 @@
  *   2. createOffer / setLocalDescription, then wait for ICE gathering to
  *      complete, at most `iceTimeoutMs` (1 s): no trickle needed (§4.3.1);
  *   3. POST the offer (Content-Type: application/sdp, Authorization: Bearer)
- *      to the endpoint (+ `?layer=high|low` to pin a simulcast layer);
+ *      to the endpoint (+ `?layer=high|low` to pin a simulcast layer,
+ *      + `?sync=0` when `sync: false`: video first, audio not lip-synced —
+ *      the lowest picture latency, for return feeds);
  *      201 → the answer body and the session URL in `Location` (§4.2);
  *      `Link: <…>; rel="ice-server"` headers are used on later attempts (§4.6);
  *   4. play; the session ends on ICE/DTLS failure, "disconnected" for more
@@ -416,6 +418,9 @@ export class WhepClient extends WebRtcSession {
     super(opts);
     this.video = opts.video || null;
     this.layer = opts.layer || null; // null = automatic
+    // false: the server gives audio and video different stream ids, so the
+    // browser plays video as early as it can instead of waiting for audio.
+    this.sync = opts.sync !== false;
     this.onTrack = opts.onTrack || null;
     this.stream = null;
   }
@@ -423,6 +428,7 @@ export class WhepClient extends WebRtcSession {
   endpoint() {
     const u = super.endpoint();
     if (this.layer) u.searchParams.set("layer", this.layer);
+    if (!this.sync) u.searchParams.set("sync", "0");
     return u;
   }
 
