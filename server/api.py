@@ -26,7 +26,7 @@ from aiohttp import web
 
 from . import repo
 from .app import (
-    DB, LIMITER, METRICS, SETTINGS, TOKENS, base_url, client_ip, json_body, principal,
+    DB, DIRECTORY, LIMITER, METRICS, SETTINGS, TOKENS, base_url, client_ip, json_body, principal,
     require_production_role, require_roles, user_principal,
 )
 from .auth import (
@@ -35,7 +35,9 @@ from .auth import (
 )
 from media.srt.streamid import is_valid_stream_name
 
-from .errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
+from .errors import (
+    BadRequest, Conflict, DatabaseUnavailable, Forbidden, NotFound, TooManyRequests, Unauthorized,
+)
 from .log import event
 
 log = logging.getLogger("returnfeed.api")
@@ -269,6 +271,7 @@ async def create_production(request: web.Request) -> web.Response:
                              target=str(row["id"]), detail={"name": name}, ip=client_ip(request))
     except asyncpg.UniqueViolationError:
         raise Conflict("a production with this name already exists") from None
+    await directory_changed(request.app)
     return web.json_response(repo.production_json(row, "director"), status=201)
 
 
@@ -303,6 +306,7 @@ async def update_production(request: web.Request) -> web.Response:
         row = await repo.update_production(request.app[DB].pool, pid, name, description)
     except asyncpg.UniqueViolationError:
         raise Conflict("a production with this name already exists") from None
+    await directory_changed(request.app)
     return web.json_response(repo.production_json(row))
 
 
@@ -316,6 +320,7 @@ async def delete_production(request: web.Request) -> web.Response:
         await repo.delete_production(conn, pid)
         await repo.audit(conn, "production.delete", actor_user_id=p.user_id, actor=p.username,
                          target=str(pid), ip=client_ip(request))
+    await directory_changed(request.app)
     return web.Response(status=204)
 
 
@@ -341,6 +346,7 @@ async def put_member(request: web.Request) -> web.Response:
         row = await repo.set_member(conn, pid, user["id"], role, camera_stream)
         await repo.audit(conn, "member.set", actor_user_id=p.user_id, actor=p.username,
                          target=f"{pid}/{user['username']}", detail={"role": role}, ip=client_ip(request))
+    await directory_changed(request.app)
     return web.json_response({**dict(row), "username": user["username"]})
 
 
@@ -352,6 +358,7 @@ async def delete_member(request: web.Request) -> web.Response:
     user = await repo.user_by_name(pool, request.match_info["username"])
     if user is None or not await repo.remove_member(pool, pid, user["id"]):
         raise NotFound("no such member")
+    await directory_changed(request.app)
     return web.Response(status=204)
 
 
@@ -508,7 +515,19 @@ async def delete_stream(request: web.Request) -> web.Response:
 STREAMS_CHANGED = web.AppKey("streams_changed", list)
 
 
+async def directory_changed(app: web.Application) -> None:
+    """This node changed streams, productions or members: reload the
+    in-memory directory before answering, so the caller's next request sees
+    the change here (other nodes follow on the trigger's NOTIFY)."""
+    try:
+        await app[DIRECTORY].reload()
+    except DatabaseUnavailable as exc:
+        # Committed already; the reload after the database returns catches up.
+        event(log, logging.WARNING, "directory.reload_deferred", detail=exc.detail)
+
+
 async def _notify_streams_changed(app: web.Application) -> None:
+    await directory_changed(app)
     for cb in app.get(STREAMS_CHANGED, []):
         await cb()
 
@@ -561,6 +580,7 @@ async def revoke_link(request: web.Request) -> web.Response:
     await require_production_role(request, p, claims.production_id, "director")
     await repo.revoke_link(request.app[DB].pool, claims.jti,
                            datetime.fromtimestamp(claims.expires_at, timezone.utc), p.user_id)
+    request.app[DIRECTORY].note_revoked(claims.jti)
     return web.Response(status=204)
 
 

@@ -21,7 +21,8 @@ from aiohttp import web
 from media.webrtc.sdp import Offer, SdpError, parse_offer
 
 from . import repo
-from .app import DB, SETTINGS, Principal, principal, production_role
+from .app import DB, DIRECTORY, SETTINGS, Principal, principal, production_role
+from .directory import StreamEntry
 from .errors import (
     BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType,
 )
@@ -50,12 +51,27 @@ def with_ice_links(resp: web.StreamResponse, request: web.Request) -> web.Stream
 PUBLISH_ROLES = ("admin", "director")
 
 
+async def stream_entry(request: web.Request, name: str) -> StreamEntry | None:
+    """The stream from the in-memory directory: a WHEP join or WHIP publish
+    never waits for the database (issue 16). Only a name this node has not
+    heard of yet is looked up, and only while the database is up."""
+    entry = request.app[DIRECTORY].stream(name)
+    db = request.app[DB]
+    if entry is None and db.available:
+        row = await repo.stream_by_name(db.pool, name)
+        if row is not None:
+            entry = StreamEntry(row["id"], row["name"], row["production_id"], row["production_name"],
+                                row["passphrase"], row["pbkeylen"], row["label"] or "")
+    return entry
+
+
 async def authorize_stream(request: web.Request, name: str, action: str) -> tuple[Principal, Any]:
     """Who may read (WHEP) or publish (WHIP) stream ``name``: a signed link
     for that stream and action, or a user of its production — any member to
-    read, a director (or admin) to publish. Returns the principal and row."""
+    read, a director (or admin) to publish. Returns the principal and the
+    directory entry."""
     p = await principal(request)
-    row = await repo.stream_by_name(request.app[DB].pool, name)
+    row = await stream_entry(request, name)
     if row is None:
         raise NotFound("no such stream")
     if p.kind == "link":
@@ -64,7 +80,7 @@ async def authorize_stream(request: web.Request, name: str, action: str) -> tupl
             verb = "watching" if action == "read" else "publishing"
             raise Forbidden(f"this link is not for {verb} this stream")
         return p, row
-    role = await production_role(request, p, row["production_id"])
+    role = await production_role(request, p, row.production_id)
     if action == "read" and role is None:
         raise Forbidden("not a member of this stream's production")
     if action == "publish" and role not in PUBLISH_ROLES:
