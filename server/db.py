@@ -129,6 +129,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncio.TimeoutError, OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
     asyncpg.exceptions.CannotConnectNowError, asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.OperatorInterventionError,
+    # The protocol's state machine tripping over a connection that broke
+    # mid-operation ("another operation is in progress").
+    asyncpg.exceptions.InternalClientError,
 )
 
 

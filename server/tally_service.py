@@ -51,6 +51,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import asyncpg
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -69,6 +70,9 @@ log = logging.getLogger("returnfeed.tally")
 
 CHANNEL = "returnfeed_tally"
 MAX_PENDING = 10_000
+#: Tries of one batch while the database answers the probe but the write
+#: keeps failing for a reason that is not the row itself.
+PERSIST_ATTEMPTS = 20
 ADAPTER_TYPES = ("vmix", "obs", "tsl_in", "tsl_out")
 
 
@@ -150,6 +154,7 @@ class ProductionTally:
     writer: asyncio.Task | None = None
     dropped: int = 0
     deferred: int = 0
+    failed: int = 0
     closed: bool = False
     stream_names: list[str] = field(default_factory=list)
 
@@ -173,6 +178,7 @@ class ProductionTally:
 
     async def write_loop(self) -> None:
         db = self.service.db
+        attempts = 0  # of the batch at the head of the queue, while the database seems up
         while True:
             await self.wake.wait()
             self.wake.clear()
@@ -182,15 +188,21 @@ class ProductionTally:
                     self.pending.popleft()
                 try:
                     await self.service.persist(self, batch)
+                    attempts = 0
                 except Exception as exc:
-                    if not (isinstance(exc, DatabaseUnavailable) or is_connection_error(exc)):
+                    attempts += 1
+                    refused = (isinstance(exc, asyncpg.PostgresError) and not is_connection_error(exc)
+                               and not isinstance(exc, DatabaseUnavailable))
+                    if refused or attempts > PERSIST_ATTEMPTS:
                         # A row the database refuses would block the queue
                         # forever; later writes carry the latest state.
                         event(log, logging.ERROR, "tally.persist_failed", production=self.production_id,
-                              error=f"{type(exc).__name__}: {exc}", changes=len(batch))
+                              error=f"{type(exc).__name__}: {exc}", changes=len(batch), attempts=attempts)
+                        self.failed += len(batch)
+                        attempts = 0
                         continue
-                    # Put the batch back in front, in order, and wait for
-                    # the supervisor to see the database again.
+                    # Put the batch back in front, in order, and retry once
+                    # the supervisor sees the database again.
                     self.pending.extendleft(reversed(batch))
                     self._trim()
                     self.deferred += 1
@@ -198,6 +210,8 @@ class ProductionTally:
                         event(log, logging.ERROR, "tally.writes_lost_at_shutdown", production=self.production_id,
                               changes=len(self.pending))
                         return
+                    if db.available:
+                        await asyncio.sleep(min(0.25 * attempts, 2.0))  # lost a race with the probe
                     while not db.available and not self.closed:
                         try:
                             await asyncio.wait_for(db.wait_available(), 1.0)
