@@ -286,14 +286,15 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
                                 settings.auth.login_window_s)
     app[METRICS] = metrics
     app[STARTED] = time.time()
-    app[DIRECTORY] = directory if directory is not None else Directory(db)
+    if directory is None:
+        # Fail closed: without the loaded directory, revoked links would pass.
+        raise TypeError("create_app needs the server's loaded Directory")
+    app[DIRECTORY] = directory
     health.setup(app)
     api.setup(app)
     if media is not None:
         app[whep.MEDIA] = media
         app[api.LIVE_STATE] = media.live_state
-        if directory is None:
-            app[api.STREAMS_CHANGED].append(media.refresh_catalog)
         metrics.add_collector(media.collect)
         whep.setup(app)
         whip.setup(app)

@@ -31,7 +31,6 @@ import hashlib
 import logging
 import re
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -304,7 +303,6 @@ class Database:
         self._next_restart = 0.0
         self._restart_backoff = 0.5
         self._restarting = False
-        self._resyncs: deque[asyncio.Task] = deque()
 
     @property
     def kind(self) -> str:
@@ -342,8 +340,6 @@ class Database:
             except (asyncio.CancelledError, Exception):
                 pass
             self._supervisor = None
-        for t in list(self._resyncs):
-            t.cancel()
         await self._drop_listen_conn()
         if self.raw_pool is not None:
             try:
