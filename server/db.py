@@ -172,6 +172,13 @@ class GuardedConnection(asyncpg.Connection):  # type: ignore[misc]
         return await self._guard(super().fetchval(*args, **kw))
 
 
+def _terminate(conn: asyncpg.Connection) -> None:
+    try:
+        conn.terminate()
+    except asyncpg.InterfaceError:
+        pass  # closed under us: the pool already took it back
+
+
 class _Acquire:
     """``async with pool.acquire() as conn``: fail fast, never hang on release."""
 
@@ -200,13 +207,13 @@ class _Acquire:
         self._conn = None
         failed = exc is not None and is_connection_error(exc)
         if failed:
-            conn.terminate()  # a half-done statement must not wait for its cancel
+            _terminate(conn)  # a half-done statement must not wait for its cancel
         try:
             # release() resets the session (a round trip): bounded, and a
             # connection that cannot be reset is dropped rather than waited on.
             await asyncio.wait_for(db.raw_pool.release(conn), db.statement_timeout)
         except Exception:
-            conn.terminate()
+            _terminate(conn)
         if failed:
             assert exc is not None
             db.note_failure(exc, where="query")

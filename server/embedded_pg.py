@@ -202,12 +202,7 @@ class EmbeddedPostgres:
             os.close(fd)
             self.owner = False
         self._run_as = _ensure_system_user()
-        if self._run_as.uid is not None:
-            _make_traversable(self.data_dir)
-            _make_traversable(self.bin)
-            lib = self.bin.parent / "lib"
-            if lib.exists():
-                _make_traversable(lib)
+        self._grant_access()
         self.socket_dir = self._socket_dir()
 
         if not self.owner:
@@ -262,6 +257,14 @@ class EmbeddedPostgres:
         ], timeout=timeout + 5)
         event(log, logging.INFO, "db.embedded.start", pgdata=str(self.pgdata))
 
+    def _grant_access(self) -> None:
+        if self._run_as.uid is not None:
+            _make_traversable(self.data_dir)
+            _make_traversable(self.bin)
+            lib = self.bin.parent / "lib"
+            if lib.exists():
+                _make_traversable(lib)
+
     def postmaster_alive(self) -> bool:
         """True while the postmaster process exists (running or stopped by
         SIGSTOP: a frozen server is waited for, never replaced)."""
@@ -278,6 +281,9 @@ class EmbeddedPostgres:
         if not self.owner:
             raise EmbeddedPostgresError("this process does not own the embedded PostgreSQL; its owner restarts it")
         if self._postmaster_pid() is None:
+            # Something may have tightened a parent directory since the start
+            # (a tmp cleaner resetting its mode): the server user needs it again.
+            self._grant_access()
             self._start_server(timeout)
 
     def _ensure_database(self) -> None:
