@@ -240,6 +240,10 @@ class EmbeddedPostgres:
         return self.url
 
     def _start_server(self, timeout: float) -> None:
+        # Again, right before starting: something may have tightened a parent
+        # directory since (a temp-dir tool resetting its mode to 0700), and
+        # the server user must reach the data dir.
+        self._grant_access()
         stale = self.pgdata / "postmaster.pid"
         if stale.exists():
             # We hold the ownership lock and its process is gone (or a
@@ -281,9 +285,6 @@ class EmbeddedPostgres:
         if not self.owner:
             raise EmbeddedPostgresError("this process does not own the embedded PostgreSQL; its owner restarts it")
         if self._postmaster_pid() is None:
-            # Something may have tightened a parent directory since the start
-            # (a tmp cleaner resetting its mode): the server user needs it again.
-            self._grant_access()
             self._start_server(timeout)
 
     def _ensure_database(self) -> None:
