@@ -27,8 +27,9 @@ from aiohttp import web
 from . import repo
 from .app import (
     DB, DIRECTORY, LIMITER, METRICS, SETTINGS, TOKENS, base_url, client_ip, json_body, principal,
-    require_production_role, require_roles, user_principal,
+    require_production_role, require_roles, stream_entry, user_principal,
 )
+from .directory import StreamEntry
 from .auth import (
     MEMBER_ROLES, ROLES, TokenError, hash_password, hash_refresh_token, needs_rehash, new_refresh_token,
     validate_password_strength, verify_password,
@@ -534,16 +535,16 @@ async def _notify_streams_changed(app: web.Application) -> None:
 
 # -- signed links ------------------------------------------------------------------
 
-def link_urls(request: web.Request, stream: asyncpg.Record, action: str, token: str) -> dict[str, str]:
+def link_urls(request: web.Request, stream: StreamEntry, action: str, token: str) -> dict[str, str]:
     base = base_url(request)
-    name = quote(stream["name"])
+    name = quote(stream.name)
     q = urlencode({"token": token})
     if action == "publish":
         out = {
             "whip_url": f"{base}/whip/{name}?{q}",
             "camera_url": f"{base}/camera/{name}?{q}",
-            "srt_url": srt_url(request, f"#!::r={stream['name']},m=publish,s={token}",
-                               stream["passphrase"], stream["pbkeylen"]),
+            "srt_url": srt_url(request, f"#!::r={stream.name},m=publish,s={token}",
+                               stream.passphrase, stream.pbkeylen),
         }
     else:
         out = {"whep_url": f"{base}/whep/{name}?{q}", "watch_url": f"{base}/watch/{name}?{q}"}
@@ -551,20 +552,26 @@ def link_urls(request: web.Request, stream: asyncpg.Record, action: str, token: 
 
 
 async def create_link(request: web.Request) -> web.Response:
+    """A live action (a director hands a camera its link mid-show): no
+    database round trip; the audit row is written when the database can
+    take it (issue 16)."""
     p = await user_principal(request)
-    row = await _stream(request)
-    await require_production_role(request, p, row["production_id"], "director")
+    row = await stream_entry(request, request.match_info["name"])
+    if row is None:
+        raise NotFound("no such stream")
+    await require_production_role(request, p, row.production_id, "director")
     data = await json_body(request)
     action = _str(data, "action", max_len=16)
     if action not in ("publish", "read"):
         raise BadRequest("'action' must be 'publish' or 'read'")
     auth = request.app[SETTINGS].auth
     ttl = _int(data, "ttl_s", default=auth.link_ttl_s, lo=10, hi=auth.max_link_ttl_s)
-    token, claims = request.app[TOKENS].issue_link(row["name"], action, row["production_id"], ttl)
-    await repo.audit(request.app[DB].pool, "link.create", actor_user_id=p.user_id, actor=p.username,
-                     target=row["name"], detail={"action": action, "jti": claims.jti, "ttl_s": ttl},
-                     ip=client_ip(request))
-    body = {"token": token, "stream": row["name"], "action": action, "jti": claims.jti,
+    token, claims = request.app[TOKENS].issue_link(row.name, action, row.production_id, ttl)
+    detail = {"action": action, "jti": claims.jti, "ttl_s": ttl}
+    user_id, username, ip = p.user_id, p.username, client_ip(request)
+    request.app[DB].deferred.put("audit link.create", lambda conn: repo.audit(
+        conn, "link.create", actor_user_id=user_id, actor=username, target=row.name, detail=detail, ip=ip))
+    body = {"token": token, "stream": row.name, "action": action, "jti": claims.jti,
             "expires_at": claims.expires_at, **link_urls(request, row, action, token)}
     return web.json_response(body, status=201)
 

@@ -22,7 +22,7 @@ from . import repo
 from .auth import LinkClaims, LoginLimiter, TokenError, TokenService
 from .config import Settings
 from .db import Database
-from .directory import Directory
+from .directory import Directory, StreamEntry
 from .errors import ApiError, BadRequest, Forbidden, Unauthorized, json_error
 from .log import event
 from .metrics import Metrics
@@ -120,6 +120,20 @@ async def production_role(request: web.Request, p: Principal, production_id: int
         # (its NOTIFY still on the way). The database is authoritative when up.
         role = await repo.member_role(db.pool, production_id, p.user_id)
     return role
+
+
+async def stream_entry(request: web.Request, name: str) -> StreamEntry | None:
+    """The stream from the in-memory directory: a WHEP join or WHIP publish
+    never waits for the database (issue 16). Only a name this node has not
+    heard of yet is looked up, and only while the database is up."""
+    entry = request.app[DIRECTORY].stream(name)
+    db = request.app[DB]
+    if entry is None and db.available:
+        row = await repo.stream_by_name(db.pool, name)
+        if row is not None:
+            entry = StreamEntry(row["id"], row["name"], row["production_id"], row["production_name"],
+                                row["passphrase"], row["pbkeylen"], row["label"] or "")
+    return entry
 
 
 async def require_production_role(request: web.Request, p: Principal, production_id: int,

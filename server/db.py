@@ -31,6 +31,7 @@ import hashlib
 import logging
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -265,6 +266,88 @@ class GuardedPool:
         return self._raw.get_max_size()
 
 
+class WriteQueue:
+    """Writes the live path owes the database (audit rows of live actions),
+    kept in memory, in order, while it is away (issue 16).
+
+    Bounded: beyond ``maxlen`` the oldest write is dropped, counted and
+    logged. One task writes them one by one, each on its own pooled
+    connection, retrying the head of the queue until the database takes it;
+    a write the database refuses for its content is logged and skipped, so
+    one bad row never blocks the rest.
+    """
+
+    def __init__(self, db: "Database", maxlen: int) -> None:
+        self._db = db
+        self.maxlen = maxlen
+        self._items: deque[tuple[str, Callable[[asyncpg.Connection], Awaitable[Any]]]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.written = 0
+        self.dropped = 0
+        self.failed = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, label: str, write: Callable[[asyncpg.Connection], Awaitable[Any]]) -> None:
+        self._items.append((label, write))
+        if len(self._items) > self.maxlen:
+            dropped_label, _ = self._items.popleft()
+            self.dropped += 1
+            event(log, logging.ERROR, "db.deferred_dropped", write=dropped_label, total_dropped=self.dropped,
+                  queue_max=self.maxlen)
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="db-deferred-writes")
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Give what is queued a last chance (while the database answers),
+        then stop; anything left is logged as lost."""
+        if self._task is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self._items and self._db.available and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+        self._task = None
+        if self._items:
+            event(log, logging.ERROR, "db.deferred_lost_at_shutdown", writes=len(self._items))
+
+    async def _run(self) -> None:
+        db = self._db
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._items:
+                if not db.available:
+                    try:
+                        await asyncio.wait_for(db.wait_available(), 1.0)
+                    except asyncio.TimeoutError:
+                        pass
+                    continue
+                label, write = self._items[0]
+                try:
+                    assert db.pool is not None
+                    async with db.pool.acquire() as conn:
+                        await write(conn)
+                except Exception as exc:
+                    if isinstance(exc, DatabaseUnavailable) or is_connection_error(exc):
+                        await asyncio.sleep(0.25)  # the probe will tell; retry the same write
+                        continue
+                    self.failed += 1
+                    event(log, logging.ERROR, "db.deferred_failed", write=label, error=f"{type(exc).__name__}: {exc}")
+                    self._items.popleft()
+                    continue
+                self._items.popleft()
+                self.written += 1
+
+
 Listener = Callable[[Any, int, str, str], None]
 Callback = Callable[[], Awaitable[None]]
 
@@ -275,7 +358,8 @@ class Database:
     def __init__(self, url: str, data_dir: Path, *, pool_min: int = 1, pool_max: int = 10,
                  connect_timeout: float = 10.0, acquire_timeout: float = 0.25,
                  statement_timeout: float = 0.6, probe_interval: float = 0.5, probe_timeout: float = 0.5,
-                 retry_after: int = 2, restart_backoff_max: float = 10.0, supervise: bool = True) -> None:
+                 retry_after: int = 2, restart_backoff_max: float = 10.0, write_queue_max: int = 10_000,
+                 supervise: bool = True) -> None:
         self.configured_url = url
         self.data_dir = data_dir
         self.pool_min = pool_min
@@ -301,6 +385,8 @@ class Database:
         self.restart_failures = 0
         self.last_restart_error: str | None = None
         self.on_reconnect: list[Callback] = []
+        #: Audit rows and other writes of live actions, written when possible.
+        self.deferred = WriteQueue(self, write_queue_max)
         self._listeners: list[tuple[str, Listener]] = []
         self._listen_conn: asyncpg.Connection | None = None
         self._supervisor: asyncio.Task | None = None
@@ -332,6 +418,7 @@ class Database:
                 async with self.direct() as conn:
                     await migrate(conn)
             self._set_up()
+            self.deferred.start()
             if self.supervise:
                 self._listen_conn = await self._open_listen_conn()
                 self._supervisor = asyncio.get_running_loop().create_task(self._supervise(), name="db-supervisor")
@@ -340,6 +427,7 @@ class Database:
             raise
 
     async def close(self) -> None:
+        await self.deferred.stop()
         if self._supervisor is not None:
             self._supervisor.cancel()
             try:

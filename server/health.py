@@ -39,9 +39,12 @@ async def healthz(request: web.Request) -> web.Response:
         body["database_restarts"] = db.restarts
         if db.last_restart_error:
             body["database_restart_error"] = db.last_restart_error
+    pending, dropped = len(db.deferred), db.deferred.dropped
     if tally is not None:
-        body["pending_writes"] = tally.pending_writes()
-        body["dropped_writes"] = tally.dropped_writes()
+        pending += tally.pending_writes()
+        dropped += tally.dropped_writes()
+    body["pending_writes"] = pending
+    body["dropped_writes"] = dropped
     headers = {} if ok else {"Retry-After": str(db.retry_after)}
     return web.json_response(body, status=200 if ok else 503, headers=headers)
 

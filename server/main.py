@@ -70,7 +70,8 @@ def database_from_settings(s: Settings, *, supervise: bool = True, pool_max: int
                     connect_timeout=d.connect_timeout_s, acquire_timeout=d.acquire_timeout_s,
                     statement_timeout=d.statement_timeout_s, probe_interval=d.probe_interval_s,
                     probe_timeout=d.probe_timeout_s, retry_after=d.retry_after_s,
-                    restart_backoff_max=d.restart_backoff_max_s, supervise=supervise)
+                    restart_backoff_max=d.restart_backoff_max_s, write_queue_max=d.write_queue_max,
+                    supervise=supervise)
 
 
 @dataclass

@@ -51,6 +51,11 @@ class _DynamicCollector(Collector):
         yield CounterMetricFamily("returnfeed_db_outages", "Times the database became unavailable", value=db.outages)
         yield CounterMetricFamily("returnfeed_db_embedded_restarts", "Restarts of a dead embedded PostgreSQL",
                                   value=db.restarts)
+        yield GaugeMetricFamily("returnfeed_db_deferred_writes", "Writes of live actions waiting for the database",
+                                value=len(db.deferred))
+        yield CounterMetricFamily("returnfeed_db_deferred_dropped",
+                                  "Writes of live actions dropped because their queue was full",
+                                  value=db.deferred.dropped)
         try:
             # Soak tests watch this for leaks (issue 16: flat after warm-up).
             tasks = len(asyncio.all_tasks())

@@ -20,9 +20,7 @@ from aiohttp import web
 
 from media.webrtc.sdp import Offer, SdpError, parse_offer
 
-from . import repo
-from .app import DB, DIRECTORY, SETTINGS, Principal, principal, production_role
-from .directory import StreamEntry
+from .app import SETTINGS, Principal, principal, production_role, stream_entry
 from .errors import (
     BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType,
 )
@@ -49,20 +47,6 @@ def with_ice_links(resp: web.StreamResponse, request: web.Request) -> web.Stream
 
 #: Production roles that may publish (WHIP) a stream without a publish link.
 PUBLISH_ROLES = ("admin", "director")
-
-
-async def stream_entry(request: web.Request, name: str) -> StreamEntry | None:
-    """The stream from the in-memory directory: a WHEP join or WHIP publish
-    never waits for the database (issue 16). Only a name this node has not
-    heard of yet is looked up, and only while the database is up."""
-    entry = request.app[DIRECTORY].stream(name)
-    db = request.app[DB]
-    if entry is None and db.available:
-        row = await repo.stream_by_name(db.pool, name)
-        if row is not None:
-            entry = StreamEntry(row["id"], row["name"], row["production_id"], row["production_name"],
-                                row["passphrase"], row["pbkeylen"], row["label"] or "")
-    return entry
 
 
 async def authorize_stream(request: web.Request, name: str, action: str) -> tuple[Principal, Any]:

@@ -49,13 +49,12 @@ from media.stream import StreamBusy
 from media.webrtc.sdp import SdpError
 from media.webrtc.whip import WhipService, WhipSession
 
-from . import api, repo
-from .app import DB, METRICS, SETTINGS, Principal, client_ip, principal, production_role
+from . import api
+from .app import METRICS, SETTINGS, Principal, client_ip, principal, production_role, stream_entry
 from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
-    PUBLISH_ROLES, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, stream_entry,
-    with_ice_links,
+    PUBLISH_ROLES, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links,
 )
 from .whep import MEDIA
 

@@ -76,6 +76,18 @@ def _stored_seqs(url: str, production_id: int) -> list[int]:
     return asyncio.run(run())
 
 
+def _link_audits(url: str) -> list[str]:
+    async def run() -> list[str]:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            rows = await conn.fetch("SELECT detail->>'jti' AS jti FROM audit_log WHERE action = 'link.create'")
+            return [r["jti"] for r in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
 def _srt(url: str, port: int) -> str:
     return re.sub(r"^srt://[^?]+\?", f"srt://127.0.0.1:{port}?", url)
 
@@ -183,8 +195,10 @@ def test_frozen_database_keeps_tally_viewers_and_publishers(show) -> None:
     base, admin, pid, data = show["base"], show["admin"], show["pid"], show["data"]
     hdr = {"Authorization": f"Bearer {admin}"}
     outage_seqs: list[int] = []
+    outage_link_jti = ""
 
     async def run() -> None:
+        nonlocal outage_link_jti
         async with websockets.connect(_ws_url(base, f"production={pid}"), additional_headers=hdr) as director:
             await _recv(director)  # snapshot: the production's tally is loaded before the freeze
             pg = _process_tree(postgres_pids(data))
@@ -237,6 +251,12 @@ def test_frozen_database_keeps_tally_viewers_and_publishers(show) -> None:
                     c = await _recv(cam, ("tally",))
                     assert c["seq"] == d["seq"] and c["sources"]["cam2"]["state"] == "off"
 
+                # A director hands out a new link mid-show; its audit row waits.
+                r = await asyncio.to_thread(http, "POST", f"{base}/api/v1/streams/cam3/links",
+                                            {"action": "read"}, token=admin, timeout=30)
+                assert r.status == 201, r.body
+                outage_link_jti = r.json()["jti"]
+
                 # A new WHEP viewer with a signed link decodes video.
                 out = await aiortc_whep_receive(f"{base}/whep/cam1", show["read1"]["token"], 3, kinds=("video",))
                 assert out["status"] == 201, out.get("body")
@@ -269,6 +289,8 @@ def test_frozen_database_keeps_tally_viewers_and_publishers(show) -> None:
     seqs = wait_until(stored, timeout=15, interval=0.3)
     assert seqs == sorted(seqs), seqs
     assert [s for s in seqs if s in outage_seqs] == outage_seqs
+    _wait(lambda: outage_link_jti in _link_audits(show["url"]), 10, show["srv"],
+          what="audit row of the link made during the freeze stored")
     h = http("GET", f"{base}/healthz").json()
     assert h["status"] == "ok" and h["pending_writes"] == 0
 

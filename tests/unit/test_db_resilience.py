@@ -1,6 +1,6 @@
 """Database-outage logic without a database (issue 16): the guarded pool's
-fail-fast rules, the directory's lookups, the tally write queue's order and
-bound."""
+fail-fast rules, the directory's lookups, the deferred-write and tally write
+queues' order and bound."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from server.db import Database, GuardedPool
+from server.db import Database, GuardedPool, WriteQueue
 from server.directory import Directory, ProductionEntry, Snapshot, StreamEntry
 from server.errors import DatabaseUnavailable
 from server.tally_service import ProductionTally
@@ -196,3 +196,67 @@ async def test_tally_queue_bound_drops_the_oldest_and_counts() -> None:
     p.closed = True
     p.wake.set()
     await asyncio.wait_for(p.writer, 2)
+
+
+class RecordingConn:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+
+class QueueDb(FakeDb):
+    """What WriteQueue needs: the verdict and a pool whose acquire fails
+    while the database is down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[str] = []
+        self.pool = self
+
+    def acquire(self) -> "QueueDb":
+        return self
+
+    async def __aenter__(self) -> RecordingConn:
+        if not self.available:
+            raise DatabaseUnavailable()
+        return RecordingConn(self.rows)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+
+def _row(value: str) -> Any:
+    async def write(conn: RecordingConn) -> None:
+        if value == "refused":
+            raise ValueError("the database refuses this row")
+        conn.log.append(value)
+
+    return write
+
+
+async def test_deferred_writes_wait_keep_order_and_skip_a_refused_row() -> None:
+    db = QueueDb()
+    db.set(False)
+    q = WriteQueue(db, maxlen=100)  # type: ignore[arg-type]
+    q.start()
+    for v in ("a", "b", "refused", "c"):
+        q.put(v, _row(v))
+    await asyncio.sleep(0.1)
+    assert db.rows == [] and len(q) == 4
+    db.set(True)
+    await _until(lambda: len(q) == 0)
+    assert db.rows == ["a", "b", "c"] and q.failed == 1 and q.written == 3
+    await q.stop()
+
+
+async def test_deferred_writes_bound_drops_the_oldest() -> None:
+    db = QueueDb()
+    db.set(False)
+    q = WriteQueue(db, maxlen=3)  # type: ignore[arg-type]
+    q.start()
+    for i in range(5):
+        q.put(str(i), _row(str(i)))
+    assert len(q) == 3 and q.dropped == 2
+    db.set(True)
+    await _until(lambda: len(q) == 0)
+    assert db.rows == ["2", "3", "4"]
+    await q.stop()
