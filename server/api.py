@@ -554,7 +554,7 @@ def link_urls(request: web.Request, stream: StreamEntry, action: str, token: str
 async def create_link(request: web.Request) -> web.Response:
     """A live action (a director hands a camera its link mid-show): no
     database round trip; the audit row is written when the database can
-    take it (issue 16)."""
+    take it."""
     p = await user_principal(request)
     row = await stream_entry(request, request.match_info["name"])
     if row is None:

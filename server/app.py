@@ -89,7 +89,7 @@ async def principal(request: web.Request, *, allow_link: bool = True) -> Princip
             # Report the more specific reason (expired beats wrong audience).
             reason = str(access_error) if "expired" in str(access_error) else str(exc)
             raise Unauthorized(reason) from None
-        # From memory (issue 16): a WHEP join or tally socket with a signed
+        # From memory (DESIGN.md invariant 1): a WHEP join or tally socket with a signed
         # link must not wait for the database.
         if request.app[DIRECTORY].is_revoked(link.jti):
             raise Unauthorized("link revoked")
@@ -124,7 +124,7 @@ async def production_role(request: web.Request, p: Principal, production_id: int
 
 async def stream_entry(request: web.Request, name: str) -> StreamEntry | None:
     """The stream from the in-memory directory: a WHEP join or WHIP publish
-    never waits for the database (issue 16). Only a name this node has not
+    never waits for the database. Only a name this node has not
     heard of yet is looked up, and only while the database is up."""
     entry = request.app[DIRECTORY].stream(name)
     db = request.app[DB]
@@ -206,7 +206,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         raise
     except _DB_LOST as exc:
         # A driver error that got past the guarded pool still means "the
-        # database is away", not a server bug: 503, never 500 (issue 16).
+        # database is away", not a server bug: 503, never 500.
         event(log, logging.WARNING, "http.database_error", path=request.path, error=type(exc).__name__)
         return request.app[DB].unavailable().response()
     except Exception:

@@ -113,7 +113,7 @@ class DatabaseSettings(_Section):
     pool_max: int = Field(10, ge=1)
     connect_timeout_s: float = Field(10.0, gt=0)
     #: Longest a request waits for a pool connection before answering 503
-    #: (issue 16: routes that need the database fail within 1 s).
+    #: (with statement_timeout_s: routes that need the database fail within 1 s).
     acquire_timeout_s: float = Field(0.25, gt=0, le=10)
     #: Longest one statement may run before the request answers 503 and the
     #: connection is dropped (a frozen server never answers).

@@ -1,7 +1,7 @@
 """Database access: connection pool, embedded server, migrations, supervision.
 
 The database is the control plane, never the live path (DESIGN.md invariant
-1, issue 16). :class:`Database` therefore:
+1). :class:`Database` therefore:
 
 * hands out a :class:`GuardedPool` whose every call fails within a short
   budget (``database.acquire_timeout_s`` + ``database.statement_timeout_s``)
@@ -268,7 +268,7 @@ class GuardedPool:
 
 class WriteQueue:
     """Writes the live path owes the database (audit rows of live actions),
-    kept in memory, in order, while it is away (issue 16).
+    kept in memory, in order, while it is away.
 
     Bounded: beyond ``maxlen`` the oldest write is dropped, counted and
     logged. One task writes them one by one, each on its own pooled

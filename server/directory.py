@@ -1,4 +1,4 @@
-"""The in-memory directory the live path authorises from (issue 16).
+"""The in-memory directory the live path authorises from.
 
 Verifying a token is pure computation; deciding what it may do needs four
 small tables: streams (name → production, SRT passphrase), productions

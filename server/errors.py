@@ -115,9 +115,9 @@ class ServiceUnavailable(ApiError):
 class DatabaseUnavailable(ServiceUnavailable):
     """The route needs the database and it is frozen, down or restarting.
 
-    Raised within the short acquire/statement budget (issue 16: "routes that
-    need the database answer 503 with Retry-After and a JSON body within
-    1 s"), never after a long driver timeout.
+    Raised at once while the supervisor knows the database is down, else
+    within the short acquire/statement budget (under 1 s), never after a
+    long driver timeout.
     """
 
     code = "database_unavailable"

@@ -15,7 +15,7 @@ from .metrics import VERSION
 
 async def healthz(request: web.Request) -> web.Response:
     """Answers from the database supervisor's cached verdict, never a round
-    trip (issue 16: within 1 s, naming the degraded part). 503 while any part
+    trip, so it answers at once and names the degraded part. 503 while any part
     is degraded; media and tally keep working and say so."""
     db = request.app[DB]
     ok = await db.ping()

@@ -194,7 +194,7 @@ class MediaService:
         self.settings = settings
         self.db = db
         self.tokens = tokens
-        #: The server's in-memory directory (issue 16): when given, the SRT
+        #: The server's in-memory directory: when given, the SRT
         #: catalog follows it (NOTIFY, reconnects) instead of polling the
         #: database.
         self.directory = directory

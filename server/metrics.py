@@ -57,7 +57,7 @@ class _DynamicCollector(Collector):
                                   "Writes of live actions dropped because their queue was full",
                                   value=db.deferred.dropped)
         try:
-            # Soak tests watch this for leaks (issue 16: flat after warm-up).
+            # Soak tests watch this for leaks: it must stay flat after warm-up.
             tasks = len(asyncio.all_tasks())
         except RuntimeError:  # scraped outside the event loop
             tasks = 0

@@ -42,7 +42,7 @@ WS_MAX_MESSAGE = 64 * 1024
 
 
 async def _find_production(request: web.Request, ref: str | int) -> int:
-    """A production id from the in-memory directory (issue 16: tally works
+    """A production id from the in-memory directory (tally works
     through a database outage); the database is asked only for a production
     this node has not heard of yet, and only while it is up."""
     entry = request.app[DIRECTORY].production(ref)

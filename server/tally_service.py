@@ -11,7 +11,7 @@ One :class:`ProductionTally` per production, created on first use:
 * **Persistence**: every change is queued (never awaited by the hub) and a
   writer task appends it to ``tally_events`` (who, origin, changed sources)
   and upserts ``tally_state``; the state is restored from there on restart.
-  While the database is away (issue 16) the queue holds the changes, in
+  While the database is away the queue holds the changes, in
   order, up to ``database.write_queue_max`` per production (beyond it the
   oldest is dropped, counted in ``returnfeed_tally_writes_dropped`` and
   logged), and the writer retries the same batch once the database is back.
@@ -258,6 +258,8 @@ class TallyService:
         self.db.on_reconnect.append(self.resync)
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for p in list(self.productions.values()):
             await p.close()
         self.productions.clear()
