@@ -26,16 +26,19 @@ from aiohttp import web
 
 from . import repo
 from .app import (
-    DB, LIMITER, METRICS, SETTINGS, TOKENS, base_url, client_ip, json_body, principal,
-    require_production_role, require_roles, user_principal,
+    DB, DIRECTORY, LIMITER, METRICS, SETTINGS, TOKENS, base_url, client_ip, json_body, principal,
+    require_production_role, require_roles, stream_entry, user_principal,
 )
+from .directory import StreamEntry
 from .auth import (
     MEMBER_ROLES, ROLES, TokenError, hash_password, hash_refresh_token, needs_rehash, new_refresh_token,
     validate_password_strength, verify_password,
 )
 from media.srt.streamid import is_valid_stream_name
 
-from .errors import BadRequest, Conflict, Forbidden, NotFound, TooManyRequests, Unauthorized
+from .errors import (
+    BadRequest, Conflict, DatabaseUnavailable, Forbidden, NotFound, TooManyRequests, Unauthorized,
+)
 from .log import event
 
 log = logging.getLogger("returnfeed.api")
@@ -269,6 +272,7 @@ async def create_production(request: web.Request) -> web.Response:
                              target=str(row["id"]), detail={"name": name}, ip=client_ip(request))
     except asyncpg.UniqueViolationError:
         raise Conflict("a production with this name already exists") from None
+    await directory_changed(request.app)
     return web.json_response(repo.production_json(row, "director"), status=201)
 
 
@@ -303,6 +307,7 @@ async def update_production(request: web.Request) -> web.Response:
         row = await repo.update_production(request.app[DB].pool, pid, name, description)
     except asyncpg.UniqueViolationError:
         raise Conflict("a production with this name already exists") from None
+    await directory_changed(request.app)
     return web.json_response(repo.production_json(row))
 
 
@@ -316,6 +321,7 @@ async def delete_production(request: web.Request) -> web.Response:
         await repo.delete_production(conn, pid)
         await repo.audit(conn, "production.delete", actor_user_id=p.user_id, actor=p.username,
                          target=str(pid), ip=client_ip(request))
+    await directory_changed(request.app)
     return web.Response(status=204)
 
 
@@ -341,6 +347,7 @@ async def put_member(request: web.Request) -> web.Response:
         row = await repo.set_member(conn, pid, user["id"], role, camera_stream)
         await repo.audit(conn, "member.set", actor_user_id=p.user_id, actor=p.username,
                          target=f"{pid}/{user['username']}", detail={"role": role}, ip=client_ip(request))
+    await directory_changed(request.app)
     return web.json_response({**dict(row), "username": user["username"]})
 
 
@@ -352,6 +359,7 @@ async def delete_member(request: web.Request) -> web.Response:
     user = await repo.user_by_name(pool, request.match_info["username"])
     if user is None or not await repo.remove_member(pool, pid, user["id"]):
         raise NotFound("no such member")
+    await directory_changed(request.app)
     return web.Response(status=204)
 
 
@@ -371,9 +379,8 @@ def _srt_host(request: web.Request) -> str:
 LATENCY_MIN_MS, LATENCY_MAX_MS = 20, 8000
 
 
-def stream_latency_ms(request: web.Request, r: asyncpg.Record) -> int:
+def stream_latency_ms(request: web.Request, own: int | None) -> int:
     """The stream's own SRT latency, else the server's."""
-    own = r["latency_ms"]
     return own if own is not None else request.app[SETTINGS].srt.latency_ms
 
 
@@ -390,12 +397,12 @@ def srt_url(request: web.Request, streamid: str, passphrase: str, pbkeylen: int,
     return f"srt://{_srt_host(request)}:{s.port}?{q}"
 
 
-def srt_urls(request: web.Request, key: str, streamid: str, r: asyncpg.Record) -> dict[str, str]:
+def srt_urls(request: web.Request, key: str, streamid: str, passphrase: str, pbkeylen: int,
+             own_latency_ms: int | None) -> dict[str, str]:
     """``key`` (latency in µs, FFmpeg/OBS) and ``key + '_ms'`` (srt-live-transmit, GStreamer)."""
-    latency = stream_latency_ms(request, r)
-    return {key: srt_url(request, streamid, r["passphrase"], r["pbkeylen"], latency),
-            key + "_ms": srt_url(request, streamid, r["passphrase"], r["pbkeylen"], latency,
-                                 latency_unit_us=False)}
+    latency = stream_latency_ms(request, own_latency_ms)
+    return {key: srt_url(request, streamid, passphrase, pbkeylen, latency),
+            key + "_ms": srt_url(request, streamid, passphrase, pbkeylen, latency, latency_unit_us=False)}
 
 
 def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: bool) -> dict[str, Any]:
@@ -408,15 +415,15 @@ def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: boo
         "watch_url": f"{base}/watch/{quote(name)}",
         "srt_streamid": f"publish:{name}",
         "pbkeylen": r["pbkeylen"],
-        "latency_ms": stream_latency_ms(request, r),
+        "latency_ms": stream_latency_ms(request, r["latency_ms"]),
         "latency_default": r["latency_ms"] is None,
         "settings": r["settings"] if isinstance(r["settings"], dict) else json.loads(r["settings"]),
         "created_at": r["created_at"].isoformat(),
     }
     if secrets_visible:
         out["passphrase"] = r["passphrase"]
-        out.update(srt_urls(request, "srt_url", f"publish:{name}", r))
-        out.update(srt_urls(request, "srt_read_url", f"read:{name}", r))
+        for key, action in (("srt_url", "publish"), ("srt_read_url", "read")):
+            out.update(srt_urls(request, key, f"{action}:{name}", r["passphrase"], r["pbkeylen"], r["latency_ms"]))
     out.update(request.app.get(LIVE_STATE, _offline)(name))
     if not secrets_visible:
         # Peers' addresses and why their encoders failed are for directors.
@@ -543,22 +550,35 @@ async def delete_stream(request: web.Request) -> web.Response:
 STREAMS_CHANGED = web.AppKey("streams_changed", list)
 
 
+async def directory_changed(app: web.Application) -> None:
+    """This node changed streams, productions or members: reload the
+    in-memory directory before answering, so the caller's next request sees
+    the change here (other nodes follow on the trigger's NOTIFY)."""
+    try:
+        await app[DIRECTORY].reload()
+    except DatabaseUnavailable as exc:
+        # Committed already; the reload after the database returns catches up.
+        event(log, logging.WARNING, "directory.reload_deferred", detail=exc.detail)
+
+
 async def _notify_streams_changed(app: web.Application) -> None:
+    await directory_changed(app)
     for cb in app.get(STREAMS_CHANGED, []):
         await cb()
 
 
 # -- signed links ------------------------------------------------------------------
 
-def link_urls(request: web.Request, stream: asyncpg.Record, action: str, token: str) -> dict[str, str]:
+def link_urls(request: web.Request, stream: StreamEntry, action: str, token: str) -> dict[str, str]:
     base = base_url(request)
-    name = quote(stream["name"])
+    name = quote(stream.name)
     q = urlencode({"token": token})
     if action == "publish":
         out = {
             "whip_url": f"{base}/whip/{name}?{q}",
             "camera_url": f"{base}/camera/{name}?{q}",
-            **srt_urls(request, "srt_url", f"#!::r={stream['name']},m=publish,s={token}", stream),
+            **srt_urls(request, "srt_url", f"#!::r={stream.name},m=publish,s={token}", stream.passphrase,
+                       stream.pbkeylen, stream.latency_ms),
         }
     else:
         out = {"whep_url": f"{base}/whep/{name}?{q}", "watch_url": f"{base}/watch/{name}?{q}"}
@@ -566,20 +586,26 @@ def link_urls(request: web.Request, stream: asyncpg.Record, action: str, token: 
 
 
 async def create_link(request: web.Request) -> web.Response:
+    """A live action (a director hands a camera its link mid-show): no
+    database round trip; the audit row is written when the database can
+    take it."""
     p = await user_principal(request)
-    row = await _stream(request)
-    await require_production_role(request, p, row["production_id"], "director")
+    row = await stream_entry(request, request.match_info["name"])
+    if row is None:
+        raise NotFound("no such stream")
+    await require_production_role(request, p, row.production_id, "director")
     data = await json_body(request)
     action = _str(data, "action", max_len=16)
     if action not in ("publish", "read"):
         raise BadRequest("'action' must be 'publish' or 'read'")
     auth = request.app[SETTINGS].auth
     ttl = _int(data, "ttl_s", default=auth.link_ttl_s, lo=10, hi=auth.max_link_ttl_s)
-    token, claims = request.app[TOKENS].issue_link(row["name"], action, row["production_id"], ttl)
-    await repo.audit(request.app[DB].pool, "link.create", actor_user_id=p.user_id, actor=p.username,
-                     target=row["name"], detail={"action": action, "jti": claims.jti, "ttl_s": ttl},
-                     ip=client_ip(request))
-    body = {"token": token, "stream": row["name"], "action": action, "jti": claims.jti,
+    token, claims = request.app[TOKENS].issue_link(row.name, action, row.production_id, ttl)
+    detail = {"action": action, "jti": claims.jti, "ttl_s": ttl}
+    user_id, username, ip = p.user_id, p.username, client_ip(request)
+    request.app[DB].deferred.put("audit link.create", lambda conn: repo.audit(
+        conn, "link.create", actor_user_id=user_id, actor=username, target=row.name, detail=detail, ip=ip))
+    body = {"token": token, "stream": row.name, "action": action, "jti": claims.jti,
             "expires_at": claims.expires_at, **link_urls(request, row, action, token)}
     return web.json_response(body, status=201)
 
@@ -595,6 +621,7 @@ async def revoke_link(request: web.Request) -> web.Response:
     await require_production_role(request, p, claims.production_id, "director")
     await repo.revoke_link(request.app[DB].pool, claims.jti,
                            datetime.fromtimestamp(claims.expires_at, timezone.utc), p.user_id)
+    request.app[DIRECTORY].note_revoked(claims.jti)
     return web.Response(status=204)
 
 

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 
 from . import repo
 from .auth import LinkClaims, LoginLimiter, TokenError, TokenService
 from .config import Settings
 from .db import Database
+from .directory import Directory, StreamEntry
 from .errors import ApiError, BadRequest, Forbidden, Unauthorized, json_error
 from .log import event
 from .metrics import Metrics
@@ -33,6 +35,7 @@ TOKENS = web.AppKey("tokens", TokenService)
 LIMITER = web.AppKey("limiter", LoginLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 STARTED = web.AppKey("started", float)
+DIRECTORY = web.AppKey("directory", Directory)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -86,7 +89,9 @@ async def principal(request: web.Request, *, allow_link: bool = True) -> Princip
             # Report the more specific reason (expired beats wrong audience).
             reason = str(access_error) if "expired" in str(access_error) else str(exc)
             raise Unauthorized(reason) from None
-        if await repo.link_revoked(request.app[DB].pool, link.jti):
+        # From memory (DESIGN.md invariant 1): a WHEP join or tally socket with a signed
+        # link must not wait for the database.
+        if request.app[DIRECTORY].is_revoked(link.jti):
             raise Unauthorized("link revoked")
         return Principal("link", link.role, link=link)
     raise Unauthorized(str(access_error))
@@ -107,7 +112,28 @@ async def production_role(request: web.Request, p: Principal, production_id: int
         return "admin"
     if p.kind == "link":
         return p.role if p.link and p.link.production_id == production_id else None
-    return await repo.member_role(request.app[DB].pool, production_id, p.user_id)
+    assert p.user_id is not None
+    role = request.app[DIRECTORY].member_role(production_id, p.user_id)
+    db = request.app[DB]
+    if role is None and db.available:
+        # Not in this node's copy: maybe added a moment ago on another node
+        # (its NOTIFY still on the way). The database is authoritative when up.
+        role = await repo.member_role(db.pool, production_id, p.user_id)
+    return role
+
+
+async def stream_entry(request: web.Request, name: str) -> StreamEntry | None:
+    """The stream from the in-memory directory: a WHEP join or WHIP publish
+    never waits for the database. Only a name this node has not
+    heard of yet is looked up, and only while the database is up."""
+    entry = request.app[DIRECTORY].stream(name)
+    db = request.app[DB]
+    if entry is None and db.available:
+        row = await repo.stream_by_name(db.pool, name)
+        if row is not None:
+            entry = StreamEntry(row["id"], row["name"], row["production_id"], row["production_name"],
+                                row["passphrase"], row["pbkeylen"], row["label"] or "", row["latency_ms"])
+    return entry
 
 
 async def require_production_role(request: web.Request, p: Principal, production_id: int,
@@ -154,6 +180,10 @@ def base_url(request: web.Request) -> str:
 
 # -- middlewares ------------------------------------------------------------
 
+_DB_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TooManyConnectionsError,
+            asyncpg.exceptions.InternalClientError)
+
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "unprocessable", 429: "too_many_requests"}
@@ -174,6 +204,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(exc.status, {"error": code, "detail": detail}, headers)
     except (ConnectionResetError, web.HTTPClientError):
         raise
+    except _DB_LOST as exc:
+        # A driver error that got past the guarded pool still means "the
+        # database is away", not a server bug: 503, never 500.
+        event(log, logging.WARNING, "http.database_error", path=request.path, error=type(exc).__name__)
+        return request.app[DB].unavailable().response()
     except Exception:
         log.exception("http.unhandled", extra={"fields": {"path": request.path, "method": request.method}})
         return json_error(500, {"error": "internal", "detail": "internal server error"})
@@ -245,7 +280,7 @@ def access_log_middleware() -> Any:
 
 
 def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None,
-               tally: Any = None) -> web.Application:
+               tally: Any = None, directory: Directory | None = None) -> web.Application:
     from . import api, health, pages, tally_routes, whep, whip
 
     metrics = Metrics(db)
@@ -265,12 +300,15 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
                                 settings.auth.login_window_s)
     app[METRICS] = metrics
     app[STARTED] = time.time()
+    if directory is None:
+        # Fail closed: without the loaded directory, revoked links would pass.
+        raise TypeError("create_app needs the server's loaded Directory")
+    app[DIRECTORY] = directory
     health.setup(app)
     api.setup(app)
     if media is not None:
         app[whep.MEDIA] = media
         app[api.LIVE_STATE] = media.live_state
-        app[api.STREAMS_CHANGED].append(media.refresh_catalog)
         metrics.add_collector(media.collect)
         whep.setup(app)
         whip.setup(app)

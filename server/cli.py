@@ -80,11 +80,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _with_db(settings: Settings, fn: Callable[[Any], Awaitable[int]]) -> int:
-    from .db import Database
+    from .main import database_from_settings
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.database.url, settings.data_dir, pool_min=1, pool_max=2,
-                  connect_timeout=settings.database.connect_timeout_s)
+    # One-shot commands need no supervisor (no LISTEN, no probing).
+    db = database_from_settings(settings, supervise=False, pool_max=2)
     await db.start()
     try:
         return await fn(db)

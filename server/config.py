@@ -116,6 +116,28 @@ class DatabaseSettings(_Section):
     pool_min: int = Field(1, ge=1)
     pool_max: int = Field(10, ge=1)
     connect_timeout_s: float = Field(10.0, gt=0)
+    #: Longest a request waits for a pool connection before answering 503
+    #: (with statement_timeout_s: routes that need the database fail within 1 s).
+    acquire_timeout_s: float = Field(0.25, gt=0, le=10)
+    #: Longest one statement may run before the request answers 503 and the
+    #: connection is dropped (a frozen server never answers).
+    statement_timeout_s: float = Field(0.6, gt=0, le=60)
+    #: How often the supervisor probes the database (its cached verdict feeds
+    #: /healthz and lets routes fail at once during an outage).
+    probe_interval_s: float = Field(0.5, gt=0, le=10)
+    #: A probe slower than this counts as a failure (two in a row: down).
+    probe_timeout_s: float = Field(0.5, gt=0, le=10)
+    #: Retry-After (seconds) on a 503 answered because the database is away.
+    retry_after_s: int = Field(2, ge=1)
+    #: Ceiling of the backoff between restarts of a dead embedded PostgreSQL.
+    restart_backoff_max_s: float = Field(10.0, gt=0)
+    #: Writes the live path owes the database (tally events and state, audit
+    #: rows) kept in memory during an outage, per queue; beyond it the oldest
+    #: is dropped, counted and logged.
+    write_queue_max: int = Field(10_000, ge=10)
+    #: Safety-net reload of the in-memory directory (streams, members,
+    #: revocations) besides LISTEN/NOTIFY and reconnects (seconds).
+    directory_refresh_s: float = Field(30.0, gt=0)
 
 
 class AuthSettings(_Section):

@@ -202,12 +202,7 @@ class EmbeddedPostgres:
             os.close(fd)
             self.owner = False
         self._run_as = _ensure_system_user()
-        if self._run_as.uid is not None:
-            _make_traversable(self.data_dir)
-            _make_traversable(self.bin)
-            lib = self.bin.parent / "lib"
-            if lib.exists():
-                _make_traversable(lib)
+        self._grant_access()
         self.socket_dir = self._socket_dir()
 
         if not self.owner:
@@ -240,24 +235,57 @@ class EmbeddedPostgres:
             # A previous owner crashed and left its server running: adopt it.
             event(log, logging.WARNING, "db.embedded.adopt", pid=pid)
         else:
-            stale = self.pgdata / "postmaster.pid"
-            if stale.exists():
-                # We hold the ownership lock and its process is gone (or a
-                # zombie PostgreSQL's own kill(0) check would mistake for
-                # alive): the file is stale.
-                event(log, logging.WARNING, "db.embedded.stale_pid", path=str(stale))
-                stale.unlink()
-                for leftover in (f".s.PGSQL.{PORT}.lock", f".s.PGSQL.{PORT}"):
-                    (self.socket_dir / leftover).unlink(missing_ok=True)
-            self._run([
-                str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", str(int(timeout)),
-                "-l", str(self.pgdata / "server.log"),
-                "-o", f"-c listen_addresses='' -k {self.socket_dir} -p {PORT} -c max_connections=200",
-                "start",
-            ], timeout=timeout + 5)
-            event(log, logging.INFO, "db.embedded.start", pgdata=str(self.pgdata))
+            self._start_server(timeout)
         self._ensure_database()
         return self.url
+
+    def _start_server(self, timeout: float) -> None:
+        # Again, right before starting: something may have tightened a parent
+        # directory since (a temp-dir tool resetting its mode to 0700), and
+        # the server user must reach the data dir.
+        self._grant_access()
+        stale = self.pgdata / "postmaster.pid"
+        if stale.exists():
+            # We hold the ownership lock and its process is gone (or a
+            # zombie PostgreSQL's own kill(0) check would mistake for
+            # alive): the file is stale.
+            event(log, logging.WARNING, "db.embedded.stale_pid", path=str(stale))
+            stale.unlink(missing_ok=True)
+            for leftover in (f".s.PGSQL.{PORT}.lock", f".s.PGSQL.{PORT}"):
+                (self.socket_dir / leftover).unlink(missing_ok=True)
+        self._run([
+            str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "-w", "-t", str(int(timeout)),
+            "-l", str(self.pgdata / "server.log"),
+            "-o", f"-c listen_addresses='' -k {self.socket_dir} -p {PORT} -c max_connections=200",
+            "start",
+        ], timeout=timeout + 5)
+        event(log, logging.INFO, "db.embedded.start", pgdata=str(self.pgdata))
+
+    def _grant_access(self) -> None:
+        if self._run_as.uid is not None:
+            _make_traversable(self.data_dir)
+            _make_traversable(self.bin)
+            lib = self.bin.parent / "lib"
+            if lib.exists():
+                _make_traversable(lib)
+
+    def postmaster_alive(self) -> bool:
+        """True while the postmaster process exists (running or stopped by
+        SIGSTOP: a frozen server is waited for, never replaced)."""
+        return self._postmaster_pid() is not None
+
+    def restart(self, timeout: float = 30) -> None:
+        """Start the server again after its postmaster died (owner only).
+
+        The same stale-pid and stale-socket handling as at start. Orphaned
+        backends of the dead postmaster keep its shared memory for a moment,
+        and PostgreSQL refuses to start until they have exited: the caller
+        retries with backoff.
+        """
+        if not self.owner:
+            raise EmbeddedPostgresError("this process does not own the embedded PostgreSQL; its owner restarts it")
+        if self._postmaster_pid() is None:
+            self._start_server(timeout)
 
     def _ensure_database(self) -> None:
         psql = str(self.bin / "psql")

@@ -16,6 +16,8 @@ Hierarchy::
     ├── PreconditionRequired   428 precondition_required (missing If-Match)
     ├── TooManyRequests        429 too_many_requests (+ Retry-After)
     └── ServiceUnavailable     503 unavailable (+ Retry-After)
+        └── DatabaseUnavailable  503 database_unavailable (+ Retry-After):
+                                 the route needs PostgreSQL and it is away
 
 Handlers raise these; the error middleware renders them. Anything else that
 escapes a handler is logged with its traceback and answered 500 ``internal``
@@ -108,3 +110,18 @@ class TooManyRequests(ApiError):
 
 class ServiceUnavailable(ApiError):
     status, code = 503, "unavailable"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    """The route needs the database and it is frozen, down or restarting.
+
+    Raised at once while the supervisor knows the database is down, else
+    within the short acquire/statement budget (under 1 s), never after a
+    long driver timeout.
+    """
+
+    code = "database_unavailable"
+
+    def __init__(self, detail: str = "the database is unavailable; try again shortly",
+                 retry_after: int = 2) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})

@@ -25,6 +25,7 @@ from .app import create_app
 from .auth import TokenService, hash_password
 from .config import ENV_ADMIN_PASSWORD, Settings
 from .db import Database
+from .directory import Directory
 from .log import event
 
 log = logging.getLogger("returnfeed")
@@ -34,8 +35,9 @@ async def ensure_first_admin(db: Database, environ: dict[str, str] | None = None
                              out: Callable[[str], None] = print) -> str | None:
     """Create user ``admin`` on first start. Returns the password if generated."""
     environ = dict(os.environ if environ is None else environ)
-    assert db.pool is not None
-    async with db.pool.acquire() as conn, conn.transaction():
+    # A direct connection: the advisory lock below may wait for another
+    # node's first start (an Argon2 hash) longer than the pool's budget.
+    async with db.direct() as conn, conn.transaction():
         # Serialise concurrent first starts of several processes.
         await conn.execute("SELECT pg_advisory_xact_lock(7270461)")
         if await repo.count_users(conn) > 0:
@@ -57,9 +59,19 @@ async def ensure_first_admin(db: Database, environ: dict[str, str] | None = None
 async def token_service(db: Database, settings: Settings) -> TokenService:
     secret = settings.auth.jwt_secret
     if not secret:
-        assert db.pool is not None
-        secret = await repo.get_or_create_secret(db.pool, "jwt")
+        async with db.direct() as conn:
+            secret = await repo.get_or_create_secret(conn, "jwt")
     return TokenService(secret, access_ttl_s=settings.auth.access_ttl_s)
+
+
+def database_from_settings(s: Settings, *, supervise: bool = True, pool_max: int | None = None) -> Database:
+    d = s.database
+    return Database(d.url, s.data_dir, pool_min=d.pool_min, pool_max=pool_max or d.pool_max,
+                    connect_timeout=d.connect_timeout_s, acquire_timeout=d.acquire_timeout_s,
+                    statement_timeout=d.statement_timeout_s, probe_interval=d.probe_interval_s,
+                    probe_timeout=d.probe_timeout_s, retry_after=d.retry_after_s,
+                    restart_backoff_max=d.restart_backoff_max_s, write_queue_max=d.write_queue_max,
+                    supervise=supervise)
 
 
 @dataclass
@@ -69,27 +81,29 @@ class Server:
     app: web.Application | None = None
     media: Any = None
     tally: Any = None
+    directory: Directory | None = None
     runner: web.AppRunner | None = None
     addresses: list[Any] = field(default_factory=list)
 
     async def start(self, out: Callable[[str], None] = print) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = Database(s.database.url, s.data_dir, pool_min=s.database.pool_min,
-                           pool_max=s.database.pool_max, connect_timeout=s.database.connect_timeout_s)
+        self.db = database_from_settings(s)
         await self.db.start()
         try:
             await ensure_first_admin(self.db, out=out)
             tokens = await token_service(self.db, s)
+            self.directory = Directory(self.db, refresh_s=s.database.directory_refresh_s)
+            await self.directory.start()
             from .media_service import MediaService
 
-            self.media = MediaService(s, self.db, tokens)
+            self.media = MediaService(s, self.db, tokens, self.directory)
             await self.media.start()
             from .tally_service import TallyService
 
-            self.tally = TallyService(self.db)
+            self.tally = TallyService(self.db, queue_max=s.database.write_queue_max)
             await self.tally.start()
-            self.app = create_app(s, self.db, tokens, self.media, self.tally)
+            self.app = create_app(s, self.db, tokens, self.media, self.tally, self.directory)
             self.runner = web.AppRunner(self.app, shutdown_timeout=s.http.shutdown_timeout_s,
                                         handle_signals=False, access_log=None)
             await self.runner.setup()
@@ -124,6 +138,9 @@ class Server:
         if self.media is not None:
             await self.media.stop()
             self.media = None
+        if self.directory is not None:
+            await self.directory.stop()
+            self.directory = None
         if self.db is not None:
             await self.db.close()
             self.db = None

@@ -241,10 +241,14 @@ class SrtRead:
 
 
 class MediaService:
-    def __init__(self, settings: Settings, db: Any, tokens: TokenService) -> None:
+    def __init__(self, settings: Settings, db: Any, tokens: TokenService, directory: Any = None) -> None:
         self.settings = settings
         self.db = db
         self.tokens = tokens
+        #: The server's in-memory directory: when given, the SRT
+        #: catalog follows it (NOTIFY, reconnects) instead of polling the
+        #: database.
+        self.directory = directory
         self.catalog = StreamCatalog()
         self.hub = StreamHub(grace=settings.srt.reconnect_grace_s)
         self.forwarding_latency = Histogram(
@@ -281,7 +285,11 @@ class MediaService:
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        await self.refresh_catalog()
+        if self.directory is not None:
+            self._from_directory(self.directory.snap)
+            self.directory.on_change.append(self._from_directory)
+        else:
+            await self.refresh_catalog()
         self.whep.start()
         s = self.settings.srt
         if s.enabled:
@@ -336,14 +344,24 @@ class MediaService:
             now = time.monotonic()
             for name in self.hub.expire(now):
                 event(log, logging.INFO, "stream.ended", stream=name)
-            if now - last_refresh >= 5.0:
+            if self.directory is None and now - last_refresh >= 5.0:
                 last_refresh = now
                 try:
                     await self.refresh_catalog()
                 except Exception as exc:  # the database may be briefly away; keep the last table
                     event(log, logging.WARNING, "media.catalog_refresh_failed", error=str(exc))
 
+    def _from_directory(self, snap: Any) -> None:
+        self.catalog.replace(
+            (CatalogEntry(e.id, e.name, e.production_id, e.passphrase, e.pbkeylen, e.latency_ms)
+             for e in snap.streams.values()),
+            snap.revoked,
+        )
+
     async def refresh_catalog(self) -> None:
+        if self.directory is not None:
+            await self.directory.reload()  # its on_change refills the catalog
+            return
         pool = self.db.pool
         rows = await pool.fetch("SELECT id, name, production_id, passphrase, pbkeylen, latency_ms FROM streams")
         revoked = await pool.fetch("SELECT jti FROM revoked_links WHERE expires_at > now()")

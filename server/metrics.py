@@ -7,12 +7,13 @@ are read at scrape time by a collector rather than copied on every change.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -44,6 +45,24 @@ class _DynamicCollector(Collector):
         yield size
         yield GaugeMetricFamily("returnfeed_db_pool_max", "Database pool maximum size",
                                 value=pool.get_max_size() if pool is not None else 0)
+        db = self.db
+        yield GaugeMetricFamily("returnfeed_db_available",
+                                "1 while the database supervisor's last probe succeeded", value=1 if db.available else 0)
+        yield CounterMetricFamily("returnfeed_db_outages", "Times the database became unavailable", value=db.outages)
+        yield CounterMetricFamily("returnfeed_db_embedded_restarts", "Restarts of a dead embedded PostgreSQL",
+                                  value=db.restarts)
+        yield GaugeMetricFamily("returnfeed_db_deferred_writes", "Writes of live actions waiting for the database",
+                                value=len(db.deferred))
+        yield CounterMetricFamily("returnfeed_db_deferred_dropped",
+                                  "Writes of live actions dropped because their queue was full",
+                                  value=db.deferred.dropped)
+        try:
+            # Soak tests watch this for leaks: it must stay flat after warm-up.
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # scraped outside the event loop
+            tasks = 0
+        yield GaugeMetricFamily("returnfeed_asyncio_tasks", "asyncio tasks alive in the server's event loop",
+                                value=tasks)
         for fn in self.extra:
             yield from fn()
 

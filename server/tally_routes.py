@@ -34,7 +34,7 @@ from tally.errors import CommandRejected
 from tally.hub import aiohttp_sink, serve_aiohttp
 
 from . import repo
-from .app import DB, Principal, client_ip, json_body, principal, production_role, require_production_role
+from .app import DB, DIRECTORY, Principal, client_ip, json_body, principal, production_role, require_production_role
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .tally_service import TallyConfigError, TallyService, validate_config
 
@@ -43,29 +43,39 @@ TALLY = web.AppKey("tally", TallyService)
 WS_MAX_MESSAGE = 64 * 1024
 
 
-async def _production_for(request: web.Request, p: Principal) -> Any:
-    pool = request.app[DB].pool
+async def _find_production(request: web.Request, ref: str | int) -> int:
+    """A production id from the in-memory directory (tally works
+    through a database outage); the database is asked only for a production
+    this node has not heard of yet, and only while it is up."""
+    entry = request.app[DIRECTORY].production(ref)
+    if entry is not None:
+        return entry.id
+    db = request.app[DB]
+    if db.available:
+        row = await repo.find_production(db.pool, ref)
+        if row is not None:
+            return int(row["id"])
+    raise NotFound("no such production")
+
+
+async def _production_for(request: web.Request, p: Principal) -> int:
     if p.kind == "link":
         assert p.link is not None
-        row = await repo.find_production(pool, p.link.production_id)
-    else:
-        ref = request.query.get("production")
-        if not ref:
-            raise BadRequest("add ?production=<id or name>")
-        row = await repo.find_production(pool, ref)
-    if row is None:
-        raise NotFound("no such production")
-    return row
+        return await _find_production(request, p.link.production_id)
+    ref = request.query.get("production")
+    if not ref:
+        raise BadRequest("add ?production=<id or name>")
+    return await _find_production(request, ref)
 
 
 async def ws_tally(request: web.Request) -> web.StreamResponse:
     p = await principal(request)
-    prod = await _production_for(request, p)
-    role = await production_role(request, p, prod["id"])
+    production_id = await _production_for(request, p)
+    role = await production_role(request, p, production_id)
     if role is None:
         raise Forbidden("not a member of this production")
     service = request.app[TALLY]
-    pt = await service.get(prod["id"])
+    pt = await service.get(production_id)
     # autoping=False: aiohttp would swallow the Pong frames that standard
     # clients answer our RFC 6455 Pings with; serve_aiohttp counts them.
     ws = web.WebSocketResponse(compress=False, max_msg_size=WS_MAX_MESSAGE, autoping=False)
@@ -85,11 +95,9 @@ async def _pt(request: web.Request, *roles: str) -> tuple[Any, Principal]:
     raw = request.match_info["production_id"]
     if not raw.isdigit():
         raise NotFound("no such production")
-    prod = await repo.find_production(request.app[DB].pool, int(raw))
-    if prod is None:
-        raise NotFound("no such production")
-    await require_production_role(request, p, prod["id"], *roles)
-    return await request.app[TALLY].get(prod["id"]), p
+    production_id = await _find_production(request, int(raw))
+    await require_production_role(request, p, production_id, *roles)
+    return await request.app[TALLY].get(production_id), p
 
 
 async def get_tally(request: web.Request) -> web.Response:

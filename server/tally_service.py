@@ -14,13 +14,21 @@ One :class:`ProductionTally` per production, created on first use:
 * **Persistence**: every change is queued (never awaited by the hub) and a
   writer task appends it to ``tally_events`` (who, origin, changed sources)
   and upserts ``tally_state``; the state is restored from there on restart.
+  While the database is away the queue holds the changes, in
+  order, up to ``database.write_queue_max`` per production (beyond it the
+  oldest is dropped, counted in ``returnfeed_tally_writes_dropped`` and
+  logged), and the writer retries the same batch once the database is back.
 * **Several nodes** share one database: after writing, the writer sends
   ``NOTIFY returnfeed_tally`` with the production and sequence number; the
   other nodes read the row and :meth:`~tally.state.TallyState.adopt` it, so
   their clients get the same change with the same ``seq``. The row is only
   written when its ``seq`` is lower than ours; if another node got there
   first, this node adopts the stored state instead (last writer loses,
-  every node converges on the database's order).
+  every node converges on the database's order). The ``LISTEN`` rides on the
+  database supervisor's connection, so it is re-subscribed after a restart
+  or failover, and every loaded production then re-reads ``tally_state``
+  (notifications sent while disconnected are lost): no node keeps a stale
+  program.
 
 The configuration object (``PUT /api/v1/productions/{id}/tally/config``)::
 
@@ -46,6 +54,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+import asyncpg
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -56,12 +65,17 @@ from tally.state import DIRECTOR, SourceConfig, TallyChange, TallyState
 from tally.tsl import TslInput, TslOutput
 from tally.vmix import VmixClient
 
+from .db import is_connection_error
+from .errors import DatabaseUnavailable
 from .log import event
 
 log = logging.getLogger("returnfeed.tally")
 
 CHANNEL = "returnfeed_tally"
 MAX_PENDING = 10_000
+#: Tries of one batch while the database answers the probe but the write
+#: keeps failing for a reason that is not the row itself.
+PERSIST_ATTEMPTS = 20
 ADAPTER_TYPES = ("vmix", "obs", "tsl_in", "tsl_out")
 
 
@@ -163,6 +177,8 @@ class ProductionTally:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     writer: asyncio.Task | None = None
     dropped: int = 0
+    deferred: int = 0
+    failed: int = 0
     closed: bool = False
     stream_names: list[str] = field(default_factory=list)
 
@@ -170,25 +186,61 @@ class ProductionTally:
         """State listener: queue for the writer, never await (hub runs first)."""
         if change.origin == "peer":
             return  # another node wrote it already
-        if len(self.pending) >= MAX_PENDING:
-            self.dropped += 1
-            self.pending.popleft()
         self.pending.append((change, self.state.to_dict()))
+        self._trim()
         self.wake.set()
 
+    def _trim(self) -> None:
+        limit = self.service.queue_max
+        if len(self.pending) > limit:
+            n = len(self.pending) - limit
+            for _ in range(n):
+                self.pending.popleft()
+            self.dropped += n
+            event(log, logging.ERROR, "tally.writes_dropped", production=self.production_id, dropped=n,
+                  total_dropped=self.dropped, queue_max=limit)
+
     async def write_loop(self) -> None:
+        db = self.service.db
+        attempts = 0  # of the batch at the head of the queue, while the database seems up
         while True:
             await self.wake.wait()
             self.wake.clear()
-            batch = []
             while self.pending:
-                batch.append(self.pending.popleft())
-            if batch:
+                batch = list(self.pending)[:500]
+                for _ in batch:
+                    self.pending.popleft()
                 try:
                     await self.service.persist(self, batch)
-                except Exception as exc:  # keep going; a later write carries the latest state
-                    event(log, logging.ERROR, "tally.persist_failed", production=self.production_id,
-                          error=str(exc), changes=len(batch))
+                    attempts = 0
+                except Exception as exc:
+                    attempts += 1
+                    refused = (isinstance(exc, asyncpg.PostgresError) and not is_connection_error(exc)
+                               and not isinstance(exc, DatabaseUnavailable))
+                    if refused or attempts > PERSIST_ATTEMPTS:
+                        # A row the database refuses would block the queue
+                        # forever; later writes carry the latest state.
+                        event(log, logging.ERROR, "tally.persist_failed", production=self.production_id,
+                              error=f"{type(exc).__name__}: {exc}", changes=len(batch), attempts=attempts)
+                        self.failed += len(batch)
+                        attempts = 0
+                        continue
+                    # Put the batch back in front, in order, and retry once
+                    # the supervisor sees the database again.
+                    self.pending.extendleft(reversed(batch))
+                    self._trim()
+                    self.deferred += 1
+                    if self.closed:
+                        event(log, logging.ERROR, "tally.writes_lost_at_shutdown", production=self.production_id,
+                              changes=len(self.pending))
+                        return
+                    if db.available:
+                        await asyncio.sleep(min(0.25 * attempts, 2.0))  # lost a race with the probe
+                    while not db.available and not self.closed:
+                        try:
+                            await asyncio.wait_for(db.wait_available(), 1.0)
+                        except asyncio.TimeoutError:
+                            pass
             if self.closed and not self.pending:
                 return
 
@@ -209,12 +261,13 @@ class ProductionTally:
 
 
 class TallyService:
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, *, queue_max: int = MAX_PENDING) -> None:
         self.db = db
+        self.queue_max = queue_max
         self.node = secrets.token_hex(6)
         self.productions: dict[int, ProductionTally] = {}
         self._locks: dict[int, asyncio.Lock] = {}
-        self._listen_conn: Any = None
+        self._tasks: set[asyncio.Task] = set()
         self.persisted = Histogram(
             "returnfeed_tally_persist_seconds", "Tally change to its database write (audit) completing",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=None)
@@ -225,21 +278,22 @@ class TallyService:
         self.notifications = 0
 
     async def start(self) -> None:
-        import asyncpg
-
-        self._listen_conn = await asyncpg.connect(self.db.url)
-        await self._listen_conn.add_listener(CHANNEL, self._on_notify)
+        await self.db.listen(CHANNEL, self._on_notify)
+        self.db.on_reconnect.append(self.resync)
 
     async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         for p in list(self.productions.values()):
             await p.close()
         self.productions.clear()
-        if self._listen_conn is not None:
-            try:
-                await self._listen_conn.close(timeout=5)
-            except Exception:
-                self._listen_conn.terminate()
-            self._listen_conn = None
+
+    async def resync(self) -> None:
+        """The database is back: take any state another node stored while
+        this one could not hear its notifications."""
+        for p in list(self.productions.values()):
+            if not p.closed:
+                await self._adopt_from_db(p)
 
     # -- productions ---------------------------------------------------------------
 
@@ -442,7 +496,7 @@ class TallyService:
         if stored is None:
             # Another node wrote this sequence number first: converge on its state.
             event(log, logging.WARNING, "tally.conflict", production=p.production_id, seq=last_change.seq)
-            await self._adopt_from_db(p)
+            await self._adopt_logged(p)  # the batch is stored: never retried for a failed read
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
@@ -456,7 +510,22 @@ class TallyService:
         p = self.productions.get(production)
         if p is None or p.closed or seq <= p.state.seq:
             return
-        asyncio.get_running_loop().create_task(self._adopt_from_db(p))
+        task = asyncio.get_running_loop().create_task(self._adopt_logged(p))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt_logged(self, p: ProductionTally) -> None:
+        try:
+            await self._adopt_from_db(p)
+        except Exception as exc:  # the resync after the database returns catches up
+            event(log, logging.WARNING, "tally.adopt_deferred", production=p.production_id,
+                  error=f"{type(exc).__name__}: {exc}")
+
+    def pending_writes(self) -> int:
+        return sum(len(p.pending) for p in self.productions.values())
+
+    def dropped_writes(self) -> int:
+        return sum(p.dropped for p in self.productions.values())
 
     async def _adopt_from_db(self, p: ProductionTally) -> None:
         row = await self.db.pool.fetchrow("SELECT state FROM tally_state WHERE production_id = $1", p.production_id)
@@ -481,6 +550,11 @@ class TallyService:
         slow = CounterMetricFamily("returnfeed_tally_clients_slow", "Clients closed for not keeping up",
                                    labels=["production"])
         deltas = CounterMetricFamily("returnfeed_tally_deltas", "Tally deltas broadcast", labels=["production"])
+        queued = GaugeMetricFamily("returnfeed_tally_writes_queued",
+                                   "Tally changes waiting for the database", labels=["production"])
+        dropped = CounterMetricFamily("returnfeed_tally_writes_dropped",
+                                      "Tally changes dropped because the write queue was full",
+                                      labels=["production"])
         for p in list(self.productions.values()):
             label = [str(p.production_id)]
             clients.add_metric(label, len(p.hub.clients))
@@ -488,11 +562,13 @@ class TallyService:
             missing.add_metric(label, p.hub.stats.missing_closed)
             slow.add_metric(label, p.hub.stats.slow_closed)
             deltas.add_metric(label, p.hub.stats.deltas)
+            queued.add_metric(label, len(p.pending))
+            dropped.add_metric(label, p.dropped)
             for a in p.adapters:
                 c = a.connected
                 if c is not None:
                     adapters.add_metric([str(p.production_id), a.kind], 1 if c else 0)
-        yield from (clients, seq, adapters, missing, slow, deltas)
+        yield from (clients, seq, adapters, missing, slow, deltas, queued, dropped)
         yield from self.persisted.collect()
         yield from self.delivered.collect()
 

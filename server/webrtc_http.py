@@ -20,8 +20,7 @@ from aiohttp import web
 
 from media.webrtc.sdp import Offer, SdpError, parse_offer
 
-from . import repo
-from .app import DB, SETTINGS, Principal, principal, production_role
+from .app import SETTINGS, Principal, principal, production_role, stream_entry
 from .errors import (
     BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType,
 )
@@ -53,9 +52,10 @@ PUBLISH_ROLES = ("admin", "director")
 async def authorize_stream(request: web.Request, name: str, action: str) -> tuple[Principal, Any]:
     """Who may read (WHEP) or publish (WHIP) stream ``name``: a signed link
     for that stream and action, or a user of its production — any member to
-    read, a director (or admin) to publish. Returns the principal and row."""
+    read, a director (or admin) to publish. Returns the principal and the
+    directory entry."""
     p = await principal(request)
-    row = await repo.stream_by_name(request.app[DB].pool, name)
+    row = await stream_entry(request, name)
     if row is None:
         raise NotFound("no such stream")
     if p.kind == "link":
@@ -64,7 +64,7 @@ async def authorize_stream(request: web.Request, name: str, action: str) -> tupl
             verb = "watching" if action == "read" else "publishing"
             raise Forbidden(f"this link is not for {verb} this stream")
         return p, row
-    role = await production_role(request, p, row["production_id"])
+    role = await production_role(request, p, row.production_id)
     if action == "read" and role is None:
         raise Forbidden("not a member of this stream's production")
     if action == "publish" and role not in PUBLISH_ROLES:

@@ -49,8 +49,8 @@ from media.stream import StreamBusy
 from media.webrtc.sdp import SdpError
 from media.webrtc.whip import WhipService, WhipSession
 
-from . import api, repo
-from .app import DB, METRICS, SETTINGS, Principal, client_ip, principal, production_role
+from . import api
+from .app import METRICS, SETTINGS, Principal, client_ip, principal, production_role, stream_entry
 from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
@@ -93,8 +93,8 @@ async def _session(request: web.Request) -> tuple[Principal, WhipSession]:
     if session is None or session.stream_name != request.match_info["stream"]:
         raise NotFound("no such session")
     if session.owner != owner_key(p) and not p.is_admin:
-        row = await repo.stream_by_name(request.app[DB].pool, session.stream_name)
-        role = None if row is None or p.kind != "user" else await production_role(request, p, row["production_id"])
+        row = await stream_entry(request, session.stream_name)
+        role = None if row is None or p.kind != "user" else await production_role(request, p, row.production_id)
         if role not in PUBLISH_ROLES:
             raise Forbidden("this session belongs to someone else")
     return p, session
