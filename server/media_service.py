@@ -203,6 +203,9 @@ class MediaService:
         self.whep = WhepService(ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
+                                layer_policy=settings.webrtc.layer_policy(),
+                                rtx_share=settings.webrtc.rtx_share,
+                                rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
         self.srt: SrtListener | None = None
