@@ -245,7 +245,6 @@ class WhepSession:
             can_probe=video is not None and video.rewriter is not None and video.rewriter.can_probe)
         if pinned:
             self._selector.pin(layers.index(self._pin_name), time.monotonic())
-        video = self._tracks.get("video")
         if video is not None and video.rewriter is not None:
             video.rewriter.request_switch(start)
 
