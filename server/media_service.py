@@ -271,6 +271,9 @@ class MediaService:
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
                                 send_failure_timeout=settings.webrtc.send_failure_timeout_s,
+                                layer_policy=settings.webrtc.layer_policy(),
+                                rtx_share=settings.webrtc.rtx_share,
+                                rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
         self.srt: SrtListener | None = None
@@ -544,6 +547,12 @@ class MediaService:
             ("returnfeed_webrtc_nacks", total.nacks, "NACK packets received from viewers"),
             ("returnfeed_webrtc_retransmits", total.retransmits, "Packets retransmitted to viewers"),
             ("returnfeed_webrtc_retransmit_bytes", total.retransmit_bytes, "Bytes retransmitted to viewers"),
+            ("returnfeed_webrtc_retransmits_dropped", total.retransmits_dropped,
+             "NACKed packets not resent: over the viewer's budget or past its playout window"),
+            ("returnfeed_webrtc_probe_bytes", total.probe_bytes,
+             "RTX probe bytes sent to find room for a higher layer (also in bytes_sent)"),
+            ("returnfeed_webrtc_probes", total.probes, "Bandwidth probes started"),
+            ("returnfeed_webrtc_probes_failed", total.probes_failed, "Bandwidth probes stopped on loss, delay or REMB"),
             ("returnfeed_webrtc_plis", total.plis + total.firs, "PLI/FIR received from viewers"),
             ("returnfeed_webrtc_viewer_freezes", total.freezes,
              "Viewer pictures that froze (a PLI/FIR until the next keyframe reached the viewer)"),

@@ -8,10 +8,16 @@ re-packetized per viewer.
 
 RTCP from the viewer:
 
-* receiver reports → fraction lost and RTT (RFC 3550 §6.4.1) → layer
-  selector; REMB (draft-alvestrand-rmcat-remb) → layer selector;
+* receiver reports → cumulative loss, highest sequence number and RTT
+  (RFC 3550 §6.4.1) → layer selector; REMB (draft-alvestrand-rmcat-remb) →
+  layer selector. Going up is decided on a probe: RTX copies of recent
+  packets paced up to the next layer's rate (:mod:`media.rtp.probe`, one
+  timer per probing viewer), plus a sender report every 100 ms so the RTT
+  follows the queue the probe may build;
 * Generic NACK (RFC 4585 §6.2.1) → retransmission from the layer's shared
-  history (RTX, RFC 4588, when negotiated);
+  history (RTX, RFC 4588, when negotiated), within the viewer's
+  retransmission budget and playout window (:mod:`media.rtp.budget`);
+  retransmitted and probe bytes count in ``bytes_sent``;
 * PLI/FIR (RFC 4585 §6.3.1, RFC 5104 §4.3.1) → counted; the viewer resumes
   at the layer's next IDR (an SRT source cannot be asked for one; a hook
   lets a WebRTC source forward the request upstream).
@@ -38,7 +44,9 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
 
 from ..errors import UnsupportedMedia
-from ..rtp.layers import Action, LayerDecision, LayerSelector
+from ..rtp.budget import RateMeter, RetransmitBudget
+from ..rtp.layers import Action, LayerDecision, LayerPolicy, LayerSelector, Reason
+from ..rtp.probe import ProbePacer
 from ..rtp.packet import LayerPacket
 from ..rtp.rewrite import Rewriter, TrackParams
 from ..rtp.rtcp import (
@@ -70,6 +78,10 @@ class SessionStats:
     switches: int = 0
     backlog_events: int = 0
     retransmit_bytes: int = 0
+    retransmits_dropped: int = 0  # NACKed packets not resent: over budget or too old
+    probes: int = 0
+    probes_failed: int = 0
+    probe_bytes: int = 0
     freezes: int = 0
     frozen_s: float = 0.0
 
@@ -94,7 +106,7 @@ class SessionInfo:
     pinned: bool
     state: str
     created: float
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +115,8 @@ class ViewerSnapshot:
 
     ``loss`` is the smoothed fraction lost from the viewer's receiver reports,
     ``rtt_ms`` the round trip from them, ``estimate_bps`` the viewer's
-    bandwidth estimate (REMB); ``frozen`` is true between a picture request
+    bandwidth estimate (its REMB, or what gets through while it loses
+    packets); ``frozen`` is true between a picture request
     (PLI/FIR) and the next keyframe that reached it; ``struggling`` is true
     while it is frozen, its sends fail, or its loss is above the down-switch
     threshold.
@@ -121,7 +134,7 @@ class ViewerSnapshot:
     frozen: bool
     struggling: bool
     errors_by_errno: dict[str, int]
-    counters: dict[str, int | float]
+    counters: dict[str, int | float | None]
 
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "layer": self.layer, "pinned": self.pinned, "state": self.state,
@@ -166,6 +179,13 @@ class WhepSession:
         self._frozen_since: float | None = None
         self.answer_note = ""
         self.sdp_answer = ""
+        self._budget = RetransmitBudget(service.rtx_share, playout_allowance=service.rtx_playout_allowance)
+        self._video_rate = RateMeter()  # video payload bytes (the layer's rate as sent)
+        self._wire_rate = RateMeter()  # everything sent to this viewer, SRTP bytes
+        self.estimate_bps: float | None = None
+        self._pacer: ProbePacer | None = None
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self._probe_sr_at = 0.0
 
     # -- negotiation -------------------------------------------------------------
 
@@ -273,10 +293,13 @@ class WhepSession:
         self._layer_names = layers
         pinned = self._pin_name in layers
         start = layers.index(old) if old in layers else self._initial_layer_index()
-        self._selector = LayerSelector(max(len(layers), 1), initial_layer=start)
+        video = self._tracks.get("video")
+        self._stop_probe()
+        self._selector = LayerSelector(
+            max(len(layers), 1), initial_layer=start, policy=self.service.layer_policy,
+            can_probe=video is not None and video.rewriter is not None and video.rewriter.can_probe)
         if pinned:
             self._selector.pin(layers.index(self._pin_name), time.monotonic())
-        video = self._tracks.get("video")
         if video is not None and video.rewriter is not None:
             video.rewriter.request_switch(start)
 
@@ -348,27 +371,41 @@ class WhepSession:
             return
         now = time.monotonic()
         ssrc = track.sender.ssrc
+        if kind == "video":
+            self._update_budget(track.rewriter, now)
         if isinstance(packet, (ReceiverReport, SenderReport)):
             if kind != "video" or self._selector is None:
                 return
             for block in packet.reports:
                 if block.ssrc == ssrc:
                     rtt = rtt_from_report(block.lsr, block.dlsr, ntp_middle32(ntp_from_unix(time.time())))
-                    self._apply(self._selector.on_receiver_report(block.fraction_lost / 256.0, rtt, now))
+                    self._apply(self._selector.on_receiver_report(
+                        block.highest_seq, block.packets_lost, rtt, now))
         elif isinstance(packet, Nack):
             if packet.media_ssrc != ssrc:
                 return
             self.stats.nacks += 1
-            out = track.rewriter.retransmit(packet.lost, self.fanout.histories(), now)
-            for data in out:
-                try:
-                    nbytes = self._fast.send_rtp(data, now)
-                except (ConnectionError, OSError, AttributeError):
-                    self.close_soon("transport_closed")
-                    return
-                self.stats.retransmit_bytes += nbytes
-                self.stats.bytes_sent += nbytes
+            rw = track.rewriter
+            dropped = rw.rtx_too_old + rw.rtx_over_budget
+            if kind == "video":
+                rtt = self._selector.rtt if self._selector is not None else None
+                out = rw.retransmit(packet.lost, self.fanout.histories(), now, budget=self._budget,
+                                    max_age=self._budget.max_age(rtt))
+            else:
+                out = rw.retransmit(packet.lost, self.fanout.histories(), now)
+            self.stats.retransmits_dropped += rw.rtx_too_old + rw.rtx_over_budget - dropped
+            if kind == "video" and self._selector is not None:
+                self._apply(self._selector.on_nack(packet.lost, now))
+            if not out:
+                return
+            try:
+                nbytes = self._fast.send_batch(out, now)
+            except (ConnectionError, OSError, AttributeError):
+                self.close_soon("transport_closed")
+                return
             self.stats.retransmits += len(out)
+            self.stats.retransmit_bytes += nbytes
+            self.stats.bytes_sent += nbytes
         elif isinstance(packet, Pli):
             if packet.media_ssrc == ssrc and kind == "video":
                 self.stats.plis += 1
@@ -385,9 +422,33 @@ class WhepSession:
             if kind == "video" and self._selector is not None and ssrc in packet.ssrcs:
                 self._apply(self._selector.on_remb(packet.bitrate, now))
 
+    def _update_budget(self, rw: Rewriter, now: float) -> None:
+        """Per RTCP packet (never per media packet): send rates, the viewer's
+        estimated bandwidth — its REMB, and while it loses packets what gets
+        through (send rate × (1 − loss over the last 0.5 s)) — and from them
+        the retransmission budget."""
+        layer_bps = self._video_rate.update(rw.octets_sent, now)
+        wire_bps = self._wire_rate.update(self.stats.bytes_sent, now)
+        sel = self._selector
+        if sel is None:
+            return
+        estimate = sel.bandwidth
+        loss = sel.recent_loss(0.5, now)
+        if wire_bps is not None and loss is not None and loss > self._budget.loss_threshold:
+            delivered = wire_bps * (1.0 - loss)
+            estimate = delivered if estimate is None else min(estimate, delivered)
+        self.estimate_bps = estimate
+        self._budget.update(layer_bps, estimate, loss, now)
+
     def _apply(self, decision: LayerDecision | None) -> None:
         if decision is None:
+            if self._pacer is not None and (self._selector is None or self._selector.probing is None):
+                self._stop_probe()
             return
+        if decision.action in (Action.PROBE, Action.PROBE_STOP):
+            self._on_probe_decision(decision)
+            return
+        self._stop_probe()
         if decision.action == Action.DROP_VIEWER:
             log.info("webrtc.viewer_dropped", extra={"fields": {
                 "session": self.id, "stream": self.stream_name, "reasons": [r.value for r in decision.reasons]}})
@@ -396,7 +457,10 @@ class WhepSession:
             return
         video = self._tracks.get("video")
         if video is not None and video.rewriter is not None:
-            video.rewriter.request_switch(decision.to_layer)
+            # Away from congestion the old layer stops at once (it only
+            # feeds the loss); up, or pinned, it flows until the switch.
+            congested = decision.to_layer < decision.from_layer and Reason.PINNED not in decision.reasons
+            video.rewriter.request_switch(decision.to_layer, stop_current=congested)
         self.stats.switches += 1
         names = self._layer_names
         frm = names[decision.from_layer] if decision.from_layer < len(names) else str(decision.from_layer)
@@ -406,6 +470,99 @@ class WhepSession:
             "session": self.id, "stream": self.stream_name, "from": frm, "to": to,
             "reasons": [r.value for r in decision.reasons], "loss": decision.loss, "rtt": decision.rtt,
             "bandwidth": decision.bandwidth}})
+
+    # -- probing -----------------------------------------------------------------------
+
+    def _on_probe_decision(self, decision: LayerDecision) -> None:
+        names = self._layer_names
+        to = names[decision.to_layer] if decision.to_layer < len(names) else str(decision.to_layer)
+        fields = {"session": self.id, "stream": self.stream_name, "to": to,
+                  "reasons": [r.value for r in decision.reasons], "loss": decision.loss,
+                  "rtt": decision.rtt, "bandwidth": decision.bandwidth}
+        if decision.action == Action.PROBE_STOP:
+            self.stats.probes_failed += 1
+            fields["probe_bytes"] = self._pacer.bytes_sent if self._pacer is not None else 0
+            self._stop_probe()
+            log.info("webrtc.probe_failed", extra={"fields": fields})
+            return
+        video = self._tracks.get("video")
+        window = self._selector.probe_window if self._selector is not None else None
+        if video is None or video.rewriter is None or window is None:
+            return
+        histories = self.fanout.histories()
+        now = decision.at
+        # Rates of the layers as produced over the last second: one scan of
+        # each ring, once per probe.
+        cur = histories[decision.from_layer].recent_bytes(now, 1.0) * 8.0 if decision.from_layer in histories else 0.0
+        nxt = histories[decision.to_layer].recent_bytes(now, 1.0) * 8.0 if decision.to_layer in histories else 0.0
+        # The ramp runs on what the viewer's link carries: everything sent
+        # (audio, headers, SRTP) now, and the same with the next layer's video.
+        wire = self._wire_rate.rate or cur
+        base = max(wire, cur, 50_000.0)
+        target = max(base - cur + nxt * 1.05, 1.5 * base)
+        start, end = window
+        self._pacer = ProbePacer(base, target, start, end - start)
+        self.stats.probes += 1
+        fields.update(base_bps=round(base), target_bps=round(target))
+        log.info("webrtc.probe_started", extra={"fields": fields})
+        self._arm_probe_timer(now)
+
+    def _arm_probe_timer(self, now: float) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        deadlines = [d for d in (
+            self._pacer.next_deadline(now) if self._pacer is not None else None,
+            self._selector.next_deadline() if self._selector is not None else None) if d is not None]
+        if deadlines and not self.closed:
+            self._probe_timer = asyncio.get_running_loop().call_later(
+                max(0.0, min(deadlines) - now), self._on_probe_timer)
+
+    def _stop_probe(self) -> None:
+        self._pacer = None
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+
+    def _on_probe_timer(self) -> None:
+        self._probe_timer = None
+        fast = self._fast
+        video = self._tracks.get("video")
+        if self.closed or fast is None or video is None or video.rewriter is None:
+            return
+        now = time.monotonic()
+        pacer = self._pacer
+        if pacer is not None:
+            rw = video.rewriter
+            due = pacer.due(now)
+            before = fast.backlogged
+            try:
+                if due > 0:
+                    out = rw.probe(due, self.fanout.histories(), now)
+                    # Bytes not found in the history are not owed later: no burst.
+                    pacer.sent(max(due, sum(len(d) for d in out)))
+                    if out:
+                        nbytes = fast.send_batch(out, now)
+                        self.stats.probe_bytes += nbytes
+                        self.stats.bytes_sent += nbytes
+                if now - self._probe_sr_at >= 0.1:
+                    # Sender reports while probing: each RR's LSR/DLSR then
+                    # measures the RTT through the queue the probe may build.
+                    self._probe_sr_at = now
+                    sdes = Sdes((SdesChunk(video.sender.ssrc, ((1, self.service.cname),)),))
+                    fast.send_rtcp(serialize_rtcp((rw.sender_report(now, time.time(), self.fanout.anchors()), sdes)), now)
+            except (ConnectionError, OSError, AttributeError):
+                self.close_soon("transport_closed")
+                return
+            if pacer.done(now):
+                self._pacer = None
+            if fast.backlogged != before and self._selector is not None:
+                self.stats.backlog_events += 1
+                self._apply(self._selector.on_send_queue_overflow(now))
+        if self._selector is not None:
+            self._apply(self._selector.handle_timer(now))
+        if self._selector is not None and self._selector.probing is not None:
+            self._arm_probe_timer(now)
 
     # -- control -----------------------------------------------------------------------
 
@@ -457,7 +614,7 @@ class WhepSession:
                 return
         self._check_send_failure(now)
 
-    def counters(self) -> dict[str, int | float]:
+    def counters(self) -> dict[str, int | float | None]:
         """Cumulative figures of this viewer (send errors from its sender)."""
         s = self.stats
         sender = self._fast.sender if self._fast is not None else None
@@ -465,7 +622,10 @@ class WhepSession:
                 "retransmits": s.retransmits, "retransmit_bytes": s.retransmit_bytes, "plis": s.plis,
                 "firs": s.firs, "switches": s.switches, "backlog_events": s.backlog_events,
                 "send_errors": sender.errors if sender is not None else 0,
-                "freezes": s.freezes, "frozen_s": round(s.frozen_s, 3)}
+                "freezes": s.freezes, "frozen_s": round(s.frozen_s, 3),
+                "retransmits_dropped": s.retransmits_dropped, "probes": s.probes, "probes_failed": s.probes_failed,
+                "probe_bytes": s.probe_bytes,
+                "estimate_bps": round(self.estimate_bps) if self.estimate_bps is not None else None}
 
     def snapshot(self, now: float) -> "ViewerSnapshot":
         """What a director (and /metrics) sees of this viewer now."""
@@ -481,7 +641,7 @@ class WhepSession:
             state=self.pc.connectionState, since_s=round(time.time() - self.created, 1),
             loss=None if loss is None else round(loss, 4),
             rtt_ms=None if sel is None or sel.rtt is None else round(sel.rtt * 1000.0, 1),
-            estimate_bps=None if sel is None or sel.bandwidth is None else round(sel.bandwidth),
+            estimate_bps=round(self.estimate_bps) if self.estimate_bps is not None else None,
             frozen=frozen, struggling=struggling,
             errors_by_errno={errno.errorcode.get(k, str(k)): v for k, v in sender.errors_by_errno.items()}
             if sender is not None else {},
@@ -500,6 +660,7 @@ class WhepSession:
             return
         self.closed = True
         self.close_reason = reason
+        self._stop_probe()
         self.fanout.detach(self)
         self.service._forget(self)
         log.log(logging.WARNING if reason in _FAILURE_REASONS else logging.INFO, "webrtc.viewer_closed",
@@ -518,6 +679,8 @@ class WhepService:
 
     def __init__(self, *, ice_servers: list[dict[str, Any]] | None = None, max_viewers: int = 2000,
                  backlog_limit: int = 512 * 1024, send_failure_timeout: float = 5.0,
+                 layer_policy: LayerPolicy | None = None,
+                 rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
                  on_keyframe_request: Callable[[str], None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
         adapter.ensure_h264_profiles()
@@ -525,6 +688,9 @@ class WhepService:
         self.max_viewers = max_viewers
         self.backlog_limit = backlog_limit
         self.send_failure_timeout = send_failure_timeout
+        self.layer_policy = layer_policy or LayerPolicy()
+        self.rtx_share = rtx_share
+        self.rtx_playout_allowance = rtx_playout_allowance
         self.cname = ("returnfeed-" + secrets.token_hex(4)).encode()
         self.sessions: dict[str, WhepSession] = {}
         self.fanouts: dict[str, StreamFanout] = {}
