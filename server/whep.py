@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -37,11 +38,12 @@ from media.errors import UnsupportedMedia
 from media.webrtc.sdp import SdpError
 
 from . import repo
-from .app import DB, SETTINGS, Principal, principal, require_production_role
-from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from .app import DB, SETTINGS, principal, require_production_role
+from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
-    authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links,
+    SESSION_SECRET, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, session_access,
+    session_location, with_ice_links,
 )
 
 log = logging.getLogger("returnfeed.whep")
@@ -84,47 +86,38 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
         raise ServiceUnavailable("viewer limit reached", headers={"Retry-After": "10"}) from None
     event(log, logging.INFO, "whep.session", stream=name, session=session.id, who=p.label,
           codec_note=session.answer_note)
-    location = f"/whep/{name}/{session.id}"
+    location = session_location(request, "whep", name, session.id, session.owner)
     resp = web.Response(status=201, text=session.sdp_answer, content_type="application/sdp",
                         headers={"Location": location, "ETag": session.etag,
                                  "Accept-Patch": "application/trickle-ice-sdpfrag"})
     return with_ice_links(resp, request)
 
 
-def _session(request: web.Request, p: Principal) -> Any:
-    media = request.app[MEDIA]
-    session = media.whep.sessions.get(request.match_info["session"])
-    if session is None or session.stream_name != request.match_info["stream"]:
-        raise NotFound("no such session")
-    if session.owner != owner_key(p) and not p.is_admin:
-        raise Forbidden("this session belongs to someone else")
-    return session
+async def _session(request: web.Request) -> tuple[str, Any]:
+    return await session_access(request, "whep", request.app[MEDIA].whep.sessions)
 
 
 async def whep_patch(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    return await patch_trickle(request, _session(request, p), "start a new session")
+    _who, session = await _session(request)
+    return await patch_trickle(request, session, "start a new session")
 
 
 async def whep_delete(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    session = _session(request, p)
+    who, session = await _session(request)
     await session.close()
-    event(log, logging.INFO, "whep.deleted", session=session.id)
+    event(log, logging.INFO, "whep.deleted", session=session.id, who=who)
     return web.Response(status=200)
 
 
 async def whep_get(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    session = _session(request, p)
+    _who, session = await _session(request)
     info = session.info()
     return web.json_response({"id": info.id, "stream": info.stream, "layer": info.layer,
                               "pinned": info.pinned, "state": info.state, "stats": info.stats})
 
 
 async def whep_layer(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    session = _session(request, p)
+    _who, session = await _session(request)
     try:
         data = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -178,6 +171,7 @@ async def stream_viewers(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
+    app[SESSION_SECRET] = secrets.token_bytes(32)
     r = app.router
     r.add_route("GET", "/api/v1/streams/{name}/viewers", stream_viewers)
     r.add_route("POST", "/whep/{stream}", whep_post)
