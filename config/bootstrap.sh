@@ -101,8 +101,39 @@ install_python() {
   echo "$want" > "$STAMP"
 }
 
+# Third-party WHIP/WHEP peers the tests run in Chromium (@eyevinn/webrtc-player,
+# @eyevinn/whip-web-client, medooze whip-whep): pinned in config/peers/
+# (package.json + package-lock.json), installed with `npm ci` into .peers/
+# (git-ignored) and bundled once with esbuild into .peers/peers.bundle.js.
+# Redone only when the pins or the entry file change; never at test time.
+PEERS="$ROOT/.peers"
+install_peers() {
+  if ! command -v npm >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+      say "installing Node.js and npm (test peers)"
+      as_root apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    else
+      printf 'This system has no npm. Install Node.js >= 18 with npm (tests only), then run this again.\n' >&2
+      exit 2
+    fi
+  fi
+  local want
+  want=$(cat config/peers/package.json config/peers/package-lock.json tests/e2e/peers/entry.js | sha256sum | cut -c1-16)
+  if [ -f "$PEERS/.stamp" ] && [ "$(cat "$PEERS/.stamp")" = "$want" ] && [ -f "$PEERS/peers.bundle.js" ]; then
+    return
+  fi
+  say "installing the third-party WHIP/WHEP test peers (npm ci) into .peers/"
+  mkdir -p "$PEERS"
+  cp config/peers/package.json config/peers/package-lock.json tests/e2e/peers/entry.js "$PEERS/"
+  (cd "$PEERS" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  "$PEERS/node_modules/.bin/esbuild" "$PEERS/entry.js" --bundle --format=iife --platform=browser \
+    --target=chrome120 --log-level=warning --outfile="$PEERS/peers.bundle.js"
+  echo "$want" > "$PEERS/.stamp"
+}
+
 install_system
 install_python
+install_peers
 
 case "$MODE" in
   setup) say "setup complete" ;;
