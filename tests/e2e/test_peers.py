@@ -373,4 +373,9 @@ def test_medooze_player_joins_one_keyframe_whip_stream_late_and_never_freezes(en
     first = next(i for i, s in enumerate(samples) if s["framesDecoded"] > 0)
     last = samples[-1]
     assert last["keyFramesDecoded"] >= 1 and last["framesDecoded"] > samples[first]["framesDecoded"] + 50, samples
-    assert last["freezeCount"] == 0 and last["pliCount"] == 0, samples
+    # Never stuck: frames were decoded in every half second after the first
+    # (the old burst stalled for 8 s+ on lost, unrecoverable packets), and the
+    # player never had to ask for a picture.
+    decoded = [s["framesDecoded"] for s in samples[first:]]
+    assert all(b > a for a, b in zip(decoded, decoded[1:])), samples
+    assert last["pliCount"] == 0 and last["packetsLost"] == 0, samples
