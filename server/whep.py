@@ -17,7 +17,10 @@
 ==========================================  ====================================
 
 Authentication: ``Authorization: Bearer`` or ``?token=`` — a read link for
-the stream, or a user token of a member of the stream's production.
+the stream, or a user token of a member of the stream's production. The
+session URL works with the same credential; a session opened with
+``?token=`` also carries its own capability in the ``Location``
+(``/whep/{stream}/{session}.{key}``, :func:`.webrtc_http.session_location`).
 Errors: 400 malformed SDP, 401/403 auth, 404 unknown stream or session, 409 +
 ``Retry-After`` stream not live, 413 offer too large, 415 wrong content type,
 422 offer that cannot be served passthrough (no H.264/Opus, B-frame source),
