@@ -25,8 +25,9 @@ never come. So on join:
 * a source that can make a fresh keyframe (a WHIP publisher that accepted
   ``nack pli``) is asked for one when the cached GOP is longer than
   ``JoinPolicy.fresh_keyframe_after_s``; the viewer starts at it;
-* otherwise the cached GOP is replayed at ``speedup`` × the layer's own
-  bitrate (within ``min_bps``..``max_bps``); the layer's live packets queue
+* otherwise the cached GOP is replayed: its keyframe at once (as live
+  keyframes are sent), the rest at ``speedup`` × the layer's bitrate of the
+  last second (within ``min_bps``..``max_bps``); the layer's live packets queue
   behind the replay for that viewer until it has caught up, or until the
   layer's next keyframe, where the viewer skips straight to live;
 * what was replayed stays retransmittable (the viewer's NACKs) for
@@ -84,6 +85,10 @@ class _LayerState:
     gop_bytes: int = 0
     frames: int = 0
     packets: int = 0
+    #: Payload bit rate over the last whole second (the join replay's pace).
+    rate_bps: float = 0.0
+    window_bytes: int = 0
+    window_start: float | None = None
 
 
 @dataclass(slots=True)
@@ -243,7 +248,7 @@ class StreamFanout:
                 # rather than replaying seconds of old pictures.
                 self.stats.joins_fresh_keyframe += 1
                 return
-        layer_bps = st.gop_bytes * 8.0 / span if span > 0 else 0.0
+        layer_bps = st.rate_bps or (st.gop_bytes * 8.0 / span if span >= 0.5 else 0.0)
         j = self.join
         replay = _Replay(idx, min(max(layer_bps * j.speedup, j.min_bps), j.max_bps), deque(st.gop),
                          st.gop_bytes, last=now)
@@ -276,11 +281,19 @@ class StreamFanout:
         per_tick = replay.rate_bps / 8.0 * self.join.tick
         # A late timer may send up to four periods' worth at once, never more.
         replay.credit = min(replay.credit + (now - replay.last) * replay.rate_bps / 8.0, 4 * per_tick)
-        if first:
-            replay.credit = per_tick
         replay.last = now
         batch: list[LayerPacket] = []
         queue = replay.queue
+        if first:
+            # The keyframe goes at once, as the live path sends every
+            # keyframe: the picture starts now; what follows it is paced.
+            while queue:
+                p = queue.popleft()
+                replay.queued_bytes -= len(p.payload)
+                replay.sent[p.seq] = p
+                batch.append(p)
+                if p.marker:
+                    break
         while queue and replay.credit > 0:
             p = queue.popleft()
             replay.credit -= len(p.payload)
@@ -388,6 +401,12 @@ class StreamFanout:
                 if st.gop_bytes > self.gop_cache_bytes:
                     st.gop, st.gop_bytes = [], 0
             index = self._order.index(st.name)
+            if st.window_start is None:
+                st.window_start = now
+            st.window_bytes += sum(len(p.payload) for p in packets)
+            if now - st.window_start >= 1.0:
+                st.rate_bps = st.window_bytes * 8.0 / (now - st.window_start)
+                st.window_start, st.window_bytes = now, 0
         elif frame.kind == "audio":
             if frame.codec != "opus" or frame.pts is None:
                 return
