@@ -357,7 +357,9 @@ def test_medooze_player_joins_one_keyframe_whip_stream_late_and_never_freezes(en
           window.__whep = whep; }""", [f"{base}/whep/{name}", env["link"](name, "read")])
         samples = await _video_stats(page, 8)
         await page.evaluate("window.__whep.stop()")
-        return {"samples": samples}
+        source = (await asyncio.to_thread(http, "GET", f"{base}/api/v1/streams/{name}",
+                                          token=env["admin"])).json()["source"]
+        return {"samples": samples, "ingest": source["publishers"][0]["whip"]["stats"]}
 
     try:
         wait_live(base, name, env["admin"], timeout=30)
@@ -366,6 +368,9 @@ def test_medooze_player_joins_one_keyframe_whip_stream_late_and_never_freezes(en
         out = asyncio.run(_chromium(bundle, base, body))
     finally:
         stop_process(proc)
+    # The join asked for a keyframe; ffmpeg's offer did not accept PLI, so
+    # none was sent (nor counted) and the viewer got the paced replay.
+    assert out["ingest"]["keyframe_requests"] >= 1 and out["ingest"]["plis_sent"] == 0, out["ingest"]
     samples = [s for s in out["samples"] if s]
     assert samples, out
     # The stream has no keyframe after the first: decoding at all means the
