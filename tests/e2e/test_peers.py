@@ -22,8 +22,9 @@ What each test holds the server to:
   payload type, never Constrained Baseline, and the WHIP log says what the
   publisher sends (item 11);
 * a player joining a one-keyframe stream (ffmpeg ``-c copy``, whose offer
-  has ``nack`` but not ``nack pli``) late plays at once and never freezes
-  (item 8).
+  has ``nack`` but not ``nack pli``) late plays at once and never stalls,
+  and one joining a browser publisher (which accepts PLI and sends no
+  periodic keyframes) starts at a fresh keyframe (item 8).
 
 Third-party WHEP players give up on 409, so they are opened after the stream
 is live (REFERENCES.md).
@@ -313,12 +314,30 @@ def test_eyevinn_whip_client_with_token_publishes_and_deletes_its_session(env, b
           await client.ingest(media);
           window.__client = client; }""", url)
         live = await asyncio.to_thread(wait_live, base, name, env["admin"], 30)
+        await asyncio.sleep(3)  # Chromium's encoder sends no periodic keyframes: the GOP grows
+        await page.evaluate("""async ([url, token]) => {
+          const pc = new RTCPeerConnection();
+          pc.addTransceiver('video', {direction: 'recvonly'});
+          pc.ontrack = (e) => { document.getElementById('v').srcObject = e.streams[0] || new MediaStream([e.track]); };
+          await new window.peers.MedoozeWHEPClient().view(pc, url, token); }""",
+                            [f"{base}/whep/{name}", env["link"](name, "read")])
+        samples = await _video_stats(page, 4)
+        source = (await asyncio.to_thread(http, "GET", f"{base}/api/v1/streams/{name}",
+                                          token=env["admin"])).json()["source"]
         location = await page.evaluate("window.__client.getResourceUrl()")
         await page.evaluate("window.__client.destroy()")
-        return {"live": live, "location": location}
+        return {"live": live, "location": location, "samples": samples,
+                "ingest": source["publishers"][0]["whip"]["stats"]}
 
     out = asyncio.run(_chromium(bundle, base, body))
     assert out["live"]["source"]["publishers"][0]["protocol"] == "whip"
+    # Item 8, the other way: the browser's offer accepted ``nack pli`` and its
+    # encoder sends no periodic keyframes, so a viewer joining seconds in got
+    # a fresh keyframe (one PLI, sent and counted) instead of a replay.
+    assert out["ingest"]["plis_sent"] >= 1 and out["ingest"]["keyframes"] >= 2, out["ingest"]
+    decoded = [s["framesDecoded"] for s in out["samples"] if s]
+    assert decoded and decoded[-1] > 0 and all(b > a for a, b in zip(decoded, decoded[1:])), out["samples"]
+    assert out["samples"][-1]["pliCount"] == 0, out["samples"]
     assert re.fullmatch(rf"{re.escape(base)}/whip/{name}/[\w-]+\.[\w-]+", out["location"]), out["location"]
     sid = session_id(out["location"])
     assert "who='session key'" in wait_until(lambda: log_lines(env, "whip.deleted", sid), timeout=10)[0]
