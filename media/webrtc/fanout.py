@@ -305,20 +305,26 @@ class StreamFanout:
         if batch:
             sink.on_packets(replay.index, batch, now)
 
-    def _arm(self) -> None:
-        if self._timer is not None or self.closed:
+    def _arm(self, delay: float | None = None) -> None:
+        if self.closed:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # driven by hand (tests): pump_replays(now)
             return
-        self._timer = loop.call_later(self.join.tick, self._on_timer)
+        if self._timer is not None:
+            if delay is not None or self._timer.when() <= loop.time() + self.join.tick:
+                return
+            self._timer.cancel()  # a pending forget-timer gives way to pacing
+        self._timer = loop.call_later(self.join.tick if delay is None else delay, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
-        self.pump_replays(self._clock())
-        if self._replays:
+        if self.pump_replays(self._clock()):
             self._arm()
+        elif self._replays:
+            # Only retransmission windows left: wake once to forget them.
+            self._arm(self.join.history_s + self.join.tick)
 
     def _queue_for_replay(self, sink: ViewerSink, replay: _Replay, packets: list[LayerPacket],
                           now: float) -> None:

@@ -9,6 +9,8 @@ asked for one instead, and the layer's next keyframe ends a replay early.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass
 
 from media.rtp.packet import LayerPacket
@@ -175,3 +177,26 @@ def test_next_keyframe_ends_the_replay_and_the_viewer_skips_to_live() -> None:
     assert not fo.pump_replays(clock.now + 1)
     pub.publish(au(10 * FPS + 1, False))
     assert sink.sent[-1][1].seq == (jump.seq + len(sink.sent) - replayed - 1) & 0xFFFF
+
+
+async def test_on_the_event_loop_the_replay_paces_itself_and_forgets_its_history() -> None:
+    policy = JoinPolicy(history_s=1.0)
+    hub = StreamHub()
+    stream = hub.get_or_create("s")
+    pub = stream.attach_publisher(SourceInfo("whip"), now=0.0)
+    fo = StreamFanout(stream, join=policy)
+    fo.start()
+    for i in range(FPS):
+        pub.publish(au(i, i == 0))
+    sink = Sink()
+    fo.attach(sink, 0, time.monotonic())
+    assert 0 < len(sink.sent) < len(fo.gop_packets(0))
+    await asyncio.sleep(0.4)  # 125 kB at 4 Mbit/s: 0.25 s
+    assert [p.seq for _, p in sink.sent] == [p.seq for p in fo.gop_packets(0)]
+    first = sink.sent[0][1]
+    await asyncio.sleep(0.8)  # the shared history (1 s) has forgotten it, the replay's has not
+    assert fo.histories()[0].get(first.seq, time.monotonic()) is None
+    assert fo.histories(sink)[0].get(first.seq, time.monotonic()) is first
+    await asyncio.sleep(policy.history_s)
+    assert fo.histories(sink)[0].get(first.seq, time.monotonic()) is None
+    fo.close()
