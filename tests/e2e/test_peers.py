@@ -209,6 +209,13 @@ def test_session_capability_opens_only_its_own_session(env, ffmpeg9) -> None:
         assert http("DELETE", base + loc).status == 200
         assert http("DELETE", base + loc).status == 404
         assert http("DELETE", f"{base}/whep/{name}/{other_sid}", token=viewer).status == 200
+        # Item 11: ffmpeg sends x264's High profile; a viewer offering only
+        # Constrained Baseline is told why it cannot have it.
+        only_cb = re.sub(rb"profile-level-id=(4d|f4)001f", b"profile-level-id=42e01f", offer)
+        r = http("POST", f"{base}/whep/{name}", raw=only_cb, token=viewer, headers={"Content-Type": "application/sdp"})
+        assert r.status == 422 and r.json()["error"] == "unprocessable", r.body
+        assert "this stream is H.264 high" in r.json()["detail"] and "offered: baseline, constrained-baseline" \
+            in r.json()["detail"]
     finally:
         stop_process(proc)
 
