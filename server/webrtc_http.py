@@ -102,13 +102,14 @@ def session_location(request: web.Request, kind: str, stream: str, session_id: s
 
     A client that authenticated with ``?token=`` (Eyevinn's player, ffmpeg's
     WHIP muxer given a URL with the token) sends its later DELETE/PATCH to
-    this URL as it is, without the token: RFC 9725 §4.5 lets the session URL
-    be protected by an unguessable capability instead, so such sessions get
-    one in the last path segment (``/whep/s/<id>.<key>``) — an HMAC of the
-    session and its owner, valid for that session only. In the path, not
-    the query, because clients append their own ``?token=`` to it. A client
-    that sent ``Authorization: Bearer`` keeps using its header (no
-    capability in the URL, where it would end up in access logs)."""
+    this URL as it is, without the token. Such sessions get a capability URL
+    instead (knowing the URL is the authority to act on the session, as
+    with the token it was created with): a key in the last path segment
+    (``/whep/s/<id>.<key>``), an HMAC of the session and its owner, valid
+    for that session only. In the path, not the query, because clients
+    append their own ``?token=`` to it. A client that sent
+    ``Authorization: Bearer`` keeps using its header (no capability in the
+    URL, where it would end up in access logs)."""
     path = f"/{kind}/{stream}/{session_id}"
     if request.headers.get("Authorization") or not request.query.get("token"):
         return path

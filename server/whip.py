@@ -22,8 +22,7 @@ this stream, or a user who is director of the stream's production (or
 admin). Camera and viewer users and read links get 403. A session opened
 with ``?token=`` carries its own capability in the ``Location``
 (``/whip/{stream}/{session}.{key}``), which is how ffmpeg's WHIP muxer
-DELETEs it without repeating the token (§4.5: the session URL may be an
-unguessable capability).
+DELETEs it without repeating the token.
 
 Errors, all JSON ``{error, detail}``: 400 malformed SDP, 401/403 auth, 404
 unknown stream or session, 409 + ``Retry-After`` the stream is already being
