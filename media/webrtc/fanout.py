@@ -121,9 +121,10 @@ class JoinPolicy:
 
 @dataclass(slots=True)
 class _Replay:
-    """One viewer's paced start on layer ``index``."""
+    """One viewer's paced start on layer ``layer`` (by name: indexes shift
+    when a layer appears)."""
 
-    index: int
+    layer: str
     rate_bps: float
     queue: deque[LayerPacket] = field(default_factory=deque)
     queued_bytes: int = 0
@@ -223,10 +224,9 @@ class StreamFanout:
             i: self._layers[n].history for i, n in enumerate(self._order)}
         out[AUDIO] = self._audio.history
         replay = self._replays.get(sink) if sink is not None and self._replays else None
-        if replay is not None and replay.index in out:
-            live = out[replay.index]
-            assert isinstance(live, PacketHistory)
-            out[replay.index] = _ReplayHistory(live, replay, self.join.history_s)
+        if replay is not None and replay.layer in self._order:
+            index = self._order.index(replay.layer)
+            out[index] = _ReplayHistory(self._layers[replay.layer].history, replay, self.join.history_s)
         return out
 
     def attach(self, sink: ViewerSink, layer_index: int | None, now: float) -> None:
@@ -250,7 +250,7 @@ class StreamFanout:
                 return
         layer_bps = st.rate_bps or (st.gop_bytes * 8.0 / span if span >= 0.5 else 0.0)
         j = self.join
-        replay = _Replay(idx, min(max(layer_bps * j.speedup, j.min_bps), j.max_bps), deque(st.gop),
+        replay = _Replay(st.name, min(max(layer_bps * j.speedup, j.min_bps), j.max_bps), deque(st.gop),
                          st.gop_bytes, last=now)
         self._replays[sink] = replay
         self.stats.joins_replayed += 1
@@ -303,7 +303,7 @@ class StreamFanout:
         if not queue:
             replay.done_at = now
         if batch:
-            sink.on_packets(replay.index, batch, now)
+            sink.on_packets(self._order.index(replay.layer), batch, now)
 
     def _arm(self, delay: float | None = None) -> None:
         if self.closed:
@@ -339,7 +339,7 @@ class StreamFanout:
             if skipped:
                 self.stats.replay_skipped_to_keyframe += 1
                 packets = [dataclasses.replace(packets[0], discontinuity=True), *packets[1:]]
-            sink.on_packets(replay.index, packets, now)
+            sink.on_packets(self._order.index(replay.layer), packets, now)
             return
         replay.queue.extend(packets)
         replay.queued_bytes += sum(len(p.payload) for p in packets)
@@ -432,7 +432,7 @@ class StreamFanout:
         replays = self._replays
         for sink in list(self._sinks):
             replay = replays.get(sink) if replays else None
-            if replay is not None and replay.index == index and replay.done_at is None:
+            if replay is not None and replay.layer == st.name and replay.done_at is None:
                 self._queue_for_replay(sink, replay, packets, now)
             else:
                 sink.on_packets(index, packets, now)
@@ -455,7 +455,7 @@ class StreamFanout:
         names = {st.name for st in targets}
         now = self._clock()
         for replay in self._replays.values():
-            if replay.done_at is None and replay.index < len(self._order) and self._order[replay.index] in names:
+            if replay.done_at is None and replay.layer in names:
                 replay.queue.clear()
                 replay.queued_bytes = 0
                 replay.done_at = now
