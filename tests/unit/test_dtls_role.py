@@ -2,8 +2,9 @@
 
 Real aiortc peer connections in one process: an ``actpass`` offer (what
 browsers send) is answered ``passive``; a ``passive`` offer (ffmpeg 9's WHIP
-default) ``active``, and then our first flight is resent on the RFC 9147
-timer when the peer drops it, instead of after OpenSSL's 1 s. The ffmpeg
+default) ``active``, and then our first flight is resent early (one copy
+after 10 ms, then the RFC 9147 timer) when the peer swallows it, instead of
+after OpenSSL's 1 s. The ffmpeg
 peer itself is in tests/e2e/test_peers.py; the figures in
 loadtests/whip_connect.py.
 """
@@ -82,11 +83,11 @@ class _FakeDtls:
 async def test_first_flight_is_resent_until_the_peer_answers() -> None:
     dtls = _FakeDtls()
     ice = dtls.transport
-    adapter._resend_first_flight(dtls, first=0.02, until=1.0)
+    adapter._resend_first_flight(dtls, early=0.01, first=0.05, until=1.0)
     hello = b"\x16\xfe\xfd" + b"\x00" * 40
     await ice._send(b"\x00\x01STUN")  # not DTLS: never resent
     await ice._send(hello)
-    await asyncio.sleep(0.1)  # 20 ms, then 40 ms: two resends
+    await asyncio.sleep(0.1)  # the early copy at 10 ms, the timer's at 60 ms
     assert ice.sent[0] == b"\x00\x01STUN" and ice.sent[1:] == [hello, hello, hello]
     ice.inbox.put_nowait(b"\x16\xfe\xfd" + b"\x01" * 40)  # the peer's ServerHello
     assert (await ice._recv()).startswith(b"\x16")
@@ -96,8 +97,18 @@ async def test_first_flight_is_resent_until_the_peer_answers() -> None:
 
 async def test_first_flight_resends_stop_at_openssls_own_timer() -> None:
     dtls = _FakeDtls()
-    adapter._resend_first_flight(dtls, first=0.02, until=0.1)
+    adapter._resend_first_flight(dtls, early=0.01, first=0.05, until=0.1)
     hello = b"\x16\xfe\xfd" + b"\x00" * 40
     await dtls.transport._send(hello)
-    await asyncio.sleep(0.3)
-    assert dtls.transport.sent == [hello] * 3  # at 20 and 40 ms; the next (80 ms, doubled 160) is OpenSSL's
+    await asyncio.sleep(0.4)
+    assert dtls.transport.sent == [hello] * 3  # at 10 and 60 ms; the next (160 ms) is past OpenSSL's timer
+
+
+async def test_connected_transport_is_never_resent_to() -> None:
+    dtls = _FakeDtls()
+    adapter._resend_first_flight(dtls, early=0.01, first=0.05, until=1.0)
+    hello = b"\x16\xfe\xfd" + b"\x00" * 40
+    await dtls.transport._send(hello)
+    dtls.state = "connected"
+    await asyncio.sleep(0.1)
+    assert dtls.transport.sent == [hello]
