@@ -41,7 +41,7 @@ from typing import Any
 
 import pytest
 
-from helpers import http, login, stop_process, wait_live, wait_until
+from helpers import ffmpeg_publish, http, login, stop_process, wait_live, wait_until
 from media.webrtc.sdp import h264_profile
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -101,12 +101,17 @@ def env(api_server) -> dict[str, Any]:
         assert http("POST", f"{base}/api/v1/streams", {"name": name, "production": production},
                     token=admin).status == 201
 
+    def srt_url(name: str) -> str:
+        r = http("GET", f"{base}/api/v1/streams/{name}", token=admin)
+        url = r.json()["srt_url"]
+        return re.sub(r":(8890|0)\?", f":{api_server.srt_port}?", url)
+
     def link(name: str, action: str) -> str:
         r = http("POST", f"{base}/api/v1/streams/{name}/links", {"action": action}, token=admin)
         assert r.status == 201, r.body
         return r.json()["token"]
 
-    return {"base": base, "admin": admin, "stream": stream, "link": link, "server": api_server}
+    return {"base": base, "admin": admin, "stream": stream, "link": link, "srt_url": srt_url, "server": api_server}
 
 
 def ffmpeg_whip(exe: str, url: str, *, seconds: float, flags: list[str] | None = None,
@@ -410,3 +415,39 @@ def test_medooze_player_joins_one_keyframe_whip_stream_late_and_never_freezes(en
     decoded = [s["framesDecoded"] for s in samples[first:]]
     assert all(b > a for a, b in zip(decoded, decoded[1:])), samples
     assert last["pliCount"] == 0 and last["packetsLost"] == 0, samples
+
+
+@pytest.mark.timeout(240)
+def test_eyevinn_player_joins_long_gop_srt_stream_late_and_never_stalls(env, bundle) -> None:
+    """Item 8 for SRT (which cannot be asked for a keyframe): a 10 s GOP,
+    Eyevinn's player joining 6 s in starts from the paced replay of the
+    cached GOP at once (waiting for the next keyframe would leave it 4 s
+    without a picture) and keeps decoding."""
+    name = "srt-longgop"
+    env["stream"](name)
+    base = env["base"]
+    proc = ffmpeg_publish(env["srt_url"](name), seconds=60, size="640x360", fps=25, bitrate="1500k", audio="none",
+                          extra=["-g", "250", "-keyint_min", "250", "-sc_threshold", "0"])
+
+    async def body(page: Any) -> dict:
+        await page.evaluate("""async (url) => {
+          const player = new window.peers.WebRTCPlayer({video: document.getElementById('v'), type: 'whep',
+                                                       timeoutThreshold: 60000});
+          await player.load(new URL(url));
+          window.__player = player; }""", f"{base}/whep/{name}?token={env['link'](name, 'read')}")
+        samples = await _video_stats(page, 5)
+        await page.evaluate("window.__player.unload()")
+        return {"samples": samples}
+
+    try:
+        wait_live(base, name, env["admin"], timeout=30)
+        time.sleep(6)
+        out = asyncio.run(_chromium(bundle, base, body))
+    finally:
+        stop_process(proc)
+    samples = [s for s in out["samples"] if s]
+    first = next(i for i, s in enumerate(samples) if s["framesDecoded"] > 0)
+    decoded = [s["framesDecoded"] for s in samples[first:]]
+    assert samples[first]["keyFramesDecoded"] >= 1 and decoded[-1] > decoded[0] + 50, samples
+    assert all(b > a for a, b in zip(decoded, decoded[1:])), samples
+    assert samples[-1]["pliCount"] == 0 and samples[-1]["packetsLost"] == 0, samples
