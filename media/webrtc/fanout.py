@@ -339,6 +339,9 @@ class StreamFanout:
             if skipped:
                 self.stats.replay_skipped_to_keyframe += 1
                 packets = [dataclasses.replace(packets[0], discontinuity=True), *packets[1:]]
+                if not packets[0].keyframe_start and self._request_keyframe is not None:
+                    # Mid-GOP: the rewriter waits for a keyframe; ask for one.
+                    self._request_keyframe(self.stream.name)
             sink.on_packets(self._order.index(replay.layer), packets, now)
             return
         replay.queue.extend(packets)

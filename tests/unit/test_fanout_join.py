@@ -200,3 +200,16 @@ async def test_on_the_event_loop_the_replay_paces_itself_and_forgets_its_history
     await asyncio.sleep(policy.history_s)
     assert fo.histories(sink)[0].get(first.seq, time.monotonic()) is None
     fo.close()
+
+
+def test_viewer_that_cannot_catch_up_goes_live_and_a_keyframe_is_asked_for() -> None:
+    policy = JoinPolicy(max_queue_bytes=20 * FRAME_BYTES)
+    clock, pub, fo, asked = setup(FPS // 2, keyframe_requests=0, policy=policy)
+    sink = Sink()
+    fo.attach(sink, 0, clock.now)  # never pumped: the queue only grows
+    for i in range(FPS // 2, FPS // 2 + 30):
+        pub.publish(au(i, False))
+    jumped = [p for _, p in sink.sent[1:] if p.discontinuity]  # (the very first packet starts the run)
+    assert len(jumped) == 1 and not jumped[0].keyframe_start  # its rewriter waits for the next keyframe
+    assert asked == ["s"] and fo.stats.replay_skipped_to_keyframe == 1
+    assert not fo.pump_replays(clock.now)
