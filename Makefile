@@ -1,6 +1,6 @@
 # Shortcuts for the two README commands (they do not need make themselves),
 # and for the benchmarks (figures, not tests; see loadtests/README.md).
-.PHONY: run test setup bench-srt bench-rtp bench-tally
+.PHONY: run test setup bench-srt bench-rtp bench-tally bench-whip
 
 run:
 	bash config/bootstrap.sh run
@@ -23,3 +23,7 @@ bench-rtp: setup
 bench-tally: setup
 	.venv/bin/python loadtests/tally_swarm.py --clients 200
 	.venv/bin/python loadtests/tally_swarm.py --clients 1000
+
+# WHIP connect time by DTLS role: ffmpeg 9 (both modes) and Chromium.
+bench-whip: setup
+	.venv/bin/python loadtests/whip_connect.py --rounds 10

@@ -30,11 +30,6 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 # conflicts with Debian's npm package).
 APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutls-dev chromium espeak-ng sox iproute2
               ca-certificates gstreamer1.0-tools gstreamer1.0-plugins-bad obs-studio xvfb)
-# Third-party tally peers from npm, pinned, installed into the git-ignored
-# .peers/ (never fetched at test time): wscat (a standard WebSocket client),
-# tsl-umd (TSL 3.1 listener), tsl-umd-v5 (TSL 5.0 UDP/TCP sender/listener).
-NPM_PEERS=(wscat@6.1.0 tsl-umd@1.1.2 tsl-umd-v5@1.0.7)
-PEERS="$ROOT/.peers"
 SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
 
 as_root() {
@@ -114,23 +109,37 @@ install_python() {
   echo "$want" > "$STAMP"
 }
 
+# Third-party peers: WHIP/WHEP peers the tests run in Chromium
+# (@eyevinn/webrtc-player, @eyevinn/whip-web-client, medooze whip-whep), wscat
+# (a standard WebSocket client), tsl-umd (TSL 3.1 listener) and tsl-umd-v5
+# (TSL 5.0 UDP/TCP sender/listener): pinned in config/peers/
+# (package.json + package-lock.json), installed with `npm ci` into .peers/
+# (git-ignored) and bundled once with esbuild into .peers/peers.bundle.js.
+# Redone only when the pins or the entry file change; never at test time.
+PEERS="$ROOT/.peers"
 install_peers() {
-  local want have
-  want="${NPM_PEERS[*]}"
-  have=$(cat "$PEERS/.returnfeed-peers" 2>/dev/null || true)
-  if [ "$have" = "$want" ] && [ -d "$PEERS/node_modules" ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+      say "installing Node.js and npm (test peers)"
+      as_root apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+    else
+      printf 'This system has no npm. Install Node.js >= 18 with npm (tests only), then run this again.\n' >&2
+      exit 2
+    fi
+  fi
+  local want
+  want=$(cat config/peers/package.json config/peers/package-lock.json tests/e2e/peers/entry.js | sha256sum | cut -c1-16)
+  if [ -f "$PEERS/.stamp" ] && [ "$(cat "$PEERS/.stamp")" = "$want" ] && [ -f "$PEERS/peers.bundle.js" ]; then
     return
   fi
-  if ! command -v npm >/dev/null 2>&1; then
-    command -v apt-get >/dev/null 2>&1 || die "install Node.js >= 18 with npm (tally peer tests), then run this again"
-    say "installing system packages: nodejs npm"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
-  fi
-  say "installing npm test peers: $want"
+  say "installing the third-party test peers (npm ci) into .peers/"
   mkdir -p "$PEERS"
-  npm install --prefix "$PEERS" --no-audit --no-fund --save-exact --loglevel=error "${NPM_PEERS[@]}" >/dev/null
-  echo "$want" > "$PEERS/.returnfeed-peers"
+  cp config/peers/package.json config/peers/package-lock.json tests/e2e/peers/entry.js "$PEERS/"
+  (cd "$PEERS" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  "$PEERS/node_modules/.bin/esbuild" "$PEERS/entry.js" --bundle --format=iife --platform=browser \
+    --target=chrome120 --log-level=warning --outfile="$PEERS/peers.bundle.js"
+  echo "$want" > "$PEERS/.stamp"
 }
 
 install_system

@@ -5,7 +5,9 @@
   :func:`media.webrtc.sdp.parse_offer` (400 with the reason);
 * ``Link: <url>; rel="ice-server"`` headers from ``webrtc.ice_servers``
   (§4.6);
-* who owns a session (the user, or the signed link it was created with);
+* who owns a session (the user, or the signed link it was created with),
+  and the session URL's capability for sessions opened with ``?token=``
+  (:func:`session_location`, :func:`session_access`);
 * ``PATCH`` of a session resource with ``application/trickle-ice-sdpfrag``
   (§4.3): trickled candidates 204, an ICE restart (``If-Match: *`` or a new
   ufrag) 422 because aiortc cannot restart ICE on a live connection, a
@@ -14,15 +16,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+import base64
+import hashlib
+import hmac
+from typing import Any, Mapping
 
 from aiohttp import web
 
 from media.webrtc.sdp import Offer, SdpError, parse_offer
 
-from .app import SETTINGS, Principal, principal, production_role, stream_entry
+from .app import SETTINGS, Principal, bearer_token, principal, production_role, stream_entry
 from .errors import (
-    BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType,
+    BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unauthorized, Unprocessable,
+    UnsupportedMediaType,
 )
 
 MAX_TRICKLE_CANDIDATES = 64
@@ -75,6 +81,67 @@ async def authorize_stream(request: web.Request, name: str, action: str) -> tupl
 def owner_key(p: Principal) -> str:
     """Who a session belongs to: a user, or the signed link that created it."""
     return f"user:{p.user_id}" if p.kind == "user" else f"link:{p.link.jti if p.link else ''}"
+
+
+#: Per-process secret the session URLs' capabilities are derived from
+#: (sessions live in this process only, so the secret need not outlive it).
+SESSION_SECRET = web.AppKey("webrtc_session_secret", bytes)
+
+#: Separates a session id from its capability in the session URL's last
+#: segment (neither contains it: both are URL-safe base64).
+_KEY_SEP = "."
+
+
+def _capability(request: web.Request, kind: str, session_id: str, owner: str) -> str:
+    mac = hmac.new(request.app[SESSION_SECRET], f"{kind}\0{session_id}\0{owner}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()[:24]).decode()  # 192 bits: unguessable
+
+
+def session_location(request: web.Request, kind: str, stream: str, session_id: str, owner: str) -> str:
+    """The ``Location`` of a new session (RFC 9725 §4.2).
+
+    A client that authenticated with ``?token=`` (Eyevinn's player, ffmpeg's
+    WHIP muxer given a URL with the token) sends its later DELETE/PATCH to
+    this URL as it is, without the token. Such sessions get a capability URL
+    instead (knowing the URL is the authority to act on the session, as
+    with the token it was created with): a key in the last path segment
+    (``/whep/s/<id>.<key>``), an HMAC of the session and its owner, valid
+    for that session only. In the path, not the query, because clients
+    append their own ``?token=`` to it. A client that sent
+    ``Authorization: Bearer`` keeps using its header (no capability in the
+    URL, where it would end up in access logs)."""
+    path = f"/{kind}/{stream}/{session_id}"
+    if request.headers.get("Authorization") or not request.query.get("token"):
+        return path
+    return f"{path}{_KEY_SEP}{_capability(request, kind, session_id, owner)}"
+
+
+async def session_access(request: web.Request, kind: str, sessions: Mapping[str, Any]) -> tuple[str, Any]:
+    """The session a request to a session URL names, if the caller may act
+    on it: the holder of its URL capability, or a principal that owns it
+    (or an admin; for WHIP also a director of the stream's production).
+    Returns a label for the logs and the session; raises 401/403/404."""
+    session_id, sep, key = request.match_info["session"].partition(_KEY_SEP)
+    has_token = bearer_token(request) is not None
+    if not sep and not has_token:
+        raise Unauthorized()
+    session = sessions.get(session_id)
+    if session is None or session.stream_name != request.match_info["stream"]:
+        raise NotFound("no such session")
+    if sep and hmac.compare_digest(key.encode(), _capability(request, kind, session.id, session.owner).encode()):
+        return "session key", session
+    if not has_token:
+        raise Forbidden("the key does not open this session")
+    p = await principal(request)
+    if session.owner == owner_key(p) or p.is_admin:
+        return p.label, session
+    if kind == "whip":
+        # A director of the stream's production may end anyone's publishing.
+        row = await stream_entry(request, session.stream_name)
+        role = None if row is None or p.kind != "user" else await production_role(request, p, row.production_id)
+        if role in PUBLISH_ROLES:
+            return p.label, session
+    raise Forbidden("this session belongs to someone else")
 
 
 def check_offer_headers(request: web.Request) -> int:

@@ -19,7 +19,10 @@
 ==========================================  ====================================
 
 Authentication: ``Authorization: Bearer`` or ``?token=`` — a read link for
-the stream, or a user token of a member of the stream's production.
+the stream, or a user token of a member of the stream's production. The
+session URL works with the same credential; a session opened with
+``?token=`` also carries its own capability in the ``Location``
+(``/whep/{stream}/{session}.{key}``, :func:`.webrtc_http.session_location`).
 Errors: 400 malformed SDP, 401/403 auth, 404 unknown stream or session, 409 +
 ``Retry-After`` stream not live, 413 offer too large, 415 wrong content type,
 422 offer that cannot be served passthrough (no H.264/Opus, B-frame source),
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -39,11 +43,12 @@ from media.errors import UnsupportedMedia
 from media.webrtc.sdp import SdpError
 
 from . import repo
-from .app import DB, SETTINGS, Principal, principal, require_production_role
-from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from .app import DB, SETTINGS, principal, require_production_role
+from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
-    authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links,
+    SESSION_SECRET, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, session_access,
+    session_location, with_ice_links,
 )
 
 log = logging.getLogger("returnfeed.whep")
@@ -89,39 +94,31 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
         raise ServiceUnavailable("viewer limit reached", headers={"Retry-After": "10"}) from None
     event(log, logging.INFO, "whep.session", stream=name, session=session.id, who=p.label,
           codec_note=session.answer_note)
-    location = f"/whep/{name}/{session.id}"
+    location = session_location(request, "whep", name, session.id, session.owner)
     resp = web.Response(status=201, text=session.sdp_answer, content_type="application/sdp",
                         headers={"Location": location, "ETag": session.etag,
                                  "Accept-Patch": "application/trickle-ice-sdpfrag"})
     return with_ice_links(resp, request)
 
 
-def _session(request: web.Request, p: Principal) -> Any:
-    media = request.app[MEDIA]
-    session = media.whep.sessions.get(request.match_info["session"])
-    if session is None or session.stream_name != request.match_info["stream"]:
-        raise NotFound("no such session")
-    if session.owner != owner_key(p) and not p.is_admin:
-        raise Forbidden("this session belongs to someone else")
-    return session
+async def _session(request: web.Request) -> tuple[str, Any]:
+    return await session_access(request, "whep", request.app[MEDIA].whep.sessions)
 
 
 async def whep_patch(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    return await patch_trickle(request, _session(request, p), "start a new session")
+    _who, session = await _session(request)
+    return await patch_trickle(request, session, "start a new session")
 
 
 async def whep_delete(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    session = _session(request, p)
+    who, session = await _session(request)
     await session.close()
-    event(log, logging.INFO, "whep.deleted", session=session.id)
+    event(log, logging.INFO, "whep.deleted", session=session.id, who=who)
     return web.Response(status=200)
 
 
 async def whep_get(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    session = _session(request, p)
+    _who, session = await _session(request)
     info = session.info()
     return web.json_response({"id": info.id, "stream": info.stream, "layer": info.layer,
                               "pinned": info.pinned, "sync": session.sync, "state": info.state,
@@ -129,8 +126,7 @@ async def whep_get(request: web.Request) -> web.StreamResponse:
 
 
 async def whep_layer(request: web.Request) -> web.StreamResponse:
-    p = await principal(request)
-    session = _session(request, p)
+    _who, session = await _session(request)
     try:
         data = json.loads(await request.read())
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -184,6 +180,7 @@ async def stream_viewers(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
+    app[SESSION_SECRET] = secrets.token_bytes(32)
     r = app.router
     r.add_route("GET", "/api/v1/streams/{name}/viewers", stream_viewers)
     r.add_route("POST", "/whep/{stream}", whep_post)

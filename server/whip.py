@@ -19,7 +19,10 @@
 
 Authentication (§4.5 bearer token, or ``?token=``): a ``publish`` link for
 this stream, or a user who is director of the stream's production (or
-admin). Camera and viewer users and read links get 403.
+admin). Camera and viewer users and read links get 403. A session opened
+with ``?token=`` carries its own capability in the ``Location``
+(``/whip/{stream}/{session}.{key}``), which is how ffmpeg's WHIP muxer
+DELETEs it without repeating the token.
 
 Errors, all JSON ``{error, detail}``: 400 malformed SDP, 401/403 auth, 404
 unknown stream or session, 409 + ``Retry-After`` the stream is already being
@@ -50,11 +53,12 @@ from media.webrtc.sdp import SdpError
 from media.webrtc.whip import WhipService, WhipSession
 
 from . import api
-from .app import METRICS, SETTINGS, Principal, client_ip, principal, production_role, stream_entry
-from .errors import Conflict, Forbidden, NotFound, ServiceUnavailable, Unprocessable
+from .app import METRICS, SETTINGS, client_ip
+from .errors import Conflict, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
-    PUBLISH_ROLES, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, with_ice_links,
+    authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, session_access, session_location,
+    with_ice_links,
 )
 from .whep import MEDIA
 
@@ -82,38 +86,30 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
     event(log, logging.INFO, "whip.session", stream=name, session=session.id, who=p.label,
           video=plan.video.reason if plan and plan.video else None, rids=list(plan.rids) if plan else [])
     resp = web.Response(status=201, text=session.sdp_answer, content_type="application/sdp",
-                        headers={"Location": f"/whip/{name}/{session.id}", "ETag": session.etag,
+                        headers={"Location": session_location(request, "whip", name, session.id, session.owner),
+                                 "ETag": session.etag,
                                  "Accept-Patch": "application/trickle-ice-sdpfrag"})
     return with_ice_links(resp, request)
 
 
-async def _session(request: web.Request) -> tuple[Principal, WhipSession]:
-    p = await principal(request)
-    session = request.app[WHIP].sessions.get(request.match_info["session"])
-    if session is None or session.stream_name != request.match_info["stream"]:
-        raise NotFound("no such session")
-    if session.owner != owner_key(p) and not p.is_admin:
-        row = await stream_entry(request, session.stream_name)
-        role = None if row is None or p.kind != "user" else await production_role(request, p, row.production_id)
-        if role not in PUBLISH_ROLES:
-            raise Forbidden("this session belongs to someone else")
-    return p, session
+async def _session(request: web.Request) -> tuple[str, WhipSession]:
+    return await session_access(request, "whip", request.app[WHIP].sessions)
 
 
 async def whip_patch(request: web.Request) -> web.StreamResponse:
-    _p, session = await _session(request)
+    _who, session = await _session(request)
     return await patch_trickle(request, session, "DELETE this session and POST a new offer")
 
 
 async def whip_delete(request: web.Request) -> web.StreamResponse:
-    p, session = await _session(request)
-    await session.close("deleted by " + p.label)
-    event(log, logging.INFO, "whip.deleted", stream=session.stream_name, session=session.id, who=p.label)
+    who, session = await _session(request)
+    await session.close("deleted by " + who)
+    event(log, logging.INFO, "whip.deleted", stream=session.stream_name, session=session.id, who=who)
     return web.Response(status=200)
 
 
 async def whip_get(request: web.Request) -> web.StreamResponse:
-    _p, session = await _session(request)
+    _who, session = await _session(request)
     info = session.info()
     return web.json_response({"id": info.id, "stream": info.stream, "state": info.state,
                               "publishing": info.attached, "remote": info.remote, "stats": info.stats,

@@ -432,6 +432,13 @@ def check_ingest_internals() -> None:
         raise AiortcInternalsChanged("RTCRtpSender no longer keeps its SSRC in _ssrc")
     if "_nominated" not in aioice.Connection.__init__.__code__.co_names:
         raise AiortcInternalsChanged("aioice.Connection no longer keeps _nominated candidate pairs")
+    from aiortc.rtcicetransport import RTCIceTransport
+
+    if not callable(getattr(RTCDtlsTransport, "_set_role", None)) or "_role" not in (
+            RTCDtlsTransport.__init__.__code__.co_names):
+        raise AiortcInternalsChanged("RTCDtlsTransport no longer keeps its DTLS role in _role/_set_role")
+    if not {"_send", "_recv"} <= set(RTCIceTransport.__init__.__code__.co_names):
+        raise AiortcInternalsChanged("RTCIceTransport no longer exposes _send/_recv per instance")
 
 
 class CapturingReceiver(RTCRtpReceiver):
@@ -519,3 +526,97 @@ async def add_trickle_candidates(pc: Any, frag: str) -> None:
             cand.sdpMid = mids[0] if mids else None
             cand.sdpMLineIndex = 0
             await pc.addIceCandidate(cand)
+
+
+# -- DTLS role (RFC 8842 §5.3, RFC 5763 §5) -------------------------------------------
+
+#: RFC 9147 §5.8.2: "Implementations SHOULD use an initial timer value of
+#: 100 msec (the minimum defined in RFC 6298) and double the value at each
+#: retransmission"; OpenSSL's DTLS 1.2 timer starts at 1 s.
+FIRST_FLIGHT_RETRANSMIT_S = 0.1
+
+#: One early copy of the first flight: a peer whose ICE loop swallows the
+#: first DTLS datagram (ffmpeg 9's WHIP muxer as DTLS server, measured:
+#: handshake 1003 ms with OpenSSL's timer alone, 100 ms with the RFC 9147
+#: timer, 19 ms with a copy after 20 ms) starts its handshake on the copy.
+EARLY_COPY_S = 0.01
+
+
+def _is_dtls(data: bytes) -> bool:
+    # RFC 7983 §7: a first byte in 20..63 is DTLS on a multiplexed 5-tuple.
+    return bool(data) and 19 < data[0] < 64
+
+
+def choose_dtls_role(pc: Any) -> str:
+    """After ``setRemoteDescription(offer)``, before ``createAnswer()``: pick
+    this side's DTLS role and return it (``"server"`` = ``a=setup:passive``).
+
+    RFC 8842 §5.3: the answerer picks the role when the offer says
+    ``actpass``. We pick passive (DTLS server): the offerer then sends its
+    ClientHello once *its* ICE check has succeeded, so nothing we send can
+    arrive before the peer listens. An offer that is ``passive`` itself
+    (ffmpeg 9's WHIP default) leaves us the client: that peer swallows the
+    first ClientHello in its ICE loop and OpenSSL would resend it only after
+    1 s, so the first flight is resent early (:func:`_resend_first_flight`).
+    """
+    remote = pc.remoteDescription.sdp if pc.remoteDescription is not None else ""
+    offered = {ln.split(":", 1)[1].strip() for ln in remote.splitlines() if ln.startswith("a=setup:")}
+    role = "client"
+    for transport in _dtls_transports(pc):
+        if transport._role == "auto" and offered <= {"actpass"}:
+            transport._set_role("server")
+        elif transport._role == "auto":  # the offer said passive: aiortc answers active
+            transport._set_role("client")
+        if transport._role == "client":
+            _resend_first_flight(transport)
+        else:
+            role = "server"
+    return role
+
+
+def _dtls_transports(pc: Any) -> list[Any]:
+    seen: dict[int, Any] = {}
+    for tr in pc.getTransceivers():
+        t = tr.receiver.transport
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _resend_first_flight(dtls_transport: Any, early: float = EARLY_COPY_S,
+                         first: float = FIRST_FLIGHT_RETRANSMIT_S, until: float = 1.0) -> None:
+    """Resend our first DTLS flight (the ClientHello) ``early`` s after it
+    went out, then on the RFC 9147 timer (``first``, doubling), until the
+    peer sends any DTLS record or OpenSSL's own 1 s timer takes over
+    (``until``). The datagram is resent byte for byte: a peer that did see
+    the first copy discards the duplicate record (RFC 6347 §4.1.2.6 replay
+    detection)."""
+    import asyncio
+
+    ice = dtls_transport.transport
+    send, recv = ice._send, ice._recv
+    state: dict[str, Any] = {"flight": None, "heard": False, "t0": 0.0}
+
+    async def watched_recv() -> bytes:
+        data = await recv()
+        if _is_dtls(data):
+            state["heard"] = True
+        return data
+
+    async def watched_send(data: bytes) -> None:
+        if state["flight"] is None and _is_dtls(data) and not state["heard"]:
+            state["flight"] = bytes(data)
+            loop = asyncio.get_running_loop()
+            state["t0"] = loop.time()
+            loop.call_later(early, resend, first)
+        await send(data)
+
+    def resend(next_delay: float) -> None:
+        if state["heard"] or dtls_transport.state != "connecting":
+            return
+        loop = asyncio.get_running_loop()
+        log.debug("webrtc.dtls_first_flight_resent", extra={"fields": {"after_s": loop.time() - state["t0"]}})
+        asyncio.ensure_future(send(state["flight"]))
+        if loop.time() - state["t0"] + next_delay < until:
+            loop.call_later(next_delay, resend, next_delay * 2)
+
+    ice._send, ice._recv = watched_send, watched_recv

@@ -15,7 +15,23 @@ socket backs up is told (``on_backlog``), never waited for.
 Layers are indexed by increasing bitrate (``0`` = lowest), the convention of
 :class:`media.rtp.layers.LayerSelector`. Index ``AUDIO`` is the audio track.
 A new viewer first receives the packet GOP cache of its layer (from the last
-IDR), so its picture starts at once rather than at the next keyframe.
+IDR), so its picture starts at once rather than at the next keyframe —
+paced, never in one burst (:class:`JoinPolicy`). A long GOP (ffmpeg ``-c
+copy`` of a file with one keyframe: megabytes) sent at once overflows the
+viewer's socket or link, the packets it loses are older than the shared
+NACK history, and the viewer stalls until the next keyframe, which may
+never come. So on join:
+
+* a source that can make a fresh keyframe (a WHIP publisher that accepted
+  ``nack pli``) is asked for one when the cached GOP is longer than
+  ``JoinPolicy.fresh_keyframe_after_s``; the viewer starts at it;
+* otherwise the cached GOP is replayed: its keyframe at once (as live
+  keyframes are sent), the rest at ``speedup`` × the layer's bitrate of the
+  last second (within ``min_bps``..``max_bps``); the layer's live packets queue
+  behind the replay for that viewer until it has caught up, or until the
+  layer's next keyframe, where the viewer skips straight to live;
+* what was replayed stays retransmittable (the viewer's NACKs) for
+  ``history_s`` after the replay ends: the shared history keeps only 1 s.
 
 Timestamps: a video layer's RTP timestamps are the TS PTS (90 kHz) modulo
 2^32 (each viewer's rewriter then adds its own random offset, RFC 3550
@@ -39,10 +55,13 @@ unwrapped across the 33-bit MPEG-TS wrap.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Mapping, Protocol
 
 from ..rtp.h264 import H264Packetizer
 from ..rtp.history import PacketHistory
@@ -90,6 +109,10 @@ class _LayerState:
     last_media: float | None = None
     media_wrap: float = 0.0
     anchor: MediaAnchor | None = None
+    #: Payload bit rate over the last whole second (the join replay's pace).
+    rate_bps: float = 0.0
+    window_bytes: int = 0
+    window_start: float | None = None
 
 
 @dataclass(slots=True)
@@ -99,6 +122,65 @@ class FanoutStats:
     packet_sends: int = 0
     reader_drops: int = 0
     viewers: int = 0
+    joins_replayed: int = 0
+    joins_fresh_keyframe: int = 0
+    replay_skipped_to_keyframe: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class JoinPolicy:
+    """How a viewer joining mid-GOP is started (see the module docstring)."""
+
+    speedup: float = 4.0
+    min_bps: float = 4e6
+    max_bps: float = 40e6
+    #: Pacing timer period; the most sent in one go is one period's worth.
+    tick: float = 0.005
+    fresh_keyframe_after_s: float = 1.0
+    history_s: float = 3.0
+    #: A viewer whose replay queue grows past this many bytes (it cannot
+    #: catch up) is moved to the layer's next keyframe instead.
+    max_queue_bytes: int = 24 << 20
+
+
+@dataclass(slots=True)
+class _Replay:
+    """One viewer's paced start on layer ``layer`` (by name: indexes shift
+    when a layer appears)."""
+
+    layer: str
+    rate_bps: float
+    queue: deque[LayerPacket] = field(default_factory=deque)
+    queued_bytes: int = 0
+    credit: float = 0.0
+    last: float = 0.0
+    sent: dict[int, LayerPacket] = field(default_factory=dict)
+    done_at: float | None = None
+
+
+class _ReplayHistory:
+    """The layer's shared history, then what was replayed to one viewer
+    (until ``history_s`` after its replay ended): answers its NACKs for
+    packets older than the shared history keeps."""
+
+    __slots__ = ("_live", "_replay", "_until")
+
+    def __init__(self, live: PacketHistory, replay: _Replay, history_s: float) -> None:
+        self._live = live
+        self._replay = replay
+        self._until = history_s
+
+    def get(self, seq: int, now: float, timestamp: int | None = None) -> LayerPacket | None:
+        p = self._live.get(seq, now, timestamp)
+        if p is not None:
+            return p
+        r = self._replay
+        if r.done_at is not None and now - r.done_at > self._until:
+            return None
+        p = r.sent.get(seq & 0xFFFF)
+        if p is None or (timestamp is not None and p.timestamp != timestamp):
+            return None
+        return p
 
 
 class StreamFanout:
@@ -106,8 +188,17 @@ class StreamFanout:
 
     def __init__(self, stream: Stream, *, max_payload: int = 1200, gop_cache_bytes: int = 8 << 20,
                  reader_size: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 on_frame_sent: Callable[[Frame, float], None] | None = None) -> None:
+                 on_frame_sent: Callable[[Frame, float], None] | None = None,
+                 request_keyframe: Callable[[str], int] | None = None,
+                 join: JoinPolicy = JoinPolicy()) -> None:
         self.stream = stream
+        self.join = join
+        #: Asks the stream's source for a keyframe; returns how many requests
+        #: were really sent (0: the source cannot be asked, e.g. SRT, or a
+        #: WHIP publisher whose offer has ``nack`` but not ``nack pli``).
+        self._request_keyframe = request_keyframe
+        self._replays: dict[ViewerSink, _Replay] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self.max_payload = max_payload
         self.gop_cache_bytes = gop_cache_bytes
         self._clock = clock
@@ -134,6 +225,10 @@ class StreamFanout:
         if self.closed:
             return
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._replays.clear()
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -147,9 +242,16 @@ class StreamFanout:
     def layers(self) -> list[str]:
         return list(self._order)
 
-    def histories(self) -> dict[int, PacketHistory]:
-        out = {i: self._layers[n].history for i, n in enumerate(self._order)}
+    def histories(self, sink: ViewerSink | None = None) -> Mapping[int, PacketHistory | _ReplayHistory]:
+        """Retransmission sources per layer index (for ``sink``: including
+        what its join replay sent)."""
+        out: dict[int, PacketHistory | _ReplayHistory] = {
+            i: self._layers[n].history for i, n in enumerate(self._order)}
         out[AUDIO] = self._audio.history
+        replay = self._replays.get(sink) if sink is not None and self._replays else None
+        if replay is not None and replay.layer in self._order:
+            index = self._order.index(replay.layer)
+            out[index] = _ReplayHistory(self._layers[replay.layer].history, replay, self.join.history_s)
         return out
 
     def anchors(self) -> dict[int, MediaAnchor]:
@@ -160,20 +262,122 @@ class StreamFanout:
         return out
 
     def attach(self, sink: ViewerSink, layer_index: int | None, now: float) -> None:
-        """Add a viewer; replay its layer's GOP so it can start decoding now."""
+        """Add a viewer and start it on its layer (see the module docstring)."""
         self._sinks.add(sink)
         self.stats.viewers = len(self._sinks)
-        if self._order:
-            sink.on_layers_changed(list(self._order))
-            idx = min(max(layer_index if layer_index is not None else len(self._order) - 1, 0),
-                      len(self._order) - 1)
-            gop = self._layers[self._order[idx]].gop
-            if gop:
-                sink.on_packets(idx, list(gop), now)
+        if not self._order:
+            return
+        sink.on_layers_changed(list(self._order))
+        idx = min(max(layer_index if layer_index is not None else len(self._order) - 1, 0),
+                  len(self._order) - 1)
+        st = self._layers[self._order[idx]]
+        if not st.gop:
+            return
+        span = ((st.gop[-1].timestamp - st.gop[0].timestamp) & 0xFFFFFFFF) / 90000.0
+        if span > self.join.fresh_keyframe_after_s and self._request_keyframe is not None:
+            if self._request_keyframe(self.stream.name) > 0:
+                # The source makes a keyframe within a round trip: start there
+                # rather than replaying seconds of old pictures.
+                self.stats.joins_fresh_keyframe += 1
+                return
+        layer_bps = st.rate_bps or (st.gop_bytes * 8.0 / span if span >= 0.5 else 0.0)
+        j = self.join
+        replay = _Replay(st.name, min(max(layer_bps * j.speedup, j.min_bps), j.max_bps), deque(st.gop),
+                         st.gop_bytes, last=now)
+        self._replays[sink] = replay
+        self.stats.joins_replayed += 1
+        self._pump(sink, replay, now, first=True)
+        self._arm()
 
     def detach(self, sink: ViewerSink) -> None:
         self._sinks.discard(sink)
+        self._replays.pop(sink, None)
         self.stats.viewers = len(self._sinks)
+
+    # -- join replay -------------------------------------------------------------------
+
+    def pump_replays(self, now: float) -> bool:
+        """Send each replaying viewer what its pace allows up to ``now``;
+        forget replays whose retransmission window is over. Returns whether
+        any replay is still sending."""
+        active = False
+        for sink, replay in list(self._replays.items()):
+            if replay.done_at is None:
+                self._pump(sink, replay, now)
+                active = active or replay.done_at is None
+            elif now - replay.done_at > self.join.history_s:
+                del self._replays[sink]
+        return active
+
+    def _pump(self, sink: ViewerSink, replay: _Replay, now: float, first: bool = False) -> None:
+        per_tick = replay.rate_bps / 8.0 * self.join.tick
+        # A late timer may send up to four periods' worth at once, never more.
+        replay.credit = min(replay.credit + (now - replay.last) * replay.rate_bps / 8.0, 4 * per_tick)
+        replay.last = now
+        batch: list[LayerPacket] = []
+        queue = replay.queue
+        if first:
+            # The keyframe goes at once, as the live path sends every
+            # keyframe: the picture starts now; what follows it is paced.
+            while queue:
+                p = queue.popleft()
+                replay.queued_bytes -= len(p.payload)
+                replay.sent[p.seq] = p
+                batch.append(p)
+                if p.marker:
+                    break
+        while queue and replay.credit > 0:
+            p = queue.popleft()
+            replay.credit -= len(p.payload)
+            replay.queued_bytes -= len(p.payload)
+            replay.sent[p.seq] = p
+            batch.append(p)
+        if not queue:
+            replay.done_at = now
+        if batch:
+            sink.on_packets(self._order.index(replay.layer), batch, now)
+
+    def _arm(self, delay: float | None = None) -> None:
+        if self.closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # driven by hand (tests): pump_replays(now)
+            return
+        if self._timer is not None:
+            if delay is not None or self._timer.when() <= loop.time() + self.join.tick:
+                return
+            self._timer.cancel()  # a pending forget-timer gives way to pacing
+        self._timer = loop.call_later(self.join.tick if delay is None else delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.pump_replays(self._clock()):
+            self._arm()
+        elif self._replays:
+            # Only retransmission windows left: wake once to forget them.
+            self._arm(self.join.history_s + self.join.tick)
+
+    def _queue_for_replay(self, sink: ViewerSink, replay: _Replay, packets: list[LayerPacket],
+                          now: float) -> None:
+        """Live packets of a replaying viewer's layer: behind the replay, or —
+        at the layer's next keyframe, or when the viewer cannot catch up —
+        straight to live, flagged so its rewriter starts a new run there."""
+        if packets[0].keyframe_start or replay.queued_bytes > self.join.max_queue_bytes:
+            skipped = bool(replay.queue)
+            replay.queue.clear()
+            replay.queued_bytes = 0
+            replay.done_at = now
+            if skipped:
+                self.stats.replay_skipped_to_keyframe += 1
+                packets = [dataclasses.replace(packets[0], discontinuity=True), *packets[1:]]
+                if not packets[0].keyframe_start and self._request_keyframe is not None:
+                    # Mid-GOP: the rewriter waits for a keyframe; ask for one.
+                    self._request_keyframe(self.stream.name)
+            sink.on_packets(self._order.index(replay.layer), packets, now)
+            return
+        replay.queue.extend(packets)
+        replay.queued_bytes += sum(len(p.payload) for p in packets)
 
     @property
     def viewer_count(self) -> int:
@@ -238,6 +442,12 @@ class StreamFanout:
                 if st.gop_bytes > self.gop_cache_bytes:
                     st.gop, st.gop_bytes = [], 0
             index = self._order.index(st.name)
+            if st.window_start is None:
+                st.window_start = now
+            st.window_bytes += sum(len(p.payload) for p in packets)
+            if now - st.window_start >= 1.0:
+                st.rate_bps = st.window_bytes * 8.0 / (now - st.window_start)
+                st.window_start, st.window_bytes = now, 0
         elif frame.kind == "audio":
             if frame.codec != "opus" or frame.pts is None:
                 return
@@ -255,8 +465,13 @@ class StreamFanout:
         st.packets += len(packets)
         self.stats.frames += 1
         self.stats.packets += len(packets)
+        replays = self._replays
         for sink in list(self._sinks):
-            sink.on_packets(index, packets, now)
+            replay = replays.get(sink) if replays else None
+            if replay is not None and replay.layer == st.name and replay.done_at is None:
+                self._queue_for_replay(sink, replay, packets, now)
+            else:
+                sink.on_packets(index, packets, now)
         self.stats.packet_sends += len(packets) * len(self._sinks)
         if self._on_frame_sent is not None and index != AUDIO:
             self._on_frame_sent(frame, self._clock())
@@ -295,3 +510,12 @@ class StreamFanout:
             # The PTS may start anywhere now: measure the clock again.
             st.base = st.last_media = st.anchor = None
             st.media_wrap = 0.0
+        # A replay of the old run would end in packets unrelated to the new
+        # one: those viewers go straight to the restarted layer.
+        names = {st.name for st in targets}
+        now = self._clock()
+        for replay in self._replays.values():
+            if replay.done_at is None and replay.layer in names:
+                replay.queue.clear()
+                replay.queued_bytes = 0
+                replay.done_at = now

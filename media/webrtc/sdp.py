@@ -13,10 +13,15 @@ unacceptable offer gets a 4xx, never a partial answer):
   audio Opus (RFC 7587).
 
 :func:`choose_h264` picks the offered H.264 payload type for a source's
-``profile-level-id``: the same profile when offered; otherwise a
-Constrained Baseline one, which Chromium also decodes Main/High streams
-under (REFERENCES.md) — the choice and the reason are returned so they are
-logged, never silent.
+``profile-level-id``: the same profile when offered; otherwise the
+smallest offered profile whose decoders also decode the source's (H.264
+Annex A.2: a High 4:4:4 Predictive decoder decodes High, a High decoder
+Main, every one Constrained Baseline); otherwise it refuses, naming the
+source's profile and what the viewer offered. The answer never labels a
+stream with a profile it does not conform to: a hardware decoder set up for
+Constrained Baseline may fail on a High stream that a software decoder
+would play. :func:`choose_h264_ingest` picks what a WHIP publisher sends.
+The choice and the reason are returned so they are logged, never silent.
 """
 
 from __future__ import annotations
@@ -249,13 +254,32 @@ class CodecChoice:
     reason: str
 
 
-def choose_h264(section: OfferedMedia, source_plid: str | None) -> CodecChoice:
-    """Pick the offered H.264 payload type to send a source with ``source_plid``."""
+#: H.264 Annex A.2: each profile's decoders also decode every profile before
+#: it in this chain (Baseline is taken as Constrained Baseline, as browsers
+#: do: they offer 42001f and decode only the constrained subset).
+_DECODES_CHAIN = (_CB, _MAIN, _HIGH, "high-10", "high-422", "high-444")
+
+
+def _rank(family: str) -> int | None:
+    family = _CB if family == _BASELINE else family
+    return _DECODES_CHAIN.index(family) if family in _DECODES_CHAIN else None
+
+
+def _h264_pm1(section: OfferedMedia) -> list[OfferedCodec]:
     h264 = [c for c in section.codecs if c.name == "h264" and c.packetization_mode == 1]
     if not h264:
         raise SdpError("the offer has no H.264 with packetization-mode=1; this server forwards H.264 "
                        "without transcoding")
+    return h264
+
+
+def choose_h264(section: OfferedMedia, source_plid: str | None) -> CodecChoice:
+    """Pick the offered H.264 payload type to send a source with
+    ``source_plid``; raises :class:`SdpError` when no offered profile can
+    decode it."""
+    h264 = _h264_pm1(section)
     want = h264_profile(source_plid)
+    level = source_plid[4:6] if source_plid and len(source_plid) == 6 else None
     same = [c for c in h264 if h264_profile(c.profile_level_id) == want]
     if same:
         c = same[0]
@@ -263,14 +287,41 @@ def choose_h264(section: OfferedMedia, source_plid: str | None) -> CodecChoice:
         # and constraint flags, e.g. Constrained High 640c); with
         # level-asymmetry-allowed it may state the level the source sends.
         offered = c.profile_level_id or "42e01f"
-        level = source_plid[4:6] if source_plid and len(source_plid) == 6 else offered[4:6]
-        return CodecChoice(c, section.rtx_for(c.payload_type), offered[:4] + level,
+        return CodecChoice(c, section.rtx_for(c.payload_type), offered[:4] + (level or offered[4:6]),
                            f"offer has the source profile ({want})")
+    need = _rank(want)
+    wider = []
+    for c in h264:
+        rank = _rank(h264_profile(c.profile_level_id))
+        if need is not None and rank is not None and rank > need:
+            wider.append((rank, c))
+    if wider:
+        c = min(wider, key=lambda rc: rc[0])[1]
+        offered = c.profile_level_id or "42e01f"
+        family = h264_profile(offered)
+        return CodecChoice(c, section.rtx_for(c.payload_type), offered[:4] + (level or offered[4:6]),
+                           f"offer lacks the source profile ({want}); sending under {family} payload type "
+                           f"{c.payload_type}, whose decoders also decode {want} (H.264 Annex A.2)")
+    offered_families = sorted({h264_profile(c.profile_level_id) for c in h264})
+    raise SdpError(f"this stream is H.264 {want} (profile-level-id {source_plid}) and the offer has no "
+                   f"profile that decodes it (offered: {', '.join(offered_families)}); use a player whose "
+                   f"decoder supports H.264 {want}")
+
+
+def choose_h264_ingest(section: OfferedMedia) -> CodecChoice:
+    """Pick the H.264 payload type a WHIP publisher is to send. A browser
+    offers several profiles and encodes the one answered: Constrained
+    Baseline, which every viewer decodes. A publisher that offers only its
+    own stream's profile (ffmpeg's WHIP muxer states its encoder's SPS, e.g.
+    ``64001f`` for x264's default High) gets that profile answered as is."""
+    h264 = _h264_pm1(section)
     cb = [c for c in h264 if h264_profile(c.profile_level_id) == _CB]
     pick = (cb or h264)[0]
-    return CodecChoice(pick, section.rtx_for(pick.payload_type), pick.profile_level_id or "42e01f",
-                       f"offer lacks the source profile ({want}); sending under "
-                       f"{h264_profile(pick.profile_level_id)} payload type {pick.payload_type}")
+    plid = pick.profile_level_id or "42e01f"
+    family = h264_profile(plid)
+    note = "" if family == _CB else "; viewers need a decoder for it"
+    return CodecChoice(pick, section.rtx_for(pick.payload_type), plid,
+                       f"publisher sends {family} (profile-level-id {plid}){note}")
 
 
 def choose_opus(section: OfferedMedia) -> OfferedCodec:

@@ -209,6 +209,7 @@ class WhepSession:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as exc:  # aiortc raises assorted errors on SDP it dislikes
             raise SdpError(f"offer rejected by the WebRTC stack: {exc}") from None
+        adapter.choose_dtls_role(self.pc)
         for kind, tr in transceivers.items():
             if kind == "video" and video_choice is not None:
                 c = video_choice.codec
@@ -387,12 +388,13 @@ class WhepSession:
             self.stats.nacks += 1
             rw = track.rewriter
             dropped = rw.rtx_too_old + rw.rtx_over_budget
+            histories = self.fanout.histories(self)
             if kind == "video":
                 rtt = self._selector.rtt if self._selector is not None else None
-                out = rw.retransmit(packet.lost, self.fanout.histories(), now, budget=self._budget,
+                out = rw.retransmit(packet.lost, histories, now, budget=self._budget,
                                     max_age=self._budget.max_age(rtt))
             else:
-                out = rw.retransmit(packet.lost, self.fanout.histories(), now)
+                out = rw.retransmit(packet.lost, histories, now)
             self.stats.retransmits_dropped += rw.rtx_too_old + rw.rtx_over_budget - dropped
             if kind == "video" and self._selector is not None:
                 self._apply(self._selector.on_nack(packet.lost, now))
@@ -681,7 +683,7 @@ class WhepService:
                  backlog_limit: int = 512 * 1024, send_failure_timeout: float = 5.0,
                  layer_policy: LayerPolicy | None = None,
                  rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
-                 on_keyframe_request: Callable[[str], None] | None = None,
+                 on_keyframe_request: Callable[[str], int | None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
         adapter.ensure_h264_profiles()
         self.ice_servers = ice_servers or []
@@ -694,7 +696,7 @@ class WhepService:
         self.cname = ("returnfeed-" + secrets.token_hex(4)).encode()
         self.sessions: dict[str, WhepSession] = {}
         self.fanouts: dict[str, StreamFanout] = {}
-        self.keyframe_handlers: list[Callable[[str], None]] = (
+        self.keyframe_handlers: list[Callable[[str], int | None]] = (
             [on_keyframe_request] if on_keyframe_request is not None else [])
         self._on_frame_sent = on_frame_sent
         self.switches: dict[tuple[str, str, str], int] = {}
@@ -729,7 +731,7 @@ class WhepService:
         if fo is None or fo.closed or fo.stream is not stream:
             if fo is not None:
                 fo.close()
-            fo = StreamFanout(stream, on_frame_sent=self._on_frame_sent)
+            fo = StreamFanout(stream, on_frame_sent=self._on_frame_sent, request_keyframe=self.on_keyframe_request)
             fo.start()
             self.fanouts[stream.name] = fo
         return fo
@@ -782,9 +784,10 @@ class WhepService:
     def viewers(self, stream: str) -> list[WhepSession]:
         return [s for s in self.sessions.values() if s.stream_name == stream]
 
-    def on_keyframe_request(self, stream: str) -> None:
-        for handler in self.keyframe_handlers:
-            handler(stream)
+    def on_keyframe_request(self, stream: str) -> int:
+        """Ask the stream's source for a keyframe; returns how many requests
+        were really sent upstream (0 when the source cannot be asked)."""
+        return sum(handler(stream) or 0 for handler in self.keyframe_handlers)
 
     def count_switch(self, stream: str, frm: str, to: str) -> None:
         key = (stream, frm, to)

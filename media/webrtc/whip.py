@@ -90,7 +90,7 @@ from ..rtp.rtcp import (
 )
 from ..stream import Publisher, SourceInfo, StreamBusy, StreamClosed, StreamHub, layer_names
 from . import aiortc_adapter as adapter
-from .sdp import CodecChoice, Offer, OfferedCodec, SdpError, choose_h264, choose_opus
+from .sdp import CodecChoice, Offer, OfferedCodec, SdpError, choose_h264_ingest, choose_opus
 
 log = logging.getLogger("returnfeed.webrtc")
 
@@ -216,7 +216,7 @@ def plan_offer(text: str, offer: Offer) -> WhipPlan:
         if section is not None and section.direction not in ("sendonly", "sendrecv"):
             raise SdpError(f"the {section.kind} section must be sendonly for WHIP (RFC 9725 §4.2), "
                            f"not {section.direction}")
-    video_choice = choose_h264(video, None) if video is not None else None
+    video_choice = choose_h264_ingest(video) if video is not None else None
     opus = choose_opus(audio) if audio is not None else None
     sections = _sections(text)
     bundle = [ln for ln in text.replace("\r\n", "\n").split("\n") if ln.startswith("a=group:BUNDLE")]
@@ -963,6 +963,7 @@ class WhipSession:
         self.connected_at: float | None = None
         self.last_rtp: float | None = None
         self._dtls: Any = None
+        self.dtls_role = ""
         self._closing: asyncio.Task | None = None
 
     # -- negotiation -------------------------------------------------------------
@@ -982,6 +983,7 @@ class WhipSession:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as exc:  # aiortc raises assorted errors on SDP it dislikes
             raise SdpError(f"offer rejected by the WebRTC stack: {exc}") from None
+        self.dtls_role = adapter.choose_dtls_role(self.pc)
         for kind, tr in transceivers.items():
             if kind == "video" and plan.video is not None:
                 c = plan.video.codec
@@ -1038,7 +1040,8 @@ class WhipSession:
             return
         log.info("whip.publishing", extra={"fields": {
             "session": self.id, "stream": self.stream_name, "remote": self.remote, "who": self.label,
-            "rids": list(self.plan.rids) if self.plan else []}})
+            "rids": list(self.plan.rids) if self.plan else [], "dtls_role": self.dtls_role,
+            "connect_ms": round(((self.connected_at or self.created) - self.created) * 1000.0, 1)}})
 
     def _on_rtp(self, data: bytes) -> None:
         if self.closed or self.ingest is None:
@@ -1100,10 +1103,14 @@ class WhipSession:
             self._publish(units)
         self._send_rtcp()
 
-    def request_keyframe(self) -> None:
+    def request_keyframe(self) -> int:
+        """PLIs sent (0 when the offer did not accept ``nack pli``, or rate-limited)."""
         if self.ingest is not None and self.publisher is not None and not self.closed:
-            if self.ingest.request_keyframe(time.monotonic()):
+            sent = self.ingest.request_keyframe(time.monotonic())
+            if sent:
                 self._send_rtcp()
+            return sent
+        return 0
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -1230,10 +1237,10 @@ class WhipService:
         """The session whose publisher is attached to stream ``name``."""
         return next((s for s in self.for_stream(name) if s.attached), None)
 
-    def request_keyframe(self, name: str) -> None:
-        """A viewer of ``name`` sent PLI/FIR: ask the publisher (rate-limited per layer)."""
-        for s in self.for_stream(name):
-            s.request_keyframe()
+    def request_keyframe(self, name: str) -> int:
+        """A viewer of ``name`` sent PLI/FIR or joined: ask the publisher
+        (rate-limited per layer); returns the PLIs really sent."""
+        return sum(s.request_keyframe() for s in self.for_stream(name))
 
     def counters(self) -> IngestStats:
         """Totals over closed and live sessions (monotonic)."""

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from media.webrtc.sdp import SdpError, choose_h264, choose_opus, h264_profile, parse_offer
+from media.webrtc.sdp import SdpError, choose_h264, choose_h264_ingest, choose_opus, h264_profile, parse_offer
 
 OFFER = (Path(__file__).parent.parent / "fixtures" / "sdp" / "chromium_whep_offer.sdp").read_text()
 
@@ -30,10 +30,44 @@ def test_h264_choice_matches_source_profile() -> None:
     assert main.rtx is not None and main.rtx.fmtp["apt"] == str(main.codec.payload_type)
     cb = choose_h264(video, "42e01f")
     assert cb.codec.profile_level_id == "42e01f" and cb.codec.packetization_mode == 1
-    # This Chromium offers no High profile: fall back to Constrained Baseline, and say so.
+    # This Chromium offers no High profile, but High 4:4:4 Predictive, whose
+    # decoders decode High: sent under that, never under Constrained Baseline.
     high = choose_h264(video, "640028")
-    assert h264_profile(high.codec.profile_level_id) == "constrained-baseline"
-    assert "lacks the source profile" in high.reason
+    assert h264_profile(high.codec.profile_level_id) == "high-444" and high.answer_profile_level_id == "f40028"
+    assert "lacks the source profile (high)" in high.reason and "also decode high" in high.reason
+    # A Main source goes under the offered Main; a CB source under CB.
+    assert choose_h264(video, "4d0028").codec.profile_level_id == "4d001f"
+
+
+def test_h264_source_no_offered_profile_decodes_is_refused_with_reason() -> None:
+    # A viewer (e.g. a hardware-decoding player) that offers only Constrained
+    # Baseline cannot be sent a High stream: 422 with what it would need.
+    only_cb = parse_offer(OFFER.replace("profile-level-id=4d001f", "profile-level-id=42e01f")
+                          .replace("profile-level-id=f4001f", "profile-level-id=42e01f")).section("video")
+    with pytest.raises(SdpError, match=r"H\.264 high \(profile-level-id 640028\).*offered: baseline, "
+                                       r"constrained-baseline.*supports H\.264 high"):
+        choose_h264(only_cb, "640028")
+    assert choose_h264(only_cb, "42c01f").codec.profile_level_id in ("42e01f", "42001f")
+
+
+FFMPEG9_WHIP_VIDEO = (
+    "v=0\r\no=FFmpeg 1 2 IN IP4 127.0.0.1\r\ns=FFmpegPublishSession\r\nt=0 0\r\na=group:BUNDLE 1\r\n"
+    "m=video 9 UDP/TLS/RTP/SAVPF 106 105\r\nc=IN IP4 0.0.0.0\r\na=ice-ufrag:d74c822a\r\n"
+    "a=ice-pwd:94a9f17c0725f8f2314f4e075cac58c7\r\na=fingerprint:sha-256 0C:88:4E:68\r\na=setup:passive\r\n"
+    "a=mid:1\r\na=sendonly\r\na=rtcp-mux\r\na=rtpmap:106 H264/90000\r\n"
+    "a=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=64001f\r\n"
+    "a=rtcp-fb:106 nack\r\na=rtpmap:105 rtx/90000\r\na=fmtp:105 apt=106\r\n")
+
+
+def test_ingest_choice_states_what_the_publisher_sends() -> None:
+    # ffmpeg 9's WHIP offer (captured) lists only its encoder's profile.
+    ffmpeg = choose_h264_ingest(parse_offer(FFMPEG9_WHIP_VIDEO).section("video"))
+    assert ffmpeg.answer_profile_level_id == "64001f" and ffmpeg.codec.payload_type == 106
+    assert ffmpeg.reason == "publisher sends high (profile-level-id 64001f); viewers need a decoder for it"
+    assert "lacks" not in ffmpeg.reason
+    browser = choose_h264_ingest(parse_offer(OFFER).section("video"))  # offers several: CB answered
+    assert browser.answer_profile_level_id == "42e01f"
+    assert browser.reason == "publisher sends constrained-baseline (profile-level-id 42e01f)"
 
 
 @pytest.mark.parametrize("plid, family", [("42e01f", "constrained-baseline"), ("42001f", "baseline"),
