@@ -1,0 +1,368 @@
+"""Adaptive quality under a real shaped network: Chromium on /watch in a
+network namespace, a two-layer simulcast SRT source (ReturnFeed issue 17,
+"Tests (in CI)", network part).
+
+One server, one ffmpeg source and one Chromium serve every scenario; each
+scenario opens a fresh /watch page (a new WHEP session, starting on a clean
+network on the high layer), then plays its phases::
+
+    server (root ns) ── veth 10.199.77.1/30 ─► namespace rfn-vq: Chromium /watch
+                         tbf (queue)            nft: policer, random drop
+
+and records a timeline (tests/viewer_timeline.py): the page's getStats
+every 250 ms (decoded height = the layer the viewer sees, freezes, frames),
+the server's ``webrtc.layer_switch`` decisions from its JSON log, and the
+server's view of the session about once a second. Every rule of the issue is
+evaluated on every scenario and all results are reported together, with the
+timeline, so a failure says which rule broke and what happened around it.
+
+The namespace, veth pair, nft table and qdisc are removed when the module
+ends, also after a failure (and leftovers of a crashed run at the start).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from helpers import ServerProcess, http, login, stop_process, wait_until
+from netns import CLEAN, Shaping, ViewerNetwork, netns_unavailable, remove_leftovers
+from viewer_timeline import Phase, Sample, ServerView, Switch, Timeline
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts" / "viewer-network"
+CHROMIUM = "/usr/bin/chromium"
+ADMIN_PASSWORD = "admin-password-1"
+STREAM = "netcam"
+HIGH, LOW = 720, 180
+SAMPLE_EVERY_S = 0.25
+SERVER_VIEW_EVERY_S = 1.0
+# The low layer as Chromium receives it (180p at 150 kbit/s + Opus audio +
+# RTP/SRTP/UDP/IP headers) measured ≈ 260 kbit/s here; a queue of 320
+# kbit/s "just fits" it while the high layer (≈ 2.5 Mbit/s) cannot pass.
+LOW_FITS_KBIT = 320
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    seconds: float
+    shaping: Shaping
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    steps: tuple[Step, ...]
+
+
+BASELINE_S = 8.0
+SCENARIOS = [
+    # clean → 400 kbit/s policer → clean
+    Scenario("policer", (Step(BASELINE_S, CLEAN), Step(40, Shaping(police_kbit=400)), Step(15, CLEAN))),
+    # 8 % random loss (no rate limit)
+    Scenario("loss8", (Step(BASELINE_S, CLEAN), Step(30, Shaping(loss_pct=8)), Step(15, CLEAN))),
+    # a queue that just fits the low layer
+    Scenario("fits-low", (Step(BASELINE_S, CLEAN), Step(35, Shaping(queue_kbit=LOW_FITS_KBIT)), Step(15, CLEAN))),
+    # a 400 kbit/s queue, then clean for 60 s
+    Scenario("queue-then-clean", (Step(BASELINE_S, CLEAN), Step(20, Shaping(queue_kbit=400)), Step(60, CLEAN))),
+]
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
+]
+
+# Keep every RTCPeerConnection the page makes (the watch page's player owns
+# its own; a reconnect makes a new one), so the test can read getStats
+# itself, more often than the page's own once-a-second overlay.
+TRACK_PCS = """(() => {
+  const Native = window.RTCPeerConnection;
+  window.__rfnPcs = [];
+  window.RTCPeerConnection = class extends Native {
+    constructor(...args) { super(...args); window.__rfnPcs.push(this); }
+  };
+})();"""
+
+VIDEO_STATS = """async () => {
+  const pcs = (window.__rfnPcs || []).filter(pc => pc.connectionState !== 'closed');
+  const pc = pcs[pcs.length - 1];
+  if (!pc) return null;
+  let out = null;
+  (await pc.getStats()).forEach(r => {
+    if (r.type === 'inbound-rtp' && r.kind === 'video') out = {
+      height: r.frameHeight || 0, framesDecoded: r.framesDecoded || 0, keyFramesDecoded: r.keyFramesDecoded || 0,
+      freezeCount: r.freezeCount || 0, totalFreezesDuration: r.totalFreezesDuration || 0,
+      packetsLost: r.packetsLost || 0, packetsReceived: r.packetsReceived || 0, nackCount: r.nackCount || 0,
+      retransmittedBytesReceived: r.retransmittedBytesReceived || 0, bytesReceived: r.bytesReceived || 0};
+  });
+  return out ? {...out, pcs: window.__rfnPcs.length} : null;
+}"""
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def viewer_net() -> Iterator[ViewerNetwork]:
+    reason = netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    leftovers = remove_leftovers()
+    if leftovers:
+        print(f"removed leftovers of an earlier run: {leftovers}")
+    net = ViewerNetwork("vq")
+    try:
+        yield net.create()
+    finally:
+        net.destroy()
+        assert not net.exists(), f"{net.namespace} / {net.host_if} still present after cleanup"
+
+
+@pytest.fixture(scope="module")
+def stack(viewer_net: ViewerNetwork, e2e_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """Server (JSON logs, all addresses), a live two-layer stream, a read link."""
+    srv = ServerProcess(tmp_path_factory.mktemp("srv"), env={
+        "DATABASE_URL": e2e_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD, "RETURNFEED_LOG__FORMAT": "json"})
+    srv.start()
+    source: subprocess.Popen | None = None
+    try:
+        base = f"http://{viewer_net.host_addr}:{srv.port}"
+        token = login(srv.url, "admin", ADMIN_PASSWORD)["access_token"]
+        http("POST", f"{srv.url}/api/v1/productions", {"name": "Network"}, token=token)
+        r = http("POST", f"{srv.url}/api/v1/streams", {"name": STREAM, "production": "Network"}, token=token)
+        assert r.status == 201, r.body
+        source = publish_two_layers(srv.srt_port, r.json()["passphrase"])
+
+        def two_layers() -> bool:
+            body = http("GET", f"{srv.url}/api/v1/streams/{STREAM}", token=token).json()
+            return body.get("live") and len(body.get("layers", [])) == 2
+
+        try:
+            wait_until(two_layers, timeout=30, interval=0.25)
+        except AssertionError:
+            err = source.stderr.read1(4000).decode(errors="replace") if source.poll() is not None else ""
+            pytest.fail(f"the two-layer SRT source did not go live in 30 s: {err}")
+        # The read link is made through the veth address so its watch_url points there.
+        link = http("POST", f"{base}/api/v1/streams/{STREAM}/links", {"action": "read", "ttl_s": 3600}, token=token)
+        assert link.status == 201, link.body
+        yield {"server": srv, "base": base, "token": token, "watch_url": link.json()["watch_url"]}
+    finally:
+        if source is not None:
+            stop_process(source)
+        srv.stop()
+
+
+def publish_two_layers(srt_port: int, passphrase: str) -> subprocess.Popen:
+    """Real ffmpeg + libx264: 720p ≈ 2.5 Mbit/s ('high') and 180p ≈ 150
+    kbit/s ('low') as two H.264 PIDs in one TS, 1 s GOP, no B-frames, AAC."""
+    url = (f"srt://127.0.0.1:{srt_port}?streamid=publish:{STREAM}&passphrase={passphrase}&pbkeylen=16"
+           "&latency=120000")
+    cmd = ["ffmpeg", "-nostdin", "-loglevel", "error", "-re",
+           "-f", "lavfi", "-i", "testsrc2=size=1280x720:rate=25",
+           "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", "1800",
+           "-filter_complex", "[0:v]split=2[hi][lo0];[lo0]scale=320:180[lo]",
+           "-map", "[hi]", "-map", "[lo]", "-map", "1:a",
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-profile:v", "baseline", "-preset", "ultrafast",
+           "-tune", "zerolatency", "-bf", "0", "-g", "25", "-keyint_min", "25", "-sc_threshold", "0",
+           "-b:v:0", "2500k", "-maxrate:v:0", "2500k", "-bufsize:v:0", "1250k",
+           "-b:v:1", "150k", "-maxrate:v:1", "150k", "-bufsize:v:1", "75k",
+           "-c:a", "aac", "-b:a", "64k", "-f", "mpegts", url]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def ns_browser(viewer_net: ViewerNetwork, stack: dict) -> Iterator[Any]:
+    """Chromium inside the namespace (launched through ``ip netns exec``;
+    Playwright drives it over a pipe)."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="rfn-chromium-") as tmp:
+        exe = viewer_net.wrapper(Path(tmp), CHROMIUM)
+        # The page is served over plain HTTP from the veth address; treat that
+        # origin as secure, as localhost would be.
+        origin = stack["base"]
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(exe), args=[
+                *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={origin}"])
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+
+# ---------------------------------------------------------------- recording
+
+class Recorder:
+    """Plays one scenario's steps and records the timeline."""
+
+    def __init__(self, net: ViewerNetwork, stack: dict, page: Any) -> None:
+        self.net = net
+        self.stack = stack
+        self.page = page
+        self.server: ServerProcess = stack["server"]
+        self.log_from = len(self.server.output)
+        self.wall_minus_mono = time.time() - time.monotonic()
+        self.timeline = Timeline(high=HIGH, low=LOW)
+        self.raw: list[dict] = []
+        self.drops: list[str] = []  # per constrained phase, read before the rules are replaced
+        self.carried: list[str] = []  # what crossed the veth in each phase
+        self._next_view = 0.0
+
+    # -- server side -----------------------------------------------------------------
+
+    def events(self, name: str) -> list[dict]:
+        out = []
+        for line in self.server.output[self.log_from:]:
+            if name not in line or not line.startswith("{"):
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") == name:
+                out.append(ev)
+        return out
+
+    def mono(self, ts: str) -> float:
+        wall = dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()
+        return wall - self.wall_minus_mono
+
+    def sessions(self) -> list[str]:
+        return [ev["session"] for ev in self.events("webrtc.viewer_started") if ev.get("stream") == STREAM]
+
+    def view_server(self, now: float) -> None:
+        if now < self._next_view:
+            return
+        self._next_view = now + SERVER_VIEW_EVERY_S
+        sessions = self.sessions()
+        if not sessions:
+            return
+        r = http("GET", f"{self.server.url}/whep/{STREAM}/{sessions[-1]}", token=self.stack["token"], timeout=5)
+        if r.status == 200:
+            self.timeline.server.append(ServerView(time.monotonic(), r.json()))
+
+    def collect_switches(self) -> None:
+        mine = set(self.sessions())
+        for ev in self.events("webrtc.layer_switch"):
+            if ev.get("session") in mine:
+                self.timeline.switches.append(Switch(
+                    self.mono(ev["ts"]), str(ev.get("from")), str(ev.get("to")), tuple(ev.get("reasons") or ()),
+                    ev.get("loss"), ev.get("rtt"), ev.get("bandwidth")))
+
+    # -- page side -------------------------------------------------------------------
+
+    def sample(self) -> Sample | None:
+        st = self.page.evaluate(VIDEO_STATS)
+        now = time.monotonic()
+        if not st:
+            return None
+        self.raw.append({"t": now, **st})
+        s = Sample(now, st["height"], st["framesDecoded"], st["keyFramesDecoded"], st["freezeCount"],
+                   st["totalFreezesDuration"], st["packetsLost"], st["packetsReceived"], st["nackCount"],
+                   st["retransmittedBytesReceived"], st["bytesReceived"])
+        self.timeline.samples.append(s)
+        return s
+
+    def run_for(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (now := time.monotonic()) < end:
+            self.sample()
+            self.view_server(now)
+            time.sleep(max(0.0, min(SAMPLE_EVERY_S - (time.monotonic() - now), end - time.monotonic())))
+
+    def wait_high(self, timeout: float) -> bool:
+        """Until the page decodes the high layer and frames keep coming."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            s = self.sample()
+            self.view_server(time.monotonic())
+            if s is not None and s.height == HIGH and s.frames_decoded > 25:
+                return True
+            time.sleep(SAMPLE_EVERY_S)
+        return False
+
+    def play(self, steps: tuple[Step, ...]) -> None:
+        for step in steps:
+            self.net.shape(step.shaping)
+            start, sent = time.monotonic(), self.net.tx_bytes()
+            self.run_for(step.seconds)
+            s = step.shaping
+            rate = (self.net.tx_bytes() - sent) * 8 / (time.monotonic() - start) / 1000
+            self.carried.append(f"{s.describe()} {rate:.0f} kbit/s")
+            if not s.clean:
+                self.drops.append(f"{s.describe()}: {self.net.drops()}")
+            capacity = next((k * 1000.0 for k in (s.police_kbit, s.queue_kbit) if k is not None), None)
+            self.timeline.phases.append(Phase(start, time.monotonic(), s.describe(), s.clean, capacity))
+        self.net.shape(CLEAN)
+
+
+def report(scenario: Scenario, rec: Recorder, origin: float, checks: list[Any]) -> str:
+    lines = [f"scenario {scenario.name}: " + " → ".join(f"{s.shaping.describe()} {s.seconds:g} s"
+                                                      for s in scenario.steps)]
+    lines += [f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in checks]
+    lines.append(f"  sessions {rec.sessions()}; packets dropped by {'; '.join(rec.drops) or 'nothing'}")
+    lines.append(f"  crossed the veth (after the queue, before the nft rules): {'; '.join(rec.carried)}")
+    lines.append("  timeline:")
+    lines += ["    " + line for line in rec.timeline.story(origin)]
+    return "\n".join(lines)
+
+
+def save(scenario: Scenario, rec: Recorder, origin: float, text: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    tl = rec.timeline
+    data = {"scenario": scenario.name, "origin": origin, "phases": [asdict(p) for p in tl.phases],
+            "switches": [asdict(s) for s in tl.switches], "server": [asdict(v) for v in tl.server],
+            "page": rec.raw}
+    (ARTIFACTS / f"{scenario.name}.json").write_text(json.dumps(data, indent=1, default=str))
+    (ARTIFACTS / f"{scenario.name}.txt").write_text(text + "\n")
+
+
+# ---------------------------------------------------------------- tests
+
+def test_namespace_is_reachable_only_through_its_veth(viewer_net: ViewerNetwork, stack: dict) -> None:
+    """The harness itself: the server answers at the host-side veth address
+    from inside the namespace, and the namespace has no other way out."""
+    probe = ["ip", "netns", "exec", viewer_net.namespace, "python3", "-c",
+             "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).status)",
+             f"{stack['base']}/healthz"]
+    assert subprocess.run(probe, capture_output=True, text=True, timeout=20).stdout.strip() == "200"
+    routes = subprocess.run(["ip", "-n", viewer_net.namespace, "route"], capture_output=True, text=True).stdout
+    assert "default" not in routes and "10.199.77.0/30" in routes, routes
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_adaptive_quality_under_shaped_network(scenario: Scenario, viewer_net: ViewerNetwork, stack: dict,
+                                               ns_browser: Any) -> None:
+    ctx = ns_browser.new_context(viewport={"width": 1280, "height": 720})
+    try:
+        ctx.add_init_script(TRACK_PCS)
+        page = ctx.new_page()
+        rec = Recorder(viewer_net, stack, page)
+        origin = time.monotonic()
+        viewer_net.shape(CLEAN)
+        page.goto(stack["watch_url"])
+        if not rec.wait_high(25):
+            rec.collect_switches()
+            pytest.fail("BASELINE: the viewer did not reach the high layer within 25 s on a clean network\n"
+                        + "\n".join(rec.timeline.story(origin)), pytrace=False)
+        rec.play(scenario.steps)
+        rec.collect_switches()
+    finally:
+        viewer_net.shape(CLEAN)
+        ctx.close()
+    checks = rec.timeline.checks()
+    text = report(scenario, rec, origin, checks)
+    print(text)
+    save(scenario, rec, origin, text)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        pytest.fail(f"{len(failed)} of {len(checks)} rules broken\n{text}", pytrace=False)

@@ -1,0 +1,311 @@
+"""A WHEP viewer's timeline under a shaped network, and the checks on it.
+
+Pure data + functions (no I/O, every time on one monotonic clock in
+seconds) so the rules can be read, and unit-tested, apart from the browser
+harness that records the timeline (tests/e2e/test_viewer_network.py).
+
+Inputs, all timestamped:
+
+* :class:`Sample` — the page's ``getStats()`` inbound-rtp video, every ~250 ms:
+  the decoded picture height says which layer the viewer *sees*;
+* :class:`Switch` — the server's ``webrtc.layer_switch`` decisions for this
+  viewer (from its JSON log): what the server *decided* and why;
+* :class:`ServerView` — the server's view of the session (GET on the WHEP
+  session, about once a second): retransmissions, bandwidth estimate;
+* :class:`Phase` — when each network condition started and ended.
+
+The rules (ReturnFeed issue 17, "Tests (in CI)"), each a :class:`Check`:
+
+* down within 2 s of congestion, at a keyframe;
+* under a sustained constraint, at most one up-attempt per 30 s after the
+  first failed one, and at most 10 % of the time frozen after the first switch;
+* back to high within 10 s once the network is clean (and staying there);
+* retransmitted bytes ≤ the viewer's estimated bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Check", "Phase", "Sample", "ServerView", "Switch", "Timeline", "RTX_PACKET_BYTES"]
+
+DOWN_WITHIN_S = 2.0
+UP_ATTEMPT_SPACING_S = 30.0
+FROZEN_SHARE_MAX = 0.10
+BACK_UP_WITHIN_S = 10.0
+
+# An upper bound on one retransmitted packet on the wire when the server
+# reports only a count: a full-size H.264 payload (aiortc packetizes at
+# 1,200 bytes) + RTP header with extensions + the RTX OSN (RFC 4588 §4) +
+# the SRTP tag.
+RTX_PACKET_BYTES = 1250
+
+# Field names under which the server's session view may carry the two
+# quantities of the retransmission rule (first one present wins).
+RTX_BYTES_FIELDS = ("retransmitted_bytes", "retransmit_bytes", "rtx_bytes")
+ESTIMATE_FIELDS = ("estimate_bps", "estimated_bps", "estimate", "bandwidth_bps", "bandwidth", "remb_bps", "remb")
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    t: float
+    height: int
+    frames_decoded: int
+    key_frames: int
+    freezes: int
+    freeze_s: float
+    packets_lost: int = 0
+    packets_received: int = 0
+    nacks: int = 0
+    rtx_bytes: int = 0
+    bytes_received: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Switch:
+    t: float
+    frm: str
+    to: str
+    reasons: tuple[str, ...] = ()
+    loss: float | None = None
+    rtt: float | None = None
+    bandwidth: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerView:
+    t: float
+    fields: dict[str, Any]
+
+    def number(self, names: tuple[str, ...]) -> float | None:
+        """The first of ``names`` present, searched at the top level and
+        under ``stats``."""
+        for where in (self.fields, self.fields.get("stats") or {}):
+            for name in names:
+                v = where.get(name)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    return float(v)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Phase:
+    start: float
+    end: float
+    label: str
+    clean: bool
+    capacity_bps: float | None = None  # the link's rate where the shaping has one
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(slots=True)
+class Timeline:
+    """Everything recorded for one scenario; ``high``/``low`` are the two
+    layers' picture heights."""
+
+    high: int
+    low: int
+    phases: list[Phase] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+    switches: list[Switch] = field(default_factory=list)
+    server: list[ServerView] = field(default_factory=list)
+
+    # -- derived ---------------------------------------------------------------------
+
+    def constraint(self) -> Phase:
+        return next(p for p in self.phases if not p.clean)
+
+    def recovery(self) -> Phase:
+        """The clean phase after the constraint."""
+        c = self.constraint()
+        return next(p for p in self.phases if p.clean and p.start >= c.end)
+
+    def layer_changes(self) -> list[tuple[float, int]]:
+        """(time, height) each time the decoded height changes."""
+        out: list[tuple[float, int]] = []
+        for s in self.samples:
+            if s.height and (not out or out[-1][1] != s.height):
+                out.append((s.t, s.height))
+        return out
+
+    def first_sample(self, after: float, height: int) -> Sample | None:
+        return next((s for s in self.samples if s.t >= after and s.height == height), None)
+
+    def frozen_seconds(self, start: float, end: float) -> tuple[float, float]:
+        """Frozen time in [start, end] two ways: Chromium's
+        ``totalFreezesDuration`` delta, and the sum of sampling intervals in
+        which not one frame was decoded (a freeze still going on is not yet
+        in Chromium's figure)."""
+        inside = [s for s in self.samples if start <= s.t <= end]
+        if len(inside) < 2:
+            return 0.0, 0.0
+        chromium = inside[-1].freeze_s - inside[0].freeze_s
+        stalled = sum(b.t - a.t for a, b in zip(inside, inside[1:]) if b.frames_decoded == a.frames_decoded)
+        return chromium, stalled
+
+    # -- checks ----------------------------------------------------------------------
+
+    def check_down(self) -> Check:
+        c = self.constraint()
+        s = self.first_sample(c.start, self.low)
+        name = f"down within {DOWN_WITHIN_S:g} s of congestion, at a keyframe"
+        if s is None or s.t > c.end:
+            return Check(name, False, f"never showed the low layer during '{c.label}' ({c.end - c.start:.0f} s)")
+        delay = s.t - c.start
+        before = [x for x in self.samples if x.t < s.t]
+        keyframe = bool(before) and s.key_frames > before[-1].key_frames
+        ok = delay <= DOWN_WITHIN_S and keyframe
+        return Check(name, ok, f"low layer shown {delay:.2f} s after '{c.label}' began"
+                     + ("" if keyframe else "; no keyframe decoded at the change"))
+
+    def up_attempts(self, start: float, end: float) -> list[tuple[Switch, bool]]:
+        """Server decisions to go up in [start, end) and whether each failed
+        (a decision to go down followed it before ``end``)."""
+        out = []
+        ordered = sorted(self.switches, key=lambda x: x.t)
+        for i, sw in enumerate(ordered):
+            if start <= sw.t < end and sw.to == "high":
+                failed = any(later.to != "high" and later.t < end for later in ordered[i + 1:])
+                out.append((sw, failed))
+        return out
+
+    def check_up_attempts(self) -> Check:
+        c = self.constraint()
+        attempts = self.up_attempts(c.start, c.end)
+        name = f"under '{c.label}': at most one up-attempt per {UP_ATTEMPT_SPACING_S:g} s after the first failure"
+        first_failed = next((i for i, (_, failed) in enumerate(attempts) if failed), None)
+        times = [f"{sw.t - c.start:.1f}" for sw, _ in attempts]
+        if first_failed is None:
+            return Check(name, True, f"{len(attempts)} up-attempt(s), none failed (at s {times})")
+        later = [sw.t for sw, _ in attempts[first_failed:]]
+        gaps = [b - a for a, b in zip(later, later[1:])]
+        ok = all(g >= UP_ATTEMPT_SPACING_S for g in gaps)
+        return Check(name, ok, f"{len(attempts)} up-attempts at s {times} after the constraint began; "
+                     f"gaps after the first failure {[round(g, 1) for g in gaps]} s")
+
+    def check_frozen(self) -> Check:
+        c = self.constraint()
+        name = f"under '{c.label}': ≤ {FROZEN_SHARE_MAX:.0%} of the time frozen after the first switch"
+        first = next((sw.t for sw in sorted(self.switches, key=lambda x: x.t) if c.start <= sw.t < c.end), None)
+        shown = self.first_sample(c.start, self.low)
+        starts = [t for t in (first, shown.t if shown and shown.t < c.end else None) if t is not None]
+        if not starts:
+            return Check(name, False, "no layer switch during the constraint")
+        start = min(starts)
+        span = c.end - start
+        chromium, stalled = self.frozen_seconds(start, c.end)
+        frozen = max(chromium, stalled)
+        share = frozen / span if span > 0 else 0.0
+        return Check(name, share <= FROZEN_SHARE_MAX,
+                     f"frozen {frozen:.1f} s of {span:.1f} s ({share:.0%}; Chromium freezes {chromium:.1f} s, "
+                     f"no frame decoded {stalled:.1f} s)")
+
+    def check_back_up(self) -> Check:
+        r = self.recovery()
+        name = f"back to high within {BACK_UP_WITHIN_S:g} s once the network is clean"
+        s = self.first_sample(r.start, self.high)
+        if s is None:
+            last = self.samples[-1].height if self.samples else 0
+            return Check(name, False, f"still {last}p {r.end - r.start:.0f} s after the network became clean")
+        delay = s.t - r.start
+        return Check(name, delay <= BACK_UP_WITHIN_S, f"high layer shown {delay:.2f} s after the network became clean")
+
+    def check_stays_high(self) -> Check:
+        r = self.recovery()
+        name = "stays on high while the network is clean (no flip-flop)"
+        s = self.first_sample(r.start, self.high)
+        if s is None:
+            return Check(name, False, "never got back to high")
+        later = [x for x in self.samples if x.t > s.t and x.height and x.height != self.high]
+        downs = [sw for sw in self.switches if sw.t > s.t and sw.to != "high"]
+        ok = not later and not downs
+        detail = f"held high for {r.end - s.t:.0f} s" if ok else (
+            f"left high {len(downs)} time(s) on a clean network (server switches at s "
+            f"{[round(sw.t - r.start, 1) for sw in downs]} after clean; {len(later)} samples below high)")
+        return Check(name, ok, detail)
+
+    def estimate_at(self, view: ServerView) -> tuple[float, str] | None:
+        """The viewer's estimated bandwidth (bit/s) at ``view`` and where it
+        came from: the server's own figure where its session view carries
+        one; otherwise the lower of the viewer's last REMB the server logged
+        (with a layer switch) and the link's capacity under a rate-limiting
+        phase — an estimate above what the link carries is not an estimate
+        a budget may trust."""
+        reported = view.number(ESTIMATE_FIELDS)
+        if reported is not None:
+            return reported, "the server's estimate"
+        options = []
+        remb = [sw for sw in self.switches if sw.t <= view.t and sw.bandwidth]
+        if remb:
+            options.append((float(max(remb, key=lambda sw: sw.t).bandwidth or 0.0), "the last logged REMB"))
+        phase = next((p for p in self.phases if p.start <= view.t < p.end), None)
+        if phase is not None and phase.capacity_bps is not None:
+            options.append((phase.capacity_bps, "the link capacity"))
+        return min(options) if options else None
+
+    def check_retransmissions(self) -> Check:
+        """Per interval between two server views: bytes retransmitted ≤ the
+        viewer's estimated bandwidth (:meth:`estimate_at`) × the interval.
+        Intervals with no estimate are not judged; none judged is a failure."""
+        name = "retransmitted bytes ≤ the viewer's estimated bandwidth"
+        judged, worst, failures, sources = 0, 0.0, [], set()
+        counted = False
+        for a, b in zip(self.server, self.server[1:]):
+            dt = b.t - a.t
+            if dt <= 0:
+                continue
+            rb_a, rb_b = a.number(RTX_BYTES_FIELDS), b.number(RTX_BYTES_FIELDS)
+            if rb_a is not None and rb_b is not None:
+                rtx = rb_b - rb_a
+            else:
+                n_a, n_b = a.number(("retransmits",)), b.number(("retransmits",))
+                if n_a is None or n_b is None:
+                    continue
+                rtx = (n_b - n_a) * RTX_PACKET_BYTES
+            counted = True
+            found = self.estimate_at(b)
+            if found is None:
+                continue
+            estimate, source = found
+            sources.add(source)
+            judged += 1
+            ratio = rtx * 8 / (estimate * dt) if estimate > 0 else float("inf")
+            worst = max(worst, ratio)
+            if ratio > 1.0:
+                failures.append(f"{rtx:.0f} B in {dt:.1f} s vs {estimate / 1000:.0f} kbit/s ({source})")
+        if judged == 0:
+            why = "no bandwidth estimate" if counted else "no retransmission count from the server"
+            return Check(name, False, f"no interval could be judged ({why})")
+        return Check(name, not failures, f"{judged} intervals against {' or '.join(sorted(sources))}; "
+                     f"worst {worst:.0%} of it" + (f"; over in {len(failures)}: {failures[:3]}" if failures else ""))
+
+    def checks(self) -> list[Check]:
+        return [self.check_down(), self.check_up_attempts(), self.check_frozen(), self.check_back_up(),
+                self.check_stays_high(), self.check_retransmissions()]
+
+    # -- report ----------------------------------------------------------------------
+
+    def story(self, origin: float) -> list[str]:
+        """Phases, server decisions and what the page showed, in time order
+        (seconds since ``origin``)."""
+        events: list[tuple[float, str]] = []
+        for p in self.phases:
+            events.append((p.start, f"network: {p.label}"))
+        for sw in self.switches:
+            events.append((sw.t, f"server: {sw.frm} → {sw.to} ({', '.join(sw.reasons)}; loss {sw.loss}, "
+                                 f"rtt {sw.rtt}, bandwidth {sw.bandwidth})"))
+        for t, h in self.layer_changes():
+            events.append((t, f"page: decoding {h}p"))
+        prev: Sample | None = None
+        for s in self.samples:
+            if prev is not None and s.freezes > prev.freezes:
+                events.append((s.t, f"page: freeze #{s.freezes} (total {s.freeze_s:.1f} s)"))
+            prev = s
+        return [f"{t - origin:7.2f} s  {text}" for t, text in sorted(events, key=lambda e: e[0])]
