@@ -21,7 +21,9 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from media.rtp.layers import LayerPolicy
 
 ENV_PREFIX = "RETURNFEED_"
 ENV_NESTED = "__"
@@ -103,6 +105,39 @@ class WebRtcSettings(_Section):
     whip_reorder_window_s: float = Field(0.05, ge=0.0, le=1.0)
     #: A WHIP publisher that sends no media for this long is dropped (seconds).
     whip_media_timeout_s: float = Field(8.0, gt=0)
+    #: Loss is measured over this many seconds of receiver reports, however
+    #: many reports arrive in them.
+    layer_loss_window_s: float = Field(2.0, gt=0.0, le=30.0)
+    #: After an up-switch that fails (down again within 10 s) the next one
+    #: waits this long, twice as long after each further failure (seconds).
+    layer_up_backoff_s: float = Field(30.0, ge=0.0)
+    #: Longest wait between up-switch attempts after failures (seconds).
+    layer_up_backoff_max_s: float = Field(60.0, ge=0.0)
+    #: A viewer goes up only after a probe at the next layer's rate went
+    #: through clean; a failed probe is retried after this long, doubling up
+    #: to ``layer_probe_retry_max_s`` (seconds).
+    layer_probe_retry_s: float = Field(3.0, gt=0.0)
+    layer_probe_retry_max_s: float = Field(6.0, gt=0.0)
+    #: Retransmissions to a viewer (NACK answers) may use at most this share
+    #: of its layer's rate, and never more than its estimated bandwidth.
+    rtx_share: float = Field(0.25, gt=0.0, le=1.0)
+    #: A NACKed packet older than RTT + this is not resent: the viewer's
+    #: jitter buffer has played past it (seconds).
+    rtx_playout_allowance_s: float = Field(0.3, gt=0.0, le=5.0)
+
+    @model_validator(mode="after")
+    def _backoffs_ordered(self) -> WebRtcSettings:
+        if self.layer_up_backoff_max_s < self.layer_up_backoff_s:
+            raise ValueError("layer_up_backoff_max_s must be >= layer_up_backoff_s")
+        if self.layer_probe_retry_max_s < self.layer_probe_retry_s:
+            raise ValueError("layer_probe_retry_max_s must be >= layer_probe_retry_s")
+        return self
+
+    def layer_policy(self) -> LayerPolicy:
+        """The layer selector's rules with this file's timings."""
+        return LayerPolicy(loss_window=self.layer_loss_window_s, up_backoff=self.layer_up_backoff_s,
+                           up_backoff_max=self.layer_up_backoff_max_s, probe_retry=self.layer_probe_retry_s,
+                           probe_retry_max=self.layer_probe_retry_max_s)
 
 
 class DatabaseSettings(_Section):

@@ -203,6 +203,9 @@ class MediaService:
         self.whep = WhepService(ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
+                                layer_policy=settings.webrtc.layer_policy(),
+                                rtx_share=settings.webrtc.rtx_share,
+                                rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
         self.srt: SrtListener | None = None
@@ -445,6 +448,18 @@ class MediaService:
         for name, n in self.whep.drops.items():
             dropped.add_metric([name], n)
         yield dropped
+        # Congestion response per viewer: retransmit and probe bytes are also in bytes_sent.
+        for attr, name, doc in (
+            ("retransmit_bytes", "returnfeed_webrtc_retransmit_bytes", "RTP bytes retransmitted to viewers"),
+            ("retransmits_dropped", "returnfeed_webrtc_retransmits_dropped",
+             "NACKed packets not resent: over the viewer's budget or past its playout window"),
+            ("probe_bytes", "returnfeed_webrtc_probe_bytes", "RTX probe bytes sent to find room for a higher layer"),
+            ("probes", "returnfeed_webrtc_probes", "Bandwidth probes started"),
+            ("probes_failed", "returnfeed_webrtc_probes_failed", "Bandwidth probes stopped on loss, delay or REMB"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], sum(getattr(sess.stats, attr) for sess in list(self.whep.sessions.values())))
+            yield c
         yield from self.forwarding_latency.collect()
 
         ing = self.ingest

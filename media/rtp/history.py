@@ -64,6 +64,22 @@ class PacketHistory:
             return None
         return p
 
+    def age(self, seq: int, now: float) -> float | None:
+        """Seconds since the packet with *seq* was produced, if held."""
+        i = seq & self._mask
+        p = self._packets[i]
+        if p is None or p.seq != (seq & 0xFFFF):
+            return None
+        return now - self._times[i]
+
+    def recent_bytes(self, now: float, window: float) -> int:
+        """Payload bytes produced in the last *window* seconds (a scan of the
+        ring: for a rare decision such as a probe's rate, not per packet)."""
+        horizon = now - window
+        times = self._times
+        return sum(len(p.payload) for i, p in enumerate(self._packets)
+                   if p is not None and horizon < times[i] <= now)
+
     def clear(self) -> None:
         self._packets = [None] * self.capacity
         self._count = 0

@@ -3,37 +3,55 @@
 Layers are indexed ``0 .. num_layers-1`` in increasing bitrate; the selector
 only ever steps one layer at a time. The product's rules:
 
-* **down** one layer when smoothed loss > 3 % **or** RTT > 150 ms **or**
-  estimated bandwidth (REMB) < 200 kbit/s;
-* **up** one layer when smoothed loss < 1 % **and** RTT < 100 ms **and**
-  estimated bandwidth > 1.5 Mbit/s;
-* at most one automatic switch per 5 s (cooldown);
+* **down** one layer when the loss over the last ``loss_window`` seconds
+  is > 3 % **or** RTT > 150 ms **or** estimated bandwidth (REMB) <
+  200 kbit/s; at most one automatic switch per 5 s (cooldown);
+* **up** one layer only on evidence that the viewer's link has room for it:
+  loss < 1 % **and** RTT < 100 ms, then
+
+  - a viewer that can be probed (RTX negotiated) is **probed** first
+    (:attr:`Action.PROBE`): the sender adds RTX copies of recent packets,
+    ramping the total up to the next layer's rate, while this object watches
+    the reports. Loss, an RTT rise or a falling REMB during the probe or its
+    settle time fails it (:attr:`Action.PROBE_STOP`); a clean probe switches
+    up (:attr:`Reason.PROBE_OK`). A failed probe is retried after
+    ``probe_retry`` seconds, doubling up to ``probe_retry_max``;
+  - a viewer that cannot be probed goes up when its REMB is > 1.5 Mbit/s;
+
+* an up-switch followed by a down-switch within ``up_hold`` seconds failed:
+  the next up-switch waits ``up_backoff`` seconds, twice as long after each
+  further failure, up to ``up_backoff_max``; an up-switch that holds resets it;
 * a pinned layer disables automatic switching;
 * a send-queue overflow (the viewer cannot keep up) moves down one layer at
   once, ignoring the cooldown; on the lowest layer — or while pinned, since a
   pinned viewer may not be moved — the decision is "drop viewer".
 
+Why not REMB alone: behind a policer (no queue) Chromium's REMB stays at
+several Mbit/s while 95 % of the high layer is dropped, and behind a lifted
+queue its REMB stays near what it receives on the low layer — the REMB says
+neither "no room" nor "room" there. Only sending more says it.
+
 Measurements:
 
-* Loss is ``fraction_lost`` from receiver reports (RFC 3550 §6.4.1), smoothed
-  with an exponentially weighted moving average, ``loss = α·sample +
-  (1−α)·loss`` with α = 0.3, seeded by the first report. Receivers report
-  about once a second, so the time constant is ≈ 3 reports: one report at
-  10 % loss after clean ones gives 3 % (not above the threshold), two in a
-  row give 5.1 % (down); a single report at ≥ 20 % is enough. Going back
-  under 1 % from 5 % takes 5 clean reports, about the cooldown.
+* Loss is computed from the report block's cumulative packets lost and
+  extended highest sequence number (RFC 3550 §6.4.1): lost / expected
+  between the newest report and the one at the start of the window, so the
+  estimate depends on time, not on how many reports arrive (Chromium sends
+  ~4 a second on a clean link, up to ~30 under loss). Fewer than
+  ``loss_min_packets`` expected in the window leaves the estimate as it was.
 * RTT and bandwidth are used as last reported (RTT from the RR's LSR/DLSR,
-  bandwidth from the latest REMB); the cooldown already damps flapping.
+  bandwidth from the latest REMB).
 * A value never reported is unknown: it cannot trigger a down-switch and it
-  does not satisfy an up-switch condition (a viewer that never sends REMB is
-  never moved up automatically).
+  does not satisfy an up-switch condition.
 
 Every decision carries its reasons and the values that led to it, for
-metrics and logs.
+metrics and logs. :meth:`LayerSelector.next_deadline` / :meth:`handle_timer`
+let the caller arm one timer for the end of a probe (aioquic style).
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass
 
@@ -43,13 +61,16 @@ __all__ = ["Action", "Reason", "LayerPolicy", "LayerDecision", "LayerSelector"]
 class Action(str, enum.Enum):
     SWITCH = "switch"
     DROP_VIEWER = "drop_viewer"
+    PROBE = "probe"  # start probing for room for ``to_layer``; the layer stays
+    PROBE_STOP = "probe_stop"  # the probe failed: stop it; the layer stays
 
 
 class Reason(str, enum.Enum):
-    LOSS = "loss"  # smoothed loss above the down threshold
-    RTT = "rtt"  # RTT above the down threshold
-    BANDWIDTH = "bandwidth"  # REMB below the down threshold
+    LOSS = "loss"  # loss above the down (or probe) threshold
+    RTT = "rtt"  # RTT above the down threshold, or risen during a probe
+    BANDWIDTH = "bandwidth"  # REMB below the down threshold, or fallen during a probe
     NETWORK_GOOD = "network_good"  # every up condition holds
+    PROBE_OK = "probe_ok"  # a probe at the next layer's rate went through clean
     SEND_QUEUE_OVERFLOW = "send_queue_overflow"
     PINNED = "pinned"
 
@@ -65,13 +86,32 @@ class LayerPolicy:
     up_rtt: float = 0.100
     up_bandwidth: float = 1_500_000.0
     cooldown: float = 5.0
-    loss_alpha: float = 0.3
+    loss_window: float = 2.0
+    loss_min_packets: int = 20
+    up_hold: float = 10.0
+    up_backoff: float = 30.0
+    up_backoff_max: float = 60.0
+    probe_duration: float = 1.5
+    probe_settle: float = 0.5
+    probe_loss: float = 0.02
+    probe_rtt_rise: float = 0.050
+    probe_remb_drop: float = 0.85
+    probe_retry: float = 3.0
+    probe_retry_max: float = 6.0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.loss_alpha <= 1.0:
-            raise ValueError("loss_alpha must be in (0, 1]")
-        if self.cooldown < 0:
-            raise ValueError("cooldown must be >= 0")
+        for name in ("cooldown", "up_hold", "up_backoff", "probe_settle"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        for name in ("loss_window", "probe_duration", "probe_retry"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.up_backoff_max < self.up_backoff or self.probe_retry_max < self.probe_retry:
+            raise ValueError("a backoff maximum must be >= its start")
+        if not 0.0 < self.probe_remb_drop <= 1.0:
+            raise ValueError("probe_remb_drop must be in (0, 1]")
+        if self.loss_min_packets < 1:
+            raise ValueError("loss_min_packets must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,18 +128,42 @@ class LayerDecision:
     bandwidth: float | None = None
 
 
+@dataclass(slots=True)
+class _Probe:
+    to_layer: int
+    started: float
+    ends: float  # padding stops
+    judged: float  # end + settle: reports up to here still count
+    expected0: int | None  # counters at the start (None: no report yet)
+    lost0: int
+    rtt0: float | None
+    remb0: float | None
+
+
 class LayerSelector:
     """Layer choice for one viewer of a simulcast stream."""
 
     __slots__ = (
         "num_layers",
         "policy",
+        "can_probe",
         "_layer",
         "_pinned",
         "_last_switch",
+        "_last_up",
+        "_up_failures",
+        "_up_blocked_until",
+        "_probe",
+        "_probe_failures",
+        "_next_probe",
+        "_samples",
+        "_last_counters",
         "loss",
         "rtt",
         "bandwidth",
+        "probes",
+        "probes_failed",
+        "up_failures_total",
     )
 
     def __init__(
@@ -107,6 +171,8 @@ class LayerSelector:
         num_layers: int,
         initial_layer: int = 0,
         policy: LayerPolicy | None = None,
+        *,
+        can_probe: bool = False,
     ) -> None:
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
@@ -114,12 +180,26 @@ class LayerSelector:
             raise ValueError("initial_layer out of range")
         self.num_layers = num_layers
         self.policy = policy or LayerPolicy()
+        self.can_probe = can_probe
         self._layer = initial_layer
         self._pinned: int | None = None
         self._last_switch: float | None = None
+        self._last_up: float | None = None
+        self._up_failures = 0
+        self._up_blocked_until = float("-inf")
+        self._probe: _Probe | None = None
+        self._probe_failures = 0
+        self._next_probe = float("-inf")
+        # (time, extended highest seq, cumulative lost); ~30 reports/s over
+        # the window at most, bounded anyway.
+        self._samples: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=256)
+        self._last_counters: tuple[int, int] | None = None
         self.loss: float | None = None
         self.rtt: float | None = None
         self.bandwidth: float | None = None
+        self.probes = 0
+        self.probes_failed = 0
+        self.up_failures_total = 0
 
     @property
     def layer(self) -> int:
@@ -130,6 +210,22 @@ class LayerSelector:
     def pinned(self) -> int | None:
         return self._pinned
 
+    @property
+    def probing(self) -> int | None:
+        """The layer being probed for, or None."""
+        return self._probe.to_layer if self._probe is not None else None
+
+    @property
+    def probe_window(self) -> tuple[float, float] | None:
+        """(start, end) of the padding of the running probe, or None."""
+        p = self._probe
+        return (p.started, p.ends) if p is not None else None
+
+    @property
+    def up_blocked_until(self) -> float:
+        """No up-switch before this time (cooldown/backoff after a failed one)."""
+        return self._up_blocked_until
+
     # -- control ---------------------------------------------------------------
 
     def pin(self, layer: int, now: float) -> LayerDecision | None:
@@ -137,6 +233,7 @@ class LayerSelector:
         if not 0 <= layer < self.num_layers:
             raise ValueError("layer out of range")
         self._pinned = layer
+        self._probe = None
         if layer == self._layer:
             return None
         return self._switch(layer, (Reason.PINNED,), now)
@@ -148,32 +245,60 @@ class LayerSelector:
     # -- inputs ----------------------------------------------------------------
 
     def on_receiver_report(
-        self, fraction_lost: float, rtt: float | None, now: float
+        self, highest_seq: int, cumulative_lost: int, rtt: float | None, now: float
     ) -> LayerDecision | None:
-        """A report block about this viewer's track: loss fraction in [0, 1], RTT in s."""
-        sample = min(max(float(fraction_lost), 0.0), 1.0)
-        if self.loss is None:
-            self.loss = sample
-        else:
-            a = self.policy.loss_alpha
-            self.loss = a * sample + (1.0 - a) * self.loss
+        """A report block about this viewer's track (RFC 3550 §6.4.1): the
+        extended highest sequence number received, the cumulative number of
+        packets lost, and the RTT in s (None without LSR)."""
+        highest = int(highest_seq)
+        lost = int(cumulative_lost)
+        self._last_counters = (highest, lost)
+        samples = self._samples
+        samples.append((now, highest, lost))
+        horizon = now - self.policy.loss_window
+        while len(samples) > 2 and samples[1][0] <= horizon:
+            samples.popleft()
+        _t0, h0, l0 = samples[0]
+        expected = (highest - h0) & 0xFFFFFFFF
+        if expected >= self.policy.loss_min_packets and expected < 0x80000000:
+            self.loss = min(max((lost - l0) / expected, 0.0), 1.0)
         if rtt is not None:
             self.rtt = max(0.0, float(rtt))
+        if self._probe is not None:
+            return self._judge_probe(now)
         return self._evaluate(now)
 
     def on_remb(self, bps: float, now: float) -> LayerDecision | None:
         """Receiver-estimated maximum bitrate for this viewer, bit/s."""
         self.bandwidth = max(0.0, float(bps))
+        if self._probe is not None:
+            return self._judge_probe(now)
         return self._evaluate(now)
 
     def on_send_queue_overflow(self, now: float) -> LayerDecision:
         """The viewer's send queue overflowed: step down now, or drop the viewer."""
         reasons: tuple[Reason, ...] = (Reason.SEND_QUEUE_OVERFLOW,)
+        if self._probe is not None:
+            # The probe's own padding filled the queue: it found no room.
+            to_layer = self._probe.to_layer
+            self._probe_failed(now)
+            return self._decision(Action.PROBE_STOP, to_layer, reasons, now)
         if self._pinned is not None:
             return self._decision(Action.DROP_VIEWER, self._layer, reasons + (Reason.PINNED,), now)
         if self._layer == 0:
             return self._decision(Action.DROP_VIEWER, self._layer, reasons, now)
         return self._switch(self._layer - 1, reasons, now)
+
+    # -- timer -----------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` has something to decide (a probe's end)."""
+        return self._probe.judged if self._probe is not None else None
+
+    def handle_timer(self, now: float) -> LayerDecision | None:
+        if self._probe is not None:
+            return self._judge_probe(now)
+        return None
 
     # -- rules -----------------------------------------------------------------
 
@@ -196,19 +321,106 @@ class LayerSelector:
                 return self._switch(self._layer - 1, tuple(down), now)
             return None
         if (
-            self._layer < self.num_layers - 1
-            and loss is not None
-            and loss < p.up_loss
-            and rtt is not None
-            and rtt < p.up_rtt
-            and bw is not None
-            and bw > p.up_bandwidth
+            self._layer >= self.num_layers - 1
+            or now < self._up_blocked_until
+            or loss is None
+            or loss >= p.up_loss
+            or rtt is None
+            or rtt >= p.up_rtt
         ):
+            return None
+        if self.can_probe:
+            if now < self._next_probe:
+                return None
+            return self._start_probe(now)
+        if bw is not None and bw > p.up_bandwidth:
             return self._switch(self._layer + 1, (Reason.NETWORK_GOOD,), now)
         return None
 
+    def _start_probe(self, now: float) -> LayerDecision:
+        p = self.policy
+        counters = self._last_counters
+        self._probe = _Probe(
+            to_layer=self._layer + 1,
+            started=now,
+            ends=now + p.probe_duration,
+            judged=now + p.probe_duration + p.probe_settle,
+            expected0=counters[0] if counters is not None else None,
+            lost0=counters[1] if counters is not None else 0,
+            rtt0=self.rtt,
+            remb0=self.bandwidth,
+        )
+        self.probes += 1
+        return self._decision(Action.PROBE, self._layer + 1, (Reason.NETWORK_GOOD,), now)
+
+    def _judge_probe(self, now: float) -> LayerDecision | None:
+        probe = self._probe
+        assert probe is not None
+        p = self.policy
+        failed: list[Reason] = []
+        counters = self._last_counters
+        if counters is not None and probe.expected0 is not None:
+            # Loss since the probe began, from the cumulative counters: the
+            # probe displaces media packets behind a policer or a full queue.
+            expected = (counters[0] - probe.expected0) & 0xFFFFFFFF
+            lost = counters[1] - probe.lost0
+            if expected < 0x80000000 and lost >= 2 and lost > p.probe_loss * max(expected, 1):
+                failed.append(Reason.LOSS)
+        if self.rtt is not None:
+            base = probe.rtt0 if probe.rtt0 is not None else 0.0
+            if self.rtt > base + p.probe_rtt_rise or self.rtt >= p.up_rtt:
+                failed.append(Reason.RTT)
+        if self.bandwidth is not None and (
+            self.bandwidth < p.down_bandwidth
+            or (probe.remb0 is not None and self.bandwidth < p.probe_remb_drop * probe.remb0)
+        ):
+            failed.append(Reason.BANDWIDTH)
+        if failed:
+            self._probe_failed(now)
+            return self._decision(Action.PROBE_STOP, probe.to_layer, tuple(failed), now)
+        if now < probe.judged:
+            return None
+        self._probe = None
+        self._probe_failures = 0
+        if self._pinned is not None or now < self._up_blocked_until:
+            return None
+        return self._switch(probe.to_layer, (Reason.PROBE_OK,), now)
+
+    def _probe_failed(self, now: float) -> None:
+        if self._probe is None:
+            return
+        p = self.policy
+        self._probe = None
+        self._probe_failures += 1
+        self.probes_failed += 1
+        wait = min(p.probe_retry * 2.0 ** (self._probe_failures - 1), p.probe_retry_max)
+        self._next_probe = now + wait
+        # The loss the probe caused says nothing about the layer itself:
+        # restart the window from the newest report (unknown until it fills).
+        if self._samples:
+            newest = self._samples[-1]
+            self._samples.clear()
+            self._samples.append(newest)
+        self.loss = None
+
     def _switch(self, to_layer: int, reasons: tuple[Reason, ...], now: float) -> LayerDecision:
         decision = self._decision(Action.SWITCH, to_layer, reasons, now)
+        p = self.policy
+        if to_layer > self._layer:
+            if self._last_up is not None and now - self._last_up >= p.up_hold:
+                self._up_failures = 0  # the previous up-switch held
+            self._last_up = now
+        elif to_layer < self._layer and Reason.PINNED not in reasons:
+            if self._last_up is not None and now - self._last_up < p.up_hold:
+                # The last up-switch did not hold: back off exponentially.
+                self._up_failures += 1
+                self.up_failures_total += 1
+                wait = min(p.up_backoff * 2.0 ** (self._up_failures - 1), p.up_backoff_max)
+                self._up_blocked_until = now + wait
+            elif self._last_up is not None:
+                self._up_failures = 0
+            self._last_up = None
+            self._next_probe = max(self._next_probe, now + p.cooldown)
         self._layer = to_layer
         self._last_switch = now
         return decision

@@ -47,6 +47,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Mapping, NamedTuple, Sequence
 
+from media.rtp.budget import RetransmitBudget
 from media.rtp.history import PacketHistory
 from media.rtp.packet import ONE_BYTE_PROFILE, RTP_HEADER_SIZE, TWO_BYTE_PROFILE, LayerPacket
 from media.rtp.rtcp import SenderReport, build_sr
@@ -205,6 +206,11 @@ class Rewriter:
         "packets_sent",
         "octets_sent",
         "retransmitted",
+        "retransmitted_bytes",
+        "rtx_too_old",
+        "rtx_over_budget",
+        "probe_bytes",
+        "_probe_cursor",
         "unrecoverable",
         "switches",
         "rebases",
@@ -264,6 +270,11 @@ class Rewriter:
         self.packets_sent = 0
         self.octets_sent = 0
         self.retransmitted = 0
+        self.retransmitted_bytes = 0
+        self.rtx_too_old = 0
+        self.rtx_over_budget = 0
+        self.probe_bytes = 0
+        self._probe_cursor = 0
         self.unrecoverable = 0
         self.switches = 0
         self.rebases = 0
@@ -435,12 +446,18 @@ class Rewriter:
         lost: Iterable[int],
         histories: Sequence[PacketHistory] | Mapping[int, PacketHistory],
         now: float,
+        *,
+        budget: RetransmitBudget | None = None,
+        max_age: float | None = None,
     ) -> list[bytes]:
         """Packets answering a viewer NACK, fetched from the per-layer histories.
 
         RTX (RFC 4588 §4) when negotiated, else the original packet again. A
         packet already resent less than ``nack_min_interval`` ago is skipped;
-        one no longer in the history is counted in ``unrecoverable``.
+        one no longer in the history is counted in ``unrecoverable``; one
+        produced more than *max_age* seconds ago (past the viewer's playout
+        window) in ``rtx_too_old``; one the *budget* cannot pay for in
+        ``rtx_over_budget``. ``retransmitted_bytes`` counts what is returned.
         """
         out: list[bytes] = []
         sent = self._rtx_sent
@@ -457,32 +474,101 @@ class Rewriter:
             if packet is None:
                 self.unrecoverable += 1
                 continue
+            if max_age is not None:
+                age = history.age(target.layer_seq, now)
+                if age is not None and age > max_age:
+                    self.rtx_too_old += 1
+                    continue
             key = target.viewer_seq
             last = sent.get(key)
             if last is not None and now - last < self.nack_min_interval:
                 continue
+            rtx = self._rtx_tmpl
+            size = len(rtx.buf) + 2 + len(packet.payload) if rtx is not None else (
+                len(self._tmpl.buf) + len(packet.payload))
+            if budget is not None and not budget.take(size, now):
+                self.rtx_over_budget += 1
+                continue
             sent[key] = now
-            if self._rtx_tmpl is not None:
-                rtx_seq = self._rtx_seq
-                self._rtx_seq = (rtx_seq + 1) & 0xFFFF
-                payload = _U16.pack(target.viewer_seq) + packet.payload
-                out.append(
-                    self._build(
-                        self._rtx_tmpl, self._rtx_mpt[packet.marker], rtx_seq, target.viewer_ts, payload, now
-                    )
-                )
-            else:
-                out.append(
-                    self._build(
-                        self._tmpl, self._mpt[packet.marker], target.viewer_seq, target.viewer_ts,
-                        packet.payload, now,
-                    )
-                )
+            out.append(self._resend(target, packet, now))
             self.retransmitted += 1
+            self.retransmitted_bytes += size
         if len(sent) > 4 * (self._mask + 1):
             horizon = now - max(self.nack_min_interval, 1.0)
             for k in [k for k, t in sent.items() if t < horizon]:
                 del sent[k]
+        return out
+
+    def _resend(self, target: NackTarget, packet: LayerPacket, now: float) -> bytes:
+        if self._rtx_tmpl is not None:
+            rtx_seq = self._rtx_seq
+            self._rtx_seq = (rtx_seq + 1) & 0xFFFF
+            payload = _U16.pack(target.viewer_seq) + packet.payload
+            return self._build(
+                self._rtx_tmpl, self._rtx_mpt[packet.marker], rtx_seq, target.viewer_ts, payload, now
+            )
+        return self._build(
+            self._tmpl, self._mpt[packet.marker], target.viewer_seq, target.viewer_ts, packet.payload, now
+        )
+
+    # -- probing ---------------------------------------------------------------
+
+    @property
+    def can_probe(self) -> bool:
+        """Probe packets need RTX: on the media SSRC they would be duplicates
+        the viewer counts against its sequence space."""
+        return self._rtx_tmpl is not None
+
+    def probe(
+        self,
+        nbytes: int,
+        histories: Sequence[PacketHistory] | Mapping[int, PacketHistory],
+        now: float,
+        *,
+        span: int = 64,
+    ) -> list[bytes]:
+        """RTX copies (RFC 4588 §4) of recently sent packets adding up to about
+        *nbytes*, for bandwidth probing (:mod:`media.rtp.probe`).
+
+        They cycle over the last *span* packets sent: recent enough that every
+        receiver takes them as duplicates (aiortc's jitter buffer resets on a
+        packet more than 100 behind), still in the history.
+        """
+        out: list[bytes] = []
+        rtx = self._rtx_tmpl
+        if rtx is None or not self._started or nbytes <= 0:
+            return out
+        top = self._vseq
+        span = max(1, min(span, self._mask))
+        mask = self._mask
+        total = 0
+        misses = 0
+        cursor = self._probe_cursor
+        while total < nbytes and misses < span:
+            cursor = cursor % span + 1
+            vext = top - cursor + 1
+            entry = self._map[vext & mask]
+            packet = None
+            if entry is not None and entry[0] == vext:
+                try:
+                    history = histories[entry[1]]
+                except (IndexError, KeyError):
+                    history = None
+                if history is not None:
+                    packet = history.get(entry[2], now, timestamp=entry[3])
+            if packet is None:
+                misses += 1
+                continue
+            rtx_seq = self._rtx_seq
+            self._rtx_seq = (rtx_seq + 1) & 0xFFFF
+            data = self._build(
+                rtx, self._rtx_mpt[packet.marker], rtx_seq, entry[4],
+                _U16.pack(vext & 0xFFFF) + packet.payload, now,
+            )
+            out.append(data)
+            total += len(data)
+        self._probe_cursor = cursor
+        self.probe_bytes += total
         return out
 
     # -- RTCP ------------------------------------------------------------------

@@ -8,10 +8,16 @@ re-packetized per viewer.
 
 RTCP from the viewer:
 
-* receiver reports → fraction lost and RTT (RFC 3550 §6.4.1) → layer
-  selector; REMB (draft-alvestrand-rmcat-remb) → layer selector;
+* receiver reports → cumulative loss, highest sequence number and RTT
+  (RFC 3550 §6.4.1) → layer selector; REMB (draft-alvestrand-rmcat-remb) →
+  layer selector. Going up is decided on a probe: RTX copies of recent
+  packets paced up to the next layer's rate (:mod:`media.rtp.probe`, one
+  timer per probing viewer), plus a sender report every 100 ms so the RTT
+  follows the queue the probe may build;
 * Generic NACK (RFC 4585 §6.2.1) → retransmission from the layer's shared
-  history (RTX, RFC 4588, when negotiated);
+  history (RTX, RFC 4588, when negotiated), within the viewer's
+  retransmission budget and playout window (:mod:`media.rtp.budget`);
+  retransmitted and probe bytes count in ``bytes_sent``;
 * PLI/FIR (RFC 4585 §6.3.1, RFC 5104 §4.3.1) → counted; the viewer resumes
   at the layer's next IDR (an SRT source cannot be asked for one; a hook
   lets a WebRTC source forward the request upstream).
@@ -37,7 +43,9 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
 
 from ..errors import UnsupportedMedia
-from ..rtp.layers import Action, LayerDecision, LayerSelector
+from ..rtp.budget import RateMeter, RetransmitBudget
+from ..rtp.layers import Action, LayerDecision, LayerPolicy, LayerSelector
+from ..rtp.probe import ProbePacer
 from ..rtp.packet import LayerPacket
 from ..rtp.rewrite import Rewriter, TrackParams
 from ..rtp.rtcp import (
@@ -66,6 +74,11 @@ class SessionStats:
     switches: int = 0
     backlog_events: int = 0
     send_errors: int = 0
+    retransmit_bytes: int = 0
+    retransmits_dropped: int = 0  # NACKed packets not resent: over budget or too old
+    probes: int = 0
+    probes_failed: int = 0
+    probe_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -111,6 +124,11 @@ class WhepSession:
         self._closing: asyncio.Task | None = None
         self.answer_note = ""
         self.sdp_answer = ""
+        self._budget = RetransmitBudget(service.rtx_share, playout_allowance=service.rtx_playout_allowance)
+        self._video_rate = RateMeter()
+        self._pacer: ProbePacer | None = None
+        self._probe_timer: asyncio.TimerHandle | None = None
+        self._probe_sr_at = 0.0
 
     # -- negotiation -------------------------------------------------------------
 
@@ -218,7 +236,11 @@ class WhepSession:
         self._layer_names = layers
         pinned = self._pin_name in layers
         start = layers.index(old) if old in layers else self._initial_layer_index()
-        self._selector = LayerSelector(max(len(layers), 1), initial_layer=start)
+        video = self._tracks.get("video")
+        self._stop_probe()
+        self._selector = LayerSelector(
+            max(len(layers), 1), initial_layer=start, policy=self.service.layer_policy,
+            can_probe=video is not None and video.rewriter is not None and video.rewriter.can_probe)
         if pinned:
             self._selector.pin(layers.index(self._pin_name), time.monotonic())
         video = self._tracks.get("video")
@@ -274,25 +296,39 @@ class WhepSession:
             return
         now = time.monotonic()
         ssrc = track.sender.ssrc
+        if kind == "video":
+            self._update_budget(track.rewriter, now)
         if isinstance(packet, (ReceiverReport, SenderReport)):
             if kind != "video" or self._selector is None:
                 return
             for block in packet.reports:
                 if block.ssrc == ssrc:
                     rtt = rtt_from_report(block.lsr, block.dlsr, ntp_middle32(ntp_from_unix(time.time())))
-                    self._apply(self._selector.on_receiver_report(block.fraction_lost / 256.0, rtt, now))
+                    self._apply(self._selector.on_receiver_report(
+                        block.highest_seq, block.packets_lost, rtt, now))
         elif isinstance(packet, Nack):
             if packet.media_ssrc != ssrc:
                 return
             self.stats.nacks += 1
-            out = track.rewriter.retransmit(packet.lost, self.fanout.histories(), now)
-            for data in out:
-                try:
-                    self._fast.send_rtp(data)
-                except (ConnectionError, OSError, AttributeError):
-                    self.stats.send_errors += 1
-                    return
+            rw = track.rewriter
+            dropped = rw.rtx_too_old + rw.rtx_over_budget
+            if kind == "video":
+                rtt = self._selector.rtt if self._selector is not None else None
+                out = rw.retransmit(packet.lost, self.fanout.histories(), now, budget=self._budget,
+                                    max_age=self._budget.max_age(rtt))
+            else:
+                out = rw.retransmit(packet.lost, self.fanout.histories(), now)
+            self.stats.retransmits_dropped += rw.rtx_too_old + rw.rtx_over_budget - dropped
+            if not out:
+                return
+            try:
+                nbytes = self._fast.send_batch(out)
+            except (ConnectionError, OSError, AttributeError):
+                self.stats.send_errors += 1
+                return
             self.stats.retransmits += len(out)
+            self.stats.retransmit_bytes += nbytes
+            self.stats.bytes_sent += nbytes
         elif isinstance(packet, Pli):
             if packet.media_ssrc == ssrc and kind == "video":
                 self.stats.plis += 1
@@ -305,9 +341,23 @@ class WhepSession:
             if kind == "video" and self._selector is not None and ssrc in packet.ssrcs:
                 self._apply(self._selector.on_remb(packet.bitrate, now))
 
+    def _update_budget(self, rw: Rewriter, now: float) -> None:
+        """Per RTCP packet (never per media packet): the video send rate and,
+        from it, the REMB and the loss, the retransmission budget."""
+        layer_bps = self._video_rate.update(rw.octets_sent, now)
+        sel = self._selector
+        self._budget.update(layer_bps, sel.bandwidth if sel is not None else None,
+                            sel.loss if sel is not None else None, now)
+
     def _apply(self, decision: LayerDecision | None) -> None:
         if decision is None:
+            if self._pacer is not None and (self._selector is None or self._selector.probing is None):
+                self._stop_probe()
             return
+        if decision.action in (Action.PROBE, Action.PROBE_STOP):
+            self._on_probe_decision(decision)
+            return
+        self._stop_probe()
         if decision.action == Action.DROP_VIEWER:
             log.info("webrtc.viewer_dropped", extra={"fields": {
                 "session": self.id, "stream": self.stream_name, "reasons": [r.value for r in decision.reasons]}})
@@ -326,6 +376,95 @@ class WhepSession:
             "session": self.id, "stream": self.stream_name, "from": frm, "to": to,
             "reasons": [r.value for r in decision.reasons], "loss": decision.loss, "rtt": decision.rtt,
             "bandwidth": decision.bandwidth}})
+
+    # -- probing -----------------------------------------------------------------------
+
+    def _on_probe_decision(self, decision: LayerDecision) -> None:
+        names = self._layer_names
+        to = names[decision.to_layer] if decision.to_layer < len(names) else str(decision.to_layer)
+        fields = {"session": self.id, "stream": self.stream_name, "to": to,
+                  "reasons": [r.value for r in decision.reasons], "loss": decision.loss,
+                  "rtt": decision.rtt, "bandwidth": decision.bandwidth}
+        if decision.action == Action.PROBE_STOP:
+            self.stats.probes_failed += 1
+            fields["probe_bytes"] = self._pacer.bytes_sent if self._pacer is not None else 0
+            self._stop_probe()
+            log.info("webrtc.probe_failed", extra={"fields": fields})
+            return
+        video = self._tracks.get("video")
+        window = self._selector.probe_window if self._selector is not None else None
+        if video is None or video.rewriter is None or window is None:
+            return
+        histories = self.fanout.histories()
+        now = decision.at
+        # Rates of the layers as produced over the last second: one scan of
+        # each ring, once per probe.
+        base = histories[decision.from_layer].recent_bytes(now, 1.0) * 8.0 if decision.from_layer in histories else 0.0
+        target = histories[decision.to_layer].recent_bytes(now, 1.0) * 8.0 if decision.to_layer in histories else 0.0
+        start, end = window
+        self._pacer = ProbePacer(max(base, 50_000.0), max(target, 2.0 * base, 100_000.0), start, end - start)
+        self.stats.probes += 1
+        fields.update(base_bps=round(base), target_bps=round(target))
+        log.info("webrtc.probe_started", extra={"fields": fields})
+        self._arm_probe_timer(now)
+
+    def _arm_probe_timer(self, now: float) -> None:
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+        deadlines = [d for d in (
+            self._pacer.next_deadline(now) if self._pacer is not None else None,
+            self._selector.next_deadline() if self._selector is not None else None) if d is not None]
+        if deadlines and not self.closed:
+            self._probe_timer = asyncio.get_running_loop().call_later(
+                max(0.0, min(deadlines) - now), self._on_probe_timer)
+
+    def _stop_probe(self) -> None:
+        self._pacer = None
+        if self._probe_timer is not None:
+            self._probe_timer.cancel()
+            self._probe_timer = None
+
+    def _on_probe_timer(self) -> None:
+        self._probe_timer = None
+        fast = self._fast
+        video = self._tracks.get("video")
+        if self.closed or fast is None or video is None or video.rewriter is None:
+            return
+        now = time.monotonic()
+        pacer = self._pacer
+        if pacer is not None:
+            rw = video.rewriter
+            due = pacer.due(now)
+            before = fast.backlogged
+            try:
+                if due > 0:
+                    out = rw.probe(due, self.fanout.histories(), now)
+                    # Bytes not found in the history are not owed later: no burst.
+                    pacer.sent(max(due, sum(len(d) for d in out)))
+                    if out:
+                        nbytes = fast.send_batch(out)
+                        self.stats.probe_bytes += nbytes
+                        self.stats.bytes_sent += nbytes
+                if now - self._probe_sr_at >= 0.1:
+                    # Sender reports while probing: each RR's LSR/DLSR then
+                    # measures the RTT through the queue the probe may build.
+                    self._probe_sr_at = now
+                    sdes = Sdes((SdesChunk(video.sender.ssrc, ((1, self.service.cname),)),))
+                    fast.send_rtcp(serialize_rtcp((rw.sender_report(now, time.time()), sdes)))
+            except (ConnectionError, OSError, AttributeError):
+                self.stats.send_errors += 1
+                self.close_soon()
+                return
+            if pacer.done(now):
+                self._pacer = None
+            if fast.backlogged != before and self._selector is not None:
+                self.stats.backlog_events += 1
+                self._apply(self._selector.on_send_queue_overflow(now))
+        if self._selector is not None:
+            self._apply(self._selector.handle_timer(now))
+        if self._selector is not None and self._selector.probing is not None:
+            self._arm_probe_timer(now)
 
     # -- control -----------------------------------------------------------------------
 
@@ -389,6 +528,7 @@ class WhepSession:
         if self.closed:
             return
         self.closed = True
+        self._stop_probe()
         self.fanout.detach(self)
         self.service._forget(self)
         if self._fast is not None:
@@ -403,13 +543,17 @@ class WhepService:
     """All WHEP sessions of this process, and one fan-out per stream."""
 
     def __init__(self, *, ice_servers: list[dict[str, Any]] | None = None, max_viewers: int = 2000,
-                 backlog_limit: int = 512 * 1024,
+                 backlog_limit: int = 512 * 1024, layer_policy: LayerPolicy | None = None,
+                 rtx_share: float = 0.25, rtx_playout_allowance: float = 0.3,
                  on_keyframe_request: Callable[[str], None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
         adapter.ensure_h264_profiles()
         self.ice_servers = ice_servers or []
         self.max_viewers = max_viewers
         self.backlog_limit = backlog_limit
+        self.layer_policy = layer_policy or LayerPolicy()
+        self.rtx_share = rtx_share
+        self.rtx_playout_allowance = rtx_playout_allowance
         self.cname = ("returnfeed-" + secrets.token_hex(4)).encode()
         self.sessions: dict[str, WhepSession] = {}
         self.fanouts: dict[str, StreamFanout] = {}
