@@ -10,8 +10,12 @@ Inputs, all timestamped:
   the decoded picture height says which layer the viewer *sees*;
 * :class:`Switch` — the server's ``webrtc.layer_switch`` decisions for this
   viewer (from its JSON log): what the server *decided* and why;
+* :class:`Probe` — the server's bandwidth probes for this viewer (its log),
+  reported beside the switches (a probe does not move the viewer, so it is
+  not an up-attempt; what it costs the picture shows in the frozen time);
 * :class:`ServerView` — the server's view of the session (GET on the WHEP
-  session, about once a second): retransmissions, bandwidth estimate;
+  session and its stream counters, about once a second): retransmissions,
+  bandwidth estimate;
 * :class:`Phase` — when each network condition started and ended.
 
 The rules (ReturnFeed issue 17, "Tests (in CI)"), each a :class:`Check`:
@@ -28,12 +32,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Check", "Phase", "Sample", "ServerView", "Switch", "Timeline", "RTX_PACKET_BYTES"]
+__all__ = ["Check", "Phase", "Probe", "Sample", "ServerView", "Switch", "Timeline", "RTX_PACKET_BYTES"]
 
 DOWN_WITHIN_S = 2.0
 UP_ATTEMPT_SPACING_S = 30.0
 FROZEN_SHARE_MAX = 0.10
 BACK_UP_WITHIN_S = 10.0
+# An up-switch this soon after a probe started is that probe's outcome, not
+# a new attempt.
+PROBE_LEADS_S = 10.0
 
 # An upper bound on one retransmitted packet on the wire when the server
 # reports only a count: a full-size H.264 payload (aiortc packetizes at
@@ -43,7 +50,8 @@ RTX_PACKET_BYTES = 1250
 
 # Field names under which the server's session view may carry the two
 # quantities of the retransmission rule (first one present wins).
-RTX_BYTES_FIELDS = ("retransmitted_bytes", "retransmit_bytes", "rtx_bytes")
+RTX_BYTES_FIELDS = ("retransmitted_bytes", "retransmit_bytes", "rtx_bytes",
+                    "returnfeed_webrtc_retransmit_bytes_total")
 ESTIMATE_FIELDS = ("estimate_bps", "estimated_bps", "estimate", "bandwidth_bps", "bandwidth", "remb_bps", "remb")
 
 
@@ -74,14 +82,23 @@ class Switch:
 
 
 @dataclass(frozen=True, slots=True)
+class Probe:
+    t: float
+    event: str  # "started" or "failed"
+    detail: str = ""
+    bandwidth: float | None = None  # the viewer's REMB the server had then
+
+
+@dataclass(frozen=True, slots=True)
 class ServerView:
     t: float
     fields: dict[str, Any]
 
     def number(self, names: tuple[str, ...]) -> float | None:
-        """The first of ``names`` present, searched at the top level and
-        under ``stats``."""
-        for where in (self.fields, self.fields.get("stats") or {}):
+        """The first of ``names`` present, searched at the top level, under
+        ``stats`` and under ``stream_metrics`` (the stream's counters, the
+        viewer's own while it is the stream's only viewer)."""
+        for where in (self.fields, self.fields.get("stats") or {}, self.fields.get("stream_metrics") or {}):
             for name in names:
                 v = where.get(name)
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -115,7 +132,9 @@ class Timeline:
     phases: list[Phase] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
     switches: list[Switch] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)
     server: list[ServerView] = field(default_factory=list)
+    shown: list[tuple[float, int]] = field(default_factory=list)  # (time, height) at each change on screen
 
     # -- derived ---------------------------------------------------------------------
 
@@ -128,15 +147,32 @@ class Timeline:
         return next(p for p in self.phases if p.clean and p.start >= c.end)
 
     def layer_changes(self) -> list[tuple[float, int]]:
-        """(time, height) each time the decoded height changes."""
+        """(time, height) each time the picture height changes: from the
+        video element's frame callbacks where recorded (frame-exact), else
+        from the getStats samples (up to one sampling interval late)."""
+        if self.shown:
+            return list(self.shown)
         out: list[tuple[float, int]] = []
         for s in self.samples:
             if s.height and (not out or out[-1][1] != s.height):
                 out.append((s.t, s.height))
         return out
 
-    def first_sample(self, after: float, height: int) -> Sample | None:
-        return next((s for s in self.samples if s.t >= after and s.height == height), None)
+    def height_at(self, t: float) -> int:
+        """The picture height shown at ``t`` (0 before the first frame)."""
+        height = 0
+        for at, h in self.layer_changes():
+            if at > t:
+                break
+            height = h
+        return height
+
+    def first_shown(self, after: float, height: int) -> float | None:
+        """When ``height`` was first on screen at or after ``after`` (if it
+        already was at ``after``, that time)."""
+        if self.height_at(after) == height:
+            return after
+        return next((t for t, h in self.layer_changes() if t >= after and h == height), None)
 
     def frozen_seconds(self, start: float, end: float) -> tuple[float, float]:
         """Frozen time in [start, end] two ways: Chromium's
@@ -154,48 +190,65 @@ class Timeline:
 
     def check_down(self) -> Check:
         c = self.constraint()
-        s = self.first_sample(c.start, self.low)
+        shown = self.first_shown(c.start, self.low)
         name = f"down within {DOWN_WITHIN_S:g} s of congestion, at a keyframe"
-        if s is None or s.t > c.end:
+        if shown is None or shown > c.end:
             return Check(name, False, f"never showed the low layer during '{c.label}' ({c.end - c.start:.0f} s)")
-        delay = s.t - c.start
-        before = [x for x in self.samples if x.t < s.t]
-        keyframe = bool(before) and s.key_frames > before[-1].key_frames
+        delay = shown - c.start
+        before = [x for x in self.samples if x.t < shown]
+        after = next((x for x in self.samples if x.t >= shown), None)
+        keyframe = bool(before) and after is not None and after.key_frames > before[-1].key_frames
         ok = delay <= DOWN_WITHIN_S and keyframe
         return Check(name, ok, f"low layer shown {delay:.2f} s after '{c.label}' began"
                      + ("" if keyframe else "; no keyframe decoded at the change"))
 
-    def up_attempts(self, start: float, end: float) -> list[tuple[Switch, bool]]:
-        """Server decisions to go up in [start, end) and whether each failed
-        (a decision to go down followed it before ``end``)."""
+    def up_attempts(self, start: float, end: float, *, probes: bool = False) -> list[tuple[float, str, bool]]:
+        """Attempts to move the viewer up in [start, end): (time, "switch" or
+        "probe", failed). An up-switch fails when a down-switch (or, with
+        ``probes``, a failed probe) follows before the next attempt and
+        before ``end``. With ``probes``, each probe started is an attempt
+        too, and an up-switch a probe led to (within ``PROBE_LEADS_S``) is
+        part of that probe's attempt."""
+        ups = sorted(sw.t for sw in self.switches if sw.to == "high")
+        started = sorted(pr.t for pr in self.probes if pr.event == "started") if probes else []
+        attempts = [(t, "probe") for t in started]
+        attempts += [(t, "switch") for t in ups if not any(0 <= t - p <= PROBE_LEADS_S for p in started)]
+        attempts = sorted(a for a in attempts if start <= a[0] < end)
+        failures = [sw.t for sw in self.switches if sw.to != "high"]
+        if probes:
+            failures += [pr.t for pr in self.probes if pr.event == "failed"]
         out = []
-        ordered = sorted(self.switches, key=lambda x: x.t)
-        for i, sw in enumerate(ordered):
-            if start <= sw.t < end and sw.to == "high":
-                failed = any(later.to != "high" and later.t < end for later in ordered[i + 1:])
-                out.append((sw, failed))
+        for k, (t, kind) in enumerate(attempts):
+            until = min(attempts[k + 1][0] if k + 1 < len(attempts) else end, end)
+            out.append((t, kind, any(t < f < until for f in failures)))
         return out
 
     def check_up_attempts(self) -> Check:
+        """Up-attempts are up-switches: what the viewer sees move. Probes
+        (which do not move the viewer) are listed in the detail, spaced the
+        same way, for the reader to weigh; what a failed probe costs the
+        picture counts in :meth:`check_frozen`."""
         c = self.constraint()
-        attempts = self.up_attempts(c.start, c.end)
         name = f"under '{c.label}': at most one up-attempt per {UP_ATTEMPT_SPACING_S:g} s after the first failure"
-        first_failed = next((i for i, (_, failed) in enumerate(attempts) if failed), None)
-        times = [f"{sw.t - c.start:.1f}" for sw, _ in attempts]
-        if first_failed is None:
-            return Check(name, True, f"{len(attempts)} up-attempt(s), none failed (at s {times})")
-        later = [sw.t for sw, _ in attempts[first_failed:]]
-        gaps = [b - a for a, b in zip(later, later[1:])]
+
+        def spacing(attempts: list[tuple[float, str, bool]]) -> tuple[list[str], list[float]]:
+            listed = [f"{t - c.start:.1f}{' failed' if failed else ''}" for t, _, failed in attempts]
+            first_failed = next((k for k, (_, _, failed) in enumerate(attempts) if failed), None)
+            later = [t for t, _, _ in attempts[first_failed:]] if first_failed is not None else []
+            return listed, [round(b - a, 1) for a, b in zip(later, later[1:])]
+
+        switches, gaps = spacing(self.up_attempts(c.start, c.end))
+        probes, probe_gaps = spacing([a for a in self.up_attempts(c.start, c.end, probes=True) if a[1] == "probe"])
         ok = all(g >= UP_ATTEMPT_SPACING_S for g in gaps)
-        return Check(name, ok, f"{len(attempts)} up-attempts at s {times} after the constraint began; "
-                     f"gaps after the first failure {[round(g, 1) for g in gaps]} s")
+        return Check(name, ok, f"up-switches at s {switches} after the constraint began, gaps after the first "
+                     f"failure {gaps} s; probes at s {probes}, gaps after the first failed one {probe_gaps} s")
 
     def check_frozen(self) -> Check:
         c = self.constraint()
         name = f"under '{c.label}': ≤ {FROZEN_SHARE_MAX:.0%} of the time frozen after the first switch"
         first = next((sw.t for sw in sorted(self.switches, key=lambda x: x.t) if c.start <= sw.t < c.end), None)
-        shown = self.first_sample(c.start, self.low)
-        starts = [t for t in (first, shown.t if shown and shown.t < c.end else None) if t is not None]
+        shown = self.first_shown(c.start, self.low)
+        starts = [t for t in (first, shown if shown is not None and shown < c.end else None) if t is not None]
         if not starts:
             return Check(name, False, "no layer switch during the constraint")
         start = min(starts)
@@ -210,66 +263,72 @@ class Timeline:
     def check_back_up(self) -> Check:
         r = self.recovery()
         name = f"back to high within {BACK_UP_WITHIN_S:g} s once the network is clean"
-        s = self.first_sample(r.start, self.high)
-        if s is None:
-            last = self.samples[-1].height if self.samples else 0
+        shown = self.first_shown(r.start, self.high)
+        if shown is None:
+            last = self.height_at(r.end)
             return Check(name, False, f"still {last}p {r.end - r.start:.0f} s after the network became clean")
-        delay = s.t - r.start
+        delay = shown - r.start
         return Check(name, delay <= BACK_UP_WITHIN_S, f"high layer shown {delay:.2f} s after the network became clean")
 
     def check_stays_high(self) -> Check:
         r = self.recovery()
         name = "stays on high while the network is clean (no flip-flop)"
-        s = self.first_sample(r.start, self.high)
-        if s is None:
+        shown = self.first_shown(r.start, self.high)
+        if shown is None:
             return Check(name, False, "never got back to high")
-        later = [x for x in self.samples if x.t > s.t and x.height and x.height != self.high]
-        downs = [sw for sw in self.switches if sw.t > s.t and sw.to != "high"]
+        later = [t for t, h in self.layer_changes() if shown < t <= r.end and h != self.high]
+        downs = [sw for sw in self.switches if shown < sw.t <= r.end and sw.to != "high"]
         ok = not later and not downs
-        detail = f"held high for {r.end - s.t:.0f} s" if ok else (
-            f"left high {len(downs)} time(s) on a clean network (server switches at s "
-            f"{[round(sw.t - r.start, 1) for sw in downs]} after clean; {len(later)} samples below high)")
+        detail = f"held high for {r.end - shown:.0f} s" if ok else (
+            f"left high on a clean network: server switches down at s {[round(sw.t - r.start, 1) for sw in downs]}, "
+            f"lower picture shown at s {[round(t - r.start, 1) for t in later]} after it became clean")
         return Check(name, ok, detail)
 
     def estimate_at(self, view: ServerView) -> tuple[float, str] | None:
         """The viewer's estimated bandwidth (bit/s) at ``view`` and where it
         came from: the server's own figure where its session view carries
-        one; otherwise the lower of the viewer's last REMB the server logged
-        (with a layer switch) and the link's capacity under a rate-limiting
-        phase — an estimate above what the link carries is not an estimate
-        a budget may trust."""
+        one, else the viewer's last REMB the server logged (with a layer
+        switch or a probe); ``None`` before either is known."""
         reported = view.number(ESTIMATE_FIELDS)
         if reported is not None:
             return reported, "the server's estimate"
-        options = []
-        remb = [sw for sw in self.switches if sw.t <= view.t and sw.bandwidth]
-        if remb:
-            options.append((float(max(remb, key=lambda sw: sw.t).bandwidth or 0.0), "the last logged REMB"))
-        phase = next((p for p in self.phases if p.start <= view.t < p.end), None)
-        if phase is not None and phase.capacity_bps is not None:
-            options.append((phase.capacity_bps, "the link capacity"))
-        return min(options) if options else None
+        logged = [(sw.t, sw.bandwidth) for sw in self.switches if sw.bandwidth]
+        logged += [(pr.t, pr.bandwidth) for pr in self.probes if pr.bandwidth]
+        known = [(t, bw) for t, bw in logged if t <= view.t]
+        if not known:
+            return None
+        return float(max(known)[1] or 0.0), "the viewer's last logged REMB"
+
+    def retransmitted_bytes(self, a: ServerView, b: ServerView) -> float | None:
+        """Bytes retransmitted between two views: the server's byte counter
+        where it has one, else its packet count × ``RTX_PACKET_BYTES``."""
+        rb_a, rb_b = a.number(RTX_BYTES_FIELDS), b.number(RTX_BYTES_FIELDS)
+        if rb_a is not None and rb_b is not None:
+            return rb_b - rb_a
+        n_a, n_b = a.number(("retransmits",)), b.number(("retransmits",))
+        if n_a is None or n_b is None:
+            return None
+        return (n_b - n_a) * RTX_PACKET_BYTES
 
     def check_retransmissions(self) -> Check:
         """Per interval between two server views: bytes retransmitted ≤ the
         viewer's estimated bandwidth (:meth:`estimate_at`) × the interval.
-        Intervals with no estimate are not judged; none judged is a failure."""
+        Intervals with no estimate yet are not judged; none judged is a
+        failure. The share of the link's capacity (under a rate-limiting
+        phase) is reported beside it: an estimate can be far above what the
+        link carries (Chromium's REMB stays at Mbit/s behind a policer)."""
         name = "retransmitted bytes ≤ the viewer's estimated bandwidth"
-        judged, worst, failures, sources = 0, 0.0, [], set()
+        judged, worst, worst_link, failures, sources = 0, 0.0, 0.0, [], set()
         counted = False
         for a, b in zip(self.server, self.server[1:]):
             dt = b.t - a.t
-            if dt <= 0:
+            rtx = self.retransmitted_bytes(a, b)
+            if dt <= 0 or rtx is None:
                 continue
-            rb_a, rb_b = a.number(RTX_BYTES_FIELDS), b.number(RTX_BYTES_FIELDS)
-            if rb_a is not None and rb_b is not None:
-                rtx = rb_b - rb_a
-            else:
-                n_a, n_b = a.number(("retransmits",)), b.number(("retransmits",))
-                if n_a is None or n_b is None:
-                    continue
-                rtx = (n_b - n_a) * RTX_PACKET_BYTES
             counted = True
+            phase = next((p for p in self.phases if p.start <= b.t < p.end), None)
+            if phase is not None and phase.capacity_bps:
+                worst_link = max(worst_link, rtx * 8 / (phase.capacity_bps * dt))
             found = self.estimate_at(b)
             if found is None:
                 continue
@@ -279,12 +338,13 @@ class Timeline:
             ratio = rtx * 8 / (estimate * dt) if estimate > 0 else float("inf")
             worst = max(worst, ratio)
             if ratio > 1.0:
-                failures.append(f"{rtx:.0f} B in {dt:.1f} s vs {estimate / 1000:.0f} kbit/s ({source})")
+                failures.append(f"{rtx:.0f} B in {dt:.1f} s vs {estimate / 1000:.0f} kbit/s")
         if judged == 0:
-            why = "no bandwidth estimate" if counted else "no retransmission count from the server"
+            why = "no bandwidth estimate known" if counted else "no retransmission count from the server"
             return Check(name, False, f"no interval could be judged ({why})")
         return Check(name, not failures, f"{judged} intervals against {' or '.join(sorted(sources))}; "
-                     f"worst {worst:.0%} of it" + (f"; over in {len(failures)}: {failures[:3]}" if failures else ""))
+                     f"worst {worst:.0%} of it (worst {worst_link:.0%} of the link's capacity)"
+                     + (f"; over in {len(failures)}: {failures[:3]}" if failures else ""))
 
     def checks(self) -> list[Check]:
         return [self.check_down(), self.check_up_attempts(), self.check_frozen(), self.check_back_up(),
@@ -301,8 +361,10 @@ class Timeline:
         for sw in self.switches:
             events.append((sw.t, f"server: {sw.frm} → {sw.to} ({', '.join(sw.reasons)}; loss {sw.loss}, "
                                  f"rtt {sw.rtt}, bandwidth {sw.bandwidth})"))
+        for pr in self.probes:
+            events.append((pr.t, f"server: probe {pr.event} {pr.detail}".rstrip()))
         for t, h in self.layer_changes():
-            events.append((t, f"page: decoding {h}p"))
+            events.append((t, f"page: showing {h}p"))
         prev: Sample | None = None
         for s in self.samples:
             if prev is not None and s.freezes > prev.freezes:

@@ -35,7 +35,7 @@ import pytest
 
 from helpers import ServerProcess, http, login, stop_process, wait_until
 from netns import CLEAN, Shaping, ViewerNetwork, netns_unavailable, remove_leftovers
-from viewer_timeline import Phase, Sample, ServerView, Switch, Timeline
+from viewer_timeline import Phase, Probe, Sample, ServerView, Switch, Timeline
 
 pytestmark = pytest.mark.browser
 
@@ -47,9 +47,10 @@ STREAM = "netcam"
 HIGH, LOW = 720, 180
 SAMPLE_EVERY_S = 0.25
 SERVER_VIEW_EVERY_S = 1.0
-# The low layer as Chromium receives it (180p at 150 kbit/s + Opus audio +
-# RTP/SRTP/UDP/IP headers) measured ≈ 260 kbit/s here; a queue of 320
-# kbit/s "just fits" it while the high layer (≈ 2.5 Mbit/s) cannot pass.
+# Measured here: Chromium receives ≈ 150 kbit/s of video payload on the low
+# layer, ≈ 2.3 Mbit/s on the high one; with Opus audio, RTCP, RTP/SRTP/UDP/IP
+# headers and the server's probes ≈ 260 kbit/s crossed the veth while the
+# viewer was on low. A 320 kbit/s queue "just fits" the low layer.
 LOW_FITS_KBIT = 320
 
 
@@ -84,16 +85,30 @@ CHROMIUM_ARGS = [
 
 # Keep every RTCPeerConnection the page makes (the watch page's player owns
 # its own; a reconnect makes a new one), so the test can read getStats
-# itself, more often than the page's own once-a-second overlay.
-TRACK_PCS = """(() => {
+# itself, more often than the page's own once-a-second overlay; and note, from
+# the video element's frame callbacks, when each new picture height was first
+# presented (frame-exact, where sampling getStats is up to 250 ms late).
+TRACK_PAGE = """(() => {
   const Native = window.RTCPeerConnection;
   window.__rfnPcs = [];
   window.RTCPeerConnection = class extends Native {
     constructor(...args) { super(...args); window.__rfnPcs.push(this); }
   };
+  window.__rfnShown = [];
+  const watch = () => {
+    const v = document.querySelector('video');
+    if (!v || !v.requestVideoFrameCallback) { setTimeout(watch, 50); return; }
+    let last = 0;
+    const onFrame = (now, meta) => {
+      if (meta.height !== last) { last = meta.height; window.__rfnShown.push([now, meta.height]); }
+      v.requestVideoFrameCallback(onFrame);
+    };
+    v.requestVideoFrameCallback(onFrame);
+  };
+  document.addEventListener('DOMContentLoaded', watch);
 })();"""
 
-VIDEO_STATS = """async () => {
+VIDEO_STATS = """async (shownFrom) => {
   const pcs = (window.__rfnPcs || []).filter(pc => pc.connectionState !== 'closed');
   const pc = pcs[pcs.length - 1];
   if (!pc) return null;
@@ -105,7 +120,8 @@ VIDEO_STATS = """async () => {
       packetsLost: r.packetsLost || 0, packetsReceived: r.packetsReceived || 0, nackCount: r.nackCount || 0,
       retransmittedBytesReceived: r.retransmittedBytesReceived || 0, bytesReceived: r.bytesReceived || 0};
   });
-  return out ? {...out, pcs: window.__rfnPcs.length} : null;
+  return out ? {...out, pcs: window.__rfnPcs.length, shown: window.__rfnShown.slice(shownFrom),
+                perfNow: performance.now()} : null;
 }"""
 
 
@@ -140,7 +156,8 @@ def stack(viewer_net: ViewerNetwork, e2e_db_url: str, tmp_path_factory: pytest.T
         http("POST", f"{srv.url}/api/v1/productions", {"name": "Network"}, token=token)
         r = http("POST", f"{srv.url}/api/v1/streams", {"name": STREAM, "production": "Network"}, token=token)
         assert r.status == 201, r.body
-        source = publish_two_layers(srv.srt_port, r.json()["passphrase"])
+        source_log = srv.data_dir / "ffmpeg.log"
+        source = publish_two_layers(srv.srt_port, r.json()["passphrase"], source_log)
 
         def two_layers() -> bool:
             body = http("GET", f"{srv.url}/api/v1/streams/{STREAM}", token=token).json()
@@ -149,8 +166,7 @@ def stack(viewer_net: ViewerNetwork, e2e_db_url: str, tmp_path_factory: pytest.T
         try:
             wait_until(two_layers, timeout=30, interval=0.25)
         except AssertionError:
-            err = source.stderr.read1(4000).decode(errors="replace") if source.poll() is not None else ""
-            pytest.fail(f"the two-layer SRT source did not go live in 30 s: {err}")
+            pytest.fail(f"the two-layer SRT source did not go live in 30 s: {source_log.read_text()[-2000:]}")
         # The read link is made through the veth address so its watch_url points there.
         link = http("POST", f"{base}/api/v1/streams/{STREAM}/links", {"action": "read", "ttl_s": 3600}, token=token)
         assert link.status == 201, link.body
@@ -161,7 +177,7 @@ def stack(viewer_net: ViewerNetwork, e2e_db_url: str, tmp_path_factory: pytest.T
         srv.stop()
 
 
-def publish_two_layers(srt_port: int, passphrase: str) -> subprocess.Popen:
+def publish_two_layers(srt_port: int, passphrase: str, log: Path) -> subprocess.Popen:
     """Real ffmpeg + libx264: 720p ≈ 2.5 Mbit/s ('high') and 180p ≈ 150
     kbit/s ('low') as two H.264 PIDs in one TS, 1 s GOP, no B-frames, AAC."""
     url = (f"srt://127.0.0.1:{srt_port}?streamid=publish:{STREAM}&passphrase={passphrase}&pbkeylen=16"
@@ -176,7 +192,9 @@ def publish_two_layers(srt_port: int, passphrase: str) -> subprocess.Popen:
            "-b:v:0", "2500k", "-maxrate:v:0", "2500k", "-bufsize:v:0", "1250k",
            "-b:v:1", "150k", "-maxrate:v:1", "150k", "-bufsize:v:1", "75k",
            "-c:a", "aac", "-b:a", "64k", "-f", "mpegts", url]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    # Errors to a file: a pipe nobody reads could fill and stall the source.
+    with log.open("wb") as err:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -247,11 +265,28 @@ class Recorder:
         if not sessions:
             return
         r = http("GET", f"{self.server.url}/whep/{STREAM}/{sessions[-1]}", token=self.stack["token"], timeout=5)
-        if r.status == 200:
-            self.timeline.server.append(ServerView(time.monotonic(), r.json()))
+        if r.status != 200:
+            return
+        fields = r.json()
+        # The stream's WebRTC counters: the viewer's own while it is the
+        # stream's only viewer (one scenario at a time).
+        metrics = http("GET", f"{self.server.url}/metrics", timeout=5)
+        if metrics.status == 200:
+            fields["stream_metrics"] = {
+                name: float(value) for name, _, value in (
+                    line.partition(" ") for line in metrics.body.decode().splitlines()
+                    if line.startswith("returnfeed_webrtc_") and "{" not in line)}
+        self.timeline.server.append(ServerView(time.monotonic(), fields))
 
-    def collect_switches(self) -> None:
+    def collect_server_log(self) -> None:
         mine = set(self.sessions())
+        for event in ("webrtc.probe_started", "webrtc.probe_failed"):
+            for ev in self.events(event):
+                if ev.get("session") in mine:
+                    detail = ", ".join(f"{k} {ev[k]}" for k in ("to", "reasons", "loss", "rtt", "bandwidth",
+                                                                "base_bps", "target_bps", "probe_bytes") if k in ev)
+                    self.timeline.probes.append(Probe(self.mono(ev["ts"]), event.rsplit("_", 1)[1], detail,
+                                                      ev.get("bandwidth")))
         for ev in self.events("webrtc.layer_switch"):
             if ev.get("session") in mine:
                 self.timeline.switches.append(Switch(
@@ -261,11 +296,15 @@ class Recorder:
     # -- page side -------------------------------------------------------------------
 
     def sample(self) -> Sample | None:
-        st = self.page.evaluate(VIDEO_STATS)
+        st = self.page.evaluate(VIDEO_STATS, len(self.timeline.shown))
         now = time.monotonic()
         if not st:
             return None
         self.raw.append({"t": now, **st})
+        # performance.now() → this clock: the page read it a moment before
+        # the answer came back (a few ms).
+        for at_ms, height in st["shown"]:
+            self.timeline.shown.append((now - (st["perfNow"] - at_ms) / 1000.0, height))
         s = Sample(now, st["height"], st["framesDecoded"], st["keyFramesDecoded"], st["freezeCount"],
                    st["totalFreezesDuration"], st["packetsLost"], st["packetsReceived"], st["nackCount"],
                    st["retransmittedBytesReceived"], st["bytesReceived"])
@@ -310,6 +349,9 @@ def report(scenario: Scenario, rec: Recorder, origin: float, checks: list[Any]) 
                                                       for s in scenario.steps)]
     lines += [f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in checks]
     lines.append(f"  sessions {rec.sessions()}; packets dropped by {'; '.join(rec.drops) or 'nothing'}")
+    probes = rec.timeline.probes
+    lines.append(f"  probes: {sum(p.event == 'started' for p in probes)} started, "
+                 f"{sum(p.event == 'failed' for p in probes)} failed")
     lines.append(f"  crossed the veth (after the queue, before the nft rules): {'; '.join(rec.carried)}")
     lines.append("  timeline:")
     lines += ["    " + line for line in rec.timeline.story(origin)]
@@ -320,7 +362,8 @@ def save(scenario: Scenario, rec: Recorder, origin: float, text: str) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     tl = rec.timeline
     data = {"scenario": scenario.name, "origin": origin, "phases": [asdict(p) for p in tl.phases],
-            "switches": [asdict(s) for s in tl.switches], "server": [asdict(v) for v in tl.server],
+            "switches": [asdict(s) for s in tl.switches],
+            "probes": [asdict(p) for p in tl.probes], "shown": tl.shown, "server": [asdict(v) for v in tl.server],
             "page": rec.raw}
     (ARTIFACTS / f"{scenario.name}.json").write_text(json.dumps(data, indent=1, default=str))
     (ARTIFACTS / f"{scenario.name}.txt").write_text(text + "\n")
@@ -344,18 +387,18 @@ def test_adaptive_quality_under_shaped_network(scenario: Scenario, viewer_net: V
                                                ns_browser: Any) -> None:
     ctx = ns_browser.new_context(viewport={"width": 1280, "height": 720})
     try:
-        ctx.add_init_script(TRACK_PCS)
+        ctx.add_init_script(TRACK_PAGE)
         page = ctx.new_page()
         rec = Recorder(viewer_net, stack, page)
         origin = time.monotonic()
         viewer_net.shape(CLEAN)
         page.goto(stack["watch_url"])
         if not rec.wait_high(25):
-            rec.collect_switches()
+            rec.collect_server_log()
             pytest.fail("BASELINE: the viewer did not reach the high layer within 25 s on a clean network\n"
                         + "\n".join(rec.timeline.story(origin)), pytrace=False)
         rec.play(scenario.steps)
-        rec.collect_switches()
+        rec.collect_server_log()
     finally:
         viewer_net.shape(CLEAN)
         ctx.close()
