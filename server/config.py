@@ -123,7 +123,7 @@ class WebRtcSettings(_Section):
     rtx_share: float = Field(0.25, gt=0.0, le=1.0)
     #: A NACKed packet older than RTT + this is not resent: the viewer's
     #: jitter buffer has played past it (seconds).
-    rtx_playout_allowance_s: float = Field(0.3, gt=0.0, le=5.0)
+    rtx_playout_allowance_s: float = Field(0.5, gt=0.0, le=5.0)
 
     @model_validator(mode="after")
     def _backoffs_ordered(self) -> WebRtcSettings:

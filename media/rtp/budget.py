@@ -5,10 +5,12 @@ a congested link answering all of them multiplies the congestion: a viewer
 behind a 0.4 Mbit/s policer on a 2.5 Mbit/s layer asked for ~1000
 retransmissions a second. So retransmissions draw from a token bucket:
 
-* rate (bytes/s) = min(``share`` × the layer's send rate, the viewer's
-  estimated bandwidth) / 8, where the estimate is the REMB and, while the
-  viewer loses more than ``loss_threshold``, also what gets through:
-  send rate × (1 − loss);
+* rate (bytes/s) = ``share`` × min(the layer's send rate, the viewer's
+  estimated bandwidth) / 8 — never more than that share of what the link
+  is believed to carry, so media keeps the rest. The estimate is the
+  caller's (REMB and what gets through while the viewer loses packets);
+  while the loss is above ``loss_threshold`` the layer's rate × (1 − loss)
+  caps it too;
 * depth = ``burst`` seconds at that rate, at least ``min_depth`` bytes (one
   large packet must always fit, else nothing could ever be resent);
 * a packet produced more than the viewer's playout window ago — RTT +
@@ -75,9 +77,9 @@ class RetransmitBudget:
         self,
         share: float = 0.25,
         *,
-        burst: float = 0.2,
-        min_depth: int = 3000,
-        playout_allowance: float = 0.3,
+        burst: float = 0.25,
+        min_depth: int = 6000,
+        playout_allowance: float = 0.5,
         loss_threshold: float = 0.03,
     ) -> None:
         if not 0.0 < share <= 1.0:
@@ -100,12 +102,12 @@ class RetransmitBudget:
         if layer_bps is None:
             return self.rate_bps
         self._refill(now)
-        rate = self.share * layer_bps
+        link = layer_bps
         if estimate_bps is not None:
-            rate = min(rate, estimate_bps)
+            link = min(link, estimate_bps)
         if loss is not None and loss > self.loss_threshold:
-            rate = min(rate, layer_bps * (1.0 - loss))
-        self.rate_bps = max(rate, 0.0)
+            link = min(link, layer_bps * (1.0 - loss))
+        self.rate_bps = max(self.share * link, 0.0)
         return self.rate_bps
 
     @property

@@ -14,7 +14,10 @@ only ever steps one layer at a time. The product's rules:
     ramping the total up to the next layer's rate, while this object watches
     the reports. Loss, an RTT rise or a falling REMB during the probe or its
     settle time fails it (:attr:`Action.PROBE_STOP`); a clean probe switches
-    up (:attr:`Reason.PROBE_OK`). A failed probe is retried after
+    up (:attr:`Reason.PROBE_OK`). Loss during a probe is also read from the
+    viewer's NACKs (:meth:`LayerSelector.on_nack`): a receiver that repairs
+    a loss by RTX counts the packet as received in its next report. A
+    failed probe is retried after
     ``probe_retry`` seconds, doubling up to ``probe_retry_max``;
   - a viewer that cannot be probed goes up when its REMB is > 1.5 Mbit/s;
 
@@ -39,8 +42,10 @@ Measurements:
   estimate depends on time, not on how many reports arrive (Chromium sends
   ~4 a second on a clean link, up to ~30 under loss). Fewer than
   ``loss_min_packets`` expected in the window leaves the estimate as it was.
-* RTT and bandwidth are used as last reported (RTT from the RR's LSR/DLSR,
-  bandwidth from the latest REMB).
+* RTT (from the RR's LSR/DLSR) is the smallest sample of the last
+  ``rtt_window`` seconds: a queue raises every sample, while one late
+  report (a busy receiver or event loop) raises one; a probe is judged on
+  the newest sample. Bandwidth is the latest REMB.
 * A value never reported is unknown: it cannot trigger a down-switch and it
   does not satisfy an up-switch condition.
 
@@ -54,6 +59,7 @@ from __future__ import annotations
 import collections
 import enum
 from dataclasses import dataclass
+from typing import Iterable
 
 __all__ = ["Action", "Reason", "LayerPolicy", "LayerDecision", "LayerSelector"]
 
@@ -88,6 +94,7 @@ class LayerPolicy:
     cooldown: float = 5.0
     loss_window: float = 2.0
     loss_min_packets: int = 20
+    rtt_window: float = 1.0
     up_hold: float = 10.0
     up_backoff: float = 30.0
     up_backoff_max: float = 60.0
@@ -103,7 +110,7 @@ class LayerPolicy:
         for name in ("cooldown", "up_hold", "up_backoff", "probe_settle"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("loss_window", "probe_duration", "probe_retry"):
+        for name in ("loss_window", "rtt_window", "probe_duration", "probe_retry"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.up_backoff_max < self.up_backoff or self.probe_retry_max < self.probe_retry:
@@ -138,6 +145,7 @@ class _Probe:
     lost0: int
     rtt0: float | None
     remb0: float | None
+    nacked: set[int]  # media sequence numbers NACKed since the start
 
 
 class LayerSelector:
@@ -158,6 +166,8 @@ class LayerSelector:
         "_next_probe",
         "_samples",
         "_last_counters",
+        "_rtts",
+        "_rtt_last",
         "loss",
         "rtt",
         "bandwidth",
@@ -194,6 +204,8 @@ class LayerSelector:
         # the window at most, bounded anyway.
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=256)
         self._last_counters: tuple[int, int] | None = None
+        self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self._rtt_last: float | None = None
         self.loss: float | None = None
         self.rtt: float | None = None
         self.bandwidth: float | None = None
@@ -225,6 +237,25 @@ class LayerSelector:
     def up_blocked_until(self) -> float:
         """No up-switch before this time (cooldown/backoff after a failed one)."""
         return self._up_blocked_until
+
+    def recent_loss(self, seconds: float, now: float) -> float | None:
+        """Loss over the last *seconds* (≤ the loss window) from the reports
+        held: a faster, noisier view than :attr:`loss`, for estimating what
+        gets through the link now (once per RTCP packet, a short scan)."""
+        samples = self._samples
+        if len(samples) < 2:
+            return None
+        _t1, h1, l1 = samples[-1]
+        horizon = now - seconds
+        base = samples[0]
+        for sample in reversed(samples):
+            if sample[0] <= horizon:
+                base = sample
+                break
+        expected = (h1 - base[1]) & 0xFFFFFFFF
+        if expected == 0 or expected >= 0x80000000:
+            return None
+        return min(max((l1 - base[2]) / expected, 0.0), 1.0)
 
     # -- control ---------------------------------------------------------------
 
@@ -263,7 +294,14 @@ class LayerSelector:
         if expected >= self.policy.loss_min_packets and expected < 0x80000000:
             self.loss = min(max((lost - l0) / expected, 0.0), 1.0)
         if rtt is not None:
-            self.rtt = max(0.0, float(rtt))
+            sample = max(0.0, float(rtt))
+            self._rtt_last = sample
+            rtts = self._rtts
+            rtts.append((now, sample))
+            horizon = now - self.policy.rtt_window
+            while len(rtts) > 1 and rtts[0][0] < horizon:
+                rtts.popleft()
+            self.rtt = min(r for _t, r in rtts)
         if self._probe is not None:
             return self._judge_probe(now)
         return self._evaluate(now)
@@ -274,6 +312,23 @@ class LayerSelector:
         if self._probe is not None:
             return self._judge_probe(now)
         return self._evaluate(now)
+
+    def on_nack(self, lost: Iterable[int], now: float) -> LayerDecision | None:
+        """Media sequence numbers a Generic NACK (RFC 4585 §6.2.1) asks for.
+
+        They matter while probing: a receiver repairs a lost packet with RTX
+        within a round trip and then counts it received, so behind a fast
+        link the report blocks show loss only once repair fails; the NACK
+        shows it at once.
+        """
+        probe = self._probe
+        if probe is None or probe.expected0 is None:
+            return None
+        start = probe.expected0 & 0xFFFF
+        for seq in lost:
+            if 0 < ((seq - start) & 0xFFFF) < 0x8000 and len(probe.nacked) < 4096:
+                probe.nacked.add(seq & 0xFFFF)
+        return self._judge_probe(now)
 
     def on_send_queue_overflow(self, now: float) -> LayerDecision:
         """The viewer's send queue overflowed: step down now, or drop the viewer."""
@@ -319,7 +374,11 @@ class LayerSelector:
         if down:
             if self._layer > 0:
                 return self._switch(self._layer - 1, tuple(down), now)
-            return None
+            if down != [Reason.BANDWIDTH] or not self.can_probe:
+                return None
+            # On the lowest layer a low REMB alone does not stop a probe:
+            # the receiver's estimate trails the rate it receives, and only
+            # a probe raises that.
         if (
             self._layer >= self.num_layers - 1
             or now < self._up_blocked_until
@@ -347,8 +406,9 @@ class LayerSelector:
             judged=now + p.probe_duration + p.probe_settle,
             expected0=counters[0] if counters is not None else None,
             lost0=counters[1] if counters is not None else 0,
-            rtt0=self.rtt,
+            rtt0=self._rtt_last,
             remb0=self.bandwidth,
+            nacked=set(),
         )
         self.probes += 1
         return self._decision(Action.PROBE, self._layer + 1, (Reason.NETWORK_GOOD,), now)
@@ -363,17 +423,26 @@ class LayerSelector:
             # Loss since the probe began, from the cumulative counters: the
             # probe displaces media packets behind a policer or a full queue.
             expected = (counters[0] - probe.expected0) & 0xFFFFFFFF
+            if expected >= 0x80000000:
+                expected = 0
             lost = counters[1] - probe.lost0
-            if expected < 0x80000000 and lost >= 2 and lost > p.probe_loss * max(expected, 1):
+            if lost >= 2 and lost > p.probe_loss * max(expected, 1):
                 failed.append(Reason.LOSS)
-        if self.rtt is not None:
+        if probe.nacked and Reason.LOSS not in failed:
+            # A NACKed packet is loss seen as it happens; stopping at the
+            # first one keeps the overshoot — and the media it cost — small.
+            failed.append(Reason.LOSS)
+        last = self._rtt_last
+        if last is not None:
             base = probe.rtt0 if probe.rtt0 is not None else 0.0
-            if self.rtt > base + p.probe_rtt_rise or self.rtt >= p.up_rtt:
+            if last > base + p.probe_rtt_rise or last >= p.down_rtt:
                 failed.append(Reason.RTT)
-        if self.bandwidth is not None and (
-            self.bandwidth < p.down_bandwidth
-            or (probe.remb0 is not None and self.bandwidth < p.probe_remb_drop * probe.remb0)
+        if (
+            self.bandwidth is not None
+            and probe.remb0 is not None
+            and self.bandwidth < p.probe_remb_drop * probe.remb0
         ):
+            # The receiver's delay-based estimate fell: the probe built a queue.
             failed.append(Reason.BANDWIDTH)
         if failed:
             self._probe_failed(now)

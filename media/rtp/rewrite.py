@@ -29,7 +29,8 @@ Continuity rules (DESIGN.md invariant 2; libsrtp rejects a reused index):
   Viewer sequence numbers therefore never go backwards.
 * A switch happens only at a keyframe start of the target layer
   (``request_switch``); until then the old layer keeps flowing (no freeze)
-  and target packets are dropped. After a restart or a big jump mid-GOP, the
+  and target packets are dropped — or, for a switch away from a congested
+  link (``stop_current``), the old layer stops at once. After a restart or a big jump mid-GOP, the
   layer is dropped until its next keyframe; :attr:`Rewriter.waiting_for_keyframe`
   tells the egress to ask for one (GOP cache / upstream PLI).
 
@@ -306,12 +307,18 @@ class Rewriter:
     def last_timestamp(self) -> int:
         return self._last_vts
 
-    def request_switch(self, layer: int) -> None:
-        """Switch to *layer* at its next keyframe start; the current layer flows until then."""
+    def request_switch(self, layer: int, *, stop_current: bool = False) -> None:
+        """Switch to *layer* at its next keyframe start; the current layer
+        flows until then, unless *stop_current*: a link that cannot carry the
+        current layer only loses its packets, and they would crowd out the
+        target's keyframe (the picture holds still until it arrives)."""
         if layer == self._layer:
             self._target = None
-        else:
-            self._target = layer
+            return
+        self._target = layer
+        if stop_current and self._layer is not None:
+            self.switches += 1  # counted here: the rebase will see no current layer
+            self._layer = None
 
     # -- hot path --------------------------------------------------------------
 

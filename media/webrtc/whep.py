@@ -44,7 +44,7 @@ from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCR
 
 from ..errors import UnsupportedMedia
 from ..rtp.budget import RateMeter, RetransmitBudget
-from ..rtp.layers import Action, LayerDecision, LayerPolicy, LayerSelector
+from ..rtp.layers import Action, LayerDecision, LayerPolicy, LayerSelector, Reason
 from ..rtp.probe import ProbePacer
 from ..rtp.packet import LayerPacket
 from ..rtp.rewrite import Rewriter, TrackParams
@@ -96,7 +96,7 @@ class SessionInfo:
     pinned: bool
     state: str
     created: float
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, int | None] = field(default_factory=dict)
 
 
 class WhepSession:
@@ -125,7 +125,14 @@ class WhepSession:
         self.answer_note = ""
         self.sdp_answer = ""
         self._budget = RetransmitBudget(service.rtx_share, playout_allowance=service.rtx_playout_allowance)
-        self._video_rate = RateMeter()
+        self._video_rate = RateMeter()  # video payload bytes (the layer's rate as sent)
+        self._wire_rate = RateMeter()  # everything sent to this viewer, SRTP bytes
+        # Sequence numbers NACKed and video packets sent, over 0.5 s: the loss
+        # the viewer sees before RTX repairs hide it from its reports.
+        self._nacked_rate = RateMeter(0.5)
+        self._video_pps = RateMeter(0.5)
+        self._nacked_total = 0
+        self.estimate_bps: float | None = None
         self._pacer: ProbePacer | None = None
         self._probe_timer: asyncio.TimerHandle | None = None
         self._probe_sr_at = 0.0
@@ -297,6 +304,8 @@ class WhepSession:
         now = time.monotonic()
         ssrc = track.sender.ssrc
         if kind == "video":
+            if isinstance(packet, Nack) and packet.media_ssrc == ssrc:
+                self._nacked_total += len(packet.lost)
             self._update_budget(track.rewriter, now)
         if isinstance(packet, (ReceiverReport, SenderReport)):
             if kind != "video" or self._selector is None:
@@ -319,6 +328,8 @@ class WhepSession:
             else:
                 out = rw.retransmit(packet.lost, self.fanout.histories(), now)
             self.stats.retransmits_dropped += rw.rtx_too_old + rw.rtx_over_budget - dropped
+            if kind == "video" and self._selector is not None:
+                self._apply(self._selector.on_nack(packet.lost, now))
             if not out:
                 return
             try:
@@ -342,12 +353,26 @@ class WhepSession:
                 self._apply(self._selector.on_remb(packet.bitrate, now))
 
     def _update_budget(self, rw: Rewriter, now: float) -> None:
-        """Per RTCP packet (never per media packet): the video send rate and,
-        from it, the REMB and the loss, the retransmission budget."""
+        """Per RTCP packet (never per media packet): send rates, the viewer's
+        estimated bandwidth — its REMB, and while it loses packets what gets
+        through (send rate × (1 − loss over the last 0.5 s)) — and from them
+        the retransmission budget."""
         layer_bps = self._video_rate.update(rw.octets_sent, now)
+        wire_bps = self._wire_rate.update(self.stats.bytes_sent, now)
+        nacked = self._nacked_rate.update(self._nacked_total, now)
+        pps = self._video_pps.update(rw.packets_sent, now)
         sel = self._selector
-        self._budget.update(layer_bps, sel.bandwidth if sel is not None else None,
-                            sel.loss if sel is not None else None, now)
+        if sel is None:
+            return
+        estimate = sel.bandwidth
+        loss = sel.recent_loss(0.5, now)
+        if nacked is not None and pps:
+            loss = max(loss or 0.0, min(nacked / pps, 1.0))
+        if wire_bps is not None and loss is not None and loss > self._budget.loss_threshold:
+            delivered = wire_bps * (1.0 - loss)
+            estimate = delivered if estimate is None else min(estimate, delivered)
+        self.estimate_bps = estimate
+        self._budget.update(layer_bps, estimate, loss, now)
 
     def _apply(self, decision: LayerDecision | None) -> None:
         if decision is None:
@@ -366,7 +391,10 @@ class WhepSession:
             return
         video = self._tracks.get("video")
         if video is not None and video.rewriter is not None:
-            video.rewriter.request_switch(decision.to_layer)
+            # Away from congestion the old layer stops at once (it only
+            # feeds the loss); up, or pinned, it flows until the switch.
+            congested = decision.to_layer < decision.from_layer and Reason.PINNED not in decision.reasons
+            video.rewriter.request_switch(decision.to_layer, stop_current=congested)
         self.stats.switches += 1
         names = self._layer_names
         frm = names[decision.from_layer] if decision.from_layer < len(names) else str(decision.from_layer)
@@ -399,10 +427,15 @@ class WhepSession:
         now = decision.at
         # Rates of the layers as produced over the last second: one scan of
         # each ring, once per probe.
-        base = histories[decision.from_layer].recent_bytes(now, 1.0) * 8.0 if decision.from_layer in histories else 0.0
-        target = histories[decision.to_layer].recent_bytes(now, 1.0) * 8.0 if decision.to_layer in histories else 0.0
+        cur = histories[decision.from_layer].recent_bytes(now, 1.0) * 8.0 if decision.from_layer in histories else 0.0
+        nxt = histories[decision.to_layer].recent_bytes(now, 1.0) * 8.0 if decision.to_layer in histories else 0.0
+        # The ramp runs on what the viewer's link carries: everything sent
+        # (audio, headers, SRTP) now, and the same with the next layer's video.
+        wire = self._wire_rate.rate or cur
+        base = max(wire, cur, 50_000.0)
+        target = max(base - cur + nxt * 1.05, 1.5 * base)
         start, end = window
-        self._pacer = ProbePacer(max(base, 50_000.0), max(target, 2.0 * base, 100_000.0), start, end - start)
+        self._pacer = ProbePacer(base, target, start, end - start)
         self.stats.probes += 1
         fields.update(base_bps=round(base), target_bps=round(target))
         log.info("webrtc.probe_started", extra={"fields": fields})
@@ -518,7 +551,10 @@ class WhepSession:
                            self.pc.connectionState, self.created,
                            {"packets_sent": s.packets_sent, "bytes_sent": s.bytes_sent, "nacks": s.nacks,
                             "retransmits": s.retransmits, "plis": s.plis, "switches": s.switches,
-                            "backlog_events": s.backlog_events})
+                            "backlog_events": s.backlog_events, "retransmit_bytes": s.retransmit_bytes,
+                            "retransmits_dropped": s.retransmits_dropped, "probes": s.probes,
+                            "probes_failed": s.probes_failed, "probe_bytes": s.probe_bytes,
+                            "estimate_bps": round(self.estimate_bps) if self.estimate_bps is not None else None})
 
     def close_soon(self) -> None:
         if self._closing is None and not self.closed:
@@ -544,7 +580,7 @@ class WhepService:
 
     def __init__(self, *, ice_servers: list[dict[str, Any]] | None = None, max_viewers: int = 2000,
                  backlog_limit: int = 512 * 1024, layer_policy: LayerPolicy | None = None,
-                 rtx_share: float = 0.25, rtx_playout_allowance: float = 0.3,
+                 rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
                  on_keyframe_request: Callable[[str], None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
         adapter.ensure_h264_profiles()

@@ -66,7 +66,7 @@ def test_up_blocked_by_loss_or_rtt(lost: int, rtt: float | None) -> None:
 def test_each_down_rule(feed, reason: Reason) -> None:
     sel = LayerSelector(3, initial_layer=2)
     rx = Receiver(sel)
-    rx.report(0.0)
+    rx.report(-1.0)  # outside the RTT window at 0.25
     d = feed(rx, 0.25)
     assert d is not None and d.action is Action.SWITCH
     assert (d.from_layer, d.to_layer) == (2, 1) and reason in d.reasons
@@ -86,7 +86,7 @@ def test_down_reports_every_reason_and_stops_at_lowest() -> None:
     rx = Receiver(sel)
     d = sel.on_remb(100_000, 0.0)
     assert d.reasons == (Reason.BANDWIDTH,) and sel.layer == 1
-    rx.report(4.0)
+    rx.report(3.5)
     d = rx.report(5.0, packets=100, lost=50, rtt=0.5)
     assert d.reasons == (Reason.LOSS, Reason.RTT, Reason.BANDWIDTH) and sel.layer == 0
     assert rx.report(10.0, packets=100, lost=50, rtt=0.5) is None  # already on the lowest layer
@@ -136,6 +136,20 @@ def test_burst_of_reports_under_loss_does_not_speed_up_recovery() -> None:
     for k in range(30):
         rx.report(1.0 + (k + 1) / 30, packets=1)
     assert sel.loss is not None and sel.loss > 0.25
+
+
+def test_rtt_is_the_smallest_sample_of_the_last_second() -> None:
+    """One late report (a busy receiver) does not move the viewer; a queue,
+    which delays every report, does within about a second."""
+    sel = LayerSelector(2, initial_layer=1)
+    rx = Receiver(sel)
+    for k in range(8):
+        rx.report(k * 0.25, packets=60, rtt=0.005)
+    assert rx.report(2.0, packets=60, rtt=0.400) is None and sel.rtt == 0.005
+    assert rx.report(2.25, packets=60, rtt=0.005) is None
+    decisions = [rx.report(2.5 + k * 0.25, packets=60, rtt=0.200) for k in range(6)]
+    first = next(k for k, d in enumerate(decisions) if d is not None)
+    assert decisions[first].reasons == (Reason.RTT,) and 2.5 + first * 0.25 == pytest.approx(3.5)
 
 
 def test_too_few_packets_leave_loss_unchanged() -> None:
@@ -396,3 +410,33 @@ def test_random_loss_keeps_the_viewer_low_without_probing() -> None:
     assert [(d.from_layer, d.to_layer) for d in switches] == [(1, 0)]
     assert 5.0 < switches[0].at <= 7.0
     assert not [d for d in link.of(Action.PROBE) if d.at > switches[0].at]
+
+
+def test_nack_during_probe_fails_it_before_the_reports_show_loss() -> None:
+    """A receiver repairs a loss by RTX within a round trip and then counts the
+    packet received: the report blocks stay clean, the NACK does not."""
+    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    rx = Receiver(sel)
+    rx.report(0.0)
+    assert rx.report(0.25, packets=40).action is Action.PROBE  # highest seq 1040 at the start
+    assert sel.on_nack([1030], 0.4) is None  # lost before the probe began: not its doing
+    assert rx.report(0.5, packets=10) is None
+    d = sel.on_nack([1045], 0.6)
+    assert d is not None and d.action is Action.PROBE_STOP and d.reasons == (Reason.LOSS,)
+    assert sel.on_nack([1046], 0.7) is None  # no probe running: NACKs are the retransmitter's business
+
+
+def test_low_remb_on_the_lowest_layer_does_not_stop_probing() -> None:
+    """After a queue is lifted Chromium's REMB sits near what it receives, or
+    below the down threshold; on the lowest layer the probe still runs, and a
+    rising REMB during it does not fail it."""
+    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    rx = Receiver(sel)
+    sel.on_remb(150_000, 0.0)
+    rx.report(0.0)
+    d = rx.report(0.25, packets=40)
+    assert d.action is Action.PROBE and Reason.NETWORK_GOOD in d.reasons
+    assert sel.on_remb(180_000, 1.0) is None
+    assert sel.handle_timer(2.25).reasons == (Reason.PROBE_OK,) and sel.layer == 1
+    # On the higher layer a low REMB is a down reason again (after the cooldown).
+    assert sel.on_remb(150_000, 7.5).to_layer == 0
