@@ -312,7 +312,8 @@ class Timeline:
 
     def check_retransmissions(self) -> Check:
         """Per interval between two server views: bytes retransmitted ≤ the
-        viewer's estimated bandwidth (:meth:`estimate_at`) × the interval.
+        viewer's estimated bandwidth (:meth:`estimate_at`; the mean of both
+        ends where the server reports it) × the interval.
         Intervals with no estimate yet are not judged; none judged is a
         failure. The share of the link's capacity (under a rate-limiting
         phase) is reported beside it: an estimate can be far above what the
@@ -333,6 +334,11 @@ class Timeline:
             if found is None:
                 continue
             estimate, source = found
+            before = a.number(ESTIMATE_FIELDS)
+            if before is not None and b.number(ESTIMATE_FIELDS) is not None:
+                # The server's estimate is known at both ends; the bytes were
+                # sent in between: compare with its mean over the interval.
+                estimate = (before + estimate) / 2
             sources.add(source)
             judged += 1
             ratio = rtx * 8 / (estimate * dt) if estimate > 0 else float("inf")

@@ -154,3 +154,13 @@ def test_frame_callbacks_time_the_changes_more_precisely_than_samples() -> None:
     check = tl.check_down()
     assert check.ok and "1.90 s" in check.detail
     assert tl.check_back_up().detail.startswith("high layer shown 2.90 s")
+
+
+def test_the_servers_estimate_is_averaged_over_each_interval() -> None:
+    tl = timeline(GOOD, switches=GOOD_SWITCHES, retransmits_per_s=100)
+    # 100 × 1,250 B × 8 = 1 Mbit/s; the estimate falls from 3 Mbit/s to 0 at 20 s.
+    for view in tl.server:
+        view.fields["estimate_bps"] = 3_000_000 if view.t < 20 else 0
+    check = tl.check_retransmissions()
+    # 19 → 20 s: mean 1.5 Mbit/s, fine; from 20 s on the estimate is 0: over.
+    assert not check.ok and "over in 45" in check.detail
