@@ -1,10 +1,11 @@
 """A viewer's network in a Linux network namespace, shaped on demand.
 
-Layout (one veth pair, a private /30 that exists only between its two ends)::
+Layout (one veth pair, a private /30 that exists only between its two ends,
+the first one in 10.213.0.0/16 that no route of this host covers)::
 
     root namespace (server, ffmpeg)              namespace rfn-<id> (Chromium)
     ┌──────────────────────────────┐  veth pair  ┌──────────────────────────────┐
-    │ rfn-<id>h 10.<a>.<b>.1/30    │◄───────────►│ rfn-<id>v 10.<a>.<b>.2/30    │
+    │ rfn-<id>h 10.213.x.y+1/30    │◄───────────►│ rfn-<id>v 10.213.x.y+2/30    │
     │  egress: tc tbf (a queue)    │             │  nft prerouting: policer,    │
     └──────────────────────────────┘             │  random drop (UDP from .1)   │
                                                  └──────────────────────────────┘
@@ -38,13 +39,14 @@ run's (it also runs when a test fails: callers use it in a ``finally``).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PREFIX", "Shaping", "ViewerNetwork", "netns_unavailable", "remove_leftovers"]
+__all__ = ["CLEAN", "PREFIX", "Shaping", "ViewerNetwork", "free_subnet", "netns_unavailable", "remove_leftovers"]
 
 PREFIX = "rfn-"
 NFT_TABLE = "rfn_viewer"
@@ -72,31 +74,66 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def _owner_alive(name: str) -> bool:
+    """Names end in the creating process's id (``rfn-q1234``, ``rfn-q1234h``):
+    is that process still running (another run of these tests)?"""
+    digits = "".join(ch for ch in name[len(PREFIX):] if ch.isdigit())
+    if not digits or int(digits) == os.getpid():
+        return False
+    try:
+        os.kill(int(digits), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_leftovers() -> list[str]:
-    """Delete every ``rfn-`` namespace and host-side link (a crashed run's);
-    returns what was removed. Deleting a namespace removes its veth end,
-    its nft tables and qdiscs; the host end of the pair goes with it."""
+    """Delete the ``rfn-`` namespaces and host-side links of runs whose
+    process is gone (a crashed run's); returns what was removed. Deleting a
+    namespace removes its veth end, nft table and the pair's host end."""
     removed = []
     for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX):
+        if name.startswith(PREFIX) and not _owner_alive(name):
             _run("ip", "netns", "del", name, check=False)
             removed.append(f"netns {name}")
     for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
         if len(parts) > 1:
             name = parts[1].strip().split("@")[0]
-            if name.startswith(PREFIX):
+            if name.startswith(PREFIX) and not _owner_alive(name):
                 _run("ip", "link", "del", name, check=False)
                 removed.append(f"link {name}")
     return removed
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    """A private /30 that no route of this host's namespace covers (others
+    on the machine make veth pairs too: a clash would send the server's
+    packets to their namespace)."""
+    used = []
+    for line in _run("ip", "-o", "-4", "route", "show", "table", "all", check=False).stdout.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first in ("default", "broadcast", "local", "unreachable", "prohibit", "blackhole"):
+            first = line.split()[1] if len(line.split()) > 1 else ""
+        try:
+            used.append(ipaddress.IPv4Network(first, strict=False))
+        except ValueError:
+            continue
+    for candidate in ipaddress.IPv4Network("10.213.0.0/16").subnets(new_prefix=30):
+        if not any(candidate.overlaps(u) for u in used if u.prefixlen > 0):
+            return candidate
+    raise RuntimeError("no free /30 in 10.213.0.0/16")
 
 
 @dataclass(frozen=True, slots=True)
 class Shaping:
     """What the viewer's link does to the server's UDP packets.
 
-    ``police_kbit``: a policer (drops what exceeds the rate, no queue);
+    ``police_kbit``: a policer (drops what exceeds the rate once a bucket
+    of one second of it is spent; no queue);
     ``loss_pct``: independent random drop; ``queue_kbit``: a tbf bottleneck
     whose queue holds ``queue_ms`` of traffic at that rate (tail drop beyond).
     """
@@ -129,13 +166,18 @@ class ViewerNetwork:
     """One namespace + veth pair; ``create`` it, ``shape`` it, ``destroy`` it."""
 
     tag: str
-    subnet: int = 77  # the third octet of 10.199.<subnet>.0/30
     namespace: str = field(init=False)
     host_if: str = field(init=False)
     ns_if: str = field(init=False)
-    host_addr: str = field(init=False)
-    ns_addr: str = field(init=False)
+    subnet: str = field(init=False, default="")  # the /30 chosen by create()
+    host_addr: str = field(init=False, default="")
+    ns_addr: str = field(init=False, default="")
     current: Shaping = field(init=False, default=CLEAN)
+
+    @classmethod
+    def for_this_process(cls) -> "ViewerNetwork":
+        """Named after this process, so a concurrent run's cleanup leaves it alone."""
+        return cls(f"q{os.getpid()}")
 
     def __post_init__(self) -> None:
         # Interface names are at most 15 bytes (IFNAMSIZ - 1).
@@ -144,10 +186,11 @@ class ViewerNetwork:
         self.namespace = PREFIX + self.tag
         self.host_if = PREFIX + self.tag + "h"
         self.ns_if = PREFIX + self.tag + "v"
-        self.host_addr = f"10.199.{self.subnet}.1"
-        self.ns_addr = f"10.199.{self.subnet}.2"
 
     def create(self) -> "ViewerNetwork":
+        subnet = free_subnet()
+        self.subnet = str(subnet)
+        self.host_addr, self.ns_addr = (str(a) for a in subnet.hosts())
         ns, h, v = self.namespace, self.host_if, self.ns_if
         _run("ip", "netns", "add", ns)
         _run("ip", "link", "add", h, "type", "veth", "peer", "name", v)
@@ -185,11 +228,11 @@ class ViewerNetwork:
         if shaping.loss_pct is not None:
             rules.append(f"{match} numgen random mod 100 < {shaping.loss_pct} counter drop")
         if shaping.police_kbit is not None:
-            # nft's byte rates are in kbytes/s; a burst of ~60 ms at the
-            # rate lets one packet train through but not a whole frame.
-            kbytes = max(1, shaping.police_kbit // 8)
-            burst = max(1500, shaping.police_kbit * 1000 // 8 * 60 // 1000)
-            rules.append(f"{match} limit rate over {kbytes} kbytes/second burst {burst} bytes counter drop")
+            # In bytes (nft's "kbytes" are 1,024). The bucket holds one second
+            # of the rate whatever the burst (measured: 152 kB through 400
+            # kbit/s in 2 s), so the first second of congestion passes more.
+            rate = shaping.police_kbit * 1000 // 8
+            rules.append(f"{match} limit rate over {rate} bytes/second counter drop")
         body = "\n".join(f"    {r}" for r in rules)
         script = (f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
                   f"table inet {NFT_TABLE} {{\n  chain pre {{\n"

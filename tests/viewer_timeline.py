@@ -195,9 +195,11 @@ class Timeline:
         if shown is None or shown > c.end:
             return Check(name, False, f"never showed the low layer during '{c.label}' ({c.end - c.start:.0f} s)")
         delay = shown - c.start
-        before = [x for x in self.samples if x.t < shown]
-        after = next((x for x in self.samples if x.t >= shown), None)
-        keyframe = bool(before) and after is not None and after.key_frames > before[-1].key_frames
+        # getStats updates the height and the keyframe count as it decodes
+        # (before the frame is presented): compare the sample that first has
+        # the low height with the one before it.
+        k = next((i for i, x in enumerate(self.samples) if x.t >= c.start and x.height == self.low), None)
+        keyframe = bool(k) and self.samples[k].key_frames > self.samples[k - 1].key_frames
         ok = delay <= DOWN_WITHIN_S and keyframe
         return Check(name, ok, f"low layer shown {delay:.2f} s after '{c.label}' began"
                      + ("" if keyframe else "; no keyframe decoded at the change"))

@@ -6,7 +6,7 @@ One server, one ffmpeg source and one Chromium serve every scenario; each
 scenario opens a fresh /watch page (a new WHEP session, starting on a clean
 network on the high layer), then plays its phases::
 
-    server (root ns) ── veth 10.199.77.1/30 ─► namespace rfn-vq: Chromium /watch
+    server (root ns) ── veth 10.213.x.1/30 ──► namespace rfn-q<pid>: Chromium
                          tbf (queue)            nft: policer, random drop
 
 and records a timeline (tests/viewer_timeline.py): the page's getStats
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -135,7 +137,7 @@ def viewer_net() -> Iterator[ViewerNetwork]:
     leftovers = remove_leftovers()
     if leftovers:
         print(f"removed leftovers of an earlier run: {leftovers}")
-    net = ViewerNetwork("vq")
+    net = ViewerNetwork.for_this_process()
     try:
         yield net.create()
     finally:
@@ -371,6 +373,75 @@ def save(scenario: Scenario, rec: Recorder, origin: float, text: str) -> None:
 
 # ---------------------------------------------------------------- tests
 
+# Counts UDP datagrams until the sender has been quiet for 1.5 s.
+RECEIVER = """
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(1.5)
+print("ready", flush=True)
+n = size = 0
+try:
+    while True:
+        size += len(s.recv(65536))
+        n += 1
+except socket.timeout:
+    pass
+print(json.dumps({"packets": n, "bytes": size}), flush=True)
+"""
+UDP_SEGMENT = 103  # linux/udp.h: the option the server's FastPath sends batches with
+
+
+def blast(net: ViewerNetwork, shaping: Shaping, *, seconds: float = 2.0, kbit: int = 4000) -> dict[str, int]:
+    """Send 1,200-byte datagrams in GSO batches of five (as the server sends a
+    frame's fragments) at ``kbit`` for ``seconds`` into the namespace under
+    ``shaping``; return what was sent, received and counted as dropped."""
+    import socket
+    import struct
+
+    net.shape(shaping)
+    port = 40000 + os.getpid() % 20000
+    rx = subprocess.Popen(["ip", "netns", "exec", net.namespace, sys.executable, "-c", RECEIVER, net.ns_addr, str(port)],
+                          stdout=subprocess.PIPE, text=True)
+    try:
+        assert rx.stdout is not None and rx.stdout.readline().strip() == "ready"
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        batch, sent = b"\0" * 1200 * 5, 0
+        every = len(batch) * 8 / (kbit * 1000)
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < seconds:
+            tx.sendmsg([batch], [(socket.SOL_UDP, UDP_SEGMENT, struct.pack("H", 1200))], 0, (net.ns_addr, port))
+            sent += 5
+            time.sleep(max(0.0, sent / 5 * every - elapsed))
+        tx.close()
+        received = json.loads(rx.stdout.readline())
+    finally:
+        rx.kill()
+        rx.wait(10)
+    drops = net.drops()
+    net.shape(CLEAN)
+    return {"sent": sent, **received, "dropped": sum(drops.values())}
+
+
+def test_shaping_does_what_it_says(viewer_net: ViewerNetwork) -> None:
+    """The harness itself, with plain UDP: each impairment acts per packet
+    (GSO batches are split before the rules see them) and at its rate."""
+    clean = blast(viewer_net, CLEAN)
+    assert clean["packets"] == clean["sent"], clean
+    loss = blast(viewer_net, Shaping(loss_pct=8))
+    # Counted per packet: a GSO batch counted once would leave 4 of every 5
+    # dropped packets out of the counter.
+    assert loss["packets"] + loss["dropped"] == loss["sent"], loss
+    assert 0.04 < loss["dropped"] / loss["sent"] < 0.12, loss  # ~1,650 packets: 8 % ± 4 standard deviations
+    # 2 s at 400 kbit/s = 100 kB; the policer's bucket adds one second of its
+    # rate (50 kB), the tbf its queue (200 ms = 10 kB) and burst (3 kB).
+    for shaping, expected in ((Shaping(police_kbit=400), 150_000), (Shaping(queue_kbit=400), 113_000)):
+        limited = blast(viewer_net, shaping)
+        assert 0.85 * expected < limited["bytes"] < 1.1 * expected, (shaping, limited)
+        assert limited["packets"] + limited["dropped"] == limited["sent"], (shaping, limited)
+
+
 def test_namespace_is_reachable_only_through_its_veth(viewer_net: ViewerNetwork, stack: dict) -> None:
     """The harness itself: the server answers at the host-side veth address
     from inside the namespace, and the namespace has no other way out."""
@@ -379,7 +450,7 @@ def test_namespace_is_reachable_only_through_its_veth(viewer_net: ViewerNetwork,
              f"{stack['base']}/healthz"]
     assert subprocess.run(probe, capture_output=True, text=True, timeout=20).stdout.strip() == "200"
     routes = subprocess.run(["ip", "-n", viewer_net.namespace, "route"], capture_output=True, text=True).stdout
-    assert "default" not in routes and "10.199.77.0/30" in routes, routes
+    assert "default" not in routes and viewer_net.subnet in routes, routes
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
