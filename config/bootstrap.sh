@@ -21,11 +21,13 @@ say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
 # Debian/Ubuntu packages: runtime (python, ffmpeg, libsrt) and test peers
-# (srt-live-transmit, chromium, espeak-ng/sox for caption tests; iproute2 and
-# nftables for the network-namespace viewer tests: veth, tc tbf, nft policer/loss).
+# (srt-live-transmit, chromium, espeak-ng/sox for caption tests, iproute2).
 # libsrt-gnutls-dev: test-only, a test compiles against srt.h to check the ctypes layout.
-APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutls-dev chromium espeak-ng sox iproute2 nftables ca-certificates)
+APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutls-dev chromium espeak-ng sox iproute2 ca-certificates)
 SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
+# nftables: test-only, the network-namespace viewer tests shape a veth with
+# nft (policer, random loss) beside iproute2's tc tbf (a queue).
+APT_PACKAGES+=(nftables)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
