@@ -13,9 +13,10 @@ Inputs, all timestamped:
 * :class:`Probe` — the server's bandwidth probes for this viewer (its log),
   reported beside the switches (a probe does not move the viewer, so it is
   not an up-attempt; what it costs the picture shows in the frozen time);
-* :class:`ServerView` — the server's view of the session (GET on the WHEP
-  session and its stream counters, about once a second): retransmissions,
-  bandwidth estimate;
+* :class:`ServerView` — the server's view of the viewer about once a second
+  (``GET /api/v1/streams/{s}/viewers`` where the server has it, else the
+  WHEP session's GET, plus the stream's counters from /metrics):
+  retransmissions, bandwidth estimate;
 * :class:`Phase` — when each network condition started and ended.
 
 The rules (ReturnFeed issue 17, "Tests (in CI)"), each a :class:`Check`:

@@ -266,10 +266,18 @@ class Recorder:
         sessions = self.sessions()
         if not sessions:
             return
-        r = http("GET", f"{self.server.url}/whep/{STREAM}/{sessions[-1]}", token=self.stack["token"], timeout=5)
-        if r.status != 200:
-            return
-        fields = r.json()
+        # The per-viewer view a director gets (layer, loss, RTT, estimate,
+        # retransmissions) where the server has it, else the WHEP session's.
+        token = self.stack["token"]
+        r = http("GET", f"{self.server.url}/api/v1/streams/{STREAM}/viewers", token=token, timeout=5)
+        mine = [v for v in r.json().get("viewers", []) if v.get("id") == sessions[-1]] if r.status == 200 else []
+        if mine:
+            fields = mine[0]
+        else:
+            r = http("GET", f"{self.server.url}/whep/{STREAM}/{sessions[-1]}", token=token, timeout=5)
+            if r.status != 200:
+                return
+            fields = r.json()
         # The stream's WebRTC counters: the viewer's own while it is the
         # stream's only viewer (one scenario at a time).
         metrics = http("GET", f"{self.server.url}/metrics", timeout=5)
