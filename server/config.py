@@ -107,7 +107,7 @@ class WebRtcSettings(_Section):
     whip_media_timeout_s: float = Field(8.0, gt=0)
     #: Loss is measured over this many seconds of receiver reports, however
     #: many reports arrive in them.
-    layer_loss_window_s: float = Field(2.0, gt=0.0, le=30.0)
+    layer_loss_window_s: float = Field(1.0, gt=0.0, le=30.0)
     #: After an up-switch that fails (down again within 10 s) the next one
     #: waits this long, twice as long after each further failure (seconds).
     layer_up_backoff_s: float = Field(30.0, ge=0.0)

@@ -77,7 +77,7 @@ class RetransmitBudget:
         self,
         share: float = 0.25,
         *,
-        burst: float = 0.25,
+        burst: float = 0.1,
         min_depth: int = 6000,
         playout_allowance: float = 0.5,
         loss_threshold: float = 0.03,

@@ -40,12 +40,15 @@ Measurements:
   extended highest sequence number (RFC 3550 §6.4.1): lost / expected
   between the newest report and the one at the start of the window, so the
   estimate depends on time, not on how many reports arrive (Chromium sends
-  ~4 a second on a clean link, up to ~30 under loss). Fewer than
+  ~4 a second on a clean link, up to ~30 under loss). A receiver counts a
+  packet repaired by RTX as received, so the lost count is also taken from
+  the distinct sequence numbers NACKed in the window (:meth:`on_nack`),
+  whichever is larger: that is the loss on the link. Fewer than
   ``loss_min_packets`` expected in the window leaves the estimate as it was.
 * RTT (from the RR's LSR/DLSR) is the smallest sample of the last
   ``rtt_window`` seconds: a queue raises every sample, while one late
-  report (a busy receiver or event loop) raises one; a probe is judged on
-  the newest sample. Bandwidth is the latest REMB.
+  report (a busy receiver or event loop) raises one; a probe fails on two
+  samples in a row ``probe_rtt_rise`` above the one before it. Bandwidth is the latest REMB.
 * A value never reported is unknown: it cannot trigger a down-switch and it
   does not satisfy an up-switch condition.
 
@@ -92,7 +95,7 @@ class LayerPolicy:
     up_rtt: float = 0.100
     up_bandwidth: float = 1_500_000.0
     cooldown: float = 5.0
-    loss_window: float = 2.0
+    loss_window: float = 1.0
     loss_min_packets: int = 20
     rtt_window: float = 1.0
     up_hold: float = 10.0
@@ -146,6 +149,7 @@ class _Probe:
     rtt0: float | None
     remb0: float | None
     nacked: set[int]  # media sequence numbers NACKed since the start
+    rtt_high: int = 0  # consecutive RTT samples above the probe's limit
 
 
 class LayerSelector:
@@ -165,6 +169,10 @@ class LayerSelector:
         "_probe_failures",
         "_next_probe",
         "_samples",
+        "_nacked",
+        "_nack_log",
+        "_nack_total",
+        "_remb_grace",
         "_last_counters",
         "_rtts",
         "_rtt_last",
@@ -203,6 +211,15 @@ class LayerSelector:
         # (time, extended highest seq, cumulative lost); ~30 reports/s over
         # the window at most, bounded anyway.
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=256)
+        # Distinct NACKed sequence numbers: first NACK time per number (a
+        # receiver repeats a NACK until repaired), and (time, total before,
+        # total after) per NACK that added any.
+        self._nacked: dict[int, float] = {}
+        self._nack_log: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=512)
+        self._nack_total = 0
+        # (until, REMB at the up-switch): a REMB still trailing the old
+        # layer's rate right after a probed up-switch is no down reason.
+        self._remb_grace: tuple[float, float] | None = None
         self._last_counters: tuple[int, int] | None = None
         self._rtts: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
         self._rtt_last: float | None = None
@@ -240,8 +257,9 @@ class LayerSelector:
 
     def recent_loss(self, seconds: float, now: float) -> float | None:
         """Loss over the last *seconds* (≤ the loss window) from the reports
-        held: a faster, noisier view than :attr:`loss`, for estimating what
-        gets through the link now (once per RTCP packet, a short scan)."""
+        and NACKs held: a faster, noisier view than :attr:`loss`, for
+        estimating what gets through the link now (once per RTCP packet, a
+        short scan)."""
         samples = self._samples
         if len(samples) < 2:
             return None
@@ -253,9 +271,22 @@ class LayerSelector:
                 base = sample
                 break
         expected = (h1 - base[1]) & 0xFFFFFFFF
-        if expected == 0 or expected >= 0x80000000:
+        if expected < self.policy.loss_min_packets or expected >= 0x80000000:
             return None
-        return min(max((l1 - base[2]) / expected, 0.0), 1.0)
+        lost = max(l1 - base[2], self._nacked_since(base[0]))
+        return min(max(lost / expected, 0.0), 1.0)
+
+    def _nacked_since(self, t0: float) -> int:
+        """Distinct sequence numbers first NACKed after *t0*."""
+        log = self._nack_log
+        if not log or log[-1][0] <= t0:
+            return 0
+        base = log[0][1]
+        for t, _before, after in reversed(log):
+            if t <= t0:
+                base = after
+                break
+        return self._nack_total - base
 
     # -- control ---------------------------------------------------------------
 
@@ -289,13 +320,19 @@ class LayerSelector:
         horizon = now - self.policy.loss_window
         while len(samples) > 2 and samples[1][0] <= horizon:
             samples.popleft()
-        _t0, h0, l0 = samples[0]
+        t0, h0, l0 = samples[0]
         expected = (highest - h0) & 0xFFFFFFFF
         if expected >= self.policy.loss_min_packets and expected < 0x80000000:
-            self.loss = min(max((lost - l0) / expected, 0.0), 1.0)
+            lost_in_window = max(lost - l0, self._nacked_since(t0))
+            self.loss = min(max(lost_in_window / expected, 0.0), 1.0)
         if rtt is not None:
             sample = max(0.0, float(rtt))
             self._rtt_last = sample
+            probe = self._probe
+            if probe is not None:
+                base = probe.rtt0 if probe.rtt0 is not None else 0.0
+                limit = min(base + self.policy.probe_rtt_rise, self.policy.down_rtt)
+                probe.rtt_high = probe.rtt_high + 1 if sample > limit else 0
             rtts = self._rtts
             rtts.append((now, sample))
             horizon = now - self.policy.rtt_window
@@ -316,11 +353,28 @@ class LayerSelector:
     def on_nack(self, lost: Iterable[int], now: float) -> LayerDecision | None:
         """Media sequence numbers a Generic NACK (RFC 4585 §6.2.1) asks for.
 
-        They matter while probing: a receiver repairs a lost packet with RTX
-        within a round trip and then counts it received, so behind a fast
-        link the report blocks show loss only once repair fails; the NACK
-        shows it at once.
+        A receiver repairs a lost packet with RTX within a round trip and
+        then counts it received, so behind a fast link the report blocks show
+        loss only once repair fails; the NACK shows it at once. Distinct
+        numbers count towards the loss window; while probing, one NACKed
+        packet sent during the probe fails it.
         """
+        nacked = self._nacked
+        horizon = now - 2.0 * self.policy.loss_window
+        before = self._nack_total
+        for seq in lost:
+            seq &= 0xFFFF
+            first = nacked.get(seq)
+            if first is None or first < horizon:
+                nacked[seq] = now
+                self._nack_total += 1
+        if self._nack_total != before:
+            self._nack_log.append((now, before, self._nack_total))
+        if len(nacked) > 4096:
+            for seq in [q for q, t in nacked.items() if t < horizon]:
+                del nacked[seq]
+            if len(nacked) > 4096:
+                nacked.clear()
         probe = self._probe
         if probe is None or probe.expected0 is None:
             return None
@@ -369,7 +423,10 @@ class LayerSelector:
             down.append(Reason.LOSS)
         if rtt is not None and rtt > p.down_rtt:
             down.append(Reason.RTT)
-        if bw is not None and bw < p.down_bandwidth:
+        grace = self._remb_grace
+        if grace is not None and (now >= grace[0] or (bw is not None and bw < p.probe_remb_drop * grace[1])):
+            grace = self._remb_grace = None
+        if bw is not None and bw < p.down_bandwidth and grace is None:
             down.append(Reason.BANDWIDTH)
         if down:
             if self._layer > 0:
@@ -432,11 +489,10 @@ class LayerSelector:
             # A NACKed packet is loss seen as it happens; stopping at the
             # first one keeps the overshoot — and the media it cost — small.
             failed.append(Reason.LOSS)
-        last = self._rtt_last
-        if last is not None:
-            base = probe.rtt0 if probe.rtt0 is not None else 0.0
-            if last > base + p.probe_rtt_rise or last >= p.down_rtt:
-                failed.append(Reason.RTT)
+        if probe.rtt_high >= 2:
+            # Two reports in a row: a queue delays every one, a busy
+            # receiver or event loop one now and then.
+            failed.append(Reason.RTT)
         if (
             self.bandwidth is not None
             and probe.remb0 is not None
@@ -453,6 +509,10 @@ class LayerSelector:
         self._probe_failures = 0
         if self._pinned is not None or now < self._up_blocked_until:
             return None
+        if self.bandwidth is not None:
+            # The receiver's REMB follows the rate it receives up slowly
+            # (~8 %/s); low but not falling, it is no reason to go back down.
+            self._remb_grace = (now + p.up_hold, self.bandwidth)
         return self._switch(probe.to_layer, (Reason.PROBE_OK,), now)
 
     def _probe_failed(self, now: float) -> None:

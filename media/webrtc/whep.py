@@ -127,11 +127,6 @@ class WhepSession:
         self._budget = RetransmitBudget(service.rtx_share, playout_allowance=service.rtx_playout_allowance)
         self._video_rate = RateMeter()  # video payload bytes (the layer's rate as sent)
         self._wire_rate = RateMeter()  # everything sent to this viewer, SRTP bytes
-        # Sequence numbers NACKed and video packets sent, over 0.5 s: the loss
-        # the viewer sees before RTX repairs hide it from its reports.
-        self._nacked_rate = RateMeter(0.5)
-        self._video_pps = RateMeter(0.5)
-        self._nacked_total = 0
         self.estimate_bps: float | None = None
         self._pacer: ProbePacer | None = None
         self._probe_timer: asyncio.TimerHandle | None = None
@@ -250,7 +245,6 @@ class WhepSession:
             can_probe=video is not None and video.rewriter is not None and video.rewriter.can_probe)
         if pinned:
             self._selector.pin(layers.index(self._pin_name), time.monotonic())
-        video = self._tracks.get("video")
         if video is not None and video.rewriter is not None:
             video.rewriter.request_switch(start)
 
@@ -304,8 +298,6 @@ class WhepSession:
         now = time.monotonic()
         ssrc = track.sender.ssrc
         if kind == "video":
-            if isinstance(packet, Nack) and packet.media_ssrc == ssrc:
-                self._nacked_total += len(packet.lost)
             self._update_budget(track.rewriter, now)
         if isinstance(packet, (ReceiverReport, SenderReport)):
             if kind != "video" or self._selector is None:
@@ -359,15 +351,11 @@ class WhepSession:
         the retransmission budget."""
         layer_bps = self._video_rate.update(rw.octets_sent, now)
         wire_bps = self._wire_rate.update(self.stats.bytes_sent, now)
-        nacked = self._nacked_rate.update(self._nacked_total, now)
-        pps = self._video_pps.update(rw.packets_sent, now)
         sel = self._selector
         if sel is None:
             return
         estimate = sel.bandwidth
         loss = sel.recent_loss(0.5, now)
-        if nacked is not None and pps:
-            loss = max(loss or 0.0, min(nacked / pps, 1.0))
         if wire_bps is not None and loss is not None and loss > self._budget.loss_threshold:
             delivered = wire_bps * (1.0 - loss)
             estimate = delivered if estimate is None else min(estimate, delivered)

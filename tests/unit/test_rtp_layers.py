@@ -107,7 +107,7 @@ def test_cooldown_five_seconds_between_switches_one_step_at_a_time() -> None:
 def test_loss_is_measured_over_time_not_over_reports(reports_per_second: int) -> None:
     """The same network (6 % loss for 1 s, then clean) gives the same loss
     whether the viewer reports once or 30 times a second."""
-    sel = LayerSelector(2, initial_layer=1, policy=LayerPolicy(cooldown=0.0))
+    sel = LayerSelector(2, initial_layer=1, policy=LayerPolicy(cooldown=0.0, loss_window=2.0))
     rx = Receiver(sel)
     rate = 300  # packets/s
     n = rate // reports_per_second
@@ -129,7 +129,7 @@ def test_loss_is_measured_over_time_not_over_reports(reports_per_second: int) ->
 def test_burst_of_reports_under_loss_does_not_speed_up_recovery() -> None:
     """30 reports in 1 s after loss stops must not wash the loss out: the
     window still covers the lossy second."""
-    sel = LayerSelector(2, initial_layer=0, policy=LayerPolicy(cooldown=0.0))
+    sel = LayerSelector(2, initial_layer=0, policy=LayerPolicy(cooldown=0.0, loss_window=2.0))
     rx = Receiver(sel)
     rx.report(0.0)
     rx.report(1.0, packets=40, lost=20)  # 50 % loss on the low layer
@@ -440,3 +440,34 @@ def test_low_remb_on_the_lowest_layer_does_not_stop_probing() -> None:
     assert sel.handle_timer(2.25).reasons == (Reason.PROBE_OK,) and sel.layer == 1
     # On the higher layer a low REMB is a down reason again (after the cooldown).
     assert sel.on_remb(150_000, 7.5).to_layer == 0
+
+
+def test_nacked_packets_count_as_loss_though_reports_show_them_repaired() -> None:
+    """8 % random loss repaired by RTX: the report blocks stay near 0, the
+    distinct NACKed numbers (repeats counted once) say 8 %."""
+    sel = LayerSelector(2, initial_layer=1)
+    rx = Receiver(sel)
+    rx.report(0.0)
+    seq = rx.highest
+    d = None
+    for k in range(1, 5):  # 0.25 s steps, 60 packets each, ~5 lost and repaired
+        now = k * 0.25
+        lost = [seq + i for i in range(0, 60, 12)]
+        sel.on_nack(lost, now - 0.01)
+        sel.on_nack(lost[:2], now - 0.005)  # the receiver asks again: not new loss
+        seq += 60
+        d = rx.report(now, packets=60) or d
+    assert sel.loss == pytest.approx(20 / 240)
+    assert d is not None and d.reasons == (Reason.LOSS,) and d.to_layer == 0
+
+
+def test_one_late_report_does_not_fail_a_probe_two_do() -> None:
+    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    rx = Receiver(sel)
+    rx.report(0.0, rtt=0.002)
+    assert rx.report(0.25, packets=40, rtt=0.002).action is Action.PROBE
+    assert rx.report(0.5, packets=10, rtt=0.090) is None  # one late report
+    assert rx.report(0.75, packets=10, rtt=0.003) is None
+    assert rx.report(1.0, packets=10, rtt=0.090) is None
+    d = rx.report(1.1, packets=3, rtt=0.095)
+    assert d.action is Action.PROBE_STOP and d.reasons == (Reason.RTT,)

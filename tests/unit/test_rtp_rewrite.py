@@ -370,3 +370,25 @@ def test_history_bounds_age_and_discontinuity() -> None:
     assert len(h) == 1 and h.get(pkts[19].seq, 3.0) is None
     with pytest.raises(ValueError):
         PacketHistory(capacity=1000)
+
+
+def test_switch_away_from_congestion_stops_the_current_layer_at_once() -> None:
+    """A down-switch for congestion: the old layer stops now (its packets only
+    feed the loss and crowd out the target's keyframe); the target starts at
+    its keyframe with the next sequence number; NACKs for the old layer's
+    packets are still answered."""
+    history = PacketHistory()
+    rw = Rewriter(VIDEO, initial_layer=1, initial_seq=10, initial_ts=0)
+    high, low = Layer(seq=500), Layer(seq=70)
+    pkts = high.frame(key=True)
+    for p in pkts:
+        history.put(p, 0.0)
+    sent = send(rw, 1, pkts, 0.0)
+    rw.request_switch(0, stop_current=True)
+    assert rw.current_layer is None and rw.target_layer == 0 and rw.switches == 1
+    assert send(rw, 1, high.frame(), 0.04) == []  # the congested layer stops now
+    assert send(rw, 0, low.frame(), 0.05) == []  # the target waits for its keyframe
+    after = send(rw, 0, low.frame(key=True), 0.08)
+    assert [p.sequence_number for p in sent + after] == list(range(10, 16))
+    assert rw.current_layer == 0 and rw.switches == 1
+    assert len(rw.retransmit([11], {1: history}, 0.1)) == 1
