@@ -11,10 +11,13 @@ network on the high layer), then plays its phases::
 
 and records a timeline (tests/viewer_timeline.py): the page's getStats
 every 250 ms (decoded height = the layer the viewer sees, freezes, frames),
-the server's ``webrtc.layer_switch`` decisions from its JSON log, and the
-server's view of the session about once a second. Every rule of the issue is
-evaluated on every scenario and all results are reported together, with the
-timeline, so a failure says which rule broke and what happened around it.
+the video element's frame callbacks (when each height was first presented),
+the server's ``webrtc.layer_switch`` and probe decisions from its JSON log,
+and the server's view of the viewer about once a second. Every rule of the
+issue is evaluated on every scenario and all results are reported together,
+with the timeline (also written to test-artifacts/viewer-network/), so a
+failure says which rule broke and what happened around it. Two self-tests of
+the harness run first: the shaping, with plain UDP, and the namespace's reach.
 
 The namespace, veth pair, nft table and qdisc are removed when the module
 ends, also after a failure (and leftovers of a crashed run at the start).
