@@ -48,7 +48,8 @@ Measurements:
 * RTT (from the RR's LSR/DLSR) is the smallest sample of the last
   ``rtt_window`` seconds: a queue raises every sample, while one late
   report (a busy receiver or event loop) raises one; a probe fails on two
-  samples in a row ``probe_rtt_rise`` above the one before it. Bandwidth is the latest REMB.
+  samples in a row ``probe_rtt_rise`` above the one before it, or one
+  twice that far above. Bandwidth is the latest REMB.
 * A value never reported is unknown: it cannot trigger a down-switch and it
   does not satisfy an up-switch condition.
 
@@ -150,6 +151,7 @@ class _Probe:
     remb0: float | None
     nacked: set[int]  # media sequence numbers NACKed since the start
     rtt_high: int = 0  # consecutive RTT samples above the probe's limit
+    rtt_peak: float = 0.0  # largest RTT sample during the probe
 
 
 class LayerSelector:
@@ -333,6 +335,7 @@ class LayerSelector:
                 base = probe.rtt0 if probe.rtt0 is not None else 0.0
                 limit = min(base + self.policy.probe_rtt_rise, self.policy.down_rtt)
                 probe.rtt_high = probe.rtt_high + 1 if sample > limit else 0
+                probe.rtt_peak = max(probe.rtt_peak, sample - base)
             rtts = self._rtts
             rtts.append((now, sample))
             horizon = now - self.policy.rtt_window
@@ -489,9 +492,9 @@ class LayerSelector:
             # A NACKed packet is loss seen as it happens; stopping at the
             # first one keeps the overshoot — and the media it cost — small.
             failed.append(Reason.LOSS)
-        if probe.rtt_high >= 2:
+        if probe.rtt_high >= 2 or probe.rtt_peak > 2.0 * p.probe_rtt_rise:
             # Two reports in a row: a queue delays every one, a busy
-            # receiver or event loop one now and then.
+            # receiver or event loop one now and then — by less than this.
             failed.append(Reason.RTT)
         if (
             self.bandwidth is not None

@@ -471,3 +471,9 @@ def test_one_late_report_does_not_fail_a_probe_two_do() -> None:
     assert rx.report(1.0, packets=10, rtt=0.090) is None
     d = rx.report(1.1, packets=3, rtt=0.095)
     assert d.action is Action.PROBE_STOP and d.reasons == (Reason.RTT,)
+    # One sample far above (a queue already 100 ms deep) is enough.
+    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    rx = Receiver(sel)
+    rx.report(0.0, rtt=0.002)
+    assert rx.report(0.25, packets=40, rtt=0.002).action is Action.PROBE
+    assert rx.report(0.5, packets=10, rtt=0.110).action is Action.PROBE_STOP
