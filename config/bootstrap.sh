@@ -31,6 +31,9 @@ die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutls-dev chromium espeak-ng sox iproute2
               ca-certificates gstreamer1.0-tools gstreamer1.0-plugins-bad obs-studio xvfb)
 SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
+# nftables: test-only, the network-namespace viewer tests shape a veth with
+# nft (policer, random loss) beside iproute2's tc tbf (a queue).
+APT_PACKAGES+=(nftables)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
