@@ -48,8 +48,9 @@ Measurements:
 * RTT (from the RR's LSR/DLSR) is the smallest sample of the last
   ``rtt_window`` seconds: a queue raises every sample, while one late
   report (a busy receiver or event loop) raises one; a probe fails on two
-  samples in a row ``probe_rtt_rise`` above the one before it, or one
-  twice that far above. Bandwidth is the latest REMB.
+  samples in a row ``probe_rtt_rise`` (25 ms: an eighth of a typical 200 ms
+  bottleneck queue, so the probe stops well before the queue overflows)
+  above the one before it, or one ``probe_rtt_spike`` above. Bandwidth is the latest REMB.
 * A value never reported is unknown: it cannot trigger a down-switch and it
   does not satisfy an up-switch condition.
 
@@ -105,8 +106,9 @@ class LayerPolicy:
     probe_duration: float = 1.5
     probe_settle: float = 0.5
     probe_loss: float = 0.02
-    probe_rtt_rise: float = 0.050
-    probe_remb_drop: float = 0.85
+    probe_rtt_rise: float = 0.025
+    probe_rtt_spike: float = 0.100
+    probe_remb_drop: float = 0.95
     probe_retry: float = 3.0
     probe_retry_max: float = 6.0
 
@@ -492,7 +494,7 @@ class LayerSelector:
             # A NACKed packet is loss seen as it happens; stopping at the
             # first one keeps the overshoot — and the media it cost — small.
             failed.append(Reason.LOSS)
-        if probe.rtt_high >= 2 or probe.rtt_peak > 2.0 * p.probe_rtt_rise:
+        if probe.rtt_high >= 2 or probe.rtt_peak > p.probe_rtt_spike:
             # Two reports in a row: a queue delays every one, a busy
             # receiver or event loop one now and then — by less than this.
             failed.append(Reason.RTT)

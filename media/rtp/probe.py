@@ -33,7 +33,7 @@ class ProbePacer:
         start: float,
         duration: float,
         *,
-        steps: int = 5,
+        steps: int = 8,
         interval: float = 0.015,
     ) -> None:
         if duration <= 0 or steps < 1 or interval <= 0:
