@@ -344,15 +344,7 @@ class TallyService:
             return await self.get(production_id)
         lock = self._locks.setdefault(production_id, asyncio.Lock())
         async with lock:
-            pool = self.db.pool
-            prod = await pool.fetchrow("SELECT settings FROM productions WHERE id = $1", production_id)
-            if prod is None:
-                raise KeyError(production_id)
-            settings = prod["settings"] if isinstance(prod["settings"], dict) else json.loads(prod["settings"] or "{}")
-            cfg = validate_config(settings.get("tally"))
-            streams = await pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
-                                       production_id)
-            sources = self._sources(streams, cfg)
+            _name, cfg, streams, sources = await self._read_config(production_id)
             specs = cfg.get("adapters", [])
             running: dict[str, list[_Adapter]] = {}
             for a in p.adapters:
@@ -384,16 +376,22 @@ class TallyService:
                   seq=p.state.seq, adapters_kept=len(plan) - started, adapters_started=started)
         return p
 
-    async def _load(self, production_id: int) -> ProductionTally:
+    async def _read_config(self, production_id: int) -> tuple[str, dict[str, Any], list[Any], Any]:
+        """The production's name, validated tally config, streams and the
+        sources they make (KeyError: no such production)."""
         pool = self.db.pool
-        prod = await pool.fetchrow("SELECT id, name, settings FROM productions WHERE id = $1", production_id)
+        prod = await pool.fetchrow("SELECT name, settings FROM productions WHERE id = $1", production_id)
         if prod is None:
             raise KeyError(production_id)
         settings = prod["settings"] if isinstance(prod["settings"], dict) else json.loads(prod["settings"] or "{}")
         cfg = validate_config(settings.get("tally"))
         streams = await pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
                                    production_id)
-        sources = self._sources(streams, cfg)
+        return prod["name"], cfg, streams, self._sources(streams, cfg)
+
+    async def _load(self, production_id: int) -> ProductionTally:
+        pool = self.db.pool
+        name, cfg, streams, sources = await self._read_config(production_id)
         row = await pool.fetchrow("SELECT seq, state FROM tally_state WHERE production_id = $1", production_id)
         state = None
         if row is not None:
@@ -404,10 +402,10 @@ class TallyService:
                 event(log, logging.WARNING, "tally.restore_failed", production=production_id, error=str(exc))
         if state is None:
             seq = row["seq"] if row is not None else 0
-            state = TallyState(prod["name"], sources, default_transition=cfg.get("transition_s", 1.0), seq=seq)
+            state = TallyState(name, sources, default_transition=cfg.get("transition_s", 1.0), seq=seq)
         hub = TallyHub(state)
         hub.on_delivered = lambda seconds, clients: self.delivered.observe(seconds)
-        p = ProductionTally(self, production_id, prod["name"], state, hub,
+        p = ProductionTally(self, production_id, name, state, hub,
                             stream_names=[s["name"] for s in streams])
         state.add_listener(p.on_change)
         hub.start()
