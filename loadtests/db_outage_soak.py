@@ -41,7 +41,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -52,10 +51,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_process import ServerProcess  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "ts" / "h264_aac_zerolatency.ts"
-BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
-SRT_BANNER = re.compile(r"SRT listener on port (\d+)")
 PASSWORD = "soak-admin-password"
 
 
@@ -73,51 +71,6 @@ def http(method: str, url: str, body: Any = None, token: str | None = None,
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
-
-
-class Server:
-    def __init__(self, data: Path) -> None:
-        env = dict(os.environ)
-        env.pop("DATABASE_URL", None)
-        env.update({"RETURNFEED_ADMIN_PASSWORD": PASSWORD, "RETURNFEED_LOG__FORMAT": "text",
-                    "PYTHONUNBUFFERED": "1"})
-        self.data = data
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(data), "--http-port", "0",
-             "--srt-port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True)
-        self.port = self.srt_port = 0
-        self.errors: list[str] = []
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if m := SRT_BANNER.search(line):
-                    self.srt_port = int(m.group(1))
-                if m := BANNER.search(line):
-                    self.port = int(m.group(1))
-                    ready.set()
-                if " ERROR " in line or "Traceback" in line:
-                    self.errors.append(line.rstrip()[:300])
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(120) or not self.port:
-            self.stop()
-            raise RuntimeError("server did not start")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 def postmaster_pid(data: Path) -> int:
@@ -188,7 +141,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from whep_client import WhepViewer, prepare_aiortc
 
     data = Path(tempfile.mkdtemp(prefix="rf-soak-")) / "data"
-    srv = Server(data)
+    srv = ServerProcess(data, password=PASSWORD)
     report: dict[str, Any] = {"scale": {"minutes": args.minutes, "cameras": args.cameras, "viewers": args.viewers,
                                         "tally_clients": args.tally_clients, "freeze_s": args.freeze_s}}
     ffmpegs: list[subprocess.Popen] = []

@@ -26,14 +26,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from server_process import ServerProcess  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
-SRT_BANNER = re.compile(r"SRT listener on port (\d+)")
 PASSWORD = "fanout-ab-benchmark-password"
 
 
@@ -57,48 +57,10 @@ def make_clip(path: Path, kbps: int, seconds: int) -> None:
          "-c:a", "libopus", "-b:a", "64k", "-f", "mpegts", str(path)], check=True)
 
 
-class Server:
-    def __init__(self, checkout: Path, data_dir: Path, cpus: str | None) -> None:
-        env = dict(os.environ, RETURNFEED_ADMIN_PASSWORD=PASSWORD, RETURNFEED_LOG__LEVEL="warning",
-                   PYTHONPATH=str(checkout))
-        env.pop("DATABASE_URL", None)
-        python = checkout / ".venv" / "bin" / "python"
-        cmd = [str(python if python.exists() else sys.executable), "-m", "server.cli", "serve",
-               "--data-dir", str(data_dir), "--http-port", "0", "--srt-port", "0"]
-        if cpus:
-            cmd = ["taskset", "-c", cpus, *cmd]
-        self.proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
-        self.port = self.srt_port = 0
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if m := SRT_BANNER.search(line):
-                    self.srt_port = int(m.group(1))
-                if m := BANNER.search(line):
-                    self.port = int(m.group(1))
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(90) or not self.port:
-            self.stop()
-            raise RuntimeError(f"server from {checkout} did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-
 def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="rf-ab-") as tmp:
-        server = Server(checkout, Path(tmp) / "data", args.server_cpus)
+        server = ServerProcess(Path(tmp) / "data", password=PASSWORD, checkout=checkout, cpus=args.server_cpus,
+                               env={"RETURNFEED_LOG__LEVEL": "warning"})
         publisher = None
         try:
             base = f"http://127.0.0.1:{server.port}"
@@ -108,7 +70,7 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) ->
             srt = re.sub(r"srt://[^/?]+", f"srt://127.0.0.1:{server.srt_port}", stream["srt_url"])
             publisher = subprocess.Popen(
                 ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
-                 "-c", "copy", "-f", "mpegts", srt + "&latency=20000"], start_new_session=True)
+                 "-c", "copy", "-f", "mpegts", srt], start_new_session=True)
             link = api("POST", f"{base}/api/v1/streams/cam1/links", {"action": "read"}, token)["token"]
             deadline = time.monotonic() + 20
             while not api("GET", f"{base}/api/v1/streams/cam1", None, token).get("live"):
