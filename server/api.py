@@ -149,7 +149,7 @@ async def login(request: web.Request) -> web.Response:
         event(log, logging.WARNING, "auth.login_failed", username=username[:64], ip=ip)
         # Same answer whether or not the user exists.
         raise Unauthorized("invalid user name or password")
-    limiter.succeeded(username)
+    limiter.succeeded(username, ip)
     metrics.logins.labels("success").inc()
     async with pool.acquire() as conn:
         if needs_rehash(user["password_hash"]):

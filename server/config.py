@@ -184,9 +184,16 @@ class AuthSettings(_Section):
     #: Default lifetime of signed stream links.
     link_ttl_s: int = Field(86400, ge=10)
     max_link_ttl_s: int = Field(30 * 86400, ge=10)
-    #: Failed logins allowed per user name and per client IP within
-    #: ``login_window_s`` before further attempts get 429.
-    login_failures_per_user: int = Field(5, ge=1)
+    #: Failed logins for one user name from one client IP within
+    #: ``login_window_s`` before that address must wait (429): ``login_backoff_s``,
+    #: doubled for every further failure, at most the window.
+    login_failures_per_user_ip: int = Field(5, ge=1)
+    login_backoff_s: float = Field(1.0, gt=0)
+    #: Failed logins for one user name from all addresses within the window
+    #: before addresses that never logged in to it get 429 (distributed
+    #: guessing); addresses the user logged in from before are not held back.
+    login_failures_per_user: int = Field(100, ge=1)
+    #: Failed logins from one client IP for any user names within the window.
     login_failures_per_ip: int = Field(20, ge=1)
     login_window_s: float = Field(300.0, gt=0)
 
