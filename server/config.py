@@ -181,6 +181,11 @@ class AuthSettings(_Section):
     jwt_secret: str = ""
     access_ttl_s: int = Field(900, ge=10)
     refresh_ttl_s: int = Field(30 * 86400, ge=60)
+    #: How often expired and revoked refresh tokens are deleted (seconds).
+    refresh_purge_interval_s: float = Field(3600.0, gt=0)
+    #: Revoked and expired refresh tokens are kept this long before the purge
+    #: deletes them (a revoked one only once its whole login is over).
+    refresh_purge_after_s: float = Field(86400.0, ge=0)
     #: Default lifetime of signed stream links.
     link_ttl_s: int = Field(86400, ge=10)
     max_link_ttl_s: int = Field(30 * 86400, ge=10)
