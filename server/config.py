@@ -53,6 +53,12 @@ class HttpSettings(_Section):
     #: Largest SDP offer accepted on WHIP/WHEP.
     max_sdp_bytes: int = Field(65_536, ge=1024)
     shutdown_timeout_s: float = Field(10.0, gt=0)
+    #: Open ``/ws/tally`` connections allowed per signed link (or user), per
+    #: client IP and per production; one more is accepted and closed at once
+    #: with code 4029 naming the cap. 0: no cap of that kind.
+    ws_max_per_link: int = Field(16, ge=0)
+    ws_max_per_ip: int = Field(256, ge=0)
+    ws_max_per_production: int = Field(2000, ge=0)
 
 
 class SrtSettings(_Section):
