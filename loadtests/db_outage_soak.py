@@ -80,7 +80,11 @@ class Server:
         env = dict(os.environ)
         env.pop("DATABASE_URL", None)
         env.update({"RETURNFEED_ADMIN_PASSWORD": PASSWORD, "RETURNFEED_LOG__FORMAT": "text",
-                    "PYTHONUNBUFFERED": "1"})
+                    "PYTHONUNBUFFERED": "1",
+                    # Every tally client is the admin from 127.0.0.1: lift the
+                    # per-user/IP socket caps meant for strangers.
+                    "RETURNFEED_HTTP__WS_MAX_PER_LINK": "0", "RETURNFEED_HTTP__WS_MAX_PER_IP": "0",
+                    "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "0"})
         self.data = data
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(data), "--http-port", "0",

@@ -53,6 +53,15 @@ class HttpSettings(_Section):
     #: Largest SDP offer accepted on WHIP/WHEP.
     max_sdp_bytes: int = Field(65_536, ge=1024)
     shutdown_timeout_s: float = Field(10.0, gt=0)
+    #: A connection with no request under way is closed this long after it
+    #: opened or after its last response (seconds).
+    keepalive_timeout_s: float = Field(15.0, gt=0)
+    #: A request's head (request line and headers) must be complete this long
+    #: after its first byte, or the connection gets 408 and is closed (seconds).
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: Open HTTP connections (WebSockets included) per client IP; one more is
+    #: answered 503 and closed. 0: no cap.
+    max_connections_per_ip: int = Field(512, ge=0)
     #: Open ``/ws/tally`` connections allowed per signed link (or user), per
     #: client IP and per production; one more is accepted and closed at once
     #: with code 4029 naming the cap. 0: no cap of that kind.
