@@ -115,6 +115,10 @@ class WebRtcSettings(_Section):
     #: Seconds a client should wait before retrying a WHEP request for a
     #: stream that is not live (409 Retry-After).
     retry_after_s: int = Field(2, ge=1)
+    #: A WHEP or WHIP session whose ICE+DTLS has not completed this long
+    #: after its offer is freed (a WHIP one is also replaced by the next
+    #: publisher of its stream before that).
+    connect_timeout_s: float = Field(15.0, gt=0)
     #: WHIP publishers this process accepts at once.
     whip_max_sessions: int = Field(64, ge=1)
     #: Bandwidth estimate (REMB) sent to WHIP publishers: browsers fill their
