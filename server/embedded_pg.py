@@ -348,10 +348,14 @@ class EmbeddedPostgres:
         psql = str(self.bin / "psql")
         # On stdin, not argv (which every local user can read); the password
         # is URL-safe base64, nothing in it needs quoting.
-        self._run([psql, "-X", "-q", "-h", str(self.socket_dir), "-p", str(PORT), "-U", DB_ROLE,
-                   "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-f", "-"],
-                  stdin="SET password_encryption = 'scram-sha-256';\n"
-                        f"ALTER ROLE {DB_ROLE} PASSWORD '{pw}';\n")
+        try:
+            self._run([psql, "-X", "-q", "-h", str(self.socket_dir), "-p", str(PORT), "-U", DB_ROLE,
+                       "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+                      stdin="SET password_encryption = 'scram-sha-256';\n"
+                            f"ALTER ROLE {DB_ROLE} PASSWORD '{pw}';\n")
+        except EmbeddedPostgresError as exc:
+            # psql may quote the failing statement: never log the password.
+            raise EmbeddedPostgresError(str(exc).replace(pw, "<redacted>")) from None
         self._write_hba()
         self._run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "reload"])
         event(log, logging.WARNING, "db.embedded.password_auth", pgdata=str(self.pgdata))
