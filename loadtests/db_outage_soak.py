@@ -141,7 +141,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from whep_client import WhepViewer, prepare_aiortc
 
     data = Path(tempfile.mkdtemp(prefix="rf-soak-")) / "data"
-    srv = ServerProcess(data, password=PASSWORD)
+    # Every tally client is the admin from 127.0.0.1: lift the per-user/IP
+    # socket caps meant for strangers.
+    srv = ServerProcess(data, password=PASSWORD, env={
+        "RETURNFEED_HTTP__WS_MAX_PER_LINK": "0", "RETURNFEED_HTTP__WS_MAX_PER_IP": "0",
+        "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "0"})
     report: dict[str, Any] = {"scale": {"minutes": args.minutes, "cameras": args.cameras, "viewers": args.viewers,
                                         "tally_clients": args.tally_clients, "freeze_s": args.freeze_s}}
     ffmpegs: list[subprocess.Popen] = []

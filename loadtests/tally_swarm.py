@@ -7,6 +7,9 @@ Usage::
     python loadtests/tally_swarm.py --url ws://127.0.0.1:8080/ws/tally \\
         --token VIEWER_TOKEN --director-token DIRECTOR_TOKEN \\
         --source cam1 --source cam2 --clients 200
+    # (start that server with RETURNFEED_HTTP__WS_MAX_PER_LINK=0,
+    # RETURNFEED_HTTP__WS_MAX_PER_IP=0 and RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP=0:
+    # every client here shares one token and one address)
 
     # self-contained: a minimal aiohttp app around tally.hub.TallyHub,
     # started in a separate process (multiprocessing), then the swarm

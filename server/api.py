@@ -149,7 +149,7 @@ async def login(request: web.Request) -> web.Response:
         event(log, logging.WARNING, "auth.login_failed", username=username[:64], ip=ip)
         # Same answer whether or not the user exists.
         raise Unauthorized("invalid user name or password")
-    limiter.succeeded(username)
+    limiter.succeeded(username, ip)
     metrics.logins.labels("success").inc()
     async with pool.acquire() as conn:
         if needs_rehash(user["password_hash"]):
@@ -625,9 +625,53 @@ async def revoke_link(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def purge_refresh_tokens(db: Any, keep_s: float) -> int | None:
+    """One purge of dead refresh tokens; ``None`` when the database is away
+    (the next round tries again)."""
+    if not db.available:
+        return None
+    try:
+        async with db.pool.acquire() as conn:
+            # A background job: a longer budget than a request's, the table
+            # may have grown for a long time.
+            n = await repo.purge_refresh_tokens(conn, keep_s, timeout=10.0)
+    except Exception as exc:
+        event(log, logging.WARNING, "auth.refresh_purge_failed", error=type(exc).__name__)
+        return None
+    if n:
+        event(log, logging.INFO, "auth.refresh_purged", rows=n)
+    return n
+
+
+async def _refresh_purge_loop(app: web.Application) -> None:
+    auth = app[SETTINGS].auth
+    while True:
+        await purge_refresh_tokens(app[DB], auth.refresh_purge_after_s)
+        await asyncio.sleep(auth.refresh_purge_interval_s)
+
+
+_PURGE_TASK = web.AppKey("refresh_purge_task", asyncio.Task)
+
+
+async def _start_purge(app: web.Application) -> None:
+    app[_PURGE_TASK] = asyncio.get_running_loop().create_task(_refresh_purge_loop(app), name="refresh-purge")
+
+
+async def _stop_purge(app: web.Application) -> None:
+    task = app.get(_PURGE_TASK)
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
 def setup(app: web.Application) -> None:
     if STREAMS_CHANGED not in app:
         app[STREAMS_CHANGED] = []
+    app.on_startup.append(_start_purge)
+    app.on_cleanup.append(_stop_purge)
     r = app.router
     r.add_post("/api/v1/auth/login", login)
     r.add_post("/api/v1/auth/refresh", refresh)

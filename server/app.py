@@ -296,8 +296,9 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
     app[SETTINGS] = settings
     app[DB] = db
     app[TOKENS] = tokens
-    app[LIMITER] = LoginLimiter(settings.auth.login_failures_per_user, settings.auth.login_failures_per_ip,
-                                settings.auth.login_window_s)
+    a = settings.auth
+    app[LIMITER] = LoginLimiter(a.login_failures_per_user, a.login_failures_per_ip, a.login_window_s,
+                                per_user_ip=a.login_failures_per_user_ip, backoff_s=a.login_backoff_s)
     app[METRICS] = metrics
     app[STARTED] = time.time()
     if directory is None:

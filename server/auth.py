@@ -190,20 +190,34 @@ class TokenService:
 
 
 class LoginLimiter:
-    """Sliding-window count of failed logins per user name and per IP.
+    """Sliding-window counts of failed logins, kept three ways.
+
+    * Per (user name, client IP): after ``per_user_ip`` failures every further
+      attempt from that address waits ``backoff_s``, doubled for each further
+      failure (at most the window). The guesser slows down; the account's
+      owner at another address does not notice.
+    * Per user name over all addresses: ``per_user``, a much higher limit that
+      bounds distributed guessing. It never applies to an address that logged
+      in to the account before, so a stranger's spray of wrong passwords
+      cannot lock a director out of a show from their usual place.
+    * Per client IP over all user names: ``per_ip`` (password spraying).
 
     In memory per process: a login spread over several nodes gets at most
-    ``nodes ×`` the limit, which still stops online guessing.
+    ``nodes ×`` the limits, which still stops online guessing.
     """
 
     def __init__(self, per_user: int, per_ip: int, window_s: float, clock: Any = time.monotonic,
-                 max_keys: int = 100_000) -> None:
+                 max_keys: int = 100_000, *, per_user_ip: int = 5, backoff_s: float = 1.0) -> None:
         self.per_user = per_user
         self.per_ip = per_ip
+        self.per_user_ip = per_user_ip
         self.window_s = window_s
+        self.backoff_s = backoff_s
         self._clock = clock
         self._max_keys = max_keys
         self._fails: dict[str, deque[float]] = {}
+        #: (user, IP) pairs that logged in successfully, oldest first.
+        self._known: dict[str, None] = {}
 
     def _recent(self, key: str, now: float) -> deque[float]:
         q = self._fails.get(key)
@@ -215,15 +229,26 @@ class LoginLimiter:
             del self._fails[key]
         return q
 
+    @staticmethod
+    def _pair(username: str, ip: str) -> str:
+        return f"p:{username.lower()}\0{ip}"
+
     def retry_after(self, username: str, ip: str) -> float:
         """Seconds until another attempt is allowed (0 = allowed now)."""
         now = self._clock()
         wait = 0.0
-        for key, limit in ((f"u:{username.lower()}", self.per_user), (f"i:{ip}", self.per_ip)):
+        limits = [(f"i:{ip}", self.per_ip)]
+        if self._pair(username, ip) not in self._known:
+            limits.append((f"u:{username.lower()}", self.per_user))
+        for key, limit in limits:
             q = self._recent(key, now)
             if len(q) >= limit:
                 wait = max(wait, q[len(q) - limit] + self.window_s - now)
-        return wait
+        q = self._recent(self._pair(username, ip), now)
+        if len(q) >= self.per_user_ip:
+            delay = min(self.window_s, self.backoff_s * 2.0 ** (len(q) - self.per_user_ip))
+            wait = max(wait, q[-1] + delay - now)
+        return max(wait, 0.0)
 
     def failed(self, username: str, ip: str) -> None:
         now = self._clock()
@@ -233,8 +258,14 @@ class LoginLimiter:
             for key in list(self._fails)[: self._max_keys // 10]:
                 self._recent(key, now)
                 self._fails.pop(key, None)
-        for key in (f"u:{username.lower()}", f"i:{ip}"):
+        for key in (f"u:{username.lower()}", f"i:{ip}", self._pair(username, ip)):
             self._fails.setdefault(key, deque()).append(now)
 
-    def succeeded(self, username: str) -> None:
+    def succeeded(self, username: str, ip: str) -> None:
+        pair = self._pair(username, ip)
         self._fails.pop(f"u:{username.lower()}", None)
+        self._fails.pop(pair, None)
+        self._known.pop(pair, None)
+        self._known[pair] = None
+        while len(self._known) > self._max_keys:
+            del self._known[next(iter(self._known))]

@@ -53,6 +53,21 @@ class HttpSettings(_Section):
     #: Largest SDP offer accepted on WHIP/WHEP.
     max_sdp_bytes: int = Field(65_536, ge=1024)
     shutdown_timeout_s: float = Field(10.0, gt=0)
+    #: A connection with no request under way is closed this long after it
+    #: opened or after its last response (seconds).
+    keepalive_timeout_s: float = Field(15.0, gt=0)
+    #: A request's head (request line and headers) must be complete this long
+    #: after its first byte, or the connection gets 408 and is closed (seconds).
+    header_timeout_s: float = Field(10.0, gt=0)
+    #: Open HTTP connections (WebSockets included) per client IP; one more is
+    #: answered 503 and closed. 0: no cap.
+    max_connections_per_ip: int = Field(512, ge=0)
+    #: Open ``/ws/tally`` connections allowed per signed link (or user), per
+    #: client IP and per production; one more is accepted and closed at once
+    #: with code 4029 naming the cap. 0: no cap of that kind.
+    ws_max_per_link: int = Field(16, ge=0)
+    ws_max_per_ip: int = Field(256, ge=0)
+    ws_max_per_production: int = Field(2000, ge=0)
 
 
 class SrtSettings(_Section):
@@ -100,6 +115,10 @@ class WebRtcSettings(_Section):
     #: Seconds a client should wait before retrying a WHEP request for a
     #: stream that is not live (409 Retry-After).
     retry_after_s: int = Field(2, ge=1)
+    #: A WHEP or WHIP session whose ICE+DTLS has not completed this long
+    #: after its offer is freed (a WHIP one is also replaced by the next
+    #: publisher of its stream before that).
+    connect_timeout_s: float = Field(15.0, gt=0)
     #: WHIP publishers this process accepts at once.
     whip_max_sessions: int = Field(64, ge=1)
     #: Bandwidth estimate (REMB) sent to WHIP publishers: browsers fill their
@@ -181,12 +200,24 @@ class AuthSettings(_Section):
     jwt_secret: str = ""
     access_ttl_s: int = Field(900, ge=10)
     refresh_ttl_s: int = Field(30 * 86400, ge=60)
+    #: How often expired and revoked refresh tokens are deleted (seconds).
+    refresh_purge_interval_s: float = Field(3600.0, gt=0)
+    #: Revoked and expired refresh tokens are kept this long before the purge
+    #: deletes them (a revoked one only once its whole login is over).
+    refresh_purge_after_s: float = Field(86400.0, ge=0)
     #: Default lifetime of signed stream links.
     link_ttl_s: int = Field(86400, ge=10)
     max_link_ttl_s: int = Field(30 * 86400, ge=10)
-    #: Failed logins allowed per user name and per client IP within
-    #: ``login_window_s`` before further attempts get 429.
-    login_failures_per_user: int = Field(5, ge=1)
+    #: Failed logins for one user name from one client IP within
+    #: ``login_window_s`` before that address must wait (429): ``login_backoff_s``,
+    #: doubled for every further failure, at most the window.
+    login_failures_per_user_ip: int = Field(5, ge=1)
+    login_backoff_s: float = Field(1.0, gt=0)
+    #: Failed logins for one user name from all addresses within the window
+    #: before addresses that never logged in to it get 429 (distributed
+    #: guessing); addresses the user logged in from before are not held back.
+    login_failures_per_user: int = Field(100, ge=1)
+    #: Failed logins from one client IP for any user names within the window.
     login_failures_per_ip: int = Field(20, ge=1)
     login_window_s: float = Field(300.0, gt=0)
 

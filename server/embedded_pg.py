@@ -19,7 +19,17 @@ is owned by and run as the system user ``returnfeed-pg`` (created with
 ``useradd --system`` if missing).
 
 The server listens only on a Unix socket inside the data dir (no TCP port),
-so two data dirs never collide and nothing is exposed on the network.
+so two data dirs never collide and nothing is exposed on the network. When
+the data dir's path is too long for a socket address, the socket goes to
+``/tmp/rfpg-<hash>``: a directory this process creates with mode 0700, or
+one that already is exactly that (owned by the cluster's user, no access
+for anyone else, not a symlink); anything else is refused, since whoever
+controls the socket's directory can stand in for the database.
+
+Clients authenticate with a password (``scram-sha-256``), kept in
+``<data_dir>/pg.password`` (mode 0600), never by trust: reaching the socket
+alone gives nobody the server's secrets. A cluster created with trust
+authentication by an earlier version is switched over at its next start.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import fcntl
 import logging
 import os
 import pwd
+import secrets
 import shutil
 import stat
 import subprocess
@@ -44,6 +55,9 @@ PG_USER = "returnfeed-pg"
 DB_NAME = "returnfeed"
 DB_ROLE = "postgres"
 PORT = 5432  # only names the socket file: .s.PGSQL.5432
+PASSWORD_FILE = "pg.password"
+#: The whole pg_hba.conf: the Unix socket is the only way in, with a password.
+HBA = "# Written by ReturnFeed: the Unix socket only, password (SCRAM) required.\nlocal all all scram-sha-256\n"
 # sun_path holds 107 bytes; keep room for "/.s.PGSQL.5432".
 _MAX_SOCKET_DIR = 90
 
@@ -105,6 +119,33 @@ def _make_traversable(path: Path) -> None:
             os.chmod(p, mode | stat.S_IXOTH)
 
 
+def _private_dir(path: Path, uid: int | None, gid: int | None) -> None:
+    """Make ``path`` a directory that only ``uid`` (default: us) can use, or
+    accept it only if it already is one. Refuse anything else: a directory
+    another user created (or can write to) in a shared place such as /tmp
+    lets them put their own socket where our clients connect.
+    """
+    owner = os.geteuid() if uid is None else uid
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(path, 0o700)  # not narrowed by the umask only
+        if uid is not None:
+            os.chown(path, uid, gid or 0)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise EmbeddedPostgresError(
+            f"{path} exists and is not a directory (a symlink or file someone else may control); "
+            f"refusing to put the database socket there: remove it or use a shorter data dir path")
+    if st.st_uid != owner or stat.S_IMODE(st.st_mode) & 0o077:
+        raise EmbeddedPostgresError(
+            f"{path} exists but is not private (owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}; "
+            f"needed: owner uid {owner}, mode 0700); another user may have created it to intercept the "
+            f"database socket. Refusing to use it: remove it or use a shorter data dir path")
+
+
 def _is_live_postgres(pid: int) -> bool:
     """True if ``pid`` is a running (not zombie) postgres process.
 
@@ -144,7 +185,7 @@ class EmbeddedPostgres:
 
     # -- helpers ---------------------------------------------------------
 
-    def _run(self, args: list[str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def _run(self, args: list[str], timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         kwargs: dict = {}
         if self._run_as.uid is not None:
             kwargs["user"] = self._run_as.uid
@@ -152,10 +193,14 @@ class EmbeddedPostgres:
             kwargs["extra_groups"] = []
         env = dict(os.environ)
         env.pop("PGDATA", None)
+        env.pop("PGPASSWORD", None)
+        pw = self._password()
+        if pw is not None:
+            env["PGPASSWORD"] = pw  # psql; the environment of a child is private to it
         try:
             return subprocess.run(
                 args, check=True, capture_output=True, text=True, timeout=timeout, env=env,
-                cwd=str(self.data_dir), **kwargs,
+                cwd=str(self.data_dir), input=stdin, **kwargs,
             )
         except subprocess.CalledProcessError as exc:
             raise EmbeddedPostgresError(
@@ -179,14 +224,38 @@ class EmbeddedPostgres:
         import hashlib
 
         short = Path("/tmp") / ("rfpg-" + hashlib.sha1(str(self.pgdata).encode()).hexdigest()[:12])
-        short.mkdir(mode=0o700, exist_ok=True)
-        if self._run_as.uid is not None:
-            os.chown(short, self._run_as.uid, self._run_as.gid or 0)
+        _private_dir(short, self._run_as.uid, self._run_as.gid)
         return short
 
     @property
+    def password_file(self) -> Path:
+        return self.data_dir / PASSWORD_FILE
+
+    def _password(self) -> str | None:
+        try:
+            return self.password_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _ensure_password(self) -> str:
+        """The cluster's password, created (0600, exclusively) when missing."""
+        pw = self._password()
+        if pw is not None:
+            return pw
+        pw = secrets.token_urlsafe(32)
+        try:
+            fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return self._password() or pw
+        with os.fdopen(fd, "w") as fh:
+            fh.write(pw + "\n")
+        return pw
+
+    @property
     def url(self) -> str:
-        return f"postgresql://{DB_ROLE}@/{DB_NAME}?host={quote(str(self.socket_dir))}&port={PORT}"
+        pw = self._password()
+        who = f"{DB_ROLE}:{quote(pw, safe='')}" if pw else DB_ROLE
+        return f"postgresql://{who}@/{DB_NAME}?host={quote(str(self.socket_dir))}&port={PORT}"
 
     # -- lifecycle -------------------------------------------------------
 
@@ -224,11 +293,7 @@ class EmbeddedPostgres:
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             if self._run_as.uid is not None:
                 os.chown(self.pgdata, self._run_as.uid, self._run_as.gid or 0)
-            self._run([
-                str(self.bin / "initdb"), "-D", str(self.pgdata), "-U", DB_ROLE,
-                "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions",
-            ], timeout=timeout)
-            event(log, logging.INFO, "db.embedded.initdb", pgdata=str(self.pgdata))
+            self._initdb(timeout)
 
         pid = self._postmaster_pid()
         if pid is not None:
@@ -236,8 +301,64 @@ class EmbeddedPostgres:
             event(log, logging.WARNING, "db.embedded.adopt", pid=pid)
         else:
             self._start_server(timeout)
+        self._require_password()
         self._ensure_database()
         return self.url
+
+    def _initdb(self, timeout: float) -> None:
+        pw = self._ensure_password()
+        # initdb reads the superuser's password from a file (never argv, which
+        # every local user can read); it runs as the cluster's user.
+        pwfile = self.data_dir / "pg.initpw"
+        pwfile.unlink(missing_ok=True)
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(pw + "\n")
+        try:
+            if self._run_as.uid is not None:
+                os.chown(pwfile, self._run_as.uid, self._run_as.gid or 0)
+            self._run([
+                str(self.bin / "initdb"), "-D", str(self.pgdata), "-U", DB_ROLE, f"--pwfile={pwfile}",
+                "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                "--encoding=UTF8", "--locale=C", "--no-instructions",
+            ], timeout=timeout)
+        finally:
+            pwfile.unlink(missing_ok=True)
+        self._write_hba()
+        event(log, logging.INFO, "db.embedded.initdb", pgdata=str(self.pgdata))
+
+    def _write_hba(self) -> None:
+        hba = self.pgdata / "pg_hba.conf"
+        st = hba.stat() if hba.exists() else None
+        tmp = hba.with_name("pg_hba.conf.tmp")
+        tmp.write_text(HBA)
+        os.chmod(tmp, 0o600)
+        if st is not None:
+            os.chown(tmp, st.st_uid, st.st_gid)
+        os.replace(tmp, hba)
+
+    def _require_password(self) -> None:
+        """Switch a cluster that still trusts every local connection (made by
+        an earlier version) to password authentication, while trust still
+        lets us in to set the password."""
+        hba = self.pgdata / "pg_hba.conf"
+        if hba.read_text() == HBA:
+            return
+        pw = self._ensure_password()
+        psql = str(self.bin / "psql")
+        # On stdin, not argv (which every local user can read); the password
+        # is URL-safe base64, nothing in it needs quoting.
+        try:
+            self._run([psql, "-X", "-q", "-h", str(self.socket_dir), "-p", str(PORT), "-U", DB_ROLE,
+                       "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+                      stdin="SET password_encryption = 'scram-sha-256';\n"
+                            f"ALTER ROLE {DB_ROLE} PASSWORD '{pw}';\n")
+        except EmbeddedPostgresError as exc:
+            # psql may quote the failing statement: never log the password.
+            raise EmbeddedPostgresError(str(exc).replace(pw, "<redacted>")) from None
+        self._write_hba()
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.pgdata), "reload"])
+        event(log, logging.WARNING, "db.embedded.password_auth", pgdata=str(self.pgdata))
 
     def _start_server(self, timeout: float) -> None:
         # Again, right before starting: something may have tightened a parent

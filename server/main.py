@@ -26,6 +26,7 @@ from .auth import TokenService, hash_password
 from .config import ENV_ADMIN_PASSWORD, Settings
 from .db import Database
 from .directory import Directory
+from .http_guard import GuardedRunner, HttpGuard
 from .log import event
 
 log = logging.getLogger("returnfeed")
@@ -104,8 +105,11 @@ class Server:
             self.tally = TallyService(self.db, queue_max=s.database.write_queue_max)
             await self.tally.start()
             self.app = create_app(s, self.db, tokens, self.media, self.tally, self.directory)
-            self.runner = web.AppRunner(self.app, shutdown_timeout=s.http.shutdown_timeout_s,
-                                        handle_signals=False, access_log=None)
+            guard = HttpGuard(header_timeout_s=s.http.header_timeout_s,
+                              max_connections_per_ip=s.http.max_connections_per_ip)
+            self.runner = GuardedRunner(self.app, guard=guard, shutdown_timeout=s.http.shutdown_timeout_s,
+                                        handle_signals=False, access_log=None,
+                                        keepalive_timeout=s.http.keepalive_timeout_s)
             await self.runner.setup()
             site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
             await site.start()

@@ -271,6 +271,7 @@ class MediaService:
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
                                 send_failure_timeout=settings.webrtc.send_failure_timeout_s,
+                                connect_timeout=settings.webrtc.connect_timeout_s,
                                 layer_policy=settings.webrtc.layer_policy(),
                                 rtx_share=settings.webrtc.rtx_share,
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,

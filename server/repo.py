@@ -109,6 +109,37 @@ async def revoke_family(conn: Conn, family: uuid.UUID) -> None:
     )
 
 
+async def purge_refresh_tokens(conn: Conn, keep_revoked_s: float, batch: int = 1000,
+                               timeout: float | None = None) -> int:
+    """Delete refresh tokens nobody can use any more; returns how many.
+
+    Expired rows go once they are ``keep_revoked_s`` past expiry. A revoked
+    row is kept while its login (family) still has a live token: a rotated
+    token that comes back is how theft is detected (RFC 6819 §5.2.2.3). Once
+    the whole login is over, its rows go ``keep_revoked_s`` after revocation.
+    Deleted in batches, so that each statement stays short.
+    """
+    total = 0
+    while True:
+        n = await conn.fetchval(
+            """WITH gone AS (
+                   DELETE FROM refresh_tokens WHERE id IN (
+                       SELECT t.id FROM refresh_tokens t
+                       WHERE t.expires_at < now() - make_interval(secs => $1)
+                          OR (t.revoked_at < now() - make_interval(secs => $1)
+                              AND NOT EXISTS (SELECT 1 FROM refresh_tokens l
+                                              WHERE l.family = t.family AND l.revoked_at IS NULL
+                                                AND l.expires_at > now()))
+                       LIMIT $2)
+                   RETURNING 1)
+               SELECT count(*) FROM gone""",
+            float(keep_revoked_s), batch, timeout=timeout,
+        )
+        total += n
+        if n < batch:
+            return total
+
+
 async def link_revoked(conn: Conn, jti: str) -> bool:
     return bool(await conn.fetchval("SELECT 1 FROM revoked_links WHERE jti = $1", jti))
 

@@ -32,13 +32,18 @@ from aiohttp import web
 
 from tally.errors import CommandRejected
 from tally.hub import aiohttp_sink, serve_aiohttp
+from tally.protocol import CloseCode
 
 from . import repo
-from .app import DB, DIRECTORY, Principal, client_ip, json_body, principal, production_role, require_production_role
+from .app import (
+    DB, DIRECTORY, SETTINGS, Principal, client_ip, json_body, principal, production_role, require_production_role,
+)
 from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .limits import ConnectionCaps
 from .tally_service import TallyConfigError, TallyService, validate_config
 
 TALLY = web.AppKey("tally", TallyService)
+WS_CAPS = web.AppKey("ws_caps", ConnectionCaps)
 
 WS_MAX_MESSAGE = 64 * 1024
 
@@ -79,14 +84,30 @@ async def ws_tally(request: web.Request) -> web.StreamResponse:
     # autoping=False: aiohttp would swallow the Pong frames that standard
     # clients answer our RFC 6455 Pings with; serve_aiohttp counts them.
     ws = web.WebSocketResponse(compress=False, max_msg_size=WS_MAX_MESSAGE, autoping=False)
-    await ws.prepare(request)
-    who = p.username if p.kind == "user" else f"link:{p.link.stream if p.link else ''}"
-    # A signed camera/viewer link sees only its own stream's tally (issue:
-    # "a camera link can only see its production's program and its own tally";
-    # the program video is its WHEP return feed).
-    only = frozenset({p.link.stream}) if p.kind == "link" and p.link is not None else None
-    client = pt.hub.connect(aiohttp_sink(ws), director=role in ("admin", "director"), who=who, only=only)
-    await serve_aiohttp(pt.hub, client, ws)
+    # One link (or user), one address or one production cannot hold an
+    # unbounded number of sockets (issue 9 item 11).
+    keys = {"link": f"link:{p.link.jti}" if p.link is not None else f"user:{p.user_id}",
+            "ip": client_ip(request), "production": str(production_id)}
+    caps = request.app[WS_CAPS]
+    hit = caps.acquire(keys)
+    if hit is not None:
+        # Accepted, then closed with a code the client can tell apart from a
+        # failure (RFC 6455 §7.4.2: 4000-4999 are the application's).
+        await ws.prepare(request)
+        await ws.close(code=CloseCode.TOO_MANY_CONNECTIONS,
+                       message=f"too many tally connections for this {hit} (at most {caps.caps[hit]})".encode())
+        return ws
+    try:
+        await ws.prepare(request)
+        who = p.username if p.kind == "user" else f"link:{p.link.stream if p.link else ''}"
+        # A signed camera/viewer link sees only its own stream's tally (issue:
+        # "a camera link can only see its production's program and its own tally";
+        # the program video is its WHEP return feed).
+        only = frozenset({p.link.stream}) if p.kind == "link" and p.link is not None else None
+        client = pt.hub.connect(aiohttp_sink(ws), director=role in ("admin", "director"), who=who, only=only)
+        await serve_aiohttp(pt.hub, client, ws)
+    finally:
+        caps.release(keys)
     return ws
 
 
@@ -181,6 +202,9 @@ async def get_events(request: web.Request) -> web.Response:
 
 def setup(app: web.Application, service: TallyService) -> None:
     app[TALLY] = service
+    h = app[SETTINGS].http
+    app[WS_CAPS] = ConnectionCaps({"link": h.ws_max_per_link, "ip": h.ws_max_per_ip,
+                                   "production": h.ws_max_per_production})
     r = app.router
     r.add_get("/ws/tally", ws_tally)
     r.add_get("/api/v1/productions/{production_id}/tally", get_tally)

@@ -178,6 +178,7 @@ def setup(app: web.Application) -> None:
     w = settings.webrtc
     service = WhipService(media.hub, ice_servers=[s.model_dump(exclude_none=True) for s in w.ice_servers],
                           takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
+                          connect_timeout=w.connect_timeout_s,
                           media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,
                           reorder_window=w.whip_reorder_window_s)
     app[WHIP] = service

@@ -72,7 +72,8 @@ everything it knew.
 Close codes
 -----------
 4000 "too slow": the client's send backlog exceeded the server's limit;
-4001 "heartbeat timeout"; 1001 server shutting down.
+4001 "heartbeat timeout"; 4029 too many connections (per link, IP or
+production; the reason names the cap, retry later); 1001 server shutting down.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class CloseCode(IntEnum):
     GOING_AWAY = 1001
     TOO_SLOW = 4000
     HEARTBEAT_TIMEOUT = 4001
+    TOO_MANY_CONNECTIONS = 4029
 
 
 # ------------------------------------------------------------ client messages

@@ -162,6 +162,9 @@ class WhepSession:
         self.fanout = fanout
         self.owner = owner
         self.created = time.time()
+        self.created_mono = time.monotonic()
+        #: When ICE+DTLS completed (monotonic); None until then.
+        self.connected_at: float | None = None
         self.stats = SessionStats()
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[
             RTCIceServer(**s) for s in service.ice_servers]))
@@ -249,6 +252,8 @@ class WhepSession:
 
     def _on_state(self) -> None:
         state = self.pc.connectionState
+        if state == "connected" and self.connected_at is None:
+            self.connected_at = time.monotonic()
         if state in ("failed", "closed") and not self.closed:
             log.info("webrtc.viewer_state", extra={"fields": {"session": self.id, "state": state}})
             self.close_soon("ice_failed" if state == "failed" else "peer_closed")
@@ -681,7 +686,7 @@ class WhepService:
 
     def __init__(self, *, ice_servers: list[dict[str, Any]] | None = None, max_viewers: int = 2000,
                  backlog_limit: int = 512 * 1024, send_failure_timeout: float = 5.0,
-                 layer_policy: LayerPolicy | None = None,
+                 connect_timeout: float = 15.0, layer_policy: LayerPolicy | None = None,
                  rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
                  on_keyframe_request: Callable[[str], int | None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
@@ -690,6 +695,9 @@ class WhepService:
         self.max_viewers = max_viewers
         self.backlog_limit = backlog_limit
         self.send_failure_timeout = send_failure_timeout
+        #: A session that has not completed ICE+DTLS this long after its offer
+        #: is freed: a client that never connects must not hold sockets.
+        self.connect_timeout = connect_timeout
         self.layer_policy = layer_policy or LayerPolicy()
         self.rtx_share = rtx_share
         self.rtx_playout_allowance = rtx_playout_allowance
@@ -715,6 +723,7 @@ class WhepService:
         while True:
             await asyncio.sleep(1.0)
             now, wall = time.monotonic(), time.time()
+            self.free_unconnected(now)
             for session in list(self.sessions.values()):
                 try:
                     session.tick(now, wall)
@@ -725,6 +734,18 @@ class WhepService:
                         s.stream_name == name for s in self.sessions.values())):
                     fo.close()
                     self.fanouts.pop(name, None)
+
+    def free_unconnected(self, now: float) -> None:
+        """Close sessions that never completed ICE+DTLS within
+        ``connect_timeout``, and those whose stream ended before they were
+        attached (the fan-out tells only the viewers it feeds)."""
+        for session in list(self.sessions.values()):
+            if session.closed or session.connected_at is not None and not session.fanout.closed:
+                continue
+            if session.fanout.closed:
+                session.close_soon("stream_ended")
+            elif now - session.created_mono > self.connect_timeout:
+                session.close_soon("connect_timeout", f"ICE/DTLS not completed in {self.connect_timeout:g} s")
 
     def fanout(self, stream: Stream) -> StreamFanout:
         fo = self.fanouts.get(stream.name)

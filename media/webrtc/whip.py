@@ -1149,7 +1149,7 @@ class WhipService:
     """All WHIP sessions of this process."""
 
     def __init__(self, hub: StreamHub, *, ice_servers: list[dict[str, Any]] | None = None, takeover: bool = False,
-                 max_sessions: int = 64, connect_timeout: float = 20.0, media_timeout: float = 8.0,
+                 max_sessions: int = 64, connect_timeout: float = 15.0, media_timeout: float = 8.0,
                  **tuning: Any) -> None:
         adapter.ensure_h264_profiles()
         self.hub = hub
@@ -1201,7 +1201,14 @@ class WhipService:
 
     async def create_session(self, name: str, offer_sdp: str, offer: Offer, *, owner: str, remote: str = "",
                              label: str = "") -> WhipSession:
-        """Raises StreamBusy (409), SdpError/UnsupportedMedia (422), OverflowError (503)."""
+        """Raises StreamBusy (409), SdpError/UnsupportedMedia (422), OverflowError (503).
+
+        A session of ``name`` that has not connected yet does not hold the
+        stream: a publisher with valid rights replaces it (one that never
+        connects would otherwise lock the stream for ``connect_timeout``)."""
+        stale = [s for s in self.for_stream(name) if s.connected_at is None]
+        for s in stale:
+            await s.close("replaced before it connected")
         self.check_free(name)
         if len(self.sessions) >= self.max_sessions:
             raise OverflowError("WHIP session limit reached")

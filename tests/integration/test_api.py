@@ -65,6 +65,37 @@ def test_login_rate_limited(api_server) -> None:
     assert r.status == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()["error"] == "too_many_requests"
 
 
+def _login_from(base: str, source_ip: str, username: str, password: str) -> int:
+    """POST a login from a chosen loopback address; returns the status."""
+    import http.client
+    import json as _json
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=15, source_address=(source_ip, 0))
+    try:
+        conn.request("POST", "/api/v1/auth/login", _json.dumps({"username": username, "password": password}),
+                     {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        r.read()
+        return r.status
+    finally:
+        conn.close()
+
+
+def test_strangers_failures_do_not_lock_the_owner_out(api_server, admin) -> None:
+    """Issue 9 item 13: wrong passwords from one address slow that address
+    down; the account's owner elsewhere still logs in."""
+    base = api_server.url
+    r = http("POST", f"{base}/api/v1/users", {"username": "lockvictim", "password": "lockvictim-pw", "role": "director"},
+             token=admin)
+    assert r.status == 201, r.body
+    statuses = [_login_from(base, "127.0.0.3", "lockvictim", "wrong-password") for _ in range(6)]
+    assert statuses == [401] * 5 + [429]
+    assert _login_from(base, "127.0.0.4", "lockvictim", "lockvictim-pw") == 200
+    assert _login_from(base, "127.0.0.3", "lockvictim", "lockvictim-pw") == 429  # the stranger's address waits
+
+
 def test_refresh_rotates_and_reuse_revokes_family(api_server) -> None:
     base = api_server.url
     s1 = login(base, "admin", api_server.admin_password)

@@ -286,3 +286,56 @@ def test_state_survives_restart_and_two_nodes_share_sequence(db_url, tmp_path) -
         assert snap["program"] == "c2" and snap["seq"] == final_a["seq"]
     finally:
         c.stop()
+
+
+def test_ws_caps_per_link_ip_and_production(db_url, tmp_path) -> None:
+    """Issue 9 item 11: sockets per link, per IP and per production are
+    capped; one over a cap is closed with 4029 and a reason naming it, and a
+    closed socket frees its place."""
+    srv = ServerProcess(tmp_path / "srv", env={
+        "DATABASE_URL": db_url, "RETURNFEED_ADMIN_PASSWORD": "caps-admin-pw",
+        "RETURNFEED_HTTP__WS_MAX_PER_LINK": "2", "RETURNFEED_HTTP__WS_MAX_PER_IP": "3",
+        "RETURNFEED_HTTP__WS_MAX_PER_PRODUCTION": "4"}).start()
+    try:
+        base = srv.url
+        admin = login(base, "admin", "caps-admin-pw")["access_token"]
+        pid = http("POST", f"{base}/api/v1/productions", {"name": "Caps"}, token=admin).json()["id"]
+        links = []
+        for n in ("k1", "k2", "k3"):
+            assert http("POST", f"{base}/api/v1/streams", {"name": n, "production": pid}, token=admin).status == 201
+            links.append(http("POST", f"{base}/api/v1/streams/{n}/links", {"action": "read"},
+                              token=admin).json()["token"])
+
+        async def open_ws(query: str, ip: str):
+            ws = await websockets.connect(_ws_url(base, query), local_addr=(ip, 0))
+            try:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            except websockets.ConnectionClosed as exc:
+                return None, (exc.rcvd.code, exc.rcvd.reason)
+            assert msg["type"] == "snapshot"
+            return ws, None
+
+        async def run():
+            a1, _ = await open_ws(f"token={links[0]}", "127.0.0.1")
+            a2, _ = await open_ws(f"token={links[0]}", "127.0.0.1")
+            assert a1 and a2
+            _, refused = await open_ws(f"token={links[0]}", "127.0.0.2")
+            assert refused == (4029, "too many tally connections for this link (at most 2)")
+            b1, _ = await open_ws(f"token={links[1]}", "127.0.0.1")
+            assert b1
+            _, refused = await open_ws(f"token={links[2]}", "127.0.0.1")
+            assert refused == (4029, "too many tally connections for this ip (at most 3)")
+            c1, _ = await open_ws(f"token={links[2]}", "127.0.0.2")
+            assert c1
+            _, refused = await open_ws(f"token={admin}&production={pid}", "127.0.0.3")
+            assert refused == (4029, "too many tally connections for this production (at most 4)")
+            await a1.close()
+            await asyncio.sleep(0.3)
+            a3, _ = await open_ws(f"token={links[0]}", "127.0.0.1")
+            assert a3  # the closed socket's place is free again
+            for ws in (a2, a3, b1, c1):
+                await ws.close()
+
+        asyncio.run(run())
+    finally:
+        srv.stop()

@@ -690,10 +690,14 @@ def test_http_errors(env) -> None:
     loc = r.headers["Location"]
     assert loc.startswith("/whip/whip3/") and r.headers["ETag"].startswith('"')
     assert "a=simulcast:recv high;low" in r.body.decode()
-    assert _post(env, "whip3", token=pub).status == 409  # taken while connecting
     assert http("DELETE", env["base"] + loc, token=pub).status == 403  # not the link's session
-    assert http("DELETE", env["base"] + loc, token=env["users"]["dora"]).status == 200
+    # A session that has not connected does not hold the stream: a publisher
+    # with valid rights replaces it (issue 9 item 9).
+    r2 = _post(env, "whip3", token=pub)
+    assert r2.status == 201
     assert http("DELETE", env["base"] + loc, token=env["users"]["dora"]).status == 404
+    assert http("DELETE", env["base"] + r2.headers["Location"], token=pub).status == 200
+    assert http("DELETE", env["base"] + r2.headers["Location"], token=pub).status == 404
 
 
 def test_srt_publisher_and_whip_exclude_each_other(env, api_server) -> None:

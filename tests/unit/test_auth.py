@@ -95,7 +95,7 @@ def test_refresh_tokens_random_and_hashed() -> None:
 
 def test_login_limiter_per_user_and_ip() -> None:
     t = [0.0]
-    lim = LoginLimiter(per_user=3, per_ip=5, window_s=60, clock=lambda: t[0])
+    lim = LoginLimiter(per_user=3, per_ip=5, window_s=60, clock=lambda: t[0], per_user_ip=10)
     for _ in range(3):
         assert lim.retry_after("Bob", "1.2.3.4") == 0
         lim.failed("Bob", "1.2.3.4")
@@ -107,5 +107,32 @@ def test_login_limiter_per_user_and_ip() -> None:
     t[0] += 61
     assert lim.retry_after("bob", "1.2.3.4") == 0
     lim.failed("zed", "5.5.5.5")
-    lim.succeeded("zed")
+    lim.succeeded("zed", "5.5.5.5")
     assert lim.retry_after("zed", "6.6.6.6") == 0
+
+
+def test_login_limiter_stranger_cannot_lock_out_owner() -> None:
+    """Issue 9 item 13: failures count per (user, IP) with backoff; the
+    per-user limit is slower and spares addresses the user logged in from."""
+    t = [0.0]
+    lim = LoginLimiter(per_user=50, per_ip=1000, window_s=300, clock=lambda: t[0], per_user_ip=5, backoff_s=1.0)
+    lim.succeeded("director", "10.0.0.1")  # the director's usual address
+    for _ in range(5):
+        assert lim.retry_after("director", "6.6.6.6") == 0
+        lim.failed("director", "6.6.6.6")
+    assert lim.retry_after("director", "6.6.6.6") == 1.0  # the stranger waits...
+    assert lim.retry_after("director", "10.0.0.1") == 0  # ...the owner does not
+    assert lim.retry_after("director", "10.0.0.2") == 0  # nor the owner at a new address
+    # Backoff doubles per further failure from the same address.
+    waits = []
+    for _ in range(4):
+        t[0] += lim.retry_after("director", "6.6.6.6")
+        lim.failed("director", "6.6.6.6")
+        waits.append(lim.retry_after("director", "6.6.6.6"))
+    assert waits == [2.0, 4.0, 8.0, 16.0]
+    # A distributed spray reaches the per-user limit: unknown addresses wait,
+    # the address the director logged in from does not.
+    for i in range(50):
+        lim.failed("director", f"10.9.{i}.1")
+    assert lim.retry_after("director", "10.0.0.2") > 0
+    assert lim.retry_after("director", "10.0.0.1") == 0
