@@ -59,10 +59,11 @@ def make_clip(path: Path, kbps: int, seconds: int) -> None:
 
 def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="rf-ab-") as tmp:
+        env = {"RETURNFEED_LOG__LEVEL": "warning"}
+        if "max_connections_per_ip" in (checkout / "server" / "config.py").read_text():
+            env["RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP"] = "0"  # every viewer comes from 127.0.0.1
         server = ServerProcess(Path(tmp) / "data", password=PASSWORD, checkout=checkout, cpus=args.server_cpus,
-                               env={"RETURNFEED_LOG__LEVEL": "warning",
-                                    # every viewer comes from 127.0.0.1
-                                    "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "0"})
+                               env=env)
         publisher = None
         try:
             base = f"http://127.0.0.1:{server.port}"
