@@ -79,9 +79,14 @@ async def principal(request: web.Request, *, allow_link: bool = True) -> Princip
     tokens = request.app[TOKENS]
     try:
         c = tokens.verify_access(token)
-        return Principal("user", c.role, c.user_id, c.username)
     except TokenError as exc:
         access_error = exc
+    else:
+        # From memory, shared through NOTIFY: a logout ends its access tokens
+        # on every node before they expire (issue 9, item 14).
+        if c.session is not None and request.app[DIRECTORY].session_ended(c.session):
+            raise Unauthorized("logged out; please log in again")
+        return Principal("user", c.role, c.user_id, c.username)
     if allow_link:
         try:
             link = tokens.verify_link(token)

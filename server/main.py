@@ -22,7 +22,7 @@ from aiohttp import web
 
 from . import repo
 from .app import create_app
-from .auth import TokenService, hash_password
+from .auth import LEEWAY_S, TokenService, hash_password
 from .config import ENV_ADMIN_PASSWORD, Settings
 from .db import Database
 from .directory import Directory
@@ -93,7 +93,8 @@ class Server:
         try:
             await ensure_first_admin(self.db, out=out)
             tokens = await token_service(self.db, s)
-            self.directory = Directory(self.db, refresh_s=s.database.directory_refresh_s)
+            self.directory = Directory(self.db, refresh_s=s.database.directory_refresh_s,
+                                       session_window_s=s.auth.access_ttl_s + LEEWAY_S)
             await self.directory.start()
             from .media_service import MediaService
 
