@@ -162,13 +162,65 @@ async def json_body(request: web.Request, max_bytes: int | None = None) -> dict[
 
         raise PayloadTooLarge(f"body larger than {limit} bytes")
     raw = await request.read()
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+    data = parse_json_object(raw)
     if not isinstance(data, dict):
         raise BadRequest("JSON body must be an object")
     return data
+
+
+#: Deepest nesting a JSON body may have; every API object is a few levels deep.
+MAX_JSON_DEPTH = 32
+
+
+def _no_constant(name: str) -> Any:
+    # RFC 8259 §6: "Numeric values that cannot be represented ... such as
+    # Infinity and NaN are not permitted"; PostgreSQL's jsonb refuses them too.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def parse_json_object(raw: bytes) -> Any:
+    """Decode a request body as strict JSON (RFC 8259) that PostgreSQL can
+    store: no NaN/Infinity, no NUL character and no lone surrogate in any
+    string (text and jsonb refuse both), at most ``MAX_JSON_DEPTH`` levels.
+    Anything else is a 400, never a 500."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    # Iterative walk: a body nested just under the recursion limit must not
+    # recurse again here.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, str):
+            _check_text(value)
+    return data
+
+
+def _check_text(value: str) -> None:
+    if "\x00" in value:
+        raise BadRequest("JSON strings must not contain the NUL character (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("JSON strings must not contain lone surrogates (\\ud800-\\udfff)") from None
 
 
 def client_ip(request: web.Request) -> str:
@@ -194,9 +246,18 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                415: "unsupported_media_type", 422: "unprocessable", 429: "too_many_requests"}
 
 
+def check_url(request: web.Request) -> None:
+    """A NUL in a decoded path segment or query value reaches PostgreSQL as
+    text it refuses (lone surrogates are not decoded by yarl, and invalid
+    UTF-8 becomes U+FFFD); refuse it up front for every route."""
+    if "\x00" in request.path or any("\x00" in k or "\x00" in v for k, v in request.query.items()):
+        raise BadRequest("the URL must not contain NUL characters (%00)")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        check_url(request)
         return await handler(request)
     except ApiError as exc:
         return exc.response()
@@ -334,4 +395,3 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         app.router.add_get("/", index)
         app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
     return app
-

@@ -170,6 +170,9 @@ async def get_events(request: web.Request) -> web.Response:
         before = int(request.query["before_seq"]) if "before_seq" in request.query else None
     except ValueError:
         raise BadRequest("limit and before_seq must be integers") from None
+    if before is not None and not -2**63 <= before < 2**63:
+        # seq is a bigint: a larger number would fail in the driver, not match nothing.
+        raise BadRequest("before_seq must be a 64-bit integer")
     rows = await request.app[DB].pool.fetch(
         """SELECT seq, changes, actor, origin, at FROM tally_events
            WHERE production_id = $1 AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC, id DESC LIMIT $3""",
