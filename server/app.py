@@ -17,13 +17,14 @@ from typing import Any, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from . import repo
 from .auth import LinkClaims, LoginLimiter, TokenError, TokenService
 from .config import Settings
 from .db import Database
 from .directory import Directory, StreamEntry
-from .errors import ApiError, BadRequest, Forbidden, Unauthorized, json_error
+from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized, json_error
 from .log import event
 from .metrics import Metrics
 
@@ -297,6 +298,47 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[METRICS].observe_http(request.method, name, status, time.perf_counter() - start)
 
 
+class _JsonErrorRequestHandler(RequestHandler):
+    """aiohttp answers what its parser refuses (URL over 8190 bytes, an
+    oversized header, Content-Length with Transfer-Encoding, RFC 9112 §6.3;
+    a bad method) itself, in text/plain, before any middleware runs. Same
+    status, same logging, same forced close; the body becomes the
+    ``{error, detail}`` JSON that every other error is."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            body = {"error": "internal", "detail": "internal server error"}
+        else:
+            # The parser's message quotes the offending bytes: first line, bounded.
+            first = (message or plain.reason or "").strip().splitlines()
+            body = {"error": _HTTP_CODES.get(status, "bad_request"),
+                    "detail": (first[0] if first else plain.reason)[:200]}
+        resp = json_error(status, body)
+        resp.force_close()
+        return resp
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        # Same slots, no new state: only the error rendering changes.
+        handler.__class__ = _JsonErrorRequestHandler
+        return handler
+
+
+class JsonErrorAppRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections answer parser errors in JSON."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _JsonErrorServer
+        return server
+
+
 def cors_middleware_factory(origins: list[str]) -> Any:
     allow_all = "*" in origins
 
@@ -390,8 +432,29 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
     pages.setup(app)
     if WEB_DIR.is_dir():
         async def index(request: web.Request) -> web.FileResponse:
-            return web.FileResponse(WEB_DIR / "index.html")
+            return web.FileResponse(_web_file("index.html"))
 
         app.router.add_get("/", index)
-        app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
+        app.router.add_get("/static/{filename:.*}", static_file)
     return app
+
+
+def _web_file(relative: str) -> Path:
+    """A file under ``web/``, or a JSON 404: aiohttp's static route answers a
+    missing file with an empty ``application/octet-stream`` 404 that no
+    middleware sees. Like ``follow_symlinks=False``, nothing that resolves
+    outside ``web/`` is served."""
+    root = WEB_DIR.resolve()
+    try:
+        path = (root / relative).resolve()
+        found = path.is_relative_to(root) and path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, ...
+        found = False
+    if not found:
+        raise NotFound("no such file")
+    return path
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(_web_file(request.match_info["filename"]))
+

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from . import repo
-from .app import create_app
+from .app import JsonErrorAppRunner, create_app
 from .auth import LEEWAY_S, TokenService, hash_password
 from .config import ENV_ADMIN_PASSWORD, Settings
 from .db import Database
@@ -105,7 +105,7 @@ class Server:
             self.tally = TallyService(self.db, queue_max=s.database.write_queue_max)
             await self.tally.start()
             self.app = create_app(s, self.db, tokens, self.media, self.tally, self.directory)
-            self.runner = web.AppRunner(self.app, shutdown_timeout=s.http.shutdown_timeout_s,
+            self.runner = JsonErrorAppRunner(self.app, shutdown_timeout=s.http.shutdown_timeout_s,
                                         handle_signals=False, access_log=None)
             await self.runner.setup()
             site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
