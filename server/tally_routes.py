@@ -142,8 +142,12 @@ async def get_config(request: web.Request) -> web.Response:
 async def put_config(request: web.Request) -> web.Response:
     pt, p = await _pt(request, "director")
     data = await json_body(request)
+    service = request.app[TALLY]
     try:
         cfg = validate_config(data)
+        # Never store what cannot start: an unusable configuration would
+        # otherwise stay in the database (issue 9, item 16).
+        await service.check(pt.production_id, cfg)
     except TallyConfigError as exc:
         raise BadRequest(str(exc)) from None
     pool = request.app[DB].pool
@@ -154,7 +158,6 @@ async def put_config(request: web.Request) -> web.Response:
         await repo.audit(conn, "tally.config", actor_user_id=p.user_id, actor=p.username,
                          target=str(pt.production_id), detail={"adapters": [a["type"] for a in cfg["adapters"]]},
                          ip=client_ip(request))
-    service = request.app[TALLY]
     try:
         # In place: connected clients stay, unchanged adapters keep running.
         fresh = await service.apply(pt.production_id)
