@@ -311,7 +311,9 @@ class _JsonErrorRequestHandler(RequestHandler):
                      message: str | None = None) -> web.StreamResponse:
         plain = super().handle_error(request, status, exc, message)
         if status >= 500:
-            body = {"error": "internal", "detail": "internal server error"}
+            # 500: a handler bug; 504: aiohttp's own handler timeout.
+            body = {"error": "internal" if status == 500 else "unavailable",
+                    "detail": "internal server error" if status == 500 else plain.reason}
         else:
             # The parser's message quotes the offending bytes: first line, bounded.
             first = (message or plain.reason or "").strip().splitlines()
