@@ -298,7 +298,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[METRICS].observe_http(request.method, name, status, time.perf_counter() - start)
 
 
-class _JsonErrorRequestHandler(RequestHandler):
+class JsonErrorRequestHandler(RequestHandler):
     """aiohttp answers what its parser refuses (URL over 8190 bytes, an
     oversized header, Content-Length with Transfer-Encoding, RFC 9112 §6.3;
     a bad method) itself, in text/plain, before any middleware runs. Same
@@ -324,21 +324,18 @@ class _JsonErrorRequestHandler(RequestHandler):
         return resp
 
 
-class _JsonErrorServer(web.Server):
+class JsonErrorServer(web.Server):
     def __call__(self) -> RequestHandler:
-        handler = super().__call__()
-        # Same slots, no new state: only the error rendering changes.
-        handler.__class__ = _JsonErrorRequestHandler
-        return handler
+        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class JsonErrorAppRunner(web.AppRunner):
     """``web.AppRunner`` whose connections answer parser errors in JSON."""
 
     async def _make_server(self) -> web.Server:
-        server = await super()._make_server()
-        server.__class__ = _JsonErrorServer
-        return server
+        plain = await super()._make_server()
+        return JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                               handler_cancellation=plain.handler_cancellation, loop=plain._loop, **plain._kwargs)
 
 
 def cors_middleware_factory(origins: list[str]) -> Any:
