@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import unicodedata
+import uuid
 from datetime import datetime, timezone
 from typing import Any, Callable
 from urllib.parse import quote, urlencode
@@ -29,7 +30,7 @@ from .app import (
     DB, DIRECTORY, LIMITER, METRICS, SETTINGS, TOKENS, base_url, client_ip, json_body, principal,
     require_production_role, require_roles, stream_entry, user_principal,
 )
-from .directory import StreamEntry
+from .directory import CHANNEL as DIRECTORY_CHANNEL, StreamEntry
 from .auth import (
     MEMBER_ROLES, ROLES, TokenError, hash_password, hash_refresh_token, needs_rehash, new_refresh_token,
     validate_password_strength, verify_password,
@@ -118,7 +119,10 @@ async def _verify(password_hash: str | None, password: str) -> bool:
 async def _issue_session(request: web.Request, conn: Any, user_id: int, username: str, role: str,
                          family: Any = None) -> dict[str, Any]:
     settings = request.app[SETTINGS]
-    access, exp = request.app[TOKENS].issue_access(user_id, username, role)
+    # The family names the login; access tokens carry it as ``sid`` so a
+    # logout can end them too.
+    family = family or uuid.uuid4()
+    access, exp = request.app[TOKENS].issue_access(user_id, username, role, str(family))
     refresh, refresh_hash = new_refresh_token()
     await repo.store_refresh(conn, user_id, refresh_hash, settings.auth.refresh_ttl_s, family,
                              request.headers.get("User-Agent"), client_ip(request))
@@ -168,10 +172,14 @@ async def refresh(request: web.Request) -> web.Response:
         row = await repo.refresh_by_hash(conn, hash_refresh_token(token))
         if row is None:
             raise Unauthorized("invalid refresh token")
+        if row["revoked_at"] is not None and row["replaced_by"] is None:
+            # Revoked without a successor: its login was ended (logout, or a
+            # theft response already taken). Not a copy of a rotated token.
+            raise Unauthorized("logged out; please log in again")
         if row["revoked_at"] is not None:
             # A rotated token came back: someone holds a copy. End the whole
-            # login (committed before the error is raised).
-            await repo.revoke_family(conn, row["family"])
+            # login (committed before the error is raised), access tokens too.
+            await _end_login(conn, row["family"])
             await repo.audit(conn, "auth.refresh_reuse", actor_user_id=row["user_id"],
                              actor=row["username"], ip=client_ip(request))
             reused = row["username"]
@@ -184,6 +192,7 @@ async def refresh(request: web.Request) -> web.Response:
                                          hash_refresh_token(body["refresh_token"]))
             await repo.revoke_refresh(conn, row["id"], new_id)
     if reused is not None:
+        request.app[DIRECTORY].note_session_ended(str(row["family"]))
         event(log, logging.WARNING, "auth.refresh_reuse", user=reused)
         raise Unauthorized("refresh token already used; please log in again")
     return web.json_response(body)
@@ -196,8 +205,19 @@ async def logout(request: web.Request) -> web.Response:
     async with pool.acquire() as conn, conn.transaction():
         row = await repo.refresh_by_hash(conn, hash_refresh_token(token))
         if row is not None:
-            await repo.revoke_family(conn, row["family"])
+            await _end_login(conn, row["family"])
+            await repo.audit(conn, "auth.logout", actor_user_id=row["user_id"], actor=row["username"],
+                             ip=client_ip(request))
+    if row is not None:
+        request.app[DIRECTORY].note_session_ended(str(row["family"]))
     return web.Response(status=204)
+
+
+async def _end_login(conn: Any, family: Any) -> None:
+    """Revoke the login's refresh tokens and tell every node (their
+    directories reload on commit) that its access tokens are dead."""
+    await repo.revoke_family(conn, family)
+    await conn.execute("SELECT pg_notify($1, 'refresh_tokens')", DIRECTORY_CHANNEL)
 
 
 async def me(request: web.Request) -> web.Response:

@@ -17,13 +17,14 @@ from typing import Any, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from . import repo
 from .auth import LinkClaims, LoginLimiter, TokenError, TokenService
 from .config import Settings
 from .db import Database
 from .directory import Directory, StreamEntry
-from .errors import ApiError, BadRequest, Forbidden, Unauthorized, json_error
+from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized, json_error
 from .log import event
 from .metrics import Metrics
 
@@ -79,9 +80,14 @@ async def principal(request: web.Request, *, allow_link: bool = True) -> Princip
     tokens = request.app[TOKENS]
     try:
         c = tokens.verify_access(token)
-        return Principal("user", c.role, c.user_id, c.username)
     except TokenError as exc:
         access_error = exc
+    else:
+        # From memory, shared through NOTIFY: a logout ends its access tokens
+        # on every node before they expire (issue 9, item 14).
+        if c.session is not None and request.app[DIRECTORY].session_ended(c.session):
+            raise Unauthorized("logged out; please log in again")
+        return Principal("user", c.role, c.user_id, c.username)
     if allow_link:
         try:
             link = tokens.verify_link(token)
@@ -157,13 +163,65 @@ async def json_body(request: web.Request, max_bytes: int | None = None) -> dict[
 
         raise PayloadTooLarge(f"body larger than {limit} bytes")
     raw = await request.read()
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"malformed JSON: {exc}") from None
+    data = parse_json_object(raw)
     if not isinstance(data, dict):
         raise BadRequest("JSON body must be an object")
     return data
+
+
+#: Deepest nesting a JSON body may have; every API object is a few levels deep.
+MAX_JSON_DEPTH = 32
+
+
+def _no_constant(name: str) -> Any:
+    # RFC 8259 §6: "Numeric values that cannot be represented ... such as
+    # Infinity and NaN are not permitted"; PostgreSQL's jsonb refuses them too.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def parse_json_object(raw: bytes) -> Any:
+    """Decode a request body as strict JSON (RFC 8259) that PostgreSQL can
+    store: no NaN/Infinity, no NUL character and no lone surrogate in any
+    string (text and jsonb refuse both), at most ``MAX_JSON_DEPTH`` levels.
+    Anything else is a 400, never a 500."""
+    try:
+        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:
+        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise BadRequest(f"malformed JSON: {exc}") from None
+    # Iterative walk: a body nested just under the recursion limit must not
+    # recurse again here.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, str):
+                    _check_text(key)
+                stack.append((item, depth + 1))
+        elif isinstance(value, str):
+            _check_text(value)
+    return data
+
+
+def _check_text(value: str) -> None:
+    if "\x00" in value:
+        raise BadRequest("JSON strings must not contain the NUL character (\\u0000)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("JSON strings must not contain lone surrogates (\\ud800-\\udfff)") from None
 
 
 def client_ip(request: web.Request) -> str:
@@ -189,9 +247,18 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                415: "unsupported_media_type", 422: "unprocessable", 429: "too_many_requests"}
 
 
+def check_url(request: web.Request) -> None:
+    """A NUL in a decoded path segment or query value reaches PostgreSQL as
+    text it refuses (lone surrogates are not decoded by yarl, and invalid
+    UTF-8 becomes U+FFFD); refuse it up front for every route."""
+    if "\x00" in request.path or any("\x00" in k or "\x00" in v for k, v in request.query.items()):
+        raise BadRequest("the URL must not contain NUL characters (%00)")
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
+        check_url(request)
         return await handler(request)
     except ApiError as exc:
         return exc.response()
@@ -231,6 +298,30 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[METRICS].observe_http(request.method, name, status, time.perf_counter() - start)
 
 
+class JsonErrorRequestHandler(RequestHandler):
+    """aiohttp answers what its parser refuses (URL over 8190 bytes, an
+    oversized header, Content-Length with Transfer-Encoding, RFC 9112 §6.3;
+    a bad method) itself, in text/plain, before any middleware runs. Same
+    status, same logging, same forced close; the body becomes the
+    ``{error, detail}`` JSON that every other error is."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            # 500: a handler bug; 504: aiohttp's own handler timeout.
+            body = {"error": "internal" if status == 500 else "unavailable",
+                    "detail": "internal server error" if status == 500 else plain.reason}
+        else:
+            # The parser's message quotes the offending bytes: first line, bounded.
+            first = (message or plain.reason or "").strip().splitlines()
+            body = {"error": _HTTP_CODES.get(status, "bad_request"),
+                    "detail": (first[0] if first else plain.reason)[:200]}
+        resp = json_error(status, body)
+        resp.force_close()
+        return resp
 def cors_middleware_factory(origins: list[str]) -> Any:
     allow_all = "*" in origins
 
@@ -325,9 +416,29 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
     pages.setup(app)
     if WEB_DIR.is_dir():
         async def index(request: web.Request) -> web.FileResponse:
-            return web.FileResponse(WEB_DIR / "index.html")
+            return web.FileResponse(_web_file("index.html"))
 
         app.router.add_get("/", index)
-        app.router.add_static("/static/", WEB_DIR, show_index=False, follow_symlinks=False)
+        app.router.add_get("/static/{filename:.*}", static_file)
     return app
+
+
+def _web_file(relative: str) -> Path:
+    """A file under ``web/``, or a JSON 404: aiohttp's static route answers a
+    missing file with an empty ``application/octet-stream`` 404 that no
+    middleware sees. Like ``follow_symlinks=False``, nothing that resolves
+    outside ``web/`` is served."""
+    root = WEB_DIR.resolve()
+    try:
+        path = (root / relative).resolve()
+        found = path.is_relative_to(root) and path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system, ...
+        found = False
+    if not found:
+        raise NotFound("no such file")
+    return path
+
+
+async def static_file(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(_web_file(request.match_info["filename"]))
 

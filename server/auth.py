@@ -6,7 +6,8 @@ audience so one can never be used as another):
 =============  =====================  ==========================================
 kind           ``aud``                claims
 =============  =====================  ==========================================
-access         ``returnfeed:access``  sub (user id), name, role; short-lived
+access         ``returnfeed:access``  sub (user id), name, role, sid (the login:
+                                      its refresh-token family); short-lived
 stream link    ``returnfeed:link``    stream, act (publish|read), prod (id),
                                       role (camera|viewer), jti; scoped to one
                                       stream and one action
@@ -15,7 +16,9 @@ stream link    ``returnfeed:link``    stream, act (publish|read), prod (id),
 Refresh tokens are opaque random strings, stored only as SHA-256 hashes,
 rotated on every use. Reusing a rotated refresh token revokes its whole
 family (that login), the standard response to a stolen token (RFC 6819
-§5.2.2.3).
+§5.2.2.3). Logging out (or that theft response) also puts the login's
+``sid`` on a denylist every node checks on auth (``Directory``), so its
+access tokens stop working before they expire.
 
 Passwords are hashed with Argon2id (memory-hard; RFC 9106), off the event
 loop because a hash takes tens of milliseconds by design.
@@ -101,6 +104,9 @@ class AccessClaims:
     username: str
     role: str
     expires_at: int
+    #: The login (refresh-token family) this token belongs to; None for
+    #: tokens issued outside a login (``returnfeed issue-token``).
+    session: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,19 +154,24 @@ class TokenService:
             raise TokenError("invalid token: issued in the future")
         return claims
 
-    def issue_access(self, user_id: int, username: str, role: str) -> tuple[str, int]:
+    def issue_access(self, user_id: int, username: str, role: str,
+                     session: str | None = None) -> tuple[str, int]:
         now = int(self._clock())
         exp = now + self.access_ttl_s
-        token = self._encode({
+        payload: dict[str, Any] = {
             "iss": ISSUER, "aud": AUD_ACCESS, "sub": str(user_id), "name": username,
             "role": role, "iat": now, "exp": exp, "jti": uuid.uuid4().hex,
-        })
-        return token, exp
+        }
+        if session is not None:
+            payload["sid"] = session
+        return self._encode(payload), exp
 
     def verify_access(self, token: str) -> AccessClaims:
         c = self._decode(token, AUD_ACCESS)
         try:
-            return AccessClaims(int(c["sub"]), str(c["name"]), str(c["role"]), int(c["exp"]))
+            sid = c.get("sid")
+            return AccessClaims(int(c["sub"]), str(c["name"]), str(c["role"]), int(c["exp"]),
+                                None if sid is None else str(sid))
         except (KeyError, ValueError, TypeError):
             raise TokenError("invalid token: missing claims") from None
 

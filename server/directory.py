@@ -2,7 +2,9 @@
 
 Verifying a token is pure computation; deciding what it may do needs four
 small tables: streams (name → production, SRT passphrase), productions
-(id ↔ name), memberships (production, user → role) and revoked link ids.
+(id ↔ name), memberships (production, user → role) and revoked link ids;
+plus the logins ended (logout, refresh-token theft) within one access-token
+lifetime, whose access tokens are refused before they expire.
 They are loaded whole at start and kept current three ways:
 
 * ``LISTEN returnfeed_directory``: migration 0002's triggers notify on every
@@ -62,12 +64,19 @@ class Snapshot:
     members: dict[tuple[int, int], str] = field(default_factory=dict)
     revoked: frozenset[str] = frozenset()
     loaded_at: float = 0.0
+    #: Refresh-token families (access tokens' ``sid``) ended by a logout or
+    #: a theft response: revoked without a successor (a rotation sets
+    #: ``replaced_by``).
+    ended_sessions: frozenset[str] = frozenset()
 
 
 class Directory:
-    def __init__(self, db: Any, *, refresh_s: float = 30.0) -> None:
+    def __init__(self, db: Any, *, refresh_s: float = 30.0, session_window_s: float = 905.0) -> None:
         self.db = db
         self.refresh_s = refresh_s
+        #: How long an ended login stays on the denylist: the access-token
+        #: lifetime plus clock leeway; after that its tokens are expired anyway.
+        self.session_window_s = session_window_s
         self.snap = Snapshot()
         #: Called (synchronously) after every successful reload.
         self.on_change: list[Callable[[Snapshot], None]] = []
@@ -104,6 +113,9 @@ class Directory:
             prods = await conn.fetch("SELECT id, name FROM productions ORDER BY id")
             members = await conn.fetch("SELECT production_id, user_id, role FROM production_members")
             revoked = await conn.fetch("SELECT jti FROM revoked_links WHERE expires_at > now()")
+            ended = await conn.fetch(
+                """SELECT DISTINCT family FROM refresh_tokens WHERE replaced_by IS NULL
+                   AND revoked_at > now() - make_interval(secs => $1)""", float(self.session_window_s))
         names: dict[str, int] = {}
         for r in prods:
             names.setdefault(r["name"], r["id"])  # lowest id wins, as repo.find_production's ORDER
@@ -116,6 +128,7 @@ class Directory:
             members={(r["production_id"], r["user_id"]): r["role"] for r in members},
             revoked=frozenset(r["jti"] for r in revoked),
             loaded_at=time.time(),
+            ended_sessions=frozenset(str(r["family"]) for r in ended),
         )
         self.snap = snap
         self.reloads += 1
@@ -171,6 +184,16 @@ class Directory:
         """This node revoked a link: effective here before the NOTIFY round trip."""
         snap = self.snap
         self.snap = Snapshot(snap.streams, snap.productions, snap.production_names, snap.members,
-                             snap.revoked | {jti}, snap.loaded_at)
+                             snap.revoked | {jti}, snap.loaded_at, snap.ended_sessions)
         for cb in list(self.on_change):
             cb(self.snap)
+
+    def session_ended(self, sid: str) -> bool:
+        return sid in self.snap.ended_sessions
+
+    def note_session_ended(self, sid: str) -> None:
+        """This node ended a login: its access tokens fail here at once,
+        before the NOTIFY round trip."""
+        snap = self.snap
+        self.snap = Snapshot(snap.streams, snap.productions, snap.production_names, snap.members,
+                             snap.revoked, snap.loaded_at, snap.ended_sessions | {sid})

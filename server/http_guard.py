@@ -25,8 +25,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-
+from .app import JsonErrorRequestHandler
 from .limits import ConnectionCaps
 from .log import event
 
@@ -57,7 +56,10 @@ class HttpGuard:
         self.header_timeouts = 0
 
 
-class GuardedHandler(RequestHandler):
+class GuardedHandler(JsonErrorRequestHandler):
+    """Parser errors answered in JSON (:class:`JsonErrorRequestHandler`),
+    plus the header timeout and the per-IP connection cap."""
+
     __slots__ = ("_rf_ip", "_rf_header_timer")
 
     def __init__(self, manager: "GuardedServer", **kwargs: Any) -> None:
@@ -131,7 +133,7 @@ class GuardedHandler(RequestHandler):
 class GuardedServer(web.Server):
     guard: HttpGuard
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> JsonErrorRequestHandler:
         return GuardedHandler(self, loop=self._loop, **self._kwargs)
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from . import repo
 from .app import create_app
-from .auth import TokenService, hash_password
+from .auth import LEEWAY_S, TokenService, hash_password
 from .config import ENV_ADMIN_PASSWORD, Settings
 from .db import Database
 from .directory import Directory
@@ -94,7 +94,8 @@ class Server:
         try:
             await ensure_first_admin(self.db, out=out)
             tokens = await token_service(self.db, s)
-            self.directory = Directory(self.db, refresh_s=s.database.directory_refresh_s)
+            self.directory = Directory(self.db, refresh_s=s.database.directory_refresh_s,
+                                       session_window_s=s.auth.access_ttl_s + LEEWAY_S)
             await self.directory.start()
             from .media_service import MediaService
 
@@ -107,6 +108,7 @@ class Server:
             self.app = create_app(s, self.db, tokens, self.media, self.tally, self.directory)
             guard = HttpGuard(header_timeout_s=s.http.header_timeout_s,
                               max_connections_per_ip=s.http.max_connections_per_ip)
+            # Parser errors in JSON, a header timeout and a per-IP cap.
             self.runner = GuardedRunner(self.app, guard=guard, shutdown_timeout=s.http.shutdown_timeout_s,
                                         handle_signals=False, access_log=None,
                                         keepalive_timeout=s.http.keepalive_timeout_s)

@@ -175,6 +175,8 @@ async def create_production(conn: Conn, name: str, description: str, created_by:
 
 async def find_production(conn: Conn, ref: str | int) -> asyncpg.Record | None:
     """By id (int or all-digit string) or by exact name."""
+    if isinstance(ref, int) and not 0 < ref < 2**63:
+        return None  # no bigint id is out there; asyncpg would refuse to send it
     if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 19):
         row = await conn.fetchrow(f"SELECT {PROD_COLS} FROM productions p WHERE p.id = $1", int(ref))
         if row is not None or isinstance(ref, int):

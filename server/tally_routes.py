@@ -163,8 +163,12 @@ async def get_config(request: web.Request) -> web.Response:
 async def put_config(request: web.Request) -> web.Response:
     pt, p = await _pt(request, "director")
     data = await json_body(request)
+    service = request.app[TALLY]
     try:
         cfg = validate_config(data)
+        # Never store what cannot start: an unusable configuration would
+        # otherwise stay in the database (issue 9, item 16).
+        await service.check(pt.production_id, cfg)
     except TallyConfigError as exc:
         raise BadRequest(str(exc)) from None
     pool = request.app[DB].pool
@@ -175,7 +179,6 @@ async def put_config(request: web.Request) -> web.Response:
         await repo.audit(conn, "tally.config", actor_user_id=p.user_id, actor=p.username,
                          target=str(pt.production_id), detail={"adapters": [a["type"] for a in cfg["adapters"]]},
                          ip=client_ip(request))
-    service = request.app[TALLY]
     try:
         # In place: connected clients stay, unchanged adapters keep running.
         fresh = await service.apply(pt.production_id)
@@ -191,6 +194,9 @@ async def get_events(request: web.Request) -> web.Response:
         before = int(request.query["before_seq"]) if "before_seq" in request.query else None
     except ValueError:
         raise BadRequest("limit and before_seq must be integers") from None
+    if before is not None and not -2**63 <= before < 2**63:
+        # seq is a bigint: a larger number would fail in the driver, not match nothing.
+        raise BadRequest("before_seq must be a 64-bit integer")
     rows = await request.app[DB].pool.fetch(
         """SELECT seq, changes, actor, origin, at FROM tally_events
            WHERE production_id = $1 AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC, id DESC LIMIT $3""",

@@ -84,7 +84,11 @@ class TallyConfigError(ValueError):
 
 
 def validate_config(cfg: Any) -> dict[str, Any]:
-    """Check a tally configuration object; return it normalised."""
+    """Check a tally configuration object completely; return it normalised.
+
+    Everything an adapter needs to start is checked here (types, ports
+    1..65535, address maps), so what is stored can be started: a PUT is
+    refused before anything is written (issue 9, item 16)."""
     if cfg is None:
         return {}
     if not isinstance(cfg, dict):
@@ -94,46 +98,157 @@ def validate_config(cfg: Any) -> dict[str, Any]:
         raise TallyConfigError(f"unknown tally config keys: {', '.join(sorted(unknown))}")
     out: dict[str, Any] = {}
     if "transition_s" in cfg:
-        t = cfg["transition_s"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 60:
-            raise TallyConfigError("transition_s must be a number of seconds, 0..60")
-        out["transition_s"] = float(t)
-    sources = cfg.get("sources", {})
-    if not isinstance(sources, dict):
-        raise TallyConfigError("sources must be an object of name → settings")
-    for name, s in sources.items():
-        if not isinstance(s, dict):
-            raise TallyConfigError(f"sources.{name} must be an object")
-        try:
-            SourceConfig.from_dict({"name": name, **s})
-        except (ConfigError, TypeError) as exc:
-            raise TallyConfigError(f"sources.{name}: {exc}") from None
-    out["sources"] = sources
+        out["transition_s"] = _transition(cfg["transition_s"])
+    out["sources"] = _validate_sources(cfg.get("sources", {}))
     adapters = cfg.get("adapters", [])
     if not isinstance(adapters, list) or len(adapters) > 16:
         raise TallyConfigError("adapters must be a list of at most 16 adapters")
-    for i, a in enumerate(adapters):
-        if not isinstance(a, dict) or a.get("type") not in ADAPTER_TYPES:
-            raise TallyConfigError(f"adapters[{i}].type must be one of {', '.join(ADAPTER_TYPES)}")
-        t = a["type"]
-        if t in ("vmix", "tsl_out") and not isinstance(a.get("host"), str):
-            raise TallyConfigError(f"adapters[{i}].host is required")
-        if t == "obs" and not isinstance(a.get("url"), str):
-            raise TallyConfigError(f"adapters[{i}].url is required (ws://host:4455)")
-        if t.startswith("tsl"):
-            if a.get("version", 5) not in (3, 5):
-                raise TallyConfigError(f"adapters[{i}].version must be 3 or 5")
-            if a.get("transport", "udp") not in ("udp", "tcp"):
-                raise TallyConfigError(f"adapters[{i}].transport must be udp or tcp")
+    out["adapters"] = [validate_adapter(i, a) for i, a in enumerate(adapters)]
+    return out
+
+
+def _transition(t: Any) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 60:
+        raise TallyConfigError("transition_s must be a number of seconds, 0..60")
+    return float(t)
+
+
+def _validate_sources(sources: Any) -> dict[str, Any]:
+    if not isinstance(sources, dict):
+        raise TallyConfigError("sources must be an object of name → settings")
+    if len(sources) > 256:
+        raise TallyConfigError("sources must name at most 256 sources")
+    for name, s in sources.items():
+        _validate_source(name, s)
+    return sources
+
+
+def _validate_source(name: str, s: Any) -> None:
+    if not isinstance(s, dict):
+        raise TallyConfigError(f"sources.{name} must be an object")
+    try:
+        SourceConfig.from_dict({"name": name, **s})
+    except (ConfigError, TypeError) as exc:
+        raise TallyConfigError(f"sources.{name}: {exc}") from None
+
+
+#: Keys each adapter type takes (``type`` included), and the default port of
+#: those that have one.
+_ADAPTER_KEYS = {
+    "vmix": {"type", "host", "port", "authority"},
+    "obs": {"type", "url", "password", "authority"},
+    "tsl_in": {"type", "version", "transport", "host", "port", "authority", "addresses", "lost_after"},
+    "tsl_out": {"type", "version", "transport", "host", "port", "addresses"},
+}
+
+
+def _port(i: int, a: dict[str, Any], *, required: bool) -> None:
+    if "port" not in a and not required:
+        return
+    port = a.get("port")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise TallyConfigError(f"adapters[{i}].port must be 1..65535")
+
+
+def _text(i: int, a: dict[str, Any], key: str, *, required: bool, max_len: int = 255) -> None:
+    if key not in a and not required:
+        return
+    value = a.get(key)
+    if not isinstance(value, str) or not value or len(value) > max_len:
+        raise TallyConfigError(f"adapters[{i}].{key} must be a non-empty string of at most {max_len} characters")
+
+
+def _tsl_address(i: int, address: Any, version: int) -> int:
+    # TSL 3.1: "Display address (0~126)"; TSL 5.0: INDEX 0..65534 (0xFFFF broadcast).
+    limit = 126 if version == 3 else 0xFFFE
+    if isinstance(address, str) and address.isascii() and address.isdigit() and len(address) <= 5:
+        address = int(address)
+    if isinstance(address, bool) or not isinstance(address, int) or not 0 <= address <= limit:
+        raise TallyConfigError(f"adapters[{i}].addresses: TSL {'3.1' if version == 3 else '5.0'} "
+                               f"addresses are 0..{limit}")
+    return address
+
+
+def validate_adapter(i: int, a: Any) -> dict[str, Any]:
+    """Check one adapter of a configuration (``i`` is its index, for messages)."""
+    if not isinstance(a, dict) or a.get("type") not in ADAPTER_TYPES:
+        raise TallyConfigError(f"adapters[{i}].type must be one of {', '.join(ADAPTER_TYPES)}")
+    t = a["type"]
+    unknown = set(a) - _ADAPTER_KEYS[t]
+    if unknown:
+        raise TallyConfigError(f"adapters[{i}] ({t}) has unknown keys: {', '.join(sorted(map(str, unknown)))}")
+    if "authority" in a:
+        _text(i, a, "authority", required=True, max_len=64)
+    if t == "vmix":
+        _text(i, a, "host", required=True)
+        _port(i, a, required=False)
+    elif t == "obs":
+        _text(i, a, "url", required=True, max_len=2048)
+        if not a["url"].startswith(("ws://", "wss://")):
+            raise TallyConfigError(f"adapters[{i}].url must be ws://host:port or wss://host:port")
+        if a.get("password") is not None:
+            _text(i, a, "password", required=True, max_len=1024)
+    else:
+        version = a.get("version", 5)
+        if isinstance(version, bool) or version not in (3, 5):
+            raise TallyConfigError(f"adapters[{i}].version must be 3 or 5")
+        if a.get("transport", "udp") not in ("udp", "tcp"):
+            raise TallyConfigError(f"adapters[{i}].transport must be udp or tcp")
+        _port(i, a, required=True)
+        _text(i, a, "host", required=t == "tsl_out")
+        addresses = a.get("addresses")
+        if addresses is not None and not isinstance(addresses, dict):
+            raise TallyConfigError(f"adapters[{i}].addresses must be an object")
+        if t == "tsl_in":
             lost = a.get("lost_after")
-            if t == "tsl_in" and lost is not None and (
+            if lost is not None and (
                     isinstance(lost, bool) or not isinstance(lost, (int, float)) or not 0 < lost <= 86400):
                 raise TallyConfigError(f"adapters[{i}].lost_after must be seconds of silence, > 0 (or null: never)")
-            port = a.get("port")
-            if t == "tsl_out" and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-                raise TallyConfigError(f"adapters[{i}].port must be 1..65535")
-    out["adapters"] = adapters
-    return out
+            for address, names in (addresses or {}).items():
+                _tsl_address(i, address, version)
+                names = [names] if isinstance(names, str) else names
+                if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+                    raise TallyConfigError(f"adapters[{i}].addresses maps a TSL address to a source name "
+                                           "(or a list of them)")
+        else:
+            for name, address in (addresses or {}).items():
+                _tsl_address(i, address, version)
+    return a
+
+
+def load_config(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """What can be used of a *stored* configuration, and what cannot.
+
+    A configuration stored before the checks above (or by hand) must not take
+    the production's tally down: an unusable source or adapter is left out
+    and reported (``problems``), the rest works."""
+    problems: list[dict[str, Any]] = []
+    try:
+        return validate_config(raw), problems
+    except TallyConfigError:
+        pass
+    if not isinstance(raw, dict):
+        return {}, [{"error": "tally config must be an object"}]
+    out: dict[str, Any] = {"sources": {}, "adapters": []}
+    try:
+        out["transition_s"] = _transition(raw.get("transition_s", 1.0))
+    except TallyConfigError as exc:
+        problems.append({"error": str(exc)})
+    sources = raw.get("sources", {})
+    for name, s in (sources.items() if isinstance(sources, dict) else ()):
+        try:
+            _validate_source(name, s)
+            out["sources"][name] = s
+        except TallyConfigError as exc:
+            problems.append({"source": name, "error": str(exc)})
+    adapters = raw.get("adapters", [])
+    for i, a in enumerate(adapters[:16] if isinstance(adapters, list) else ()):
+        try:
+            out["adapters"].append(validate_adapter(i, a))
+        except TallyConfigError as exc:
+            problems.append({"adapter": i, "type": a.get("type") if isinstance(a, dict) else None,
+                             "error": str(exc)})
+    return out, problems
 
 
 _DEFAULT_AUTHORITY = {"vmix": "vmix", "obs": "obs", "tsl_in": "tsl"}
@@ -181,6 +296,9 @@ class ProductionTally:
     failed: int = 0
     closed: bool = False
     stream_names: list[str] = field(default_factory=list)
+    #: What of the stored configuration could not be used or started
+    #: (``load_config``, adapter start failures); shown in the snapshot.
+    problems: list[dict[str, Any]] = field(default_factory=list)
 
     def on_change(self, change: TallyChange) -> None:
         """State listener: queue for the writer, never await (hub runs first)."""
@@ -344,7 +462,7 @@ class TallyService:
             return await self.get(production_id)
         lock = self._locks.setdefault(production_id, asyncio.Lock())
         async with lock:
-            _name, cfg, streams, sources = await self._read_config(production_id)
+            _name, streams, cfg, sources, problems = await self._read_config(production_id)
             specs = cfg.get("adapters", [])
             running: dict[str, list[_Adapter]] = {}
             for a in p.adapters:
@@ -361,37 +479,38 @@ class TallyService:
             p.state.reconfigure(sources, default_transition=cfg.get("transition_s", 1.0), now=time.monotonic())
             p.stream_names = [s["name"] for s in streams]
             adapters = []
-            for spec, kept in plan:
+            for i, (spec, kept) in enumerate(plan):
                 if kept is not None:
                     adapters.append(kept)
                     continue
                 try:
                     adapters.append(await self._start_adapter(p.state, spec))
-                except (TallyError, OSError, ValueError) as exc:
-                    event(log, logging.ERROR, "tally.adapter_failed", production=production_id,
-                          type=spec.get("type"), error=str(exc))
+                except Exception as exc:  # a switcher that cannot start is reported, never fatal
+                    problems.append(self._adapter_failed(production_id, i, spec, exc))
             started = sum(1 for _, kept in plan if kept is None)
             p.adapters = adapters
+            p.problems = problems
             event(log, logging.INFO, "tally.applied", production=production_id, sources=len(sources),
                   seq=p.state.seq, adapters_kept=len(plan) - started, adapters_started=started)
         return p
 
-    async def _read_config(self, production_id: int) -> tuple[str, dict[str, Any], list[Any], Any]:
-        """The production's name, validated tally config, streams and the
-        sources they make (KeyError: no such production)."""
+    async def _read_config(self, production_id: int
+                           ) -> tuple[str, list[Any], dict[str, Any], list[SourceConfig], list[dict[str, Any]]]:
+        """The production's name, its streams, the usable part of its tally
+        config, the sources they make and what had to be left out (KeyError:
+        no such production)."""
         pool = self.db.pool
         prod = await pool.fetchrow("SELECT name, settings FROM productions WHERE id = $1", production_id)
         if prod is None:
             raise KeyError(production_id)
         settings = prod["settings"] if isinstance(prod["settings"], dict) else json.loads(prod["settings"] or "{}")
-        cfg = validate_config(settings.get("tally"))
         streams = await pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
                                    production_id)
-        return prod["name"], cfg, streams, self._sources(streams, cfg)
+        return (prod["name"], streams, *self._configure(production_id, settings.get("tally"), streams))
 
     async def _load(self, production_id: int) -> ProductionTally:
         pool = self.db.pool
-        name, cfg, streams, sources = await self._read_config(production_id)
+        name, streams, cfg, sources, problems = await self._read_config(production_id)
         row = await pool.fetchrow("SELECT seq, state FROM tally_state WHERE production_id = $1", production_id)
         state = None
         if row is not None:
@@ -406,19 +525,58 @@ class TallyService:
         hub = TallyHub(state)
         hub.on_delivered = lambda seconds, clients: self.delivered.observe(seconds)
         p = ProductionTally(self, production_id, name, state, hub,
-                            stream_names=[s["name"] for s in streams])
+                            stream_names=[s["name"] for s in streams], problems=problems)
         state.add_listener(p.on_change)
         hub.start()
         p.writer = asyncio.get_running_loop().create_task(p.write_loop(), name=f"tally-writer-{production_id}")
-        for spec in cfg.get("adapters", []):
+        for i, spec in enumerate(cfg.get("adapters", [])):
             try:
                 p.adapters.append(await self._start_adapter(state, spec))
-            except (TallyError, OSError, ValueError) as exc:
-                event(log, logging.ERROR, "tally.adapter_failed", production=production_id, type=spec.get("type"),
-                      error=str(exc))
+            except Exception as exc:  # a switcher that cannot start is reported, never fatal
+                p.problems.append(self._adapter_failed(production_id, i, spec, exc))
         event(log, logging.INFO, "tally.loaded", production=production_id, sources=len(sources), seq=state.seq,
               adapters=len(p.adapters))
         return p
+
+    def _configure(self, production_id: int, raw: Any, streams: list[Any]
+                   ) -> tuple[dict[str, Any], list[SourceConfig], list[dict[str, Any]]]:
+        """The usable part of a stored configuration, its sources, and what
+        had to be left out (logged)."""
+        cfg, problems = load_config(raw)
+        try:
+            sources = self._sources(streams, cfg)
+            TallyState("check", sources)
+        except (TallyError, TypeError, ValueError) as exc:
+            problems.append({"error": f"sources: {exc}"})
+            cfg = {**cfg, "sources": {}}
+            sources = self._sources(streams, cfg)
+        for problem in problems:
+            event(log, logging.ERROR, "tally.config_unusable", production=production_id, **problem)
+        return cfg, sources, problems
+
+    @staticmethod
+    def _adapter_failed(production_id: int, index: int, spec: dict[str, Any], exc: Exception) -> dict[str, Any]:
+        event(log, logging.ERROR, "tally.adapter_failed", production=production_id, type=spec.get("type"),
+              error=f"{type(exc).__name__}: {exc}")
+        return {"adapter": index, "type": spec.get("type"), "error": str(exc) or type(exc).__name__}
+
+    async def check(self, production_id: int, cfg: dict[str, Any]) -> None:
+        """Raise :class:`TallyConfigError` unless ``cfg`` (validated) would
+        start with the production's streams: sources built, every adapter
+        constructed against a scratch state (its mappings checked), nothing
+        started or opened."""
+        streams = await self.db.pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
+                                           production_id)
+        try:
+            state = TallyState("check", self._sources(streams, cfg),
+                               default_transition=cfg.get("transition_s", 1.0))
+        except (TallyError, TypeError, ValueError) as exc:
+            raise TallyConfigError(f"sources: {exc}") from None
+        for i, spec in enumerate(cfg.get("adapters", [])):
+            try:
+                self._build_adapter(state, spec)
+            except (TallyError, TypeError, ValueError) as exc:
+                raise TallyConfigError(f"adapters[{i}] ({spec['type']}): {exc}") from None
 
     @staticmethod
     def _sources(streams: Iterable[Any], cfg: dict[str, Any]) -> list[SourceConfig]:
@@ -432,39 +590,44 @@ class TallyService:
         return out
 
     async def _start_adapter(self, state: TallyState, spec: dict[str, Any]) -> _Adapter:
-        adapter = await self._make_adapter(state, spec)
+        adapter = self._build_adapter(state, spec)
         adapter.key = adapter_key(spec, state.sources.values())
-        return adapter
-
-    async def _make_adapter(self, state: TallyState, spec: dict[str, Any]) -> _Adapter:
-        t = spec["type"]
-        if t == "vmix":
-            authority = spec.get("authority", "vmix")
-            obj = VmixClient(state, spec["host"], int(spec.get("port", 8099)), authority=authority)
+        obj, t = adapter.obj, adapter.kind
+        if t in ("vmix", "obs"):
             obj.start()
-            return _Adapter(spec, obj, t, authority)
-        if t == "obs":
-            authority = spec.get("authority", "obs")
-            obj = ObsClient(state, spec["url"], password=spec.get("password"), authority=authority)
-            obj.start()
-            return _Adapter(spec, obj, t, authority)
-        version = int(spec.get("version", 5))
-        if t == "tsl_in":
-            authority = spec.get("authority", "tsl")
-            addresses = {int(k): v for k, v in spec.get("addresses", {}).items()} or None
-            obj = TslInput(state, authority=authority, version=version, addresses=addresses,
-                           lost_after=spec.get("lost_after"))
+        elif t == "tsl_in":
             host, port = spec.get("host", "0.0.0.0"), int(spec.get("port", 0))
             if spec.get("transport", "udp") == "tcp":
                 await obj.listen_tcp(host, port)
             else:
                 await obj.listen_udp(host, port)
-            return _Adapter(spec, obj, t, authority)
-        obj = TslOutput(state, version=version, addresses=spec.get("addresses") or None)
-        if spec.get("transport", "udp") == "tcp":
+        elif spec.get("transport", "udp") == "tcp":
             await obj.start_tcp(spec["host"], int(spec["port"]))
         else:
             await obj.start_udp(spec["host"], int(spec["port"]))
+        return adapter
+
+    @staticmethod
+    def _build_adapter(state: TallyState, spec: dict[str, Any]) -> _Adapter:
+        """Construct (not start) an adapter: mappings are checked against
+        ``state``; no socket is opened."""
+        t = spec["type"]
+        if t == "vmix":
+            authority = spec.get("authority", "vmix")
+            obj: Any = VmixClient(state, spec["host"], int(spec.get("port", 8099)), authority=authority)
+            return _Adapter(spec, obj, t, authority)
+        if t == "obs":
+            authority = spec.get("authority", "obs")
+            obj = ObsClient(state, spec["url"], password=spec.get("password"), authority=authority)
+            return _Adapter(spec, obj, t, authority)
+        version = int(spec.get("version", 5))
+        if t == "tsl_in":
+            authority = spec.get("authority", "tsl")
+            addresses = {int(k): v for k, v in (spec.get("addresses") or {}).items()} or None
+            obj = TslInput(state, authority=authority, version=version, addresses=addresses,
+                           lost_after=spec.get("lost_after"))
+            return _Adapter(spec, obj, t, authority)
+        obj = TslOutput(state, version=version, addresses=spec.get("addresses") or None)
         return _Adapter(spec, obj, t, None)
 
     # -- persistence and clustering ---------------------------------------------------
@@ -571,11 +734,18 @@ class TallyService:
         yield from self.delivered.collect()
 
     def snapshot(self, p: ProductionTally) -> dict[str, Any]:
-        return {"production": p.name, "production_id": p.production_id, "seq": p.state.seq,
-                "program": p.state.program, "preview": p.state.preview,
-                "sources": {n: st.to_json() for n, st in p.state.states().items()},
-                "adapters": [{"type": a.kind, "authority": a.authority, "connected": a.connected}
-                             for a in p.adapters]}
+        adapters = [{"type": a.kind, "authority": a.authority, "connected": a.connected} for a in p.adapters]
+        # Adapters that could not be used or started: reported, never fatal.
+        adapters += [{"type": f.get("type"), "authority": None, "connected": False, "error": f["error"]}
+                     for f in p.problems if "adapter" in f]
+        out = {"production": p.name, "production_id": p.production_id, "seq": p.state.seq,
+               "program": p.state.program, "preview": p.state.preview,
+               "sources": {n: st.to_json() for n, st in p.state.states().items()},
+               "adapters": adapters}
+        errors = [f for f in p.problems if "adapter" not in f]
+        if errors:
+            out["config_errors"] = errors
+        return out
 
 
-__all__ = ["TallyService", "ProductionTally", "validate_config", "TallyConfigError", "DIRECTOR"]
+__all__ = ["TallyService", "ProductionTally", "validate_config", "load_config", "TallyConfigError", "DIRECTOR"]

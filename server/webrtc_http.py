@@ -197,6 +197,6 @@ async def patch_trickle(request: web.Request, session: Any, restart_hint: str) -
         raise BadRequest("too many candidates in one fragment")
     try:
         await session.add_remote_candidates(frag)
-    except (ValueError, IndexError) as exc:
+    except (SdpError, ValueError, IndexError) as exc:
         raise BadRequest(f"bad candidate: {exc}") from None
     return web.Response(status=204)

@@ -133,6 +133,19 @@ def _str_field(data: Mapping[str, Any], *names: str) -> str:
     raise ObsError(f"missing string field {names[0]!r}")
 
 
+def parse_frame(raw: str | bytes) -> Any:
+    """Decode one frame of the ``obswebsocket.json`` subprotocol; anything
+    that is not a JSON text frame is an :class:`ObsError` (the session is
+    dropped and reconnected), never another exception: a frame nested
+    deeper than the recursion limit raises RecursionError in ``json``."""
+    if not isinstance(raw, str):
+        raise ObsError("binary frame on the obswebsocket.json subprotocol")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ObsError(f"invalid JSON from OBS: {type(exc).__name__}") from None
+
+
 class ObsTallyTracker:
     """Sans-I/O OBS WebSocket v5 session tracking program/preview scenes."""
 
@@ -424,12 +437,7 @@ class ObsClient(ReconnectingClient):
             async for raw in ws:
                 if self._closing:
                     return
-                if not isinstance(raw, str):
-                    raise ObsError("binary frame on the obswebsocket.json subprotocol")
-                try:
-                    message = json.loads(raw)
-                except ValueError as exc:
-                    raise ObsError(f"invalid JSON from OBS: {exc}") from None
+                message = parse_frame(raw)
                 now = self._clock()
                 step = tracker.receive(message, now)
                 for out in step.send:

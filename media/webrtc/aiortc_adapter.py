@@ -515,17 +515,20 @@ def nominated_remote(dtls_transport: Any) -> str | None:
 
 async def add_trickle_candidates(pc: Any, frag: str) -> None:
     """Apply the ``a=candidate`` lines of a trickle-ICE fragment (RFC 8840)
-    to a peer connection; with BUNDLE they all belong to the first m-line."""
+    to a peer connection; with BUNDLE they all belong to the first m-line.
+    Every candidate is checked first (aiortc's parser asserts on garbage):
+    a bad one raises :class:`~media.webrtc.sdp.SdpError` before any is added."""
     from aiortc.sdp import candidate_from_sdp
 
+    from .sdp import parse_trickle_candidates
+
+    values = parse_trickle_candidates(frag)
     mids = [t.mid for t in pc.getTransceivers()]
-    for line in frag.splitlines():
-        line = line.strip()
-        if line.startswith("a=candidate:"):
-            cand = candidate_from_sdp(line[len("a=candidate:"):])
-            cand.sdpMid = mids[0] if mids else None
-            cand.sdpMLineIndex = 0
-            await pc.addIceCandidate(cand)
+    for value in values:
+        cand = candidate_from_sdp(value)
+        cand.sdpMid = mids[0] if mids else None
+        cand.sdpMLineIndex = 0
+        await pc.addIceCandidate(cand)
 
 
 # -- DTLS role (RFC 8842 §5.3, RFC 5763 §5) -------------------------------------------

@@ -329,3 +329,68 @@ def choose_opus(section: OfferedMedia) -> OfferedCodec:
         if c.name == "opus" and c.clock_rate == 48000:
             return c
     raise SdpError("the offer has no Opus; audio is forwarded as Opus")
+
+
+# -- trickle ICE (RFC 8840) ---------------------------------------------------
+
+_ICE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/")
+_TOKEN_CHARS = frozenset("!#$%&'*+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz{|}~")
+
+
+def _digits(value: str, most: int) -> bool:
+    return 0 < len(value) <= most and value.isascii() and value.isdigit()
+
+
+def check_candidate(value: str) -> None:
+    """Check one candidate (what follows ``a=candidate:``) against RFC 8839
+    §5.1::
+
+        candidate-attribute = "candidate" ":" foundation SP component-id SP
+                              transport SP priority SP connection-address SP
+                              port SP cand-type [SP rel-addr] [SP rel-port]
+                              *(SP cand-extension)
+        foundation = 1*32ice-char          component-id = 1*3DIGIT
+        priority = 1*10DIGIT               cand-type = "typ" SP candidate-types
+        cand-extension = extension-att-name SP extension-att-value
+
+    and the ranges of RFC 8445 §5.1.2 (priority < 2^31) and §5.1.1.1
+    (component ID 1..256). Raises :class:`SdpError` with the reason."""
+    if not value.isascii() or not value.isprintable():
+        raise SdpError("candidate must be printable ASCII")
+    bits = value.split()
+    if len(bits) < 8 or bits[6] != "typ":
+        raise SdpError("candidate must be 'foundation component transport priority address port typ type'")
+    foundation, component, transport, priority, address, port, _, cand_type = bits[:8]
+    if len(foundation) > 32 or not set(foundation) <= _ICE_CHARS:
+        raise SdpError("candidate foundation must be 1-32 ICE characters")
+    if not _digits(component, 3) or not 1 <= int(component) <= 256:
+        raise SdpError("candidate component ID must be 1..256")
+    if not set(transport) <= _TOKEN_CHARS or not set(cand_type) <= _TOKEN_CHARS:
+        raise SdpError("candidate transport and type must be tokens")
+    if not _digits(priority, 10) or int(priority) >= 2**31:
+        raise SdpError("candidate priority must be 1..2^31-1")
+    if len(address) > 255:
+        raise SdpError("candidate address too long")
+    if not _digits(port, 5) or int(port) > 65535:
+        raise SdpError("candidate port must be 0..65535")
+    rest = bits[8:]
+    if len(rest) % 2:
+        raise SdpError("candidate extensions must be name value pairs")
+    for name, ext in zip(rest[::2], rest[1::2]):
+        if name == "rport" and (not _digits(ext, 5) or int(ext) > 65535):
+            raise SdpError("candidate rport must be 0..65535")
+
+
+def parse_trickle_candidates(frag: str, *, max_candidates: int = 64) -> list[str]:
+    """The checked candidates of a trickle-ICE fragment (RFC 8840 §9
+    sdpfrag): the values of its ``a=candidate:`` lines, in order."""
+    out = []
+    for line in frag.splitlines():
+        line = line.strip()
+        if line.startswith("a=candidate:"):
+            if len(out) >= max_candidates:
+                raise SdpError(f"more than {max_candidates} candidates in one fragment")
+            value = line[len("a=candidate:"):]
+            check_candidate(value)
+            out.append(value)
+    return out
