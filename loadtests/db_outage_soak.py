@@ -84,9 +84,10 @@ class Server:
         self.data = data
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(data), "--http-port", "0",
-             "--srt-port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+             "--srt-port", "0", "--metrics-port", "0"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
         self.port = self.srt_port = 0
+        self.metrics_url = ""
         self.errors: list[str] = []
         ready = threading.Event()
 
@@ -95,6 +96,8 @@ class Server:
             for line in self.proc.stdout:
                 if m := SRT_BANNER.search(line):
                     self.srt_port = int(m.group(1))
+                if m := re.search(r"Metrics on (http://\S+/metrics)", line):
+                    self.metrics_url = m.group(1)
                 if m := BANNER.search(line):
                     self.port = int(m.group(1))
                     ready.set()
@@ -257,7 +260,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def sampler() -> None:
             while not stop.is_set():
                 try:
-                    m = (await asyncio.to_thread(http, "GET", f"{base}/metrics"))[2].decode()
+                    m = (await asyncio.to_thread(http, "GET", srv.metrics_url))[2].decode()
                     samples.append({
                         "t_s": round(time.monotonic() - start, 1), "rss_mb": round(rss_mb(srv.proc.pid), 1),
                         "fds": len(os.listdir(f"/proc/{srv.proc.pid}/fd")),

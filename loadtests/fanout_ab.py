@@ -64,7 +64,7 @@ class Server:
         env.pop("DATABASE_URL", None)
         python = checkout / ".venv" / "bin" / "python"
         cmd = [str(python if python.exists() else sys.executable), "-m", "server.cli", "serve",
-               "--data-dir", str(data_dir), "--http-port", "0", "--srt-port", "0"]
+               "--data-dir", str(data_dir), "--http-port", "0", "--srt-port", "0", "--metrics-port", "0"]
         if cpus:
             cmd = ["taskset", "-c", cpus, *cmd]
         self.proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

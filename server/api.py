@@ -40,6 +40,7 @@ from .errors import (
     BadRequest, Conflict, DatabaseUnavailable, Forbidden, NotFound, TooManyRequests, Unauthorized,
 )
 from .log import event
+from .redact import redact_secrets
 
 log = logging.getLogger("returnfeed.api")
 
@@ -417,7 +418,8 @@ def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: boo
         "pbkeylen": r["pbkeylen"],
         "latency_ms": stream_latency_ms(request, r["latency_ms"]),
         "latency_default": r["latency_ms"] is None,
-        "settings": r["settings"] if isinstance(r["settings"], dict) else json.loads(r["settings"]),
+        # Secrets in settings are write-only (issue 9 item 1).
+        "settings": redact_secrets(r["settings"] if isinstance(r["settings"], dict) else json.loads(r["settings"])),
         "created_at": r["created_at"].isoformat(),
     }
     if secrets_visible:
@@ -569,15 +571,19 @@ async def _notify_streams_changed(app: web.Application) -> None:
 
 # -- signed links ------------------------------------------------------------------
 
-def link_urls(request: web.Request, stream: StreamEntry, action: str, token: str) -> dict[str, str]:
+def link_urls(request: web.Request, stream: StreamEntry, action: str, token: str, jti: str) -> dict[str, str]:
     base = base_url(request)
     name = quote(stream.name)
     q = urlencode({"token": token})
     if action == "publish":
+        # The link's own SRT passphrase, not the stream's (issue 9 item 5):
+        # it opens nothing without this link's token, and revoking the link
+        # revokes it.
+        passphrase = request.app[TOKENS].link_passphrase(jti, stream.passphrase)
         out = {
             "whip_url": f"{base}/whip/{name}?{q}",
             "camera_url": f"{base}/camera/{name}?{q}",
-            **srt_urls(request, "srt_url", f"#!::r={stream.name},m=publish,s={token}", stream.passphrase,
+            **srt_urls(request, "srt_url", f"#!::r={stream.name},m=publish,s={token}", passphrase,
                        stream.pbkeylen, stream.latency_ms),
         }
     else:
@@ -600,13 +606,13 @@ async def create_link(request: web.Request) -> web.Response:
         raise BadRequest("'action' must be 'publish' or 'read'")
     auth = request.app[SETTINGS].auth
     ttl = _int(data, "ttl_s", default=auth.link_ttl_s, lo=10, hi=auth.max_link_ttl_s)
-    token, claims = request.app[TOKENS].issue_link(row.name, action, row.production_id, ttl)
+    token, claims = request.app[TOKENS].issue_link(row.name, action, row.production_id, ttl, stream_id=row.id)
     detail = {"action": action, "jti": claims.jti, "ttl_s": ttl}
     user_id, username, ip = p.user_id, p.username, client_ip(request)
     request.app[DB].deferred.put("audit link.create", lambda conn: repo.audit(
         conn, "link.create", actor_user_id=user_id, actor=username, target=row.name, detail=detail, ip=ip))
     body = {"token": token, "stream": row.name, "action": action, "jti": claims.jti,
-            "expires_at": claims.expires_at, **link_urls(request, row, action, token)}
+            "expires_at": claims.expires_at, **link_urls(request, row, action, token, claims.jti)}
     return web.json_response(body, status=201)
 
 
