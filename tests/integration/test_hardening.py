@@ -229,6 +229,36 @@ def test_revoking_a_link_closes_its_sessions(srv, world) -> None:
     assert any("auth.session_closed" in line and "link revoked" in line for line in srv.output)
 
 
+def test_revoking_a_link_closes_its_webrtc_sessions(srv, world) -> None:
+    from pathlib import Path
+
+    from test_whip import CHROMIUM_OFFER
+
+    base, t = world["base"], world["t"]
+    whep_offer = (Path(__file__).parent.parent / "fixtures" / "sdp" / "chromium_whep_offer.sdp").read_bytes()
+    sdp = {"Content-Type": "application/sdp"}
+    s = next(s for s in http("GET", f"{base}/api/v1/streams", token=t["dirA"]).json()["streams"]
+             if s["name"] == "hcam1")
+    proc = ffmpeg_publish(_local(srv, s["srt_url"]), seconds=60, audio="none")
+    try:
+        wait_live(base, "hcam1", t["dirA"])
+        read = _link(world, "hcam1", "read")["token"]
+        viewer = http("POST", f"{base}/whep/hcam1?token={read}", raw=whep_offer, headers=sdp)
+        assert viewer.status == 201, viewer.body
+        pub = _link(world, "hcam2", "publish")["token"]
+        publisher = http("POST", f"{base}/whip/hcam2?token={pub}", raw=CHROMIUM_OFFER.encode(), headers=sdp)
+        assert publisher.status == 201, publisher.body
+        sessions = [base + viewer.headers["Location"], base + publisher.headers["Location"]]
+        assert all(http("GET", url).status == 200 for url in sessions)
+        for token in (read, pub):
+            assert http("POST", f"{base}/api/v1/links/revoke", {"token": token}, token=t["dirA"]).status == 204
+        wait_until(lambda: all(http("GET", url).status == 404 for url in sessions), timeout=5)
+        # The stream's publisher (the director's passphrase) is not the link's: it stays.
+        assert http("GET", f"{base}/api/v1/streams/hcam1", token=t["dirA"]).json()["live"]
+    finally:
+        stop_process(proc)
+
+
 def test_role_change_closes_a_directors_tally_socket(world) -> None:
     base, t, pid = world["base"], world["t"], world["prod"]["A"]
     assert http("PUT", f"{base}/api/v1/productions/{pid}/members/viewA", {"role": "director"},
