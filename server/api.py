@@ -40,7 +40,7 @@ from .errors import (
     BadRequest, Conflict, DatabaseUnavailable, Forbidden, NotFound, TooManyRequests, Unauthorized,
 )
 from .log import event
-from .redact import redact_secrets
+from .redact import keep_secrets, redact_secrets
 
 log = logging.getLogger("returnfeed.api")
 
@@ -459,6 +459,7 @@ async def create_stream(request: web.Request) -> web.Response:
     settings = data.get("settings", {})
     if not isinstance(settings, dict):
         raise BadRequest("'settings' must be an object")
+    settings = keep_secrets(settings, {})  # "<key>_set" markers are answers, not settings
     pbkeylen = _int(data, "pbkeylen", default=request.app[SETTINGS].srt.pbkeylen)
     if pbkeylen not in (16, 24, 32):
         raise BadRequest("'pbkeylen' must be 16, 24 or 32")
@@ -514,6 +515,10 @@ async def update_stream(request: web.Request) -> web.Response:
     settings = data.get("settings")
     if settings is not None and not isinstance(settings, dict):
         raise BadRequest("'settings' must be an object")
+    if settings is not None:
+        # Settings read back (secrets as "<key>_set": true) keep the stored secrets.
+        old = row["settings"] if isinstance(row["settings"], dict) else json.loads(row["settings"])
+        settings = keep_secrets(settings, old)
     rotate = data.get("rotate_passphrase", False)
     if not isinstance(rotate, bool):
         raise BadRequest("'rotate_passphrase' must be a boolean")

@@ -133,6 +133,21 @@ def test_adapter_password_is_write_only(srv, world) -> None:
                 token=t["dirA"]).status == 200
 
 
+def test_stream_settings_secrets_are_write_only(world) -> None:
+    base, t = world["base"], world["t"]
+    r = http("POST", f"{base}/api/v1/streams", {"name": "hsecret", "production": world["prod"]["A"],
+                                                "settings": {"relay": {"url": "rtmp://x", "api_key": "k-123456"}}},
+             token=t["dirA"])
+    assert r.status == 201 and b"k-123456" not in r.body
+    shown = r.json()["settings"]
+    assert shown == {"relay": {"url": "rtmp://x", "api_key_set": True}}
+    r = http("PATCH", f"{base}/api/v1/streams/hsecret", {"settings": shown}, token=t["dirA"])
+    assert r.status == 200 and r.json()["settings"] == shown  # still set: the stored key was kept
+    for who in ("dirA", "camA"):
+        assert b"k-123456" not in http("GET", f"{base}/api/v1/streams/hsecret", token=t[who]).body
+    assert http("DELETE", f"{base}/api/v1/streams/hsecret", token=t["dirA"]).status == 204
+
+
 # -- item 2: a link is bound to its stream's id ---------------------------------------------
 
 def test_links_do_not_outlive_their_stream(srv, world) -> None:
