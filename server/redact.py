@@ -9,8 +9,8 @@ Two rules (issue 9, items 1 and 4):
 * no log line or audit row carries a bearer credential: signed tokens
   (JWTs start ``eyJ``, the base64 of ``{"``), the ``s=`` token of an SRT
   stream ID (SRT Access Control guidelines §3.1: ``s`` is the session
-  token), ``token=`` query parameters and SRT passphrases
-  (:func:`redact_text`).
+  token), ``token=`` query parameters, SRT passphrases and the password
+  of a ``scheme://user:password@host`` URL (:func:`redact_text`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_\-.]*")
 # ``s=`` inside a ``#!::`` stream ID: preceded by ``::`` or ``,``.
 _STREAMID_TOKEN = re.compile(r"(?<=[:,])s=[^,\s'\"&]+")
 _QUERY_SECRET = re.compile(r"(?i)\b(passphrase|token|password|credential)=[^&\s'\",]+")
+_URL_USERINFO = re.compile(r"(://[^/\s:@'\"]+:)[^@\s/'\"]+@")
 _JSON_SECRET = re.compile(r"(?i)([\"'](?:passphrase|password|token|credential|secret)[\"']\s*:\s*[\"'])[^\"']*")
 
 
@@ -96,4 +97,6 @@ def redact_text(text: str) -> str:
         text = _QUERY_SECRET.sub(lambda m: f"{m.group(1)}={MARK}", text)
     if ":" in text:
         text = _JSON_SECRET.sub(lambda m: m.group(1) + MARK, text)
+        if "@" in text:  # ws://user:password@host (RFC 3986 §3.2.1: deprecated, still seen)
+            text = _URL_USERINFO.sub(lambda m: m.group(1) + MARK + "@", text)
     return text

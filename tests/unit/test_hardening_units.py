@@ -19,11 +19,13 @@ def test_redact_text_masks_tokens_and_passphrases() -> None:
         "srt://h:8890?streamid=publish:cam1&passphrase=abcdefghijkl&pbkeylen=16",
         "GET /whep/cam1?token=opaque-value-123",
         '{"type": "obs", "password": "hunter22"}',
+        "OBS ws://obsuser:hunter33@10.0.0.6:4455: connection closed",
     ]
     out = [redact_text(line) for line in lines]
     assert not any("eyJ" in o for o in out)
     assert "abcdefghijkl" not in out[2] and "pbkeylen=16" in out[2]
     assert "opaque-value-123" not in out[3] and "hunter22" not in out[4]
+    assert "hunter33" not in out[5] and "obsuser:" in out[5] and "@10.0.0.6:4455" in out[5]
     # Not a token: left alone.
     assert redact_text("stream=cam1 status=200 bytes=10") == "stream=cam1 status=200 bytes=10"
 
