@@ -7,10 +7,11 @@ Two rules (issue 9, items 1 and 4):
   (:func:`redact_secrets`); a client that sends the configuration back
   unchanged keeps the stored secret (:func:`keep_secrets`);
 * no log line or audit row carries a bearer credential: signed tokens
-  (JWTs start ``eyJ``, the base64 of ``{"``), the ``s=`` token of an SRT
-  stream ID (SRT Access Control guidelines §3.1: ``s`` is the session
-  token), ``token=`` query parameters, SRT passphrases and the password
-  of a ``scheme://user:password@host`` URL (:func:`redact_text`).
+  (JWTs start ``eyJ``, the base64 of ``{"``), the ``s=`` key of an SRT
+  stream ID (libsrt docs/features/access-control.md, standard keys: ``s``
+  is the session ID — ours carries a link token), ``token=`` query
+  parameters, SRT passphrases and the password of a
+  ``scheme://user:password@host`` URL (:func:`redact_text`).
 """
 
 from __future__ import annotations
