@@ -38,10 +38,10 @@ MAX_TRICKLE_CANDIDATES = 64
 def ice_links(request: web.Request, *, authenticated: bool = True) -> list[str]:
     """RFC 9725 §4.6 ``Link`` header values for the configured ICE servers.
 
-    A TURN server's username and credential let anyone relay traffic through
-    it, so they go only to authenticated requests (RFC 9725 §4.6: "the WHIP
-    endpoint MAY ... only ... to authenticated clients"); an unauthenticated
-    OPTIONS gets the servers that need no credential."""
+    A TURN server's username and credential let whoever holds them relay
+    traffic through it, so they go only to requests that proved the right to
+    use this stream (issue 9 item 6); an unauthenticated OPTIONS gets only
+    the servers that need no credential."""
     out = []
     for s in request.app[SETTINGS].webrtc.ice_servers:
         link = f'<{s.urls}>; rel="ice-server"'
