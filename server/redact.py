@@ -20,9 +20,11 @@ import re
 from typing import Any
 
 #: Setting names that hold a credential, now and later (compared lower-case;
-#: ``*_password``, ``*_secret``, ``*_token``, ``*_key`` count too).
+#: ``*_password``, ``*_secret``, ``*_token``, ``*_key`` count too). Only a
+#: string (or null) value is a credential: a mapping under such a name is
+#: data (a tally source may be called "token").
 SECRET_KEYS = frozenset({"password", "passphrase", "secret", "token", "credential", "api_key", "apikey",
-                         "key", "auth", "authorization"})
+                         "authorization"})
 _SECRET_SUFFIXES = ("_password", "_passphrase", "_secret", "_token", "_key", "_credential")
 MARK = "<redacted>"
 
@@ -45,7 +47,7 @@ def redact_secrets(obj: Any) -> Any:
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         for k, v in obj.items():
-            if isinstance(k, str) and is_secret_key(k):
+            if isinstance(k, str) and is_secret_key(k) and (v is None or isinstance(v, str)):
                 out[f"{k}_set"] = v not in (None, "")
             elif isinstance(k, str) and k.endswith("_set") and is_secret_key(k[:-4]):
                 continue  # a stored marker never shadows the real answer

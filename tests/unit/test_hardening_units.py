@@ -37,6 +37,8 @@ def test_secrets_are_write_only_and_survive_a_round_trip() -> None:
     shown = redact_secrets(stored)
     assert shown["adapters"][0] == {"type": "obs", "url": "ws://a:4455", "password_set": True}
     assert "pw-a" not in repr(shown) and "password_set" not in shown["adapters"][2]
+    # A mapping under a credential-like name is data, not a secret.
+    assert redact_secrets({"sources": {"token": {"label": "T"}}}) == {"sources": {"token": {"label": "T"}}}
     # Sent back reordered: each secret stays with its own server.
     back = {"adapters": [shown["adapters"][1], shown["adapters"][0], shown["adapters"][2]]}
     kept = keep_secrets(back, stored)
