@@ -329,7 +329,7 @@ def test_metrics_not_on_the_public_port(srv, world) -> None:
 
 # -- item 4: no token in any log line (last: greps the whole module's log) ----------------------
 
-def test_no_token_or_passphrase_in_the_log(srv, world) -> None:
+def test_no_token_or_passphrase_in_the_log(srv, world, module_db_url) -> None:
     base, t = world["base"], world["t"]
     # A rejected SRT handshake with a token, and a forged one, are logged too.
     pub = _link(world, "hcam2", "publish")
@@ -343,6 +343,20 @@ def test_no_token_or_passphrase_in_the_log(srv, world) -> None:
     for s in streams:
         assert s["passphrase"] not in log, s["name"]
     assert parse_qs(urlsplit(pub["srt_url"]).query)["passphrase"][0] not in log
+
+    async def audit_rows() -> list:
+        import asyncpg
+
+        conn = await asyncpg.connect(module_db_url)
+        try:
+            return [f"{r['action']} {r['target']} {r['detail']}"
+                    for r in await conn.fetch("SELECT action, target, detail::text FROM audit_log")]
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(audit_rows())
+    assert any(r.startswith("link.create") for r in rows) and any(r.startswith("tally.config") for r in rows)
+    assert not any("eyJ" in r or OBS_PASSWORD in r for r in rows)
 
 
 def test_revocation_and_stream_deletion_reach_the_other_node(db_url, tmp_path) -> None:
