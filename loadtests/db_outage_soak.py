@@ -214,7 +214,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         async def sampler() -> None:
             while not stop.is_set():
                 try:
-                    m = (await asyncio.to_thread(http, "GET", f"{base}/metrics"))[2].decode()
+                    m = (await asyncio.to_thread(http, "GET", srv.metrics))[2].decode()
                     samples.append({
                         "t_s": round(time.monotonic() - start, 1), "rss_mb": round(rss_mb(srv.proc.pid), 1),
                         "fds": len(os.listdir(f"/proc/{srv.proc.pid}/fd")),

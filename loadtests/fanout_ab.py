@@ -83,7 +83,8 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) ->
             out = Path(tmp) / "swarm.json"
             cmd = [sys.executable, str(HERE / "whep_swarm.py"), "--url", f"{base}/whep/cam1?token={link}",
                    "--viewers", str(args.viewers), "--procs", str(args.procs), "--rate", str(args.rate),
-                   "--hold", str(args.hold), "--server-pid", str(server.proc.pid), "--json", str(out)]
+                   "--hold", str(args.hold), "--server-pid", str(server.proc.pid), "--json", str(out),
+                   "--metrics-url", server.metrics]
             if args.nack:
                 cmd.append("--nack")
             if args.swarm_cpus:

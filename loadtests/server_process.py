@@ -14,6 +14,7 @@ from pathlib import Path
 
 BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
 SRT_BANNER = re.compile(r"SRT listener on port (\d+)")
+METRICS_BANNER = re.compile(r"Metrics on (http://\S+/metrics)")
 
 
 class ServerProcess:
@@ -29,12 +30,15 @@ class ServerProcess:
         python = root / ".venv" / "bin" / "python"
         cmd = [str(python if checkout is not None and python.exists() else sys.executable), "-m", "server.cli",
                "serve", "--data-dir", str(data_dir), "--http-port", "0", "--srt-port", "0"]
+        if "--metrics-port" in (root / "server" / "cli.py").read_text():
+            cmd += ["--metrics-port", "0"]  # metrics on their own listener (any free port)
         if cpus:
             cmd = ["taskset", "-c", cpus, *cmd]
         self.data = data_dir
         self.proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, start_new_session=True)
         self.port = self.srt_port = 0
+        self.metrics_url = ""  # empty: the tree serves /metrics on its HTTP port
         self.errors: list[str] = []
         ready = threading.Event()
 
@@ -43,6 +47,8 @@ class ServerProcess:
             for line in self.proc.stdout:
                 if m := SRT_BANNER.search(line):
                     self.srt_port = int(m.group(1))
+                if m := METRICS_BANNER.search(line):
+                    self.metrics_url = m.group(1)
                 if m := BANNER.search(line):
                     self.port = int(m.group(1))
                     ready.set()
@@ -58,6 +64,11 @@ class ServerProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics(self) -> str:
+        """Where this server's Prometheus text is."""
+        return self.metrics_url or f"{self.url}/metrics"
 
     def stop(self, timeout: float = 60.0) -> None:
         if self.proc.poll() is None:

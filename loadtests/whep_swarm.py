@@ -193,8 +193,10 @@ def metric_changes(before: dict[str, float], after: dict[str, float], pattern: s
 
 
 def metrics_url_for(whep_url: str) -> str:
+    """The server's metrics listener (``metrics.port``, 9998 by default) on
+    the WHEP URL's host; metrics are not served on the public port."""
     p = urllib.parse.urlsplit(whep_url)
-    return urllib.parse.urlunsplit((p.scheme, p.netloc, "/metrics", "", ""))
+    return urllib.parse.urlunsplit((p.scheme, f"{p.hostname}:9998", "/metrics", "", ""))
 
 
 # --------------------------------------------------------------------------
@@ -857,7 +859,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--srtp-verify-every", type=int, default=1,
                     help="authenticate every Nth SRTP packet (1: all, like a browser; 0: none — "
                          "headers are read in the clear, RFC 3711 §3.1)")
-    ap.add_argument("--metrics-url", help="server /metrics (default: derived from --url)")
+    ap.add_argument("--metrics-url", help="server /metrics (default: port 9998 on --url's host)")
     ap.add_argument("--no-metrics", action="store_true")
     ap.add_argument("--metrics-filter", default=r"^returnfeed_(?!http_)", help="regex of series to report")
     ap.add_argument("--server-pid", type=int, help="server PID for CPU from /proc (default: found from the port)")

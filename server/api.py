@@ -41,6 +41,7 @@ from .errors import (
     BadRequest, Conflict, DatabaseUnavailable, Forbidden, NotFound, TooManyRequests, Unauthorized,
 )
 from .log import event
+from .redact import keep_secrets, redact_secrets
 
 log = logging.getLogger("returnfeed.api")
 
@@ -437,7 +438,8 @@ def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: boo
         "pbkeylen": r["pbkeylen"],
         "latency_ms": stream_latency_ms(request, r["latency_ms"]),
         "latency_default": r["latency_ms"] is None,
-        "settings": r["settings"] if isinstance(r["settings"], dict) else json.loads(r["settings"]),
+        # Secrets in settings are write-only (issue 9 item 1).
+        "settings": redact_secrets(r["settings"] if isinstance(r["settings"], dict) else json.loads(r["settings"])),
         "created_at": r["created_at"].isoformat(),
     }
     if secrets_visible:
@@ -477,6 +479,7 @@ async def create_stream(request: web.Request) -> web.Response:
     settings = data.get("settings", {})
     if not isinstance(settings, dict):
         raise BadRequest("'settings' must be an object")
+    settings = keep_secrets(settings, {})  # "<key>_set" markers are answers, not settings
     pbkeylen = _int(data, "pbkeylen", default=request.app[SETTINGS].srt.pbkeylen)
     if pbkeylen not in (16, 24, 32):
         raise BadRequest("'pbkeylen' must be 16, 24 or 32")
@@ -532,6 +535,10 @@ async def update_stream(request: web.Request) -> web.Response:
     settings = data.get("settings")
     if settings is not None and not isinstance(settings, dict):
         raise BadRequest("'settings' must be an object")
+    if settings is not None:
+        # Settings read back (secrets as "<key>_set": true) keep the stored secrets.
+        old = row["settings"] if isinstance(row["settings"], dict) else json.loads(row["settings"])
+        settings = keep_secrets(settings, old)
     rotate = data.get("rotate_passphrase", False)
     if not isinstance(rotate, bool):
         raise BadRequest("'rotate_passphrase' must be a boolean")
@@ -589,15 +596,19 @@ async def _notify_streams_changed(app: web.Application) -> None:
 
 # -- signed links ------------------------------------------------------------------
 
-def link_urls(request: web.Request, stream: StreamEntry, action: str, token: str) -> dict[str, str]:
+def link_urls(request: web.Request, stream: StreamEntry, action: str, token: str, jti: str) -> dict[str, str]:
     base = base_url(request)
     name = quote(stream.name)
     q = urlencode({"token": token})
     if action == "publish":
+        # The link's own SRT passphrase, not the stream's (issue 9 item 5):
+        # it opens nothing without this link's token, and revoking the link
+        # revokes it.
+        passphrase = request.app[TOKENS].link_passphrase(jti, stream.passphrase)
         out = {
             "whip_url": f"{base}/whip/{name}?{q}",
             "camera_url": f"{base}/camera/{name}?{q}",
-            **srt_urls(request, "srt_url", f"#!::r={stream.name},m=publish,s={token}", stream.passphrase,
+            **srt_urls(request, "srt_url", f"#!::r={stream.name},m=publish,s={token}", passphrase,
                        stream.pbkeylen, stream.latency_ms),
         }
     else:
@@ -620,13 +631,13 @@ async def create_link(request: web.Request) -> web.Response:
         raise BadRequest("'action' must be 'publish' or 'read'")
     auth = request.app[SETTINGS].auth
     ttl = _int(data, "ttl_s", default=auth.link_ttl_s, lo=10, hi=auth.max_link_ttl_s)
-    token, claims = request.app[TOKENS].issue_link(row.name, action, row.production_id, ttl)
+    token, claims = request.app[TOKENS].issue_link(row.name, action, row.production_id, ttl, stream_id=row.id)
     detail = {"action": action, "jti": claims.jti, "ttl_s": ttl}
     user_id, username, ip = p.user_id, p.username, client_ip(request)
     request.app[DB].deferred.put("audit link.create", lambda conn: repo.audit(
         conn, "link.create", actor_user_id=user_id, actor=username, target=row.name, detail=detail, ip=ip))
     body = {"token": token, "stream": row.name, "action": action, "jti": claims.jti,
-            "expires_at": claims.expires_at, **link_urls(request, row, action, token)}
+            "expires_at": claims.expires_at, **link_urls(request, row, action, token, claims.jti)}
     return web.json_response(body, status=201)
 
 

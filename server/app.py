@@ -99,6 +99,11 @@ async def principal(request: web.Request, *, allow_link: bool = True) -> Princip
         # link must not wait for the database.
         if request.app[DIRECTORY].is_revoked(link.jti):
             raise Unauthorized("link revoked")
+        # Bound to its stream's id and production (issue 9 item 2), for every
+        # route that takes a link: REST, WHIP, WHEP, /ws/tally.
+        problem = request.app[DIRECTORY].link_problem(link, await stream_entry(request, link.stream))
+        if problem is not None:
+            raise Unauthorized(problem)
         return Principal("link", link.role, link=link)
     raise Unauthorized(str(access_error))
 

@@ -8,7 +8,9 @@ kind           ``aud``                claims
 =============  =====================  ==========================================
 access         ``returnfeed:access``  sub (user id), name, role, sid (the login:
                                       its refresh-token family); short-lived
-stream link    ``returnfeed:link``    stream, act (publish|read), prod (id),
+stream link    ``returnfeed:link``    stream, sid (the stream's id — not a
+                                      login: link and access tokens never
+                                      mix), act (publish|read), prod (id),
                                       role (camera|viewer), jti; scoped to one
                                       stream and one action
 =============  =====================  ==========================================
@@ -26,7 +28,9 @@ loop because a hash takes tens of milliseconds by design.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 import time
 import uuid
@@ -117,6 +121,11 @@ class LinkClaims:
     role: str
     jti: str
     expires_at: int
+    #: The stream's id (issue 9 item 2): a link names a stream *and* is bound
+    #: to that one row, so a new stream that reuses a deleted stream's name
+    #: is not opened by the old stream's links. None: a token minted before
+    #: the binding, which the server refuses.
+    stream_id: int | None = None
 
 
 class TokenService:
@@ -176,17 +185,30 @@ class TokenService:
             raise TokenError("invalid token: missing claims") from None
 
     def issue_link(self, stream: str, action: LinkAction, production_id: int, ttl_s: int,
-                   role: str | None = None) -> tuple[str, LinkClaims]:
+                   role: str | None = None, *, stream_id: int | None = None) -> tuple[str, LinkClaims]:
         if action not in ("publish", "read"):
             raise ValueError("action must be publish or read")
         now = int(self._clock())
         role = role or ("camera" if action == "publish" else "viewer")
-        claims = LinkClaims(stream, action, production_id, role, uuid.uuid4().hex[:16], now + ttl_s)
-        token = self._encode({
+        claims = LinkClaims(stream, action, production_id, role, uuid.uuid4().hex[:16], now + ttl_s, stream_id)
+        payload: dict[str, Any] = {
             "iss": ISSUER, "aud": AUD_LINK, "stream": stream, "act": action,
             "prod": production_id, "role": role, "jti": claims.jti, "iat": now, "exp": claims.expires_at,
-        })
-        return token, claims
+        }
+        if stream_id is not None:
+            payload["sid"] = stream_id
+        return self._encode(payload), claims
+
+    def link_passphrase(self, jti: str, stream_passphrase: str) -> str:
+        """The SRT passphrase of one publish link (issue 9 item 5).
+
+        The listen callback sets the passphrase per connection, so a caller
+        with ``s=<link>`` is keyed with a passphrase derived from that link
+        (and from the stream's own, so rotating it changes every link's):
+        the link's ``srt_url`` never carries a credential that outlives the
+        link. 32 characters of base64url (libsrt accepts 10–79)."""
+        mac = hmac.new(self._key.encode(), f"srt-link\0{jti}\0{stream_passphrase}".encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()).decode()[:32]
 
     def verify_link(self, token: str) -> LinkClaims:
         c = self._decode(token, AUD_LINK)
@@ -194,8 +216,9 @@ class TokenService:
             act = c["act"]
             if act not in ("publish", "read"):
                 raise TokenError("invalid token: bad action")
+            sid = c.get("sid")
             return LinkClaims(str(c["stream"]), act, int(c["prod"]), str(c.get("role", "viewer")),
-                              str(c["jti"]), int(c["exp"]))
+                              str(c["jti"]), int(c["exp"]), None if sid is None else int(sid))
         except (KeyError, ValueError, TypeError):
             raise TokenError("invalid token: missing claims") from None
 

@@ -2,7 +2,7 @@
 
 ::
 
-    returnfeed serve   [--config F] [--data-dir D] [--http-port N] [--srt-port N]
+    returnfeed serve   [--config F] [--data-dir D] [--http-port N] [--srt-port N] [--metrics-port N]
     returnfeed migrate [--config F] [--data-dir D]
     returnfeed user add NAME --role admin|director|camera|viewer [--password-stdin]
     returnfeed user list
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--http-port", type=int)
     p.add_argument("--srt-port", type=int)
+    p.add_argument("--metrics-port", type=int, help="metrics listener port (0: any free port)")
 
     p = sub.add_parser("migrate", help="apply database migrations and exit")
     _common(p)
@@ -76,6 +77,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         overrides["http.port"] = args.http_port
     if getattr(args, "srt_port", None) is not None:
         overrides["srt.port"] = args.srt_port
+    if getattr(args, "metrics_port", None) is not None:
+        overrides["metrics.port"] = args.metrics_port
     return load_settings(args.config, overrides)
 
 
@@ -163,7 +166,8 @@ async def _token(settings: Settings, args: argparse.Namespace) -> int:
         if not 10 <= ttl <= settings.auth.max_link_ttl_s:
             print(f"returnfeed: --ttl must be between 10 and {settings.auth.max_link_ttl_s}", file=sys.stderr)
             return EXIT_USAGE
-        token, claims = tokens.issue_link(stream["name"], args.action, stream["production_id"], ttl)
+        token, claims = tokens.issue_link(stream["name"], args.action, stream["production_id"], ttl,
+                                          stream_id=stream["id"])
         await repo.audit(db.pool, "link.create", actor="cli", target=stream["name"],
                          detail={"action": args.action, "jti": claims.jti, "ttl_s": ttl})
         base = (args.base_url or settings.http.public_url or f"http://localhost:{settings.http.port}").rstrip("/")

@@ -222,6 +222,17 @@ class AuthSettings(_Section):
     login_window_s: float = Field(300.0, gt=0)
 
 
+class MetricsSettings(_Section):
+    """Prometheus ``/metrics`` on its own listener (issue 9 item 8): stream
+    names and counters are for the operator's scraper, not for whoever can
+    reach the public HTTP port — like MediaMTX's ``metricsAddress``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    #: 0: any free port (the banner prints it).
+    port: int = Field(9998, ge=0, le=65535)
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "text"] = "json"
@@ -239,6 +250,7 @@ class Settings(_Section):
     webrtc: WebRtcSettings = WebRtcSettings()
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
 
 

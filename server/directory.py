@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .grants import Grants
 from .log import event
 
 log = logging.getLogger("returnfeed.directory")
@@ -80,6 +81,8 @@ class Directory:
         self.snap = Snapshot()
         #: Called (synchronously) after every successful reload.
         self.on_change: list[Callable[[Snapshot], None]] = []
+        #: Open sessions' credentials, re-checked after every change.
+        self.grants = Grants()
         self.reloads = 0
         self.reload_failures = 0
         self._dirty = False
@@ -134,6 +137,7 @@ class Directory:
         self.reloads += 1
         for cb in list(self.on_change):
             cb(snap)
+        self.grants.sweep(snap)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         # Coalesce bursts: at most one reload running and one queued.
@@ -180,6 +184,18 @@ class Directory:
     def is_revoked(self, jti: str) -> bool:
         return jti in self.snap.revoked
 
+    def link_problem(self, link: Any, entry: StreamEntry | None) -> str | None:
+        """Why a signed link no longer opens anything (issue 9 item 2), or
+        None: revoked, minted before links were bound to a stream id, or
+        its stream deleted (a new stream of the same name is another one)."""
+        if link.jti in self.snap.revoked:
+            return "link revoked"
+        if link.stream_id is None:
+            return "link from before stream binding; ask for a new one"
+        if entry is None or entry.id != link.stream_id or entry.production_id != link.production_id:
+            return "the link's stream was deleted"
+        return None
+
     def note_revoked(self, jti: str) -> None:
         """This node revoked a link: effective here before the NOTIFY round trip."""
         snap = self.snap
@@ -187,6 +203,7 @@ class Directory:
                              snap.revoked | {jti}, snap.loaded_at, snap.ended_sessions)
         for cb in list(self.on_change):
             cb(self.snap)
+        self.grants.sweep(self.snap)
 
     def session_ended(self, sid: str) -> bool:
         return sid in self.snap.ended_sessions

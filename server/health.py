@@ -1,4 +1,4 @@
-"""``GET /healthz`` and ``GET /metrics``."""
+"""``GET /healthz`` (public port) and ``GET /metrics`` (metrics listener)."""
 
 from __future__ import annotations
 
@@ -56,4 +56,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 def setup(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
+
+
+def metrics_app(main: web.Application) -> web.Application:
+    """The separate metrics listener's application (``metrics.host:port``):
+    ``GET /metrics`` only, rendering the main application's registry."""
+    app = web.Application()
+    app[METRICS] = main[METRICS]
     app.router.add_get("/metrics", metrics)
+    return app

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any
 
+from .redact import redact_text
+
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -32,7 +34,9 @@ class _JsonFormatter(logging.Formatter):
                 out.setdefault(k, v)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        # Issue 9 item 4: no token or passphrase reaches a log line, whatever
+        # the call site put in it.
+        return redact_text(json.dumps(out, default=str, ensure_ascii=False))
 
 
 class _TextFormatter(logging.Formatter):
@@ -45,7 +49,7 @@ class _TextFormatter(logging.Formatter):
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
-        return line
+        return redact_text(line)
 
 
 def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:

@@ -84,6 +84,7 @@ class Server:
     tally: Any = None
     directory: Directory | None = None
     runner: web.AppRunner | None = None
+    metrics_runner: web.AppRunner | None = None
     addresses: list[Any] = field(default_factory=list)
 
     async def start(self, out: Callable[[str], None] = print) -> None:
@@ -115,6 +116,12 @@ class Server:
             await self.runner.setup()
             site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
             await site.start()
+            if s.metrics.enabled:
+                from .health import metrics_app
+
+                self.metrics_runner = web.AppRunner(metrics_app(self.app), handle_signals=False, access_log=None)
+                await self.metrics_runner.setup()
+                await web.TCPSite(self.metrics_runner, s.metrics.host, s.metrics.port, reuse_address=True).start()
         except BaseException:
             await self.stop()
             raise
@@ -127,6 +134,9 @@ class Server:
             out(f"SRT listener on port {self.media.srt_port} (publish with streamid=publish:<stream>)")
         else:
             out(f"SRT is disabled: {self.media.srt_error or 'srt.enabled = false'}")
+        if self.metrics_runner is not None:
+            mhost, mport = list(self.metrics_runner.addresses)[0][:2]
+            out(f"Metrics on http://{mhost}:{mport}/metrics")
         out(f"ReturnFeed is running: http://{host}:{port}/  (database: {self.db.kind}; Ctrl-C stops)")
 
     @property
@@ -135,6 +145,9 @@ class Server:
 
     async def stop(self) -> None:
         event(log, logging.INFO, "server.stopping")
+        if self.metrics_runner is not None:
+            await self.metrics_runner.cleanup()
+            self.metrics_runner = None
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None

@@ -51,7 +51,9 @@ from media.webrtc.whep import WhepService
 
 from .auth import TokenError, TokenService
 from .config import Settings
+from .grants import Grant
 from .log import event
+from .redact import redact_text
 
 log = logging.getLogger("returnfeed.media")
 
@@ -116,7 +118,7 @@ class SrtIngest:
         now = time.monotonic()
         self.publisher = stream.attach_publisher(
             SourceInfo("srt", remote=f"{conn.peer[0]}:{conn.peer[1]}" if isinstance(conn.peer, tuple) else str(conn.peer),
-                       description=conn.raw_streamid),
+                       description=redact_text(conn.raw_streamid)),
             layer=layer, takeover=service.settings.srt.takeover, now=now)
         self.demux = TsDemuxer()
         self.rap = RandomAccessScanner()
@@ -394,6 +396,12 @@ class MediaService:
                 return Decision.deny(REJ_UNAUTHORIZED, "link revoked")
             if link.stream != req.stream or link.action != req.action:
                 return Decision.deny(REJ_FORBIDDEN, "token is for another stream or action")
+            # Bound to the stream's id (issue 9 item 2): a new stream that
+            # took a deleted one's name is not the link's stream.
+            if link.stream_id is None:
+                return Decision.deny(REJ_UNAUTHORIZED, "link from before stream binding; ask for a new one")
+            if link.stream_id != entry.id or link.production_id != entry.production_id:
+                return Decision.deny(REJ_UNAUTHORIZED, "the link's stream was deleted")
             token_ok = True
         stream = self.hub.get(req.stream)
         if req.action == "publish":
@@ -401,14 +409,41 @@ class MediaService:
                 for p in stream.publishers:
                     if p.active and (p.layer is None or req.layer is None or p.layer == req.layer):
                         return Decision.deny(REJ_CONFLICT, "stream is already being published")
-            return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen,
-                                  latency_ms=entry.latency_ms, reason="publish")
+            # A publish link carries its own passphrase (issue 9 item 5), so
+            # revoking the link revokes what its srt_url handed out.
+            passphrase = self.tokens.link_passphrase(link.jti, entry.passphrase) if token_ok else entry.passphrase
+            return Decision.allow(passphrase=passphrase, pbkeylen=entry.pbkeylen,
+                                  latency_ms=entry.latency_ms, reason="publish (link)" if token_ok else "publish")
         if stream is None or stream.state != StreamState.LIVE:
             return Decision.deny(REJ_UNAVAILABLE, "stream is not live")
         if token_ok:
             return Decision.allow(latency_ms=entry.latency_ms, reason="read (link)")
         return Decision.allow(passphrase=entry.passphrase, pbkeylen=entry.pbkeylen,
                               latency_ms=entry.latency_ms, reason="read")
+
+    def _grant(self, conn: SrtConnection, live: dict[int, Any]) -> None:
+        """Register what this SRT session was admitted with, so revoking it
+        (or deleting or re-keying the stream) ends it (issue 9 item 5)."""
+        req = conn.request
+        entry = self.catalog.get(req.stream) if req is not None else None
+        if self.directory is None or req is None or entry is None:
+            return
+        link = None
+        if req.token:
+            try:
+                link = self.tokens.verify_link(req.token)
+            except TokenError:
+                return  # cannot happen: the listen callback verified it
+        encrypted = req.action == "publish" or link is None
+        sid = conn.socket_id
+
+        def close(reason: str) -> None:
+            event(log, logging.INFO, "srt.access_ended", stream=req.stream, reason=reason)
+            conn.close()
+
+        self.directory.grants.add(conn, Grant(
+            f"srt-{req.action}", entry.production_id, close, lambda: sid in live, stream=req.stream,
+            stream_id=entry.id, link=link, passphrase=entry.passphrase if encrypted else None))
 
     def on_connection(self, conn: SrtConnection) -> None:
         req = conn.request
@@ -425,6 +460,7 @@ class MediaService:
                 conn.close()
                 return
             self.ingests[conn.socket_id] = ingest
+            self._grant(conn, self.ingests)
             self.ingest.sessions += 1
             event(log, logging.INFO, "srt.publishing", stream=req.stream, layer=req.layer,
                   peer=str(conn.peer), latency_ms=conn.latency_ms, encrypted=conn.encrypted)
@@ -434,6 +470,7 @@ class MediaService:
                 conn.close()
                 return
             self.reads[conn.socket_id] = SrtRead(self, conn, stream)
+            self._grant(conn, self.reads)
             event(log, logging.INFO, "srt.reading", stream=req.stream, peer=str(conn.peer))
 
     # -- observation --------------------------------------------------------------------
@@ -628,8 +665,10 @@ class MediaService:
                                      "SRT handshakes that failed after acceptance (e.g. wrong passphrase)")
             hf.add_metric([], lc.handshake_failed)
             yield hf
+            # No peer address in labels (issue 9 item 8): a publisher's IP:port
+            # is for directors (the streams API), not for every scraper.
             per = GaugeMetricFamily("returnfeed_srt_link", "Per-connection SRT link statistics",
-                                    labels=["stream", "peer", "stat"])
+                                    labels=["stream", "layer", "stat"])
             for ingest in list(self.ingests.values()):
                 try:
                     stats = ingest.conn.stats()
@@ -638,5 +677,6 @@ class MediaService:
                 for key in ("msRTT", "pktRcvLoss", "pktRcvRetrans", "pktRcvDrop", "pktRcvBelated",
                             "msRcvBuf", "mbpsRecvRate", "msRcvTsbPdDelay"):
                     if key in stats:
-                        per.add_metric([ingest.stream.name, str(ingest.conn.peer), key], float(stats[key]))
+                        layer = ingest.conn.request.layer if ingest.conn.request is not None else None
+                        per.add_metric([ingest.stream.name, layer or "", key], float(stats[key]))
             yield per

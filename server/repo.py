@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 
 from .auth import generate_passphrase
+from .redact import redact_secrets, redact_text
 
 Conn = Any  # asyncpg.Connection | asyncpg.Pool
 
@@ -156,9 +157,20 @@ async def revoke_link(conn: Conn, jti: str, expires_at: datetime, by: int | None
 PROD_COLS = "p.id, p.name, p.description, p.settings, p.created_at, p.updated_at"
 
 
+def production_settings_json(settings: Any, my_role: str | None) -> dict[str, Any]:
+    """A production's settings as ``my_role`` may see them (issue 9 item 1):
+    secrets are write-only for everyone; switcher adapter configurations are
+    for directors (and admins) only."""
+    raw = json.loads(settings) if isinstance(settings, str) else (settings or {})
+    out = redact_secrets(raw)
+    if my_role not in ("director", "admin") and isinstance(out.get("tally"), dict):
+        out["tally"] = {k: v for k, v in out["tally"].items() if k != "adapters"}
+    return out
+
+
 def production_json(r: asyncpg.Record, my_role: str | None = None) -> dict[str, Any]:
     out = {"id": r["id"], "name": r["name"], "description": r["description"],
-           "settings": json.loads(r["settings"]) if isinstance(r["settings"], str) else r["settings"],
+           "settings": production_settings_json(r["settings"], my_role or "director"),
            "created_at": r["created_at"].isoformat(), "updated_at": r["updated_at"].isoformat()}
     if my_role is not None:
         out["my_role"] = my_role
@@ -312,5 +324,7 @@ async def audit(conn: Conn, action: str, *, actor_user_id: int | None = None, ac
                 target: str = "", detail: dict[str, Any] | None = None, ip: str | None = None) -> None:
     await conn.execute(
         "INSERT INTO audit_log (actor_user_id, actor, action, target, detail, ip) VALUES ($1,$2,$3,$4,$5::jsonb,$6)",
-        actor_user_id, actor, action, target, json.dumps(detail or {}, default=str), ip,
+        # Issue 9 item 4: audit rows never keep a token or passphrase.
+        actor_user_id, actor, action, redact_text(target),
+        redact_text(json.dumps(redact_secrets(detail or {}), default=str)), ip,
     )

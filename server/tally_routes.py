@@ -40,6 +40,8 @@ from .app import (
 )
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .limits import ConnectionCaps
+from .grants import WS_CLOSE_REVOKED, Grant
+from .redact import keep_secrets, redact_secrets
 from .tally_service import TallyConfigError, TallyService, validate_config
 
 TALLY = web.AppKey("tally", TallyService)
@@ -97,6 +99,7 @@ async def ws_tally(request: web.Request) -> web.StreamResponse:
         await ws.close(code=CloseCode.TOO_MANY_CONNECTIONS,
                        message=f"too many tally connections for this {hit} (at most {caps.caps[hit]})".encode())
         return ws
+    grants = request.app[DIRECTORY].grants
     try:
         await ws.prepare(request)
         who = p.username if p.kind == "user" else f"link:{p.link.stream if p.link else ''}"
@@ -105,8 +108,16 @@ async def ws_tally(request: web.Request) -> web.StreamResponse:
         # the program video is its WHEP return feed).
         only = frozenset({p.link.stream}) if p.kind == "link" and p.link is not None else None
         client = pt.hub.connect(aiohttp_sink(ws), director=role in ("admin", "director"), who=who, only=only)
+        # Revoking the link, deleting its stream, removing the member or changing
+        # their role closes this socket with 4403 and the reason (issue 9 item 5).
+        grants.add(ws, Grant(
+            "tally", production_id, lambda reason: pt.hub.kick(client, WS_CLOSE_REVOKED, f"access ended: {reason}"),
+            lambda: client.closed is None, stream=p.link.stream if p.link is not None else None,
+            stream_id=p.link.stream_id if p.link is not None else None, link=p.link, user_id=p.user_id,
+            roles=() if p.kind == "link" or role == "admin" else (role,)))
         await serve_aiohttp(pt.hub, client, ws)
     finally:
+        grants.discard(ws)
         caps.release(keys)
     return ws
 
@@ -122,8 +133,16 @@ async def _pt(request: web.Request, *roles: str) -> tuple[Any, Principal]:
 
 
 async def get_tally(request: web.Request) -> web.Response:
-    pt, _ = await _pt(request, "director", "camera", "viewer")
-    return web.json_response(request.app[TALLY].snapshot(pt))
+    pt, p = await _pt(request, "director", "camera", "viewer")
+    snap = request.app[TALLY].snapshot(pt)
+    if p.kind == "link" and p.link is not None:
+        # The same scope as /ws/tally gives this link (issue 9 item 3): its own
+        # source only — no other source's state, no program/preview names of
+        # other sources, no switcher adapters.
+        own = p.link.stream
+        snap = {"production": snap["production"], "production_id": snap["production_id"], "seq": snap["seq"],
+                "sources": {n: st for n, st in snap["sources"].items() if n == own}}
+    return web.json_response(snap)
 
 
 async def post_tally(request: web.Request) -> web.Response:
@@ -157,13 +176,20 @@ async def get_config(request: web.Request) -> web.Response:
     pt, _ = await _pt(request, "director")
     row = await request.app[DB].pool.fetchrow("SELECT settings FROM productions WHERE id = $1", pt.production_id)
     settings = row["settings"] if isinstance(row["settings"], dict) else json.loads(row["settings"] or "{}")
-    return web.json_response(settings.get("tally", {}))
+    # Write-only secrets (issue 9 item 1): an OBS password is "password_set".
+    return web.json_response(redact_secrets(settings.get("tally", {})))
 
 
 async def put_config(request: web.Request) -> web.Response:
     pt, p = await _pt(request, "director")
     data = await json_body(request)
     service = request.app[TALLY]
+    pool = request.app[DB].pool
+    stored = await pool.fetchval("SELECT settings -> 'tally' FROM productions WHERE id = $1", pt.production_id)
+    stored = json.loads(stored) if isinstance(stored, str) else stored
+    # A configuration read back (secrets shown as "password_set": true) and
+    # sent again keeps the stored secrets instead of erasing them.
+    data = keep_secrets(data, stored or {})
     try:
         cfg = validate_config(data)
         # Never store what cannot start: an unusable configuration would
@@ -171,7 +197,6 @@ async def put_config(request: web.Request) -> web.Response:
         await service.check(pt.production_id, cfg)
     except TallyConfigError as exc:
         raise BadRequest(str(exc)) from None
-    pool = request.app[DB].pool
     async with pool.acquire() as conn:
         await conn.execute(
             """UPDATE productions SET settings = jsonb_set(settings, '{tally}', $2::jsonb), updated_at = now()

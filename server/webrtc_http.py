@@ -19,36 +19,57 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from aiohttp import web
 
 from media.webrtc.sdp import Offer, SdpError, parse_offer
 
-from .app import SETTINGS, Principal, bearer_token, principal, production_role, stream_entry
+from .app import DIRECTORY, SETTINGS, Principal, bearer_token, principal, production_role, stream_entry
+from .grants import Grant
 from .errors import (
-    BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unauthorized, Unprocessable,
+    ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unauthorized, Unprocessable,
     UnsupportedMediaType,
 )
 
 MAX_TRICKLE_CANDIDATES = 64
 
 
-def ice_links(request: web.Request) -> list[str]:
-    """RFC 9725 §4.6 ``Link`` header values for the configured ICE servers."""
+def ice_links(request: web.Request, *, authenticated: bool = True) -> list[str]:
+    """RFC 9725 §4.6 ``Link`` header values for the configured ICE servers.
+
+    A TURN server's username and credential let whoever holds them relay
+    traffic through it, so they go only to requests that proved the right to
+    use this stream (issue 9 item 6); an unauthenticated OPTIONS gets only
+    the servers that need no credential."""
     out = []
     for s in request.app[SETTINGS].webrtc.ice_servers:
         link = f'<{s.urls}>; rel="ice-server"'
         if s.username is not None:
+            if not authenticated:
+                continue
             link += f'; username="{s.username}"; credential="{s.credential or ""}"; credential-type="password"'
         out.append(link)
     return out
 
 
-def with_ice_links(resp: web.StreamResponse, request: web.Request) -> web.StreamResponse:
-    for link in ice_links(request):
+def with_ice_links(resp: web.StreamResponse, request: web.Request, *,
+                   authenticated: bool = True) -> web.StreamResponse:
+    for link in ice_links(request, authenticated=authenticated):
         resp.headers.add("Link", link)
     return resp
+
+
+async def may_see_ice_credentials(request: web.Request, action: str) -> bool:
+    """Whether an OPTIONS request proves the right to read/publish its stream
+    (OPTIONS itself stays open: it answers 204 either way)."""
+    if bearer_token(request) is None:
+        return False
+    try:
+        await authorize_stream(request, request.match_info["stream"], action)
+    except (ApiError, web.HTTPException):
+        return False
+    return True
 
 
 #: Production roles that may publish (WHIP) a stream without a publish link.
@@ -76,6 +97,17 @@ async def authorize_stream(request: web.Request, name: str, action: str) -> tupl
     if action == "publish" and role not in PUBLISH_ROLES:
         raise Forbidden("publishing needs a publish link or the director role in this stream's production")
     return p, row
+
+
+async def register_grant(request: web.Request, what: str, p: Principal, entry: Any, roles: tuple[str, ...],
+                         session: Any, close: Callable[[str], None]) -> None:
+    """Keep what a new WHEP/WHIP ``session`` was admitted with, so revoking
+    the link, deleting the stream or taking the user's role away ends it
+    (issue 9 item 5; :mod:`server.grants`)."""
+    role = None if p.kind == "link" else await production_role(request, p, entry.production_id)
+    request.app[DIRECTORY].grants.add(session, Grant(
+        what, entry.production_id, close, lambda: not session.closed, stream=entry.name, stream_id=entry.id,
+        link=p.link, user_id=p.user_id, roles=() if role in (None, "admin") else roles))
 
 
 def owner_key(p: Principal) -> str:

@@ -44,11 +44,12 @@ from media.webrtc.sdp import SdpError
 
 from . import repo
 from .app import DB, SETTINGS, principal, require_production_role
+from .auth import MEMBER_ROLES
 from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
     SESSION_SECRET, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, session_access,
-    session_location, with_ice_links,
+    session_location, may_see_ice_credentials, register_grant, with_ice_links,
 )
 
 log = logging.getLogger("returnfeed.whep")
@@ -92,6 +93,8 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
         raise Unprocessable(f"cannot serve this offer: {exc}") from None
     except OverflowError:
         raise ServiceUnavailable("viewer limit reached", headers={"Retry-After": "10"}) from None
+    await register_grant(request, "whep", p, _row, MEMBER_ROLES, session,
+                         lambda reason: session.close_soon("access ended", reason))
     event(log, logging.INFO, "whep.session", stream=name, session=session.id, who=p.label,
           codec_note=session.answer_note)
     location = session_location(request, "whep", name, session.id, session.owner)
@@ -145,7 +148,9 @@ async def whep_options(request: web.Request) -> web.StreamResponse:
     resp = web.Response(status=204, headers={"Accept-Post": "application/sdp",
                                              "Allow": "OPTIONS, POST, HEAD"})
     if not request.headers.get("Access-Control-Request-Method"):
-        with_ice_links(resp, request)  # RFC 9725 §4.4: not on CORS preflight
+        # RFC 9725 §4.4: not on CORS preflight; TURN credentials only for a caller
+        # who may read this stream (issue 9 item 6)
+        with_ice_links(resp, request, authenticated=await may_see_ice_credentials(request, "read"))
     return resp
 
 

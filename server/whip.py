@@ -58,7 +58,7 @@ from .errors import Conflict, ServiceUnavailable, Unprocessable
 from .log import event
 from .webrtc_http import (
     authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, session_access, session_location,
-    with_ice_links,
+    PUBLISH_ROLES, may_see_ice_credentials, register_grant, with_ice_links,
 )
 from .whep import MEDIA
 
@@ -82,6 +82,8 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
         raise Unprocessable(f"cannot ingest this offer: {exc}") from None
     except OverflowError:
         raise ServiceUnavailable("WHIP session limit reached", headers={"Retry-After": "10"}) from None
+    await register_grant(request, "whip", p, _row, PUBLISH_ROLES, session,
+                         lambda reason: session.close_soon(f"access ended: {reason}"))
     plan = session.plan
     event(log, logging.INFO, "whip.session", stream=name, session=session.id, who=p.label,
           video=plan.video.reason if plan and plan.video else None, rids=list(plan.rids) if plan else [])
@@ -119,7 +121,9 @@ async def whip_get(request: web.Request) -> web.StreamResponse:
 async def whip_options(request: web.Request) -> web.StreamResponse:
     resp = web.Response(status=204, headers={"Accept-Post": "application/sdp", "Allow": "OPTIONS, POST"})
     if not request.headers.get("Access-Control-Request-Method"):
-        with_ice_links(resp, request)  # RFC 9725 §4.6: not on CORS preflight
+        # RFC 9725 §4.6: not on CORS preflight; TURN credentials only for a caller
+        # who may publish this stream (issue 9 item 6)
+        with_ice_links(resp, request, authenticated=await may_see_ice_credentials(request, "publish"))
     return resp
 
 

@@ -345,6 +345,10 @@ class TallyHub:
         self._write_one(client, frame)
         return client
 
+    def kick(self, client: TallyClient, code: int, reason: str) -> None:
+        """Close one client with ``code`` and ``reason`` (its access ended)."""
+        self._drop(client, code, reason[:120])
+
     def disconnect(self, client: TallyClient) -> None:
         """Forget a client (the connection is gone or going)."""
         self._clients.pop(client.id, None)

@@ -108,6 +108,10 @@ def api_server(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         yield srv
     finally:
         srv.stop()
+    # Issue 9 item 4: a whole module's worth of requests, SRT handshakes and
+    # sessions, and not one token in the server's log (JWTs start "eyJ").
+    leaked = [line for line in srv.output if "eyJ" in line]
+    assert not leaked, f"token in the server log: {leaked[0][:200]}"
 
 
 # In CI every external peer (ffmpeg, libsrt, srt-live-transmit, PostgreSQL,

@@ -19,6 +19,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
 SRT_BANNER = re.compile(r"SRT listener on port (\d+)")
+METRICS_BANNER = re.compile(r"Metrics on (http://\S+/metrics)")
+#: Server base URL → its metrics listener's URL (``metrics_url``).
+_METRICS_URLS: dict[str, str] = {}
+
+
+def metrics_url(base: str) -> str:
+    """The ``/metrics`` URL of the test server whose API is at ``base``
+    (metrics have their own listener, never the public port)."""
+    return _METRICS_URLS[base.rstrip("/")]
 
 
 @dataclass
@@ -31,13 +40,15 @@ class ServerProcess:
     proc: subprocess.Popen | None = None
     port: int = 0
     srt_port: int = 0
+    metrics: str = ""
     output: list[str] = field(default_factory=list)
     admin_password: str | None = None
 
     def start(self, timeout: float = 60) -> "ServerProcess":
         env = dict(os.environ)
         env.pop("DATABASE_URL", None)
-        env.update({"RETURNFEED_LOG__FORMAT": "text", "PYTHONUNBUFFERED": "1"})
+        # Any free port: several servers (and people) share this machine.
+        env.update({"RETURNFEED_LOG__FORMAT": "text", "PYTHONUNBUFFERED": "1", "RETURNFEED_METRICS__PORT": "0"})
         env.update(self.env)
         cmd = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
                "--http-port", "0", *self.args]
@@ -54,6 +65,9 @@ class ServerProcess:
                 srt = SRT_BANNER.search(line)
                 if srt:
                     self.srt_port = int(srt.group(1))
+                mm = METRICS_BANNER.search(line)
+                if mm:
+                    self.metrics = mm.group(1)
                 m = BANNER.search(line)
                 if m:
                     self.port = int(m.group(1))
@@ -67,6 +81,8 @@ class ServerProcess:
         if not ready.wait(timeout) or not self.port:
             self.kill()
             raise RuntimeError("server did not start:\n" + "\n".join(self.output[-40:]))
+        if self.metrics:
+            _METRICS_URLS[self.url] = self.metrics
         return self
 
     @property

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, http, login, stop_process, wait_until
+from helpers import ServerProcess, http, login, metrics_url, stop_process, wait_until
 from netns import CLEAN, Shaping, ViewerNetwork, netns_unavailable, remove_leftovers
 from viewer_timeline import Phase, Probe, Sample, ServerView, Switch, Timeline
 
@@ -283,7 +283,7 @@ class Recorder:
             fields = r.json()
         # The stream's WebRTC counters: the viewer's own while it is the
         # stream's only viewer (one scenario at a time).
-        metrics = http("GET", f"{self.server.url}/metrics", timeout=5)
+        metrics = http("GET", metrics_url(self.server.url), timeout=5)
         if metrics.status == 200:
             fields["stream_metrics"] = {
                 name: float(value) for name, _, value in (

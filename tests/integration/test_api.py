@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from helpers import http, login
+from helpers import http, login, metrics_url
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_healthz_and_metrics(api_server) -> None:
     assert r.status == 200
     body = r.json()
     assert body["status"] == "ok" and body["database"] == "ok" and "versions" in body
-    m = http("GET", f"{api_server.url}/metrics").body.decode()
+    m = http("GET", metrics_url(api_server.url)).body.decode()
     assert "returnfeed_http_requests_total" in m and "returnfeed_db_pool_connections" in m
     assert "returnfeed_uptime_seconds" in m
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ffmpeg_publish, http, login, stop_process, wait_until
+from helpers import ffmpeg_publish, http, login, metrics_url, stop_process, wait_until
 from media.h264 import Sps
 from media.rtp.packet import payload_bounds, peek_header
 
@@ -72,7 +72,7 @@ def test_switch_down_on_loss_at_idr_and_back_up(api_server) -> None:
     assert widths[first_low] == 320  # the first low-layer packet is a keyframe start with its SPS
     assert sizes.index(320) > 0 and 640 in sizes[sizes.index(320):], sizes  # high → low → high
     assert layers[0] == "high" and "low" in layers and layers[-1] == "high", layers
-    m = http("GET", f"{base}/metrics").body.decode()
+    m = http("GET", metrics_url(base)).body.decode()
     assert 'returnfeed_webrtc_layer_switches_total{from="high",stream="sim",to="low"}' in m
     assert 'returnfeed_webrtc_layer_switches_total{from="low",stream="sim",to="high"}' in m
 

@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
-from helpers import ffmpeg_publish, http, login, stop_process, wait_live, wait_until
+from helpers import ffmpeg_publish, http, login, metrics_url, stop_process, wait_live, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -64,7 +64,7 @@ def test_publish_shows_live_tracks_and_stats(env, name, audio, latency) -> None:
         for key in ("msRTT", "pktRcvLoss", "pktRcvRetrans", "pktRcvDrop", "msRcvBuf"):
             assert key in srt
         assert pub["transport_errors"]["cc_error"] == 0
-        m = http("GET", f"{env['base']}/metrics").body.decode()
+        m = http("GET", metrics_url(env['base'])).body.decode()
         assert f'returnfeed_stream_live{{stream="{name}"}} 1.0' in m
         assert "returnfeed_srt_link" in m
     finally:
@@ -139,7 +139,7 @@ def test_refusals(env) -> None:
                            capture_output=True, text=True, timeout=30)
         return p.returncode != 0
 
-    before = http("GET", f"{base}/metrics").body.decode()
+    before = http("GET", metrics_url(base)).body.decode()
     assert refused(_url(env, "publish:s-tok", "wrong-passphrase-123"))
     assert refused(_url(env, "publish:no-such-stream", s["passphrase"]))
     assert refused(_url(env, "publish:s-tok", None))  # passphrase required
@@ -151,7 +151,7 @@ def test_refusals(env) -> None:
                  token=env["admin"]).json()["token"]
     time.sleep(16)  # past expiry and the 5 s clock-skew leeway
     assert refused(_url(env, f"#!::r=s-tok,m=publish,s={short}", s["passphrase"]))
-    after = http("GET", f"{base}/metrics").body.decode()
+    after = http("GET", metrics_url(base)).body.decode()
     assert 'returnfeed_srt_rejected_total{code="1404"}' in after
     assert 'returnfeed_srt_rejected_total{code="1401"}' in after
     assert before != after
@@ -171,7 +171,7 @@ def test_token_publish_and_second_publisher_refused(env) -> None:
              "-c:v", "libx264", "-f", "mpegts", _url(env, "publish:s-tok", s["passphrase"])],
             capture_output=True, timeout=30)
         assert second.returncode != 0
-        m = http("GET", f"{base}/metrics").body.decode()
+        m = http("GET", metrics_url(base)).body.decode()
         assert 'returnfeed_srt_rejected_total{code="1409"}' in m
         assert wait_live(base, "s-tok", env["admin"])["live"]  # the first publisher is unaffected
     finally:

@@ -11,7 +11,7 @@ import time
 import pytest
 import websockets
 
-from helpers import ServerProcess, http, login
+from helpers import ServerProcess, http, login, metrics_url
 
 pytestmark = pytest.mark.integration
 
@@ -232,7 +232,7 @@ def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:
                 d = await _recv_json(ws, ("tally",), timeout=10)
                 got.update({k: v["state"] for k, v in d["sources"].items()})
             assert got["gfx"] == "unknown" and got["ext1"] == "program"
-        m = (await asyncio.to_thread(http, "GET", f"{base}/metrics")).body.decode()
+        m = (await asyncio.to_thread(http, "GET", metrics_url(base))).body.decode()
         assert "returnfeed_tally_adapter_connected" in m and "returnfeed_tally_clients" in m
         assert "returnfeed_tally_delivery_seconds_count" in m
         r = await asyncio.to_thread(http, "PUT", f"{base}/api/v1/productions/{pid}/tally/config",

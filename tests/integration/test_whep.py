@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import aiortc_whep_receive, ffmpeg_publish, http, login, stop_process, wait_live, wait_until
+from helpers import aiortc_whep_receive, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -145,7 +145,7 @@ def test_viewers_visible_in_api_and_metrics(env) -> None:
     assert r.status == 201
     s = http("GET", f"{base}/api/v1/streams/live1", token=env["admin"]).json()
     assert s["viewers"] >= 1
-    m = http("GET", f"{base}/metrics").body.decode()
+    m = http("GET", metrics_url(base)).body.decode()
     assert "returnfeed_forwarding_latency_seconds_bucket" in m and "returnfeed_stream_live" in m
     http("DELETE", base + r.headers["Location"], token=env["admin"])
 
@@ -265,7 +265,7 @@ def test_large_single_slice_keyframes_keep_every_viewer(env, kind) -> None:
     try:
         wait_live(base, name, admin, timeout=30)
         out, stats, listed = asyncio.run(watch())
-        metrics = http("GET", f"{base}/metrics").body.decode()
+        metrics = http("GET", metrics_url(base)).body.decode()
     finally:
         stop_process(proc)
     assert out["status"] == 201, out.get("body")
@@ -301,7 +301,7 @@ def test_per_viewer_state_for_directors_and_counters_that_never_go_down(env) -> 
             await asyncio.sleep(3)
             seen["viewers"] = http("GET", f"{base}/api/v1/streams/live1/viewers", token=admin)
             seen["stream"] = http("GET", f"{base}/api/v1/streams/live1", token=admin).json()
-            seen["metrics"] = http("GET", f"{base}/metrics").body.decode()
+            seen["metrics"] = http("GET", metrics_url(base)).body.decode()
 
         task = asyncio.ensure_future(look())
         out = await aiortc_whep_receive(f"{base}/whep/live1", admin, 4)
@@ -325,7 +325,7 @@ def test_per_viewer_state_for_directors_and_counters_that_never_go_down(env) -> 
     assert seen["stream"]["viewers_by_layer"].get("high", 0) >= 1
     assert "viewers_struggling" in seen["stream"]
     during = _metric(seen["metrics"], "returnfeed_webrtc_packets_sent_total")
-    after = http("GET", f"{base}/metrics").body.decode()
+    after = http("GET", metrics_url(base)).body.decode()
     # The session is closed now; its packets still count.
     assert _metric(after, "returnfeed_webrtc_packets_sent_total") >= during > 0
     assert _metric(after, 'returnfeed_webrtc_sessions_closed_total{reason="deleted"}') >= 1

@@ -23,7 +23,7 @@ import av
 import numpy as np
 import pytest
 
-from helpers import aiortc_whep_receive, ffmpeg_publish, http, login, stop_process, wait_live, wait_until
+from helpers import aiortc_whep_receive, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live, wait_until
 from media.rtp.h264 import H264Packetizer, split_annexb
 from media.rtp.packet import RtpPacket, wrap_rtx_payload
 from media.rtp.rtcp import Nack, Pli, ReceiverReport, Remb, SenderReport, parse_rtcp
@@ -752,7 +752,7 @@ async def _publish_and_watch(env) -> dict:
         out["viewer_pli"] = await _viewer_sends_pli(f"{base}/whep/whip1", admin)
         async with client.get(loc, headers={"Authorization": f"Bearer {token}"}) as r:
             out["session"] = await r.json()
-        out["metrics"] = (await asyncio.to_thread(http, "GET", f"{base}/metrics")).body.decode()
+        out["metrics"] = (await asyncio.to_thread(http, "GET", metrics_url(base))).body.decode()
         async with client.delete(loc, headers={"Authorization": f"Bearer {token}"}) as r:
             out["delete"] = r.status
         out["after"] = http("GET", f"{base}/api/v1/streams/whip1", token=admin).json()
