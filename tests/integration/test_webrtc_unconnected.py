@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerProcess, ffmpeg_publish, http, login, stop_process, wait_live, wait_until
+from helpers import ServerProcess, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def env(module_db_url, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def _metric(base: str, name: str) -> float:
-    text = http("GET", f"{base}/metrics").body.decode()
+    text = http("GET", metrics_url(base)).body.decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") or line.startswith(name + " "))
 
