@@ -294,10 +294,11 @@ class DatagramSender:
         sent = 0
         i, n = 0, len(datas)
         send = self.send
+        gso = self.gso
         while i < n:
             size = len(datas[i])
             j = i + 1
-            if self.gso:
+            if gso:
                 limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size) if size else 1
                 while j < n and j - i < limit and len(datas[j]) == size:
                     j += 1
@@ -312,7 +313,7 @@ class DatagramSender:
                     # datagrams themselves may be fine: send them one by one.
                     self.gso_fallbacks += 1
                     if exc.errno in _GSO_UNSUPPORTED:
-                        self.gso = False
+                        self.gso = gso = False
                     for k in range(i, j):
                         sent += send(datas[k], now)
                 else:
@@ -333,7 +334,7 @@ class FastPath:
     errors counted and survived, a full buffer drops for this viewer only).
     """
 
-    __slots__ = ("_dtls", "_srtp", "_conn", "_sender", "_sock_of", "_sndbuf")
+    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf")
 
     def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
         self._dtls = dtls_transport
@@ -342,17 +343,13 @@ class FastPath:
         if self._srtp is None:
             raise ConnectionError("DTLS transport has no SRTP session yet")
         self._conn = dtls_transport.transport._connection  # aioice.Connection
-        self._sender: DatagramSender | None = None
+        #: The current socket's sender (its counters), once anything was sent.
+        self.sender: DatagramSender | None = None
         self._sock_of: Any = None
 
     @property
-    def sender(self) -> DatagramSender | None:
-        """The current socket's sender (its counters), once anything was sent."""
-        return self._sender
-
-    @property
     def backlogged(self) -> int:
-        return self._sender.backlogged if self._sender is not None else 0
+        return self.sender.backlogged if self.sender is not None else 0
 
     def _current(self) -> DatagramSender:
         pair = self._conn._nominated.get(1)
@@ -361,7 +358,7 @@ class FastPath:
         transport = pair.protocol.transport
         if transport is None:
             raise ConnectionError("ICE transport closed")
-        sender = self._sender
+        sender = self.sender
         if self._sock_of is not transport or sender is None:
             sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
             sock.setblocking(False)
@@ -376,15 +373,15 @@ class FastPath:
                 fresh.errors_by_errno = sender.errors_by_errno
                 fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
                 sender.sock.close()
-            self._sender = sender = fresh
+            self.sender = sender = fresh
             self._sock_of = transport
-        elif sender.addr != pair.remote_addr:
+        elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
         return sender
 
     def close(self) -> None:
-        if self._sender is not None:
-            self._sender.sock.close()
+        if self.sender is not None:
+            self.sender.sock.close()
         self._sock_of = None
 
     def send_rtp(self, packet: bytes, now: float = 0.0) -> int:
@@ -395,6 +392,8 @@ class FastPath:
     def send_batch(self, packets: list[bytes], now: float = 0.0) -> int:
         """Protect and send several RTP packets; return the bytes written."""
         protect = self._srtp.protect
+        if len(packets) == 1:  # an audio packet, a short frame
+            return self._current().send(protect(packets[0]), now)
         return self._current().send_batch([protect(p) for p in packets], now)
 
     def send_rtcp(self, packet: bytes, now: float = 0.0) -> int:

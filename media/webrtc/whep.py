@@ -335,7 +335,8 @@ class WhepSession:
             self.stats.freezes += 1
             self.stats.frozen_s += max(0.0, now - self._frozen_since)
             self._frozen_since = None
-        before = fast.backlogged
+        sender = fast.sender
+        before = sender.backlogged if sender is not None else 0
         try:
             nbytes = fast.send_batch(out, now)
         except (ConnectionError, OSError, AttributeError):
@@ -343,11 +344,13 @@ class WhepSession:
             # send errors never get here: the sender counts and survives them).
             self.close_soon("transport_closed")
             return
-        self.stats.packets_sent += len(out)
-        self.stats.bytes_sent += nbytes
-        if fast.sender is not None and fast.sender.failing_since is not None:
+        stats = self.stats
+        stats.packets_sent += len(out)
+        stats.bytes_sent += nbytes
+        sender = fast.sender
+        if sender.failing_since is not None:
             self._check_send_failure(now)
-        if fast.backlogged != before:
+        if sender.backlogged != before:
             # The kernel buffer of this viewer's socket was full: packets were
             # dropped for this viewer only. Move it down, or drop it.
             self.stats.backlog_events += 1
