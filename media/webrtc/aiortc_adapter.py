@@ -334,7 +334,7 @@ class FastPath:
     errors counted and survived, a full buffer drops for this viewer only).
     """
 
-    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf")
+    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair")
 
     def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
         self._dtls = dtls_transport
@@ -345,6 +345,7 @@ class FastPath:
         self._conn = dtls_transport.transport._connection  # aioice.Connection
         #: The current socket's sender (its counters), once anything was sent.
         self.sender: DatagramSender | None = None
+        self._pair: Any = None  # the nominated pair the sender was made for
         self._sock_of: Any = None
 
     @property
@@ -353,8 +354,13 @@ class FastPath:
 
     def _current(self) -> DatagramSender:
         pair = self._conn._nominated.get(1)
+        if pair is self._pair and pair is not None:
+            transport = pair.protocol.transport
+            if transport is self._sock_of and transport is not None:
+                return self.sender  # type: ignore[return-value]  # the per-packet case
         if pair is None:
             raise ConnectionError("no nominated ICE candidate pair")
+        self._pair = pair
         transport = pair.protocol.transport
         if transport is None:
             raise ConnectionError("ICE transport closed")

@@ -466,11 +466,15 @@ class StreamFanout:
         self.stats.frames += 1
         self.stats.packets += len(packets)
         replays = self._replays
-        for sink in list(self._sinks):
-            replay = replays.get(sink) if replays else None
-            if replay is not None and replay.layer == st.name and replay.done_at is None:
-                self._queue_for_replay(sink, replay, packets, now)
-            else:
+        if replays:
+            for sink in list(self._sinks):
+                replay = replays.get(sink)
+                if replay is not None and replay.layer == st.name and replay.done_at is None:
+                    self._queue_for_replay(sink, replay, packets, now)
+                else:
+                    sink.on_packets(index, packets, now)
+        else:  # the common case, per packet-viewer: nothing to check
+            for sink in list(self._sinks):
                 sink.on_packets(index, packets, now)
         self.stats.packet_sends += len(packets) * len(self._sinks)
         if self._on_frame_sent is not None and index != AUDIO:
