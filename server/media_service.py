@@ -511,12 +511,11 @@ class MediaService:
                     "connection_failures": self.connection_failures(name)}
         st = stream.stats()
         by_layer: dict[str, int] = {}
-        now = time.monotonic()
         struggling = 0
         for v in viewers:
             key = v.layer_name or "starting"
             by_layer[key] = by_layer.get(key, 0) + 1
-            struggling += v.snapshot(now).struggling
+            struggling += v.struggling()
         tracks = []
         for t in st.tracks:
             d = {k: getattr(t, k) for k in t.__dataclass_fields__}
@@ -613,10 +612,9 @@ class MediaService:
         struggling = GaugeMetricFamily("returnfeed_webrtc_viewers_struggling",
                                        "Viewers frozen, failing to receive, or losing more than the "
                                        "down-switch threshold", labels=["stream"])
-        now = time.monotonic()
         per_stream: dict[str, int] = {}
         for s in list(self.whep.sessions.values()):
-            n = 1 if s.snapshot(now).struggling else 0
+            n = 1 if s.struggling() else 0
             per_stream[s.stream_name] = per_stream.get(s.stream_name, 0) + n
         for name, n in per_stream.items():
             struggling.add_metric([name], n)

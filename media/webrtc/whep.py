@@ -637,24 +637,35 @@ class WhepSession:
                 "probe_bytes": s.probe_bytes,
                 "estimate_bps": round(self.estimate_bps) if self.estimate_bps is not None else None}
 
-    def snapshot(self, now: float) -> "ViewerSnapshot":
-        """What a director (and /metrics) sees of this viewer now."""
+    def send_errors_by_name(self) -> dict[str, int]:
+        """Failed sends of this viewer by errno name (``EPERM``, …)."""
+        sender = self._fast.sender if self._fast is not None else None
+        if sender is None:
+            return {}
+        return {errno.errorcode.get(code, str(code)): n for code, n in sender.errors_by_errno.items()}
+
+    def struggling(self) -> bool:
+        """Frozen (a PLI/FIR not yet answered by a keyframe), every send
+        failing, or losing more than the down-switch threshold."""
         sel = self._selector
         sender = self._fast.sender if self._fast is not None else None
+        return (self._frozen_since is not None
+                or (sender is not None and sender.failing_since is not None)
+                or (sel is not None and sel.loss is not None and sel.loss > sel.policy.down_loss))
+
+    def snapshot(self, now: float) -> "ViewerSnapshot":
+        """What a director sees of this viewer now."""
+        sel = self._selector
         loss = sel.loss if sel is not None else None
-        failing = sender is not None and sender.failing_since is not None
         frozen = self._frozen_since is not None
         frozen_s = self.stats.frozen_s + (now - self._frozen_since if self._frozen_since is not None else 0.0)
-        struggling = frozen or failing or (loss is not None and sel is not None and loss > sel.policy.down_loss)
         return ViewerSnapshot(
             id=self.id, stream=self.stream_name, layer=self.layer_name, pinned=self._pin_name is not None,
             state=self.pc.connectionState, since_s=round(time.time() - self.created, 1),
             loss=None if loss is None else round(loss, 4),
             rtt_ms=None if sel is None or sel.rtt is None else round(sel.rtt * 1000.0, 1),
             estimate_bps=round(self.estimate_bps) if self.estimate_bps is not None else None,
-            frozen=frozen, struggling=struggling,
-            errors_by_errno={errno.errorcode.get(k, str(k)): v for k, v in sender.errors_by_errno.items()}
-            if sender is not None else {},
+            frozen=frozen, struggling=self.struggling(), errors_by_errno=self.send_errors_by_name(),
             counters={**self.counters(), "frozen_s": round(frozen_s, 3)})
 
     def info(self) -> SessionInfo:
@@ -782,11 +793,8 @@ class WhepService:
         if self.sessions.pop(session.id, None) is None:
             return
         self.closed_totals.add(session.stats)
-        sender = session._fast.sender if session._fast is not None else None
-        if sender is not None:
-            for code, n in sender.errors_by_errno.items():
-                name = errno.errorcode.get(code, str(code))
-                self.closed_send_errors[name] = self.closed_send_errors.get(name, 0) + n
+        for name, n in session.send_errors_by_name().items():
+            self.closed_send_errors[name] = self.closed_send_errors.get(name, 0) + n
         reason = session.close_reason or "deleted"
         self.closed_by_reason[reason] = self.closed_by_reason.get(reason, 0) + 1
 
@@ -798,11 +806,8 @@ class WhepService:
         errors = dict(self.closed_send_errors)
         for session in list(self.sessions.values()):
             total.add(session.stats)
-            sender = session._fast.sender if session._fast is not None else None
-            if sender is not None:
-                for code, n in sender.errors_by_errno.items():
-                    name = errno.errorcode.get(code, str(code))
-                    errors[name] = errors.get(name, 0) + n
+            for name, n in session.send_errors_by_name().items():
+                errors[name] = errors.get(name, 0) + n
         return total, errors
 
     def viewers(self, stream: str) -> list[WhepSession]:
