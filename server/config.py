@@ -131,6 +131,9 @@ class WebRtcSettings(_Section):
     #: Loss is measured over this many seconds of receiver reports, however
     #: many reports arrive in them.
     layer_loss_window_s: float = Field(1.0, gt=0.0, le=30.0)
+    #: A viewer is probed for the next layer only after this many seconds
+    #: of reports with < 1 % loss (random loss leaves single clean seconds).
+    layer_up_window_s: float = Field(3.0, gt=0.0, le=30.0)
     #: After an up-switch that fails (down again within 10 s) the next one
     #: waits this long, twice as long after each further failure (seconds).
     layer_up_backoff_s: float = Field(30.0, ge=0.0)
@@ -158,7 +161,7 @@ class WebRtcSettings(_Section):
 
     def layer_policy(self) -> LayerPolicy:
         """The layer selector's rules with this file's timings."""
-        return LayerPolicy(loss_window=self.layer_loss_window_s, up_backoff=self.layer_up_backoff_s,
+        return LayerPolicy(loss_window=self.layer_loss_window_s, up_window=self.layer_up_window_s, up_backoff=self.layer_up_backoff_s,
                            up_backoff_max=self.layer_up_backoff_max_s, probe_retry=self.layer_probe_retry_s,
                            probe_retry_max=self.layer_probe_retry_max_s)
 

@@ -10,13 +10,15 @@ PostgreSQL. A second signal during shutdown exits at once.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import secrets
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -145,25 +147,36 @@ class Server:
 
     async def stop(self) -> None:
         event(log, logging.INFO, "server.stopping")
+        began = time.monotonic()
+        steps: dict[str, float] = {}
+
+        async def step(name: str, stop: Callable[[], Awaitable[Any]]) -> None:
+            t0 = time.monotonic()
+            event(log, logging.DEBUG, "server.stop_step", step=name)
+            await stop()
+            steps[name] = round(time.monotonic() - t0, 3)
+            if steps[name] >= 2.0:  # a slow step is named, not guessed at
+                event(log, logging.WARNING, "server.stop_step_slow", step=name, seconds=steps[name])
+
         if self.metrics_runner is not None:
-            await self.metrics_runner.cleanup()
+            await step("metrics_http", self.metrics_runner.cleanup)
             self.metrics_runner = None
         if self.runner is not None:
-            await self.runner.cleanup()
+            await step("http", self.runner.cleanup)
             self.runner = None
         if self.tally is not None:
-            await self.tally.stop()
+            await step("tally", self.tally.stop)
             self.tally = None
         if self.media is not None:
-            await self.media.stop()
+            await step("media", self.media.stop)
             self.media = None
         if self.directory is not None:
-            await self.directory.stop()
+            await step("directory", self.directory.stop)
             self.directory = None
         if self.db is not None:
-            await self.db.close()
+            await step("database", self.db.close)
             self.db = None
-        event(log, logging.INFO, "server.stopped")
+        event(log, logging.INFO, "server.stopped", seconds=round(time.monotonic() - began, 3), steps=steps)
 
 
 async def serve(settings: Settings) -> int:
@@ -183,6 +196,9 @@ async def serve(settings: Settings) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: what a hung
+    # server is doing, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     try:
         await server.start(out=lambda line: print(line, flush=True))
     except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -89,15 +90,23 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def stop(self, timeout: float = 30) -> int:
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM and wait. The server's own shutdown budgets (HTTP drain,
+        deferred writes, pool close, PostgreSQL's shutdown checkpoint) add
+        up to well under a minute; past *timeout* the server's thread stacks
+        (SIGUSR1) and log tail are part of the failure."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
             self.kill()
-            raise
+            tail = "\n".join(self.output[-80:])
+            raise AssertionError(f"server did not stop within {timeout} s; its last output:\n{tail}") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -7,14 +7,19 @@ only ever steps one layer at a time. The product's rules:
   is > 3 % **or** RTT > 150 ms **or** estimated bandwidth (REMB) <
   200 kbit/s; at most one automatic switch per 5 s (cooldown);
 * **up** one layer only on evidence that the viewer's link has room for it:
-  loss < 1 % **and** RTT < 100 ms, then
+  loss < 1 % over the last ``up_window`` seconds (3 s: at 8 % random loss a
+  1 s window of a low layer's ~40 packets is loss-free one time in thirty,
+  3 s of them one time in four thousand) **and** RTT < 100 ms, then
 
   - a viewer that can be probed (RTX negotiated) is **probed** first
     (:attr:`Action.PROBE`): the sender adds RTX copies of recent packets,
     ramping the total up to the next layer's rate, while this object watches
     the reports. Loss, an RTT rise or a falling REMB during the probe or its
     settle time fails it (:attr:`Action.PROBE_STOP`); a clean probe switches
-    up (:attr:`Reason.PROBE_OK`). Loss during a probe is also read from the
+    up (:attr:`Reason.PROBE_OK`). The probe's RTX copies can repair a lost
+    media packet before the receiver NACKs it, so a probe alone can look
+    clean on a lossy link: that is why its start needs the longer loss-free
+    window. Loss during a probe is also read from the
     viewer's NACKs (:meth:`LayerSelector.on_nack`): a receiver that repairs
     a loss by RTX counts the packet as received in its next report. A
     failed probe is retried after
@@ -99,6 +104,7 @@ class LayerPolicy:
     cooldown: float = 5.0
     loss_window: float = 1.0
     loss_min_packets: int = 20
+    up_window: float = 3.0
     rtt_window: float = 1.0
     up_hold: float = 10.0
     up_backoff: float = 30.0
@@ -116,7 +122,7 @@ class LayerPolicy:
         for name in ("cooldown", "up_hold", "up_backoff", "probe_settle"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
-        for name in ("loss_window", "rtt_window", "probe_duration", "probe_retry"):
+        for name in ("loss_window", "rtt_window", "probe_duration", "probe_retry", "up_window"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.up_backoff_max < self.up_backoff or self.probe_retry_max < self.probe_retry:
@@ -264,11 +270,15 @@ class LayerSelector:
         and NACKs held: a faster, noisier view than :attr:`loss`, for
         estimating what gets through the link now (once per RTCP packet, a
         short scan)."""
+        return self._loss_since(now - seconds)
+
+    def _loss_since(self, horizon: float) -> float | None:
+        """Loss between the newest report and the newest one at or before
+        *horizon* (the oldest held if none is); None on too few packets."""
         samples = self._samples
         if len(samples) < 2:
             return None
         _t1, h1, l1 = samples[-1]
-        horizon = now - seconds
         base = samples[0]
         for sample in reversed(samples):
             if sample[0] <= horizon:
@@ -279,6 +289,17 @@ class LayerSelector:
             return None
         lost = max(l1 - base[2], self._nacked_since(base[0]))
         return min(max(lost / expected, 0.0), 1.0)
+
+    def _up_loss(self) -> float | None:
+        """Loss over reports spanning the whole up window (back from the
+        newest); None until they do."""
+        samples = self._samples
+        if len(samples) < 2:
+            return None
+        horizon = samples[-1][0] - self.policy.up_window
+        if samples[0][0] > horizon:
+            return None
+        return self._loss_since(horizon)
 
     def _nacked_since(self, t0: float) -> int:
         """Distinct sequence numbers first NACKed after *t0*."""
@@ -321,14 +342,13 @@ class LayerSelector:
         self._last_counters = (highest, lost)
         samples = self._samples
         samples.append((now, highest, lost))
-        horizon = now - self.policy.loss_window
+        p = self.policy
+        horizon = now - max(p.loss_window, p.up_window)
         while len(samples) > 2 and samples[1][0] <= horizon:
             samples.popleft()
-        t0, h0, l0 = samples[0]
-        expected = (highest - h0) & 0xFFFFFFFF
-        if expected >= self.policy.loss_min_packets and expected < 0x80000000:
-            lost_in_window = max(lost - l0, self._nacked_since(t0))
-            self.loss = min(max(lost_in_window / expected, 0.0), 1.0)
+        loss = self._loss_since(now - p.loss_window)
+        if loss is not None:
+            self.loss = loss
         if rtt is not None:
             sample = max(0.0, float(rtt))
             self._rtt_last = sample
@@ -449,6 +469,9 @@ class LayerSelector:
             or rtt is None
             or rtt >= p.up_rtt
         ):
+            return None
+        up_loss = self._up_loss()
+        if up_loss is None or up_loss >= p.up_loss:
             return None
         if self.can_probe:
             if now < self._next_probe:

@@ -181,6 +181,23 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def wait_settled(size: Callable[[], int], done: Callable[[], bool], quiet_s: float = 1.0,
+                       timeout: float = 15.0) -> None:
+    """Until ``done()``, or ``size()`` has not grown for ``quiet_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last, since = size(), loop.time()
+    while not done():
+        now = loop.time()
+        if size() != last:
+            last, since = size(), now
+        elif now - since >= quiet_s:
+            return
+        if now > deadline:
+            raise AssertionError("data still arriving after the deadline")
+        await asyncio.sleep(0.02)
+
+
 def call(
     lib: SrtLibrary, port: int, streamid: str, passphrase: str | None = None, pbkeylen: int | None = None
 ) -> tuple[int | None, int]:
@@ -503,9 +520,12 @@ async def _lossy_relay_arq_recovers_everything(clip: Path) -> None:
             conn = got.connections[0]
             rc, err = await finish(proc)
             assert rc == 0, err
-            # the caller's shutdown message may itself be lost: do not wait
-            # for the peer-idle timeout, only for the data
-            await wait_for(lambda: len(got.bytes_of("cam1")) >= len(expected) or bool(got.closed), 3)
+            # the caller's shutdown message may itself be lost, and so may its
+            # last packets (nothing after them reveals the gap): wait for the
+            # data to be complete, the connection closed, or the byte count
+            # to stop growing — never for the peer-idle timeout
+            await wait_settled(lambda: len(got.bytes_of("cam1")), done=lambda: (
+                len(got.bytes_of("cam1")) >= len(expected) or bool(got.closed)))
             await asyncio.sleep(0.15)
             stats = conn.stats()
         finally:

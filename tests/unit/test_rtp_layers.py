@@ -12,6 +12,9 @@ import pytest
 from media.rtp.layers import Action, LayerDecision, LayerPolicy, LayerSelector, Reason
 
 GOOD_BW = 2_000_000
+# Most tests here are about one rule at a time: a short up window lets one
+# clean report satisfy it (the window itself has its own tests below).
+QUICK = LayerPolicy(up_window=0.25)
 
 
 class Receiver:
@@ -34,7 +37,7 @@ def good_network(sel: LayerSelector, rx: Receiver, now: float):
 
 
 def test_up_needs_loss_rtt_and_remb_without_probing() -> None:
-    sel = LayerSelector(3, initial_layer=0)
+    sel = LayerSelector(3, initial_layer=0, policy=QUICK)
     rx = Receiver(sel)
     assert rx.report(0.0, packets=100) is None  # bandwidth unknown (and loss not yet measured)
     assert rx.report(0.5, packets=100) is None
@@ -48,7 +51,7 @@ def test_up_needs_loss_rtt_and_remb_without_probing() -> None:
 
 @pytest.mark.parametrize("lost, rtt", [(2, 0.050), (0, 0.100), (0, None)])
 def test_up_blocked_by_loss_or_rtt(lost: int, rtt: float | None) -> None:
-    sel = LayerSelector(2, initial_layer=0)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK)
     rx = Receiver(sel)
     sel.on_remb(GOOD_BW, 0.0)
     rx.report(0.0, rtt=rtt)
@@ -64,7 +67,7 @@ def test_up_blocked_by_loss_or_rtt(lost: int, rtt: float | None) -> None:
     ],
 )
 def test_each_down_rule(feed, reason: Reason) -> None:
-    sel = LayerSelector(3, initial_layer=2)
+    sel = LayerSelector(3, initial_layer=2, policy=QUICK)
     rx = Receiver(sel)
     rx.report(-1.0)  # outside the RTT window at 0.25
     d = feed(rx, 0.25)
@@ -73,7 +76,7 @@ def test_each_down_rule(feed, reason: Reason) -> None:
 
 
 def test_down_thresholds_are_strict() -> None:
-    sel = LayerSelector(2, initial_layer=1)
+    sel = LayerSelector(2, initial_layer=1, policy=QUICK)
     rx = Receiver(sel)
     rx.report(0.0)
     assert rx.report(0.5, packets=100, lost=3, rtt=0.150) is None  # exactly 3 %
@@ -82,7 +85,7 @@ def test_down_thresholds_are_strict() -> None:
 
 
 def test_down_reports_every_reason_and_stops_at_lowest() -> None:
-    sel = LayerSelector(3, initial_layer=2)
+    sel = LayerSelector(3, initial_layer=2, policy=QUICK)
     rx = Receiver(sel)
     d = sel.on_remb(100_000, 0.0)
     assert d.reasons == (Reason.BANDWIDTH,) and sel.layer == 1
@@ -93,7 +96,7 @@ def test_down_reports_every_reason_and_stops_at_lowest() -> None:
 
 
 def test_cooldown_five_seconds_between_switches_one_step_at_a_time() -> None:
-    sel = LayerSelector(4, initial_layer=3)
+    sel = LayerSelector(4, initial_layer=3, policy=QUICK)
     rx = Receiver(sel)
     rx.report(-1.0)
     assert rx.report(0.0, packets=100, lost=50, rtt=0.3).to_layer == 2
@@ -107,7 +110,7 @@ def test_cooldown_five_seconds_between_switches_one_step_at_a_time() -> None:
 def test_loss_is_measured_over_time_not_over_reports(reports_per_second: int) -> None:
     """The same network (6 % loss for 1 s, then clean) gives the same loss
     whether the viewer reports once or 30 times a second."""
-    sel = LayerSelector(2, initial_layer=1, policy=LayerPolicy(cooldown=0.0, loss_window=2.0))
+    sel = LayerSelector(2, initial_layer=1, policy=LayerPolicy(cooldown=0.0, loss_window=2.0, up_window=0.25))
     rx = Receiver(sel)
     rate = 300  # packets/s
     n = rate // reports_per_second
@@ -129,7 +132,7 @@ def test_loss_is_measured_over_time_not_over_reports(reports_per_second: int) ->
 def test_burst_of_reports_under_loss_does_not_speed_up_recovery() -> None:
     """30 reports in 1 s after loss stops must not wash the loss out: the
     window still covers the lossy second."""
-    sel = LayerSelector(2, initial_layer=0, policy=LayerPolicy(cooldown=0.0, loss_window=2.0))
+    sel = LayerSelector(2, initial_layer=0, policy=LayerPolicy(cooldown=0.0, loss_window=2.0, up_window=0.25))
     rx = Receiver(sel)
     rx.report(0.0)
     rx.report(1.0, packets=40, lost=20)  # 50 % loss on the low layer
@@ -141,7 +144,7 @@ def test_burst_of_reports_under_loss_does_not_speed_up_recovery() -> None:
 def test_rtt_is_the_smallest_sample_of_the_last_second() -> None:
     """One late report (a busy receiver) does not move the viewer; a queue,
     which delays every report, does within about a second."""
-    sel = LayerSelector(2, initial_layer=1)
+    sel = LayerSelector(2, initial_layer=1, policy=QUICK)
     rx = Receiver(sel)
     for k in range(8):
         rx.report(k * 0.25, packets=60, rtt=0.005)
@@ -153,7 +156,7 @@ def test_rtt_is_the_smallest_sample_of_the_last_second() -> None:
 
 
 def test_too_few_packets_leave_loss_unchanged() -> None:
-    sel = LayerSelector(2, initial_layer=1)
+    sel = LayerSelector(2, initial_layer=1, policy=QUICK)
     rx = Receiver(sel)
     rx.report(0.0)
     assert rx.report(0.25, packets=5, lost=3) is None  # 5 expected: not a measurement
@@ -161,7 +164,7 @@ def test_too_few_packets_leave_loss_unchanged() -> None:
 
 
 def test_pinned_layer_disables_automatic_switching() -> None:
-    sel = LayerSelector(3, initial_layer=2)
+    sel = LayerSelector(3, initial_layer=2, policy=QUICK)
     rx = Receiver(sel)
     d = sel.pin(0, 0.0)
     assert d is not None and d.reasons == (Reason.PINNED,) and sel.layer == 0
@@ -175,7 +178,7 @@ def test_pinned_layer_disables_automatic_switching() -> None:
 
 
 def test_send_queue_overflow_steps_down_ignoring_cooldown_then_drops() -> None:
-    sel = LayerSelector(3, initial_layer=2)
+    sel = LayerSelector(3, initial_layer=2, policy=QUICK)
     sel.on_remb(100_000, 0.0)  # → 1, cooldown running
     d = sel.on_send_queue_overflow(0.1)
     assert d.action is Action.SWITCH and (d.from_layer, d.to_layer) == (1, 0)
@@ -185,14 +188,14 @@ def test_send_queue_overflow_steps_down_ignoring_cooldown_then_drops() -> None:
 
 
 def test_overflow_while_pinned_drops_viewer() -> None:
-    sel = LayerSelector(2, initial_layer=1)
+    sel = LayerSelector(2, initial_layer=1, policy=QUICK)
     sel.pin(1, 0.0)
     d = sel.on_send_queue_overflow(1.0)
     assert d.action is Action.DROP_VIEWER and Reason.PINNED in d.reasons and sel.layer == 1
 
 
 def test_single_layer_and_validation() -> None:
-    sel = LayerSelector(1, can_probe=True)
+    sel = LayerSelector(1, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     rx.report(0.0)
     assert good_network(sel, rx, 1.0) is None
@@ -200,7 +203,7 @@ def test_single_layer_and_validation() -> None:
     with pytest.raises(ValueError):
         LayerSelector(0)
     with pytest.raises(ValueError):
-        LayerSelector(2, initial_layer=2)
+        LayerSelector(2, initial_layer=2, policy=QUICK)
     with pytest.raises(ValueError):
         LayerPolicy(loss_window=0.0)
     with pytest.raises(ValueError):
@@ -213,7 +216,7 @@ def test_single_layer_and_validation() -> None:
 def test_failed_up_switch_backs_off_exponentially_to_a_minute() -> None:
     """A viewer that cannot be probed goes up on REMB; each up-switch that is
     followed by a down-switch within 10 s doubles the wait: 30, 60, 60 s."""
-    sel = LayerSelector(2, initial_layer=0)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK)
     rx = Receiver(sel)
     sel.on_remb(3_800_000, 0.0)  # a policer: REMB stays high, the loss is what tells
     t = 0.0
@@ -235,7 +238,7 @@ def test_failed_up_switch_backs_off_exponentially_to_a_minute() -> None:
 
 
 def test_up_switch_that_holds_resets_the_backoff() -> None:
-    sel = LayerSelector(2, initial_layer=1)
+    sel = LayerSelector(2, initial_layer=1, policy=QUICK)
     rx = Receiver(sel)
     sel.on_remb(GOOD_BW, 0.0)
     rx.report(0.0)
@@ -352,7 +355,7 @@ def test_probe_fails_on_rtt_rise_behind_a_queue() -> None:
 
 
 def test_probe_fails_when_remb_falls() -> None:
-    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     sel.on_remb(1_000_000, 0.0)
     rx.report(0.0)
@@ -368,7 +371,7 @@ def test_probe_fails_when_remb_falls() -> None:
 
 
 def test_probe_decision_on_timer_and_switch() -> None:
-    sel = LayerSelector(3, initial_layer=0, can_probe=True)
+    sel = LayerSelector(3, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     rx.report(0.0)
     d = rx.report(0.25, packets=40)  # no REMB at all: a probe needs none
@@ -383,7 +386,7 @@ def test_probe_decision_on_timer_and_switch() -> None:
 
 
 def test_overflow_during_probe_stops_the_probe_not_the_viewer() -> None:
-    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     rx.report(0.0)
     assert rx.report(0.25, packets=40).action is Action.PROBE
@@ -393,7 +396,7 @@ def test_overflow_during_probe_stops_the_probe_not_the_viewer() -> None:
 
 
 def test_pin_cancels_a_probe() -> None:
-    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     rx.report(0.0)
     assert rx.report(0.25, packets=40).action is Action.PROBE
@@ -415,7 +418,7 @@ def test_random_loss_keeps_the_viewer_low_without_probing() -> None:
 def test_nack_during_probe_fails_it_before_the_reports_show_loss() -> None:
     """A receiver repairs a loss by RTX within a round trip and then counts the
     packet received: the report blocks stay clean, the NACK does not."""
-    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     rx.report(0.0)
     assert rx.report(0.25, packets=40).action is Action.PROBE  # highest seq 1040 at the start
@@ -430,7 +433,7 @@ def test_low_remb_on_the_lowest_layer_does_not_stop_probing() -> None:
     """After a queue is lifted Chromium's REMB sits near what it receives, or
     below the down threshold; on the lowest layer the probe still runs, and a
     rising REMB during it does not fail it."""
-    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     sel.on_remb(150_000, 0.0)
     rx.report(0.0)
@@ -445,7 +448,7 @@ def test_low_remb_on_the_lowest_layer_does_not_stop_probing() -> None:
 def test_nacked_packets_count_as_loss_though_reports_show_them_repaired() -> None:
     """8 % random loss repaired by RTX: the report blocks stay near 0, the
     distinct NACKed numbers (repeats counted once) say 8 %."""
-    sel = LayerSelector(2, initial_layer=1)
+    sel = LayerSelector(2, initial_layer=1, policy=QUICK)
     rx = Receiver(sel)
     rx.report(0.0)
     seq = rx.highest
@@ -462,7 +465,7 @@ def test_nacked_packets_count_as_loss_though_reports_show_them_repaired() -> Non
 
 
 def test_one_late_report_does_not_fail_a_probe_two_do() -> None:
-    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     rx.report(0.0, rtt=0.002)
     assert rx.report(0.25, packets=40, rtt=0.002).action is Action.PROBE
@@ -472,8 +475,90 @@ def test_one_late_report_does_not_fail_a_probe_two_do() -> None:
     d = rx.report(1.1, packets=3, rtt=0.095)
     assert d.action is Action.PROBE_STOP and d.reasons == (Reason.RTT,)
     # One sample far above (a queue already 100 ms deep) is enough.
-    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    sel = LayerSelector(2, initial_layer=0, policy=QUICK, can_probe=True)
     rx = Receiver(sel)
     rx.report(0.0, rtt=0.002)
     assert rx.report(0.25, packets=40, rtt=0.002).action is Action.PROBE
     assert rx.report(0.5, packets=10, rtt=0.110).action is Action.PROBE_STOP
+
+
+def _lossy_reports(sel: LayerSelector, rx: Receiver, start: float, end: float, lost_every: int) -> list:
+    """40 packets a second in reports every 0.25 s; one lost every *lost_every* reports."""
+    out, now, i = [], start, 0
+    while now < end:
+        i += 1
+        out.append(rx.report(now, packets=10, lost=1 if i % lost_every == 0 else 0, rtt=0.002))
+        now += 0.25
+    return out
+
+
+def test_one_clean_second_in_a_lossy_stretch_starts_no_probe() -> None:
+    # Random loss on a low layer leaves whole seconds without a lost packet
+    # (the 1 s view reads 0 %); only the full up window (3 s) says the link
+    # is clean. Here: 3 packets lost every 1.5 s, 5 % on average.
+    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    rx = Receiver(sel)
+    seen_clean_second = False
+    now, i = 0.0, 0
+    while now < 10.0:
+        i += 1
+        assert rx.report(now, packets=10, lost=3 if i % 6 == 0 else 0, rtt=0.002) is None
+        seen_clean_second = seen_clean_second or sel.loss == 0.0
+        last_loss = now if i % 6 == 0 else locals().get("last_loss", 0.0)
+        now += 0.25
+    assert seen_clean_second
+    first = None
+    while first is None and now < 20.0:
+        first = rx.report(now, packets=10, rtt=0.002)
+        now += 0.25
+    assert first is not None and first.action is Action.PROBE and Reason.NETWORK_GOOD in first.reasons
+    assert first.at >= last_loss + 3.0 - 0.25
+
+
+def test_up_window_must_be_spanned_by_reports() -> None:
+    sel = LayerSelector(2, initial_layer=0, can_probe=True)
+    rx = Receiver(sel)
+    assert rx.report(0.0, rtt=0.002) is None
+    for k in range(1, 12):  # clean, but only 2.75 s of reports
+        assert rx.report(0.25 * k, packets=10, rtt=0.002) is None
+    d = rx.report(3.0, packets=10, rtt=0.002)
+    assert d is not None and d.action is Action.PROBE
+
+
+def test_up_window_is_validated() -> None:
+    with pytest.raises(ValueError):
+        LayerPolicy(up_window=0.0)
+
+
+def _random_loss_run(policy: LayerPolicy | None, seed: int) -> tuple[list[LayerDecision], float]:
+    """Low layer, 40 packets/s in reports every 50 ms; 8 % random loss for
+    the first 30 s, except while probing (the probe's RTX copies repair a lost
+    packet before the receiver NACKs it); clean after."""
+    import random
+
+    rng = random.Random(seed)
+    sel = LayerSelector(2, initial_layer=0, policy=policy, can_probe=True)
+    rx = Receiver(sel)
+    out: list[LayerDecision] = []
+    t = 0.0
+    while t < 50.0:
+        t = round(t + 0.05, 6)
+        rate = 250 if sel.layer == 1 else 40
+        n = round(rate * 0.05)
+        probing = sel.probing is not None
+        lossy = t < 30.0 and not probing
+        lost = sum(1 for _ in range(n) if lossy and rng.random() < 0.08)
+        for d in (rx.report(t, packets=n, lost=lost, rtt=0.002),
+                  sel.handle_timer(t) if sel.next_deadline() is not None and t >= sel.next_deadline() else None,
+                  sel.on_remb(260_000, t) if round(t * 20) % 10 == 0 else None):
+            if d is not None:
+                out.append(d)
+    return out, 30.0
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_loss_a_probe_cannot_hide_goes_up_only_once_clean(seed: int) -> None:
+    decisions, clean_at = _random_loss_run(None, seed)
+    ups = [d for d in decisions if d.action is Action.SWITCH and d.to_layer == 1]
+    assert ups and all(d.at >= clean_at for d in ups), [(d.at, d.reasons) for d in ups]
+    assert ups[0].at - clean_at <= 10.0
