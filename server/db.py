@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import re
 import time
@@ -133,6 +134,13 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # mid-operation ("another operation is in progress").
     asyncpg.exceptions.InternalClientError,
 )
+
+
+async def set_codecs(conn: asyncpg.Connection) -> None:
+    """Decode ``jsonb`` to Python objects and encode Python objects to it, on
+    every connection we open (the pool's ``init`` and :meth:`Database.direct`),
+    so no caller ``json.loads`` a column or ``json.dumps`` a parameter."""
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -411,7 +419,7 @@ class Database:
             self.raw_pool = await asyncpg.create_pool(
                 self.url, min_size=self.pool_min, max_size=self.pool_max,
                 timeout=self.connect_timeout, command_timeout=self.statement_timeout,
-                connection_class=GuardedConnection,
+                connection_class=GuardedConnection, init=set_codecs,
             )
             self.pool = GuardedPool(self, self.raw_pool)
             if run_migrations:
@@ -630,6 +638,11 @@ class _Direct:
 
     async def __aenter__(self) -> asyncpg.Connection:
         self._conn = await asyncpg.connect(self._db.url, timeout=self._db.connect_timeout)
+        try:
+            await set_codecs(self._conn)
+        except BaseException:
+            self._conn.terminate()
+            raise
         return self._conn
 
     async def __aexit__(self, *exc: Any) -> None:

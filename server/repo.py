@@ -1,8 +1,10 @@
-"""SQL for users, productions, members, streams, tokens and audit.
+"""SQL for users, productions, members, streams, tokens, tally and audit.
 
 Every function takes a connection or pool (anything with ``fetch``/
 ``fetchrow``/``execute``) so callers choose the transaction. Values are always
 bound parameters: names with quotes or SQL fragments are stored literally.
+``jsonb`` columns and parameters are Python objects: the codec is set once
+per connection (:func:`server.db.set_codecs`).
 """
 
 from __future__ import annotations
@@ -161,8 +163,7 @@ def production_settings_json(settings: Any, my_role: str | None) -> dict[str, An
     """A production's settings as ``my_role`` may see them (issue 9 item 1):
     secrets are write-only for everyone; switcher adapter configurations are
     for directors (and admins) only."""
-    raw = json.loads(settings) if isinstance(settings, str) else (settings or {})
-    out = redact_secrets(raw)
+    out = redact_secrets(settings or {})
     if my_role not in ("director", "admin") and isinstance(out.get("tally"), dict):
         out["tally"] = {k: v for k, v in out["tally"].items() if k != "adapters"}
     return out
@@ -261,7 +262,7 @@ async def create_stream(conn: Conn, name: str, production_id: int, pbkeylen: int
     sid = await conn.fetchval(
         """INSERT INTO streams (name, production_id, passphrase, pbkeylen, label, settings, latency_ms)
            VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7) RETURNING id""",
-        name, production_id, generate_passphrase(), pbkeylen, label, json.dumps(settings), latency_ms,
+        name, production_id, generate_passphrase(), pbkeylen, label, settings, latency_ms,
     )
     return await stream_by_id(conn, sid)
 
@@ -300,7 +301,7 @@ async def update_stream(conn: Conn, sid: int, label: str | None, settings: dict[
     await conn.execute(
         """UPDATE streams SET label = coalesce($2, label),
                   settings = coalesce($3::jsonb, settings), updated_at = now() WHERE id = $1""",
-        sid, label, json.dumps(settings) if settings is not None else None,
+        sid, label, settings,
     )
 
 
@@ -323,8 +324,87 @@ async def user_production_roles(conn: Conn, user_id: int) -> dict[int, str]:
 async def audit(conn: Conn, action: str, *, actor_user_id: int | None = None, actor: str = "",
                 target: str = "", detail: dict[str, Any] | None = None, ip: str | None = None) -> None:
     await conn.execute(
-        "INSERT INTO audit_log (actor_user_id, actor, action, target, detail, ip) VALUES ($1,$2,$3,$4,$5::jsonb,$6)",
+        # $5 is text cast to jsonb: the redaction works on the serialised
+        # text, so it is sent as text rather than through the jsonb codec.
+        "INSERT INTO audit_log (actor_user_id, actor, action, target, detail, ip) "
+        "VALUES ($1,$2,$3,$4,$5::text::jsonb,$6)",
         # Issue 9 item 4: audit rows never keep a token or passphrase.
         actor_user_id, actor, action, redact_text(target),
         redact_text(json.dumps(redact_secrets(detail or {}), default=str)), ip,
     )
+
+
+# -- tally -----------------------------------------------------------------
+
+async def production_name_settings(conn: Conn, production_id: int) -> asyncpg.Record | None:
+    """``name`` and ``settings`` of a production (None: no such production)."""
+    return await conn.fetchrow("SELECT name, settings FROM productions WHERE id = $1", production_id)
+
+
+async def production_settings(conn: Conn, production_id: int) -> dict[str, Any]:
+    """A production's settings object ({} for no such production)."""
+    return await conn.fetchval("SELECT settings FROM productions WHERE id = $1", production_id) or {}
+
+
+async def production_tally_config(conn: Conn, production_id: int) -> dict[str, Any] | None:
+    """The stored tally configuration (``settings.tally``), None when unset."""
+    return await conn.fetchval("SELECT settings -> 'tally' FROM productions WHERE id = $1", production_id)
+
+
+async def set_production_tally_config(conn: Conn, production_id: int, cfg: dict[str, Any]) -> None:
+    await conn.execute(
+        """UPDATE productions SET settings = jsonb_set(settings, '{tally}', $2::jsonb), updated_at = now()
+           WHERE id = $1""", production_id, cfg)
+
+
+async def stream_labels(conn: Conn, production_id: int) -> list[asyncpg.Record]:
+    """``name`` and ``label`` of a production's streams, oldest first (its tally sources)."""
+    return await conn.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id", production_id)
+
+
+async def stream_names_by_production(conn: Conn) -> dict[int, list[str]]:
+    """Every production's stream names, oldest first."""
+    rows = await conn.fetch("SELECT production_id, array_agg(name ORDER BY id) AS names "
+                            "FROM streams GROUP BY production_id")
+    return {r["production_id"]: list(r["names"]) for r in rows}
+
+
+async def tally_state(conn: Conn, production_id: int) -> asyncpg.Record | None:
+    """The stored ``seq`` and ``state`` of a production's tally."""
+    return await conn.fetchrow("SELECT seq, state FROM tally_state WHERE production_id = $1", production_id)
+
+
+async def append_tally_events(conn: Conn, production_id: int,
+                              events: list[tuple[int, dict[str, Any], str, str]]) -> None:
+    """Audit rows ``(seq, changes, actor, origin)`` of one production."""
+    await conn.executemany(
+        """INSERT INTO tally_events (production_id, seq, changes, actor, origin)
+           VALUES ($1, $2, $3::jsonb, $4, $5)""",
+        [(production_id, seq, changes, actor, origin) for seq, changes, actor, origin in events],
+    )
+
+
+async def store_tally_state(conn: Conn, production_id: int, seq: int, state: dict[str, Any]) -> int | None:
+    """Upsert the production's state unless the stored one has a ``seq`` at
+    least as high; returns ``seq`` when written, None when another writer
+    got there first."""
+    return await conn.fetchval(
+        """INSERT INTO tally_state (production_id, seq, state) VALUES ($1, $2, $3::jsonb)
+           ON CONFLICT (production_id) DO UPDATE SET seq = EXCLUDED.seq, state = EXCLUDED.state,
+                  updated_at = now()
+           WHERE tally_state.seq < EXCLUDED.seq
+           RETURNING seq""",
+        production_id, seq, state,
+    )
+
+
+async def notify(conn: Conn, channel: str, payload: str) -> None:
+    await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+
+async def tally_events(conn: Conn, production_id: int, before_seq: int | None, limit: int) -> list[asyncpg.Record]:
+    """Newest first: ``seq, changes, actor, origin, at`` below ``before_seq`` (all when None)."""
+    return await conn.fetch(
+        """SELECT seq, changes, actor, origin, at FROM tally_events
+           WHERE production_id = $1 AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC, id DESC LIMIT $3""",
+        production_id, before_seq, limit)

@@ -13,10 +13,13 @@ REST (JSON, errors ``{error, detail}``):
 
 * ``GET /api/v1/productions/{id}/tally`` — snapshot (members);
 * ``POST /api/v1/productions/{id}/tally`` ``{"type": "cut"|"preview"|"take",
-  "source"?, "duration"?}`` — directors; 403 for camera/viewer, 409 for a
-  refused command (unknown source, source driven by a switcher);
+  "source"?, "duration"?}`` — directors; the body is parsed as the WebSocket's
+  command message (:func:`tally.protocol.parse_command`) and applied through
+  the same hub method (:meth:`tally.hub.TallyHub.command`): 400 with the
+  protocol's ``code`` for a malformed command, 403 for camera/viewer, 409 for
+  a refused one (unknown source, source driven by a switcher);
 * ``GET|PUT /api/v1/productions/{id}/tally/config`` — sources and switcher
-  adapters (see :mod:`server.tally_service`); PUT is for directors and is
+  adapters (see :mod:`server.tally_config`); PUT is for directors and is
   applied in place (clients stay connected, unchanged adapters keep running,
   every resulting change is an ordinary delta);
 * ``GET /api/v1/productions/{id}/tally/events?limit=&before_seq=`` — audit.
@@ -24,15 +27,13 @@ REST (JSON, errors ``{error, detail}``):
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 from aiohttp import web
 
-from tally.errors import CommandRejected
+from tally.errors import CommandRejected, MessageError
 from tally.hub import aiohttp_sink, serve_aiohttp
-from tally.protocol import CloseCode
+from tally.protocol import CloseCode, parse_command
 
 from . import repo
 from .app import (
@@ -42,7 +43,8 @@ from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .limits import ConnectionCaps
 from .grants import WS_CLOSE_REVOKED, Grant
 from .redact import keep_secrets, redact_secrets
-from .tally_service import TallyConfigError, TallyService, validate_config
+from .tally_config import TallyConfigError, validate_config
+from .tally_service import TallyService
 
 TALLY = web.AppKey("tally", TallyService)
 WS_CAPS = web.AppKey("ws_caps", ConnectionCaps)
@@ -147,35 +149,23 @@ async def get_tally(request: web.Request) -> web.Response:
 
 async def post_tally(request: web.Request) -> web.Response:
     pt, p = await _pt(request, "director")
-    data = await json_body(request)
-    kind = data.get("type")
-    source = data.get("source")
-    now = time.monotonic()
-    who = p.username or p.label
     try:
-        if kind == "cut":
-            if not isinstance(source, str):
-                raise BadRequest("'source' must be a source name")
-            pt.state.cut(source, now=now, who=who)
-        elif kind == "preview":
-            if not isinstance(source, str):
-                raise BadRequest("'source' must be a source name")
-            pt.state.set_preview(source, now=now, who=who)
-        elif kind == "take":
-            duration = data.get("duration")
-            pt.state.take(duration, now=now, who=who)
-        else:
-            raise BadRequest("'type' must be cut, preview or take")
+        # The body is a WebSocket command message: the same parser, the same
+        # checks and error codes as /ws/tally.
+        command = parse_command(await json_body(request))
+        request.app[TALLY].command(pt, command, who=p.username or p.label)
+    except MessageError as exc:
+        raise BadRequest(exc.detail, extra={"code": exc.code}) from None
     except CommandRejected as exc:
         raise Conflict(exc.detail, extra={"code": exc.code}) from None
-    pt.hub.flush()
+    # The state changed synchronously, so the snapshot already shows it; the
+    # delta reaches WebSocket clients with the hub's normal flush.
     return web.json_response(request.app[TALLY].snapshot(pt))
 
 
 async def get_config(request: web.Request) -> web.Response:
     pt, _ = await _pt(request, "director")
-    row = await request.app[DB].pool.fetchrow("SELECT settings FROM productions WHERE id = $1", pt.production_id)
-    settings = row["settings"] if isinstance(row["settings"], dict) else json.loads(row["settings"] or "{}")
+    settings = await repo.production_settings(request.app[DB].pool, pt.production_id)
     # Write-only secrets (issue 9 item 1): an OBS password is "password_set".
     return web.json_response(redact_secrets(settings.get("tally", {})))
 
@@ -185,8 +175,7 @@ async def put_config(request: web.Request) -> web.Response:
     data = await json_body(request)
     service = request.app[TALLY]
     pool = request.app[DB].pool
-    stored = await pool.fetchval("SELECT settings -> 'tally' FROM productions WHERE id = $1", pt.production_id)
-    stored = json.loads(stored) if isinstance(stored, str) else stored
+    stored = await repo.production_tally_config(pool, pt.production_id)
     # A configuration read back (secrets shown as "password_set": true) and
     # sent again keeps the stored secrets instead of erasing them.
     data = keep_secrets(data, stored or {})
@@ -198,9 +187,7 @@ async def put_config(request: web.Request) -> web.Response:
     except TallyConfigError as exc:
         raise BadRequest(str(exc)) from None
     async with pool.acquire() as conn:
-        await conn.execute(
-            """UPDATE productions SET settings = jsonb_set(settings, '{tally}', $2::jsonb), updated_at = now()
-               WHERE id = $1""", pt.production_id, json.dumps(cfg))
+        await repo.set_production_tally_config(conn, pt.production_id, cfg)
         await repo.audit(conn, "tally.config", actor_user_id=p.user_id, actor=p.username,
                          target=str(pt.production_id), detail={"adapters": [a["type"] for a in cfg["adapters"]]},
                          ip=client_ip(request))
@@ -222,13 +209,10 @@ async def get_events(request: web.Request) -> web.Response:
     if before is not None and not -2**63 <= before < 2**63:
         # seq is a bigint: a larger number would fail in the driver, not match nothing.
         raise BadRequest("before_seq must be a 64-bit integer")
-    rows = await request.app[DB].pool.fetch(
-        """SELECT seq, changes, actor, origin, at FROM tally_events
-           WHERE production_id = $1 AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC, id DESC LIMIT $3""",
-        pt.production_id, before, limit)
+    rows = await repo.tally_events(request.app[DB].pool, pt.production_id, before, limit)
     return web.json_response({"events": [
-        {"seq": r["seq"], "changes": json.loads(r["changes"]) if isinstance(r["changes"], str) else r["changes"],
-         "actor": r["actor"], "origin": r["origin"], "at": r["at"].isoformat()} for r in rows]})
+        {"seq": r["seq"], "changes": r["changes"], "actor": r["actor"], "origin": r["origin"],
+         "at": r["at"].isoformat()} for r in rows]})
 
 
 def setup(app: web.Application, service: TallyService) -> None:

@@ -11,13 +11,11 @@ One :class:`ProductionTally` per production, created on first use:
 * **Configuration changes** (``apply``) happen in place: the state machine
   replaces its source definitions as one sequenced change, unchanged
   adapters keep running, and clients stay connected.
-* **Persistence**: every change is queued (never awaited by the hub) and a
-  writer task appends it to ``tally_events`` (who, origin, changed sources)
-  and upserts ``tally_state``; the state is restored from there on restart.
-  While the database is away the queue holds the changes, in
-  order, up to ``database.write_queue_max`` per production (beyond it the
-  oldest is dropped, counted in ``returnfeed_tally_writes_dropped`` and
-  logged), and the writer retries the same batch once the database is back.
+* **Persistence**: every change is queued (never awaited by the hub) by the
+  production's :class:`~server.tally_persist.TallyPersister`, whose writer
+  task appends it to ``tally_events`` (who, origin, changed sources) and
+  upserts ``tally_state`` through :meth:`TallyService.persist`; the state is
+  restored from there on restart.
 * **Several nodes** share one database: after writing, the writer sends
   ``NOTIFY returnfeed_tally`` with the production and sequence number; the
   other nodes read the row and :meth:`~tally.state.TallyState.adopt` it, so
@@ -29,353 +27,73 @@ One :class:`ProductionTally` per production, created on first use:
   or failover, and every loaded production then re-reads ``tally_state``
   (notifications sent while disconnected are lost): no node keeps a stale
   program.
+The configuration itself (what ``PUT /api/v1/productions/{id}/tally/config``
+takes) is described and checked in :mod:`server.tally_config`, the adapters
+built from it in :mod:`server.tally_adapters`; all SQL is in
+:mod:`server.repo`.
 
-The configuration object (``PUT /api/v1/productions/{id}/tally/config``)::
-
-    {"transition_s": 1.0,
-     "sources": {"cam1": {"label": "Cam 1"},
-                 "vt": {"authority": "vmix", "vmix_input": 3}},
-     "adapters": [{"type": "vmix", "host": "10.0.0.5", "port": 8099},
-                  {"type": "obs", "url": "ws://10.0.0.6:4455", "password": "…"},
-                  {"type": "tsl_in", "version": 5, "transport": "udp", "port": 9800,
-                   "authority": "tsl:studio", "addresses": {"1": "cam1"}},
-                  {"type": "tsl_out", "version": 3, "transport": "udp", "host": "10.0.0.9",
-                   "port": 9801, "addresses": {"cam1": 1, "cam2": 2}}]}
+    TallyService ─┬─ ProductionTally (one per production)
+                  │    ├─ TallyState ── TallyHub (WebSocket clients)
+                  │    ├─ RunningAdapter… (vMix, OBS, TSL in/out)
+                  │    └─ TallyPersister ── writer task → persist()
+                  └─ LISTEN returnfeed_tally → adopt tasks (owned, awaited on stop)
 """
+
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import asyncpg
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from tally.errors import ConfigError, SnapshotError, TallyError
+from tally.errors import SnapshotError, TallyError
 from tally.hub import TallyHub
-from tally.obs import ObsClient
+from tally.protocol import Command
 from tally.state import DIRECTOR, SourceConfig, TallyChange, TallyState
-from tally.tsl import TslInput, TslOutput
-from tally.vmix import VmixClient
 
-from .db import is_connection_error
-from .errors import DatabaseUnavailable
+from . import repo
 from .log import event
+from .tally_adapters import RunningAdapter, adapter_failed, adapter_key, build_adapter, close_adapter, start_adapter
+from .tally_config import TallyConfigError, load_config, validate_config
+from .tally_persist import Batch, TallyPersister
 
 log = logging.getLogger("returnfeed.tally")
 
 CHANNEL = "returnfeed_tally"
 MAX_PENDING = 10_000
-#: Tries of one batch while the database answers the probe but the write
-#: keeps failing for a reason that is not the row itself.
-PERSIST_ATTEMPTS = 20
-ADAPTER_TYPES = ("vmix", "obs", "tsl_in", "tsl_out")
-
-
-class TallyConfigError(ValueError):
-    """The production's tally configuration is invalid (message says where)."""
-
-
-def validate_config(cfg: Any) -> dict[str, Any]:
-    """Check a tally configuration object completely; return it normalised.
-
-    Everything an adapter needs to start is checked here (types, ports
-    1..65535, address maps), so what is stored can be started: a PUT is
-    refused before anything is written (issue 9, item 16)."""
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, dict):
-        raise TallyConfigError("tally config must be an object")
-    unknown = set(cfg) - {"transition_s", "sources", "adapters"}
-    if unknown:
-        raise TallyConfigError(f"unknown tally config keys: {', '.join(sorted(unknown))}")
-    out: dict[str, Any] = {}
-    if "transition_s" in cfg:
-        out["transition_s"] = _transition(cfg["transition_s"])
-    out["sources"] = _validate_sources(cfg.get("sources", {}))
-    adapters = cfg.get("adapters", [])
-    if not isinstance(adapters, list) or len(adapters) > 16:
-        raise TallyConfigError("adapters must be a list of at most 16 adapters")
-    out["adapters"] = [validate_adapter(i, a) for i, a in enumerate(adapters)]
-    return out
-
-
-def _transition(t: Any) -> float:
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 60:
-        raise TallyConfigError("transition_s must be a number of seconds, 0..60")
-    return float(t)
-
-
-def _validate_sources(sources: Any) -> dict[str, Any]:
-    if not isinstance(sources, dict):
-        raise TallyConfigError("sources must be an object of name → settings")
-    if len(sources) > 256:
-        raise TallyConfigError("sources must name at most 256 sources")
-    for name, s in sources.items():
-        _validate_source(name, s)
-    return sources
-
-
-def _validate_source(name: str, s: Any) -> None:
-    if not isinstance(s, dict):
-        raise TallyConfigError(f"sources.{name} must be an object")
-    try:
-        SourceConfig.from_dict({"name": name, **s})
-    except (ConfigError, TypeError) as exc:
-        raise TallyConfigError(f"sources.{name}: {exc}") from None
-
-
-#: Keys each adapter type takes (``type`` included), and the default port of
-#: those that have one.
-_ADAPTER_KEYS = {
-    "vmix": {"type", "host", "port", "authority"},
-    "obs": {"type", "url", "password", "authority"},
-    "tsl_in": {"type", "version", "transport", "host", "port", "authority", "addresses", "lost_after"},
-    "tsl_out": {"type", "version", "transport", "host", "port", "addresses"},
-}
-
-
-def _port(i: int, a: dict[str, Any], *, required: bool) -> None:
-    if "port" not in a and not required:
-        return
-    port = a.get("port")
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        raise TallyConfigError(f"adapters[{i}].port must be 1..65535")
-
-
-def _text(i: int, a: dict[str, Any], key: str, *, required: bool, max_len: int = 255) -> None:
-    if key not in a and not required:
-        return
-    value = a.get(key)
-    if not isinstance(value, str) or not value or len(value) > max_len:
-        raise TallyConfigError(f"adapters[{i}].{key} must be a non-empty string of at most {max_len} characters")
-
-
-def _tsl_address(i: int, address: Any, version: int) -> int:
-    # TSL 3.1: "Display address (0~126)"; TSL 5.0: INDEX 0..65534 (0xFFFF broadcast).
-    limit = 126 if version == 3 else 0xFFFE
-    if isinstance(address, str) and address.isascii() and address.isdigit() and len(address) <= 5:
-        address = int(address)
-    if isinstance(address, bool) or not isinstance(address, int) or not 0 <= address <= limit:
-        raise TallyConfigError(f"adapters[{i}].addresses: TSL {'3.1' if version == 3 else '5.0'} "
-                               f"addresses are 0..{limit}")
-    return address
-
-
-def validate_adapter(i: int, a: Any) -> dict[str, Any]:
-    """Check one adapter of a configuration (``i`` is its index, for messages)."""
-    if not isinstance(a, dict) or a.get("type") not in ADAPTER_TYPES:
-        raise TallyConfigError(f"adapters[{i}].type must be one of {', '.join(ADAPTER_TYPES)}")
-    t = a["type"]
-    unknown = set(a) - _ADAPTER_KEYS[t]
-    if unknown:
-        raise TallyConfigError(f"adapters[{i}] ({t}) has unknown keys: {', '.join(sorted(map(str, unknown)))}")
-    if "authority" in a:
-        _text(i, a, "authority", required=True, max_len=64)
-    if t == "vmix":
-        _text(i, a, "host", required=True)
-        _port(i, a, required=False)
-    elif t == "obs":
-        _text(i, a, "url", required=True, max_len=2048)
-        if not a["url"].startswith(("ws://", "wss://")):
-            raise TallyConfigError(f"adapters[{i}].url must be ws://host:port or wss://host:port")
-        if a.get("password") is not None:
-            _text(i, a, "password", required=True, max_len=1024)
-    else:
-        version = a.get("version", 5)
-        if isinstance(version, bool) or version not in (3, 5):
-            raise TallyConfigError(f"adapters[{i}].version must be 3 or 5")
-        if a.get("transport", "udp") not in ("udp", "tcp"):
-            raise TallyConfigError(f"adapters[{i}].transport must be udp or tcp")
-        _port(i, a, required=True)
-        _text(i, a, "host", required=t == "tsl_out")
-        addresses = a.get("addresses")
-        if addresses is not None and not isinstance(addresses, dict):
-            raise TallyConfigError(f"adapters[{i}].addresses must be an object")
-        if t == "tsl_in":
-            lost = a.get("lost_after")
-            if lost is not None and (
-                    isinstance(lost, bool) or not isinstance(lost, (int, float)) or not 0 < lost <= 86400):
-                raise TallyConfigError(f"adapters[{i}].lost_after must be seconds of silence, > 0 (or null: never)")
-            for address, names in (addresses or {}).items():
-                _tsl_address(i, address, version)
-                names = [names] if isinstance(names, str) else names
-                if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-                    raise TallyConfigError(f"adapters[{i}].addresses maps a TSL address to a source name "
-                                           "(or a list of them)")
-        else:
-            for name, address in (addresses or {}).items():
-                _tsl_address(i, address, version)
-    return a
-
-
-def load_config(raw: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """What can be used of a *stored* configuration, and what cannot.
-
-    A configuration stored before the checks above (or by hand) must not take
-    the production's tally down: an unusable source or adapter is left out
-    and reported (``problems``), the rest works."""
-    problems: list[dict[str, Any]] = []
-    try:
-        return validate_config(raw), problems
-    except TallyConfigError:
-        pass
-    if not isinstance(raw, dict):
-        return {}, [{"error": "tally config must be an object"}]
-    out: dict[str, Any] = {"sources": {}, "adapters": []}
-    try:
-        out["transition_s"] = _transition(raw.get("transition_s", 1.0))
-    except TallyConfigError as exc:
-        problems.append({"error": str(exc)})
-    sources = raw.get("sources", {})
-    for name, s in (sources.items() if isinstance(sources, dict) else ()):
-        try:
-            _validate_source(name, s)
-            out["sources"][name] = s
-        except TallyConfigError as exc:
-            problems.append({"source": name, "error": str(exc)})
-    adapters = raw.get("adapters", [])
-    for i, a in enumerate(adapters[:16] if isinstance(adapters, list) else ()):
-        try:
-            out["adapters"].append(validate_adapter(i, a))
-        except TallyConfigError as exc:
-            problems.append({"adapter": i, "type": a.get("type") if isinstance(a, dict) else None,
-                             "error": str(exc)})
-    return out, problems
-
-
-_DEFAULT_AUTHORITY = {"vmix": "vmix", "obs": "obs", "tsl_in": "tsl"}
-
-
-def adapter_key(spec: dict[str, Any], sources: Iterable[SourceConfig]) -> str:
-    """What an adapter depends on: its own settings and the definitions of
-    the sources it maps (an input: the sources of its authority; a TSL
-    output: every source's name and address). Same key → the running
-    adapter is kept when a configuration is applied."""
-    if spec["type"] == "tsl_out":
-        relevant: list[Any] = [[s.name, s.tsl_address] for s in sources]
-    else:
-        authority = spec.get("authority", _DEFAULT_AUTHORITY[spec["type"]])
-        relevant = [s.to_dict() for s in sources if s.authority == authority]
-    return json.dumps([spec, relevant], sort_keys=True)
-
-
-@dataclass(slots=True)
-class _Adapter:
-    spec: dict[str, Any]
-    obj: Any
-    kind: str
-    authority: str | None
-    key: str = ""
-
-    @property
-    def connected(self) -> bool | None:
-        return getattr(self.obj, "synced", None)
 
 
 @dataclass(slots=True)
 class ProductionTally:
-    service: "TallyService"
+    """One production's live tally: state, hub, adapters and persister."""
+
     production_id: int
     name: str
     state: TallyState
     hub: TallyHub
-    adapters: list[_Adapter] = field(default_factory=list)
-    pending: deque = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    writer: asyncio.Task | None = None
-    dropped: int = 0
-    deferred: int = 0
-    failed: int = 0
+    persister: TallyPersister
+    adapters: list[RunningAdapter] = field(default_factory=list)
     closed: bool = False
     stream_names: list[str] = field(default_factory=list)
     #: What of the stored configuration could not be used or started
     #: (``load_config``, adapter start failures); shown in the snapshot.
     problems: list[dict[str, Any]] = field(default_factory=list)
 
-    def on_change(self, change: TallyChange) -> None:
-        """State listener: queue for the writer, never await (hub runs first)."""
-        if change.origin == "peer":
-            return  # another node wrote it already
-        self.pending.append((change, self.state.to_dict()))
-        self._trim()
-        self.wake.set()
-
-    def _trim(self) -> None:
-        limit = self.service.queue_max
-        if len(self.pending) > limit:
-            n = len(self.pending) - limit
-            for _ in range(n):
-                self.pending.popleft()
-            self.dropped += n
-            event(log, logging.ERROR, "tally.writes_dropped", production=self.production_id, dropped=n,
-                  total_dropped=self.dropped, queue_max=limit)
-
-    async def write_loop(self) -> None:
-        db = self.service.db
-        attempts = 0  # of the batch at the head of the queue, while the database seems up
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            while self.pending:
-                batch = list(self.pending)[:500]
-                for _ in batch:
-                    self.pending.popleft()
-                try:
-                    await self.service.persist(self, batch)
-                    attempts = 0
-                except Exception as exc:
-                    attempts += 1
-                    refused = (isinstance(exc, asyncpg.PostgresError) and not is_connection_error(exc)
-                               and not isinstance(exc, DatabaseUnavailable))
-                    if refused or attempts > PERSIST_ATTEMPTS:
-                        # A row the database refuses would block the queue
-                        # forever; later writes carry the latest state.
-                        event(log, logging.ERROR, "tally.persist_failed", production=self.production_id,
-                              error=f"{type(exc).__name__}: {exc}", changes=len(batch), attempts=attempts)
-                        self.failed += len(batch)
-                        attempts = 0
-                        continue
-                    # Put the batch back in front, in order, and retry once
-                    # the supervisor sees the database again.
-                    self.pending.extendleft(reversed(batch))
-                    self._trim()
-                    self.deferred += 1
-                    if self.closed:
-                        event(log, logging.ERROR, "tally.writes_lost_at_shutdown", production=self.production_id,
-                              changes=len(self.pending))
-                        return
-                    if db.available:
-                        await asyncio.sleep(min(0.25 * attempts, 2.0))  # lost a race with the probe
-                    while not db.available and not self.closed:
-                        try:
-                            await asyncio.wait_for(db.wait_available(), 1.0)
-                        except asyncio.TimeoutError:
-                            pass
-            if self.closed and not self.pending:
-                return
-
     async def close(self) -> None:
+        """Adapters, then clients (1001), then the writer (drains what it can)."""
         self.closed = True
         for a in self.adapters:
-            try:
-                await a.obj.close()
-            except Exception:
-                log.exception("tally.adapter_close_failed")
+            await close_adapter(self.production_id, a)
         self.hub.close()
-        self.wake.set()
-        if self.writer is not None:
-            try:
-                await asyncio.wait_for(self.writer, 5)
-            except (asyncio.TimeoutError, Exception):
-                self.writer.cancel()
+        await self.persister.close()
 
 
 class TallyService:
@@ -385,6 +103,8 @@ class TallyService:
         self.node = secrets.token_hex(6)
         self.productions: dict[int, ProductionTally] = {}
         self._locks: dict[int, asyncio.Lock] = {}
+        #: Adopt tasks started by notifications: kept here, cancelled and
+        #: awaited by ``stop``.
         self._tasks: set[asyncio.Task] = set()
         self.persisted = Histogram(
             "returnfeed_tally_persist_seconds", "Tally change to its database write (audit) completing",
@@ -400,8 +120,10 @@ class TallyService:
         self.db.on_reconnect.append(self.resync)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for p in list(self.productions.values()):
             await p.close()
         self.productions.clear()
@@ -438,9 +160,7 @@ class TallyService:
     async def on_streams_changed(self) -> None:
         """Streams were added, renamed or removed: apply the new source list
         to the productions whose streams no longer match (in place)."""
-        rows = await self.db.pool.fetch("SELECT production_id, array_agg(name ORDER BY id) AS names "
-                                        "FROM streams GROUP BY production_id")
-        names = {r["production_id"]: list(r["names"]) for r in rows}
+        names = await repo.stream_names_by_production(self.db.pool)
         for pid, p in list(self.productions.items()):
             if p.stream_names != names.get(pid, []):
                 await self.apply(pid)
@@ -464,18 +184,15 @@ class TallyService:
         async with lock:
             _name, streams, cfg, sources, problems = await self._read_config(production_id)
             specs = cfg.get("adapters", [])
-            running: dict[str, list[_Adapter]] = {}
+            running: dict[str, list[RunningAdapter]] = {}
             for a in p.adapters:
                 running.setdefault(a.key, []).append(a)
-            plan: list[tuple[dict[str, Any], _Adapter | None]] = []
+            plan: list[tuple[dict[str, Any], RunningAdapter | None]] = []
             for spec in specs:
                 same = running.get(adapter_key(spec, sources))
                 plan.append((spec, same.pop() if same else None))
             for a in (a for group in running.values() for a in group):
-                try:
-                    await a.obj.close()
-                except Exception:
-                    log.exception("tally.adapter_close_failed")
+                await close_adapter(production_id, a)
             p.state.reconfigure(sources, default_transition=cfg.get("transition_s", 1.0), now=time.monotonic())
             p.stream_names = [s["name"] for s in streams]
             adapters = []
@@ -484,9 +201,9 @@ class TallyService:
                     adapters.append(kept)
                     continue
                 try:
-                    adapters.append(await self._start_adapter(p.state, spec))
+                    adapters.append(await start_adapter(p.state, spec))
                 except Exception as exc:  # a switcher that cannot start is reported, never fatal
-                    problems.append(self._adapter_failed(production_id, i, spec, exc))
+                    problems.append(adapter_failed(production_id, i, spec, exc))
             started = sum(1 for _, kept in plan if kept is None)
             p.adapters = adapters
             p.problems = problems
@@ -500,23 +217,19 @@ class TallyService:
         config, the sources they make and what had to be left out (KeyError:
         no such production)."""
         pool = self.db.pool
-        prod = await pool.fetchrow("SELECT name, settings FROM productions WHERE id = $1", production_id)
+        prod = await repo.production_name_settings(pool, production_id)
         if prod is None:
             raise KeyError(production_id)
-        settings = prod["settings"] if isinstance(prod["settings"], dict) else json.loads(prod["settings"] or "{}")
-        streams = await pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
-                                   production_id)
-        return (prod["name"], streams, *self._configure(production_id, settings.get("tally"), streams))
+        streams = await repo.stream_labels(pool, production_id)
+        return (prod["name"], streams, *self._configure(production_id, (prod["settings"] or {}).get("tally"), streams))
 
     async def _load(self, production_id: int) -> ProductionTally:
-        pool = self.db.pool
         name, streams, cfg, sources, problems = await self._read_config(production_id)
-        row = await pool.fetchrow("SELECT seq, state FROM tally_state WHERE production_id = $1", production_id)
+        row = await repo.tally_state(self.db.pool, production_id)
         state = None
         if row is not None:
-            saved = row["state"] if isinstance(row["state"], dict) else json.loads(row["state"])
             try:
-                state = TallyState.from_dict(saved, sources=sources)
+                state = TallyState.from_dict(row["state"], sources=sources)
             except SnapshotError as exc:
                 event(log, logging.WARNING, "tally.restore_failed", production=production_id, error=str(exc))
         if state is None:
@@ -524,16 +237,18 @@ class TallyService:
             state = TallyState(name, sources, default_transition=cfg.get("transition_s", 1.0), seq=seq)
         hub = TallyHub(state)
         hub.on_delivered = lambda seconds, clients: self.delivered.observe(seconds)
-        p = ProductionTally(self, production_id, name, state, hub,
+        persister = TallyPersister(self.db, production_id, self.queue_max,
+                                   write=functools.partial(self.persist, production_id), snapshot=state.to_dict)
+        p = ProductionTally(production_id, name, state, hub, persister,
                             stream_names=[s["name"] for s in streams], problems=problems)
-        state.add_listener(p.on_change)
+        state.add_listener(persister.on_change)
         hub.start()
-        p.writer = asyncio.get_running_loop().create_task(p.write_loop(), name=f"tally-writer-{production_id}")
+        persister.start()
         for i, spec in enumerate(cfg.get("adapters", [])):
             try:
-                p.adapters.append(await self._start_adapter(state, spec))
+                p.adapters.append(await start_adapter(state, spec))
             except Exception as exc:  # a switcher that cannot start is reported, never fatal
-                p.problems.append(self._adapter_failed(production_id, i, spec, exc))
+                p.problems.append(adapter_failed(production_id, i, spec, exc))
         event(log, logging.INFO, "tally.loaded", production=production_id, sources=len(sources), seq=state.seq,
               adapters=len(p.adapters))
         return p
@@ -554,19 +269,12 @@ class TallyService:
             event(log, logging.ERROR, "tally.config_unusable", production=production_id, **problem)
         return cfg, sources, problems
 
-    @staticmethod
-    def _adapter_failed(production_id: int, index: int, spec: dict[str, Any], exc: Exception) -> dict[str, Any]:
-        event(log, logging.ERROR, "tally.adapter_failed", production=production_id, type=spec.get("type"),
-              error=f"{type(exc).__name__}: {exc}")
-        return {"adapter": index, "type": spec.get("type"), "error": str(exc) or type(exc).__name__}
-
     async def check(self, production_id: int, cfg: dict[str, Any]) -> None:
         """Raise :class:`TallyConfigError` unless ``cfg`` (validated) would
         start with the production's streams: sources built, every adapter
         constructed against a scratch state (its mappings checked), nothing
         started or opened."""
-        streams = await self.db.pool.fetch("SELECT name, label FROM streams WHERE production_id = $1 ORDER BY id",
-                                           production_id)
+        streams = await repo.stream_labels(self.db.pool, production_id)
         try:
             state = TallyState("check", self._sources(streams, cfg),
                                default_transition=cfg.get("transition_s", 1.0))
@@ -574,7 +282,7 @@ class TallyService:
             raise TallyConfigError(f"sources: {exc}") from None
         for i, spec in enumerate(cfg.get("adapters", [])):
             try:
-                self._build_adapter(state, spec)
+                build_adapter(state, spec)
             except (TallyError, TypeError, ValueError) as exc:
                 raise TallyConfigError(f"adapters[{i}] ({spec['type']}): {exc}") from None
 
@@ -589,75 +297,28 @@ class TallyService:
             out.append(SourceConfig.from_dict({"name": name, **spec}))
         return out
 
-    async def _start_adapter(self, state: TallyState, spec: dict[str, Any]) -> _Adapter:
-        adapter = self._build_adapter(state, spec)
-        adapter.key = adapter_key(spec, state.sources.values())
-        obj, t = adapter.obj, adapter.kind
-        if t in ("vmix", "obs"):
-            obj.start()
-        elif t == "tsl_in":
-            host, port = spec.get("host", "0.0.0.0"), int(spec.get("port", 0))
-            if spec.get("transport", "udp") == "tcp":
-                await obj.listen_tcp(host, port)
-            else:
-                await obj.listen_udp(host, port)
-        elif spec.get("transport", "udp") == "tcp":
-            await obj.start_tcp(spec["host"], int(spec["port"]))
-        else:
-            await obj.start_udp(spec["host"], int(spec["port"]))
-        return adapter
-
-    @staticmethod
-    def _build_adapter(state: TallyState, spec: dict[str, Any]) -> _Adapter:
-        """Construct (not start) an adapter: mappings are checked against
-        ``state``; no socket is opened."""
-        t = spec["type"]
-        if t == "vmix":
-            authority = spec.get("authority", "vmix")
-            obj: Any = VmixClient(state, spec["host"], int(spec.get("port", 8099)), authority=authority)
-            return _Adapter(spec, obj, t, authority)
-        if t == "obs":
-            authority = spec.get("authority", "obs")
-            obj = ObsClient(state, spec["url"], password=spec.get("password"), authority=authority)
-            return _Adapter(spec, obj, t, authority)
-        version = int(spec.get("version", 5))
-        if t == "tsl_in":
-            authority = spec.get("authority", "tsl")
-            addresses = {int(k): v for k, v in (spec.get("addresses") or {}).items()} or None
-            obj = TslInput(state, authority=authority, version=version, addresses=addresses,
-                           lost_after=spec.get("lost_after"))
-            return _Adapter(spec, obj, t, authority)
-        obj = TslOutput(state, version=version, addresses=spec.get("addresses") or None)
-        return _Adapter(spec, obj, t, None)
-
     # -- persistence and clustering ---------------------------------------------------
 
-    async def persist(self, p: ProductionTally, batch: list[tuple[TallyChange, dict[str, Any]]]) -> None:
+    async def persist(self, production_id: int, batch: Batch) -> None:
+        """Store one batch of a production's changes (its persister's ``write``):
+        the audit rows, the state unless another node stored a later one, and
+        the cluster notification, in one transaction."""
         start = time.monotonic()
         last_change, snapshot = batch[-1]
         async with self.db.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                """INSERT INTO tally_events (production_id, seq, changes, actor, origin)
-                   VALUES ($1, $2, $3::jsonb, $4, $5)""",
-                [(p.production_id, c.seq, json.dumps({n: st.to_json() for n, st in c.sources.items()}),
-                  c.who[:200], c.origin) for c, _ in batch],
-            )
-            stored = await conn.fetchval(
-                """INSERT INTO tally_state (production_id, seq, state) VALUES ($1, $2, $3::jsonb)
-                   ON CONFLICT (production_id) DO UPDATE SET seq = EXCLUDED.seq, state = EXCLUDED.state,
-                          updated_at = now()
-                   WHERE tally_state.seq < EXCLUDED.seq
-                   RETURNING seq""",
-                p.production_id, last_change.seq, json.dumps(snapshot),
-            )
+            await repo.append_tally_events(conn, production_id, [
+                (c.seq, {n: st.to_json() for n, st in c.sources.items()}, c.who[:200], c.origin) for c, _ in batch])
+            stored = await repo.store_tally_state(conn, production_id, last_change.seq, snapshot)
             if stored is not None:
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, json.dumps(
-                    {"production": p.production_id, "seq": stored, "node": self.node}))
+                await repo.notify(conn, CHANNEL, json.dumps(
+                    {"production": production_id, "seq": stored, "node": self.node}))
         self.persisted.observe(time.monotonic() - start)
         if stored is None:
             # Another node wrote this sequence number first: converge on its state.
-            event(log, logging.WARNING, "tally.conflict", production=p.production_id, seq=last_change.seq)
-            await self._adopt_logged(p)  # the batch is stored: never retried for a failed read
+            event(log, logging.WARNING, "tally.conflict", production=production_id, seq=last_change.seq)
+            p = self.productions.get(production_id)
+            if p is not None and not p.closed:
+                await self._adopt_logged(p)  # the batch is stored: never retried for a failed read
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
@@ -683,18 +344,17 @@ class TallyService:
                   error=f"{type(exc).__name__}: {exc}")
 
     def pending_writes(self) -> int:
-        return sum(len(p.pending) for p in self.productions.values())
+        return sum(len(p.persister.pending) for p in self.productions.values())
 
     def dropped_writes(self) -> int:
-        return sum(p.dropped for p in self.productions.values())
+        return sum(p.persister.dropped for p in self.productions.values())
 
     async def _adopt_from_db(self, p: ProductionTally) -> None:
-        row = await self.db.pool.fetchrow("SELECT state FROM tally_state WHERE production_id = $1", p.production_id)
+        row = await repo.tally_state(self.db.pool, p.production_id)
         if row is None:
             return
-        saved = row["state"] if isinstance(row["state"], dict) else json.loads(row["state"])
         try:
-            p.state.adopt(saved, now=time.monotonic())
+            p.state.adopt(row["state"], now=time.monotonic())
         except SnapshotError as exc:
             event(log, logging.WARNING, "tally.adopt_failed", production=p.production_id, error=str(exc))
 
@@ -723,8 +383,8 @@ class TallyService:
             missing.add_metric(label, p.hub.stats.missing_closed)
             slow.add_metric(label, p.hub.stats.slow_closed)
             deltas.add_metric(label, p.hub.stats.deltas)
-            queued.add_metric(label, len(p.pending))
-            dropped.add_metric(label, p.dropped)
+            queued.add_metric(label, len(p.persister.pending))
+            dropped.add_metric(label, p.persister.dropped)
             for a in p.adapters:
                 c = a.connected
                 if c is not None:
@@ -732,6 +392,12 @@ class TallyService:
         yield from (clients, seq, adapters, missing, slow, deltas, queued, dropped)
         yield from self.persisted.collect()
         yield from self.delivered.collect()
+
+    def command(self, p: ProductionTally, command: Command, *, who: str) -> TallyChange | None:
+        """A director's switching command from the REST route: the hub's
+        command path, the one WebSocket clients use (raises ``CommandRejected``).
+        The delta goes out with the hub's normal flush."""
+        return p.hub.command(command, who=who)
 
     def snapshot(self, p: ProductionTally) -> dict[str, Any]:
         adapters = [{"type": a.kind, "authority": a.authority, "connected": a.connected} for a in p.adapters]

@@ -65,12 +65,13 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 from tally.errors import CommandRejected, MessageError, TallyError
 from tally.protocol import (
     PING,
     CloseCode,
+    Command,
     Cut,
     ErrorCode,
     Ping,
@@ -377,17 +378,29 @@ class TallyHub:
         if not client.director:
             self._send_error(client, ErrorCode.FORBIDDEN, "only directors can switch", msg.id)
             return None
-        who = client.who or DIRECTOR
         try:
-            if isinstance(msg, Cut):
-                return self.state.cut(msg.source, now=now, who=who)
-            if isinstance(msg, Preview):
-                return self.state.set_preview(msg.source, now=now, who=who)
-            assert isinstance(msg, Take)
-            return self.state.take(msg.duration, now=now, who=who)
+            return self.command(msg, who=client.who or DIRECTOR, now=now)
         except CommandRejected as exc:
             self._send_error(client, exc.code, exc.detail, msg.id)
             return None
+
+    def command(self, msg: Command, *, who: str = DIRECTOR, now: float | None = None) -> TallyChange | None:
+        """Apply one parsed switching command for ``who`` (a director): the one
+        path for WebSocket clients (:meth:`receive`) and the REST route.
+
+        Raises ``CommandRejected`` (nothing changed). The resulting delta goes
+        out with the hub's normal cadence (the flush scheduled by the state
+        change), never forced from here."""
+        now = self._clock() if now is None else now
+        match msg:
+            case Cut(source=source):
+                return self.state.cut(source, now=now, who=who)
+            case Preview(source=source):
+                return self.state.set_preview(source, now=now, who=who)
+            case Take(duration=duration):
+                return self.state.take(duration, now=now, who=who)
+            case _:
+                assert_never(msg)
 
     # ------------------------------------------------------------ fan-out
 

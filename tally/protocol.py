@@ -208,6 +208,15 @@ def parse_client_message(data: str | bytes | bytearray) -> ClientMessage:
         raise MessageError(ErrorCode.BAD_JSON, f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise MessageError(ErrorCode.BAD_JSON, "message must be a JSON object")
+    return parse_client_object(obj)
+
+
+def parse_client_object(obj: Mapping[str, Any]) -> ClientMessage:
+    """Validate the fields of one decoded client message; raises ``MessageError``.
+
+    The WebSocket reaches it through :func:`parse_client_message`; the REST
+    command route (whose body is decoded by the HTTP layer) through
+    :func:`parse_command`, so both see the same rules and error codes."""
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise MessageError(ErrorCode.BAD_FIELD, "type must be a string")
@@ -235,6 +244,19 @@ def parse_client_message(data: str | bytes | bytearray) -> ClientMessage:
     if kind == "ping":
         return Ping(msg_id)
     return Pong(msg_id)
+
+
+Command = Cut | Preview | Take
+
+
+def parse_command(obj: Mapping[str, Any]) -> Command:
+    """A decoded switching command (``cut``, ``preview``, ``take``), checked
+    as :func:`parse_client_object` checks it; a heartbeat is no command
+    outside a connection and is refused as an unknown type."""
+    msg = parse_client_object(obj)
+    if isinstance(msg, Ping | Pong):
+        raise MessageError(ErrorCode.UNKNOWN_TYPE, "type must be cut, preview or take")
+    return msg
 
 
 # ------------------------------------------------------------ server messages

@@ -14,7 +14,7 @@ import pytest
 from server.db import Database, GuardedPool, WriteQueue
 from server.directory import Directory, ProductionEntry, Snapshot, StreamEntry
 from server.errors import DatabaseUnavailable
-from server.tally_service import ProductionTally
+from server.tally_persist import TallyPersister
 from tally.hub import TallyHub
 from tally.state import SourceConfig, TallyState
 
@@ -140,17 +140,19 @@ class FakeService:
         self.queue_max = queue_max
         self.stored: list[int] = []
 
-    async def persist(self, p: ProductionTally, batch: list) -> None:
+    async def persist(self, p: TallyPersister, batch: list) -> None:
         if not self.db.available:
             raise DatabaseUnavailable()
         self.stored.extend(c.seq for c, _ in batch)
 
 
-def _production(service: FakeService) -> ProductionTally:
+def _production(service: FakeService) -> tuple[TallyState, TallyPersister]:
     state = TallyState("Show", [SourceConfig("a"), SourceConfig("b")])
-    p = ProductionTally(service, 1, "Show", state, TallyHub(state))  # type: ignore[arg-type]
+    TallyHub(state)
+    p = TallyPersister(service.db, 1, service.queue_max, write=lambda batch: service.persist(p, batch),
+                       snapshot=state.to_dict)
     state.add_listener(p.on_change)
-    return p
+    return state, p
 
 
 async def _until(pred: Any, timeout: float = 5.0) -> None:
@@ -162,13 +164,13 @@ async def _until(pred: Any, timeout: float = 5.0) -> None:
 
 async def test_tally_writes_wait_for_the_database_and_keep_their_order() -> None:
     service = FakeService(queue_max=100)
-    p = _production(service)
+    state, p = _production(service)
     p.writer = asyncio.get_running_loop().create_task(p.write_loop())
-    p.state.cut("a", now=0.0, who="d")
+    state.cut("a", now=0.0, who="d")
     await _until(lambda: len(service.stored) == 1)
     service.db.set(False)
     for i in range(6):
-        p.state.cut("b" if i % 2 == 0 else "a", now=float(i + 1), who="d")
+        state.cut("b" if i % 2 == 0 else "a", now=float(i + 1), who="d")
     await asyncio.sleep(0.1)
     assert len(service.stored) == 1 and len(p.pending) == 6  # held, not lost
     service.db.set(True)
@@ -183,10 +185,10 @@ async def test_tally_writes_wait_for_the_database_and_keep_their_order() -> None
 async def test_tally_queue_bound_drops_the_oldest_and_counts() -> None:
     service = FakeService(queue_max=10)
     service.db.set(False)
-    p = _production(service)
+    state, p = _production(service)
     p.writer = asyncio.get_running_loop().create_task(p.write_loop())
     for i in range(25):
-        p.state.cut("b" if i % 2 == 0 else "a", now=float(i), who="d")
+        state.cut("b" if i % 2 == 0 else "a", now=float(i), who="d")
     await asyncio.sleep(0.05)
     assert len(p.pending) == 10 and p.dropped == 15
     kept = [c.seq for c, _ in p.pending]
