@@ -68,6 +68,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, assert_never
 
 from tally.errors import CommandRejected, MessageError, TallyError
+from tally.log import event
 from tally.protocol import (
     PING,
     CloseCode,
@@ -558,11 +559,12 @@ class TallyHub:
         client.closed = reason
         if code == CloseCode.TOO_SLOW:
             self.stats.slow_closed += 1
-            log.warning("tally client %r closed: too slow", client)
+            event(log, logging.WARNING, "tally.client_too_slow", client=client.id, who=client.who)
         elif code == 0:
             self.stats.write_failures += 1
-            log.info("tally client %r dropped: %s", client, reason)
+            event(log, logging.INFO, "tally.client_dropped", client=client.id, who=client.who, reason=reason)
         try:
             client.sink.close(code or 1011, reason)
-        except Exception:
-            log.exception("closing tally client %r failed", client)
+        except Exception as exc:
+            event(log, logging.ERROR, "tally.client_close_failed", client=client.id, who=client.who,
+                  error=f"{type(exc).__name__}: {exc}")

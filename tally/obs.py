@@ -68,6 +68,7 @@ from websockets.typing import Subprotocol
 
 from tally.adapter import ReconnectingClient
 from tally.errors import HandshakeFailed, ObsError
+from tally.log import event
 from tally.state import Bus, TallyChange, TallyState
 
 log = logging.getLogger(__name__)
@@ -396,22 +397,22 @@ class ObsClient(ReconnectingClient):
                 code = exc.rcvd.code if exc.rcvd is not None else None
                 if code == ObsCloseCode.SESSION_INVALIDATED:
                     self.stopped_reason = "session invalidated by OBS (4011); not reconnecting"
-                    log.error("OBS %s: %s", self.url, self.stopped_reason)
+                    event(log, logging.ERROR, "obs.stopped", url=self.url, reason=self.stopped_reason)
                     self._lost()
                     return
                 if code in (ObsCloseCode.AUTHENTICATION_FAILED, ObsCloseCode.UNSUPPORTED_RPC_VERSION):
                     self.errors += 1
-                    log.error("OBS %s refused the session (close %s)", self.url, code)
+                    event(log, logging.ERROR, "obs.refused", url=self.url, close_code=code)
                 else:
-                    log.warning("OBS %s: connection closed (%s)", self.url, code)
+                    event(log, logging.WARNING, "obs.closed", url=self.url, close_code=code)
             except HandshakeFailed as exc:
                 self.errors += 1
-                log.error("OBS %s: %s", self.url, exc)
+                event(log, logging.ERROR, "obs.handshake_failed", url=self.url, error=str(exc))
             except ObsError as exc:
                 self.errors += 1
-                log.warning("OBS %s: protocol error, reconnecting: %s", self.url, exc)
+                event(log, logging.WARNING, "obs.protocol_error", url=self.url, error=str(exc))
             except (OSError, TimeoutError, WebSocketException) as exc:
-                log.warning("OBS %s: %s", self.url, exc or type(exc).__name__)
+                event(log, logging.WARNING, "obs.connection_failed", url=self.url, error=str(exc) or type(exc).__name__)
             finally:
                 self._lost()
             if self._got_state:
@@ -464,7 +465,7 @@ class ObsClient(ReconnectingClient):
         if tracker is not self.tracker:
             return
         if tracker.tick(now):
-            log.warning("OBS %s: transition did not end within %.1f s", self.url, tracker.max_transition)
+            event(log, logging.WARNING, "obs.transition_overdue", url=self.url, max_transition=tracker.max_transition)
             self.report(tracker, now)
         elif tracker.deadline() is not None:
             self._arm_timer(tracker)  # fired early (millisecond loop clocks): re-arm

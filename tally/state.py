@@ -77,6 +77,7 @@ not stored: after a restore their sources are ``unknown`` until they report.
 from __future__ import annotations
 
 import logging
+import traceback
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ from types import MappingProxyType
 from typing import Any
 
 from tally.errors import CommandRejected, ConfigError, SnapshotError
+from tally.log import event
 
 log = logging.getLogger(__name__)
 
@@ -811,8 +813,9 @@ class TallyState:
         for listener in tuple(self._listeners):
             try:
                 listener(change)
-            except Exception:  # one consumer must not break the others
-                log.exception("tally listener %r failed on seq %d", listener, change.seq)
+            except Exception as exc:  # one consumer must not break the others
+                event(log, logging.ERROR, "tally.listener_failed", listener=repr(listener), seq=change.seq,
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         return change
 
 

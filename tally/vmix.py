@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from tally.adapter import ReconnectingClient
 from tally.errors import ConfigError, HandshakeFailed, VmixError
+from tally.log import event
 from tally.state import Bus, TallyChange, TallyState
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,14 @@ class VmixClient(ReconnectingClient):
             try:
                 await self._session()
             except (OSError, TimeoutError, EOFError) as exc:
-                log.warning("vMix %s:%d: %s", self.host, self.port, exc or type(exc).__name__)
+                event(log, logging.WARNING, "vmix.connection_failed", host=self.host, port=self.port,
+                      error=str(exc) or type(exc).__name__)
             except HandshakeFailed as exc:
                 self.errors += 1
-                log.error("vMix %s:%d refused: %s", self.host, self.port, exc)
+                event(log, logging.ERROR, "vmix.refused", host=self.host, port=self.port, error=str(exc))
             except VmixError as exc:
                 self.errors += 1
-                log.warning("vMix %s:%d: protocol error, reconnecting: %s", self.host, self.port, exc)
+                event(log, logging.WARNING, "vmix.protocol_error", host=self.host, port=self.port, error=str(exc))
             finally:
                 self._lost()
             if self._got_tally:
@@ -248,7 +250,7 @@ class VmixClient(ReconnectingClient):
                         msg = parse_line(line)
                     except VmixError as exc:
                         self.errors += 1
-                        log.warning("vMix %s:%d: ignored line: %s", self.host, self.port, exc)
+                        event(log, logging.WARNING, "vmix.line_ignored", host=self.host, port=self.port, error=str(exc))
                         continue
                     if isinstance(msg, VmixTally):
                         if not subscribed:

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Literal
 
 from tally.errors import ConfigError, TslError
+from tally.log import event
 from tally.state import Bus, SourceState, Tally, TallyChange, TallyState
 from tally.tsl.codec import (
     BROADCAST, DEFAULT_LAMPS, DEFAULT_V31_TALLIES, V31_MAX_ADDRESS, TallyColour, TslV5Message, TslV5Packet,
@@ -136,7 +137,7 @@ class TslInput:
             return change
         except TslError as exc:
             self.errors += 1
-            log.warning("TSL input %s: dropped malformed datagram: %s", self.authority, exc)
+            event(log, logging.WARNING, "tsl.input_malformed", authority=self.authority, error=str(exc))
             return None
 
     def check(self, now: float) -> TallyChange | None:
@@ -146,7 +147,8 @@ class TslInput:
             return None
         if now - self._last_rx >= self.lost_after and not self._silent:
             self._silent = True
-            log.warning("TSL input %s: nothing received for %.1f s", self.authority, now - self._last_rx)
+            event(log, logging.WARNING, "tsl.input_silent", authority=self.authority,
+                  silent_s=round(now - self._last_rx, 3))
             return self.state.authority_lost(self.authority, now=now)
         return None
 
@@ -253,7 +255,8 @@ class _TslTcpProtocol(asyncio.Protocol):
         packets = self.decoder.feed(data)
         if self.decoder.errors != before:
             self.owner.errors += self.decoder.errors - before
-            log.warning("TSL input %s: TCP framing error: %s", self.owner.authority, self.decoder.last_error)
+            event(log, logging.WARNING, "tsl.input_framing_error", authority=self.owner.authority,
+                  error=str(self.decoder.last_error))
         now = self.owner._clock()
         for packet in packets:
             self.owner.handle_v5(packet, now)
@@ -416,7 +419,7 @@ class TslOutput:
             try:
                 self._send(wrap_dle_stx(packet) if self._wrapped else packet)
             except (OSError, RuntimeError) as exc:
-                log.warning("TSL output: send failed: %s", exc)
+                event(log, logging.WARNING, "tsl.output_send_failed", error=str(exc))
                 return n
             n += 1
         self.sent += n
@@ -439,7 +442,7 @@ class TslOutput:
                 async with asyncio.timeout(connect_timeout):  # not wait_for: see vmix._session
                     transport, _ = await loop.create_connection(lambda: _TslOutTcpProtocol(lost), host, port)
             except (OSError, TimeoutError) as exc:
-                log.warning("TSL output: connect to %s:%d failed: %s", host, port, exc)
+                event(log, logging.WARNING, "tsl.output_connect_failed", host=host, port=port, error=str(exc))
             else:
                 delay = self.backoff_initial
                 self._tcp_transport = transport  # type: ignore[assignment]
@@ -451,7 +454,7 @@ class TslOutput:
                     self._send = None
                     self._tcp_transport = None
                     transport.close()
-                log.warning("TSL output: connection to %s:%d lost", host, port)
+                event(log, logging.WARNING, "tsl.output_lost", host=host, port=port)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
 
