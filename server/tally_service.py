@@ -27,6 +27,7 @@ One :class:`ProductionTally` per production, created on first use:
   or failover, and every loaded production then re-reads ``tally_state``
   (notifications sent while disconnected are lost): no node keeps a stale
   program.
+
 The configuration itself (what ``PUT /api/v1/productions/{id}/tally/config``
 takes) is described and checked in :mod:`server.tally_config`, the adapters
 built from it in :mod:`server.tally_adapters`; all SQL is in
@@ -38,7 +39,6 @@ built from it in :mod:`server.tally_adapters`; all SQL is in
                   │    └─ TallyPersister ── writer task → persist()
                   └─ LISTEN returnfeed_tally → adopt tasks (owned, awaited on stop)
 """
-
 
 from __future__ import annotations
 
@@ -97,6 +97,8 @@ class ProductionTally:
 
 
 class TallyService:
+    """Every production's tally on this node (see the module docstring)."""
+
     def __init__(self, db: Any, *, queue_max: int = MAX_PENDING) -> None:
         self.db = db
         self.queue_max = queue_max
@@ -106,6 +108,7 @@ class TallyService:
         #: Adopt tasks started by notifications: kept here, cancelled and
         #: awaited by ``stop``.
         self._tasks: set[asyncio.Task] = set()
+        self._stopping = False
         self.persisted = Histogram(
             "returnfeed_tally_persist_seconds", "Tally change to its database write (audit) completing",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=None)
@@ -120,6 +123,7 @@ class TallyService:
         self.db.on_reconnect.append(self.resync)
 
     async def stop(self) -> None:
+        self._stopping = True  # no new adopt task from here on
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -330,7 +334,7 @@ class TallyService:
         if node == self.node:
             return
         p = self.productions.get(production)
-        if p is None or p.closed or seq <= p.state.seq:
+        if p is None or p.closed or self._stopping or seq <= p.state.seq:
             return
         task = asyncio.get_running_loop().create_task(self._adopt_logged(p))
         self._tasks.add(task)
