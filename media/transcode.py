@@ -67,7 +67,7 @@ _JUMP = 9000  # 100 ms in 90 kHz ticks
 
 @dataclass(frozen=True, slots=True)
 class OpusPacket:
-    """One encoded Opus packet; fits media.stream.AccessUnitLike."""
+    """One encoded Opus packet; fits media.unit.Unit."""
 
     data: bytes
     pts: int  # 48 kHz

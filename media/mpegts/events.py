@@ -83,7 +83,7 @@ class ProgramChanged:
 
 @dataclass(frozen=True, slots=True)
 class AccessUnit:
-    """One coded frame.
+    """One coded frame: the TS demuxer's :class:`media.unit.Unit`.
 
     ``data``: H.264 — the PES payload as Annex-B (all NAL units of the
     access unit with start codes); AAC — one whole ADTS frame (header

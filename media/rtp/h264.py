@@ -41,7 +41,7 @@ __all__ = [
     "NalType",
     "split_annexb",
     "H264Packetizer",
-    "AccessUnit",
+    "NalUnits",
     "H264Depacketizer",
 ]
 
@@ -276,8 +276,9 @@ def _fu_a(nal: bytes, limit: int) -> list[bytes]:
 
 
 @dataclass(frozen=True, slots=True)
-class AccessUnit:
-    """A reassembled access unit.
+class NalUnits:
+    """The NAL units of one reassembled access unit (not yet a
+    :class:`media.unit.Unit`: :meth:`annexb` gives its bytes).
 
     ``lost``: a sequence gap (or a broken FU-A) hit this access unit, so some
     NAL units or parts of them are missing. ``complete``: it ended with the
@@ -317,9 +318,9 @@ class H264Depacketizer:
         self.late = 0
         self.ignored = 0
 
-    def push(self, seq: int, timestamp: int, marker: bool, payload: bytes) -> list[AccessUnit]:
+    def push(self, seq: int, timestamp: int, marker: bool, payload: bytes) -> list[NalUnits]:
         """Add one packet; return the access units it completed (0, 1 or 2)."""
-        done: list[AccessUnit] = []
+        done: list[NalUnits] = []
         seq &= 0xFFFF
         gap = False
         if self._expected is not None and seq != self._expected:
@@ -347,18 +348,18 @@ class H264Depacketizer:
                 done.append(au)
         return done
 
-    def flush(self) -> list[AccessUnit]:
+    def flush(self) -> list[NalUnits]:
         """Emit the access unit in progress (e.g. at end of stream)."""
         au = self._emit(complete=False)
         return [au] if au is not None else []
 
-    def _emit(self, complete: bool) -> AccessUnit | None:
+    def _emit(self, complete: bool) -> NalUnits | None:
         if self._fu is not None:
             self._fu = None  # FU-A never finished: that NAL unit is lost
             self._lost = True
         au = None
         if self._nals or self._lost:
-            au = AccessUnit(
+            au = NalUnits(
                 timestamp=self._ts if self._ts is not None else 0,
                 nals=tuple(self._nals),
                 keyframe=self._keyframe,

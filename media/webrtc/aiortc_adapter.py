@@ -406,7 +406,7 @@ class FastPath:
         return self._current().send(self._srtp.protect_rtcp(packet), now)
 
 
-# -- WHIP ingest: RTP captured before aiortc's receivers (media/webrtc/whip.py) --------
+# -- WHIP ingest: RTP captured before aiortc's receivers (media/webrtc/whip/) -----------
 
 
 def check_ingest_internals() -> None:
