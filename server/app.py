@@ -58,6 +58,8 @@ from .log import event
 from .metrics import Metrics
 
 log = logging.getLogger("returnfeed.http")
+#: Start/stop steps log under the process's logger, next to main.Server's.
+lifecycle_log = logging.getLogger("returnfeed")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -213,11 +215,11 @@ class Lifecycle:
         while self.started and which(self.started[-1]):
             service = self.started.pop()
             began = time.monotonic()
-            event(log, logging.DEBUG, "server.stop_step", step=service.name)
+            event(lifecycle_log, logging.DEBUG, "server.stop_step", step=service.name)
             await service.stop()
             seconds = round(time.monotonic() - began, 3)
             if seconds >= 2.0:  # a slow step is named, not guessed at
-                event(log, logging.WARNING, "server.stop_step_slow", step=service.name, seconds=seconds)
+                event(lifecycle_log, logging.WARNING, "server.stop_step_slow", step=service.name, seconds=seconds)
 
 
 def _live_state(app: web.Application, media: Any) -> Callable[[str], dict[str, Any]]:
