@@ -25,7 +25,7 @@ log = logging.getLogger("returnfeed.api")
 
 
 def str_field(data: dict[str, Any], key: str, *, required: bool = True, max_len: int = 200,
-         default: str | None = None) -> str | None:
+              default: str | None = None) -> str | None:
     if key not in data or data[key] is None:
         if required:
             raise BadRequest(f"'{key}' is required")
@@ -55,7 +55,7 @@ def valid_username(value: str) -> str:
 
 
 def int_field(data: dict[str, Any], key: str, *, required: bool = False, default: int | None = None,
-         lo: int | None = None, hi: int | None = None) -> int | None:
+              lo: int | None = None, hi: int | None = None) -> int | None:
     if key not in data or data[key] is None:
         if required:
             raise BadRequest(f"'{key}' is required")
