@@ -1,244 +1,69 @@
-"""The aiohttp application: keys, middlewares, principals, metrics.
+"""The aiohttp application factory: middlewares, routes, static files, and
+the one order services start and stop in.
 
-Shared state lives under :class:`aiohttp.web.AppKey`s (DESIGN.md
-conventions): settings, database, token service, login limiter, metrics.
-Every response to an error is JSON ``{error, detail}`` (see errors.py),
-including aiohttp's own 404/405/413.
+    create_app(settings, db, tokens, media, tally, directory)
+      keys         server.keys: SETTINGS DB TOKENS LIMITER METRICS STARTED
+                   DIRECTORY MEDIA TALLY LIVE_STATE STREAMS_CHANGED …
+      middlewares  CORS → metrics → errors as JSON {error, detail} → access log
+      routes       health, api (auth, users, productions, streams, links),
+                   whep, whip, tally_routes, pages, ``/`` and ``/static/``
+      services     one ``app.cleanup_ctx`` (:class:`Lifecycle`)
+
+Services start while the runner sets up (before the site listens), in this
+order, and the started ones stop in reverse, each once:
+
+    start                                stop
+    1. refresh-token purge (database)    3. tally  ── on_shutdown
+    2. media: SRT, WHEP and WHIP         2. media  ─┐ cleanup, after the
+    3. tally                             1. purge  ─┘ in-flight requests
+
+Tally stops at ``on_shutdown``: its WebSocket handlers end only when the
+service closes them (1001 going away), and aiohttp waits for handlers
+between ``on_shutdown`` and cleanup (aiohttp's documented place for closing
+WebSockets). Being the last one started, it is still the first one stopped.
+
+The database and the directory come before all of this: ``main.Server``
+brings them up before the app exists (the keys hold the token service, whose
+secret lives in the database, and the loaded directory, without which
+revoked links would pass) and closes them after the HTTP runner has
+stopped. ``/healthz`` answers from the database supervisor's verdict, so it
+answers while the database is down.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import asyncpg
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
-from . import repo
-from .auth import LinkClaims, LoginLimiter, TokenError, TokenService
+from . import api, health, pages, tally_routes, whep, whip
+from .access import client_ip
+from .api.auth import RefreshPurge
+from .auth import LoginLimiter, TokenService
 from .config import Settings
 from .db import Database
-from .directory import Directory, StreamEntry
-from .errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized, json_error
+from .directory import Directory
+from .errors import HTTP_CODES, ApiError, BadRequest, NotFound, json_error
+from .keys import (
+    DB, DIRECTORY, LIMITER, LIVE_STATE, LIVE_STATE_HOOKS, MEDIA, METRICS, SESSION_SECRET, SETTINGS, STARTED,
+    STREAMS_CHANGED, TOKENS,
+)
 from .log import event
 from .metrics import Metrics
 
 log = logging.getLogger("returnfeed.http")
-
-SETTINGS = web.AppKey("settings", Settings)
-DB = web.AppKey("db", Database)
-TOKENS = web.AppKey("tokens", TokenService)
-LIMITER = web.AppKey("limiter", LoginLimiter)
-METRICS = web.AppKey("metrics", Metrics)
-STARTED = web.AppKey("started", float)
-DIRECTORY = web.AppKey("directory", Directory)
+#: Start/stop steps log under the process's logger, next to main.Server's.
+lifecycle_log = logging.getLogger("returnfeed")
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling: a logged-in user, or the holder of a stream link."""
-
-    kind: str  # "user" | "link"
-    role: str  # admin | director | camera | viewer
-    user_id: int | None = None
-    username: str = ""
-    link: LinkClaims | None = None
-
-    @property
-    def is_admin(self) -> bool:
-        return self.kind == "user" and self.role == "admin"
-
-    @property
-    def label(self) -> str:
-        return self.username if self.kind == "user" else f"link:{self.link.jti if self.link else ''}"
-
-
-def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise Unauthorized("Authorization header must be 'Bearer <token>'")
-        return value.strip()
-    return request.query.get("token") or None
-
-
-async def principal(request: web.Request, *, allow_link: bool = True) -> Principal:
-    """Authenticate the request or raise 401."""
-    token = bearer_token(request)
-    if not token:
-        raise Unauthorized()
-    tokens = request.app[TOKENS]
-    try:
-        c = tokens.verify_access(token)
-    except TokenError as exc:
-        access_error = exc
-    else:
-        # From memory, shared through NOTIFY: a logout ends its access tokens
-        # on every node before they expire (issue 9, item 14).
-        if c.session is not None and request.app[DIRECTORY].session_ended(c.session):
-            raise Unauthorized("logged out; please log in again")
-        return Principal("user", c.role, c.user_id, c.username)
-    if allow_link:
-        try:
-            link = tokens.verify_link(token)
-        except TokenError as exc:
-            # Report the more specific reason (expired beats wrong audience).
-            reason = str(access_error) if "expired" in str(access_error) else str(exc)
-            raise Unauthorized(reason) from None
-        # From memory (DESIGN.md invariant 1): a WHEP join or tally socket with a signed
-        # link must not wait for the database.
-        if request.app[DIRECTORY].is_revoked(link.jti):
-            raise Unauthorized("link revoked")
-        # Bound to its stream's id and production (issue 9 item 2), for every
-        # route that takes a link: REST, WHIP, WHEP, /ws/tally.
-        problem = request.app[DIRECTORY].link_problem(link, await stream_entry(request, link.stream))
-        if problem is not None:
-            raise Unauthorized(problem)
-        return Principal("link", link.role, link=link)
-    raise Unauthorized(str(access_error))
-
-
-async def user_principal(request: web.Request) -> Principal:
-    return await principal(request, allow_link=False)
-
-
-def require_roles(p: Principal, *roles: str) -> None:
-    if p.role not in roles:
-        raise Forbidden(f"requires role {' or '.join(roles)}")
-
-
-async def production_role(request: web.Request, p: Principal, production_id: int) -> str | None:
-    """The caller's role in a production: 'admin', a member role, or None."""
-    if p.is_admin:
-        return "admin"
-    if p.kind == "link":
-        return p.role if p.link and p.link.production_id == production_id else None
-    assert p.user_id is not None
-    role = request.app[DIRECTORY].member_role(production_id, p.user_id)
-    db = request.app[DB]
-    if role is None and db.available:
-        # Not in this node's copy: maybe added a moment ago on another node
-        # (its NOTIFY still on the way). The database is authoritative when up.
-        role = await repo.member_role(db.pool, production_id, p.user_id)
-    return role
-
-
-async def stream_entry(request: web.Request, name: str) -> StreamEntry | None:
-    """The stream from the in-memory directory: a WHEP join or WHIP publish
-    never waits for the database. Only a name this node has not
-    heard of yet is looked up, and only while the database is up."""
-    entry = request.app[DIRECTORY].stream(name)
-    db = request.app[DB]
-    if entry is None and db.available:
-        row = await repo.stream_by_name(db.pool, name)
-        if row is not None:
-            entry = StreamEntry(row["id"], row["name"], row["production_id"], row["production_name"],
-                                row["passphrase"], row["pbkeylen"], row["label"] or "", row["latency_ms"])
-    return entry
-
-
-async def require_production_role(request: web.Request, p: Principal, production_id: int,
-                                  *roles: str) -> str:
-    role = await production_role(request, p, production_id)
-    if role is None:
-        raise Forbidden("not a member of this production")
-    if role != "admin" and role not in roles:
-        raise Forbidden(f"requires production role {' or '.join(roles)}")
-    return role
-
-
-async def json_body(request: web.Request, max_bytes: int | None = None) -> dict[str, Any]:
-    if request.content_type != "application/json":
-        from .errors import UnsupportedMediaType
-
-        raise UnsupportedMediaType("Content-Type must be application/json")
-    limit = max_bytes or request.app[SETTINGS].http.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        from .errors import PayloadTooLarge
-
-        raise PayloadTooLarge(f"body larger than {limit} bytes")
-    raw = await request.read()
-    data = parse_json_object(raw)
-    if not isinstance(data, dict):
-        raise BadRequest("JSON body must be an object")
-    return data
-
-
-#: Deepest nesting a JSON body may have; every API object is a few levels deep.
-MAX_JSON_DEPTH = 32
-
-
-def _no_constant(name: str) -> Any:
-    # RFC 8259 §6: "Numeric values that cannot be represented ... such as
-    # Infinity and NaN are not permitted"; PostgreSQL's jsonb refuses them too.
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if value in (float("inf"), float("-inf")):
-        raise ValueError(f"number out of range: {text[:40]}")
-    return value
-
-
-def parse_json_object(raw: bytes) -> Any:
-    """Decode a request body as strict JSON (RFC 8259) that PostgreSQL can
-    store: no NaN/Infinity, no NUL character and no lone surrogate in any
-    string (text and jsonb refuse both), at most ``MAX_JSON_DEPTH`` levels.
-    Anything else is a 400, never a 500."""
-    try:
-        data = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
-    except RecursionError:
-        raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise BadRequest(f"malformed JSON: {exc}") from None
-    # Iterative walk: a body nested just under the recursion limit must not
-    # recurse again here.
-    stack: list[tuple[Any, int]] = [(data, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise BadRequest(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-            items = value.items() if isinstance(value, dict) else enumerate(value)
-            for key, item in items:
-                if isinstance(key, str):
-                    _check_text(key)
-                stack.append((item, depth + 1))
-        elif isinstance(value, str):
-            _check_text(value)
-    return data
-
-
-def _check_text(value: str) -> None:
-    if "\x00" in value:
-        raise BadRequest("JSON strings must not contain the NUL character (\\u0000)")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("JSON strings must not contain lone surrogates (\\ud800-\\udfff)") from None
-
-
-def client_ip(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return peer[0] if peer else "unknown"
-
-
-def base_url(request: web.Request) -> str:
-    configured = request.app[SETTINGS].http.public_url
-    if configured:
-        return configured.rstrip("/")
-    return f"{request.scheme}://{request.host}"
 
 
 # -- middlewares ------------------------------------------------------------
@@ -246,10 +71,6 @@ def base_url(request: web.Request) -> str:
 _DB_LOST = (asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.exceptions.CannotConnectNowError,
             asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TooManyConnectionsError,
             asyncpg.exceptions.InternalClientError)
-
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
-               415: "unsupported_media_type", 422: "unprocessable", 429: "too_many_requests"}
 
 
 def check_url(request: web.Request) -> None:
@@ -270,7 +91,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "error")
+        code = HTTP_CODES.get(exc.status, "error")
         detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return json_error(exc.status, {"error": code, "detail": detail}, headers)
@@ -303,30 +124,6 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         request.app[METRICS].observe_http(request.method, name, status, time.perf_counter() - start)
 
 
-class JsonErrorRequestHandler(RequestHandler):
-    """aiohttp answers what its parser refuses (URL over 8190 bytes, an
-    oversized header, Content-Length with Transfer-Encoding, RFC 9112 §6.3;
-    a bad method) itself, in text/plain, before any middleware runs. Same
-    status, same logging, same forced close; the body becomes the
-    ``{error, detail}`` JSON that every other error is."""
-
-    __slots__ = ()
-
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
-        plain = super().handle_error(request, status, exc, message)
-        if status >= 500:
-            # 500: a handler bug; 504: aiohttp's own handler timeout.
-            body = {"error": "internal" if status == 500 else "unavailable",
-                    "detail": "internal server error" if status == 500 else plain.reason}
-        else:
-            # The parser's message quotes the offending bytes: first line, bounded.
-            first = (message or plain.reason or "").strip().splitlines()
-            body = {"error": _HTTP_CODES.get(status, "bad_request"),
-                    "detail": (first[0] if first else plain.reason)[:200]}
-        resp = json_error(status, body)
-        resp.force_close()
-        return resp
 def cors_middleware_factory(origins: list[str]) -> Any:
     allow_all = "*" in origins
 
@@ -375,10 +172,75 @@ def access_log_middleware() -> Any:
     return mw
 
 
+# -- services ----------------------------------------------------------------
+
+@dataclass(slots=True)
+class Service:
+    """One service in the start order."""
+
+    name: str
+    start: Callable[[], Awaitable[Any]]
+    stop: Callable[[], Awaitable[Any]]
+    #: Stops at ``on_shutdown``, before aiohttp waits for the handlers: its
+    #: handlers (WebSockets) end only when the service closes them.
+    holds_handlers: bool = False
+
+
+@dataclass(slots=True)
+class Lifecycle:
+    """Starts services in order and stops the started ones in reverse order,
+    each once: from ``on_shutdown`` those at the top of the stack that hold
+    handlers, from cleanup the rest. A start that fails stops what started."""
+
+    services: Sequence[Service]
+    started: list[Service] = field(default_factory=list)
+
+    def install(self, app: web.Application) -> None:
+        app.cleanup_ctx.append(self._context)
+        app.on_shutdown.append(self._on_shutdown)
+
+    async def _context(self, app: web.Application) -> AsyncIterator[None]:
+        try:
+            for service in self.services:
+                await service.start()
+                self.started.append(service)
+            yield
+        finally:
+            await self._stop(lambda service: True)
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        await self._stop(lambda service: service.holds_handlers)
+
+    async def _stop(self, which: Callable[[Service], bool]) -> None:
+        while self.started and which(self.started[-1]):
+            service = self.started.pop()
+            began = time.monotonic()
+            event(lifecycle_log, logging.DEBUG, "server.stop_step", step=service.name)
+            await service.stop()
+            seconds = round(time.monotonic() - began, 3)
+            if seconds >= 2.0:  # a slow step is named, not guessed at
+                event(lifecycle_log, logging.WARNING, "server.stop_step_slow", step=service.name, seconds=seconds)
+
+
+def _live_state(app: web.Application, media: Any) -> Callable[[str], dict[str, Any]]:
+    """The streams API's live state: the hub's, plus what each hook adds."""
+    hooks = app[LIVE_STATE_HOOKS]
+
+    def live_state(name: str) -> dict[str, Any]:
+        out = media.live_state(name)
+        for hook in hooks:
+            hook(name, out)
+        return out
+
+    return live_state
+
+
+# -- the factory ---------------------------------------------------------------
+
 def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None,
                tally: Any = None, directory: Directory | None = None) -> web.Application:
-    from . import api, health, pages, tally_routes, whep, whip
-
+    """The application around constructed, not yet started, services;
+    :class:`Lifecycle` starts and stops them with the app (module docstring)."""
     metrics = Metrics(db)
     app = web.Application(
         client_max_size=settings.http.max_body_bytes,
@@ -401,23 +263,27 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         # Fail closed: without the loaded directory, revoked links would pass.
         raise TypeError("create_app needs the server's loaded Directory")
     app[DIRECTORY] = directory
+    app[STREAMS_CHANGED] = []
+    app[LIVE_STATE_HOOKS] = []
+    purge = RefreshPurge(db, settings.auth)
+    services = [Service("refresh_purge", purge.start, purge.stop)]
     health.setup(app)
     api.setup(app)
     if media is not None:
-        app[whep.MEDIA] = media
-        app[api.LIVE_STATE] = media.live_state
+        app[MEDIA] = media
+        app[LIVE_STATE] = _live_state(app, media)
+        app[SESSION_SECRET] = secrets.token_bytes(32)
         metrics.add_collector(media.collect)
         whep.setup(app)
         whip.setup(app)
+        services.append(Service("media", media.start, media.stop))
     if tally is not None:
         tally_routes.setup(app, tally)
-        app[api.STREAMS_CHANGED].append(tally.on_streams_changed)
+        app[STREAMS_CHANGED].append(tally.on_streams_changed)
         metrics.add_collector(tally.collect)
-
-        async def close_tally(app: web.Application) -> None:
-            await tally.stop()  # closes every tally socket with 1001 before the runner waits on handlers
-
-        app.on_shutdown.append(close_tally)
+        # Closes every tally socket with 1001 before the runner waits on handlers.
+        services.append(Service("tally", tally.start, tally.stop, holds_handlers=True))
+    Lifecycle(services).install(app)
     pages.setup(app)
     if WEB_DIR.is_dir():
         async def index(request: web.Request) -> web.FileResponse:

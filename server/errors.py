@@ -48,6 +48,13 @@ class ApiError(Exception):
         return json_error(self.status, body, self.headers)
 
 
+#: The ``error`` code of an HTTP status that aiohttp raised or answered
+#: itself (404, 405, 413 and the parser's refusals).
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+              415: "unsupported_media_type", 422: "unprocessable", 429: "too_many_requests"}
+
+
 def json_error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type="application/json",
                         headers=headers)

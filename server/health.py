@@ -8,8 +8,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from .app import DB, METRICS, STARTED
-from .tally_routes import TALLY
+from .keys import DB, METRICS, STARTED, TALLY
 from .metrics import VERSION
 
 

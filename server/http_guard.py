@@ -11,7 +11,9 @@ one address holds. :class:`GuardedRunner` serves the app with:
   gets 408 and is closed — a client dribbling header bytes (slowloris) no
   longer holds a connection for ever;
 * a per-IP cap: over ``http.max_connections_per_ip`` open connections from
-  one address, a new one is answered 503 and closed.
+  one address, a new one is answered 503 and closed;
+* what aiohttp's parser refuses answered in JSON like every other error
+  (:class:`JsonErrorRequestHandler`).
 
 Refusals are written as plain HTTP/1.1 responses with a JSON ``{error,
 detail}`` body: no request object exists yet to go through the middlewares.
@@ -25,7 +27,9 @@ import logging
 from typing import Any
 
 from aiohttp import web
-from .app import JsonErrorRequestHandler
+from aiohttp.web_protocol import RequestHandler
+
+from .errors import HTTP_CODES, json_error
 from .limits import ConnectionCaps
 from .log import event
 
@@ -54,6 +58,32 @@ class HttpGuard:
         self.caps = ConnectionCaps({"ip": max_connections_per_ip})
         self.refused = 0
         self.header_timeouts = 0
+
+
+class JsonErrorRequestHandler(RequestHandler):
+    """aiohttp answers what its parser refuses (URL over 8190 bytes, an
+    oversized header, Content-Length with Transfer-Encoding, RFC 9112 §6.3;
+    a bad method) itself, in text/plain, before any middleware runs. Same
+    status, same logging, same forced close; the body becomes the
+    ``{error, detail}`` JSON that every other error is."""
+
+    __slots__ = ()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        plain = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            # 500: a handler bug; 504: aiohttp's own handler timeout.
+            body = {"error": "internal" if status == 500 else "unavailable",
+                    "detail": "internal server error" if status == 500 else plain.reason}
+        else:
+            # The parser's message quotes the offending bytes: first line, bounded.
+            first = (message or plain.reason or "").strip().splitlines()
+            body = {"error": HTTP_CODES.get(status, "bad_request"),
+                    "detail": (first[0] if first else plain.reason)[:200]}
+        resp = json_error(status, body)
+        resp.force_close()
+        return resp
 
 
 class GuardedHandler(JsonErrorRequestHandler):

@@ -1,10 +1,13 @@
-"""Process lifecycle: start database, HTTP (and media) services; stop in order.
+"""Process lifecycle: the database and directory around the HTTP application.
 
-Start: database (embedded or external) → migrations → first admin →
-HTTP site. Stop (SIGINT/SIGTERM): stop accepting, let in-flight requests
-finish within ``http.shutdown_timeout_s``, run the app's cleanup hooks
-(media components register there), close the pool, stop the embedded
-PostgreSQL. A second signal during shutdown exits at once.
+Start: database (embedded or external) → migrations → first admin → token
+service → directory → the app (:func:`server.app.create_app`), whose runner
+starts the media and tally services (``app.cleanup_ctx``, in the order
+drawn in :mod:`server.app`) → HTTP site → metrics site. Stop
+(SIGINT/SIGTERM): stop accepting, close tally sockets, let in-flight
+requests finish within ``http.shutdown_timeout_s``, stop media, close the
+directory and the pool, stop the embedded PostgreSQL. A second signal
+during shutdown exits at once.
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ from .auth import LEEWAY_S, TokenService, hash_password
 from .config import ENV_ADMIN_PASSWORD, Settings
 from .db import Database
 from .directory import Directory
+from .health import metrics_app
 from .http_guard import GuardedRunner, HttpGuard
 from .log import event
+from .media_service import MediaService
+from .tally_service import TallyService
 
 log = logging.getLogger("returnfeed")
 
@@ -82,8 +88,8 @@ class Server:
     settings: Settings
     db: Database | None = None
     app: web.Application | None = None
-    media: Any = None
-    tally: Any = None
+    media: MediaService | None = None
+    tally: TallyService | None = None
     directory: Directory | None = None
     runner: web.AppRunner | None = None
     metrics_runner: web.AppRunner | None = None
@@ -100,14 +106,9 @@ class Server:
             self.directory = Directory(self.db, refresh_s=s.database.directory_refresh_s,
                                        session_window_s=s.auth.access_ttl_s + LEEWAY_S)
             await self.directory.start()
-            from .media_service import MediaService
-
+            # Constructed here, started and stopped by the app's runner.
             self.media = MediaService(s, self.db, tokens, self.directory)
-            await self.media.start()
-            from .tally_service import TallyService
-
             self.tally = TallyService(self.db, queue_max=s.database.write_queue_max)
-            await self.tally.start()
             self.app = create_app(s, self.db, tokens, self.media, self.tally, self.directory)
             guard = HttpGuard(header_timeout_s=s.http.header_timeout_s,
                               max_connections_per_ip=s.http.max_connections_per_ip)
@@ -119,8 +120,6 @@ class Server:
             site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
             await site.start()
             if s.metrics.enabled:
-                from .health import metrics_app
-
                 self.metrics_runner = web.AppRunner(metrics_app(self.app), handle_signals=False, access_log=None)
                 await self.metrics_runner.setup()
                 await web.TCPSite(self.metrics_runner, s.metrics.host, s.metrics.port, reuse_address=True).start()
@@ -162,14 +161,11 @@ class Server:
             await step("metrics_http", self.metrics_runner.cleanup)
             self.metrics_runner = None
         if self.runner is not None:
+            # Stops tally and media too (server.app.Lifecycle), each once.
             await step("http", self.runner.cleanup)
             self.runner = None
-        if self.tally is not None:
-            await step("tally", self.tally.stop)
-            self.tally = None
-        if self.media is not None:
-            await step("media", self.media.stop)
-            self.media = None
+        self.tally = None
+        self.media = None
         if self.directory is not None:
             await step("directory", self.directory.stop)
             self.directory = None

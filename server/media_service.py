@@ -48,6 +48,7 @@ from media.srt.streamid import StreamIdRequest
 from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub, StreamState, TsReader
 from media.transcode import AacToOpus, TranscodeWorker
 from media.webrtc.whep import WhepService
+from media.webrtc.whip import WhipService
 
 from .auth import TokenError, TokenService
 from .config import Settings
@@ -278,6 +279,15 @@ class MediaService:
                                 rtx_share=settings.webrtc.rtx_share,
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
+        w = settings.webrtc
+        self.whip = WhipService(self.hub, ice_servers=[s.model_dump(exclude_none=True) for s in w.ice_servers],
+                                takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
+                                connect_timeout=w.connect_timeout_s,
+                                media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,
+                                reorder_window=w.whip_reorder_window_s)
+        # A WHEP viewer's PLI/FIR reaches the stream's WHIP publisher (rate-limited
+        # per layer in the ingest).
+        self.whep.keyframe_handlers.append(self.whip.request_keyframe)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
         self.srt: SrtListener | None = None
         self.srt_error: str | None = None
@@ -297,6 +307,7 @@ class MediaService:
         else:
             await self.refresh_catalog()
         self.whep.start()
+        self.whip.start()
         s = self.settings.srt
         if s.enabled:
             listener = SrtListener(
@@ -328,6 +339,7 @@ class MediaService:
         if self.srt is not None:
             await self.srt.close()
             self.srt = None
+        await self.whip.close()
         await self.whep.close()
         for ingest in list(self.ingests.values()):
             if ingest.transcoder is not None:

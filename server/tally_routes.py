@@ -36,18 +36,14 @@ from tally.hub import aiohttp_sink, serve_aiohttp
 from tally.protocol import CloseCode, parse_command
 
 from . import repo
-from .app import (
-    DB, DIRECTORY, SETTINGS, Principal, client_ip, json_body, principal, production_role, require_production_role,
-)
+from .access import Principal, client_ip, json_body, principal, production_role, require_production_role
 from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .keys import DB, DIRECTORY, SETTINGS, TALLY, WS_CAPS
 from .limits import ConnectionCaps
 from .grants import WS_CLOSE_REVOKED, Grant
 from .redact import keep_secrets, redact_secrets
 from .tally_config import TallyConfigError, validate_config
 from .tally_service import TallyService
-
-TALLY = web.AppKey("tally", TallyService)
-WS_CAPS = web.AppKey("ws_caps", ConnectionCaps)
 
 WS_MAX_MESSAGE = 64 * 1024
 

@@ -5,9 +5,6 @@
   :func:`media.webrtc.sdp.parse_offer` (400 with the reason);
 * ``Link: <url>; rel="ice-server"`` headers from ``webrtc.ice_servers``
   (§4.6);
-* who owns a session (the user, or the signed link it was created with),
-  and the session URL's capability for sessions opened with ``?token=``
-  (:func:`session_location`, :func:`session_access`);
 * ``PATCH`` of a session resource with ``application/trickle-ice-sdpfrag``
   (§4.3): trickled candidates 204, an ICE restart (``If-Match: *`` or a new
   ufrag) 422 because aiortc cannot restart ICE on a live connection, a
@@ -16,21 +13,15 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
 from media.webrtc.sdp import Offer, SdpError, parse_offer
 
-from .app import DIRECTORY, SETTINGS, Principal, bearer_token, principal, production_role, stream_entry
-from .grants import Grant
-from .errors import (
-    ApiError, BadRequest, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unauthorized, Unprocessable,
-    UnsupportedMediaType,
-)
+from .access import authorize_stream, bearer_token
+from .errors import ApiError, BadRequest, PayloadTooLarge, PreconditionFailed, Unprocessable, UnsupportedMediaType
+from .keys import SETTINGS
 
 MAX_TRICKLE_CANDIDATES = 64
 
@@ -70,110 +61,6 @@ async def may_see_ice_credentials(request: web.Request, action: str) -> bool:
     except (ApiError, web.HTTPException):
         return False
     return True
-
-
-#: Production roles that may publish (WHIP) a stream without a publish link.
-PUBLISH_ROLES = ("admin", "director")
-
-
-async def authorize_stream(request: web.Request, name: str, action: str) -> tuple[Principal, Any]:
-    """Who may read (WHEP) or publish (WHIP) stream ``name``: a signed link
-    for that stream and action, or a user of its production — any member to
-    read, a director (or admin) to publish. Returns the principal and the
-    directory entry."""
-    p = await principal(request)
-    row = await stream_entry(request, name)
-    if row is None:
-        raise NotFound("no such stream")
-    if p.kind == "link":
-        assert p.link is not None
-        if p.link.stream != name or p.link.action != action:
-            verb = "watching" if action == "read" else "publishing"
-            raise Forbidden(f"this link is not for {verb} this stream")
-        return p, row
-    role = await production_role(request, p, row.production_id)
-    if action == "read" and role is None:
-        raise Forbidden("not a member of this stream's production")
-    if action == "publish" and role not in PUBLISH_ROLES:
-        raise Forbidden("publishing needs a publish link or the director role in this stream's production")
-    return p, row
-
-
-async def register_grant(request: web.Request, what: str, p: Principal, entry: Any, roles: tuple[str, ...],
-                         session: Any, close: Callable[[str], None]) -> None:
-    """Keep what a new WHEP/WHIP ``session`` was admitted with, so revoking
-    the link, deleting the stream or taking the user's role away ends it
-    (issue 9 item 5; :mod:`server.grants`)."""
-    role = None if p.kind == "link" else await production_role(request, p, entry.production_id)
-    request.app[DIRECTORY].grants.add(session, Grant(
-        what, entry.production_id, close, lambda: not session.closed, stream=entry.name, stream_id=entry.id,
-        link=p.link, user_id=p.user_id, roles=() if role in (None, "admin") else roles))
-
-
-def owner_key(p: Principal) -> str:
-    """Who a session belongs to: a user, or the signed link that created it."""
-    return f"user:{p.user_id}" if p.kind == "user" else f"link:{p.link.jti if p.link else ''}"
-
-
-#: Per-process secret the session URLs' capabilities are derived from
-#: (sessions live in this process only, so the secret need not outlive it).
-SESSION_SECRET = web.AppKey("webrtc_session_secret", bytes)
-
-#: Separates a session id from its capability in the session URL's last
-#: segment (neither contains it: both are URL-safe base64).
-_KEY_SEP = "."
-
-
-def _capability(request: web.Request, kind: str, session_id: str, owner: str) -> str:
-    mac = hmac.new(request.app[SESSION_SECRET], f"{kind}\0{session_id}\0{owner}".encode(), hashlib.sha256)
-    return base64.urlsafe_b64encode(mac.digest()[:24]).decode()  # 192 bits: unguessable
-
-
-def session_location(request: web.Request, kind: str, stream: str, session_id: str, owner: str) -> str:
-    """The ``Location`` of a new session (RFC 9725 §4.2).
-
-    A client that authenticated with ``?token=`` (Eyevinn's player, ffmpeg's
-    WHIP muxer given a URL with the token) sends its later DELETE/PATCH to
-    this URL as it is, without the token. Such sessions get a capability URL
-    instead (knowing the URL is the authority to act on the session, as
-    with the token it was created with): a key in the last path segment
-    (``/whep/s/<id>.<key>``), an HMAC of the session and its owner, valid
-    for that session only. In the path, not the query, because clients
-    append their own ``?token=`` to it. A client that sent
-    ``Authorization: Bearer`` keeps using its header (no capability in the
-    URL, where it would end up in access logs)."""
-    path = f"/{kind}/{stream}/{session_id}"
-    if request.headers.get("Authorization") or not request.query.get("token"):
-        return path
-    return f"{path}{_KEY_SEP}{_capability(request, kind, session_id, owner)}"
-
-
-async def session_access(request: web.Request, kind: str, sessions: Mapping[str, Any]) -> tuple[str, Any]:
-    """The session a request to a session URL names, if the caller may act
-    on it: the holder of its URL capability, or a principal that owns it
-    (or an admin; for WHIP also a director of the stream's production).
-    Returns a label for the logs and the session; raises 401/403/404."""
-    session_id, sep, key = request.match_info["session"].partition(_KEY_SEP)
-    has_token = bearer_token(request) is not None
-    if not sep and not has_token:
-        raise Unauthorized()
-    session = sessions.get(session_id)
-    if session is None or session.stream_name != request.match_info["stream"]:
-        raise NotFound("no such session")
-    if sep and hmac.compare_digest(key.encode(), _capability(request, kind, session.id, session.owner).encode()):
-        return "session key", session
-    if not has_token:
-        raise Forbidden("the key does not open this session")
-    p = await principal(request)
-    if session.owner == owner_key(p) or p.is_admin:
-        return p.label, session
-    if kind == "whip":
-        # A director of the stream's production may end anyone's publishing.
-        row = await stream_entry(request, session.stream_name)
-        role = None if row is None or p.kind != "user" else await production_role(request, p, row.production_id)
-        if role in PUBLISH_ROLES:
-            return p.label, session
-    raise Forbidden("this session belongs to someone else")
 
 
 def check_offer_headers(request: web.Request) -> int:

@@ -22,7 +22,7 @@ Authentication: ``Authorization: Bearer`` or ``?token=`` — a read link for
 the stream, or a user token of a member of the stream's production. The
 session URL works with the same credential; a session opened with
 ``?token=`` also carries its own capability in the ``Location``
-(``/whep/{stream}/{session}.{key}``, :func:`.webrtc_http.session_location`).
+(``/whep/{stream}/{session}.{key}``, :func:`.access.session_location`).
 Errors: 400 malformed SDP, 401/403 auth, 404 unknown stream or session, 409 +
 ``Retry-After`` stream not live, 413 offer too large, 415 wrong content type,
 422 offer that cannot be served passthrough (no H.264/Opus, B-frame source),
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from typing import Any
 
@@ -43,18 +42,17 @@ from media.errors import UnsupportedMedia
 from media.webrtc.sdp import SdpError
 
 from . import repo
-from .app import DB, SETTINGS, principal, require_production_role
+from .access import (
+    authorize_stream, owner_key, principal, register_grant, require_production_role, session_access,
+    session_location,
+)
 from .auth import MEMBER_ROLES
 from .errors import BadRequest, Conflict, NotFound, ServiceUnavailable, Unprocessable
+from .keys import DB, MEDIA, SETTINGS
 from .log import event
-from .webrtc_http import (
-    SESSION_SECRET, authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, session_access,
-    session_location, may_see_ice_credentials, register_grant, with_ice_links,
-)
+from .webrtc_http import check_offer_headers, may_see_ice_credentials, patch_trickle, read_offer, with_ice_links
 
 log = logging.getLogger("returnfeed.whep")
-
-MEDIA = web.AppKey("media", object)
 
 
 def _not_live(request: web.Request) -> Conflict:
@@ -185,7 +183,6 @@ async def stream_viewers(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    app[SESSION_SECRET] = secrets.token_bytes(32)
     r = app.router
     r.add_route("GET", "/api/v1/streams/{name}/viewers", stream_viewers)
     r.add_route("POST", "/whep/{stream}", whep_post)

@@ -32,11 +32,11 @@ type, 422 offer that cannot be ingested passthrough (no H.264
 packetization-mode 1 / Opus, not sendonly, not BUNDLEd, bad simulcast),
 503 + ``Retry-After`` session limit.
 
-Wiring: :func:`setup` creates the :class:`~media.webrtc.whip.WhipService`
-on the media service's hub, starts/stops it with the app, sends WHEP
-viewers' keyframe requests (PLI/FIR) to the stream's WHIP publisher, adds
-per-publisher ingest stats to the streams API and ``returnfeed_whip_*``
-metrics.
+Wiring: the :class:`~media.webrtc.whip.WhipService` belongs to the media
+service (``app[MEDIA].whip``, started and stopped with it, WHEP viewers'
+keyframe requests routed to it); :func:`setup` adds the routes, the
+per-publisher ingest stats to the streams API's live state (a
+``LIVE_STATE_HOOKS`` hook) and the ``returnfeed_whip_*`` metrics.
 """
 
 from __future__ import annotations
@@ -52,19 +52,16 @@ from media.stream import StreamBusy
 from media.webrtc.sdp import SdpError
 from media.webrtc.whip import WhipService, WhipSession
 
-from . import api
-from .app import METRICS, SETTINGS, client_ip
-from .errors import Conflict, ServiceUnavailable, Unprocessable
-from .log import event
-from .webrtc_http import (
-    authorize_stream, check_offer_headers, owner_key, patch_trickle, read_offer, session_access, session_location,
-    PUBLISH_ROLES, may_see_ice_credentials, register_grant, with_ice_links,
+from .access import (
+    PUBLISH_ROLES, authorize_stream, client_ip, owner_key, register_grant, session_access, session_location,
 )
-from .whep import MEDIA
+from .errors import Conflict, ServiceUnavailable, Unprocessable
+from .keys import LIVE_STATE_HOOKS, MEDIA, METRICS, SETTINGS
+from .log import event
+from .webrtc_http import check_offer_headers, may_see_ice_credentials, patch_trickle, read_offer, with_ice_links
 
 log = logging.getLogger("returnfeed.whip")
 
-WHIP = web.AppKey("whip", WhipService)
 
 async def whip_post(request: web.Request) -> web.StreamResponse:
     name = request.match_info["stream"]
@@ -72,7 +69,7 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
     limit = check_offer_headers(request)
     p, _row = await authorize_stream(request, name, "publish")
     offer_sdp, offer = await read_offer(request, limit)
-    service = request.app[WHIP]
+    service = request.app[MEDIA].whip
     try:
         session = await service.create_session(name, offer_sdp, offer, owner=owner_key(p),
                                                remote=client_ip(request), label=p.label)
@@ -95,7 +92,7 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
 
 
 async def _session(request: web.Request) -> tuple[str, WhipSession]:
-    return await session_access(request, "whip", request.app[WHIP].sessions)
+    return await session_access(request, "whip", request.app[MEDIA].whip.sessions)
 
 
 async def whip_patch(request: web.Request) -> web.StreamResponse:
@@ -132,11 +129,10 @@ async def whip_session_options(request: web.Request) -> web.StreamResponse:
                                              "Allow": "OPTIONS, PATCH, DELETE, GET"})
 
 
-def _live_state(base: Callable[[str], dict[str, Any]], service: WhipService) -> Callable[[str], dict[str, Any]]:
-    """The streams API's live state, plus ingest stats of a WHIP publisher."""
+def _publisher_stats(service: WhipService) -> Callable[[str, dict[str, Any]], None]:
+    """Adds to the streams API's live state the ingest stats of a WHIP publisher."""
 
-    def live_state(name: str) -> dict[str, Any]:
-        out = base(name)
+    def add(name: str, out: dict[str, Any]) -> None:
         source = out.get("source")
         session = service.publishing(name)
         if source and session is not None:
@@ -145,9 +141,8 @@ def _live_state(base: Callable[[str], dict[str, Any]], service: WhipService) -> 
                     info = session.info()
                     pub["whip"] = {"session": info.id, "state": info.state, "stats": info.stats,
                                    "layers": info.layers}
-        return out
 
-    return live_state
+    return add
 
 
 def _collector(service: WhipService) -> Callable[[], Any]:
@@ -176,31 +171,10 @@ def _collector(service: WhipService) -> Callable[[], Any]:
 
 
 def setup(app: web.Application) -> None:
-    """Routes and wiring; call after ``whep.setup`` (needs ``MEDIA``)."""
-    media = app[MEDIA]
-    settings = app[SETTINGS]
-    w = settings.webrtc
-    service = WhipService(media.hub, ice_servers=[s.model_dump(exclude_none=True) for s in w.ice_servers],
-                          takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
-                          connect_timeout=w.connect_timeout_s,
-                          media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,
-                          reorder_window=w.whip_reorder_window_s)
-    app[WHIP] = service
-
-    # A WHEP viewer's PLI/FIR reaches the stream's WHIP publisher (rate-limited
-    # per layer in the ingest).
-    media.whep.keyframe_handlers.append(service.request_keyframe)
-    app[api.LIVE_STATE] = _live_state(app[api.LIVE_STATE], service)
+    """Routes, live-state hook and metrics of ``app[MEDIA].whip``."""
+    service = app[MEDIA].whip
+    app[LIVE_STATE_HOOKS].append(_publisher_stats(service))
     app[METRICS].add_collector(_collector(service))
-
-    async def start(app: web.Application) -> None:
-        service.start()
-
-    async def stop(app: web.Application) -> None:
-        await service.close()
-
-    app.on_startup.append(start)
-    app.on_shutdown.append(stop)
 
     r = app.router
     r.add_route("POST", "/whip/{stream}", whip_post)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.app import MAX_JSON_DEPTH, parse_json_object
+from server.access import MAX_JSON_DEPTH, parse_json_object
 from server.errors import BadRequest
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(-(10**40), 10**40), st.floats(),

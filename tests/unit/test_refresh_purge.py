@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from server import api
+from server.api.auth import purge_refresh_tokens
 from server.db import Database
 
 DAY = 86400.0
@@ -37,10 +37,10 @@ async def test_purge_deletes_dead_refresh_tokens_and_keeps_replay_guards(db_url:
                                CASE WHEN $5::float8 IS NULL THEN NULL ELSE now() - make_interval(secs => $5) END,
                                $6)""",
                     uid, uuid.uuid4().bytes, family, expires_in, revoked_ago, label)
-        assert await api.purge_refresh_tokens(db, DAY) == 3
+        assert await purge_refresh_tokens(db, DAY) == 3
         async with db.direct() as conn:
             left = {r["user_agent"] for r in await conn.fetch("SELECT user_agent FROM refresh_tokens")}
         assert left == {"live_current", "live_rotated_old", "logged_out_recently", "expired_recently"}
-        assert await api.purge_refresh_tokens(db, DAY) == 0
+        assert await purge_refresh_tokens(db, DAY) == 0
     finally:
         await db.close()

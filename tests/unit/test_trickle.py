@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 from media.webrtc import aiortc_adapter
 from media.webrtc.sdp import SdpError, parse_trickle_candidates
-from server.app import SETTINGS
+from server.keys import SETTINGS
 from server.config import Settings
 from server.errors import BadRequest
 from server.webrtc_http import patch_trickle
