@@ -8,7 +8,6 @@ link reads its own stream. The live state (``LIVE_STATE``, with what
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import quote
 
@@ -44,7 +43,7 @@ def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: boo
         "latency_ms": stream_latency_ms(request, r["latency_ms"]),
         "latency_default": r["latency_ms"] is None,
         # Secrets in settings are write-only (issue 9 item 1).
-        "settings": redact_secrets(r["settings"] if isinstance(r["settings"], dict) else json.loads(r["settings"])),
+        "settings": redact_secrets(r["settings"]),
         "created_at": r["created_at"].isoformat(),
     }
     if secrets_visible:
@@ -142,7 +141,7 @@ async def update_stream(request: web.Request) -> web.Response:
         raise BadRequest("'settings' must be an object")
     if settings is not None:
         # Settings read back (secrets as "<key>_set": true) keep the stored secrets.
-        old = row["settings"] if isinstance(row["settings"], dict) else json.loads(row["settings"])
+        old = row["settings"]
         settings = keep_secrets(settings, old)
     rotate = data.get("rotate_passphrase", False)
     if not isinstance(rotate, bool):
