@@ -268,6 +268,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "pipeline": bool(args.pipeline),
             "transcode": bool(args.pipeline and args.transcode),
             "ingest": {k: ingest1[k] - ingest0[k] for k in ("access_units", "demux_errors", "discontinuities")},
+            # Whole run: a QUIET release the sender then proved wrong
+            # (more of the frame came) is an early_overrun.
+            "demux_totals": {k: sum(getattr(s.ts_counters, k) for s in sessions)
+                             for k in ("completed_quiet", "early_overrun", "cc_error")},
             "demux_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": round(lat[-1] * 1e3, 3) if lat else 0.0,
                                  "frames": len(lat), "completion": dict(completions)},
             "callers": args.callers,
@@ -318,7 +322,7 @@ def print_report(r: dict[str, object]) -> None:
         print(f"full ingest pipeline (demux + hub): video access units {d['frames']}, "  # type: ignore[index]
               f"complete -> handed to publish p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms; "  # type: ignore[index]
               f"completed by {d['completion']}")  # type: ignore[index]
-        print(f"ingest (window): {r['ingest']}, AAC -> Opus: {r['transcode']}")
+        print(f"ingest (window): {r['ingest']}, demuxers (run): {r['demux_totals']}, AAC -> Opus: {r['transcode']}")
     print("CPU (% of one core):")
     for k, v in r["cpu_percent_of_one_core"].items():  # type: ignore[union-attr]
         print(f"  {k:32s} {v:6.1f}")
