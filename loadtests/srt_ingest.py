@@ -320,7 +320,7 @@ def print_report(r: dict[str, object]) -> None:
     if r.get("pipeline"):
         d = r["demux_latency_ms"]
         print(f"full ingest pipeline (demux + hub): video access units {d['frames']}, "  # type: ignore[index]
-              f"complete -> handed to publish p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms; "  # type: ignore[index]
+              f"complete -> publish p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms; "  # type: ignore[index]
               f"completed by {d['completion']}")  # type: ignore[index]
         print(f"ingest (window): {r['ingest']}, demuxers (run): {r['demux_totals']}, AAC -> Opus: {r['transcode']}")
     print("CPU (% of one core):")
