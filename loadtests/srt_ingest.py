@@ -2,6 +2,7 @@
 
     python loadtests/srt_ingest.py [--callers 16] [--mbps 6] [--duration 20]
                                    [--latency 120] [--encrypt] [--json]
+                                   [--pipeline [--transcode]]
 
 What it does:
 
@@ -11,7 +12,12 @@ What it does:
    -f mpegts srt://…`` (a remux, no encode);
 2. starts :class:`media.srt.listener.SrtListener` in this process on uvloop,
    with a consumer that only counts bytes (the cost measured is the ingest
-   path: libsrt + epoll thread + hand-off to the loop);
+   path: libsrt + epoll thread + hand-off to the loop); with ``--pipeline``
+   each connection is wired to the server's own ingest session
+   (:class:`media.srt.ingest.SrtIngestSession`: demuxer, QUIET timer, RAP
+   scan, stream hub), as server/media_service.py wires it; ``--transcode``
+   adds the server's AAC → Opus worker (off: AAC is published as AAC, the
+   work the benchmark measured before issue 11);
 3. after a warm-up, measures for ``--duration`` seconds: CPU of this process
    from ``/proc/self/stat`` and per thread from ``/proc/self/task/*/stat``
    grouped by role (our epoll thread, the event-loop thread, libsrt's
@@ -27,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
@@ -42,10 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from media.ingest.ts import IngestCounters  # noqa: E402
+from media.mpegts.events import AccessUnit  # noqa: E402
+from media.srt.ingest import SrtIngestSession  # noqa: E402
 from media.srt.listener import Decision, SrtConnection, SrtListener  # noqa: E402
-from media.mpegts.demux import TsDemuxer  # noqa: E402
-from media.mpegts.events import AccessUnit, ProgramChanged  # noqa: E402
-from media.mpegts.rap import RandomAccessScanner  # noqa: E402
 from media.srt.streamid import StreamIdRequest  # noqa: E402
 from media.stream import SourceInfo, StreamHub  # noqa: E402
 
@@ -139,9 +147,20 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         return Decision.allow(passphrase=PASSPHRASE if args.encrypt else None)
 
     hub = StreamHub()
-    latencies: list[float] = []  # bridge wake-up → access unit published (s)
+    latencies: list[float] = []  # frame complete (bridge wake-up or QUIET timer) → handed to publish (s)
     completions: dict[str, int] = defaultdict(int)
     measuring = [False]
+    ingest_counters = IngestCounters()
+    sessions: list[SrtIngestSession] = []
+    # The server's executor for the AAC → Opus worker (server/media_service.py).
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
+    clock = time.monotonic
+
+    def observe(unit: AccessUnit) -> None:
+        # Called by the ingest just before the unit is published.
+        if measuring[0]:
+            latencies.append(clock() - unit.arrival)
+            completions[unit.completion.name] += 1
 
     def on_connection(conn: SrtConnection) -> None:
         conns.append(conn)
@@ -155,28 +174,22 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
             conn.on_data = on_data
             return
-        # The server's ingest path (server/media_service.py SrtIngest):
-        # demux every message, publish access units and the original TS.
+        # The server's ingest path, the server's code (server/media_service.py
+        # SrtIngest wires the same session): demux every message, publish
+        # access units and the original TS, release held frames on the QUIET
+        # timer.
         stream = hub.get_or_create(conn.stream or f"s{sid}")
         pub = stream.attach_publisher(SourceInfo("srt"), now=time.monotonic())
-        demux = TsDemuxer()
-        rap = RandomAccessScanner()
-        clock = time.monotonic
+        session = SrtIngestSession(conn, pub, ingest_counters, executor=executor, transcode=args.transcode,
+                                   on_video=observe)
+        sessions.append(session)
+        ingest_data = session.on_data
 
         def on_data_pipeline(messages: list[bytes], now: float) -> None:
+            ingest_data(messages, now)
             n = 0
             for m in messages:
                 n += len(m)
-                for ev in demux.feed(m, now, end_of_message=True):
-                    if isinstance(ev, AccessUnit):
-                        pub.publish(ev)
-                        if measuring[0] and ev.codec == "h264":
-                            latencies.append(clock() - now)
-                            completions[ev.completion.name] += 1
-                    elif isinstance(ev, ProgramChanged):
-                        pub.set_program(ev.pmt)
-                        rap.configure(ev.pmt.pmt_pid, frozenset(t.pid for t in ev.pmt.tracks if t.kind == "video"))
-                pub.publish_ts(m, rap_offset=rap.scan(m), psi=rap.psi)
             counts[sid] += n
 
         conn.on_data = on_data_pipeline
@@ -211,12 +224,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         stats0 = {c.socket_id: c.stats() for c in conns}
         bytes0 = dict(counts)
         bridge0 = listener.bridge.stats.as_dict()
+        ingest0 = dataclasses.asdict(ingest_counters)
         t0, p0, th0 = time.monotonic(), process_ticks(), thread_ticks()
         measuring[0] = True
         await asyncio.sleep(args.duration)
         measuring[0] = False
         t1, p1, th1 = time.monotonic(), process_ticks(), thread_ticks()
         bridge1 = listener.bridge.stats.as_dict()
+        ingest1 = dataclasses.asdict(ingest_counters)
         stats1 = {c.socket_id: c.stats() for c in conns}
         bytes1 = dict(counts)
         wall = t1 - t0
@@ -251,6 +266,12 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
         return {
             "pipeline": bool(args.pipeline),
+            "transcode": bool(args.pipeline and args.transcode),
+            "ingest": {k: ingest1[k] - ingest0[k] for k in ("access_units", "demux_errors", "discontinuities")},
+            # Whole run: a QUIET release the sender then proved wrong
+            # (more of the frame came) is an early_overrun.
+            "demux_totals": {k: sum(getattr(s.ts_counters, k) for s in sessions)
+                             for k in ("completed_quiet", "early_overrun", "cc_error")},
             "demux_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "max": round(lat[-1] * 1e3, 3) if lat else 0.0,
                                  "frames": len(lat), "completion": dict(completions)},
             "callers": args.callers,
@@ -285,6 +306,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             except asyncio.TimeoutError:
                 p.kill()
         await listener.close()
+        for session in sessions:
+            if session.transcoder is not None:
+                await session.transcoder.stop()
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 def print_report(r: dict[str, object]) -> None:
@@ -295,8 +320,9 @@ def print_report(r: dict[str, object]) -> None:
     if r.get("pipeline"):
         d = r["demux_latency_ms"]
         print(f"full ingest pipeline (demux + hub): video access units {d['frames']}, "  # type: ignore[index]
-              f"wake-up -> published p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms; "  # type: ignore[index]
+              f"complete -> publish p50 {d['p50']} ms, p99 {d['p99']} ms, max {d['max']} ms; "  # type: ignore[index]
               f"completed by {d['completion']}")  # type: ignore[index]
+        print(f"ingest (window): {r['ingest']}, demuxers (run): {r['demux_totals']}, AAC -> Opus: {r['transcode']}")
     print("CPU (% of one core):")
     for k, v in r["cpu_percent_of_one_core"].items():  # type: ignore[union-attr]
         print(f"  {k:32s} {v:6.1f}")
@@ -326,6 +352,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--pipeline", action="store_true",
                     help="run the server's whole ingest path (demux, hub, RAP scan), not only SRT receive")
+    ap.add_argument("--transcode", action="store_true",
+                    help="with --pipeline: AAC to Opus as the server does (off: AAC published as AAC)")
     args = ap.parse_args()
     if shutil.which("ffmpeg") is None:
         raise SystemExit("ffmpeg (with libsrt) is required")

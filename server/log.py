@@ -1,11 +1,13 @@
 """Structured logging: one line per event.
 
-Call sites log an event name and fields::
+Call sites log an event name and fields with :func:`event` (defined in
+media/log.py so that media, which must not import server, logs the same
+way)::
 
-    log.info("srt.accept", extra={"fields": {"stream": "cam1", "peer": addr}})
+    event(log, logging.INFO, "srt.accept", stream="cam1", peer=addr)
 
-or use :func:`event`. The JSON format writes ``{"ts", "level", "logger",
-"event", ...fields}``; the text format writes ``ts level logger event k=v``.
+The JSON format writes ``{"ts", "level", "logger", "event", ...fields}``;
+the text format writes ``ts level logger event k=v``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ import sys
 import time
 from typing import Any
 
+from media.log import event
+
 from .redact import redact_text
+
+__all__ = ["event", "setup_logging"]
 
 
 class _JsonFormatter(logging.Formatter):
@@ -45,7 +51,10 @@ class _TextFormatter(logging.Formatter):
         parts = [f"{ts}.{int(record.msecs):03d}", f"{record.levelname:<7}", record.name, record.getMessage()]
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            parts.extend(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}" for k, v in fields.items())
+            # A value a caller chose (an SRT stream ID) must not break the
+            # line or forge a field: quote it when it is not plain.
+            parts.extend(f"{k}={v!r}" if isinstance(v, str) and (" " in v or not v.isprintable()) else f"{k}={v}"
+                         for k, v in fields.items())
         line = " ".join(parts)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
@@ -62,8 +71,3 @@ def setup_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) ->
     root.setLevel(level)
     # aiohttp's access log duplicates our request metrics; keep it at WARNING.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-
-
-def event(logger: logging.Logger, level: int, name: str, /, **fields: Any) -> None:
-    """Log ``name`` with structured ``fields``."""
-    logger.log(level, name, extra={"fields": fields})

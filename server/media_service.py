@@ -20,7 +20,12 @@ SRT authorisation (the listen callback; DESIGN.md "Interfaces"):
 * unknown stream 1404, bad or expired token 1401, token for another stream or
   action 1403, unparsable stream ID 1400 (with the parser's reason).
 
-AAC audio is transcoded once per stream to Opus (PyAV, executor thread) and
+The media path itself lives in media/: an SRT publisher's connection drives
+:class:`~media.srt.ingest.SrtIngestSession` (the sans-I/O core is
+:class:`~media.ingest.ts.TsIngest`), a reader's
+:class:`~media.srt.read.SrtReadSession`. This module authorises, wires
+connections to them and keeps the books (sessions, grants, metrics). AAC
+audio is transcoded once per stream to Opus (PyAV, executor thread) and
 published as the stream's audio track; Opus passes through.
 """
 
@@ -40,13 +45,14 @@ from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from media.errors import SrtApiError, SrtUnavailable
-from media.mpegts.demux import TsDemuxer
-from media.mpegts.events import AccessUnit, DemuxError, ProgramChanged, TsDiscontinuity
-from media.mpegts.rap import RandomAccessScanner
+from media.ingest.ts import IngestCounters
+from media.mpegts.events import AccessUnit, TsCounters
+from media.srt.ingest import SrtIngestSession
 from media.srt.listener import Decision, RateLimit, SrtConnection, SrtListener, reject_unparsable
+from media.srt.read import SrtReadSession
 from media.srt.streamid import StreamIdRequest
-from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub, StreamState, TsReader
-from media.transcode import AacToOpus, TranscodeWorker
+from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub, StreamState
+from media.transcode import TranscodeWorker
 from media.webrtc.whep import WhepService
 from media.webrtc.whip import WhipService
 
@@ -98,19 +104,9 @@ class StreamCatalog:
         return len(self._entries)
 
 
-@dataclass(slots=True)
-class IngestCounters:
-    sessions: int = 0
-    bytes: int = 0
-    messages: int = 0
-    access_units: int = 0
-    demux_errors: int = 0
-    discontinuities: int = 0
-    refused_busy: int = 0
-
-
 class SrtIngest:
-    """One SRT publisher: TS bytes → demuxer → the stream's publisher."""
+    """One SRT publisher: the stream's publisher attached, the connection
+    wired to the media path (media/srt/ingest.py), the service's books kept."""
 
     def __init__(self, service: "MediaService", conn: SrtConnection, stream: Stream, layer: str | None) -> None:
         self.service = service
@@ -121,126 +117,28 @@ class SrtIngest:
             SourceInfo("srt", remote=f"{conn.peer[0]}:{conn.peer[1]}" if isinstance(conn.peer, tuple) else str(conn.peer),
                        description=redact_text(conn.raw_streamid)),
             layer=layer, takeover=service.settings.srt.takeover, now=now)
-        self.demux = TsDemuxer()
-        self.rap = RandomAccessScanner()
-        self.transcoder: TranscodeWorker | None = None
-        # The demuxer's QUIET deadline (a frame that ended exactly on a full
-        # message is complete once the sender stays silent): one timer, re-armed
-        # lazily when it fires early because more data moved the deadline.
-        self._quiet_timer: asyncio.TimerHandle | None = None
-        conn.on_data = self.on_data
-        conn.on_close = self.on_close
+        self.session = SrtIngestSession(conn, self.publisher, service.ingest, executor=service.executor,
+                                        on_video=self._on_video, on_closed=self.on_close)
 
-    def on_data(self, messages: list[bytes], now: float) -> None:
-        pub = self.publisher
-        demux = self.demux
-        counters = self.service.ingest
-        counters.messages += len(messages)
-        rap = self.rap
-        for msg in messages:
-            counters.bytes += len(msg)
-            self._dispatch(demux.feed(msg, now, end_of_message=True))
-            # The original packets for SRT readers, marked where a keyframe starts.
-            pub.publish_ts(msg, rap_offset=rap.scan(msg), psi=rap.psi)
-        if self._quiet_timer is None:
-            deadline = demux.next_deadline()
-            if deadline is not None:
-                self._arm(deadline)
+    def _on_video(self, unit: AccessUnit) -> None:
+        if unit.first_arrival is not None:
+            self.service.note_first_byte(unit.data, unit.first_arrival)
 
-    def _dispatch(self, events: list) -> None:
-        pub = self.publisher
-        counters = self.service.ingest
-        for ev in events:
-            if isinstance(ev, AccessUnit):
-                counters.access_units += 1
-                if ev.codec == "aac":
-                    self._transcode(ev)
-                else:
-                    if ev.kind == "video" and ev.first_arrival is not None:
-                        self.service.note_first_byte(ev.data, ev.first_arrival)
-                    pub.publish(ev)
-            elif isinstance(ev, ProgramChanged):
-                pub.set_program(ev.pmt)
-                self.rap.configure(ev.pmt.pmt_pid, frozenset(t.pid for t in ev.pmt.tracks if t.kind == "video"))
-            elif isinstance(ev, DemuxError):
-                counters.demux_errors += 1
-            elif isinstance(ev, TsDiscontinuity):
-                # Packets were lost (CC error), the sender signalled a break or
-                # sync was lost: the frames that follow reference a picture the
-                # viewers never got whole, so their layer restarts at its next
-                # IDR. An audio PID needs nothing: Opus/AAC frames stand alone.
-                counters.discontinuities += 1
-                if ev.pid is None:
-                    pub.discontinuity(None)
-                elif (layer := pub.layers.get(ev.pid)) is not None:
-                    pub.discontinuity(layer)
-
-    def _arm(self, deadline: float) -> None:
-        delay = max(0.0, deadline - time.monotonic())
-        self._quiet_timer = asyncio.get_running_loop().call_later(delay, self._on_quiet_timer)
-
-    def _on_quiet_timer(self) -> None:
-        self._quiet_timer = None
-        deadline = self.demux.next_deadline()
-        if deadline is None:
-            return
-        now = time.monotonic()
-        if now < deadline:
-            self._arm(deadline)
-            return
-        self._dispatch(self.demux.poll(now))
-
-    def _transcode(self, unit: AccessUnit) -> None:
-        if self.transcoder is None:
-            self.transcoder = TranscodeWorker(AacToOpus(), self._on_opus, executor=self.service.executor)
-            self.transcoder.start()
-        self.transcoder.push(unit)
-
-    def _on_opus(self, packets: list[Any]) -> None:
-        for p in packets:
-            try:
-                self.publisher.publish(p)
-            except StreamClosed:
-                return
+    @property
+    def transcoder(self) -> TranscodeWorker | None:
+        return self.session.transcoder
 
     def on_close(self, reason: str) -> None:
-        if self._quiet_timer is not None:
-            self._quiet_timer.cancel()
-            self._quiet_timer = None
         self.stream.detach_publisher(self.publisher, time.monotonic())
-        if self.transcoder is not None:
-            self.service.spawn(self.transcoder.stop())
+        if self.session.transcoder is not None:
+            self.service.spawn(self.session.transcoder.stop())
         self.service.ingests.pop(self.conn.socket_id, None)
         event(log, logging.INFO, "srt.ingest_closed", stream=self.stream.name, reason=reason,
               bytes=self.conn.bytes_received)
 
     @property
-    def ts_counters(self) -> Any:
-        return self.demux.counters()
-
-
-class SrtRead:
-    """One SRT ``read:`` client: the stream's original TS packets, passthrough."""
-
-    def __init__(self, service: "MediaService", conn: SrtConnection, stream: Stream) -> None:
-        self.service = service
-        self.conn = conn
-        self.stream = stream
-        self.drops = 0
-        self.reader: TsReader = stream.subscribe_ts(512, callback=self._pump)
-        conn.on_close = self.on_close
-
-    def _pump(self, reader: TsReader) -> None:
-        if reader.closed:
-            self.conn.close()
-            return
-        for chunk in reader.drain():
-            if not self.conn.send(chunk):
-                self.drops += 1
-
-    def on_close(self, reason: str) -> None:
-        self.reader.close()
-        self.service.reads.pop(self.conn.socket_id, None)
+    def ts_counters(self) -> TsCounters:
+        return self.session.ts_counters
 
 
 class MediaService:
@@ -292,7 +190,7 @@ class MediaService:
         self.srt: SrtListener | None = None
         self.srt_error: str | None = None
         self.ingests: dict[int, SrtIngest] = {}
-        self.reads: dict[int, SrtRead] = {}
+        self.reads: dict[int, SrtReadSession] = {}
         self.ingest = IngestCounters()
         self._tasks: set[asyncio.Task] = set()
         self._timer: asyncio.Task | None = None
@@ -481,7 +379,8 @@ class MediaService:
             if stream is None or stream.state == StreamState.CLOSED:
                 conn.close()
                 return
-            self.reads[conn.socket_id] = SrtRead(self, conn, stream)
+            sid = conn.socket_id
+            self.reads[sid] = SrtReadSession(conn, stream, on_closed=lambda reason: self.reads.pop(sid, None))
             self._grant(conn, self.reads)
             event(log, logging.INFO, "srt.reading", stream=req.stream, peer=str(conn.peer))
 

@@ -45,11 +45,12 @@ libsrt refuses ``srt_bistats`` once a peer is gone, so the listener samples
 each connection's stats every ``stats_interval_s``; ``SrtConnection.stats()``
 falls back to the last sample.
 
-Every accept, reject and close is one log line on ``returnfeed.srt``:
-``srt.<event> key=value ...`` (the fields are also in the record's
-``srt`` attribute for structured handlers). Rejects of an IP that is over its
-rate limit are logged at DEBUG only (one WARNING when the limit trips), so a
-caller retrying every few milliseconds cannot flood the log.
+Every accept, reject and close is one log event on ``returnfeed.srt``
+(:func:`media.log.event`): the message is ``srt.<event>``, the fields are
+in the record's ``fields`` (keys of the JSON log line). Rejects of an IP
+that is over its rate limit are logged at DEBUG only (one WARNING when the
+limit trips), so a caller retrying every few milliseconds cannot flood the
+log.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from media.errors import SrtApiError
+from media.log import event
 from media.srt.binding import (
     SRT_LIVE_DEF_PLSIZE,
     SRT_REJC_PREDEFINED,
@@ -262,20 +264,6 @@ class ListenerCounters:
             "active": self.active,
             "send_drops": self.send_drops,
         }
-
-
-def _fmt(value: object) -> str:
-    """logfmt value: bare when safe, else quoted with backslash escapes."""
-    text = str(value)
-    if text and text.isprintable() and not any(ch in text for ch in ' "=\\'):
-        return text
-    return '"' + text.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"'
-
-
-def _log(level: int, event: str, **fields: object) -> None:
-    if log.isEnabledFor(level):
-        line = " ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-        log.log(level, "srt.%s %s", event, line, extra={"srt": {"event": event, **fields}})
 
 
 # --------------------------------------------------------------------------
@@ -590,9 +578,10 @@ class SrtListener:
         bridge.start()
         self._checker = self._loop.call_later(_PENDING_CHECK_S, self._check_pending)
         self._sampler = self._loop.call_later(self._stats_interval_s, self._sample_stats)
-        _log(
+        event(
+            log,
             logging.INFO,
-            "listen",
+            "srt.listen",
             host=self.host,
             port=self.port,
             latency_ms=self.latency_ms,
@@ -620,7 +609,7 @@ class SrtListener:
             self._finish(conn, "listener_closed")
         with self._lock:
             self._pending.clear()
-        _log(logging.INFO, "listener_closed", port=self.port, **self.counters.as_dict())
+        event(log, logging.INFO, "srt.listener_closed", port=self.port, **self.counters.as_dict())
         if self._given_library is None:
             lib.close()
 
@@ -645,9 +634,9 @@ class SrtListener:
             c.rejected_by_reason[code] = c.rejected_by_reason.get(code, 0) + 1
         if ip is not None and self._limiter is not None:
             tripped = self._limiter.charge(ip, now)
-        _log(level, "reject", code=code, **fields)
+        event(log, level, "srt.reject", code=code, **fields)
         if tripped:
-            _log(logging.WARNING, "rate_limit", ip=ip, note="further rejects of this IP skip authorize")
+            event(log, logging.WARNING, "srt.rate_limit", ip=ip, note="further rejects of this IP skip authorize")
         return -1
 
     def _failed(self, peer: str, stream: str | None, code: int | None, reason: str) -> None:
@@ -658,7 +647,7 @@ class SrtListener:
         try:
             return self._decide(ns, hsversion, peeraddr, streamid_ptr)
         except BaseException:  # nothing may escape into libsrt
-            log.exception("srt.listen_callback failed")
+            event(log, logging.ERROR, "srt.listen_callback_failed", exc_info=True)
             try:
                 assert self._lib is not None
                 self._lib.c.srt_setrejectreason(ns, REJ_ISE)
@@ -718,7 +707,7 @@ class SrtListener:
         except Exception as exc:
             with self._lock:
                 self.counters.authorize_errors += 1
-            log.exception("srt.authorize failed for peer=%s streamid=%r", peer, raw)
+            event(log, logging.ERROR, "srt.authorize_failed", exc_info=True, peer=peer, streamid=raw)
             return self._reject(
                 ns, REJ_ISE, ip=None, now=now, level=logging.ERROR, peer=peer, streamid=raw, reason=f"authorize: {exc}"
             )
@@ -759,7 +748,8 @@ class SrtListener:
         if pending is None or self._closing:
             bridge.close_socket(sock)
             if pending is None:
-                log.error("srt.accept socket=%d peer=%s without a listen-callback decision; closed", sock, peer)
+                event(log, logging.ERROR, "srt.accept_undecided", socket=sock, peer=format_peer(*peer),
+                      note="accepted without a listen-callback decision; closed")
             return
         conn = SrtConnection(self, sock, pending, time.monotonic())
         wanted = pending.decision.pbkeylen
@@ -775,9 +765,10 @@ class SrtListener:
                 self.counters.policy_closed += 1
             if self._limiter is not None:
                 self._limiter.charge(pending.ip, time.monotonic())
-            _log(
+            event(
+                log,
                 logging.INFO,
-                "policy_close",
+                "srt.policy_close",
                 socket=sock,
                 peer=conn.peer,
                 streamid=conn.raw_streamid,
@@ -790,9 +781,10 @@ class SrtListener:
             c.accepted += 1
             c.active = len(self._connections)
         req = conn.request
-        _log(
+        event(
+            log,
             logging.INFO,
-            "accept",
+            "srt.accept",
             socket=sock,
             peer=conn.peer,
             stream=req.stream if req else "-",
@@ -808,7 +800,7 @@ class SrtListener:
         try:
             self._on_connection(conn)
         except Exception:
-            log.exception("srt.on_connection failed for %r; closing it", conn)
+            event(log, logging.ERROR, "srt.on_connection_failed", exc_info=True, socket=conn.socket_id, peer=conn.peer)
             self._finish(conn, "on_connection_error")
 
     def bridge_data(self, sock: int, messages: list[bytes], now: float) -> None:
@@ -851,9 +843,10 @@ class SrtListener:
         with self._lock:
             self.counters.closed += 1
             self.counters.active = len(self._connections)
-        _log(
+        event(
+            log,
             logging.INFO,
-            "close",
+            "srt.close",
             socket=conn.socket_id,
             peer=conn.peer,
             streamid=conn.raw_streamid,
@@ -868,7 +861,7 @@ class SrtListener:
             try:
                 handler(reason)
             except Exception:
-                log.exception("srt.on_close failed for %r", conn)
+                event(log, logging.ERROR, "srt.on_close_failed", exc_info=True, socket=conn.socket_id, peer=conn.peer)
 
     # -- periodic stats sample ------------------------------------------------
 
@@ -919,9 +912,10 @@ class SrtListener:
                          "the encoder sent a passphrase but the stream is not encrypted (or it left during the "
                          "handshake)")
             tripped = self._limiter.charge(p.ip, now) if self._limiter is not None else False
-            _log(
+            event(
+                log,
                 logging.INFO,
-                "handshake_failed",
+                "srt.handshake_failed",
                 socket=ns,
                 peer=p.peer,
                 streamid=p.raw_streamid,
@@ -934,6 +928,7 @@ class SrtListener:
                 ),
             )
             if tripped:
-                _log(logging.WARNING, "rate_limit", ip=p.ip, note="further rejects of this IP skip authorize")
+                event(log, logging.WARNING, "srt.rate_limit", ip=p.ip,
+                      note="further rejects of this IP skip authorize")
         assert self._loop is not None
         self._checker = self._loop.call_later(_PENDING_CHECK_S, self._check_pending)

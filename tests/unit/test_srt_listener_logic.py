@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 
+from media.log import event
 from media.srt import listener as listener_mod
 from media.srt.listener import Decision, ListenerCounters, RateLimit, RejectRateLimiter, reject_unparsable
+from server.log import _JsonFormatter, _TextFormatter
 
 
 def test_decision_validation() -> None:
@@ -95,13 +98,20 @@ def test_counters_as_dict_is_a_snapshot() -> None:
     assert set(snap) >= {"accepted", "rejected", "rate_limited", "handshake_failed", "active", "parse_errors"}
 
 
-def test_log_line_format(caplog: pytest.LogCaptureFixture) -> None:
+def test_log_events_reach_the_json_and_text_output_as_fields(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="returnfeed.srt")
-    listener_mod._log(logging.INFO, "reject", code=1404, peer="1.2.3.4:5", streamid='a b"c', reason="")
+    event(listener_mod.log, logging.INFO, "srt.reject", code=1404, peer="1.2.3.4:5", streamid='a b"c', reason="")
     (record,) = caplog.records
     assert record.name == "returnfeed.srt"
-    assert record.getMessage() == 'srt.reject code=1404 peer=1.2.3.4:5 streamid="a b\\"c" reason=""'
-    assert record.srt == {"event": "reject", "code": 1404, "peer": "1.2.3.4:5", "streamid": 'a b"c', "reason": ""}
+    assert record.getMessage() == "srt.reject"
+    assert record.fields == {"code": 1404, "peer": "1.2.3.4:5", "streamid": 'a b"c', "reason": ""}
+    line = json.loads(_JsonFormatter().format(record))
+    assert line["event"] == "srt.reject" and line["logger"] == "returnfeed.srt"
+    assert {k: line[k] for k in ("code", "peer", "streamid", "reason")} == record.fields
+    assert _TextFormatter().format(record).endswith("""srt.reject code=1404 peer=1.2.3.4:5 streamid='a b"c' reason=""")
     caplog.clear()
-    listener_mod._log(logging.INFO, "x", streamid="a\nb")
-    assert caplog.records[0].getMessage() == 'srt.x streamid="a\\nb"'
+    # A caller-chosen stream ID cannot break the text line in two.
+    event(listener_mod.log, logging.INFO, "srt.x", streamid="a\nb")
+    text = _TextFormatter().format(caplog.records[0])
+    assert "\n" not in text and text.endswith("srt.x streamid='a\\nb'")
+    assert json.loads(_JsonFormatter().format(caplog.records[0]))["streamid"] == "a\nb"
