@@ -471,22 +471,4 @@ class _TslOutTcpProtocol(asyncio.Protocol):
             self.lost.set_result(None)
 
 
-__all__ = [
-    "BROADCAST",
-    "DLE",
-    "STX",
-    "MAX_V5_PACKET",
-    "TallyColour",
-    "TslInput",
-    "TslOutput",
-    "TslV31Message",
-    "TslV5Message",
-    "TslV5Packet",
-    "TslV5StreamDecoder",
-    "build_v5_packets",
-    "parse_v31_datagram",
-    "parse_v5_datagram",
-    "v31_buses",
-    "v5_buses",
-    "wrap_dle_stx",
-]
+__all__ = ["TslInput", "TslOutput"]
