@@ -258,6 +258,15 @@ class SrtBridge:
             return now
         return now + min(latency_ms, 10_000) / 1000.0 + _LINGER_MARGIN_S
 
+    def receive_pending(self, sock: int) -> bool:
+        """True while data for ``sock`` may still be on its way to the loop:
+        libsrt holds received messages for it, or the thread has handed over
+        a batch the loop has not consumed yet (any socket's: the batches are
+        not split per socket). Thread-safe; one libsrt call."""
+        if self._handed_bytes != self._consumed_bytes:
+            return True
+        return not self._buffer_empty(sock)
+
     def _buffer_empty(self, sock: int) -> bool:
         try:
             return int(self._lib.getsockflag(sock, SockOpt.RCVDATA)) <= 0

@@ -31,6 +31,12 @@ from media.transcode import AacToOpus, OpusPacket, TranscodeWorker
 
 __all__ = ["SrtIngestSession"]
 
+# A quiet deadline that finds data still on its way looks again this much
+# later, at most this many times in a row (50 ms in all: beyond that the
+# loop is so far behind that holding the frame costs more than cutting it).
+_POSTPONE_S = 0.002
+_MAX_POSTPONE = 25
+
 
 class SrtIngestSession:
     """Binds ``conn``'s data and close to a :class:`TsIngest` publishing
@@ -64,10 +70,13 @@ class SrtIngestSession:
         # re-armed lazily when it fires early because more data moved the
         # deadline later.
         self._quiet_timer: asyncio.TimerHandle | None = None
+        self._postponed = 0  # consecutive postponements of this deadline
+        self.postponed_total = 0
         conn.on_data = self.on_data
         conn.on_close = self.on_close
 
     def on_data(self, messages: list[bytes], now: float) -> None:
+        self._postponed = 0
         ingest = self.ingest
         ingest.receive_messages(messages, now)
         if self._quiet_timer is None:
@@ -88,6 +97,18 @@ class SrtIngestSession:
         if now < deadline:
             self._arm(deadline)
             return
+        # "Quiet" must mean nothing more arrived, not that the loop has not
+        # seen it yet: on a busy machine the next messages can sit in
+        # libsrt's buffer or in the bridge's hand-over while this timer
+        # fires, and completing the frame then would cut it short. Wait for
+        # them (they complete the frame, or extend it), a bounded number
+        # of times.
+        if self._postponed < _MAX_POSTPONE and self.conn.receive_pending():
+            self._postponed += 1
+            self.postponed_total += 1
+            self._arm(now + _POSTPONE_S)
+            return
+        self._postponed = 0
         self.ingest.handle_timer(now)
 
     def _transcode(self, unit: AccessUnit) -> None:

@@ -383,6 +383,13 @@ class SrtConnection:
             self._listener.counters.send_drops += dropped
         return not dropped and not broken
 
+    def receive_pending(self) -> bool:
+        """True while received data may not have reached :attr:`on_data` yet
+        (in libsrt's buffer or in a batch on its way to the loop)."""
+        if self.closed:
+            return False
+        return self._listener.bridge.receive_pending(self.socket_id)
+
     def close(self) -> None:
         """Close from our side; ``on_close('local')`` follows synchronously."""
         self._listener._finish(self, "local")

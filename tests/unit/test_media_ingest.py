@@ -5,6 +5,7 @@ crafted TS bytes and an explicit clock, and the SRT sessions around it
 from __future__ import annotations
 
 import asyncio
+import time
 import random
 import typing
 from pathlib import Path
@@ -260,6 +261,10 @@ class FakeConnection:
         self.sent: list[bytes] = []
         self.closed = False
         self.accept_sends = accept_sends
+        self.pending = False  # data still in libsrt's buffer or the bridge's hand-over
+
+    def receive_pending(self) -> bool:
+        return self.pending
 
     def send(self, data: bytes) -> bool:
         if self.accept_sends:
@@ -326,3 +331,49 @@ def test_srt_read_session_sends_the_original_bytes_and_counts_refusals() -> None
     assert read.reader.closed and closed == ["peer_closed"]
     h.feed(msgs[13:14])
     assert read.drops == 3 and len(conn.sent) == 10, "a closed session is no longer fed"
+
+
+class _QuietIngest:
+    """A TsIngest stand-in whose timer is a due quiet deadline."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+        self.fired: list[float] = []
+
+    def receive_messages(self, messages, now) -> None:
+        self.deadline = time.monotonic() + 0.005
+
+    def get_timer(self) -> float | None:
+        return self.deadline
+
+    def handle_timer(self, now: float) -> None:
+        self.fired.append(now)
+        self.deadline = None
+
+
+def test_quiet_deadline_waits_for_data_still_on_its_way() -> None:
+    """The quiet timer completes a frame only when nothing more has arrived:
+    data still in libsrt's buffer or the bridge's hand-over postpones it,
+    a bounded number of times."""
+
+    async def run(pending_for: float) -> tuple[_QuietIngest, SrtIngestSession, float]:
+        h = Harness()
+        conn = FakeConnection()
+        session = SrtIngestSession(conn, h.publisher, h.counters, transcode=False)
+        fake = session.ingest = _QuietIngest()  # type: ignore[assignment]
+        conn.pending = True
+        t0 = time.monotonic()
+        conn.on_data([b"x"], t0)
+        loop = asyncio.get_running_loop()
+        loop.call_later(pending_for, setattr, conn, "pending", False)
+        while not fake.fired and time.monotonic() - t0 < 1.0:
+            await asyncio.sleep(0.002)
+        return fake, session, time.monotonic() - t0
+
+    fake, session, waited = asyncio.run(run(0.02))
+    assert len(fake.fired) == 1 and session.postponed_total >= 1
+    assert waited >= 0.02  # not before the pending data was gone
+    # Data that never stops "arriving" (a loop far behind) holds the frame
+    # at most the bounded number of postponements, then it completes.
+    fake, session, waited = asyncio.run(run(5.0))
+    assert len(fake.fired) == 1 and session.postponed_total == 25
