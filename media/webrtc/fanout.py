@@ -180,6 +180,18 @@ class _ReplayHistory:
             return None
         return p
 
+    def age(self, seq: int, now: float) -> float | None:
+        """Seconds since the packet :meth:`get` finds was sent: the shared
+        history's age, or for a replayed one the time since its replay ended
+        (it was sent by then). The rewriter compares this with the viewer's
+        playout window."""
+        if self._live.get(seq, now) is not None:
+            return self._live.age(seq, now)
+        r = self._replay
+        if (seq & 0xFFFF) not in r.sent:
+            return None
+        return 0.0 if r.done_at is None else now - r.done_at
+
 
 class StreamFanout:
     """Per-stream packetizer and dispatcher for WebRTC viewers."""
