@@ -349,10 +349,22 @@ class WhepSession:
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        fast = self._fast
-        if self.closed or fast is None:
+        if self.closed or self._fast is None:
             return
         now = time.monotonic()
+        try:
+            self._timer_due(self._fast, now)
+        except Exception:
+            # A broken viewer must neither lose its reports and limits for
+            # good nor spin: try again a second later, as a ticker would.
+            log.exception("webrtc.timer_failed", extra={"fields": {"session": self.id}})
+            self._timer_at = now + 1.0
+            self._timer = asyncio.get_running_loop().call_later(1.0, self._on_timer)
+            return
+        self.core.timer_changed = True  # this timer is spent
+        self._after(now)
+
+    def _timer_due(self, fast: adapter.FastPath, now: float) -> None:
         core = self.core
         rtp, rtcp = core.handle_timer(now, time.time())
         sender = fast.sender
@@ -363,7 +375,6 @@ class WhepSession:
                 fast.send_rtcp(packet, now)
         except _TRANSPORT_GONE:
             self.close_soon("transport_closed")
-            self._after(now)
             return
         sender = fast.sender
         failing = sender.failing_since if sender is not None else None
@@ -371,8 +382,6 @@ class WhepSession:
             core.on_sent(SendKind.PROBE, len(rtp), nbytes, fast.backlogged != before, failing, now)
         if rtcp:
             core.on_sent(SendKind.REPORT, len(rtcp), 0, False, failing, now)
-        core.timer_changed = True  # this timer is spent
-        self._after(now)
 
     def _on_event(self, event: Any) -> None:
         fields: dict[str, Any] = {"session": self.id, "stream": self.stream_name}
@@ -532,10 +541,12 @@ class WhepService:
     def _on_connect_timer(self) -> None:
         self._connect_timer = None
         now = time.monotonic()
-        queue = self._connecting
-        while queue and queue[0].created_mono + self.connect_timeout < now:
-            queue.popleft()
         self.free_unconnected(now)
+        queue = self._connecting
+        # Past their deadline (free_unconnected's own comparison): freed just
+        # now, or connected. One exactly at it waits for the next turn.
+        while queue and now - queue[0].created_mono > self.connect_timeout:
+            queue.popleft()
         self._arm_connect_timer()
 
     def free_unconnected(self, now: float) -> None:
@@ -571,15 +582,19 @@ class WhepService:
         if len(self.sessions) >= self.max_viewers:
             raise OverflowError("viewer limit reached")
         session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin, sync=sync)
-        self.sessions[session.id] = session
-        self._connecting.append(session)
-        self._arm_connect_timer()
+        self._admit(session)
         try:
             session.sdp_answer = await session.answer(offer_sdp, offer, source_plid)
         except BaseException:
             await session.close()
             raise
         return session
+
+    def _admit(self, session: WhepSession) -> None:
+        """A new session: counted, and freed if it does not connect in time."""
+        self.sessions[session.id] = session
+        self._connecting.append(session)
+        self._arm_connect_timer()
 
     def _on_fanout_closed(self, fanout: StreamFanout) -> None:
         """A fan-out ended (its stream did): forget it, and free the
