@@ -7,10 +7,13 @@ that ranks them — the fan-out's packetizers, a viewer's rewriter and
 ``index`` counts in increasing bitrate (``0`` = lowest, the selector's
 convention: it steps one index up or down), its ``name`` is the source's.
 
-Names become layers at exactly one place, :func:`order_layers`. The standard
-names rank ``low`` < ``mid`` < ``high``; any other name ranks with ``mid``
-(a single custom layer is neither the cheapest nor the best), ties broken by
-name so that the order does not depend on arrival.
+Names become layers at exactly one place, :func:`order_layers`, by the
+stream's rule (``media.stream.layer_names``: an SRT source's video PIDs,
+largest first, are ``high``, ``mid``, ``low``, then ``low2``, ``low3`` …):
+``high`` > ``mid`` > ``low`` > any other name, the others in reverse name
+order (``low`` > ``low2`` > ``low3``), so that the order never depends on
+arrival. (The fan-out used to rank other names with ``mid``, which put
+``low2`` above ``low``.)
 
 A leaf module: it imports nothing from the project.
 """
@@ -26,8 +29,8 @@ __all__ = ["AUDIO", "Layer", "order_layers", "layer_named"]
 #: fan-out's sink calls, a rewriter's ``initial_layer``): never a video layer.
 AUDIO = -1
 
-_STANDARD_RANK = {"low": 0, "mid": 1, "high": 2}
-_OTHER_RANK = 1
+#: Largest first, as the stream lists its layers.
+_STANDARD_HIGH_FIRST = ("high", "mid", "low")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -46,8 +49,15 @@ def order_layers(names: Iterable[str]) -> tuple[Layer, ...]:
     """The boundary from a stream's layer names (any order, as
     ``Stream.layers`` or a WHIP offer's rids give them) to :class:`Layer` values
     in increasing bitrate."""
-    ranked = sorted(set(names), key=lambda n: (_STANDARD_RANK.get(n, _OTHER_RANK), n))
-    return tuple(Layer(i, name) for i, name in enumerate(ranked))
+    high_first = sorted(set(names), key=_rank_high_first)
+    return tuple(Layer(i, name) for i, name in enumerate(reversed(high_first)))
+
+
+def _rank_high_first(name: str) -> tuple[int, str]:
+    try:
+        return (_STANDARD_HIGH_FIRST.index(name), name)
+    except ValueError:
+        return (len(_STANDARD_HIGH_FIRST), name)
 
 
 def layer_named(layers: tuple[Layer, ...], name: str | None) -> Layer | None:

@@ -13,6 +13,7 @@ from viewer_harness import RTX_SSRC, VIDEO_SSRC, Studio, Viewer, layer_of
 from media.layer import AUDIO, Layer, layer_named, order_layers
 from media.rtp.packet import LayerPacket, RtpPacket
 from media.rtp.rtcp import Nack
+from media.stream import layer_names
 from media.webrtc.fanout import JoinPolicy
 
 
@@ -34,9 +35,13 @@ class Sink:
 
 def test_order_layers_is_the_one_boundary_from_names() -> None:
     assert order_layers(["high", "low", "mid"]) == (Layer(0, "low"), Layer(1, "mid"), Layer(2, "high"))
-    # A custom name ranks with mid; ties by name; duplicates once.
+    # The stream's rule: other names below low, in reverse name order, so
+    # layer_names' low2, low3 … (the 4th, 5th largest) rank under low.
+    assert [layer.name for layer in order_layers(["low2", "high", "low3", "low", "mid"])] == [
+        "low3", "low2", "low", "mid", "high"]
     assert [layer.name for layer in order_layers(["high", "cam", "low", "b", "cam"])] == [
-        "low", "b", "cam", "high"]
+        "cam", "b", "low", "high"]
+    assert [layer.name for layer in order_layers(layer_names(5))] == list(reversed(layer_names(5)))
     assert order_layers([]) == ()
     layers = order_layers(["low", "high"])
     assert layer_named(layers, "high") == Layer(1, "high") and layer_named(layers, "mid") is None
