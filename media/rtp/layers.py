@@ -1,7 +1,8 @@
 """Per-viewer simulcast layer selection (sans-I/O, explicit clock).
 
-Layers are indexed ``0 .. num_layers-1`` in increasing bitrate; the selector
-only ever steps one layer at a time. The product's rules:
+Layers are indexed ``0 .. num_layers-1`` in increasing bitrate — the
+``index`` of a :class:`media.layer.Layer`; the selector only ever steps one
+layer at a time. The product's rules:
 
 * **down** one layer when the loss over the last ``loss_window`` seconds
   is > 3 % **or** RTT > 150 ms **or** estimated bandwidth (REMB) <

@@ -12,8 +12,10 @@ A sink's work per packet is a header rewrite, an SRTP protect and a
 ``sendto`` (DESIGN.md invariant 2). Nothing here awaits: a viewer whose
 socket backs up is told (``on_backlog``), never waited for.
 
-Layers are indexed by increasing bitrate (``0`` = lowest), the convention of
-:class:`media.rtp.layers.LayerSelector`. Index ``AUDIO`` is the audio track.
+Layers are :class:`media.layer.Layer` values, indexed by increasing bitrate
+(``0`` = lowest, the convention of :class:`media.rtp.layers.LayerSelector`);
+the stream's layer names become them in :func:`media.layer.order_layers`
+only. Index ``AUDIO`` is the audio track.
 A new viewer first receives the packet GOP cache of its layer (from the last
 IDR), so its picture starts at once rather than at the next keyframe —
 paced, never in one burst (:class:`JoinPolicy`). A long GOP (ffmpeg ``-c
@@ -63,6 +65,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
+from ..layer import AUDIO, Layer, order_layers
 from ..rtp.h264 import H264Packetizer
 from ..rtp.history import PacketHistory
 from ..rtp.opus import OpusPacketizer
@@ -72,18 +75,13 @@ from ..stream import Discontinuity, Frame, Reader, Stream, StreamClosed
 
 log = logging.getLogger("returnfeed.webrtc")
 
-AUDIO = -1
+__all__ = ["AUDIO", "FanoutStats", "JoinPolicy", "StreamFanout", "ViewerSink"]
+
 #: Tracks whose arrival − PTS differ by less than this share one media clock:
 #: more than any transcoding or interleaving delay, far less than random RTP
 #: timestamp origins (hours apart).
 SAME_CLOCK_S = 2.0
 _PTS_WRAP_S = (1 << 33) / 90000  # MPEG-TS PTS: 33 bits at 90 kHz
-_LAYER_RANK = {"low": 0, "mid": 1, "high": 2}
-
-
-def layer_order(names: list[str]) -> list[str]:
-    """Layer names in increasing bitrate order (index = selector layer)."""
-    return sorted(names, key=lambda n: (_LAYER_RANK.get(n, 1), n))
 
 
 class ViewerSink(Protocol):
@@ -91,7 +89,7 @@ class ViewerSink(Protocol):
 
     def on_packets(self, index: int, packets: list[LayerPacket], now: float) -> None: ...
 
-    def on_layers_changed(self, layers: list[str]) -> None: ...
+    def on_layers_changed(self, layers: tuple[Layer, ...]) -> None: ...
 
     def on_stream_ended(self) -> None: ...
 
@@ -182,6 +180,18 @@ class _ReplayHistory:
             return None
         return p
 
+    def age(self, seq: int, now: float) -> float | None:
+        """Seconds since the packet :meth:`get` finds was sent: the shared
+        history's age, or for a replayed one the time since its replay ended
+        (it was sent by then). The rewriter compares this with the viewer's
+        playout window."""
+        if self._live.get(seq, now) is not None:
+            return self._live.age(seq, now)
+        r = self._replay
+        if (seq & 0xFFFF) not in r.sent:
+            return None
+        return 0.0 if r.done_at is None else now - r.done_at
+
 
 class StreamFanout:
     """Per-stream packetizer and dispatcher for WebRTC viewers."""
@@ -190,6 +200,7 @@ class StreamFanout:
                  reader_size: int = 4096, clock: Callable[[], float] = time.monotonic,
                  on_frame_sent: Callable[[Frame, float], None] | None = None,
                  request_keyframe: Callable[[str], int] | None = None,
+                 on_closed: Callable[["StreamFanout"], None] | None = None,
                  join: JoinPolicy = JoinPolicy()) -> None:
         self.stream = stream
         self.join = join
@@ -197,6 +208,10 @@ class StreamFanout:
         #: were really sent (0: the source cannot be asked, e.g. SRT, or a
         #: WHIP publisher whose offer has ``nack`` but not ``nack pli``).
         self._request_keyframe = request_keyframe
+        #: Told once when the fan-out ends (its stream ended or it was closed),
+        #: so that its owner forgets it and the viewers that were never
+        #: attached at once rather than by polling.
+        self._on_closed = on_closed
         self._replays: dict[ViewerSink, _Replay] = {}
         self._timer: asyncio.TimerHandle | None = None
         self.max_payload = max_payload
@@ -205,7 +220,8 @@ class StreamFanout:
         self._reader_size = reader_size
         self._on_frame_sent = on_frame_sent
         self._layers: dict[str, _LayerState] = {}
-        self._order: list[str] = []
+        self._order: tuple[Layer, ...] = ()
+        self._index: dict[str, int] = {}  # layer name → index in _order
         self._audio = _LayerState("audio", OpusPacketizer(), PacketHistory(capacity=512, max_age=1.0))
         self._sinks: set[ViewerSink] = set()
         self._reader: Reader | None = None
@@ -235,28 +251,34 @@ class StreamFanout:
         for sink in list(self._sinks):
             sink.on_stream_ended()
         self._sinks.clear()
+        if self._on_closed is not None:
+            self._on_closed(self)
 
     # -- viewers -----------------------------------------------------------------
 
     @property
     def layers(self) -> list[str]:
-        return list(self._order)
+        """Layer names in increasing bitrate."""
+        return [layer.name for layer in self._order]
+
+    @property
+    def ordered_layers(self) -> tuple[Layer, ...]:
+        return self._order
 
     def histories(self, sink: ViewerSink | None = None) -> Mapping[int, PacketHistory | _ReplayHistory]:
         """Retransmission sources per layer index (for ``sink``: including
         what its join replay sent)."""
         out: dict[int, PacketHistory | _ReplayHistory] = {
-            i: self._layers[n].history for i, n in enumerate(self._order)}
+            layer.index: self._layers[layer.name].history for layer in self._order}
         out[AUDIO] = self._audio.history
         replay = self._replays.get(sink) if sink is not None and self._replays else None
-        if replay is not None and replay.layer in self._order:
-            index = self._order.index(replay.layer)
-            out[index] = _ReplayHistory(self._layers[replay.layer].history, replay, self.join.history_s)
+        if replay is not None and replay.layer in self._index:
+            out[self._index[replay.layer]] = _ReplayHistory(self._layers[replay.layer].history, replay, self.join.history_s)
         return out
 
     def anchors(self) -> dict[int, MediaAnchor]:
         """Layer index → where its RTP timestamps sit on the presentation clock."""
-        out = {i: a for i, n in enumerate(self._order) if (a := self._layers[n].anchor) is not None}
+        out = {layer.index: a for layer in self._order if (a := self._layers[layer.name].anchor) is not None}
         if self._audio.anchor is not None:
             out[AUDIO] = self._audio.anchor
         return out
@@ -267,10 +289,10 @@ class StreamFanout:
         self.stats.viewers = len(self._sinks)
         if not self._order:
             return
-        sink.on_layers_changed(list(self._order))
+        sink.on_layers_changed(self._order)
         idx = min(max(layer_index if layer_index is not None else len(self._order) - 1, 0),
                   len(self._order) - 1)
-        st = self._layers[self._order[idx]]
+        st = self._layers[self._order[idx].name]
         if not st.gop:
             return
         span = ((st.gop[-1].timestamp - st.gop[0].timestamp) & 0xFFFFFFFF) / 90000.0
@@ -335,7 +357,7 @@ class StreamFanout:
         if not queue:
             replay.done_at = now
         if batch:
-            sink.on_packets(self._order.index(replay.layer), batch, now)
+            sink.on_packets(self._index[replay.layer], batch, now)
 
     def _arm(self, delay: float | None = None) -> None:
         if self.closed:
@@ -374,7 +396,7 @@ class StreamFanout:
                 if not packets[0].keyframe_start and self._request_keyframe is not None:
                     # Mid-GOP: the rewriter waits for a keyframe; ask for one.
                     self._request_keyframe(self.stream.name)
-            sink.on_packets(self._order.index(replay.layer), packets, now)
+            sink.on_packets(self._index[replay.layer], packets, now)
             return
         replay.queue.extend(packets)
         replay.queued_bytes += sum(len(p.payload) for p in packets)
@@ -385,7 +407,7 @@ class StreamFanout:
 
     def gop_packets(self, index: int) -> list[LayerPacket]:
         if 0 <= index < len(self._order):
-            return list(self._layers[self._order[index]].gop)
+            return list(self._layers[self._order[index].name].gop)
         return []
 
     # -- frames --------------------------------------------------------------------
@@ -413,9 +435,10 @@ class StreamFanout:
             st = _LayerState(name, H264Packetizer(max_payload=self.max_payload),
                              PacketHistory(capacity=2048, max_age=1.0))
             self._layers[name] = st
-            self._order = layer_order(list(self._layers))
+            self._order = order_layers(self._layers)
+            self._index = {layer.name: layer.index for layer in self._order}
             for sink in list(self._sinks):
-                sink.on_layers_changed(list(self._order))
+                sink.on_layers_changed(self._order)
         return st
 
     def _frame(self, frame: Frame) -> None:
@@ -441,7 +464,7 @@ class StreamFanout:
                 st.gop_bytes += sum(len(p.payload) for p in packets)
                 if st.gop_bytes > self.gop_cache_bytes:
                     st.gop, st.gop_bytes = [], 0
-            index = self._order.index(st.name)
+            index = self._index[st.name]
             if st.window_start is None:
                 st.window_start = now
             st.window_bytes += sum(len(p.payload) for p in packets)

@@ -1,33 +1,29 @@
 """WHEP viewer sessions: aiortc for ICE/DTLS/SRTP, our own forwarding.
 
 :class:`WhepSession` answers one viewer's offer and, once DTLS is up, joins
-the stream's :class:`~media.webrtc.fanout.StreamFanout` as a sink. Per
-packet it rewrites (:class:`media.rtp.rewrite.Rewriter`), protects and sends
-(:class:`~media.webrtc.aiortc_adapter.FastPath`) — nothing is decoded or
-re-packetized per viewer.
+the stream's :class:`~media.webrtc.fanout.StreamFanout` as a sink. What to
+send the viewer and when — the per-packet rewrite, layer choice, probing,
+retransmissions, sender reports, statistics and close reasons — is decided
+by its sans-I/O core, :class:`~media.webrtc.viewer.ViewerEgress` (see there
+for the RTCP rules). The session keeps only what needs I/O:
 
-RTCP from the viewer:
-
-* receiver reports → cumulative loss, highest sequence number and RTT
-  (RFC 3550 §6.4.1) → layer selector; REMB (draft-alvestrand-rmcat-remb) →
-  layer selector. Going up is decided on a probe: RTX copies of recent
-  packets paced up to the next layer's rate (:mod:`media.rtp.probe`, one
-  timer per probing viewer), plus a sender report every 100 ms so the RTT
-  follows the queue the probe may build;
-* Generic NACK (RFC 4585 §6.2.1) → retransmission from the layer's shared
-  history (RTX, RFC 4588, when negotiated), within the viewer's
-  retransmission budget and playout window (:mod:`media.rtp.budget`);
-  retransmitted and probe bytes count in ``bytes_sent``;
-* PLI/FIR (RFC 4585 §6.3.1, RFC 5104 §4.3.1) → counted; the viewer resumes
-  at the layer's next IDR (an SRT source cannot be asked for one; a hook
-  lets a WebRTC source forward the request upstream).
+* aiortc negotiation (ICE, DTLS, SRTP keys) and its RTCP callbacks;
+* the send path: SRTP-protect and ``sendto``
+  (:class:`~media.webrtc.aiortc_adapter.FastPath`), each batch's outcome
+  reported back to the core;
+* one timer, armed from ``core.get_timer()``;
+* the core's events: log lines, service counters, keyframe requests
+  upstream, closing.
 
 The send queue of a viewer is its ICE socket's write buffer: above
 ``backlog_limit`` bytes the viewer is moved down a layer at once, and on the
 lowest layer (or pinned) it is disconnected — it never slows the others.
 
-:class:`WhepService` owns the sessions and one fan-out per stream, and runs
-one ticker for all sessions (sender reports, liveness).
+:class:`WhepService` owns the sessions and one fan-out per stream. Nothing
+polls: a session that has not connected within ``connect_timeout`` is freed
+by one service timer armed at the oldest such deadline; a fan-out whose
+stream ended tells the service (and its viewers) at once; a fan-out is
+closed when its last session goes.
 """
 
 from __future__ import annotations
@@ -37,6 +33,7 @@ import errno
 import logging
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,19 +41,21 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
 
 from ..errors import UnsupportedMedia
-from ..rtp.budget import RateMeter, RetransmitBudget
-from ..rtp.layers import Action, LayerDecision, LayerPolicy, LayerSelector, Reason
-from ..rtp.probe import ProbePacer
+from ..layer import AUDIO, Layer
+from ..rtp.layers import LayerPolicy
 from ..rtp.packet import LayerPacket
 from ..rtp.rewrite import Rewriter, TrackParams
-from ..rtp.rtcp import (
-    Fir, Nack, Pli, ReceiverReport, Remb, Sdes, SdesChunk, SenderReport, ntp_from_unix, ntp_middle32,
-    rtt_from_report, serialize_rtcp,
-)
+from ..rtp.rtcp import ntp_from_unix
 from ..stream import Stream
 from . import aiortc_adapter as adapter
-from .fanout import AUDIO, StreamFanout
+from .fanout import StreamFanout
 from .sdp import Offer, SdpError, choose_h264, choose_opus
+from .viewer import (
+    CloseWanted, KeyframeWanted, LayerSwitched, ProbeFailed, ProbeStarted, SendKind, SessionStats,
+    ViewerDropped, ViewerEgress, errno_name,
+)
+
+__all__ = ["SessionInfo", "SessionStats", "ViewerSnapshot", "WhepService", "WhepSession"]
 
 log = logging.getLogger("returnfeed.webrtc")
 
@@ -66,29 +65,10 @@ _FAILURE_REASONS = frozenset({"send_failed", "transport_closed", "ice_failed", "
 URI_MID = "urn:ietf:params:rtp-hdrext:sdes:mid"
 URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 
-
-@dataclass(slots=True)
-class SessionStats:
-    packets_sent: int = 0
-    bytes_sent: int = 0
-    nacks: int = 0
-    retransmits: int = 0
-    plis: int = 0
-    firs: int = 0
-    switches: int = 0
-    backlog_events: int = 0
-    retransmit_bytes: int = 0
-    retransmits_dropped: int = 0  # NACKed packets not resent: over budget or too old
-    probes: int = 0
-    probes_failed: int = 0
-    probe_bytes: int = 0
-    freezes: int = 0
-    frozen_s: float = 0.0
-
-    def add(self, other: "SessionStats") -> None:
-        """Accumulate ``other`` (a closed session's totals) into these."""
-        for name in SessionStats.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+#: What the aiortc transport raises when the ICE transport or its socket went
+#: away under us (transient send errors never get here: the sender counts
+#: and survives them).
+_TRANSPORT_GONE = (ConnectionError, OSError, AttributeError)
 
 
 @dataclass(slots=True)
@@ -144,7 +124,8 @@ class ViewerSnapshot:
 
 
 class WhepSession:
-    """One WHEP viewer."""
+    """One WHEP viewer: aiortc, the send path and one timer around its
+    :class:`~media.webrtc.viewer.ViewerEgress`."""
 
     def __init__(self, service: "WhepService", stream_name: str, fanout: StreamFanout, *,
                  owner: str, pin: str | None = None, sync: bool = True) -> None:
@@ -165,30 +146,30 @@ class WhepSession:
         self.created_mono = time.monotonic()
         #: When ICE+DTLS completed (monotonic); None until then.
         self.connected_at: float | None = None
-        self.stats = SessionStats()
+        self.core = ViewerEgress(
+            fanout, self, cname=service.cname, policy=service.layer_policy, rtx_share=service.rtx_share,
+            rtx_playout_allowance=service.rtx_playout_allowance,
+            send_failure_timeout=service.send_failure_timeout, pin=pin)
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[
             RTCIceServer(**s) for s in service.ice_servers]))
         self._tracks: dict[str, _Track] = {}
         self._fast: adapter.FastPath | None = None
-        self._selector: LayerSelector | None = None
-        self._layer_names: list[str] = []
-        self._pin_name = pin
         self._attached = False
         self.closed = False
         self._closing: asyncio.Task | None = None
         self.close_reason: str | None = None
-        # A viewer that asked for a picture (PLI/FIR) shows a frozen or broken
-        # one until the next keyframe of its layer reaches it.
-        self._frozen_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self.answer_note = ""
         self.sdp_answer = ""
-        self._budget = RetransmitBudget(service.rtx_share, playout_allowance=service.rtx_playout_allowance)
-        self._video_rate = RateMeter()  # video payload bytes (the layer's rate as sent)
-        self._wire_rate = RateMeter()  # everything sent to this viewer, SRTP bytes
-        self.estimate_bps: float | None = None
-        self._pacer: ProbePacer | None = None
-        self._probe_timer: asyncio.TimerHandle | None = None
-        self._probe_sr_at = 0.0
+
+    @property
+    def stats(self) -> SessionStats:
+        return self.core.stats
+
+    @property
+    def estimate_bps(self) -> float | None:
+        return self.core.estimate_bps
 
     # -- negotiation -------------------------------------------------------------
 
@@ -265,12 +246,14 @@ class WhepSession:
         rtx = next((c for c in codecs if c.mimeType.lower().endswith("/rtx")), None)
         ext = {e.uri: e.id for e in parameters.headerExtensions}
         mid_id = ext.get(URI_MID)
+        core = self.core
         track.rewriter = Rewriter(TrackParams(
             ssrc=sender.ssrc, payload_type=main.payloadType, clock_rate=main.clockRate,
             mid=parameters.muxId if mid_id else None, mid_id=mid_id,
             abs_send_time_id=ext.get(URI_ABS_SEND_TIME),
             rtx_ssrc=sender.rtx_ssrc if rtx else None, rtx_payload_type=rtx.payloadType if rtx else None,
-        ), initial_layer=AUDIO if sender.kind == "audio" else self._initial_layer_index())
+        ), initial_layer=AUDIO if sender.kind == "audio" else core.initial_layer(self.fanout.ordered_layers))
+        core.set_track(sender.kind, track.rewriter, sender.ssrc)
         if self._fast is None:
             try:
                 self._fast = adapter.FastPath(sender.transport, sndbuf=self.service.backlog_limit)
@@ -279,363 +262,173 @@ class WhepSession:
                 return
         if all(t.rewriter is not None for t in self._tracks.values()) and not self._attached:
             self._attached = True
-            self.fanout.attach(self, self._initial_layer_index(), time.monotonic())
+            now = time.monotonic()
+            self.fanout.attach(self, core.initial_layer(self.fanout.ordered_layers), now)
+            core.start(now)
+            self._after(now)
             log.info("webrtc.viewer_started", extra={"fields": {
-                "session": self.id, "stream": self.stream_name, "layers": self._layer_names,
-                "layer": self.layer_name}})
-
-    def _initial_layer_index(self) -> int:
-        names = self._layer_names or self.fanout.layers
-        if not names:
-            return 0
-        if self._pin_name in names:
-            return names.index(self._pin_name)
-        return len(names) - 1  # start high; loss/RTT/REMB move it down
+                "session": self.id, "stream": self.stream_name,
+                "layers": [layer.name for layer in core.layers], "layer": self.layer_name}})
 
     # -- fan-out sink ----------------------------------------------------------------
 
-    def on_layers_changed(self, layers: list[str]) -> None:
-        old = self.layer_name
-        self._layer_names = layers
-        pinned = self._pin_name in layers
-        start = layers.index(old) if old in layers else self._initial_layer_index()
-        video = self._tracks.get("video")
-        self._stop_probe()
-        self._selector = LayerSelector(
-            max(len(layers), 1), initial_layer=start, policy=self.service.layer_policy,
-            can_probe=video is not None and video.rewriter is not None and video.rewriter.can_probe)
-        if pinned:
-            self._selector.pin(layers.index(self._pin_name), time.monotonic())
-        if video is not None and video.rewriter is not None:
-            video.rewriter.request_switch(start)
+    def on_layers_changed(self, layers: tuple[Layer, ...]) -> None:
+        self.core.on_layers(layers, time.monotonic())
+        self._after()
 
     def on_packets(self, index: int, packets: list[LayerPacket], now: float) -> None:
         fast = self._fast
         if fast is None or self.closed:
             return
-        if index == AUDIO:
-            track = self._tracks.get("audio")
-        else:
-            track = self._tracks.get("video")
-        if track is None or track.rewriter is None:
-            return
-        rw = track.rewriter
-        if index != AUDIO and index != rw.current_layer and index != rw.target_layer:
-            return
-        rewrite = rw.rewrite
-        out = []
-        for p in packets:
-            data = rewrite(index, p, now)
-            if data is not None:
-                out.append(data)
+        core = self.core
+        out = core.on_packets(index, packets, now)
         if not out:
             return
-        if (self._frozen_since is not None and index != AUDIO and packets[0].keyframe_start
-                and rw.current_layer == index):
-            self.stats.freezes += 1
-            self.stats.frozen_s += max(0.0, now - self._frozen_since)
-            self._frozen_since = None
         sender = fast.sender
         before = sender.backlogged if sender is not None else 0
         try:
             nbytes = fast.send_batch(out, now)
-        except (ConnectionError, OSError, AttributeError):
-            # The ICE transport or its socket went away under us (transient
-            # send errors never get here: the sender counts and survives them).
+        except _TRANSPORT_GONE:
             self.close_soon("transport_closed")
             return
-        stats = self.stats
-        stats.packets_sent += len(out)
-        stats.bytes_sent += nbytes
         sender = fast.sender
-        if sender.failing_since is not None:
-            self._check_send_failure(now)
-        if sender.backlogged != before:
-            # The kernel buffer of this viewer's socket was full: packets were
-            # dropped for this viewer only. Move it down, or drop it.
-            self.stats.backlog_events += 1
-            if self._selector is not None and index != AUDIO:
-                self._apply(self._selector.on_send_queue_overflow(now))
+        core.on_sent(SendKind.MEDIA, len(out), nbytes, sender.backlogged != before, sender.failing_since,
+                     now, index)
+        if core.events or core.timer_changed:
+            self._after(now)
 
     def on_stream_ended(self) -> None:
         self.close_soon("stream_ended")
-
-    def _check_send_failure(self, now: float) -> None:
-        """End the session only when sends have failed for
-        ``send_failure_timeout`` seconds without one success in between."""
-        sender = self._fast.sender if self._fast is not None else None
-        if sender is None or sender.failing_since is None:
-            return
-        if now - sender.failing_since >= self.service.send_failure_timeout:
-            code = sender.last_errno
-            name = errno.errorcode.get(code, str(code)) if code is not None else "unknown"
-            self.close_soon("send_failed", detail=f"every send failed for "
-                            f"{now - sender.failing_since:.1f} s (last error {name})")
 
     # -- RTCP ------------------------------------------------------------------------
 
     def _on_rtcp(self, kind: str, packet: Any) -> None:
         track = self._tracks.get(kind)
-        if track is None or track.rewriter is None or self._fast is None:
-            return
-        now = time.monotonic()
-        ssrc = track.sender.ssrc
-        if kind == "video":
-            self._update_budget(track.rewriter, now)
-        if isinstance(packet, (ReceiverReport, SenderReport)):
-            if kind != "video" or self._selector is None:
-                return
-            for block in packet.reports:
-                if block.ssrc == ssrc:
-                    rtt = rtt_from_report(block.lsr, block.dlsr, ntp_middle32(ntp_from_unix(time.time())))
-                    self._apply(self._selector.on_receiver_report(
-                        block.highest_seq, block.packets_lost, rtt, now))
-        elif isinstance(packet, Nack):
-            if packet.media_ssrc != ssrc:
-                return
-            self.stats.nacks += 1
-            rw = track.rewriter
-            dropped = rw.rtx_too_old + rw.rtx_over_budget
-            histories = self.fanout.histories(self)
-            if kind == "video":
-                rtt = self._selector.rtt if self._selector is not None else None
-                out = rw.retransmit(packet.lost, histories, now, budget=self._budget,
-                                    max_age=self._budget.max_age(rtt))
-            else:
-                out = rw.retransmit(packet.lost, histories, now)
-            self.stats.retransmits_dropped += rw.rtx_too_old + rw.rtx_over_budget - dropped
-            if kind == "video" and self._selector is not None:
-                self._apply(self._selector.on_nack(packet.lost, now))
-            if not out:
-                return
-            try:
-                nbytes = self._fast.send_batch(out, now)
-            except (ConnectionError, OSError, AttributeError):
-                self.close_soon("transport_closed")
-                return
-            self.stats.retransmits += len(out)
-            self.stats.retransmit_bytes += nbytes
-            self.stats.bytes_sent += nbytes
-        elif isinstance(packet, Pli):
-            if packet.media_ssrc == ssrc and kind == "video":
-                self.stats.plis += 1
-                if self._frozen_since is None:
-                    self._frozen_since = now
-                self.service.on_keyframe_request(self.stream_name)
-        elif isinstance(packet, Fir):
-            if kind == "video" and any(e.ssrc == ssrc for e in packet.entries):
-                self.stats.firs += 1
-                if self._frozen_since is None:
-                    self._frozen_since = now
-                self.service.on_keyframe_request(self.stream_name)
-        elif isinstance(packet, Remb):
-            if kind == "video" and self._selector is not None and ssrc in packet.ssrcs:
-                self._apply(self._selector.on_remb(packet.bitrate, now))
-
-    def _update_budget(self, rw: Rewriter, now: float) -> None:
-        """Per RTCP packet (never per media packet): send rates, the viewer's
-        estimated bandwidth — its REMB, and while it loses packets what gets
-        through (send rate × (1 − loss over the last 0.5 s)) — and from them
-        the retransmission budget."""
-        layer_bps = self._video_rate.update(rw.octets_sent, now)
-        wire_bps = self._wire_rate.update(self.stats.bytes_sent, now)
-        sel = self._selector
-        if sel is None:
-            return
-        estimate = sel.bandwidth
-        loss = sel.recent_loss(0.5, now)
-        if wire_bps is not None and loss is not None and loss > self._budget.loss_threshold:
-            delivered = wire_bps * (1.0 - loss)
-            estimate = delivered if estimate is None else min(estimate, delivered)
-        self.estimate_bps = estimate
-        self._budget.update(layer_bps, estimate, loss, now)
-
-    def _apply(self, decision: LayerDecision | None) -> None:
-        if decision is None:
-            if self._pacer is not None and (self._selector is None or self._selector.probing is None):
-                self._stop_probe()
-            return
-        if decision.action in (Action.PROBE, Action.PROBE_STOP):
-            self._on_probe_decision(decision)
-            return
-        self._stop_probe()
-        if decision.action == Action.DROP_VIEWER:
-            log.info("webrtc.viewer_dropped", extra={"fields": {
-                "session": self.id, "stream": self.stream_name, "reasons": [r.value for r in decision.reasons]}})
-            self.service.count_drop(self.stream_name)
-            self.close_soon("slow_viewer")
-            return
-        video = self._tracks.get("video")
-        if video is not None and video.rewriter is not None:
-            # Away from congestion the old layer stops at once (it only
-            # feeds the loss); up, or pinned, it flows until the switch.
-            congested = decision.to_layer < decision.from_layer and Reason.PINNED not in decision.reasons
-            video.rewriter.request_switch(decision.to_layer, stop_current=congested)
-        self.stats.switches += 1
-        names = self._layer_names
-        frm = names[decision.from_layer] if decision.from_layer < len(names) else str(decision.from_layer)
-        to = names[decision.to_layer] if decision.to_layer < len(names) else str(decision.to_layer)
-        self.service.count_switch(self.stream_name, frm, to)
-        log.info("webrtc.layer_switch", extra={"fields": {
-            "session": self.id, "stream": self.stream_name, "from": frm, "to": to,
-            "reasons": [r.value for r in decision.reasons], "loss": decision.loss, "rtt": decision.rtt,
-            "bandwidth": decision.bandwidth}})
-
-    # -- probing -----------------------------------------------------------------------
-
-    def _on_probe_decision(self, decision: LayerDecision) -> None:
-        names = self._layer_names
-        to = names[decision.to_layer] if decision.to_layer < len(names) else str(decision.to_layer)
-        fields = {"session": self.id, "stream": self.stream_name, "to": to,
-                  "reasons": [r.value for r in decision.reasons], "loss": decision.loss,
-                  "rtt": decision.rtt, "bandwidth": decision.bandwidth}
-        if decision.action == Action.PROBE_STOP:
-            self.stats.probes_failed += 1
-            fields["probe_bytes"] = self._pacer.bytes_sent if self._pacer is not None else 0
-            self._stop_probe()
-            log.info("webrtc.probe_failed", extra={"fields": fields})
-            return
-        video = self._tracks.get("video")
-        window = self._selector.probe_window if self._selector is not None else None
-        if video is None or video.rewriter is None or window is None:
-            return
-        histories = self.fanout.histories()
-        now = decision.at
-        # Rates of the layers as produced over the last second: one scan of
-        # each ring, once per probe.
-        cur = histories[decision.from_layer].recent_bytes(now, 1.0) * 8.0 if decision.from_layer in histories else 0.0
-        nxt = histories[decision.to_layer].recent_bytes(now, 1.0) * 8.0 if decision.to_layer in histories else 0.0
-        # The ramp runs on what the viewer's link carries: everything sent
-        # (audio, headers, SRTP) now, and the same with the next layer's video.
-        wire = self._wire_rate.rate or cur
-        base = max(wire, cur, 50_000.0)
-        target = max(base - cur + nxt * 1.05, 1.5 * base)
-        start, end = window
-        self._pacer = ProbePacer(base, target, start, end - start)
-        self.stats.probes += 1
-        fields.update(base_bps=round(base), target_bps=round(target))
-        log.info("webrtc.probe_started", extra={"fields": fields})
-        self._arm_probe_timer(now)
-
-    def _arm_probe_timer(self, now: float) -> None:
-        if self._probe_timer is not None:
-            self._probe_timer.cancel()
-            self._probe_timer = None
-        deadlines = [d for d in (
-            self._pacer.next_deadline(now) if self._pacer is not None else None,
-            self._selector.next_deadline() if self._selector is not None else None) if d is not None]
-        if deadlines and not self.closed:
-            self._probe_timer = asyncio.get_running_loop().call_later(
-                max(0.0, min(deadlines) - now), self._on_probe_timer)
-
-    def _stop_probe(self) -> None:
-        self._pacer = None
-        if self._probe_timer is not None:
-            self._probe_timer.cancel()
-            self._probe_timer = None
-
-    def _on_probe_timer(self) -> None:
-        self._probe_timer = None
         fast = self._fast
-        video = self._tracks.get("video")
-        if self.closed or fast is None or video is None or video.rewriter is None:
+        if track is None or track.rewriter is None or fast is None:
             return
         now = time.monotonic()
-        pacer = self._pacer
-        if pacer is not None:
-            rw = video.rewriter
-            due = pacer.due(now)
-            before = fast.backlogged
+        core = self.core
+        out = core.on_rtcp(kind, packet, now, ntp_from_unix(time.time()))
+        if out:
             try:
-                if due > 0:
-                    out = rw.probe(due, self.fanout.histories(), now)
-                    # Bytes not found in the history are not owed later: no burst.
-                    pacer.sent(max(due, sum(len(d) for d in out)))
-                    if out:
-                        nbytes = fast.send_batch(out, now)
-                        self.stats.probe_bytes += nbytes
-                        self.stats.bytes_sent += nbytes
-                if now - self._probe_sr_at >= 0.1:
-                    # Sender reports while probing: each RR's LSR/DLSR then
-                    # measures the RTT through the queue the probe may build.
-                    self._probe_sr_at = now
-                    sdes = Sdes((SdesChunk(video.sender.ssrc, ((1, self.service.cname),)),))
-                    fast.send_rtcp(serialize_rtcp((rw.sender_report(now, time.time(), self.fanout.anchors()), sdes)), now)
-            except (ConnectionError, OSError, AttributeError):
+                nbytes = fast.send_batch(out, now)
+            except _TRANSPORT_GONE:
                 self.close_soon("transport_closed")
+                self._after(now)
                 return
-            if pacer.done(now):
-                self._pacer = None
-            if fast.backlogged != before and self._selector is not None:
-                self.stats.backlog_events += 1
-                self._apply(self._selector.on_send_queue_overflow(now))
-        if self._selector is not None:
-            self._apply(self._selector.handle_timer(now))
-        if self._selector is not None and self._selector.probing is not None:
-            self._arm_probe_timer(now)
+            sender = fast.sender
+            core.on_sent(SendKind.RETRANSMIT, len(out), nbytes, False,
+                         sender.failing_since if sender is not None else None, now)
+        self._after(now)
+
+    # -- the one timer -----------------------------------------------------------------
+
+    def _after(self, now: float | None = None) -> None:
+        """Act on the core's events, then re-arm the timer if it moved."""
+        core = self.core
+        if core.events:
+            events, core.events = core.events, []
+            for event in events:
+                self._on_event(event)
+        if not core.timer_changed:
+            return
+        core.timer_changed = False
+        at = None if self.closed else core.get_timer()
+        if at == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at is not None:
+            # The core's times are time.monotonic(); so is the loop's clock.
+            delay = at - (now if now is not None else time.monotonic())
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.closed or self._fast is None:
+            return
+        now = time.monotonic()
+        try:
+            self._timer_due(self._fast, now)
+        except Exception:
+            # A broken viewer must neither lose its reports and limits for
+            # good nor spin: try again a second later, as a ticker would.
+            log.exception("webrtc.timer_failed", extra={"fields": {"session": self.id}})
+            self._timer_at = now + 1.0
+            self._timer = asyncio.get_running_loop().call_later(1.0, self._on_timer)
+            return
+        self.core.timer_changed = True  # this timer is spent
+        self._after(now)
+
+    def _timer_due(self, fast: adapter.FastPath, now: float) -> None:
+        core = self.core
+        rtp, rtcp = core.handle_timer(now, time.time())
+        sender = fast.sender
+        before = sender.backlogged if sender is not None else 0
+        try:
+            nbytes = fast.send_batch(rtp, now) if rtp else 0
+            for packet in rtcp:
+                fast.send_rtcp(packet, now)
+        except _TRANSPORT_GONE:
+            self.close_soon("transport_closed")
+            return
+        sender = fast.sender
+        failing = sender.failing_since if sender is not None else None
+        if rtp:
+            core.on_sent(SendKind.PROBE, len(rtp), nbytes, fast.backlogged != before, failing, now)
+        if rtcp:
+            core.on_sent(SendKind.REPORT, len(rtcp), 0, False, failing, now)
+
+    def _on_event(self, event: Any) -> None:
+        fields: dict[str, Any] = {"session": self.id, "stream": self.stream_name}
+        match event:
+            case LayerSwitched(frm=frm, to=to, decision=d):
+                self.service.count_switch(self.stream_name, frm, to)
+                log.info("webrtc.layer_switch", extra={"fields": {
+                    **fields, "from": frm, "to": to, "reasons": [r.value for r in d.reasons], "loss": d.loss,
+                    "rtt": d.rtt, "bandwidth": d.bandwidth}})
+            case ViewerDropped(decision=d):
+                log.info("webrtc.viewer_dropped", extra={"fields": {
+                    **fields, "reasons": [r.value for r in d.reasons]}})
+                self.service.count_drop(self.stream_name)
+            case KeyframeWanted():
+                self.service.on_keyframe_request(self.stream_name)
+            case ProbeStarted(to=to, decision=d, base_bps=base, target_bps=target):
+                log.info("webrtc.probe_started", extra={"fields": {
+                    **fields, "to": to, "reasons": [r.value for r in d.reasons], "loss": d.loss,
+                    "rtt": d.rtt, "bandwidth": d.bandwidth, "base_bps": round(base),
+                    "target_bps": round(target)}})
+            case ProbeFailed(to=to, decision=d, probe_bytes=sent):
+                log.info("webrtc.probe_failed", extra={"fields": {
+                    **fields, "to": to, "reasons": [r.value for r in d.reasons], "loss": d.loss,
+                    "rtt": d.rtt, "bandwidth": d.bandwidth, "probe_bytes": sent}})
+            case CloseWanted(reason="send_failed", detail=detail):
+                sender = self._fast.sender if self._fast is not None else None
+                name = errno_name(sender.last_errno if sender is not None else None)
+                self.close_soon("send_failed", detail=f"{detail} (last error {name})")
+            case CloseWanted(reason=reason, detail=detail):
+                self.close_soon(reason, detail)
 
     # -- control -----------------------------------------------------------------------
 
     def pin(self, layer: str | None) -> None:
         """Pin to a layer name, or ``None`` for automatic selection."""
-        known = self._layer_names or self.fanout.layers
-        if layer is not None and layer not in known:
-            raise ValueError(f"no layer {layer!r}; layers: {', '.join(known) or 'none yet'}")
-        self._pin_name = layer
-        if self._selector is None:
-            return
-        if layer is None:
-            self._selector.unpin()
-        else:
-            decision = self._selector.pin(self._layer_names.index(layer), time.monotonic())
-            if decision is not None:
-                self._apply(decision)
-            else:
-                video = self._tracks.get("video")
-                if video is not None and video.rewriter is not None:
-                    video.rewriter.request_switch(self._layer_names.index(layer))
+        now = time.monotonic()
+        self.core.pin(layer, now)
+        self._after(now)
 
     @property
     def layer_name(self) -> str | None:
-        video = self._tracks.get("video")
-        if video is None or video.rewriter is None or not self._layer_names:
-            return None
-        idx = video.rewriter.current_layer
-        if idx is None:
-            idx = video.rewriter.target_layer
-        return self._layer_names[idx] if idx is not None and idx < len(self._layer_names) else None
-
-    def tick(self, now: float, wall: float) -> None:
-        """Once a second: a sender report (+ CNAME) per track (RFC 3550 §6.4.1),
-        audio and video on the stream's presentation clock (lip sync)."""
-        if self._fast is None or self.closed:
-            return
-        anchors = self.fanout.anchors()
-        for track in self._tracks.values():
-            rw = track.rewriter
-            if rw is None or rw.packets_sent == 0:
-                continue
-            sr = rw.sender_report(now, wall, anchors)
-            sdes = Sdes((SdesChunk(track.sender.ssrc, ((1, self.service.cname),)),))
-            try:
-                self._fast.send_rtcp(serialize_rtcp((sr, sdes)), now)
-            except (ConnectionError, OSError, AttributeError):
-                self.close_soon("transport_closed")
-                return
-        self._check_send_failure(now)
+        return self.core.layer_name
 
     def counters(self) -> dict[str, int | float | None]:
         """Cumulative figures of this viewer (send errors from its sender)."""
-        s = self.stats
         sender = self._fast.sender if self._fast is not None else None
-        return {"packets_sent": s.packets_sent, "bytes_sent": s.bytes_sent, "nacks": s.nacks,
-                "retransmits": s.retransmits, "retransmit_bytes": s.retransmit_bytes, "plis": s.plis,
-                "firs": s.firs, "switches": s.switches, "backlog_events": s.backlog_events,
-                "send_errors": sender.errors if sender is not None else 0,
-                "freezes": s.freezes, "frozen_s": round(s.frozen_s, 3),
-                "retransmits_dropped": s.retransmits_dropped, "probes": s.probes, "probes_failed": s.probes_failed,
-                "probe_bytes": s.probe_bytes,
-                "estimate_bps": round(self.estimate_bps) if self.estimate_bps is not None else None}
+        return self.core.counters(sender.errors if sender is not None else 0)
 
     def send_errors_by_name(self) -> dict[str, int]:
         """Failed sends of this viewer by errno name (``EPERM``, …)."""
@@ -647,29 +440,24 @@ class WhepSession:
     def struggling(self) -> bool:
         """Frozen (a PLI/FIR not yet answered by a keyframe), every send
         failing, or losing more than the down-switch threshold."""
-        sel = self._selector
         sender = self._fast.sender if self._fast is not None else None
-        return (self._frozen_since is not None
-                or (sender is not None and sender.failing_since is not None)
-                or (sel is not None and sel.loss is not None and sel.loss > sel.policy.down_loss))
+        return self.core.struggling(sender is not None and sender.failing_since is not None)
 
     def snapshot(self, now: float) -> "ViewerSnapshot":
         """What a director sees of this viewer now."""
-        sel = self._selector
-        loss = sel.loss if sel is not None else None
-        frozen = self._frozen_since is not None
-        frozen_s = self.stats.frozen_s + (now - self._frozen_since if self._frozen_since is not None else 0.0)
+        core = self.core
+        loss, rtt = core.loss, core.rtt
         return ViewerSnapshot(
-            id=self.id, stream=self.stream_name, layer=self.layer_name, pinned=self._pin_name is not None,
+            id=self.id, stream=self.stream_name, layer=self.layer_name, pinned=core.pinned,
             state=self.pc.connectionState, since_s=round(time.time() - self.created, 1),
             loss=None if loss is None else round(loss, 4),
-            rtt_ms=None if sel is None or sel.rtt is None else round(sel.rtt * 1000.0, 1),
-            estimate_bps=round(self.estimate_bps) if self.estimate_bps is not None else None,
-            frozen=frozen, struggling=self.struggling(), errors_by_errno=self.send_errors_by_name(),
-            counters={**self.counters(), "frozen_s": round(frozen_s, 3)})
+            rtt_ms=None if rtt is None else round(rtt * 1000.0, 1),
+            estimate_bps=round(core.estimate_bps) if core.estimate_bps is not None else None,
+            frozen=core.frozen, struggling=self.struggling(), errors_by_errno=self.send_errors_by_name(),
+            counters={**self.counters(), "frozen_s": round(core.frozen_s(now), 3)})
 
     def info(self) -> SessionInfo:
-        return SessionInfo(self.id, self.stream_name, self.layer_name, self._pin_name is not None,
+        return SessionInfo(self.id, self.stream_name, self.layer_name, self.core.pinned,
                            self.pc.connectionState, self.created, self.counters())
 
     def close_soon(self, reason: str, detail: str = "") -> None:
@@ -681,7 +469,9 @@ class WhepSession:
             return
         self.closed = True
         self.close_reason = reason
-        self._stop_probe()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.fanout.detach(self)
         self.service._forget(self)
         log.log(logging.WARNING if reason in _FAILURE_REASONS else logging.INFO, "webrtc.viewer_closed",
@@ -727,27 +517,37 @@ class WhepService:
         self.closed_totals = SessionStats()
         self.closed_send_errors: dict[str, int] = {}
         self.closed_by_reason: dict[str, int] = {}
-        self._ticker: asyncio.Task | None = None
+        #: Sessions in creation order, so their connect deadlines are in
+        #: order too: one timer, armed at the oldest that may still be due.
+        self._connecting: deque[WhepSession] = deque()
+        self._connect_timer: asyncio.TimerHandle | None = None
+        self._started = False
 
     def start(self) -> None:
-        if self._ticker is None:
-            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="whep-ticker")
+        """Enforce ``connect_timeout`` from now on (on the running loop)."""
+        self._started = True
+        self._arm_connect_timer()
 
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now, wall = time.monotonic(), time.time()
-            self.free_unconnected(now)
-            for session in list(self.sessions.values()):
-                try:
-                    session.tick(now, wall)
-                except Exception:  # one broken session must not stop the others' reports
-                    log.exception("webrtc.tick_failed", extra={"fields": {"session": session.id}})
-            for name, fo in list(self.fanouts.items()):
-                if fo.closed or (fo.viewer_count == 0 and not any(
-                        s.stream_name == name for s in self.sessions.values())):
-                    fo.close()
-                    self.fanouts.pop(name, None)
+    def _arm_connect_timer(self) -> None:
+        if not self._started or self._connect_timer is not None:
+            return
+        queue = self._connecting
+        while queue and (queue[0].closed or queue[0].connected_at is not None):
+            queue.popleft()  # connected or gone: its deadline no longer matters
+        if queue:
+            delay = queue[0].created_mono + self.connect_timeout - time.monotonic()
+            self._connect_timer = asyncio.get_running_loop().call_later(max(0.0, delay), self._on_connect_timer)
+
+    def _on_connect_timer(self) -> None:
+        self._connect_timer = None
+        now = time.monotonic()
+        self.free_unconnected(now)
+        queue = self._connecting
+        # Past their deadline (free_unconnected's own comparison): freed just
+        # now, or connected. One exactly at it waits for the next turn.
+        while queue and now - queue[0].created_mono > self.connect_timeout:
+            queue.popleft()
+        self._arm_connect_timer()
 
     def free_unconnected(self, now: float) -> None:
         """Close sessions that never completed ICE+DTLS within
@@ -766,7 +566,8 @@ class WhepService:
         if fo is None or fo.closed or fo.stream is not stream:
             if fo is not None:
                 fo.close()
-            fo = StreamFanout(stream, on_frame_sent=self._on_frame_sent, request_keyframe=self.on_keyframe_request)
+            fo = StreamFanout(stream, on_frame_sent=self._on_frame_sent, request_keyframe=self.on_keyframe_request,
+                              on_closed=self._on_fanout_closed)
             fo.start()
             self.fanouts[stream.name] = fo
         return fo
@@ -781,7 +582,7 @@ class WhepService:
         if len(self.sessions) >= self.max_viewers:
             raise OverflowError("viewer limit reached")
         session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin, sync=sync)
-        self.sessions[session.id] = session
+        self._admit(session)
         try:
             session.sdp_answer = await session.answer(offer_sdp, offer, source_plid)
         except BaseException:
@@ -789,9 +590,27 @@ class WhepService:
             raise
         return session
 
+    def _admit(self, session: WhepSession) -> None:
+        """A new session: counted, and freed if it does not connect in time."""
+        self.sessions[session.id] = session
+        self._connecting.append(session)
+        self._arm_connect_timer()
+
+    def _on_fanout_closed(self, fanout: StreamFanout) -> None:
+        """A fan-out ended (its stream did): forget it, and free the
+        sessions it never fed (it told the ones it did)."""
+        if self.fanouts.get(fanout.stream.name) is fanout:
+            del self.fanouts[fanout.stream.name]
+        self.free_unconnected(time.monotonic())
+
     def _forget(self, session: WhepSession) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
+        name = session.stream_name
+        fo = self.fanouts.get(name)
+        if fo is not None and fo.viewer_count == 0 and not any(
+                s.stream_name == name for s in self.sessions.values()):
+            fo.close()  # the last viewer of the stream left (on_closed forgets it)
         self.closed_totals.add(session.stats)
         for name, n in session.send_errors_by_name().items():
             self.closed_send_errors[name] = self.closed_send_errors.get(name, 0) + n
@@ -826,14 +645,12 @@ class WhepService:
         self.drops[stream] = self.drops.get(stream, 0) + 1
 
     async def close(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
-            self._ticker = None
+        self._started = False
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        self._connecting.clear()
         await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)
-        for fo in self.fanouts.values():
+        for fo in list(self.fanouts.values()):
             fo.close()
         self.fanouts.clear()

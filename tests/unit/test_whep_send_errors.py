@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 
+from media.layer import order_layers
 from media.rtp.packet import LayerPacket
 from media.rtp.rewrite import Rewriter, TrackParams
 from media.webrtc import whep
@@ -59,9 +60,9 @@ class _Fast:
 def _session(service: whep.WhepService, sock: _Sock) -> whep.WhepSession:
     session = whep.WhepSession(service, "cam1", _Fanout(), owner="t")
     session._fast = _Fast(sock)
-    session._layer_names = ["high"]
+    session.core.layers = order_layers(["high"])
     rw = Rewriter(TrackParams(ssrc=1234, payload_type=102, clock_rate=90000), initial_layer=0)
-    session._tracks["video"] = whep._Track("video", sender=None, rewriter=rw)
+    session.core.set_track("video", rw, 1234)
     service.sessions[session.id] = session
     return session
 
