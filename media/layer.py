@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-__all__ = ["AUDIO", "Layer", "order_layers", "layer_named"]
+__all__ = ["AUDIO", "Layer", "order_layers", "layer_named", "layer_names", "rank_high_first"]
 
 #: The index of a stream's audio track where a layer index is expected (the
 #: fan-out's sink calls, a rewriter's ``initial_layer``): never a video layer.
@@ -49,15 +49,24 @@ def order_layers(names: Iterable[str]) -> tuple[Layer, ...]:
     """The boundary from a stream's layer names (any order, as
     ``Stream.layers`` or a WHIP offer's rids give them) to :class:`Layer` values
     in increasing bitrate."""
-    high_first = sorted(set(names), key=_rank_high_first)
+    high_first = sorted(set(names), key=rank_high_first)
     return tuple(Layer(i, name) for i, name in enumerate(reversed(high_first)))
 
 
-def _rank_high_first(name: str) -> tuple[int, str]:
+def rank_high_first(name: str) -> tuple[int, str]:
+    """Sort key, largest first: ``high``, ``mid``, ``low``, then any other
+    name (``low2`` before ``low3``)."""
     try:
         return (_STANDARD_HIGH_FIRST.index(name), name)
     except ValueError:
         return (len(_STANDARD_HIGH_FIRST), name)
+
+
+def layer_names(count: int) -> list[str]:
+    """The names an SRT source's ``count`` video layers get, largest first."""
+    if count <= 3:
+        return {1: ["high"], 2: ["high", "low"], 3: ["high", "mid", "low"]}.get(count, [])
+    return ["high", "mid", "low"] + [f"low{i}" for i in range(2, count - 1)]
 
 
 def layer_named(layers: tuple[Layer, ...], name: str | None) -> Layer | None:

@@ -7,6 +7,7 @@ import enum
 from dataclasses import dataclass
 
 from media.errors import LocalMediaError, RemoteMediaError
+from media.layer import layer_names, rank_high_first as layer_rank
 
 __all__ = [
     "VIDEO_CODECS",
@@ -22,7 +23,6 @@ __all__ = [
 ]
 
 VIDEO_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1"})
-_LAYER_ORDER = ("high", "mid", "low")
 
 
 class StreamBusy(RemoteMediaError):
@@ -82,18 +82,3 @@ class Discontinuity:
 
 
 Item = Frame | Discontinuity
-
-
-def layer_names(count: int) -> list[str]:
-    """Names for ``count`` layers, largest first."""
-    if count <= 3:
-        return {1: ["high"], 2: ["high", "low"], 3: ["high", "mid", "low"]}.get(count, [])
-    return ["high", "mid", "low"] + [f"low{i}" for i in range(2, count - 1)]
-
-
-def layer_rank(name: str) -> tuple[int, str]:
-    """Sort key: 'high', 'mid', 'low', then any other name."""
-    try:
-        return (_LAYER_ORDER.index(name), name)
-    except ValueError:
-        return (len(_LAYER_ORDER), name)

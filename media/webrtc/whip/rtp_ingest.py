@@ -31,7 +31,7 @@ access unit or Opus packet each) and RTCP bytes out. Per SSRC:
 
 Layer names: RIDs named ``high``/``mid``/``low`` name the layers directly;
 any other RIDs are ranked by the picture size in their SPS, the hub's rule
-for SRT simulcast (``media.stream.layer_names``). One video SSRC without
+for SRT simulcast (``media.layer.layer_names``). One video SSRC without
 simulcast publishes with ``layer=None`` (the hub's ``high``). Timestamps:
 the 32-bit RTP timestamp, unwrapped per SSRC, is pts and dts (browsers send
 no B-frames); clock rate 90000 for video, 48000 for Opus.
@@ -56,7 +56,7 @@ from ...rtp.packet import SeqUnwrapper, parse_extensions, payload_bounds, peek_h
 from ...rtp.rtcp import (
     Bye, Nack, Pli, ReceiverReport, Remb, ReportBlock, SenderReport, ntp_middle32, parse_rtcp, serialize_rtcp,
 )
-from ...stream.types import layer_names
+from ...layer import layer_names
 from .plan import WhipPlan
 
 log = logging.getLogger("returnfeed.webrtc")
