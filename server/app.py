@@ -103,7 +103,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         event(log, logging.WARNING, "http.database_error", path=request.path, error=type(exc).__name__)
         return request.app[DB].unavailable().response()
     except Exception:
-        log.exception("http.unhandled", extra={"fields": {"path": request.path, "method": request.method}})
+        event(log, logging.ERROR, "http.unhandled", exc_info=True, path=request.path, method=request.method)
         return json_error(500, {"error": "internal", "detail": "internal server error"})
 
 

@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import struct
+import asyncio
 import sys
 from typing import Any, Callable
 
@@ -45,6 +46,7 @@ from aiortc import RTCRtpReceiver, RTCRtpSender
 from aiortc.codecs import CODECS
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
 
+from ..log import event
 from ..errors import RtpError
 from ..rtp.rtcp import parse_rtcp
 
@@ -598,11 +600,10 @@ def _resend_first_flight(dtls_transport: Any, early: float = EARLY_COPY_S,
     (``until``). The datagram is resent byte for byte: a peer that did see
     the first copy discards the duplicate record (RFC 6347 §4.1.2.6 replay
     detection)."""
-    import asyncio
-
     ice = dtls_transport.transport
     send, recv = ice._send, ice._recv
     state: dict[str, Any] = {"flight": None, "heard": False, "t0": 0.0}
+    resends: set[asyncio.Task[None]] = set()  # owned until done (the loop holds tasks weakly)
 
     async def watched_recv() -> bytes:
         data = await recv()
@@ -622,8 +623,10 @@ def _resend_first_flight(dtls_transport: Any, early: float = EARLY_COPY_S,
         if state["heard"] or dtls_transport.state != "connecting":
             return
         loop = asyncio.get_running_loop()
-        log.debug("webrtc.dtls_first_flight_resent", extra={"fields": {"after_s": loop.time() - state["t0"]}})
-        asyncio.ensure_future(send(state["flight"]))
+        event(log, logging.DEBUG, "webrtc.dtls_first_flight_resent", after_s=loop.time() - state["t0"])
+        task = loop.create_task(send(state["flight"]))
+        resends.add(task)
+        task.add_done_callback(resends.discard)
         if loop.time() - state["t0"] + next_delay < until:
             loop.call_later(next_delay, resend, next_delay * 2)
 

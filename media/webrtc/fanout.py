@@ -65,6 +65,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Protocol
 
+from ..log import event
 from ..layer import AUDIO, Layer, order_layers
 from ..rtp.h264 import H264Packetizer
 from ..rtp.history import PacketHistory
@@ -273,7 +274,8 @@ class StreamFanout:
         out[AUDIO] = self._audio.history
         replay = self._replays.get(sink) if sink is not None and self._replays else None
         if replay is not None and replay.layer in self._index:
-            out[self._index[replay.layer]] = _ReplayHistory(self._layers[replay.layer].history, replay, self.join.history_s)
+            out[self._index[replay.layer]] = _ReplayHistory(self._layers[replay.layer].history, replay,
+                                                            self.join.history_s)
         return out
 
     def anchors(self) -> dict[int, MediaAnchor]:
@@ -451,8 +453,7 @@ class StreamFanout:
             try:
                 packets = st.packetizer.packetize(frame.data, ts)
             except Exception as exc:  # malformed AU from a remote source: count, skip
-                log.warning("webrtc.packetize_failed", extra={"fields": {"stream": self.stream.name,
-                                                                         "error": str(exc)}})
+                event(log, logging.WARNING, "webrtc.packetize_failed", stream=self.stream.name, error=str(exc))
                 return
             if not packets:
                 return

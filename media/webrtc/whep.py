@@ -40,6 +40,7 @@ from typing import Any, Callable
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
 
+from ..log import event
 from ..errors import UnsupportedMedia
 from ..layer import AUDIO, Layer
 from ..rtp.layers import LayerPolicy
@@ -236,7 +237,7 @@ class WhepSession:
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
         if state in ("failed", "closed") and not self.closed:
-            log.info("webrtc.viewer_state", extra={"fields": {"session": self.id, "state": state}})
+            event(log, logging.INFO, "webrtc.viewer_state", session=self.id, state=state)
             self.close_soon("ice_failed" if state == "failed" else "peer_closed")
 
     def _on_sender_ready(self, sender: adapter.ForwardingSender, parameters: RTCRtpSendParameters) -> None:
@@ -266,9 +267,8 @@ class WhepSession:
             self.fanout.attach(self, core.initial_layer(self.fanout.ordered_layers), now)
             core.start(now)
             self._after(now)
-            log.info("webrtc.viewer_started", extra={"fields": {
-                "session": self.id, "stream": self.stream_name,
-                "layers": [layer.name for layer in core.layers], "layer": self.layer_name}})
+            event(log, logging.INFO, "webrtc.viewer_started", session=self.id, stream=self.stream_name,
+                  layers=[layer.name for layer in core.layers], layer=self.layer_name)
 
     # -- fan-out sink ----------------------------------------------------------------
 
@@ -329,8 +329,8 @@ class WhepSession:
         core = self.core
         if core.events:
             events, core.events = core.events, []
-            for event in events:
-                self._on_event(event)
+            for ev in events:
+                self._on_event(ev)
         if not core.timer_changed:
             return
         core.timer_changed = False
@@ -357,7 +357,7 @@ class WhepSession:
         except Exception:
             # A broken viewer must neither lose its reports and limits for
             # good nor spin: try again a second later, as a ticker would.
-            log.exception("webrtc.timer_failed", extra={"fields": {"session": self.id}})
+            event(log, logging.ERROR, "webrtc.timer_failed", exc_info=True, session=self.id)
             self._timer_at = now + 1.0
             self._timer = asyncio.get_running_loop().call_later(1.0, self._on_timer)
             return
@@ -388,24 +388,20 @@ class WhepSession:
         match event:
             case LayerSwitched(frm=frm, to=to, decision=d):
                 self.service.count_switch(self.stream_name, frm, to)
-                log.info("webrtc.layer_switch", extra={"fields": {
-                    **fields, "from": frm, "to": to, "reasons": [r.value for r in d.reasons], "loss": d.loss,
-                    "rtt": d.rtt, "bandwidth": d.bandwidth}})
+                event(log, logging.INFO, "webrtc.layer_switch", **fields, **{"from": frm}, to=to,
+                      reasons=[r.value for r in d.reasons], loss=d.loss, rtt=d.rtt, bandwidth=d.bandwidth)
             case ViewerDropped(decision=d):
-                log.info("webrtc.viewer_dropped", extra={"fields": {
-                    **fields, "reasons": [r.value for r in d.reasons]}})
+                event(log, logging.INFO, "webrtc.viewer_dropped", **fields, reasons=[r.value for r in d.reasons])
                 self.service.count_drop(self.stream_name)
             case KeyframeWanted():
                 self.service.on_keyframe_request(self.stream_name)
             case ProbeStarted(to=to, decision=d, base_bps=base, target_bps=target):
-                log.info("webrtc.probe_started", extra={"fields": {
-                    **fields, "to": to, "reasons": [r.value for r in d.reasons], "loss": d.loss,
-                    "rtt": d.rtt, "bandwidth": d.bandwidth, "base_bps": round(base),
-                    "target_bps": round(target)}})
+                event(log, logging.INFO, "webrtc.probe_started", **fields, to=to,
+                      reasons=[r.value for r in d.reasons], loss=d.loss, rtt=d.rtt, bandwidth=d.bandwidth,
+                      base_bps=round(base), target_bps=round(target))
             case ProbeFailed(to=to, decision=d, probe_bytes=sent):
-                log.info("webrtc.probe_failed", extra={"fields": {
-                    **fields, "to": to, "reasons": [r.value for r in d.reasons], "loss": d.loss,
-                    "rtt": d.rtt, "bandwidth": d.bandwidth, "probe_bytes": sent}})
+                event(log, logging.INFO, "webrtc.probe_failed", **fields, to=to, reasons=[r.value for r in d.reasons],
+                      loss=d.loss, rtt=d.rtt, bandwidth=d.bandwidth, probe_bytes=sent)
             case CloseWanted(reason="send_failed", detail=detail):
                 sender = self._fast.sender if self._fast is not None else None
                 name = errno_name(sender.last_errno if sender is not None else None)
@@ -474,15 +470,15 @@ class WhepSession:
             self._timer = None
         self.fanout.detach(self)
         self.service._forget(self)
-        log.log(logging.WARNING if reason in _FAILURE_REASONS else logging.INFO, "webrtc.viewer_closed",
-                extra={"fields": {"session": self.id, "stream": self.stream_name, "reason": reason,
-                                  "detail": detail, "layer": self.layer_name, **self.counters()}})
+        event(log, logging.WARNING if reason in _FAILURE_REASONS else logging.INFO, "webrtc.viewer_closed",
+              session=self.id, stream=self.stream_name, reason=reason, detail=detail, layer=self.layer_name,
+              **self.counters())
         if self._fast is not None:
             self._fast.close()
         try:
             await asyncio.wait_for(self.pc.close(), timeout=5)
         except (asyncio.TimeoutError, Exception):
-            log.warning("webrtc.close_timeout", extra={"fields": {"session": self.id}})
+            event(log, logging.WARNING, "webrtc.close_timeout", session=self.id)
 
 
 class WhepService:

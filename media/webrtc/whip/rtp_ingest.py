@@ -48,6 +48,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from ...log import event
 from ...errors import BitstreamError, RtpError, UnsupportedMedia
 from ...h264 import Sps
 from ...rtp.h264 import H264Depacketizer, NalUnits
@@ -651,7 +652,7 @@ class RtpIngest:
                     src.lsr = ntp_middle32(p.ntp_timestamp)
                     src.lsr_at = now
             elif isinstance(p, Bye):
-                log.debug("whip.rtcp_bye", extra={"fields": {"ssrcs": list(p.ssrcs)}})
+                event(log, logging.DEBUG, "whip.rtcp_bye", ssrcs=list(p.ssrcs))
 
     def tick(self, now: float) -> list[RtpUnit]:
         """Timers: give up on old holes, repeat NACKs, receiver reports +

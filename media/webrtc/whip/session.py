@@ -27,6 +27,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
 
+from ...log import event
 from ...stream import Publisher, SourceInfo, StreamBusy, StreamClosed, StreamHub
 from .. import aiortc_adapter as adapter
 from ..sdp import Offer, SdpError
@@ -148,10 +149,9 @@ class WhipSession:
         except (StreamBusy, StreamClosed) as exc:
             self.close_soon(f"refused: {exc}")
             return
-        log.info("whip.publishing", extra={"fields": {
-            "session": self.id, "stream": self.stream_name, "remote": self.remote, "who": self.label,
-            "rids": list(self.plan.rids) if self.plan else [], "dtls_role": self.dtls_role,
-            "connect_ms": round(((self.connected_at or self.created) - self.created) * 1000.0, 1)}})
+        event(log, logging.INFO, "whip.publishing", session=self.id, stream=self.stream_name, remote=self.remote,
+              who=self.label, rids=list(self.plan.rids) if self.plan else [], dtls_role=self.dtls_role,
+              connect_ms=round(((self.connected_at or self.created) - self.created) * 1000.0, 1))
 
     def _on_rtp(self, data: bytes) -> None:
         if self.closed or self.ingest is None:
@@ -237,13 +237,12 @@ class WhipSession:
         if pub is not None:
             pub.stream.detach_publisher(pub, time.monotonic())
         self.service._forget(self)
-        log.info("whip.closed", extra={"fields": {
-            "session": self.id, "stream": self.stream_name, "reason": reason,
-            "stats": self.ingest.stats.as_dict() if self.ingest else {}}})
+        event(log, logging.INFO, "whip.closed", session=self.id, stream=self.stream_name, reason=reason,
+              stats=self.ingest.stats.as_dict() if self.ingest else {})
         try:
             await asyncio.wait_for(self.pc.close(), timeout=5)
         except (asyncio.TimeoutError, Exception):
-            log.warning("whip.close_timeout", extra={"fields": {"session": self.id}})
+            event(log, logging.WARNING, "whip.close_timeout", session=self.id)
 
     @property
     def attached(self) -> bool:
@@ -293,7 +292,7 @@ class WhipService:
                 try:
                     session.tick(now)
                 except Exception:  # one broken session must not stop the others' timers
-                    log.exception("whip.tick_failed", extra={"fields": {"session": session.id}})
+                    event(log, logging.ERROR, "whip.tick_failed", exc_info=True, session=session.id)
 
     def for_stream(self, name: str) -> list[WhipSession]:
         return [s for s in self.sessions.values() if s.stream_name == name and not s.closed]
