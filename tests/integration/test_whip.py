@@ -261,6 +261,49 @@ def test_unrecoverable_loss_drops_until_next_idr_and_sends_pli() -> None:
     assert ing.stats.plis_sent >= 1 and ing.stats.plis_sent <= 3  # rate-limited (0.5 s)
 
 
+def test_timer_deadlines_alone_drive_repair_give_up_and_reports() -> None:
+    """The same loss as above, but ``tick`` runs only at ``get_timer()``'s
+    deadlines (as the session's one timer does): NACKs are repeated
+    ``nack_retry`` apart, the hole is given up ``reorder_window`` after the
+    packet behind it arrived, and nothing is due without a reason."""
+    aus = encode(64, 48, 25)
+    a = Sender(0x1111, aus, "high")
+    ing = RtpIngest(config(reorder_window=0.05, nack_retry=0.02, max_nacks=2, rr_interval=1.0))
+    assert ing.get_timer() is None  # nothing received: nothing to do
+    victim = a.frames[3][0]
+    units, now, ticks, nack_times = [], 0.0, 0, []
+
+    def run_timers_until(t_end: float) -> None:
+        nonlocal units, ticks
+        while True:
+            at = ing.get_timer()
+            if at is None or at > t_end:  # None only before the first packet
+                return
+            units += ing.tick(at)
+            ticks += 1
+            for p in rtcp_of(ing):
+                if isinstance(p, Nack) and victim.sequence_number in p.lost:
+                    nack_times.append(at)
+
+    for i in range(25):
+        run_timers_until(now + 1 / 30)
+        now += 1 / 30
+        for p in a.frames[i]:
+            if p is not victim:
+                units += ing.on_rtp(bytes(p), now)
+        for p in rtcp_of(ing):
+            if isinstance(p, Nack) and victim.sequence_number in p.lost:
+                nack_times.append(now)
+    run_timers_until(now + 0.5)
+    assert len(nack_times) == 2 and abs((nack_times[1] - nack_times[0]) - 0.02) < 1e-6
+    high = [u for u in units if u.layer == "high"]
+    assert [u.data for u in high] == [expected(au) for au, _ in aus[:3] + aus[10:]]
+    assert ing.stats.lost == 1
+    # Between frames only the hole's deadlines and the reports were due:
+    # far fewer wake-ups than a 20 ms ticker's ~43 over the same 0.86 s.
+    assert ticks < 20, ticks
+
+
 def test_receiver_reports_remb_and_lsr() -> None:
     a = Sender(0x1111, encode(64, 48, 20), "high")
     b = Sender(0x2222, encode(32, 24, 20), "low")

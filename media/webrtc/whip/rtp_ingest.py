@@ -470,14 +470,14 @@ class RtpIngest:
         cfg = self.config
         nxt = src.next
         if nxt is None:
-            if not flush and len(held) < _START_PACKETS and now - src.start_at < cfg.reorder_window:
+            if not flush and len(held) < _START_PACKETS and now < src.start_at + cfg.reorder_window:
                 return out
             nxt = min(held)
         while held:
             item = held.pop(nxt, None)
             if item is None:
                 oldest = min(v[3] for v in held.values())
-                if not flush and len(held) <= cfg.max_held and now - oldest < cfg.reorder_window:
+                if not flush and len(held) <= cfg.max_held and now < oldest + cfg.reorder_window:
                     break
                 first = min(held)
                 self.stats.lost += first - nxt
@@ -624,9 +624,11 @@ class RtpIngest:
         for src in dict.fromkeys(pending):
             seqs = []
             for s, state in list(src.missing.items()):
-                if (src.next is not None and s < src.next) or (state[0] >= cfg.max_nacks and now - state[1] > 1.0):
+                # Deadlines compared as get_timer() computes them (sum, not
+                # difference: a timer due at ``sent + retry`` must find it due).
+                if (src.next is not None and s < src.next) or (state[0] >= cfg.max_nacks and now >= state[1] + 1.0):
                     del src.missing[s]
-                elif state[0] < cfg.max_nacks and now - state[1] >= cfg.nack_retry:
+                elif state[0] < cfg.max_nacks and now >= state[1] + cfg.nack_retry:
                     state[0] += 1
                     state[1] = now
                     seqs.append(s)
@@ -654,10 +656,30 @@ class RtpIngest:
             elif isinstance(p, Bye):
                 event(log, logging.DEBUG, "whip.rtcp_bye", ssrcs=list(p.ssrcs))
 
+    def get_timer(self) -> float | None:
+        """When :meth:`tick` has something to do: a reorder hole to give up
+        on, a NACK to repeat or forget, a receiver report, an idle source to
+        forget (the earliest; None when nothing is pending)."""
+        cfg = self.config
+        at = self._next_rr
+        for src in self._sources.values():
+            t = src.last_at + cfg.idle_forget
+            held = src.held
+            if held:
+                if src.next is None:
+                    t = min(t, src.start_at + cfg.reorder_window)
+                else:
+                    t = min(t, min(v[3] for v in held.values()) + cfg.reorder_window)
+            for count, sent in src.missing.values():
+                t = min(t, sent + (cfg.nack_retry if count < cfg.max_nacks else 1.0))
+            if at is None or t < at:
+                at = t
+        return at
+
     def tick(self, now: float) -> list[RtpUnit]:
-        """Timers: give up on old holes, repeat NACKs, receiver reports +
-        REMB. Call every 10–20 ms. (A layer waiting for a keyframe asks again
-        with each frame it drops, rate-limited.)"""
+        """Timers (due at :meth:`get_timer`): give up on old holes, repeat
+        NACKs, receiver reports + REMB, forget idle sources. (A layer waiting
+        for a keyframe asks again with each frame it drops, rate-limited.)"""
         out: list[RtpUnit] = []
         for src in list(self._sources.values()):
             if src.held:
@@ -684,7 +706,7 @@ class RtpIngest:
 
     def _forget_idle(self, now: float, force: bool = False) -> None:
         limit = 2.0 if force else self.config.idle_forget
-        for src in [s for s in self._sources.values() if now - s.last_at > limit]:
+        for src in [s for s in self._sources.values() if now >= s.last_at + limit]:
             self._drop_source(src)
         if force:
             for rtx in [r for r, m in self._rtx.items() if m is None]:

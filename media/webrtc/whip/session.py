@@ -76,6 +76,9 @@ class WhipSession:
         self._dtls: Any = None
         self.dtls_role = ""
         self._closing: asyncio.Task | None = None
+        # One timer: connect/media timeouts and the ingest's deadlines.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # -- negotiation -------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class WhipSession:
         if state == "connected" and self.connected_at is None:
             self.connected_at = time.monotonic()
             self._attach()
+            self._rearm()
         elif state in ("failed", "closed") and not self.closed:
             self.close_soon(f"ice/dtls {state}")
 
@@ -167,6 +171,7 @@ class WhipSession:
             self._publish(units)
         if self.ingest.pending_rtcp:
             self._send_rtcp()
+        self._rearm()
 
     def _on_rtcp(self, data: bytes) -> None:
         if self.ingest is not None and not self.closed:
@@ -193,6 +198,46 @@ class WhipSession:
                 adapter.send_rtcp(self._dtls, packet)
             except (ConnectionError, OSError):
                 return
+
+    # -- the one timer -------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        """The earliest of: the connect timeout (until connected), the media
+        timeout, the ingest's own timer."""
+        svc = self.service
+        if self.connected_at is None:
+            return self.created + svc.connect_timeout
+        last = self.last_rtp if self.last_rtp is not None else self.connected_at
+        at = last + svc.media_timeout
+        if self.ingest is not None:
+            t = self.ingest.get_timer()
+            if t is not None and t < at:
+                at = t
+        return at
+
+    def _rearm(self, floor: float = 0.0) -> None:
+        """Arm the session's one timer at :meth:`_deadline`, unless it is
+        already armed no later (a deadline that moved later is found when
+        the timer fires, which re-arms: no cancel per packet)."""
+        if self.closed:
+            return
+        at = max(self._deadline(), floor)
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, at - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = time.monotonic()
+        try:
+            self.tick(now)
+        except Exception:  # a broken session must not lose its timer
+            event(log, logging.ERROR, "whip.tick_failed", exc_info=True, session=self.id)
+        # At least 1 ms on: a deadline that the tick did not move cannot spin.
+        self._rearm(floor=now + 0.001)
 
     def tick(self, now: float) -> None:
         if self.closed:
@@ -233,6 +278,9 @@ class WhipSession:
             return
         self.closed = True
         self.close_reason = reason
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         pub, self.publisher = self.publisher, None
         if pub is not None:
             pub.stream.detach_publisher(pub, time.monotonic())
@@ -272,27 +320,10 @@ class WhipService:
         self.sessions: dict[str, WhipSession] = {}
         self.totals = IngestStats()
         self.sessions_total = 0
-        self._ticker: asyncio.Task | None = None
-        self._wake: asyncio.Event | None = None
 
     def start(self) -> None:
-        if self._ticker is None:
-            self._wake = asyncio.Event()
-            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="whip-ticker")
-
-    async def _tick_loop(self) -> None:
-        assert self._wake is not None
-        while True:
-            if not self.sessions:
-                self._wake.clear()
-                await self._wake.wait()
-            await asyncio.sleep(0.02)
-            now = time.monotonic()
-            for session in list(self.sessions.values()):
-                try:
-                    session.tick(now)
-                except Exception:  # one broken session must not stop the others' timers
-                    event(log, logging.ERROR, "whip.tick_failed", exc_info=True, session=session.id)
+        """Nothing to start: each session arms its own timer (kept for the
+        services' common start/close shape)."""
 
     def for_stream(self, name: str) -> list[WhipSession]:
         return [s for s in self.sessions.values() if s.stream_name == name and not s.closed]
@@ -324,8 +355,7 @@ class WhipService:
         session = WhipSession(self, name, owner=owner, remote=remote, label=label)
         self.sessions[session.id] = session  # before any await: a concurrent POST sees it
         self.sessions_total += 1
-        if self._wake is not None:
-            self._wake.set()
+        session._rearm()  # the connect timeout
         try:
             session.sdp_answer = await session.answer(offer_sdp, offer)
         except BaseException:
@@ -368,12 +398,5 @@ class WhipService:
         return out
 
     async def close(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
-            self._ticker = None
         await asyncio.gather(*(s.close("server shutdown") for s in list(self.sessions.values())),
                              return_exceptions=True)
