@@ -45,6 +45,7 @@ class LoudnessReading:
     momentary: float
     short_term: float
     true_peak_dbtp: float  # over this step, all channels
+    fast: float  # 100 ms loudness: where a step in level actually happened
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,8 +123,13 @@ class LoudnessMeter:
                 self.max_momentary = m
             if self._frames >= RATE * 3 and s > self.max_short_term:
                 self.max_short_term = s
-            readings.append(LoudnessReading(self.t0 + self._frames / RATE, m, s, _db(tp)))
+            fast = ebu.get_loudness_window(st, 100)
+            readings.append(LoudnessReading(self.t0 + self._frames / RATE, m, s, _db(tp), fast))
         return readings
+
+    @property
+    def short_valid(self) -> bool:
+        return self._frames >= RATE * 3
 
     def summary(self) -> LoudnessSummary:
         st = self._state

@@ -101,6 +101,16 @@ class FaultTracker:
             events.append(self._close(self._clear_since))
         return events
 
+    def backdate(self, t: float) -> None:
+        """Move a pending (not yet open) candidate's start earlier, e.g. to where
+        a codec's decay tail began."""
+        if self._open is None and self._since is not None and t < self._since:
+            self._since = t
+
+    @property
+    def pending_since(self) -> float | None:
+        return self._since if self._open is None else None
+
     def flush(self, t: float) -> list[MarkerEvent]:
         """End of input: close an open marker where the input (or its clean run) ended."""
         if self._open is None:
