@@ -229,21 +229,36 @@ class ToneDetector:
         return self.tracker.observe(t0, t1, found, metadata=meta)
 
 
+def _step_at(ts: np.ndarray, vals: np.ndarray) -> float:
+    """Where a two-level piecewise-constant fit of ``vals`` changes level (least squares)."""
+    n = vals.size
+    if n < 4:
+        return float(ts[0]) if n else 0.0
+    cs = np.concatenate(([0.0], np.cumsum(vals)))
+    cs2 = np.concatenate(([0.0], np.cumsum(vals * vals)))
+    k = np.arange(1, n)
+    left = cs2[k] - cs[k] ** 2 / k
+    right = (cs2[n] - cs2[k]) - (cs[n] - cs[k]) ** 2 / (n - k)
+    return float(ts[int(np.argmin(left + right)) + 1])
+
+
 class LoudnessDetector:
     """EBU R128 live tolerance on short-term loudness, and true peak.
 
     Short-term (3 s) is what the tolerance is defined on, but it lags a step
-    by up to 3 s. The marker's edges are therefore taken from the 100 ms
-    loudness: ``start`` is where it last left the tolerance before S did,
-    ``end`` where it last came back before S did.
+    in level by up to 3 s on both edges. The marker's edges are therefore
+    placed on the 100 ms loudness: at the step of a two-level least-squares
+    fit over the 3 s before S crossed (a single threshold crossing of the
+    100 ms loudness would land on programme flicker instead).
     """
+
+    HISTORY_S = 3.5
 
     def __init__(self, th: Thresholds) -> None:
         self.th = th
         self.peak = FaultTracker("loudness", "true_peak", 0.0, 1.0, "error")
-        self._state: dict[str, dict] = {
-            d: {"since": None, "open": None, "left": None, "back": None, "prev": None}
-            for d in ("loud", "quiet")}
+        self._state: dict[str, dict] = {d: {"since": None, "open": None} for d in ("loud", "quiet")}
+        self._fast: deque[tuple[float, float]] = deque(maxlen=int(self.HISTORY_S * RATE / 240) + 1)
 
     def _side(self, level: float) -> str | None:
         if not math.isfinite(level) or level < -70.0:  # BS.1770 absolute gate: nothing to judge
@@ -254,25 +269,27 @@ class LoudnessDetector:
             return "quiet"
         return "in"
 
+    def _edge(self, since: float, until: float) -> float:
+        pts = [(t, v) for t, v in self._fast if since <= t <= until]
+        if not pts:
+            return until
+        ts = np.array([p[0] for p in pts])
+        vals = np.clip(np.array([p[1] for p in pts]), -70.0, 10.0)
+        return _step_at(ts, vals)
+
     def reading(self, r: LoudnessReading, short_valid: bool, dt: float) -> list[MarkerEvent]:
         ev: list[MarkerEvent] = []
         over = math.isfinite(r.true_peak_dbtp) and r.true_peak_dbtp > self.th.true_peak_dbtp
         ev += self.peak.observe(r.t - dt, r.t, over,
                                 metadata={"true_peak_dbtp": round(r.true_peak_dbtp, 2)} if over else None)
-        fast = self._side(r.fast)
+        self._fast.append((r.t - dt, r.fast if math.isfinite(r.fast) else -70.0))
         slow = self._side(r.short_term) if short_valid else None
         for d, st in self._state.items():
-            if fast == d and st["prev"] != d:
-                st["left"] = r.t - dt
-            elif fast != d and st["prev"] == d:
-                st["back"] = r.t - dt
-            st["prev"] = fast
             if slow == d:
                 if st["since"] is None:
                     st["since"] = r.t
                 if st["open"] is None and r.t - st["since"] >= self.th.loudness_d:
-                    left = st["left"]
-                    start = left if left is not None and left <= st["since"] else st["since"]
+                    start = self._edge(st["since"] - 3.0, r.t)
                     st["open"] = Marker("loudness", d, start, None, "warning", 1.0,
                                         {"short_term_lufs": round(r.short_term, 1)})
                     ev.append(MarkerEvent("open", replace(st["open"], metadata=dict(st["open"].metadata))))
@@ -280,19 +297,26 @@ class LoudnessDetector:
             st["since"] = None
             m = st["open"]
             if m is not None:
-                back = st["back"]
-                m.end = back if fast != d and back is not None and back >= m.start else r.t
+                m.end = self._edge(max(m.start, r.t - self.HISTORY_S), r.t)
                 ev.append(MarkerEvent("close", m))
                 st["open"] = None
-
         return ev
 
     def flush(self, t: float) -> list[MarkerEvent]:
+        """End of input. S may still lag a step back into tolerance: if the
+        100 ms loudness has settled back inside, the fault ended at that step."""
         ev = self.peak.flush(t)
-        for st in self._state.values():
-            if st["open"] is not None:
-                m = st["open"]
+        for d, st in self._state.items():
+            m = st["open"]
+            if m is not None:
                 m.end = t
+                since = max(m.start, t - self.HISTORY_S)
+                step = self._edge(since, t)
+                after = [v for u, v in self._fast if step <= u <= t]
+                if step > m.start and after:
+                    energy = float(np.mean(np.power(10.0, np.array(after) / 10.0)))
+                    if self._side(10.0 * math.log10(energy)) == "in":
+                        m.end = step
                 ev.append(MarkerEvent("close", m))
             st.update(since=None, open=None)
         return ev

@@ -147,8 +147,7 @@ class QcEngine:
         static_by_design = self.black.black or self.bars.present
         ev += self.freeze.frame(pts, luma, held, self._before, dt, static_by_design)
         self._before = held
-        small = downscale(luma, 320)
-        ev += self.blur.frame(pts, small, held, dt, static_by_design)
+        ev += self.blur.frame(pts, luma, held, dt, static_by_design)
         tiny = downscale(luma, 160)
         ev += self.shake.frame(pts, tiny, dt, static_by_design)
         ev += self.scene.frame(pts, tiny, dt)

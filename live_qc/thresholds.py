@@ -25,7 +25,7 @@ class Thresholds:
     blur_baseline_s: float = 8.0
     # shake: RMS of frame-to-frame global motion with the pan (its 1 s mean)
     # removed, in pixels of a 160-pixel-wide analysis image.
-    shake_px: float = 1.5
+    shake_px: float = 2.5
     shake_d: float = 1.0
     # scene-change rate: more than scene_max_cuts cuts within scene_window_s.
     scene_cut_diff: float = 0.25

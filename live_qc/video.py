@@ -168,35 +168,47 @@ class BlurDetector:
     """Sharpness below a fraction of the stream's own recent baseline.
 
     Absolute sharpness depends on the scene, so the reference is the median
-    of this stream's recent unblurred frames; a picture without detail (black,
-    a flat slate) has no baseline to lose and is not judged.
+    of this stream's recent unblurred frames. Blur softens fine detail but
+    keeps the picture's coarse structure (measured the same way on a
+    40-column image); a picture that lost both is a slate, a fill or a cut to
+    a plain scene, not a focus fault, and is not judged.
     """
 
     def __init__(self, th: Thresholds) -> None:
         self.th = th
         self.tracker = FaultTracker("blur", "", th.blur_d, 0.3, "warning")
-        self._history: deque[float] = deque(maxlen=max(4, int(th.blur_baseline_s * th.analysis_fps)))
+        n = max(4, int(th.blur_baseline_s * th.analysis_fps))
+        self._fine: deque[float] = deque(maxlen=n)
+        self._coarse: deque[float] = deque(maxlen=n)
         self.blurred = False
 
-    def frame(self, pts: float, small: np.ndarray, held: Sequence[Frame], dt: float,
+    @staticmethod
+    def measure(y: np.ndarray) -> tuple[float, float]:
+        return sharpness(downscale(y, 320)), sharpness(downscale(y, 40))
+
+    def _is_blurred(self, fine: float, coarse: float, base: tuple[float, float]) -> bool:
+        return fine < self.th.blur_ratio * base[0] and coarse >= 0.5 * base[1]
+
+    def frame(self, pts: float, y: np.ndarray, held: Sequence[Frame], dt: float,
               suspended: bool) -> list[MarkerEvent]:
-        s = sharpness(small)
-        base = float(np.median(self._history)) if len(self._history) >= 4 else 0.0
-        blurred = not suspended and base >= 2.0 and s < self.th.blur_ratio * base
+        fine, coarse = self.measure(y)
+        base = (float(np.median(self._fine)), float(np.median(self._coarse))) if len(self._fine) >= 4 else None
+        blurred = not suspended and base is not None and base[0] >= 2.0 and self._is_blurred(fine, coarse, base)
         t0 = pts
-        if blurred != self.blurred and base > 0:
-            limit = self.th.blur_ratio * base
-            t0 = edge_in(held, (lambda f: sharpness(downscale(f, 320)) < limit) if blurred
-                         else (lambda f: sharpness(downscale(f, 320)) >= limit), pts)
+        if blurred != self.blurred and base is not None:
+            t0 = edge_in(held, lambda f: self._is_blurred(*self.measure(f), base) == blurred, pts)
         if not blurred and not suspended:
-            self._history.append(s)
+            self._fine.append(fine)
+            self._coarse.append(coarse)
         self.blurred = blurred
-        meta = {"sharpness": round(s, 2), "baseline": round(base, 2)} if blurred else None
+        meta = {"sharpness": round(fine, 2), "baseline": round(base[0], 2)} if blurred and base else None
         return self.tracker.observe(t0, pts + dt, blurred, metadata=meta)
 
 
-def global_shift(a: np.ndarray, b: np.ndarray, window: np.ndarray) -> tuple[float, float]:
-    """Translation of b against a by phase correlation, with a parabolic sub-pixel peak."""
+def global_shift(a: np.ndarray, b: np.ndarray, window: np.ndarray) -> tuple[float, float, float]:
+    """Translation of b against a by phase correlation, with a parabolic sub-pixel
+    peak, and the peak's height (near 1 for one clean global shift, near 0 for
+    noise or unrelated pictures)."""
     fa = np.fft.rfft2((a - a.mean()) * window)
     fb = np.fft.rfft2((b - b.mean()) * window)
     cross = fb * np.conj(fa)
@@ -215,7 +227,7 @@ def global_shift(a: np.ndarray, b: np.ndarray, window: np.ndarray) -> tuple[floa
         dy -= h
     if dx > w / 2:
         dx -= w
-    return float(dx), float(dy)
+    return float(dx), float(dy), float(corr[iy, ix])
 
 
 class ShakeDetector:
@@ -223,9 +235,12 @@ class ShakeDetector:
 
     A pan moves the whole picture one way; shake moves it back and forth.
     Frame-to-frame global motion comes from phase correlation of 160-pixel
-    images; a frame is shaky while it moves (> shake_px) and the motion has
-    reversed at least twice within the last 0.5 s.
+    images; with the pan (median motion of the last second) removed, a frame
+    is shaky while it moves (> shake_px) and the motion has reversed at least
+    twice within the last 0.5 s.
     """
+
+    MIN_PEAK = 0.1
 
     def __init__(self, th: Thresholds) -> None:
         self.th = th
@@ -233,6 +248,7 @@ class ShakeDetector:
         self._prev: np.ndarray | None = None
         self._prev_motion: tuple[float, float] | None = None
         self._reversals: deque[float] = deque(maxlen=32)
+        self._motion: deque[tuple[float, float]] = deque(maxlen=max(3, int(th.analysis_fps)))
         self._window: np.ndarray | None = None
 
     def frame(self, pts: float, small: np.ndarray, dt: float, suspended: bool) -> list[MarkerEvent]:
@@ -242,7 +258,15 @@ class ShakeDetector:
             return self.tracker.observe(pts, pts + dt, False)
         if self._window is None or self._window.shape != small.shape:
             self._window = np.outer(np.hanning(small.shape[0]), np.hanning(small.shape[1])).astype(np.float32)
-        dx, dy = global_shift(prev, small, self._window)
+        mx, my, peak = global_shift(prev, small, self._window)
+        if peak < self.MIN_PEAK:
+            # No single global motion (noise, a cut, a flat picture): nothing to judge.
+            self._prev_motion = None
+            return self.tracker.observe(pts, pts + dt, False)
+        self._motion.append((mx, my))
+        # Shake is the motion around the pan: subtract the median motion of the last second.
+        pan = np.median(np.array(self._motion), axis=0)
+        dx, dy = mx - float(pan[0]), my - float(pan[1])
         mag = math.hypot(dx, dy)
         moving = mag > self.th.shake_px
         last = self._prev_motion
