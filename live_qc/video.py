@@ -236,18 +236,20 @@ class ShakeDetector:
     A pan moves the whole picture one way; shake moves it back and forth.
     Frame-to-frame global motion comes from phase correlation of 160-pixel
     images; with the pan (median motion of the last second) removed, a frame
-    is shaky while it moves (> shake_px) and the motion has reversed at least
-    twice within the last 0.5 s.
+    is shaky while it moves (> shake_px; or did at the previous analysed
+    frame) and the motion has reversed at least twice within the last 0.5 s.
     """
 
     MIN_PEAK = 0.1
 
     def __init__(self, th: Thresholds) -> None:
         self.th = th
-        self.tracker = FaultTracker("shake", "", th.shake_d, 0.3, "warning")
+        self.tracker = FaultTracker("shake", "", th.shake_d, 0.5, "warning")
         self._prev: np.ndarray | None = None
         self._prev_motion: tuple[float, float] | None = None
         self._reversals: deque[float] = deque(maxlen=32)
+        self._was_moving = False
+        self._last_moving: float | None = None
         self._motion: deque[tuple[float, float]] = deque(maxlen=max(3, int(th.analysis_fps)))
         self._window: np.ndarray | None = None
 
@@ -262,6 +264,7 @@ class ShakeDetector:
         if peak < self.MIN_PEAK:
             # No single global motion (noise, a cut, a flat picture): nothing to judge.
             self._prev_motion = None
+            self._was_moving = False
             return self.tracker.observe(pts, pts + dt, False)
         self._motion.append((mx, my))
         # Shake is the motion around the pan: subtract the median motion of the last second.
@@ -274,10 +277,20 @@ class ShakeDetector:
             self._reversals.append(pts)
         self._prev_motion = (dx, dy)
         recent = [t for t in self._reversals if pts - t <= 0.5]
-        shaky = moving and len(recent) >= 2
-        # The first reversed move began one analysed frame before the reversal.
+        # Sampled at 10 fps, a 3 Hz shake has intervals with little net motion:
+        # one still interval inside a run of reversals does not end it.
+        shaky = (moving or self._was_moving) and len(recent) >= 2
+        self._was_moving = moving
+        # The first reversed move began a frame before the reversal.
         t0 = recent[0] - 2 * dt if shaky and not self.tracker.is_open else pts
-        return self.tracker.observe(t0, pts + dt, shaky, metadata={"motion_px": round(mag, 2)} if shaky else None)
+        if shaky and moving:
+            self._last_moving = pts
+        events = self.tracker.observe(t0, pts + dt, shaky, metadata={"motion_px": round(mag, 2)} if shaky else None)
+        for e in events:
+            # Hysteresis decides *when* to close; the shake ended with its last move.
+            if e.kind == "close" and self._last_moving is not None and e.marker.end is not None:
+                e.marker.end = max(e.marker.start, min(e.marker.end, self._last_moving))
+        return events
 
 
 class SceneDetector:
