@@ -22,12 +22,17 @@ Frame = tuple[float, np.ndarray]  # (pts in seconds, luma)
 
 
 def downscale(y: np.ndarray, width: int) -> np.ndarray:
-    """Box-average to about ``width`` columns (float32); cheap and alias-free enough."""
+    """Box-average to about ``width`` columns (float32); cheap and alias-free enough.
+
+    Rows first (a reduction over a middle axis with long contiguous rows), then
+    columns on the already shrunk image: ~10× faster than one 4-D mean at 720p.
+    """
     f = max(1, y.shape[1] // width)
     h, w = y.shape[0] // f * f, y.shape[1] // f * f
     if f == 1:
         return y[:h, :w].astype(np.float32)
-    return y[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)
+    rows = y[:h, :w].reshape(h // f, f, w).sum(axis=1, dtype=np.float32)
+    return rows.reshape(h // f, w // f, f).sum(axis=2) * (1.0 / (f * f))
 
 
 def edge_in(held: Sequence[Frame], pred: Callable[[np.ndarray], bool], default: float) -> float:
