@@ -77,8 +77,10 @@ class LoudnessMeter:
 
     def __init__(self, channels: int, step: int = 240, short_every: int = 4,
                  histogram: bool = True) -> None:
-        if channels not in _LAYOUTS:
-            raise ValueError(f"unsupported channel count {channels}")
+        if channels < 1:
+            raise ValueError("no audio channels")
+        # Other counts: libebur128's default order (L R C LFE Ls Rs), the rest unweighted.
+        layout = _LAYOUTS.get(channels) or (_LAYOUTS[6] + (ebu.ChannelType.UNUSED,) * channels)[:channels]
         mode = _MODE | (ebu.MeasurementMode.MODE_HISTOGRAM if histogram else 0)
         self.channels = channels
         self.step = step
@@ -88,7 +90,7 @@ class LoudnessMeter:
         self._short = SILENT
         self._steps = 0
         self._state = ebu.R128State(channels, RATE, mode)
-        for i, kind in enumerate(_LAYOUTS[channels]):
+        for i, kind in enumerate(layout):
             self._state.set_channel(i, kind)
         self._pending = np.zeros((channels, 0), dtype=np.float32)
         self._frames = 0  # frames given to the library

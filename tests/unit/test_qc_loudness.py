@@ -199,3 +199,12 @@ def test_histogram_mode_agrees_for_live_use():
     live = LoudnessMeter(2, histogram=True)
     live.feed(signal)
     assert abs(live.summary().integrated_lufs + 23.0) <= 0.1
+
+
+def test_other_channel_counts_use_the_default_order_and_leave_extras_out():
+    # 8 channels: L R C LFE Ls Rs + two unweighted; a −23 dBFS tone on L and R only.
+    sig = np.zeros((8, RATE * 5), dtype=np.float32)
+    sig[:2] = tone(5, -23.0)
+    sig[6:] = tone(5, -10.0)  # would dominate if it were counted
+    meter, _ = measure(sig, chunk=4800, step=4800)
+    assert abs(meter.summary().integrated_lufs + 23.0) <= 0.1
