@@ -22,6 +22,9 @@ from .video import (BarsDetector, BlackDetector, BlurDetector, Frame, FreezeDete
 # Frames kept between two analysed frames to place an edge exactly: a 60 fps
 # source at 10 fps analysis skips 5; anything beyond this is dropped (bounded).
 _MAX_HELD = 16
+# Audio whose stated time is further than this from where the samples so far
+# end is a discontinuity (decoder frames jitter by far less).
+_AUDIO_SLACK_S = 0.2
 
 
 @dataclass(slots=True)
@@ -70,7 +73,10 @@ class QcEngine:
 
     # -- audio ---------------------------------------------------------------
     def audio(self, t0: float, samples: np.ndarray) -> list[MarkerEvent]:
-        """``samples``: channels × n float32 at 48 kHz; ``t0``: media time of the first."""
+        """``samples``: channels × n float32 at 48 kHz; ``t0``: media time of the first.
+
+        Consecutive calls are contiguous unless ``t0`` says otherwise by more
+        than 0.2 s."""
         chain = self._audio
         if chain is None or chain.channels != samples.shape[0]:
             events = self._close_audio(t0)
@@ -79,6 +85,12 @@ class QcEngine:
             chain.meter.t0 = t0
         else:
             events = []
+            expected = chain.t + chain.pending.shape[1] / RATE
+            if abs(t0 - expected) > _AUDIO_SLACK_S:
+                # A gap or a jump in the source's timeline: restart the block
+                # grid there (a meter's windows simply see the splice).
+                chain.pending = np.zeros((chain.channels, 0), dtype=np.float32)
+                chain.t = t0
         chain.pending = np.concatenate((chain.pending, samples.astype(np.float32, copy=False)), axis=1)
         whole = chain.pending.shape[1] // BLOCK * BLOCK
         for off in range(0, whole, BLOCK):
@@ -134,7 +146,7 @@ class QcEngine:
     def video(self, pts: float, luma: np.ndarray) -> list[MarkerEvent]:
         """Every decoded frame's luma; analysed at ``analysis_fps``."""
         self._last_t = max(self._last_t, pts + self._dt)
-        if self._due is not None and pts < self._due - 1e-6:
+        if self._due is not None and self._due - self._dt - 1e-6 < pts < self._due - 1e-6:
             if len(self._held) < _MAX_HELD:
                 self._held.append((pts, luma))
             return []

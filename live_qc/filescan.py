@@ -71,6 +71,7 @@ def analyse_file(path: str, thresholds: Thresholds | None = None) -> FileReport:
         audio_t0: float | None = None
         last = 0.0
         decoded = 0
+        fed = 0  # audio samples given to the engine
         events = []
         for s in vstreams:
             s.thread_type = "AUTO"
@@ -90,10 +91,14 @@ def analyse_file(path: str, thresholds: Thresholds | None = None) -> FileReport:
                         if audio_t0 is None and frame.pts is not None:
                             audio_t0 = float(frame.pts * frame.time_base) - origin
                         for out in resampler.resample(frame):
-                            events += engine.audio(audio_t0 or 0.0, out.to_ndarray())
+                            x = out.to_ndarray()
+                            events += engine.audio((audio_t0 or 0.0) + fed / RATE, x)
+                            fed += x.shape[1]
             if resampler is not None:
                 for out in resampler.resample(None):
-                    events += engine.audio(audio_t0 or 0.0, out.to_ndarray())
+                    x = out.to_ndarray()
+                    events += engine.audio((audio_t0 or 0.0) + fed / RATE, x)
+                    fed += x.shape[1]
         except av.error.FFmpegError as exc:
             if decoded == 0:
                 raise QcFileError(f"{path}: cannot decode ({exc.strerror or exc})") from None

@@ -16,7 +16,7 @@ def run_audio(x: np.ndarray, engine: QcEngine | None = None, chunk: int = 1024):
     engine = engine or QcEngine()
     events = []
     for off in range(0, x.shape[1], chunk):
-        events += engine.audio(0.0, x[:, off:off + chunk])
+        events += engine.audio(off / RATE, x[:, off:off + chunk])
     events += engine.flush()
     return engine, events
 
@@ -50,7 +50,7 @@ def test_silence_open_event_comes_when_d_is_reached_not_at_the_end():
     engine = QcEngine()
     opened_at = None
     for off in range(0, x.shape[1], 2400):
-        for e in engine.audio(0.0, x[:, off:off + 2400]):
+        for e in engine.audio(off / RATE, x[:, off:off + 2400]):
             if e.kind == "open" and e.marker.type == "silence":
                 opened_at = (off + 2400) / RATE
     assert opened_at == pytest.approx(4.0, abs=0.06)
@@ -219,3 +219,27 @@ def test_thresholds_from_mapping_rejects_unknown_names():
     assert Thresholds.from_mapping({"black_d": 1.0}).black_d == 1.0
     with pytest.raises(ValueError, match="nope"):
         Thresholds.from_mapping({"nope": 1})
+
+
+def test_video_timeline_jumping_back_is_analysed_not_held_forever():
+    engine = QcEngine()
+    black = np.full((180, 320), 16, np.uint8)
+    for i in range(100):
+        engine.video(100.0 + i / FPS, moving(i / FPS))
+    events = []
+    for i in range(100):  # the source restarts at 0
+        events += engine.video(i / FPS, black)
+    events += engine.flush(4.0)
+    blacks = [m for m in closed_markers(events) if m.type == "black"]
+    assert len(blacks) == 1 and blacks[0].start == pytest.approx(0.0, abs=0.05)
+
+
+def test_audio_gap_restarts_the_timeline():
+    engine = QcEngine()
+    x = noise(3.0)
+    events = engine.audio(0.0, x)
+    silent = np.zeros((2, 3 * RATE), dtype=np.float32)
+    events += engine.audio(10.0, silent)  # 7 s later than the samples so far end
+    events += engine.flush()
+    (m,) = [m for m in closed_markers(events) if m.type == "silence"]
+    assert m.start == pytest.approx(10.0, abs=0.01) and m.end == pytest.approx(13.0, abs=0.01)
