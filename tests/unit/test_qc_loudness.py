@@ -211,3 +211,14 @@ def test_other_channel_counts_use_the_default_order_and_leave_extras_out():
     sig[6:] = tone(5, -10.0)  # would dominate if it were counted
     meter, _ = measure(sig, chunk=4800, step=4800)
     assert abs(meter.summary().integrated_lufs + 23.0) <= 0.1
+
+
+def test_case_13_is_missed_when_momentary_is_read_at_10_hz():
+    """Why the meter reads every 5 ms: read like FFmpeg's ebur128 (every 100 ms),
+    most 0.4 s bursts are never seen whole and their maximum reads low."""
+    segments = bursts(0.4, [-23.0] * 20)
+    signal = np.concatenate(segments, axis=1)
+    meter, readings = measure(signal, step=4800)
+    bounds = np.cumsum([0] + [s.shape[1] for s in segments]) / RATE
+    maxima = [max(r.momentary for r in readings if a < r.t <= b) for a, b in zip(bounds[:-1], bounds[1:])]
+    assert sum(abs(m + 23.0) > 0.1 for m in maxima) >= 10, maxima
