@@ -56,6 +56,11 @@ def analyse_file(path: str, thresholds: Thresholds | None = None) -> FileReport:
     try:
         container = av.open(path)
     except av.error.FFmpegError as exc:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+        if head[4:8] == b"ftyp":
+            # An MP4/MOV whose recording stopped before its index (moov) was written.
+            raise QcFileError(f"{path}: truncated or damaged MP4 (no index; {exc.strerror or exc})") from None
         raise QcFileError(f"{path}: not a media file ({exc.strerror or exc})") from None
     with container:
         vstreams = list(container.streams.video[:1])

@@ -317,7 +317,7 @@ def test_cli_bad_input_exits_non_zero_with_one_line(tmp_path, media):
     cut_mp4 = tmp_path / "cut.mp4"
     cut_mp4.write_bytes(whole_mp4[: len(whole_mp4) // 2])
     for path, words in ((tmp_path / "missing.mp4", "no such file"), (garbage, "not a media file"),
-                        (cut, "truncated"), (cut_mp4, "not a media file")):
+                        (cut, "truncated"), (cut_mp4, "truncated")):
         proc = _cli(str(path), "--json")
         assert proc.returncode == 1, (path, proc.stdout)
         assert proc.stdout == ""
