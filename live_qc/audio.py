@@ -138,17 +138,17 @@ class ClippingDetector:
 
     def block(self, t0: float, x: np.ndarray) -> list[MarkerEvent]:
         n = x.shape[1]
-        total, first, last, worst = 0, n, 0, -1
+        total, first, last, channels = 0, n, 0, []
         for c in range(x.shape[0]):
             runs, a, b = self._runs_of(x[c])
             if runs:
                 total += runs
                 first, last = min(first, a), max(last, b)
-                worst = c if worst < 0 else worst
+                channels.append(c)
         if total < self._runs:
             return _segments(self.tracker, t0, n, [(0, n, False)])
         return _segments(self.tracker, t0, n, [(0, first, False), (first, last, True), (last, n, False)],
-                         {"channel": worst})
+                         {"channels": channels})
 
 
 def _rms_db(x: np.ndarray) -> np.ndarray:
