@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("name")
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.access_ttl_s)")
+
     p = sub.add_parser("qc", help="run the live QC detectors on a recording")
     p.add_argument("file", help="media file (anything FFmpeg reads)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -82,6 +83,9 @@ def _qc(args: argparse.Namespace) -> int:
         report = analyse_file(args.file)
     except QcFileError as exc:
         print(f"returnfeed qc: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as exc:  # noqa: BLE001 - one line for the user, as main() does
+        print(f"returnfeed qc: {args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAIL
     print(json.dumps(report.to_json()) if args.json else format_table(report))
     return EXIT_OK
