@@ -8,6 +8,7 @@
     returnfeed user list
     returnfeed token link STREAM --action publish|read [--ttl SECONDS] [--base-url URL]
     returnfeed token user NAME [--ttl SECONDS]
+    returnfeed qc FILE [--json]
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or invalid configuration.
 """
@@ -68,7 +69,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("name")
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default: auth.access_ttl_s)")
+
+    p = sub.add_parser("qc", help="run the live QC detectors on a recording")
+    p.add_argument("file", help="media file (anything FFmpeg reads)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def _qc(args: argparse.Namespace) -> int:
+    from live_qc.filescan import QcFileError, analyse_file, format_table
+
+    try:
+        report = analyse_file(args.file)
+    except QcFileError as exc:
+        print(f"returnfeed qc: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except Exception as exc:  # noqa: BLE001 - one line for the user, as main() does
+        print(f"returnfeed qc: {args.file}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(report.to_json()) if args.json else format_table(report))
+    return EXIT_OK
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -210,6 +230,8 @@ def _run(coro: Awaitable[int]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "qc":  # offline: needs no configuration or database
+        return _qc(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:

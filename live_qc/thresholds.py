@@ -1,0 +1,70 @@
+"""Per-stream QC thresholds: defaults are the ones engineers know from FFmpeg's
+detectors and EBU R128 (REFERENCES.md "Loudness and QC")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass(slots=True, frozen=True)
+class Thresholds:
+    analysis_fps: float = 10.0
+    # blackdetect: pixel black if Y ≤ 16 + pix_th·219 (limited range); picture
+    # black if ≥ pic_th of its pixels are; d = minimum duration.
+    black_pix_th: float = 0.10
+    black_pic_th: float = 0.98
+    black_d: float = 2.0
+    # freezedetect: mean |ΔY| / 2^bitdepth ≤ n against the freeze's first frame.
+    freeze_n: float = 0.001
+    freeze_d: float = 2.0
+    bars_d: float = 2.0
+    # blur: sharpness below blur_ratio × the stream's own recent baseline.
+    blur_ratio: float = 0.35
+    blur_d: float = 2.0
+    blur_baseline_s: float = 8.0
+    # shake: RMS of frame-to-frame global motion with the pan (its 1 s mean)
+    # removed, in pixels of a 160-pixel-wide analysis image.
+    shake_px: float = 2.5
+    shake_d: float = 1.0
+    # scene-change rate: more than scene_max_cuts cuts within scene_window_s.
+    scene_cut_diff: float = 0.25
+    scene_max_cuts: int = 6
+    scene_window_s: float = 5.0
+    # silencedetect: n = −60 dB sample peak on all channels, d = 2 s.
+    silence_db: float = -60.0
+    silence_d: float = 2.0
+    # clipping: ≥ clip_runs runs of ≥ clip_run_len samples at ≥ clip_db in one
+    # 50 ms block (a rounded-off top after AAC/Opus is still such a run).
+    clip_db: float = -1.0
+    clip_run_len: int = 4
+    clip_runs: int = 2
+    clip_clear_s: float = 0.5
+    # phase: energy-weighted L/R correlation below phase_corr.
+    phase_corr: float = -0.5
+    phase_d: float = 1.0
+    # channels: dead below dead_db peak while another channel carries signal;
+    # duplicated when correlation ≥ dup_corr at equal level; imbalance ≥ imbalance_db.
+    dead_db: float = -60.0
+    signal_db: float = -45.0
+    dup_corr: float = 0.995
+    imbalance_db: float = 6.0
+    channel_d: float = 2.0
+    # 1 kHz line-up tone: share of the block's energy within ±tone_bw_hz of 1 kHz.
+    tone_purity: float = 0.9
+    tone_bw_hz: float = 40.0
+    tone_d: float = 2.0
+    # EBU R128: target −23 LUFS, live tolerance ±1 LU on short-term, −1 dBTP.
+    target_lufs: float = -23.0
+    tolerance_lu: float = 1.0
+    loudness_d: float = 2.0
+    true_peak_dbtp: float = -1.0
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> "Thresholds":
+        """Per-stream overrides (API/config); unknown names are an input error."""
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = set(values) - set(known)
+        if unknown:
+            raise ValueError(f"unknown QC thresholds: {', '.join(sorted(unknown))}")
+        return cls(**values)
