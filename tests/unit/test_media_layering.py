@@ -3,49 +3,15 @@ server, tally or live_qc) and its modules form no import cycle."""
 
 from __future__ import annotations
 
-import ast
 import pathlib
 
 import pytest
 
+from layering import find_cycle, imported_modules, imports_in, module_name
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MEDIA = ROOT / "media"
 MODULES = sorted(MEDIA.rglob("*.py"))
-
-
-def module_name(path: pathlib.Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def imported_modules(path: pathlib.Path) -> set[str]:
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    return imports_in(path.read_text(encoding="utf-8"), package)
-
-
-def imports_in(source: str, package: str) -> set[str]:
-    """Every module ``source`` (a module of ``package``) imports, wherever
-    the statement is (a function-level import is still a dependency),
-    relative imports resolved; ``from a import b`` also names ``a.b``, which
-    the graph keeps when it is a module."""
-    tree = ast.parse(source)
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            names.add(module)
-            names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
 
 
 MEDIA_MODULES = {module_name(p): p for p in MODULES}
@@ -54,30 +20,6 @@ MEDIA_MODULES = {module_name(p): p for p in MODULES}
 def media_graph() -> dict[str, set[str]]:
     return {name: {m for m in imported_modules(path) if m in MEDIA_MODULES and m != name}
             for name, path in MEDIA_MODULES.items()}
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One cycle of ``graph`` as a path (first node repeated at the end), or None."""
-    WHITE, GREY, BLACK = 0, 1, 2
-    colour = dict.fromkeys(graph, WHITE)
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        colour[node] = GREY
-        stack.append(node)
-        for nxt in sorted(graph[node]):
-            if colour[nxt] == GREY:
-                return stack[stack.index(nxt):] + [nxt]
-            if colour[nxt] == WHITE and (cycle := visit(nxt)) is not None:
-                return cycle
-        stack.pop()
-        colour[node] = BLACK
-        return None
-
-    for node in sorted(graph):
-        if colour[node] == WHITE and (cycle := visit(node)) is not None:
-            return cycle
-    return None
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(MEDIA)))

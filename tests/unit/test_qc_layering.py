@@ -4,25 +4,15 @@ live tap's worker process and in ``returnfeed qc FILE``."""
 
 from __future__ import annotations
 
-import ast
 import pathlib
 
 import pytest
 
+from layering import imported_modules
+
 LIVE_QC = pathlib.Path(__file__).resolve().parents[2] / "live_qc"
 MODULES = sorted(LIVE_QC.rglob("*.py"))
 DETECTORS = ("markers.py", "thresholds.py", "loudness.py", "audio.py", "video.py", "engine.py")
-
-
-def imported_modules(path: pathlib.Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
 
 
 def test_there_are_modules_to_check():

@@ -16,6 +16,8 @@ import pathlib
 
 import pytest
 
+from layering import find_cycle
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SERVER = ROOT / "server"
 
@@ -99,33 +101,6 @@ def _defines_routes(name: str) -> bool:
 
 
 ROUTES = {name for name in MODULES if _defines_routes(name) and name not in AGGREGATORS}
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    """One import cycle as a path ``a → b → … → a``, or None."""
-    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        stack.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
-            if nxt not in state:
-                cycle = visit(nxt)
-                if cycle:
-                    return cycle
-        stack.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state:
-            cycle = visit(node)
-            if cycle:
-                return cycle
-    return None
 
 
 def test_the_checker_finds_a_cycle():

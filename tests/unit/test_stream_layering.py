@@ -16,16 +16,11 @@ import pathlib
 
 import pytest
 
+from layering import find_cycle, module_name
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 STREAM = ROOT / "media" / "stream"
 WHIP = ROOT / "media" / "webrtc" / "whip"
-
-
-def module_name(path: pathlib.Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
 
 
 def module_path(name: str) -> pathlib.Path | None:
@@ -57,28 +52,6 @@ def imports(path: pathlib.Path) -> set[str]:
             subs = [f"{target}.{alias.name}" for alias in node.names if module_path(f"{target}.{alias.name}")]
             out.update(subs or [target])
     return out
-
-
-def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
-    state: dict[str, int] = {}  # 1: on the path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
-            if nxt not in state and (found := visit(nxt)):
-                return found
-        path.pop()
-        state[node] = 2
-        return None
-
-    for start in sorted(graph):
-        if start not in state and (found := visit(start)):
-            return found
-    return None
 
 
 def test_find_cycle_sees_a_cycle_and_a_dag():

@@ -3,24 +3,14 @@ server, media nor live_qc) and keeps aiohttp out of its modules."""
 
 from __future__ import annotations
 
-import ast
 import pathlib
 
 import pytest
 
+from layering import imported_modules, is_module
+
 TALLY = pathlib.Path(__file__).resolve().parents[2] / "tally"
 MODULES = sorted(TALLY.rglob("*.py"))
-
-
-def imported_modules(path: pathlib.Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(TALLY)))
@@ -44,7 +34,7 @@ def test_sans_io_modules_import_only_sans_io_tally_modules():
     ``tally.hub``) would pull asyncio in through the back door."""
     allowed = {"tally." + name.removesuffix(".py").replace("/", ".") for name in SANS_IO}
     for name in SANS_IO:
-        inner = {n for n in imported_modules(TALLY / name) if n.split(".")[0] == "tally"}
+        inner = {n for n in imported_modules(TALLY / name) if n.split(".")[0] == "tally" and is_module(n)}
         assert inner <= allowed, (name, inner - allowed)
 
 
