@@ -133,7 +133,7 @@ def test_scripted_camera_tally_states_and_silence(browser, scripted):
         assert len(scripted.connections) > connections
         # The page asked for the return feed (409 here) and waits between
         # attempts (it passes through "connecting" on each retry).
-        page.wait_for_function("document.body.dataset.feed === 'waiting'", timeout=10_000)
+        page.wait_for_function("() => document.body.dataset.feed === 'waiting'", timeout=10_000, polling=50)
         # The return feed is video first (no lip sync): the earliest picture.
         assert scripted.whep_queries and all(q.get("sync") == "0" for _, q in scripted.whep_queries), \
             scripted.whep_queries

@@ -247,7 +247,7 @@ async def _chromium(bundle: str, base: str, body: Any) -> Any:
 
             await page.route(f"{base}/__peers__/**", serve)
             await page.goto(f"{base}/__peers__/index.html")  # the server's origin: no CORS, secure context
-            await page.wait_for_function("window.peers !== undefined")
+            await page.wait_for_function("() => window.peers !== undefined")
             return await body(page)
         finally:
             await browser.close()

@@ -69,7 +69,7 @@ def qr_page(browser):
         page.route(f"{ORIGIN}/**", serve)
         page.goto(f"{ORIGIN}/")
         page.evaluate(f"import('{ORIGIN}/static/js/qr.js').then(m => {{ window.QR = m; }})")
-        page.wait_for_function("window.QR !== undefined")
+        page.wait_for_function("() => window.QR !== undefined")
         yield page
         assert not errors, errors
     finally:
