@@ -350,6 +350,12 @@ class StreamTap:
         return (self.engine.flush() + self._video_error.flush(end) + self._audio_error.flush(end))
 
 
+def _last_cpu(name: str, tap: StreamTap, reported: dict[str, float]) -> list[tuple]:
+    """A leaving stream's CPU not reported yet (the periodic report would miss it)."""
+    delta = tap.cpu_s - reported.pop(name, 0.0)
+    return [("cpu", name, delta)] if delta > 0 else []
+
+
 def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
     """The worker process: drain the channel, run each stream's tap, send
     results in batches. Exits on ``stop``, when the result pipe breaks or
@@ -375,6 +381,7 @@ def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
             if op == "stop":
                 for name, tap in taps.items():
                     out += [("marker", name, e) for e in tap.flush()]
+                    out += _last_cpu(name, tap, reported)
                     out.append(("state", name, "stopped", "worker stopping"))
                 taps.clear()
                 running = False
@@ -399,6 +406,7 @@ def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
             if op == "detach":
                 del taps[name]
                 out += [("marker", name, e) for e in tap.flush()]
+                out += _last_cpu(name, tap, reported)
                 out.append(("state", name, "stopped", ""))
                 continue
             began = time.thread_time()

@@ -60,8 +60,6 @@ class _Tap:
     reader: Reader
     layer: str | None
     task: asyncio.Task | None = None
-    media_now: float | None = None
-    wall_now: float = 0.0
 
 
 @dataclass(slots=True)
@@ -95,6 +93,9 @@ class QcService:
         self.poll_s = poll_s
         self._slots = [_WorkerSlot(i) for i in range(settings.workers)]
         self._taps: dict[str, _Tap] = {}
+        # Stream → (media time, unix time) of its latest forwarded frame; kept
+        # past the detach, whose flushed markers still need it.
+        self._clock: dict[str, tuple[float, float]] = {}
         self._poller: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -260,6 +261,7 @@ class QcService:
         reader = tap.reader
         name = tap.name
         slots = self._slots
+        clock = self._clock
         try:
             while True:
                 items = [await reader.get()]
@@ -275,7 +277,7 @@ class QcService:
                     if item.pts is None:
                         continue
                     t = item.pts / item.clock_rate
-                    tap.media_now, tap.wall_now = t, time.time()
+                    clock[name] = (t, time.time())
                     if channel is None:
                         key = (name, item.kind)
                         self._closed_channel_drops[key] = self._closed_channel_drops.get(key, 0) + 1
@@ -327,8 +329,7 @@ class QcService:
                       severity=m.severity, metadata=m.metadata)
             self.sink.marker(name, ev, wall_start=wall_start, wall_end=wall_end)
         elif op == "meters":
-            if name in self._taps:
-                self.sink.meters(name, msg[2])
+            self.sink.meters(name, msg[2])
         elif op == "cpu":
             self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + msg[2]
         elif op == "state":
@@ -341,11 +342,11 @@ class QcService:
 
     def wall(self, name: str, t: float) -> float:
         """Unix time of media time ``t`` on stream ``name``."""
-        tap = self._taps.get(name)
-        now = time.time()
-        if tap is None or tap.media_now is None or not math.isfinite(t):
-            return now
-        return tap.wall_now - (tap.media_now - t)
+        pair = self._clock.get(name)
+        if pair is None or not math.isfinite(t):
+            return time.time()
+        media_now, wall_now = pair
+        return wall_now - (media_now - t)
 
     # -- metrics -------------------------------------------------------------------
     def collect(self) -> Iterable[Metric]:
