@@ -135,6 +135,7 @@ class TapWorker:
         self.results: Any = None
         self._queue: Any = None
         self.started_at = 0.0
+        self.eof = False
 
     def start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -162,10 +163,14 @@ class TapWorker:
 
     def receive(self) -> list[tuple]:
         """Every result batch already in the pipe, without waiting for more.
-        Raises EOFError/OSError once the worker is gone."""
+        Once the worker is gone (end of the pipe) ``eof`` is set and what came
+        before the end is still returned."""
         out: list[tuple] = []
-        while self.results.poll():
-            out.extend(self.results.recv())
+        try:
+            while self.results.poll():
+                out.extend(self.results.recv())
+        except (EOFError, OSError):
+            self.eof = True
         return out
 
     def request_stop(self) -> None:

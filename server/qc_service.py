@@ -125,19 +125,23 @@ class QcService:
         for name in list(self._taps):
             self._detach(name, notify_worker=False)
         await asyncio.gather(*tasks, return_exceptions=True)
-        closing = []
+        running = []
         for slot in self._slots:
             if slot.restarting is not None:
                 slot.restarting.cancel()
             w = slot.worker
             if w is not None:
                 self._unwatch(w)
-                self._read_results(slot, w)
                 w.request_stop()
-                closing.append(asyncio.to_thread(w.close))
-                self._keep_drops(w)
-                slot.worker = None
-        await asyncio.gather(*closing, return_exceptions=True)
+                running.append((slot, w))
+        # The workers flush their open markers on "stop": wait for them (off
+        # the loop), hand those markers on, then release everything.
+        await asyncio.gather(*(asyncio.to_thread(w.proc.join, 5.0) for _, w in running), return_exceptions=True)
+        for slot, w in running:
+            self._read_results(slot, w)
+            self._keep_drops(w)
+            slot.worker = None
+        await asyncio.gather(*(asyncio.to_thread(w.close) for _, w in running), return_exceptions=True)
 
     # -- workers -------------------------------------------------------------------
     def _start_worker(self, slot: _WorkerSlot) -> None:
@@ -300,13 +304,10 @@ class QcService:
     def _read_results(self, slot: _WorkerSlot, w: TapWorker) -> None:
         if w.results is None:
             return
-        try:
-            messages = w.receive()
-        except (EOFError, OSError):
+        messages = w.receive()
+        if w.eof and self._loop is not None:
             # The pipe ended: the sentinel reports the exit; stop watching the pipe.
-            assert self._loop is not None
             self._loop.remove_reader(w.results.fileno())
-            return
         for msg in messages:
             try:
                 self._handle(msg)

@@ -70,7 +70,7 @@ def test_qc_settings_thresholds_are_checked_and_typed() -> None:
 
 async def publish(hub: StreamHub, name: str, pkts: list[tuple]) -> None:
     stream = hub.get_or_create(name)
-    pub = stream.attach_publisher(SourceInfo("test"))
+    pub = stream.publishers[0] if stream.publishers else stream.attach_publisher(SourceInfo("test"))
     for i, (kind, codec, t, key, data) in enumerate(pkts):
         pub.publish(Unit(codec, round(t * 90000), round(t * 90000), key, data))
         if i % 20 == 0:
@@ -156,3 +156,22 @@ async def test_disabled_streams_are_not_tapped(clip) -> None:
         assert "quiet" not in qc._taps and not [s for s in sink.states if s[0] == "quiet"]
     finally:
         await qc.stop()
+
+
+async def test_stopping_the_service_closes_open_markers_into_the_sink(clip) -> None:
+    hub = StreamHub()
+    sink = RecordingSink()
+    qc = QcService(QcSettings(queue_frames=1024), hub, sink, poll_s=0.05)
+    await qc.start()
+    origin = min(p[2] for p in clip)
+    # Up to 0.3 s past where black reaches black_d: the marker is open, not closed.
+    partial = [p for p in clip if p[2] < origin + BLACK_START + 2.3]
+    await publish(hub, "cam3", partial[:1])
+    await until(lambda: [s for s in sink.states if s[1] == "running"])
+    await publish(hub, "cam3", partial[1:])
+    await until(lambda: [m for m in sink.markers if m[1].marker.type == "black"])
+    await qc.stop()
+    black = [m[1] for m in sink.markers if m[1].marker.type == "black"]
+    assert [e.kind for e in black] == ["open", "close"]
+    assert sink.states[-1][1] == "stopped"
+    assert qc._slots[0].worker is None
