@@ -16,6 +16,7 @@ order, and the started ones stop in reverse, each once:
     1. refresh-token purge (database)    3. tally  ── on_shutdown
     2. media: SRT, WHEP and WHIP         2. media  ─┐ cleanup, after the
     3. tally                             1. purge  ─┘ in-flight requests
+    4. taps (live QC worker)             4. taps: on_shutdown, before tally
 
 Tally stops at ``on_shutdown``: its WebSocket handlers end only when the
 service closes them (1001 going away), and aiohttp waits for handlers
@@ -51,11 +52,12 @@ from .db import Database
 from .directory import Directory
 from .errors import HTTP_CODES, ApiError, BadRequest, NotFound, json_error
 from .keys import (
-    DB, DIRECTORY, LIMITER, LIVE_STATE, LIVE_STATE_HOOKS, MEDIA, METRICS, SESSION_SECRET, SETTINGS, STARTED,
+    DB, DIRECTORY, LIMITER, LIVE_STATE, LIVE_STATE_HOOKS, MEDIA, METRICS, QC, SESSION_SECRET, SETTINGS, STARTED,
     STREAMS_CHANGED, TOKENS,
 )
 from .log import event
 from .metrics import Metrics
+from .qc_service import QcService
 
 log = logging.getLogger("returnfeed.http")
 #: Start/stop steps log under the process's logger, next to main.Server's.
@@ -283,6 +285,13 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         metrics.add_collector(tally.collect)
         # Closes every tally socket with 1001 before the runner waits on handlers.
         services.append(Service("tally", tally.start, tally.stop, holds_handlers=True))
+    if media is not None and settings.qc.enabled:
+        qc = QcService(settings.qc, media.hub)
+        app[QC] = qc
+        metrics.add_collector(qc.collect)
+        # Stops at on_shutdown too: were it left for cleanup, tally below it
+        # could not stop before aiohttp waits for the tally sockets.
+        services.append(Service("taps", qc.start, qc.stop, holds_handlers=True))
     Lifecycle(services).install(app)
     pages.setup(app)
     if WEB_DIR.is_dir():

@@ -246,6 +246,48 @@ class LogSettings(_Section):
         return v.upper() if isinstance(v, str) else v
 
 
+class QcSettings(_Section):
+    """The live QC tap (issue 12; DESIGN.md "Live QC and captions"). Per-stream
+    enable/thresholds are config only for now: the directory the server keeps
+    does not carry the streams' settings."""
+
+    enabled: bool = True
+    #: Video frames analysed per second (every frame is still decoded).
+    analysis_fps: float = Field(10.0, gt=0, le=60)
+    #: Capacity of the channel into a worker (frames, all its streams): full
+    #: means the frame is dropped and counted, the forwarding path never waits.
+    queue_frames: int = Field(512, ge=8, le=65536)
+    #: Worker processes; streams are spread over them.
+    workers: int = Field(1, ge=1, le=64)
+    #: Log every marker event (``qc.marker``) besides handing it to the sink.
+    log_markers: bool = True
+    #: Streams not analysed even while QC is enabled.
+    disabled_streams: list[str] = []
+    #: Threshold defaults for every stream (names of live_qc.thresholds.Thresholds).
+    thresholds: dict[str, float] = {}
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, v: dict[str, float]) -> dict[str, float]:
+        from live_qc.thresholds import Thresholds
+
+        Thresholds.from_mapping(v)  # unknown names are a configuration error
+        return v
+
+    def stream_thresholds(self) -> dict[str, float | int]:
+        """The mapping a worker builds Thresholds from: integer thresholds
+        stay integers, analysis_fps comes from its own setting."""
+        from dataclasses import fields
+
+        from live_qc.thresholds import Thresholds
+
+        types = {f.name: f.type for f in fields(Thresholds)}
+        out: dict[str, float | int] = {k: (int(v) if types[k] in (int, "int") else float(v))
+                                       for k, v in self.thresholds.items()}
+        out["analysis_fps"] = self.analysis_fps
+        return out
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     http: HttpSettings = HttpSettings()
@@ -255,6 +297,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
+    qc: QcSettings = QcSettings()
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

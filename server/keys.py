@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .limits import ConnectionCaps
     from .media_service import MediaService
     from .metrics import Metrics
+    from .qc_service import QcService
     from .tally_service import TallyService
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -37,6 +38,8 @@ DIRECTORY: web.AppKey[Directory] = web.AppKey("directory")
 #: (``.whip``) services.
 MEDIA: web.AppKey[MediaService] = web.AppKey("media")
 TALLY: web.AppKey[TallyService] = web.AppKey("tally")
+#: The live QC tap (hub readers → QC worker process → sink).
+QC: web.AppKey[QcService] = web.AppKey("qc")
 #: Tally WebSocket caps per link, address and production.
 WS_CAPS: web.AppKey[ConnectionCaps] = web.AppKey("ws_caps")
 

@@ -1,0 +1,461 @@
+"""The live QC tap: a worker process decoding compressed media for QcEngines.
+
+DESIGN.md "Processes": QC runs in its own process so that decoding and the
+detectors never hold the server's GIL or event loop. The server side is
+:class:`TapWorker` (start, bounded input channel, result pipe) and
+:class:`TapChannel` (the only call the forwarding path makes: ``put_*``, which
+never waits: when the channel is full the frame is dropped and counted).
+The process side is :func:`worker_main` around one :class:`StreamTap` per
+stream (decoders + engine), which is sans-I/O apart from PyAV and is what the
+unit tests drive directly.
+
+Messages into the worker (tuples, cheap to pickle)::
+
+    ("attach", stream, thresholds_dict)   ("detach", stream)   ("stop",)
+    ("video", stream, codec, t, keyframe, data)   ("audio", stream, codec, t, data)
+    ("reset", stream, reason)             # a Discontinuity on the reader
+
+``t`` is media time in seconds (pts / clock rate). Results come back on a
+one-way pipe as lists of::
+
+    ("marker", stream, MarkerEvent)   ("meters", stream, Meters)
+    ("cpu", stream, seconds)          ("state", stream, state, detail)
+
+``cpu`` is the thread CPU time spent on that stream since the previous
+report (decoders run single-threaded, so thread time is all of it).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import time
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from typing import Any, Protocol
+
+import av
+
+from .engine import Meters, QcEngine
+from .filescan import _luma
+from .loudness import RATE
+from .markers import FaultTracker, MarkerEvent
+from .thresholds import Thresholds
+
+__all__ = ["QcSink", "StreamTap", "TapChannel", "TapWorker", "worker_main", "TAP_STATES"]
+
+TAP_STATES = ("running", "stopped", "decode_error", "restarting")
+#: Meter read-outs per stream at most this often (issue 12: meters ≤ 10 Hz).
+METER_INTERVAL_S = 0.1
+#: CPU seconds per stream are reported this often.
+CPU_INTERVAL_S = 1.0
+# Media time is carried as seconds; PyAV packets get it back in this base.
+_TB = Fraction(1, 90000)
+# Audio decoders by the hub's codec names (the SRT path transcodes AAC to Opus;
+# an AAC feed that reaches a tap directly is ADTS, which FFmpeg's decoder parses).
+_AUDIO_DECODERS = {"opus": "opus", "aac": "aac", "mp2": "mp2", "mp3": "mp3"}
+_VIDEO_DECODERS = {"h264": "h264", "hevc": "hevc", "vp8": "vp8", "vp9": "vp9", "av1": "av1"}
+
+
+class QcSink(Protocol):
+    """Where the server hands tap results (the control room's event service)."""
+
+    def marker(self, stream: str, event: MarkerEvent, *, wall_start: float, wall_end: float | None) -> None: ...
+
+    def meters(self, stream: str, meters: Meters) -> None: ...
+
+    def tap_state(self, stream: str, state: str, detail: str = "") -> None: ...
+
+
+# -- the server side ---------------------------------------------------------------
+
+class TapChannel:
+    """The bounded channel into one worker. ``put_*`` never blocks: a full
+    channel drops the frame and counts it per (stream, kind). After a dropped
+    video frame that stream's video waits for the next keyframe, so the
+    worker's decoder never sees a GOP with a hole in it (the hub's Reader
+    does the same)."""
+
+    __slots__ = ("_q", "drops", "_need_keyframe")
+
+    def __init__(self, q: Any) -> None:
+        self._q = q
+        self.drops: dict[tuple[str, str], int] = {}
+        self._need_keyframe: set[str] = set()
+
+    def _put(self, msg: tuple) -> bool:
+        try:
+            self._q.put_nowait(msg)
+            return True
+        except (queue.Full, ValueError, OSError, AssertionError):
+            # Full, or the worker's queue already closed (worker restarting).
+            return False
+
+    def _drop(self, stream: str, kind: str) -> None:
+        key = (stream, kind)
+        self.drops[key] = self.drops.get(key, 0) + 1
+
+    def put_video(self, stream: str, codec: str, t: float, keyframe: bool, data: bytes) -> bool:
+        if stream in self._need_keyframe and not keyframe:
+            self._drop(stream, "video")
+            return False
+        if self._put(("video", stream, codec, t, keyframe, data)):
+            self._need_keyframe.discard(stream)
+            return True
+        self._drop(stream, "video")
+        self._need_keyframe.add(stream)
+        return False
+
+    def put_audio(self, stream: str, codec: str, t: float, data: bytes) -> bool:
+        if self._put(("audio", stream, codec, t, data)):
+            return True
+        self._drop(stream, "audio")
+        return False
+
+    def control(self, msg: tuple) -> bool:
+        """attach/detach/reset; a full channel loses them like a frame (the
+        service re-sends attach after a restart)."""
+        ok = self._put(msg)
+        if ok and msg[0] in ("attach", "reset"):
+            # The worker's decoder restarts at a keyframe anyway.
+            self._need_keyframe.discard(msg[1])
+        return ok
+
+
+class TapWorker:
+    """One QC worker process (spawn context: no copy of the server's loop,
+    sockets or threads) with its input channel and result pipe."""
+
+    def __init__(self, capacity: int, index: int = 0) -> None:
+        self.capacity = capacity
+        self.index = index
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.channel: TapChannel | None = None
+        self.results: Any = None
+        self._queue: Any = None
+        self.started_at = 0.0
+        self.eof = False
+
+    def start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._queue = ctx.Queue(self.capacity)
+        reader, writer = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=worker_main, args=(self._queue, writer, os.getpid()),
+                                name=f"returnfeed-qc-{self.index}", daemon=True)
+        self.proc.start()
+        writer.close()
+        self.results = reader
+        self.channel = TapChannel(self._queue)
+        self.started_at = time.monotonic()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def sentinel(self) -> int:
+        assert self.proc is not None
+        return self.proc.sentinel
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def receive(self) -> list[tuple]:
+        """Every result batch already in the pipe, without waiting for more.
+        Once the worker is gone (end of the pipe) ``eof`` is set and what came
+        before the end is still returned."""
+        out: list[tuple] = []
+        try:
+            while self.results.poll():
+                out.extend(self.results.recv())
+        except (EOFError, OSError):
+            self.eof = True
+        return out
+
+    def request_stop(self) -> None:
+        if self.channel is not None:
+            try:
+                self._queue.put(("stop",), timeout=0.5)
+            except (queue.Full, ValueError, OSError, AssertionError):
+                pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Blocking: join (after request_stop), terminate, kill; run it off the loop."""
+        proc = self.proc
+        if proc is not None:
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        self.discard()
+
+    def discard(self) -> None:
+        """Release the pipe and queue of a worker that is gone."""
+        if self.results is not None:
+            self.results.close()
+            self.results = None
+        if self._queue is not None:
+            self._queue.cancel_join_thread()  # never wait to flush frames to a dead worker
+            self._queue.close()
+            self._queue = None
+        self.channel = None
+
+
+# -- the worker side -----------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Video:
+    codec: str
+    ctx: Any
+    need_keyframe: bool = True
+
+
+@dataclass(slots=True)
+class _Audio:
+    codec: str
+    ctx: Any
+    resampler: Any = None
+
+
+@dataclass(slots=True)
+class StreamTap:
+    """One stream's decoders and engine. Fed compressed frames with media
+    time; returns marker events. A frame that cannot be decoded opens a
+    ``transport``/``decode_error`` marker, the decoder is restarted and waits
+    for the next keyframe; the first frame decoded again closes the marker.
+    A codec change restarts that kind's decoder."""
+
+    name: str
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    engine: QcEngine = field(init=False)
+    cpu_s: float = 0.0
+    _video: _Video | None = None
+    _audio: _Audio | None = None
+    _video_error: FaultTracker = field(init=False)
+    _audio_error: FaultTracker = field(init=False)
+    decode_errors: int = 0
+
+    def __post_init__(self) -> None:
+        self.engine = QcEngine(self.thresholds)
+        self._video_error = FaultTracker("transport", "decode_error", 0.0, severity="error")
+        self._audio_error = FaultTracker("transport", "decode_error", 0.0, severity="error")
+
+    @property
+    def decode_failing(self) -> bool:
+        return self._video_error.is_open or self._audio_error.is_open
+
+    # -- video
+    def video(self, codec: str, t: float, keyframe: bool, data: bytes) -> list[MarkerEvent]:
+        v = self._video
+        if v is None or v.codec != codec:
+            v = self._video = self._new_video(codec)
+            if v is None:
+                return self._failed(self._video_error, t, "video", f"unsupported video codec {codec!r}")
+        if v.need_keyframe and not keyframe:
+            return []
+        v.need_keyframe = False
+        packet = av.Packet(data)
+        packet.pts = packet.dts = round(t / _TB)
+        packet.time_base = _TB
+        try:
+            frames = v.ctx.decode(packet)
+        except av.error.FFmpegError as exc:
+            self._video = self._new_video(codec)
+            return self._failed(self._video_error, t, "video", exc.strerror or str(exc))
+        events: list[MarkerEvent] = []
+        for frame in frames:
+            ft = float(frame.pts * _TB) if frame.pts is not None else t
+            events += self.engine.video(ft, _luma(frame))
+        if frames and self._video_error.is_open:
+            events += self._video_error.observe(t, t, False)
+        return events
+
+    def _new_video(self, codec: str) -> _Video | None:
+        name = _VIDEO_DECODERS.get(codec)
+        if name is None:
+            return None
+        ctx = av.CodecContext.create(name, "r")
+        # One thread: frame threading would delay every picture by the thread
+        # count, and thread_time() would miss the helpers' CPU.
+        ctx.thread_count = 1
+        return _Video(codec, ctx)
+
+    # -- audio
+    def audio(self, codec: str, t: float, data: bytes) -> list[MarkerEvent]:
+        a = self._audio
+        if a is None or a.codec != codec:
+            a = self._audio = self._new_audio(codec, data)
+            if a is None:
+                return self._failed(self._audio_error, t, "audio", f"unsupported audio codec {codec!r}")
+        packet = av.Packet(data)
+        packet.pts = packet.dts = round(t / _TB)
+        packet.time_base = _TB
+        try:
+            frames = a.ctx.decode(packet)
+        except av.error.FFmpegError as exc:
+            self._audio = self._new_audio(codec, data)
+            return self._failed(self._audio_error, t, "audio", exc.strerror or str(exc))
+        events: list[MarkerEvent] = []
+        for frame in frames:
+            ft = float(frame.pts * _TB) if frame.pts is not None else t
+            if frame.format.name != "fltp" or frame.sample_rate != RATE:
+                if a.resampler is None:
+                    a.resampler = av.AudioResampler(format="fltp", layout=frame.layout.name, rate=RATE)
+                outs = a.resampler.resample(frame)
+            else:
+                outs = [frame]
+            for out in outs:
+                x = out.to_ndarray()
+                if x.shape[1]:
+                    events += self.engine.audio(ft, x)
+                    ft += x.shape[1] / RATE
+        if frames and self._audio_error.is_open:
+            events += self._audio_error.observe(t, t, False)
+        return events
+
+    def _new_audio(self, codec: str, first: bytes) -> _Audio | None:
+        name = _AUDIO_DECODERS.get(codec)
+        if name is None:
+            return None
+        ctx = av.CodecContext.create(name, "r")
+        if codec == "opus":
+            # RFC 6716 §3.1: the TOC byte's 's' bit says stereo; Opus in TS
+            # carries no OpusHead, so the layout comes from the first packet.
+            stereo = bool(first) and bool(first[0] & 0x04)
+            ctx.layout = "stereo" if stereo else "mono"
+            ctx.sample_rate = RATE
+        ctx.thread_count = 1
+        return _Audio(codec, ctx)
+
+    # -- both
+    def _failed(self, tracker: FaultTracker, t: float, kind: str, error: str) -> list[MarkerEvent]:
+        self.decode_errors += 1
+        return tracker.observe(t, t, True, metadata={"kind": kind, "error": error[:200]})
+
+    def reset(self, reason: str) -> list[MarkerEvent]:
+        """A Discontinuity: decoders restart at the next keyframe; a new
+        publisher session (reconnect/takeover) also starts a new timeline, so
+        the engine's markers are closed and analysis starts afresh."""
+        if self._video is not None:
+            self._video.need_keyframe = True
+            self._video = self._new_video(self._video.codec)
+        self._audio = None
+        if reason in ("reconnect", "takeover"):
+            events = self.flush()
+            self.engine = QcEngine(self.thresholds)
+            return events
+        return []
+
+    def flush(self) -> list[MarkerEvent]:
+        end = self.engine.media_end
+        return (self.engine.flush() + self._video_error.flush(end) + self._audio_error.flush(end))
+
+
+def _last_cpu(name: str, tap: StreamTap, reported: dict[str, float]) -> list[tuple]:
+    """A leaving stream's CPU not reported yet (the periodic report would miss it)."""
+    delta = tap.cpu_s - reported.pop(name, 0.0)
+    return [("cpu", name, delta)] if delta > 0 else []
+
+
+def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
+    """The worker process: drain the channel, run each stream's tap, send
+    results in batches. Exits on ``stop``, when the result pipe breaks or
+    when its parent is gone (a killed server leaves no orphan behind)."""
+    taps: dict[str, StreamTap] = {}
+    meter_due: dict[str, float] = {}
+    cpu_due = time.monotonic() + CPU_INTERVAL_S
+    reported: dict[str, float] = {}
+    running = True
+    while running:
+        out: list[tuple] = []
+        batch: list[tuple] = []
+        try:
+            batch.append(inq.get(timeout=0.2))
+            while len(batch) < 64:
+                batch.append(inq.get_nowait())
+        except queue.Empty:
+            pass
+        except (EOFError, OSError):
+            return
+        for msg in batch:
+            op = msg[0]
+            if op == "stop":
+                for name, tap in taps.items():
+                    out += [("marker", name, e) for e in tap.flush()]
+                    out += _last_cpu(name, tap, reported)
+                    out.append(("state", name, "stopped", "worker stopping"))
+                taps.clear()
+                running = False
+                break
+            name = msg[1]
+            if op == "attach":
+                old = taps.pop(name, None)
+                if old is not None:
+                    out += [("marker", name, e) for e in old.flush()]
+                try:
+                    th = Thresholds.from_mapping(msg[2] or {})
+                except (TypeError, ValueError) as exc:
+                    out.append(("state", name, "stopped", f"bad thresholds: {exc}"))
+                    continue
+                taps[name] = StreamTap(name, th)
+                reported[name] = 0.0
+                out.append(("state", name, "running", ""))
+                continue
+            tap = taps.get(name)
+            if tap is None:
+                continue
+            if op == "detach":
+                del taps[name]
+                out += [("marker", name, e) for e in tap.flush()]
+                out += _last_cpu(name, tap, reported)
+                out.append(("state", name, "stopped", ""))
+                continue
+            began = time.thread_time()
+            failing = tap.decode_failing
+            try:
+                if op == "video":
+                    events = tap.video(msg[2], msg[3], msg[4], msg[5])
+                elif op == "audio":
+                    events = tap.audio(msg[2], msg[3], msg[4])
+                elif op == "reset":
+                    events = tap.reset(msg[2])
+                else:
+                    events = []
+            except Exception as exc:  # a detector bug ends this stream's tap, not the others'
+                taps.pop(name, None)
+                out.append(("state", name, "stopped", f"{type(exc).__name__}: {exc}"[:200]))
+                continue
+            tap.cpu_s += time.thread_time() - began
+            out += [("marker", name, e) for e in events]
+            if tap.decode_failing != failing:
+                out.append(("state", name, "decode_error" if tap.decode_failing else "running",
+                            "cannot decode; waiting for the next keyframe" if tap.decode_failing else ""))
+        now = time.monotonic()
+        for name, tap in taps.items():
+            if now >= meter_due.get(name, 0.0) and tap.engine.meters.peaks_dbfs:
+                meter_due[name] = now + METER_INTERVAL_S
+                out.append(("meters", name, replace(tap.engine.meters,
+                                                    peaks_dbfs=list(tap.engine.meters.peaks_dbfs))))
+        if now >= cpu_due:
+            cpu_due = now + CPU_INTERVAL_S
+            for name, tap in taps.items():
+                delta = tap.cpu_s - reported.get(name, 0.0)
+                if delta > 0:
+                    out.append(("cpu", name, delta))
+                reported[name] = tap.cpu_s
+            for name in list(reported):
+                if name not in taps:
+                    del reported[name]
+        if parent_pid is not None and os.getppid() != parent_pid:
+            return
+        if out:
+            try:
+                results.send(out)
+            except (BrokenPipeError, EOFError, OSError):
+                return
+    results.close()
+

@@ -1,0 +1,381 @@
+"""The live QC tap on the server side: hub readers → worker process → sink.
+
+:class:`QcService` subscribes to each live stream through a bounded
+:class:`~media.stream.Reader` taking the lowest video layer and the audio
+(like the WHEP fan-out and SRT ``read:`` do), and forwards the compressed
+frames into a :class:`~live_qc.tap.TapWorker`'s channel, which drops and
+counts when full: nothing here ever waits on the worker. Results come back
+on a pipe the loop watches (``loop.add_reader``; only what is already there
+is read) and go to the sink, media time converted to wall clock with the
+stream's latest pair (wall = now − (media_now − t)).
+
+A worker that dies (its process sentinel becomes readable) is restarted
+after 0.5 s, doubling to 30 s while it keeps dying; its streams are attached
+again. Streams attach when the hub shows them live and detach when their
+reader ends (the stream closed): the hub has no events, so a short poll.
+
+Per-stream enable and thresholds are configuration only (``[qc]``): the
+directory the server keeps does not carry the streams' settings jsonb.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from live_qc.engine import Meters
+from live_qc.markers import MarkerEvent
+from live_qc.tap import QcSink, TapWorker
+from media.stream import Discontinuity, Frame, Reader, StreamClosed, StreamHub, StreamState
+
+from .config import QcSettings
+from .log import event
+
+log = logging.getLogger("returnfeed.qc")
+
+#: Restart delays of a dying worker (issue 12: restarted with backoff).
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+#: A worker that ran this long before dying starts the backoff over.
+BACKOFF_RESET_AFTER_S = 60.0
+#: How often the hub is looked at for streams to attach.
+POLL_S = 0.5
+
+
+def next_backoff(delay: float | None) -> float:
+    """0.5 s, then doubling, at most 30 s."""
+    return BACKOFF_FIRST_S if delay is None else min(delay * 2, BACKOFF_MAX_S)
+
+
+@dataclass(slots=True)
+class _Tap:
+    name: str
+    worker: int
+    reader: Reader
+    layer: str | None
+    task: asyncio.Task | None = None
+
+
+@dataclass(slots=True)
+class _WorkerSlot:
+    index: int
+    worker: TapWorker | None = None
+    delay: float | None = None
+    restarting: asyncio.Task | None = None
+    streams: set[str] = field(default_factory=set)
+
+
+class LogSink:
+    """No sink wired: results are only logged (by the service)."""
+
+    def marker(self, stream: str, event: MarkerEvent, *, wall_start: float, wall_end: float | None) -> None:
+        pass
+
+    def meters(self, stream: str, meters: Meters) -> None:
+        pass
+
+    def tap_state(self, stream: str, state: str, detail: str = "") -> None:
+        pass
+
+
+class QcService:
+    def __init__(self, settings: QcSettings, hub: StreamHub, sink: QcSink | None = None, *,
+                 poll_s: float = POLL_S) -> None:
+        self.settings = settings
+        self.hub = hub
+        self.sink: QcSink = sink or LogSink()
+        self.poll_s = poll_s
+        self._slots = [_WorkerSlot(i) for i in range(settings.workers)]
+        self._taps: dict[str, _Tap] = {}
+        # Stream → (media time, unix time) of its latest forwarded frame; kept
+        # past the detach, whose flushed markers still need it.
+        self._clock: dict[str, tuple[float, float]] = {}
+        self._poller: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        # Prometheus totals (only ever go up).
+        self.cpu_seconds: dict[str, float] = {}
+        self.reader_drops: dict[str, int] = {}
+        self._closed_channel_drops: dict[tuple[str, str], int] = {}
+        self.markers_total: dict[str, int] = {}
+        self.worker_restarts = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.settings.enabled:
+            return
+        self._loop = asyncio.get_running_loop()
+        for slot in self._slots:
+            self._start_worker(slot)
+        self._poller = self._loop.create_task(self._poll())
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        tasks = [t.task for t in self._taps.values() if t.task is not None]
+        for name in list(self._taps):
+            self._detach(name, notify_worker=False)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        running = []
+        for slot in self._slots:
+            if slot.restarting is not None:
+                slot.restarting.cancel()
+            w = slot.worker
+            if w is not None:
+                self._unwatch(w)
+                w.request_stop()
+                running.append((slot, w))
+        # The workers flush their open markers on "stop": wait for them (off
+        # the loop), hand those markers on, then release everything.
+        await asyncio.gather(*(asyncio.to_thread(w.proc.join, 5.0) for _, w in running), return_exceptions=True)
+        for slot, w in running:
+            self._read_results(slot, w)
+            self._keep_drops(w)
+            slot.worker = None
+        await asyncio.gather(*(asyncio.to_thread(w.close) for _, w in running), return_exceptions=True)
+
+    # -- workers -------------------------------------------------------------------
+    def _start_worker(self, slot: _WorkerSlot) -> None:
+        assert self._loop is not None
+        w = TapWorker(self.settings.queue_frames, slot.index)
+        w.start()
+        slot.worker = w
+        self._loop.add_reader(w.results.fileno(), self._on_results, slot, w)
+        self._loop.add_reader(w.sentinel, self._on_exit, slot, w)
+        event(log, logging.INFO, "qc.worker_started", worker=slot.index, pid=w.pid)
+        for name in sorted(slot.streams):
+            self._send_attach(w, name)
+
+    def _unwatch(self, w: TapWorker) -> None:
+        assert self._loop is not None
+        if w.results is not None:
+            self._loop.remove_reader(w.results.fileno())
+        if w.proc is not None:
+            self._loop.remove_reader(w.sentinel)
+
+    def _on_exit(self, slot: _WorkerSlot, w: TapWorker) -> None:
+        if slot.worker is not w:
+            return
+        self._unwatch(w)
+        self._read_results(slot, w)  # what it sent before dying still counts
+        w.proc.join(0)
+        code = w.proc.exitcode
+        lived = time.monotonic() - w.started_at
+        self._keep_drops(w)
+        w.discard()
+        slot.worker = None
+        if self._stopping:
+            return
+        if lived >= BACKOFF_RESET_AFTER_S:
+            slot.delay = None
+        slot.delay = next_backoff(slot.delay)
+        event(log, logging.ERROR, "qc.worker_died", worker=slot.index, exitcode=code,
+              restart_in_s=slot.delay, streams=len(slot.streams))
+        for name in slot.streams:
+            self._state(name, "restarting", f"worker exited ({code}); restarting in {slot.delay} s")
+        slot.restarting = asyncio.get_running_loop().create_task(self._restart(slot, slot.delay))
+
+    async def _restart(self, slot: _WorkerSlot, delay: float) -> None:
+        await asyncio.sleep(delay)
+        slot.restarting = None
+        if self._stopping:
+            return
+        self.worker_restarts += 1
+        try:
+            self._start_worker(slot)
+        except OSError as exc:
+            event(log, logging.ERROR, "qc.worker_start_failed", worker=slot.index, error=str(exc))
+            slot.delay = next_backoff(slot.delay)
+            slot.restarting = asyncio.get_running_loop().create_task(self._restart(slot, slot.delay))
+
+    def _keep_drops(self, w: TapWorker) -> None:
+        if w.channel is not None:
+            for key, n in w.channel.drops.items():
+                self._closed_channel_drops[key] = self._closed_channel_drops.get(key, 0) + n
+            w.channel.drops.clear()
+
+    def _send_attach(self, w: TapWorker, name: str) -> None:
+        assert w.channel is not None
+        w.channel.control(("attach", name, self.settings.stream_thresholds()))
+
+    # -- streams -------------------------------------------------------------------
+    def enabled_for(self, name: str) -> bool:
+        return self.settings.enabled and name not in self.settings.disabled_streams
+
+    async def _poll(self) -> None:
+        while True:
+            self.sync()
+            await asyncio.sleep(self.poll_s)
+
+    def sync(self) -> None:
+        """Attach live streams not yet tapped; re-attach one whose lowest
+        layer changed (a simulcast layer appeared or left)."""
+        for stream in self.hub:
+            if stream.state != StreamState.LIVE or not stream.tracks or not self.enabled_for(stream.name):
+                continue
+            layers = list(stream.layers)
+            lowest = layers[-1] if layers else None
+            tap = self._taps.get(stream.name)
+            if tap is not None:
+                if tap.layer == lowest:
+                    continue
+                self._detach(stream.name)
+            self._attach(stream, lowest)
+
+    def _attach(self, stream: Any, layer: str | None) -> None:
+        name = stream.name
+        try:
+            reader = stream.subscribe(self.settings.queue_frames, layers=[layer] if layer else [],
+                                      kinds=("video", "audio") if layer else ("audio",))
+        except StreamClosed:
+            return
+        slot = min(self._slots, key=lambda s: len(s.streams))
+        slot.streams.add(name)
+        tap = _Tap(name, slot.index, reader, layer)
+        self._taps[name] = tap
+        if slot.worker is not None:
+            self._send_attach(slot.worker, name)
+        assert self._loop is not None
+        tap.task = self._loop.create_task(self._forward(tap))
+        event(log, logging.INFO, "qc.attached", stream=name, layer=layer, worker=slot.index)
+
+    def _detach(self, name: str, notify_worker: bool = True) -> None:
+        tap = self._taps.pop(name, None)
+        if tap is None:
+            return
+        self.reader_drops[name] = self.reader_drops.get(name, 0) + tap.reader.drops
+        tap.reader.close()
+        if tap.task is not None and tap.task is not asyncio.current_task():
+            tap.task.cancel()
+        slot = self._slots[tap.worker]
+        slot.streams.discard(name)
+        if notify_worker and slot.worker is not None and slot.worker.channel is not None:
+            slot.worker.channel.control(("detach", name))
+
+    async def _forward(self, tap: _Tap) -> None:
+        reader = tap.reader
+        name = tap.name
+        slots = self._slots
+        clock = self._clock
+        try:
+            while True:
+                items = [await reader.get()]
+                items += reader.drain()
+                w = slots[tap.worker].worker
+                channel = w.channel if w is not None else None
+                for item in items:
+                    if isinstance(item, Discontinuity):
+                        if channel is not None:
+                            channel.control(("reset", name, item.reason))
+                        continue
+                    assert isinstance(item, Frame)
+                    if item.pts is None:
+                        continue
+                    t = item.pts / item.clock_rate
+                    clock[name] = (t, time.time())
+                    if channel is None:
+                        key = (name, item.kind)
+                        self._closed_channel_drops[key] = self._closed_channel_drops.get(key, 0) + 1
+                    elif item.kind == "video":
+                        channel.put_video(name, item.codec, t, item.keyframe, item.data)
+                    else:
+                        channel.put_audio(name, item.codec, t, item.data)
+        except StreamClosed:
+            pass
+        finally:
+            if self._taps.get(name) is tap:
+                self._detach(name)
+
+    # -- results -------------------------------------------------------------------
+    def _on_results(self, slot: _WorkerSlot, w: TapWorker) -> None:
+        if slot.worker is not w:
+            return
+        self._read_results(slot, w)
+
+    def _read_results(self, slot: _WorkerSlot, w: TapWorker) -> None:
+        if w.results is None:
+            return
+        messages = w.receive()
+        if w.eof and self._loop is not None:
+            # The pipe ended: the sentinel reports the exit; stop watching the pipe.
+            self._loop.remove_reader(w.results.fileno())
+        for msg in messages:
+            try:
+                self._handle(msg)
+            except Exception:  # a sink's bug must not stop the results
+                event(log, logging.ERROR, "qc.sink_failed", exc_info=True, kind=msg[0])
+
+    def _handle(self, msg: tuple) -> None:
+        op, name = msg[0], msg[1]
+        if op == "marker":
+            ev: MarkerEvent = msg[2]
+            m = ev.marker
+            wall_start = self.wall(name, m.start)
+            wall_end = None if m.end is None else self.wall(name, m.end)
+            if ev.kind == "open":
+                self.markers_total[m.type] = self.markers_total.get(m.type, 0) + 1
+            if self.settings.log_markers:
+                event(log, logging.INFO, "qc.marker", stream=name, event=ev.kind, type=m.type, subtype=m.subtype,
+                      start=round(m.start, 3), end=None if m.end is None else round(m.end, 3),
+                      wall_start=round(wall_start, 3), wall_end=None if wall_end is None else round(wall_end, 3),
+                      severity=m.severity, metadata=m.metadata)
+            self.sink.marker(name, ev, wall_start=wall_start, wall_end=wall_end)
+        elif op == "meters":
+            self.sink.meters(name, msg[2])
+        elif op == "cpu":
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + msg[2]
+        elif op == "state":
+            self._state(name, msg[2], msg[3])
+
+    def _state(self, name: str, state: str, detail: str) -> None:
+        event(log, logging.INFO if state in ("running", "stopped") else logging.WARNING, "qc.tap_state",
+              stream=name, state=state, detail=detail)
+        self.sink.tap_state(name, state, detail)
+
+    def wall(self, name: str, t: float) -> float:
+        """Unix time of media time ``t`` on stream ``name``."""
+        pair = self._clock.get(name)
+        if pair is None or not math.isfinite(t):
+            return time.time()
+        media_now, wall_now = pair
+        return wall_now - (media_now - t)
+
+    # -- metrics -------------------------------------------------------------------
+    def collect(self) -> Iterable[Metric]:
+        cpu = CounterMetricFamily("returnfeed_qc_cpu_seconds", "CPU seconds the QC worker spent on the stream",
+                                  labels=["stream"])
+        for name, v in self.cpu_seconds.items():
+            cpu.add_metric([name], v)
+        yield cpu
+        drops = CounterMetricFamily("returnfeed_qc_frames_dropped", "Frames the QC tap dropped: 'reader' "
+                                    "(its hub reader fell behind), 'video'/'audio' (the worker's channel "
+                                    "was full or the worker down)", labels=["stream", "kind"])
+        totals = dict(self._closed_channel_drops)
+        for slot in self._slots:
+            if slot.worker is not None and slot.worker.channel is not None:
+                for key, n in slot.worker.channel.drops.items():
+                    totals[key] = totals.get(key, 0) + n
+        reader = dict(self.reader_drops)
+        for name, tap in self._taps.items():
+            reader[name] = reader.get(name, 0) + tap.reader.drops
+        for name, n in reader.items():
+            totals[(name, "reader")] = n
+        for (name, kind), n in sorted(totals.items()):
+            drops.add_metric([name, kind], n)
+        yield drops
+        markers = CounterMetricFamily("returnfeed_qc_markers", "QC markers opened, by type", labels=["type"])
+        for t, n in sorted(self.markers_total.items()):
+            markers.add_metric([t], n)
+        yield markers
+        restarts = CounterMetricFamily("returnfeed_qc_worker_restarts", "QC worker processes restarted")
+        restarts.add_metric([], self.worker_restarts)
+        yield restarts
