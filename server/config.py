@@ -251,7 +251,10 @@ class QcSettings(_Section):
     enable/thresholds are config only for now: the directory the server keeps
     does not carry the streams' settings."""
 
-    enabled: bool = True
+    #: Off until it can be switched per stream from the control room: on,
+    #: every live stream's lowest layer and audio are decoded and analysed
+    #: in the QC worker process (about 7-11 % of a core per stream here).
+    enabled: bool = False
     #: Video frames analysed per second (every frame is still decoded).
     analysis_fps: float = Field(10.0, gt=0, le=60)
     #: Capacity of the channel into a worker (frames, all its streams): full

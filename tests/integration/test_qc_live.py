@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from helpers import http, login, metrics_url, stop_process, wait_until
+from helpers import ServerProcess, http, login, metrics_url, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +45,22 @@ def markers(output: list[str], stream: str) -> list[tuple[str, str, float, float
     return out
 
 
-def test_live_feed_faults_become_open_then_close_markers(api_server) -> None:
+@pytest.fixture
+def qc_server(module_db_url: str, tmp_path):
+    """A server with the QC tap on (it is opt-in: ``qc.enabled``)."""
+    srv = ServerProcess(tmp_path / "srv", env={"DATABASE_URL": module_db_url,
+                                               "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
+                                               "RETURNFEED_QC__ENABLED": "true"})
+    srv.admin_password = "admin-password-1"
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_live_feed_faults_become_open_then_close_markers(qc_server) -> None:
+    api_server = qc_server
     base = api_server.url
     admin = login(base, "admin", api_server.admin_password)["access_token"]
     assert http("POST", f"{base}/api/v1/productions", {"name": "QC show"}, token=admin).status == 201

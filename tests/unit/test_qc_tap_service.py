@@ -80,7 +80,7 @@ async def publish(hub: StreamHub, name: str, pkts: list[tuple]) -> None:
 async def test_service_taps_a_live_stream_and_hands_markers_to_the_sink(clip) -> None:
     hub = StreamHub()
     sink = RecordingSink()
-    qc = QcService(QcSettings(queue_frames=1024), hub, sink, poll_s=0.05)
+    qc = QcService(QcSettings(enabled=True, queue_frames=1024), hub, sink, poll_s=0.05)
     await qc.start()
     try:
         stream = hub.get_or_create("cam1")
@@ -116,7 +116,7 @@ async def test_service_taps_a_live_stream_and_hands_markers_to_the_sink(clip) ->
 async def test_a_killed_worker_is_restarted_and_streams_reattach(clip) -> None:
     hub = StreamHub()
     sink = RecordingSink()
-    qc = QcService(QcSettings(), hub, sink, poll_s=0.05)
+    qc = QcService(QcSettings(enabled=True), hub, sink, poll_s=0.05)
     await qc.start()
     try:
         stream = hub.get_or_create("cam2")
@@ -147,7 +147,7 @@ async def test_a_killed_worker_is_restarted_and_streams_reattach(clip) -> None:
 async def test_disabled_streams_are_not_tapped(clip) -> None:
     hub = StreamHub()
     sink = RecordingSink()
-    qc = QcService(QcSettings(disabled_streams=["quiet"]), hub, sink, poll_s=0.05)
+    qc = QcService(QcSettings(enabled=True, disabled_streams=["quiet"]), hub, sink, poll_s=0.05)
     await qc.start()
     try:
         await publish(hub, "quiet", clip[:30])
@@ -161,7 +161,7 @@ async def test_disabled_streams_are_not_tapped(clip) -> None:
 async def test_stopping_the_service_closes_open_markers_into_the_sink(clip) -> None:
     hub = StreamHub()
     sink = RecordingSink()
-    qc = QcService(QcSettings(queue_frames=1024), hub, sink, poll_s=0.05)
+    qc = QcService(QcSettings(enabled=True, queue_frames=1024), hub, sink, poll_s=0.05)
     await qc.start()
     origin = min(p[2] for p in clip)
     # Up to 0.3 s past where black reaches black_d: the marker is open, not closed.
