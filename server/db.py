@@ -42,6 +42,7 @@ import asyncpg
 from .embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
 from .errors import DatabaseUnavailable
 from .log import event
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("returnfeed.db")
 
@@ -318,11 +319,7 @@ class WriteQueue:
         deadline = time.monotonic() + timeout
         while self._items and self._db.available and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self._task.cancel()
-        try:
-            await self._task
-        except (asyncio.CancelledError, Exception):
-            pass
+        await cancel_and_wait(self._task)
         self._task = None
         if self._items:
             event(log, logging.ERROR, "db.deferred_lost_at_shutdown", writes=len(self._items))
@@ -437,11 +434,7 @@ class Database:
     async def close(self) -> None:
         await self.deferred.stop()
         if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except (asyncio.CancelledError, Exception):
-                pass
+            await cancel_and_wait(self._supervisor)
             self._supervisor = None
         await self._drop_listen_conn()
         if self.raw_pool is not None:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from .grants import Grants
 from .log import event
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("returnfeed.directory")
 
@@ -97,12 +98,7 @@ class Directory:
 
     async def stop(self) -> None:
         for t in (self._timer, self._reloading):
-            if t is not None:
-                t.cancel()
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
+            await cancel_and_wait(t)
         self._timer = self._reloading = None
 
     # -- loading ---------------------------------------------------------------------

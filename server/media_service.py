@@ -62,6 +62,7 @@ from .grants import Grant
 from .log import event
 from .media_metrics import collect
 from .redact import redact_text
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("returnfeed.media")
 
@@ -229,12 +230,7 @@ class MediaService:
         return self.srt.port if self.srt is not None else None
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            try:
-                await self._timer
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._timer)
         if self.srt is not None:
             await self.srt.close()
             self.srt = None

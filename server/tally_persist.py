@@ -33,6 +33,7 @@ from tally.state import TallyChange
 from .db import is_connection_error
 from .errors import DatabaseUnavailable
 from .log import event
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("returnfeed.tally")
 
@@ -144,9 +145,4 @@ class TallyPersister:
             await asyncio.wait_for(asyncio.shield(writer), CLOSE_TIMEOUT)
         except (asyncio.TimeoutError, Exception):
             pass
-        if not writer.done():
-            writer.cancel()
-            try:
-                await writer
-            except (asyncio.CancelledError, Exception):
-                pass
+        await cancel_and_wait(writer)

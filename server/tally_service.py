@@ -64,6 +64,7 @@ from .log import event
 from .tally_adapters import RunningAdapter, adapter_failed, adapter_key, build_adapter, close_adapter, start_adapter
 from .tally_config import TallyConfigError, load_config, validate_config
 from .tally_persist import Batch, TallyPersister
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("returnfeed.tally")
 
@@ -124,10 +125,7 @@ class TallyService:
 
     async def stop(self) -> None:
         self._stopping = True  # no new adopt task from here on
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_and_wait(t) for t in list(self._tasks)))
         for p in list(self.productions.values()):
             await p.close()
         self.productions.clear()

@@ -31,6 +31,7 @@ from ..errors import TooManyRequests, Unauthorized
 from ..keys import DB, DIRECTORY, LIMITER, METRICS, SETTINGS, TOKENS
 from ..log import event
 from .common import hash_off_loop, str_field
+from ..tasks import cancel_and_wait
 
 log = logging.getLogger("returnfeed.api")
 
@@ -198,12 +199,7 @@ class RefreshPurge:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
 
 def setup(app: web.Application) -> None:
