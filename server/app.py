@@ -13,9 +13,10 @@ Services start while the runner sets up (before the site listens), in this
 order, and the started ones stop in reverse, each once:
 
     start                                stop
-    1. refresh-token purge (database)    3. tally  ── on_shutdown
-    2. media: SRT, WHEP and WHIP         2. media  ─┐ cleanup, after the
-    3. tally                             1. purge  ─┘ in-flight requests
+    1. refresh-token purge (database)    4. QC events ─┐ on_shutdown
+    2. media: SRT, WHEP and WHIP         3. tally     ─┘
+    3. tally                             2. media  ─┐ cleanup, after the
+    4. QC events (/ws/events, markers)   1. purge  ─┘ in-flight requests
 
 Tally stops at ``on_shutdown``: its WebSocket handlers end only when the
 service closes them (1001 going away), and aiohttp waits for handlers
@@ -42,7 +43,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import asyncpg
 from aiohttp import web
 
-from . import api, health, pages, tally_routes, whep, whip
+from . import api, health, pages, qc_routes, tally_routes, whep, whip
 from .access import client_ip
 from .api.auth import RefreshPurge
 from .auth import LoginLimiter, TokenService
@@ -56,6 +57,7 @@ from .keys import (
 )
 from .log import event
 from .metrics import Metrics
+from .qc_events import QcEvents
 
 log = logging.getLogger("returnfeed.http")
 #: Start/stop steps log under the process's logger, next to main.Server's.
@@ -238,7 +240,8 @@ def _live_state(app: web.Application, media: Any) -> Callable[[str], dict[str, A
 # -- the factory ---------------------------------------------------------------
 
 def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None,
-               tally: Any = None, directory: Directory | None = None) -> web.Application:
+               tally: Any = None, directory: Directory | None = None,
+               qc_events: QcEvents | None = None) -> web.Application:
     """The application around constructed, not yet started, services;
     :class:`Lifecycle` starts and stops them with the app (module docstring)."""
     metrics = Metrics(db)
@@ -283,6 +286,11 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         metrics.add_collector(tally.collect)
         # Closes every tally socket with 1001 before the runner waits on handlers.
         services.append(Service("tally", tally.start, tally.stop, holds_handlers=True))
+    # Live QC markers, notes and meters (/ws/events); the QC tap feeds app[QC_EVENTS].
+    qc = qc_events or QcEvents(db, directory, queue_max=settings.database.write_queue_max)
+    qc_routes.setup(app, qc)
+    metrics.add_collector(qc.collect)
+    services.append(Service("qc_events", qc.start, qc.stop, holds_handlers=True))
     Lifecycle(services).install(app)
     pages.setup(app)
     if WEB_DIR.is_dir():
