@@ -48,6 +48,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from live_qc.engine import Meters
 from live_qc.markers import MarkerEvent
+from tally.hub import aiohttp_transport
 
 from . import repo
 from .db import is_connection_error
@@ -72,6 +73,9 @@ BATCH_MAX = 200
 #: Tries of one batch while the database answers but the write keeps failing.
 PERSIST_ATTEMPTS = 20
 CLOSE_TIMEOUT = 5.0
+#: Seconds a closed client's socket may take to flush its close frame before
+#: it is aborted (a peer that stopped reading never takes it).
+ABORT_AFTER = 2.0
 _PING = object()  # sentinel in a send queue: send an RFC 6455 Ping frame
 
 
@@ -138,6 +142,7 @@ class EventsClient:
     seq: int = 0
     subscribed: set[str] = field(default_factory=set)
     closed: str | None = None
+    sender: asyncio.Task | None = None
 
 
 class QcEvents:
@@ -256,13 +261,26 @@ class QcEvents:
         while not c.queue.empty():
             c.queue.get_nowait()
         c.queue.put_nowait((code, reason))
+        asyncio.get_running_loop().call_later(ABORT_AFTER, self._force, c)
+
+    @staticmethod
+    def _force(c: EventsClient) -> None:
+        """The close did not get out in time: drop the connection under it."""
+        if c.ws.closed:
+            return
+        if c.sender is not None:
+            c.sender.cancel()
+        try:
+            aiohttp_transport(c.ws).abort()
+        except Exception:  # not an aiohttp socket, or already gone
+            pass
 
     async def serve(self, c: EventsClient) -> None:
         """Run one connection: its sender, and its reader until it ends."""
         from aiohttp import WSMsgType
 
         ws = c.ws
-        sender = asyncio.get_running_loop().create_task(self._sender(c), name=f"events-send-{c.who}")
+        sender = c.sender = asyncio.get_running_loop().create_task(self._sender(c), name=f"events-send-{c.who}")
         try:
             async for msg in ws:
                 c.last_seen = time.monotonic()

@@ -201,9 +201,19 @@ async def list_markers(request: web.Request) -> web.StreamResponse:
     w.writerow(cols)
     for m in markers:
         m = {**m, "metadata": json.dumps(m["metadata"], separators=(",", ":"))}
-        w.writerow(["" if m[c] is None else m[c] for c in cols])
+        w.writerow([_cell(m[c]) for c in cols])
     return web.Response(text=out.getvalue(), content_type="text/csv", charset="utf-8",
                         headers={"Content-Disposition": f'attachment; filename="markers-{entry.id}.csv"'})
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell; text a spreadsheet would run as a formula (OWASP "CSV
+    injection": a leading = + - @ tab or CR) is prefixed with a quote."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _marker_id(request: web.Request) -> int:

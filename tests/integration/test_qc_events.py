@@ -327,3 +327,84 @@ async def test_flag_needs_a_director(env: Env) -> None:
     for who in ("linkA", "v"):
         status, answer = await env.req("PATCH", f"/api/v1/markers/{mid}", who, {"false_positive": True})
         assert status == 403 and answer["error"] == "forbidden"
+
+
+class StuckSocket:
+    """A peer that stopped reading: every send waits until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.closed = False
+        self.close_code: int | None = None
+        self.sent = 0
+
+    async def send_str(self, text: str) -> None:
+        await self.gate.wait()
+        self.sent += 1
+
+    async def ping(self) -> None:
+        await self.gate.wait()
+
+    async def close(self, code: int = 1000, message: bytes = b"") -> None:
+        self.close_code = code
+        self.closed = True
+
+
+async def test_a_slow_client_is_dropped_and_delays_nobody(env: Env) -> None:
+    qc = env.qc
+    d1 = await env.ws("d1")
+    await d1.wait(lambda s: s.of("snapshot"))
+    stuck = StuckSocket()
+    slow = qc.connect(stuck, who="stuck", link_stream=None, user_id=None, admin=True)
+    slow.sender = asyncio.get_running_loop().create_task(qc._sender(slow))
+    wall = time.time()
+    n = 400  # 800 messages: more than one connection's send queue holds
+    for i in range(n):
+        qc.marker("camA", _ev("open", "black", float(i)), wall_start=wall + i, wall_end=None)
+        qc.marker("camA", _ev("close", "black", float(i), i + 0.5), wall_start=wall + i, wall_end=wall + i + 0.5)
+        if i % 20 == 19:
+            await asyncio.sleep(0.01)  # the tap's events arrive over time, a few per read
+    assert slow.closed == "too slow" and slow not in qc.clients and qc.slow_clients == 1
+    # The others got everything, in order.
+    await d1.wait(lambda s: len(s.of("marker.close")) == n)
+    assert [m["start"] for m in d1.of("marker.open")] == [float(i) for i in range(n)]
+    # Once the stuck send returns, the next thing it sends is the close (4000).
+    stuck.gate.set()
+    await asyncio.wait_for(slow.sender, 5)
+    assert stuck.close_code == 4000 and stuck.sent <= 1
+    await _stored(env)
+    await d1.close()
+
+
+async def test_heartbeat_pings_both_ways_and_closes_a_silent_client(env: Env) -> None:
+    qc = env.qc
+    qc.missing_after = 0.6
+    await qc.stop()
+    qc.heartbeat_interval = 0.1
+    await qc.start()
+    url = env.url("/ws/events") + f"?token={env.tokens['d1']}"
+    # A standard client answers RFC 6455 pings by itself and stays.
+    alive = await env.ws("d1")
+    # This one does not answer anything.
+    silent = await env.session.ws_connect(url, autoping=False)
+    got: list[Any] = []
+    while True:
+        msg = await asyncio.wait_for(silent.receive(), 5)
+        got.append(msg.type)
+        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
+            break
+    assert aiohttp.WSMsgType.PING in got and aiohttp.WSMsgType.TEXT in got
+    assert silent.close_code == 4001
+    await asyncio.sleep(0.7)
+    assert not alive.ws.closed and alive.of("ping")
+    await alive.close()
+    await silent.close()
+
+
+async def test_qc_metrics_are_exported(env: Env) -> None:
+    from server.keys import METRICS
+
+    env.qc.marker("camA", _ev("open", "tone", 2.0), wall_start=time.time(), wall_end=None)
+    text = env.server.app[METRICS].render().decode()
+    assert "returnfeed_qc_markers_open 1.0" in text
+    assert "returnfeed_qc_marker_writes_dropped_total 0.0" in text
