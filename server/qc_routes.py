@@ -81,7 +81,8 @@ def parse_time(name: str, raw: Any) -> datetime:
     if not isinstance(raw, str) or len(raw) > 64:
         raise BadRequest(f"{name} must be ISO 8601 or unix seconds")
     try:
-        d = datetime.fromisoformat(raw.replace("z", "Z"))
+        # An unencoded "+02:00" in a query string arrives as " 02:00".
+        d = datetime.fromisoformat(raw.replace("z", "Z").replace(" ", "+"))
     except ValueError:
         raise BadRequest(f"{name} must be ISO 8601 (e.g. 2026-05-01T18:30:00Z) or unix seconds") from None
     return d if d.tzinfo is not None else d.replace(tzinfo=timezone.utc)

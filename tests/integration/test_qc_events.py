@@ -107,11 +107,12 @@ async def env(db_url: str, tmp_path) -> AsyncIterator[Env]:
     await directory.start()
     toks = {n: tokens.issue_access(uid, n, role)[0] for (n, uid), role in
             zip(users.items(), ("admin", "director", "director", "viewer"))}
-    toks["linkA"] = tokens.issue_link("camA", "read", show, 3600, stream_id=sid["camA"])[0]
+    toks["linkA"], claims = tokens.issue_link("camA", "read", show, 3600, stream_id=sid["camA"])
     app = create_app(settings, db, tokens, None, None, directory)
     server = TestServer(app)
     await server.start_server()
     e = Env(server, db, toks, app[QC_EVENTS])
+    e.directory, e.link_jti = directory, claims.jti
     try:
         yield e
     finally:
@@ -408,3 +409,16 @@ async def test_qc_metrics_are_exported(env: Env) -> None:
     text = env.server.app[METRICS].render().decode()
     assert "returnfeed_qc_markers_open 1.0" in text
     assert "returnfeed_qc_marker_writes_dropped_total 0.0" in text
+
+
+async def test_revoking_the_link_closes_its_socket(env: Env) -> None:
+    link, d1 = await env.ws("linkA"), await env.ws("d1")
+    await link.wait(lambda s: s.of("snapshot"))
+    env.directory.note_revoked(env.link_jti)
+    await asyncio.wait_for(link.task, 5)
+    assert link.ws.close_code == 4403
+    # Events go on for the others; the revoked link is not counted any more.
+    env.qc.marker("camA", _ev("open", "bars", 1.0), wall_start=time.time(), wall_end=None)
+    await d1.wait(lambda s: s.of("marker.open"))
+    assert len(env.qc.clients) == 1
+    await d1.close()
