@@ -83,6 +83,41 @@ def _ts(unix: float | None) -> datetime | None:
     return None if unix is None else datetime.fromtimestamp(unix, timezone.utc)
 
 
+#: The markers table's CHECK (0001_initial.sql).
+SEVERITIES = ("info", "warning", "error", "critical")
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """Detector metadata as JSON both PostgreSQL's jsonb and browsers accept:
+    numpy scalars become numbers, NaN/±inf become null (RFC 8259 §6 has no
+    such numbers; one would make PostgreSQL refuse the whole batch), keys
+    become strings, anything else its text."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 0) == 0:
+        return json_safe(value.item(), depth)  # numpy scalar
+    if depth > 8:
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
+        items = value.tolist() if hasattr(value, "tolist") else value
+        return [json_safe(v, depth + 1) for v in items]
+    return str(value)
+
+
+def _finite(x: Any, default: float | None) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return default
+    return f if math.isfinite(f) else default
+
+
 def _num(x: float | None) -> float | None:
     """JSON has no infinities: a meter at digital silence reads ``null``."""
     return None if x is None or not math.isfinite(x) else round(float(x), 2)
@@ -117,7 +152,7 @@ class LiveMarker:
 
     def row(self) -> dict[str, Any]:
         return {"type": self.type, "subtype": self.subtype, "severity": self.severity,
-                "confidence": min(max(float(self.confidence), 0.0), 1.0), "media_start": self.media_start,
+                "confidence": self.confidence, "media_start": self.media_start,
                 "media_end": self.media_end, "wall_start": _ts(self.wall_start), "wall_end": _ts(self.wall_end),
                 "metadata": self.metadata}
 
@@ -187,16 +222,18 @@ class QcEvents:
                 return
             self._next_live_id += 1
             live = LiveMarker(self._next_live_id, stream, entry.id, entry.production_id, m.type, m.subtype,
-                              m.severity, m.confidence, m.start, m.end, wall_start, wall_end, dict(m.metadata))
+                              "warning", 1.0, 0.0, None, wall_start, wall_end, {})
             kind = "open"
         else:
             kind = ev.kind
             if kind == "open":
                 kind = "update"  # a repeated open of the same fault: the marker is already out
-            live.severity, live.confidence = m.severity, m.confidence
-            live.media_start, live.media_end = m.start, m.end
-            live.wall_start, live.wall_end = wall_start, wall_end
-            live.metadata.update(m.metadata)  # the tracker only adds to it
+        live.severity = m.severity if m.severity in SEVERITIES else "warning"
+        live.confidence = min(max(_finite(m.confidence, 1.0) or 0.0, 0.0), 1.0)
+        live.media_start = _finite(m.start, live.media_start) or 0.0
+        live.media_end = _finite(m.end, None)
+        live.wall_start, live.wall_end = wall_start, wall_end
+        live.metadata.update(json_safe(dict(m.metadata)))  # the tracker only adds to it
         if ev.kind == "close":
             self.open.pop(key, None)
             if kind == "open":  # open and close in one go: both go out, in order

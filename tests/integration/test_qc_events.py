@@ -422,3 +422,20 @@ async def test_revoking_the_link_closes_its_socket(env: Env) -> None:
     await d1.wait(lambda s: s.of("marker.open"))
     assert len(env.qc.clients) == 1
     await d1.close()
+
+
+async def test_detector_metadata_with_numpy_and_nan_is_stored_and_sent(env: Env) -> None:
+    import numpy as np
+
+    d1 = await env.ws("d1")
+    meta = {"level": np.float32(0.25), "channels": np.array([1, 2]), "ratio": float("nan"), 3: "x"}
+    ev = MarkerEvent("open", Marker("phase", "phase", 5.0, None, "severe", float("nan"), meta))
+    env.qc.marker("camA", ev, wall_start=time.time(), wall_end=None)
+    await d1.wait(lambda s: s.of("marker.open"))
+    expected = {"level": 0.25, "channels": [1, 2], "ratio": None, "3": "x"}
+    sent = d1.of("marker.open")[0]
+    assert (sent["metadata"], sent["severity"], sent["confidence"]) == (expected, "warning", 1.0)
+    await _stored(env)
+    _, body = await env.req("GET", "/api/v1/streams/camA/markers", "d1")
+    assert body["markers"][0]["metadata"] == expected and env.qc.failed_writes == 0
+    await d1.close()
