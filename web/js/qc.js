@@ -13,10 +13,13 @@
  *   MARKER = {id, live_id, stream, kind, subtype, severity, confidence, start, end,
  *             wall_start, wall_end, metadata}
  *
- * Reconnects with backoff 0.25 … 5 s; a new snapshot replaces the open markers.
+ * The server pings every second: nothing heard for 5 s → the socket is
+ * dropped and a new one opened (backoff 0.25 … 5 s); its snapshot replaces
+ * the open markers.
  */
 
 const BACKOFF_MS = [250, 500, 1000, 2000, 5000];
+const SILENCE_MS = 5000;
 
 export class QcClient {
   /**
@@ -37,17 +40,35 @@ export class QcClient {
     this.attempt = 0;
     this.stopped = true;
     this._reconnectTimer = null;
+    this._watchdog = null;
+    this.lastHeard = 0;
   }
 
   start() {
     if (!this.stopped) return;
     this.stopped = false;
     this._connect();
+    this._watchdog = setInterval(() => this._checkSilence(), 1000);
+  }
+
+  _checkSilence() {
+    const ws = this.ws;
+    if (!ws || performance.now() - this.lastHeard < SILENCE_MS) return;
+    this.ws = null;
+    ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
+    try {
+      ws.close(4001, "silent");
+    } catch {
+      // already closing
+    }
+    this.onStatus("lost");
+    this._scheduleReconnect();
   }
 
   stop() {
     this.stopped = true;
     clearTimeout(this._reconnectTimer);
+    clearInterval(this._watchdog);
     if (this.ws) {
       const ws = this.ws;
       this.ws = null;
@@ -90,6 +111,7 @@ export class QcClient {
     const proto = location.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(`${proto}//${location.host}/ws/events?${new URLSearchParams({ token })}`);
     this.ws = ws;
+    this.lastHeard = performance.now();
     this.onStatus("connecting");
     ws.onopen = () => {
       if (this.streams.length) ws.send(JSON.stringify({ type: "subscribe", streams: this.streams }));
@@ -112,6 +134,7 @@ export class QcClient {
 
   _message(ws, data) {
     if (this.ws !== ws) return;
+    this.lastHeard = performance.now();
     let msg;
     try {
       msg = JSON.parse(data);
