@@ -123,6 +123,18 @@ def _num(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), 2)
 
 
+async def _finish(task: asyncio.Task, timeout: float) -> None:
+    """Let ``task`` end for ``timeout`` seconds, then cancel it and wait for
+    it. Its own outcome is consumed; a cancellation of the caller is not."""
+    if not task.done():
+        await asyncio.wait({task}, timeout=timeout)
+    if not task.done():
+        task.cancel()
+        await asyncio.wait({task})
+    if not task.cancelled():
+        task.exception()
+
+
 @dataclass(slots=True)
 class LiveMarker:
     """One marker as this process knows it; ``id`` is the row's once stored."""
@@ -336,10 +348,7 @@ class QcEvents:
                 c.closed = "disconnected"
                 self.clients.discard(c)
                 sender.cancel()
-            try:
-                await asyncio.wait_for(sender, 2.0)
-            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                sender.cancel()
+            await _finish(sender, 2.0)
             if not ws.closed:
                 await ws.close()
 
@@ -516,16 +525,7 @@ class QcEvents:
         tasks = [t for t in (self._heartbeat, self._writer) if t is not None]
         self._heartbeat = self._writer = None
         for t in tasks:
-            try:
-                await asyncio.wait_for(asyncio.shield(t), CLOSE_TIMEOUT)
-            except (asyncio.TimeoutError, asyncio.CancelledError, Exception):
-                pass
-            if not t.done():
-                t.cancel()
-                try:
-                    await t
-                except (asyncio.CancelledError, Exception):
-                    pass
+            await _finish(t, CLOSE_TIMEOUT)
 
     def collect(self) -> Iterable[Metric]:
         """Metric families for ``/metrics`` (a collector of :class:`server.metrics.Metrics`)."""

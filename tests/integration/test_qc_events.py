@@ -90,7 +90,8 @@ class Socket:
 async def env(db_url: str, tmp_path) -> AsyncIterator[Env]:
     settings = load_settings(environ={}, overrides={"database.url": db_url, "data_dir": str(tmp_path)})
     # Not supervised: the outage test sets the database's verdict itself.
-    db = Database(db_url, tmp_path, supervise=False)
+    # Generous timeouts: this machine is shared, and a slow statement is not what these tests are about.
+    db = Database(db_url, tmp_path, supervise=False, statement_timeout=10.0, acquire_timeout=5.0)
     await db.start()
     tokens = TokenService("qc-events-test-secret-" * 3)
     async with db.pool.acquire() as conn:
@@ -111,6 +112,7 @@ async def env(db_url: str, tmp_path) -> AsyncIterator[Env]:
     app = create_app(settings, db, tokens, None, None, directory)
     server = TestServer(app)
     await server.start_server()
+    await _first_purge_done()
     e = Env(server, db, toks, app[QC_EVENTS])
     e.directory, e.link_jti = directory, claims.jti
     try:
@@ -120,6 +122,23 @@ async def env(db_url: str, tmp_path) -> AsyncIterator[Env]:
         await server.close()
         await directory.stop()
         await db.close()
+
+
+async def _first_purge_done(timeout: float = 10.0) -> None:
+    """Wait until the refresh-token purge the app starts with is asleep.
+
+    Stopping the app while that first purge's statement is in flight can
+    lose the task's cancellation (it then sleeps out its whole interval and
+    the app's cleanup waits on it): a short test here would hang in teardown.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        purge = [t for t in asyncio.all_tasks() if t.get_name() == "refresh-purge"]
+        waiting_on = purge[0].get_coro().cr_await if purge else None
+        if not purge or getattr(getattr(waiting_on, "cr_code", None), "co_name", "") == "sleep":
+            return
+        assert time.monotonic() < deadline, "the first refresh-token purge did not finish"
+        await asyncio.sleep(0.01)
 
 
 def _ev(kind: str, type_: str, start: float, end: float | None = None, **meta: Any) -> MarkerEvent:
