@@ -13,10 +13,11 @@ Services start while the runner sets up (before the site listens), in this
 order, and the started ones stop in reverse, each once:
 
     start                                stop
-    1. refresh-token purge (database)    3. tally  ── on_shutdown
-    2. media: SRT, WHEP and WHIP         2. media  ─┐ cleanup, after the
-    3. tally                             1. purge  ─┘ in-flight requests
-    4. taps (live QC worker)             4. taps: on_shutdown, before tally
+    1. refresh-token purge (database)    5. taps      ─┐
+    2. media: SRT, WHEP and WHIP         4. QC events  │ on_shutdown
+    3. tally                             3. tally     ─┘
+    4. QC events (/ws/events, markers)   2. media  ─┐ cleanup, after the
+    5. taps (live QC worker → QC events) 1. purge  ─┘ in-flight requests
 
 Tally stops at ``on_shutdown``: its WebSocket handlers end only when the
 service closes them (1001 going away), and aiohttp waits for handlers
@@ -43,7 +44,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 import asyncpg
 from aiohttp import web
 
-from . import api, health, pages, tally_routes, whep, whip
+from . import api, health, pages, qc_routes, tally_routes, whep, whip
 from .access import client_ip
 from .api.auth import RefreshPurge
 from .auth import LoginLimiter, TokenService
@@ -57,6 +58,7 @@ from .keys import (
 )
 from .log import event
 from .metrics import Metrics
+from .qc_events import QcEvents
 from .qc_service import QcService
 
 log = logging.getLogger("returnfeed.http")
@@ -240,7 +242,8 @@ def _live_state(app: web.Application, media: Any) -> Callable[[str], dict[str, A
 # -- the factory ---------------------------------------------------------------
 
 def create_app(settings: Settings, db: Database, tokens: TokenService, media: Any = None,
-               tally: Any = None, directory: Directory | None = None) -> web.Application:
+               tally: Any = None, directory: Directory | None = None,
+               qc_events: QcEvents | None = None) -> web.Application:
     """The application around constructed, not yet started, services;
     :class:`Lifecycle` starts and stops them with the app (module docstring)."""
     metrics = Metrics(db)
@@ -285,13 +288,18 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         metrics.add_collector(tally.collect)
         # Closes every tally socket with 1001 before the runner waits on handlers.
         services.append(Service("tally", tally.start, tally.stop, holds_handlers=True))
+    # Live QC markers, notes and meters (/ws/events); the QC tap feeds app[QC_EVENTS].
+    qc = qc_events or QcEvents(db, directory, queue_max=settings.database.write_queue_max)
+    qc_routes.setup(app, qc)
+    metrics.add_collector(qc.collect)
+    services.append(Service("qc_events", qc.start, qc.stop, holds_handlers=True))
     if media is not None and settings.qc.enabled:
-        qc = QcService(settings.qc, media.hub)
-        app[QC] = qc
-        metrics.add_collector(qc.collect)
-        # Stops at on_shutdown too: were it left for cleanup, tally below it
-        # could not stop before aiohttp waits for the tally sockets.
-        services.append(Service("taps", qc.start, qc.stop, holds_handlers=True))
+        # The tap hands markers, meters and tap states to QC events; it stops
+        # first (its last markers are flushed into a still-running QC events).
+        tap = QcService(settings.qc, media.hub, qc)
+        app[QC] = tap
+        metrics.add_collector(tap.collect)
+        services.append(Service("taps", tap.start, tap.stop, holds_handlers=True))
     Lifecycle(services).install(app)
     pages.setup(app)
     if WEB_DIR.is_dir():

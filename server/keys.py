@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .limits import ConnectionCaps
     from .media_service import MediaService
     from .metrics import Metrics
+    from .qc_events import QcEvents
     from .qc_service import QcService
     from .tally_service import TallyService
 
@@ -42,6 +43,11 @@ TALLY: web.AppKey[TallyService] = web.AppKey("tally")
 QC: web.AppKey[QcService] = web.AppKey("qc")
 #: Tally WebSocket caps per link, address and production.
 WS_CAPS: web.AppKey[ConnectionCaps] = web.AppKey("ws_caps")
+
+#: Live QC events: the tap's markers/meters to /ws/events and the markers table.
+QC_EVENTS: web.AppKey[QcEvents] = web.AppKey("qc_events")
+#: /ws/events caps per link (or user) and address.
+QC_WS_CAPS: web.AppKey[ConnectionCaps] = web.AppKey("qc_ws_caps")
 
 #: A stream's live state for the streams API, supplied by the media layer.
 LIVE_STATE: web.AppKey[Callable[[str], dict[str, Any]]] = web.AppKey("live_state")

@@ -408,3 +408,75 @@ async def tally_events(conn: Conn, production_id: int, before_seq: int | None, l
         """SELECT seq, changes, actor, origin, at FROM tally_events
            WHERE production_id = $1 AND ($2::bigint IS NULL OR seq < $2) ORDER BY seq DESC, id DESC LIMIT $3""",
         production_id, before_seq, limit)
+
+
+# -- QC markers and notes (issue 12) -------------------------------------------
+
+_MARKER_COLS = ("m.id, s.name AS stream, m.type, m.subtype, m.severity, m.confidence, m.media_start, "
+                "m.media_end, m.wall_start, m.wall_end, m.metadata, m.false_positive, m.verified_at, "
+                "u.username AS verified_by")
+
+
+async def insert_marker(conn: Conn, stream_id: int, m: dict[str, Any]) -> int:
+    """One marker row from the live fields ``m`` (media_*, wall_* as datetimes)."""
+    return await conn.fetchval(
+        "INSERT INTO markers (stream_id, type, subtype, severity, confidence, media_start, media_end, "
+        "wall_start, wall_end, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING id",
+        stream_id, m["type"], m["subtype"], m["severity"], m["confidence"], m["media_start"], m["media_end"],
+        m["wall_start"], m["wall_end"], m["metadata"])
+
+
+async def update_marker(conn: Conn, marker_id: int, m: dict[str, Any]) -> None:
+    await conn.execute(
+        "UPDATE markers SET severity = $2, confidence = $3, media_start = $4, media_end = $5, wall_start = $6, "
+        "wall_end = $7, metadata = $8 WHERE id = $1",
+        marker_id, m["severity"], m["confidence"], m["media_start"], m["media_end"], m["wall_start"],
+        m["wall_end"], m["metadata"])
+
+
+async def marker_by_id(conn: Conn, marker_id: int) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_MARKER_COLS}, s.production_id, s.id AS stream_id FROM markers m "
+        "JOIN streams s ON s.id = m.stream_id LEFT JOIN users u ON u.id = m.verified_by WHERE m.id = $1",
+        marker_id)
+
+
+async def list_markers(conn: Conn, stream_id: int, *, since: datetime | None, until: datetime | None,
+                       types: list[str] | None, include_false_positive: bool, limit: int,
+                       before_id: int | None = None) -> list[asyncpg.Record]:
+    """Markers overlapping [since, until) on the wall clock, newest first
+    (an open marker overlaps everything after its start)."""
+    return await conn.fetch(
+        f"SELECT {_MARKER_COLS} FROM markers m JOIN streams s ON s.id = m.stream_id "
+        "LEFT JOIN users u ON u.id = m.verified_by "
+        "WHERE m.stream_id = $1 AND ($2::timestamptz IS NULL OR m.wall_end IS NULL OR m.wall_end >= $2) "
+        "AND ($3::timestamptz IS NULL OR m.wall_start < $3) AND ($4::text[] IS NULL OR m.type = ANY($4)) "
+        "AND ($5 OR NOT m.false_positive) AND ($6::bigint IS NULL OR m.id < $6) "
+        "ORDER BY m.wall_start DESC, m.id DESC LIMIT $7",
+        stream_id, since, until, types, include_false_positive, before_id, limit)
+
+
+async def flag_marker(conn: Conn, marker_id: int, *, false_positive: bool | None, verified: bool | None,
+                      user_id: int | None) -> None:
+    """``verified``/``false_positive`` set by a director; either one records
+    who decided and when (verified_by/at); ``verified: false`` clears them."""
+    await conn.execute(
+        "UPDATE markers SET false_positive = COALESCE($2, false_positive), "
+        "verified_by = CASE WHEN $3::boolean IS FALSE THEN NULL ELSE $4::bigint END, "
+        "verified_at = CASE WHEN $3::boolean IS FALSE THEN NULL ELSE now() END WHERE id = $1",
+        marker_id, false_positive, verified, user_id)
+
+
+async def insert_note(conn: Conn, stream_id: int, marker_id: int | None, at: datetime, text: str,
+                      author_user_id: int | None, author: str) -> asyncpg.Record:
+    return await conn.fetchrow(
+        "INSERT INTO notes (stream_id, marker_id, at, text, author_user_id, author) VALUES ($1,$2,$3,$4,$5,$6) "
+        "RETURNING id, marker_id, at, text, author, created_at",
+        stream_id, marker_id, at, text, author_user_id, author)
+
+
+async def list_notes(conn: Conn, stream_id: int, *, marker_id: int | None, limit: int) -> list[asyncpg.Record]:
+    return await conn.fetch(
+        "SELECT id, marker_id, at, text, author, created_at FROM notes WHERE stream_id = $1 "
+        "AND ($2::bigint IS NULL OR marker_id = $2) ORDER BY at DESC, id DESC LIMIT $3",
+        stream_id, marker_id, limit)

@@ -72,6 +72,11 @@ ROUTES: dict[tuple[str, str], Any] = {
     ("DELETE", "/whip/{stream}/{session}"): None,
     ("GET", "/whip/{stream}/{session}"): None,
     ("OPTIONS", "/whip/{stream}/{session}"): None,
+    ("GET", "/ws/events"): None,
+    ("GET", "/api/v1/streams/{name}/markers"): None,
+    ("PATCH", "/api/v1/markers/{marker_id}"): {"false_positive": True, "verified": False},
+    ("GET", "/api/v1/streams/{name}/notes"): None,
+    ("POST", "/api/v1/streams/{name}/notes"): {"text": "swept note", "at": 1700000000},
     ("GET", "/healthz"): None,
     ("GET", "/metrics"): None,
     ("GET", "/control"): None,
@@ -105,6 +110,8 @@ QUERIES = [
     "production=" + "9" * 30, "production=%00", "production=%ED%A0%80", "before_seq=" + "9" * 30,
     "before_seq=-" + "9" * 30, "limit=" + "9" * 30, "limit=-5", "token=%00", "token=garbage", "layer=%00",
     "layer=ultra", "production=1&before_seq=x",
+    "from=" + "9" * 30, "to=%ED%A0%80", "from=9999-99-99T99:99", "type=%00", "format=%00",
+    "before_id=" + "9" * 30, "marker_id=-1", "include_false_positive=%FF",
 ]
 
 
@@ -228,7 +235,7 @@ def test_every_route_survives_hostile_input(api_server, world) -> None:
     admin, pid = world["admin"], world["pid"]
     client = Client(api_server.port)
     valid = {"production_id": str(pid), "username": "cam", "name": "s1", "stream": "s1", "session": "nosuch",
-             "filename": "nosuch.js"}
+             "filename": "nosuch.js", "marker_id": "1"}
     # The login route last: its failures rate-limit this IP.
     ordered = sorted(ROUTES, key=lambda r: r[1] == "/api/v1/auth/login")
     for method, template in ordered:

@@ -98,3 +98,16 @@ def test_live_feed_faults_become_open_then_close_markers(qc_server) -> None:
     assert "returnfeed_qc_worker_restarts_total 0.0" in metrics
     assert any("qc.tap_state" in line and "stream=qc-cam" in line and "state=running" in line
                for line in api_server.output)
+    # The tap's markers went through QC events into the database: the REST
+    # list has both, closed, at the same media times as the log lines.
+    def stored() -> list[dict] | None:
+        r = http("GET", f"{base}/api/v1/streams/qc-cam/markers", token=admin)
+        assert r.status == 200, r.body
+        ms = [m for m in r.json()["markers"] if m["kind"] in ("black", "silence") and m["end"] is not None]
+        return ms if len(ms) == 2 else None
+
+    rows = wait_until(stored, timeout=15, interval=0.2)
+    by_kind = {m["kind"]: m for m in rows}
+    assert abs(by_kind["black"]["start"] - black[2]) < 1e-3 and abs(by_kind["black"]["end"] - black[3]) < 1e-3
+    assert abs(by_kind["silence"]["start"] - silence[2]) < 1e-3
+    assert all(m["wall_end"] is not None for m in rows)

@@ -24,11 +24,19 @@
  *   for the return feed when that is another stream) and viewers (read
  *   link → /watch/…); links can be revoked.
  *
+ * - Live QC over /ws/events (qc.js): per tile an audio meter (momentary
+ *   loudness, per-channel peak bars) for the streams on screen and a fault
+ *   badge while a marker is open (type + since when); the "QC markers" panel
+ *   lists one stream's markers (GET /api/v1/streams/{name}/markers) and
+ *   updates live; "False positive" (PATCH /api/v1/markers/{id}) and "Note"
+ *   (POST /api/v1/streams/{name}/notes) are buttons, so Tab reaches them.
+ *
  * Test hooks: window.__control.lastCommand = {type, source, at (epoch ms)}.
  */
 import { api, ApiError, Session, sameOriginPath } from "./api.js";
 import { loginForm } from "./login.js";
 import { drawQR, encodeQR } from "./qr.js";
+import { QcClient, meterFraction } from "./qc.js";
 import { TallyClient } from "./tally.js";
 import { copyField, formatBitrate, h, nowMs } from "./ui.js";
 import { WhepClient } from "./whep.js";
@@ -46,6 +54,9 @@ const state = {
   order: [], // stream names in tile order
   tiles: new Map(), // name → Tile
   tally: null,
+  qc: null,
+  qcStream: "", // the stream the QC markers panel shows
+  qcMarkers: new Map(), // key (id or "live:<live_id>") → marker, for qcStream
   pollTimer: null,
   settingsSig: "",
   linkStreamsSig: "",
@@ -82,11 +93,17 @@ class Tile {
     this.title = h("span", { class: "tile-name" });
     this.tallyTag = h("span", { class: "tile-tally" });
     this.badges = h("div", { class: "tile-badges" });
+    this.faults = h("div", { class: "tile-faults", role: "status", "aria-live": "polite" });
+    this.loud = h("div", { class: "meter-loud" });
+    this.loudText = h("span", { class: "meter-text" }, "— LUFS");
+    this.peaks = h("div", { class: "meter-peaks" });
+    this.meter = h("div", { class: "tile-meter", role: "img", "aria-label": "audio meter: no reading", hidden: true },
+      h("div", { class: "meter-bar" }, this.loud), this.peaks, this.loudText);
     this.feed = h("span", { class: "tile-feed" });
     this.el = h("article", { class: "tile", tabindex: "0", role: "button", dataset: { name, tally: "unknown" } },
       h("div", { class: "tile-video" }, this.video, this.signal,
         h("div", { class: "tile-head" }, this.key, this.title, this.tallyTag)),
-      h("div", { class: "tile-foot" }, this.badges, this.feed));
+      h("div", { class: "tile-foot" }, this.faults, this.meter, this.badges, this.feed));
     // Keep keyboard focus where it is when clicking (Space/Enter stay CUT/TAKE).
     this.el.addEventListener("mousedown", (ev) => ev.preventDefault());
     this.el.addEventListener("click", (ev) => {
@@ -141,6 +158,34 @@ class Tile {
     this.el.dataset.tally = tallyState;
     this.tallyTag.textContent = { program: "● PGM", preview: "▲ PVW", off: "", unknown: "? TALLY" }[tallyState] || "";
     this.label();
+  }
+
+  /** Momentary loudness (LUFS) and per-channel sample peaks (dBFS). */
+  setMeters(m) {
+    this.meter.hidden = false;
+    const lufs = typeof m.momentary === "number" ? m.momentary : null;
+    this.loud.style.width = `${Math.round(meterFraction(lufs) * 100)}%`;
+    this.loud.dataset.level = lufs === null ? "none" : lufs > -18 ? "hot" : lufs < -33 ? "low" : "ok";
+    this.loudText.textContent = lufs === null ? "— LUFS" : `${lufs.toFixed(1)} LUFS`;
+    const peaks = Array.isArray(m.peaks_dbfs) ? m.peaks_dbfs : [];
+    while (this.peaks.children.length > peaks.length) this.peaks.lastChild.remove();
+    while (this.peaks.children.length < peaks.length) this.peaks.append(h("div", { class: "peak" }, h("i")));
+    peaks.forEach((p, i) => {
+      const bar = this.peaks.children[i].firstChild;
+      bar.style.width = `${Math.round(meterFraction(p) * 100)}%`;
+      bar.dataset.clip = typeof p === "number" && p > -1 ? "1" : "0";
+    });
+    this.meter.setAttribute("aria-label", `audio meter: momentary ${this.loudText.textContent}, peaks `
+      + (peaks.map((p) => (typeof p === "number" ? `${p.toFixed(0)} dBFS` : "silent")).join(", ") || "none"));
+  }
+
+  /** One badge per open marker: its type and since when (wall clock). */
+  setFaults(markers) {
+    this.faults.replaceChildren(...markers.map((m) => h("span", {
+      class: `badge b-fault sev-${m.severity}`,
+      title: `${m.kind}/${m.subtype} · ${m.severity} · since ${clock(m.wall_start)}`,
+    }, `${m.kind.toUpperCase()} since ${clock(m.wall_start)}`)));
+    this.el.dataset.fault = markers.length ? "1" : "0";
   }
 
   label() {
@@ -296,6 +341,174 @@ function sourceLabel(name) {
   return (s && s.label) || (src && src.label) || name;
 }
 
+// ------------------------------------------------------------ live QC
+
+function clock(unix) {
+  if (typeof unix !== "number") return "—";
+  return new Date(unix * 1000).toLocaleTimeString([], { hour12: false });
+}
+
+function isoClock(iso) {
+  return iso ? clock(Date.parse(iso) / 1000) : "—";
+}
+
+function markerKey(m) {
+  return m.id ? String(m.id) : `live:${m.live_id}`;
+}
+
+function startQc() {
+  if (state.qc) state.qc.stop();
+  const qc = new QcClient({
+    auth: state.session,
+    onEvent: (msg) => onQcEvent(msg),
+    onMeters: (stream, m) => {
+      const tile = state.tiles.get(stream);
+      if (tile) tile.setMeters(m);
+    },
+  });
+  state.qc = qc;
+  qc.start();
+  qc.subscribe(state.order);
+}
+
+function renderFaults() {
+  for (const [name, tile] of state.tiles) tile.setFaults(state.qc ? state.qc.openOf(name) : []);
+}
+
+function onQcEvent(msg) {
+  renderFaults();
+  if (msg.type === "snapshot") {
+    if (state.qcStream) loadMarkers();
+    return;
+  }
+  if (msg.stream !== state.qcStream) return;
+  if (msg.type === "marker.stored") {
+    const live = state.qcMarkers.get(`live:${msg.live_id}`);
+    if (live) {
+      state.qcMarkers.delete(`live:${msg.live_id}`);
+      live.id = msg.id;
+      state.qcMarkers.set(String(msg.id), live);
+    }
+  } else if (msg.type.startsWith("marker.")) {
+    // REST-made messages (marker.flag) carry ISO 8601 times; live ones unix seconds.
+    for (const k of ["wall_start", "wall_end"]) if (typeof msg[k] === "string") msg[k] = Date.parse(msg[k]) / 1000;
+    const key = msg.type === "marker.flag" ? String(msg.id) : markerKey(msg);
+    if (msg.type !== "marker.flag" && msg.id) state.qcMarkers.delete(`live:${msg.live_id}`);
+    const before = state.qcMarkers.get(key) || {};
+    state.qcMarkers.set(key, { ...before, ...msg });
+  } else if (msg.type === "note" && msg.marker_id) {
+    const m = state.qcMarkers.get(String(msg.marker_id));
+    if (m) m.notes = [...(m.notes || []), msg];
+  } else if (msg.type === "note") {
+    $("qc-notes").prepend(noteItem(msg));
+    return;
+  }
+  renderMarkers();
+}
+
+async function loadMarkers() {
+  const name = state.qcStream;
+  $("qc-list").replaceChildren();
+  $("qc-notes").replaceChildren();
+  state.qcMarkers.clear();
+  if (!name) return;
+  try {
+    const q = `/api/v1/streams/${encodeURIComponent(name)}`;
+    const [data, notes] = await Promise.all([
+      api(state.session, "GET", `${q}/markers?include_false_positive=true&limit=200`),
+      api(state.session, "GET", `${q}/notes?limit=200`),
+    ]);
+    if (name !== state.qcStream) return;
+    for (const m of data.markers || []) {
+      m.wall_start = Date.parse(m.wall_start) / 1000;
+      m.wall_end = m.wall_end ? Date.parse(m.wall_end) / 1000 : null;
+      m.notes = [];
+      state.qcMarkers.set(String(m.id), m);
+    }
+    for (const n of notes.notes || []) {
+      const m = n.marker_id && state.qcMarkers.get(String(n.marker_id));
+      if (m) m.notes.unshift(n);
+      else if (!n.marker_id) $("qc-notes").append(noteItem(n));
+    }
+    renderMarkers();
+  } catch (err) {
+    message(`QC markers: ${describeError(err)}`, "error");
+  }
+}
+
+function noteItem(n) {
+  return h("li", { class: "qc-note" }, h("time", {}, isoClock(n.at)), " ", h("b", {}, n.author || "?"), `: ${n.text}`);
+}
+
+function renderMarkers() {
+  const list = [...state.qcMarkers.values()].sort((a, b) => (b.wall_start || 0) - (a.wall_start || 0));
+  $("qc-list").replaceChildren(...list.map((m) => {
+    const fp = h("button", { type: "button", class: "qc-fp", disabled: !m.id, "aria-pressed": m.false_positive ? "true" : "false" },
+      m.false_positive ? "Not a false positive" : "False positive");
+    fp.addEventListener("click", () => flagMarker(m, !m.false_positive));
+    const note = h("button", { type: "button", class: "qc-note-btn", disabled: !m.id }, "Note");
+    note.addEventListener("click", () => noteForm(item, m));
+    const item = h("li", { class: `qc-marker sev-${m.severity}`, dataset: { fp: m.false_positive ? "1" : "0", open: m.wall_end ? "0" : "1" } },
+      h("span", { class: "qc-when" }, `${clock(m.wall_start)} – ${m.wall_end ? clock(m.wall_end) : "open"}`),
+      h("span", { class: "qc-type" }, `${m.kind}${m.subtype && m.subtype !== m.kind ? `/${m.subtype}` : ""}`),
+      h("span", { class: "qc-sev" }, m.severity),
+      m.verified_by ? h("span", { class: "qc-by muted" }, `checked by ${m.verified_by}`) : "",
+      h("span", { class: "qc-actions" }, fp, note),
+      h("ul", { class: "qc-marker-notes" }, ...(m.notes || []).map(noteItem)));
+    return item;
+  }));
+  $("qc-empty").hidden = list.length > 0;
+}
+
+async function flagMarker(m, falsePositive) {
+  try {
+    await api(state.session, "PATCH", `/api/v1/markers/${m.id}`, { false_positive: falsePositive });
+  } catch (err) {
+    message(`Marker: ${describeError(err)}`, "error");
+  }
+}
+
+function noteForm(item, m) {
+  if (item.querySelector("form")) return;
+  const input = h("input", { maxlength: "4000", required: true, "aria-label": "Note", placeholder: "Note" });
+  const form = h("form", { class: "inline-form" }, input, h("button", { type: "submit", class: "primary" }, "Add"));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await api(state.session, "POST", `/api/v1/streams/${encodeURIComponent(state.qcStream)}/notes`,
+        { text: input.value, marker_id: m.id });
+      form.remove();
+    } catch (err) {
+      message(`Note: ${describeError(err)}`, "error");
+    }
+  });
+  item.append(form);
+  input.focus();
+}
+
+async function addMomentNote(ev) {
+  ev.preventDefault();
+  const input = $("qc-note-text");
+  if (!state.qcStream || !input.value.trim()) return;
+  try {
+    await api(state.session, "POST", `/api/v1/streams/${encodeURIComponent(state.qcStream)}/notes`, { text: input.value });
+    input.value = "";
+  } catch (err) {
+    message(`Note: ${describeError(err)}`, "error");
+  }
+}
+
+function renderQcStreams() {
+  const sel = $("qc-stream");
+  const sig = state.order.join("\n");
+  if (sel.dataset.sig === sig) return;
+  sel.dataset.sig = sig;
+  sel.replaceChildren(...state.order.map((n) => h("option", { value: n }, n)));
+  if (!state.order.includes(state.qcStream)) state.qcStream = state.order[0] || "";
+  sel.value = state.qcStream;
+  loadMarkers();
+}
+
 function renderTally() {
   const tally = state.tally;
   for (const [name, tile] of state.tiles) tile.setTally(tally ? tally.stateOf(name) : "unknown");
@@ -373,6 +586,9 @@ function applyStreams(list) {
   renderTally();
   renderLinkStreams();
   renderSettings();
+  renderQcStreams();
+  renderFaults();
+  if (state.qc) state.qc.subscribe(state.order);
 }
 
 function renderSettings() {
@@ -640,7 +856,10 @@ function selectProduction(id) {
   $("create-result").replaceChildren();
   $("empty").textContent = "No streams in this production yet: create one under New stream.";
   $("room").hidden = false;
+  state.qcStream = "";
+  $("qc-stream").dataset.sig = "";
   startTally();
+  startQc();
   pollStreams();
 }
 
@@ -711,6 +930,11 @@ function bindRoom() {
   $("new-production").addEventListener("submit", createProduction);
   $("create-stream").addEventListener("submit", createStream);
   $("link-form").addEventListener("submit", createLink);
+  $("qc-stream").addEventListener("change", (ev) => {
+    state.qcStream = ev.target.value;
+    loadMarkers();
+  });
+  $("qc-note-form").addEventListener("submit", addMomentNote);
   for (const r of document.querySelectorAll('input[name="link-kind"]')) r.addEventListener("change", updateLinkForm);
   $("logout").addEventListener("click", async () => {
     await state.session.logout();
@@ -722,6 +946,8 @@ function stopAll() {
   clearTimeout(state.pollTimer);
   if (state.tally) state.tally.stop();
   state.tally = null;
+  if (state.qc) state.qc.stop();
+  state.qc = null;
   for (const tile of state.tiles.values()) tile.destroy();
   state.tiles.clear();
 }
