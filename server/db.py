@@ -148,6 +148,14 @@ def is_connection_error(exc: BaseException) -> bool:
     return isinstance(exc, CONNECTION_ERRORS)
 
 
+def refused_by_database(exc: BaseException) -> bool:
+    """The database answered and refused the statement for what it carried
+    (a constraint, a type): retrying the same write cannot succeed, unlike
+    a lost connection or an unavailable database."""
+    return (isinstance(exc, asyncpg.PostgresError) and not is_connection_error(exc)
+            and not isinstance(exc, DatabaseUnavailable))
+
+
 class GuardedConnection(asyncpg.Connection):  # type: ignore[misc]
     """A pool connection that terminates itself when a statement times out.
 

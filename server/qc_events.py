@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-import asyncpg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from live_qc.engine import Meters
@@ -51,8 +50,7 @@ from live_qc.markers import MarkerEvent
 from tally.hub import aiohttp_transport
 
 from . import repo
-from .db import is_connection_error
-from .errors import DatabaseUnavailable
+from .db import refused_by_database
 from .log import event
 
 log = logging.getLogger("returnfeed.qc")
@@ -455,9 +453,7 @@ class QcEvents:
                     attempts = 0
                 except Exception as exc:
                     attempts += 1
-                    refused = (isinstance(exc, asyncpg.PostgresError) and not is_connection_error(exc)
-                               and not isinstance(exc, DatabaseUnavailable))
-                    if refused or attempts > PERSIST_ATTEMPTS:
+                    if refused_by_database(exc) or attempts > PERSIST_ATTEMPTS:
                         event(log, logging.ERROR, "qc.marker_persist_failed", error=f"{type(exc).__name__}: {exc}",
                               writes=len(batch), attempts=attempts)
                         self.failed_writes += len(batch)

@@ -26,12 +26,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-import asyncpg
 
 from tally.state import TallyChange
 
-from .db import is_connection_error
-from .errors import DatabaseUnavailable
+from .db import refused_by_database
 from .log import event
 from .tasks import cancel_and_wait
 
@@ -104,9 +102,7 @@ class TallyPersister:
                     attempts = 0
                 except Exception as exc:
                     attempts += 1
-                    refused = (isinstance(exc, asyncpg.PostgresError) and not is_connection_error(exc)
-                               and not isinstance(exc, DatabaseUnavailable))
-                    if refused or attempts > PERSIST_ATTEMPTS:
+                    if refused_by_database(exc) or attempts > PERSIST_ATTEMPTS:
                         # A row the database refuses would block the queue
                         # forever; later writes carry the latest state.
                         event(log, logging.ERROR, "tally.persist_failed", production=self.production_id,
