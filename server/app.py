@@ -56,10 +56,12 @@ from .keys import (
     DB, DIRECTORY, LIMITER, LIVE_STATE, LIVE_STATE_HOOKS, MEDIA, METRICS, QC, SESSION_SECRET, SETTINGS, STARTED,
     STREAMS_CHANGED, TOKENS,
 )
+from .keys import STREAM_SETTINGS
 from .log import event
 from .metrics import Metrics
 from .qc_events import QcEvents
 from .qc_service import QcService
+from .stream_settings import StreamSettings
 
 log = logging.getLogger("returnfeed.http")
 #: Start/stop steps log under the process's logger, next to main.Server's.
@@ -293,10 +295,28 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
     qc_routes.setup(app, qc)
     metrics.add_collector(qc.collect)
     services.append(Service("qc_events", qc.start, qc.stop, holds_handlers=True))
-    if media is not None and settings.qc.enabled:
+    # Per-stream QC/captions settings in memory, current with every directory
+    # reload (the streams trigger's NOTIFY: a change on any node).
+    stream_settings = StreamSettings(settings.qc, getattr(settings, "captions", None))
+    app[STREAM_SETTINGS] = stream_settings
+
+    async def follow_settings() -> None:
+        stream_settings.update(directory.stream_settings)
+        directory.on_settings.append(stream_settings.update)
+
+    async def unfollow_settings() -> None:
+        if stream_settings.update in directory.on_settings:
+            directory.on_settings.remove(stream_settings.update)
+
+    services.append(Service("stream_settings", follow_settings, unfollow_settings))
+    if media is not None:
         # The tap hands markers, meters and tap states to QC events; it stops
         # first (its last markers are flushed into a still-running QC events).
-        tap = QcService(settings.qc, media.hub, qc)
+        # It always runs: a stream's settings may enable QC at any time
+        # (``[qc] enabled`` is only the default); its workers start with the
+        # first enabled stream.
+        tap = QcService(settings.qc, media.hub, qc, qc_for=stream_settings.qc_for)
+        stream_settings.listeners.append(tap.settings_changed)
         app[QC] = tap
         metrics.add_collector(tap.collect)
         services.append(Service("taps", tap.start, tap.stop, holds_handlers=True))
