@@ -127,6 +127,8 @@ def open_room(browser, base: str, user: str, password: str) -> tuple[Any, Any, C
 TILE = f".tile[data-name={STREAM}]"
 HAS_MARKER = """([kind, open]) => [...document.querySelectorAll('#qc-list li.qc-marker')].some(
     (li) => li.querySelector('.qc-type').textContent === kind && (open === null || li.dataset.open === open))"""
+BADGE = """([sel, shown]) => [...document.querySelectorAll(sel)].some(
+    (b) => b.textContent.startsWith('BLACK')) === shown"""
 FLAGGED = """(kind) => [...document.querySelectorAll('#qc-list li.qc-marker')].some(
     (li) => li.querySelector('.qc-type').textContent === kind && li.dataset.fp === '1')"""
 
@@ -155,14 +157,12 @@ def test_director_enables_qc_and_sees_meters_faults_and_markers(browser, server,
             time.sleep(0.3)
         assert len(readings) >= 3, readings
         # Black (and silence) opens a badge on the tile and a marker in the panel ...
-        a.wait_for_function("(sel) => [...document.querySelectorAll(sel)].some((b) => b.textContent.startsWith('BLACK'))",
-                            arg=f"{TILE} .tile-faults .b-fault", timeout=CYCLE * 1000 + 10000)
+        a.wait_for_function(BADGE, arg=[f"{TILE} .tile-faults .b-fault", True], timeout=CYCLE * 1000 + 10000)
         a.wait_for_function(HAS_MARKER, arg=["black", "1"], timeout=10000)
         # ... which close when the picture and sound come back.
         a.wait_for_function(HAS_MARKER, arg=["black", "0"], timeout=15000)
         a.wait_for_function(HAS_MARKER, arg=["silence", "0"], timeout=15000)
-        a.wait_for_function("(sel) => ![...document.querySelectorAll(sel)].some((b) => b.textContent.startsWith('BLACK'))",
-                            arg=f"{TILE} .tile-faults .b-fault", timeout=10000)
+        a.wait_for_function(BADGE, arg=[f"{TILE} .tile-faults .b-fault", False], timeout=10000)
         # A second director's room lists the same marker.
         ctx_b, b, console_b = open_room(browser, server.url, "qcdir", DIRECTOR_PASSWORD)
         b.wait_for_function(HAS_MARKER, arg=["black", "0"], timeout=15000)
