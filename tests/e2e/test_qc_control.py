@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
@@ -22,6 +23,7 @@ from helpers import ServerProcess, http, login, wait_until
 
 pytestmark = pytest.mark.browser
 
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 ADMIN_PASSWORD = "admin-password-1"
 DIRECTOR_PASSWORD = "qc-director-password"
 STREAM = "qccam"
@@ -159,6 +161,8 @@ def test_director_enables_qc_and_sees_meters_faults_and_markers(browser, server,
         # Black (and silence) opens a badge on the tile and a marker in the panel ...
         a.wait_for_function(BADGE, arg=[f"{TILE} .tile-faults .b-fault", True], timeout=CYCLE * 1000 + 10000)
         a.wait_for_function(HAS_MARKER, arg=["black", "1"], timeout=10000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        a.screenshot(path=str(ARTIFACTS / "control-qc-fault.png"))
         # ... which close when the picture and sound come back.
         a.wait_for_function(HAS_MARKER, arg=["black", "0"], timeout=15000)
         a.wait_for_function(HAS_MARKER, arg=["silence", "0"], timeout=15000)
@@ -192,6 +196,8 @@ def test_settings_dialog_by_keyboard(browser, server, show) -> None:
         page.focus(settings)
         page.keyboard.press("Enter")
         dialog = page.wait_for_selector("#qc-settings-dialog[open]", timeout=10000)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "control-qc-settings.png"))
         # The room's shortcuts stay out of the dialog: Space toggles a checkbox, not CUT.
         assert page.evaluate("document.activeElement.name") == "qc_enabled"
         page.fill("#qc-settings-dialog input[name=black_d]", "3.5")
