@@ -300,6 +300,9 @@ class StreamSettings:
         self.qc_config = qc_config
         self.captions_config = captions_config
         self._stored: dict[str, dict[str, Any]] = {}
+        # The QC poll asks for every live stream twice a second: worked out
+        # once per change, not per ask.
+        self._qc: dict[str, QcStreamSettings] = {}
         self.listeners: list[Listener] = []
 
     def update(self, settings: Mapping[str, Any]) -> set[str]:
@@ -319,6 +322,8 @@ class StreamSettings:
         old = self._stored
         changed = {n for n in old.keys() | new.keys() if old.get(n, {}) != new.get(n, {})}
         self._stored = new
+        for n in changed:
+            self._qc.pop(n, None)
         if changed:
             for cb in list(self.listeners):
                 try:
@@ -331,7 +336,12 @@ class StreamSettings:
         return self._stored.get(name, {})
 
     def qc_for(self, name: str) -> QcStreamSettings:
-        return effective_qc(self.qc_config, name, self._stored.get(name))
+        found = self._qc.get(name)
+        if found is None:
+            found = effective_qc(self.qc_config, name, self._stored.get(name))
+            if len(self._qc) < 4 * len(self._stored) + 1024:  # bounded by the streams there are
+                self._qc[name] = found
+        return found
 
     def captions_for(self, name: str) -> CaptionStreamSettings:
         return effective_captions(self.captions_config, self._stored.get(name))

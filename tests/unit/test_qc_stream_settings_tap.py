@@ -114,8 +114,10 @@ async def test_service_follows_per_stream_settings(clip) -> None:
         settings.set("cam", {"enabled": False})
         assert "cam" not in qc._taps
         await until(lambda: [s for s in sink.states if s[0] == "cam" and s[1] == "stopped"])
-        # On again (e.g. from another node's NOTIFY, with the poll only): attached again.
-        settings.store._stored["cam"] = {"qc": {"enabled": True}}
+        # On again, and this time only the poll notices: attached within a poll.
+        settings.store.listeners.remove(qc.settings_changed)
+        settings.set("cam", {"enabled": True})
+        assert "cam" not in qc._taps
         await until(lambda: "cam" in qc._taps, timeout=5)
         assert qc.enabled_for("cam")
     finally:

@@ -125,6 +125,7 @@ def test_store_tells_listeners_which_streams_changed() -> None:
     assert heard == [{"b"}]
     store.update({"a": {}, "b": {"qc": {"enabled": False}}})
     assert heard[-1] == {"b"}
+    assert not store.qc_for("b").enabled  # the cached answer went with the change
     store.update({"a": {}})  # b deleted: its listeners hear it
     assert heard[-1] == {"b"}
     assert store.stored("b") == {}
