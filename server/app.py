@@ -19,6 +19,10 @@ order, and the started ones stop in reverse, each once:
     4. QC events (/ws/events, markers)   2. media  ─┐ cleanup, after the
     5. taps (live QC worker → QC events) 1. purge  ─┘ in-flight requests
 
+Just before the taps, ``stream_settings`` starts following the directory's
+reloads (per-stream QC/captions settings, which the taps listen to) and
+stops following them after the taps have stopped.
+
 Tally stops at ``on_shutdown``: its WebSocket handlers end only when the
 service closes them (1001 going away), and aiohttp waits for handlers
 between ``on_shutdown`` and cleanup (aiohttp's documented place for closing
