@@ -27,6 +27,10 @@ const FIELDS = [
 const LANGUAGE_NAMES = { en: "English", es: "Spanish", ko: "Korean", fr: "French", de: "German", ja: "Japanese",
   zh: "Chinese", pt: "Portuguese", it: "Italian", nl: "Dutch" };
 
+/** A poll answer may have left before a PATCH landed: for this long after
+ * one, the PATCH's own answer is what the tile shows. */
+const STALE_POLL_MS = 2500;
+
 const settingsPath = (name) => `/api/v1/streams/${encodeURIComponent(name)}/settings`;
 
 /** Keep a control's clicks and keys to itself: the tile is a button too. */
@@ -53,6 +57,7 @@ export class TileSettings {
     this.onChange = onChange || (() => {});
     this.effective = null;
     this.busy = false;
+    this.patchedAt = -Infinity;
     this.qc = isolate(h("button", { type: "button", class: "tile-toggle tile-qc", "aria-pressed": "false" }, "QC"));
     this.cc = isolate(h("button", { type: "button", class: "tile-toggle tile-cc", "aria-pressed": "false" }, "CC"));
     this.more = isolate(h("button", { type: "button", class: "tile-toggle tile-settings",
@@ -66,7 +71,7 @@ export class TileSettings {
 
   /** The stream as the poll returned it. */
   update(stream) {
-    if (stream && stream.effective_settings && !this.busy) {
+    if (stream && stream.effective_settings && !this.busy && performance.now() - this.patchedAt > STALE_POLL_MS) {
       this.effective = stream.effective_settings;
       this.render();
     }
@@ -98,6 +103,7 @@ export class TileSettings {
     try {
       const out = await api(this.session(), "PATCH", settingsPath(this.name), body);
       this.effective = out.effective;
+      this.patchedAt = performance.now();
       this.onChange(out.effective);
       return out;
     } catch (err) {
