@@ -12,6 +12,7 @@ unit tests drive directly.
 Messages into the worker (tuples, cheap to pickle)::
 
     ("attach", stream, thresholds_dict)   ("detach", stream)   ("stop",)
+    ("thresholds", stream, thresholds_dict)  # new thresholds for an attached stream
     ("video", stream, codec, t, keyframe, data)   ("audio", stream, codec, t, data)
     ("reset", stream, reason)             # a Discontinuity on the reader
 
@@ -407,6 +408,19 @@ def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
                 continue
             tap = taps.get(name)
             if tap is None:
+                continue
+            if op == "thresholds":
+                # The detectors take their thresholds when built: the open
+                # markers close at the change and detection starts over with
+                # the new values; the decoders carry on (no keyframe wait).
+                try:
+                    th = Thresholds.from_mapping(msg[2] or {})
+                except (TypeError, ValueError) as exc:
+                    out.append(("state", name, "running", f"bad thresholds kept the old ones: {exc}"[:200]))
+                    continue
+                out += [("marker", name, e) for e in tap.engine.flush()]
+                tap.thresholds = th
+                tap.engine = QcEngine(th)
                 continue
             if op == "detach":
                 del taps[name]

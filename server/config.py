@@ -247,13 +247,14 @@ class LogSettings(_Section):
 
 
 class QcSettings(_Section):
-    """The live QC tap (issue 12; DESIGN.md "Live QC and captions"). Per-stream
-    enable/thresholds are config only for now: the directory the server keeps
-    does not carry the streams' settings."""
+    """The live QC tap (issue 12; DESIGN.md "Live QC and captions"). These
+    are the defaults: a stream's stored settings (PATCH
+    /api/v1/streams/{name}/settings, server/stream_settings.py) override
+    them field by field."""
 
-    #: Off until it can be switched per stream from the control room: on,
-    #: every live stream's lowest layer and audio are decoded and analysed
-    #: in the QC worker process (about 7-11 % of a core per stream here).
+    #: The default for streams that store no ``qc.enabled``: on, every such
+    #: live stream's lowest layer and audio are decoded and analysed in the
+    #: QC worker process (about 7-11 % of a core per stream here).
     enabled: bool = False
     #: Video frames analysed per second (every frame is still decoded).
     analysis_fps: float = Field(10.0, gt=0, le=60)

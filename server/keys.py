@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .qc_events import QcEvents
     from .qc_service import QcService
+    from .stream_settings import StreamSettings
     from .tally_service import TallyService
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -41,6 +42,9 @@ MEDIA: web.AppKey[MediaService] = web.AppKey("media")
 TALLY: web.AppKey[TallyService] = web.AppKey("tally")
 #: The live QC tap (hub readers → QC worker process → sink).
 QC: web.AppKey[QcService] = web.AppKey("qc")
+#: Per-stream QC/captions settings in memory (``qc_for``, ``captions_for``,
+#: ``caption_options``), kept current by the directory.
+STREAM_SETTINGS: web.AppKey[StreamSettings] = web.AppKey("stream_settings")
 #: Tally WebSocket caps per link, address and production.
 WS_CAPS: web.AppKey[ConnectionCaps] = web.AppKey("ws_caps")
 

@@ -14,8 +14,13 @@ after 0.5 s, doubling to 30 s while it keeps dying; its streams are attached
 again. Streams attach when the hub shows them live and detach when their
 reader ends (the stream closed): the hub has no events, so a short poll.
 
-Per-stream enable and thresholds are configuration only (``[qc]``): the
-directory the server keeps does not carry the streams' settings jsonb.
+Per-stream enable and thresholds come from ``qc_for(name)``
+(server/stream_settings.py: the stream's stored settings over the ``[qc]``
+defaults). The poll attaches a stream when it is enabled and detaches it
+when it no longer is; a changed threshold mapping goes to the worker as a
+``thresholds`` message. :meth:`settings_changed` runs the same check at once
+when the directory reports a change. Worker processes start with the first
+stream that is tapped, not with the server: QC off everywhere costs nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
@@ -36,6 +41,7 @@ from media.stream import Discontinuity, Frame, Reader, StreamClosed, StreamHub, 
 
 from .config import QcSettings
 from .log import event
+from .stream_settings import QcStreamSettings, effective_qc
 
 log = logging.getLogger("returnfeed.qc")
 
@@ -60,6 +66,8 @@ class _Tap:
     reader: Reader
     layer: str | None
     task: asyncio.Task | None = None
+    #: The threshold mapping last sent to the worker for this stream.
+    thresholds: dict[str, float | int] | None = None
 
 
 @dataclass(slots=True)
@@ -86,8 +94,11 @@ class LogSink:
 
 class QcService:
     def __init__(self, settings: QcSettings, hub: StreamHub, sink: QcSink | None = None, *,
-                 poll_s: float = POLL_S) -> None:
+                 poll_s: float = POLL_S, qc_for: Callable[[str], QcStreamSettings] | None = None) -> None:
         self.settings = settings
+        #: A stream's effective QC settings; without a settings store, the
+        #: configuration's ``[qc]`` alone.
+        self.qc_for: Callable[[str], QcStreamSettings] = qc_for or (lambda name: effective_qc(settings, name, None))
         self.hub = hub
         self.sink: QcSink = sink or LogSink()
         self.poll_s = poll_s
@@ -108,11 +119,9 @@ class QcService:
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        if not self.settings.enabled:
-            return
+        # The workers start with their first stream (_attach): a server where
+        # no stream has QC enabled runs no QC process.
         self._loop = asyncio.get_running_loop()
-        for slot in self._slots:
-            self._start_worker(slot)
         self._poller = self._loop.create_task(self._poll())
 
     async def stop(self) -> None:
@@ -205,11 +214,21 @@ class QcService:
 
     def _send_attach(self, w: TapWorker, name: str) -> None:
         assert w.channel is not None
-        w.channel.control(("attach", name, self.settings.stream_thresholds()))
+        thresholds = self.qc_for(name).thresholds
+        w.channel.control(("attach", name, thresholds))
+        tap = self._taps.get(name)
+        if tap is not None:
+            tap.thresholds = thresholds
 
     # -- streams -------------------------------------------------------------------
     def enabled_for(self, name: str) -> bool:
-        return self.settings.enabled and name not in self.settings.disabled_streams
+        return self.qc_for(name).enabled
+
+    def settings_changed(self, names: set[str]) -> None:
+        """The settings store's listener: apply a change now rather than at
+        the next poll (enable, disable, thresholds)."""
+        if self._loop is not None and not self._stopping:
+            self.sync()
 
     async def _poll(self) -> None:
         while True:
@@ -218,18 +237,35 @@ class QcService:
 
     def sync(self) -> None:
         """Attach live streams not yet tapped; re-attach one whose lowest
-        layer changed (a simulcast layer appeared or left)."""
+        layer changed (a simulcast layer appeared or left); detach one whose
+        QC was switched off; send changed thresholds."""
         for stream in self.hub:
-            if stream.state != StreamState.LIVE or not stream.tracks or not self.enabled_for(stream.name):
+            settings = self.qc_for(stream.name)
+            tap = self._taps.get(stream.name)
+            if not settings.enabled:
+                if tap is not None:
+                    self._detach(stream.name)
+                    event(log, logging.INFO, "qc.detached", stream=stream.name, reason="disabled")
+                continue
+            if stream.state != StreamState.LIVE or not stream.tracks:
                 continue
             layers = list(stream.layers)
             lowest = layers[-1] if layers else None
-            tap = self._taps.get(stream.name)
             if tap is not None:
                 if tap.layer == lowest:
+                    if tap.thresholds is not None and tap.thresholds != settings.thresholds:
+                        self._send_thresholds(tap, settings.thresholds)
                     continue
                 self._detach(stream.name)
             self._attach(stream, lowest)
+
+    def _send_thresholds(self, tap: _Tap, thresholds: dict[str, float | int]) -> None:
+        w = self._slots[tap.worker].worker
+        if w is None or w.channel is None:
+            return  # the restart's attach carries the current thresholds
+        if w.channel.control(("thresholds", tap.name, thresholds)):
+            tap.thresholds = thresholds
+            event(log, logging.INFO, "qc.thresholds", stream=tap.name)
 
     def _attach(self, stream: Any, layer: str | None) -> None:
         name = stream.name
@@ -244,6 +280,14 @@ class QcService:
         self._taps[name] = tap
         if slot.worker is not None:
             self._send_attach(slot.worker, name)
+        elif slot.restarting is None:
+            # The slot's first stream: start its worker (it attaches slot.streams).
+            try:
+                self._start_worker(slot)
+            except OSError as exc:
+                event(log, logging.ERROR, "qc.worker_start_failed", worker=slot.index, error=str(exc))
+                slot.delay = next_backoff(slot.delay)
+                slot.restarting = self._loop.create_task(self._restart(slot, slot.delay))
         assert self._loop is not None
         tap.task = self._loop.create_task(self._forward(tap))
         event(log, logging.INFO, "qc.attached", stream=name, layer=layer, worker=slot.index)
