@@ -73,7 +73,8 @@ class HttpSettings(_Section):
     #: ``<data_dir>/tls/server.crt`` and ``server.key``; plain HTTP otherwise.
     #: "on": refuse to start without a certificate. "off": plain HTTP.
     tls: Literal["auto", "on", "off"] = "auto"
-    #: PEM certificate chain and private key; re-read on SIGHUP.
+    #: PEM certificate chain and private key; re-read on SIGHUP. A TLS
+    #: handshake must be done within ``header_timeout_s``.
     tls_cert: str = ""
     tls_key: str = ""
     #: With TLS: a plain-HTTP port that answers 308 to the HTTPS URL

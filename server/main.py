@@ -37,7 +37,7 @@ from .keys import DB, STARTED, TALLY
 from .log import event
 from .media_service import MediaService
 from .tally_service import TallyService
-from .tls import TlsCertificate, install_hsts, redirect_app, tls_files
+from .tls import TlsCertificate, TlsSite, install_hsts, redirect_app, tls_files
 
 log = logging.getLogger("returnfeed")
 
@@ -129,8 +129,11 @@ class Server:
                                         handle_signals=False, access_log=None,
                                         keepalive_timeout=s.http.keepalive_timeout_s)
             await self.runner.setup()
-            site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True,
-                               ssl_context=self.tls.context if self.tls is not None else None)
+            if self.tls is not None:
+                site: web.TCPSite = TlsSite(self.runner, s.http.host, s.http.port, ssl_context=self.tls.context,
+                                            handshake_timeout_s=s.http.header_timeout_s)
+            else:
+                site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
             await site.start()
             if self.tls is not None and s.http.redirect_port:
                 await self._start_redirect()

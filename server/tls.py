@@ -25,6 +25,7 @@ sees the new certificate with the old key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import ssl
@@ -150,6 +151,34 @@ class TlsCertificate:
         self.reloads += 1
         event(log, logging.INFO, "tls.reloaded", cert=str(self.files.cert), sha256=self.fingerprint)
         return True
+
+
+# -- the listener --------------------------------------------------------------
+
+class TlsSite(web.TCPSite):
+    """aiohttp's TCP site with a bound on the TLS handshake. The connection
+    limits of server.http_guard start only once the handshake is done (the
+    HTTP protocol sees the connection then), and asyncio's own default
+    bound is 60 s: a client that opens connections and never finishes
+    its handshake is held to the header timeout instead."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context: ssl.SSLContext,
+                 handshake_timeout_s: float, reuse_address: bool = True) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context, reuse_address=reuse_address)
+        self._rf_handshake_timeout = handshake_timeout_s
+
+    async def start(self) -> None:
+        # TCPSite.start with ssl_handshake_timeout added: BaseSite.start
+        # registers the site with its runner, then the one create_server.
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._rf_handshake_timeout)
+        self._bound_port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self._port
 
 
 # -- HSTS ----------------------------------------------------------------------

@@ -167,3 +167,41 @@ def test_redirect_app() -> None:
     ]
     assert asyncio.run(_redirects("https://feeds.example.com/"))[0] == \
         (308, "https://feeds.example.com/camera/cam1?token=x%2By&a=1")
+
+
+async def _stalled_handshake(tmp: Path) -> tuple[bytes, int]:
+    from server.tls import TlsSite
+
+    made = make_local_certificates(tmp, ["localhost"], include_host=False)
+    tls = TlsCertificate(TlsFiles(made.server_cert, made.server_key, "data_dir"))
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = TlsSite(runner, "127.0.0.1", 0, ssl_context=tls.context, handshake_timeout_s=0.5)
+    await site.start()
+    try:
+        # A client that connects and never says hello is closed by the server.
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port)
+        eof = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        # One that handshakes is served.
+        client = ssl.create_default_context(cafile=str(made.ca_cert))
+        reader, writer = await asyncio.open_connection("127.0.0.1", site.port, ssl=client,
+                                                       server_hostname="localhost")
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        status = int((await reader.readline()).split()[1])
+        writer.close()
+        return eof, status
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
+def test_tls_handshake_is_bounded(tmp_path: Path, run: Any) -> None:
+    eof, status = run(_stalled_handshake(tmp_path))
+    assert eof == b"" and status == 200
