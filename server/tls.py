@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .errors import json_error
+from .errors import ApiError, json_error
 from .log import event
 
 log = logging.getLogger("returnfeed.tls")
@@ -212,7 +212,10 @@ def redirect_app(https_port: Callable[[], int], public_url: str,
     async def redirect(request: web.Request) -> web.StreamResponse:
         handler = direct.get(request.path)
         if handler is not None and request.method in ("GET", "HEAD"):
-            return await handler(request)
+            try:
+                return await handler(request)
+            except ApiError as exc:  # this app has no error middleware
+                return exc.response()
         if public_url:
             base = public_url.rstrip("/")
         else:

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from server.certs import make_local_certificates
 from server.config import HttpSettings
+from server.errors import NotFound
 from server.tls import TlsCertificate, TlsConfigError, TlsFiles, install_hsts, redirect_app, tls_files
 
 
@@ -147,12 +148,15 @@ async def _redirects(public_url: str) -> list[tuple[int, str]]:
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    app = redirect_app(lambda: 8443, public_url, {"/healthz": health})
+    async def no_ca(request: web.Request) -> web.Response:
+        raise NotFound("this server has no local CA")
+
+    app = redirect_app(lambda: 8443, public_url, {"/healthz": health, "/ca.crt": no_ca})
     out = []
     async with TestClient(TestServer(app)) as client:
         for method, path, host in (("GET", "/camera/cam1?token=x%2By&a=1", "studio.lan:8080"),
                                    ("POST", "/whip/cam1", "[fd00::2]:8080"), ("GET", "/healthz", "studio.lan"),
-                                   ("POST", "/healthz", "studio.lan")):
+                                   ("POST", "/healthz", "studio.lan"), ("GET", "/ca.crt", "studio.lan")):
             resp = await client.request(method, path, headers={"Host": host}, allow_redirects=False)
             out.append((resp.status, resp.headers.get("Location", "")))
     return out
@@ -164,6 +168,7 @@ def test_redirect_app() -> None:
         (308, "https://[fd00::2]:8443/whip/cam1"),
         (200, ""),
         (308, "https://studio.lan:8443/healthz"),
+        (404, ""),  # the JSON 404 of a server without a local CA, not a 500
     ]
     assert asyncio.run(_redirects("https://feeds.example.com/"))[0] == \
         (308, "https://feeds.example.com/camera/cam1?token=x%2By&a=1")
