@@ -92,3 +92,16 @@ def test_trusted_proxies_must_be_networks() -> None:
         load_settings(None, {"http.trusted_proxies": ["10.0.0.0/8", "not-a-network"]}, environ={})
     s = load_settings(None, environ={"RETURNFEED_HTTP__TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.1"})
     assert s.http.trusted_proxies == ["10.0.0.0/8", "192.168.1.1"]
+
+
+def test_one_place_reads_the_peer_address() -> None:
+    """Every client address in server/ comes from server.proxy; only the
+    connection guard reads the TCP peer itself (it runs before any header
+    exists, and asks server.proxy whether that peer is a trusted proxy)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "server"
+    readers = {str(p.relative_to(root)) for p in root.rglob("*.py")
+               if re.search(r"peername|request\.remote\b|\.remote\s*\)", p.read_text())}
+    assert readers == {"proxy.py", "http_guard.py"}
