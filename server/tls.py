@@ -16,11 +16,12 @@ uvloop) wrap every accepted connection with ``context.wrap_bio()``, and
 ``SSL_new`` copies the context's certificate and key into the connection at
 that moment. So a connection keeps the certificate it was accepted with (an
 open WebSocket is not disturbed) and every later handshake gets the new one.
-An SNI callback that hands out the current context would also work, but
-only for clients that send SNI — RFC 6066 §3 forbids an IP literal in it,
-and phones on a LAN open ``https://192.168.1.20:8080/``. Reloading runs on
-the event loop thread, where every handshake runs too, so no handshake ever
-sees the new certificate with the old key.
+An SNI callback that hands out the current context works too (OpenSSL 3
+calls it with ``server_name=None`` for a client that sends no SNI, as one
+that opens ``https://192.168.1.20:8080/`` does, RFC 6066 §3), but it adds a
+second context and a callback on every handshake for the same effect.
+Reloading runs on the event loop thread, where every handshake runs too,
+so no handshake ever sees the new certificate with the old key.
 """
 
 from __future__ import annotations
