@@ -1,9 +1,11 @@
 """Process lifecycle: the database and directory around the HTTP application.
 
-Start: database (embedded or external) → migrations → first admin → token
-service → directory → the app (:func:`server.app.create_app`), whose runner
-starts the media and tally services (``app.cleanup_ctx``, in the order
-drawn in :mod:`server.app`) → HTTP site → metrics site. Stop
+Start: TLS certificate, when there is one (:mod:`server.tls`) → database
+(embedded or external) → migrations → first admin → token service →
+directory → the app (:func:`server.app.create_app`), whose runner starts the
+media and tally services (``app.cleanup_ctx``, in the order drawn in
+:mod:`server.app`) → HTTP(S) site → redirect site → metrics site. SIGHUP
+re-reads the certificate. Stop
 (SIGINT/SIGTERM): stop accepting, close tally sockets, let in-flight
 requests finish within ``http.shutdown_timeout_s``, stop media, close the
 directory and the pool, stop the embedded PostgreSQL. A second signal
