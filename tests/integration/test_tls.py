@@ -99,6 +99,7 @@ def tls_server(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "RETURNFEED_HTTP__REDIRECT_PORT": str(redirect_port),
         "RETURNFEED_HTTP__TRUSTED_PROXIES": f"{PROXY_ADDR}/32",
         "RETURNFEED_AUTH__LOGIN_FAILURES_PER_IP": "2",
+        "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "3",
     })
     srv.start()
     try:
@@ -296,3 +297,28 @@ def test_trusted_proxy_chain_and_spoofed_header(tls_server) -> None:
     assert _failed_login(env, source=STRANGER_ADDR, xff="203.0.113.8") == 401
     assert _failed_login(env, source=STRANGER_ADDR, xff="203.0.113.8") == 429
     assert _failed_login(env, source=PROXY_ADDR, xff="203.0.113.9") == 401
+
+
+def test_connection_cap_spares_the_trusted_proxy(tls_server) -> None:
+    """Every client behind a proxy shares its address: the per-address cap
+    (3 here) holds for other addresses, not for the trusted proxy."""
+    env = tls_server
+    ctx = _client_context(env["ca"])
+
+    def hold(source: str) -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", env["port"]), timeout=10, source_address=(source, 0))
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+
+    held = [hold(PROXY_ADDR) for _ in range(5)]
+    try:
+        status, _, _ = _request(env["port"], "GET", "/healthz", ctx=ctx, source=PROXY_ADDR)
+        assert status == 200
+        held += [hold(STRANGER_ADDR) for _ in range(3)]
+        extra = hold(STRANGER_ADDR)
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = extra.recv(4096)
+        extra.close()
+        assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
+    finally:
+        for sock in held:
+            sock.close()

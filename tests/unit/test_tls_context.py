@@ -210,3 +210,17 @@ async def _stalled_handshake(tmp: Path) -> tuple[bytes, int]:
 def test_tls_handshake_is_bounded(tmp_path: Path, run: Any) -> None:
     eof, status = run(_stalled_handshake(tmp_path))
     assert eof == b"" and status == 200
+
+
+def test_serve_refuses_to_start_without_a_certificate_when_tls_is_on(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "RETURNFEED_HTTP__TLS": "on", "RETURNFEED_LOG__FORMAT": "text"}
+    env.pop("DATABASE_URL", None)
+    run = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path), "--http-port", "0"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "returnfeed cert" in run.stderr
+    assert not (tmp_path / "pg").exists()  # refused before the database was started
