@@ -153,3 +153,17 @@ def test_camera_page_is_a_secure_context_over_https(chromium, https_server) -> N
         assert not errors, errors
     finally:
         ctx.close()
+
+
+def test_landing_page_offers_the_local_ca(chromium, https_server) -> None:
+    env = https_server
+    ca = _api(env, "GET", "/ca.json")
+    ctx = chromium.new_context(**PHONE)
+    try:
+        page = ctx.new_page()
+        page.goto(env["base"] + "/")
+        page.wait_for_selector("#local-ca:not([hidden])", timeout=10000)
+        assert page.text_content("#ca-fingerprint") == ca["fingerprint_sha256"]
+        assert page.get_attribute("#local-ca a[href='/ca.crt']", "download") == "returnfeed-ca.crt"
+    finally:
+        ctx.close()
