@@ -59,6 +59,34 @@ class Thresholds:
     tolerance_lu: float = 1.0
     loudness_d: float = 2.0
     true_peak_dbtp: float = -1.0
+    # Stream detectors (live_qc/stream.py). stall: a track delivered no frame
+    # for stall_d seconds of wall clock while the other track or the
+    # connection still delivered.
+    stall_d: float = 2.0
+    # frame rate: frames over fps_window_s (media time) below fps_ratio × the
+    # stream's own rate over the preceding rate_baseline_s, for fps_d.
+    fps_ratio: float = 0.8
+    fps_window_s: float = 1.0
+    fps_d: float = 2.0
+    # bitrate: video bytes over bitrate_window_s below bitrate_ratio × the
+    # same baseline, for bitrate_d (a window that long holds a keyframe at
+    # usual GOPs, so keyframe bursts do not count as swings).
+    bitrate_ratio: float = 0.25
+    bitrate_window_s: float = 2.0
+    bitrate_d: float = 2.0
+    rate_baseline_s: float = 10.0
+    rate_clear_s: float = 1.0
+    # transport: TR 101 290 counters, SRT loss/drop, format changes and
+    # B-frames; a marker closes after transport_clear_s without a new one.
+    transport_clear_s: float = 2.0
+    # SRT: within srt_window_s, ≥ srt_loss_min packets reported lost and at
+    # least srt_loss_ratio of those expected (a retransmission may still
+    # repair them: warning); ≥ srt_drop_min dropped as too late (lost for
+    # good: error).
+    srt_window_s: float = 1.0
+    srt_loss_ratio: float = 0.02
+    srt_loss_min: int = 10
+    srt_drop_min: int = 1
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> "Thresholds":
