@@ -43,6 +43,9 @@ Markers (type / subtype, severity):
     (media/mpegts/events.py ``TsCounters``). A counter that grows opens the
     marker (or extends it; an ``update`` at most once a second carries the
     counts) and it closes ``transport_clear_s`` after the last increment.
+    ``pcr_repetition_error`` is timed on arrival, so it needs
+    ``pcr_repetition_min`` within ``pcr_repetition_window_s`` to open (one
+    late PCR is network or event-loop jitter).
     ``srt_loss`` (warning) / ``srt_drop`` (error): libsrt's loss/drop totals
     over ``srt_window_s`` (see the thresholds), same hysteresis.
     ``b_frames`` (error): reordered frames (pts ≠ dts, or pts going back);
@@ -164,6 +167,7 @@ class StreamMonitor:
         self._srt_loss = _CounterFault(FaultTracker("transport", "srt_loss", 0.0, 0.0, "warning"))
         self._srt_drop = _CounterFault(FaultTracker("transport", "srt_drop", 0.0, 0.0, "error"))
         self._srt_win: deque[tuple[float, int, int, int]] = deque()  # (now, lost, received, dropped)
+        self._pcr_hits: deque[tuple[float, int]] = deque()  # (now, PCR_repetition_errors) in the window
         self._srt_sums = [0, 0, 0]
 
     # -- the media axis ------------------------------------------------------------
@@ -359,6 +363,18 @@ class StreamMonitor:
         since = self._sampled_at if self._sampled_at is not None else now
         self._sampled_at = now
         t0, t1 = self.media_at(since), self.media_at(now)
+        th = self.th
+        pcr = hits.get("pcr_repetition_error")
+        if pcr:
+            self._pcr_hits.append((now, pcr))
+        while self._pcr_hits and self._pcr_hits[0][0] <= now - th.pcr_repetition_window_s:
+            self._pcr_hits.popleft()
+        if pcr and not self._tr["pcr_repetition_error"].tracker.is_open:
+            in_window = sum(n for _, n in self._pcr_hits)
+            if in_window < th.pcr_repetition_min:
+                del hits["pcr_repetition_error"]  # a lone late PCR: arrival jitter (see the thresholds)
+            else:
+                hits["pcr_repetition_error"] = in_window
         for name, n in hits.items():
             fault = self._tr[name]
             fault.counts["count"] = fault.counts.get("count", 0) + n
@@ -376,7 +392,6 @@ class StreamMonitor:
             sums[0] -= a
             sums[1] -= b
             sums[2] -= c
-        th = self.th
         if lost and sums[0] >= th.srt_loss_min and sums[0] >= th.srt_loss_ratio * (sums[0] + sums[1]):
             self._srt_loss.counts.update(lost_in_window=sums[0], received_in_window=sums[1],
                                          window_s=th.srt_window_s)

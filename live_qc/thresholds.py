@@ -79,6 +79,16 @@ class Thresholds:
     # transport: TR 101 290 counters, SRT loss/drop, format changes and
     # B-frames; a marker closes after transport_clear_s without a new one.
     transport_clear_s: float = 2.0
+    # PCR_repetition_error is timed on arrival: behind a network and an
+    # event loop the PCRs' arrival jitters by tens of ms while FFmpeg's
+    # default PCR period is 80 ms at 25 fps (the highest multiple of the
+    # frame duration under 100 ms), so a lone excess is measurement noise.
+    # The marker needs pcr_repetition_min within pcr_repetition_window_s; a
+    # stream whose PCRs really are too far apart exceeds on every one (10 in
+    # 2 s at 200 ms), while a loaded 2-core test machine showed bursts of up
+    # to 3 in a second on healthy 80 ms-PCR SRT feeds.
+    pcr_repetition_min: int = 6
+    pcr_repetition_window_s: float = 2.0
     # SRT: within srt_window_s, ≥ srt_loss_min packets reported lost and at
     # least srt_loss_ratio of those expected (a retransmission may still
     # repair them: warning); ≥ srt_drop_min dropped as too late (lost for

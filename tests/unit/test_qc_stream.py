@@ -324,7 +324,7 @@ def _counter_run(schedule: dict[float, dict[str, int]]):
 def test_every_tr101290_counter_opens_a_transport_marker_with_its_priority():
     names = TR101290_P1 + TR101290_P2
     schedule = {5.0 + i: {name: 1} for i, name in enumerate(names)}
-    feed = Feed(StreamMonitor(Thresholds(transport_clear_s=0.5)))
+    feed = Feed(StreamMonitor(Thresholds(transport_clear_s=0.5, pcr_repetition_min=1)))
     feed.run(20.0, counters=_counter_run(schedule))
     for i, name in enumerate(names):
         ev = feed.of(name)
@@ -351,6 +351,20 @@ def test_cc_errors_extend_one_marker_and_close_after_the_quiet_period():
     assert closed.end == pytest.approx(7.0, abs=0.11)
     assert cc[-1][0] == pytest.approx(9.0, abs=0.11)
     assert closed.metadata == {"count": 7, "total": 7}
+
+
+def test_a_lone_late_pcr_is_jitter_but_late_pcrs_in_a_row_are_a_marker():
+    schedule = {3.0: {"pcr_repetition_error": 1}, 5.0: {"pcr_repetition_error": 1},
+                10.0: {"pcr_repetition_error": 2}, 10.3: {"pcr_repetition_error": 1},
+                10.6: {"pcr_repetition_error": 2}}
+    feed = Feed(StreamMonitor(Thresholds(pcr_repetition_min=3, pcr_repetition_window_s=1.0,
+                                         transport_clear_s=1.0)))
+    feed.run(15.0, counters=_counter_run(schedule))
+    pcr = feed.of("pcr_repetition_error")
+    assert kinds(pcr)[0] == "open" and kinds(pcr)[-1] == "close"
+    assert pcr[0][0] == pytest.approx(10.3, abs=0.01)
+    assert pcr[-1][1].marker.metadata["count"] == 5  # the ones that made it a fault count too
+    assert pcr[-1][1].marker.severity == "warning"
 
 
 def test_first_sample_and_a_restarted_source_are_baselines_not_errors():
