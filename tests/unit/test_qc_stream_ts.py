@@ -219,3 +219,37 @@ def test_captured_b_frames_open_a_b_frames_marker() -> None:
     assert b[0].marker.start < 2.0  # the first reordered frame (the file's timeline begins at 1.4 s)
     zerolatency = run((FIXTURES / "h264_aac_zerolatency.ts").read_bytes())
     assert "b_frames" not in subtypes(zerolatency)
+
+
+# -- returnfeed qc FILE: the same monitor over a recording's packets ----------------
+
+
+def test_file_scan_finds_cc_errors_and_b_frames_and_nothing_on_a_clean_file(clean_ts, tmp_path) -> None:
+    import av
+
+    from live_qc.filescan import analyse_file, scan_ts
+
+    clean = tmp_path / "clean.ts"
+    clean.write_bytes(clean_ts)
+    assert not [m for m in analyse_file(str(clean)).markers if m.type in ("transport", "stall")]
+    pkts = packets(clean_ts)
+    i = at_fraction(pkts, 0.5, lambda p: pid(p) == 0x100 and p[3] & 0x10 and not p[1] & 0x40)
+    pkts[i][3] = (pkts[i][3] & 0xF0) | ((pkts[i][3] + 5) & 0x0F)
+    broken = tmp_path / "broken.ts"
+    broken.write_bytes(b"".join(pkts))
+    with av.open(str(broken)) as c:
+        origin = c.start_time / 1e6
+    # The picture the lost packets belonged to: the PTS of the PES that packet is in.
+    start = next(p for p in reversed(pkts[:i + 1]) if pid(p) == 0x100 and p[1] & 0x40)
+    pes = 4 + (1 + start[4] if start[3] & 0x20 else 0)
+    h = start[pes + 9:pes + 14]
+    pts = ((h[0] >> 1) & 7) << 30 | h[1] << 22 | (h[2] >> 1) << 15 | h[3] << 7 | h[4] >> 1
+    report = analyse_file(str(broken))
+    cc = [m for m in report.markers if (m.type, m.subtype) == ("transport", "cc_error")]
+    assert len(cc) == 1 and cc[0].severity == "error" and cc[0].end is not None
+    # On the file's timeline (media time, like every marker): at the damaged
+    # picture, from the counter sample before it (0.1 s apart).
+    assert cc[0].start == pytest.approx(pts / 90000 - origin, abs=0.2)
+    assert report.to_json()["markers"]  # the CLI's JSON carries it
+    b = scan_ts(str(FIXTURES / "h264_aac_bframes.ts"))
+    assert [(m.type, m.subtype, m.severity) for m in b] == [("transport", "b_frames", "error")]
