@@ -113,6 +113,9 @@ class QcService:
         # Stream detectors (live_qc/stream.py), on the loop: O(1) per frame.
         self._monitors: dict[str, StreamMonitor] = {}
         self._monitor_task: asyncio.Task | None = None
+        # Streams whose monitor raised: the forwarding to the worker goes on
+        # without it (until the stream is tapped again).
+        self._monitor_failed: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -323,24 +326,48 @@ class QcService:
     def _monitor_frame(self, name: str, frame: Frame) -> None:
         monitor = self._monitors.get(name)
         if monitor is None:
+            if name in self._monitor_failed:
+                return
             monitor = self._monitors[name] = StreamMonitor(self._monitor_thresholds(name))
         ts = frame.pts if frame.pts is not None else frame.dts
         if ts is None:
             return
-        events = monitor.on_frame(frame.kind, frame.arrival, ts / frame.clock_rate, len(frame.data), frame.keyframe,
-                                  frame.pts, frame.dts, frame.data if frame.keyframe else None, frame.codec)
+        try:
+            events = monitor.on_frame(frame.kind, frame.arrival, ts / frame.clock_rate, len(frame.data),
+                                      frame.keyframe, frame.pts, frame.dts,
+                                      frame.data if frame.keyframe else None, frame.codec)
+        except Exception:
+            self._monitor_broke(name)
+            return
         if events:
             self._monitor_events(name, events)
+
+    def _monitor_broke(self, name: str) -> None:
+        event(log, logging.ERROR, "qc.monitor_failed", exc_info=True, stream=name)
+        self._monitors.pop(name, None)
+        self._monitor_failed.add(name)
 
     def _monitor_discontinuity(self, name: str, item: Discontinuity) -> None:
         monitor = self._monitors.get(name)
         if monitor is not None:
-            self._monitor_events(name, monitor.on_discontinuity(time.monotonic(), item.reason))
+            try:
+                events = monitor.on_discontinuity(time.monotonic(), item.reason)
+            except Exception:
+                self._monitor_broke(name)
+                return
+            self._monitor_events(name, events)
 
     def _monitor_detach(self, name: str) -> None:
+        self._monitor_failed.discard(name)
         monitor = self._monitors.pop(name, None)
         if monitor is not None:
-            self._monitor_events(name, monitor.flush(time.monotonic()))
+            try:
+                events = monitor.flush(time.monotonic())
+            except Exception:
+                self._monitor_broke(name)
+                self._monitor_failed.discard(name)
+                return
+            self._monitor_events(name, events)
 
     def _monitor_events(self, name: str, events: list[MarkerEvent]) -> None:
         for ev in events:
@@ -356,8 +383,12 @@ class QcService:
             stream = self.hub.get(name)
             if stream is None:
                 continue
-            sources = {(p.layer, p.epoch, p.attached_at): p.source_counters() for p in stream.publishers}
-            events = monitor.on_counters(now, sources)
+            try:
+                sources = {(p.layer, p.epoch, p.attached_at): p.source_counters() for p in stream.publishers}
+                events = monitor.on_counters(now, sources)
+            except Exception:
+                self._monitor_broke(name)
+                continue
             if events:
                 self._monitor_events(name, events)
 
@@ -377,8 +408,13 @@ class QcService:
                 # After a sample every monitor is asked again: the connection
                 # being there can turn a quiet track into a stall.
                 if sampled or (deadline is not None and deadline <= now):
-                    self._monitor_events(name, monitor.handle_timer(now))
-                    deadline = monitor.get_timer()
+                    try:
+                        events = monitor.handle_timer(now)
+                        deadline = monitor.get_timer()
+                    except Exception:
+                        self._monitor_broke(name)
+                        continue
+                    self._monitor_events(name, events)
                 if deadline is not None:
                     wake = min(wake, deadline)
             await asyncio.sleep(max(0.0, wake - time.monotonic()))

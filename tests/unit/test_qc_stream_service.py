@@ -87,3 +87,33 @@ async def test_detach_closes_an_open_stream_marker() -> None:
         assert "cam2" not in qc._monitors
     finally:
         await qc.stop()
+
+
+async def test_a_failing_monitor_is_dropped_and_the_tap_carries_on(monkeypatch) -> None:
+    import server.qc_service as qc_service
+    from live_qc.stream import StreamMonitor
+
+    class Broken(StreamMonitor):
+        def on_frame(self, *args, **kwargs):
+            raise RuntimeError("detector bug")
+
+    monkeypatch.setattr(qc_service, "StreamMonitor", Broken)
+    hub = StreamHub()
+    sink = RecordingSink()
+    qc = QcService(QcSettings(enabled=True), hub, sink, poll_s=0.05)
+    await qc.start()
+    try:
+        stream = hub.get_or_create("cam3")
+        pub = stream.attach_publisher(SourceInfo("test"))
+        for i in range(20):
+            pub.publish(Unit("h264", i * 3600, i * 3600, True, IDR))
+            await asyncio.sleep(0.02)
+        await until(lambda: "cam3" in qc._monitor_failed)
+        task = qc._taps["cam3"].task
+        for i in range(20, 30):
+            pub.publish(Unit("h264", i * 3600, i * 3600, True, IDR))
+            await asyncio.sleep(0.02)
+        assert "cam3" in qc._taps and not task.done()  # forwarding to the worker goes on
+        assert "cam3" not in qc._monitors
+    finally:
+        await qc.stop()
