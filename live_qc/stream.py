@@ -161,7 +161,8 @@ class StreamMonitor:
         self._prev: dict[Hashable, Mapping[str, Any]] = {}
         self._sampled_at: float | None = None
         self._tr: dict[str, _CounterFault] = {
-            name: _CounterFault(FaultTracker("transport", name, 0.0, 0.0, "error" if name in TR101290_P1 else "warning"))
+            name: _CounterFault(FaultTracker("transport", name, 0.0, 0.0,
+                                             "error" if name in TR101290_P1 else "warning"))
             for name in TR101290_P1 + TR101290_P2
         }
         self._srt_loss = _CounterFault(FaultTracker("transport", "srt_loss", 0.0, 0.0, "warning"))
@@ -253,7 +254,8 @@ class StreamMonitor:
             if self._max_pts is None or pts > self._max_pts:
                 self._max_pts = pts
             if reordered or self._bframes.is_open:
-                events += self._bframes.observe(t, t, reordered, metadata={"pts": pts, "dts": dts} if reordered else None)
+                events += self._bframes.observe(t, t, reordered,
+                                                metadata={"pts": pts, "dts": dts} if reordered else None)
         if keyframe and codec == "h264" and data is not None:
             events += self._check_sps(t, data)
         elif self._resolution.is_open or self._profile.is_open:
