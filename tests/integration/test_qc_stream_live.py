@@ -2,19 +2,23 @@
 stops for 3 s while its audio carries on becomes a ``stall``/``video_stalled``
 marker that opens and closes; TS packets with broken continuity counters
 (relayed byte for byte by srt-live-transmit) become a ``transport``/
-``cc_error`` marker. Both reach the QC events sink: the log and the REST
-list read from the database."""
+``cc_error`` marker; datagrams dropped between caller and server become a
+``transport``/``srt_loss`` marker. All reach the QC events sink: the log
+and the REST list read from the database."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import sys
+import time
 from urllib.parse import quote
 
 import pytest
 
 from helpers import ServerProcess, http, login, stop_process, wait_until
+from udp_relay import LossModel, LossyUdpRelay
 
 pytestmark = pytest.mark.integration
 
@@ -161,6 +165,40 @@ def test_broken_continuity_counters_on_the_wire_are_a_transport_marker(qc_env) -
     rows = wait_until(lambda: stored(srv, admin, "cc-cam", "transport", "cc_error"), timeout=15, interval=0.2)
     assert len(rows) == 1 and rows[0]["severity"] == "error"
     assert rows[0]["metadata"]["count"] >= 3
+
+
+async def test_packet_loss_on_the_way_is_an_srt_loss_marker(qc_env) -> None:
+    """ffmpeg → a relay dropping 10 % of the datagrams towards the server,
+    in bursts too → libsrt's pktRcvLoss grows by tens a second: srt_loss."""
+    srv, admin = qc_env
+    url, _ = create(srv, admin, "lossy-cam")
+    relay = LossyUdpRelay(("127.0.0.1", srv.srt_port),
+                          LossModel(loss=0.10, burst_gap=(40, 80), burst_len=8, seed=5))
+    relay_port = await relay.start()
+    url = url.replace(f"127.0.0.1:{srv.srt_port}?", f"127.0.0.1:{relay_port}?")
+    proc = await asyncio.create_subprocess_exec(
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i", "testsrc=s=640x360:r=25:d=8",
+        "-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency", "-g", "25", "-b:v", "1500k",
+        "-an", "-f", "mpegts", url, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 45
+        while not any(s == "srt_loss" and e == "close" for _, s, e, _, _ in markers(srv.output, "lossy-cam")):
+            if time.monotonic() > deadline:
+                qc = [line for line in srv.output if "qc." in line or "srt." in line]
+                raise AssertionError(f"no srt_loss close marker; relay {relay.stats()}:\n" + "\n".join(qc[-30:]))
+            await asyncio.sleep(0.2)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        relay_stats = relay.stats()
+        await relay.close()
+    assert relay_stats["to_target_dropped"] > 50, relay_stats
+    loss = [m for m in markers(srv.output, "lossy-cam") if m[1] == "srt_loss"]
+    assert loss[0][0] == "transport" and loss[0][2] == "open" and loss[-1][2] == "close", loss
+    rows = await asyncio.to_thread(
+        wait_until, lambda: stored(srv, admin, "lossy-cam", "transport", "srt_loss"), timeout=15, interval=0.2)
+    assert rows[0]["severity"] == "warning" and rows[0]["metadata"]["lost"] > 0
 
 
 def quote_arg(arg: str) -> str:
