@@ -253,3 +253,47 @@ def test_file_scan_finds_cc_errors_and_b_frames_and_nothing_on_a_clean_file(clea
     assert report.to_json()["markers"]  # the CLI's JSON carries it
     b = scan_ts(str(FIXTURES / "h264_aac_bframes.ts"))
     assert [(m.type, m.subtype, m.severity) for m in b] == [("transport", "b_frames", "error")]
+
+
+@pytest.fixture(scope="module")
+def resized_ts(tmp_path_factory) -> bytes:
+    """An encoder restarted at another picture size mid-stream: two ffmpeg
+    encodes (640x360, then 320x180 with timestamps carrying on) joined at a
+    packet boundary, continuity counters carried on too (nothing was lost)."""
+    tmp = tmp_path_factory.mktemp("resize")
+
+    def encode(name: str, size: str, offset: float) -> list[bytearray]:
+        path = tmp / name
+        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y",
+                        "-f", "lavfi", "-i", f"testsrc=s={size}:r=25:d=3,format=yuv420p",
+                        "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=3",
+                        "-c:v", "libx264", "-preset", "veryfast", "-tune", "zerolatency", "-profile:v", "high",
+                        "-level", "3.0", "-g", "25", "-b:v", "300k", "-c:a", "aac", "-b:a", "64k",
+                        "-pcr_period", "40", "-output_ts_offset", str(offset), "-f", "mpegts", str(path)], check=True)
+        return packets(path.read_bytes())
+
+    first, second = encode("a.ts", "640x360", 0.0), encode("b.ts", "320x180", 3.0)
+    last_cc = {pid(p): p[3] & 0x0F for p in first if p[3] & 0x10}
+    shift: dict[int, int] = {}
+    for p in second:
+        if p[3] & 0x10:  # only packets with payload advance the counter (ISO/IEC 13818-1 §2.4.3.3)
+            q = pid(p)
+            shift.setdefault(q, (last_cc.get(q, 15) + 1 - (p[3] & 0x0F)) & 0x0F)
+            p[3] = (p[3] & 0xF0) | ((p[3] + shift[q]) & 0x0F)
+    return b"".join(first + second)
+
+
+def test_captured_resolution_change_opens_one_marker_with_from_and_to(resized_ts, tmp_path) -> None:
+    from live_qc.filescan import scan_ts
+
+    events = run(resized_ts)
+    assert subtypes(events) == {"resolution_change"}, [(e.kind, e.marker) for _, e in events]
+    res = [e for _, e in events if e.marker.subtype == "resolution_change"]
+    assert [e.kind for e in res] == ["open", "close"]
+    assert res[0].marker.metadata == {"from": "640x360", "to": "320x180"}
+    assert res[0].marker.severity == "warning"
+    path = tmp_path / "resized.ts"
+    path.write_bytes(resized_ts)
+    found = scan_ts(str(path), origin=1.4)  # FFmpeg's default start: 1.4 s
+    assert [(m.subtype, m.metadata["to"]) for m in found] == [("resolution_change", "320x180")]
+    assert found[0].start == pytest.approx(3.0, abs=0.05)
