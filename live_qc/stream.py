@@ -146,6 +146,7 @@ class StreamMonitor:
         self._br_win = _Window(th.bitrate_window_s)
         self._base_win = _Window(th.rate_baseline_s)
         self._history_from: float | None = None
+        self._measure_from: float | None = None  # the short windows hold a full span from here
         self._fps_base: float | None = None
         self._br_base: float | None = None
         self._fps = FaultTracker("stall", "fps_drop", th.fps_d, th.rate_clear_s, "warning")
@@ -221,6 +222,9 @@ class StreamMonitor:
         br_win.add(t, size)
         if self._history_from is None:
             self._history_from = t
+        if self._measure_from is None:
+            self._measure_from = t + max(th.fps_window_s, th.bitrate_window_s)
+        measuring = t >= self._measure_from
         fps_tracker, br_tracker = self._fps, self._bitrate
         established = t - self._history_from >= th.rate_baseline_s
         if fps_tracker.is_open or fps_tracker.pending_since is not None:
@@ -230,7 +234,7 @@ class StreamMonitor:
         if not (br_tracker.is_open or br_tracker.pending_since is not None) and established:
             self._br_base = base.total / th.rate_baseline_s
         base.add(t, size)
-        if self._fps_base:
+        if self._fps_base and measuring:
             fps = len(fps_win.items) / th.fps_window_s
             low = fps < th.fps_ratio * self._fps_base
             if low or fps_tracker.is_open or fps_tracker.pending_since is not None:
@@ -241,7 +245,7 @@ class StreamMonitor:
                     self._backdate_fps(fps_tracker)
                     if fps_tracker.pending_since is not None and t - fps_tracker.pending_since >= th.fps_d - 1e-9:
                         events += fps_tracker.observe(t, t, True)
-        if self._br_base:
+        if self._br_base and measuring:
             bps = br_win.total * 8 / th.bitrate_window_s
             low = br_win.total < th.bitrate_ratio * self._br_base * th.bitrate_window_s
             if low or br_tracker.is_open or br_tracker.pending_since is not None:
@@ -304,36 +308,46 @@ class StreamMonitor:
             events += self._profile.observe(t, t, changed_profile, metadata=meta_profile or None)
         return events
 
+    def _restart_windows(self) -> None:
+        """Frames went missing on the way here: the rate windows refill
+        before they are judged again (the baselines stand meanwhile)."""
+        for w in (self._fps_win, self._br_win, self._base_win):
+            w.clear()
+        self._history_from = None
+        self._measure_from = None
+
     def _restart_video(self, last_t: float | None) -> list[MarkerEvent]:
-        """Timestamps jumped or the source broke: the windows and the
+        """Timestamps jumped or the source changed: the rates and the
         reordering state start over; faults judged on the old timeline end
         where it ended."""
         end = last_t if last_t is not None else 0.0
         events: list[MarkerEvent] = []
         for tracker in (self._fps, self._bitrate, self._bframes):
             events += tracker.flush(end)
-        for w in (self._fps_win, self._br_win, self._base_win):
-            w.clear()
-        self._history_from = None
+        self._restart_windows()
         self._fps_base = self._br_base = None
         self._max_pts = None
         return events
 
     def on_discontinuity(self, now: float, reason: str) -> list[MarkerEvent]:
         """What follows is not continuous with what preceded (media/stream
-        ``Discontinuity.reason``). Frames lost on the way here ('overflow',
-        'source') would read as a rate drop: the windows start over. A new
-        source ('reconnect', 'takeover', 'detach') also ends a stall."""
+        ``Discontinuity.reason``). Frames lost on the way here ('overflow':
+        this reader's; 'source': packets lost, the layer restarts at its
+        next keyframe) would read as a rate drop: the windows refill before
+        the rates are judged again, on the same timeline. A new source
+        ('reconnect', 'takeover', 'detach') starts everything over and ends
+        a stall."""
+        if reason not in ("reconnect", "takeover", "detach"):
+            self._restart_windows()
+            return []
         events = self._restart_video(self._last_t["video"])
-        self._last_t["video"] = None
-        if reason in ("reconnect", "takeover", "detach"):
-            end = self.media_at(now)
-            for kind, tracker in self._stall.items():
-                events += tracker.flush(end)
-                self._arrival[kind] = None
-                self._last_t[kind] = None
-            self._sps = None
-            self._format = None
+        end = self.media_at(now)
+        for kind, tracker in self._stall.items():
+            events += tracker.flush(end)
+            self._arrival[kind] = None
+            self._last_t[kind] = None
+        self._sps = None
+        self._format = None
         return events
 
     # -- counters ------------------------------------------------------------------

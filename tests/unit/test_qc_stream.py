@@ -422,3 +422,22 @@ def test_flush_closes_everything_open():
     closed = mon.flush(OFFSET + 9.0)
     assert sorted(e.marker.subtype for e in closed if e.kind == "close") == ["pat_error", "video_stalled"]
     assert all(e.marker.end is not None for e in closed)
+
+
+def test_frames_lost_before_the_monitor_are_no_rate_drop_and_an_open_drop_survives_them():
+    mon = StreamMonitor(Thresholds(fps_d=2.0))
+    feed = Feed(mon)
+    feed.run(15.0)
+    # The reader overflowed: 0.8 s of frames never reached the monitor.
+    feed.add(OFFSET + 15.0, mon.on_discontinuity(OFFSET + 15.0, "overflow"))
+    feed.run(25.0, start=15.8)
+    assert feed.events == []
+    # A real drop, then packets lost mid-drop: the marker stays open through it.
+    feed.run(30.0, start=25.0, fps_at=lambda t: 10.0)
+    assert kinds(feed.of("fps_drop")) == ["open"]
+    feed.add(OFFSET + 30.0, mon.on_discontinuity(OFFSET + 30.0, "source"))
+    feed.run(34.0, start=30.0, fps_at=lambda t: 10.0)
+    assert kinds(feed.of("fps_drop")) == ["open"]
+    feed.run(40.0, start=34.0)
+    assert kinds(feed.of("fps_drop")) == ["open", "close"]
+    assert feed.of("fps_drop")[-1][1].marker.start == pytest.approx(25.0, abs=0.15)
