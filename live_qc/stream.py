@@ -18,16 +18,17 @@ event loop beside the forwarding path::
     on_counters(now, {source: counters})
         ├─ TsCounters fields ────────────► TR 101 290 markers
         ├─ pktRcvLoss/pktRcvDrop/pktRecv ► srt_loss, srt_drop
-        └─ packets/bytes/pktRecv growing ► "the connection is still there"
+        └─ any source listed ────────────► "the connection is still there"
 
 Markers (type / subtype, severity):
 
 ``stall``
     ``video_stalled``, ``audio_stalled`` (error): a track that was flowing
     delivered nothing for ``stall_d`` s of wall clock while the other track
-    or the connection still delivered; start back-dated to where the next
-    frame was due, end at the first frame back. A source that is gone
-    altogether is not a stall (the stream goes to reconnecting).
+    still delivered or the source is still connected (its publisher
+    attached: a hung encoder); start back-dated to where the next frame was
+    due, end at the first frame back. A source that left is not a stall
+    (the stream goes to reconnecting).
     ``fps_drop`` (warning): frames over ``fps_window_s`` of media time below
     ``fps_ratio`` × the stream's own rate over the preceding
     ``rate_baseline_s``, for ``fps_d``. ``bitrate_collapse`` (warning):
@@ -79,10 +80,9 @@ TR101290_P1 = ("ts_sync_loss", "sync_byte_error", "pat_error", "cc_error", "pmt_
 #: §5.2.2 (second priority: recommended continuous monitoring).
 TR101290_P2 = ("transport_error", "crc_error", "pcr_repetition_error", "pcr_discontinuity_error", "pts_error")
 
-# Counters whose growth says the connection still delivers (TS packets, SRT packets).
-_ALIVE_KEYS = ("packets", "bytes", "pktRecv")
-# The connection counts as there for this long after its counters last grew
-# (they are sampled a few times a second).
+# The source counts as connected for this long after a counter sample listed
+# it (samples come a few times a second); the other track counts as still
+# delivering when its last frame is at most this old.
 _ALIVE_S = 1.0
 # At most one ``update`` per open counter marker this often (each one is a
 # broadcast and a database write).
@@ -359,13 +359,16 @@ class StreamMonitor:
         hits: dict[str, int] = {}
         lost = received = dropped = 0
         totals: dict[str, int] = {}
+        if sources:
+            # A publisher is attached: the connection is there even when it
+            # carries nothing (an encoder that hangs keeps its SRT connection
+            # until the peer-idle timeout; a caller that leaves detaches).
+            self._alive_at = now
         for key, counters in sources.items():
             prev = self._prev.get(key)
             self._prev[key] = counters
             if prev is None:
                 continue
-            if any(_delta(counters, prev, k) > 0 for k in _ALIVE_KEYS):
-                self._alive_at = now
             for name in self._tr:
                 d = _delta(counters, prev, name)
                 if d > 0:

@@ -60,8 +60,8 @@ class Thresholds:
     loudness_d: float = 2.0
     true_peak_dbtp: float = -1.0
     # Stream detectors (live_qc/stream.py). stall: a track delivered no frame
-    # for stall_d seconds of wall clock while the other track or the
-    # connection still delivered.
+    # for stall_d seconds of wall clock while the other track still
+    # delivered or the source is still connected.
     stall_d: float = 2.0
     # frame rate: frames over fps_window_s (media time) below fps_ratio × the
     # stream's own rate over the preceding rate_baseline_s, for fps_d.

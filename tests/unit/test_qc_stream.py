@@ -145,22 +145,26 @@ def test_gap_shorter_than_the_threshold_is_no_stall():
     assert feed.of("video_stalled") == []
 
 
-def test_source_gone_altogether_is_not_a_stall_but_a_live_connection_without_frames_is():
+def test_source_gone_is_not_a_stall_but_a_connected_source_without_frames_is():
     mon = StreamMonitor()
     feed = Feed(mon)
-    feed.run(5.0)
-    feed.idle(5.0, 10.0)  # nothing at all: the publisher went away
+    feed.run(5.0, counters=lambda t: {"srt": {"packets": int(t * 100)}})
+    t = 5.0
+    while t < 10.0:  # the publisher left: no source any more, no frames
+        feed.timers(OFFSET + t)
+        feed.add(OFFSET + t, mon.on_counters(OFFSET + t, {}))
+        t = snap(t + 0.1, 10)
     assert feed.events == []
-    # Frames again, then both tracks stop while the connection still
-    # delivers packets (PSI/null packets only).
-    feed.run(15.0, start=10.0)
-    packets = iter(range(10**6))
-    t = 15.0
+    # Frames again, then both tracks stop while the source stays connected
+    # and its counters stand still: a hung encoder.
+    feed.run(15.0, start=10.0, counters=lambda t: {"srt2": {"packets": int(t * 100)}})
     while t < 19.0:
+        t = snap(t + 0.1, 10)
+        if t < 15.0:
+            continue
         now = OFFSET + t
         feed.timers(now)
-        feed.add(now, mon.on_counters(now, {"srt": {"packets": next(packets) * 7}}))
-        t = snap(t + 0.1, 10)
+        feed.add(now, mon.on_counters(now, {"srt2": {"packets": 1500}}))
     assert kinds(feed.of("video_stalled")) == ["open"]
     assert kinds(feed.of("audio_stalled")) == ["open"]
     assert feed.of("video_stalled")[0][0] == pytest.approx(17.0, abs=0.11)

@@ -109,14 +109,21 @@ def run(data: bytes, th: Thresholds | None = None) -> list[tuple[float, MarkerEv
                                                        item.data, item.codec)]
         if now - last_sample >= 0.1:
             last_sample = now
-            out += [(now, e) for e in mon.on_counters(now, {"ts": pub.source_counters()})]
+            out += [(now, e) for e in mon.on_counters(now, sources(stream))]
+    # The caller leaves (its publisher detaches): what is open closes.
+    stream.detach_publisher(pub, now)
     end = now + 5.0
     t = now
     while t < end:
         t += 0.1
-        out += [(t, e) for e in mon.on_counters(t, {"ts": pub.source_counters()})]
+        out += [(t, e) for e in mon.on_counters(t, sources(stream))]
         out += [(t, e) for e in mon.handle_timer(t)]
     return out + [(t, e) for e in mon.flush(t)]
+
+
+def sources(stream) -> dict:
+    """What QcService samples: each attached publisher's counters."""
+    return {(p.layer, p.epoch): p.source_counters() for p in stream.publishers}
 
 
 def subtypes(events, kind: str = "open") -> set[str]:
