@@ -154,6 +154,7 @@ class StreamMonitor:
         # reordering and format (video, media time)
         self._bframes = FaultTracker("transport", "b_frames", 0.0, th.transport_clear_s, "error")
         self._max_pts: int | None = None
+        self._reordered = 0  # reordered frames since the b_frames marker opened
         self._sps: bytes | None = None
         self._format: tuple[int, int, int, int] | None = None
         self._resolution = FaultTracker("transport", "resolution_change", 0.0, th.transport_clear_s, "warning")
@@ -258,8 +259,11 @@ class StreamMonitor:
             if self._max_pts is None or pts > self._max_pts:
                 self._max_pts = pts
             if reordered or self._bframes.is_open:
+                if not self._bframes.is_open:
+                    self._reordered = 0
+                self._reordered += reordered
                 events += self._bframes.observe(t, t, reordered,
-                                                metadata={"pts": pts, "dts": dts} if reordered else None)
+                                                metadata={"reordered_frames": self._reordered} if reordered else None)
         if keyframe and codec == "h264" and data is not None:
             events += self._check_sps(t, data)
         elif self._resolution.is_open or self._profile.is_open:

@@ -234,6 +234,8 @@ def test_b_frames_appearing_open_an_error_that_closes_after_they_stop():
     assert b[0][1].marker.start == pytest.approx(10.0, abs=0.04)
     assert b[1][1].marker.end == pytest.approx(13.0, abs=0.04)
     assert b[1][0] == pytest.approx(15.0, abs=0.05)  # hysteresis
+    # 90 with pts ≠ dts, and the first in-order frame, shown before the last of them
+    assert b[1][1].marker.metadata == {"reordered_frames": 91}
 
 
 def test_pts_going_back_without_dts_is_reordering_too():
