@@ -36,7 +36,9 @@ from prometheus_client.core import CounterMetricFamily, Metric
 
 from live_qc.engine import Meters
 from live_qc.markers import MarkerEvent
+from live_qc.stream import StreamMonitor
 from live_qc.tap import QcSink, TapWorker
+from live_qc.thresholds import Thresholds
 from media.stream import Discontinuity, Frame, Reader, StreamClosed, StreamHub, StreamState
 
 from .config import QcSettings
@@ -52,6 +54,9 @@ BACKOFF_MAX_S = 30.0
 BACKOFF_RESET_AFTER_S = 60.0
 #: How often the hub is looked at for streams to attach.
 POLL_S = 0.5
+#: How often the stream monitors sample their sources' counters (TR 101 290,
+#: SRT): counters have no events, and a marker is due within a quarter second.
+MONITOR_SAMPLE_S = 0.2
 
 
 def next_backoff(delay: float | None) -> float:
@@ -116,6 +121,12 @@ class QcService:
         self._closed_channel_drops: dict[tuple[str, str], int] = {}
         self.markers_total: dict[str, int] = {}
         self.worker_restarts = 0
+        # Stream detectors (live_qc/stream.py), on the loop: O(1) per frame.
+        self._monitors: dict[str, StreamMonitor] = {}
+        self._monitor_task: asyncio.Task | None = None
+        # Streams whose monitor raised: the forwarding to the worker goes on
+        # without it (until the stream is tapped again).
+        self._monitor_failed: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -123,6 +134,7 @@ class QcService:
         # no stream has QC enabled runs no QC process.
         self._loop = asyncio.get_running_loop()
         self._poller = self._loop.create_task(self._poll())
+        self._monitor_task = self._loop.create_task(self._watch_monitors())
 
     async def stop(self) -> None:
         self._stopping = True
@@ -130,6 +142,10 @@ class QcService:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            self._monitor_task = None
         tasks = [t.task for t in self._taps.values() if t.task is not None]
         for name in list(self._taps):
             self._detach(name, notify_worker=False)
@@ -300,6 +316,7 @@ class QcService:
         tap.reader.close()
         if tap.task is not None and tap.task is not asyncio.current_task():
             tap.task.cancel()
+        self._monitor_detach(name)
         slot = self._slots[tap.worker]
         slot.streams.discard(name)
         if notify_worker and slot.worker is not None and slot.worker.channel is not None:
@@ -318,10 +335,12 @@ class QcService:
                 channel = w.channel if w is not None else None
                 for item in items:
                     if isinstance(item, Discontinuity):
+                        self._monitor_discontinuity(name, item)
                         if channel is not None:
                             channel.control(("reset", name, item.reason))
                         continue
                     assert isinstance(item, Frame)
+                    self._monitor_frame(name, item)
                     if item.pts is None:
                         continue
                     t = item.pts / item.clock_rate
@@ -338,6 +357,111 @@ class QcService:
         finally:
             if self._taps.get(name) is tap:
                 self._detach(name)
+
+    # -- stream detectors --------------------------------------------------------------
+    # live_qc/stream.py's StreamMonitor runs here, not in the worker: it needs
+    # only each frame's metadata (O(1) arithmetic, an SPS scan per keyframe),
+    # the wall clock (a stalled track sends the worker nothing to notice) and
+    # the ingest's counters, which live in this process.
+
+    def _monitor_thresholds(self, name: str) -> Thresholds:
+        return Thresholds.from_mapping(self.settings.stream_thresholds())
+
+    def _monitor_frame(self, name: str, frame: Frame) -> None:
+        monitor = self._monitors.get(name)
+        if monitor is None:
+            if name in self._monitor_failed:
+                return
+            monitor = self._monitors[name] = StreamMonitor(self._monitor_thresholds(name))
+        ts = frame.pts if frame.pts is not None else frame.dts
+        if ts is None:
+            return
+        try:
+            events = monitor.on_frame(frame.kind, frame.arrival, ts / frame.clock_rate, len(frame.data),
+                                      frame.keyframe, frame.pts, frame.dts,
+                                      frame.data if frame.keyframe else None, frame.codec)
+        except Exception:
+            self._monitor_broke(name)
+            return
+        if events:
+            self._monitor_events(name, events)
+
+    def _monitor_broke(self, name: str) -> None:
+        event(log, logging.ERROR, "qc.monitor_failed", exc_info=True, stream=name)
+        self._monitors.pop(name, None)
+        self._monitor_failed.add(name)
+
+    def _monitor_discontinuity(self, name: str, item: Discontinuity) -> None:
+        monitor = self._monitors.get(name)
+        if monitor is not None:
+            try:
+                events = monitor.on_discontinuity(time.monotonic(), item.reason)
+            except Exception:
+                self._monitor_broke(name)
+                return
+            self._monitor_events(name, events)
+
+    def _monitor_detach(self, name: str) -> None:
+        self._monitor_failed.discard(name)
+        monitor = self._monitors.pop(name, None)
+        if monitor is not None:
+            try:
+                events = monitor.flush(time.monotonic())
+            except Exception:
+                self._monitor_broke(name)
+                self._monitor_failed.discard(name)
+                return
+            self._monitor_events(name, events)
+
+    def _monitor_events(self, name: str, events: list[MarkerEvent]) -> None:
+        for ev in events:
+            try:
+                self._handle(("marker", name, ev))
+            except Exception:  # a sink's bug must not stop the detectors
+                event(log, logging.ERROR, "qc.sink_failed", exc_info=True, kind="marker")
+
+    def _sample_sources(self, now: float) -> None:
+        """Each monitored stream's publishers' counters, keyed by publisher
+        (a reconnect is a new source whose totals start over)."""
+        for name, monitor in list(self._monitors.items()):
+            stream = self.hub.get(name)
+            if stream is None:
+                continue
+            try:
+                sources = {(p.layer, p.epoch, p.attached_at): p.source_counters() for p in stream.publishers}
+                events = monitor.on_counters(now, sources)
+            except Exception:
+                self._monitor_broke(name)
+                continue
+            if events:
+                self._monitor_events(name, events)
+
+    async def _watch_monitors(self) -> None:
+        """Samples counters every MONITOR_SAMPLE_S and wakes each monitor at
+        its timer (a stall's threshold, a marker's quiet period)."""
+        next_sample = time.monotonic()
+        while True:
+            now = time.monotonic()
+            sampled = now >= next_sample
+            if sampled:
+                self._sample_sources(now)
+                next_sample = now + MONITOR_SAMPLE_S
+            wake = next_sample
+            for name, monitor in list(self._monitors.items()):
+                deadline = monitor.get_timer()
+                # After a sample every monitor is asked again: the connection
+                # being there can turn a quiet track into a stall.
+                if sampled or (deadline is not None and deadline <= now):
+                    try:
+                        events = monitor.handle_timer(now)
+                        deadline = monitor.get_timer()
+                    except Exception:
+                        self._monitor_broke(name)
+                        continue
+                    self._monitor_events(name, events)
+                if deadline is not None:
+                    wake = min(wake, deadline)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
 
     # -- results -------------------------------------------------------------------
     def _on_results(self, slot: _WorkerSlot, w: TapWorker) -> None:
