@@ -281,6 +281,10 @@ class QcService:
             return  # the restart's attach carries the current thresholds
         if w.channel.control(("thresholds", tap.name, thresholds)):
             tap.thresholds = thresholds
+            # Like the worker's detectors, the stream detectors close what is
+            # open and start over with the new values (their baselines and
+            # windows are sized from the thresholds).
+            self._monitor_detach(tap.name)
             event(log, logging.INFO, "qc.thresholds", stream=tap.name)
 
     def _attach(self, stream: Any, layer: str | None) -> None:
@@ -365,7 +369,7 @@ class QcService:
     # the ingest's counters, which live in this process.
 
     def _monitor_thresholds(self, name: str) -> Thresholds:
-        return Thresholds.from_mapping(self.settings.stream_thresholds())
+        return Thresholds.from_mapping(self.qc_for(name).thresholds)
 
     def _monitor_frame(self, name: str, frame: Frame) -> None:
         monitor = self._monitors.get(name)

@@ -67,6 +67,13 @@ THRESHOLD_RANGES: dict[str, tuple[float, float]] = {
     "tolerance_lu": (0.1, 10.0),
     "loudness_d": (0.1, 60.0),
     "true_peak_dbtp": (-10.0, 0.0),
+    # stream detectors (live_qc/stream.py)
+    "stall_d": (0.5, 60.0),
+    "fps_ratio": (0.1, 0.99),
+    "fps_d": (0.5, 60.0),
+    "bitrate_ratio": (0.01, 0.99),
+    "bitrate_d": (0.5, 60.0),
+    "transport_clear_s": (0.5, 60.0),
 }
 
 #: ISO 639-1 codes Whisper transcribes (its tokenizer's LANGUAGES table,

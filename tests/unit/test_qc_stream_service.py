@@ -117,3 +117,39 @@ async def test_a_failing_monitor_is_dropped_and_the_tap_carries_on(monkeypatch) 
         assert "cam3" not in qc._monitors
     finally:
         await qc.stop()
+
+
+async def test_a_streams_own_thresholds_reach_its_stream_detectors() -> None:
+    """Per-stream settings (server/stream_settings.py) drive the stream
+    detectors too; a change closes what is open and starts over with them."""
+    from server.stream_settings import QcStreamSettings
+
+    per_stream = {"cam4": {"transport_clear_s": 30.0}}
+    hub = StreamHub()
+    sink = RecordingSink()
+    qc = QcService(QcSettings(enabled=True), hub, sink, poll_s=0.05,
+                   qc_for=lambda name: QcStreamSettings(True, dict(per_stream.get(name, {}))))
+    await qc.start()
+    counters = {"packets": 0, "crc_error": 0}
+    try:
+        stream = hub.get_or_create("cam4")
+        pub = stream.attach_publisher(SourceInfo("test"))
+        pub.set_source_counters(lambda: dict(counters))
+        for i in range(10):
+            pub.publish(Unit("h264", i * 3600, i * 3600, True, IDR))
+            await asyncio.sleep(0.05)
+        await until(lambda: "cam4" in qc._monitors)
+        assert qc._monitors["cam4"].th.transport_clear_s == 30.0
+        await asyncio.sleep(0.3)  # the first sample is the baseline
+        counters["crc_error"] = 1
+        await until(lambda: [m for m in sink.markers if m[1].marker.subtype == "crc_error"])
+        per_stream["cam4"] = {"transport_clear_s": 5.0}
+        qc.settings_changed({"cam4"})
+        # the open marker closes at the change, and the next frame builds a
+        # monitor with the new value
+        await until(lambda: [m for m in sink.markers if m[1].marker.subtype == "crc_error" and m[1].kind == "close"])
+        pub.publish(Unit("h264", 10 * 3600, 10 * 3600, True, IDR))
+        await until(lambda: "cam4" in qc._monitors)
+        assert qc._monitors["cam4"].th.transport_clear_s == 5.0
+    finally:
+        await qc.stop()
