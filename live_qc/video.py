@@ -21,7 +21,7 @@ from .thresholds import Thresholds
 Frame = tuple[float, np.ndarray]  # (pts in seconds, luma)
 
 
-def _box_sums(src: np.ndarray, k: int) -> np.ndarray:
+def _box_sums(src: np.ndarray, k: int, dtype: type) -> np.ndarray:
     """Integer sums of k×k blocks (the trailing rows/columns that make no whole block are cut).
 
     Strided adds of whole rows, then of columns: each pass is one contiguous
@@ -30,7 +30,7 @@ def _box_sums(src: np.ndarray, k: int) -> np.ndarray:
     """
     h2, w2 = src.shape[0] // k, src.shape[1] // k
     hk, wk = h2 * k, w2 * k
-    rows = src[0:hk:k, :wk].astype(np.int32)
+    rows = src[0:hk:k, :wk].astype(dtype)
     for i in range(1, k):
         rows += src[i:hk:k, :wk]
     out = rows[:, 0:wk:k].copy()
@@ -49,6 +49,10 @@ class Pyramid:
     factor is summed from that level (⌊⌊h/a⌋/b⌋ = ⌊h/ab⌋ keeps the same crop),
     and the sums are scaled in float32 the way a float32 box mean is.
     """
+
+    #: The widths the detectors ask for; each level is summed from the finest
+    #: of these that divides it, so the full picture is read once.
+    WIDTHS = (320, 160, 80, 40)
 
     __slots__ = ("y", "_sums", "_avg")
 
@@ -71,8 +75,13 @@ class Pyramid:
     def _block_sums(self, f: int) -> np.ndarray:
         sums = self._sums.get(f)
         if sums is None:
+            finer = [g for g in (max(1, self.y.shape[1] // w) for w in self.WIDTHS) if 1 < g < f and f % g == 0]
+            if finer:
+                self._block_sums(max(finer))
             base = max(g for g in self._sums if f % g == 0)
-            sums = self._sums[f] = _box_sums(self._sums[base], f // base)
+            # 16-bit sums while a block of 8-bit pixels cannot overflow them (less memory to sweep).
+            dtype = np.uint16 if 255 * f * f <= 0xFFFF else np.int32
+            sums = self._sums[f] = _box_sums(self._sums[base], f // base, dtype)
         return sums
 
 
@@ -219,8 +228,13 @@ class BarsDetector:
 
 def sharpness(small: np.ndarray) -> float:
     """Mean absolute 4-neighbour Laplacian: high-frequency detail that blur removes."""
-    lap = (4 * small[1:-1, 1:-1] - small[:-2, 1:-1] - small[2:, 1:-1] - small[1:-1, :-2] - small[1:-1, 2:])
-    return float(np.mean(np.abs(lap)))
+    lap = 4 * small[1:-1, 1:-1]
+    # In place, in the order of the written-out expression (same float32 rounding).
+    lap -= small[:-2, 1:-1]
+    lap -= small[2:, 1:-1]
+    lap -= small[1:-1, :-2]
+    lap -= small[1:-1, 2:]
+    return float(np.mean(np.abs(lap, out=lap)))
 
 
 class BlurDetector:
@@ -264,15 +278,23 @@ class BlurDetector:
         return self.tracker.observe(t0, pts + dt, blurred, metadata=meta)
 
 
+def spectrum(x: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """The windowed, mean-free spectrum phase correlation compares."""
+    return np.fft.rfft2((x - x.mean()) * window)
+
+
 def global_shift(a: np.ndarray, b: np.ndarray, window: np.ndarray) -> tuple[float, float, float]:
     """Translation of b against a by phase correlation, with a parabolic sub-pixel
     peak, and the peak's height (near 1 for one clean global shift, near 0 for
     noise or unrelated pictures)."""
-    fa = np.fft.rfft2((a - a.mean()) * window)
-    fb = np.fft.rfft2((b - b.mean()) * window)
+    return shift_between(spectrum(a, window), spectrum(b, window), a.shape)
+
+
+def shift_between(fa: np.ndarray, fb: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float, float]:
+    """:func:`global_shift` from the two pictures' :func:`spectrum`."""
     cross = fb * np.conj(fa)
     cross /= np.abs(cross) + 1e-9
-    corr = np.fft.irfft2(cross, s=a.shape)
+    corr = np.fft.irfft2(cross, s=shape)
     iy, ix = np.unravel_index(int(np.argmax(corr)), corr.shape)
     h, w = corr.shape
 
@@ -305,6 +327,9 @@ class ShakeDetector:
         self.th = th
         self.tracker = FaultTracker("shake", "", th.shake_d, 0.5, "warning")
         self._prev: np.ndarray | None = None
+        # The previous picture's spectrum, when it was taken (each picture is
+        # transformed once: as the newer of a pair, then as the older).
+        self._prev_spectrum: np.ndarray | None = None
         self._prev_motion: tuple[float, float] | None = None
         self._reversals: deque[float] = deque(maxlen=32)
         self._was_moving = False
@@ -314,12 +339,15 @@ class ShakeDetector:
 
     def frame(self, pts: float, small: np.ndarray, dt: float, suspended: bool) -> list[MarkerEvent]:
         prev, self._prev = self._prev, small
+        prev_spectrum, self._prev_spectrum = self._prev_spectrum, None
         if prev is None or prev.shape != small.shape or suspended:
             self._prev_motion = None
             return self.tracker.observe(pts, pts + dt, False)
         if self._window is None or self._window.shape != small.shape:
             self._window = np.outer(np.hanning(small.shape[0]), np.hanning(small.shape[1])).astype(np.float32)
-        mx, my, peak = global_shift(prev, small, self._window)
+        current = self._prev_spectrum = spectrum(small, self._window)
+        older = prev_spectrum if prev_spectrum is not None else spectrum(prev, self._window)
+        mx, my, peak = shift_between(older, current, small.shape)
         if peak < self.MIN_PEAK:
             # No single global motion (noise, a cut, a flat picture): nothing to judge.
             self._prev_motion = None
@@ -352,6 +380,15 @@ class ShakeDetector:
         return events
 
 
+def _histogram32(small: np.ndarray) -> np.ndarray:
+    """``np.histogram(small, bins=32, range=(0, 256))`` counts as float64, for
+    box averages of 8-bit luma (all within the range): the bin is ⌊v / 8⌋,
+    exact in floating point (v·0.125 is a power-of-two scaling), so this is
+    the same count without numpy's general edge search (~7× faster)."""
+    bins = np.minimum((small * 0.125).astype(np.intp), 31)
+    return np.bincount(bins.ravel(), minlength=32).astype(np.float64)
+
+
 class SceneDetector:
     """Scene-change rate: more than scene_max_cuts cuts within scene_window_s."""
 
@@ -362,7 +399,7 @@ class SceneDetector:
         self._cuts: deque[float] = deque()
 
     def frame(self, pts: float, small: np.ndarray, dt: float) -> list[MarkerEvent]:
-        hist = np.histogram(small, bins=32, range=(0, 256))[0].astype(np.float64)
+        hist = _histogram32(small)
         hist /= max(hist.sum(), 1.0)
         prev, self._prev_hist = self._prev_hist, hist
         if prev is not None and 0.5 * float(np.abs(hist - prev).sum()) > self.th.scene_cut_diff:
