@@ -10,6 +10,7 @@ source analysed at 10 fps would otherwise be up to 120 ms late).
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -265,7 +266,7 @@ class BlurDetector:
     def frame(self, pts: float, pyramid: Pyramid, held: Sequence[Frame], dt: float,
               suspended: bool) -> list[MarkerEvent]:
         fine, coarse = self.measure(pyramid)
-        base = (float(np.median(self._fine)), float(np.median(self._coarse))) if len(self._fine) >= 4 else None
+        base = (statistics.median(self._fine), statistics.median(self._coarse)) if len(self._fine) >= 4 else None
         blurred = not suspended and base is not None and base[0] >= 2.0 and self._is_blurred(fine, coarse, base)
         t0 = pts
         if blurred != self.blurred and base is not None:
@@ -355,8 +356,8 @@ class ShakeDetector:
             return self.tracker.observe(pts, pts + dt, False)
         self._motion.append((mx, my))
         # Shake is the motion around the pan: subtract the median motion of the last second.
-        pan = np.median(np.array(self._motion), axis=0)
-        dx, dy = mx - float(pan[0]), my - float(pan[1])
+        pan = (statistics.median(m[0] for m in self._motion), statistics.median(m[1] for m in self._motion))
+        dx, dy = mx - pan[0], my - pan[1]
         mag = math.hypot(dx, dy)
         moving = mag > self.th.shake_px
         last = self._prev_motion
