@@ -196,6 +196,14 @@ def worker_round(pkts: list[tuple], media_s: float) -> float:
         w.channel.control(("attach", "bench", {}))
         pid = w.pid
         assert pid is not None
+        # Not the interpreter's start and imports: from the attach's answer on.
+        deadline = time.monotonic() + 60
+        running = False
+        while not running and time.monotonic() < deadline:
+            if w.results.poll(0.2):
+                running = any(m[0] == "state" and m[2] == "running" for m in w.receive())
+        if not running:
+            raise RuntimeError("the worker did not attach the stream within 60 s")
         before = _proc_cpu(pid)
         for kind, codec, t, key, data in pkts:
             # Blocking put (the server's put never blocks; here nothing may be dropped).
