@@ -9,7 +9,7 @@ MPEG-TS; the video is FFmpeg's moving ``testsrc2`` pattern, the audio
 programme-like stereo (partly correlated pink noise at about −23 LUFS,
 modulated at a syllable rate), so no detector fires and none is idle. The
 clip is demuxed once into (kind, codec, t, keyframe, bytes) packets — the
-tap's input, as :func:`server.qc_service.QcService` forwards it — and fed
+tap's input, as :class:`server.qc_service.QcService` forwards it — and fed
 through a :class:`live_qc.tap.StreamTap` as fast as it will go.
 
 CPU is this thread's CPU time (``time.thread_time``, as the worker accounts
