@@ -51,6 +51,10 @@ TAP_STATES = ("running", "stopped", "decode_error", "restarting")
 METER_INTERVAL_S = 0.1
 #: CPU seconds per stream are reported this often.
 CPU_INTERVAL_S = 1.0
+#: The worker's scheduling niceness: where it and the server compete for a
+#: core, forwarding wins (a tap that then falls behind drops and counts
+#: frames at its channel; a late marker is better than a late picture).
+WORKER_NICE = 10
 # Media time is carried as seconds; PyAV packets get it back in this base.
 _TB = Fraction(1, 90000)
 # Audio decoders by the hub's codec names (the SRT path transcodes AAC to Opus;
@@ -366,6 +370,10 @@ def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
     """The worker process: drain the channel, run each stream's tap, send
     results in batches. Exits on ``stop``, when the result pipe breaks or
     when its parent is gone (a killed server leaves no orphan behind)."""
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass  # not permitted here: the worker still runs, at the server's priority
     taps: dict[str, StreamTap] = {}
     meter_due: dict[str, float] = {}
     cpu_due = time.monotonic() + CPU_INTERVAL_S
