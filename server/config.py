@@ -294,7 +294,7 @@ class QcSettings(_Section):
 
     #: The default for streams that store no ``qc.enabled``: on, every such
     #: live stream's lowest layer and audio are decoded and analysed in the
-    #: QC worker process (about 7-11 % of a core per stream here).
+    #: QC worker process (about 6 % of a core per 720p30 stream, 3.5 % at 360p30 here).
     enabled: bool = False
     #: Video frames analysed per second (every frame is still decoded).
     analysis_fps: float = Field(10.0, gt=0, le=60)
