@@ -167,6 +167,14 @@ def test_director_enables_qc_and_sees_meters_faults_and_markers(browser, server,
         a.wait_for_function(HAS_MARKER, arg=["black", "0"], timeout=15000)
         a.wait_for_function(HAS_MARKER, arg=["silence", "0"], timeout=15000)
         a.wait_for_function(BADGE, arg=[f"{TILE} .tile-faults .b-fault", False], timeout=10000)
+        # The timeline strip draws the closed marker; picking its block (by
+        # keyboard) brings the marker's entry into focus.
+        block = a.locator("#qc-timeline .qct-row[data-kind='black'] .qct-block[data-open='0']").first
+        block.wait_for(state="visible", timeout=10000)
+        block.focus()
+        a.keyboard.press("Enter")
+        a.wait_for_function("""() => document.activeElement && document.activeElement.matches('#qc-list li.qc-marker')
+            && document.activeElement.querySelector('.qc-type').textContent === 'black'""", timeout=5000)
         # A second director's room lists the same marker.
         ctx_b, b, console_b = open_room(browser, server.url, "qcdir", DIRECTOR_PASSWORD)
         b.wait_for_function(HAS_MARKER, arg=["black", "0"], timeout=15000)

@@ -40,6 +40,7 @@ import { loginForm } from "./login.js";
 import { drawQR, encodeQR } from "./qr.js";
 import { QcClient, meterFraction } from "./qc.js";
 import { TileSettings } from "./qcsettings.js";
+import { renderTimeline } from "./qctimeline.js";
 import { TallyClient } from "./tally.js";
 import { copyField, formatBitrate, h, nowMs } from "./ui.js";
 import { WhepClient } from "./whep.js";
@@ -453,7 +454,7 @@ function renderMarkers() {
     fp.addEventListener("click", () => flagMarker(m, !m.false_positive));
     const note = h("button", { type: "button", class: "qc-note-btn", disabled: !m.id }, "Note");
     note.addEventListener("click", () => noteForm(item, m));
-    const item = h("li", { class: `qc-marker sev-${m.severity}`, dataset: { fp: m.false_positive ? "1" : "0", open: m.wall_end ? "0" : "1" } },
+    const item = h("li", { class: `qc-marker sev-${m.severity}`, tabindex: "-1", dataset: { key: markerKey(m), fp: m.false_positive ? "1" : "0", open: m.wall_end ? "0" : "1" } },
       h("span", { class: "qc-when" }, `${clock(m.wall_start)} – ${m.wall_end ? clock(m.wall_end) : "open"}`),
       h("span", { class: "qc-type" }, `${m.kind}${m.subtype && m.subtype !== m.kind ? `/${m.subtype}` : ""}`),
       h("span", { class: "qc-sev" }, m.severity),
@@ -463,6 +464,18 @@ function renderMarkers() {
     return item;
   }));
   $("qc-empty").hidden = list.length > 0;
+  renderQcTimeline();
+}
+
+/** The strip above the list; redrawn every second so open markers grow. */
+function renderQcTimeline() {
+  renderTimeline($("qc-timeline"), [...state.qcMarkers.values()], nowMs() / 1000, (m) => {
+    const item = $("qc-list").querySelector(`[data-key="${CSS.escape(markerKey(m))}"]`);
+    if (item) {
+      item.scrollIntoView({ block: "nearest" });
+      item.focus();
+    }
+  });
 }
 
 async function flagMarker(m, falsePositive) {
@@ -940,6 +953,7 @@ function bindRoom() {
     loadMarkers();
   });
   $("qc-note-form").addEventListener("submit", addMomentNote);
+  setInterval(renderQcTimeline, 1000);
   for (const r of document.querySelectorAll('input[name="link-kind"]')) r.addEventListener("change", updateLinkForm);
   $("logout").addEventListener("click", async () => {
     await state.session.logout();
