@@ -60,6 +60,8 @@ from .log import event
 from .metrics import Metrics
 from .qc_events import QcEvents
 from .qc_service import QcService
+from .caption_service import CaptionService, CaptionStore, default_options_for
+from .keys import CAPTIONS
 
 log = logging.getLogger("returnfeed.http")
 #: Start/stop steps log under the process's logger, next to main.Server's.
@@ -300,6 +302,18 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         app[QC] = tap
         metrics.add_collector(tap.collect)
         services.append(Service("taps", tap.start, tap.stop, holds_handlers=True))
+    # Live captions (issue 13): the service taps the audio of streams whose captions are on (workers
+    # start with the first such stream) and hands captions to QC events
+    # (/ws/events) and finals to the captions table. It stops before QC
+    # events, so its last finals are still broadcast and queued.
+    qc.caption_partial_hz = settings.captions.partial_hz
+    if media is not None:
+        store = CaptionStore(db, directory, queue_max=settings.captions.write_queue_max)
+        captions = CaptionService(settings.captions, media.hub, qc, store,
+                                  options_for=default_options_for(settings.captions, settings.data_dir))
+        app[CAPTIONS] = captions
+        metrics.add_collector(captions.collect)
+        services.append(Service("captions", captions.start, captions.stop, holds_handlers=True))
     Lifecycle(services).install(app)
     pages.setup(app)
     if WEB_DIR.is_dir():

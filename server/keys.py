@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .qc_events import QcEvents
     from .qc_service import QcService
+    from .caption_service import CaptionService
     from .tally_service import TallyService
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -41,6 +42,8 @@ MEDIA: web.AppKey[MediaService] = web.AppKey("media")
 TALLY: web.AppKey[TallyService] = web.AppKey("tally")
 #: The live QC tap (hub readers → QC worker process → sink).
 QC: web.AppKey[QcService] = web.AppKey("qc")
+#: Live captions (hub audio → caption worker → QC events and the captions table).
+CAPTIONS: web.AppKey[CaptionService] = web.AppKey("captions")
 #: Tally WebSocket caps per link, address and production.
 WS_CAPS: web.AppKey[ConnectionCaps] = web.AppKey("ws_caps")
 

@@ -45,6 +45,7 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from live_qc.captions.types import Caption
 from live_qc.engine import Meters
 from live_qc.markers import MarkerEvent
 from tally.hub import aiohttp_transport
@@ -64,6 +65,8 @@ CLOSE_HEARTBEAT_TIMEOUT = 4001
 SEND_QUEUE_MAX = 512
 #: Meters per stream are forwarded at most this often (issue 12: ≤ 10 Hz).
 METERS_MIN_INTERVAL = 0.1
+#: Partial captions per stream per second at most (``[captions] partial_hz``).
+CAPTION_PARTIAL_HZ = 4.0
 #: Streams one ``subscribe`` message may name.
 MAX_SUBSCRIBE = 64
 #: Writes handed to the database in one transaction.
@@ -217,6 +220,11 @@ class QcEvents:
         self.stored = 0
         self.slow_clients = 0
         self.unknown_stream = 0
+        # Live captions (issue 13): partials per stream at most this often;
+        # the newest partial held back is sent when its turn comes.
+        self.caption_partial_hz = CAPTION_PARTIAL_HZ
+        self._partial_sent: dict[str, float] = {}
+        self._partial_held: dict[str, dict[str, Any]] = {}
 
     # -- the tap's interface (event loop; never blocks) ---------------------------
     def marker(self, stream: str, ev: MarkerEvent, *, wall_start: float, wall_end: float | None) -> None:
@@ -269,6 +277,37 @@ class QcEvents:
     def tap_state(self, stream: str, state: str, detail: str = "") -> None:
         self.taps[stream] = {"state": state, "detail": detail}
         self._broadcast(stream, {"type": "tap", "stream": stream, "state": state, "detail": detail})
+
+    def caption(self, stream: str, cap: Caption, *, wall_start: float, wall_end: float) -> None:
+        """A caption to everyone allowed to see ``stream``. A final goes out
+        at once and supersedes a partial held back; partials go out at most
+        ``caption_partial_hz`` times a second per stream, the newest winning
+        (an overlay shows the latest hypothesis, never a queue of stale ones)."""
+        entry = self.directory.stream(stream)
+        msg = {"type": "caption", **cap.to_json(), "stream": stream, "label": entry.label if entry else stream,
+               "wall_start": round(wall_start, 3), "wall_end": round(wall_end, 3)}
+        if cap.final:
+            self._partial_held.pop(stream, None)
+            self._broadcast(stream, msg)
+            return
+        now = time.monotonic()
+        due = self._partial_sent.get(stream, -math.inf) + 1.0 / self.caption_partial_hz
+        if now >= due - 1e-3:
+            self._partial_sent[stream] = now
+            self._broadcast(stream, msg)
+            return
+        if stream not in self._partial_held:
+            asyncio.get_running_loop().call_later(due - now, self._release_partial, stream)
+        self._partial_held[stream] = msg
+
+    def _release_partial(self, stream: str) -> None:
+        msg = self._partial_held.pop(stream, None)
+        if msg is not None and not self._closing:
+            self._partial_sent[stream] = time.monotonic()
+            self._broadcast(stream, msg)
+
+    def caption_state(self, stream: str, state: str, detail: str = "") -> None:
+        self._broadcast(stream, {"type": "caption.state", "stream": stream, "state": state, "detail": detail})
 
     # -- what the REST routes announce ------------------------------------------
     def flagged(self, stream: str, row: dict[str, Any]) -> None:
