@@ -45,6 +45,7 @@ import asyncpg
 from aiohttp import web
 
 from . import api, health, pages, qc_routes, tally_routes, whep, whip
+from . import caption_routes
 from .access import client_ip
 from .api.auth import RefreshPurge
 from .auth import LoginLimiter, TokenService
@@ -302,10 +303,12 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         app[QC] = tap
         metrics.add_collector(tap.collect)
         services.append(Service("taps", tap.start, tap.stop, holds_handlers=True))
-    # Live captions (issue 13): the service taps the audio of streams whose captions are on (workers
-    # start with the first such stream) and hands captions to QC events
-    # (/ws/events) and finals to the captions table. It stops before QC
-    # events, so its last finals are still broadcast and queued.
+    # Live captions (issue 13): stored transcripts are readable with or
+    # without media; the service taps the audio of streams whose captions
+    # are on (workers start with the first such stream) and hands captions
+    # to QC events (/ws/events) and finals to the captions table. It stops
+    # before QC events, so its last finals are still broadcast and queued.
+    caption_routes.setup(app)
     qc.caption_partial_hz = settings.captions.partial_hz
     if media is not None:
         store = CaptionStore(db, directory, queue_max=settings.captions.write_queue_max)
