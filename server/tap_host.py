@@ -229,6 +229,10 @@ class TapHost:
         self._unwatch(w)
         self._read_results(slot, w)  # what it sent before dying still counts
         w.proc.join(0)
+        if w.proc.exitcode is None:
+            # The sentinel (a pipe the child held) closes a moment before the
+            # kernel lets the child be reaped; the exit code is that close.
+            w.proc.join(0.2)
         code = w.proc.exitcode
         lived = time.monotonic() - w.started_at
         self._keep_drops(w)
