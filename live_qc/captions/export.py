@@ -3,7 +3,8 @@
 ::
 
     Caption(final) ──► words ──► cues (≤ 2 lines × ≤ 42 chars, split at word
-                                  boundaries, timed by the words' own times)
+                                  boundaries and at pauses ≥ 1 s, timed by
+                                  the words' own times)
                                ──► to_webvtt (``<b>`` on emphasis, escaped)
                                ──► to_srt     (plain text)
 
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 
 from .types import Caption, Word
 
-__all__ = ["MAX_LINE_CHARS", "MAX_LINES", "Cue", "cues", "to_webvtt", "to_srt"]
+__all__ = ["MAX_LINE_CHARS", "MAX_LINES", "MAX_GAP_S", "Cue", "cues", "to_webvtt", "to_srt"]
 
 #: Readability on a phone (issue 13; the upper end of the 32 (CEA-608) to 42
 #: characters a line used by broadcasters' subtitle guidelines).
 MAX_LINE_CHARS = 42
 MAX_LINES = 2
+#: A pause this long starts a new cue.
+MAX_GAP_S = 1.0
 # A cue must not be empty in time: players drop zero-length cues.
 _MIN_CUE_S = 0.001
 
@@ -75,19 +78,32 @@ def _lines(words: tuple[Word, ...]) -> Iterator[tuple[Word, ...]]:
 
 def cues(captions: Iterable[Caption], *, origin: float = 0.0) -> list[Cue]:
     """Final captions → cues in time order, times relative to ``origin``
-    (clamped at 0; consecutive cues never overlap)."""
+    (clamped at 0; consecutive cues never overlap). The streamer commits a
+    few words at a time, so consecutive finals share a cue while it has room
+    and the speaker has not paused for ``MAX_GAP_S``."""
     out: list[Cue] = []
     finals = sorted((c for c in captions if c.final), key=lambda c: (c.start, c.end))
-    for caption in finals:
-        lines = list(_lines(_words_of(caption)))
+    words = [w for c in finals for w in _words_of(c)]
+    group: list[Word] = []
+
+    def close() -> None:
+        lines = list(_lines(tuple(group)))
         for i in range(0, len(lines), MAX_LINES):
-            group = tuple(lines[i:i + MAX_LINES])
-            start = max(group[0][0].start - origin, 0.0)
-            end = max(group[-1][-1].end - origin, 0.0)
+            part = tuple(lines[i:i + MAX_LINES])
+            start = max(part[0][0].start - origin, 0.0)
+            end = max(part[-1][-1].end - origin, 0.0)
             if out and start < out[-1].end:
                 start = out[-1].end
-            end = max(end, start + _MIN_CUE_S)
-            out.append(Cue(start, end, group))
+            out.append(Cue(start, max(end, start + _MIN_CUE_S), part))
+        group.clear()
+
+    for w in words:
+        if group and (w.start - group[-1].end > MAX_GAP_S
+                      or len(list(_lines((*group, w)))) > MAX_LINES):
+            close()
+        group.append(w)
+    if group:
+        close()
     return out
 
 

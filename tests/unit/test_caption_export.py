@@ -96,9 +96,25 @@ def test_emphasis_bold_and_escaping_in_vtt_plain_in_srt() -> None:
     assert "<b>" not in body
 
 
+def test_consecutive_finals_share_a_cue_until_a_pause_or_a_full_cue() -> None:
+    caps = [_caption("good evening", 10.0), _caption("and welcome", 10.8),  # no pause: one cue
+            _caption("to the show", 14.0)]  # after a 2 s pause: a new cue
+    vtt = _vtt(to_webvtt(caps, origin=10.0))
+    assert [v.text for v in vtt] == ["good evening and welcome", "to the show"]
+    assert _secs(vtt[0].start) == 0.0
+    assert abs(_secs(vtt[0].end) - (caps[1].words[-1].end - 10.0)) < 0.0015
+    assert abs(_secs(vtt[1].start) - 4.0) < 0.0015
+    # Many small finals without pauses still make full, readable cues.
+    words = LONG.split()
+    small = [_caption(" ".join(words[i:i + 2]), 50.0 + i * 0.4) for i in range(0, len(words), 2)]
+    cues_small = [v.text for v in _vtt(to_webvtt(small))]
+    cues_long = [v.text for v in _vtt(to_webvtt([_caption(LONG, 50.0)]))]
+    assert cues_small == cues_long
+
+
 def test_order_overlap_origin_clamp() -> None:
-    late = _caption("second line", 10.0)
-    early = _caption("first line of text", 8.0, step=0.7)  # ends after late starts
+    late = _caption("second line", 20.0)
+    early = _caption("first line of text", 8.0, step=0.7)
     out = cues([late, early], origin=9.0)
     assert [" ".join(w.text.strip() for line in c.lines for w in line) for c in out] == [
         "first line of text", "second line"]
@@ -106,6 +122,11 @@ def test_order_overlap_origin_clamp() -> None:
     assert out[1].start >= out[0].end
     parsed = list(srt.parse(to_srt([late, early], origin=9.0)))
     assert [p.index for p in parsed] == [1, 2]
+    # Overlapping word times never make cues overlap.
+    a = Caption("cam1", True, 0.0, 3.0, "one two", (Word("one", 0.0, 1.0), Word("two", 1.0, 3.0)))
+    b = Caption("cam1", True, 2.0, 30.0, LONG)
+    out = cues([a, b])
+    assert all(x.end <= y.start for x, y in zip(out, out[1:]))
 
 
 def test_caption_without_word_times_still_split() -> None:
