@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from live_qc.captions.types import Caption, CaptionStats
+from live_qc.tap import TapWorker
 from media.stream import StreamHub
 
 from . import repo
@@ -46,9 +47,6 @@ from .log import event
 from .tap_host import POLL_S, TapHost, TapSpec, Worker
 
 log = logging.getLogger("returnfeed.captions")
-
-#: The tap states a caption worker reports, plus the host's own "restarting".
-CAPTION_STATES = ("running", "stopped", "loading", "error", "restarting")
 
 OptionsFor = Callable[[str], "dict[str, Any] | None"]
 
@@ -89,11 +87,11 @@ def default_options_for(settings: CaptionSettings, data_dir: Path,
 
 def _caption_worker(capacity: int) -> Callable[[int], Worker]:
     def make(index: int) -> Worker:
-        # Imported here: faster-whisper and its model only matter once a
-        # stream is captioned, and only in the worker process.
-        from live_qc.captions.worker import CaptionWorker
+        # Imported here: the worker module pulls in PyAV and numpy, which the
+        # server needs only once a stream is captioned.
+        from live_qc.captions.worker import caption_worker_main
 
-        return CaptionWorker(capacity, index)
+        return TapWorker(capacity, index, target=caption_worker_main, label="captions")
 
     return make
 
@@ -181,7 +179,7 @@ class CaptionService:
             self._state(name, msg[2], msg[3] if len(msg) > 3 else "")
 
     def _state(self, name: str, state: str, detail: str) -> None:
-        event(log, logging.INFO if state in ("running", "stopped", "loading") else logging.WARNING,
+        event(log, logging.INFO if state in ("running", "stopped") else logging.WARNING,
               "captions.state", stream=name, state=state, detail=detail)
         self.sink.caption_state(name, state, detail)
 

@@ -6,7 +6,6 @@ metrics; and the ``[captions]`` options."""
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import time
@@ -16,27 +15,16 @@ from pathlib import Path
 import pytest
 
 from caption_fake_worker import fake_main
-from live_qc.tap import TapChannel, TapWorker
+from live_qc.tap import TapWorker
 from media.stream import SourceInfo, StreamHub
 from server.caption_service import CaptionService, default_options_for
 from server.config import CaptionSettings
 from server.tap_host import next_backoff
 
 
-class FakeCaptionWorker(TapWorker):
+def FakeCaptionWorker(capacity: int, index: int = 0) -> TapWorker:
     """TapWorker's process handling around the stand-in worker's main."""
-
-    def start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._queue = ctx.Queue(self.capacity)
-        reader, writer = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=fake_main, args=(self._queue, writer, os.getpid()),
-                                name=f"fake-captions-{self.index}", daemon=True)
-        self.proc.start()
-        writer.close()
-        self.results = reader
-        self.channel = TapChannel(self._queue)
-        self.started_at = time.monotonic()
+    return TapWorker(capacity, index, target=fake_main, label="fake-captions")
 
 
 @dataclass
