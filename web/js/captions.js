@@ -249,6 +249,13 @@ export class CaptionView {
     });
     this._spans = keep;
     this.el.replaceChildren(...rows);
+    // A font too large for this screen would clip a 42-character line:
+    // fewer characters a line instead (never fewer than 16), re-wrapped.
+    if (show && this.chars > 16 && rows.some((row) => row.scrollWidth > row.clientWidth + 1)) {
+      this.chars -= 2;
+      this.render();
+      return;
+    }
     this.el.dataset.final = all.filter((w) => w.final).map((w) => w.text).join(" ");
     this.el.dataset.partial = all.filter((w) => !w.final).map((w) => w.text).join(" ");
   }
@@ -267,10 +274,17 @@ export function setCaptionsWanted(on) {
 
 /**
  * One page's overlay for one stream: the socket, the view and a toggle
- * button (aria-pressed). Returns {client, view}.
+ * button (aria-pressed); `avoid`: an element at the bottom (the viewer's
+ * control bar) the overlay stays above while it is shown. Returns {client, view}.
  */
-export function attachCaptions({ auth, stream, parent, button }) {
+export function attachCaptions({ auth, stream, parent, button, avoid }) {
   const view = new CaptionView().mount(parent);
+  if (avoid && window.ResizeObserver) {
+    // Stay above the page's control bar while it shows (captions.css).
+    const fit = () => view.el.style.setProperty("--cc-avoid", `${Math.ceil(avoid.getBoundingClientRect().height)}px`);
+    new ResizeObserver(fit).observe(avoid);
+    fit();
+  }
   const apply = (on) => {
     view.setEnabled(on);
     if (button) {

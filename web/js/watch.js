@@ -187,7 +187,8 @@ async function main() {
   page.player.start();
   // Live captions of this stream over /ws/events with the page's own token;
   // the CC button shows once a caption has arrived.
-  page.captions = attachCaptions({ auth: page.auth, stream: () => page.name, parent: $("player"), button: $("btn-cc") });
+  page.captions = attachCaptions({ auth: page.auth, stream: () => page.name, parent: $("player"), button: $("btn-cc"),
+    avoid: $("bar") });
   await refreshInfo();
   setInterval(refreshInfo, 5000);
   setInterval(sample, 1000);
