@@ -19,6 +19,9 @@ order, and the started ones stop in reverse, each once:
     4. QC events (/ws/events, markers)   2. media  ─┐ cleanup, after the
     5. taps (live QC worker → QC events) 1. purge  ─┘ in-flight requests
 
+Live captions (``captions``, after the taps) start last and stop first,
+before QC events, which still broadcast their last finals.
+
 Tally stops at ``on_shutdown``: its WebSocket handlers end only when the
 service closes them (1001 going away), and aiohttp waits for handlers
 between ``on_shutdown`` and cleanup (aiohttp's documented place for closing

@@ -7,6 +7,12 @@ none of them blocks or awaits:
 * :meth:`QcEvents.meters` — a tile's loudness and peak read-out (≤ 10 Hz);
 * :meth:`QcEvents.tap_state` — the tap of a stream started, failed, stopped.
 
+The caption service (``server.caption_service``) calls
+:meth:`QcEvents.caption` (a partial or committed caption: partials at most
+``caption_partial_hz`` a second per stream, the newest winning; never
+stored here — the service stores the finals) and
+:meth:`QcEvents.caption_state`, on the event loop too.
+
 Every marker event goes out at once to the WebSocket clients allowed to see
 its stream, and is queued for storage: one bounded queue, one writer task
 (like :mod:`server.tally_persist`). While the database is away the queue
