@@ -211,9 +211,9 @@ class TapHost:
         if slot.worker is None and slot.restarting is None and not self._stopping:
             try:
                 self._start_worker(slot)
-            except OSError as exc:
+            except Exception as exc:  # no process (OSError), or its module would not import
                 event(self.log, logging.ERROR, f"{self.name}.worker_start_failed", worker=slot.index,
-                      error=str(exc))
+                      error=f"{type(exc).__name__}: {exc}")
                 self._schedule_restart(slot)
 
     def _unwatch(self, w: Any) -> None:
@@ -261,8 +261,10 @@ class TapHost:
         self.worker_restarts += 1
         try:
             self._start_worker(slot)
-        except OSError as exc:
-            event(self.log, logging.ERROR, f"{self.name}.worker_start_failed", worker=slot.index, error=str(exc))
+        except Exception as exc:
+            event(self.log, logging.ERROR, f"{self.name}.worker_start_failed", worker=slot.index,
+                  error=f"{type(exc).__name__}: {exc}")
+            slot.worker = None
             self._schedule_restart(slot)
 
     def _keep_drops(self, w: Any) -> None:
@@ -278,10 +280,7 @@ class TapHost:
     # -- streams -------------------------------------------------------------------
     async def _poll(self) -> None:
         while True:
-            try:
-                self.sync()
-            except Exception:  # an owner's select() bug must not end the taps
-                event(self.log, logging.ERROR, f"{self.name}.sync_failed", exc_info=True)
+            self.sync()
             await asyncio.sleep(self.poll_s)
 
     def sync(self) -> None:
@@ -292,7 +291,11 @@ class TapHost:
         for stream in self.hub:
             if stream.state != StreamState.LIVE or not stream.tracks:
                 continue
-            spec = self.select(stream)
+            try:
+                spec = self.select(stream)
+            except Exception:  # an owner's bug (or settings it cannot read) skips this stream only
+                event(self.log, logging.ERROR, f"{self.name}.select_failed", exc_info=True, stream=stream.name)
+                continue
             tap = self.taps.get(stream.name)
             if tap is not None:
                 if tap.spec == spec:

@@ -239,3 +239,32 @@ async def test_a_killed_worker_is_noticed_and_stop_leaves_no_process() -> None:
     new = svc.host.slots[0].worker.proc
     await svc.stop()
     assert not new.is_alive() and all(slot.worker is None for slot in svc.host.slots)
+
+
+async def test_a_worker_that_cannot_start_is_retried_and_a_bad_stream_setting_skips_only_that_stream() -> None:
+    sink = Sink()
+    settings = CaptionSettings(enabled=True)
+    made: list[int] = []
+
+    def make(i: int) -> TapWorker:
+        made.append(i)
+        if len(made) == 1:
+            raise ImportError("no caption engine here")
+        return FakeCaptionWorker(settings.queue_frames, i)
+
+    def options_for(name: str) -> dict | None:
+        if name == "broken":
+            raise KeyError(name)
+        return {}
+
+    svc = CaptionService(settings, StreamHub(), sink, None, options_for=options_for, make_worker=make, poll_s=0.05)
+    await svc.start()
+    try:
+        live(svc.host.hub, "broken")
+        live(svc.host.hub, "cam1")
+        # The first start fails; the backoff's restart attaches cam1 all the same.
+        await until(lambda: ("cam1", "running") in [(s, st) for s, st, _ in sink.states])
+        assert len(made) == 2 and svc.worker_restarts == 1
+        assert set(svc.host.taps) == {"cam1"}
+    finally:
+        await svc.stop()
