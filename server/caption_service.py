@@ -100,7 +100,11 @@ def _caption_worker(capacity: int) -> Callable[[int], Worker]:
 class _Stats:
     rtf: float = 0.0
     lag_s: float = 0.0
+    #: Skipped seconds in total, over every worker that served the stream.
     skipped_s: float = 0.0
+    #: The current streamer's own total (after a detach or a worker restart
+    #: the next one starts again from 0).
+    worker_skipped_s: float = 0.0
 
 
 class CaptionService:
@@ -172,13 +176,18 @@ class CaptionService:
         elif op == "stats":
             st: CaptionStats = msg[2]
             s = self.stats.setdefault(name, _Stats())
-            s.rtf, s.lag_s, s.skipped_s = st.rtf, st.lag_s, max(s.skipped_s, st.skipped_s)
+            s.rtf, s.lag_s = st.rtf, st.lag_s
+            s.skipped_s += st.skipped_s - s.worker_skipped_s
+            s.worker_skipped_s = st.skipped_s
             if st.cpu_s > 0:
                 self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + st.cpu_s
         elif op == "state":
             self._state(name, msg[2], msg[3] if len(msg) > 3 else "")
 
     def _state(self, name: str, state: str, detail: str) -> None:
+        stats = self.stats.get(name)
+        if stats is not None and state in ("stopped", "restarting"):
+            stats.worker_skipped_s = 0.0  # the stream's next streamer counts from 0 again
         event(log, logging.INFO if state in ("running", "stopped") else logging.WARNING,
               "captions.state", stream=name, state=state, detail=detail)
         self.sink.caption_state(name, state, detail)

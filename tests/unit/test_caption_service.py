@@ -183,6 +183,8 @@ async def test_a_crashed_worker_is_restarted_with_backoff_and_its_streams_reatta
         cam1, _ = live(hub, "cam1"), live(hub, "cam2")
         await until(lambda: len([1 for _, st, _ in sink.states if st == "running"]) == 2)
         first = svc.host.slots[0].worker
+        cam1.publishers[0].publish(audio(0.5, b"x"))
+        await until(lambda: svc.stats.get("cam1") and svc.stats["cam1"].skipped_s == 1.5)
         cam1.publishers[0].publish(audio(1.0, b"die"))
         await until(lambda: len([1 for _, st, _ in sink.states if st == "restarting"]) == 2)
         assert "exited (3)" in sink.states[-1][2] and svc.host.slots[0].delay == 0.5
@@ -192,6 +194,8 @@ async def test_a_crashed_worker_is_restarted_with_backoff_and_its_streams_reatta
         cam1.publishers[0].publish(audio(2.0, b"say:back again"))
         await until(lambda: sink.captions)
         assert sink.captions[0][1].text == "back again"
+        # Skipped audio adds up over both workers (each reports 1.5 s in total).
+        await until(lambda: svc.stats["cam1"].skipped_s == 3.0)
         # Dying again soon after a start doubles the delay.
         cam1.publishers[0].publish(audio(3.0, b"die"))
         await until(lambda: len([1 for _, st, _ in sink.states if st == "restarting"]) == 4)
