@@ -32,7 +32,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -60,12 +60,20 @@ class CaptionSink(Protocol):
 
 
 def default_options_for(settings: CaptionSettings, data_dir: Path,
-                        stream_settings: Callable[[str], dict[str, Any] | None] | None = None) -> OptionsFor:
+                        stream_settings: Callable[[str], Any] | None = None) -> OptionsFor:
     """``options_for`` from the ``[captions]`` defaults and, where given, a
-    stream's own ``captions`` settings from the API (``{enabled, language,
-    translate, model}``; a key it leaves out takes the default). A stream in
-    ``disabled_streams`` is never captioned."""
+    stream's own captions settings: ``stream_settings(name)`` returns a
+    mapping or an object with any of ``enabled``, ``language``,
+    ``translate``, ``model`` (the API's ``captions`` section, or the
+    effective settings built from it), or None. A field it has replaces the
+    default; ``language`` None or "auto" is detection, ``model`` None the
+    default model. A stream in ``disabled_streams`` is never captioned."""
     base = settings.stream_options(data_dir)
+
+    def field_of(own: Any, key: str) -> tuple[bool, Any]:
+        if isinstance(own, Mapping):
+            return key in own, own.get(key)
+        return hasattr(own, key), getattr(own, key, None)
 
     def options_for(name: str) -> dict[str, Any] | None:
         if name in settings.disabled_streams:
@@ -73,13 +81,19 @@ def default_options_for(settings: CaptionSettings, data_dir: Path,
         own = stream_settings(name) if stream_settings is not None else None
         enabled = settings.enabled
         out = dict(base)
-        if own:
-            enabled = bool(own.get("enabled", enabled))
-            for key in ("model", "language", "translate"):
-                if own.get(key) is not None:
-                    out[key] = own[key]
-            if out.get("language") == "auto":
-                out["language"] = None
+        if own is not None:
+            has, value = field_of(own, "enabled")
+            if has and isinstance(value, bool):
+                enabled = value
+            has, value = field_of(own, "language")
+            if has:
+                out["language"] = None if value in (None, "", "auto") else value
+            has, value = field_of(own, "translate")
+            if has and isinstance(value, bool):
+                out["translate"] = value
+            has, value = field_of(own, "model")
+            if has and value:
+                out["model"] = value
         return out if enabled else None
 
     return options_for

@@ -116,6 +116,24 @@ def test_options_from_config_and_the_streams_own_settings(tmp_path: Path) -> Non
     with pytest.raises(ValueError):
         CaptionSettings(language="english!")
 
+    @dataclass(frozen=True)
+    class Effective:  # the shape of the API's effective per-stream settings
+        enabled: bool
+        language: str | None
+        translate: bool
+        model: str | None
+
+    eff = {"camA": Effective(True, None, False, None), "camB": Effective(True, "es", True, "base"),
+           "camC": Effective(False, "en", False, None)}
+    from_api = default_options_for(CaptionSettings(language="en"), tmp_path, eff.get)
+    assert from_api("camA")["language"] is None and from_api("camA")["model"] == "tiny.en"  # null: detect
+    assert (from_api("camB")["language"], from_api("camB")["translate"], from_api("camB")["model"]) == \
+        ("es", True, "base")
+    assert from_api("camC") is None and from_api("camZ") is None  # off, and off by default
+    explicit_null = default_options_for(CaptionSettings(enabled=True, language="en"), tmp_path,
+                                        {"camA": {"language": None}}.get)
+    assert explicit_null("camA")["language"] is None and explicit_null("camB")["language"] == "en"
+
 
 async def test_captions_of_an_enabled_stream_reach_sink_and_store_with_wall_clock() -> None:
     sink, store = Sink(), Store()
