@@ -47,7 +47,8 @@ class BatchWriter(Generic[T]):
 
     def __init__(self, db: Any, write: Callable[[list[T]], Awaitable[Any]], *, name: str, queue_max: int,
                  logger: logging.Logger, batch_max: int = BATCH_MAX, attempts: int = ATTEMPTS,
-                 on_written: Callable[[list[T], Any], None] | None = None) -> None:
+                 on_written: Callable[[list[T], Any], None] | None = None,
+                 log_fields: dict[str, Any] | None = None, task_name: str | None = None) -> None:
         if queue_max < 1 or batch_max < 1:
             raise ValueError("queue_max and batch_max must be at least 1")
         self.db = db
@@ -58,6 +59,9 @@ class BatchWriter(Generic[T]):
         self.batch_max = batch_max
         self.attempts = attempts
         self.on_written = on_written
+        #: Added to every log event (which production's queue, …).
+        self.log_fields = dict(log_fields or {})
+        self.task_name = task_name or f"{name}-writer"
         self.pending: deque[T] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -71,6 +75,11 @@ class BatchWriter(Generic[T]):
     def __len__(self) -> int:
         return len(self.pending)
 
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The writer task while started (None before start and after close)."""
+        return self._task
+
     def put(self, item: T) -> None:
         self.pending.append(item)
         self._trim()
@@ -82,13 +91,13 @@ class BatchWriter(Generic[T]):
             for _ in range(n):
                 self.pending.popleft()
             self.dropped += n
-            event(self.log, logging.ERROR, f"{self.name}.writes_dropped", dropped=n, total_dropped=self.dropped,
-                  queue_max=self.queue_max)
+            event(self.log, logging.ERROR, f"{self.name}.writes_dropped", **self.log_fields, dropped=n,
+                  total_dropped=self.dropped, queue_max=self.queue_max)
 
     def start(self) -> None:
         self._closing = False
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-writer")
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self.task_name)
 
     async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Let the writer store what is queued for at most ``timeout``
@@ -102,7 +111,8 @@ class BatchWriter(Generic[T]):
             await asyncio.wait({task}, timeout=timeout)
         await cancel_and_wait(task)
         if self.pending:
-            event(self.log, logging.ERROR, f"{self.name}.writes_lost_at_shutdown", writes=len(self.pending))
+            event(self.log, logging.ERROR, f"{self.name}.writes_lost_at_shutdown", **self.log_fields,
+                  writes=len(self.pending))
 
     async def _run(self) -> None:
         db = self.db
@@ -117,7 +127,7 @@ class BatchWriter(Generic[T]):
                 except Exception as exc:
                     attempts += 1
                     if refused_by_database(exc) or attempts > self.attempts:
-                        event(self.log, logging.ERROR, f"{self.name}.persist_failed",
+                        event(self.log, logging.ERROR, f"{self.name}.persist_failed", **self.log_fields,
                               error=f"{type(exc).__name__}: {exc}", writes=len(batch), attempts=attempts)
                         self.failed += len(batch)
                         attempts = 0
@@ -143,6 +153,7 @@ class BatchWriter(Generic[T]):
                     try:
                         self.on_written(batch, result)
                     except Exception:  # the owner's bug must not stop storage
-                        event(self.log, logging.ERROR, f"{self.name}.on_written_failed", exc_info=True)
+                        event(self.log, logging.ERROR, f"{self.name}.on_written_failed", exc_info=True,
+                              **self.log_fields)
             if self._closing and not self.pending:
                 return
