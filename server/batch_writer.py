@@ -43,12 +43,14 @@ CLOSE_TIMEOUT = 5.0
 class BatchWriter(Generic[T]):
     """See the module docstring. ``db`` is anything with ``available`` and
     ``wait_available()`` (:class:`server.db.Database`); ``name`` prefixes the
-    log events (``{name}.writes_dropped`` …)."""
+    log events (``{name}.writes_dropped`` …, or ``log_prefix``) and names the
+    task (``{name}-writer``, or ``task_name``)."""
 
     def __init__(self, db: Any, write: Callable[[list[T]], Awaitable[Any]], *, name: str, queue_max: int,
                  logger: logging.Logger, batch_max: int = BATCH_MAX, attempts: int = ATTEMPTS,
                  on_written: Callable[[list[T], Any], None] | None = None,
-                 log_fields: dict[str, Any] | None = None, task_name: str | None = None) -> None:
+                 log_fields: dict[str, Any] | None = None, task_name: str | None = None,
+                 log_prefix: str | None = None) -> None:
         if queue_max < 1 or batch_max < 1:
             raise ValueError("queue_max and batch_max must be at least 1")
         self.db = db
@@ -62,6 +64,8 @@ class BatchWriter(Generic[T]):
         #: Added to every log event (which production's queue, …).
         self.log_fields = dict(log_fields or {})
         self.task_name = task_name or f"{name}-writer"
+        #: Log event names: ``{prefix}writes_dropped``, ``{prefix}persist_failed`` …
+        self.prefix = f"{name}." if log_prefix is None else log_prefix
         self.pending: deque[T] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -91,7 +95,7 @@ class BatchWriter(Generic[T]):
             for _ in range(n):
                 self.pending.popleft()
             self.dropped += n
-            event(self.log, logging.ERROR, f"{self.name}.writes_dropped", **self.log_fields, dropped=n,
+            event(self.log, logging.ERROR, f"{self.prefix}writes_dropped", **self.log_fields, dropped=n,
                   total_dropped=self.dropped, queue_max=self.queue_max)
 
     def start(self) -> None:
@@ -111,7 +115,7 @@ class BatchWriter(Generic[T]):
             await asyncio.wait({task}, timeout=timeout)
         await cancel_and_wait(task)
         if self.pending:
-            event(self.log, logging.ERROR, f"{self.name}.writes_lost_at_shutdown", **self.log_fields,
+            event(self.log, logging.ERROR, f"{self.prefix}writes_lost_at_shutdown", **self.log_fields,
                   writes=len(self.pending))
 
     async def _run(self) -> None:
@@ -127,7 +131,7 @@ class BatchWriter(Generic[T]):
                 except Exception as exc:
                     attempts += 1
                     if refused_by_database(exc) or attempts > self.attempts:
-                        event(self.log, logging.ERROR, f"{self.name}.persist_failed", **self.log_fields,
+                        event(self.log, logging.ERROR, f"{self.prefix}persist_failed", **self.log_fields,
                               error=f"{type(exc).__name__}: {exc}", writes=len(batch), attempts=attempts)
                         self.failed += len(batch)
                         attempts = 0
@@ -153,7 +157,7 @@ class BatchWriter(Generic[T]):
                     try:
                         self.on_written(batch, result)
                     except Exception:  # the owner's bug must not stop storage
-                        event(self.log, logging.ERROR, f"{self.name}.on_written_failed", exc_info=True,
+                        event(self.log, logging.ERROR, f"{self.prefix}on_written_failed", exc_info=True,
                               **self.log_fields)
             if self._closing and not self.pending:
                 return
