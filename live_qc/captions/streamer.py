@@ -57,9 +57,14 @@ class Hypothesis:
     language: str
     #: Segments the guards dropped (for stats).
     rejected: int = 0
+    #: How sure the model was of the detected language (1.0 when fixed).
+    language_probability: float = 1.0
 
 
 class Decoder(Protocol):
+    #: Whether the model detects languages (auto-detection waits for audio).
+    multilingual: bool
+
     def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis: ...
 
 
@@ -70,14 +75,20 @@ class WhisperDecoder:
 
     model: Any  # faster_whisper.WhisperModel
     translate: bool = False
-    #: Whisper's own rules (openai/whisper transcribe.py): a segment whose
-    #: text compresses this well is a loop; below this mean log-probability
-    #: the decode failed; this no-speech probability with a weak decode is
-    #: silence.
+    #: After openai/whisper transcribe.py: a segment whose text compresses
+    #: this well is a loop; this no-speech probability with a weak decode is
+    #: silence. Whisper's −1.0 log-probability is where it *retries* at a
+    #: higher temperature, not where it drops text; audio here is already
+    #: VAD-gated speech, and accented or synthetic speech decodes correctly
+    #: at −1.0 to −1.3, so only a decode far below that is dropped.
     compression_ratio_max: float = 2.4
-    logprob_min: float = -1.0
+    logprob_min: float = -1.5
     no_speech_max: float = 0.6
     no_speech_logprob: float = -0.5
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.model.model.is_multilingual)
 
     def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
         segments, info = self.model.transcribe(
@@ -99,8 +110,8 @@ class WhisperDecoder:
                 text = w.word.strip()
                 if text:
                     words.append(Word(text, float(w.start), float(w.end), float(w.probability)))
-        language_out = "en" if self.translate else (info.language or language or "en")
-        return Hypothesis(tuple(words), language_out, rejected)
+        return Hypothesis(tuple(words), info.language or language or "en", rejected,
+                          float(info.language_probability or 0.0))
 
     def _plausible(self, seg: Any) -> bool:
         if seg.compression_ratio > self.compression_ratio_max:
@@ -118,6 +129,8 @@ class WhisperDecoder:
 @dataclass(slots=True)
 class StreamerOptions:
     language: str | None = None
+    #: Auto-detected language: the first decode waits for this much speech.
+    detect_s: float = 2.0
     #: New speech between two decodes of the same utterance.
     step_s: float = 0.5
     #: Audio kept before the VAD's speech start (its decision lags the onset).
@@ -303,6 +316,11 @@ class Streamer:
                 self._drop_before(self._trim - round(o.preroll_s * RATE))
         if self._utterance is not None:
             new = self._samples - max(self._decoded_to, self._utterance)
+            if self.language is None and getattr(self.decoder, "multilingual", False) \
+                    and self._samples - self._utterance < o.detect_s * RATE:
+                # Language detection on a second of audio is a guess (it
+                # flips between related languages); partials wait for it.
+                new = 0
             if new >= o.step_s * RATE:
                 # The whole utterance is decoded each time (up to a limit):
                 # a decode of audio cut at a committed word's end starts
@@ -353,11 +371,13 @@ class Streamer:
         t0 = self.time_of(max(a, self._audio_start))
         hyp = self.decoder.decode(audio, prompt=self.policy.prompt(before=t0), language=self.language)
         self.rejected_segments += hyp.rejected
-        if self.options.language is None and hyp.words and len(audio) >= 2 * RATE:
-            # Auto-detected once with enough audio, then kept: per-decode
-            # detection on short buffers flips between languages.
+        if self.options.language is None and hyp.words and (
+                len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):
+            # Detected once with enough audio or confidence, then kept:
+            # per-decode detection on short buffers flips between languages.
             self.language = hyp.language
-        self._hyp_language = hyp.language
+        # Translated text is English whatever was spoken.
+        self._hyp_language = "en" if getattr(self.decoder, "translate", False) else hyp.language
         self._decoded_to = max(self._decoded_to, b)
         return [Word(w.text, t0 + w.start, t0 + w.end, w.probability) for w in hyp.words]
 
