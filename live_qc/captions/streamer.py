@@ -57,10 +57,38 @@ class Hypothesis:
     language: str
     #: Segments the guards dropped (for stats).
     rejected: int = 0
+    #: How sure the model was of the detected language (1.0 when fixed).
+    language_probability: float = 1.0
 
 
 class Decoder(Protocol):
+    #: Whether the model detects languages (auto-detection waits for audio).
+    multilingual: bool
+
     def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis: ...
+
+
+def windowed_whisper_class() -> type:
+    """``WhisperModel`` whose encoder can run on less than 30 s.
+
+    faster-whisper pads every window to 3000 mel frames (30 s), so a decode
+    of 3 s of speech costs the encoder pass of 30 s — 75 % of a tiny.en
+    decode on CPU. CTranslate2's encoder takes any frame count (measured:
+    1000 frames cost a tenth of 3000), so the streamer trims the padded
+    features to the audio it decodes plus a margin (whisper.cpp's
+    ``audio_ctx`` does the same)."""
+    from faster_whisper import WhisperModel
+
+    class WindowedWhisperModel(WhisperModel):  # type: ignore[misc]
+        #: Mel frames given to the encoder for the current call (None: all 3000).
+        encoder_frames: int | None = None
+
+        def encode(self, features: np.ndarray) -> Any:
+            if self.encoder_frames is not None:
+                features = features[..., :self.encoder_frames]
+            return super().encode(features)
+
+    return WindowedWhisperModel
 
 
 @dataclass(slots=True)
@@ -68,18 +96,39 @@ class WhisperDecoder:
     """faster-whisper with the settings a streamer needs and the guards
     against invented speech applied per segment."""
 
-    model: Any  # faster_whisper.WhisperModel
+    model: Any  # faster_whisper.WhisperModel (windowed_whisper_class() for short windows)
     translate: bool = False
-    #: Whisper's own rules (openai/whisper transcribe.py): a segment whose
-    #: text compresses this well is a loop; below this mean log-probability
-    #: the decode failed; this no-speech probability with a weak decode is
-    #: silence.
+    #: Silence after the audio in the encoder's window (Whisper needs some
+    #: to place the last timestamp); None: the full 30 s window.
+    window_margin_s: float | None = 2.0
+    #: After openai/whisper transcribe.py: a segment whose text compresses
+    #: this well is a loop; this no-speech probability with a weak decode is
+    #: silence. Whisper's −1.0 log-probability is where it *retries* at a
+    #: higher temperature, not where it drops text; audio here is already
+    #: VAD-gated speech, and accented or synthetic speech decodes correctly
+    #: at −1.0 to −1.3, so only a decode far below that is dropped.
     compression_ratio_max: float = 2.4
-    logprob_min: float = -1.0
+    logprob_min: float = -1.5
     no_speech_max: float = 0.6
     no_speech_logprob: float = -0.5
 
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.model.model.is_multilingual)
+
     def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
+        windowed = self.window_margin_s is not None and hasattr(self.model, "encoder_frames")
+        if windowed:
+            # Whole seconds, so that the encoder sees few distinct shapes.
+            seconds = min(30, int(np.ceil(len(audio) / RATE + self.window_margin_s)))
+            self.model.encoder_frames = seconds * 100
+        try:
+            return self._decode(audio, prompt=prompt, language=language)
+        finally:
+            if windowed:
+                self.model.encoder_frames = None
+
+    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
         segments, info = self.model.transcribe(
             audio, language=language, task="translate" if self.translate else "transcribe",
             beam_size=1, best_of=1, temperature=0.0,
@@ -99,8 +148,8 @@ class WhisperDecoder:
                 text = w.word.strip()
                 if text:
                     words.append(Word(text, float(w.start), float(w.end), float(w.probability)))
-        language_out = "en" if self.translate else (info.language or language or "en")
-        return Hypothesis(tuple(words), language_out, rejected)
+        return Hypothesis(tuple(words), info.language or language or "en", rejected,
+                          float(info.language_probability or 0.0))
 
     def _plausible(self, seg: Any) -> bool:
         if seg.compression_ratio > self.compression_ratio_max:
@@ -118,6 +167,8 @@ class WhisperDecoder:
 @dataclass(slots=True)
 class StreamerOptions:
     language: str | None = None
+    #: Auto-detected language: the first decode waits for this much speech.
+    detect_s: float = 2.0
     #: New speech between two decodes of the same utterance.
     step_s: float = 0.5
     #: Audio kept before the VAD's speech start (its decision lags the onset).
@@ -197,6 +248,7 @@ class Streamer:
         self._loud = _Loudness()
         # Audio kept: from ``_audio_start`` (absolute sample index) on.
         self._audio = np.zeros(0, np.float32)
+        self._pieces: list[np.ndarray] = []
         self._audio_start = 0
         self._samples = 0  # absolute samples fed
         self._anchor_t: float | None = None  # media time of sample ``_anchor_k``
@@ -240,6 +292,7 @@ class Streamer:
                 self._samples = self.vad.samples_seen
                 self._audio_start = self._samples
                 self._audio = np.zeros(0, np.float32)
+                self._pieces.clear()
                 self._trim = self._decoded_to = self._samples
                 self._anchor_t, self._anchor_k = t, self._samples
         elif self._anchor_t is None:
@@ -247,7 +300,9 @@ class Streamer:
         if not len(x):
             return
         start = self._samples
-        self._audio = np.concatenate([self._audio, x])
+        # Appended as pieces and joined when read: one copy per decode, not
+        # one of the whole utterance per 20 ms frame.
+        self._pieces.append(x)
         self._samples += len(x)
         speaking_before = self.vad.speaking
         for event in self.vad.feed(x):
@@ -267,15 +322,22 @@ class Streamer:
             self._ended.append((self._utterance, end))
             self._utterance = None
 
+    def _joined(self) -> np.ndarray:
+        if self._pieces:
+            self._audio = np.concatenate([self._audio, *self._pieces])
+            self._pieces.clear()
+        return self._audio
+
     def _drop_before(self, sample: int) -> None:
         if sample > self._audio_start:
+            self._joined()
             cut = min(sample - self._audio_start, len(self._audio))
             self._audio = self._audio[cut:]
             self._audio_start += cut
 
     def _slice(self, a: int, b: int) -> np.ndarray:
         a = max(a, self._audio_start)
-        return self._audio[a - self._audio_start:max(b - self._audio_start, 0)]
+        return self._joined()[a - self._audio_start:max(b - self._audio_start, 0)]
 
     # -- decoding
     def step(self) -> list[Caption]:
@@ -303,6 +365,11 @@ class Streamer:
                 self._drop_before(self._trim - round(o.preroll_s * RATE))
         if self._utterance is not None:
             new = self._samples - max(self._decoded_to, self._utterance)
+            if self.language is None and getattr(self.decoder, "multilingual", False) \
+                    and self._samples - self._utterance < o.detect_s * RATE:
+                # Language detection on a second of audio is a guess (it
+                # flips between related languages); partials wait for it.
+                new = 0
             if new >= o.step_s * RATE:
                 # The whole utterance is decoded each time (up to a limit):
                 # a decode of audio cut at a committed word's end starts
@@ -353,11 +420,13 @@ class Streamer:
         t0 = self.time_of(max(a, self._audio_start))
         hyp = self.decoder.decode(audio, prompt=self.policy.prompt(before=t0), language=self.language)
         self.rejected_segments += hyp.rejected
-        if self.options.language is None and hyp.words and len(audio) >= 2 * RATE:
-            # Auto-detected once with enough audio, then kept: per-decode
-            # detection on short buffers flips between languages.
+        if self.options.language is None and hyp.words and (
+                len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):
+            # Detected once with enough audio or confidence, then kept:
+            # per-decode detection on short buffers flips between languages.
             self.language = hyp.language
-        self._hyp_language = hyp.language
+        # Translated text is English whatever was spoken.
+        self._hyp_language = "en" if getattr(self.decoder, "translate", False) else hyp.language
         self._decoded_to = max(self._decoded_to, b)
         return [Word(w.text, t0 + w.start, t0 + w.end, w.probability) for w in hyp.words]
 
@@ -391,6 +460,7 @@ class Streamer:
         self.vad.reset()
         self._samples = self.vad.samples_seen
         self._audio = np.zeros(0, np.float32)
+        self._pieces.clear()
         self._audio_start = self._trim = self._decoded_to = self._samples
         self._anchor_t = None
         return out
@@ -398,7 +468,12 @@ class Streamer:
     def stats(self) -> CaptionStats:
         """Lag and skips (the caller adds rtf and CPU, which need a clock)."""
         pending = self._utterance is not None or bool(self._ended)
-        lag = max(self._samples - self._trim, 0) / RATE if pending else 0.0
+        # Newest audio received minus the end of the newest committed (or
+        # skipped) audio; nothing pending (silence) is no lag.
+        done = self._trim
+        if self.policy.committed and self._anchor_t is not None:
+            done = max(done, self.sample_of(self.policy.committed_end))
+        lag = max(self._samples - done, 0) / RATE if pending else 0.0
         return CaptionStats(lag_s=lag, skipped_s=self.skipped_s,
                             extra={"decodes": self.decodes, "words": self.words_committed,
                                    "rejected_segments": self.rejected_segments,

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..tap import _AUDIO_DECODERS
 from .models import DEFAULT_MODEL, ModelError, resolve_model
-from .streamer import RATE, Streamer, StreamerOptions, WhisperDecoder
+from .streamer import RATE, Streamer, StreamerOptions, WhisperDecoder, windowed_whisper_class
 from .types import Caption, CaptionStats
 from .vad import StreamingVad, load_vad_session
 
@@ -134,9 +134,8 @@ class CaptionEngine:
         key = (model_dir, device, compute_type)
         model = self._models.get(key)
         if model is None:
-            from faster_whisper import WhisperModel
             try:
-                model = WhisperModel(model_dir, device=device, compute_type=compute_type,
+                model = windowed_whisper_class()(model_dir, device=device, compute_type=compute_type,
                                      cpu_threads=cpu_threads, num_workers=1, local_files_only=True)
             except (RuntimeError, ValueError, OSError) as exc:
                 raise ModelError(f"cannot load caption model at {model_dir}: {exc}") from exc

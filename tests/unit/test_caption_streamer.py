@@ -214,3 +214,26 @@ def test_worker_process_protocol(speech, tmp_path) -> None:
     assert wer(SENTENCES[0], finals_text(captions)) <= MAX_WER, finals_text(captions)
     assert any(r[0] == "stats" for r in results)
     assert ("state", "cam1", "stopped", "") in results
+
+
+def test_encoder_window_is_trimmed_to_the_audio(engine, speech) -> None:
+    streamer = engine.new_streamer("win", {})
+    model = streamer.decoder.model
+    frames: list[int] = []
+    original = model.encode
+
+    def spy(features):
+        out = original(features)
+        frames.append(int(out.shape[1]))  # encoder positions: 2 mel frames each
+        return out
+
+    model.encode = spy
+    try:
+        x = speech[int(1.2 * RATE):int(3.9 * RATE)]  # 2.7 s: the first sentence
+        hyp = streamer.decoder.decode(x, prompt="", language="en")
+    finally:
+        del model.encode
+    # 2.7 s + 2 s of margin → 5 s → 500 mel frames → 250 positions, not 1500.
+    assert frames == [250]
+    assert model.encoder_frames is None
+    assert wer(SENTENCES[0], " ".join(w.text for w in hyp.words)) <= MAX_WER
