@@ -34,6 +34,9 @@ SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
 # nftables: test-only, the network-namespace viewer tests shape a veth with
 # nft (policer, random loss) beside iproute2's tc tbf (a queue).
 APT_PACKAGES+=(nftables)
+# nginx, caddy: test-only, the README's reverse-proxy configurations run in
+# front of a real server (tests/integration/test_reverse_proxy.py).
+APT_PACKAGES+=(nginx caddy)
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"

@@ -16,8 +16,8 @@ from .audio import (BLOCK, ClippingDetector, LoudnessDetector, PeakHistory, Sile
 from .loudness import RATE, LoudnessMeter, LoudnessSummary
 from .markers import Marker, MarkerEvent
 from .thresholds import Thresholds
-from .video import (BarsDetector, BlackDetector, BlurDetector, Frame, FreezeDetector, SceneDetector,
-                    ShakeDetector, downscale)
+from .video import (BarsDetector, BlackDetector, BlurDetector, Frame, FreezeDetector, Pyramid, SceneDetector,
+                    ShakeDetector)
 
 # Frames kept between two analysed frames to place an edge exactly: a 60 fps
 # source at 10 fps analysis skips 5; anything beyond this is dropped (bounded).
@@ -154,13 +154,15 @@ class QcEngine:
         held, self._held = self._held, []
         dt = self._dt
         ev: list[MarkerEvent] = []
-        ev += self.black.frame(pts, luma, held, dt)
-        ev += self.bars.frame(pts, luma, held, dt)
+        # Every detector reads this frame's box-averaged copies from one pyramid.
+        pyramid = Pyramid(luma)
+        ev += self.black.frame(pts, pyramid, held, dt)
+        ev += self.bars.frame(pts, pyramid, held, dt)
         static_by_design = self.black.black or self.bars.present
-        ev += self.freeze.frame(pts, luma, held, self._before, dt, static_by_design)
+        ev += self.freeze.frame(pts, pyramid, held, self._before, dt, static_by_design)
         self._before = held
-        ev += self.blur.frame(pts, luma, held, dt, static_by_design)
-        tiny = downscale(luma, 160)
+        ev += self.blur.frame(pts, pyramid, held, dt, static_by_design)
+        tiny = pyramid.at(160)
         ev += self.shake.frame(pts, tiny, dt, static_by_design)
         ev += self.scene.frame(pts, tiny, dt)
         return ev

@@ -16,10 +16,16 @@ from typing import Any
 import av
 import numpy as np
 
+from media.mpegts import AccessUnit, TsDemuxer, TsDiscontinuity
+
 from .engine import QcEngine, closed_markers
 from .loudness import RATE
-from .markers import Marker
+from .markers import Marker, MarkerEvent
+from .stream import StreamMonitor
 from .thresholds import Thresholds
+
+#: Bytes handed to the demuxer at a time: one SRT/UDP message of 7 packets.
+_TS_MESSAGE = 7 * 188
 
 
 class QcFileError(Exception):
@@ -116,11 +122,111 @@ def analyse_file(path: str, thresholds: Thresholds | None = None) -> FileReport:
         if declared is not None:
             end = min(end, declared)  # a decoder's last frame may run past the container's end
         markers = closed_markers(events + engine.flush(end))
+        if "mpegts" in container.format.name:
+            markers = sorted(markers + scan_ts(path, origin, thresholds),
+                             key=lambda m: (m.start, m.type, m.subtype))
         summary = engine.loudness_summary()
         empty = {"integrated_lufs": None, "lra_lu": None, "true_peak_dbtp": None,
                  "max_momentary_lufs": None, "max_short_term_lufs": None}
         return FileReport(path, declared if declared is not None else end, markers,
                           summary.to_json() if summary else empty)
+
+
+def scan_ts(path: str, origin: float = 0.0, thresholds: Thresholds | None = None) -> list[Marker]:
+    """The stream detectors (live_qc/stream.py) over an MPEG-TS file's own
+    packets: TR 101 290 counters, B-frames, SPS changes, stalls and rates.
+
+    A file has no arrival time, so the clock is the one a real-time sender
+    paces it by: the latest PCR (ISO/IEC 13818-1 §2.4.2.2), or in a file
+    without PCRs the latest decode time; the counters are sampled every
+    0.1 s of it. Times are on the file's timeline (``origin`` subtracted).
+    Only the first video and the first audio PID are followed, as the live
+    tap follows one layer."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    now = _first_decode_time(data)
+    if now is None:
+        return []
+    has_pcr = False
+    demux = TsDemuxer()
+    monitor = StreamMonitor(thresholds)
+    events: list[MarkerEvent] = list(monitor.on_counters(now, {"file": _counters(demux)}))
+    pids: dict[str, int] = {}
+    sampled = now
+    for i in range(0, len(data), _TS_MESSAGE):
+        message = data[i:i + _TS_MESSAGE]
+        pcr = _last_pcr(message)
+        if pcr is not None:
+            has_pcr = True
+            now = max(now, pcr)
+        for ev in demux.feed(message, now, end_of_message=True):
+            if isinstance(ev, AccessUnit) and ev.pts is not None:
+                kind = "video" if ev.codec in ("h264", "hevc") else "audio"
+                if pids.setdefault(kind, ev.pid) != ev.pid:
+                    continue
+                if not has_pcr:
+                    now = max(now, (ev.dts if ev.dts is not None else ev.pts) / 90000)
+                events += monitor.on_frame(kind, now, ev.pts / 90000, len(ev.data), ev.keyframe, ev.pts, ev.dts,
+                                           ev.data if ev.keyframe else None, ev.codec)
+            elif isinstance(ev, TsDiscontinuity):
+                events += monitor.on_discontinuity(now, "source")
+        deadline = monitor.get_timer()
+        if deadline is not None and deadline <= now:
+            events += monitor.handle_timer(now)
+        if now - sampled >= 0.1:
+            sampled = now
+            events += monitor.on_counters(now, {"file": _counters(demux)})
+            events += monitor.handle_timer(now)
+    for ev in demux.flush(now):
+        if isinstance(ev, AccessUnit) and ev.pts is not None and pids.get(
+                "video" if ev.codec in ("h264", "hevc") else "audio") == ev.pid:
+            events += monitor.on_frame("video" if ev.codec in ("h264", "hevc") else "audio", now, ev.pts / 90000,
+                                       len(ev.data), ev.keyframe, ev.pts, ev.dts, None, ev.codec)
+    events += monitor.on_counters(now, {"file": _counters(demux)})
+    events += monitor.flush(now)
+    out = []
+    for m in closed_markers(events):
+        m.start -= origin
+        if m.end is not None:
+            m.end -= origin
+        out.append(m)
+    return out
+
+
+def _counters(demux: TsDemuxer) -> dict[str, int]:
+    c = demux.counters()
+    return {name: getattr(c, name) for name in c.__dataclass_fields__}
+
+
+def _first_decode_time(data: bytes) -> float | None:
+    """Where the file's clock starts: its first PCR, else the decode time of
+    its first access unit (starting at 0 would read as a PAT/PCR gap up to
+    there)."""
+    probe = TsDemuxer()
+    for i in range(0, min(len(data), 4 << 20), _TS_MESSAGE):
+        message = data[i:i + _TS_MESSAGE]
+        pcr = _last_pcr(message)
+        if pcr is not None:
+            return pcr
+        for ev in probe.feed(message, 0.0, end_of_message=True):
+            if isinstance(ev, AccessUnit) and ev.pts is not None:
+                return (ev.dts if ev.dts is not None else ev.pts) / 90000
+    return None
+
+
+def _last_pcr(message: bytes) -> float | None:
+    """The last PCR base in a run of aligned packets, in seconds. Shrunk by a
+    part in 10⁹: a PCR exactly 100 ms after the last is within TR 101 290
+    2.3a (more than 100 ms is the error), and the float seconds of the two
+    must not make it more."""
+    found = None
+    p = message
+    for i in range(0, len(p) - 187, 188):
+        # sync byte, adaptation field present, long enough, PCR_flag
+        if p[i] == 0x47 and p[i + 3] & 0x20 and p[i + 4] >= 7 and p[i + 5] & 0x10:
+            base = (p[i + 6] << 25) | (p[i + 7] << 17) | (p[i + 8] << 9) | (p[i + 9] << 1) | (p[i + 10] >> 7)
+            found = base / 90000 * (1 - 1e-9)
+    return found
 
 
 def format_table(report: FileReport) -> str:

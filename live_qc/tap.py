@@ -12,6 +12,7 @@ unit tests drive directly.
 Messages into the worker (tuples, cheap to pickle)::
 
     ("attach", stream, thresholds_dict)   ("detach", stream)   ("stop",)
+    ("thresholds", stream, thresholds_dict)  # new thresholds for an attached stream
     ("video", stream, codec, t, keyframe, data)   ("audio", stream, codec, t, data)
     ("reset", stream, reason)             # a Discontinuity on the reader
 
@@ -50,6 +51,10 @@ TAP_STATES = ("running", "stopped", "decode_error", "restarting")
 METER_INTERVAL_S = 0.1
 #: CPU seconds per stream are reported this often.
 CPU_INTERVAL_S = 1.0
+#: The worker's scheduling niceness: where it and the server compete for a
+#: core, forwarding wins (a tap that then falls behind drops and counts
+#: frames at its channel; a late marker is better than a late picture).
+WORKER_NICE = 10
 # Media time is carried as seconds; PyAV packets get it back in this base.
 _TB = Fraction(1, 90000)
 # Audio decoders by the hub's codec names (the SRT path transcodes AAC to Opus;
@@ -369,6 +374,10 @@ def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
     """The worker process: drain the channel, run each stream's tap, send
     results in batches. Exits on ``stop``, when the result pipe breaks or
     when its parent is gone (a killed server leaves no orphan behind)."""
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass  # not permitted here: the worker still runs, at the server's priority
     taps: dict[str, StreamTap] = {}
     meter_due: dict[str, float] = {}
     cpu_due = time.monotonic() + CPU_INTERVAL_S
@@ -411,6 +420,19 @@ def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
                 continue
             tap = taps.get(name)
             if tap is None:
+                continue
+            if op == "thresholds":
+                # The detectors take their thresholds when built: the open
+                # markers close at the change and detection starts over with
+                # the new values; the decoders carry on (no keyframe wait).
+                try:
+                    th = Thresholds.from_mapping(msg[2] or {})
+                except (TypeError, ValueError) as exc:
+                    out.append(("state", name, "running", f"bad thresholds kept the old ones: {exc}"[:200]))
+                    continue
+                out += [("marker", name, e) for e in tap.engine.flush()]
+                tap.thresholds = th
+                tap.engine = QcEngine(th)
                 continue
             if op == "detach":
                 del taps[name]

@@ -59,6 +59,44 @@ class Thresholds:
     tolerance_lu: float = 1.0
     loudness_d: float = 2.0
     true_peak_dbtp: float = -1.0
+    # Stream detectors (live_qc/stream.py). stall: a track delivered no frame
+    # for stall_d seconds of wall clock while the other track still
+    # delivered or the source is still connected.
+    stall_d: float = 2.0
+    # frame rate: frames over fps_window_s (media time) below fps_ratio × the
+    # stream's own rate over the preceding rate_baseline_s, for fps_d.
+    fps_ratio: float = 0.8
+    fps_window_s: float = 1.0
+    fps_d: float = 2.0
+    # bitrate: video bytes over bitrate_window_s below bitrate_ratio × the
+    # same baseline, for bitrate_d (a window that long holds a keyframe at
+    # usual GOPs, so keyframe bursts do not count as swings).
+    bitrate_ratio: float = 0.25
+    bitrate_window_s: float = 2.0
+    bitrate_d: float = 2.0
+    rate_baseline_s: float = 10.0
+    rate_clear_s: float = 1.0
+    # transport: TR 101 290 counters, SRT loss/drop, format changes and
+    # B-frames; a marker closes after transport_clear_s without a new one.
+    transport_clear_s: float = 2.0
+    # PCR_repetition_error is timed on arrival: behind a network and an
+    # event loop the PCRs' arrival jitters by tens of ms while FFmpeg's
+    # default PCR period is 80 ms at 25 fps (the highest multiple of the
+    # frame duration under 100 ms), so a lone excess is measurement noise.
+    # The marker needs pcr_repetition_min within pcr_repetition_window_s; a
+    # stream whose PCRs really are too far apart exceeds on every one (10 in
+    # 2 s at 200 ms), while a loaded 2-core test machine showed bursts of up
+    # to 3 in a second on healthy 80 ms-PCR SRT feeds.
+    pcr_repetition_min: int = 6
+    pcr_repetition_window_s: float = 2.0
+    # SRT: within srt_window_s, ≥ srt_loss_min packets reported lost and at
+    # least srt_loss_ratio of those expected (a retransmission may still
+    # repair them: warning); ≥ srt_drop_min dropped as too late (lost for
+    # good: error).
+    srt_window_s: float = 1.0
+    srt_loss_ratio: float = 0.02
+    srt_loss_min: int = 10
+    srt_drop_min: int = 1
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> "Thresholds":

@@ -17,6 +17,11 @@ Usage::
     # "arrival" = our own TS demuxer completing the access unit
     python loadtests/latency_probe.py --srt-only
 
+    # live QC's cost on forwarding (issue 12): own servers, alternating QC
+    # off / on ([qc] enabled), 3 more SRT streams published beside the
+    # probe's, so that QC analyses 4 streams; 100 viewers on the probe stream
+    python loadtests/latency_probe.py --qc-ab 3 --viewers 100
+
 What is measured (DESIGN.md budget: last byte of a frame in → last RTP
 packet of it out, no loss, 100 viewers: p50 ≤ 1 ms, p99 ≤ 5 ms, SRT receive
 latency excluded):
@@ -441,7 +446,7 @@ def provision(base: str, username: str, password: str) -> Provisioned:
 
 
 async def run_whep(args: argparse.Namespace, target: SrtTarget, whep_url: str, token: str | None,
-                   aus: list[bytes], log: Any) -> dict[str, Any]:
+                   aus: list[bytes], log: Any, metrics_url: str | None = None) -> dict[str, Any]:
     from whep_swarm import SwarmConfig, metrics_url_for, scrape_metrics, run_swarm
 
     counts = [int(x) for x in args.viewers.split(",")]
@@ -460,7 +465,7 @@ async def run_whep(args: argparse.Namespace, target: SrtTarget, whep_url: str, t
         async with WhepViewer(whep_url, token=token, frame_log=1_000_000, retry_not_live=20,
                               connect_timeout=40, nack=False) as viewer:
             log(f"probe viewer connected ({viewer.stats.codecs})")
-            metrics_url = metrics_url_for(whep_url)
+            metrics_url = metrics_url or metrics_url_for(whep_url)
             for n in counts:
                 window: list[float] = []
                 swarm_report = None
@@ -570,6 +575,142 @@ async def run_srt_only(args: argparse.Namespace, aus: list[bytes], log: Any) -> 
             "sender": {"frames": sender.frames, "messages": sender.messages, "late_frames": sender.late_frames}}
 
 
+# --------------------------------------------------------------------------
+# Live QC on / off (issue 12: p99 at 100 viewers worse by ≤ 1 ms with QC on 4 streams)
+# --------------------------------------------------------------------------
+
+
+def make_qc_clip(path: Path, size: str, seconds: int = 12) -> None:
+    """What the extra publishers loop with ``-c copy``: 30 fps H.264 constrained
+    baseline without B-frames (IDR every 2 s) and Opus stereo, in MPEG-TS."""
+    import subprocess
+
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=30",
+         "-f", "lavfi", "-i", "anoisesrc=color=pink:sample_rate=48000:amplitude=0.05", "-t", str(seconds),
+         "-c:v", "libx264", "-profile:v", "baseline", "-preset", "veryfast", "-tune", "zerolatency", "-bf", "0",
+         "-g", "60", "-b:v", "2M", "-maxrate", "2M", "-bufsize", "2M", "-pix_fmt", "yuv420p",
+         "-c:a", "libopus", "-b:a", "96k", "-ac", "2", "-f", "mpegts", str(path)], check=True, timeout=300)
+
+
+def qc_run(args: argparse.Namespace, aus: list[bytes], clip: Path, qc: bool, log: Any) -> dict[str, Any]:
+    """One server (QC on or off), the probe's stream + ``--qc-streams`` − 1
+    streams published by ffmpeg, then the usual runs on the probe stream."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import tempfile
+
+    from server_process import ServerProcess
+    from whep_swarm import scrape_metrics
+
+    password = "probe-" + secrets.token_hex(8)
+    env = {"RETURNFEED_QC__ENABLED": "true" if qc else "false", "RETURNFEED_LOG__LEVEL": "warning",
+           "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "0"}  # every viewer comes from 127.0.0.1
+    publishers: list[subprocess.Popen] = []
+    names: list[str] = []  # the probe's stream first
+    with tempfile.TemporaryDirectory(prefix="rf-qc-ab-") as tmp:
+        server = ServerProcess(Path(tmp) / "data", password=password, env=env, cpus=args.server_cpus)
+        prov = None
+        try:
+            base = server.url
+            prov = provision(base, "admin", password)
+            srt = urllib.parse.urlsplit(prov.srt_url)
+            srt_url = urllib.parse.urlunsplit(srt._replace(netloc=f"127.0.0.1:{server.srt_port}"))
+            names.append(prov.stream)
+            for i in range(args.qc_streams - 1):
+                name = f"{prov.stream}-qc{i + 1}"
+                status, stream = _api("POST", f"{base}/api/v1/streams",
+                                      {"name": name, "production": prov.production_id}, prov.token)
+                if status != 201:
+                    raise RuntimeError(f"create stream failed: {status} {stream}")
+                names.append(name)
+                url = re.sub(r"srt://[^/?]+", f"srt://127.0.0.1:{server.srt_port}", stream["srt_url"])
+                publishers.append(subprocess.Popen(
+                    ["ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-stream_loop", "-1", "-i", str(clip),
+                     "-c", "copy", "-f", "mpegts", url], start_new_session=True))
+            result = asyncio.run(run_whep(args, SrtTarget.parse(srt_url), prov.whep_url, args.token, aus, log,
+                                          metrics_url=server.metrics))
+            metrics = scrape_metrics(server.metrics) or {}
+            cpu = {n: metrics.get(f'returnfeed_qc_cpu_seconds_total{{stream="{n}"}}') for n in names}
+            result["qc"] = qc
+            result["qc_cpu_s"] = cpu
+            result["qc_drops"] = sum(v for k, v in metrics.items() if k.startswith("returnfeed_qc_") and "drop" in k)
+            result["server_errors"] = list(server.errors)
+            return result
+        finally:
+            for proc in publishers:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(10)
+            if prov is not None:
+                for name in names[1:]:
+                    _api("DELETE", f"{prov.base}/api/v1/streams/{urllib.parse.quote(name)}", token=prov.token)
+                prov.delete()
+            server.stop()
+
+
+def run_qc_ab(args: argparse.Namespace, aus: list[bytes], log: Any) -> list[dict[str, Any]]:
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rf-qc-clip-") as tmp:
+        clip = Path(tmp) / "qc.ts"
+        make_qc_clip(clip, args.qc_size)
+        order = [False, True] * args.qc_ab
+        for i, qc in enumerate(order):
+            log(f"--- round {i // 2 + 1}, QC {'on' if qc else 'off'} ({args.qc_streams} streams)")
+            res = qc_run(args, aus, clip, qc, log)
+            for r in res["runs"]:
+                rows.append({"round": i // 2 + 1, "qc": qc, "viewers": r.get("viewers"),
+                             "added_ms": r.get("added_ms"), "frames_matched": r.get("frames_matched"),
+                             "frames_sent": r.get("frames_sent"), "error": r.get("error"),
+                             "load": r.get("load"), "qc_cpu_s": res["qc_cpu_s"], "qc_drops": res["qc_drops"],
+                             "srt_latency_ms": res["srt_latency_ms"], "server_errors": res["server_errors"]})
+                log(_qc_line(rows[-1]))
+    return rows
+
+
+def _qc_line(r: dict[str, Any]) -> str:
+    if r.get("error") or not r.get("added_ms"):
+        return f"round {r['round']} QC {'on ' if r['qc'] else 'off'} {r['viewers']:>4} viewers: {r.get('error')}"
+    a = r["added_ms"]
+    cpu = [v for v in r["qc_cpu_s"].values() if v is not None]
+    qc = f"; QC CPU {sum(cpu):.1f} s over {len(cpu)} streams, drops {r['qc_drops']:.0f}" if r["qc"] else ""
+    return (f"round {r['round']} QC {'on ' if r['qc'] else 'off'} {r['viewers']:>4} viewers: frames "
+            f"{r['frames_matched']}/{r['frames_sent']}; added ms p50 {a['p50']:.2f} p99 {a['p99']:.2f} "
+            f"max {a['max']:.2f}{qc}")
+
+
+def qc_summary(rows: list[dict[str, Any]]) -> tuple[str, bool]:
+    """Per viewer count: the off and on runs' p50/p99/max (medians over rounds)
+    and the p99 difference against the budget (≤ 1 ms)."""
+    import statistics
+
+    lines = []
+    ok = True
+    for n in sorted({r["viewers"] for r in rows if r.get("added_ms")}):
+        by = {qc: [r["added_ms"] for r in rows if r["viewers"] == n and r["qc"] == qc and r.get("added_ms")
+                   and r["added_ms"].get("p99") is not None] for qc in (False, True)}
+        if not by[False] or not by[True]:
+            continue
+        med = {qc: {k: statistics.median(a[k] for a in by[qc]) for k in ("p50", "p99", "max")} for qc in by}
+        spread = {qc: (min(a["p99"] for a in by[qc]), max(a["p99"] for a in by[qc])) for qc in by}
+        diff = med[True]["p99"] - med[False]["p99"]
+        within = diff <= 1.0
+        if n >= 100:
+            ok &= within
+        for qc in (False, True):
+            m = med[qc]
+            lines.append(f"{n:>4} viewers, QC {'on ' if qc else 'off'} ({len(by[qc])} runs, medians): "
+                         f"p50 {m['p50']:.2f} p99 {m['p99']:.2f} (runs {spread[qc][0]:.2f}–{spread[qc][1]:.2f}) "
+                         f"max {m['max']:.2f} ms")
+        lines.append(f"{n:>4} viewers: p99 with QC on − off = {diff:+.2f} ms (budget ≤ +1 ms: "
+                     f"{'met' if within else 'NOT met'})")
+    return "\n".join(lines), ok
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -577,6 +718,12 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--srt-url", help="srt://127.0.0.1:PORT?streamid=…&passphrase=…[&pbkeylen=…]")
     src.add_argument("--api", help="server base URL: create a stream + read link, delete them afterwards")
     src.add_argument("--srt-only", action="store_true", help="self-check against an in-process SRT listener")
+    src.add_argument("--qc-ab", type=int, metavar="ROUNDS",
+                     help="own servers, QC off then on, ROUNDS times (issue 12's forwarding budget)")
+    ap.add_argument("--qc-streams", type=int, default=4,
+                    help="with --qc-ab: streams QC analyses, the probe's included")
+    ap.add_argument("--qc-size", default="1280x720", help="with --qc-ab: picture size of the extra streams")
+    ap.add_argument("--server-cpus", help="with --qc-ab: taskset CPU list for the servers (their QC workers too)")
     ap.add_argument("--whep-url", help="WHEP endpoint of the stream (with --srt-url)")
     ap.add_argument("--token", help="bearer token for WHEP (or ?token= in --whep-url)")
     ap.add_argument("--username", default="admin")
@@ -606,6 +753,20 @@ def main(argv: list[str] | None = None) -> int:
     w, h = (int(x) for x in args.size.split("x"))
     aus = encode_h264_loop(w, h, args.fps, args.kbps, 4)
     log(f"encoded {len(aus)} access units ({sum(map(len, aus)) * 8 * args.fps / len(aus) / 1000:.0f} kbit/s)")
+
+    if args.qc_ab:
+        try:
+            rows = run_qc_ab(args, aus, log)
+        except (WhepError, RuntimeError, ValueError) as exc:
+            print(f"latency probe failed: {exc}", file=sys.stderr)
+            return 2
+        for r in rows:
+            print(_qc_line(r))
+        text, ok = qc_summary(rows)
+        print(text)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+        return 0 if ok else 1
 
     prov = None
     try:

@@ -34,6 +34,7 @@ from .directory import StreamEntry
 from .errors import BadRequest, Forbidden, NotFound, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from .grants import Grant
 from .keys import DB, DIRECTORY, SESSION_SECRET, SETTINGS, TOKENS
+from .proxy import client_address, request_scheme
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,15 +220,17 @@ def _check_text(value: str) -> None:
 
 
 def client_ip(request: web.Request) -> str:
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    return peer[0] if peer else "unknown"
+    """The client's address, through trusted proxies (server.proxy)."""
+    return client_address(request)
 
 
 def base_url(request: web.Request) -> str:
     configured = request.app[SETTINGS].http.public_url
     if configured:
         return configured.rstrip("/")
-    return f"{request.scheme}://{request.host}"
+    # https over TLS or behind a trusted proxy that says so: the links and
+    # QR codes a phone opens must be secure contexts.
+    return f"{request_scheme(request)}://{request.host}"
 
 
 #: Production roles that may publish (WHIP) a stream without a publish link.

@@ -22,6 +22,10 @@ order, and the started ones stop in reverse, each once:
 Live captions (``captions``, after the taps) start last and stop first,
 before QC events, which still broadcast their last finals.
 
+Just before the taps, ``stream_settings`` starts following the directory's
+reloads (per-stream QC/captions settings, which the taps listen to) and
+stops following them after the taps have stopped.
+
 Tally stops at ``on_shutdown``: its WebSocket handlers end only when the
 service closes them (1001 going away), and aiohttp waits for handlers
 between ``on_shutdown`` and cleanup (aiohttp's documented place for closing
@@ -60,12 +64,14 @@ from .keys import (
     DB, DIRECTORY, LIMITER, LIVE_STATE, LIVE_STATE_HOOKS, MEDIA, METRICS, QC, SESSION_SECRET, SETTINGS, STARTED,
     STREAMS_CHANGED, TOKENS,
 )
+from .keys import STREAM_SETTINGS
 from .log import event
 from .metrics import Metrics
 from .qc_events import QcEvents
 from .qc_service import QcService
 from .caption_service import CaptionService, CaptionStore, default_options_for
 from .keys import CAPTIONS
+from .stream_settings import StreamSettings
 
 log = logging.getLogger("returnfeed.http")
 #: Start/stop steps log under the process's logger, next to main.Server's.
@@ -299,10 +305,28 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
     qc_routes.setup(app, qc)
     metrics.add_collector(qc.collect)
     services.append(Service("qc_events", qc.start, qc.stop, holds_handlers=True))
-    if media is not None and settings.qc.enabled:
+    # Per-stream QC/captions settings in memory, current with every directory
+    # reload (the streams trigger's NOTIFY: a change on any node).
+    stream_settings = StreamSettings(settings.qc, getattr(settings, "captions", None))
+    app[STREAM_SETTINGS] = stream_settings
+
+    async def follow_settings() -> None:
+        stream_settings.update(directory.stream_settings)
+        directory.on_settings.append(stream_settings.update)
+
+    async def unfollow_settings() -> None:
+        if stream_settings.update in directory.on_settings:
+            directory.on_settings.remove(stream_settings.update)
+
+    services.append(Service("stream_settings", follow_settings, unfollow_settings))
+    if media is not None:
         # The tap hands markers, meters and tap states to QC events; it stops
         # first (its last markers are flushed into a still-running QC events).
-        tap = QcService(settings.qc, media.hub, qc)
+        # It always runs: a stream's settings may enable QC at any time
+        # (``[qc] enabled`` is only the default); its workers start with the
+        # first enabled stream.
+        tap = QcService(settings.qc, media.hub, qc, qc_for=stream_settings.qc_for)
+        stream_settings.listeners.append(tap.settings_changed)
         app[QC] = tap
         metrics.add_collector(tap.collect)
         services.append(Service("taps", tap.start, tap.stop, holds_handlers=True))
@@ -316,7 +340,8 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
     if media is not None:
         store = CaptionStore(db, directory, queue_max=settings.captions.write_queue_max)
         captions = CaptionService(settings.captions, media.hub, qc, store,
-                                  options_for=default_options_for(settings.captions, settings.data_dir))
+                                  options_for=default_options_for(settings.captions, settings.data_dir,
+                                                                  stream_settings.captions_for))
         app[CAPTIONS] = captions
         metrics.add_collector(captions.collect)
         services.append(Service("captions", captions.start, captions.stop, holds_handlers=True))

@@ -10,6 +10,7 @@
     returnfeed token user NAME [--ttl SECONDS]
     returnfeed qc FILE [--json]
     returnfeed captions FILE [--model NAME|PATH] [--language xx] [--translate] [-o out.vtt|out.srt]
+    returnfeed cert [--hosts NAME,IP,...] [--days N] [--new-ca] [--no-host]
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or invalid configuration.
 """
@@ -84,7 +85,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=Path("data"),
                    help="data directory (the base model is joined into it once)")
     p.add_argument("--cpu-threads", type=int, default=2, help="CTranslate2 threads (default 2)")
+
+    p = sub.add_parser("cert", help="make a local CA and an HTTPS certificate for this host (LAN use)")
+    _common(p)
+    p.add_argument("--hosts", default="", help="extra host names and IP addresses, comma-separated")
+    p.add_argument("--days", type=int, default=397, help="server certificate lifetime (at most 825)")
+    p.add_argument("--new-ca", action="store_true", help="replace the local CA (phones must install it again)")
+    p.add_argument("--no-host", action="store_true",
+                   help="certify only --hosts, not this machine's own names and addresses")
     return parser
+
+
+def _cert(settings: Settings, args: argparse.Namespace) -> int:
+    from .certs import CertError, make_local_certificates
+
+    try:
+        made = make_local_certificates(settings.data_dir, args.hosts.split(","), days=args.days,
+                                       new_ca=args.new_ca, include_host=not args.no_host)
+    except CertError as exc:
+        print(f"returnfeed cert: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    ca_state = "created" if made.ca_created else "reused"
+    print(f"local CA ({ca_state}):   {made.ca_cert.resolve()}")
+    print(f"  SHA-256 fingerprint: {made.ca_fingerprint}")
+    print(f"server certificate: {made.server_cert.resolve()}  (valid until {made.not_after:%Y-%m-%d})")
+    print(f"  key: {made.server_key.resolve()}")
+    print(f"  names:     {', '.join(made.dns_names) or '-'}")
+    print(f"  addresses: {', '.join(made.ip_addresses) or '-'}")
+    print("With http.tls = \"auto\" (the default) `returnfeed serve` uses these files from the data directory;")
+    print("to name them explicitly, put in the config file:")
+    print(f"  [http]\n  tls_cert = \"{made.server_cert.resolve()}\"\n  tls_key = \"{made.server_key.resolve()}\"")
+    print("A running server picks up the renewed certificate on SIGHUP (kill -HUP <pid>).")
+    print("Phones: open /ca.crt on the server (or its redirect port) and install it as a CA; "
+          "compare the fingerprint above.")
+    return EXIT_OK
 
 
 def _qc(args: argparse.Namespace) -> int:
@@ -279,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(_user_list(settings))
         if args.command == "token":
             return _run(_token(settings, args))
+        if args.command == "cert":
+            return _cert(settings, args)
     except KeyboardInterrupt:
         return 130
     except ValueError as exc:

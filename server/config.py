@@ -68,6 +68,46 @@ class HttpSettings(_Section):
     ws_max_per_link: int = Field(16, ge=0)
     ws_max_per_ip: int = Field(256, ge=0)
     ws_max_per_production: int = Field(2000, ge=0)
+    #: HTTPS and WSS on the one port (server.tls). "auto": TLS when
+    #: ``tls_cert``/``tls_key`` are set, or when ``returnfeed cert`` made
+    #: ``<data_dir>/tls/server.crt`` and ``server.key``; plain HTTP otherwise.
+    #: "on": refuse to start without a certificate. "off": plain HTTP.
+    tls: Literal["auto", "on", "off"] = "auto"
+    #: PEM certificate chain and private key; re-read on SIGHUP. A TLS
+    #: handshake must be done within ``header_timeout_s``.
+    tls_cert: str = ""
+    tls_key: str = ""
+    #: With TLS: a plain-HTTP port that answers 308 to the HTTPS URL
+    #: (``/healthz`` and ``/ca.crt`` answer directly). 0: no such port.
+    redirect_port: int = Field(0, ge=0, le=65535)
+    #: ``Strict-Transport-Security: max-age=…`` on HTTPS responses (RFC 6797);
+    #: 0: no header. No includeSubDomains: a LAN name's siblings may be plain.
+    hsts_max_age_s: int = Field(31_536_000, ge=0)
+    #: Reverse proxies (CIDRs) whose ``Forwarded`` / ``X-Forwarded-For`` /
+    #: ``X-Forwarded-Proto`` are believed (server.proxy). Empty: none.
+    trusted_proxies: list[str] = []
+    #: The one header a trusted proxy's client chain is read from: the one
+    #: the proxy appends to (a header it passes through untouched could be
+    #: forged by the client). X-Forwarded-Proto is read with the first.
+    proxy_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in v:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"not an IP network: {cidr!r}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> HttpSettings:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        return self
 
 
 class SrtSettings(_Section):
@@ -247,13 +287,14 @@ class LogSettings(_Section):
 
 
 class QcSettings(_Section):
-    """The live QC tap (issue 12; DESIGN.md "Live QC and captions"). Per-stream
-    enable/thresholds are config only for now: the directory the server keeps
-    does not carry the streams' settings."""
+    """The live QC tap (issue 12; DESIGN.md "Live QC and captions"). These
+    are the defaults: a stream's stored settings (PATCH
+    /api/v1/streams/{name}/settings, server/stream_settings.py) override
+    them field by field."""
 
-    #: Off until it can be switched per stream from the control room: on,
-    #: every live stream's lowest layer and audio are decoded and analysed
-    #: in the QC worker process (about 7-11 % of a core per stream here).
+    #: The default for streams that store no ``qc.enabled``: on, every such
+    #: live stream's lowest layer and audio are decoded and analysed in the
+    #: QC worker process (about 6 % of a core per 720p30 stream, 3.5 % at 360p30 here).
     enabled: bool = False
     #: Video frames analysed per second (every frame is still decoded).
     analysis_fps: float = Field(10.0, gt=0, le=60)

@@ -84,6 +84,12 @@ class Directory:
         self.on_change: list[Callable[[Snapshot], None]] = []
         #: Open sessions' credentials, re-checked after every change.
         self.grants = Grants()
+        #: Stream name → its ``settings`` jsonb (per-stream QC/captions,
+        #: server.stream_settings), swapped whole on every reload.
+        self.stream_settings: dict[str, Any] = {}
+        #: Called (synchronously) with ``stream_settings`` after every reload;
+        #: the streams trigger's NOTIFY covers a settings change on any node.
+        self.on_settings: list[Callable[[dict[str, Any]], None]] = []
         self.reloads = 0
         self.reload_failures = 0
         self._dirty = False
@@ -108,7 +114,8 @@ class Directory:
         async with self.db.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             streams = await conn.fetch(
                 """SELECT s.id, s.name, s.production_id, p.name AS production_name, s.passphrase, s.pbkeylen,
-                          s.label, s.latency_ms FROM streams s JOIN productions p ON p.id = s.production_id""")
+                          s.label, s.latency_ms, s.settings
+                   FROM streams s JOIN productions p ON p.id = s.production_id""")
             prods = await conn.fetch("SELECT id, name FROM productions ORDER BY id")
             members = await conn.fetch("SELECT production_id, user_id, role FROM production_members")
             revoked = await conn.fetch("SELECT jti FROM revoked_links WHERE expires_at > now()")
@@ -130,10 +137,13 @@ class Directory:
             ended_sessions=frozenset(str(r["family"]) for r in ended),
         )
         self.snap = snap
+        self.stream_settings = {r["name"]: r["settings"] for r in streams}
         self.reloads += 1
         for cb in list(self.on_change):
             cb(snap)
         self.grants.sweep(snap)
+        for settings_cb in list(self.on_settings):
+            settings_cb(self.stream_settings)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         # Coalesce bursts: at most one reload running and one queued.

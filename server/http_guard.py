@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -32,6 +32,7 @@ from aiohttp.web_protocol import RequestHandler
 from .errors import HTTP_CODES, json_error
 from .limits import ConnectionCaps
 from .log import event
+from .proxy import is_trusted, trusted_networks
 
 log = logging.getLogger("returnfeed.http")
 
@@ -53,9 +54,14 @@ def _log_now(count: int) -> bool:
 class HttpGuard:
     """Limits shared by every connection of one server."""
 
-    def __init__(self, *, header_timeout_s: float, max_connections_per_ip: int) -> None:
+    def __init__(self, *, header_timeout_s: float, max_connections_per_ip: int,
+                 trusted_proxies: Sequence[str] = ()) -> None:
         self.header_timeout_s = header_timeout_s
         self.caps = ConnectionCaps({"ip": max_connections_per_ip})
+        #: A trusted reverse proxy carries every client's connections: the
+        #: per-IP cap applies to the clients behind it (WebSocket caps, login
+        #: limits), not to the proxy's own address.
+        self.uncapped = trusted_networks(tuple(trusted_proxies))
         self.refused = 0
         self.header_timeouts = 0
 
@@ -106,6 +112,8 @@ class GuardedHandler(JsonErrorRequestHandler):
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if peer else "unknown"
         guard = self._guard
+        if guard.uncapped and is_trusted(ip, guard.uncapped):
+            return
         if guard.caps.acquire({"ip": ip}) is not None:
             guard.refused += 1
             cap = guard.caps.caps["ip"]

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .qc_events import QcEvents
     from .qc_service import QcService
     from .caption_service import CaptionService
+    from .stream_settings import StreamSettings
     from .tally_service import TallyService
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
@@ -44,6 +45,9 @@ TALLY: web.AppKey[TallyService] = web.AppKey("tally")
 QC: web.AppKey[QcService] = web.AppKey("qc")
 #: Live captions (hub audio → caption worker → QC events and the captions table).
 CAPTIONS: web.AppKey[CaptionService] = web.AppKey("captions")
+#: Per-stream QC/captions settings in memory (``qc_for``, ``captions_for``,
+#: ``caption_options``), kept current by the directory.
+STREAM_SETTINGS: web.AppKey[StreamSettings] = web.AppKey("stream_settings")
 #: Tally WebSocket caps per link, address and production.
 WS_CAPS: web.AppKey[ConnectionCaps] = web.AppKey("ws_caps")
 

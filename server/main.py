@@ -1,9 +1,11 @@
 """Process lifecycle: the database and directory around the HTTP application.
 
-Start: database (embedded or external) → migrations → first admin → token
-service → directory → the app (:func:`server.app.create_app`), whose runner
-starts the media and tally services (``app.cleanup_ctx``, in the order
-drawn in :mod:`server.app`) → HTTP site → metrics site. Stop
+Start: TLS certificate, when there is one (:mod:`server.tls`) → database
+(embedded or external) → migrations → first admin → token service →
+directory → the app (:func:`server.app.create_app`), whose runner starts the
+media and tally services (``app.cleanup_ctx``, in the order drawn in
+:mod:`server.app`) → HTTP(S) site → redirect site → metrics site. SIGHUP
+re-reads the certificate. Stop
 (SIGINT/SIGTERM): stop accepting, close tally sockets, let in-flight
 requests finish within ``http.shutdown_timeout_s``, stop media, close the
 directory and the pool, stop the embedded PostgreSQL. A second signal
@@ -31,11 +33,13 @@ from .auth import LEEWAY_S, TokenService, hash_password
 from .config import ENV_ADMIN_PASSWORD, Settings
 from .db import Database
 from .directory import Directory
-from .health import metrics_app
+from .health import healthz, metrics_app
 from .http_guard import GuardedRunner, HttpGuard
+from .keys import DB, STARTED, TALLY
 from .log import event
 from .media_service import MediaService
 from .tally_service import TallyService
+from .tls import TlsCertificate, TlsSite, install_hsts, redirect_app, tls_files
 
 log = logging.getLogger("returnfeed")
 
@@ -93,11 +97,18 @@ class Server:
     directory: Directory | None = None
     runner: web.AppRunner | None = None
     metrics_runner: web.AppRunner | None = None
+    #: HTTPS: the listener's certificate (None: plain HTTP) and the optional
+    #: plain-HTTP port that redirects to it.
+    tls: TlsCertificate | None = None
+    redirect_runner: web.AppRunner | None = None
     addresses: list[Any] = field(default_factory=list)
 
     async def start(self, out: Callable[[str], None] = print) -> None:
         s = self.settings
         s.data_dir.mkdir(parents=True, exist_ok=True)
+        # Before the database: a missing or broken certificate fails the start at once.
+        files = tls_files(s.http, s.data_dir)
+        self.tls = TlsCertificate(files) if files is not None else None
         self.db = database_from_settings(s)
         await self.db.start()
         try:
@@ -110,15 +121,24 @@ class Server:
             self.media = MediaService(s, self.db, tokens, self.directory)
             self.tally = TallyService(self.db, queue_max=s.database.write_queue_max)
             self.app = create_app(s, self.db, tokens, self.media, self.tally, self.directory)
+            if self.tls is not None:
+                install_hsts(self.app, s.http.hsts_max_age_s)
             guard = HttpGuard(header_timeout_s=s.http.header_timeout_s,
-                              max_connections_per_ip=s.http.max_connections_per_ip)
+                              max_connections_per_ip=s.http.max_connections_per_ip,
+                              trusted_proxies=s.http.trusted_proxies)
             # Parser errors in JSON, a header timeout and a per-IP cap.
             self.runner = GuardedRunner(self.app, guard=guard, shutdown_timeout=s.http.shutdown_timeout_s,
                                         handle_signals=False, access_log=None,
                                         keepalive_timeout=s.http.keepalive_timeout_s)
             await self.runner.setup()
-            site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
+            if self.tls is not None:
+                site: web.TCPSite = TlsSite(self.runner, s.http.host, s.http.port, ssl_context=self.tls.context,
+                                            handshake_timeout_s=s.http.header_timeout_s)
+            else:
+                site = web.TCPSite(self.runner, s.http.host, s.http.port, reuse_address=True)
             await site.start()
+            if self.tls is not None and s.http.redirect_port:
+                await self._start_redirect()
             if s.metrics.enabled:
                 self.metrics_runner = web.AppRunner(metrics_app(self.app), handle_signals=False, access_log=None)
                 await self.metrics_runner.setup()
@@ -138,7 +158,35 @@ class Server:
         if self.metrics_runner is not None:
             mhost, mport = list(self.metrics_runner.addresses)[0][:2]
             out(f"Metrics on http://{mhost}:{mport}/metrics")
-        out(f"ReturnFeed is running: http://{host}:{port}/  (database: {self.db.kind}; Ctrl-C stops)")
+        if self.tls is not None:
+            out(f"TLS certificate {self.tls.files.cert} (SHA-256 {self.tls.fingerprint}); SIGHUP reloads it")
+        if self.redirect_runner is not None:
+            rport = list(self.redirect_runner.addresses)[0][1]
+            out(f"HTTP redirect on port {rport} (308 to HTTPS; /healthz and /ca.crt answer directly)")
+        scheme = "https" if self.tls is not None else "http"
+        out(f"ReturnFeed is running: {scheme}://{host}:{port}/  (database: {self.db.kind}; Ctrl-C stops)")
+
+    async def _start_redirect(self) -> None:
+        s = self.settings
+        assert self.app is not None
+        from . import pages
+
+        direct = {"/healthz": healthz, **pages.local_ca_handlers(s.data_dir)}
+        app = redirect_app(lambda: self.http_port, s.http.public_url, direct)
+        # /healthz reads the main application's state.
+        for key in (DB, STARTED, TALLY):
+            if key in self.app:
+                app[key] = self.app[key]
+        guard = HttpGuard(header_timeout_s=s.http.header_timeout_s, max_connections_per_ip=s.http.max_connections_per_ip)
+        self.redirect_runner = GuardedRunner(app, guard=guard, shutdown_timeout=1.0, handle_signals=False,
+                                             access_log=None, keepalive_timeout=s.http.keepalive_timeout_s)
+        await self.redirect_runner.setup()
+        await web.TCPSite(self.redirect_runner, s.http.host, s.http.redirect_port, reuse_address=True).start()
+
+    def reload_tls(self) -> bool | None:
+        """SIGHUP: new handshakes get the certificate now in the files; open
+        connections keep theirs. None: the server does not use TLS."""
+        return self.tls.reload() if self.tls is not None else None
 
     @property
     def http_port(self) -> int:
@@ -160,6 +208,9 @@ class Server:
         if self.metrics_runner is not None:
             await step("metrics_http", self.metrics_runner.cleanup)
             self.metrics_runner = None
+        if self.redirect_runner is not None:
+            await step("redirect_http", self.redirect_runner.cleanup)
+            self.redirect_runner = None
         if self.runner is not None:
             # Stops tally and media too (server.app.Lifecycle), each once.
             await step("http", self.runner.cleanup)
@@ -192,6 +243,9 @@ async def serve(settings: Settings) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    # `kill -HUP <pid>` re-reads the TLS certificate (a renewal): new
+    # handshakes get it, open connections are not touched.
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     # `kill -USR1 <pid>` writes every thread's stack to stderr: what a hung
     # server is doing, without stopping it.
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)

@@ -4,7 +4,9 @@
 
 * ``GET /control`` — the director's control room (``web/control.html``);
 * ``GET /camera/{stream}`` — the camera operator's phone page;
-* ``GET /watch/{stream}`` — the viewer's WHEP player.
+* ``GET /watch/{stream}`` — the viewer's WHEP player;
+* ``GET /ca.crt``, ``GET /ca.json`` — the local CA made by ``returnfeed
+  cert`` and its SHA-256 fingerprint, for the landing page (404 without one).
 
 The pages are static HTML + ES modules under ``web/`` (served at
 ``/static/`` by :func:`server.app.create_app`); a query string such as
@@ -30,6 +32,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiohttp import web
+
+from .certs import ca_summary
+from .errors import NotFound
+from .keys import SETTINGS
+from .tls import CA_CERT, TLS_DIR
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -83,9 +90,42 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
 
 
+def local_ca_handlers(data_dir: Path) -> dict[str, web.RequestHandler]:
+    """``GET /ca.crt`` and ``GET /ca.json`` for the local CA that ``returnfeed
+    cert`` made (server.certs), or a JSON 404 when there is none: a phone
+    downloads and installs it before it trusts the HTTPS port, and compares
+    the fingerprint the landing page shows with the one the operator's
+    terminal printed."""
+    path = Path(data_dir) / TLS_DIR / CA_CERT
+
+    def read() -> bytes:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound("this server has no local CA (see `returnfeed cert`)") from None
+
+    async def ca_crt(request: web.Request) -> web.StreamResponse:
+        # PEM: iOS and Android install either form from a download, and PEM
+        # can be checked by eye. x-x509-ca-cert is what makes a phone offer
+        # "install CA certificate" instead of saving a file.
+        return web.Response(body=read(), headers={
+            "Content-Type": "application/x-x509-ca-cert",
+            "Content-Disposition": 'attachment; filename="returnfeed-ca.crt"',
+            "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+    async def ca_json(request: web.Request) -> web.StreamResponse:
+        return web.json_response(ca_summary(read()), headers={"Cache-Control": "no-cache"})
+
+    return {"/ca.crt": ca_crt, "/ca.json": ca_json}
+
+
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_get("/control", _page("control.html"), name="page_control")
     r.add_get(f"/camera/{STREAM_PATTERN}", _page("camera.html"), name="page_camera")
     r.add_get(f"/watch/{STREAM_PATTERN}", _page("watch.html"), name="page_watch")
+    settings = app.get(SETTINGS)
+    if settings is not None:  # a bare app serving the pages alone has no data dir
+        for route, handler in local_ca_handlers(settings.data_dir).items():
+            r.add_get(route, handler)
     app.on_response_prepare.append(_on_prepare)

@@ -14,8 +14,13 @@ after 0.5 s, doubling to 30 s while it keeps dying; its streams are attached
 again. Streams attach when the hub shows them live and detach when their
 reader ends (the stream closed): the hub has no events, so a short poll.
 
-Per-stream enable and thresholds are configuration only (``[qc]``): the
-directory the server keeps does not carry the streams' settings jsonb.
+Per-stream enable and thresholds come from ``qc_for(name)``
+(server/stream_settings.py: the stream's stored settings over the ``[qc]``
+defaults). The poll attaches a stream when it is enabled and detaches it
+when it no longer is; a changed threshold mapping goes to the worker as a
+``thresholds`` message. :meth:`settings_changed` runs the same check at once
+when the directory reports a change. Worker processes start with the first
+stream that is tapped, not with the server: QC off everywhere costs nothing.
 """
 
 from __future__ import annotations
@@ -25,17 +30,20 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from live_qc.engine import Meters
 from live_qc.markers import MarkerEvent
+from live_qc.stream import StreamMonitor
 from live_qc.tap import QcSink, TapWorker
+from live_qc.thresholds import Thresholds
 from media.stream import Discontinuity, Frame, Reader, StreamClosed, StreamHub, StreamState
 
 from .config import QcSettings
 from .log import event
+from .stream_settings import QcStreamSettings, effective_qc
 
 log = logging.getLogger("returnfeed.qc")
 
@@ -46,6 +54,9 @@ BACKOFF_MAX_S = 30.0
 BACKOFF_RESET_AFTER_S = 60.0
 #: How often the hub is looked at for streams to attach.
 POLL_S = 0.5
+#: How often the stream monitors sample their sources' counters (TR 101 290,
+#: SRT): counters have no events, and a marker is due within a quarter second.
+MONITOR_SAMPLE_S = 0.2
 
 
 def next_backoff(delay: float | None) -> float:
@@ -60,6 +71,8 @@ class _Tap:
     reader: Reader
     layer: str | None
     task: asyncio.Task | None = None
+    #: The threshold mapping last sent to the worker for this stream.
+    thresholds: dict[str, float | int] | None = None
 
 
 @dataclass(slots=True)
@@ -86,8 +99,11 @@ class LogSink:
 
 class QcService:
     def __init__(self, settings: QcSettings, hub: StreamHub, sink: QcSink | None = None, *,
-                 poll_s: float = POLL_S) -> None:
+                 poll_s: float = POLL_S, qc_for: Callable[[str], QcStreamSettings] | None = None) -> None:
         self.settings = settings
+        #: A stream's effective QC settings; without a settings store, the
+        #: configuration's ``[qc]`` alone.
+        self.qc_for: Callable[[str], QcStreamSettings] = qc_for or (lambda name: effective_qc(settings, name, None))
         self.hub = hub
         self.sink: QcSink = sink or LogSink()
         self.poll_s = poll_s
@@ -105,15 +121,20 @@ class QcService:
         self._closed_channel_drops: dict[tuple[str, str], int] = {}
         self.markers_total: dict[str, int] = {}
         self.worker_restarts = 0
+        # Stream detectors (live_qc/stream.py), on the loop: O(1) per frame.
+        self._monitors: dict[str, StreamMonitor] = {}
+        self._monitor_task: asyncio.Task | None = None
+        # Streams whose monitor raised: the forwarding to the worker goes on
+        # without it (until the stream is tapped again).
+        self._monitor_failed: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        if not self.settings.enabled:
-            return
+        # The workers start with their first stream (_attach): a server where
+        # no stream has QC enabled runs no QC process.
         self._loop = asyncio.get_running_loop()
-        for slot in self._slots:
-            self._start_worker(slot)
         self._poller = self._loop.create_task(self._poll())
+        self._monitor_task = self._loop.create_task(self._watch_monitors())
 
     async def stop(self) -> None:
         self._stopping = True
@@ -121,6 +142,10 @@ class QcService:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            await asyncio.gather(self._monitor_task, return_exceptions=True)
+            self._monitor_task = None
         tasks = [t.task for t in self._taps.values() if t.task is not None]
         for name in list(self._taps):
             self._detach(name, notify_worker=False)
@@ -205,11 +230,21 @@ class QcService:
 
     def _send_attach(self, w: TapWorker, name: str) -> None:
         assert w.channel is not None
-        w.channel.control(("attach", name, self.settings.stream_thresholds()))
+        thresholds = self.qc_for(name).thresholds
+        w.channel.control(("attach", name, thresholds))
+        tap = self._taps.get(name)
+        if tap is not None:
+            tap.thresholds = thresholds
 
     # -- streams -------------------------------------------------------------------
     def enabled_for(self, name: str) -> bool:
-        return self.settings.enabled and name not in self.settings.disabled_streams
+        return self.qc_for(name).enabled
+
+    def settings_changed(self, names: set[str]) -> None:
+        """The settings store's listener: apply a change now rather than at
+        the next poll (enable, disable, thresholds)."""
+        if self._loop is not None and not self._stopping:
+            self.sync()
 
     async def _poll(self) -> None:
         while True:
@@ -218,18 +253,39 @@ class QcService:
 
     def sync(self) -> None:
         """Attach live streams not yet tapped; re-attach one whose lowest
-        layer changed (a simulcast layer appeared or left)."""
+        layer changed (a simulcast layer appeared or left); detach one whose
+        QC was switched off; send changed thresholds."""
         for stream in self.hub:
-            if stream.state != StreamState.LIVE or not stream.tracks or not self.enabled_for(stream.name):
+            settings = self.qc_for(stream.name)
+            tap = self._taps.get(stream.name)
+            if not settings.enabled:
+                if tap is not None:
+                    self._detach(stream.name)
+                    event(log, logging.INFO, "qc.detached", stream=stream.name, reason="disabled")
+                continue
+            if stream.state != StreamState.LIVE or not stream.tracks:
                 continue
             layers = list(stream.layers)
             lowest = layers[-1] if layers else None
-            tap = self._taps.get(stream.name)
             if tap is not None:
                 if tap.layer == lowest:
+                    if tap.thresholds is not None and tap.thresholds != settings.thresholds:
+                        self._send_thresholds(tap, settings.thresholds)
                     continue
                 self._detach(stream.name)
             self._attach(stream, lowest)
+
+    def _send_thresholds(self, tap: _Tap, thresholds: dict[str, float | int]) -> None:
+        w = self._slots[tap.worker].worker
+        if w is None or w.channel is None:
+            return  # the restart's attach carries the current thresholds
+        if w.channel.control(("thresholds", tap.name, thresholds)):
+            tap.thresholds = thresholds
+            # Like the worker's detectors, the stream detectors close what is
+            # open and start over with the new values (their baselines and
+            # windows are sized from the thresholds).
+            self._monitor_detach(tap.name)
+            event(log, logging.INFO, "qc.thresholds", stream=tap.name)
 
     def _attach(self, stream: Any, layer: str | None) -> None:
         name = stream.name
@@ -244,6 +300,14 @@ class QcService:
         self._taps[name] = tap
         if slot.worker is not None:
             self._send_attach(slot.worker, name)
+        elif slot.restarting is None:
+            # The slot's first stream: start its worker (it attaches slot.streams).
+            try:
+                self._start_worker(slot)
+            except OSError as exc:
+                event(log, logging.ERROR, "qc.worker_start_failed", worker=slot.index, error=str(exc))
+                slot.delay = next_backoff(slot.delay)
+                slot.restarting = self._loop.create_task(self._restart(slot, slot.delay))
         assert self._loop is not None
         tap.task = self._loop.create_task(self._forward(tap))
         event(log, logging.INFO, "qc.attached", stream=name, layer=layer, worker=slot.index)
@@ -256,6 +320,7 @@ class QcService:
         tap.reader.close()
         if tap.task is not None and tap.task is not asyncio.current_task():
             tap.task.cancel()
+        self._monitor_detach(name)
         slot = self._slots[tap.worker]
         slot.streams.discard(name)
         if notify_worker and slot.worker is not None and slot.worker.channel is not None:
@@ -274,10 +339,12 @@ class QcService:
                 channel = w.channel if w is not None else None
                 for item in items:
                     if isinstance(item, Discontinuity):
+                        self._monitor_discontinuity(name, item)
                         if channel is not None:
                             channel.control(("reset", name, item.reason))
                         continue
                     assert isinstance(item, Frame)
+                    self._monitor_frame(name, item)
                     if item.pts is None:
                         continue
                     t = item.pts / item.clock_rate
@@ -294,6 +361,111 @@ class QcService:
         finally:
             if self._taps.get(name) is tap:
                 self._detach(name)
+
+    # -- stream detectors --------------------------------------------------------------
+    # live_qc/stream.py's StreamMonitor runs here, not in the worker: it needs
+    # only each frame's metadata (O(1) arithmetic, an SPS scan per keyframe),
+    # the wall clock (a stalled track sends the worker nothing to notice) and
+    # the ingest's counters, which live in this process.
+
+    def _monitor_thresholds(self, name: str) -> Thresholds:
+        return Thresholds.from_mapping(self.qc_for(name).thresholds)
+
+    def _monitor_frame(self, name: str, frame: Frame) -> None:
+        monitor = self._monitors.get(name)
+        if monitor is None:
+            if name in self._monitor_failed:
+                return
+            monitor = self._monitors[name] = StreamMonitor(self._monitor_thresholds(name))
+        ts = frame.pts if frame.pts is not None else frame.dts
+        if ts is None:
+            return
+        try:
+            events = monitor.on_frame(frame.kind, frame.arrival, ts / frame.clock_rate, len(frame.data),
+                                      frame.keyframe, frame.pts, frame.dts,
+                                      frame.data if frame.keyframe else None, frame.codec)
+        except Exception:
+            self._monitor_broke(name)
+            return
+        if events:
+            self._monitor_events(name, events)
+
+    def _monitor_broke(self, name: str) -> None:
+        event(log, logging.ERROR, "qc.monitor_failed", exc_info=True, stream=name)
+        self._monitors.pop(name, None)
+        self._monitor_failed.add(name)
+
+    def _monitor_discontinuity(self, name: str, item: Discontinuity) -> None:
+        monitor = self._monitors.get(name)
+        if monitor is not None:
+            try:
+                events = monitor.on_discontinuity(time.monotonic(), item.reason)
+            except Exception:
+                self._monitor_broke(name)
+                return
+            self._monitor_events(name, events)
+
+    def _monitor_detach(self, name: str) -> None:
+        self._monitor_failed.discard(name)
+        monitor = self._monitors.pop(name, None)
+        if monitor is not None:
+            try:
+                events = monitor.flush(time.monotonic())
+            except Exception:
+                self._monitor_broke(name)
+                self._monitor_failed.discard(name)
+                return
+            self._monitor_events(name, events)
+
+    def _monitor_events(self, name: str, events: list[MarkerEvent]) -> None:
+        for ev in events:
+            try:
+                self._handle(("marker", name, ev))
+            except Exception:  # a sink's bug must not stop the detectors
+                event(log, logging.ERROR, "qc.sink_failed", exc_info=True, kind="marker")
+
+    def _sample_sources(self, now: float) -> None:
+        """Each monitored stream's publishers' counters, keyed by publisher
+        (a reconnect is a new source whose totals start over)."""
+        for name, monitor in list(self._monitors.items()):
+            stream = self.hub.get(name)
+            if stream is None:
+                continue
+            try:
+                sources = {(p.layer, p.epoch, p.attached_at): p.source_counters() for p in stream.publishers}
+                events = monitor.on_counters(now, sources)
+            except Exception:
+                self._monitor_broke(name)
+                continue
+            if events:
+                self._monitor_events(name, events)
+
+    async def _watch_monitors(self) -> None:
+        """Samples counters every MONITOR_SAMPLE_S and wakes each monitor at
+        its timer (a stall's threshold, a marker's quiet period)."""
+        next_sample = time.monotonic()
+        while True:
+            now = time.monotonic()
+            sampled = now >= next_sample
+            if sampled:
+                self._sample_sources(now)
+                next_sample = now + MONITOR_SAMPLE_S
+            wake = next_sample
+            for name, monitor in list(self._monitors.items()):
+                deadline = monitor.get_timer()
+                # After a sample every monitor is asked again: the connection
+                # being there can turn a quiet track into a stall.
+                if sampled or (deadline is not None and deadline <= now):
+                    try:
+                        events = monitor.handle_timer(now)
+                        deadline = monitor.get_timer()
+                    except Exception:
+                        self._monitor_broke(name)
+                        continue
+                    self._monitor_events(name, events)
+                if deadline is not None:
+                    wake = min(wake, deadline)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
 
     # -- results -------------------------------------------------------------------
     def _on_results(self, slot: _WorkerSlot, w: TapWorker) -> None:

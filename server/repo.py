@@ -305,6 +305,21 @@ async def update_stream(conn: Conn, sid: int, label: str | None, settings: dict[
     )
 
 
+async def stream_settings_for_update(conn: Conn, sid: int) -> dict[str, Any] | None:
+    """The stream's settings, row locked until the transaction ends: two
+    directors patching at once apply one after the other, neither lost."""
+    row = await conn.fetchrow("SELECT settings FROM streams WHERE id = $1 FOR UPDATE", sid)
+    return None if row is None else (row["settings"] or {})
+
+
+async def set_stream_sections(conn: Conn, sid: int, sections: dict[str, Any]) -> dict[str, Any]:
+    """Replace the QC/captions sections of a stream's settings (the other
+    keys stay); the streams trigger's NOTIFY tells every node."""
+    return await conn.fetchval(
+        """UPDATE streams SET settings = (settings - 'qc' - 'captions') || $2::jsonb, updated_at = now()
+           WHERE id = $1 RETURNING settings""", sid, sections)
+
+
 async def set_stream_latency(conn: Conn, sid: int, latency_ms: int | None) -> None:
     """None: back to the server's default."""
     await conn.execute("UPDATE streams SET latency_ms = $2, updated_at = now() WHERE id = $1", sid, latency_ms)

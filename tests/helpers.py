@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-BANNER = re.compile(r"ReturnFeed is running: http://[^:]+:(\d+)/")
+BANNER = re.compile(r"ReturnFeed is running: https?://[^:]+:(\d+)/")
 SRT_BANNER = re.compile(r"SRT listener on port (\d+)")
 METRICS_BANNER = re.compile(r"Metrics on (http://\S+/metrics)")
 #: Server base URL → its metrics listener's URL (``metrics_url``).

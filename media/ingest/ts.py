@@ -79,6 +79,7 @@ class TsIngest:
         self.rap = RandomAccessScanner()
         self._transcode = transcode
         self._on_video = on_video
+        publisher.set_source_counters(self.source_counters)
 
     def receive_messages(self, messages: list[bytes], now: float) -> None:
         """Whole transport messages (SRT/UDP payloads: 1–7 TS packets each)
@@ -112,6 +113,12 @@ class TsIngest:
     def ts_counters(self) -> TsCounters:
         """The demuxer's TR 101 290 counters (a snapshot)."""
         return self.demux.counters()
+
+    def source_counters(self) -> dict[str, int]:
+        """The TR 101 290 and demuxer counters by their TsCounters names
+        (what ``Publisher.source_counters`` gives a monitor)."""
+        c = self.demux.counters()
+        return {name: getattr(c, name) for name in c.__dataclass_fields__}
 
     def _dispatch(self, events: list[DemuxEvent]) -> None:
         pub = self.publisher

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from media.ingest.ts import IngestCounters, TsIngest
 from media.mpegts.events import AccessUnit, TsCounters
+from media.errors import SrtApiError
 from media.srt.listener import SrtConnection
 from media.stream import Publisher, StreamClosed
 from media.transcode import AacToOpus, OpusPacket, TranscodeWorker
@@ -74,6 +75,7 @@ class SrtIngestSession:
         self.postponed_total = 0
         conn.on_data = self.on_data
         conn.on_close = self.on_close
+        publisher.set_source_counters(self.source_counters)
 
     def on_data(self, messages: list[bytes], now: float) -> None:
         self._postponed = 0
@@ -134,3 +136,17 @@ class SrtIngestSession:
     @property
     def ts_counters(self) -> TsCounters:
         return self.ingest.ts_counters
+
+    def source_counters(self) -> dict[str, int | float]:
+        """The demuxer's counters plus libsrt's receive totals (pktRecv,
+        pktRcvLoss, pktRcvDrop, ...; the listener's last sample once the
+        peer is gone, none before any)."""
+        out: dict[str, int | float] = dict(self.ingest.source_counters())
+        try:
+            stats = self.conn.stats()
+        except SrtApiError:
+            return out
+        for key in ("pktRecv", "byteRecv", "pktRcvLoss", "pktRcvDrop", "pktRcvRetrans"):
+            if key in stats:
+                out[key] = stats[key]
+        return out

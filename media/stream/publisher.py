@@ -10,6 +10,7 @@ nothing above :mod:`media.stream.types`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,6 +65,7 @@ class Publisher:
         "_pending",
         "_pending_bytes",
         "_sizes",
+        "_counters",
     )
 
     PENDING_LIMIT = 4 << 20  # bytes held while simulcast layers are being ranked
@@ -83,6 +85,7 @@ class Publisher:
         self._pending: list[Unit] = []
         self._pending_bytes = 0
         self._sizes: dict[int, int] = {}  # pid → picture area
+        self._counters: Callable[[], Mapping[str, Any]] | None = None
 
     # -- program mapping (TS sources)
 
@@ -200,6 +203,16 @@ class Publisher:
     def mapped_layers(self) -> set[str]:
         """The layers the PID mapping feeds (empty before it is known)."""
         return set(self._pid_layer.values())
+
+    def set_source_counters(self, read: Callable[[], Mapping[str, Any]] | None) -> None:
+        """Where :meth:`source_counters` reads from (the ingest session that
+        publishes through this handle: demuxer and transport counters)."""
+        self._counters = read
+
+    def source_counters(self) -> Mapping[str, Any]:
+        """The source's running totals (TR 101 290 counters, SRT stats) for
+        monitors such as the live QC; empty when the source keeps none."""
+        return self._counters() if self._counters is not None else {}
 
     def stats(self) -> PublisherInfo:
         return PublisherInfo(self.info.protocol, self.info.remote, self.layer, self.epoch, self.attached_at, self.frames)

@@ -19,10 +19,14 @@ from media.srt.streamid import is_valid_stream_name
 from .. import repo
 from ..access import base_url, client_ip, json_body, principal, require_production_role, user_principal
 from ..auth import MEMBER_ROLES
-from ..errors import BadRequest, Conflict, Forbidden, NotFound
+from ..errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge
 from ..keys import DB, LIVE_STATE, SETTINGS
 from ..redact import keep_secrets, redact_secrets
+from ..stream_settings import SettingsError, apply_patch, check_document, effective_json, limits_json, stored_sections
 from .common import int_field, notify_streams_changed, production_or_404, str_field
+
+#: A settings PATCH is a few hundred bytes; anything near this is not one.
+SETTINGS_MAX_BODY = 16 * 1024
 from .srt_urls import LATENCY_MAX_MS, LATENCY_MIN_MS, srt_urls, stream_latency_ms
 
 
@@ -46,6 +50,8 @@ def stream_json(request: web.Request, r: asyncpg.Record, *, secrets_visible: boo
         "settings": redact_secrets(r["settings"]),
         "created_at": r["created_at"].isoformat(),
     }
+    # The control room's QC/captions toggles show what is in force.
+    out["effective_settings"] = _effective(request, name, r["settings"])
     if secrets_visible:
         out["passphrase"] = r["passphrase"]
         for key, action in (("srt_url", "publish"), ("srt_read_url", "read")):
@@ -84,6 +90,7 @@ async def create_stream(request: web.Request) -> web.Response:
     if not isinstance(settings, dict):
         raise BadRequest("'settings' must be an object")
     settings = keep_secrets(settings, {})  # "<key>_set" markers are answers, not settings
+    _check_sections(settings)
     pbkeylen = int_field(data, "pbkeylen", default=request.app[SETTINGS].srt.pbkeylen)
     if pbkeylen not in (16, 24, 32):
         raise BadRequest("'pbkeylen' must be 16, 24 or 32")
@@ -143,6 +150,7 @@ async def update_stream(request: web.Request) -> web.Response:
         # Settings read back (secrets as "<key>_set": true) keep the stored secrets.
         old = row["settings"]
         settings = keep_secrets(settings, old)
+        _check_sections(settings)
     rotate = data.get("rotate_passphrase", False)
     if not isinstance(rotate, bool):
         raise BadRequest("'rotate_passphrase' must be a boolean")
@@ -176,6 +184,71 @@ async def delete_stream(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+# -- per-stream QC and caption settings (server/stream_settings.py) ---------------------
+
+def _effective(request: web.Request, name: str, settings: Any) -> dict[str, Any]:
+    # ``[captions]`` gives the caption defaults where the server has that section.
+    config = request.app[SETTINGS]
+    return effective_json(config.qc, getattr(config, "captions", None), name, stored_sections(settings))
+
+
+def _check_sections(settings: dict[str, Any]) -> None:
+    """The whole-settings routes may write the QC/captions sections too: same schema."""
+    try:
+        check_document(settings)
+    except SettingsError as exc:
+        raise BadRequest(f"settings: {exc}") from None
+
+
+def _settings_json(request: web.Request, row: asyncpg.Record, settings: Any) -> dict[str, Any]:
+    return {"stream": row["name"], "stored": stored_sections(settings),
+            "effective": _effective(request, row["name"], settings), "limits": limits_json()}
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    """GET /api/v1/streams/{name}/settings: what the stream stores and what is in force."""
+    p = await principal(request)
+    row = await _stream(request)
+    if p.kind == "link" and p.link is not None and p.link.stream != row["name"]:
+        raise Forbidden("this link is for another stream")
+    await require_production_role(request, p, row["production_id"], *MEMBER_ROLES)
+    return web.json_response(_settings_json(request, row, row["settings"]))
+
+
+async def patch_settings(request: web.Request) -> web.Response:
+    """PATCH /api/v1/streams/{name}/settings: a merge patch of the QC/captions
+    sections (server/stream_settings.py), by the production's directors."""
+    p = await user_principal(request)
+    row = await _stream(request)
+    await require_production_role(request, p, row["production_id"], "director")
+    data = await json_body(request, SETTINGS_MAX_BODY)
+    if len(await request.read()) > SETTINGS_MAX_BODY:  # chunked: no Content-Length was checked
+        raise PayloadTooLarge(f"body larger than {SETTINGS_MAX_BODY} bytes")
+    if not data:
+        raise BadRequest("nothing to change: send 'qc' and/or 'captions'")
+    try:
+        apply_patch({}, data)  # the patch alone: 400 before any database work
+    except SettingsError as exc:
+        raise BadRequest(str(exc)) from None
+    pool = request.app[DB].pool
+    async with pool.acquire() as conn, conn.transaction():
+        current = await repo.stream_settings_for_update(conn, row["id"])
+        if current is None:
+            raise NotFound("no such stream")
+        try:
+            sections = apply_patch(current, data)
+        except SettingsError as exc:
+            # The stored document predates the schema: the patch must fix it.
+            raise BadRequest(f"{exc} (stored settings; send null for that section to reset it)") from None
+        settings = await repo.set_stream_sections(conn, row["id"], sections)
+        await repo.audit(conn, "stream.settings", actor_user_id=p.user_id, actor=p.username,
+                         target=row["name"], detail={"patch": data}, ip=client_ip(request))
+    # This node follows at once (QC taps attach/detach on the listener);
+    # the others on the trigger's NOTIFY.
+    await notify_streams_changed(request.app)
+    return web.json_response(_settings_json(request, row, settings))
+
+
 def setup(app: web.Application) -> None:
     r = app.router
     r.add_post("/api/v1/streams", create_stream)
@@ -183,3 +256,5 @@ def setup(app: web.Application) -> None:
     r.add_get("/api/v1/streams/{name}", get_stream)
     r.add_patch("/api/v1/streams/{name}", update_stream)
     r.add_delete("/api/v1/streams/{name}", delete_stream)
+    r.add_get("/api/v1/streams/{name}/settings", get_settings)
+    r.add_patch("/api/v1/streams/{name}/settings", patch_settings)

@@ -12,7 +12,7 @@ from layering import imported_modules
 
 LIVE_QC = pathlib.Path(__file__).resolve().parents[2] / "live_qc"
 MODULES = sorted(LIVE_QC.rglob("*.py"))
-DETECTORS = ("markers.py", "thresholds.py", "loudness.py", "audio.py", "video.py", "engine.py")
+DETECTORS = ("markers.py", "thresholds.py", "loudness.py", "audio.py", "video.py", "engine.py", "stream.py")
 
 
 def test_there_are_modules_to_check():

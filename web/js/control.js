@@ -30,6 +30,8 @@
  *   lists one stream's markers (GET /api/v1/streams/{name}/markers) and
  *   updates live; "False positive" (PATCH /api/v1/markers/{id}) and "Note"
  *   (POST /api/v1/streams/{name}/notes) are buttons, so Tab reaches them.
+ * - Per tile QC and captions toggles and a settings dialog (qcsettings.js,
+ *   PATCH /api/v1/streams/{name}/settings).
  *
  * Test hooks: window.__control.lastCommand = {type, source, at (epoch ms)}.
  */
@@ -38,6 +40,7 @@ import { loginForm } from "./login.js";
 import { drawQR, encodeQR } from "./qr.js";
 import { QcClient, meterFraction } from "./qc.js";
 import { CaptionClient, CaptionView } from "./captions.js";
+import { TileSettings } from "./qcsettings.js";
 import { TallyClient } from "./tally.js";
 import { copyField, formatBitrate, h, nowMs } from "./ui.js";
 import { WhepClient } from "./whep.js";
@@ -101,10 +104,11 @@ class Tile {
     this.meter = h("div", { class: "tile-meter", role: "img", "aria-label": "audio meter: no reading", hidden: true },
       h("div", { class: "meter-bar" }, this.loud), this.peaks, this.loudText);
     this.feed = h("span", { class: "tile-feed" });
+    this.settings = new TileSettings(name, { session: () => state.session, message });
     this.el = h("article", { class: "tile", tabindex: "0", role: "button", dataset: { name, tally: "unknown" } },
       h("div", { class: "tile-video" }, this.video, this.signal,
         h("div", { class: "tile-head" }, this.key, this.title, this.tallyTag)),
-      h("div", { class: "tile-foot" }, this.faults, this.meter, this.badges, this.feed));
+      h("div", { class: "tile-foot" }, this.faults, this.meter, this.badges, this.feed, this.settings.el));
     // Keep keyboard focus where it is when clicking (Space/Enter stay CUT/TAKE).
     this.el.addEventListener("mousedown", (ev) => ev.preventDefault());
     this.el.addEventListener("click", (ev) => {
@@ -130,6 +134,7 @@ class Tile {
     this.signal.hidden = !!stream.live && this.feedState === "live";
     this.signal.textContent = stream.live ? feedText(this.feedState, this.feedInfo) : (stream.state || "offline").toUpperCase();
     this.badges.replaceChildren(...streamBadges(stream));
+    this.settings.update(stream);
     this.label();
     if (stream.live && !this.whep) this.startPlayer();
   }

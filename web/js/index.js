@@ -8,7 +8,21 @@ function nextUrl() {
   return next && next.startsWith("/") && !next.startsWith("//") ? next : "/control";
 }
 
+/** The local CA section, shown only when `returnfeed cert` made one. */
+async function showLocalCa() {
+  try {
+    const res = await fetch("/ca.json", { cache: "no-cache" });
+    if (!res.ok) return;
+    const ca = await res.json();
+    document.getElementById("ca-fingerprint").textContent = ca.fingerprint_sha256;
+    document.getElementById("local-ca").hidden = false;
+  } catch {
+    // No local CA section: the page works without it.
+  }
+}
+
 async function main() {
+  showLocalCa();
   const auth = document.getElementById("auth");
   const signedIn = document.getElementById("signed-in");
   let session = Session.load();
