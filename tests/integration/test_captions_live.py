@@ -205,3 +205,23 @@ def test_pink_noise_and_silence_become_no_words(caption_server) -> None:
     # The tap did run on this stream (its stats reached the metrics).
     metrics = http("GET", metrics_url(srv.url)).body.decode()
     assert f'returnfeed_captions_rtf{{stream="{name}"}}' in metrics, metrics[-3000:]
+
+
+def test_a_streams_own_setting_turns_its_captions_off(caption_server, speech) -> None:
+    """[captions] enabled is the default; the stream's settings (PATCH
+    /api/v1/streams/{s}/settings) win: this one is never tapped."""
+    srv = caption_server
+    name = "private"
+    url = new_stream(srv, name)
+    r = http("PATCH", f"{srv.url}/api/v1/streams/{name}/settings", {"captions": {"enabled": False}}, token=srv.admin)
+    assert r.status == 200, r.body
+    assert r.json()["effective"]["captions"]["enabled"] is False
+    seconds = 9.0
+    proc = publish(url, ["-i", str(speech)], ["-c:a", "aac", "-b:a", "128k"], seconds)
+    try:
+        msgs = asyncio.run(collect(srv, name, time.monotonic() + seconds + 3, quiet_s=60))
+    finally:
+        stop_process(proc)
+    assert msgs == []
+    metrics = http("GET", metrics_url(srv.url)).body.decode()
+    assert f'stream="{name}"' not in "\n".join(line for line in metrics.splitlines() if "returnfeed_captions" in line)
