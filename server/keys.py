@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .qc_events import QcEvents
     from .qc_service import QcService
+    from .caption_service import CaptionService
     from .stream_settings import StreamSettings
     from .tally_service import TallyService
 
@@ -42,6 +43,8 @@ MEDIA: web.AppKey[MediaService] = web.AppKey("media")
 TALLY: web.AppKey[TallyService] = web.AppKey("tally")
 #: The live QC tap (hub readers → QC worker process → sink).
 QC: web.AppKey[QcService] = web.AppKey("qc")
+#: Live captions (hub audio → caption worker → QC events and the captions table).
+CAPTIONS: web.AppKey[CaptionService] = web.AppKey("captions")
 #: Per-stream QC/captions settings in memory (``qc_for``, ``captions_for``,
 #: ``caption_options``), kept current by the directory.
 STREAM_SETTINGS: web.AppKey[StreamSettings] = web.AppKey("stream_settings")

@@ -7,9 +7,15 @@ none of them blocks or awaits:
 * :meth:`QcEvents.meters` — a tile's loudness and peak read-out (≤ 10 Hz);
 * :meth:`QcEvents.tap_state` — the tap of a stream started, failed, stopped.
 
+The caption service (``server.caption_service``) calls
+:meth:`QcEvents.caption` (a partial or committed caption: partials at most
+``caption_partial_hz`` a second per stream, the newest winning; never
+stored here — the service stores the finals) and
+:meth:`QcEvents.caption_state`, on the event loop too.
+
 Every marker event goes out at once to the WebSocket clients allowed to see
 its stream, and is queued for storage: one bounded queue, one writer task
-(like :mod:`server.tally_persist`). While the database is away the queue
+(:class:`server.batch_writer.BatchWriter`, as for tally and captions). While the database is away the queue
 holds the writes in order (a database outage only delays storage); beyond
 ``queue_max`` the oldest write is dropped and counted. The writer keeps
 each marker's row id on the live marker, so a close stored after its open
@@ -45,12 +51,13 @@ from typing import Any, Iterable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from live_qc.captions.types import Caption
 from live_qc.engine import Meters
 from live_qc.markers import MarkerEvent
 from tally.hub import aiohttp_transport
 
 from . import repo
-from .db import refused_by_database
+from .batch_writer import BatchWriter
 from .log import event
 
 log = logging.getLogger("returnfeed.qc")
@@ -64,6 +71,8 @@ CLOSE_HEARTBEAT_TIMEOUT = 4001
 SEND_QUEUE_MAX = 512
 #: Meters per stream are forwarded at most this often (issue 12: ≤ 10 Hz).
 METERS_MIN_INTERVAL = 0.1
+#: Partial captions per stream per second at most (``[captions] partial_hz``).
+CAPTION_PARTIAL_HZ = 4.0
 #: Streams one ``subscribe`` message may name.
 MAX_SUBSCRIBE = 64
 #: Writes handed to the database in one transaction.
@@ -195,7 +204,10 @@ class QcEvents:
                  missing_after: float = 10.0) -> None:
         self.db = db
         self.directory = directory
-        self.queue_max = queue_max
+        # Marker writes: one bounded, batched, retrying writer task.
+        self._writes: BatchWriter[_Write] = BatchWriter(
+            db, self._write, name="qc-marker", queue_max=queue_max, logger=log, batch_max=BATCH_MAX,
+            attempts=PERSIST_ATTEMPTS, on_written=self._written, log_prefix="qc.marker_")
         self.heartbeat_interval = heartbeat_interval
         self.missing_after = missing_after
         self.clients: set[EventsClient] = set()
@@ -203,20 +215,18 @@ class QcEvents:
         #: per stream (live_qc.markers.FaultTracker) has at most one open.
         self.open: dict[tuple[str, str, str], LiveMarker] = {}
         self.taps: dict[str, dict[str, str]] = {}
-        self.pending: deque[_Write] = deque()
-        self._wake = asyncio.Event()
-        self._writer: asyncio.Task | None = None
         self._heartbeat: asyncio.Task | None = None
         self._next_live_id = 0
         self._meters_sent: dict[str, float] = {}
         self._closing = False
-        # Counters for /metrics and the tests.
-        self.dropped_writes = 0
-        self.failed_writes = 0
-        self.deferred_batches = 0
-        self.stored = 0
+        # Counters for /metrics and the tests (the writes' are the writer's).
         self.slow_clients = 0
         self.unknown_stream = 0
+        # Live captions (issue 13): partials per stream at most this often;
+        # the newest partial held back is sent when its turn comes.
+        self.caption_partial_hz = CAPTION_PARTIAL_HZ
+        self._partial_sent: dict[str, float] = {}
+        self._partial_held: dict[str, dict[str, Any]] = {}
 
     # -- the tap's interface (event loop; never blocks) ---------------------------
     def marker(self, stream: str, ev: MarkerEvent, *, wall_start: float, wall_end: float | None) -> None:
@@ -269,6 +279,37 @@ class QcEvents:
     def tap_state(self, stream: str, state: str, detail: str = "") -> None:
         self.taps[stream] = {"state": state, "detail": detail}
         self._broadcast(stream, {"type": "tap", "stream": stream, "state": state, "detail": detail})
+
+    def caption(self, stream: str, cap: Caption, *, wall_start: float, wall_end: float) -> None:
+        """A caption to everyone allowed to see ``stream``. A final goes out
+        at once and supersedes a partial held back; partials go out at most
+        ``caption_partial_hz`` times a second per stream, the newest winning
+        (an overlay shows the latest hypothesis, never a queue of stale ones)."""
+        entry = self.directory.stream(stream)
+        msg = {"type": "caption", **cap.to_json(), "stream": stream, "label": entry.label if entry else stream,
+               "wall_start": round(wall_start, 3), "wall_end": round(wall_end, 3)}
+        if cap.final:
+            self._partial_held.pop(stream, None)
+            self._broadcast(stream, msg)
+            return
+        now = time.monotonic()
+        due = self._partial_sent.get(stream, -math.inf) + 1.0 / self.caption_partial_hz
+        if now >= due - 1e-3:
+            self._partial_sent[stream] = now
+            self._broadcast(stream, msg)
+            return
+        if stream not in self._partial_held:
+            asyncio.get_running_loop().call_later(due - now, self._release_partial, stream)
+        self._partial_held[stream] = msg
+
+    def _release_partial(self, stream: str) -> None:
+        msg = self._partial_held.pop(stream, None)
+        if msg is not None and not self._closing:
+            self._partial_sent[stream] = time.monotonic()
+            self._broadcast(stream, msg)
+
+    def caption_state(self, stream: str, state: str, detail: str = "") -> None:
+        self._broadcast(stream, {"type": "caption.state", "stream": stream, "state": state, "detail": detail})
 
     # -- what the REST routes announce ------------------------------------------
     def flagged(self, stream: str, row: dict[str, Any]) -> None:
@@ -415,16 +456,36 @@ class QcEvents:
         self._broadcast(live.stream, {"type": f"marker.{kind}", "event": kind, **live.to_json()})
 
     # -- storage ------------------------------------------------------------------------
+    @property
+    def pending(self) -> deque[_Write]:
+        return self._writes.pending
+
+    @property
+    def queue_max(self) -> int:
+        return self._writes.queue_max
+
+    @queue_max.setter
+    def queue_max(self, value: int) -> None:
+        self._writes.queue_max = value
+
+    @property
+    def stored(self) -> int:
+        return self._writes.stored
+
+    @property
+    def dropped_writes(self) -> int:
+        return self._writes.dropped
+
+    @property
+    def failed_writes(self) -> int:
+        return self._writes.failed
+
+    @property
+    def deferred_batches(self) -> int:
+        return self._writes.deferred
+
     def _store(self, kind: str, live: LiveMarker) -> None:
-        self.pending.append(_Write(kind, live, live.row()))
-        if len(self.pending) > self.queue_max:
-            n = len(self.pending) - self.queue_max
-            for _ in range(n):
-                self.pending.popleft()
-            self.dropped_writes += n
-            event(log, logging.ERROR, "qc.marker_writes_dropped", dropped=n, total_dropped=self.dropped_writes,
-                  queue_max=self.queue_max)
-        self._wake.set()
+        self._writes.put(_Write(kind, live, live.row()))
 
     async def _write(self, batch: list[_Write]) -> dict[int, int]:
         """One transaction; returns live_id → new row id (applied only after commit)."""
@@ -441,47 +502,14 @@ class QcEvents:
                         await repo.update_marker(conn, row_id, w.row)
         return new
 
-    async def _write_loop(self) -> None:
-        attempts = 0
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self.pending:
-                batch = [self.pending.popleft() for _ in range(min(BATCH_MAX, len(self.pending)))]
-                try:
-                    new = await self._write(batch)
-                    attempts = 0
-                except Exception as exc:
-                    attempts += 1
-                    if refused_by_database(exc) or attempts > PERSIST_ATTEMPTS:
-                        event(log, logging.ERROR, "qc.marker_persist_failed", error=f"{type(exc).__name__}: {exc}",
-                              writes=len(batch), attempts=attempts)
-                        self.failed_writes += len(batch)
-                        attempts = 0
-                        continue
-                    # Back in front, in order; wait for the database.
-                    self.pending.extendleft(reversed(batch))
-                    self.deferred_batches += 1
-                    if self._closing:
-                        event(log, logging.ERROR, "qc.marker_writes_lost_at_shutdown", writes=len(self.pending))
-                        return
-                    if self.db.available:
-                        await asyncio.sleep(min(0.25 * attempts, 2.0))
-                    while not self.db.available and not self._closing:
-                        try:
-                            await asyncio.wait_for(self.db.wait_available(), 1.0)
-                        except asyncio.TimeoutError:
-                            pass
-                    continue
-                self.stored += len(batch)
-                for w in batch:
-                    row_id = new.get(w.marker.live_id)
-                    if row_id is not None and w.marker.id is None:
-                        w.marker.id = row_id
-                        self._broadcast(w.marker.stream, {"type": "marker.stored", "stream": w.marker.stream,
-                                                          "live_id": w.marker.live_id, "id": row_id})
-            if self._closing and not self.pending:
-                return
+    def _written(self, batch: list[_Write], new: dict[int, int]) -> None:
+        """After a commit: the new rows' ids onto their live markers, announced."""
+        for w in batch:
+            row_id = new.get(w.marker.live_id)
+            if row_id is not None and w.marker.id is None:
+                w.marker.id = row_id
+                self._broadcast(w.marker.stream, {"type": "marker.stored", "stream": w.marker.stream,
+                                                  "live_id": w.marker.live_id, "id": row_id})
 
     # -- heartbeat and lifecycle ---------------------------------------------------------
     def tick(self, now: float | None = None) -> list[EventsClient]:
@@ -504,8 +532,7 @@ class QcEvents:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._closing = False
-        if self._writer is None:
-            self._writer = loop.create_task(self._write_loop(), name="qc-marker-writer")
+        self._writes.start()
         if self._heartbeat is None:
             self._heartbeat = loop.create_task(self._heartbeat_loop(), name="qc-events-heartbeat")
 
@@ -515,13 +542,11 @@ class QcEvents:
         for c in list(self.clients):
             self.kick(c, CLOSE_GOING_AWAY, "server shutting down")
         self._closing = True
-        self._wake.set()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-        tasks = [t for t in (self._heartbeat, self._writer) if t is not None]
-        self._heartbeat = self._writer = None
-        for t in tasks:
-            await _finish(t, CLOSE_TIMEOUT)
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.cancel()
+            await _finish(heartbeat, CLOSE_TIMEOUT)
+        await self._writes.close(CLOSE_TIMEOUT)
 
     def collect(self) -> Iterable[Metric]:
         """Metric families for ``/metrics`` (a collector of :class:`server.metrics.Metrics`)."""

@@ -495,3 +495,30 @@ async def list_notes(conn: Conn, stream_id: int, *, marker_id: int | None, limit
         "SELECT id, marker_id, at, text, author, created_at FROM notes WHERE stream_id = $1 "
         "AND ($2::bigint IS NULL OR marker_id = $2) ORDER BY at DESC, id DESC LIMIT $3",
         stream_id, marker_id, limit)
+
+
+# -- captions --------------------------------------------------------------------
+
+_CAPTION_COLS = ("c.id, c.media_start, c.media_end, c.wall_start, c.wall_end, c.text, c.language, c.words, "
+                 "c.label, c.translated")
+
+
+async def insert_captions(conn: Conn, rows: list[tuple]) -> None:
+    """Final captions: (stream_id, media_start, media_end, wall_start,
+    wall_end, text, language, words, label, translated) each."""
+    await conn.executemany(
+        "INSERT INTO captions (stream_id, media_start, media_end, wall_start, wall_end, text, language, final, "
+        "words, label, translated) VALUES ($1,$2,$3,$4,$5,$6,$7,true,$8,$9,$10)", rows)
+
+
+async def list_captions(conn: Conn, stream_id: int, *, since: datetime | None, until: datetime | None,
+                        limit: int, after_id: int | None = None) -> list[asyncpg.Record]:
+    """Final captions overlapping [since, until) on the wall clock, oldest
+    first (``after_id``: the page after that row)."""
+    return await conn.fetch(
+        f"SELECT {_CAPTION_COLS} FROM captions c WHERE c.stream_id = $1 AND c.final "
+        "AND ($2::timestamptz IS NULL OR c.wall_end >= $2) AND ($3::timestamptz IS NULL OR c.wall_start < $3) "
+        "AND ($4::bigint IS NULL OR (c.wall_start, c.id) > "
+        "(SELECT wall_start, id FROM captions WHERE id = $4)) "
+        "ORDER BY c.wall_start, c.id LIMIT $5",
+        stream_id, since, until, after_id, limit)

@@ -256,9 +256,11 @@ def effective_captions(captions_config: Any, stored: Mapping[str, Any] | None) -
     """``captions_config``: an object with ``enabled``, ``language``,
     ``translate``, ``model`` (the server's ``[captions]`` section), or None
     for captions off, language detected, the default model."""
+    # [captions] language = "auto" (TOML has no null) is this schema's null: detected.
+    language = getattr(captions_config, "language", None)
     base = CaptionStreamSettings(
         enabled=bool(getattr(captions_config, "enabled", False)),
-        language=getattr(captions_config, "language", None),
+        language=None if language == "auto" else language,
         translate=bool(getattr(captions_config, "translate", False)),
         model=getattr(captions_config, "model", None),
     )

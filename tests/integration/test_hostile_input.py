@@ -77,6 +77,8 @@ ROUTES: dict[tuple[str, str], Any] = {
     ("PATCH", "/api/v1/markers/{marker_id}"): {"false_positive": True, "verified": False},
     ("GET", "/api/v1/streams/{name}/notes"): None,
     ("POST", "/api/v1/streams/{name}/notes"): {"text": "swept note", "at": 1700000000},
+    ("GET", "/api/v1/streams/{name}/captions"): None,
+    ("GET", "/api/v1/streams/{name}/captions.{fmt}"): None,
     ("GET", "/api/v1/streams/{name}/settings"): None,
     ("PATCH", "/api/v1/streams/{name}/settings"): {"qc": {"enabled": False, "thresholds": {"black_d": 2.5}},
                                                    "captions": {"enabled": False, "language": "en"}},
@@ -115,6 +117,7 @@ QUERIES = [
     "layer=ultra", "production=1&before_seq=x",
     "from=" + "9" * 30, "to=%ED%A0%80", "from=9999-99-99T99:99", "type=%00", "format=%00",
     "before_id=" + "9" * 30, "marker_id=-1", "include_false_positive=%FF",
+    "after_id=" + "9" * 30, "after_id=%00", "from=1e400", "from=-1&to=%FF",
 ]
 
 
@@ -238,7 +241,7 @@ def test_every_route_survives_hostile_input(api_server, world) -> None:
     admin, pid = world["admin"], world["pid"]
     client = Client(api_server.port)
     valid = {"production_id": str(pid), "username": "cam", "name": "s1", "stream": "s1", "session": "nosuch",
-             "filename": "nosuch.js", "marker_id": "1"}
+             "filename": "nosuch.js", "marker_id": "1", "fmt": "vtt"}
     # The login route last: its failures rate-limit this IP.
     ordered = sorted(ROUTES, key=lambda r: r[1] == "/api/v1/auth/login")
     for method, template in ordered:

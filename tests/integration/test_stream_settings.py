@@ -78,7 +78,9 @@ def test_get_shows_stored_and_effective_settings(world) -> None:
     assert body["stream"] == "set-cam" and body["stored"] == {}
     assert body["effective"]["qc"]["enabled"] is False  # [qc] enabled defaults to false
     assert body["effective"]["qc"]["thresholds"]["black_d"] == 2.0
-    assert body["effective"]["captions"] == {"enabled": False, "language": None, "translate": False, "model": None}
+    # [captions] defaults: off, language detected, the bundled tiny.en.
+    assert body["effective"]["captions"] == {"enabled": False, "language": None, "translate": False,
+                                             "model": "tiny.en"}
     assert body["limits"]["qc.thresholds"]["silence_d"] == {"min": 0.1, "max": 60.0}
     assert http("GET", url(world), token=t["sother"]).status == 403  # not a member
     assert http("GET", url(world)).status == 401
@@ -100,7 +102,7 @@ def test_directors_patch_and_the_change_is_audited(world, module_db_url) -> None
     eff = body["effective"]
     assert eff["qc"]["thresholds"]["black_d"] == 3.5 and eff["qc"]["thresholds"]["target_lufs"] == -24.0
     assert eff["qc"]["thresholds"]["freeze_d"] == 2.0 and eff["qc"]["enabled"] is False
-    assert eff["captions"] == {"enabled": True, "language": "ko", "translate": True, "model": None}
+    assert eff["captions"] == {"enabled": True, "language": "ko", "translate": True, "model": "tiny.en"}
     # Merge patch: keys absent stay, null goes back to the default.
     r = http("PATCH", url(world), {"qc": {"enabled": True, "thresholds": {"black_d": None}}}, token=t["sdir"])
     assert r.status == 200, r.body

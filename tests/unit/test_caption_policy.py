@@ -1,0 +1,154 @@
+"""The commit policy with scripted hypotheses (no model)."""
+
+from __future__ import annotations
+
+from live_qc.captions.policy import CommitPolicy, drop_loops, normalise
+from live_qc.captions.types import Word
+
+
+def hyp(text: str, start: float = 0.0, step: float = 0.3) -> list[Word]:
+    return [Word(tok, start + i * step, start + i * step + step * 0.9) for i, tok in enumerate(text.split())]
+
+
+def texts(words) -> str:
+    return " ".join(w.text for w in words)
+
+
+def run(policy: CommitPolicy, steps: list[tuple[str, float]]) -> list[str]:
+    """Feed (hypothesis, now) pairs; the committed text after each."""
+    out = []
+    for text, now in steps:
+        policy.update(hyp(text), now)
+        out.append(texts(policy.committed))
+    return out
+
+
+def test_local_agreement_commits_the_prefix_two_decodes_agree_on() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    step = p.update(hyp("the quick"), 0.7)
+    assert step.committed == () and texts(step.partial) == "the quick"
+    step = p.update(hyp("the quick brown fox"), 1.2)
+    assert texts(step.committed) == "the quick" and step.reason == "agreement"
+    assert texts(step.partial) == "brown fox"
+    step = p.update(hyp("the quick brown fox jumps"), 1.7)
+    assert texts(step.committed) == "brown fox"
+    assert texts(p.committed) == "the quick brown fox"
+
+
+def test_revision_is_not_committed_until_agreed_and_commits_are_never_retracted() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    history = run(p, [("I scream", 0.7), ("ice cream is", 1.2), ("ice cream is cold", 1.7),
+                      ("eyes cream is cold today", 2.2)])
+    # The last decode rewrites committed words: they stay as committed, and
+    # the words after them still agree ("cold").
+    assert history == ["", "", "ice cream is", "ice cream is cold"]
+    step = p.update(hyp("eyes cream is cold today", ), 2.4)
+    assert texts(p.committed).startswith("ice cream is")
+    assert texts(p.committed).count("cream") == 1
+    assert "cream" not in texts(step.committed)
+
+
+def test_stall_is_broken_by_the_timeout() -> None:
+    p = CommitPolicy(timeout_s=2.0)
+    # The decoder keeps changing its mind about the first word: no agreement.
+    flip = ["red", "read", "rhett", "red", "read", "rhett"]
+    committed_at = None
+    for i, first in enumerate(flip):
+        now = 0.6 + 0.5 * i
+        step = p.update(hyp(f"{first} alert now"), now)
+        if step.committed:
+            committed_at = now
+            assert step.reason == "timeout"
+            break
+    assert committed_at is not None
+    # "red" ends at 0.27; committed within timeout + one decode step.
+    assert committed_at <= 0.27 + 2.0 + 0.5
+    assert p.committed[0].end <= committed_at - 2.0
+
+
+def test_end_of_speech_commits_everything_then_starts_afresh() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    p.update(hyp("hello there"), 0.7)
+    step = p.end_of_speech(hyp("hello there general"))
+    assert texts(step.committed) == "hello there general" and step.partial == ()
+    assert step.reason == "end_of_speech"
+    # The next utterance does not agree with the previous one's leftovers.
+    step = p.update(hyp("kenobi", start=5.0), 5.5)
+    assert step.committed == ()
+
+
+def test_silence_commits_nothing() -> None:
+    p = CommitPolicy(timeout_s=1.0)
+    for i in range(10):
+        step = p.update([], 0.5 * i)
+        assert step.committed == () and step.partial == ()
+    assert p.end_of_speech([]).committed == ()
+    assert p.flush().committed == ()
+
+
+def test_repetition_loop_is_cut() -> None:
+    words = hyp("and then we went to the the the the the the shop")
+    assert texts(drop_loops(words)) == "and then we went to the the the"
+    words = hyp("thank you for coming thank you for coming thank you for coming thank you for coming")
+    assert texts(drop_loops(words)) == "thank you for coming thank you for coming"
+    # Ordinary repeats survive.
+    assert texts(drop_loops(hyp("no no I said no"))) == "no no I said no"
+    p = CommitPolicy(timeout_s=10.0)
+    p.update(hyp("go go go go go go go go"), 3.0)
+    step = p.update(hyp("go go go go go go go go go go"), 3.5)
+    assert texts(p.committed) == "go go go"
+    assert texts(step.partial) == ""
+
+
+def test_loop_across_the_commit_boundary_is_dropped() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    p.end_of_speech(hyp("we are live we are live"))
+    step = p.update(hyp("we are live we are live we are live", start=3.0), 6.0)
+    assert step.partial == ()
+
+
+def test_spelling_flicker_still_agrees() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    p.update(hyp("a cold hearted man"), 1.5)
+    step = p.update([Word("a", 0.0, 0.27), Word("coldhearted", 0.3, 0.8), Word("man.", 0.9, 1.1),
+                     Word("Yes", 1.2, 1.4)], 2.0)
+    assert texts(step.committed) == "a coldhearted man."
+    p2 = CommitPolicy(timeout_s=10.0)
+    p2.update([Word("Coldhearted,", 0.0, 0.5), Word("yes", 0.6, 0.8)], 1.0)
+    step = p2.update(hyp("cold hearted yes"), 1.5)
+    assert texts(step.committed) == "cold hearted yes"
+
+
+def test_re_decoded_committed_words_are_skipped_by_their_letters() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    p.update(hyp("one two three"), 1.0)
+    p.update(hyp("one two three four"), 1.5)
+    assert texts(p.committed) == "one two three"
+    # The whole utterance is decoded again with slightly moved times.
+    moved = [Word(w.text, w.start + 0.2, w.end + 0.2) for w in hyp("One, two, three four five")]
+    step = p.update(moved, 2.0, audio_start=0.0)
+    assert texts(step.committed) == "four"
+    assert texts(step.partial) == "five"
+
+
+def test_overlap_at_a_trimmed_buffer_is_not_repeated() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    p.end_of_speech(hyp("the lazy dog"))  # ends at 0.87
+    # A decode from the trim point hears "dog" again, then new words.
+    step = p.update([Word("dog", 0.8, 0.9), Word("barks", 1.0, 1.3)], 1.6, audio_start=0.85)
+    step = p.update([Word("dog", 0.8, 0.9), Word("barks", 1.0, 1.3), Word("loudly", 1.4, 1.7)], 2.1,
+                    audio_start=0.85)
+    assert texts(p.committed) == "the lazy dog barks"
+
+
+def test_prompt_is_committed_text_before_the_audio() -> None:
+    p = CommitPolicy(timeout_s=10.0)
+    p.end_of_speech(hyp("good evening and welcome"))
+    assert p.prompt() == "good evening and welcome"
+    assert p.prompt(before=0.6) == "good evening"
+
+
+def test_normalise() -> None:
+    assert normalise(" Hello,") == "hello"
+    assert normalise("¿Qué?") == "qué"
+    assert normalise("...") == ""

@@ -1,0 +1,239 @@
+"""The streaming recogniser and the caption worker on real audio (tiny.en,
+espeak-ng speech, AAC and Opus packets as the hub hands them to a tap)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from caption_audio import RATE, espeak, music, pink_noise, ts_packets, wer
+from live_qc.captions.streamer import Hypothesis, Streamer, StreamerOptions
+from live_qc.captions.types import Caption, CaptionStats, Word
+from live_qc.captions.vad import StreamingVad, load_vad_session
+from live_qc.captions.worker import CaptionEngine, caption_worker_main
+from live_qc.tap import TapWorker
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("ffmpeg") is None,
+                                reason="needs espeak-ng and ffmpeg")
+
+SENTENCES = ["Good evening and welcome to the show.",
+             "Tonight we have three guests on the main stage.",
+             "The weather will be sunny and warm tomorrow."]
+REFERENCE = " ".join(SENTENCES)
+# tiny.en on espeak-ng's voice (not a human one) gets some words wrong;
+# the bound catches a broken pipeline (lost, repeated or invented text).
+MAX_WER = 0.35
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    """The three sentences with pauses; the last one 12 dB louder."""
+    d = tmp_path_factory.mktemp("speech")
+    gap = np.zeros(int(1.2 * RATE), np.float32)
+    parts = [gap]
+    for i, text in enumerate(SENTENCES):
+        x = espeak(d, text, name=f"s{i}") * 0.25
+        parts += [x * (4.0 if i == 2 else 1.0), gap]
+    return np.concatenate(parts)
+
+
+@pytest.fixture(scope="module")
+def engine() -> CaptionEngine:
+    return CaptionEngine()
+
+
+def finals_text(captions: list[Caption]) -> str:
+    return " ".join(c.text for c in captions if c.final)
+
+
+def stream_through(streamer: Streamer, x: np.ndarray, t0: float, chunk_s: float = 0.1) -> list[Caption]:
+    out: list[Caption] = []
+    n = round(chunk_s * RATE)
+    for i in range(0, len(x), n):
+        streamer.feed(x[i:i + n], t0 + i / RATE)
+        out += streamer.step()
+    return out + streamer.finish()
+
+
+def test_streamer_commits_speech_with_word_times_and_emphasis(engine, speech) -> None:
+    streamer = engine.new_streamer("cam1", {})
+    captions = stream_through(streamer, speech, t0=100.0)
+    finals = [c for c in captions if c.final]
+    text = finals_text(captions)
+    assert wer(REFERENCE, text) <= MAX_WER, text
+    words = [w for c in finals for w in c.words]
+    # On the stream's media timeline, in order, inside the audio.
+    assert all(100.0 <= w.start <= w.end <= 100.0 + len(speech) / RATE + 0.5 for w in words)
+    assert all(a.start <= b.start + 0.05 for a, b in zip(words, words[1:]))
+    # Partials come first and are replaced by finals; the last partial is empty.
+    assert any(not c.final and c.text for c in captions)
+    assert not captions[-1].final and captions[-1].text == ""
+    # Emphasis only where the speech is 12 dB louder (the last sentence,
+    # which starts after the second pause).
+    loud_from = 100.0 + (len(speech) / RATE) * 0.6
+    emphasised = [w for w in words if w.emphasis]
+    assert emphasised and all(w.start >= loud_from for w in emphasised), emphasised
+    # Never committed twice.
+    assert len({(w.start, w.text) for w in words}) == len(words)
+    stats = streamer.stats()
+    assert stats.skipped_s == 0.0 and stats.lag_s == 0.0
+
+
+@pytest.mark.parametrize("codec", ["aac", "libopus"])
+def test_encoded_audio_through_the_worker_decode_path(engine, speech, codec, tmp_path) -> None:
+    # The first two sentences (the model time of the whole clip is spent once, above).
+    two = speech[: int(len(speech) * 0.66)]
+    packets = ts_packets(tmp_path, two, codec)
+    name = f"cam-{codec}"
+    out = engine.handle(("attach", name, {}))
+    assert out == [("state", name, "running", "")]
+    for codec_name, t, data in packets:
+        out += engine.handle(("audio", name, codec_name, t, data))
+        out += engine.step()
+    out += engine.handle(("detach", name))
+    captions = [r[2] for r in out if r[0] == "caption"]
+    assert wer(" ".join(SENTENCES[:2]), finals_text(captions)) <= MAX_WER, finals_text(captions)
+    assert out[-1] == ("state", name, "stopped", "")
+    stats = [r[2] for r in out if r[0] == "stats"]
+    assert stats and isinstance(stats[-1], CaptionStats) and stats[-1].cpu_s > 0
+
+
+@pytest.mark.parametrize("kind", ["silence", "music", "pink_noise"])
+def test_non_speech_yields_no_words(engine, kind) -> None:
+    x = {"silence": lambda: np.zeros(12 * RATE, np.float32), "music": lambda: music(12.0),
+         "pink_noise": lambda: pink_noise(12.0)}[kind]()
+    streamer = engine.new_streamer(kind, {})
+    captions = stream_through(streamer, x, t0=0.0)
+    assert [c for c in captions if c.words] == []
+
+
+class ScriptedDecoder:
+    """One word per 0.4 s of audio, counting decodes (no model)."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
+        self.calls.append(len(audio) / RATE)
+        n = int(len(audio) / RATE / 0.4)
+        return Hypothesis(tuple(Word(f"w{i}", i * 0.4, i * 0.4 + 0.3) for i in range(n)), "en")
+
+
+def test_back_pressure_shortens_context_then_skips(speech) -> None:
+    session = load_vad_session()
+    decoder = ScriptedDecoder()
+    streamer = Streamer("cam1", decoder, StreamingVad(session), StreamerOptions(commit_timeout_s=1.0))
+    talk = np.concatenate([speech[int(1.2 * RATE):int(3.5 * RATE)]] * 12)  # speech, no pauses
+    # Keeping up: a decode every step, never more than max_context_s of audio.
+    for i in range(0, 8 * RATE, RATE // 10):
+        streamer.feed(talk[i:i + RATE // 10])
+        streamer.step()
+    assert streamer.skipped_s == 0.0
+    assert max(decoder.calls) <= streamer.options.max_context_s + 0.5
+    # The worker fell 3 s behind: one decode, of a shorter context (from
+    # the last committed word before the cut) instead of the 11 s utterance.
+    decoder.calls.clear()
+    streamer.feed(talk[8 * RATE:11 * RATE])
+    streamer.step()
+    assert len(decoder.calls) == 1 and decoder.calls[0] <= streamer.options.short_context_s + 1.0
+    assert streamer.skipped_s == 0.0
+    # 12 s behind: the oldest audio is skipped and reported; lag is bounded.
+    decoder.calls.clear()
+    streamer.feed(talk[11 * RATE:23 * RATE])
+    streamer.step()
+    assert streamer.skipped_s >= 12.0 - streamer.options.keep_s - 1.0
+    assert streamer.stats().skipped_s == streamer.skipped_s
+    assert streamer.stats().lag_s <= streamer.options.keep_s + 1.0
+    assert decoder.calls and max(decoder.calls) <= streamer.options.keep_s + streamer.options.preroll_s + 0.5
+
+
+def test_gap_in_media_time_ends_the_utterance(engine, speech) -> None:
+    decoder = ScriptedDecoder()
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()))
+    talk = speech[int(1.2 * RATE):int(3.5 * RATE)]
+    captions = []
+    for i in range(0, len(talk), RATE // 10):
+        streamer.feed(talk[i:i + RATE // 10], 10.0 + i / RATE)
+        captions += streamer.step()
+    # The publisher reconnected: media time jumps by 20 s.
+    streamer.feed(np.zeros(RATE // 10, np.float32), 40.0)
+    captions += streamer.step()
+    finals = [c for c in captions if c.final]
+    assert finals and max(c.end for c in finals) <= 10.0 + len(talk) / RATE + 0.5
+    assert streamer.media_end == pytest.approx(40.1)
+
+
+def test_model_errors_are_reported_as_state(engine, tmp_path) -> None:
+    out = engine.handle(("attach", "x", {"model": str(tmp_path / "missing")}))
+    assert out[0][:3] == ("state", "x", "model_error") and str(tmp_path / "missing") in out[0][3]
+    out = engine.handle(("attach", "y", {"language": "es"}))
+    assert out[0][2] == "model_error" and "English-only" in out[0][3]
+    assert engine.handle(("audio", "x", "opus", 0.0, b"\x00")) == []
+
+
+def test_garbage_frames_are_a_decode_error_then_recover(engine, speech, tmp_path) -> None:
+    packets = ts_packets(tmp_path, speech[: 3 * RATE], "libopus")
+    engine.handle(("attach", "g", {}))
+    out = engine.handle(("audio", "g", "mp3", 0.0, b"\xff\x00garbage"))
+    out += engine.handle(("audio", "g", "h261", 0.0, b"x"))
+    assert [r[2] for r in out if r[0] == "state"] == ["decode_error"]
+    for codec, t, data in packets[:20]:
+        out += engine.handle(("audio", "g", codec, t, data))
+    assert [r[2] for r in out if r[0] == "state"] == ["decode_error", "running"]
+    engine.handle(("detach", "g"))
+
+
+def test_worker_process_protocol(speech, tmp_path) -> None:
+    packets = ts_packets(tmp_path, speech[: int(5.5 * RATE)], "libopus")
+    w = TapWorker(256, target=caption_worker_main, label="captions")
+    w.start()
+    try:
+        assert w.proc is not None and w.proc.name == "returnfeed-captions-0"
+        assert w.channel is not None
+        w.channel.control(("attach", "cam1", {"cpu_threads": 2}))
+        results: list[tuple] = []
+        for codec, t, data in packets:
+            while not w.channel.put_audio("cam1", codec, t, data):
+                time.sleep(0.01)
+                results += w.receive()
+        w.channel.control(("detach", "cam1"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and ("state", "cam1", "stopped", "") not in results:
+            results += w.receive()
+            time.sleep(0.05)
+        w.request_stop()
+        w.close(10)
+    finally:
+        if w.alive():
+            w.close(1)
+    assert results[0] == ("state", "cam1", "running", "")
+    captions = [r[2] for r in results if r[0] == "caption"]
+    assert wer(SENTENCES[0], finals_text(captions)) <= MAX_WER, finals_text(captions)
+    assert any(r[0] == "stats" for r in results)
+    assert ("state", "cam1", "stopped", "") in results
+
+
+def test_encoder_window_is_trimmed_to_the_audio(engine, speech) -> None:
+    streamer = engine.new_streamer("win", {})
+    model = streamer.decoder.model
+    frames: list[int] = []
+    original = model.encode
+
+    def spy(features):
+        out = original(features)
+        frames.append(int(out.shape[1]))  # encoder positions: 2 mel frames each
+        return out
+
+    model.encode = spy
+    try:
+        x = speech[int(1.2 * RATE):int(3.9 * RATE)]  # 2.7 s: the first sentence
+        hyp = streamer.decoder.decode(x, prompt="", language="en")
+    finally:
+        del model.encode
+    # 2.7 s + 2 s of margin → 5 s → 500 mel frames → 250 positions, not 1500.
+    assert frames == [250]
+    assert model.encoder_frames is None
+    assert wer(SENTENCES[0], " ".join(w.text for w in hyp.words)) <= MAX_WER
