@@ -13,10 +13,15 @@ which drop and count when full: nothing here ever waits on a worker).
 * the hub poll: the hub has no events, so every ``poll_s`` the owner's
   ``select(stream)`` says what to read from each live stream and what the
   worker's ``attach`` carries (:class:`TapSpec`, or ``None``: no tap); a
-  changed spec re-attaches, ``None`` detaches;
+  changed spec re-attaches, ``None`` detaches (also while the stream
+  reconnects); with ``update_op`` a spec whose ``options`` alone changed is
+  sent to the worker as ``(update_op, stream, options)`` instead (QC's
+  thresholds: the worker keeps its state);
 * the forwarding task per tap, which also keeps each stream's latest
   (media time, wall time) pair: :meth:`TapHost.wall` maps media time to
-  wall clock (wall = now − (media_now − t));
+  wall clock (wall = now − (media_now − t)), and shows the owner every
+  frame and discontinuity it reads (``on_frame``/``on_discontinuity``, on
+  the loop: QC's stream detectors);
 * the result pipes, watched with ``loop.add_reader`` (only what is already
   there is read); every result tuple goes to the owner's ``handle``;
 * the drop and restart totals for the owner's metrics, and an ordered stop
@@ -41,7 +46,7 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 from media.stream import Discontinuity, Frame, Reader, StreamClosed, StreamHub, StreamState
@@ -132,7 +137,11 @@ class TapHost:
     def __init__(self, hub: StreamHub, *, name: str, workers: int, queue_frames: int,
                  make_worker: Callable[[int], Worker], select: Callable[[Any], TapSpec | None],
                  handle: Callable[[tuple], None], on_state: Callable[[str, str, str], None],
-                 logger: logging.Logger, poll_s: float = POLL_S, lazy: bool = False) -> None:
+                 logger: logging.Logger, poll_s: float = POLL_S, lazy: bool = False,
+                 update_op: str | None = None, on_update: Callable[[str], None] | None = None,
+                 on_frame: Callable[[str, Frame], None] | None = None,
+                 on_discontinuity: Callable[[str, Discontinuity], None] | None = None,
+                 on_detach: Callable[[str], None] | None = None) -> None:
         self.hub = hub
         self.name = name
         self.queue_frames = queue_frames
@@ -143,6 +152,15 @@ class TapHost:
         self.log = logger
         self.poll_s = poll_s
         self.lazy = lazy
+        #: The control message that carries changed options (None: a change
+        #: re-attaches); ``on_update(stream)`` once the worker has it.
+        self.update_op = update_op
+        self.on_update = on_update
+        # Every frame and discontinuity a tap reads, before it is forwarded,
+        # and a tap's end: the owner's per-stream state that lives on the loop.
+        self.on_frame = on_frame
+        self.on_discontinuity = on_discontinuity
+        self.on_detach = on_detach
         self.slots = [_Slot(i) for i in range(workers)]
         self.taps: dict[str, _Tap] = {}
         # Stream → (media time, unix time) of its latest forwarded frame; kept
@@ -157,6 +175,11 @@ class TapHost:
         self.worker_restarts = 0
 
     # -- lifecycle -----------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Started and not stopping."""
+        return self._loop is not None and not self._stopping
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = False
@@ -285,24 +308,46 @@ class TapHost:
 
     def sync(self) -> None:
         """Attach live streams the owner wants and are not tapped; re-attach
-        one whose spec changed; detach one the owner no longer wants. A tap
-        also ends with its reader (the stream closed); a stream reconnecting
-        within its grace period keeps its tap."""
+        one whose spec changed (or send its new options, with
+        ``update_op``); detach one the owner no longer wants, at once even
+        while it reconnects. A tap also ends with its reader (the stream
+        closed); a stream reconnecting within its grace period keeps its tap
+        and spec until it is live again."""
         for stream in self.hub:
-            if stream.state != StreamState.LIVE or not stream.tracks:
+            tap = self.taps.get(stream.name)
+            live = stream.state == StreamState.LIVE and bool(stream.tracks)
+            if tap is None and not live:
                 continue
             try:
                 spec = self.select(stream)
             except Exception:  # an owner's bug (or settings it cannot read) skips this stream only
                 event(self.log, logging.ERROR, f"{self.name}.select_failed", exc_info=True, stream=stream.name)
                 continue
-            tap = self.taps.get(stream.name)
             if tap is not None:
-                if tap.spec == spec:
+                if spec is None:
+                    self.detach(stream.name)
+                    continue
+                if not live or tap.spec == spec or self._update(tap, spec):
                     continue
                 self.detach(stream.name)
             if spec is not None:
                 self._attach(stream, spec)
+
+    def _update(self, tap: _Tap, spec: TapSpec) -> bool:
+        """Whether ``spec`` (options changed, the reader's part not) is
+        handled without a re-attach: sent as ``update_op``, or left to the
+        worker's next attach when it is down. A full channel tries again at
+        the next poll."""
+        if self.update_op is None or replace(tap.spec, options=spec.options) != spec:
+            return False
+        w = self.slots[tap.worker].worker
+        if w is None or w.channel is None:
+            tap.spec = spec  # the (re)start's attach carries it
+        elif w.channel.control((self.update_op, tap.name, spec.options)):
+            tap.spec = spec
+            if self.on_update is not None:
+                self.on_update(tap.name)
+        return True
 
     def _attach(self, stream: Any, spec: TapSpec) -> None:
         name = stream.name
@@ -331,6 +376,8 @@ class TapHost:
         tap.reader.close()
         if tap.task is not None and tap.task is not asyncio.current_task():
             tap.task.cancel()
+        if self.on_detach is not None:
+            self.on_detach(name)
         slot = self.slots[tap.worker]
         slot.streams.discard(name)
         if notify_worker and slot.worker is not None and slot.worker.channel is not None:
@@ -341,6 +388,8 @@ class TapHost:
         name = tap.name
         slots = self.slots
         clock = self._clock
+        on_frame = self.on_frame
+        on_discontinuity = self.on_discontinuity
         try:
             while True:
                 items = [await reader.get()]
@@ -349,10 +398,14 @@ class TapHost:
                 channel = w.channel if w is not None else None
                 for item in items:
                     if isinstance(item, Discontinuity):
+                        if on_discontinuity is not None:
+                            on_discontinuity(name, item)
                         if channel is not None:
                             channel.control(("reset", name, item.reason))
                         continue
                     assert isinstance(item, Frame)
+                    if on_frame is not None:
+                        on_frame(name, item)
                     if item.pts is None:
                         continue
                     t = item.pts / item.clock_rate

@@ -109,11 +109,11 @@ async def test_a_failing_monitor_is_dropped_and_the_tap_carries_on(monkeypatch) 
             pub.publish(Unit("h264", i * 3600, i * 3600, True, IDR))
             await asyncio.sleep(0.02)
         await until(lambda: "cam3" in qc._monitor_failed)
-        task = qc._taps["cam3"].task
+        task = qc.host.taps["cam3"].task
         for i in range(20, 30):
             pub.publish(Unit("h264", i * 3600, i * 3600, True, IDR))
             await asyncio.sleep(0.02)
-        assert "cam3" in qc._taps and not task.done()  # forwarding to the worker goes on
+        assert "cam3" in qc.host.taps and not task.done()  # forwarding to the worker goes on
         assert "cam3" not in qc._monitors
     finally:
         await qc.stop()

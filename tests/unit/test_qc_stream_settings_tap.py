@@ -99,26 +99,26 @@ async def test_service_follows_per_stream_settings(clip) -> None:
         await publish(hub, "cam", during[:20])
         await asyncio.sleep(0.3)
         # QC off by default ([qc] enabled = false): nothing tapped, no worker process.
-        assert not qc._taps and all(s.worker is None for s in qc._slots)
+        assert not qc.host.taps and all(s.worker is None for s in qc.host.slots)
         settings.set("cam", {"enabled": True})
         # The listener attaches at once; the worker starts with its first stream.
-        assert "cam" in qc._taps and qc._slots[0].worker is not None
+        assert "cam" in qc.host.taps and qc.host.slots[0].worker is not None
         await until(lambda: [s for s in sink.states if s[0] == "cam" and s[1] == "running"])
         await publish(hub, "cam", during[20:])
         await until(lambda: [m for m in sink.markers if m[1].marker.type == "black"])
         # A threshold change reaches the worker: the open marker closes at the change.
         settings.set("cam", {"enabled": True, "thresholds": {"black_d": 5.0}})
-        assert qc._taps["cam"].thresholds["black_d"] == 5.0
+        assert qc.host.taps["cam"].spec.options["black_d"] == 5.0
         await until(lambda: [m for m in sink.markers if m[1].marker.type == "black" and m[1].kind == "close"])
         # Switched off: detached within one poll, its worker told.
         settings.set("cam", {"enabled": False})
-        assert "cam" not in qc._taps
+        assert "cam" not in qc.host.taps
         await until(lambda: [s for s in sink.states if s[0] == "cam" and s[1] == "stopped"])
         # On again, and this time only the poll notices: attached within a poll.
         settings.store.listeners.remove(qc.settings_changed)
         settings.set("cam", {"enabled": True})
-        assert "cam" not in qc._taps
-        await until(lambda: "cam" in qc._taps, timeout=5)
+        assert "cam" not in qc.host.taps
+        await until(lambda: "cam" in qc.host.taps, timeout=5)
         assert qc.enabled_for("cam")
     finally:
         await qc.stop()
@@ -135,6 +135,6 @@ async def test_config_default_still_enables_every_stream_without_stored_settings
         await publish(hub, "off", clip[:30])
         await publish(hub, "on", clip[:30])
         await until(lambda: [s for s in sink.states if s[0] == "on" and s[1] == "running"])
-        assert "off" not in qc._taps
+        assert "off" not in qc.host.taps
     finally:
         await qc.stop()

@@ -124,14 +124,14 @@ async def test_a_killed_worker_is_restarted_and_streams_reattach(clip) -> None:
         kind, codec, t, key, data = clip[0]
         pub.publish(Unit(codec, round(t * 90000), round(t * 90000), key, data))
         await until(lambda: [s for s in sink.states if s[1] == "running"])
-        first = qc._slots[0].worker
+        first = qc.host.slots[0].worker
         old_pid = first.pid
         os.kill(old_pid, signal.SIGKILL)
         await until(lambda: [s for s in sink.states if s[1] == "restarting"])
         restarting = [s for s in sink.states if s[1] == "restarting"][0]
         assert "restarting in 0.5 s" in restarting[2]
         await until(lambda: sink.states[-1][1] == "running" and qc.worker_restarts == 1)
-        assert qc._slots[0].worker.pid != old_pid and qc._slots[0].worker.alive()
+        assert qc.host.slots[0].worker.pid != old_pid and qc.host.slots[0].worker.alive()
         # Frames still flow into the new worker.
         for kind, codec, t, key, data in clip[1:]:
             pub.publish(Unit(codec, round(t * 90000), round(t * 90000), key, data))
@@ -153,7 +153,7 @@ async def test_disabled_streams_are_not_tapped(clip) -> None:
         await publish(hub, "quiet", clip[:30])
         await publish(hub, "loud", clip[:30])
         await until(lambda: [s for s in sink.states if s[0] == "loud" and s[1] == "running"])
-        assert "quiet" not in qc._taps and not [s for s in sink.states if s[0] == "quiet"]
+        assert "quiet" not in qc.host.taps and not [s for s in sink.states if s[0] == "quiet"]
     finally:
         await qc.stop()
 
@@ -174,4 +174,4 @@ async def test_stopping_the_service_closes_open_markers_into_the_sink(clip) -> N
     black = [m[1] for m in sink.markers if m[1].marker.type == "black"]
     assert [e.kind for e in black] == ["open", "close"]
     assert sink.states[-1][1] == "stopped"
-    assert qc._slots[0].worker is None
+    assert qc.host.slots[0].worker is None
