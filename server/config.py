@@ -134,8 +134,25 @@ class SrtSettings(_Section):
 class IceServer(_Section):
     #: e.g. "stun:stun.example.com:3478" or "turn:turn.example.com:3478?transport=udp"
     urls: str
+    #: Static TURN credentials (handed to authenticated clients as they are).
     username: str | None = None
     credential: str | None = None
+    #: A TURN server's shared secret (coturn ``use-auth-secret`` /
+    #: ``static-auth-secret``, the "TURN REST API" scheme): each authenticated
+    #: WHIP/WHEP answer or OPTIONS gets its own credentials that expire after
+    #: ``ttl_s`` — username ``EXPIRY:STREAM``, credential
+    #: base64(HMAC-SHA1(secret, username)). Write-only like every secret here.
+    secret: str | None = Field(None, min_length=16)
+    ttl_s: int = Field(3600, ge=60, le=7 * 86400)
+
+    @model_validator(mode="after")
+    def _one_kind_of_credential(self) -> "IceServer":
+        if self.secret is not None:
+            if self.username is not None or self.credential is not None:
+                raise ValueError("a TURN server takes either a shared secret or a static username/credential")
+            if not self.urls.startswith(("turn:", "turns:")):
+                raise ValueError("a shared secret only makes sense for a turn: or turns: URL")
+        return self
 
 
 class WebRtcSettings(_Section):
@@ -204,6 +221,14 @@ class WebRtcSettings(_Section):
         return LayerPolicy(loss_window=self.layer_loss_window_s, up_window=self.layer_up_window_s, up_backoff=self.layer_up_backoff_s,
                            up_backoff_max=self.layer_up_backoff_max_s, probe_retry=self.layer_probe_retry_s,
                            probe_retry_max=self.layer_probe_retry_max_s)
+
+    def agent_ice_servers(self) -> list[dict[str, str]]:
+        """The servers the server's own ICE agent (aiortc) uses: STUN and
+        statically credentialed TURN. A shared-secret TURN server is for the
+        clients' side (a phone behind a strict NAT); this server is reached on
+        its own addresses."""
+        return [{k: v for k, v in (("urls", s.urls), ("username", s.username), ("credential", s.credential))
+                 if v is not None} for s in self.ice_servers if s.secret is None]
 
 
 class DatabaseSettings(_Section):

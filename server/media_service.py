@@ -170,7 +170,7 @@ class MediaService:
         # the access unit's bytes through unchanged: the bytes object is the
         # key (kept alive here, so its id cannot be reused meanwhile).
         self._first_bytes: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
-        self.whep = WhepService(ice_servers=[s.model_dump(exclude_none=True) for s in settings.webrtc.ice_servers],
+        self.whep = WhepService(ice_servers=settings.webrtc.agent_ice_servers(),
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
                                 send_failure_timeout=settings.webrtc.send_failure_timeout_s,
@@ -180,7 +180,7 @@ class MediaService:
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
         w = settings.webrtc
-        self.whip = WhipService(self.hub, ice_servers=[s.model_dump(exclude_none=True) for s in w.ice_servers],
+        self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(),
                                 takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
                                 connect_timeout=w.connect_timeout_s,
                                 media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,

@@ -4,7 +4,8 @@
   most ``http.max_sdp_bytes`` (413), parsed and checked by
   :func:`media.webrtc.sdp.parse_offer` (400 with the reason);
 * ``Link: <url>; rel="ice-server"`` headers from ``webrtc.ice_servers``
-  (§4.6);
+  (§4.6), with time-limited TURN credentials minted per answer from a TURN
+  server's shared secret (:func:`turn_rest_credentials`);
 * ``PATCH`` of a session resource with ``application/trickle-ice-sdpfrag``
   (§4.3): trickled candidates 204, an ICE restart (``If-Match: *`` or a new
   ufrag) 422 because aiortc cannot restart ICE on a live connection, a
@@ -13,6 +14,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import re
+import time
 from typing import Any
 
 from aiohttp import web
@@ -26,17 +32,41 @@ from .keys import SETTINGS
 MAX_TRICKLE_CANDIDATES = 64
 
 
-def ice_links(request: web.Request, *, authenticated: bool = True) -> list[str]:
+def turn_rest_credentials(secret: str, user: str, now: float, ttl_s: int) -> tuple[str, str]:
+    """Time-limited TURN credentials (the "TURN REST API" scheme coturn
+    checks with ``use-auth-secret``): username ``EXPIRY:USER`` with EXPIRY in
+    unix seconds, credential base64(HMAC-SHA1(secret, username)). The TURN
+    server needs no call back to us: it recomputes the HMAC and refuses an
+    expired timestamp."""
+    username = f"{int(now) + ttl_s}:{user}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode("ascii")
+
+
+def _turn_user(request: web.Request) -> str:
+    # The part after the colon is only a label in the TURN server's logs and
+    # quotas: the stream, kept to characters no header or log parser trips on.
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", request.match_info.get("stream", "returnfeed"))[:64] or "returnfeed"
+
+
+def ice_links(request: web.Request, *, authenticated: bool = True, now: float | None = None) -> list[str]:
     """RFC 9725 §4.6 ``Link`` header values for the configured ICE servers.
 
     A TURN server's username and credential let whoever holds them relay
     traffic through it, so they go only to requests that proved the right to
     use this stream (issue 9 item 6); an unauthenticated OPTIONS gets only
-    the servers that need no credential."""
+    the servers that need no credential. A server configured with a shared
+    secret gets fresh credentials that expire after its ``ttl_s``."""
     out = []
     for s in request.app[SETTINGS].webrtc.ice_servers:
         link = f'<{s.urls}>; rel="ice-server"'
-        if s.username is not None:
+        if s.secret is not None:
+            if not authenticated:
+                continue
+            username, credential = turn_rest_credentials(
+                s.secret, _turn_user(request), time.time() if now is None else now, s.ttl_s)
+            link += f'; username="{username}"; credential="{credential}"; credential-type="password"'
+        elif s.username is not None:
             if not authenticated:
                 continue
             link += f'; username="{s.username}"; credential="{s.credential or ""}"; credential-type="password"'

@@ -22,8 +22,10 @@ pytestmark = pytest.mark.integration
 
 OBS_PASSWORD = "obs-adapter-secret-9f2"
 TURN_CREDENTIAL = "turn-credential-7c1"
+TURN_SECRET = "coturn-static-auth-secret-5d2"
 ICE = json.dumps([{"urls": "stun:stun.example.net:3478"},
-                  {"urls": "turn:turn.example.net:3478", "username": "turnuser", "credential": TURN_CREDENTIAL}])
+                  {"urls": "turn:turn.example.net:3478", "username": "turnuser", "credential": TURN_CREDENTIAL},
+                  {"urls": "turns:relay.example.net:5349", "secret": TURN_SECRET, "ttl_s": 600}])
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +308,19 @@ def test_turn_credentials_need_authentication(world) -> None:
     assert any(TURN_CREDENTIAL in v for v in authed)
     other = http("OPTIONS", f"{base}/whip/hcam1?token={read}").headers.get_all("Link") or []  # read ≠ publish
     assert not any(TURN_CREDENTIAL in v for v in other)
+    # The shared-secret TURN server: never to the anonymous, fresh
+    # time-limited credentials to the authenticated, that coturn's
+    # use-auth-secret check accepts (HMAC-SHA1 of the username, base64).
+    assert not any("relay.example.net" in v for v in links + other)
+    relay = [v for v in authed if "relay.example.net" in v]
+    assert len(relay) == 1
+    fields = dict(re.findall(r'(\w[\w-]*)="([^"]*)"', relay[0]))
+    expiry, user = fields["username"].split(":", 1)
+    assert user == "hcam1" and abs(int(expiry) - (time.time() + 600)) < 30
+    import base64, hashlib, hmac
+    want = base64.b64encode(hmac.new(TURN_SECRET.encode(), fields["username"].encode(), hashlib.sha1).digest()).decode()
+    assert fields["credential"] == want and fields["credential-type"] == "password"
+    assert TURN_SECRET not in relay[0]
 
 
 # -- item 8: metrics on their own listener, no peer addresses ---------------------------------
