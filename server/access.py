@@ -141,6 +141,33 @@ async def stream_entry(request: web.Request, name: str) -> StreamEntry | None:
     return entry
 
 
+async def stream_records(request: web.Request, *, write: bool = False) -> tuple[StreamEntry, Principal]:
+    """The stream named in the path (``{name}``) of a record route (markers,
+    notes, captions) and a caller allowed to read its records (a link of that
+    stream, its production's directors, admins) or, for ``write``, to act on
+    them (directors and admins)."""
+    p = await principal(request)
+    entry = await stream_entry(request, request.match_info["name"])
+    if entry is None:
+        raise NotFound("no such stream")
+    await check_stream_records(request, p, entry, write=write)
+    return entry, p
+
+
+async def check_stream_records(request: web.Request, p: Principal, entry: StreamEntry, *, write: bool) -> None:
+    if p.kind == "link":
+        if p.link is None or p.link.stream != entry.name:
+            raise Forbidden("this link is for another stream")
+        if write:
+            raise Forbidden("requires production role director")
+        return
+    role = await production_role(request, p, entry.production_id)
+    if role is None:
+        raise Forbidden("not a member of this production")
+    if role not in ("admin", "director"):
+        raise Forbidden("requires production role director")
+
+
 async def require_production_role(request: web.Request, p: Principal, production_id: int,
                                   *roles: str) -> str:
     role = await production_role(request, p, production_id)

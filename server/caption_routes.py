@@ -24,7 +24,6 @@ captions overlapping [from, to) are included. Errors are ``{error, detail}``.
 
 from __future__ import annotations
 
-import math
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,10 +33,10 @@ from live_qc.captions.export import to_srt, to_webvtt
 from live_qc.captions.types import Caption, Word
 
 from . import repo
-from .access import Principal, principal, production_role, stream_entry
-from .directory import StreamEntry
-from .errors import BadRequest, Forbidden, NotFound
+from .access import stream_records
+from .errors import BadRequest
 from .keys import DB
+from .query import parse_time, query_int
 
 #: Captions one JSON page may hold.
 PAGE_MAX = 5000
@@ -47,57 +46,6 @@ PAGE_DEFAULT = 500
 EXPORT_MAX = 100_000
 
 _FORMATS = {"vtt": ("text/vtt", to_webvtt), "srt": ("application/x-subrip", to_srt)}
-
-
-# The markers list's rules (server/qc_routes.py), kept here because route
-# modules import no other route module.
-
-def parse_time(name: str, raw: str) -> datetime:
-    """ISO 8601 (RFC 3339) text or unix seconds."""
-    if raw.replace(".", "", 1).isdigit():
-        value = float(raw)
-        if not math.isfinite(value) or not 0 <= value < 253402300800:  # year 10000
-            raise BadRequest(f"{name} is out of range")
-        return datetime.fromtimestamp(value, timezone.utc)
-    if len(raw) > 64:
-        raise BadRequest(f"{name} must be ISO 8601 or unix seconds")
-    try:
-        # An unencoded "+02:00" in a query string arrives as " 02:00".
-        d = datetime.fromisoformat(raw.replace("z", "Z").replace(" ", "+"))
-    except ValueError:
-        raise BadRequest(f"{name} must be ISO 8601 (e.g. 2026-05-01T18:30:00Z) or unix seconds") from None
-    return d if d.tzinfo is not None else d.replace(tzinfo=timezone.utc)
-
-
-def _int(name: str, raw: str | None, default: int | None, lo: int, hi: int) -> int | None:
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name} must be between {lo} and {hi}")
-    return value
-
-
-async def _stream(request: web.Request) -> StreamEntry:
-    """The stream named in the path, for a caller allowed to read it: a link
-    of that stream, its production's directors, admins."""
-    p: Principal = await principal(request)
-    entry = await stream_entry(request, request.match_info["name"])
-    if entry is None:
-        raise NotFound("no such stream")
-    if p.kind == "link":
-        if p.link is None or p.link.stream != entry.name:
-            raise Forbidden("this link is for another stream")
-        return entry
-    role = await production_role(request, p, entry.production_id)
-    if role is None:
-        raise Forbidden("not a member of this production")
-    if role not in ("admin", "director"):
-        raise Forbidden("requires production role director")
-    return entry
 
 
 def _range(q: Any, known: set[str]) -> tuple[datetime | None, datetime | None]:
@@ -138,11 +86,11 @@ def wall_caption(stream: str, r: Any) -> Caption:
 
 
 async def list_captions(request: web.Request) -> web.Response:
-    entry = await _stream(request)
+    entry, _ = await stream_records(request)
     q = request.query
     since, until = _range(q, {"from", "to", "limit", "after_id"})
-    limit = _int("limit", q.get("limit"), PAGE_DEFAULT, 1, PAGE_MAX)
-    after = _int("after_id", q.get("after_id"), None, 1, 2**63 - 1)
+    limit = query_int("limit", q.get("limit"), PAGE_DEFAULT, 1, PAGE_MAX)
+    after = query_int("after_id", q.get("after_id"), None, 1, 2**63 - 1)
     assert limit is not None
     rows = await repo.list_captions(request.app[DB].pool, entry.id, since=since, until=until, limit=limit,
                                     after_id=after)
@@ -153,7 +101,7 @@ async def list_captions(request: web.Request) -> web.Response:
 async def export_captions(request: web.Request) -> web.Response:
     fmt = request.match_info["fmt"]
     content_type, render = _FORMATS[fmt]
-    entry = await _stream(request)
+    entry, _ = await stream_records(request)
     since, until = _range(request.query, {"from", "to"})
     rows = await repo.list_captions(request.app[DB].pool, entry.id, since=since, until=until,
                                     limit=EXPORT_MAX + 1)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -35,13 +34,13 @@ from aiohttp import web
 from live_qc.markers import TYPES
 
 from . import repo
-from .access import Principal, client_ip, json_body, principal, production_role, stream_entry
-from .directory import StreamEntry
-from .errors import BadRequest, Forbidden, NotFound
+from .access import check_stream_records, client_ip, json_body, principal, stream_records
+from .errors import BadRequest, NotFound
 from .grants import WS_CLOSE_REVOKED, Grant
 from .keys import DB, DIRECTORY, QC_EVENTS, QC_WS_CAPS, SETTINGS
 from .limits import ConnectionCaps
 from .qc_events import QcEvents
+from .query import parse_time, query_int
 
 WS_MAX_MESSAGE = 64 * 1024
 #: Longest note (characters); the notes table checks the same bound.
@@ -69,25 +68,6 @@ def note_json(stream: str, r: Any) -> dict[str, Any]:
             "author": r["author"], "created_at": _iso(r["created_at"])}
 
 
-def parse_time(name: str, raw: Any) -> datetime:
-    """ISO 8601 (RFC 3339) text or unix seconds (number or numeric text)."""
-    if isinstance(raw, bool):
-        raise BadRequest(f"{name} must be ISO 8601 or unix seconds")
-    if isinstance(raw, (int, float)) or (isinstance(raw, str) and raw.replace(".", "", 1).isdigit()):
-        value = float(raw)
-        if not math.isfinite(value) or not 0 <= value < 253402300800:  # year 10000
-            raise BadRequest(f"{name} is out of range")
-        return datetime.fromtimestamp(value, timezone.utc)
-    if not isinstance(raw, str) or len(raw) > 64:
-        raise BadRequest(f"{name} must be ISO 8601 or unix seconds")
-    try:
-        # An unencoded "+02:00" in a query string arrives as " 02:00".
-        d = datetime.fromisoformat(raw.replace("z", "Z").replace(" ", "+"))
-    except ValueError:
-        raise BadRequest(f"{name} must be ISO 8601 (e.g. 2026-05-01T18:30:00Z) or unix seconds") from None
-    return d if d.tzinfo is not None else d.replace(tzinfo=timezone.utc)
-
-
 def _bool(name: str, raw: str) -> bool:
     low = raw.lower()
     if low in ("1", "true", "yes"):
@@ -95,44 +75,6 @@ def _bool(name: str, raw: str) -> bool:
     if low in ("0", "false", "no"):
         return False
     raise BadRequest(f"{name} must be true or false")
-
-
-def _int(name: str, raw: str | None, default: int | None, lo: int, hi: int) -> int | None:
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
-    if not lo <= value <= hi:
-        raise BadRequest(f"{name} must be between {lo} and {hi}")
-    return value
-
-
-async def _stream(request: web.Request, *, write: bool) -> tuple[StreamEntry, Principal]:
-    """The stream named in the path and a caller allowed to read it (a link of
-    that stream, its production's directors, admins) or, for ``write``, to
-    act on it (directors and admins)."""
-    p = await principal(request)
-    entry = await stream_entry(request, request.match_info["name"])
-    if entry is None:
-        raise NotFound("no such stream")
-    await _check(request, p, entry, write=write)
-    return entry, p
-
-
-async def _check(request: web.Request, p: Principal, entry: StreamEntry, *, write: bool) -> None:
-    if p.kind == "link":
-        if p.link is None or p.link.stream != entry.name:
-            raise Forbidden("this link is for another stream")
-        if write:
-            raise Forbidden("requires production role director")
-        return
-    role = await production_role(request, p, entry.production_id)
-    if role is None:
-        raise Forbidden("not a member of this production")
-    if role not in ("admin", "director"):
-        raise Forbidden("requires production role director")
 
 
 async def ws_events(request: web.Request) -> web.StreamResponse:
@@ -168,7 +110,7 @@ async def ws_events(request: web.Request) -> web.StreamResponse:
 
 
 async def list_markers(request: web.Request) -> web.StreamResponse:
-    entry, _ = await _stream(request, write=False)
+    entry, _ = await stream_records(request, write=False)
     q = request.query
     known = {"from", "to", "type", "include_false_positive", "format", "limit", "before_id"}
     unknown = sorted(set(q) - known)
@@ -188,8 +130,8 @@ async def list_markers(request: web.Request) -> web.StreamResponse:
     fmt = q.get("format", "json")
     if fmt not in ("json", "csv"):
         raise BadRequest("format must be json or csv")
-    limit = _int("limit", q.get("limit"), PAGE_DEFAULT, 1, PAGE_MAX)
-    before = _int("before_id", q.get("before_id"), None, 1, 2**63 - 1)
+    limit = query_int("limit", q.get("limit"), PAGE_DEFAULT, 1, PAGE_MAX)
+    before = query_int("before_id", q.get("before_id"), None, 1, 2**63 - 1)
     rows = await repo.list_markers(request.app[DB].pool, entry.id, since=since, until=until, types=types,
                                    include_false_positive=fp, limit=limit, before_id=before)
     markers = [marker_json(r) for r in rows]
@@ -243,7 +185,7 @@ async def patch_marker(request: web.Request) -> web.Response:
     entry = request.app[DIRECTORY].stream(row["stream"])
     if entry is None:
         raise NotFound("no such marker")
-    await _check(request, p, entry, write=True)
+    await check_stream_records(request, p, entry, write=True)
     async with pool.acquire() as conn:
         async with conn.transaction():
             await repo.flag_marker(conn, marker_id, false_positive=data.get("false_positive"),
@@ -257,7 +199,7 @@ async def patch_marker(request: web.Request) -> web.Response:
 
 
 async def post_note(request: web.Request) -> web.Response:
-    entry, p = await _stream(request, write=True)
+    entry, p = await stream_records(request, write=True)
     data = await json_body(request)
     unknown = sorted(set(data) - {"text", "marker_id", "at"})
     if unknown:
@@ -287,10 +229,10 @@ async def post_note(request: web.Request) -> web.Response:
 
 
 async def list_notes(request: web.Request) -> web.Response:
-    entry, _ = await _stream(request, write=False)
+    entry, _ = await stream_records(request, write=False)
     q = request.query
-    marker_id = _int("marker_id", q.get("marker_id"), None, 1, 2**63 - 1)
-    limit = _int("limit", q.get("limit"), PAGE_DEFAULT, 1, PAGE_MAX)
+    marker_id = query_int("marker_id", q.get("marker_id"), None, 1, 2**63 - 1)
+    limit = query_int("limit", q.get("limit"), PAGE_DEFAULT, 1, PAGE_MAX)
     rows = await repo.list_notes(request.app[DB].pool, entry.id, marker_id=marker_id, limit=limit)
     return web.json_response({"stream": entry.name, "notes": [note_json(entry.name, r) for r in rows]})
 
