@@ -244,6 +244,9 @@ def main() -> int:
     ap.add_argument("--cpu-threads", type=int, default=2)
     ap.add_argument("--data-dir", default="data", help="where the base model is joined")
     ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--window-margin", default="2.0",
+                    help="encoder window: decoded audio + this many seconds, or 'full' (30 s)")
+    ap.add_argument("--commit-timeout", type=float, help="policy timeout (default: the streamer's)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="what a decode step costs on the simulated clock (see stream())")
@@ -255,7 +258,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="captions-bench-") as tmp:
         speech, script = build_speech(args.minutes, args.seed, Path(tmp))
     options = {"model": args.model, "cpu_threads": args.cpu_threads, "data_dir": args.data_dir,
-               "language": "en"}
+               "language": "en",
+               "window_margin_s": None if args.window_margin == "full" else float(args.window_margin)}
+    if args.commit_timeout is not None:
+        options["commit_timeout_s"] = args.commit_timeout
     engine = CaptionEngine()
     load = os.getloadavg()[0]
     run = stream(engine, options, speech, args.clock)
@@ -266,7 +272,8 @@ def main() -> int:
     committed_text = " ".join(c.text for _, c in run["emitted"] if c.final)
     report: dict = {
         "model": args.model, "input_min": round(total / 60, 2), "cpu_threads": args.cpu_threads,
-        "clock": args.clock,
+        "clock": args.clock, "window_margin": args.window_margin,
+        "commit_timeout": args.commit_timeout,
         "loadavg_1m_at_start": round(load, 2),
         "commit_latency_s": summary([lat for _, lat in commits]),
         "commit_latency_first_10min_s": summary(first),

@@ -167,7 +167,12 @@ class CaptionEngine:
             if options.get(key) is not None:
                 setattr(opts, key, float(options[key]))
         vad = StreamingVad(self._vad_session, threshold=opts.vad_threshold, min_silence_s=opts.vad_min_silence_s)
-        return Streamer(name, WhisperDecoder(model, translate=translate), vad, opts)
+        decoder = WhisperDecoder(model, translate=translate)
+        if "window_margin_s" in options:
+            # None: the full 30 s encoder window (the benchmark compares both).
+            margin = options["window_margin_s"]
+            decoder.window_margin_s = None if margin is None else float(margin)
+        return Streamer(name, decoder, vad, opts)
 
     def attach(self, name: str, options: dict[str, Any]) -> list[tuple]:
         out = self._finish(name) if name in self.streams else []
