@@ -40,7 +40,7 @@ from typing import Any
 import av
 import numpy as np
 
-from ..tap import _AUDIO_DECODERS
+from ..tap import _AUDIO_DECODERS, lower_priority
 from .models import DEFAULT_MODEL, ModelError, resolve_model
 from .streamer import RATE, Streamer, StreamerOptions, WhisperDecoder, windowed_whisper_class
 from .types import Caption, CaptionStats
@@ -273,6 +273,9 @@ def caption_worker_main(inq: Any, results: Any, parent_pid: int | None = None) -
     # resolve_model always passes a directory, and this makes sure nothing
     # here can reach the network whatever a caller passes.
     os.environ["HF_HUB_OFFLINE"] = "1"
+    # Forwarding first: captions that fall behind catch up by skipping
+    # (CaptionStats.skipped_s), a late picture cannot be taken back.
+    lower_priority()
     engine = CaptionEngine()
     running = True
     while running:

@@ -112,6 +112,10 @@ def test_the_worker_process_runs_at_a_lower_priority_than_the_server() -> None:
             time.sleep(0.05)  # the spawned interpreter is still starting
         assert _nice(w.pid) == want
         assert _nice(os.getpid()) == os.nice(0)  # the server's own priority is untouched
+        if hasattr(os, "SCHED_IDLE"):
+            # and it runs only on a core forwarding leaves idle
+            assert os.sched_getscheduler(w.pid) == os.SCHED_IDLE
+            assert os.sched_getscheduler(os.getpid()) == os.SCHED_OTHER
     finally:
         w.request_stop()
         w.close()
