@@ -1,9 +1,10 @@
 /**
  * Live captions (issue 13) for the viewer, camera and control-room pages.
  *
- * CaptionClient: its own /ws/events socket (`?token=` the page's own
- * credentials: a signed link sees only its stream's captions, a director
- * the production's), protocol as in server/qc_events.py:
+ * CaptionClient: the caption messages of a page's /ws/events socket
+ * (events.js EventsSocket, `?token=` the page's own credentials: a signed
+ * link sees only its stream's captions, a director the production's; the
+ * control room shares its socket with QC), protocol as in server/qc_events.py:
  *
  *   server → {"type":"caption", seq, stream, label, final, start, end, text,
  *             language, words:[{text,start,end,probability,emphasis}],
@@ -12,9 +13,6 @@
  *            replacing the previous one; finals are committed text, never
  *            retracted. Also {"type":"caption.state", stream, state, detail},
  *            {"type":"ping"} (answered with a pong), markers etc. (ignored).
- *
- * The server pings every second: nothing heard for 5 s → a new socket
- * (backoff 0.25 … 5 s).
  *
  * CaptionView: the overlay. At most 2 lines of at most 42 characters
  * (broadcast subtitle practice, readable on a phone), words never broken;
@@ -28,105 +26,27 @@
  * committed and partial text on screen); window.__captions (when a page
  * sets it) the latest messages.
  */
+import { EventsSocket } from "./events.js";
 import { h } from "./ui.js";
 
 export const MAX_LINES = 2;
 export const MAX_CHARS = 42;
-const BACKOFF_MS = [250, 500, 1000, 2000, 5000];
-const SILENCE_MS = 5000;
 const CLEAR_AFTER_MS = 6000;
 
 export class CaptionClient {
   /**
    * @param {object} o
-   * @param {{token: () => Promise<string>}} o.auth  credentials (api.js)
    * @param {(msg: object) => void} o.onCaption  every caption message
    * @param {(msg: object) => void} [o.onState]  caption.state messages
    */
-  constructor({ auth, onCaption, onState }) {
-    this.auth = auth;
+  constructor({ onCaption, onState }) {
     this.onCaption = onCaption;
     this.onState = onState || (() => {});
-    this.ws = null;
-    this.attempt = 0;
-    this.stopped = true;
-    this.lastHeard = 0;
-    this._timer = null;
-    this._watchdog = null;
   }
 
-  start() {
-    if (!this.stopped) return;
-    this.stopped = false;
-    this._connect();
-    this._watchdog = setInterval(() => {
-      if (this.ws && performance.now() - this.lastHeard > SILENCE_MS) this._drop();
-    }, 1000);
-  }
-
-  stop() {
-    this.stopped = true;
-    clearTimeout(this._timer);
-    clearInterval(this._watchdog);
-    this._drop();
-  }
-
-  _drop() {
-    const ws = this.ws;
-    this.ws = null;
-    if (!ws) return;
-    ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
-    try {
-      ws.close(1000, "bye");
-    } catch {
-      // already closing
-    }
-    this._reconnect();
-  }
-
-  async _connect() {
-    if (this.stopped) return;
-    let token;
-    try {
-      token = await this.auth.token();
-    } catch {
-      this._reconnect();
-      return;
-    }
-    if (this.stopped) return;
-    const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const ws = new WebSocket(`${proto}//${location.host}/ws/events?${new URLSearchParams({ token })}`);
-    this.ws = ws;
-    this.lastHeard = performance.now();
-    ws.onmessage = (ev) => this._message(ws, ev.data);
-    ws.onclose = () => {
-      if (this.ws !== ws) return;
-      this.ws = null;
-      this._reconnect();
-    };
-  }
-
-  _reconnect() {
-    if (this.stopped) return;
-    clearTimeout(this._timer);
-    const delay = BACKOFF_MS[Math.min(this.attempt, BACKOFF_MS.length - 1)];
-    this.attempt += 1;
-    this._timer = setTimeout(() => this._connect(), delay);
-  }
-
-  _message(ws, data) {
-    if (this.ws !== ws) return;
-    this.lastHeard = performance.now();
-    let msg;
-    try {
-      msg = JSON.parse(data);
-    } catch {
-      return;
-    }
-    if (!msg || typeof msg !== "object") return;
-    if (msg.type === "snapshot") this.attempt = 0;
-    else if (msg.type === "ping" && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "pong" }));
-    else if (msg.type === "caption") this.onCaption(msg);
+  /** One /ws/events message (events.js EventsSocket's onMessage). */
+  handle(msg) {
+    if (msg.type === "caption") this.onCaption(msg);
     else if (msg.type === "caption.state") this.onState(msg);
   }
 }
@@ -302,7 +222,6 @@ export function attachCaptions({ auth, stream, parent, button, avoid }) {
   }
   window.__captions = [];
   const client = new CaptionClient({
-    auth,
     onCaption: (msg) => {
       if (msg.stream !== stream()) return;
       window.__captions.push(msg);
@@ -311,6 +230,6 @@ export function attachCaptions({ auth, stream, parent, button, avoid }) {
       view.push(msg);
     },
   });
-  client.start();
-  return { client, view };
+  const socket = new EventsSocket({ auth, onMessage: (msg) => client.handle(msg) }).start();
+  return { client, socket, view };
 }

@@ -38,6 +38,7 @@
 import { api, ApiError, Session, sameOriginPath } from "./api.js";
 import { loginForm } from "./login.js";
 import { drawQR, encodeQR } from "./qr.js";
+import { EventsSocket } from "./events.js";
 import { QcClient, meterFraction } from "./qc.js";
 import { CaptionClient, CaptionView } from "./captions.js";
 import { TileSettings } from "./qcsettings.js";
@@ -59,7 +60,9 @@ const state = {
   order: [], // stream names in tile order
   tiles: new Map(), // name → Tile
   tally: null,
+  events: null, // the /ws/events socket (events.js), feeding qc and captions
   qc: null,
+  captions: null,
   qcStream: "", // the stream the QC markers panel shows
   qcMarkers: new Map(), // key (id or "live:<live_id>") → marker, for qcStream
   pollTimer: null,
@@ -363,26 +366,18 @@ function markerKey(m) {
   return m.id ? String(m.id) : `live:${m.live_id}`;
 }
 
-function startQc() {
-  if (state.qc) state.qc.stop();
-  const qc = new QcClient({
-    auth: state.session,
+/** QC markers and meters, and live captions (one line under each tile's
+ * picture): both from the room's one /ws/events socket. */
+function startEvents() {
+  if (state.events) state.events.stop();
+  state.qc = new QcClient({
     onEvent: (msg) => onQcEvent(msg),
     onMeters: (stream, m) => {
       const tile = state.tiles.get(stream);
       if (tile) tile.setMeters(m);
     },
   });
-  state.qc = qc;
-  qc.start();
-  qc.subscribe(state.order);
-}
-
-/** Live captions: one line under each tile's picture (captions.js). */
-function startCaptions() {
-  if (state.captions) state.captions.stop();
   state.captions = new CaptionClient({
-    auth: state.session,
     onCaption: (msg) => {
       const tile = state.tiles.get(msg.stream);
       if (!tile) return;
@@ -393,7 +388,15 @@ function startCaptions() {
       tile.cc.push(msg);
     },
   });
-  state.captions.start();
+  state.events = new EventsSocket({
+    auth: state.session,
+    onMessage: (msg) => {
+      state.qc.handle(msg);
+      state.captions.handle(msg);
+    },
+  });
+  state.events.start();
+  state.events.subscribe(state.order);
 }
 
 function renderFaults() {
@@ -625,7 +628,7 @@ function applyStreams(list) {
   renderSettings();
   renderQcStreams();
   renderFaults();
-  if (state.qc) state.qc.subscribe(state.order);
+  if (state.events) state.events.subscribe(state.order);
 }
 
 function renderSettings() {
@@ -896,8 +899,7 @@ function selectProduction(id) {
   state.qcStream = "";
   $("qc-stream").dataset.sig = "";
   startTally();
-  startQc();
-  startCaptions();
+  startEvents();
   pollStreams();
 }
 
@@ -985,8 +987,10 @@ function stopAll() {
   clearTimeout(state.pollTimer);
   if (state.tally) state.tally.stop();
   state.tally = null;
-  if (state.qc) state.qc.stop();
+  if (state.events) state.events.stop();
+  state.events = null;
   state.qc = null;
+  state.captions = null;
   for (const tile of state.tiles.values()) tile.destroy();
   state.tiles.clear();
 }
