@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import ssl
 import urllib.request
 from pathlib import Path
@@ -58,6 +59,17 @@ def _spki_sha256(cert_pem: Path) -> str:
     return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
+# A TURN server with coturn's shared secret (nothing listens there: Chromium's
+# relay gathering gives up and the session goes over host candidates).
+TURN_URL = "turn:127.0.0.1:9?transport=udp"
+ICE_SERVERS = json.dumps([{"urls": TURN_URL, "secret": "e2e-turn-static-auth-secret", "ttl_s": 600}])
+# Every RTCPeerConnection's configuration, in creation order.
+RECORD_PC_CONFIGS = """(() => { const Orig = window.RTCPeerConnection; window.__pcConfigs = [];
+  window.RTCPeerConnection = class extends Orig {
+    constructor(config, ...rest) { super(config, ...rest); window.__pcConfigs.push(JSON.parse(JSON.stringify(config || {}))); } };
+})();"""
+
+
 @pytest.fixture(scope="module")
 def https_server(e2e_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     from server.certs import make_local_certificates
@@ -65,7 +77,8 @@ def https_server(e2e_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> I
     host, flags = _lan_host()
     data_dir = tmp_path_factory.mktemp("tls-e2e")
     made = make_local_certificates(data_dir, [host, "127.0.0.1"], include_host=False)
-    srv = ServerProcess(data_dir, env={"DATABASE_URL": e2e_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD})
+    srv = ServerProcess(data_dir, env={"DATABASE_URL": e2e_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                                       "RETURNFEED_WEBRTC__ICE_SERVERS": ICE_SERVERS})
     srv.start()
     ctx = ssl.create_default_context(cafile=str(made.ca_cert))
     ctx.check_hostname = False  # reached by 127.0.0.1; the Host header names the LAN host
@@ -121,6 +134,7 @@ def test_camera_page_is_a_secure_context_over_https(chromium, https_server) -> N
                                            "origin": env["base"], "browserContextId": context_id})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.add_init_script(RECORD_PC_CONFIGS)
         page.goto(link["camera_url"])
         assert page.evaluate("location.protocol") == "https:"
         assert page.evaluate("window.isSecureContext") is True
@@ -149,6 +163,17 @@ def test_camera_page_is_a_secure_context_over_https(chromium, https_server) -> N
         page.click("#btn-send")
         wait_until(lambda: _api(env, "GET", "/api/v1/streams/cam1", token=token).get("live"), timeout=30,
                    interval=0.25)
+        # RFC 9725 §4.6: the publisher asked for its ICE servers (OPTIONS with
+        # its publish link) before its first peer connection, so the one that
+        # went live already had the TURN relay with credentials minted for
+        # cam1 (the answer's Link headers alone would only serve a retry).
+        # The return feed's reads with this publish link get no TURN
+        # credentials: read is not publish.
+        configs = page.evaluate("window.__pcConfigs")
+        assert configs, "no RTCPeerConnection was made"
+        turn = [srv for c in configs for srv in c.get("iceServers", []) if srv.get("urls") == TURN_URL]
+        assert turn, configs
+        assert all(re.fullmatch(r"\d+:cam1", t["username"]) and t["credential"] for t in turn), turn
         page.click("#btn-send")
         assert not errors, errors
     finally:

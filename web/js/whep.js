@@ -17,6 +17,10 @@
  *      the lowest picture latency, for return feeds);
  *      201 → the answer body and the session URL in `Location` (§4.2);
  *      `Link: <…>; rel="ice-server"` headers are used on later attempts (§4.6);
+ *      before the first attempt (and when the list is older than
+ *      ICE_REFRESH_MS: TURN credentials expire) an OPTIONS request with the
+ *      same credentials asks for them (§4.6), so a phone behind a strict NAT
+ *      has its TURN relay from the start;
  *   4. play; the session ends on ICE/DTLS failure, "disconnected" for more
  *      than 3 s, no media for `stallMs` while connected, or stop();
  *   5. DELETE the session URL (§4.2) — also on page unload (keepalive fetch).
@@ -32,6 +36,8 @@
  */
 
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000, 10000];
+/** ICE servers (and their time-limited TURN credentials) are asked again after this long. */
+const ICE_REFRESH_MS = 10 * 60 * 1000;
 const live = new Set();
 const suspended = new Set();
 
@@ -234,11 +240,38 @@ class WebRtcSession {
   }
 
   /**
+   * RFC 9725 §4.6: the ICE servers an OPTIONS request returns as `Link`
+   * headers (TURN credentials only with valid credentials of our own).
+   * null when the server could not be asked (the attempt goes on without).
+   */
+  async _askIceServers(signal) {
+    try {
+      const token = this.auth ? await this.auth.token() : null;
+      if (signal.aborted) return null;
+      const headers = token ? { Authorization: `Bearer ${token}` } : {};
+      const res = await fetch(this.endpoint(), {
+        method: "OPTIONS", headers, signal, cache: "no-store", credentials: "omit",
+      });
+      return res.ok ? parseIceLinks(res.headers.get("Link")) : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
    * One session. After every await it checks `signal`: once stop() has run
    * (and torn down what it saw), this attempt must not touch `this.pc` or
    * `this.location` any more — a restart may already own them.
    */
   async _connectOnce(signal) {
+    if (this._iceAt === undefined || performance.now() - this._iceAt > ICE_REFRESH_MS) {
+      const ice = await this._askIceServers(signal);
+      if (signal.aborted) return undefined;
+      if (ice !== null) {
+        this._iceAt = performance.now();
+        if (ice.length) this.iceServers = ice;
+      }
+    }
     const pc = new RTCPeerConnection({ bundlePolicy: "max-bundle", iceServers: this.iceServers });
     this.pc = pc;
     const abandon = () => {
@@ -283,7 +316,10 @@ class WebRtcSession {
     }
     this.location = sessionUrl;
     const ice = parseIceLinks(res.headers.get("Link"));
-    if (ice.length) this.iceServers = ice;
+    if (ice.length) {
+      this.iceServers = ice;
+      this._iceAt = performance.now();
+    }
     const answer = await res.text();
     if (signal.aborted) return undefined; // stop() deleted the session and closed pc
     await pc.setRemoteDescription({ type: "answer", sdp: answer });
