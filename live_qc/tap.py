@@ -44,7 +44,7 @@ from .loudness import RATE
 from .markers import FaultTracker, MarkerEvent
 from .thresholds import Thresholds
 
-__all__ = ["QcSink", "StreamTap", "TapChannel", "TapWorker", "worker_main", "TAP_STATES"]
+__all__ = ["QcSink", "QcWorkerEngine", "StreamTap", "TapChannel", "TapWorker", "WorkerEngine", "serve", "worker_main", "TAP_STATES"]
 
 TAP_STATES = ("running", "stopped", "decode_error", "restarting")
 #: Meter read-outs per stream at most this often (issue 12: meters ≤ 10 Hz).
@@ -390,109 +390,44 @@ def _last_cpu(name: str, tap: StreamTap, reported: dict[str, float]) -> list[tup
     return [("cpu", name, delta)] if delta > 0 else []
 
 
-def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
-    """The worker process: drain the channel, run each stream's tap, send
-    results in batches. Exits on ``stop``, when the result pipe breaks or
-    when its parent is gone (a killed server leaves no orphan behind)."""
-    lower_priority()
-    taps: dict[str, StreamTap] = {}
-    meter_due: dict[str, float] = {}
-    cpu_due = time.monotonic() + CPU_INTERVAL_S
-    reported: dict[str, float] = {}
+class WorkerEngine(Protocol):
+    """What a tap worker process runs (:func:`serve`): the QC taps
+    (:class:`QcWorkerEngine`) or the caption engine."""
+
+    def handle(self, msg: tuple) -> list[tuple]: ...
+
+    def step(self, now: float) -> list[tuple]: ...
+
+    def stop(self) -> list[tuple]: ...
+
+
+def serve(engine: WorkerEngine, inq: Any, results: Any, parent_pid: int | None, *, max_batch: int = 64) -> None:
+    """A tap worker process's loop: drain what the channel holds (up to
+    ``max_batch`` messages, waiting at most 0.2 s for the first), hand each
+    to the engine, let it step, send the results in one batch. Exits on
+    ``stop`` (after the engine's last results), when the channel or the
+    result pipe breaks, or when its parent is gone (a killed server leaves no
+    orphan behind)."""
     running = True
     while running:
         out: list[tuple] = []
         batch: list[tuple] = []
         try:
             batch.append(inq.get(timeout=0.2))
-            while len(batch) < 64:
+            while len(batch) < max_batch:
                 batch.append(inq.get_nowait())
         except queue.Empty:
             pass
         except (EOFError, OSError):
             return
         for msg in batch:
-            op = msg[0]
-            if op == "stop":
-                for name, tap in taps.items():
-                    out += [("marker", name, e) for e in tap.flush()]
-                    out += _last_cpu(name, tap, reported)
-                    out.append(("state", name, "stopped", "worker stopping"))
-                taps.clear()
+            if msg[0] == "stop":
+                out += engine.stop()
                 running = False
                 break
-            name = msg[1]
-            if op == "attach":
-                old = taps.pop(name, None)
-                if old is not None:
-                    out += [("marker", name, e) for e in old.flush()]
-                try:
-                    th = Thresholds.from_mapping(msg[2] or {})
-                except (TypeError, ValueError) as exc:
-                    out.append(("state", name, "stopped", f"bad thresholds: {exc}"))
-                    continue
-                taps[name] = StreamTap(name, th)
-                reported[name] = 0.0
-                out.append(("state", name, "running", ""))
-                continue
-            tap = taps.get(name)
-            if tap is None:
-                continue
-            if op == "thresholds":
-                # The detectors take their thresholds when built: the open
-                # markers close at the change and detection starts over with
-                # the new values; the decoders carry on (no keyframe wait).
-                try:
-                    th = Thresholds.from_mapping(msg[2] or {})
-                except (TypeError, ValueError) as exc:
-                    out.append(("state", name, "running", f"bad thresholds kept the old ones: {exc}"[:200]))
-                    continue
-                out += [("marker", name, e) for e in tap.engine.flush()]
-                tap.thresholds = th
-                tap.engine = QcEngine(th)
-                continue
-            if op == "detach":
-                del taps[name]
-                out += [("marker", name, e) for e in tap.flush()]
-                out += _last_cpu(name, tap, reported)
-                out.append(("state", name, "stopped", ""))
-                continue
-            began = time.thread_time()
-            failing = tap.decode_failing
-            try:
-                if op == "video":
-                    events = tap.video(msg[2], msg[3], msg[4], msg[5])
-                elif op == "audio":
-                    events = tap.audio(msg[2], msg[3], msg[4])
-                elif op == "reset":
-                    events = tap.reset(msg[2])
-                else:
-                    events = []
-            except Exception as exc:  # a detector bug ends this stream's tap, not the others'
-                taps.pop(name, None)
-                out.append(("state", name, "stopped", f"{type(exc).__name__}: {exc}"[:200]))
-                continue
-            tap.cpu_s += time.thread_time() - began
-            out += [("marker", name, e) for e in events]
-            if tap.decode_failing != failing:
-                out.append(("state", name, "decode_error" if tap.decode_failing else "running",
-                            "cannot decode; waiting for the next keyframe" if tap.decode_failing else ""))
-        now = time.monotonic()
-        for name, tap in taps.items():
-            if now >= meter_due.get(name, 0.0) and tap.engine.meters.peaks_dbfs:
-                meter_due[name] = now + METER_INTERVAL_S
-                out.append(("meters", name, replace(tap.engine.meters,
-                                                    peaks_dbfs=list(tap.engine.meters.peaks_dbfs))))
-        if now >= cpu_due:
-            cpu_due = now + CPU_INTERVAL_S
-            for name, tap in taps.items():
-                delta = tap.cpu_s - reported.get(name, 0.0)
-                if delta > 0:
-                    out.append(("cpu", name, delta))
-                reported[name] = tap.cpu_s
-            for name in list(reported):
-                if name not in taps:
-                    del reported[name]
+            out += engine.handle(msg)
+        if running:
+            out += engine.step(time.monotonic())
         if parent_pid is not None and os.getppid() != parent_pid:
             return
         if out:
@@ -501,4 +436,110 @@ def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
             except (BrokenPipeError, EOFError, OSError):
                 return
     results.close()
+
+
+class QcWorkerEngine:
+    """The QC worker's streams: one :class:`StreamTap` each, meters at most
+    every METER_INTERVAL_S, CPU reports every CPU_INTERVAL_S."""
+
+    def __init__(self) -> None:
+        self.taps: dict[str, StreamTap] = {}
+        self._meter_due: dict[str, float] = {}
+        self._cpu_due = time.monotonic() + CPU_INTERVAL_S
+        self._reported: dict[str, float] = {}
+
+    def stop(self) -> list[tuple]:
+        out: list[tuple] = []
+        for name, tap in self.taps.items():
+            out += [("marker", name, e) for e in tap.flush()]
+            out += _last_cpu(name, tap, self._reported)
+            out.append(("state", name, "stopped", "worker stopping"))
+        self.taps.clear()
+        return out
+
+    def handle(self, msg: tuple) -> list[tuple]:
+        op, name = msg[0], msg[1]
+        taps = self.taps
+        out: list[tuple] = []
+        if op == "attach":
+            old = taps.pop(name, None)
+            if old is not None:
+                out += [("marker", name, e) for e in old.flush()]
+            try:
+                th = Thresholds.from_mapping(msg[2] or {})
+            except (TypeError, ValueError) as exc:
+                out.append(("state", name, "stopped", f"bad thresholds: {exc}"))
+                return out
+            taps[name] = StreamTap(name, th)
+            self._reported[name] = 0.0
+            out.append(("state", name, "running", ""))
+            return out
+        tap = taps.get(name)
+        if tap is None:
+            return out
+        if op == "thresholds":
+            # The detectors take their thresholds when built: the open
+            # markers close at the change and detection starts over with
+            # the new values; the decoders carry on (no keyframe wait).
+            try:
+                th = Thresholds.from_mapping(msg[2] or {})
+            except (TypeError, ValueError) as exc:
+                out.append(("state", name, "running", f"bad thresholds kept the old ones: {exc}"[:200]))
+                return out
+            out += [("marker", name, e) for e in tap.engine.flush()]
+            tap.thresholds = th
+            tap.engine = QcEngine(th)
+            return out
+        if op == "detach":
+            del taps[name]
+            out += [("marker", name, e) for e in tap.flush()]
+            out += _last_cpu(name, tap, self._reported)
+            out.append(("state", name, "stopped", ""))
+            return out
+        began = time.thread_time()
+        failing = tap.decode_failing
+        try:
+            if op == "video":
+                events = tap.video(msg[2], msg[3], msg[4], msg[5])
+            elif op == "audio":
+                events = tap.audio(msg[2], msg[3], msg[4])
+            elif op == "reset":
+                events = tap.reset(msg[2])
+            else:
+                events = []
+        except Exception as exc:  # a detector bug ends this stream's tap, not the others'
+            taps.pop(name, None)
+            out.append(("state", name, "stopped", f"{type(exc).__name__}: {exc}"[:200]))
+            return out
+        tap.cpu_s += time.thread_time() - began
+        out += [("marker", name, e) for e in events]
+        if tap.decode_failing != failing:
+            out.append(("state", name, "decode_error" if tap.decode_failing else "running",
+                        "cannot decode; waiting for the next keyframe" if tap.decode_failing else ""))
+        return out
+
+    def step(self, now: float) -> list[tuple]:
+        out: list[tuple] = []
+        for name, tap in self.taps.items():
+            if now >= self._meter_due.get(name, 0.0) and tap.engine.meters.peaks_dbfs:
+                self._meter_due[name] = now + METER_INTERVAL_S
+                out.append(("meters", name, replace(tap.engine.meters,
+                                                    peaks_dbfs=list(tap.engine.meters.peaks_dbfs))))
+        if now >= self._cpu_due:
+            self._cpu_due = now + CPU_INTERVAL_S
+            for name, tap in self.taps.items():
+                delta = tap.cpu_s - self._reported.get(name, 0.0)
+                if delta > 0:
+                    out.append(("cpu", name, delta))
+                self._reported[name] = tap.cpu_s
+            for name in list(self._reported):
+                if name not in self.taps:
+                    del self._reported[name]
+        return out
+
+
+def worker_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:
+    """The QC worker process: :func:`serve` over a :class:`QcWorkerEngine`."""
+    lower_priority()
+    serve(QcWorkerEngine(), inq, results, parent_pid)
 

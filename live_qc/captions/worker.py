@@ -32,7 +32,6 @@ context or skips, and says so in ``skipped_s``).
 from __future__ import annotations
 
 import os
-import queue
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,7 @@ from typing import Any
 import av
 import numpy as np
 
-from ..tap import _AUDIO_DECODERS, lower_priority
+from ..tap import _AUDIO_DECODERS, lower_priority, serve
 from .models import DEFAULT_MODEL, ModelError, resolve_model
 from .streamer import RATE, Streamer, StreamerOptions, WhisperDecoder, windowed_whisper_class
 from .types import Caption, CaptionStats
@@ -276,33 +275,22 @@ def caption_worker_main(inq: Any, results: Any, parent_pid: int | None = None) -
     # Forwarding first: captions that fall behind catch up by skipping
     # (CaptionStats.skipped_s), a late picture cannot be taken back.
     lower_priority()
-    engine = CaptionEngine()
-    running = True
-    while running:
-        out: list[tuple] = []
-        batch: list[tuple] = []
-        try:
-            batch.append(inq.get(timeout=0.2))
-            while len(batch) < _MAX_BATCH:
-                batch.append(inq.get_nowait())
-        except queue.Empty:
-            pass
-        except (EOFError, OSError):
-            return
-        for msg in batch:
-            if msg[0] == "stop":
-                out += engine.stop()
-                running = False
-                break
-            out += engine.handle(msg)
-        if running:
-            out += engine.step()
-            out += engine.report(time.monotonic())
-        if parent_pid is not None and os.getppid() != parent_pid:
-            return
-        if out:
-            try:
-                results.send(out)
-            except (BrokenPipeError, EOFError, OSError):
-                return
-    results.close()
+    serve(_Ticking(CaptionEngine()), inq, results, parent_pid, max_batch=_MAX_BATCH)
+
+
+class _Ticking:
+    """CaptionEngine in serve()'s shape: a step decodes, then reports."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: CaptionEngine) -> None:
+        self.engine = engine
+
+    def handle(self, msg: tuple) -> list[tuple]:
+        return self.engine.handle(msg)
+
+    def step(self, now: float) -> list[tuple]:
+        return self.engine.step() + self.engine.report(now)
+
+    def stop(self) -> list[tuple]:
+        return self.engine.stop()
