@@ -42,23 +42,42 @@ class _AudioChain:
         self.channels = channels
         self.meter = LoudnessMeter(channels, histogram=histogram)
         self.history = PeakHistory()
-        self.silence = SilenceDetector(th, self.history)
-        self.clipping = ClippingDetector(th)
-        self.stereo = StereoDetector(th, self.history) if channels >= 2 else None
-        self.tone = ToneDetector(th)
-        self.loudness = LoudnessDetector(th)
+        self.detectors(th)
         self.pending = np.zeros((channels, 0), dtype=np.float32)
         self.t = 0.0  # media time of pending[:, 0]
+
+    def detectors(self, th: Thresholds) -> None:
+        """(Re)build the detectors; the meter (integrated loudness, LRA) and
+        the peak history are the programme's and stay."""
+        self.silence = SilenceDetector(th, self.history)
+        self.clipping = ClippingDetector(th)
+        self.stereo = StereoDetector(th, self.history) if self.channels >= 2 else None
+        self.tone = ToneDetector(th)
+        self.loudness = LoudnessDetector(th)
+
+    def close_detectors(self, end: float) -> list[MarkerEvent]:
+        ev = self.silence.tracker.flush(end) + self.clipping.tracker.flush(end) + self.tone.tracker.flush(end)
+        if self.stereo is not None:
+            st = self.stereo
+            for tr in (st.phase, *st.dead, st.dup, st.imbalance):
+                ev += tr.flush(end)
+        return ev + self.loudness.flush(end)
 
 
 class QcEngine:
     def __init__(self, thresholds: Thresholds | None = None, histogram: bool = True) -> None:
-        self.th = thresholds or Thresholds()
         self._histogram = histogram
         self._audio: _AudioChain | None = None
         self._summaries: list[LoudnessSummary] = []
         self.meters = Meters()
-        th = self.th
+        self._video_detectors(thresholds or Thresholds())
+        self._due: float | None = None
+        self._held: list[Frame] = []
+        self._before: list[Frame] = []
+        self._last_t = 0.0
+
+    def _video_detectors(self, th: Thresholds) -> None:
+        self.th = th
         self._dt = 1.0 / th.analysis_fps
         self.black = BlackDetector(th)
         self.freeze = FreezeDetector(th)
@@ -66,10 +85,25 @@ class QcEngine:
         self.blur = BlurDetector(th)
         self.shake = ShakeDetector(th)
         self.scene = SceneDetector(th)
-        self._due: float | None = None
-        self._held: list[Frame] = []
-        self._before: list[Frame] = []
-        self._last_t = 0.0
+
+    def _video_trackers(self) -> tuple:
+        return (self.black.tracker, self.freeze.tracker, self.bars.tracker, self.blur.tracker,
+                self.shake.tracker, self.scene.tracker)
+
+    def retune(self, thresholds: Thresholds) -> list[MarkerEvent]:
+        """New thresholds mid-programme: the open markers close here and
+        detection starts over with the new values, but the loudness meter
+        carries on — the programme's integrated loudness and loudness range
+        do not restart because an engineer moved a threshold."""
+        t = self._last_t
+        ev: list[MarkerEvent] = []
+        for tr in self._video_trackers():
+            ev += tr.flush(t)
+        self._video_detectors(thresholds)
+        if self._audio is not None:
+            ev += self._audio.close_detectors(self._audio.t)
+            self._audio.detectors(thresholds)
+        return ev
 
     # -- audio ---------------------------------------------------------------
     def audio(self, t0: float, samples: np.ndarray) -> list[MarkerEvent]:
@@ -123,13 +157,7 @@ class QcEngine:
         ev: list[MarkerEvent] = []
         if chain.pending.shape[1]:
             ev += self._audio_tail(chain)
-        end = chain.t
-        ev += chain.silence.tracker.flush(end) + chain.clipping.tracker.flush(end) + chain.tone.tracker.flush(end)
-        if chain.stereo is not None:
-            st = chain.stereo
-            for tr in (st.phase, *st.dead, st.dup, st.imbalance):
-                ev += tr.flush(end)
-        ev += chain.loudness.flush(end)
+        ev += chain.close_detectors(chain.t)
         self._summaries.append(chain.meter.summary())
         self._audio = None
         return ev
@@ -171,8 +199,7 @@ class QcEngine:
     def flush(self, end: float | None = None) -> list[MarkerEvent]:
         t = self._last_t if end is None else end
         ev = self._close_audio(t)
-        for tr in (self.black.tracker, self.freeze.tracker, self.bars.tracker, self.blur.tracker,
-                   self.shake.tracker, self.scene.tracker):
+        for tr in self._video_trackers():
             ev += tr.flush(t)
         return ev
 

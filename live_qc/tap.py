@@ -478,17 +478,16 @@ class QcWorkerEngine:
         if tap is None:
             return out
         if op == "thresholds":
-            # The detectors take their thresholds when built: the open
-            # markers close at the change and detection starts over with
-            # the new values; the decoders carry on (no keyframe wait).
+            # The open markers close at the change and detection starts over
+            # with the new values; the decoders and the loudness meter carry
+            # on (no keyframe wait, integrated loudness kept).
             try:
                 th = Thresholds.from_mapping(msg[2] or {})
             except (TypeError, ValueError) as exc:
                 out.append(("state", name, "running", f"bad thresholds kept the old ones: {exc}"[:200]))
                 return out
-            out += [("marker", name, e) for e in tap.engine.flush()]
+            out += [("marker", name, e) for e in tap.engine.retune(th)]
             tap.thresholds = th
-            tap.engine = QcEngine(th)
             return out
         if op == "detach":
             del taps[name]
