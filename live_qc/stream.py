@@ -18,6 +18,7 @@ event loop beside the forwarding path::
     on_counters(now, {source: counters})
         ├─ TsCounters fields ────────────► TR 101 290 markers
         ├─ pktRcvLoss/pktRcvDrop/pktRecv ► srt_loss, srt_drop
+        ├─ rtpGaps/rtpLost/rtpRecv (WHIP) ► rtp_loss, rtp_drop
         └─ any source listed ────────────► "the connection is still there"
 
 Markers (type / subtype, severity):
@@ -49,6 +50,12 @@ Markers (type / subtype, severity):
     late PCR is network or event-loop jitter).
     ``srt_loss`` (warning) / ``srt_drop`` (error): libsrt's loss/drop totals
     over ``srt_window_s`` (see the thresholds), same hysteresis.
+    ``rtp_loss`` (warning) / ``rtp_drop`` (error): the same for a WHIP
+    publisher's RTP (media/webrtc/whip/rtp_ingest.py): sequence numbers
+    missing on arrival (a NACK or the reorder buffer may still repair them)
+    and those given up on, judged with the same ``srt_*`` thresholds — the
+    question ("is the contribution link losing packets, and is the loss
+    repaired?") and its answer do not depend on the protocol.
     ``b_frames`` (error): reordered frames (pts ≠ dts, or pts going back);
     WebRTC viewers cannot be served them passthrough.
     ``resolution_change`` / ``profile_change`` (warning): the SPS's
@@ -116,6 +123,32 @@ class _Window:
 
 
 @dataclass(slots=True)
+class _LossWindow:
+    """A link's loss over a sliding window of counter samples: packets
+    reported missing (``lost``: repairable), received, and lost for good
+    (``dropped``), from one set of running-total names."""
+
+    lost_key: str
+    received_key: str
+    dropped_key: str
+    items: deque[tuple[float, int, int, int]] = field(default_factory=deque)  # (now, lost, received, dropped)
+    sums: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def add(self, now: float, span: float, lost: int, received: int, dropped: int) -> None:
+        sums = self.sums
+        if lost or received or dropped:
+            self.items.append((now, lost, received, dropped))
+            sums[0] += lost
+            sums[1] += received
+            sums[2] += dropped
+        while self.items and self.items[0][0] <= now - span:
+            _, a, b, c = self.items.popleft()
+            sums[0] -= a
+            sums[1] -= b
+            sums[2] -= c
+
+
+@dataclass(slots=True)
 class _CounterFault:
     """One counter-driven marker: the tracker, its open marker and its counts."""
 
@@ -167,11 +200,14 @@ class StreamMonitor:
                                              "error" if name in TR101290_P1 else "warning"))
             for name in TR101290_P1 + TR101290_P2
         }
-        self._srt_loss = _CounterFault(FaultTracker("transport", "srt_loss", 0.0, 0.0, "warning"))
-        self._srt_drop = _CounterFault(FaultTracker("transport", "srt_drop", 0.0, 0.0, "error"))
-        self._srt_win: deque[tuple[float, int, int, int]] = deque()  # (now, lost, received, dropped)
+        # (window, loss fault, drop fault) per link kind
+        self._links = [
+            (_LossWindow(lost_key, received_key, dropped_key),
+             _CounterFault(FaultTracker("transport", f"{kind}_loss", 0.0, 0.0, "warning")),
+             _CounterFault(FaultTracker("transport", f"{kind}_drop", 0.0, 0.0, "error")))
+            for kind, lost_key, received_key, dropped_key in (("srt", "pktRcvLoss", "pktRecv", "pktRcvDrop"),
+                                                              ("rtp", "rtpGaps", "rtpRecv", "rtpLost"))]
         self._pcr_hits: deque[tuple[float, int]] = deque()  # (now, PCR_repetition_errors) in the window
-        self._srt_sums = [0, 0, 0]
 
     # -- the media axis ------------------------------------------------------------
     def media_at(self, now: float) -> float:
@@ -361,7 +397,7 @@ class StreamMonitor:
         total that went down (a new session under the same key) is one too."""
         events: list[MarkerEvent] = []
         hits: dict[str, int] = {}
-        lost = received = dropped = 0
+        link_deltas = [[0, 0, 0] for _ in self._links]
         totals: dict[str, int] = {}
         if sources:
             # A publisher is attached: the connection is there even when it
@@ -378,9 +414,10 @@ class StreamMonitor:
                 if d > 0:
                     hits[name] = hits.get(name, 0) + d
                     totals[name] = totals.get(name, 0) + int(counters.get(name, 0))
-            lost += _delta(counters, prev, "pktRcvLoss")
-            received += _delta(counters, prev, "pktRecv")
-            dropped += _delta(counters, prev, "pktRcvDrop")
+            for (win, _, _), d in zip(self._links, link_deltas):
+                d[0] += _delta(counters, prev, win.lost_key)
+                d[1] += _delta(counters, prev, win.received_key)
+                d[2] += _delta(counters, prev, win.dropped_key)
         for key in [k for k in self._prev if k not in sources]:
             del self._prev[key]
         since = self._sampled_at if self._sampled_at is not None else now
@@ -403,26 +440,17 @@ class StreamMonitor:
             fault.counts["count"] = fault.counts.get("count", 0) + n
             fault.counts["total"] = totals[name]
             events += self._hit(fault, now, t0, t1)
-        # SRT loss/drop over a sliding window of samples.
-        win, sums = self._srt_win, self._srt_sums
-        if lost or received or dropped:
-            win.append((now, lost, received, dropped))
-            sums[0] += lost
-            sums[1] += received
-            sums[2] += dropped
-        while win and win[0][0] <= now - self.th.srt_window_s:
-            _, a, b, c = win.popleft()
-            sums[0] -= a
-            sums[1] -= b
-            sums[2] -= c
-        if lost and sums[0] >= th.srt_loss_min and sums[0] >= th.srt_loss_ratio * (sums[0] + sums[1]):
-            self._srt_loss.counts.update(lost_in_window=sums[0], received_in_window=sums[1],
-                                         window_s=th.srt_window_s)
-            self._srt_loss.counts["lost"] = self._srt_loss.counts.get("lost", 0) + lost
-            events += self._hit(self._srt_loss, now, t0, t1)
-        if sums[2] >= th.srt_drop_min and dropped:
-            self._srt_drop.counts["dropped"] = self._srt_drop.counts.get("dropped", 0) + dropped
-            events += self._hit(self._srt_drop, now, t0, t1)
+        # Link loss/drop (SRT, WHIP's RTP) over a sliding window of samples.
+        for (win, loss, drop), (lost, received, dropped) in zip(self._links, link_deltas):
+            win.add(now, th.srt_window_s, lost, received, dropped)
+            sums = win.sums
+            if lost and sums[0] >= th.srt_loss_min and sums[0] >= th.srt_loss_ratio * (sums[0] + sums[1]):
+                loss.counts.update(lost_in_window=sums[0], received_in_window=sums[1], window_s=th.srt_window_s)
+                loss.counts["lost"] = loss.counts.get("lost", 0) + lost
+                events += self._hit(loss, now, t0, t1)
+            if sums[2] >= th.srt_drop_min and dropped:
+                drop.counts["dropped"] = drop.counts.get("dropped", 0) + dropped
+                events += self._hit(drop, now, t0, t1)
         return events
 
     def _hit(self, fault: _CounterFault, now: float, t0: float, t1: float) -> list[MarkerEvent]:
@@ -449,7 +477,7 @@ class StreamMonitor:
         return [MarkerEvent("update", replace(fault.marker, metadata=dict(fault.marker.metadata)))]
 
     def _counter_faults(self) -> list[_CounterFault]:
-        return [*self._tr.values(), self._srt_loss, self._srt_drop]
+        return [*self._tr.values(), *(f for _, loss, drop in self._links for f in (loss, drop))]
 
     # -- timers --------------------------------------------------------------------
     def get_timer(self) -> float | None:

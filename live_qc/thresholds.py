@@ -89,10 +89,10 @@ class Thresholds:
     # to 3 in a second on healthy 80 ms-PCR SRT feeds.
     pcr_repetition_min: int = 6
     pcr_repetition_window_s: float = 2.0
-    # SRT: within srt_window_s, ≥ srt_loss_min packets reported lost and at
-    # least srt_loss_ratio of those expected (a retransmission may still
-    # repair them: warning); ≥ srt_drop_min dropped as too late (lost for
-    # good: error).
+    # SRT (and a WHIP publisher's RTP): within srt_window_s, ≥ srt_loss_min
+    # packets reported lost and at least srt_loss_ratio of those expected (a
+    # retransmission may still repair them: warning); ≥ srt_drop_min dropped
+    # as too late (lost for good: error).
     srt_window_s: float = 1.0
     srt_loss_ratio: float = 0.02
     srt_loss_min: int = 10

@@ -215,6 +215,8 @@ def test_loss_is_nacked_and_repaired_over_rtx() -> None:
     high = [u for u in units if u.layer == "high"]
     assert [u.data for u in high] == [expected(au) for au, _ in aus[:8]]
     assert ing.stats.recovered == 1 and ing.stats.lost == 0 and ing.stats.frames_dropped == 0
+    # The stream detectors see the hole on the wire, and that it was repaired.
+    assert ing.source_counters() == {"rtpRecv": ing.stats.packets, "rtpGaps": 1, "rtpLost": 0}
     # A second copy (RTX payload padding) is redundant, not a new frame.
     assert ing.on_rtp(a.rtx(victim, 0x3333, 2), now + 0.02) == []
     assert ing.stats.rtx_redundant == 1
@@ -258,6 +260,7 @@ def test_unrecoverable_loss_drops_until_next_idr_and_sends_pli() -> None:
     assert high[3].keyframe
     assert len([u for u in units if u.layer == "low"]) == 25  # the other layer is untouched
     assert ing.stats.lost == 1 and ing.stats.frames_dropped == 7
+    assert ing.source_counters()["rtpGaps"] == 1 and ing.source_counters()["rtpLost"] == 1
     assert ing.stats.plis_sent >= 1 and ing.stats.plis_sent <= 3  # rate-limited (0.5 s)
 
 
@@ -557,6 +560,9 @@ async def test_aiortc_publisher_in_process_never_decodes(monkeypatch) -> None:
         stream = hub.get("cam")
         assert stream is not None and stream.state == StreamState.LIVE
         assert stream.publishers[0].info.protocol == "whip"
+        # The stream detectors (QC rtp_loss/rtp_drop) read the ingest's totals.
+        counters = stream.publishers[0].source_counters()
+        assert counters["rtpRecv"] > 0 and counters["rtpLost"] == 0
         reader = stream.subscribe(512)  # starts at the cached IDR
         await asyncio.sleep(1.0)
         frames = reader.drain()

@@ -385,7 +385,11 @@ def test_first_sample_and_a_restarted_source_are_baselines_not_errors():
     assert feed.events == []
 
 
-def test_srt_loss_burst_and_drop():
+@pytest.mark.parametrize("link,recv_key,loss_key,drop_key", [
+    ("srt", "pktRecv", "pktRcvLoss", "pktRcvDrop"),  # libsrt's totals
+    ("rtp", "rtpRecv", "rtpGaps", "rtpLost"),  # a WHIP publisher's RTP (rtp_ingest.source_counters)
+])
+def test_link_loss_burst_and_drop(link, recv_key, loss_key, drop_key):
     state = {"recv": 0, "loss": 0, "drop": 0}
 
     def sample(t):
@@ -396,16 +400,18 @@ def test_srt_loss_burst_and_drop():
             state["drop"] += 3
         if 12.0 <= t < 13.0 and round(t * 10) % 3 == 0:
             state["loss"] += 1  # a trickle below srt_loss_min: repaired by retransmission
-        return {"srt": {"pktRecv": state["recv"], "pktRcvLoss": state["loss"], "pktRcvDrop": state["drop"]}}
+        return {link: {recv_key: state["recv"], loss_key: state["loss"], drop_key: state["drop"]}}
     feed = Feed(StreamMonitor(Thresholds(srt_loss_min=10, srt_loss_ratio=0.02, transport_clear_s=1.0)))
     feed.run(16.0, counters=sample)
-    loss = feed.of("srt_loss")
+    other = "rtp" if link == "srt" else "srt"
+    assert not feed.of(f"{other}_loss") and not feed.of(f"{other}_drop")
+    loss = feed.of(f"{link}_loss")
     assert kinds(loss) == ["open", "update", "close"]
     assert loss[1][1].marker.metadata["lost"] == 45
     assert loss[0][0] == pytest.approx(5.1, abs=0.01)  # the window reached srt_loss_min
     assert loss[0][1].marker.start == pytest.approx(5.0, abs=0.01)
     assert loss[2][1].marker.end == pytest.approx(5.9, abs=0.11)
-    drop = feed.of("srt_drop")
+    drop = feed.of(f"{link}_drop")
     assert kinds(drop) == ["open", "close"]
     assert drop[0][1].marker.severity == "error"
     assert drop[1][1].marker.metadata["dropped"] == 3

@@ -133,6 +133,7 @@ class IngestStats:
     late: int = 0  # duplicates and packets behind the reorder buffer
     rtx_redundant: int = 0  # retransmissions of packets already held or released
     lost: int = 0  # packets given up on
+    gaps: int = 0  # sequence numbers missing when a later one arrived (some repaired later)
     recovered: int = 0  # holes filled by a retransmission
     padding: int = 0
     nacks_sent: int = 0  # NACK packets
@@ -248,6 +249,13 @@ class RtpIngest:
         self._next_rr: float | None = None
 
     # -- packets -----------------------------------------------------------------
+
+    def source_counters(self) -> dict[str, int]:
+        """Running totals for the stream detectors (live_qc/stream.py):
+        packets received, sequence numbers missing on arrival, and those
+        given up on (RTCP-style names beside the SRT ones)."""
+        st = self.stats
+        return {"rtpRecv": st.packets, "rtpGaps": st.gaps, "rtpLost": st.lost}
 
     def on_rtp(self, data: bytes, now: float) -> list[RtpUnit]:
         """One decrypted RTP packet; returns what it completed."""
@@ -446,6 +454,8 @@ class RtpIngest:
         else:
             src.received += 1
             src.missing.pop(ext, None)
+        if ext > src.max_seen + 1:
+            self.stats.gaps += ext - src.max_seen - 1
         if ext > src.max_seen + 1 and src.kind == "video" and self.config.nack:
             first = max(src.max_seen + 1, src.next if src.next is not None else src.base)
             if ext - first <= self.config.max_held:

@@ -368,6 +368,8 @@ class WhipService:
         stream = self.hub.get_or_create(session.stream_name)
         pub = stream.attach_publisher(SourceInfo("whip", remote=session.remote, description=session.label),
                                       layer=None, takeover=self.takeover, now=time.monotonic())
+        if session.ingest is not None:
+            pub.set_source_counters(session.ingest.source_counters)
         for other in self.for_stream(session.stream_name):
             if other is not session:
                 other.close_soon("taken over by another publisher")
