@@ -380,14 +380,18 @@ class StreamMonitor:
         if reason not in ("reconnect", "takeover", "detach"):
             self._restart_windows()
             return []
-        events = self._restart_video(self._last_t["video"])
+        events = self._restart_video(self._last_t["video"]) + self._source_left(now)
+        self._sps = None
+        self._format = None
+        return events
+
+    def _source_left(self, now: float) -> list[MarkerEvent]:
         end = self.media_at(now)
+        events: list[MarkerEvent] = []
         for kind, tracker in self._stall.items():
             events += tracker.flush(end)
             self._arrival[kind] = None
             self._last_t[kind] = None
-        self._sps = None
-        self._format = None
         return events
 
     # -- counters ------------------------------------------------------------------
@@ -404,6 +408,12 @@ class StreamMonitor:
             # carries nothing (an encoder that hangs keeps its SRT connection
             # until the peer-idle timeout; a caller that leaves detaches).
             self._alive_at = now
+        elif self._prev:
+            # The last publisher left (the stream waits for it to reconnect):
+            # a stall that was open ends here — what follows is an absent
+            # source, not a stalled one — and nothing is judged until frames
+            # come again.
+            events += self._source_left(now)
         for key, counters in sources.items():
             prev = self._prev.get(key)
             self._prev[key] = counters

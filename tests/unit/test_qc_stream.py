@@ -172,6 +172,33 @@ def test_source_gone_is_not_a_stall_but_a_connected_source_without_frames_is():
     assert sorted(e.marker.subtype for e in closing if e.kind == "close") == ["audio_stalled", "video_stalled"]
 
 
+def test_a_source_that_leaves_ends_its_open_stall():
+    """A hung encoder (connected, nothing flowing) opens a stall; when its
+    connection finally drops (peer-idle timeout) the stall ends there, not
+    when — or if — the stream's publisher reconnects."""
+    mon = StreamMonitor()
+    feed = Feed(mon)
+    feed.run(5.0, counters=lambda t: {"srt": {"packets": int(t * 100)}})
+    t = 5.0
+    while t < 12.0:  # connected, nothing arrives
+        now = OFFSET + t
+        feed.timers(now)
+        feed.add(now, mon.on_counters(now, {"srt": {"packets": 500}}))
+        t = snap(t + 0.1, 10)
+    assert kinds(feed.of("video_stalled")) == ["open"]
+    while t < 20.0:  # the caller is gone; the stream waits for it
+        now = OFFSET + t
+        feed.timers(now)
+        feed.add(now, mon.on_counters(now, {}))
+        t = snap(t + 0.1, 10)
+    for sub in ("video_stalled", "audio_stalled"):
+        assert kinds(feed.of(sub)) == ["open", "close"]
+        closed_at, ev = feed.of(sub)[1]
+        assert closed_at == pytest.approx(12.0, abs=0.01)
+        assert ev.marker.end == pytest.approx(12.0, abs=0.11)
+    assert mon.flush(OFFSET + 20.0) == []
+
+
 def test_reconnect_ends_an_open_stall():
     mon = StreamMonitor()
     feed = Feed(mon)
