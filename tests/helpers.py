@@ -1,12 +1,16 @@
-"""Test helpers: run the real server as a subprocess, talk to it over HTTP."""
+"""Test helpers: run the real server as a subprocess, talk to it over HTTP;
+the stand-ins the in-process tests publish and wait with; the control room
+a browser test logs into."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -268,3 +272,67 @@ async def aiortc_whep_receive(url: str, token: str, seconds: float, *,
     for t in tasks:
         t.cancel()
     return counts
+
+
+# -- in-process stand-ins ----------------------------------------------------------
+
+@dataclass(slots=True)
+class Unit:
+    """One coded unit as an ingest hands it to ``Publisher.publish`` (the
+    :class:`media.unit.Unit` protocol), for tests that publish by hand."""
+
+    codec: str
+    pts: int
+    dts: int
+    keyframe: bool
+    data: bytes
+
+
+async def until(pred: Any, timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """``wait_until`` on the running event loop: the tasks under test run
+    while it sleeps. Returns ``pred()``'s first truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+# -- browser pages -----------------------------------------------------------------
+
+class Console:
+    """Console errors and uncaught exceptions of one page."""
+
+    def __init__(self, page: Any, name: str) -> None:
+        self.name = name
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+
+    def assert_clean(self) -> None:
+        assert not self.errors, f"{self.name} page logged errors:\n" + "\n".join(self.errors)
+
+
+def free_udp_port() -> int:
+    """A UDP port free now on 127.0.0.1 (for the server's SRT listener)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def open_control_room(browser: Any, base: str, user: str, password: str, stream: str,
+                      name: str = "control") -> tuple[Any, Any, Console]:
+    """A desktop-sized browser context on ``base``/control, logged in as
+    ``user``, once ``stream``'s tile is on screen: (context, page, console)."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = ctx.new_page()
+    console = Console(page, name)
+    page.goto(f"{base}/control")
+    page.fill("form.login input[name=username]", user)
+    page.fill("form.login input[name=password]", password)
+    page.click("form.login button[type=submit]")
+    page.wait_for_selector(f".tile[data-name={stream}]", timeout=15000)
+    return ctx, page, console
