@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, http, login, wait_until
+from helpers import Console, ServerProcess, free_udp_port, http, login, open_control_room, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -41,19 +40,6 @@ PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "i
 
 
 # ---------------------------------------------------------------- helpers
-
-class Console:
-    """Console errors and uncaught exceptions of one page."""
-
-    def __init__(self, page: Any, name: str) -> None:
-        self.name = name
-        self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-
-    def assert_clean(self) -> None:
-        assert not self.errors, f"{self.name} page logged errors:\n" + "\n".join(self.errors)
-
 
 def body_tally(page: Any) -> str:
     return page.evaluate("document.body.dataset.tally")
@@ -72,12 +58,6 @@ def video_advances(page: Any, selector: str, seconds: float = 2.0) -> tuple[floa
     time.sleep(seconds)
     t1 = page.evaluate("(s) => document.querySelector(s).currentTime", selector)
     return t0, t1
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shot(page: Any, name: str) -> Path:
@@ -307,14 +287,7 @@ def link(show: dict[str, Any], stream: str, action: str, ttl: int = 3600) -> dic
 @pytest.fixture(scope="module")
 def control(browser, live_server, show) -> Iterator[tuple[Any, Console]]:
     """The control room, logged in as the admin, on the test production."""
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-    page = ctx.new_page()
-    console = Console(page, "control")
-    page.goto(f"{live_server.url}/control")
-    page.fill("form.login input[name=username]", "admin")
-    page.fill("form.login input[name=password]", ADMIN_PASSWORD)
-    page.click("form.login button[type=submit]")
-    page.wait_for_selector(".tile[data-name=cam1]", timeout=15000)
+    ctx, page, console = open_control_room(browser, live_server.url, "admin", ADMIN_PASSWORD, "cam1")
     try:
         yield page, console
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, http, login, wait_until
+from helpers import Console, ServerProcess, free_udp_port, http, login, open_control_room, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -30,23 +29,6 @@ STREAM = "qccam"
 # Feed time of the faults in each cycle: black and silence from 4 s to 10 s
 # of every 14 s (black_d and silence_d are 2 s: each marker is open 4 s).
 CYCLE, FAULT = 14, (4, 10)
-
-
-class Console:
-    def __init__(self, page: Any, name: str) -> None:
-        self.name = name
-        self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-
-    def assert_clean(self) -> None:
-        assert not self.errors, f"{self.name} page logged errors:\n" + "\n".join(self.errors)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +97,7 @@ def feed(show) -> Iterator[subprocess.Popen]:
 
 
 def open_room(browser, base: str, user: str, password: str) -> tuple[Any, Any, Console]:
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-    page = ctx.new_page()
-    console = Console(page, f"control ({user})")
-    page.goto(f"{base}/control")
-    page.fill("form.login input[name=username]", user)
-    page.fill("form.login input[name=password]", password)
-    page.click("form.login button[type=submit]")
-    page.wait_for_selector(f".tile[data-name={STREAM}]", timeout=15000)
-    return ctx, page, console
+    return open_control_room(browser, base, user, password, STREAM, name=f"control ({user})")
 
 
 TILE = f".tile[data-name={STREAM}]"
