@@ -1,6 +1,7 @@
 """Test helpers: run the real server as a subprocess, talk to it over HTTP;
-the stand-ins the in-process tests publish and wait with; the control room
-a browser test logs into."""
+or run the application in process with its ``/ws/events`` clients; the
+stand-ins the in-process tests publish and wait with; the control room a
+browser test logs into."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"ReturnFeed is running: https?://[^:]+:(\d+)/")
@@ -336,3 +337,140 @@ def open_control_room(browser: Any, base: str, user: str, password: str, stream:
     page.click("form.login button[type=submit]")
     page.wait_for_selector(f".tile[data-name={stream}]", timeout=15000)
     return ctx, page, console
+
+
+# -- the application in process ----------------------------------------------------
+
+class AppEnv:
+    """The application of :func:`app_env` and an HTTP session to it as the
+    users and links of ``tokens`` (by name)."""
+
+    def __init__(self, server: Any, db: Any, tokens: dict[str, str], qc: Any) -> None:
+        import aiohttp
+
+        self.server = server
+        self.db = db
+        self.tokens = tokens
+        self.qc = qc
+        self.session = aiohttp.ClientSession()
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def req(self, method: str, path: str, who: str | None, body: Any = None,
+                  raw: bool = False) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        async with self.session.request(method, self.url(path), json=body, headers=headers) as r:
+            text = await r.text()
+            if raw:
+                return r.status, text
+            return r.status, json.loads(text) if text else None
+
+    async def ws(self, who: str) -> "EventsSocket":
+        ws = await self.session.ws_connect(self.url("/ws/events") + f"?token={self.tokens[who]}")
+        return EventsSocket(ws)
+
+
+class EventsSocket:
+    """A ``/ws/events`` client that collects every message; ``pings`` are
+    answered by aiohttp's autoping."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.messages: list[dict] = []
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        import aiohttp
+
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.messages.append(json.loads(msg.data))
+
+    def of(self, *types: str) -> list[dict]:
+        return [m for m in self.messages if m["type"] in types]
+
+    async def wait(self, pred: Any, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred(self):
+            assert time.monotonic() < deadline, f"timed out; got {self.messages}"
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.task
+
+
+@contextlib.asynccontextmanager
+async def app_env(db_url: str, data_dir: Path, secret: str,
+                  labels: dict[str, str] | None = None) -> AsyncIterator[AppEnv]:
+    """The real application (:func:`server.app.create_app`) on the
+    PostgreSQL database ``db_url``, behind aiohttp's ``TestServer``.
+
+    Production "show" has streams camA and camB, directors d1 and d2 and a
+    viewer member v; production "other" has camC and no member of "show".
+    Tokens (``AppEnv.tokens``): admin, d1, d2, v, and linkA, a read link for
+    camA (its jti: ``link_jti``). ``labels``: the streams' labels (default:
+    their names)."""
+    from aiohttp.test_utils import TestServer
+
+    from server import repo
+    from server.app import create_app
+    from server.auth import TokenService
+    from server.config import load_settings
+    from server.db import Database
+    from server.directory import Directory
+    from server.keys import QC_EVENTS
+
+    labels = labels or {}
+    settings = load_settings(environ={}, overrides={"database.url": db_url, "data_dir": str(data_dir)})
+    # Not supervised: the outage test sets the database's verdict itself.
+    # Generous timeouts: this machine is shared, and a slow statement is not what these tests are about.
+    db = Database(db_url, data_dir, supervise=False, statement_timeout=10.0, acquire_timeout=5.0)
+    await db.start()
+    tokens = TokenService(secret)
+    async with db.pool.acquire() as conn:
+        users = {n: (await repo.create_user(conn, n, "x", role))["id"]
+                 for n, role in (("admin", "admin"), ("d1", "director"), ("d2", "director"), ("v", "viewer"))}
+        show = (await repo.create_production(conn, "show", "", users["d1"]))["id"]
+        other = (await repo.create_production(conn, "other", "", users["admin"]))["id"]
+        for n, role in (("d1", "director"), ("d2", "director"), ("v", "viewer")):
+            await repo.set_member(conn, show, users[n], role, None)
+        sid = {}
+        for name, prod in (("camA", show), ("camB", show), ("camC", other)):
+            sid[name] = (await repo.create_stream(conn, name, prod, 16, labels.get(name, name), {}))["id"]
+    directory = Directory(db)
+    await directory.start()
+    toks = {n: tokens.issue_access(uid, n, role)[0] for (n, uid), role in
+            zip(users.items(), ("admin", "director", "director", "viewer"))}
+    toks["linkA"], claims = tokens.issue_link("camA", "read", show, 3600, stream_id=sid["camA"])
+    app = create_app(settings, db, tokens, None, None, directory)
+    server = TestServer(app)
+    await server.start_server()
+    await first_purge_done()
+    e = AppEnv(server, db, toks, app[QC_EVENTS])
+    e.directory, e.link_jti = directory, claims.jti
+    try:
+        yield e
+    finally:
+        await e.session.close()
+        await server.close()
+        await directory.stop()
+        await db.close()
+
+
+async def first_purge_done(timeout: float = 10.0) -> None:
+    """Wait until the refresh-token purge the app starts with is asleep.
+
+    Stopping the app while that first purge's statement is in flight can
+    lose the task's cancellation (it then sleeps out its whole interval and
+    the app's cleanup waits on it): a short test would hang in teardown.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        purge = [t for t in asyncio.all_tasks() if t.get_name() == "refresh-purge"]
+        waiting_on = purge[0].get_coro().cr_await if purge else None
+        if not purge or getattr(getattr(waiting_on, "cr_code", None), "co_name", "") == "sleep":
+            return
+        assert time.monotonic() < deadline, "the first refresh-token purge did not finish"
+        await asyncio.sleep(0.01)

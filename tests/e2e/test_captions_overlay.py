@@ -21,7 +21,8 @@ from typing import Any, Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from caption_fake_worker import fake_main  # noqa: E402
+from caption_fake_worker import FakeCaptionWorker  # noqa: E402
+from helpers import Unit, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -65,7 +66,6 @@ class Backend:
     async def _start(self) -> None:
         from aiohttp import web
 
-        from live_qc.tap import TapWorker
         from media.stream import SourceInfo, StreamHub
         from server import repo
         from server.app import create_app
@@ -98,8 +98,7 @@ class Backend:
         self.hub = StreamHub()
         self.captions = CaptionService(cs, self.hub, self.events, CaptionStore(self.db, self.directory, queue_max=100),
                                        options_for=lambda name: {"language": "en"},
-                                       make_worker=lambda i: TapWorker(cs.queue_frames, i, target=fake_main,
-                                                                       label="fake-captions"),
+                                       make_worker=lambda i: FakeCaptionWorker(cs.queue_frames, i),
                                        poll_s=0.05)
         await self.captions.start()
         stream = self.hub.get_or_create("camA")
@@ -108,16 +107,6 @@ class Backend:
         self._audio(0.0, b"first")
 
     def _audio(self, t: float, data: bytes) -> None:
-        from dataclasses import dataclass
-
-        @dataclass
-        class Unit:
-            codec: str
-            pts: int
-            dts: int
-            keyframe: bool
-            data: bytes
-
         self.pub.publish(Unit("opus", round(t * 90000), round(t * 90000), True, data))
 
     def call(self, fn: Any, *args: Any) -> Any:
@@ -161,16 +150,6 @@ def backend(e2e_db_url: str, tmp_path_factory) -> Iterator[Backend]:
         b.stop()
 
 
-def wait(pred: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def overlay(page: Any) -> dict[str, Any]:
     return page.evaluate("""() => {
       const el = document.querySelector('.cc');
@@ -194,8 +173,8 @@ def test_viewer_overlay_shows_partial_then_committed_captions(browser, backend) 
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
         page.goto(f"{backend.url}/watch/camA?token={backend.link}")
-        wait(lambda: backend.clients() >= 1)  # the page's /ws/events socket, with its link
-        wait(backend.tapped)
+        wait_until(lambda: backend.clients() >= 1, timeout=15)  # the page's /ws/events socket, with its link
+        wait_until(backend.tapped, timeout=15)
         time.sleep(0.3)  # the worker has its attach before the first audio
         backend.say(10.0, b"hyp:good evening")
         page.wait_for_function("() => document.querySelector('.cc') && !document.querySelector('.cc').hidden"
