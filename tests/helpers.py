@@ -152,15 +152,19 @@ def login(base: str, username: str, password: str) -> dict[str, Any]:
     return r.json()
 
 
+def _check(pred: Any, deadline: float) -> Any:
+    """``pred()``; past ``deadline`` (monotonic) a falsy value fails the test."""
+    v = pred()
+    if not v and time.monotonic() > deadline:
+        raise AssertionError("condition not met in time")
+    return v
+
+
 def wait_until(pred: Any, timeout: float = 10, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+    while not (v := _check(pred, deadline)):
         time.sleep(interval)
+    return v
 
 
 def postgres_pids(data_dir: Path) -> list[int]:
@@ -293,13 +297,9 @@ async def until(pred: Any, timeout: float = 30.0, interval: float = 0.02) -> Any
     """``wait_until`` on the running event loop: the tasks under test run
     while it sleeps. Returns ``pred()``'s first truthy value."""
     deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+    while not (v := _check(pred, deadline)):
         await asyncio.sleep(interval)
+    return v
 
 
 # -- browser pages -----------------------------------------------------------------

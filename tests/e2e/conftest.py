@@ -34,48 +34,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _in_thread(fn: Any) -> Any:
-    """Run ``fn`` in a fresh thread: Playwright's sync API keeps an event loop
-    running in the main thread, where ``asyncio.run`` is refused."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
-
-
 @pytest.fixture(scope="module")
-def e2e_db_url(pg_server: str) -> Iterator[str]:
-    """A fresh database for one test module (created off the main thread)."""
-    import secrets
-    from urllib.parse import urlsplit, urlunsplit
-
-    import asyncpg
-
-    name = "rf_e2e_" + secrets.token_hex(6)
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    _in_thread(lambda: asyncio.run(run(f'CREATE DATABASE "{name}"')))
-    parts = urlsplit(pg_server)
-    try:
-        yield urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-    finally:
-        _in_thread(lambda: asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+def e2e_db_url(module_db_url: str) -> str:
+    """A fresh database for one test module: tests/conftest.py's, which
+    creates and drops it off the main thread (the browser's loop runs there)."""
+    return module_db_url
 
 
 @pytest.fixture(scope="module")
