@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"ReturnFeed is running: https?://[^:]+:(\d+)/")
@@ -119,6 +119,22 @@ class ServerProcess:
             self.proc.wait(10)
 
 
+@contextlib.contextmanager
+def running_server(data_dir: Path, database_url: str, admin_password: str, *, env: dict[str, str] | None = None,
+                   args: list[str] | None = None) -> Iterator[ServerProcess]:
+    """A started :class:`ServerProcess` on ``database_url`` whose admin
+    logs in with ``admin_password`` (more ``env`` and ``args`` as given),
+    stopped on the way out."""
+    srv = ServerProcess(data_dir, env={"DATABASE_URL": database_url, "RETURNFEED_ADMIN_PASSWORD": admin_password,
+                                       **(env or {})}, args=list(args or []))
+    srv.admin_password = admin_password
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 @dataclass
 class Resp:
     status: int
@@ -165,6 +181,21 @@ def wait_until(pred: Any, timeout: float = 10, interval: float = 0.05) -> Any:
     while not (v := _check(pred, deadline)):
         time.sleep(interval)
     return v
+
+
+def tally_ws_url(base: str, query: str) -> str:
+    """The ``/ws/tally`` URL of the server at ``base`` with ``query``."""
+    return base.replace("http://", "ws://") + "/ws/tally?" + query
+
+
+async def recv_json(ws: Any, kinds: tuple[str, ...] = ("snapshot", "tally", "error"), timeout: float = 5.0) -> dict:
+    """The next JSON message of one of ``kinds`` on a ``websockets``
+    connection (heartbeats and other types skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), max(0.05, deadline - time.monotonic())))
+        if msg["type"] in kinds:
+            return msg
 
 
 def postgres_pids(data_dir: Path) -> list[int]:

@@ -18,7 +18,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import Console, ServerProcess, free_udp_port, http, login, open_control_room, wait_until
+from helpers import (
+    Console, ServerProcess, free_udp_port, http, login, open_control_room, running_server, wait_until,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -33,15 +35,9 @@ CYCLE, FAULT = 14, (4, 10)
 
 @pytest.fixture(scope="module")
 def server(e2e_db_url, tmp_path_factory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("qc-srv"),
-                        env={"DATABASE_URL": e2e_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
-                             "RETURNFEED_SRT__LATENCY_MS": "40"},
-                        args=["--srt-port", str(free_udp_port())])
-    srv.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("qc-srv"), e2e_db_url, ADMIN_PASSWORD,
+                        env={"RETURNFEED_SRT__LATENCY_MS": "40"}, args=["--srt-port", str(free_udp_port())]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
