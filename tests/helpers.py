@@ -198,6 +198,21 @@ async def recv_json(ws: Any, kinds: tuple[str, ...] = ("snapshot", "tally", "err
             return msg
 
 
+def udp_capture(name: str) -> list[tuple[float, bytes]]:
+    """A live UDP capture of tests/fixtures/ts (``NAME.ts``, and per datagram
+    its arrival second and length in ``NAME.msgs``): (seconds since start,
+    datagram) in arrival order."""
+    fixtures = ROOT / "tests" / "fixtures" / "ts"
+    data = (fixtures / f"{name}.ts").read_bytes()
+    out, pos = [], 0
+    for line in (fixtures / f"{name}.msgs").read_text().split("\n"):
+        if line:
+            t, n = line.split()
+            out.append((float(t), data[pos : pos + int(n)]))
+            pos += int(n)
+    return out
+
+
 def postgres_pids(data_dir: Path) -> list[int]:
     """PIDs of postgres processes serving ``data_dir/pg``."""
     pids = []
