@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
@@ -346,6 +348,68 @@ async def until(pred: Any, timeout: float = 30.0, interval: float = 0.02) -> Any
     while not (v := _check(pred, deadline)):
         await asyncio.sleep(interval)
     return v
+
+
+class LoopThread(ABC):
+    """A server set up by the coroutine ``_start`` on an event loop of its
+    own thread, torn down by ``_stop``: for the browser tests, whose main
+    thread Playwright's sync API occupies with its own loop. ``port``: the
+    one ``_start`` listens on."""
+
+    #: Seconds ``start`` waits for ``_start``.
+    start_timeout = 60.0
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @abstractmethod
+    async def _start(self) -> None:
+        """Set the server up and listen (on the loop's thread)."""
+
+    @abstractmethod
+    async def _stop(self) -> None:
+        """Close what ``_start`` opened (on the loop's thread)."""
+
+    def start(self) -> Any:
+        self._thread.start()
+        if not self._ready.wait(self.start_timeout):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the loop (awaited when it is a coroutine), from
+        the test's thread; its result."""
+        async def run() -> Any:
+            v = fn(*args)
+            return await v if inspect.isawaitable(v) else v
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as exc:  # re-raised in the test's thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
 
 
 # -- browser pages -----------------------------------------------------------------

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from helpers import LoopThread
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -56,14 +57,14 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-class ScriptedBackend:
+class ScriptedBackend(LoopThread):
     """Pages + a scripted tally/WHEP peer on one origin (see module docstring)."""
 
     PRODUCTION = 7
+    start_timeout = 15.0
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
+        super().__init__()
         self.sockets: list[Any] = []
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.connections: list[dict[str, str]] = []
@@ -75,35 +76,12 @@ class ScriptedBackend:
         self.seq = 1
         self.retry_after = 1
         self._runner: Any = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self) -> "ScriptedBackend":
-        self._thread.start()
-        if not self._ready.wait(15):
-            raise RuntimeError("scripted backend did not start")
-        return self
-
-    def stop(self) -> None:
-        async def _stop() -> None:
-            for ws in list(self.sockets):
-                await ws.close()
-            await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._ready.set()
-        self.loop.run_forever()
+    async def _stop(self) -> None:
+        for ws in list(self.sockets):
+            await ws.close()
+        await self._runner.cleanup()
 
     async def _start(self) -> None:
         from aiohttp import web
@@ -204,12 +182,6 @@ class ScriptedBackend:
                     await ws.send_str('{"type":"ping"}')
 
     # -- test controls (call from the test thread) ----------------------------
-    def call(self, fn: Any, *args: Any) -> Any:
-        async def run() -> Any:
-            return await fn(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
-
     def set_source(self, name: str, state: str, seq: int | None = None) -> None:
         """Change a source and send the delta (with ``seq``, default next)."""
         src = {"state": state, "buses": [state] if state in ("program", "preview") else [], "aux": False,

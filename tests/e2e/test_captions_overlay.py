@@ -11,9 +11,7 @@ of ≤ 42 characters, and the CC toggle hides and shows the overlay.
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 from caption_fake_worker import FakeCaptionWorker  # noqa: E402
-from helpers import Unit, wait_until  # noqa: E402
+from helpers import LoopThread, Unit, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -31,37 +29,14 @@ ARTIFACTS = ROOT / "test-artifacts"
 PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
 
 
-class Backend:
+class Backend(LoopThread):
     """The app + a hub the caption tap reads, on a loop in a thread."""
 
     def __init__(self, db_url: str, data_dir: Path) -> None:
+        super().__init__()
         self.db_url = db_url
         self.data_dir = data_dir
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
         self.link = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "Backend":
-        self._thread.start()
-        if not self._ready.wait(60):
-            raise RuntimeError("caption backend did not start")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._start())
-        except BaseException as exc:  # re-raised in the test thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
 
     async def _start(self) -> None:
         from aiohttp import web
@@ -109,12 +84,6 @@ class Backend:
     def _audio(self, t: float, data: bytes) -> None:
         self.pub.publish(Unit("opus", round(t * 90000), round(t * 90000), True, data))
 
-    def call(self, fn: Any, *args: Any) -> Any:
-        async def run() -> Any:
-            return fn(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
-
     def say(self, t: float, payload: bytes) -> None:
         self.call(self._audio, t, payload)
 
@@ -125,20 +94,11 @@ class Backend:
         return self.call(lambda: "camA" in self.captions.host.taps
                          and self.captions.host.slots[0].worker is not None)
 
-    def stop(self) -> None:
-        async def _stop() -> None:
-            await self.captions.stop()
-            await self.runner.cleanup()
-            await self.directory.stop()
-            await self.db.close()
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    async def _stop(self) -> None:
+        await self.captions.stop()
+        await self.runner.cleanup()
+        await self.directory.stop()
+        await self.db.close()
 
 
 @pytest.fixture(scope="module")
