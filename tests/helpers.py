@@ -1,7 +1,8 @@
-"""Test helpers: run the real server as a subprocess, talk to it over HTTP;
-or run the application in process with its ``/ws/events`` clients; the
-stand-ins the in-process tests publish and wait with; the control room a
-browser test logs into."""
+"""Test helpers: run the real server as a subprocess and talk to it (HTTP,
+the tally socket, media peers); or run the application in process with
+``/ws/events`` clients; the stand-ins the in-process tests publish and wait
+with; for the browser tests, a server on a loop of its own thread and the
+control room logged into."""
 
 from __future__ import annotations
 

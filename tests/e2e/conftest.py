@@ -9,7 +9,8 @@ allowed, real host candidates for WebRTC on loopback).
 ``/ws/tally`` that speaks tally/protocol.py and can be told to go silent
 (heartbeat stopped, socket left open), a ``/whep/{stream}`` that always
 answers 409 + ``Retry-After``, a ``/whip/{stream}`` that keeps the offer,
-and the few API reads the camera and watch pages make. It tests what the browser does with the protocol — timing of
+a ``/ws/events`` that sends a snapshot and pings and can go silent on its
+own, and the few API reads the camera and watch pages make. It tests what the browser does with the protocol — timing of
 "tally lost", sequence numbers, reconnects, Retry-After — independently of
 the server's implementation; the real server is exercised in test_pages.py.
 """
@@ -76,10 +77,14 @@ class ScriptedBackend(LoopThread):
         self.seq = 1
         self.retry_after = 1
         self._runner: Any = None
+        self.event_sockets: list[Any] = []
+        self.events_connections: list[dict[str, str]] = []
+        self.events_received: list[tuple[float, dict[str, Any]]] = []
+        self.events_silent = False
 
     # -- lifecycle ---------------------------------------------------------
     async def _stop(self) -> None:
-        for ws in list(self.sockets):
+        for ws in list(self.sockets) + list(self.event_sockets):
             await ws.close()
         await self._runner.cleanup()
 
@@ -97,6 +102,7 @@ class ScriptedBackend(LoopThread):
         app.router.add_post("/whep/{stream}", self._whep)
         app.router.add_post("/whip/{stream}", self._whip)
         app.router.add_get("/ws/tally", self._tally)
+        app.router.add_get("/ws/events", self._events)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -172,14 +178,32 @@ class ScriptedBackend(LoopThread):
                 self.sockets.remove(ws)
         return ws
 
+    async def _events(self, request: Any) -> Any:
+        from aiohttp import WSMsgType, web
+
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.events_connections.append(dict(request.query))
+        self.event_sockets.append(ws)
+        await ws.send_str(json.dumps({"type": "snapshot", "markers": [], "taps": {}}))
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    self.events_received.append((time.monotonic(), json.loads(msg.data)))
+        finally:
+            if ws in self.event_sockets:
+                self.event_sockets.remove(ws)
+        return ws
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(1)
-            if self.silent:
-                continue
-            for ws in list(self.sockets):
-                if not ws.closed:
-                    await ws.send_str('{"type":"ping"}')
+            for sockets, silent in ((self.sockets, self.silent), (self.event_sockets, self.events_silent)):
+                if silent:
+                    continue
+                for ws in list(sockets):
+                    if not ws.closed:
+                        await ws.send_str('{"type":"ping"}')
 
     # -- test controls (call from the test thread) ----------------------------
     def set_source(self, name: str, state: str, seq: int | None = None) -> None:

@@ -165,6 +165,34 @@ def test_scripted_camera_publishes_over_whip(browser, scripted):
         ctx.close()
 
 
+def test_scripted_events_socket_answers_pings_and_reconnects_after_silence(browser, scripted):
+    """The page's /ws/events socket (events.js EventsSocket, on the same
+    reconnecting shell as the tally's): it answers the server's pings and
+    sends none of its own; 5 s with nothing heard drops it and a new one
+    is opened with the credentials again."""
+    ctx = browser.new_context(**PHONE)
+    try:
+        page = ctx.new_page()
+        page.goto(f"{scripted.url}/camera/cam1?token=link-cam1")
+        wait_until(lambda: scripted.events_connections, timeout=10)
+        assert scripted.events_connections[0]["token"] == "link-cam1"
+        wait_until(lambda: [m for _, m in scripted.events_received if m.get("type") == "pong"], timeout=5)
+        assert {m.get("type") for _, m in scripted.events_received} == {"pong"}
+
+        connections = len(scripted.events_connections)
+        silent_at = time.monotonic()
+        scripted.events_silent = True
+        wait_until(lambda: len(scripted.events_connections) > connections, timeout=15)
+        reconnected_after = time.monotonic() - silent_at
+        print(f"/ws/events reopened {reconnected_after:.2f} s after the server went silent")
+        # The last ping came at most 1 s before the silence: not dropped before 5 s without one.
+        assert reconnected_after >= 3.5, reconnected_after
+        assert scripted.events_connections[-1]["token"] == "link-cam1"
+    finally:
+        scripted.events_silent = False
+        ctx.close()
+
+
 # ---------------------------------------------------------------- real server
 
 @pytest.fixture(scope="module")
