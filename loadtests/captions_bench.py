@@ -36,9 +36,7 @@ import argparse
 import json
 import os
 import random
-import re
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 from live_qc.captions.policy import normalise  # noqa: E402
 from live_qc.captions.types import Caption  # noqa: E402
 from live_qc.captions.worker import CaptionEngine  # noqa: E402
+from loadtests.speech import RATE, espeak, wer  # noqa: E402
 
-RATE = 16000
 FRAME = RATE // 50  # 20 ms, an Opus frame
 
 SUBJECTS = ["the director", "our camera operator", "the audience", "the producer", "the guest speaker",
@@ -80,18 +78,6 @@ def _sentence(rng: random.Random) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def _espeak(path: Path, text: str, voice: str, speed: int) -> np.ndarray:
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(path), text], check=True)
-    import av
-    out = []
-    with av.open(str(path)) as c:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
-        for frame in c.decode(audio=0):
-            out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.float32) * 0.3
-
-
 def build_speech(minutes: float, seed: int, workdir: Path) -> tuple[np.ndarray, str]:
     """Paragraphs of 1–4 sentences, a voice and rate each, separated by
     pauses (mostly short, some of 3–8 s)."""
@@ -102,7 +88,7 @@ def build_speech(minutes: float, seed: int, workdir: Path) -> tuple[np.ndarray, 
             [_sentence(rng) for _ in range(rng.randint(1, 4))]
         text = " ".join(sentences)
         voice, speed = VOICES[i % len(VOICES)]
-        x = _espeak(workdir / f"p{i}.wav", text, voice, speed)
+        x = espeak(workdir, text, voice, speed, name=f"p{i}") * 0.3
         pause = rng.uniform(3.0, 8.0) if rng.random() < 0.15 else rng.uniform(0.4, 1.5)
         parts += [x, np.zeros(int(pause * RATE), np.float32)]
         script.append(text)
@@ -146,20 +132,6 @@ def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, 
     babble = (0.3 * babble / max(np.abs(babble).max(), 1e-9)).astype(np.float32)
     return {"silence": np.zeros(n, np.float32), "music": _music(share), "pink_noise": _pink(share, rng),
             "crowd_babble": babble}
-
-
-def _tokens(text: str) -> list[str]:
-    return re.sub(r"[^\w\s']", " ", text.lower()).split()
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    ref, hyp = _tokens(reference), _tokens(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[len(hyp)] / max(len(ref), 1)
 
 
 def _pct(values: list[float], q: float) -> float:

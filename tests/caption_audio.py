@@ -1,6 +1,7 @@
 """Audio for the caption tests: espeak-ng speech from known sentences,
 non-speech signals, the same audio encoded as the hub hands it to a tap
-(AAC or Opus packets out of MPEG-TS), and a word error rate."""
+(AAC or Opus packets out of MPEG-TS), and a word error rate (the speech
+and the rate are loadtests/speech.py's, shared with the benchmark)."""
 
 from __future__ import annotations
 
@@ -10,24 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-RATE = 16000
-
-
-def load(path: Path | str) -> np.ndarray:
-    """Any audio file → 16 kHz mono float32."""
-    out = []
-    with av.open(str(path)) as c:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=RATE)
-        for frame in c.decode(audio=0):
-            out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-        out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.float32)
-
-
-def espeak(directory: Path, text: str, voice: str = "en-us", speed: int = 150, name: str = "say") -> np.ndarray:
-    wav = directory / f"{name}-{voice}-{speed}.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(wav), text], check=True)
-    return load(wav)
+from loadtests.speech import RATE, espeak, load, wer  # noqa: F401 (the caption tests import them from here)
 
 
 def write_wav(path: Path, x: np.ndarray) -> Path:
@@ -84,23 +68,3 @@ def music(seconds: float, bpm: float = 120.0) -> np.ndarray:
         hat = (t >= on + beat / 2) & (t < on + beat / 2 + 0.05)
         x[hat] += 0.05 * np.random.default_rng(k).standard_normal(int(hat.sum()))
     return (0.5 * x / np.abs(x).max()).astype(np.float32)
-
-
-def _tokens(text: str) -> list[str]:
-    import re
-    words = re.sub(r"[^\w\s']", " ", text.lower()).split()
-    digits = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five",
-              "6": "six", "7": "seven", "8": "eight", "9": "nine", "10": "ten"}
-    return [digits.get(w, w) for w in words]
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate: word-level Levenshtein distance / reference words
-    (lower case, punctuation dropped, single digits spelt out)."""
-    ref, hyp = _tokens(reference), _tokens(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[len(hyp)] / max(len(ref), 1)

@@ -13,8 +13,9 @@ import os
 import secrets
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -64,6 +65,26 @@ def _with_db(base_url: str, dbname: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
 
 
+def _in_thread(fn: Any) -> Any:
+    """Run ``fn`` in a fresh thread: Playwright's sync API (the browser
+    tests) keeps an event loop running in the main thread, where
+    ``asyncio.run`` is refused."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller
+            out["error"] = exc
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
 def _fresh_database(pg_server: str) -> Iterator[str]:
     import asyncpg
 
@@ -76,11 +97,11 @@ def _fresh_database(pg_server: str) -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(run(f'CREATE DATABASE "{name}"'))
+    _in_thread(lambda: asyncio.run(run(f'CREATE DATABASE "{name}"')))
     try:
         yield _with_db(pg_server, name)
     finally:
-        asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _in_thread(lambda: asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
 
 
 @pytest.fixture

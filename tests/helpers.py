@@ -1,21 +1,29 @@
-"""Test helpers: run the real server as a subprocess, talk to it over HTTP."""
+"""Test helpers: run the real server as a subprocess and talk to it (HTTP,
+the tally socket, media peers); or run the application in process with
+``/ws/events`` clients; the stand-ins the in-process tests publish and wait
+with; for the browser tests, a server on a loop of its own thread and the
+control room logged into."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"ReturnFeed is running: https?://[^:]+:(\d+)/")
@@ -114,6 +122,22 @@ class ServerProcess:
             self.proc.wait(10)
 
 
+@contextlib.contextmanager
+def running_server(data_dir: Path, database_url: str, admin_password: str, *, env: dict[str, str] | None = None,
+                   args: list[str] | None = None) -> Iterator[ServerProcess]:
+    """A started :class:`ServerProcess` on ``database_url`` whose admin
+    logs in with ``admin_password`` (more ``env`` and ``args`` as given),
+    stopped on the way out."""
+    srv = ServerProcess(data_dir, env={"DATABASE_URL": database_url, "RETURNFEED_ADMIN_PASSWORD": admin_password,
+                                       **(env or {})}, args=list(args or []))
+    srv.admin_password = admin_password
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
 @dataclass
 class Resp:
     status: int
@@ -147,15 +171,49 @@ def login(base: str, username: str, password: str) -> dict[str, Any]:
     return r.json()
 
 
+def _check(pred: Any, deadline: float) -> Any:
+    """``pred()``; past ``deadline`` (monotonic) a falsy value fails the test."""
+    v = pred()
+    if not v and time.monotonic() > deadline:
+        raise AssertionError("condition not met in time")
+    return v
+
+
 def wait_until(pred: Any, timeout: float = 10, interval: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
+    while not (v := _check(pred, deadline)):
         time.sleep(interval)
+    return v
+
+
+def tally_ws_url(base: str, query: str) -> str:
+    """The ``/ws/tally`` URL of the server at ``base`` with ``query``."""
+    return base.replace("http://", "ws://") + "/ws/tally?" + query
+
+
+async def recv_json(ws: Any, kinds: tuple[str, ...] = ("snapshot", "tally", "error"), timeout: float = 5.0) -> dict:
+    """The next JSON message of one of ``kinds`` on a ``websockets``
+    connection (heartbeats and other types skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), max(0.05, deadline - time.monotonic())))
+        if msg["type"] in kinds:
+            return msg
+
+
+def udp_capture(name: str) -> list[tuple[float, bytes]]:
+    """A live UDP capture of tests/fixtures/ts (``NAME.ts``, and per datagram
+    its arrival second and length in ``NAME.msgs``): (seconds since start,
+    datagram) in arrival order."""
+    fixtures = ROOT / "tests" / "fixtures" / "ts"
+    data = (fixtures / f"{name}.ts").read_bytes()
+    out, pos = [], 0
+    for line in (fixtures / f"{name}.msgs").read_text().split("\n"):
+        if line:
+            t, n = line.split()
+            out.append((float(t), data[pos : pos + int(n)]))
+            pos += int(n)
+    return out
 
 
 def postgres_pids(data_dir: Path) -> list[int]:
@@ -268,3 +326,262 @@ async def aiortc_whep_receive(url: str, token: str, seconds: float, *,
     for t in tasks:
         t.cancel()
     return counts
+
+
+# -- in-process stand-ins ----------------------------------------------------------
+
+@dataclass(slots=True)
+class Unit:
+    """One coded unit as an ingest hands it to ``Publisher.publish`` (the
+    :class:`media.unit.Unit` protocol), for tests that publish by hand."""
+
+    codec: str
+    pts: int
+    dts: int
+    keyframe: bool
+    data: bytes
+
+
+async def until(pred: Any, timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """``wait_until`` on the running event loop: the tasks under test run
+    while it sleeps. Returns ``pred()``'s first truthy value."""
+    deadline = time.monotonic() + timeout
+    while not (v := _check(pred, deadline)):
+        await asyncio.sleep(interval)
+    return v
+
+
+class LoopThread(ABC):
+    """A server set up by the coroutine ``_start`` on an event loop of its
+    own thread, torn down by ``_stop``: for the browser tests, whose main
+    thread Playwright's sync API occupies with its own loop. ``port``: the
+    one ``_start`` listens on."""
+
+    #: Seconds ``start`` waits for ``_start``.
+    start_timeout = 60.0
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @abstractmethod
+    async def _start(self) -> None:
+        """Set the server up and listen (on the loop's thread)."""
+
+    @abstractmethod
+    async def _stop(self) -> None:
+        """Close what ``_start`` opened (on the loop's thread)."""
+
+    def start(self) -> Any:
+        self._thread.start()
+        if not self._ready.wait(self.start_timeout):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self.loop).result(timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the loop (awaited when it is a coroutine), from
+        the test's thread; its result."""
+        async def run() -> Any:
+            v = fn(*args)
+            return await v if inspect.isawaitable(v) else v
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._start())
+        except BaseException as exc:  # re-raised in the test's thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+
+# -- browser pages -----------------------------------------------------------------
+
+class Console:
+    """Console errors and uncaught exceptions of one page."""
+
+    def __init__(self, page: Any, name: str) -> None:
+        self.name = name
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+
+    def assert_clean(self) -> None:
+        assert not self.errors, f"{self.name} page logged errors:\n" + "\n".join(self.errors)
+
+
+def free_udp_port() -> int:
+    """A UDP port free now on 127.0.0.1 (for the server's SRT listener)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def open_control_room(browser: Any, base: str, user: str, password: str, stream: str,
+                      name: str = "control") -> tuple[Any, Any, Console]:
+    """A desktop-sized browser context on ``base``/control, logged in as
+    ``user``, once ``stream``'s tile is on screen: (context, page, console)."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = ctx.new_page()
+    console = Console(page, name)
+    page.goto(f"{base}/control")
+    page.fill("form.login input[name=username]", user)
+    page.fill("form.login input[name=password]", password)
+    page.click("form.login button[type=submit]")
+    page.wait_for_selector(f".tile[data-name={stream}]", timeout=15000)
+    return ctx, page, console
+
+
+# -- the application in process ----------------------------------------------------
+
+class AppEnv:
+    """The application of :func:`app_env` and an HTTP session to it as the
+    users and links of ``tokens`` (by name)."""
+
+    def __init__(self, server: Any, db: Any, tokens: dict[str, str], qc: Any) -> None:
+        import aiohttp
+
+        self.server = server
+        self.db = db
+        self.tokens = tokens
+        self.qc = qc
+        self.session = aiohttp.ClientSession()
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def req(self, method: str, path: str, who: str | None, body: Any = None,
+                  raw: bool = False) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        async with self.session.request(method, self.url(path), json=body, headers=headers) as r:
+            text = await r.text()
+            if raw:
+                return r.status, text
+            return r.status, json.loads(text) if text else None
+
+    async def ws(self, who: str) -> "EventsSocket":
+        ws = await self.session.ws_connect(self.url("/ws/events") + f"?token={self.tokens[who]}")
+        return EventsSocket(ws)
+
+
+class EventsSocket:
+    """A ``/ws/events`` client that collects every message; ``pings`` are
+    answered by aiohttp's autoping."""
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self.messages: list[dict] = []
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        import aiohttp
+
+        async for msg in self.ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                self.messages.append(json.loads(msg.data))
+
+    def of(self, *types: str) -> list[dict]:
+        return [m for m in self.messages if m["type"] in types]
+
+    async def wait(self, pred: Any, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred(self):
+            assert time.monotonic() < deadline, f"timed out; got {self.messages}"
+            await asyncio.sleep(0.02)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.task
+
+
+@contextlib.asynccontextmanager
+async def app_env(db_url: str, data_dir: Path, secret: str,
+                  labels: dict[str, str] | None = None) -> AsyncIterator[AppEnv]:
+    """The real application (:func:`server.app.create_app`) on the
+    PostgreSQL database ``db_url``, behind aiohttp's ``TestServer``.
+
+    Production "show" has streams camA and camB, directors d1 and d2 and a
+    viewer member v; production "other" has camC and no member of "show".
+    Tokens (``AppEnv.tokens``): admin, d1, d2, v, and linkA, a read link for
+    camA (its jti: ``link_jti``). ``labels``: the streams' labels (default:
+    their names)."""
+    from aiohttp.test_utils import TestServer
+
+    from server import repo
+    from server.app import create_app
+    from server.auth import TokenService
+    from server.config import load_settings
+    from server.db import Database
+    from server.directory import Directory
+    from server.keys import QC_EVENTS
+
+    labels = labels or {}
+    settings = load_settings(environ={}, overrides={"database.url": db_url, "data_dir": str(data_dir)})
+    # Not supervised: the outage test sets the database's verdict itself.
+    # Generous timeouts: this machine is shared, and a slow statement is not what these tests are about.
+    db = Database(db_url, data_dir, supervise=False, statement_timeout=10.0, acquire_timeout=5.0)
+    await db.start()
+    tokens = TokenService(secret)
+    async with db.pool.acquire() as conn:
+        users = {n: (await repo.create_user(conn, n, "x", role))["id"]
+                 for n, role in (("admin", "admin"), ("d1", "director"), ("d2", "director"), ("v", "viewer"))}
+        show = (await repo.create_production(conn, "show", "", users["d1"]))["id"]
+        other = (await repo.create_production(conn, "other", "", users["admin"]))["id"]
+        for n, role in (("d1", "director"), ("d2", "director"), ("v", "viewer")):
+            await repo.set_member(conn, show, users[n], role, None)
+        sid = {}
+        for name, prod in (("camA", show), ("camB", show), ("camC", other)):
+            sid[name] = (await repo.create_stream(conn, name, prod, 16, labels.get(name, name), {}))["id"]
+    directory = Directory(db)
+    await directory.start()
+    toks = {n: tokens.issue_access(uid, n, role)[0] for (n, uid), role in
+            zip(users.items(), ("admin", "director", "director", "viewer"))}
+    toks["linkA"], claims = tokens.issue_link("camA", "read", show, 3600, stream_id=sid["camA"])
+    app = create_app(settings, db, tokens, None, None, directory)
+    server = TestServer(app)
+    await server.start_server()
+    await first_purge_done()
+    e = AppEnv(server, db, toks, app[QC_EVENTS])
+    e.directory, e.link_jti = directory, claims.jti
+    try:
+        yield e
+    finally:
+        await e.session.close()
+        await server.close()
+        await directory.stop()
+        await db.close()
+
+
+async def first_purge_done(timeout: float = 10.0) -> None:
+    """Wait until the refresh-token purge the app starts with is asleep.
+
+    Stopping the app while that first purge's statement is in flight can
+    lose the task's cancellation (it then sleeps out its whole interval and
+    the app's cleanup waits on it): a short test would hang in teardown.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        purge = [t for t in asyncio.all_tasks() if t.get_name() == "refresh-purge"]
+        waiting_on = purge[0].get_coro().cr_await if purge else None
+        if not purge or getattr(getattr(waiting_on, "cr_code", None), "co_name", "") == "sleep":
+            return
+        assert time.monotonic() < deadline, "the first refresh-token purge did not finish"
+        await asyncio.sleep(0.01)

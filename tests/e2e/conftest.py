@@ -9,7 +9,8 @@ allowed, real host candidates for WebRTC on loopback).
 ``/ws/tally`` that speaks tally/protocol.py and can be told to go silent
 (heartbeat stopped, socket left open), a ``/whep/{stream}`` that always
 answers 409 + ``Retry-After``, a ``/whip/{stream}`` that keeps the offer,
-and the few API reads the camera and watch pages make. It tests what the browser does with the protocol — timing of
+a ``/ws/events`` that sends a snapshot and pings and can go silent on its
+own, and the few API reads the camera and watch pages make. It tests what the browser does with the protocol — timing of
 "tally lost", sequence numbers, reconnects, Retry-After — independently of
 the server's implementation; the real server is exercised in test_pages.py.
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from helpers import LoopThread
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = "/usr/bin/chromium"
@@ -34,48 +36,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-def _in_thread(fn: Any) -> Any:
-    """Run ``fn`` in a fresh thread: Playwright's sync API keeps an event loop
-    running in the main thread, where ``asyncio.run`` is refused."""
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # re-raised in the caller
-            out["error"] = exc
-
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
-
-
 @pytest.fixture(scope="module")
-def e2e_db_url(pg_server: str) -> Iterator[str]:
-    """A fresh database for one test module (created off the main thread)."""
-    import secrets
-    from urllib.parse import urlsplit, urlunsplit
-
-    import asyncpg
-
-    name = "rf_e2e_" + secrets.token_hex(6)
-
-    async def run(sql: str) -> None:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    _in_thread(lambda: asyncio.run(run(f'CREATE DATABASE "{name}"')))
-    parts = urlsplit(pg_server)
-    try:
-        yield urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-    finally:
-        _in_thread(lambda: asyncio.run(run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+def e2e_db_url(module_db_url: str) -> str:
+    """A fresh database for one test module: tests/conftest.py's, which
+    creates and drops it off the main thread (the browser's loop runs there)."""
+    return module_db_url
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +58,14 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-class ScriptedBackend:
+class ScriptedBackend(LoopThread):
     """Pages + a scripted tally/WHEP peer on one origin (see module docstring)."""
 
     PRODUCTION = 7
+    start_timeout = 15.0
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
+        super().__init__()
         self.sockets: list[Any] = []
         self.received: list[tuple[float, dict[str, Any]]] = []
         self.connections: list[dict[str, str]] = []
@@ -112,35 +77,16 @@ class ScriptedBackend:
         self.seq = 1
         self.retry_after = 1
         self._runner: Any = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._ready = threading.Event()
+        self.event_sockets: list[Any] = []
+        self.events_connections: list[dict[str, str]] = []
+        self.events_received: list[tuple[float, dict[str, Any]]] = []
+        self.events_silent = False
 
     # -- lifecycle ---------------------------------------------------------
-    def start(self) -> "ScriptedBackend":
-        self._thread.start()
-        if not self._ready.wait(15):
-            raise RuntimeError("scripted backend did not start")
-        return self
-
-    def stop(self) -> None:
-        async def _stop() -> None:
-            for ws in list(self.sockets):
-                await ws.close()
-            await self._runner.cleanup()
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._start())
-        self._ready.set()
-        self.loop.run_forever()
+    async def _stop(self) -> None:
+        for ws in list(self.sockets) + list(self.event_sockets):
+            await ws.close()
+        await self._runner.cleanup()
 
     async def _start(self) -> None:
         from aiohttp import web
@@ -156,6 +102,7 @@ class ScriptedBackend:
         app.router.add_post("/whep/{stream}", self._whep)
         app.router.add_post("/whip/{stream}", self._whip)
         app.router.add_get("/ws/tally", self._tally)
+        app.router.add_get("/ws/events", self._events)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -231,22 +178,34 @@ class ScriptedBackend:
                 self.sockets.remove(ws)
         return ws
 
+    async def _events(self, request: Any) -> Any:
+        from aiohttp import WSMsgType, web
+
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self.events_connections.append(dict(request.query))
+        self.event_sockets.append(ws)
+        await ws.send_str(json.dumps({"type": "snapshot", "markers": [], "taps": {}}))
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    self.events_received.append((time.monotonic(), json.loads(msg.data)))
+        finally:
+            if ws in self.event_sockets:
+                self.event_sockets.remove(ws)
+        return ws
+
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(1)
-            if self.silent:
-                continue
-            for ws in list(self.sockets):
-                if not ws.closed:
-                    await ws.send_str('{"type":"ping"}')
+            for sockets, silent in ((self.sockets, self.silent), (self.event_sockets, self.events_silent)):
+                if silent:
+                    continue
+                for ws in list(sockets):
+                    if not ws.closed:
+                        await ws.send_str('{"type":"ping"}')
 
     # -- test controls (call from the test thread) ----------------------------
-    def call(self, fn: Any, *args: Any) -> Any:
-        async def run() -> Any:
-            return await fn(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
-
     def set_source(self, name: str, state: str, seq: int | None = None) -> None:
         """Change a source and send the delta (with ``seq``, default next)."""
         src = {"state": state, "buses": [state] if state in ("program", "preview") else [], "aux": False,

@@ -11,9 +11,7 @@ of ≤ 42 characters, and the CC toggle hides and shows the overlay.
 
 from __future__ import annotations
 
-import asyncio
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +19,8 @@ from typing import Any, Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-from caption_fake_worker import fake_main  # noqa: E402
+from caption_fake_worker import FakeCaptionWorker  # noqa: E402
+from helpers import LoopThread, Unit, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -30,42 +29,18 @@ ARTIFACTS = ROOT / "test-artifacts"
 PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
 
 
-class Backend:
+class Backend(LoopThread):
     """The app + a hub the caption tap reads, on a loop in a thread."""
 
     def __init__(self, db_url: str, data_dir: Path) -> None:
+        super().__init__()
         self.db_url = db_url
         self.data_dir = data_dir
-        self.loop = asyncio.new_event_loop()
-        self.port = 0
         self.link = ""
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> "Backend":
-        self._thread.start()
-        if not self._ready.wait(60):
-            raise RuntimeError("caption backend did not start")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_until_complete(self._start())
-        except BaseException as exc:  # re-raised in the test thread
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self.loop.run_forever()
 
     async def _start(self) -> None:
         from aiohttp import web
 
-        from live_qc.tap import TapWorker
         from media.stream import SourceInfo, StreamHub
         from server import repo
         from server.app import create_app
@@ -98,8 +73,7 @@ class Backend:
         self.hub = StreamHub()
         self.captions = CaptionService(cs, self.hub, self.events, CaptionStore(self.db, self.directory, queue_max=100),
                                        options_for=lambda name: {"language": "en"},
-                                       make_worker=lambda i: TapWorker(cs.queue_frames, i, target=fake_main,
-                                                                       label="fake-captions"),
+                                       make_worker=lambda i: FakeCaptionWorker(cs.queue_frames, i),
                                        poll_s=0.05)
         await self.captions.start()
         stream = self.hub.get_or_create("camA")
@@ -108,23 +82,7 @@ class Backend:
         self._audio(0.0, b"first")
 
     def _audio(self, t: float, data: bytes) -> None:
-        from dataclasses import dataclass
-
-        @dataclass
-        class Unit:
-            codec: str
-            pts: int
-            dts: int
-            keyframe: bool
-            data: bytes
-
         self.pub.publish(Unit("opus", round(t * 90000), round(t * 90000), True, data))
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        async def run() -> Any:
-            return fn(*args)
-
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
     def say(self, t: float, payload: bytes) -> None:
         self.call(self._audio, t, payload)
@@ -136,20 +94,11 @@ class Backend:
         return self.call(lambda: "camA" in self.captions.host.taps
                          and self.captions.host.slots[0].worker is not None)
 
-    def stop(self) -> None:
-        async def _stop() -> None:
-            await self.captions.stop()
-            await self.runner.cleanup()
-            await self.directory.stop()
-            await self.db.close()
-
-        asyncio.run_coroutine_threadsafe(_stop(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    async def _stop(self) -> None:
+        await self.captions.stop()
+        await self.runner.cleanup()
+        await self.directory.stop()
+        await self.db.close()
 
 
 @pytest.fixture(scope="module")
@@ -159,16 +108,6 @@ def backend(e2e_db_url: str, tmp_path_factory) -> Iterator[Backend]:
         yield b
     finally:
         b.stop()
-
-
-def wait(pred: Any, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def overlay(page: Any) -> dict[str, Any]:
@@ -194,8 +133,8 @@ def test_viewer_overlay_shows_partial_then_committed_captions(browser, backend) 
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
         page.goto(f"{backend.url}/watch/camA?token={backend.link}")
-        wait(lambda: backend.clients() >= 1)  # the page's /ws/events socket, with its link
-        wait(backend.tapped)
+        wait_until(lambda: backend.clients() >= 1, timeout=15)  # the page's /ws/events socket, with its link
+        wait_until(backend.tapped, timeout=15)
         time.sleep(0.3)  # the worker has its attach before the first audio
         backend.say(10.0, b"hyp:good evening")
         page.wait_for_function("() => document.querySelector('.cc') && !document.querySelector('.cc').hidden"

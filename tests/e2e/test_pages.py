@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, http, login, wait_until
+from helpers import Console, ServerProcess, free_udp_port, http, login, open_control_room, wait_until
 
 pytestmark = pytest.mark.browser
 
@@ -41,19 +40,6 @@ PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "i
 
 
 # ---------------------------------------------------------------- helpers
-
-class Console:
-    """Console errors and uncaught exceptions of one page."""
-
-    def __init__(self, page: Any, name: str) -> None:
-        self.name = name
-        self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-
-    def assert_clean(self) -> None:
-        assert not self.errors, f"{self.name} page logged errors:\n" + "\n".join(self.errors)
-
 
 def body_tally(page: Any) -> str:
     return page.evaluate("document.body.dataset.tally")
@@ -72,12 +58,6 @@ def video_advances(page: Any, selector: str, seconds: float = 2.0) -> tuple[floa
     time.sleep(seconds)
     t1 = page.evaluate("(s) => document.querySelector(s).currentTime", selector)
     return t0, t1
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shot(page: Any, name: str) -> Path:
@@ -182,6 +162,34 @@ def test_scripted_camera_publishes_over_whip(browser, scripted):
         page.click("#btn-send")
         assert page.get_attribute("#btn-send", "aria-pressed") == "false"
     finally:
+        ctx.close()
+
+
+def test_scripted_events_socket_answers_pings_and_reconnects_after_silence(browser, scripted):
+    """The page's /ws/events socket (events.js EventsSocket, on the same
+    reconnecting shell as the tally's): it answers the server's pings and
+    sends none of its own; 5 s with nothing heard drops it and a new one
+    is opened with the credentials again."""
+    ctx = browser.new_context(**PHONE)
+    try:
+        page = ctx.new_page()
+        page.goto(f"{scripted.url}/camera/cam1?token=link-cam1")
+        wait_until(lambda: scripted.events_connections, timeout=10)
+        assert scripted.events_connections[0]["token"] == "link-cam1"
+        wait_until(lambda: [m for _, m in scripted.events_received if m.get("type") == "pong"], timeout=5)
+        assert {m.get("type") for _, m in scripted.events_received} == {"pong"}
+
+        connections = len(scripted.events_connections)
+        silent_at = time.monotonic()
+        scripted.events_silent = True
+        wait_until(lambda: len(scripted.events_connections) > connections, timeout=15)
+        reconnected_after = time.monotonic() - silent_at
+        print(f"/ws/events reopened {reconnected_after:.2f} s after the server went silent")
+        # The last ping came at most 1 s before the silence: not dropped before 5 s without one.
+        assert reconnected_after >= 3.5, reconnected_after
+        assert scripted.events_connections[-1]["token"] == "link-cam1"
+    finally:
+        scripted.events_silent = False
         ctx.close()
 
 
@@ -307,14 +315,7 @@ def link(show: dict[str, Any], stream: str, action: str, ttl: int = 3600) -> dic
 @pytest.fixture(scope="module")
 def control(browser, live_server, show) -> Iterator[tuple[Any, Console]]:
     """The control room, logged in as the admin, on the test production."""
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-    page = ctx.new_page()
-    console = Console(page, "control")
-    page.goto(f"{live_server.url}/control")
-    page.fill("form.login input[name=username]", "admin")
-    page.fill("form.login input[name=password]", ADMIN_PASSWORD)
-    page.click("form.login button[type=submit]")
-    page.wait_for_selector(".tile[data-name=cam1]", timeout=15000)
+    ctx, page, console = open_control_room(browser, live_server.url, "admin", ADMIN_PASSWORD, "cam1")
     try:
         yield page, console
     finally:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, http, login, wait_until
+from helpers import (
+    Console, ServerProcess, free_udp_port, http, login, open_control_room, running_server, wait_until,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -32,34 +33,11 @@ STREAM = "qccam"
 CYCLE, FAULT = 14, (4, 10)
 
 
-class Console:
-    def __init__(self, page: Any, name: str) -> None:
-        self.name = name
-        self.errors: list[str] = []
-        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
-        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
-
-    def assert_clean(self) -> None:
-        assert not self.errors, f"{self.name} page logged errors:\n" + "\n".join(self.errors)
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(e2e_db_url, tmp_path_factory) -> Iterator[ServerProcess]:
-    srv = ServerProcess(tmp_path_factory.mktemp("qc-srv"),
-                        env={"DATABASE_URL": e2e_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
-                             "RETURNFEED_SRT__LATENCY_MS": "40"},
-                        args=["--srt-port", str(free_udp_port())])
-    srv.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("qc-srv"), e2e_db_url, ADMIN_PASSWORD,
+                        env={"RETURNFEED_SRT__LATENCY_MS": "40"}, args=["--srt-port", str(free_udp_port())]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -115,15 +93,7 @@ def feed(show) -> Iterator[subprocess.Popen]:
 
 
 def open_room(browser, base: str, user: str, password: str) -> tuple[Any, Any, Console]:
-    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
-    page = ctx.new_page()
-    console = Console(page, f"control ({user})")
-    page.goto(f"{base}/control")
-    page.fill("form.login input[name=username]", user)
-    page.fill("form.login input[name=password]", password)
-    page.click("form.login button[type=submit]")
-    page.wait_for_selector(f".tile[data-name={STREAM}]", timeout=15000)
-    return ctx, page, console
+    return open_control_room(browser, base, user, password, STREAM, name=f"control ({user})")
 
 
 TILE = f".tile[data-name={STREAM}]"

@@ -16,75 +16,42 @@ from __future__ import annotations
 import asyncio
 import io
 import sys
-import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import pytest
 import srt
 import webvtt
-from aiohttp.test_utils import TestServer
 
+from helpers import AppEnv as Env
+from helpers import Unit, app_env, until
 from media.stream import SourceInfo, StreamHub
-from server import repo
-from server.app import create_app
-from server.auth import TokenService
 from server.caption_service import CaptionService, CaptionStore
-from server.config import CaptionSettings, load_settings
-from server.db import Database
-from server.directory import Directory
-from server.keys import QC_EVENTS
-from test_qc_events import Env, _first_purge_done
+from server.config import CaptionSettings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "unit"))
-from test_caption_service import FakeCaptionWorker, Unit  # noqa: E402
+from caption_fake_worker import FakeCaptionWorker  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 async def env(db_url: str, tmp_path) -> AsyncIterator[Env]:
-    settings = load_settings(environ={}, overrides={"database.url": db_url, "data_dir": str(tmp_path)})
-    db = Database(db_url, tmp_path, supervise=False, statement_timeout=10.0, acquire_timeout=5.0)
-    await db.start()
-    tokens = TokenService("captions-test-secret-" * 3)
-    async with db.pool.acquire() as conn:
-        users = {n: (await repo.create_user(conn, n, "x", role))["id"]
-                 for n, role in (("admin", "admin"), ("d1", "director"), ("d2", "director"), ("v", "viewer"))}
-        show = (await repo.create_production(conn, "show", "", users["d1"]))["id"]
-        other = (await repo.create_production(conn, "other", "", users["admin"]))["id"]
-        for n, role in (("d1", "director"), ("d2", "director"), ("v", "viewer")):
-            await repo.set_member(conn, show, users[n], role, None)
-        sid = {}
-        for name, prod, label in (("camA", show, "Host"), ("camB", show, "Guest"), ("camC", other, "C")):
-            sid[name] = (await repo.create_stream(conn, name, prod, 16, label, {}))["id"]
-    directory = Directory(db)
-    await directory.start()
-    toks = {n: tokens.issue_access(uid, n, role)[0] for (n, uid), role in
-            zip(users.items(), ("admin", "director", "director", "viewer"))}
-    toks["linkA"], _ = tokens.issue_link("camA", "read", show, 3600, stream_id=sid["camA"])
-    app = create_app(settings, db, tokens, None, None, directory)
-    server = TestServer(app)
-    await server.start_server()
-    await _first_purge_done()
-    e = Env(server, db, toks, app[QC_EVENTS])
-    # The caption tap as the app wires it, on a hub of its own and the stand-in worker.
-    cs = CaptionSettings(enabled=True)
-    e.hub = StreamHub()
-    e.store = CaptionStore(db, directory, queue_max=cs.write_queue_max)
-    e.options = {"camA": {"language": "en"}, "camB": {"language": "en"}, "camC": {"language": "en"}}
-    e.captions = CaptionService(cs, e.hub, e.qc, e.store, options_for=lambda name: e.options.get(name),
-                                make_worker=lambda i: FakeCaptionWorker(cs.queue_frames, i), poll_s=0.05)
-    await e.captions.start()
-    try:
-        yield e
-    finally:
-        await e.captions.stop()
-        await e.session.close()
-        await server.close()
-        await directory.stop()
-        await db.close()
+    async with app_env(db_url, tmp_path, "captions-test-secret-" * 3,
+                       labels={"camA": "Host", "camB": "Guest", "camC": "C"}) as e:
+        # The caption tap as the app wires it, on a hub of its own and the stand-in worker.
+        cs = CaptionSettings(enabled=True)
+        e.hub = StreamHub()
+        e.store = CaptionStore(e.db, e.directory, queue_max=cs.write_queue_max)
+        e.options = {"camA": {"language": "en"}, "camB": {"language": "en"}, "camC": {"language": "en"}}
+        e.captions = CaptionService(cs, e.hub, e.qc, e.store, options_for=lambda name: e.options.get(name),
+                                    make_worker=lambda i: FakeCaptionWorker(cs.queue_frames, i), poll_s=0.05)
+        await e.captions.start()
+        try:
+            yield e
+        finally:
+            await e.captions.stop()
 
 
 def publisher(env: Env, name: str):
@@ -97,16 +64,6 @@ def publisher(env: Env, name: str):
 
 def say(pub, t: float, payload: bytes) -> None:
     pub.publish(Unit("opus", round(t * 90000), round(t * 90000), True, payload))
-
-
-async def until(pred, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def _running(env: Env, *names: str) -> None:

@@ -32,23 +32,15 @@ import pytest
 import websockets
 
 from helpers import (
-    ServerProcess, aiortc_whep_receive, ffmpeg_publish, http, login, postgres_pids, stop_process, wait_live,
-    wait_until,
+    ServerProcess, aiortc_whep_receive, ffmpeg_publish, http, login, postgres_pids, recv_json, stop_process,
+    tally_ws_url, wait_live, wait_until,
 )
 
 pytestmark = pytest.mark.integration
 
 
-def _ws_url(base: str, query: str) -> str:
-    return base.replace("http://", "ws://") + "/ws/tally?" + query
-
-
 async def _recv(ws: Any, kinds: tuple[str, ...] = ("snapshot", "tally"), timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        msg = json.loads(await asyncio.wait_for(ws.recv(), max(0.05, deadline - time.monotonic())))
-        if msg["type"] in kinds:
-            return msg
+    return await recv_json(ws, kinds, timeout)
 
 
 def _states(msg: dict) -> dict[str, str]:
@@ -199,7 +191,7 @@ def test_frozen_database_keeps_tally_viewers_and_publishers(show) -> None:
 
     async def run() -> None:
         nonlocal outage_link_jti
-        async with websockets.connect(_ws_url(base, f"production={pid}"), additional_headers=hdr) as director:
+        async with websockets.connect(tally_ws_url(base, f"production={pid}"), additional_headers=hdr) as director:
             await _recv(director)  # snapshot: the production's tally is loaded before the freeze
             pg = _process_tree(postgres_pids(data))
             assert len(pg) > 3, "embedded postgres and its backends should be running"
@@ -242,7 +234,7 @@ def test_frozen_database_keeps_tally_viewers_and_publishers(show) -> None:
 
                 # A new /ws/tally client (camera link) gets its snapshot and the next cut.
                 cam_link = show["pub2"]["token"]
-                async with websockets.connect(_ws_url(base, f"token={cam_link}")) as cam:
+                async with websockets.connect(tally_ws_url(base, f"token={cam_link}")) as cam:
                     snap = await _recv(cam, ("snapshot",))
                     assert set(snap["sources"]) == {"cam2"} and snap["sources"]["cam2"]["state"] == "program"
                     await director.send(json.dumps({"type": "cut", "source": "cam1"}))
@@ -358,8 +350,8 @@ def test_external_restart_two_nodes_converge(external_pg, tmp_path: Path) -> Non
         hdr = {"Authorization": f"Bearer {admin}"}
 
         async def run() -> int:
-            async with websockets.connect(_ws_url(a.url, f"production={pid}"), additional_headers=hdr) as wa, \
-                    websockets.connect(_ws_url(b.url, f"production={pid}"), additional_headers=hdr) as wb:
+            async with websockets.connect(tally_ws_url(a.url, f"production={pid}"), additional_headers=hdr) as wa, \
+                    websockets.connect(tally_ws_url(b.url, f"production={pid}"), additional_headers=hdr) as wb:
                 await _recv(wa)
                 await _recv(wb)
                 await wa.send(json.dumps({"type": "cut", "source": "c1"}))

@@ -16,7 +16,9 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 import websockets
 
-from helpers import ServerProcess, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live, wait_until
+from helpers import (
+    ServerProcess, ffmpeg_publish, http, login, metrics_url, running_server, stop_process, wait_live, wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -30,15 +32,9 @@ ICE = json.dumps([{"urls": "stun:stun.example.net:3478"},
 
 @pytest.fixture(scope="module")
 def srv(module_db_url, tmp_path_factory):
-    s = ServerProcess(tmp_path_factory.mktemp("hardening"),
-                      env={"DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-9",
-                           "RETURNFEED_WEBRTC__ICE_SERVERS": ICE, "RETURNFEED_LOG__LEVEL": "DEBUG"})
-    s.admin_password = "admin-password-9"
-    s.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("hardening"), module_db_url, "admin-password-9",
+                        env={"RETURNFEED_WEBRTC__ICE_SERVERS": ICE, "RETURNFEED_LOG__LEVEL": "DEBUG"}) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="module")

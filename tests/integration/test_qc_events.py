@@ -1,8 +1,9 @@
 """QC markers live and stored (issue 12): QcEvents → /ws/events, PostgreSQL, REST.
 
 In process: the real application (:func:`server.app.create_app`) on a real
-PostgreSQL, behind aiohttp's ``TestServer``; markers are fed to
-``app[QC_EVENTS]`` exactly as the QC tap does (on the event loop).
+PostgreSQL, behind aiohttp's ``TestServer`` (tests/helpers.py ``app_env``);
+markers are fed to ``app[QC_EVENTS]`` exactly as the QC tap does (on the
+event loop).
 
 Production "show" has streams camA and camB, directors d1 and d2 and a
 viewer member v; production "other" has camC and no member of "show".
@@ -13,132 +14,24 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
-import json
 import time
 from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
+from helpers import AppEnv as Env
+from helpers import app_env
 from live_qc.engine import Meters
 from live_qc.markers import Marker, MarkerEvent
-from server import repo
-from server.app import create_app
-from server.auth import TokenService
-from server.config import load_settings
-from server.db import Database
-from server.directory import Directory
-from server.keys import QC_EVENTS
 
 pytestmark = pytest.mark.integration
 
 
-class Env:
-    def __init__(self, server: TestServer, db: Database, tokens: dict[str, str], qc: Any) -> None:
-        self.server = server
-        self.db = db
-        self.tokens = tokens
-        self.qc = qc
-        self.session = aiohttp.ClientSession()
-
-    def url(self, path: str) -> str:
-        return str(self.server.make_url(path))
-
-    async def req(self, method: str, path: str, who: str | None, body: Any = None,
-                  raw: bool = False) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
-        async with self.session.request(method, self.url(path), json=body, headers=headers) as r:
-            text = await r.text()
-            if raw:
-                return r.status, text
-            return r.status, json.loads(text) if text else None
-
-    async def ws(self, who: str) -> "Socket":
-        ws = await self.session.ws_connect(self.url("/ws/events") + f"?token={self.tokens[who]}")
-        return Socket(ws)
-
-
-class Socket:
-    """Collects every message; ``pings`` are answered by aiohttp's autoping."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.messages: list[dict] = []
-        self.task = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        async for msg in self.ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                self.messages.append(json.loads(msg.data))
-
-    def of(self, *types: str) -> list[dict]:
-        return [m for m in self.messages if m["type"] in types]
-
-    async def wait(self, pred, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not pred(self):
-            assert time.monotonic() < deadline, f"timed out; got {self.messages}"
-            await asyncio.sleep(0.02)
-
-    async def close(self) -> None:
-        await self.ws.close()
-        await self.task
-
-
 @pytest.fixture
 async def env(db_url: str, tmp_path) -> AsyncIterator[Env]:
-    settings = load_settings(environ={}, overrides={"database.url": db_url, "data_dir": str(tmp_path)})
-    # Not supervised: the outage test sets the database's verdict itself.
-    # Generous timeouts: this machine is shared, and a slow statement is not what these tests are about.
-    db = Database(db_url, tmp_path, supervise=False, statement_timeout=10.0, acquire_timeout=5.0)
-    await db.start()
-    tokens = TokenService("qc-events-test-secret-" * 3)
-    async with db.pool.acquire() as conn:
-        users = {n: (await repo.create_user(conn, n, "x", role))["id"]
-                 for n, role in (("admin", "admin"), ("d1", "director"), ("d2", "director"), ("v", "viewer"))}
-        show = (await repo.create_production(conn, "show", "", users["d1"]))["id"]
-        other = (await repo.create_production(conn, "other", "", users["admin"]))["id"]
-        for n, role in (("d1", "director"), ("d2", "director"), ("v", "viewer")):
-            await repo.set_member(conn, show, users[n], role, None)
-        sid = {}
-        for name, prod in (("camA", show), ("camB", show), ("camC", other)):
-            sid[name] = (await repo.create_stream(conn, name, prod, 16, name, {}))["id"]
-    directory = Directory(db)
-    await directory.start()
-    toks = {n: tokens.issue_access(uid, n, role)[0] for (n, uid), role in
-            zip(users.items(), ("admin", "director", "director", "viewer"))}
-    toks["linkA"], claims = tokens.issue_link("camA", "read", show, 3600, stream_id=sid["camA"])
-    app = create_app(settings, db, tokens, None, None, directory)
-    server = TestServer(app)
-    await server.start_server()
-    await _first_purge_done()
-    e = Env(server, db, toks, app[QC_EVENTS])
-    e.directory, e.link_jti = directory, claims.jti
-    try:
+    async with app_env(db_url, tmp_path, "qc-events-test-secret-" * 3) as e:
         yield e
-    finally:
-        await e.session.close()
-        await server.close()
-        await directory.stop()
-        await db.close()
-
-
-async def _first_purge_done(timeout: float = 10.0) -> None:
-    """Wait until the refresh-token purge the app starts with is asleep.
-
-    Stopping the app while that first purge's statement is in flight can
-    lose the task's cancellation (it then sleeps out its whole interval and
-    the app's cleanup waits on it): a short test here would hang in teardown.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        purge = [t for t in asyncio.all_tasks() if t.get_name() == "refresh-purge"]
-        waiting_on = purge[0].get_coro().cr_await if purge else None
-        if not purge or getattr(getattr(waiting_on, "cr_code", None), "co_name", "") == "sleep":
-            return
-        assert time.monotonic() < deadline, "the first refresh-token purge did not finish"
-        await asyncio.sleep(0.01)
 
 
 def _ev(kind: str, type_: str, start: float, end: float | None = None, **meta: Any) -> MarkerEvent:

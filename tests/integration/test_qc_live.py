@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from helpers import ServerProcess, http, login, metrics_url, stop_process, wait_until
+from helpers import http, login, metrics_url, running_server, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -48,15 +48,9 @@ def markers(output: list[str], stream: str) -> list[tuple[str, str, float, float
 @pytest.fixture
 def qc_server(module_db_url: str, tmp_path):
     """A server with the QC tap on (it is opt-in: ``qc.enabled``)."""
-    srv = ServerProcess(tmp_path / "srv", env={"DATABASE_URL": module_db_url,
-                                               "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
-                                               "RETURNFEED_QC__ENABLED": "true"})
-    srv.admin_password = "admin-password-1"
-    srv.start()
-    try:
+    with running_server(tmp_path / "srv", module_db_url, "admin-password-1",
+                        env={"RETURNFEED_QC__ENABLED": "true"}) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_live_feed_faults_become_open_then_close_markers(qc_server) -> None:

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 
-from helpers import ServerProcess, http, login, stop_process, wait_until
+from helpers import http, login, running_server, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -24,13 +24,8 @@ ADMIN_PASSWORD = "admin-password-1"
 @pytest.fixture(scope="module")
 def server(module_db_url: str, tmp_path_factory):
     """QC at its default: off for every stream."""
-    srv = ServerProcess(tmp_path_factory.mktemp("srv"),
-                        env={"DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD})
-    srv.start()
-    try:
+    with running_server(tmp_path_factory.mktemp("srv"), module_db_url, ADMIN_PASSWORD) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

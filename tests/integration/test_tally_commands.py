@@ -14,17 +14,9 @@ import asyncpg
 import pytest
 import websockets
 
-from helpers import http, login
+from helpers import http, login, recv_json
 
 pytestmark = pytest.mark.integration
-
-
-async def _recv_json(ws, kinds=("snapshot", "tally", "error"), timeout=5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        msg = json.loads(await asyncio.wait_for(ws.recv(), max(0.05, deadline - time.monotonic())))
-        if msg["type"] in kinds:
-            return msg
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +50,10 @@ def test_rest_refuses_a_command_as_the_websocket_does(env) -> None:
     async def ws_errors() -> list[dict]:
         out = []
         async with websockets.connect(env["ws"]) as ws:
-            await _recv_json(ws, ("snapshot",))
+            await recv_json(ws, ("snapshot",))
             for i, (cmd, _, _) in enumerate(BAD_COMMANDS):
                 await ws.send(json.dumps({**cmd, "id": i}))
-                out.append(await _recv_json(ws, ("error",)))
+                out.append(await recv_json(ws, ("error",)))
         return out
 
     over_ws = asyncio.run(ws_errors())
@@ -83,14 +75,14 @@ def test_rest_refuses_heartbeats_as_commands(env) -> None:
 def test_rest_cut_reaches_websocket_clients(env) -> None:
     async def run() -> None:
         async with websockets.connect(env["ws"]) as ws:
-            snap = await _recv_json(ws, ("snapshot",))
+            snap = await recv_json(ws, ("snapshot",))
             target = "cmd2" if snap["sources"]["cmd2"]["state"] != "program" else "cmd1"
             r = await asyncio.to_thread(http, "POST", f"{env['base']}/api/v1/productions/{env['pid']}/tally",
                                         {"type": "cut", "source": target}, token=env["admin"])
             assert r.status == 200
             rest = r.json()
             assert rest["sources"][target]["state"] == "program" and rest["program"] == target
-            delta = await _recv_json(ws, ("tally",))
+            delta = await recv_json(ws, ("tally",))
             assert delta["seq"] == rest["seq"] and delta["sources"][target]["state"] == "program"
 
     asyncio.run(run())

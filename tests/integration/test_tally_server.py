@@ -11,22 +11,9 @@ import time
 import pytest
 import websockets
 
-from helpers import ServerProcess, http, login, metrics_url
+from helpers import ServerProcess, http, login, metrics_url, recv_json, tally_ws_url
 
 pytestmark = pytest.mark.integration
-
-
-async def _recv_json(ws, kinds=("snapshot", "tally", "error"), timeout=5.0) -> dict:
-    """Next message of one of ``kinds`` (heartbeats skipped)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        msg = json.loads(await asyncio.wait_for(ws.recv(), max(0.05, deadline - time.monotonic())))
-        if msg["type"] in kinds:
-            return msg
-
-
-def _ws_url(base: str, query: str) -> str:
-    return base.replace("http://", "ws://") + "/ws/tally?" + query
 
 
 @pytest.fixture(scope="module")
@@ -56,33 +43,33 @@ def test_ws_refusals(env) -> None:
             return exc.response.status_code
 
     async def run():
-        assert await status(_ws_url(base, f"production={env['prod']['id']}")) == 401
-        assert await status(_ws_url(base, "token=garbage")) == 401
-        assert await status(_ws_url(base, f"token={env['admin']}")) == 400  # which production?
-        assert await status(_ws_url(base, f"token={env['admin']}&production=99999")) == 404
+        assert await status(tally_ws_url(base, f"production={env['prod']['id']}")) == 401
+        assert await status(tally_ws_url(base, "token=garbage")) == 401
+        assert await status(tally_ws_url(base, f"token={env['admin']}")) == 400  # which production?
+        assert await status(tally_ws_url(base, f"token={env['admin']}&production=99999")) == 404
 
     asyncio.run(run())
     r = http("POST", f"{base}/api/v1/users", {"username": "stranger", "password": "stranger-password", "role": "viewer"},
              token=env["admin"])
     assert r.status == 201
     stranger = login(base, "stranger", "stranger-password")["access_token"]
-    assert asyncio.run(status(_ws_url(base, f"token={stranger}&production={env['prod']['id']}"))) == 403
+    assert asyncio.run(status(tally_ws_url(base, f"token={stranger}&production={env['prod']['id']}"))) == 403
 
 
 def test_snapshot_then_ordered_deltas_and_camera_cannot_cut(env) -> None:
     base, pid = env["base"], env["prod"]["id"]
 
     async def run():
-        async with websockets.connect(_ws_url(base, f"token={env['link']}")) as cam, \
-                websockets.connect(_ws_url(base, f"production={pid}"),
+        async with websockets.connect(tally_ws_url(base, f"token={env['link']}")) as cam, \
+                websockets.connect(tally_ws_url(base, f"production={pid}"),
                                    additional_headers={"Authorization": f"Bearer {env['admin']}"}) as director:
-            snap = await _recv_json(cam)
+            snap = await recv_json(cam)
             # a camera link sees its own camera only
             assert snap["type"] == "snapshot" and set(snap["sources"]) == {"cam2"}
-            seq0 = (await _recv_json(director))["seq"]
+            seq0 = (await recv_json(director))["seq"]
             # a camera link cannot switch: error, nothing changes
             await cam.send(json.dumps({"type": "cut", "source": "cam2", "id": 7}))
-            err = await _recv_json(cam, ("error",))
+            err = await recv_json(cam, ("error",))
             assert err["code"] == "forbidden" and err["id"] == 7
             seqs = []
             cam_states = []
@@ -91,10 +78,10 @@ def test_snapshot_then_ordered_deltas_and_camera_cannot_cut(env) -> None:
                                       ({"type": "cut", "source": "cam2"}, True)):
                 t0 = time.perf_counter()
                 await director.send(json.dumps(cmd))
-                d = await _recv_json(director, ("tally",))
+                d = await recv_json(director, ("tally",))
                 seqs.append(d["seq"])
                 if cam2_changes:
-                    c = await _recv_json(cam, ("tally",))
+                    c = await recv_json(cam, ("tally",))
                     assert set(c["sources"]) == {"cam2"} and c["seq"] == d["seq"]
                     cam_states.append(c["sources"]["cam2"]["state"])
                 assert time.perf_counter() - t0 < 2.0
@@ -195,14 +182,14 @@ def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:
         r = await asyncio.to_thread(http, "PUT", f"{base}/api/v1/productions/{pid}/tally/config", cfg,
                                     token=env["admin"])
         assert r.status == 200, r.body
-        async with websockets.connect(_ws_url(base, f"production={pid}"),
+        async with websockets.connect(tally_ws_url(base, f"production={pid}"),
                                       additional_headers={"Authorization": f"Bearer {env['admin']}"}) as ws:
-            snap = await _recv_json(ws)
+            snap = await recv_json(ws)
             state = dict((k, v["state"]) for k, v in snap["sources"].items())
             # vMix reported "20": input 1 preview, input 2 off — or still unknown if not yet synced
             got = dict(state)
             while got.get("vt1") != "preview":
-                d = await _recv_json(ws, ("tally",))
+                d = await recv_json(ws, ("tally",))
                 got.update({k: v["state"] for k, v in d["sources"].items()})
             assert got["gfx"] == "off"
             assert got["ext1"] == "unknown"  # TSL has not spoken yet
@@ -210,7 +197,7 @@ def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:
                 w.write(b"TALLY OK 12\r\n")
                 await w.drain()
             while got.get("vt1") != "program":
-                d = await _recv_json(ws, ("tally",))
+                d = await recv_json(ws, ("tally",))
                 got.update({k: v["state"] for k, v in d["sources"].items()})
             assert got["gfx"] == "preview"
             # TSL 3.1 in: address 5, tally 1 on → program (UDP → WebSocket)
@@ -220,7 +207,7 @@ def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:
             t0 = time.perf_counter()
             sock.sendto(TslV31Message(5, (True, False, False, False), 3, "EXT1").serialize(), ("127.0.0.1", tsl_port))
             while got.get("ext1") != "program":
-                d = await _recv_json(ws, ("tally",))
+                d = await recv_json(ws, ("tally",))
                 got.update({k: v["state"] for k, v in d["sources"].items()})
             print(f"TSL UDP in -> WebSocket out: {(time.perf_counter() - t0) * 1000:.2f} ms")
             sock.close()
@@ -229,7 +216,7 @@ def test_vmix_and_tsl_adapters_configured_through_the_api(env) -> None:
                 w.close()
             server.close()
             while got.get("vt1") != "unknown":
-                d = await _recv_json(ws, ("tally",), timeout=10)
+                d = await recv_json(ws, ("tally",), timeout=10)
                 got.update({k: v["state"] for k, v in d["sources"].items()})
             assert got["gfx"] == "unknown" and got["ext1"] == "program"
         m = (await asyncio.to_thread(http, "GET", metrics_url(base))).body.decode()
@@ -255,16 +242,16 @@ def test_state_survives_restart_and_two_nodes_share_sequence(db_url, tmp_path) -
 
         async def run():
             hdr = {"Authorization": f"Bearer {admin}"}
-            async with websockets.connect(_ws_url(a.url, f"production={pid}"), additional_headers=hdr) as wa, \
-                    websockets.connect(_ws_url(b.url, f"production={pid}"), additional_headers=hdr) as wb:
-                await _recv_json(wa)
-                await _recv_json(wb)
+            async with websockets.connect(tally_ws_url(a.url, f"production={pid}"), additional_headers=hdr) as wa, \
+                    websockets.connect(tally_ws_url(b.url, f"production={pid}"), additional_headers=hdr) as wb:
+                await recv_json(wa)
+                await recv_json(wb)
                 seen_a, seen_b = [], []
                 for cmd in ({"type": "cut", "source": "c1"}, {"type": "preview", "source": "c2"},
                             {"type": "take", "duration": 0}):
                     await wa.send(json.dumps(cmd))
-                    da = await _recv_json(wa, ("tally",))
-                    db_ = await _recv_json(wb, ("tally",))
+                    da = await recv_json(wa, ("tally",))
+                    db_ = await recv_json(wb, ("tally",))
                     seen_a.append((da["seq"], {k: v["state"] for k, v in da["sources"].items()}))
                     seen_b.append((db_["seq"], {k: v["state"] for k, v in db_["sources"].items()}))
                 return seen_a, seen_b
@@ -307,7 +294,7 @@ def test_ws_caps_per_link_ip_and_production(db_url, tmp_path) -> None:
                               token=admin).json()["token"])
 
         async def open_ws(query: str, ip: str):
-            ws = await websockets.connect(_ws_url(base, query), local_addr=(ip, 0))
+            ws = await websockets.connect(tally_ws_url(base, query), local_addr=(ip, 0))
             try:
                 msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
             except websockets.ConnectionClosed as exc:

@@ -7,7 +7,9 @@
 * ``die`` — exits at once with code 3 (a crash);
 * anything else — counted (``stats`` ``extra["frames"]``).
 
-Kept free of heavy imports: it is what the spawned child imports.
+Kept free of heavy imports: it is what the spawned child imports
+(``FakeCaptionWorker``, for the parent, imports the tap's process handling
+when called).
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ def _caption(name: str, t: float, text: str, final: bool) -> Caption:
                   for i, w in enumerate(text.split()))
     end = words[-1].end if words else t
     return Caption(name, final, t, end, " ".join(w.text for w in words), words, "en")
+
+
+def FakeCaptionWorker(capacity: int, index: int = 0) -> Any:
+    """A TapWorker (live_qc.tap) running this stand-in as its process's main."""
+    from live_qc.tap import TapWorker
+
+    return TapWorker(capacity, index, target=fake_main, label="fake-captions")
 
 
 def fake_main(inq: Any, results: Any, parent_pid: int | None = None) -> None:

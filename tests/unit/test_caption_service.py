@@ -14,26 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from caption_fake_worker import fake_main
+from caption_fake_worker import FakeCaptionWorker
+from helpers import Unit, until
 from live_qc.tap import TapWorker
 from media.stream import SourceInfo, StreamHub
 from server.caption_service import CaptionService, default_options_for
 from server.config import CaptionSettings
 from server.tap_host import next_backoff
-
-
-def FakeCaptionWorker(capacity: int, index: int = 0) -> TapWorker:
-    """TapWorker's process handling around the stand-in worker's main."""
-    return TapWorker(capacity, index, target=fake_main, label="fake-captions")
-
-
-@dataclass
-class Unit:
-    codec: str
-    pts: int
-    dts: int
-    keyframe: bool
-    data: bytes
 
 
 class Sink:
@@ -63,16 +50,6 @@ class Store:
 
     def collect(self):
         return iter(())
-
-
-async def until(pred, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met in time")
 
 
 def audio(t: float, data: bytes) -> Unit:

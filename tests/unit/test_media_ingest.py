@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import udp_capture
 from media.ingest.ts import IngestCounters, TsIngest
 from media.mpegts import Pmt, PmtTrack
 from media.mpegts.demux import TsDemuxer
@@ -55,18 +56,6 @@ def program_of(data: bytes) -> Pmt:
         if isinstance(ev, ProgramChanged):
             return ev.pmt
     raise AssertionError("no PMT in the capture")
-
-
-def capture(name: str) -> list[tuple[float, bytes]]:
-    """A live UDP capture: (seconds since start, message) in arrival order."""
-    data = load(f"{name}.ts")
-    out, pos = [], 0
-    for line in (FIXTURES / f"{name}.msgs").read_text().split("\n"):
-        if line:
-            t, n = line.split()
-            out.append((float(t), data[pos : pos + int(n)]))
-            pos += int(n)
-    return out
 
 
 class Harness:
@@ -159,7 +148,7 @@ def test_quiet_period_releases_a_frame_through_the_timer() -> None:
     marker: the ingest asks for a timer, and handle_timer at that time
     releases the frame, before the next message (which starts the next
     frame) arrives. An early call releases nothing."""
-    msgs = capture("h264_udp_exact_full_message")
+    msgs = udp_capture("h264_udp_exact_full_message")
     h = Harness()
     released_by_timer: list[tuple[int, AccessUnit]] = []
     early_calls = 0

@@ -9,10 +9,11 @@ import time
 
 import pytest
 
+from helpers import Unit, until
 from media.stream import SourceInfo, StreamHub
 from server.config import QcSettings
 from server.qc_service import QcService
-from test_qc_tap_service import RecordingSink, Unit, until
+from test_qc_tap_service import RecordingSink
 
 IDR = b"\x00\x00\x00\x01\x65\x88\x84\x00\x33"
 OPUS = b"\xfc\xff\xfe"  # TOC: CELT 20 ms stereo

@@ -14,7 +14,8 @@ from server.config import QcSettings
 from server.qc_service import QcService
 from server.stream_settings import StreamSettings
 from test_qc_tap import BLACK_END, BLACK_START, clip, make_clip, packets  # noqa: F401 (fixture)
-from test_qc_tap_service import RecordingSink, publish, until
+from helpers import until
+from test_qc_tap_service import RecordingSink, publish
 
 
 class Pipe:

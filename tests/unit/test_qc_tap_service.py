@@ -7,23 +7,14 @@ import asyncio
 import os
 import signal
 import time
-from dataclasses import dataclass
 
 import pytest
 
+from helpers import Unit, until
 from media.stream import SourceInfo, StreamHub
 from server.config import QcSettings
 from server.qc_service import QcService, next_backoff
 from test_qc_tap import BLACK_END, BLACK_START, clip, make_clip, packets  # noqa: F401 (fixture)
-
-
-@dataclass
-class Unit:
-    codec: str
-    pts: int
-    dts: int
-    keyframe: bool
-    data: bytes
 
 
 class RecordingSink:
@@ -40,16 +31,6 @@ class RecordingSink:
 
     def tap_state(self, stream, state, detail=""):
         self.states.append((stream, state, detail))
-
-
-async def until(pred, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_backoff_doubles_from_half_a_second_to_thirty() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+from helpers import udp_capture
 from media.stream import Frame
 from server.config import Settings
 from server.media_service import MediaService, SrtIngest
@@ -30,18 +31,6 @@ class FakeConnection:
         return False  # everything received has been handed to on_data
 
 
-def capture(name: str) -> list[tuple[float, bytes]]:
-    data = (FIXTURES / f"{name}.ts").read_bytes()
-    out = []
-    pos = 0
-    for line in (FIXTURES / f"{name}.msgs").read_text().split("\n"):
-        if line:
-            t, n = line.split()
-            out.append((float(t), data[pos : pos + int(n)]))
-            pos += int(n)
-    return out
-
-
 def last_video_packet_of_full_message(msgs: list[tuple[float, bytes]]) -> int:
     """Index of the full message whose last packet ends a video PES exactly
     (no adaptation field) and is followed by the next PES start."""
@@ -57,7 +46,7 @@ def last_video_packet_of_full_message(msgs: list[tuple[float, bytes]]) -> int:
 
 
 def test_quiet_timer_releases_a_frame_before_the_next_one_arrives() -> None:
-    msgs = capture("h264_udp_exact_full_message")
+    msgs = udp_capture("h264_udp_exact_full_message")
     exact = last_video_packet_of_full_message(msgs)
 
     async def run() -> tuple[list[tuple[int | None, int, Frame]], MediaService]:

@@ -6,23 +6,13 @@ is an in-process stand-in that records what the host sends it."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
 
+from helpers import Unit, until
 from media.stream import SourceInfo, StreamHub, StreamState
 from server.tap_host import TapHost, TapSpec
-
-
-@dataclass
-class Unit:
-    codec: str
-    pts: int
-    dts: int
-    keyframe: bool
-    data: bytes
 
 
 class Channel:
@@ -92,16 +82,6 @@ class Worker:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-
-
-async def until(pred, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 class Owner:

@@ -16,15 +16,15 @@
  * colour), the socket is dropped and a new one opened (backoff 0.25 … 5 s);
  * the new snapshot replaces everything. Close codes 4000 (too slow), 4001
  * (heartbeat timeout) and 1001 (server going away) all just reconnect.
+ * The socket, its pings, backoff and status are events.js's
+ * ReconnectingSocket, the same as the /ws/events socket's.
  *
  * status: "connecting" (no snapshot yet) → "live" → "lost" → "live" …
  */
 
-const SILENCE_MS = 3000;
-const PING_MS = 1000;
-const BACKOFF_MS = [250, 500, 1000, 2000, 5000];
+import { ReconnectingSocket } from "./events.js";
 
-export class TallyClient {
+export class TallyClient extends ReconnectingSocket {
   /**
    * @param {object} o
    * @param {number|string} o.production  production id
@@ -34,46 +34,12 @@ export class TallyClient {
    * @param {(err: {code: string, detail: string, id?: any}) => void} [o.onError]
    */
   constructor({ production, auth, onChange, onStatus, onError, path = "/ws/tally" }) {
+    super({ path, auth, query: { production: String(production) }, silenceMs: 3000, pingMs: 1000, onStatus, onError });
     this.production = production;
-    this.auth = auth;
-    this.path = path;
     this.onChange = onChange || (() => {});
-    this.onStatus = onStatus || (() => {});
-    this.onError = onError || (() => {});
     this.sources = new Map();
     this.seq = -Infinity;
-    this.status = "connecting";
-    this.ws = null;
-    this.lastHeard = 0;
-    this.attempt = 0;
     this.nextId = 1;
-    this.stopped = true;
-    this._timer = null;
-    this._reconnectTimer = null;
-  }
-
-  start() {
-    if (!this.stopped) return;
-    this.stopped = false;
-    this._startedAt = performance.now();
-    this._connect();
-    this._timer = setInterval(() => this._tick(), PING_MS / 4);
-  }
-
-  stop() {
-    this.stopped = true;
-    clearInterval(this._timer);
-    clearTimeout(this._reconnectTimer);
-    if (this.ws) {
-      const ws = this.ws;
-      this.ws = null;
-      ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
-      try {
-        ws.close(1000, "bye");
-      } catch {
-        // already closing
-      }
-    }
   }
 
   /** State of one source as a tally light should show it. */
@@ -99,70 +65,26 @@ export class TallyClient {
 
   /** Send a command; returns its id (echoed in an error), or null when not connected. */
   send(msg) {
-    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) {
+    const id = this.nextId;
+    if (!this._write({ ...msg, id })) {
       this.onError({ code: "not_connected", detail: "tally is not connected" });
       return null;
     }
-    const id = this.nextId++;
-    this.ws.send(JSON.stringify({ ...msg, id }));
+    this.nextId++;
     return id;
   }
 
-  async _connect() {
-    if (this.stopped) return;
-    let token;
-    try {
-      token = await this.auth.token();
-    } catch (err) {
-      this.onError({ code: "auth", detail: err.message || String(err) });
-      this._scheduleReconnect();
-      return;
-    }
-    if (this.stopped) return;
-    const proto = location.protocol === "https:" ? "wss:" : "ws:";
-    const q = new URLSearchParams({ token, production: String(this.production) });
-    const ws = new WebSocket(`${proto}//${location.host}${this.path}?${q}`);
-    this.ws = ws;
-    this.lastHeard = performance.now();
-    this.connectedAt = null;
-    ws.onopen = () => {
-      this.lastHeard = performance.now();
-      this.connectedAt = this.lastHeard;
-      this._ping();
-    };
-    ws.onmessage = (ev) => this._message(ws, ev.data);
-    ws.onclose = (ev) => {
-      if (this.ws !== ws) return;
-      this.ws = null;
-      this.lastClose = { code: ev.code, reason: ev.reason };
-      this._lost(`closed ${ev.code}${ev.reason ? ` ${ev.reason}` : ""}`);
-      this._scheduleReconnect();
-    };
-    ws.onerror = () => {
-      // onclose follows with the code; nothing else to learn here.
-    };
+  _snapshot(msg) {
+    this.sources = new Map(Object.entries(msg.sources || {}));
+    this.seq = typeof msg.seq === "number" ? msg.seq : this.seq;
+    this.productionName = msg.production;
   }
 
-  _message(ws, data) {
-    if (this.ws !== ws) return;
-    this.lastHeard = performance.now();
-    let msg;
-    try {
-      msg = JSON.parse(data);
-    } catch {
-      return;
-    }
-    if (!msg || typeof msg !== "object") return;
+  _handle(msg) {
     switch (msg.type) {
-      case "snapshot": {
-        this.sources = new Map(Object.entries(msg.sources || {}));
-        this.seq = typeof msg.seq === "number" ? msg.seq : this.seq;
-        this.productionName = msg.production;
-        this.attempt = 0;
-        this._setStatus("live");
+      case "snapshot":
         this.onChange(this.sources, [...this.sources.keys()], msg);
         break;
-      }
       case "tally": {
         if (this.status !== "live") return; // no snapshot on this socket yet
         if (typeof msg.seq === "number" && msg.seq <= this.seq) return;
@@ -178,11 +100,6 @@ export class TallyClient {
         this.onChange(this.sources, changed, msg);
         break;
       }
-      case "ping":
-        ws.send('{"type":"pong"}');
-        break;
-      case "pong":
-        break;
       case "error":
         this.onError({ code: msg.code, detail: msg.detail, id: msg.id });
         break;
@@ -191,54 +108,7 @@ export class TallyClient {
     }
   }
 
-  _ping() {
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send('{"type":"ping"}');
-  }
-
-  _tick() {
-    if (this.stopped) return;
-    const now = performance.now();
-    if (this.status === "connecting" && now - this._startedAt > SILENCE_MS) {
-      this._setStatus("lost", { reason: this.lastReason || "cannot connect" });
-    }
-    if (this.ws && this.ws.readyState === WebSocket.OPEN && now - (this._lastPing || 0) >= PING_MS) {
-      this._lastPing = now;
-      this._ping();
-    }
-    if (this.ws && now - this.lastHeard > SILENCE_MS) {
-      // Three seconds of silence: the tally can no longer be trusted.
-      const ws = this.ws;
-      this.ws = null;
-      ws.onclose = ws.onmessage = ws.onerror = ws.onopen = null;
-      try {
-        ws.close(4001, "heartbeat timeout");
-      } catch {
-        // closing anyway
-      }
-      this._lost("no message for 3 s");
-      this._scheduleReconnect();
-    }
-  }
-
-  _lost(reason) {
-    this.lastReason = reason;
-    if (this.status === "live") {
-      this._setStatus("lost", { reason });
-      this.onChange(this.sources, [...this.sources.keys()], { type: "lost" });
-    }
-  }
-
-  _scheduleReconnect() {
-    if (this.stopped) return;
-    clearTimeout(this._reconnectTimer);
-    const base = BACKOFF_MS[Math.min(this.attempt, BACKOFF_MS.length - 1)];
-    this.attempt++;
-    this._reconnectTimer = setTimeout(() => this._connect(), Math.round(base * (0.8 + Math.random() * 0.4)));
-  }
-
-  _setStatus(status, info = {}) {
-    const was = this.status;
-    this.status = status;
-    if (was !== status) this.onStatus(status, info);
+  _wentLost() {
+    this.onChange(this.sources, [...this.sources.keys()], { type: "lost" });
   }
 }
