@@ -256,7 +256,7 @@ class DatagramSender:
     """
 
     __slots__ = ("sock", "addr", "gso", "backlogged", "errors", "errors_by_errno", "last_errno",
-                 "failing_since", "gso_fallbacks")
+                 "failing_since", "gso_fallbacks", "ancillary")
 
     gso_available = hasattr(socket, "SOL_UDP") and sys.platform.startswith("linux")
 
@@ -270,6 +270,10 @@ class DatagramSender:
         self.last_errno: int | None = None
         self.failing_since: float | None = None
         self.gso_fallbacks = 0
+        #: Ancillary data every datagram carries (an IP_PKTINFO source
+        #: address on the shared ICE socket, when the kernel would pick
+        #: another one); empty: a plain ``sendto``.
+        self.ancillary: list[tuple[int, int, bytes]] = []
 
     def _failed(self, exc: OSError, count: int, now: float) -> None:
         code = exc.errno or 0
@@ -284,7 +288,10 @@ class DatagramSender:
     def send(self, data: bytes, now: float = 0.0) -> int:
         """Send one datagram; return the bytes written (0 when it was dropped)."""
         try:
-            self.sock.sendto(data, self.addr)
+            if self.ancillary:
+                self.sock.sendmsg([data], self.ancillary, 0, self.addr)
+            else:
+                self.sock.sendto(data, self.addr)
         except BlockingIOError:
             self.backlogged += 1
             return 0
@@ -309,7 +316,8 @@ class DatagramSender:
                     j += 1
             if j - i > 1:
                 try:
-                    self.sock.sendmsg([b"".join(datas[i:j])], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))],
+                    self.sock.sendmsg([b"".join(datas[i:j])],
+                                      [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size)), *self.ancillary],
                                       0, self.addr)
                 except BlockingIOError:
                     self.backlogged += j - i
@@ -394,6 +402,8 @@ class FastPath:
             self._sock_of = transport
         elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
+        if shared_ancillary := getattr(transport, "ancillary_for", None):
+            sender.ancillary = shared_ancillary(tuple(sender.addr))
         return sender
 
     def _release(self, sender: DatagramSender) -> None:
