@@ -95,9 +95,12 @@ def check_internals() -> None:
     if describe is None or "_stream_id" not in describe.__code__.co_names:
         raise AiortcInternalsChanged("the answer's a=msid no longer comes from RTCRtpSender._stream_id")
     check_ingest_internals()
-    from .icemux import check_mux_internals
+    from .icemux import MuxInternalsChanged, check_mux_internals
 
-    check_mux_internals()
+    try:
+        check_mux_internals()
+    except MuxInternalsChanged as exc:
+        raise AiortcInternalsChanged(str(exc)) from None
 
 
 def ensure_h264_profiles(profiles: tuple[str, ...] = _H264_EXTRA_PROFILES) -> None:

@@ -90,6 +90,11 @@ HOST_TYPE_PREFERENCE = 126
 _MAX_PENDING_PER_SESSION = 64
 
 
+class MuxInternalsChanged(RuntimeError):
+    """An aioice/aiortc internal the mux hooks moved (the adapter's
+    ``check_internals`` reports it as ``AiortcInternalsChanged``)."""
+
+
 class IceMuxConfigError(ValueError):
     """The ICE mux configuration cannot be used (an address that does not
     parse or resolve, an unknown interface)."""
@@ -803,7 +808,8 @@ def _names(code: Any) -> set[str]:
 
 
 def check_mux_internals() -> None:
-    """Raise if an aioice/aiortc internal the mux relies on moved (part of
+    """Raise :class:`MuxInternalsChanged` if an aioice/aiortc internal the
+    mux relies on moved (part of
     :func:`media.webrtc.aiortc_adapter.check_internals`)."""
     import inspect
 
@@ -812,41 +818,39 @@ def check_mux_internals() -> None:
     from aiortc import RTCPeerConnection
     from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 
-    from .aiortc_adapter import AiortcInternalsChanged
-
     init_names = set(_names(aioice.Connection.__init__.__code__))
     for name in ("_local_candidates_start", "_local_candidates_end", "_local_candidates", "_protocols",
                  "_components", "_transport_policy", "_closing", "stun_server", "turn_server"):
         if name not in init_names:
-            raise AiortcInternalsChanged(f"aioice.Connection no longer sets {name}")
+            raise MuxInternalsChanged(f"aioice.Connection no longer sets {name}")
     gather = _names(aioice.Connection.gather_candidates.__code__)
     if "_local_candidates_end" not in gather or "get_component_candidates" not in gather:
-        raise AiortcInternalsChanged("aioice.Connection.gather_candidates changed")
+        raise MuxInternalsChanged("aioice.Connection.gather_candidates changed")
     connect = _names(aioice.Connection.connect.__code__)
     if "_local_candidates_end" not in connect:
-        raise AiortcInternalsChanged("aioice.Connection.connect no longer checks _local_candidates_end")
+        raise MuxInternalsChanged("aioice.Connection.connect no longer checks _local_candidates_end")
     params = list(inspect.signature(aioice.Connection.get_component_candidates).parameters)
     if params[:3] != ["self", "component", "addresses"]:
-        raise AiortcInternalsChanged(f"aioice get_component_candidates signature changed: {params}")
+        raise MuxInternalsChanged(f"aioice get_component_candidates signature changed: {params}")
     if list(inspect.signature(ice.StunProtocol.__init__).parameters) != ["self", "receiver"]:
-        raise AiortcInternalsChanged("aioice StunProtocol(receiver) changed")
+        raise MuxInternalsChanged("aioice StunProtocol(receiver) changed")
     for name in ("connection_made", "connection_lost", "datagram_received", "close", "request", "send_stun"):
         if not callable(getattr(ice.StunProtocol, name, None)):
-            raise AiortcInternalsChanged(f"aioice StunProtocol.{name} is gone")
+            raise MuxInternalsChanged(f"aioice StunProtocol.{name} is gone")
     close_names = _names(ice.StunProtocol.close.__code__)
     if "transport" not in close_names:
-        raise AiortcInternalsChanged("aioice StunProtocol.close no longer closes its transport")
+        raise MuxInternalsChanged("aioice StunProtocol.close no longer closes its transport")
     if "local_candidate" not in _names(ice.CandidatePair.local_candidate.fget.__code__):
-        raise AiortcInternalsChanged("aioice CandidatePair no longer reads protocol.local_candidate")
+        raise MuxInternalsChanged("aioice CandidatePair no longer reads protocol.local_candidate")
     if not callable(getattr(ice, "server_reflexive_candidate", None)):
-        raise AiortcInternalsChanged("aioice.ice.server_reflexive_candidate is gone")
+        raise MuxInternalsChanged("aioice.ice.server_reflexive_candidate is gone")
     if "_RTCPeerConnection__iceTransports" not in _names(RTCPeerConnection.__init__.__code__):
-        raise AiortcInternalsChanged("RTCPeerConnection no longer keeps __iceTransports")
+        raise MuxInternalsChanged("RTCPeerConnection no longer keeps __iceTransports")
     if "gather_candidates" not in _names(RTCIceGatherer.gather.__code__):
-        raise AiortcInternalsChanged("RTCIceGatherer.gather no longer calls gather_candidates")
+        raise MuxInternalsChanged("RTCIceGatherer.gather no longer calls gather_candidates")
     if "_connection" not in _names(RTCIceTransport.__init__.__code__):
-        raise AiortcInternalsChanged("RTCIceTransport no longer keeps its aioice Connection in _connection")
+        raise MuxInternalsChanged("RTCIceTransport no longer keeps its aioice Connection in _connection")
     if "close" not in _names(RTCIceTransport.stop.__code__):
-        raise AiortcInternalsChanged("RTCIceTransport.stop no longer closes its connection")
+        raise MuxInternalsChanged("RTCIceTransport.stop no longer closes its connection")
     if "close" not in _names(aioice.Connection.query_consent.__code__):
-        raise AiortcInternalsChanged("aioice consent expiry no longer calls close()")
+        raise MuxInternalsChanged("aioice consent expiry no longer calls close()")

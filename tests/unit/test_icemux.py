@@ -226,8 +226,21 @@ def test_settings_validate_the_mux_config() -> None:
             WebRtcSettings(**bad)
 
 
-def test_internals_the_mux_hooks_are_still_there() -> None:
+def test_internals_the_mux_hooks_are_still_there(monkeypatch) -> None:
+    from aioice import ice
+
     adapter.check_internals()
+    monkeypatch.delattr(ice, "server_reflexive_candidate")
+    with pytest.raises(adapter.AiortcInternalsChanged, match="server_reflexive_candidate"):
+        adapter.check_internals()
+    monkeypatch.undo()
+
+    async def gather_elsewhere(self) -> None:  # an upgrade that gathers differently
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(Connection, "gather_candidates", gather_elsewhere)
+    with pytest.raises(adapter.AiortcInternalsChanged, match="gather_candidates"):
+        adapter.check_internals()
 
 
 async def _started(**kw) -> IceMux:
