@@ -741,6 +741,11 @@ class IceMux:
         conn._local_candidates_start = True
         candidates: list[Any] = []
         if conn._transport_policy == TransportPolicy.ALL and not conn._closing:
+            while conn.local_username in self.table.by_ufrag:
+                # aioice draws 4 characters (62^4): among 2,000 live sessions
+                # a clash is likely somewhere (birthday bound ~13 %). The
+                # answer is not written yet, so this session takes another.
+                conn._local_username = _random_ufrag()
             entry = self.table.register(conn.local_username, conn.local_password.encode("utf8"), session)
             session.entry = entry
             self.sessions[conn.local_username] = session
@@ -791,6 +796,14 @@ class IceMux:
             del self.sessions[entry.ufrag]
 
 
+def _random_ufrag() -> str:
+    import secrets
+    import string
+
+    # RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/"; 8 of them.
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
+
+
 def ice_transports(pc: Any) -> list[Any]:
     """Every ``RTCIceTransport`` of an aiortc peer connection (the ones its
     ``__gather`` gathers)."""
@@ -820,6 +833,7 @@ def check_mux_internals() -> None:
 
     init_names = set(_names(aioice.Connection.__init__.__code__))
     for name in ("_local_candidates_start", "_local_candidates_end", "_local_candidates", "_protocols",
+                 "_local_username",
                  "_components", "_transport_policy", "_closing", "stun_server", "turn_server"):
         if name not in init_names:
             raise MuxInternalsChanged(f"aioice.Connection no longer sets {name}")

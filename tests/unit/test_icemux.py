@@ -340,3 +340,25 @@ def test_datagrams_nobody_owns_are_counted_on_the_socket() -> None:
             await mux.close()
 
     asyncio.run(main())
+
+
+def test_a_ufrag_already_on_the_mux_is_replaced_before_the_answer() -> None:
+    async def main() -> None:
+        mux = await _started(loopback=True)
+        try:
+            first = Connection(ice_controlling=False)
+            mux._hook(first)
+            await first.gather_candidates()
+            second = Connection(ice_controlling=False, local_username=first.local_username)
+            mux._hook(second)
+            await second.gather_candidates()
+            assert second.local_username != first.local_username and len(second.local_username) == 8
+            assert mux.session_for_ufrag(second.local_username).connection is second
+            assert mux.session_for_ufrag(first.local_username).connection is first
+            await first.close()
+            await second.close()
+            assert mux.sessions == {}
+        finally:
+            await mux.close()
+
+    asyncio.run(main())
