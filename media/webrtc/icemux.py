@@ -7,6 +7,15 @@ a 1:1 NAT that cannot work. MediaMTX, LiveKit and OvenMediaEngine use one
 fixed UDP port plus announced addresses; aioice/aiortc have no UDP mux, so
 it is built here.
 
+Data flow::
+
+    UDP :8189 ──recvmsg (+IP_PKTINFO: our address)──► MuxTable.route
+        STUN request  → USERNAME "LFRAG:…"  → session ─┐  (verified: learn addr)
+        STUN response → transaction id      → session ─┼─► its StunProtocol
+        DTLS/SRTP     → remote address      → session ─┘   (aioice, aiortc)
+    aioice sends ─► MuxTransport.sendto ─► shared socket (source = address checked)
+    FastPath (SRTP, GSO batches) ─────────► shared socket
+
 Two layers:
 
 * :class:`MuxTable` — sans-I/O demultiplexer. A datagram on the shared port

@@ -190,6 +190,7 @@ def test_an_announced_name_that_does_not_resolve_stops_the_server(tmp_path) -> N
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path), "--http-port", "0"],
                        cwd=root, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, RETURNFEED_WEBRTC__ICE_ANNOUNCE='["no-such-host.invalid"]',
-                                RETURNFEED_WEBRTC__ICE_UDP_PORT="0", RETURNFEED_DATABASE__URL="postgresql://x@127.0.0.1:1/x"))
+                                RETURNFEED_WEBRTC__ICE_UDP_PORT="0",
+                                RETURNFEED_DATABASE__URL="postgresql://x@127.0.0.1:1/x"))
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "no-such-host.invalid" in r.stderr and "does not resolve" in r.stderr, r.stderr[-2000:]
