@@ -167,6 +167,8 @@ class WebRtcSettings(_Section):
     #: Send buffer of each viewer's socket (its send queue; the kernel may cap
     #: it at net.core.wmem_max). When it is full the viewer loses packets,
     #: is moved down a layer, then dropped — it never slows the others.
+    #: With ``ice_mux`` the viewers share the ICE socket's buffer (at least
+    #: 8 MiB, or this if larger).
     backlog_bytes: int = Field(524288, ge=16384)
     #: A viewer whose every send fails for this long (a route that went away,
     #: a firewall that drops all of its packets) is disconnected; shorter

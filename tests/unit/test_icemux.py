@@ -16,6 +16,7 @@ from media.webrtc.icemux import (
     IceMuxConfig,
     IceMuxConfigError,
     MuxTable,
+    MuxTransport,
     candidate_addresses,
     candidate_priority,
     check_integrity,
@@ -358,6 +359,49 @@ def test_a_ufrag_already_on_the_mux_is_replaced_before_the_answer() -> None:
             await first.close()
             await second.close()
             assert mux.sessions == {}
+        finally:
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_registry_api_for_other_transports() -> None:
+    """What ICE-TCP (media/webrtc/icetcp.py) plugs into: extra candidates at
+    gathering, the session a STUN request names, and its integrity check."""
+    from aioice import Candidate
+    from aioice.ice import StunProtocol
+
+    async def main() -> None:
+        mux = await _started(host_addresses=["127.0.0.1"])
+        offered: list = []
+
+        def tcp_candidates(session) -> list:
+            protocol = StunProtocol(session.connection)
+            protocol.local_candidate = Candidate(
+                foundation="tcp1", component=1, transport="tcp", priority=candidate_priority(0) - (40 << 24),
+                host="127.0.0.1", port=mux.port, type="host", tcptype="passive")
+            # A stand-in for ICE-TCP's connection-backed transport.
+            protocol.connection_made(MuxTransport(mux, session, protocol))
+            offered.append(protocol)
+            return [protocol]
+
+        mux.candidate_sources.append(tcp_candidates)
+        try:
+            conn = Connection(ice_controlling=False)
+            mux._hook(conn)
+            await conn.gather_candidates()
+            assert [c.transport for c in conn.local_candidates] == ["udp", "tcp"]
+            assert offered[0] in conn._protocols
+            session = mux.session_for_ufrag(conn.local_username)
+            assert session is not None and session.ufrag == conn.local_username
+            good = _request(conn.local_username, "peer", conn.local_password)
+            assert session.verify_request(good)
+            assert not session.verify_request(_request(conn.local_username, "peer", "x" * 22))
+            assert not session.verify_request(_request("else", "peer", conn.local_password))
+            assert not session.verify_request(SRTP)
+            assert mux.session_for_ufrag("nobody") is None
+            await conn.close()
+            assert not session.verify_request(good)  # gone with its session
         finally:
             await mux.close()
 
