@@ -217,7 +217,8 @@ class WebRtcSettings(_Section):
     #: address. False: aioice's own random port per session (the fallback,
     #: and the other side of the A/B benchmark).
     ice_mux: bool = True
-    #: The shared socket's address (IPv4; "0.0.0.0" = every interface).
+    #: The shared socket's address: "0.0.0.0" every IPv4 interface, "::"
+    #: IPv4 and IPv6 (dual-stack), or one address.
     ice_bind_address: str = "0.0.0.0"
     #: The shared socket's UDP port (open it in the firewall, publish it in
     #: Docker); 0 = an ephemeral port chosen at start.
@@ -239,15 +240,13 @@ class WebRtcSettings(_Section):
 
     @field_validator("ice_bind_address")
     @classmethod
-    def _ice_bind_ipv4(cls, v: str) -> str:
+    def _ice_bind_ip(cls, v: str) -> str:
         import ipaddress
 
         try:
-            ip = ipaddress.ip_address(v)
+            ipaddress.ip_address(v)
         except ValueError:
             raise ValueError(f"{v!r} is not an IP address") from None
-        if ip.version != 4:
-            raise ValueError("the shared ICE socket is IPv4: use an IPv4 address or 0.0.0.0")
         return v
 
     @field_validator("ice_host_addresses", "ice_announce")
