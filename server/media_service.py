@@ -53,6 +53,7 @@ from media.srt.read import SrtReadSession
 from media.srt.streamid import StreamIdRequest
 from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub, StreamState
 from media.transcode import TranscodeWorker
+from media.webrtc.icemux import IceMux
 from media.webrtc.whep import WhepService
 from media.webrtc.whip import WhipService
 
@@ -185,6 +186,10 @@ class MediaService:
                                 connect_timeout=w.connect_timeout_s,
                                 media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,
                                 reorder_window=w.whip_reorder_window_s)
+        mux_config = settings.webrtc.ice_mux_config()
+        #: The shared ICE UDP socket of this process (bound in start()).
+        self.ice_mux: IceMux | None = IceMux(mux_config) if mux_config is not None else None
+        self.whep.ice_mux = self.whip.ice_mux = self.ice_mux
         # A WHEP viewer's PLI/FIR reaches the stream's WHIP publisher (rate-limited
         # per layer in the ingest).
         self.whep.keyframe_handlers.append(self.whip.request_keyframe)
@@ -206,6 +211,8 @@ class MediaService:
             self.directory.on_change.append(self._from_directory)
         else:
             await self.refresh_catalog()
+        if self.ice_mux is not None:
+            await self.ice_mux.start()
         self.whep.start()
         self.whip.start()
         s = self.settings.srt
@@ -236,6 +243,8 @@ class MediaService:
             self.srt = None
         await self.whip.close()
         await self.whep.close()
+        if self.ice_mux is not None:
+            await self.ice_mux.close()
         for ingest in list(self.ingests.values()):
             if ingest.transcoder is not None:
                 await ingest.transcoder.stop()
