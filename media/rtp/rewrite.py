@@ -377,6 +377,9 @@ class Rewriter:
         run, a gap, a late one, a discontinuity) goes through
         :meth:`rewrite` with the state written back first.
         """
+        if len(packets) == 1:  # audio, a one-packet frame: nothing to hoist
+            data = self.rewrite(layer, packets[0], now)
+            return [] if data is None else [data]
         out: list[bytes] = []
         if layer != self._layer:
             for p in packets:
