@@ -111,3 +111,45 @@ def test_joining_and_leaving_mid_run_serves_everyone_attached_once_per_frame() -
     for order in frames[21:]:
         assert sorted(map(id, order)) == sorted(map(id, present))
     assert fo.viewer_count == 6 and fo.stats.viewers == 6
+
+
+class CallSink:
+    """Records each on_packets call: (seq of each packet)."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def on_packets(self, index: int, packets: list[LayerPacket], now: float) -> None:
+        if index != AUDIO:
+            self.calls.append([p.seq for p in packets])
+
+    def on_layers_changed(self, layers) -> None:
+        pass
+
+    def on_stream_ended(self) -> None:
+        pass
+
+
+def test_a_join_replay_never_runs_inside_a_live_frames_fan_out() -> None:
+    # Live viewers get exactly the live frame during its fan-out; the
+    # replaying newcomer's catch-up is sent only from its own pacing timer
+    # (pump_replays), between frames, in bounded steps.
+    clock, pub, fo = _studio()
+    live = [CallSink() for _ in range(3)]
+    for s in live:
+        fo.attach(s, 0, clock.now)
+    _frames(clock, pub, fo, [], 0, 12)  # a GOP of 12 frames cached
+    newcomer = CallSink()
+    fo.attach(newcomer, 0, clock.now)
+    assert newcomer.calls  # its keyframe at once, on attach (not inside a frame)
+    for s in (*live, newcomer):
+        s.calls.clear()
+    clock.now += 0.04
+    pub.publish(au(12, False))
+    frame = live[0].calls
+    assert len(frame) == 1 and all(s.calls == frame for s in live)
+    assert newcomer.calls == []  # queued behind its replay, nothing sent inside the frame
+    fo.pump_replays(clock.now + 0.005)  # one pacing tick: a bounded step of the replay
+    step = sum(map(len, newcomer.calls))
+    assert 0 < step < sum(len(c) for c in frame) * 12
+    assert all(s.calls == frame for s in live)  # the live viewers saw nothing of it
