@@ -441,7 +441,11 @@ def protect_all(session: Any, packets: list[bytes]) -> list[bytes]:
     cdata = session._cdata
     ctx = handle[0]
     room = len(cdata) - _SRTP_TRAILER
-    cell = _len_cell()
+    # The length cell lives beside the session's own buffer: allocating one
+    # per call cost as much as the rest of the Python work around libsrtp.
+    cell = getattr(session, "_rf_len_cell", None)
+    if cell is None:
+        cell = session._rf_len_cell = _len_cell()
     out = []
     for p in packets:
         n = len(p)
