@@ -333,7 +333,8 @@ class StreamFanout:
         self._arm()
 
     def detach(self, sink: ViewerSink) -> None:
-        if self._sinks.pop(sink, 0) is None:
+        if sink in self._sinks:
+            del self._sinks[sink]
             self._sink_list = list(self._sinks)
         self._replays.pop(sink, None)
         self.stats.viewers = len(self._sinks)
