@@ -1174,7 +1174,7 @@ class WhepViewer:
         if not holes or st.kind == "rtx":
             return
         if self.browser_rtcp and st.kind == "video":
-            now = time.monotonic_ns()
+            now = st.last_arrival_ns  # the packet that showed the gap
             for seq in holes:
                 self._holes.setdefault(seq, now)
         if self._send_rtcp(bytes(build_nack(self._rtcp_ssrc, st.ssrc, holes[:64]))):
