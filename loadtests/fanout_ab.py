@@ -87,6 +87,10 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) ->
                    "--metrics-url", server.metrics]
             if args.nack:
                 cmd.append("--nack")
+            if not args.plain_rtcp:
+                cmd.append("--browser-rtcp")  # the server's RTCP work belongs in the figure
+            if args.srtp_verify_every != 1:
+                cmd += ["--srtp-verify-every", str(args.srtp_verify_every)]
             if args.swarm_cpus:
                 cmd = ["taskset", "-c", args.swarm_cpus, *cmd]
             subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False, timeout=args.hold + 240)
@@ -112,6 +116,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--kbps", type=int, default=1000)
     ap.add_argument("--nack", action="store_true")
+    ap.add_argument("--srtp-verify-every", type=int, default=1,
+                    help="passed to the swarm: unprotect every Nth packet only (a swarm sharing the server's "
+                         "cores then takes less of them)")
+    ap.add_argument("--plain-rtcp", action="store_true",
+                    help="viewers send one RR+REMB a second (the swarm's default) instead of --browser-rtcp")
     ap.add_argument("--server-cpus", help="taskset list for the server (e.g. 0,1)")
     ap.add_argument("--swarm-cpus", help="taskset list for the swarm (e.g. 2-15)")
     args = ap.parse_args()

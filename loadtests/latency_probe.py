@@ -447,6 +447,7 @@ def provision(base: str, username: str, password: str) -> Provisioned:
 
 async def run_whep(args: argparse.Namespace, target: SrtTarget, whep_url: str, token: str | None,
                    aus: list[bytes], log: Any, metrics_url: str | None = None) -> dict[str, Any]:
+    from whep_client import BROWSER_RTCP
     from whep_swarm import SwarmConfig, metrics_url_for, scrape_metrics, run_swarm
 
     counts = [int(x) for x in args.viewers.split(",")]
@@ -473,7 +474,11 @@ async def run_whep(args: argparse.Namespace, target: SrtTarget, whep_url: str, t
                 if n > 1:
                     cfg = SwarmConfig(url=whep_url, token=token, viewers=n - 1, procs=args.load_procs,
                                       rate=args.load_rate, hold=args.duration, settle=args.settle,
-                                      connect_timeout=30, srtp_verify_every=args.srtp_verify_every)
+                                      connect_timeout=30, srtp_verify_every=args.srtp_verify_every,
+                                      # the load viewers report like Chromium: the server's RTCP work
+                                      # is in the fan-out the probe waits behind
+                                      browser_rtcp=not args.plain_rtcp, nack=not args.plain_rtcp,
+                                      rtcp_interval=1.0 if args.plain_rtcp else BROWSER_RTCP.video_interval)
                     swarm_report = await asyncio.to_thread(
                         run_swarm, cfg, log=log, on_hold=lambda t0, hold: window.extend((t0, t0 + hold)))
                     if not window:
@@ -735,6 +740,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load-procs", type=int, default=2)
     ap.add_argument("--load-rate", type=float, default=25.0)
     ap.add_argument("--srtp-verify-every", type=int, default=1, help="for the load viewers (see whep_swarm)")
+    ap.add_argument("--plain-rtcp", action="store_true",
+                    help="load viewers send one RR+REMB a second instead of whep_swarm --browser-rtcp")
     ap.add_argument("--srt-latency-ms", type=int, default=20)
     ap.add_argument("--fps", type=int, default=30)
     ap.add_argument("--kbps", type=int, default=1000)

@@ -11,7 +11,13 @@ Reports µs per packet for:
 * fan-out of one packet to N viewers (each viewer has its own SRTP key, so
   protect cannot be shared), and the fixed per-call cost of
   ``Session.protect`` compared with a call straight into libsrtp through
-  pylibsrtp's cffi binding with preallocated buffers.
+  pylibsrtp's cffi binding with preallocated buffers,
+* one viewer's share of a frame (a 4-packet P frame: three 1200 B FU-A
+  fragments and a shorter last one) through the old per-packet path
+  (``Rewriter.rewrite`` per packet, ``Session.protect``,
+  ``DatagramSender.send_batch``) and the fan-out's per-frame path
+  (``Rewriter.rewrite_frame``, ``protect_all``, ``send_runs``: the short
+  last packet in the GSO run), each step alone and the whole chain.
 
 Usage: ``python loadtests/rtp_microbench.py [--quick] [--json]``.
 Numbers are the median of several timed rounds, single thread.
@@ -314,7 +320,208 @@ def run(quick: bool) -> dict[str, Stat]:
             return per * len(pairs)
 
         results[f"fanout_{viewers}_viewers_rewrite_protect"] = timeit(fan, rounds)
+    results.update(bench_frame_path(rounds))
+    results.update(bench_keyframe_interleave(rounds))
+    results.update(bench_fastpath(rounds))
     return results
+
+
+def bench_fastpath(rounds: int) -> dict[str, Stat]:
+    """The whole per-viewer path of P frames through a real ``FastPath``
+    (its ICE pair and DTLS transport stood in by plain objects holding a
+    loopback socket and a pylibsrtp session): rewrite per packet +
+    ``send_batch`` (before) vs. ``rewrite_frame`` + ``send_frame`` (the
+    fan-out's path now), alternated three times, µs per packet."""
+    from types import SimpleNamespace
+
+    from media.webrtc.aiortc_adapter import FastPath
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+
+    class Transport:
+        def get_extra_info(self, key: str) -> socket.socket:
+            return tx
+
+    def fast_path() -> FastPath:
+        pair = SimpleNamespace(protocol=SimpleNamespace(transport=Transport()), remote_addr=rx.getsockname())
+        dtls = SimpleNamespace(_tx_srtp=srtp_session(),
+                               transport=SimpleNamespace(_connection=SimpleNamespace(_nominated={1: pair})))
+        return FastPath(dtls, sndbuf=8 << 20)
+
+    sizes = (1200, 1200, 1200, 457)
+    per_round = 150
+    frames = [[LayerPacket((f * 4 + k) & 0xFFFF, f * 3000, k == 3, os.urandom(sizes[k])) for k in range(4)]
+              for f in range(per_round * (rounds + 1))]
+    samples: dict[str, list[float]] = {"fastpath_send_batch": [], "fastpath_send_frame": []}
+    for _ in range(3):
+        for key in samples:
+            fp = fast_path()
+            rw = make_rewriter(0x7100, True)
+            prime(rw, frames[0][0])
+            for r in range(rounds + 1):
+                chunk = frames[r * per_round:(r + 1) * per_round]
+                t0 = time.perf_counter_ns()
+                if key == "fastpath_send_frame":
+                    for f in chunk:
+                        fp.send_frame(rw.rewrite_frame(0, f, 1.0), 1.0)
+                else:
+                    for f in chunk:
+                        fp.send_batch([d for p in f if (d := rw.rewrite(0, p, 1.0)) is not None], 1.0)
+                spent = time.perf_counter_ns() - t0
+                try:
+                    while True:
+                        rx.recv(2048)
+                except BlockingIOError:
+                    pass
+                if r:
+                    samples[key].append(spent / (per_round * len(sizes)))
+            fp.close()
+    return {key: summarize(v) for key, v in samples.items()}
+
+
+def bench_keyframe_interleave(rounds: int, viewers: int = 100) -> dict[str, Stat]:
+    """When does each of ``viewers`` viewers have a 30 kB keyframe (26
+    packets) complete — its last packet sent — if the fan-out serves viewer
+    after viewer (``k=all``) or hands out chunks of k packets round-robin
+    (everyone's first k, then everyone's next k …)? Per-frame path (rewrite,
+    protect, GSO send) to a loopback socket; ms after the frame's start,
+    p50/p99/max over the viewers, median over the rounds. A viewer can decode
+    a frame only once all of it is there: this is the number that counts."""
+    from media.webrtc.aiortc_adapter import DatagramSender, protect_all, send_runs
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 20)
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 << 20)
+    tx.setblocking(False)
+    size, total = 1200, 30_000
+    sizes = [size] * (total // size) + ([total % size] if total % size else [])
+    out: dict[str, Stat] = {}
+    for k in (0, 8, 4):
+        label = "all" if k == 0 else str(k)
+        rws = [make_rewriter(0x7000 + v, True) for v in range(viewers)]
+        sessions = [srtp_session() for _ in range(viewers)]
+        senders = [DatagramSender(tx, rx.getsockname()) for _ in range(viewers)]
+        p50s, p99s, maxes, frame = [], [], [], 0
+        for r in range(rounds + 1):
+            base = frame * len(sizes)
+            packets = [LayerPacket((base + i) & 0xFFFF, frame * 3000, i == len(sizes) - 1, os.urandom(n),
+                                   keyframe_start=i == 0, discontinuity=frame == 0 and i == 0)
+                       for i, n in enumerate(sizes)]
+            frame += 1
+            chunks = [packets] if k == 0 else [packets[i:i + k] for i in range(0, len(packets), k)]
+            done = [0] * viewers
+            t0 = time.perf_counter_ns()
+            for chunk in chunks:
+                for v in range(viewers):
+                    send_runs(senders[v], protect_all(sessions[v], rws[v].rewrite_frame(0, chunk, 1.0)))
+                    done[v] = time.perf_counter_ns()
+            try:
+                while True:
+                    rx.recv(2048)
+            except BlockingIOError:
+                pass
+            if r:  # the first round primes every viewer's rewriter (a keyframe start)
+                ms = sorted((d - t0) / 1e6 for d in done)
+                p50s.append(ms[len(ms) // 2])
+                p99s.append(ms[min(len(ms) - 1, int(len(ms) * 0.99))])
+                maxes.append(ms[-1])
+        out[f"keyframe_{viewers}v_k{label}_p50_ms"] = (min(p50s), statistics.median(p50s))
+        out[f"keyframe_{viewers}v_k{label}_p99_ms"] = (min(p99s), statistics.median(p99s))
+        out[f"keyframe_{viewers}v_k{label}_max_ms"] = (min(maxes), statistics.median(maxes))
+    return out
+
+
+def bench_frame_path(rounds: int) -> dict[str, Stat]:
+    """One viewer's share of P frames, per packet: old per-packet calls vs.
+    the per-frame path, each step and the chain (rewrite → protect → send)."""
+    from media.webrtc.aiortc_adapter import DatagramSender, protect_all, send_runs
+
+    frames = 300
+    sizes = (1200, 1200, 1200, 457)
+    stream = []
+    for f in range(frames * (rounds + 2)):
+        base = f * len(sizes)
+        stream.append([LayerPacket((base + k) & 0xFFFF, f * 3000, k == len(sizes) - 1, os.urandom(sizes[k]))
+                       for k in range(len(sizes))])
+    per_round = frames * len(sizes)
+    out: dict[str, Stat] = {}
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    tx.setblocking(False)
+
+    def drain() -> None:
+        try:
+            while True:
+                rx.recv(2048)
+        except BlockingIOError:
+            pass
+
+    def chain(per_frame: bool, steps: str) -> Callable[[], int]:
+        cursor = [0]
+        rw = make_rewriter(0x6000, True)
+        prime(rw, stream[0][0])
+        sess = srtp_session()
+        sender = DatagramSender(tx, rx.getsockname())
+
+        def fn() -> int:
+            k = cursor[0]
+            cursor[0] = k + frames
+            batch = stream[k:k + frames]
+            if steps == "send":  # protected datagrams prepared outside the timing
+                prepared = [[sess.protect(w) for w in rw.rewrite_frame(0, f, 1.0)] for f in batch]
+                t0 = time.perf_counter_ns()
+                for datas in prepared:
+                    if per_frame:
+                        send_runs(sender, datas)
+                    else:
+                        sender.send_batch(datas)
+                fn.spent += time.perf_counter_ns() - t0  # type: ignore[attr-defined]
+                drain()
+                return per_round
+            t0 = time.perf_counter_ns()
+            for f in batch:
+                if per_frame:
+                    wire = rw.rewrite_frame(0, f, 1.0)
+                else:
+                    wire = [d for p in f if (d := rw.rewrite(0, p, 1.0)) is not None]
+                if steps == "rewrite":
+                    continue
+                datas = protect_all(sess, wire) if per_frame else [sess.protect(w) for w in wire]
+                if steps == "all":
+                    if per_frame:
+                        send_runs(sender, datas)
+                    else:
+                        sender.send_batch(datas)
+            fn.spent += time.perf_counter_ns() - t0  # type: ignore[attr-defined]
+            drain()
+            return per_round
+
+        fn.spent = 0  # type: ignore[attr-defined]
+        return fn
+
+    for steps in ("rewrite", "protect", "send", "all"):
+        for per_frame in (False, True):
+            fn = chain(per_frame, steps)
+            fn()
+            samples = []
+            for _ in range(rounds):
+                fn.spent = 0  # type: ignore[attr-defined]
+                c = fn()
+                samples.append(fn.spent / c)  # type: ignore[attr-defined]
+            out[f"frame_{steps}_{'per_frame' if per_frame else 'per_packet'}"] = summarize(samples)
+    return out
 
 
 def bench_uvloop(pkts: list[LayerPacket], n: int, rounds: int) -> Stat:
@@ -380,6 +587,16 @@ LABELS = {
     "fanout_1_viewers_rewrite_protect": "fan-out 1 viewer, per viewer-packet",
     "fanout_10_viewers_rewrite_protect": "fan-out 10 viewers, per viewer-packet",
     "fanout_100_viewers_rewrite_protect": "fan-out 100 viewers, per viewer-packet",
+    "frame_rewrite_per_packet": "P frame, rewrite per packet",
+    "frame_rewrite_per_frame": "P frame, rewrite_frame",
+    "frame_protect_per_packet": "P frame, rewrite + Session.protect per packet",
+    "frame_protect_per_frame": "P frame, rewrite_frame + protect_all",
+    "frame_send_per_packet": "P frame, send only: DatagramSender.send_batch (2 syscalls)",
+    "frame_send_per_frame": "P frame, send only: send_runs (short tail in the GSO run)",
+    "frame_all_per_packet": "P frame, whole chain, per-packet path",
+    "frame_all_per_frame": "P frame, whole chain, per-frame path (FastPath.send_frame)",
+    "fastpath_send_batch": "FastPath: rewrite per packet + send_batch (before)",
+    "fastpath_send_frame": "FastPath: rewrite_frame + send_frame (the fan-out now)",
 }
 
 
@@ -392,7 +609,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({k: {"min_us": lo, "median_us": med} for k, (lo, med) in results.items()}, indent=2))
         return
-    print(f"{'µs per packet':<60} {'min':>7} {'median':>7}")
+    print(f"{'µs per packet (keyframe_*: ms after the frame started)':<60} {'min':>7} {'median':>7}")
     for key, (lo, med) in results.items():
         print(f"{LABELS.get(key, key):<60} {lo:>7.2f} {med:>7.2f}")
     lo, med = results["rewrite_protect_sendto"]

@@ -76,6 +76,7 @@ from media.rtp.rtcp import (  # noqa: E402
     ReportBlock,
     SenderReport,
     build_nack,
+    build_pli,
     build_remb,
     build_rr,
     ntp_middle32,
@@ -247,6 +248,24 @@ def sender_ssrc(sender: Any) -> int:
 # Sans-I/O counting
 # ==========================================================================
 
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserRtcp:
+    """What Chromium sends back on a clean link (REFERENCES.md: "about 4
+    receiver reports a second", REMB "near the rate it receives"): a video
+    RR+REMB every ``video_interval`` on average and an audio RR every
+    ``audio_interval`` (≈ 3.3 + 0.7 a second), each randomised 0.5–1.5×
+    (RFC 3550 §6.3.1); a NACK per gap at once, repeated while the hole
+    stays open past ``nack_retry``; a PLI once a hole outlives ``pli_after``."""
+
+    video_interval: float = 0.3
+    audio_interval: float = 1.5
+    nack_retry: float = 0.1
+    pli_after: float = 1.0
+
+
+BROWSER_RTCP = BrowserRtcp()
 
 @dataclass(slots=True, eq=False)
 class SsrcStats:
@@ -543,6 +562,7 @@ class ViewerStats:
     remb_sent: int = 0
     nack_sent: int = 0
     rtcp_send_errors: int = 0
+    pli_sent: int = 0
     codecs: dict[str, str] = field(default_factory=dict)  # kind → "H264 42e01f" …
 
     @property
@@ -606,7 +626,7 @@ class ViewerStats:
             "srtp": {"auth": self.srtp_auth, "replay": self.srtp_replay, "replay_old": self.srtp_replay_old,
                      "other": self.srtp_other},
             "rtcp_received": dict(self.rtcp_received),
-            "rtcp_sent": {"rr": self.rr_sent, "remb": self.remb_sent, "nack": self.nack_sent,
+            "rtcp_sent": {"rr": self.rr_sent, "remb": self.remb_sent, "nack": self.nack_sent, "pli": self.pli_sent,
                           "errors": self.rtcp_send_errors},
             "invalid_rtp": self.counter.invalid, "queued_packets": self.queued_packets,
             "ssrcs": [s.summary() for s in self.ssrcs.values()],
@@ -647,6 +667,12 @@ class WhepViewer:
         remb_bps: bitrate announced in REMB; 0 sends no REMB.
         nack: send a Generic NACK for each sequence gap (the server may
             repair it with RTX; repairs are counted as ``recovered``).
+        browser_rtcp: report the way Chromium does (:data:`BROWSER_RTCP`):
+            video RR+REMB every ``rtcp_interval`` on average, audio RR on
+            its own every ``BROWSER_RTCP.audio_interval``, REMB at the
+            received video rate (not ``remb_bps``), a video hole still
+            missing after ``BROWSER_RTCP.nack_retry`` NACKed again and after
+            ``BROWSER_RTCP.pli_after`` a PLI (one per ``pli_after`` at most).
         frame_log: keep this many frame-end records per SSRC
             (``SsrcStats.frame_log``) — for latency probes.
         loopback_only: gather only 127.0.0.1 (see :func:`use_loopback_candidates`).
@@ -674,6 +700,7 @@ class WhepViewer:
         frame_log: int = 0,
         loopback_only: bool = True,
         srtp_verify_every: int = 1,
+        browser_rtcp: bool = False,
     ) -> None:
         self.url = _with_query(url, layer=layer) if layer else url
         self.token = token
@@ -684,6 +711,11 @@ class WhepViewer:
         self.rtcp_interval = rtcp_interval
         self.remb_bps = remb_bps
         self.nack = nack
+        self.browser_rtcp = browser_rtcp
+        self._audio_timer: asyncio.TimerHandle | None = None
+        self._remb_mark: tuple[int, int] | None = None  # (video bytes, monotonic ns) at the last REMB
+        self._holes: dict[int, int] = {}  # video seq → monotonic ns it went missing (browser_rtcp)
+        self._last_pli_ns = 0
         self.loopback_only = loopback_only
         if srtp_verify_every < 0:
             raise ValueError("srtp_verify_every must be >= 0")
@@ -845,7 +877,7 @@ class WhepViewer:
             for ext in media.rtp.headerExtensions:
                 if ext.uri == HeaderExtensionUri.ABS_SEND_TIME.value:
                     counter.abs_send_time_id = ext.id
-        if self.nack:
+        if self.nack or self.browser_rtcp:
             counter.on_gap = self._on_gap
 
     # -- aiortc hooks (internals) -----------------------------------------
@@ -1049,21 +1081,75 @@ class WhepViewer:
             return
         delay = self.rtcp_interval * (0.5 + random.random())
         self._timer = asyncio.get_running_loop().call_later(delay, self._rtcp_tick)
+        if self.browser_rtcp and self._audio_timer is None:
+            self._schedule_audio_rtcp()
 
     def _rtcp_tick(self) -> None:
         self._timer = None
         try:
-            self.send_reports()
+            if self.browser_rtcp:
+                self.send_reports("video")
+                self._repair_requests(time.monotonic_ns())
+            else:
+                self.send_reports()
         finally:
             self._schedule_rtcp()
 
-    def send_reports(self) -> None:
-        """One compound RR (+ REMB over the video SSRCs)."""
+    def _schedule_audio_rtcp(self) -> None:
+        if self._closed:
+            return
+        delay = BROWSER_RTCP.audio_interval * (0.5 + random.random())
+        self._audio_timer = asyncio.get_running_loop().call_later(delay, self._audio_rtcp_tick)
+
+    def _audio_rtcp_tick(self) -> None:
+        self._audio_timer = None
+        try:
+            self.send_reports("audio")
+        finally:
+            self._schedule_audio_rtcp()
+
+    def _remb_value(self, now: int) -> int:
+        """browser_rtcp: Chromium's REMB stays near the rate it receives
+        (REFERENCES.md) — the video bytes since the last REMB, +5 %."""
+        video = self.stats.video
+        got = video.bytes if video is not None else 0
+        mark, self._remb_mark = self._remb_mark, (got, now)
+        if mark is None or now <= mark[1]:
+            return self.remb_bps
+        return max(50_000, int((got - mark[0]) * 8 * 1.05 * 1e9 / (now - mark[1])))
+
+    def _repair_requests(self, now: int) -> None:
+        """browser_rtcp: NACK again what is still missing after
+        ``nack_retry``; PLI once a hole outlives ``pli_after``."""
+        holes = self._holes
+        video = self.stats.video
+        if not holes or video is None:
+            return
+        missing = video.missing
+        retry, stale = [], False
+        for seq, since in list(holes.items()):
+            if seq not in missing:
+                del holes[seq]
+            elif now - since > BROWSER_RTCP.pli_after * 1e9:
+                del holes[seq]
+                stale = True
+            elif now - since > BROWSER_RTCP.nack_retry * 1e9:
+                retry.append(seq)
+        if retry and self._send_rtcp(bytes(build_nack(self._rtcp_ssrc, video.ssrc, retry[:64]))):
+            self.stats.nack_sent += 1
+        if stale and now - self._last_pli_ns > BROWSER_RTCP.pli_after * 1e9:
+            self._last_pli_ns = now
+            if self._send_rtcp(bytes(build_pli(self._rtcp_ssrc, video.ssrc))):
+                self.stats.pli_sent += 1
+
+    def send_reports(self, kind: str | None = None) -> None:
+        """One compound RR (+ REMB over the video SSRCs); ``kind``: only
+        that track's report blocks (browser_rtcp sends one per track)."""
         now = time.monotonic_ns()
         blocks = []
         video = []
         for s in list(self.stats.ssrcs.values()):
-            if s.kind == "rtx" or not s.packets:
+            if s.kind == "rtx" or not s.packets or (kind is not None and s.kind != kind):
                 continue
             lsr, dlsr = 0, 0
             got = self._lsr.get(s.ssrc)
@@ -1077,7 +1163,8 @@ class WhepViewer:
             return
         packets: list[Any] = [build_rr(self._rtcp_ssrc, blocks[:31])]
         if self.remb_bps and video:
-            packets.append(build_remb(self._rtcp_ssrc, self.remb_bps, video))
+            bps = self._remb_value(now) if self.browser_rtcp else self.remb_bps
+            packets.append(build_remb(self._rtcp_ssrc, bps, video))
         if self._send_rtcp(serialize_rtcp(packets)):
             self.stats.rr_sent += 1
             if len(packets) > 1:
@@ -1086,6 +1173,10 @@ class WhepViewer:
     def _on_gap(self, st: SsrcStats, holes: list[int]) -> None:
         if not holes or st.kind == "rtx":
             return
+        if self.browser_rtcp and st.kind == "video":
+            now = st.last_arrival_ns  # the packet that showed the gap
+            for seq in holes:
+                self._holes.setdefault(seq, now)
         if self._send_rtcp(bytes(build_nack(self._rtcp_ssrc, st.ssrc, holes[:64]))):
             self.stats.nack_sent += 1
 
@@ -1099,6 +1190,9 @@ class WhepViewer:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._audio_timer is not None:
+            self._audio_timer.cancel()
+            self._audio_timer = None
         st = self.stats
         if st.location and self._session is not None and not self._session.closed:
             try:

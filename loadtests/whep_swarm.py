@@ -73,7 +73,7 @@ for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from whep_client import WhepError, WhepViewer, percentile  # noqa: E402
+from whep_client import BROWSER_RTCP, WhepError, WhepViewer, percentile  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MESSAGE_TIMEOUT = 30.0  # seconds a phase message may be late beyond its schedule
@@ -100,6 +100,7 @@ class SwarmConfig:
     remb_bps: int = 10_000_000
     rtcp_interval: float = 1.0
     srtp_verify_every: int = 1
+    browser_rtcp: bool = False
 
     def per_process(self) -> list[int]:
         k = max(1, min(self.procs, self.viewers))
@@ -244,7 +245,7 @@ async def worker_main(index: int, cfg: SwarmConfig, count: int, start_at: float,
         v = WhepViewer(cfg.url, token=cfg.token, layer=cfg.layer, session=session,
                        connect_timeout=cfg.connect_timeout, retry_not_live=cfg.retry_not_live,
                        rtcp_interval=cfg.rtcp_interval, remb_bps=cfg.remb_bps, nack=cfg.nack,
-                       srtp_verify_every=cfg.srtp_verify_every)
+                       srtp_verify_every=cfg.srtp_verify_every, browser_rtcp=cfg.browser_rtcp)
         viewers.append(v)
         await _sleep_until(start_at + i / rate)
         try:
@@ -270,7 +271,8 @@ async def worker_main(index: int, cfg: SwarmConfig, count: int, start_at: float,
             row = _viewer_row(v)
             row["window"] = _delta(a, b)
             row["total"] = b
-            row["rtcp_sent"] = {"rr": v.stats.rr_sent, "remb": v.stats.remb_sent, "nack": v.stats.nack_sent}
+            row["rtcp_sent"] = {"rr": v.stats.rr_sent, "remb": v.stats.remb_sent, "nack": v.stats.nack_sent,
+                                "pli": v.stats.pli_sent}
             row["queued_packets"] = v.stats.queued_packets
             row["codecs"] = dict(v.stats.codecs)
             video = v.stats.video
@@ -728,7 +730,7 @@ def _aggregate(cfg, windows, closed, m0, m1, s0, s1, metrics_url, server_pid, me
         "codecs": sorted({json.dumps(r["codecs"], sort_keys=True) for r in connected}),
         "sequence_window": seq,
         "sequence_since_connect": seq_total,
-        "rtcp_sent": {k: sum(r["rtcp_sent"][k] for r in rows) for k in ("rr", "remb", "nack")},
+        "rtcp_sent": {k: sum(r["rtcp_sent"][k] for r in rows) for k in ("rr", "remb", "nack", "pli")},
         "queued_packets": sum(r["queued_packets"] for r in rows),
         "swarm": {
             "processes": len(worker_cpu), "cpu_s": swarm_cpu,
@@ -856,6 +858,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nack", action="store_true", help="viewers NACK sequence gaps")
     ap.add_argument("--remb-bps", type=int, default=10_000_000, help="REMB announced by viewers (0: none)")
     ap.add_argument("--rtcp-interval", type=float, default=1.0)
+    ap.add_argument("--browser-rtcp", action="store_true",
+                    help="viewers report like Chromium (whep_client.BROWSER_RTCP): video RR+REMB every "
+                         f"{BROWSER_RTCP.video_interval} s, audio RR every {BROWSER_RTCP.audio_interval} s, REMB at "
+                         "the received rate, NACK per gap (repeated), PLI for a hole older than "
+                         f"{BROWSER_RTCP.pli_after} s; implies --nack and sets --rtcp-interval")
     ap.add_argument("--srtp-verify-every", type=int, default=1,
                     help="authenticate every Nth SRTP packet (1: all, like a browser; 0: none — "
                          "headers are read in the clear, RFC 3711 §3.1)")
@@ -895,8 +902,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SwarmConfig(url=url, viewers=args.viewers, procs=args.procs, rate=args.rate, hold=args.hold,
                           settle=args.settle, token=args.token, layer=args.layer,
                           connect_timeout=args.connect_timeout, retry_not_live=args.retry_not_live,
-                          nack=args.nack, remb_bps=args.remb_bps, rtcp_interval=args.rtcp_interval,
-                          srtp_verify_every=args.srtp_verify_every)
+                          nack=args.nack or args.browser_rtcp, remb_bps=args.remb_bps,
+                          rtcp_interval=BROWSER_RTCP.video_interval if args.browser_rtcp else args.rtcp_interval,
+                          srtp_verify_every=args.srtp_verify_every, browser_rtcp=args.browser_rtcp)
         report = run_swarm(cfg, metrics_url=metrics_url, server_pid=server_pid,
                            metrics_filter=args.metrics_filter, log=log)
     finally:

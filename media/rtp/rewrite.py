@@ -368,6 +368,79 @@ class Rewriter:
             # Forward jump beyond max_gap: treat like a restart of the layer.
         return self._slow(layer, packet, now)
 
+    def rewrite_frame(self, layer: int, packets: list[LayerPacket], now: float) -> list[bytes]:
+        """:meth:`rewrite` of each packet of one frame (same ``now``), the
+        packets not for this viewer left out — the same bytes and state as
+        calling it per packet. The fan-out calls this once per viewer per
+        frame: the in-order case runs with the template, counters and
+        extension offsets in locals, and any other packet (the first of a
+        run, a gap, a late one, a discontinuity) goes through
+        :meth:`rewrite` with the state written back first.
+        """
+        if len(packets) == 1:  # audio, a one-packet frame: nothing to hoist
+            data = self.rewrite(layer, packets[0], now)
+            return [] if data is None else [data]
+        out: list[bytes] = []
+        if layer != self._layer:
+            for p in packets:
+                data = self.rewrite(layer, p, now)
+                if data is not None:
+                    out.append(data)
+            return out
+        t = self._tmpl
+        buf = t.buf
+        abs_off = t.abs_off
+        if abs_off:
+            # One now for the whole frame: one abs-send-time for all of it.
+            _U32.pack_into(buf, abs_off, t.abs_top | (int(now * 262144.0) & 0xFFFFFF))
+        twcc_off = t.twcc_off
+        tw = self._twcc
+        mpt = self._mpt
+        ts_off = self._ts_off
+        vmap = self._map
+        mask = self._mask
+        max_gap = self.max_gap
+        pack_seq_ts = _SEQ_TS.pack_into
+        append = out.append
+        vseq = self._vseq
+        lseq = self._lseq
+        vts = self._last_vts
+        sent = octets = 0
+        for p in packets:
+            seq = p.seq
+            d = (seq - lseq) & 0xFFFF
+            if 0 < d <= max_gap and not p.discontinuity and layer == self._layer:
+                vseq += d
+                lseq = seq
+                ts = p.timestamp
+                vts = (ts + ts_off) & 0xFFFFFFFF
+                pack_seq_ts(buf, 1, mpt[p.marker], vseq & 0xFFFF, vts)
+                if twcc_off:
+                    _U16.pack_into(buf, twcc_off, tw.value)  # type: ignore[union-attr]
+                    tw.value = (tw.value + 1) & 0xFFFF  # type: ignore[union-attr]
+                payload = p.payload
+                vmap[vseq & mask] = (vseq, layer, seq, ts, vts)
+                sent += 1
+                octets += len(payload)
+                append(_join((buf, payload)))
+                continue
+            # Anything else: the per-packet rules, on the state so far.
+            if sent:
+                self._vseq, self._lseq, self._last_vts, self._last_now = vseq, lseq, vts, now
+                self.packets_sent += sent
+                self.octets_sent += octets
+                sent = octets = 0
+            data = self.rewrite(layer, p, now)
+            if data is not None:
+                append(data)
+            # (It wrote the same abs-send-time into the template: same now.)
+            vseq, lseq, vts, ts_off = self._vseq, self._lseq, self._last_vts, self._ts_off
+        if sent:
+            self._vseq, self._lseq, self._last_vts, self._last_now = vseq, lseq, vts, now
+            self.packets_sent += sent
+            self.octets_sent += octets
+        return out
+
     # -- slow paths ------------------------------------------------------------
 
     def _slow(self, layer: int, packet: LayerPacket, now: float) -> bytes | None:

@@ -60,6 +60,15 @@ _H264_EXTRA_PROFILES = ("4d001f", "640c1f", "64001f", "f4001f")
 RtcpCallback = Callable[[Any], None]
 
 _UDP_SEGMENT = 103  # linux/udp.h: UDP_SEGMENT (GSO segment size)
+try:  # libsrtp through pylibsrtp's cffi module (protect_all); None: use Session.protect
+    from pylibsrtp import SRTP_MAX_TRAILER_LEN as _SRTP_TRAILER, _srtp_assert as _srtp_check
+    from pylibsrtp._binding import ffi as _srtp_ffi, lib as _srtp_lib
+    _srtp_protect: Any = _srtp_lib.srtp_protect
+
+    def _len_cell() -> Any:
+        return _srtp_ffi.new("int *")
+except ImportError:  # another pylibsrtp layout
+    _srtp_protect = None
 _U16 = struct.Struct("=H")
 
 
@@ -437,6 +446,90 @@ class FastPath:
 
     def send_rtcp(self, packet: bytes, now: float = 0.0) -> int:
         return self._current().send(self._srtp.protect_rtcp(packet), now)
+
+    def send_frame(self, packets: list[bytes], now: float = 0.0) -> int:
+        """Protect and send one frame's RTP packets for this viewer (the
+        fan-out's per-packet path); return the bytes written. What
+        :meth:`send_batch` does, cheaper: :func:`protect_all`, and the
+        frame's shorter last packet rides in its GSO run (:func:`send_runs`)."""
+        protected = protect_all(self._srtp, packets)
+        sender = self._current()
+        if len(protected) == 1:
+            return sender.send(protected[0], now)
+        return send_runs(sender, protected, now)
+
+
+def protect_all(session: Any, packets: list[bytes]) -> list[bytes]:
+    """``session.protect`` of each packet, calling libsrtp through
+    pylibsrtp's own cffi handle, buffer and length cell: pylibsrtp's wrapper
+    allocates an ``int *`` and checks types per call (measured here 6.3 →
+    5.1 µs for a 1.2 kB packet). Same bytes, same errors (a packet too long
+    for the buffer goes through ``protect`` and raises there)."""
+    handle = getattr(session, "_srtp", None)
+    buf = getattr(session, "_buffer", None)
+    if handle is None or buf is None or _srtp_protect is None:
+        return [session.protect(p) for p in packets]
+    cdata = session._cdata
+    ctx = handle[0]
+    room = len(cdata) - _SRTP_TRAILER
+    # The length cell lives beside the session's own buffer: allocating one
+    # per call cost as much as the rest of the Python work around libsrtp.
+    cell = getattr(session, "_rf_len_cell", None)
+    if cell is None:
+        cell = session._rf_len_cell = _len_cell()
+    out = []
+    for p in packets:
+        n = len(p)
+        if n > room or type(p) is not bytes:
+            out.append(session.protect(p))
+            continue
+        buf[0:n] = p
+        cell[0] = n
+        rc = _srtp_protect(ctx, cdata, cell)
+        if rc:
+            _srtp_check(rc)
+        out.append(buf[0:cell[0]])
+    return out
+
+
+def send_runs(sender: DatagramSender, datas: list[bytes], now: float = 0.0) -> int:
+    """:meth:`DatagramSender.send_batch` where a run of equal-size datagrams
+    may end in one shorter datagram — a frame's last FU-A fragment — in the
+    same ``sendmsg``: UDP GSO cuts every segment at ``UDP_SEGMENT`` bytes and
+    the last may be shorter (Linux udp(7)). One syscall per frame instead of
+    two. Failures go to ``send_batch``'s own handling of that run."""
+    if not sender.gso:
+        return sender.send_batch(datas, now)
+    sent = 0
+    i, n = 0, len(datas)
+    while i < n:
+        size = len(datas[i])
+        limit = min(GSO_MAX_SEGMENTS, GSO_MAX_BYTES // size) if size else 1
+        j = i + 1
+        while j < n and j - i < limit:
+            length = len(datas[j])
+            if length == size:
+                j += 1
+            else:
+                if length < size:
+                    j += 1  # the shorter last segment ends the run
+                break
+        if j - i == 1:
+            sent += sender.send(datas[i], now)
+        else:
+            run = datas[i:j]
+            try:
+                sender.sock.sendmsg([b"".join(run)], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))],
+                                   0, sender.addr)
+            except BlockingIOError:
+                sender.backlogged += j - i
+            except OSError:
+                sent += sender.send_batch(run, now)  # its fallback: counted, one by one
+            else:
+                sent += sum(map(len, run))
+                sender.failing_since = None
+        i = j
+    return sent
 
 
 # -- WHIP ingest: RTP captured before aiortc's receivers (media/webrtc/whip/) -----------

@@ -6,7 +6,19 @@ every frame:
 
 1. packetizes it once for its layer (H.264 RFC 6184 / Opus RFC 7587),
 2. stores the packets in the layer's NACK history and packet GOP cache,
-3. calls every attached :class:`ViewerSink` synchronously, on the event loop.
+3. calls every attached :class:`ViewerSink` synchronously, on the event loop,
+   starting one viewer further along the attach order each frame.
+
+Fair order: one thread hands a frame to viewer after viewer, so the viewer
+served last waits for all the others (a keyframe to 500 viewers: tens of
+ms). Iterating a set served the same viewers last on every frame; the
+start position now rotates by one per frame, so over N frames each of N
+viewers is served at every position once and its average position is the
+middle — deterministic, and one slice per frame. (Interleaving a keyframe's
+packets in chunks across viewers was measured and not kept: every viewer's
+frame is complete only at its last packet, so chunking moves the *first*
+viewers' completion to the end of the fan-out and the last viewer's not at
+all — see loadtests/README.md, "Fair, short fan-out".)
 
 A sink's work per packet is a header rewrite, an SRTP protect and a
 ``sendto`` (DESIGN.md invariant 2). Nothing here awaits: a viewer whose
@@ -224,7 +236,11 @@ class StreamFanout:
         self._order: tuple[Layer, ...] = ()
         self._index: dict[str, int] = {}  # layer name → index in _order
         self._audio = _LayerState("audio", OpusPacketizer(), PacketHistory(capacity=512, max_age=1.0))
-        self._sinks: set[ViewerSink] = set()
+        # Attach order (a dict keeps it; a set's hash order served the same
+        # viewers last on every frame) and its list, rebuilt on attach/detach.
+        self._sinks: dict[ViewerSink, None] = {}
+        self._sink_list: list[ViewerSink] = []
+        self._turn = 0  # frames fanned out: the rotation of the start position
         self._reader: Reader | None = None
         self._ref_base: float | None = None
         self.stats = FanoutStats()
@@ -252,6 +268,7 @@ class StreamFanout:
         for sink in list(self._sinks):
             sink.on_stream_ended()
         self._sinks.clear()
+        self._sink_list = []
         if self._on_closed is not None:
             self._on_closed(self)
 
@@ -287,7 +304,9 @@ class StreamFanout:
 
     def attach(self, sink: ViewerSink, layer_index: int | None, now: float) -> None:
         """Add a viewer and start it on its layer (see the module docstring)."""
-        self._sinks.add(sink)
+        if sink not in self._sinks:
+            self._sinks[sink] = None
+            self._sink_list = list(self._sinks)
         self.stats.viewers = len(self._sinks)
         if not self._order:
             return
@@ -314,7 +333,9 @@ class StreamFanout:
         self._arm()
 
     def detach(self, sink: ViewerSink) -> None:
-        self._sinks.discard(sink)
+        if sink in self._sinks:
+            del self._sinks[sink]
+            self._sink_list = list(self._sinks)
         self._replays.pop(sink, None)
         self.stats.viewers = len(self._sinks)
 
@@ -489,20 +510,33 @@ class StreamFanout:
         st.packets += len(packets)
         self.stats.frames += 1
         self.stats.packets += len(packets)
+        sinks = self.fanout_order()
         replays = self._replays
         if replays:
-            for sink in list(self._sinks):
+            for sink in sinks:
                 replay = replays.get(sink)
                 if replay is not None and replay.layer == st.name and replay.done_at is None:
                     self._queue_for_replay(sink, replay, packets, now)
                 else:
                     sink.on_packets(index, packets, now)
         else:  # the common case, per packet-viewer: nothing to check
-            for sink in list(self._sinks):
+            for sink in sinks:
                 sink.on_packets(index, packets, now)
-        self.stats.packet_sends += len(packets) * len(self._sinks)
+        self.stats.packet_sends += len(packets) * len(sinks)
         if self._on_frame_sent is not None and index != AUDIO:
             self._on_frame_sent(frame, self._clock())
+
+    def fanout_order(self) -> list[ViewerSink]:
+        """The viewers in the order the next frame goes to them: attach
+        order, started one further along than for the previous frame. A new
+        list (a sink may detach while it is served)."""
+        sinks = self._sink_list
+        n = len(sinks)
+        if n < 2:
+            return sinks[:]
+        start = self._turn % n
+        self._turn = start + 1
+        return sinks[start:] + sinks[:start]
 
     def _anchor(self, st: _LayerState, frame: Frame, ts: int) -> None:
         pts = frame.pts if frame.pts is not None else frame.dts

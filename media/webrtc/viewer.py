@@ -286,12 +286,7 @@ class ViewerEgress:
             return []
         if index != AUDIO and index != rw.current_layer and index != rw.target_layer:
             return []
-        rewrite = rw.rewrite
-        out = []
-        for p in packets:
-            data = rewrite(index, p, now)
-            if data is not None:
-                out.append(data)
+        out = rw.rewrite_frame(index, packets, now)
         if (out and self._frozen_since is not None and index != AUDIO and packets[0].keyframe_start
                 and rw.current_layer == index):
             self.stats.freezes += 1

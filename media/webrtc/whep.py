@@ -290,7 +290,7 @@ class WhepSession:
         sender = fast.sender
         before = sender.backlogged if sender is not None else 0
         try:
-            nbytes = fast.send_batch(out, now)
+            nbytes = fast.send_frame(out, now)
         except _TRANSPORT_GONE:
             self.close_soon("transport_closed")
             return

@@ -541,3 +541,58 @@ def test_probe_srt_url_and_histogram() -> None:
     h = lp.histogram_window({'x_bucket{le="0.001"}': 10, 'x_bucket{le="+Inf"}': 10},
                             {'x_bucket{le="0.001"}': 60, 'x_bucket{le="+Inf"}': 110}, "x")
     assert h == {"frames": 100, "p50_le_ms": 1.0, "p90_le_ms": "> 1", "p99_le_ms": "> 1"}
+
+
+# --------------------------------------------------------------------------
+# browser_rtcp: what the viewer sends back, like Chromium (no network)
+# --------------------------------------------------------------------------
+
+
+def _browser_viewer() -> tuple[wc.WhepViewer, list]:
+    v = wc.WhepViewer("http://127.0.0.1:9/whep/x", browser_rtcp=True, remb_bps=10_000_000)
+    c = v.stats.counter
+    c.payload_types = {VIDEO_PT: ("video", 90000), AUDIO_PT: ("audio", 48000)}
+    c.on_gap = v._on_gap
+    sent: list = []
+    v._send_rtcp = lambda packet: sent.append(parse_rtcp(packet)) or True  # type: ignore[method-assign]
+    return v, sent
+
+
+def test_browser_rtcp_reports_per_track_with_remb_at_the_received_rate() -> None:
+    v, sent = _browser_viewer()
+    c = v.stats.counter
+    t = 1_000_000_000
+    for i in range(100):
+        c.on_rtp(rtp(i, ssrc=0xA1, payload=b"\x41" + b"\x00" * 1199), t)
+        c.on_rtp(rtp(i, ssrc=0xB2, pt=AUDIO_PT, payload=b"\x00" * 99), t)
+    v.send_reports("video")
+    (rr, remb), = sent
+    assert isinstance(rr, ReceiverReport) and [b.ssrc for b in rr.reports] == [0xA1]
+    assert isinstance(remb, Remb) and remb.bitrate == 10_000_000  # nothing measured yet: the configured value
+    v._remb_mark = (v.stats.video.bytes - 150_000, v._remb_mark[1] - 1_000_000_000)  # 150 kB in the last second
+    v.send_reports("video")
+    remb = sent[-1][1]
+    assert abs(remb.bitrate - 150_000 * 8 * 1.05) < 0.01 * remb.bitrate  # near what it receives, +5 %
+    v.send_reports("audio")
+    (rr,), = sent[-1:]
+    assert [b.ssrc for b in rr.reports] == [0xB2]  # audio alone, no REMB
+
+
+def test_browser_rtcp_nacks_a_gap_again_while_open_then_asks_for_a_picture() -> None:
+    from media.rtp.rtcp import Nack, Pli
+
+    v, sent = _browser_viewer()
+    c = v.stats.counter
+    t = 5_000_000_000
+    c.on_rtp(rtp(10, ssrc=0xA1), t)
+    c.on_rtp(rtp(13, ssrc=0xA1), t)  # 11 and 12 missing: NACKed at once
+    assert isinstance(sent[-1][0], Nack) and sent[-1][0].lost == (11, 12)
+    c.on_rtp(rtp(11, ssrc=0xA1), t + 10_000_000)  # 11 repaired
+    v._repair_requests(t + 50_000_000)
+    assert len(sent) == 1  # too early to ask again
+    v._repair_requests(t + 200_000_000)
+    assert sent[-1][0].lost == (12,)  # still open past nack_retry: again, 11 no longer
+    v._repair_requests(t + 1_200_000_000)
+    assert isinstance(sent[-1][0], Pli) and v.stats.pli_sent == 1
+    v._repair_requests(t + 1_300_000_000)
+    assert v.stats.pli_sent == 1 and not v._holes  # one PLI, the hole forgotten

@@ -53,6 +53,9 @@ class _Fast:
     def send_batch(self, packets, now=0.0):
         return self.sender.send_batch(packets, now)
 
+    def send_frame(self, packets, now=0.0):  # the fan-out's path (FastPath.send_frame)
+        return self.sender.send_batch(packets, now)
+
     def close(self) -> None:
         pass
 
