@@ -519,7 +519,8 @@ def send_runs(sender: DatagramSender, datas: list[bytes], now: float = 0.0) -> i
         else:
             run = datas[i:j]
             try:
-                sender.sock.sendmsg([b"".join(run)], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))],
+                sender.sock.sendmsg([b"".join(run)],
+                                   [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size)), *sender.ancillary],
                                    0, sender.addr)
             except BlockingIOError:
                 sender.backlogged += j - i

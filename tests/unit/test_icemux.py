@@ -311,8 +311,10 @@ def test_sends_leave_from_the_address_the_peer_checked_and_gso_works_on_the_shar
             sender.ancillary = session.protocol.transport.ancillary_for(addr)
             assert sender.send_batch([bytes([0x80]) + bytes(999)] * 5) == 5000
             assert sender.send(bytes([0x80]) + bytes(99)) == 100
-            got = [peer.recvfrom(2048) for _ in range(6)]
-            assert [len(d) for d, _ in got] == [1000] * 5 + [100]
+            # The fan-out's per-frame path: a run with its shorter tail in one sendmsg.
+            assert adapter.send_runs(sender, [bytes([0x80]) + bytes(799)] * 3 + [bytes([0x80]) + bytes(299)]) == 2700
+            got = [peer.recvfrom(2048) for _ in range(10)]
+            assert [len(d) for d, _ in got] == [1000] * 5 + [100] + [800] * 3 + [300]
             assert {s for _, s in got} == {(lan, mux.port)}
             assert sender.gso_fallbacks == 0 and sender.errors == 0
             await conn.close()
