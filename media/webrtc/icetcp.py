@@ -70,8 +70,10 @@ _HEADER = struct.Struct("!H")
 #: RFC 6544 §4.2: "the local preference for TCP candidates SHOULD be set ...
 #: the direction-pref" — passive 4 (of 0..7, active 6, so-only 2), and the
 #: RFC 8445 §5.1.2.2 recommendation that UDP be preferred when both work:
-#: the type preference of a TCP host candidate is lowered below every UDP
-#: host candidate (126) so a browser that can reach us over UDP picks UDP.
+#: the type preference of a TCP host candidate is lowered below every
+#: direct UDP candidate (host 126, prflx 110, srflx 100) and kept above a
+#: relayed one (0): a browser that can reach us over UDP picks UDP, and one
+#: that cannot prefers a direct TCP connection to a TURN relay.
 TCP_HOST_TYPE_PREF = 90
 TCP_PASSIVE_DIRECTION_PREF = 4
 
