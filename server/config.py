@@ -217,12 +217,12 @@ class WebRtcSettings(_Section):
     #: 0: any free port).
     ice_tcp_port: int = Field(8189, ge=0, le=65535)
     #: Most ICE-TCP connections at once (each holds a descriptor and a write
-    #: buffer); empty: 4 × (max_viewers + whip_max_sessions), as a browser
+    #: buffer); 0: 4 × (max_viewers + whip_max_sessions), as a browser
     #: opens about one per network interface it has.
-    ice_tcp_max_connections: int | None = Field(None, ge=1)
+    ice_tcp_max_connections: int = Field(0, ge=0)
 
     def ice_tcp_connection_limit(self) -> int:
-        if self.ice_tcp_max_connections is not None:
+        if self.ice_tcp_max_connections:
             return self.ice_tcp_max_connections
         return 4 * (self.max_viewers + self.whip_max_sessions)
 

@@ -253,9 +253,25 @@ class IceTcpListener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Link(self), self.host, self.port,
-                                                reuse_address=True)
-        self.port = self._server.sockets[0].getsockname()[1]
+        for _attempt in range(8):
+            server = await loop.create_server(lambda: _Link(self), self.host, self.port, reuse_address=True)
+            ports = {sock.getsockname()[1] for sock in server.sockets}
+            if len(ports) == 1:
+                break
+            # Port 0 on every address (IPv4 and IPv6 sockets) gives each its
+            # own port, but the candidates name one: try again on the first.
+            chosen = server.sockets[0].getsockname()[1]
+            server.close()
+            await server.wait_closed()
+            try:
+                server = await loop.create_server(lambda: _Link(self), self.host, chosen, reuse_address=True)
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError(errno.EADDRINUSE, "no port free on every address for ICE-TCP")
+        self._server = server
+        self.port = server.sockets[0].getsockname()[1]
         self._arm()
         event(log, logging.INFO, "webrtc.ice_tcp_listening", host=self.host or "*", port=self.port)
 

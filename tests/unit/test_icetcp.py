@@ -315,3 +315,16 @@ def test_no_connection_for_the_pair_is_an_error_that_starts_the_failure_clock() 
 
 def test_internals_this_module_hooks_are_still_there() -> None:
     icetcp.check_internals()
+
+
+def test_any_port_on_every_address_is_one_port() -> None:
+    # The candidates name one port: the IPv4 and IPv6 sockets must share it.
+    async def main() -> None:
+        listener = IceTcpListener(None, 0)
+        await listener.start()
+        try:
+            assert {s.getsockname()[1] for s in listener._server.sockets} == {listener.port}  # type: ignore[union-attr]
+        finally:
+            await listener.close()
+
+    asyncio.run(main())
