@@ -101,6 +101,9 @@ def check_internals() -> None:
         icetcp.check_internals()
     except RuntimeError as exc:
         raise AiortcInternalsChanged(f"ICE-TCP: {exc}") from None
+    from .icemux import check_mux_internals
+
+    check_mux_internals()
 
 
 def ensure_h264_profiles(profiles: tuple[str, ...] = _H264_EXTRA_PROFILES) -> None:
@@ -259,7 +262,7 @@ class DatagramSender:
     """
 
     __slots__ = ("sock", "addr", "gso", "backlogged", "errors", "errors_by_errno", "last_errno",
-                 "failing_since", "gso_fallbacks")
+                 "failing_since", "gso_fallbacks", "ancillary")
 
     gso_available = hasattr(socket, "SOL_UDP") and sys.platform.startswith("linux")
 
@@ -273,6 +276,10 @@ class DatagramSender:
         self.last_errno: int | None = None
         self.failing_since: float | None = None
         self.gso_fallbacks = 0
+        #: Ancillary data every datagram carries (an IP_PKTINFO source
+        #: address on the shared ICE socket, when the kernel would pick
+        #: another one); empty: a plain ``sendto``.
+        self.ancillary: list[tuple[int, int, bytes]] = []
 
     def _failed(self, exc: OSError, count: int, now: float) -> None:
         code = exc.errno or 0
@@ -287,7 +294,10 @@ class DatagramSender:
     def send(self, data: bytes, now: float = 0.0) -> int:
         """Send one datagram; return the bytes written (0 when it was dropped)."""
         try:
-            self.sock.sendto(data, self.addr)
+            if self.ancillary:
+                self.sock.sendmsg([data], self.ancillary, 0, self.addr)
+            else:
+                self.sock.sendto(data, self.addr)
         except BlockingIOError:
             self.backlogged += 1
             return 0
@@ -312,7 +322,8 @@ class DatagramSender:
                     j += 1
             if j - i > 1:
                 try:
-                    self.sock.sendmsg([b"".join(datas[i:j])], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))],
+                    self.sock.sendmsg([b"".join(datas[i:j])],
+                                      [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size)), *self.ancillary],
                                       0, self.addr)
                 except BlockingIOError:
                     self.backlogged += j - i
@@ -387,11 +398,17 @@ class FastPath:
             self._sock_of = transport
             return fresh
         if self._sock_of is not transport or sender is None:
-            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-            sock.setblocking(False)
-            if self._sndbuf:
-                # The viewer's send queue: the kernel buffer of its socket.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            shared = getattr(transport, "mux_socket", None)
+            if shared is not None:
+                # The shared ICE socket (media/webrtc/icemux.py): sent on as
+                # it is; its buffer is every viewer's, sized by the mux.
+                sock = shared
+            else:
+                sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+                sock.setblocking(False)
+                if self._sndbuf:
+                    # The viewer's send queue: the kernel buffer of its socket.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
             fresh = DatagramSender(sock, pair.remote_addr)
             if sender is not None:
                 # Counters describe the viewer, not one socket.
@@ -399,16 +416,23 @@ class FastPath:
                     sender.backlogged, sender.errors, sender.gso_fallbacks)
                 fresh.errors_by_errno = sender.errors_by_errno
                 fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
-                sender.sock.close()
+                self._release(sender)
             self.sender = sender = fresh
             self._sock_of = transport
         elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
+        if shared_ancillary := getattr(transport, "ancillary_for", None):
+            sender.ancillary = shared_ancillary(tuple(sender.addr))
         return sender
+
+    def _release(self, sender: DatagramSender) -> None:
+        # Only our duplicate is ours to close, never the shared ICE socket.
+        if getattr(self._sock_of, "mux_socket", None) is not sender.sock:
+            sender.sock.close()
 
     def close(self) -> None:
         if self.sender is not None:
-            self.sender.sock.close()
+            self._release(self.sender)
         self._sock_of = None
 
     def send_rtp(self, packet: bytes, now: float = 0.0) -> int:

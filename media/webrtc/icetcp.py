@@ -635,15 +635,8 @@ def attach(pc: Any, listener: IceTcpListener | None,
 
 
 def _ice_connections(pc: Any) -> list[Any]:
-    seen: dict[int, Any] = {}
-    for tr in pc.getTransceivers():
-        ice = tr.sender.transport.transport
-        seen.setdefault(id(ice), ice._connection)
-    sctp = getattr(pc, "sctp", None)
-    if sctp is not None:
-        ice = sctp.transport.transport
-        seen.setdefault(id(ice), ice._connection)
-    return list(seen.values())
+    # Every ICE transport aiortc's __gather gathers (bundled or not).
+    return [ice._connection for ice in pc._RTCPeerConnection__iceTransports]
 
 
 def _wrap_gather(connection: Any, listener: IceTcpListener,
@@ -690,5 +683,9 @@ def check_internals() -> None:
     for method in (StunProtocol.send_data, StunProtocol.send_stun):
         if "self.transport.sendto" not in inspect.getsource(method):
             raise RuntimeError("aioice.StunProtocol no longer sends through transport.sendto")
+    from aiortc import RTCPeerConnection
+
+    if "_RTCPeerConnection__iceTransports" not in RTCPeerConnection.__init__.__code__.co_names:
+        raise RuntimeError("RTCPeerConnection no longer keeps its ICE transports in __iceTransports")
     if not callable(getattr(Connection, "protocol_lost", None)):
         raise RuntimeError("aioice.Connection.protocol_lost is gone")
