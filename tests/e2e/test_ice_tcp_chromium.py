@@ -1,13 +1,14 @@
-"""WHEP playback over ICE-TCP only: Chromium in a network namespace whose
-UDP to and from the server is dropped, so the only path that can work is a
-TCP connection to the server's passive candidate (RFC 6544)::
+"""WHEP playback and WHIP publishing over ICE-TCP only: Chromium in a
+network namespace whose UDP to and from the server is dropped, so the only
+path that can work is a TCP connection to the server's passive candidate
+(RFC 6544)::
 
     server (root ns, ICE-TCP on)  ── veth 10.213.x.1/30 ──►  namespace rfn-t<pid>: Chromium
                                                              nft: drop UDP to/from .1
 
-The page plays the stream (frames decoded), the selected candidate pair's
-local candidate is TCP on Chromium's side, and the server counts the
-connection. The namespace, veth pair and nft table are removed when the
+The watch page plays the stream (frames decoded) and the camera page's
+fake camera goes live; in both the selected candidate pair's local candidate
+is TCP on Chromium's side, and the server counts the connections. The namespace, veth pair and nft table are removed when the
 module ends, also after a failure.
 """
 
@@ -35,6 +36,7 @@ NFT_TABLE = "rfn_icetcp"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
 ]
 
 TRACK_PCS = """(() => {
@@ -64,6 +66,24 @@ PATH_STATS = """async () => {
           local: local ? {protocol: local.protocol, tcpType: local.tcpType || null} : null,
           remote: remote ? {protocol: remote.protocol, address: remote.address, port: remote.port,
                             type: remote.candidateType} : null};
+}"""
+
+
+# The publishing peer connection (the one sending video) and its selected pair.
+PUBLISH_STATS = """async () => {
+  for (const pc of (window.__rfnPcs || []).filter(pc => pc.connectionState !== 'closed')) {
+    const stats = await pc.getStats();
+    let sent = 0, pairId = null;
+    stats.forEach(r => {
+      if (r.type === 'outbound-rtp' && r.kind === 'video') sent += r.packetsSent || 0;
+      if (r.type === 'transport' && r.selectedCandidatePairId) pairId = r.selectedCandidatePairId;
+    });
+    if (!sent) continue;
+    const pair = pairId ? stats.get(pairId) : null;
+    const local = pair ? stats.get(pair.localCandidateId) : null;
+    return {sent, local: local ? {protocol: local.protocol} : null};
+  }
+  return null;
 }"""
 
 
@@ -198,3 +218,31 @@ def test_whep_plays_over_ice_tcp_when_udp_is_blocked(net: ViewerNetwork, stack: 
 
     # Leaving the page ends the session and its TCP connection.
     wait_until(closed, timeout=30, interval=0.5)
+
+
+def test_whip_camera_publishes_over_ice_tcp_when_udp_is_blocked(net: ViewerNetwork, stack: dict,
+                                                                ns_browser: Any) -> None:
+    srv, token = stack["server"], stack["token"]
+    r = http("POST", f"{srv.url}/api/v1/streams", {"name": "tcppub", "production": "TCP"}, token=token)
+    assert r.status == 201, r.body
+    link = http("POST", f"{stack['base']}/api/v1/streams/tcppub/links", {"action": "publish"}, token=token)
+    assert link.status == 201, link.body
+    ctx = ns_browser.new_context(permissions=["camera", "microphone"])
+    try:
+        page = ctx.new_page()
+        page.add_init_script(TRACK_PCS)
+        page.goto(link.json()["camera_url"])
+        page.click("#btn-send")
+        wait_until(lambda: http("GET", f"{srv.url}/api/v1/streams/tcppub", token=token).json().get("live"),
+                   timeout=45, interval=0.5)
+        last = None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            last = page.evaluate(PUBLISH_STATS)
+            if last and last["local"] is not None and last["sent"] > 50:
+                break
+            time.sleep(0.5)
+        assert last is not None and last["local"] is not None, last
+        assert last["local"]["protocol"] == "tcp", last
+    finally:
+        ctx.close()
