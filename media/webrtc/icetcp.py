@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import ipaddress
 import logging
 import secrets
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from aioice import Candidate, stun
 from aioice.candidate import candidate_foundation, candidate_priority
@@ -248,6 +250,8 @@ class IceTcpListener:
         self._sessions: dict[str, list[IceTcpSession]] = {}
         self._server: asyncio.AbstractServer | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: Address families the listening sockets accept (set by start()).
+        self.families: set[int] = set()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -272,6 +276,7 @@ class IceTcpListener:
             raise OSError(errno.EADDRINUSE, "no port free on every address for ICE-TCP")
         self._server = server
         self.port = server.sockets[0].getsockname()[1]
+        self.families = {sock.family for sock in server.sockets}
         self._arm()
         event(log, logging.INFO, "webrtc.ice_tcp_listening", host=self.host or "*", port=self.port)
 
@@ -290,6 +295,16 @@ class IceTcpListener:
     @property
     def open_connections(self) -> int:
         return len(self.links)
+
+    def reachable(self, host: str) -> bool:
+        """Whether a candidate at ``host`` can reach this listener: one of
+        its sockets has that address family (an IPv4-only bind must not
+        offer IPv6 candidates that no socket answers)."""
+        try:
+            version = ipaddress.ip_address(host).version
+        except ValueError:
+            return False
+        return (socket.AF_INET if version == 4 else socket.AF_INET6) in self.families
 
     def _arm(self) -> None:
         # One timer for every deadline: a sweep each second is exact enough
@@ -618,20 +633,21 @@ class FramedSender:
         return written - 2 * len(datas)
 
 
-def attach(pc: Any, listener: IceTcpListener | None,
-           hosts: Callable[[list[Candidate]], list[str]] | None = None) -> None:
+def attach(pc: Any, listener: IceTcpListener | None) -> None:
     """Offer passive TCP candidates on ``pc``'s ICE connections.
 
-    Call before ``setLocalDescription`` (aiortc gathers there). Wraps each
-    gatherer's ``Connection.gather_candidates``: after the UDP candidates are
-    gathered, one TCP candidate per distinct address among them (the same
-    addresses — host or announced — as UDP offers), or ``hosts(udp)`` when
-    given. The session unregisters when aioice closes its protocols.
+    Call before ``setLocalDescription`` (aiortc gathers there), after the
+    ICE mux's own hook if any. Wraps each gatherer's
+    ``Connection.gather_candidates``: after the UDP candidates are gathered
+    (by aioice or the mux), one TCP candidate per distinct address among the
+    UDP host ones — the same addresses, host or announced — that the
+    listener's sockets can answer. The session unregisters when aioice
+    closes its protocols.
     """
     if listener is None:
         return
     for connection in _ice_connections(pc):
-        _wrap_gather(connection, listener, hosts)
+        _wrap_gather(connection, listener)
 
 
 def _ice_connections(pc: Any) -> list[Any]:
@@ -639,8 +655,7 @@ def _ice_connections(pc: Any) -> list[Any]:
     return [ice._connection for ice in pc._RTCPeerConnection__iceTransports]
 
 
-def _wrap_gather(connection: Any, listener: IceTcpListener,
-                 hosts: Callable[[list[Candidate]], list[str]] | None) -> None:
+def _wrap_gather(connection: Any, listener: IceTcpListener) -> None:
     if getattr(connection, "_returnfeed_ice_tcp", None) is not None:
         return
     gather = connection.gather_candidates
@@ -652,8 +667,8 @@ def _wrap_gather(connection: Any, listener: IceTcpListener,
         await gather()
         if started or connection._closing:
             return
-        udp = [c for c in connection._local_candidates if c.transport.lower() == "udp" and c.type == "host"]
-        addresses = hosts(udp) if hosts is not None else [c.host for c in udp]
+        addresses = [c.host for c in connection._local_candidates
+                     if c.transport.lower() == "udp" and c.type == "host" and listener.reachable(c.host)]
         made = session.add_candidates(addresses)
         connection._protocols.extend(session.protocols)
         connection._local_candidates.extend(made)

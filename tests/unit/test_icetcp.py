@@ -328,3 +328,51 @@ def test_any_port_on_every_address_is_one_port() -> None:
             await listener.close()
 
     asyncio.run(main())
+
+
+def test_only_addresses_of_a_bound_family_are_offered() -> None:
+    async def main() -> None:
+        listener = IceTcpListener("127.0.0.1", 0)
+        await listener.start()
+        try:
+            assert listener.reachable("192.0.2.1") and listener.reachable("127.0.0.1")
+            assert not listener.reachable("2001:db8::1")
+            assert not listener.reachable("media.example.com")  # candidates carry addresses
+        finally:
+            await listener.close()
+
+    asyncio.run(main())
+
+
+def test_attach_adds_passive_candidates_to_aiortcs_own_gathering_and_cleans_up() -> None:
+    # Without the ICE mux: aioice gathers its own UDP sockets, the hook adds
+    # TCP next to them, aiortc writes them into the SDP with their tcptype.
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async def main() -> None:
+        listener = IceTcpListener("0.0.0.0", 0)
+        await listener.start()
+        # No STUN server (aiortc's default is a public one): host candidates only.
+        client, server = (RTCPeerConnection(RTCConfiguration(iceServers=[])) for _ in range(2))
+        try:
+            client.addTransceiver("video", direction="recvonly")
+            await client.setLocalDescription(await client.createOffer())
+            await server.setRemoteDescription(client.localDescription)
+            icetcp.attach(server, listener)
+            await server.setLocalDescription(await server.createAnswer())
+            lines = [ln.split(":", 1)[1].split() for ln in server.localDescription.sdp.splitlines()
+                     if ln.startswith("a=candidate:")]
+            udp4 = sorted(c[4] for c in lines if c[2] == "udp" and c[7] == "host" and ":" not in c[4])
+            tcp = [c for c in lines if c[2] == "tcp"]
+            assert udp4 and sorted(c[4] for c in tcp) == udp4
+            assert all(c[5] == str(listener.port) and c[7:10] == ["host", "tcptype", "passive"] for c in tcp)
+            ufrag = next(ln.split(":", 1)[1] for ln in server.localDescription.sdp.splitlines()
+                         if ln.startswith("a=ice-ufrag:"))
+            assert len(listener.sessions(ufrag)) == 1
+        finally:
+            await server.close()
+            await client.close()
+        assert listener.sessions(ufrag) == []
+        await listener.close()
+
+    asyncio.run(main())
