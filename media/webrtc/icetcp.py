@@ -139,7 +139,7 @@ class Framer:
 
 @dataclass(slots=True)
 class IceTcpStats:
-    """Counters of one listener (Prometheus: ``returnfeed_ice_tcp_*``)."""
+    """Counters of one listener (Prometheus: ``returnfeed_webrtc_ice_tcp_*``)."""
 
     accepted: int = 0
     #: Closed before or at their first frame, by reason: ``limit`` (too many

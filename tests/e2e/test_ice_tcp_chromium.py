@@ -206,15 +206,15 @@ def test_whep_plays_over_ice_tcp_when_udp_is_blocked(net: ViewerNetwork, stack: 
         assert udp_dropped(net) > 0  # Chromium did try UDP first, and it went nowhere
 
         metrics = http("GET", metrics_url(stack["server"].url)).body.decode()
-        assert _metric(metrics, "returnfeed_ice_tcp_accepted_total") >= 1
-        assert _metric(metrics, "returnfeed_ice_tcp_connections") >= 1
+        assert _metric(metrics, "returnfeed_webrtc_ice_tcp_accepted_total") >= 1
+        assert _metric(metrics, "returnfeed_webrtc_ice_tcp_connections") >= 1
         assert _metric(metrics, "returnfeed_webrtc_packets_sent_total") > 0
     finally:
         page.close()
 
     def closed() -> bool:
         text = http("GET", metrics_url(stack["server"].url)).body.decode()
-        return _metric(text, "returnfeed_ice_tcp_connections") == 0
+        return _metric(text, "returnfeed_webrtc_ice_tcp_connections") == 0
 
     # Leaving the page ends the session and its TCP connection.
     wait_until(closed, timeout=30, interval=0.5)

@@ -120,7 +120,7 @@ def test_raw_client_binds_over_tcp_with_the_session_credentials(env) -> None:
         text = http("GET", metrics_url(env["base"])).body
         text = text.decode() if isinstance(text, bytes) else text
         line = next((ln for ln in text.splitlines()
-                     if ln.startswith('returnfeed_ice_tcp_refused_total{reason="bad_integrity"}')), None)
+                     if ln.startswith('returnfeed_webrtc_ice_tcp_refused_total{reason="bad_integrity"}')), None)
         return float(line.split()[-1]) if line else 0.0
 
     assert wait_until(lambda: refused() >= 1)
