@@ -376,3 +376,25 @@ def test_attach_adds_passive_candidates_to_aiortcs_own_gathering_and_cleans_up()
         await listener.close()
 
     asyncio.run(main())
+
+
+def test_losing_the_nominated_pairs_connection_ends_the_ice_connection() -> None:
+    # A TCP connection that closes is a path that is gone: aiortc's receive
+    # loop must see it now, not when consent expires 30 s later.
+    from aioice.ice import CandidatePair
+
+    async def main() -> None:
+        async with _Env() as env:
+            reader, writer = await env.dial()
+            writer.write(frame(_request(env.connection.local_username, env.connection.local_password)))
+            await _read_frame(reader)
+            peer = writer.get_extra_info("sockname")[:2]
+            remote = next(c for c in env.connection._remote_candidates if (c.host, c.port) == peer)
+            env.connection._nominated[1] = CandidatePair(env.session.protocols[0], remote)
+            assert env.connection._queue.empty()
+            writer.close()
+            await env.settle(lambda: not env.connection._queue.empty())
+            assert env.connection._queue.get_nowait() is None
+            assert env.session.links == {}
+
+    asyncio.run(main())
