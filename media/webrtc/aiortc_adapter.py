@@ -101,9 +101,12 @@ def check_internals() -> None:
         icetcp.check_internals()
     except RuntimeError as exc:
         raise AiortcInternalsChanged(f"ICE-TCP: {exc}") from None
-    from .icemux import check_mux_internals
+    from .icemux import MuxInternalsChanged, check_mux_internals
 
-    check_mux_internals()
+    try:
+        check_mux_internals()
+    except MuxInternalsChanged as exc:
+        raise AiortcInternalsChanged(str(exc)) from None
 
 
 def ensure_h264_profiles(profiles: tuple[str, ...] = _H264_EXTRA_PROFILES) -> None:

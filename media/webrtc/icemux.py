@@ -90,6 +90,11 @@ HOST_TYPE_PREFERENCE = 126
 _MAX_PENDING_PER_SESSION = 64
 
 
+class MuxInternalsChanged(RuntimeError):
+    """An aioice/aiortc internal the mux hooks moved (the adapter's
+    ``check_internals`` reports it as ``AiortcInternalsChanged``)."""
+
+
 class IceMuxConfigError(ValueError):
     """The ICE mux configuration cannot be used (an address that does not
     parse or resolve, an unknown interface)."""
@@ -736,6 +741,11 @@ class IceMux:
         conn._local_candidates_start = True
         candidates: list[Any] = []
         if conn._transport_policy == TransportPolicy.ALL and not conn._closing:
+            while conn.local_username in self.table.by_ufrag:
+                # aioice draws 4 characters (62^4): among 2,000 live sessions
+                # a clash is likely somewhere (birthday bound ~13 %). The
+                # answer is not written yet, so this session takes another.
+                conn._local_username = _random_ufrag()
             entry = self.table.register(conn.local_username, conn.local_password.encode("utf8"), session)
             session.entry = entry
             self.sessions[conn.local_username] = session
@@ -786,6 +796,14 @@ class IceMux:
             del self.sessions[entry.ufrag]
 
 
+def _random_ufrag() -> str:
+    import secrets
+    import string
+
+    # RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/"; 8 of them.
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
+
+
 def ice_transports(pc: Any) -> list[Any]:
     """Every ``RTCIceTransport`` of an aiortc peer connection (the ones its
     ``__gather`` gathers)."""
@@ -803,7 +821,8 @@ def _names(code: Any) -> set[str]:
 
 
 def check_mux_internals() -> None:
-    """Raise if an aioice/aiortc internal the mux relies on moved (part of
+    """Raise :class:`MuxInternalsChanged` if an aioice/aiortc internal the
+    mux relies on moved (part of
     :func:`media.webrtc.aiortc_adapter.check_internals`)."""
     import inspect
 
@@ -812,41 +831,40 @@ def check_mux_internals() -> None:
     from aiortc import RTCPeerConnection
     from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 
-    from .aiortc_adapter import AiortcInternalsChanged
-
     init_names = set(_names(aioice.Connection.__init__.__code__))
     for name in ("_local_candidates_start", "_local_candidates_end", "_local_candidates", "_protocols",
+                 "_local_username",
                  "_components", "_transport_policy", "_closing", "stun_server", "turn_server"):
         if name not in init_names:
-            raise AiortcInternalsChanged(f"aioice.Connection no longer sets {name}")
+            raise MuxInternalsChanged(f"aioice.Connection no longer sets {name}")
     gather = _names(aioice.Connection.gather_candidates.__code__)
     if "_local_candidates_end" not in gather or "get_component_candidates" not in gather:
-        raise AiortcInternalsChanged("aioice.Connection.gather_candidates changed")
+        raise MuxInternalsChanged("aioice.Connection.gather_candidates changed")
     connect = _names(aioice.Connection.connect.__code__)
     if "_local_candidates_end" not in connect:
-        raise AiortcInternalsChanged("aioice.Connection.connect no longer checks _local_candidates_end")
+        raise MuxInternalsChanged("aioice.Connection.connect no longer checks _local_candidates_end")
     params = list(inspect.signature(aioice.Connection.get_component_candidates).parameters)
     if params[:3] != ["self", "component", "addresses"]:
-        raise AiortcInternalsChanged(f"aioice get_component_candidates signature changed: {params}")
+        raise MuxInternalsChanged(f"aioice get_component_candidates signature changed: {params}")
     if list(inspect.signature(ice.StunProtocol.__init__).parameters) != ["self", "receiver"]:
-        raise AiortcInternalsChanged("aioice StunProtocol(receiver) changed")
+        raise MuxInternalsChanged("aioice StunProtocol(receiver) changed")
     for name in ("connection_made", "connection_lost", "datagram_received", "close", "request", "send_stun"):
         if not callable(getattr(ice.StunProtocol, name, None)):
-            raise AiortcInternalsChanged(f"aioice StunProtocol.{name} is gone")
+            raise MuxInternalsChanged(f"aioice StunProtocol.{name} is gone")
     close_names = _names(ice.StunProtocol.close.__code__)
     if "transport" not in close_names:
-        raise AiortcInternalsChanged("aioice StunProtocol.close no longer closes its transport")
+        raise MuxInternalsChanged("aioice StunProtocol.close no longer closes its transport")
     if "local_candidate" not in _names(ice.CandidatePair.local_candidate.fget.__code__):
-        raise AiortcInternalsChanged("aioice CandidatePair no longer reads protocol.local_candidate")
+        raise MuxInternalsChanged("aioice CandidatePair no longer reads protocol.local_candidate")
     if not callable(getattr(ice, "server_reflexive_candidate", None)):
-        raise AiortcInternalsChanged("aioice.ice.server_reflexive_candidate is gone")
+        raise MuxInternalsChanged("aioice.ice.server_reflexive_candidate is gone")
     if "_RTCPeerConnection__iceTransports" not in _names(RTCPeerConnection.__init__.__code__):
-        raise AiortcInternalsChanged("RTCPeerConnection no longer keeps __iceTransports")
+        raise MuxInternalsChanged("RTCPeerConnection no longer keeps __iceTransports")
     if "gather_candidates" not in _names(RTCIceGatherer.gather.__code__):
-        raise AiortcInternalsChanged("RTCIceGatherer.gather no longer calls gather_candidates")
+        raise MuxInternalsChanged("RTCIceGatherer.gather no longer calls gather_candidates")
     if "_connection" not in _names(RTCIceTransport.__init__.__code__):
-        raise AiortcInternalsChanged("RTCIceTransport no longer keeps its aioice Connection in _connection")
+        raise MuxInternalsChanged("RTCIceTransport no longer keeps its aioice Connection in _connection")
     if "close" not in _names(RTCIceTransport.stop.__code__):
-        raise AiortcInternalsChanged("RTCIceTransport.stop no longer closes its connection")
+        raise MuxInternalsChanged("RTCIceTransport.stop no longer closes its connection")
     if "close" not in _names(aioice.Connection.query_consent.__code__):
-        raise AiortcInternalsChanged("aioice consent expiry no longer calls close()")
+        raise MuxInternalsChanged("aioice consent expiry no longer calls close()")

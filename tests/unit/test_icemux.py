@@ -226,8 +226,21 @@ def test_settings_validate_the_mux_config() -> None:
             WebRtcSettings(**bad)
 
 
-def test_internals_the_mux_hooks_are_still_there() -> None:
+def test_internals_the_mux_hooks_are_still_there(monkeypatch) -> None:
+    from aioice import ice
+
     adapter.check_internals()
+    monkeypatch.delattr(ice, "server_reflexive_candidate")
+    with pytest.raises(adapter.AiortcInternalsChanged, match="server_reflexive_candidate"):
+        adapter.check_internals()
+    monkeypatch.undo()
+
+    async def gather_elsewhere(self) -> None:  # an upgrade that gathers differently
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(Connection, "gather_candidates", gather_elsewhere)
+    with pytest.raises(adapter.AiortcInternalsChanged, match="gather_candidates"):
+        adapter.check_internals()
 
 
 async def _started(**kw) -> IceMux:
@@ -324,6 +337,28 @@ def test_datagrams_nobody_owns_are_counted_on_the_socket() -> None:
             assert (c.dropped_unknown_address, c.dropped_unknown_ufrag, c.handler_errors) == (2, 1, 0)
         finally:
             probe.close()
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_a_ufrag_already_on_the_mux_is_replaced_before_the_answer() -> None:
+    async def main() -> None:
+        mux = await _started(loopback=True)
+        try:
+            first = Connection(ice_controlling=False)
+            mux._hook(first)
+            await first.gather_candidates()
+            second = Connection(ice_controlling=False, local_username=first.local_username)
+            mux._hook(second)
+            await second.gather_candidates()
+            assert second.local_username != first.local_username and len(second.local_username) == 8
+            assert mux.session_for_ufrag(second.local_username).connection is second
+            assert mux.session_for_ufrag(first.local_username).connection is first
+            await first.close()
+            await second.close()
+            assert mux.sessions == {}
+        finally:
             await mux.close()
 
     asyncio.run(main())
