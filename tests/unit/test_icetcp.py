@@ -398,3 +398,20 @@ def test_losing_the_nominated_pairs_connection_ends_the_ice_connection() -> None
             assert env.session.links == {}
 
     asyncio.run(main())
+
+
+def test_a_moved_internal_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An aioice that no longer finds an incoming check's remote candidate by
+    # address would leave the TCP prflx candidate unused: refuse to run.
+    from aioice import Connection as AioiceConnection
+
+    from media.webrtc import aiortc_adapter
+
+    def check_incoming(self, message, addr, protocol):  # type: ignore[no-untyped-def]
+        return None
+
+    monkeypatch.setattr(AioiceConnection, "check_incoming", check_incoming)
+    with pytest.raises(RuntimeError, match="check_incoming"):
+        icetcp.check_internals()
+    with pytest.raises(aiortc_adapter.AiortcInternalsChanged, match="ICE-TCP"):
+        aiortc_adapter.check_internals()
