@@ -425,7 +425,11 @@ class FastPath:
         elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
         if shared_ancillary := getattr(transport, "ancillary_for", None):
-            sender.ancillary = shared_ancillary(tuple(sender.addr))
+            # The shared ICE socket: the peer's address as that socket takes
+            # it (IPv4-mapped on a dual-stack one), from the address it checked.
+            remote = tuple(pair.remote_addr)
+            sender.addr = transport.wire_addr(remote)
+            sender.ancillary = shared_ancillary(remote)
         return sender
 
     def _release(self, sender: DatagramSender) -> None:
