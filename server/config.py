@@ -285,7 +285,8 @@ class WebRtcSettings(_Section):
     #: fails, and it is only worth opening where UDP may be blocked.
     ice_tcp: bool = False
     #: The ICE-TCP port (the same number as the ICE UDP port by convention;
-    #: 0: any free port).
+    #: 0: any free port), listening on ``ice_bind_address`` ("::": every
+    #: address of both families).
     ice_tcp_port: int = Field(8189, ge=0, le=65535)
     #: Most ICE-TCP connections at once (each holds a descriptor and a write
     #: buffer); 0: 4 × (max_viewers + whip_max_sessions), as a browser

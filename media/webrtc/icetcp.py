@@ -257,8 +257,12 @@ class IceTcpListener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # "::" means every address of both families, as the ICE mux's
+        # dual-stack UDP socket does; asyncio would make it IPv6-only
+        # (IPV6_V6ONLY), so bind each family's wildcard instead.
+        host = None if self.host in ("::", "") else self.host
         for _attempt in range(8):
-            server = await loop.create_server(lambda: _Link(self), self.host, self.port, reuse_address=True)
+            server = await loop.create_server(lambda: _Link(self), host, self.port, reuse_address=True)
             ports = {sock.getsockname()[1] for sock in server.sockets}
             if len(ports) == 1:
                 break
@@ -268,7 +272,7 @@ class IceTcpListener:
             server.close()
             await server.wait_closed()
             try:
-                server = await loop.create_server(lambda: _Link(self), self.host, chosen, reuse_address=True)
+                server = await loop.create_server(lambda: _Link(self), host, chosen, reuse_address=True)
                 break
             except OSError:
                 continue
