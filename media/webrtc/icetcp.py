@@ -28,6 +28,12 @@ which check it belongs to); anything else closes it. Bounds: connections in
 total, connections still anonymous, connections per session, a deadline for
 the first request, an idle deadline, a write buffer per connection.
 
+With the ICE mux (media/webrtc/icemux.py) the TCP candidates carry the
+mux's addresses (host or announced): :func:`attach` runs after the mux's
+gathering hook and copies them. The listener keeps its own ufrag registry
+rather than the mux's, so ICE-TCP also works with ``ice_mux = false`` and two
+sessions that drew the same 4-character ufrag are told apart by integrity.
+
 :class:`Framer` is sans-I/O (bytes in, frames out); :meth:`IceTcpListener.sweep`
 takes ``now`` and is what the listener's one timer calls.
 """
