@@ -640,7 +640,11 @@ class IceMux:
                 # "::" serves IPv4 too (IPv4-mapped); another IPv6 address only IPv6.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if families(c.bind_address) == {4, 6} else 1)
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-            sock.bind((c.bind_address, c.port))
+            try:
+                sock.bind((c.bind_address, c.port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot bind the ICE UDP port {c.bind_address}:{c.port} "
+                                         f"(webrtc.ice_udp_port): {exc.strerror}") from None
             for force, plain, size in ((getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF, c.sndbuf_bytes),
                                        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF, c.rcvbuf_bytes)):
                 try:

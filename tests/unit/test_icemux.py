@@ -452,3 +452,15 @@ def test_dual_stack_socket_serves_ipv4_and_ipv6_peers() -> None:
             await mux.close()
 
     asyncio.run(main())
+
+
+def test_a_port_in_use_names_the_setting() -> None:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("0.0.0.0", 0))
+    try:
+        mux = IceMux(IceMuxConfig(port=holder.getsockname()[1], loopback=True))
+        with pytest.raises(OSError, match="webrtc.ice_udp_port"):
+            asyncio.run(mux.start())
+        assert mux.sock is None
+    finally:
+        holder.close()
