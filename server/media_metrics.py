@@ -145,6 +145,28 @@ def collect(media: Any) -> Iterable[Metric]:
                     per.add_metric([ingest.stream.name, layer or "", key], float(stats[key]))
         yield per
 
+    ice_tcp = getattr(media, "ice_tcp", None)
+    if ice_tcp is not None:
+        st = ice_tcp.stats
+        g = GaugeMetricFamily("returnfeed_webrtc_ice_tcp_connections", "ICE-TCP connections open")
+        g.add_metric([], ice_tcp.open_connections)
+        yield g
+        for name, value, doc in (
+            ("returnfeed_webrtc_ice_tcp_accepted", st.accepted, "ICE-TCP connections accepted"),
+            ("returnfeed_webrtc_ice_tcp_timed_out", st.timed_out,
+             "ICE-TCP connections closed without a valid STUN request in time"),
+            ("returnfeed_webrtc_ice_tcp_idle_closed", st.idle_closed, "ICE-TCP connections closed after idling"),
+            ("returnfeed_webrtc_ice_tcp_frames_dropped", st.frames_dropped,
+             "Packets not sent on ICE-TCP because the connection's write buffer was full"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
+        refused = CounterMetricFamily("returnfeed_webrtc_ice_tcp_refused", "ICE-TCP connections refused",
+                                      labels=["reason"])
+        for reason, n in dict(st.refused).items():
+            refused.add_metric([reason], n)
+        yield refused
 
 def _ice_mux(mux: Any) -> Iterable[Metric]:
     """The shared ICE UDP socket (media/webrtc/icemux.py), when it is on."""

@@ -104,6 +104,12 @@ def check_internals() -> None:
     if describe is None or "_stream_id" not in describe.__code__.co_names:
         raise AiortcInternalsChanged("the answer's a=msid no longer comes from RTCRtpSender._stream_id")
     check_ingest_internals()
+    from . import icetcp
+
+    try:
+        icetcp.check_internals()
+    except RuntimeError as exc:
+        raise AiortcInternalsChanged(f"ICE-TCP: {exc}") from None
     from .icemux import MuxInternalsChanged, check_mux_internals
 
     try:
@@ -390,6 +396,19 @@ class FastPath:
         if transport is None:
             raise ConnectionError("ICE transport closed")
         sender = self.sender
+        if getattr(transport, "framed", False) and (self._sock_of is not transport or sender is None):
+            # An ICE-TCP pair (media/webrtc/icetcp.py): RFC 4571 frames on its
+            # TCP connection, one write per batch; no socket of ours to dup.
+            fresh = transport.framed_sender(pair.remote_addr)
+            if sender is not None:
+                fresh.backlogged, fresh.errors, fresh.gso_fallbacks = (
+                    sender.backlogged, sender.errors, sender.gso_fallbacks)
+                fresh.errors_by_errno = sender.errors_by_errno
+                fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
+                sender.sock.close()
+            self.sender = fresh
+            self._sock_of = transport
+            return fresh
         if self._sock_of is not transport or sender is None:
             shared = getattr(transport, "mux_socket", None)
             if shared is not None:
