@@ -605,6 +605,11 @@ class FramedSender:
     __slots__ = ("session", "addr", "backlogged", "errors", "errors_by_errno", "last_errno",
                  "failing_since", "gso_fallbacks", "sock")
 
+    #: The fan-out's per-frame path (aiortc_adapter.send_runs) builds GSO
+    #: runs only for senders that have it; a frame here is one batch write.
+    gso = False
+    ancillary: list = []
+
     def __init__(self, session: IceTcpSession, addr: tuple[str, int]) -> None:
         self.session = session
         self.addr = addr

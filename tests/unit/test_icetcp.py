@@ -293,6 +293,15 @@ def test_framed_sender_writes_one_batch_per_call() -> None:
     assert session.listener.stats.frames_out == 2 and sender.failing_since is None
 
 
+def test_the_fan_outs_per_frame_path_writes_a_frame_as_one_batch() -> None:
+    from media.webrtc.aiortc_adapter import send_runs
+    session, transport = _session_with_link(0)
+    sender = FramedSender(session, ("192.0.2.7", 50000))
+    frame_packets = [b"k" * 1100] * 3 + [b"t" * 300]  # equal-size run and a shorter tail
+    assert send_runs(sender, frame_packets, now=1.0) == 3600
+    assert transport.writes == [b"".join(frame(p) for p in frame_packets)]
+
+
 def test_full_write_buffer_drops_and_counts_never_blocks() -> None:
     session, transport = _session_with_link(9_950)
     sender = FramedSender(session, ("192.0.2.7", 50000))
