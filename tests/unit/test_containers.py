@@ -30,10 +30,9 @@ from aiohttp import web
 from server.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-#: DESIGN.md: "one UDP port for every session (default 8189), optional ICE-TCP port".
-ICE_PORT = 8189
 DEFAULTS = Settings()
-PUBLISHED = {(DEFAULTS.http.port, "tcp"), (DEFAULTS.srt.port, "udp"), (ICE_PORT, "udp"), (ICE_PORT, "tcp")}
+PUBLISHED = {(DEFAULTS.http.port, "tcp"), (DEFAULTS.srt.port, "udp"),
+             (DEFAULTS.webrtc.ice_udp_port, "udp"), (DEFAULTS.webrtc.ice_tcp_port, "tcp")}
 
 
 # -- Dockerfile --------------------------------------------------------------
@@ -114,6 +113,22 @@ def test_compose_publishes_exactly_the_client_ports() -> None:
     assert "# coturn:" in (ROOT / "docker-compose.yml").read_text()
 
 
+def test_compose_environment_is_a_valid_config() -> None:
+    """The service's environment, with the compose defaults filled in, as
+    the server reads it: ICE-TCP on (its port is published), no announced
+    address unless the operator gives one."""
+    env = {}
+    for key, value in compose()["services"]["returnfeed"]["environment"].items():
+        # ${VAR:-default} → default; ${VAR:?message} → a placeholder
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value))
+        env[key] = re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "secret", value)
+    settings = load_settings(environ=env)
+    assert settings.webrtc.ice_mux and settings.webrtc.ice_tcp
+    assert settings.webrtc.ice_announce == []
+    announced = load_settings(environ={**env, "RETURNFEED_WEBRTC__ICE_ANNOUNCE": '["192.0.2.20"]'})
+    assert announced.webrtc.ice_announce == ["192.0.2.20"]
+
+
 def test_compose_matches_the_compose_specification() -> None:
     run = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
                           str(ROOT / "docker-compose.yml")], capture_output=True, text=True, timeout=120)
@@ -179,6 +194,10 @@ def test_k8s_configmap_is_a_valid_config(tmp_path: Path) -> None:
     assert settings.http.port == DEFAULTS.http.port and settings.srt.port == DEFAULTS.srt.port
     assert str(settings.data_dir) == "/data"
     assert tomllib.loads(text)["http"]["trusted_proxies"]
+    # The media Service publishes the ICE ports the server listens on.
+    assert settings.webrtc.ice_mux and settings.webrtc.ice_tcp
+    assert (settings.webrtc.ice_udp_port, settings.webrtc.ice_tcp_port) == (
+        DEFAULTS.webrtc.ice_udp_port, DEFAULTS.webrtc.ice_tcp_port)
 
 
 def test_k8s_services_carry_the_media_ports() -> None:
