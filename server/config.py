@@ -19,11 +19,14 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from media.rtp.layers import LayerPolicy
+
+if TYPE_CHECKING:
+    from media.webrtc.icemux import IceMuxConfig
 
 ENV_PREFIX = "RETURNFEED_"
 ENV_NESTED = "__"
@@ -207,6 +210,73 @@ class WebRtcSettings(_Section):
     #: A NACKed packet older than RTT + this is not resent: the viewer's
     #: jitter buffer has played past it (seconds).
     rtx_playout_allowance_s: float = Field(0.5, gt=0.0, le=5.0)
+    #: ICE on one UDP port (media/webrtc/icemux.py): every WHIP and WHEP
+    #: session shares one socket, demultiplexed by ICE ufrag then by remote
+    #: address. False: aioice's own random port per session (the fallback,
+    #: and the other side of the A/B benchmark).
+    ice_mux: bool = True
+    #: The shared socket's address (IPv4; "0.0.0.0" = every interface).
+    ice_bind_address: str = "0.0.0.0"
+    #: The shared socket's UDP port (open it in the firewall, publish it in
+    #: Docker); 0 = an ephemeral port chosen at start.
+    ice_udp_port: int = Field(8189, ge=0, le=65535)
+    #: Host candidates: IPs or interface names; empty = every non-loopback
+    #: address of the host, each once.
+    ice_host_addresses: list[str] = []
+    #: Also offer 127.0.0.1 (a client on this machine).
+    ice_loopback: bool = False
+    #: Public addresses (IPs or host names, resolved at start) offered with
+    #: the ICE port: behind a 1:1 NAT or a published container port.
+    ice_announce: list[str] = []
+    #: "replace": the answer carries only the announced addresses (NAT 1:1);
+    #: "add": the host candidates, then the announced ones.
+    ice_announce_mode: Literal["replace", "add"] = "replace"
+    #: Remote addresses one session may be reached from (the oldest unused
+    #: is forgotten first).
+    ice_max_addresses_per_session: int = Field(8, ge=1, le=64)
+
+    @field_validator("ice_bind_address")
+    @classmethod
+    def _ice_bind_ipv4(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ip = ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address") from None
+        if ip.version != 4:
+            raise ValueError("the shared ICE socket is IPv4: use an IPv4 address or 0.0.0.0")
+        return v
+
+    @field_validator("ice_host_addresses", "ice_announce")
+    @classmethod
+    def _ice_addresses(cls, v: list[str]) -> list[str]:
+        import ipaddress
+        import re
+
+        for item in v:
+            try:
+                ipaddress.ip_address(item)
+                continue
+            except ValueError:
+                pass
+            # Not an IP: an interface name (host addresses) or a DNS name
+            # (announce), resolved at start; here only its shape is checked.
+            if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._@:-]{0,252})", item):
+                raise ValueError(f"{item!r} is neither an IP address nor a valid name")
+        return v
+
+    def ice_mux_config(self) -> "IceMuxConfig | None":
+        """The shared ICE socket's config (None when ``ice_mux`` is off)."""
+        if not self.ice_mux:
+            return None
+        from media.webrtc.icemux import IceMuxConfig
+
+        return IceMuxConfig(bind_address=self.ice_bind_address, port=self.ice_udp_port,
+                            host_addresses=list(self.ice_host_addresses), loopback=self.ice_loopback,
+                            announce=list(self.ice_announce), announce_mode=self.ice_announce_mode,
+                            max_addresses_per_session=self.ice_max_addresses_per_session,
+                            sndbuf_bytes=max(8 * 1024 * 1024, self.backlog_bytes))
 
     @model_validator(mode="after")
     def _backoffs_ordered(self) -> WebRtcSettings:

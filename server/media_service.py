@@ -53,6 +53,7 @@ from media.srt.read import SrtReadSession
 from media.srt.streamid import StreamIdRequest
 from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub, StreamState
 from media.transcode import TranscodeWorker
+from media.webrtc.icemux import IceMux
 from media.webrtc.whep import WhepService
 from media.webrtc.whip import WhipService
 
@@ -170,7 +171,10 @@ class MediaService:
         # the access unit's bytes through unchanged: the bytes object is the
         # key (kept alive here, so its id cannot be reused meanwhile).
         self._first_bytes: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
-        self.whep = WhepService(ice_servers=settings.webrtc.agent_ice_servers(),
+        mux_config = settings.webrtc.ice_mux_config()
+        #: The shared ICE UDP socket of this process (bound in start()).
+        self.ice_mux: IceMux | None = IceMux(mux_config) if mux_config is not None else None
+        self.whep = WhepService(ice_servers=settings.webrtc.agent_ice_servers(), ice_mux=self.ice_mux,
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
                                 send_failure_timeout=settings.webrtc.send_failure_timeout_s,
@@ -180,7 +184,7 @@ class MediaService:
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
         w = settings.webrtc
-        self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(),
+        self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(), ice_mux=self.ice_mux,
                                 takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
                                 connect_timeout=w.connect_timeout_s,
                                 media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,
@@ -206,6 +210,8 @@ class MediaService:
             self.directory.on_change.append(self._from_directory)
         else:
             await self.refresh_catalog()
+        if self.ice_mux is not None:
+            await self.ice_mux.start()
         self.whep.start()
         self.whip.start()
         s = self.settings.srt
@@ -236,6 +242,8 @@ class MediaService:
             self.srt = None
         await self.whip.close()
         await self.whep.close()
+        if self.ice_mux is not None:
+            await self.ice_mux.close()
         for ingest in list(self.ingests.values()):
             if ingest.transcoder is not None:
                 await ingest.transcoder.stop()

@@ -95,6 +95,9 @@ def check_internals() -> None:
     if describe is None or "_stream_id" not in describe.__code__.co_names:
         raise AiortcInternalsChanged("the answer's a=msid no longer comes from RTCRtpSender._stream_id")
     check_ingest_internals()
+    from .icemux import check_mux_internals
+
+    check_mux_internals()
 
 
 def ensure_h264_profiles(profiles: tuple[str, ...] = _H264_EXTRA_PROFILES) -> None:
@@ -368,11 +371,17 @@ class FastPath:
             raise ConnectionError("ICE transport closed")
         sender = self.sender
         if self._sock_of is not transport or sender is None:
-            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-            sock.setblocking(False)
-            if self._sndbuf:
-                # The viewer's send queue: the kernel buffer of its socket.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+            shared = getattr(transport, "mux_socket", None)
+            if shared is not None:
+                # The shared ICE socket (media/webrtc/icemux.py): sent on as
+                # it is; its buffer is every viewer's, sized by the mux.
+                sock = shared
+            else:
+                sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+                sock.setblocking(False)
+                if self._sndbuf:
+                    # The viewer's send queue: the kernel buffer of its socket.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
             fresh = DatagramSender(sock, pair.remote_addr)
             if sender is not None:
                 # Counters describe the viewer, not one socket.
@@ -380,16 +389,21 @@ class FastPath:
                     sender.backlogged, sender.errors, sender.gso_fallbacks)
                 fresh.errors_by_errno = sender.errors_by_errno
                 fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
-                sender.sock.close()
+                self._release(sender)
             self.sender = sender = fresh
             self._sock_of = transport
         elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
         return sender
 
+    def _release(self, sender: DatagramSender) -> None:
+        # Only our duplicate is ours to close, never the shared ICE socket.
+        if getattr(self._sock_of, "mux_socket", None) is not sender.sock:
+            sender.sock.close()
+
     def close(self) -> None:
         if self.sender is not None:
-            self.sender.sock.close()
+            self._release(self.sender)
         self._sock_of = None
 
     def send_rtp(self, packet: bytes, now: float = 0.0) -> int:

@@ -50,6 +50,7 @@ from ..rtp.rtcp import ntp_from_unix
 from ..stream import Stream
 from . import aiortc_adapter as adapter
 from .fanout import StreamFanout
+from .icemux import IceMux
 from .sdp import Offer, SdpError, choose_h264, choose_opus
 from .viewer import (
     CloseWanted, KeyframeWanted, LayerSwitched, ProbeFailed, ProbeStarted, SendKind, SessionStats,
@@ -194,6 +195,8 @@ class WhepSession:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as exc:  # aiortc raises assorted errors on SDP it dislikes
             raise SdpError(f"offer rejected by the WebRTC stack: {exc}") from None
+        if self.service.ice_mux is not None:
+            self.service.ice_mux.attach(self.pc)
         adapter.choose_dtls_role(self.pc)
         for kind, tr in transceivers.items():
             if kind == "video" and video_choice is not None:
@@ -489,9 +492,12 @@ class WhepService:
                  connect_timeout: float = 15.0, layer_policy: LayerPolicy | None = None,
                  rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
                  on_keyframe_request: Callable[[str], int | None] | None = None,
-                 on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
+                 on_frame_sent: Callable[[Any, float], None] | None = None, ice_mux: IceMux | None = None) -> None:
         adapter.ensure_h264_profiles()
         self.ice_servers = ice_servers or []
+        #: The shared ICE UDP socket (started by the owner); None: aioice's
+        #: own socket per session.
+        self.ice_mux = ice_mux
         self.max_viewers = max_viewers
         self.backlog_limit = backlog_limit
         self.send_failure_timeout = send_failure_timeout

@@ -30,6 +30,7 @@ from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
 from ...log import event
 from ...stream import Publisher, SourceInfo, StreamBusy, StreamClosed, StreamHub
 from .. import aiortc_adapter as adapter
+from ..icemux import IceMux
 from ..sdp import Offer, SdpError
 from .plan import WhipPlan, patch_answer, plan_offer
 from .rtp_ingest import IngestConfig, IngestStats, RtpIngest, RtpUnit
@@ -97,6 +98,8 @@ class WhipSession:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
         except Exception as exc:  # aiortc raises assorted errors on SDP it dislikes
             raise SdpError(f"offer rejected by the WebRTC stack: {exc}") from None
+        if self.service.ice_mux is not None:
+            self.service.ice_mux.attach(self.pc)
         self.dtls_role = adapter.choose_dtls_role(self.pc)
         for kind, tr in transceivers.items():
             if kind == "video" and plan.video is not None:
@@ -307,10 +310,13 @@ class WhipService:
 
     def __init__(self, hub: StreamHub, *, ice_servers: list[dict[str, Any]] | None = None, takeover: bool = False,
                  max_sessions: int = 64, connect_timeout: float = 15.0, media_timeout: float = 8.0,
-                 **tuning: Any) -> None:
+                 ice_mux: IceMux | None = None, **tuning: Any) -> None:
         adapter.ensure_h264_profiles()
         self.hub = hub
         self.ice_servers = ice_servers or []
+        #: The shared ICE UDP socket (started by the owner); None: aioice's
+        #: own socket per session.
+        self.ice_mux = ice_mux
         self.takeover = takeover
         self.max_sessions = max_sessions
         self.connect_timeout = connect_timeout
