@@ -147,7 +147,7 @@ def server(net: NatNetwork) -> Iterator[dict[str, Any]]:
     # Started from a thread inside the server namespace: its child is there.
     net.call(net.server, lambda: srv.start(timeout=110))
     try:
-        assert any(f"https://" in line and "ReturnFeed is running" in line for line in srv.output), srv.output[-20:]
+        assert any("https://" in line and "ReturnFeed is running" in line for line in srv.output), srv.output[-20:]
         yield {"srv": srv, "ca": tls / "ca.crt", "spki": _spki_sha256(tls / "server.crt")}
     finally:
         try:
