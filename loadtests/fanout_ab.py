@@ -126,7 +126,8 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace,
     sv = report["server"]
     return {"label": label, "us_per_packet": sv.get("us_per_packet"), "core_pct": sv.get("core_pct"),
             "receiving": report["viewers"]["receiving"], "lost": report["sequence_window"]["lost"],
-            "viewers": args.viewers}
+            "viewers": args.viewers, "packets": report["swarm"]["packets"],
+            "pps_p50": report["per_viewer"]["packets_per_s"]["p50"], "failures": report["viewers"]["failures"]}
 
 
 def main() -> None:
@@ -161,7 +162,9 @@ def main() -> None:
                 results.append(r)
                 print(f"round {round_ + 1} {label}: {r['us_per_packet']:.2f} µs per packet-viewer, "
                       f"{r['core_pct']:.0f}% of a core, {r['receiving']}/{r['viewers']} viewers receiving, "
-                      f"{r['lost']} lost",
+                      f"{r['lost']} lost, {r['packets']} packets in the window "
+                      f"(median {r['pps_p50'] or 0:.0f}/s per viewer)"
+                      + (f", failures {r['failures']}" if r["failures"] else ""),
                       flush=True)
     print()
     for label, _, _ in runs:
