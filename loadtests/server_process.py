@@ -26,6 +26,8 @@ class ServerProcess:
         full_env = dict(os.environ, RETURNFEED_ADMIN_PASSWORD=password, RETURNFEED_LOG__FORMAT="text",
                         PYTHONUNBUFFERED="1", PYTHONPATH=str(root))
         full_env.pop("DATABASE_URL", None)
+        if "ice_udp_port" in (root / "server" / "config.py").read_text():
+            full_env["RETURNFEED_WEBRTC__ICE_UDP_PORT"] = "0"  # the shared ICE port: any free one
         full_env.update(env or {})
         python = root / ".venv" / "bin" / "python"
         cmd = [str(python if checkout is not None and python.exists() else sys.executable), "-m", "server.cli",

@@ -304,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from .main import serve
 
+            if settings.webrtc.ice_mux:
+                # An announced name that does not resolve is a configuration
+                # error (exit 2), before the database is even started.
+                from media.webrtc.icemux import resolve_announce
+
+                resolve_announce(settings.webrtc.ice_announce)
             return _run(serve(settings))
         if args.command == "migrate":
             return _run(_migrate(settings))

@@ -277,6 +277,24 @@ class WebRtcSettings(_Section):
                             announce=list(self.ice_announce), announce_mode=self.ice_announce_mode,
                             max_addresses_per_session=self.ice_max_addresses_per_session,
                             sndbuf_bytes=max(8 * 1024 * 1024, self.backlog_bytes))
+    #: ICE-TCP (RFC 6544): every WHEP/WHIP answer also offers passive TCP
+    #: host candidates on one TCP port, for networks that block UDP. Off by
+    #: default: media over TCP suffers head-of-line blocking (one lost
+    #: segment holds every later packet), so browsers use it only when UDP
+    #: fails, and it is only worth opening where UDP may be blocked.
+    ice_tcp: bool = False
+    #: The ICE-TCP port (the same number as the ICE UDP port by convention;
+    #: 0: any free port).
+    ice_tcp_port: int = Field(8189, ge=0, le=65535)
+    #: Most ICE-TCP connections at once (each holds a descriptor and a write
+    #: buffer); 0: 4 × (max_viewers + whip_max_sessions), as a browser
+    #: opens about one per network interface it has.
+    ice_tcp_max_connections: int = Field(0, ge=0)
+
+    def ice_tcp_connection_limit(self) -> int:
+        if self.ice_tcp_max_connections:
+            return self.ice_tcp_max_connections
+        return 4 * (self.max_viewers + self.whip_max_sessions)
 
     @model_validator(mode="after")
     def _backoffs_ordered(self) -> WebRtcSettings:

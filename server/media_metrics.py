@@ -96,6 +96,7 @@ def collect(media: Any) -> Iterable[Metric]:
     yield dropped
     yield from media.forwarding_latency.collect()
     yield from media.first_byte_latency.collect()
+    yield from _ice_mux(getattr(media, "ice_mux", None))
 
     ing = media.ingest
     for name, value, doc in (
@@ -143,3 +144,59 @@ def collect(media: Any) -> Iterable[Metric]:
                     layer = ingest.conn.request.layer if ingest.conn.request is not None else None
                     per.add_metric([ingest.stream.name, layer or "", key], float(stats[key]))
         yield per
+
+    ice_tcp = getattr(media, "ice_tcp", None)
+    if ice_tcp is not None:
+        st = ice_tcp.stats
+        g = GaugeMetricFamily("returnfeed_webrtc_ice_tcp_connections", "ICE-TCP connections open")
+        g.add_metric([], ice_tcp.open_connections)
+        yield g
+        for name, value, doc in (
+            ("returnfeed_webrtc_ice_tcp_accepted", st.accepted, "ICE-TCP connections accepted"),
+            ("returnfeed_webrtc_ice_tcp_timed_out", st.timed_out,
+             "ICE-TCP connections closed without a valid STUN request in time"),
+            ("returnfeed_webrtc_ice_tcp_idle_closed", st.idle_closed, "ICE-TCP connections closed after idling"),
+            ("returnfeed_webrtc_ice_tcp_frames_dropped", st.frames_dropped,
+             "Packets not sent on ICE-TCP because the connection's write buffer was full"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
+        refused = CounterMetricFamily("returnfeed_webrtc_ice_tcp_refused", "ICE-TCP connections refused",
+                                      labels=["reason"])
+        for reason, n in dict(st.refused).items():
+            refused.add_metric([reason], n)
+        yield refused
+
+def _ice_mux(mux: Any) -> Iterable[Metric]:
+    """The shared ICE UDP socket (media/webrtc/icemux.py), when it is on."""
+    if mux is None:
+        return
+    c = mux.counters
+    dropped = CounterMetricFamily("returnfeed_webrtc_ice_mux_dropped_packets",
+                                  "Datagrams on the shared ICE port that belonged to no session", labels=["reason"])
+    for reason, n in (("unknown_ufrag", c.dropped_unknown_ufrag),
+                      ("unknown_transaction", c.dropped_unknown_transaction),
+                      ("unknown_address", c.dropped_unknown_address),
+                      ("not_a_request", c.dropped_not_stun_request)):
+        dropped.add_metric([reason], n)
+    yield dropped
+    for name, value, doc in (
+        ("returnfeed_webrtc_ice_mux_dropped_bytes", c.dropped_bytes,
+         "Bytes of the datagrams dropped on the shared ICE port"),
+        ("returnfeed_webrtc_ice_mux_received_packets", c.received_packets, "Datagrams read on the shared ICE port"),
+        ("returnfeed_webrtc_ice_mux_sessions_registered", c.sessions_registered,
+         "ICE sessions registered on the shared port"),
+        ("returnfeed_webrtc_ice_mux_addresses_learned", c.addresses_learned,
+         "Remote addresses proved by a verified STUN request"),
+        ("returnfeed_webrtc_ice_mux_addresses_evicted", c.addresses_evicted,
+         "Remote addresses forgotten for a session's newer ones"),
+        ("returnfeed_webrtc_ice_mux_send_errors", c.send_errors + c.send_dropped,
+         "STUN/DTLS sends on the shared ICE port that failed or found the buffer full"),
+    ):
+        fam = CounterMetricFamily(name, doc)
+        fam.add_metric([], value)
+        yield fam
+    live = GaugeMetricFamily("returnfeed_webrtc_ice_mux_sessions", "ICE sessions on the shared port now")
+    live.add_metric([], len(mux.sessions))
+    yield live

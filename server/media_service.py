@@ -55,6 +55,7 @@ from media.stream import SourceInfo, Stream, StreamBusy, StreamClosed, StreamHub
 from media.transcode import TranscodeWorker
 from media.webrtc.icemux import IceMux
 from media.webrtc.whep import WhepService
+from media.webrtc.icetcp import IceTcpListener
 from media.webrtc.whip import WhipService
 
 from .auth import TokenError, TokenService
@@ -194,6 +195,7 @@ class MediaService:
         self.whep.keyframe_handlers.append(self.whip.request_keyframe)
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="media-cpu")
         self.srt: SrtListener | None = None
+        self.ice_tcp: IceTcpListener | None = None
         self.srt_error: str | None = None
         self.ingests: dict[int, SrtIngest] = {}
         self.reads: dict[int, SrtReadSession] = {}
@@ -214,6 +216,7 @@ class MediaService:
             await self.ice_mux.start()
         self.whep.start()
         self.whip.start()
+        await self._start_ice_tcp()
         s = self.settings.srt
         if s.enabled:
             listener = SrtListener(
@@ -231,6 +234,20 @@ class MediaService:
                 event(log, logging.ERROR, "srt.unavailable", detail=str(exc))
         self._timer = asyncio.get_running_loop().create_task(self._housekeeping(), name="media-housekeeping")
 
+    async def _start_ice_tcp(self) -> None:
+        """The ICE-TCP listener, when ``webrtc.ice_tcp`` is on; every WHEP and
+        WHIP answer then offers its passive candidates. A port that cannot
+        be bound is an error worth stopping for: the operator asked for it."""
+        w = self.settings.webrtc
+        if not w.ice_tcp:
+            return
+        listener = IceTcpListener(w.ice_bind_address, w.ice_tcp_port,
+                                  max_connections=w.ice_tcp_connection_limit(), write_limit=w.backlog_bytes)
+        await listener.start()
+        self.ice_tcp = listener
+        self.whep.ice_tcp = listener
+        self.whip.ice_tcp = listener
+
     @property
     def srt_port(self) -> int | None:
         return self.srt.port if self.srt is not None else None
@@ -242,6 +259,9 @@ class MediaService:
             self.srt = None
         await self.whip.close()
         await self.whep.close()
+        if self.ice_tcp is not None:
+            await self.ice_tcp.close()
+            self.ice_tcp = None
         if self.ice_mux is not None:
             await self.ice_mux.close()
         for ingest in list(self.ingests.values()):

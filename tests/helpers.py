@@ -50,6 +50,8 @@ class ServerProcess:
         env.pop("DATABASE_URL", None)
         # Any free port: several servers (and people) share this machine.
         env.update({"RETURNFEED_LOG__FORMAT": "text", "PYTHONUNBUFFERED": "1", "RETURNFEED_METRICS__PORT": "0"})
+        # The shared ICE UDP port too (webrtc.ice_udp_port, default 8189).
+        env["RETURNFEED_WEBRTC__ICE_UDP_PORT"] = "0"
         env.update(self.env)
         cmd = [sys.executable, "-m", "server.cli", "serve", "--data-dir", str(self.data_dir),
                "--http-port", "0", *self.args]

@@ -95,6 +95,12 @@ def check_internals() -> None:
     if describe is None or "_stream_id" not in describe.__code__.co_names:
         raise AiortcInternalsChanged("the answer's a=msid no longer comes from RTCRtpSender._stream_id")
     check_ingest_internals()
+    from . import icetcp
+
+    try:
+        icetcp.check_internals()
+    except RuntimeError as exc:
+        raise AiortcInternalsChanged(f"ICE-TCP: {exc}") from None
     from .icemux import check_mux_internals
 
     check_mux_internals()
@@ -256,7 +262,7 @@ class DatagramSender:
     """
 
     __slots__ = ("sock", "addr", "gso", "backlogged", "errors", "errors_by_errno", "last_errno",
-                 "failing_since", "gso_fallbacks")
+                 "failing_since", "gso_fallbacks", "ancillary")
 
     gso_available = hasattr(socket, "SOL_UDP") and sys.platform.startswith("linux")
 
@@ -270,6 +276,10 @@ class DatagramSender:
         self.last_errno: int | None = None
         self.failing_since: float | None = None
         self.gso_fallbacks = 0
+        #: Ancillary data every datagram carries (an IP_PKTINFO source
+        #: address on the shared ICE socket, when the kernel would pick
+        #: another one); empty: a plain ``sendto``.
+        self.ancillary: list[tuple[int, int, bytes]] = []
 
     def _failed(self, exc: OSError, count: int, now: float) -> None:
         code = exc.errno or 0
@@ -284,7 +294,10 @@ class DatagramSender:
     def send(self, data: bytes, now: float = 0.0) -> int:
         """Send one datagram; return the bytes written (0 when it was dropped)."""
         try:
-            self.sock.sendto(data, self.addr)
+            if self.ancillary:
+                self.sock.sendmsg([data], self.ancillary, 0, self.addr)
+            else:
+                self.sock.sendto(data, self.addr)
         except BlockingIOError:
             self.backlogged += 1
             return 0
@@ -309,7 +322,8 @@ class DatagramSender:
                     j += 1
             if j - i > 1:
                 try:
-                    self.sock.sendmsg([b"".join(datas[i:j])], [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size))],
+                    self.sock.sendmsg([b"".join(datas[i:j])],
+                                      [(socket.SOL_UDP, _UDP_SEGMENT, _U16.pack(size)), *self.ancillary],
                                       0, self.addr)
                 except BlockingIOError:
                     self.backlogged += j - i
@@ -370,6 +384,19 @@ class FastPath:
         if transport is None:
             raise ConnectionError("ICE transport closed")
         sender = self.sender
+        if getattr(transport, "framed", False) and (self._sock_of is not transport or sender is None):
+            # An ICE-TCP pair (media/webrtc/icetcp.py): RFC 4571 frames on its
+            # TCP connection, one write per batch; no socket of ours to dup.
+            fresh = transport.framed_sender(pair.remote_addr)
+            if sender is not None:
+                fresh.backlogged, fresh.errors, fresh.gso_fallbacks = (
+                    sender.backlogged, sender.errors, sender.gso_fallbacks)
+                fresh.errors_by_errno = sender.errors_by_errno
+                fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
+                sender.sock.close()
+            self.sender = fresh
+            self._sock_of = transport
+            return fresh
         if self._sock_of is not transport or sender is None:
             shared = getattr(transport, "mux_socket", None)
             if shared is not None:
@@ -394,6 +421,8 @@ class FastPath:
             self._sock_of = transport
         elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
+        if shared_ancillary := getattr(transport, "ancillary_for", None):
+            sender.ancillary = shared_ancillary(tuple(sender.addr))
         return sender
 
     def _release(self, sender: DatagramSender) -> None:

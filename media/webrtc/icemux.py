@@ -197,7 +197,9 @@ class MuxEntry:
     ufrag: str
     key: bytes  # the local ICE password (RFC 8489 §9.1.1 short-term key)
     target: Any = None  # what the I/O layer delivers to
-    addresses: OrderedDict[Addr, None] = field(default_factory=OrderedDict)
+    #: remote address -> the local address its last verified request was
+    #: sent to (replies must come from there: RFC 8445 §7.2.5.2.1).
+    addresses: OrderedDict[Addr, str | None] = field(default_factory=OrderedDict)
     pending: OrderedDict[bytes, Any] = field(default_factory=OrderedDict)  # transaction id -> sender hint
     registered: bool = True
 
@@ -264,10 +266,12 @@ class MuxTable:
             if self.by_txid.get(old) is entry:
                 del self.by_txid[old]
 
-    def learn(self, entry: MuxEntry, addr: Addr) -> None:
-        """``addr`` proved it talks for ``entry`` (a verified Binding request)."""
+    def learn(self, entry: MuxEntry, addr: Addr, local: str | None = None) -> None:
+        """``addr`` proved it talks for ``entry`` (a verified Binding request
+        sent to our ``local`` address)."""
         owner = self.by_addr.get(addr)
         if owner is entry:
+            entry.addresses[addr] = local
             entry.addresses.move_to_end(addr)
             return
         if owner is not None:
@@ -275,7 +279,7 @@ class MuxTable:
             # mapping reused, a client that restarted): the last proof wins.
             owner.addresses.pop(addr, None)
         self.by_addr[addr] = entry
-        entry.addresses[addr] = None
+        entry.addresses[addr] = local
         self.counters.addresses_learned += 1
         while len(entry.addresses) > self.max_addresses:
             old, _ = entry.addresses.popitem(last=False)
@@ -288,9 +292,14 @@ class MuxTable:
         setattr(c, reason, getattr(c, reason) + 1)
         c.dropped_bytes += len(data)
 
-    def route(self, data: bytes, addr: Addr) -> Route | None:
-        """The session a datagram from ``addr`` belongs to, or ``None``
-        (dropped and counted)."""
+    def local_for(self, addr: Addr) -> str | None:
+        """The local address ``addr`` last reached us on (verified), if known."""
+        entry = self.by_addr.get(addr)
+        return entry.addresses.get(addr) if entry is not None else None
+
+    def route(self, data: bytes, addr: Addr, local: str | None = None) -> Route | None:
+        """The session a datagram from ``addr`` (to our ``local`` address,
+        when known) belongs to, or ``None`` (dropped and counted)."""
         c = self.counters
         c.received_packets += 1
         c.received_bytes += len(data)
@@ -311,7 +320,7 @@ class MuxTable:
                 self._drop(data, "dropped_unknown_ufrag")
                 return None
             if stun_method(data) == _BINDING and check_integrity(data, entry.key):
-                self.learn(entry, addr)
+                self.learn(entry, addr, local)
             # A request that fails the check still goes to the session: its
             # ICE agent answers 400/401 as RFC 8489 §9.1.3 asks.
             return Route(entry)
@@ -456,6 +465,10 @@ class MuxTransport(asyncio.DatagramTransport):
             return
         self._mux.send(self._session, self._protocol, bytes(data), addr)
 
+    def ancillary_for(self, addr: Addr) -> list[tuple[int, int, bytes]]:
+        """What a datagram to ``addr`` must carry (see :meth:`IceMux.ancillary_for`)."""
+        return self._mux.ancillary_for(addr)
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
             return self._sock
@@ -508,22 +521,21 @@ class MuxSession:
                 and check_integrity(data, self.entry.key))
 
 
-class _SharedProtocol(asyncio.DatagramProtocol):
-    def __init__(self, mux: "IceMux") -> None:
-        self.mux = mux
+#: linux/in.h IP_PKTINFO (Python 3.11 does not export it): with it set,
+#: ``recvmsg`` says which local address a datagram was sent to, and a
+#: ``sendmsg`` can choose the source address (struct in_pktinfo).
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
+_CMSG_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
+#: Datagrams read per readiness callback before other callbacks get a turn.
+_READ_BATCH = 64
+#: Remote addresses whose kernel-chosen source address is remembered.
+_MAX_ROUTE_CACHE = 4096
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        self.mux.received(data, addr)
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP errors of earlier sends (a viewer that went away): consent
-        # freshness ends such sessions; nothing to do per datagram.
-        self.mux.counters.send_errors += 1
-
-
-#: asyncio's datagram transport buffers without limit when the kernel's is
-#: full; the shim drops past this (STUN and DTLS retransmit).
-_MAX_TRANSPORT_BUFFER = 256 * 1024
+def pktinfo(local_ip: str) -> tuple[int, int, bytes]:
+    """The ancillary item that makes a datagram leave from ``local_ip``."""
+    return (socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, socket.inet_aton(local_ip), bytes(4)))
 
 
 class IceMux:
@@ -539,7 +551,9 @@ class IceMux:
         self.sndbuf = 0
         self.sessions: dict[str, MuxSession] = {}
         self.candidate_sources: list[Callable[[MuxSession], list[Any]]] = []
-        self._transport: asyncio.DatagramTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: remote address -> the source address the kernel picks for it.
+        self._route_source: dict[Addr, str] = {}
 
     @property
     def counters(self) -> MuxCounters:
@@ -576,11 +590,13 @@ class IceMux:
                 except PermissionError:  # not CAP_NET_ADMIN: capped at net.core.[wr]mem_max
                     sock.setsockopt(socket.SOL_SOCKET, plain, size)
             self.sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            self._transport, _ = await loop.create_datagram_endpoint(lambda: _SharedProtocol(self), sock=sock)
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            loop.add_reader(sock.fileno(), self._readable)
         except BaseException:
             sock.close()
             raise
         self.sock = sock
+        self._loop = loop
         self.sockname = sock.getsockname()[:2]
         event(log, logging.INFO, "webrtc.ice_mux_listening", address=c.bind_address, port=self.sockname[1],
               candidates=",".join(self.addresses), sndbuf=self.sndbuf)
@@ -588,16 +604,36 @@ class IceMux:
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             self._unregister(session)
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self.sock is not None and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
         self.sock = None
 
     # -- datagrams ------------------------------------------------------------------
 
-    def received(self, data: bytes, addr: Any) -> None:
+    def _readable(self) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        for _ in range(_READ_BATCH):
+            try:
+                data, anc, _flags, addr = sock.recvmsg(65536, _CMSG_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # An ICMP error of an earlier send (a peer that went away):
+                # consent freshness ends such sessions.
+                self.counters.send_errors += 1
+                continue
+            local = None
+            for level, kind, value in anc:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= _PKTINFO.size:
+                    local = socket.inet_ntoa(_PKTINFO.unpack_from(value)[2])
+            self.received(data, addr, local)
+
+    def received(self, data: bytes, addr: Any, local: str | None = None) -> None:
         addr = (addr[0], addr[1])
-        route = self.table.route(data, addr)
+        route = self.table.route(data, addr, local)
         if route is None:
             return
         session: MuxSession = route.entry.target
@@ -612,19 +648,48 @@ class IceMux:
         entry = session.entry
         if entry is not None:
             self.table.note_request(entry, data, protocol)
-        sock, transport = self.sock, self._transport
-        if sock is None or transport is None:
+        sock = self.sock
+        if sock is None:
             return
+        addr = (addr[0], addr[1])
         try:
-            sock.sendto(data, addr)
-        except BlockingIOError:
-            # The kernel buffer is full: asyncio queues it (bounded here).
-            if transport.get_write_buffer_size() < _MAX_TRANSPORT_BUFFER:
-                transport.sendto(data, addr)
+            anc = self.ancillary_for(addr)
+            if anc:
+                sock.sendmsg([data], anc, 0, addr)
             else:
-                self.counters.send_dropped += 1
+                sock.sendto(data, addr)
+        except BlockingIOError:
+            # An 8 MB buffer full: STUN and DTLS retransmit; never queue
+            # without bound.
+            self.counters.send_dropped += 1
         except OSError:
             self.counters.send_errors += 1
+
+    def ancillary_for(self, addr: Addr) -> list[tuple[int, int, bytes]]:
+        """What a datagram to ``addr`` needs to leave from the local address
+        the peer sent its checks to: nothing when the kernel picks that
+        address anyway (the usual case, and the fast path stays a plain
+        ``sendto``), else an IP_PKTINFO source. RFC 8445 §7.2.5.2.1: a
+        response whose source is not the request's destination fails the
+        check (a peer on 127.0.0.1 checking our LAN address would get its
+        answer from 127.0.0.1)."""
+        local = self.table.local_for(addr)
+        if local is None or self.config.bind_address != "0.0.0.0":
+            return []
+        natural = self._route_source.get(addr)
+        if natural is None:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                probe.connect(addr)  # a route lookup: nothing is sent
+                natural = probe.getsockname()[0]
+            except OSError:
+                natural = ""
+            finally:
+                probe.close()
+            if len(self._route_source) >= _MAX_ROUTE_CACHE:
+                self._route_source.clear()
+            self._route_source[addr] = natural
+        return [] if natural == local else [pktinfo(local)]
 
     # -- sessions ---------------------------------------------------------------------
 

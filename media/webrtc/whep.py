@@ -49,6 +49,7 @@ from ..rtp.rewrite import Rewriter, TrackParams
 from ..rtp.rtcp import ntp_from_unix
 from ..stream import Stream
 from . import aiortc_adapter as adapter
+from . import icetcp
 from .fanout import StreamFanout
 from .icemux import IceMux
 from .sdp import Offer, SdpError, choose_h264, choose_opus
@@ -225,6 +226,7 @@ class WhepSession:
                 on_ready=self._on_sender_ready)
             adapter.install_sender(tr, sender, self._stream_ids[kind])
             self._tracks[kind] = _Track(kind, sender)
+        icetcp.attach(self.pc, getattr(self.service, "ice_tcp", None))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         return self.pc.localDescription.sdp
@@ -495,6 +497,9 @@ class WhepService:
                  on_frame_sent: Callable[[Any, float], None] | None = None, ice_mux: IceMux | None = None) -> None:
         adapter.ensure_h264_profiles()
         self.ice_servers = ice_servers or []
+        #: The ICE-TCP listener whose passive candidates every answer offers
+        #: (media/webrtc/icetcp.py); None: UDP only.
+        self.ice_tcp: icetcp.IceTcpListener | None = None
         #: The shared ICE UDP socket (started by the owner); None: aioice's
         #: own socket per session.
         self.ice_mux = ice_mux

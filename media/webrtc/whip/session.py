@@ -30,6 +30,7 @@ from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
 from ...log import event
 from ...stream import Publisher, SourceInfo, StreamBusy, StreamClosed, StreamHub
 from .. import aiortc_adapter as adapter
+from .. import icetcp
 from ..icemux import IceMux
 from ..sdp import Offer, SdpError
 from .plan import WhipPlan, patch_answer, plan_offer
@@ -126,6 +127,7 @@ class WhipSession:
         self._dtls = main.receiver.transport
         for dtls in {id(tr.receiver.transport): tr.receiver.transport for tr in transceivers.values()}.values():
             adapter.capture_rtp(dtls, self._on_rtp, self._on_rtcp)
+        icetcp.attach(self.pc, getattr(self.service, "ice_tcp", None))
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         return patch_answer(self.pc.localDescription.sdp, plan)
@@ -314,6 +316,8 @@ class WhipService:
         adapter.ensure_h264_profiles()
         self.hub = hub
         self.ice_servers = ice_servers or []
+        #: The ICE-TCP listener (media/webrtc/icetcp.py); None: UDP only.
+        self.ice_tcp: icetcp.IceTcpListener | None = None
         #: The shared ICE UDP socket (started by the owner); None: aioice's
         #: own socket per session.
         self.ice_mux = ice_mux
