@@ -11,7 +11,7 @@ One server for the module, in the server namespace, with its own embedded
 PostgreSQL (a Unix socket inside its data dir: no TCP, so it works in a
 namespace whose only route leads to the NAT), HTTPS from ``returnfeed cert
 --hosts 203.0.113.1`` and WebRTC configured as behind a 1:1 NAT: one ICE
-port (UDP 8189), the NAT's public address announced in place of
+port (8189, UDP and TCP), the NAT's public address announced in place of
 the host's own (``ice_announce_mode = "replace"``). Every peer runs in the
 client namespace, which has no route to 10/8: what works, works through the
 NAT's published ports. Chromium (inside, driven by Playwright over a pipe)
@@ -23,7 +23,9 @@ over WHEP (frames decoded, the selected pair's remote candidate is the
 announced address and the one ICE port); the camera page is a secure
 context (getUserMedia, wake lock), publishes over WHIP and gets a CUT over
 WSS; every WHIP/WHEP answer lists only the announced address and the one
-ICE port, no candidate twice. The namespaces (and with them every rule)
+ICE port, no candidate twice; with UDP dropped between client and NAT the
+watch page plays over ICE-TCP (passive, RFC 6544) on the same port number.
+The namespaces (and with them every rule)
 are removed when the module ends, also after a failure, and leftovers of a
 crashed run at its start.
 """
@@ -68,6 +70,8 @@ tls = "on"
 ice_udp_port = {ICE_PORT}
 ice_announce = ["{PUBLIC_ADDR}"]
 ice_announce_mode = "replace"
+ice_tcp = true
+ice_tcp_port = {ICE_PORT}
 """
 
 # Every RTCPeerConnection a page makes (the pages own theirs), and the text of
@@ -142,7 +146,11 @@ def server(net: NatNetwork) -> Iterator[dict[str, Any]]:
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert cert.returncode == 0, cert.stderr
     tls = data_dir / "tls"
-    srv = ServerProcess(data_dir, env={"RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD},
+    # ServerProcess puts test servers on an ephemeral ICE port (they share
+    # the host's namespace); this one has a namespace of its own and the NAT
+    # forwards the fixed port.
+    srv = ServerProcess(data_dir, env={"RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                                       "RETURNFEED_WEBRTC__ICE_UDP_PORT": str(ICE_PORT)},
                         args=["--config", str(config), "--http-port", str(HTTPS_PORT), "--srt-port", str(SRT_PORT)])
     # Started from a thread inside the server namespace: its child is there.
     net.call(net.server, lambda: srv.start(timeout=110))
@@ -250,9 +258,9 @@ def answers(page: Any) -> list[str]:
     return page.evaluate("window.__natAnswers")
 
 
-def watch(chromium: Any, stack: dict[str, Any]) -> tuple[Any, Any]:
-    """A fresh /watch page on srtcam; returns (context, page)."""
-    link = stack["api"]("POST", "/api/v1/streams/srtcam/links", {"action": "read"})
+def watch(chromium: Any, stack: dict[str, Any], stream: str = "srtcam") -> tuple[Any, Any]:
+    """A fresh /watch page on ``stream``; returns (context, page)."""
+    link = stack["api"]("POST", f"/api/v1/streams/{stream}/links", {"action": "read"})
     assert link["watch_url"].startswith(f"{BASE}/"), link["watch_url"]
     ctx = chromium.new_context()
     page = ctx.new_page()
@@ -263,11 +271,17 @@ def watch(chromium: Any, stack: dict[str, Any]) -> tuple[Any, Any]:
 
 def playing(page: Any, timeout: float = 30) -> dict[str, Any]:
     """Stats once the page has decoded frames for a while."""
+    last: list[Any] = [None]
+
     def decoded() -> dict[str, Any] | None:
-        st = page.evaluate(PAIR_STATS)
+        st = last[0] = page.evaluate(PAIR_STATS)
         return st if st and st["framesDecoded"] > 25 and st["remote"] else None
 
-    return wait_until(decoded, timeout=timeout, interval=0.5)
+    try:
+        return wait_until(decoded, timeout=timeout, interval=0.5)
+    except AssertionError:
+        raise AssertionError(f"no playback in {timeout} s; last stats {last[0]}, "
+                             f"page: {page.text_content('body')[:500]!r}") from None
 
 
 # ---------------------------------------------------------------- tests
@@ -329,14 +343,15 @@ def test_srt_caller_publishes_through_the_nat(stack: dict[str, Any]) -> None:
 
     def live() -> dict[str, Any] | None:
         body = api("GET", "/api/v1/streams/srtcam")
-        return body if body.get("live") and body.get("tracks") else None
+        kinds = {t["kind"] for t in body.get("tracks", [])}
+        return body if body.get("live") and kinds >= {"video", "audio"} else None
 
     try:
         body = wait_until(live, timeout=30, interval=0.5)
     except AssertionError:
         err = stack["source"].stderr.read1(4000).decode(errors="replace") if stack["source"].poll() is not None else ""
         pytest.fail(f"srtcam did not go live through the NAT in 30 s; ffmpeg: {err}")
-    assert {t["kind"] for t in body["tracks"]} >= {"video", "audio"}, body
+    assert body["tracks"], body
 
 
 def test_watch_page_plays_whep_through_the_nat(chromium: Any, stack: dict[str, Any]) -> None:
@@ -403,3 +418,32 @@ def test_camera_page_publishes_and_gets_tally_over_wss(chromium: Any, stack: dic
         assert not errors, errors
     finally:
         ctx.close()
+
+
+def test_ice_tcp_when_udp_is_blocked(net: NatNetwork, chromium: Any, stack: dict[str, Any]) -> None:
+    # Blocking UDP would cut srtcam's SRT too: this stream comes from an
+    # encoder on the server's side of the NAT (its loopback).
+    api = stack["api"]
+    lan = api("POST", "/api/v1/streams", {"name": "lancam", "production": stack["production"]})
+    url = lan["srt_url"].replace(f"srt://{PUBLIC_ADDR}:", "srt://127.0.0.1:")
+    source = net.call(net.server, lambda: ffmpeg_publish(url, seconds=300, size="640x360"))
+    net.block_udp(True)
+    try:
+        wait_until(lambda: api("GET", "/api/v1/streams/lancam").get("live"), timeout=30, interval=0.5)
+        ctx, page = watch(chromium, stack, "lancam")
+        try:
+            st = playing(page, timeout=45)
+            assert st["remote"]["protocol"] == "tcp", st
+            assert st["remote"]["address"] == PUBLIC_ADDR and st["remote"]["port"] == ICE_PORT, st
+            sdps = answers(page)
+            assert sdps, "no WHEP answer recorded"
+            for sdp in sdps:
+                assert_only_announced(sdp)
+                assert ("1", "tcp", ICE_PORT, PUBLIC_ADDR) in candidates(sdp)[0], sdp
+            dropped = net.counters()
+            assert dropped.get("udp-in", 0) + dropped.get("udp-out", 0) > 0, dropped  # UDP was tried and dropped
+        finally:
+            ctx.close()
+    finally:
+        net.block_udp(False)
+        stop_process(source)
