@@ -137,29 +137,32 @@ def server(net: NatNetwork) -> Iterator[dict[str, Any]]:
     # resets pytest-of-<user> to 0700, which locks the embedded PostgreSQL's
     # user (returnfeed-pg, when the server runs as root) out of its socket.
     data_dir = Path(tempfile.mkdtemp(prefix="rfx-srv-"))
-    config = data_dir / "returnfeed.toml"
-    config.write_text(CONFIG)
-    # `returnfeed cert` inside the server's namespace: its own addresses (the
-    # private one) plus the public one the clients use.
-    cert = subprocess.run(net.command(net.server, [sys.executable, "-m", "server.cli", "cert", "--config", str(config),
-                                                   "--data-dir", str(data_dir), "--hosts", PUBLIC_ADDR]),
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert cert.returncode == 0, cert.stderr
-    tls = data_dir / "tls"
-    # ServerProcess puts test servers on an ephemeral ICE port (they share
-    # the host's namespace); this one has a namespace of its own and the NAT
-    # forwards the fixed port.
-    srv = ServerProcess(data_dir, env={"RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
-                                       "RETURNFEED_WEBRTC__ICE_UDP_PORT": str(ICE_PORT)},
-                        args=["--config", str(config), "--http-port", str(HTTPS_PORT), "--srt-port", str(SRT_PORT)])
-    # Started from a thread inside the server namespace: its child is there.
-    net.call(net.server, lambda: srv.start(timeout=110))
+    srv: ServerProcess | None = None
     try:
+        config = data_dir / "returnfeed.toml"
+        config.write_text(CONFIG)
+        # `returnfeed cert` inside the server's namespace: its own addresses
+        # (the private one) plus the public one the clients use.
+        cert = subprocess.run(net.command(net.server, [
+            sys.executable, "-m", "server.cli", "cert", "--config", str(config), "--data-dir", str(data_dir),
+            "--hosts", PUBLIC_ADDR]), cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert cert.returncode == 0, cert.stderr
+        tls = data_dir / "tls"
+        # ServerProcess puts test servers on an ephemeral ICE port (they
+        # share the host's namespace); this one has a namespace of its own
+        # and the NAT forwards the fixed port.
+        srv = ServerProcess(data_dir, env={"RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
+                                           "RETURNFEED_WEBRTC__ICE_UDP_PORT": str(ICE_PORT)},
+                            args=["--config", str(config), "--http-port", str(HTTPS_PORT),
+                                  "--srt-port", str(SRT_PORT)])
+        # Started from a thread inside the server namespace: its child is there.
+        net.call(net.server, lambda: srv.start(timeout=110))
         assert any("https://" in line and "ReturnFeed is running" in line for line in srv.output), srv.output[-20:]
         yield {"srv": srv, "ca": tls / "ca.crt", "spki": _spki_sha256(tls / "server.crt")}
     finally:
         try:
-            srv.stop()
+            if srv is not None and srv.proc is not None:
+                srv.stop()
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
 
