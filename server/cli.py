@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 # error (exit 2), before the database is even started.
                 from media.webrtc.icemux import resolve_announce
 
-                resolve_announce(settings.webrtc.ice_announce)
+                resolve_announce(settings.webrtc.ice_announce, settings.webrtc.ice_bind_address)
             return _run(serve(settings))
         if args.command == "migrate":
             return _run(_migrate(settings))

@@ -167,6 +167,8 @@ class WebRtcSettings(_Section):
     #: Send buffer of each viewer's socket (its send queue; the kernel may cap
     #: it at net.core.wmem_max). When it is full the viewer loses packets,
     #: is moved down a layer, then dropped — it never slows the others.
+    #: With ``ice_mux`` the viewers share the ICE socket's buffer (at least
+    #: 8 MiB, or this if larger).
     backlog_bytes: int = Field(524288, ge=16384)
     #: A viewer whose every send fails for this long (a route that went away,
     #: a firewall that drops all of its packets) is disconnected; shorter
@@ -215,7 +217,8 @@ class WebRtcSettings(_Section):
     #: address. False: aioice's own random port per session (the fallback,
     #: and the other side of the A/B benchmark).
     ice_mux: bool = True
-    #: The shared socket's address (IPv4; "0.0.0.0" = every interface).
+    #: The shared socket's address: "0.0.0.0" every IPv4 interface, "::"
+    #: IPv4 and IPv6 (dual-stack), or one address.
     ice_bind_address: str = "0.0.0.0"
     #: The shared socket's UDP port (open it in the firewall, publish it in
     #: Docker); 0 = an ephemeral port chosen at start.
@@ -237,15 +240,13 @@ class WebRtcSettings(_Section):
 
     @field_validator("ice_bind_address")
     @classmethod
-    def _ice_bind_ipv4(cls, v: str) -> str:
+    def _ice_bind_ip(cls, v: str) -> str:
         import ipaddress
 
         try:
-            ip = ipaddress.ip_address(v)
+            ipaddress.ip_address(v)
         except ValueError:
             raise ValueError(f"{v!r} is not an IP address") from None
-        if ip.version != 4:
-            raise ValueError("the shared ICE socket is IPv4: use an IPv4 address or 0.0.0.0")
         return v
 
     @field_validator("ice_host_addresses", "ice_announce")
@@ -284,7 +285,8 @@ class WebRtcSettings(_Section):
     #: fails, and it is only worth opening where UDP may be blocked.
     ice_tcp: bool = False
     #: The ICE-TCP port (the same number as the ICE UDP port by convention;
-    #: 0: any free port).
+    #: 0: any free port), listening on ``ice_bind_address`` ("::": every
+    #: address of both families).
     ice_tcp_port: int = Field(8189, ge=0, le=65535)
     #: Most ICE-TCP connections at once (each holds a descriptor and a write
     #: buffer); 0: 4 × (max_viewers + whip_max_sessions), as a browser

@@ -172,10 +172,7 @@ class MediaService:
         # the access unit's bytes through unchanged: the bytes object is the
         # key (kept alive here, so its id cannot be reused meanwhile).
         self._first_bytes: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
-        mux_config = settings.webrtc.ice_mux_config()
-        #: The shared ICE UDP socket of this process (bound in start()).
-        self.ice_mux: IceMux | None = IceMux(mux_config) if mux_config is not None else None
-        self.whep = WhepService(ice_servers=settings.webrtc.agent_ice_servers(), ice_mux=self.ice_mux,
+        self.whep = WhepService(ice_servers=settings.webrtc.agent_ice_servers(),
                                 max_viewers=settings.webrtc.max_viewers,
                                 backlog_limit=settings.webrtc.backlog_bytes,
                                 send_failure_timeout=settings.webrtc.send_failure_timeout_s,
@@ -185,11 +182,15 @@ class MediaService:
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
         w = settings.webrtc
-        self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(), ice_mux=self.ice_mux,
+        self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(),
                                 takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
                                 connect_timeout=w.connect_timeout_s,
                                 media_timeout=w.whip_media_timeout_s, remb_bps=w.whip_remb_bps,
                                 reorder_window=w.whip_reorder_window_s)
+        mux_config = settings.webrtc.ice_mux_config()
+        #: The shared ICE UDP socket of this process (bound in start()).
+        self.ice_mux: IceMux | None = IceMux(mux_config) if mux_config is not None else None
+        self.whep.ice_mux = self.whip.ice_mux = self.ice_mux
         # A WHEP viewer's PLI/FIR reaches the stream's WHIP publisher (rate-limited
         # per layer in the ingest).
         self.whep.keyframe_handlers.append(self.whip.request_keyframe)

@@ -101,9 +101,12 @@ def check_internals() -> None:
         icetcp.check_internals()
     except RuntimeError as exc:
         raise AiortcInternalsChanged(f"ICE-TCP: {exc}") from None
-    from .icemux import check_mux_internals
+    from .icemux import MuxInternalsChanged, check_mux_internals
 
-    check_mux_internals()
+    try:
+        check_mux_internals()
+    except MuxInternalsChanged as exc:
+        raise AiortcInternalsChanged(str(exc)) from None
 
 
 def ensure_h264_profiles(profiles: tuple[str, ...] = _H264_EXTRA_PROFILES) -> None:
@@ -422,7 +425,11 @@ class FastPath:
         elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
         if shared_ancillary := getattr(transport, "ancillary_for", None):
-            sender.ancillary = shared_ancillary(tuple(sender.addr))
+            # The shared ICE socket: the peer's address as that socket takes
+            # it (IPv4-mapped on a dual-stack one), from the address it checked.
+            remote = tuple(pair.remote_addr)
+            sender.addr = transport.wire_addr(remote)
+            sender.ancillary = shared_ancillary(remote)
         return sender
 
     def _release(self, sender: DatagramSender) -> None:

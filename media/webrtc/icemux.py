@@ -7,6 +7,15 @@ a 1:1 NAT that cannot work. MediaMTX, LiveKit and OvenMediaEngine use one
 fixed UDP port plus announced addresses; aioice/aiortc have no UDP mux, so
 it is built here.
 
+Data flow::
+
+    UDP :8189 ──recvmsg (+IP_PKTINFO: our address)──► MuxTable.route
+        STUN request  → USERNAME "LFRAG:…"  → session ─┐  (verified: learn addr)
+        STUN response → transaction id      → session ─┼─► its StunProtocol
+        DTLS/SRTP     → remote address      → session ─┘   (aioice, aiortc)
+    aioice sends ─► MuxTransport.sendto ─► shared socket (source = address checked)
+    FastPath (SRTP, GSO batches) ─────────► shared socket
+
 Two layers:
 
 * :class:`MuxTable` — sans-I/O demultiplexer. A datagram on the shared port
@@ -88,6 +97,11 @@ HOST_TYPE_PREFERENCE = 126
 #: Binding requests a session sent that are still waiting for a response
 #: (connectivity checks retransmit with the same id, consent every ~5 s).
 _MAX_PENDING_PER_SESSION = 64
+
+
+class MuxInternalsChanged(RuntimeError):
+    """An aioice/aiortc internal the mux hooks moved (the adapter's
+    ``check_internals`` reports it as ``AiortcInternalsChanged``)."""
 
 
 class IceMuxConfigError(ValueError):
@@ -375,12 +389,22 @@ def _is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 
 
+def families(bind_address: str) -> set[int]:
+    """IP versions the shared socket serves: an IPv4 address (0.0.0.0 too)
+    serves 4, "::" both (a dual-stack socket), another IPv6 address 6."""
+    bind = ipaddress.ip_address(bind_address)
+    if bind.version == 4:
+        return {4}
+    return {4, 6} if bind.is_unspecified else {6}
+
+
 def host_addresses(config: IceMuxConfig, interfaces: dict[str, list[str]] | None = None) -> list[str]:
-    """The host candidate addresses the config names (before announce),
-    IPv4 only (the shared socket is IPv4), each once, in config order."""
+    """The host candidate addresses the config names (before announce), of
+    the IP versions the socket serves, each once, in config order."""
     interfaces = _interfaces() if interfaces is None else interfaces
     out: list[str] = []
     bind = ipaddress.ip_address(config.bind_address)
+    served = families(config.bind_address)
     if config.host_addresses:
         for item in config.host_addresses:
             try:
@@ -396,26 +420,30 @@ def host_addresses(config: IceMuxConfig, interfaces: dict[str, list[str]] | None
     else:
         out += [ip for ips in interfaces.values() for ip in ips if not _is_loopback(ip)]
     if config.loopback:
-        out.append("127.0.0.1")
-    return list(dict.fromkeys(ip for ip in out if ipaddress.ip_address(ip).version == 4))
+        out += ["127.0.0.1", "::1"]
+    return list(dict.fromkeys(ip for ip in out if ipaddress.ip_address(ip).version in served))
 
 
-def resolve_announce(names: list[str]) -> list[str]:
-    """IPv4 addresses of the announced names (IPs stay as they are); a name
-    that does not resolve is a configuration error."""
+def resolve_announce(names: list[str], bind_address: str = "0.0.0.0") -> list[str]:
+    """Addresses of the announced names (IPs stay as they are), of the IP
+    versions a socket on ``bind_address`` serves; a name that does not
+    resolve is a configuration error."""
+    served = families(bind_address)
+    family = socket.AF_UNSPEC if served == {4, 6} else socket.AF_INET if served == {4} else socket.AF_INET6
     out: list[str] = []
     for name in names:
         try:
             ip = ipaddress.ip_address(name)
         except ValueError:
             try:
-                infos = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_DGRAM)
+                infos = socket.getaddrinfo(name, None, family, socket.SOCK_DGRAM)
             except (socket.gaierror, UnicodeError) as exc:
                 raise IceMuxConfigError(f"webrtc.ice_announce: {name!r} does not resolve ({exc})") from None
             out += [info[4][0] for info in infos]
         else:
-            if ip.version != 4:
-                raise IceMuxConfigError(f"webrtc.ice_announce: {name!r} is IPv6; the ICE socket is IPv4")
+            if ip.version not in served:
+                raise IceMuxConfigError(f"webrtc.ice_announce: {name!r} is IPv{ip.version}; the ICE socket on "
+                                        f"{bind_address} does not serve it")
             out.append(str(ip))
     return list(dict.fromkeys(out))
 
@@ -427,7 +455,8 @@ def candidate_addresses(config: IceMuxConfig, announced: list[str], hosts: list[
     asked for: a local client is never behind the NAT). ``add``: the host
     addresses, then the announced ones."""
     if config.announce_mode == "replace" and announced:
-        keep = ["127.0.0.1"] if config.loopback else []
+        keep = [ip for ip in ("127.0.0.1", "::1")
+                if config.loopback and ipaddress.ip_address(ip).version in families(config.bind_address)]
         return list(dict.fromkeys(announced + keep))
     return list(dict.fromkeys(hosts + announced))
 
@@ -469,6 +498,10 @@ class MuxTransport(asyncio.DatagramTransport):
         """What a datagram to ``addr`` must carry (see :meth:`IceMux.ancillary_for`)."""
         return self._mux.ancillary_for(addr)
 
+    def wire_addr(self, addr: Addr) -> Addr:
+        """``addr`` as the shared socket takes it (see :meth:`IceMux.wire_addr`)."""
+        return self._mux.wire_addr(addr)
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "socket":
             return self._sock
@@ -499,10 +532,19 @@ class MuxSession:
         self.mux = mux
         self.connection = connection
         self.entry: MuxEntry | None = None
-        #: The protocol that receives UDP datagrams (one: every candidate is
-        #: the same socket, and one protocol means one check per remote
-        #: candidate instead of one per local address).
-        self.protocol: Any = None
+        #: The protocol that receives UDP datagrams: one per IP version
+        #: (aioice pairs a local candidate only with remote ones of its
+        #: version), not one per address — every candidate is the same
+        #: socket, and one protocol means one check per remote candidate.
+        self.protocols: dict[int, Any] = {}
+
+    @property
+    def protocol(self) -> Any:
+        """The first protocol (IPv4 when there is one)."""
+        return next(iter(self.protocols.values()), None)
+
+    def protocol_for(self, addr: Addr) -> Any:
+        return self.protocols.get(6 if ":" in addr[0] else 4) or self.protocol
 
     @property
     def ufrag(self) -> str:
@@ -533,9 +575,21 @@ _READ_BATCH = 64
 _MAX_ROUTE_CACHE = 4096
 
 
+_PKTINFO6 = struct.Struct("=16sI")  # struct in6_pktinfo: addr, ifindex
+_CMSG_SPACE6 = socket.CMSG_SPACE(_PKTINFO6.size)
+
+
 def pktinfo(local_ip: str) -> tuple[int, int, bytes]:
     """The ancillary item that makes a datagram leave from ``local_ip``."""
+    if ":" in local_ip:
+        return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _PKTINFO6.pack(socket.inet_pton(socket.AF_INET6, local_ip), 0))
     return (socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, socket.inet_aton(local_ip), bytes(4)))
+
+
+def _plain(host: str) -> str:
+    """An IPv4-mapped IPv6 address (a dual-stack socket's view of an IPv4
+    peer) as the IPv4 address ICE candidates use."""
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 class IceMux:
@@ -552,6 +606,7 @@ class IceMux:
         self.sessions: dict[str, MuxSession] = {}
         self.candidate_sources: list[Callable[[MuxSession], list[Any]]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._family = socket.AF_INET
         #: remote address -> the source address the kernel picks for it.
         self._route_source: dict[Addr, str] = {}
 
@@ -571,16 +626,25 @@ class IceMux:
         ``OSError`` when the port cannot be bound."""
         c = self.config
         loop = asyncio.get_running_loop()
-        announced = await loop.run_in_executor(None, resolve_announce, list(c.announce))
+        announced = await loop.run_in_executor(None, resolve_announce, list(c.announce), c.bind_address)
         hosts = host_addresses(c)
         self.addresses = candidate_addresses(c, announced, hosts)
         if not self.addresses:
             raise IceMuxConfigError("no ICE candidate address: set webrtc.ice_host_addresses, "
                                     "webrtc.ice_announce or webrtc.ice_loopback")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._family = socket.AF_INET6 if ipaddress.ip_address(c.bind_address).version == 6 else socket.AF_INET
+        sock = socket.socket(self._family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
-            sock.bind((c.bind_address, c.port))
+            if self._family == socket.AF_INET6:
+                # "::" serves IPv4 too (IPv4-mapped); another IPv6 address only IPv6.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if families(c.bind_address) == {4, 6} else 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            try:
+                sock.bind((c.bind_address, c.port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot bind the ICE UDP port {c.bind_address}:{c.port} "
+                                         f"(webrtc.ice_udp_port): {exc.strerror}") from None
             for force, plain, size in ((getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF, c.sndbuf_bytes),
                                        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF, c.rcvbuf_bytes)):
                 try:
@@ -617,7 +681,7 @@ class IceMux:
             return
         for _ in range(_READ_BATCH):
             try:
-                data, anc, _flags, addr = sock.recvmsg(65536, _CMSG_SPACE)
+                data, anc, _flags, addr = sock.recvmsg(65536, _CMSG_SPACE6)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -629,15 +693,17 @@ class IceMux:
             for level, kind, value in anc:
                 if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= _PKTINFO.size:
                     local = socket.inet_ntoa(_PKTINFO.unpack_from(value)[2])
+                elif level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(value) >= _PKTINFO6.size:
+                    local = _plain(socket.inet_ntop(socket.AF_INET6, _PKTINFO6.unpack_from(value)[0]))
             self.received(data, addr, local)
 
     def received(self, data: bytes, addr: Any, local: str | None = None) -> None:
-        addr = (addr[0], addr[1])
+        addr = (_plain(addr[0]), addr[1])
         route = self.table.route(data, addr, local)
         if route is None:
             return
         session: MuxSession = route.entry.target
-        protocol = route.hint if route.hint is not None else session.protocol
+        protocol = route.hint if route.hint is not None else session.protocol_for(addr)
         try:
             protocol.datagram_received(data, addr)
         except Exception:  # one session's bug must not stop the socket
@@ -655,15 +721,22 @@ class IceMux:
         try:
             anc = self.ancillary_for(addr)
             if anc:
-                sock.sendmsg([data], anc, 0, addr)
+                sock.sendmsg([data], anc, 0, self.wire_addr(addr))
             else:
-                sock.sendto(data, addr)
+                sock.sendto(data, self.wire_addr(addr))
         except BlockingIOError:
             # An 8 MB buffer full: STUN and DTLS retransmit; never queue
             # without bound.
             self.counters.send_dropped += 1
         except OSError:
             self.counters.send_errors += 1
+
+    def wire_addr(self, addr: Addr) -> Addr:
+        """``addr`` as the socket takes it: an IPv4 peer on a dual-stack
+        socket is IPv4-mapped."""
+        if self._family == socket.AF_INET6 and ":" not in addr[0]:
+            return ("::ffff:" + addr[0], addr[1])
+        return addr
 
     def ancillary_for(self, addr: Addr) -> list[tuple[int, int, bytes]]:
         """What a datagram to ``addr`` needs to leave from the local address
@@ -674,14 +747,14 @@ class IceMux:
         check (a peer on 127.0.0.1 checking our LAN address would get its
         answer from 127.0.0.1)."""
         local = self.table.local_for(addr)
-        if local is None or self.config.bind_address != "0.0.0.0":
+        if local is None or not ipaddress.ip_address(self.config.bind_address).is_unspecified:
             return []
         natural = self._route_source.get(addr)
         if natural is None:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            probe = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET, socket.SOCK_DGRAM)
             try:
                 probe.connect(addr)  # a route lookup: nothing is sent
-                natural = probe.getsockname()[0]
+                natural = _plain(probe.getsockname()[0])
             except OSError:
                 natural = ""
             finally:
@@ -736,23 +809,31 @@ class IceMux:
         conn._local_candidates_start = True
         candidates: list[Any] = []
         if conn._transport_policy == TransportPolicy.ALL and not conn._closing:
+            while conn.local_username in self.table.by_ufrag:
+                # aioice draws 4 characters (62^4): among 2,000 live sessions
+                # a clash is likely somewhere (birthday bound ~13 %). The
+                # answer is not written yet, so this session takes another.
+                conn._local_username = _random_ufrag()
             entry = self.table.register(conn.local_username, conn.local_password.encode("utf8"), session)
             session.entry = entry
             self.sessions[conn.local_username] = session
             for component in sorted(conn._components):
-                protocol = StunProtocol(conn)
-                protocol.connection_made(MuxTransport(self, session, protocol))
                 for i, address in enumerate(self.addresses):
-                    candidates.append(Candidate(
+                    cand = Candidate(
                         foundation=candidate_foundation("host", "udp", address), component=component,
                         transport="udp", priority=candidate_priority(i, component), host=address, port=self.port,
-                        type="host"))
-                protocol.local_candidate = candidates[-len(self.addresses)]
-                conn._protocols.append(protocol)
-                if session.protocol is None:
-                    session.protocol = protocol
-                if conn.stun_server:
-                    candidates += await self._server_reflexive(protocol, conn.stun_server, candidates, stun)
+                        type="host")
+                    candidates.append(cand)
+                    version = ipaddress.ip_address(address).version
+                    if version not in session.protocols:
+                        protocol = StunProtocol(conn)
+                        protocol.connection_made(MuxTransport(self, session, protocol))
+                        protocol.local_candidate = cand
+                        conn._protocols.append(protocol)
+                        session.protocols[version] = protocol
+                if conn.stun_server and 4 in session.protocols:  # aioice queries STUN over IPv4 only
+                    candidates += await self._server_reflexive(session.protocols[4], conn.stun_server, candidates,
+                                                               stun)
             for source in self.candidate_sources:
                 for protocol in source(session):
                     conn._protocols.append(protocol)
@@ -786,6 +867,14 @@ class IceMux:
             del self.sessions[entry.ufrag]
 
 
+def _random_ufrag() -> str:
+    import secrets
+    import string
+
+    # RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/"; 8 of them.
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(8))
+
+
 def ice_transports(pc: Any) -> list[Any]:
     """Every ``RTCIceTransport`` of an aiortc peer connection (the ones its
     ``__gather`` gathers)."""
@@ -803,7 +892,8 @@ def _names(code: Any) -> set[str]:
 
 
 def check_mux_internals() -> None:
-    """Raise if an aioice/aiortc internal the mux relies on moved (part of
+    """Raise :class:`MuxInternalsChanged` if an aioice/aiortc internal the
+    mux relies on moved (part of
     :func:`media.webrtc.aiortc_adapter.check_internals`)."""
     import inspect
 
@@ -812,41 +902,40 @@ def check_mux_internals() -> None:
     from aiortc import RTCPeerConnection
     from aiortc.rtcicetransport import RTCIceGatherer, RTCIceTransport
 
-    from .aiortc_adapter import AiortcInternalsChanged
-
     init_names = set(_names(aioice.Connection.__init__.__code__))
     for name in ("_local_candidates_start", "_local_candidates_end", "_local_candidates", "_protocols",
+                 "_local_username",
                  "_components", "_transport_policy", "_closing", "stun_server", "turn_server"):
         if name not in init_names:
-            raise AiortcInternalsChanged(f"aioice.Connection no longer sets {name}")
+            raise MuxInternalsChanged(f"aioice.Connection no longer sets {name}")
     gather = _names(aioice.Connection.gather_candidates.__code__)
     if "_local_candidates_end" not in gather or "get_component_candidates" not in gather:
-        raise AiortcInternalsChanged("aioice.Connection.gather_candidates changed")
+        raise MuxInternalsChanged("aioice.Connection.gather_candidates changed")
     connect = _names(aioice.Connection.connect.__code__)
     if "_local_candidates_end" not in connect:
-        raise AiortcInternalsChanged("aioice.Connection.connect no longer checks _local_candidates_end")
+        raise MuxInternalsChanged("aioice.Connection.connect no longer checks _local_candidates_end")
     params = list(inspect.signature(aioice.Connection.get_component_candidates).parameters)
     if params[:3] != ["self", "component", "addresses"]:
-        raise AiortcInternalsChanged(f"aioice get_component_candidates signature changed: {params}")
+        raise MuxInternalsChanged(f"aioice get_component_candidates signature changed: {params}")
     if list(inspect.signature(ice.StunProtocol.__init__).parameters) != ["self", "receiver"]:
-        raise AiortcInternalsChanged("aioice StunProtocol(receiver) changed")
+        raise MuxInternalsChanged("aioice StunProtocol(receiver) changed")
     for name in ("connection_made", "connection_lost", "datagram_received", "close", "request", "send_stun"):
         if not callable(getattr(ice.StunProtocol, name, None)):
-            raise AiortcInternalsChanged(f"aioice StunProtocol.{name} is gone")
+            raise MuxInternalsChanged(f"aioice StunProtocol.{name} is gone")
     close_names = _names(ice.StunProtocol.close.__code__)
     if "transport" not in close_names:
-        raise AiortcInternalsChanged("aioice StunProtocol.close no longer closes its transport")
+        raise MuxInternalsChanged("aioice StunProtocol.close no longer closes its transport")
     if "local_candidate" not in _names(ice.CandidatePair.local_candidate.fget.__code__):
-        raise AiortcInternalsChanged("aioice CandidatePair no longer reads protocol.local_candidate")
+        raise MuxInternalsChanged("aioice CandidatePair no longer reads protocol.local_candidate")
     if not callable(getattr(ice, "server_reflexive_candidate", None)):
-        raise AiortcInternalsChanged("aioice.ice.server_reflexive_candidate is gone")
+        raise MuxInternalsChanged("aioice.ice.server_reflexive_candidate is gone")
     if "_RTCPeerConnection__iceTransports" not in _names(RTCPeerConnection.__init__.__code__):
-        raise AiortcInternalsChanged("RTCPeerConnection no longer keeps __iceTransports")
+        raise MuxInternalsChanged("RTCPeerConnection no longer keeps __iceTransports")
     if "gather_candidates" not in _names(RTCIceGatherer.gather.__code__):
-        raise AiortcInternalsChanged("RTCIceGatherer.gather no longer calls gather_candidates")
+        raise MuxInternalsChanged("RTCIceGatherer.gather no longer calls gather_candidates")
     if "_connection" not in _names(RTCIceTransport.__init__.__code__):
-        raise AiortcInternalsChanged("RTCIceTransport no longer keeps its aioice Connection in _connection")
+        raise MuxInternalsChanged("RTCIceTransport no longer keeps its aioice Connection in _connection")
     if "close" not in _names(RTCIceTransport.stop.__code__):
-        raise AiortcInternalsChanged("RTCIceTransport.stop no longer closes its connection")
+        raise MuxInternalsChanged("RTCIceTransport.stop no longer closes its connection")
     if "close" not in _names(aioice.Connection.query_consent.__code__):
-        raise AiortcInternalsChanged("aioice consent expiry no longer calls close()")
+        raise MuxInternalsChanged("aioice consent expiry no longer calls close()")

@@ -28,6 +28,12 @@ which check it belongs to); anything else closes it. Bounds: connections in
 total, connections still anonymous, connections per session, a deadline for
 the first request, an idle deadline, a write buffer per connection.
 
+With the ICE mux (media/webrtc/icemux.py) the TCP candidates carry the
+mux's addresses (host or announced): :func:`attach` runs after the mux's
+gathering hook and copies them. The listener keeps its own ufrag registry
+rather than the mux's, so ICE-TCP also works with ``ice_mux = false`` and two
+sessions that drew the same 4-character ufrag are told apart by integrity.
+
 :class:`Framer` is sans-I/O (bytes in, frames out); :meth:`IceTcpListener.sweep`
 takes ``now`` and is what the listener's one timer calls.
 """
@@ -257,8 +263,12 @@ class IceTcpListener:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # "::" means every address of both families, as the ICE mux's
+        # dual-stack UDP socket does; asyncio would make it IPv6-only
+        # (IPV6_V6ONLY), so bind each family's wildcard instead.
+        host = None if self.host in ("::", "") else self.host
         for _attempt in range(8):
-            server = await loop.create_server(lambda: _Link(self), self.host, self.port, reuse_address=True)
+            server = await loop.create_server(lambda: _Link(self), host, self.port, reuse_address=True)
             ports = {sock.getsockname()[1] for sock in server.sockets}
             if len(ports) == 1:
                 break
@@ -268,7 +278,7 @@ class IceTcpListener:
             server.close()
             await server.wait_closed()
             try:
-                server = await loop.create_server(lambda: _Link(self), self.host, chosen, reuse_address=True)
+                server = await loop.create_server(lambda: _Link(self), host, chosen, reuse_address=True)
                 break
             except OSError:
                 continue

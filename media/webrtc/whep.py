@@ -494,15 +494,15 @@ class WhepService:
                  connect_timeout: float = 15.0, layer_policy: LayerPolicy | None = None,
                  rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
                  on_keyframe_request: Callable[[str], int | None] | None = None,
-                 on_frame_sent: Callable[[Any, float], None] | None = None, ice_mux: IceMux | None = None) -> None:
+                 on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
         adapter.ensure_h264_profiles()
         self.ice_servers = ice_servers or []
         #: The ICE-TCP listener whose passive candidates every answer offers
         #: (media/webrtc/icetcp.py); None: UDP only.
         self.ice_tcp: icetcp.IceTcpListener | None = None
-        #: The shared ICE UDP socket (started by the owner); None: aioice's
-        #: own socket per session.
-        self.ice_mux = ice_mux
+        #: The shared ICE UDP socket (set and started by the owner); None:
+        #: aioice's own socket per session.
+        self.ice_mux: IceMux | None = None
         self.max_viewers = max_viewers
         self.backlog_limit = backlog_limit
         self.send_failure_timeout = send_failure_timeout

@@ -190,6 +190,46 @@ def test_an_announced_name_that_does_not_resolve_stops_the_server(tmp_path) -> N
     r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--data-dir", str(tmp_path), "--http-port", "0"],
                        cwd=root, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, RETURNFEED_WEBRTC__ICE_ANNOUNCE='["no-such-host.invalid"]',
-                                RETURNFEED_WEBRTC__ICE_UDP_PORT="0", RETURNFEED_DATABASE__URL="postgresql://x@127.0.0.1:1/x"))
+                                RETURNFEED_WEBRTC__ICE_UDP_PORT="0",
+                                RETURNFEED_DATABASE__URL="postgresql://x@127.0.0.1:1/x"))
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     assert "no-such-host.invalid" in r.stderr and "does not resolve" in r.stderr, r.stderr[-2000:]
+
+
+def test_dual_stack_socket_forwards_to_viewers(module_db_url, tmp_path_factory) -> None:
+    """bind "::": the fast path sends to an IPv4 viewer (IPv4-mapped on the
+    wire) and to a viewer that checks in both families, from the one socket."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "loadtests"))
+    from whep_client import WhepViewer
+
+    from helpers import aiortc_whep_receive
+
+    srv = _server(tmp_path_factory, module_db_url, "dualstack", ice_bind_address="::", ice_loopback="true",
+                  ice_host_addresses='["127.0.0.1", "::1"]')
+    proc = None
+    try:
+        base = srv.url
+        admin = login(base, "admin", "icemux-admin-pw")["access_token"]
+        assert http("POST", f"{base}/api/v1/productions", {"name": "Dual"}, token=admin).status == 201
+        r = http("POST", f"{base}/api/v1/streams", {"name": "dual1", "production": "Dual"}, token=admin)
+        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
+            ":0?", f":{srv.srt_port}?")
+        proc = ffmpeg_publish(srt, seconds=30)
+        wait_live(base, "dual1", admin)
+
+        async def watch() -> tuple[int, str, dict]:
+            async with WhepViewer(f"{base}/whep/dual1", token=admin) as v4:  # 127.0.0.1 only
+                # aiortc's own client offers the host's IPv4 and IPv6
+                # addresses: checks in both families on the one socket.
+                decoded = await aiortc_whep_receive(f"{base}/whep/dual1", admin, 2, kinds=("video",))
+                return (v4.stats.video.packets if v4.stats.video else 0), v4._pc.remoteDescription.sdp, decoded
+
+        packets, answer, decoded = asyncio.run(watch())
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        srv.stop()
+    cands = candidates(answer, 0)
+    assert [c[0] for c in cands] == ["127.0.0.1", "::1"] and len({c[1] for c in cands}) == 1, cands
+    assert packets > 0
+    assert decoded["status"] == 201 and decoded["video"] > 0, decoded

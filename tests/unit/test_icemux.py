@@ -16,6 +16,7 @@ from media.webrtc.icemux import (
     IceMuxConfig,
     IceMuxConfigError,
     MuxTable,
+    MuxTransport,
     candidate_addresses,
     candidate_priority,
     check_integrity,
@@ -220,14 +221,27 @@ def test_settings_validate_the_mux_config() -> None:
                          ice_announce_mode="add", ice_host_addresses=["eth0"]).ice_mux_config()
     assert cfg.port == 0 and cfg.announce_mode == "add" and cfg.host_addresses == ["eth0"]
     assert WebRtcSettings(ice_mux=False).ice_mux_config() is None
-    for bad in ({"ice_udp_port": 70000}, {"ice_announce_mode": "nat"}, {"ice_bind_address": "::"},
+    for bad in ({"ice_udp_port": 70000}, {"ice_announce_mode": "nat"}, {"ice_bind_address": "any"},
                 {"ice_bind_address": "eth0"}, {"ice_announce": ["not a name"]}, {"ice_host_addresses": ["a b"]}):
         with pytest.raises(ValidationError):
             WebRtcSettings(**bad)
 
 
-def test_internals_the_mux_hooks_are_still_there() -> None:
+def test_internals_the_mux_hooks_are_still_there(monkeypatch) -> None:
+    from aioice import ice
+
     adapter.check_internals()
+    monkeypatch.delattr(ice, "server_reflexive_candidate")
+    with pytest.raises(adapter.AiortcInternalsChanged, match="server_reflexive_candidate"):
+        adapter.check_internals()
+    monkeypatch.undo()
+
+    async def gather_elsewhere(self) -> None:  # an upgrade that gathers differently
+        await asyncio.sleep(0)
+
+    monkeypatch.setattr(Connection, "gather_candidates", gather_elsewhere)
+    with pytest.raises(adapter.AiortcInternalsChanged, match="gather_candidates"):
+        adapter.check_internals()
 
 
 async def _started(**kw) -> IceMux:
@@ -327,3 +341,126 @@ def test_datagrams_nobody_owns_are_counted_on_the_socket() -> None:
             await mux.close()
 
     asyncio.run(main())
+
+
+def test_a_ufrag_already_on_the_mux_is_replaced_before_the_answer() -> None:
+    async def main() -> None:
+        mux = await _started(loopback=True)
+        try:
+            first = Connection(ice_controlling=False)
+            mux._hook(first)
+            await first.gather_candidates()
+            second = Connection(ice_controlling=False, local_username=first.local_username)
+            mux._hook(second)
+            await second.gather_candidates()
+            assert second.local_username != first.local_username and len(second.local_username) == 8
+            assert mux.session_for_ufrag(second.local_username).connection is second
+            assert mux.session_for_ufrag(first.local_username).connection is first
+            await first.close()
+            await second.close()
+            assert mux.sessions == {}
+        finally:
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_registry_api_for_other_transports() -> None:
+    """What ICE-TCP (media/webrtc/icetcp.py) plugs into: extra candidates at
+    gathering, the session a STUN request names, and its integrity check."""
+    from aioice import Candidate
+    from aioice.ice import StunProtocol
+
+    async def main() -> None:
+        mux = await _started(host_addresses=["127.0.0.1"])
+        offered: list = []
+
+        def tcp_candidates(session) -> list:
+            protocol = StunProtocol(session.connection)
+            protocol.local_candidate = Candidate(
+                foundation="tcp1", component=1, transport="tcp", priority=candidate_priority(0) - (40 << 24),
+                host="127.0.0.1", port=mux.port, type="host", tcptype="passive")
+            # A stand-in for ICE-TCP's connection-backed transport.
+            protocol.connection_made(MuxTransport(mux, session, protocol))
+            offered.append(protocol)
+            return [protocol]
+
+        mux.candidate_sources.append(tcp_candidates)
+        try:
+            conn = Connection(ice_controlling=False)
+            mux._hook(conn)
+            await conn.gather_candidates()
+            assert [c.transport for c in conn.local_candidates] == ["udp", "tcp"]
+            assert offered[0] in conn._protocols
+            session = mux.session_for_ufrag(conn.local_username)
+            assert session is not None and session.ufrag == conn.local_username
+            good = _request(conn.local_username, "peer", conn.local_password)
+            assert session.verify_request(good)
+            assert not session.verify_request(_request(conn.local_username, "peer", "x" * 22))
+            assert not session.verify_request(_request("else", "peer", conn.local_password))
+            assert not session.verify_request(SRTP)
+            assert mux.session_for_ufrag("nobody") is None
+            await conn.close()
+            assert not session.verify_request(good)  # gone with its session
+        finally:
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_dual_stack_socket_serves_ipv4_and_ipv6_peers() -> None:
+    """bind "::": one socket, an IPv4 and an IPv6 candidate, each family's
+    peer answered from the address it checked, the fast path's GSO batch to
+    both (IPv4 as IPv4-mapped on the wire, plain in ICE)."""
+    async def main() -> None:
+        mux = await _started(bind_address="::", host_addresses=["127.0.0.1", "::1"])
+        peers = []
+        try:
+            assert mux.addresses == ["127.0.0.1", "::1"] and mux.sock.family == socket.AF_INET6
+            conn = Connection(ice_controlling=False)
+            mux._hook(conn)
+            await conn.gather_candidates()
+            assert [(c.host, c.port) for c in conn.local_candidates] == [("127.0.0.1", mux.port), ("::1", mux.port)]
+            session = mux.session_for_ufrag(conn.local_username)
+            assert set(session.protocols) == {4, 6}
+            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+                peer = socket.socket(family, socket.SOCK_DGRAM)
+                peer.bind((host, 0))
+                peer.settimeout(2)
+                peers.append(peer)
+                peer.sendto(_request(conn.local_username, "peer", conn.local_password), (host, mux.port))
+                addr = peer.getsockname()[:2]
+                for _ in range(100):  # the mux reads on this loop
+                    if mux.table.local_for(addr) is not None:
+                        break
+                    await asyncio.sleep(0.01)
+                data, src = peer.recvfrom(2048)
+                assert stun_class(data) == 2 and (src[0], src[1]) == (host, mux.port)
+                assert mux.table.by_addr[addr].target is session  # learned in ICE's plain form
+                transport = session.protocol_for(addr).transport
+                sender = adapter.DatagramSender(transport.mux_socket, transport.wire_addr(addr))
+                sender.ancillary = transport.ancillary_for(addr)
+                assert sender.send_batch([bytes([0x80]) + bytes(499)] * 4) == 2000
+                got = [peer.recvfrom(2048) for _ in range(4)]
+                assert [len(d) for d, _ in got] == [500] * 4 and sender.gso_fallbacks == 0
+            assert session.protocol_for(("::1", 1)).local_candidate.host == "::1"
+            await conn.close()
+            assert mux.table.by_addr == {}
+        finally:
+            for peer in peers:
+                peer.close()
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_a_port_in_use_names_the_setting() -> None:
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    holder.bind(("0.0.0.0", 0))
+    try:
+        mux = IceMux(IceMuxConfig(port=holder.getsockname()[1], loopback=True))
+        with pytest.raises(OSError, match="webrtc.ice_udp_port"):
+            asyncio.run(mux.start())
+        assert mux.sock is None
+    finally:
+        holder.close()

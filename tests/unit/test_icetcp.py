@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import socket
 import struct
 
 import pytest
@@ -396,5 +397,41 @@ def test_losing_the_nominated_pairs_connection_ends_the_ice_connection() -> None
             await env.settle(lambda: not env.connection._queue.empty())
             assert env.connection._queue.get_nowait() is None
             assert env.session.links == {}
+
+    asyncio.run(main())
+
+
+def test_a_moved_internal_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An aioice that no longer finds an incoming check's remote candidate by
+    # address would leave the TCP prflx candidate unused: refuse to run.
+    from aioice import Connection as AioiceConnection
+
+    from media.webrtc import aiortc_adapter
+
+    def check_incoming(self, message, addr, protocol):  # type: ignore[no-untyped-def]
+        return None
+
+    monkeypatch.setattr(AioiceConnection, "check_incoming", check_incoming)
+    with pytest.raises(RuntimeError, match="check_incoming"):
+        icetcp.check_internals()
+    with pytest.raises(aiortc_adapter.AiortcInternalsChanged, match="ICE-TCP"):
+        aiortc_adapter.check_internals()
+
+
+def test_dual_stack_bind_address_listens_on_both_families() -> None:
+    # webrtc.ice_bind_address = "::" (the ICE mux's dual-stack socket): the
+    # TCP side must accept IPv4 viewers too, on the same port.
+    async def main() -> None:
+        listener = IceTcpListener("::", 0)
+        await listener.start()
+        try:
+            assert listener.reachable("192.0.2.1")
+            _, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            writer.close()
+            if socket.has_ipv6 and listener.reachable("::1"):
+                _, writer = await asyncio.open_connection("::1", listener.port)
+                writer.close()
+        finally:
+            await listener.close()
 
     asyncio.run(main())

@@ -312,15 +312,15 @@ class WhipService:
 
     def __init__(self, hub: StreamHub, *, ice_servers: list[dict[str, Any]] | None = None, takeover: bool = False,
                  max_sessions: int = 64, connect_timeout: float = 15.0, media_timeout: float = 8.0,
-                 ice_mux: IceMux | None = None, **tuning: Any) -> None:
+                 **tuning: Any) -> None:
         adapter.ensure_h264_profiles()
         self.hub = hub
         self.ice_servers = ice_servers or []
         #: The ICE-TCP listener (media/webrtc/icetcp.py); None: UDP only.
         self.ice_tcp: icetcp.IceTcpListener | None = None
-        #: The shared ICE UDP socket (started by the owner); None: aioice's
-        #: own socket per session.
-        self.ice_mux = ice_mux
+        #: The shared ICE UDP socket (set and started by the owner); None:
+        #: aioice's own socket per session.
+        self.ice_mux: IceMux | None = None
         self.takeover = takeover
         self.max_sessions = max_sessions
         self.connect_timeout = connect_timeout
