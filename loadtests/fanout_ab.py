@@ -83,6 +83,18 @@ def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
     return variants
 
 
+#: Server counters of packets it could not send or chose to drop (the
+#: shared ICE socket's own too): a variant that "costs less" by sending
+#: less shows here.
+DROP_SERIES = re.compile(r"^returnfeed_webrtc_\w*(send_errors|dropped\w*|backlog_events)\b")
+
+
+def server_drops(changes: list[dict]) -> dict[str, float]:
+    """Non-zero growth of the :data:`DROP_SERIES` counters in the window."""
+    return {c["series"]: c["delta"] for c in changes
+            if DROP_SERIES.search(c["series"]) and c.get("delta")}
+
+
 def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace,
             settings: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="rf-ab-") as tmp:
@@ -127,7 +139,8 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace,
     return {"label": label, "us_per_packet": sv.get("us_per_packet"), "core_pct": sv.get("core_pct"),
             "receiving": report["viewers"]["receiving"], "lost": report["sequence_window"]["lost"],
             "viewers": args.viewers, "packets": report["swarm"]["packets"],
-            "pps_p50": report["per_viewer"]["packets_per_s"]["p50"], "failures": report["viewers"]["failures"]}
+            "pps_p50": report["per_viewer"]["packets_per_s"]["p50"], "failures": report["viewers"]["failures"],
+            "server_drops": server_drops(sv.get("metrics") or [])}
 
 
 def main() -> None:
@@ -164,7 +177,8 @@ def main() -> None:
                       f"{r['core_pct']:.0f}% of a core, {r['receiving']}/{r['viewers']} viewers receiving, "
                       f"{r['lost']} lost, {r['packets']} packets in the window "
                       f"(median {r['pps_p50'] or 0:.0f}/s per viewer)"
-                      + (f", failures {r['failures']}" if r["failures"] else ""),
+                      + (f", failures {r['failures']}" if r["failures"] else "")
+                      + (f", server drops {r['server_drops']}" if r["server_drops"] else ""),
                       flush=True)
     print()
     for label, _, _ in runs:

@@ -36,3 +36,14 @@ def test_malformed_settings_are_refused(spec: str) -> None:
 
 def test_no_settings_no_variants() -> None:
     assert fanout_ab.parse_variants([]) == {}
+
+
+def test_server_drops_keep_only_grown_drop_counters() -> None:
+    changes = [
+        {"series": "returnfeed_webrtc_ice_mux_dropped_packets", "before": 0, "after": 12, "delta": 12},
+        {"series": "returnfeed_webrtc_send_errors", "before": 3, "after": 5, "delta": 2},
+        {"series": "returnfeed_webrtc_packets_sent", "before": 0, "after": 900, "delta": 900},
+        {"series": "returnfeed_webrtc_viewers_dropped", "before": None, "after": 0, "delta": None},
+    ]
+    assert fanout_ab.server_drops(changes) == {"returnfeed_webrtc_ice_mux_dropped_packets": 12,
+                                               "returnfeed_webrtc_send_errors": 2}
