@@ -33,6 +33,8 @@ APT_PACKAGES=(python3 python3-venv python3-dev gcc ffmpeg srt-tools libsrt-gnutl
 SRT_LIBS=(libsrt1.5-gnutls libsrt1.5-openssl)
 # nftables: test-only, the network-namespace viewer tests shape a veth with
 # nft (policer, random loss) beside iproute2's tc tbf (a queue).
+# tests/e2e/test_nat.py uses both for its NAT namespaces (nft masquerade and
+# DNAT of the published ports; ip netns, veth pairs).
 APT_PACKAGES+=(nftables)
 # nginx, caddy: test-only, the README's reverse-proxy configurations run in
 # front of a real server (tests/integration/test_reverse_proxy.py).

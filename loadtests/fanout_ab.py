@@ -11,8 +11,20 @@ alternate A, B, A, B … so that drift in the machine's load hits both.
     .venv/bin/python loadtests/fanout_ab.py --checkout before=../rf-before \\
         --checkout after=. --viewers 200 --hold 30 --rounds 2
 
-Prints one line per run and the median per checkout. A benchmark, not a
-test: figures depend on the machine; compare only within one sitting.
+Or one tree under two configurations (``--set LABEL:section.key=value``,
+repeatable; settings with the same LABEL form one variant, passed to the
+server as ``RETURNFEED_<SECTION>__<KEY>``): every checkout runs once per
+variant per round, alternated the same way. Issue 14's comparison, the one
+shared ICE socket against a socket per session (ephemeral ICE port: other
+servers on the machine may hold 8189)::
+
+    .venv/bin/python loadtests/fanout_ab.py --checkout this=. \\
+        --set shared:webrtc.ice_mux=true --set shared:webrtc.ice_udp_port=0 \\
+        --set per-session:webrtc.ice_mux=false --viewers 200 --hold 30 --rounds 2
+
+Prints one line per run and the median per checkout (and variant). A
+benchmark, not a test: figures depend on the machine; compare only within
+one sitting.
 """
 
 from __future__ import annotations
@@ -57,9 +69,36 @@ def make_clip(path: Path, kbps: int, seconds: int) -> None:
          "-c:a", "libopus", "-b:a", "64k", "-f", "mpegts", str(path)], check=True)
 
 
-def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) -> dict:
+def parse_variants(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``LABEL:section.key=value`` → {label: {RETURNFEED_SECTION__KEY: value}}
+    (in the order the labels first appear)."""
+    variants: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        label, sep, setting = spec.partition(":")
+        path, eq, value = setting.partition("=")
+        if not sep or not eq or not label or "." not in path:
+            raise SystemExit(f"--set {spec!r}: expected LABEL:section.key=value")
+        env_name = "RETURNFEED_" + "__".join(part.upper() for part in path.split("."))
+        variants.setdefault(label, {})[env_name] = value
+    return variants
+
+
+#: Server counters of packets it could not send or chose to drop (the
+#: shared ICE socket's own too): a variant that "costs less" by sending
+#: less shows here.
+DROP_SERIES = re.compile(r"^returnfeed_webrtc_\w*(send_errors|dropped\w*|backlog_events)\b")
+
+
+def server_drops(changes: list[dict]) -> dict[str, float]:
+    """Non-zero growth of the :data:`DROP_SERIES` counters in the window."""
+    return {c["series"]: c["delta"] for c in changes
+            if DROP_SERIES.search(c["series"]) and c.get("delta")}
+
+
+def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace,
+            settings: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="rf-ab-") as tmp:
-        env = {"RETURNFEED_LOG__LEVEL": "warning"}
+        env = {"RETURNFEED_LOG__LEVEL": "warning", **(settings or {})}
         if "max_connections_per_ip" in (checkout / "server" / "config.py").read_text():
             env["RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP"] = "0"  # every viewer comes from 127.0.0.1
         server = ServerProcess(Path(tmp) / "data", password=PASSWORD, checkout=checkout, cpus=args.server_cpus,
@@ -103,12 +142,16 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace) ->
     sv = report["server"]
     return {"label": label, "us_per_packet": sv.get("us_per_packet"), "core_pct": sv.get("core_pct"),
             "receiving": report["viewers"]["receiving"], "lost": report["sequence_window"]["lost"],
-            "viewers": args.viewers}
+            "viewers": args.viewers, "packets": report["swarm"]["packets"],
+            "pps_p50": report["per_viewer"]["packets_per_s"]["p50"], "failures": report["viewers"]["failures"],
+            "server_drops": server_drops(sv.get("metrics") or [])}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkout", action="append", required=True, metavar="LABEL=DIR")
+    ap.add_argument("--checkout", action="append", metavar="LABEL=DIR", help="default: this tree, as 'this'")
+    ap.add_argument("--set", action="append", default=[], metavar="LABEL:SECTION.KEY=VALUE", dest="settings",
+                    help="a server setting of the variant LABEL (repeatable; one run per variant and checkout)")
     ap.add_argument("--viewers", type=int, default=200)
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--rate", type=float, default=50.0)
@@ -125,27 +168,35 @@ def main() -> None:
     ap.add_argument("--swarm-cpus", help="taskset list for the swarm (e.g. 2-15)")
     args = ap.parse_args()
     checkouts = []
-    for spec in args.checkout:
+    for spec in args.checkout or [f"this={HERE.parent}"]:
         label, _, path = spec.partition("=")
         checkouts.append((label, Path(path).resolve()))
+    variants = parse_variants(args.settings) or {"": {}}
+    runs = [(f"{label} {variant}".strip(), path, settings)
+            for label, path in checkouts for variant, settings in variants.items()]
     with tempfile.TemporaryDirectory(prefix="rf-ab-clip-") as tmp:
         clip = Path(tmp) / "clip.ts"
         make_clip(clip, args.kbps, 20)
         results: list[dict] = []
         for round_ in range(args.rounds):
-            for label, path in checkouts:
-                r = one_run(label, path, clip, args)
+            for label, path, settings in runs:
+                r = one_run(label, path, clip, args, settings)
                 results.append(r)
                 print(f"round {round_ + 1} {label}: {r['us_per_packet']:.2f} µs per packet-viewer, "
                       f"{r['core_pct']:.0f}% of a core, {r['receiving']}/{r['viewers']} viewers receiving, "
-                      f"{r['lost']} lost",
+                      f"{r['lost']} lost, {r['packets']} packets in the window "
+                      f"(median {r['pps_p50'] or 0:.0f}/s per viewer)"
+                      + (f", failures {r['failures']}" if r["failures"] else "")
+                      + (f", server drops {r['server_drops']}" if r["server_drops"] else ""),
                       flush=True)
     print()
-    for label, _ in checkouts:
-        values = [r["us_per_packet"] for r in results if r["label"] == label and r["us_per_packet"]]
+    for label, _, _ in runs:
+        mine = [r for r in results if r["label"] == label and r["us_per_packet"]]
+        values = [r["us_per_packet"] for r in mine]
         if values:
             print(f"{label}: median {statistics.median(values):.2f} µs per packet-viewer over {len(values)} runs "
-                  f"({', '.join(f'{v:.2f}' for v in values)})")
+                  f"({', '.join(f'{v:.2f}' for v in values)}), median {statistics.median(r['core_pct'] for r in mine):.0f}% "
+                  f"of a core, lost {sum(r['lost'] for r in mine)} in all")
 
 
 if __name__ == "__main__":
