@@ -7,14 +7,22 @@ forwarding latency. :meth:`MediaService.collect` is what the registry calls.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from media.errors import SrtApiError
 from media.stream import StreamState
 
-__all__ = ["collect"]
+__all__ = ["collect", "counters"]
+
+
+def counters(rows: Iterable[tuple[str, float, str]]) -> Iterator[CounterMetricFamily]:
+    """One unlabelled counter family per ``(name, value, doc)``."""
+    for name, value, doc in rows:
+        fam = CounterMetricFamily(name, doc)
+        fam.add_metric([], value)
+        yield fam
 
 
 def collect(media: Any) -> Iterable[Metric]:
@@ -43,7 +51,7 @@ def collect(media: Any) -> Iterable[Metric]:
 
     # Totals include closed sessions: every _total only ever goes up.
     total, send_errors = media.whep.totals()
-    for name, value, doc in (
+    yield from counters((
         ("returnfeed_webrtc_packets_sent", total.packets_sent, "RTP packets sent to viewers"),
         ("returnfeed_webrtc_bytes_sent", total.bytes_sent, "RTP bytes sent to viewers, retransmissions included"),
         ("returnfeed_webrtc_nacks", total.nacks, "NACK packets received from viewers"),
@@ -60,10 +68,7 @@ def collect(media: Any) -> Iterable[Metric]:
          "Viewer pictures that froze (a PLI/FIR until the next keyframe reached the viewer)"),
         ("returnfeed_webrtc_viewer_frozen_seconds", total.frozen_s,
          "Seconds viewers spent between a PLI/FIR and the next keyframe"),
-    ):
-        fam = CounterMetricFamily(name, doc)
-        fam.add_metric([], value)
-        yield fam
+    ))
     errors = CounterMetricFamily("returnfeed_webrtc_send_errors", "Datagram sends to viewers that failed "
                                  "(counted and survived unless they last)", labels=["errno"])
     for code, n in send_errors.items():
@@ -99,17 +104,14 @@ def collect(media: Any) -> Iterable[Metric]:
     yield from _ice_mux(getattr(media, "ice_mux", None))
 
     ing = media.ingest
-    for name, value, doc in (
+    yield from counters((
         ("returnfeed_srt_ingest_bytes", ing.bytes, "SRT payload bytes received from publishers"),
         ("returnfeed_srt_ingest_messages", ing.messages, "SRT messages received from publishers"),
         ("returnfeed_ingest_access_units", ing.access_units, "Access units demuxed"),
         ("returnfeed_ingest_demux_errors", ing.demux_errors, "MPEG-TS demux errors"),
         ("returnfeed_ingest_discontinuities", ing.discontinuities,
          "MPEG-TS continuity breaks (lost packets, signalled breaks, sync loss); video restarts at an IDR"),
-    ):
-        c = CounterMetricFamily(name, doc)
-        c.add_metric([], value)
-        yield c
+    ))
     if media.srt is not None:
         lc = media.srt.counters
         g = GaugeMetricFamily("returnfeed_srt_connections", "Active SRT connections")
@@ -151,17 +153,14 @@ def collect(media: Any) -> Iterable[Metric]:
         g = GaugeMetricFamily("returnfeed_webrtc_ice_tcp_connections", "ICE-TCP connections open")
         g.add_metric([], ice_tcp.open_connections)
         yield g
-        for name, value, doc in (
+        yield from counters((
             ("returnfeed_webrtc_ice_tcp_accepted", st.accepted, "ICE-TCP connections accepted"),
             ("returnfeed_webrtc_ice_tcp_timed_out", st.timed_out,
              "ICE-TCP connections closed without a valid STUN request in time"),
             ("returnfeed_webrtc_ice_tcp_idle_closed", st.idle_closed, "ICE-TCP connections closed after idling"),
             ("returnfeed_webrtc_ice_tcp_frames_dropped", st.frames_dropped,
              "Packets not sent on ICE-TCP because the connection's write buffer was full"),
-        ):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], value)
-            yield c
+        ))
         refused = CounterMetricFamily("returnfeed_webrtc_ice_tcp_refused", "ICE-TCP connections refused",
                                       labels=["reason"])
         for reason, n in dict(st.refused).items():
@@ -181,7 +180,7 @@ def _ice_mux(mux: Any) -> Iterable[Metric]:
                       ("not_a_request", c.dropped_not_stun_request)):
         dropped.add_metric([reason], n)
     yield dropped
-    for name, value, doc in (
+    yield from counters((
         ("returnfeed_webrtc_ice_mux_dropped_bytes", c.dropped_bytes,
          "Bytes of the datagrams dropped on the shared ICE port"),
         ("returnfeed_webrtc_ice_mux_received_packets", c.received_packets, "Datagrams read on the shared ICE port"),
@@ -193,10 +192,7 @@ def _ice_mux(mux: Any) -> Iterable[Metric]:
          "Remote addresses forgotten for a session's newer ones"),
         ("returnfeed_webrtc_ice_mux_send_errors", c.send_errors + c.send_dropped,
          "STUN/DTLS sends on the shared ICE port that failed or found the buffer full"),
-    ):
-        fam = CounterMetricFamily(name, doc)
-        fam.add_metric([], value)
-        yield fam
+    ))
     live = GaugeMetricFamily("returnfeed_webrtc_ice_mux_sessions", "ICE sessions on the shared port now")
     live.add_metric([], len(mux.sessions))
     yield live

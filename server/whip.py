@@ -45,7 +45,7 @@ import logging
 from typing import Any, Callable
 
 from aiohttp import web
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from media.errors import UnsupportedMedia
 from media.stream import StreamBusy
@@ -58,6 +58,7 @@ from .access import (
 from .errors import Conflict, ServiceUnavailable, Unprocessable
 from .keys import LIVE_STATE_HOOKS, MEDIA, METRICS, SETTINGS
 from .log import event
+from .media_metrics import counters
 from .webrtc_http import check_offer_headers, may_see_ice_credentials, patch_trickle, read_offer, with_ice_links
 
 log = logging.getLogger("returnfeed.whip")
@@ -151,7 +152,7 @@ def _collector(service: WhipService) -> Callable[[], Any]:
         g.add_metric([], len(service.sessions))
         out: list[Metric] = [g]
         c = service.counters()
-        for name, value, doc in (
+        out += counters((
             ("returnfeed_whip_sessions_started", service.sessions_total, "WHIP sessions created"),
             ("returnfeed_whip_packets_received", c.packets, "RTP packets received from WHIP publishers"),
             ("returnfeed_whip_bytes_received", c.bytes, "RTP bytes received from WHIP publishers"),
@@ -161,10 +162,7 @@ def _collector(service: WhipService) -> Callable[[], Any]:
             ("returnfeed_whip_plis_sent", c.plis_sent, "PLIs sent to WHIP publishers"),
             ("returnfeed_whip_frames_dropped", c.frames_dropped,
              "Access units from WHIP publishers dropped (broken, or waiting for a keyframe)"),
-        ):
-            m = CounterMetricFamily(name, doc)
-            m.add_metric([], value)
-            out.append(m)
+        ))
         return out
 
     return collect
