@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from .types import Word
 
-__all__ = ["CommitPolicy", "PolicyStep", "normalise", "drop_loops"]
+__all__ = ["CommitPolicy", "AlignmentPolicy", "PolicyStep", "normalise", "drop_loops"]
 
 # Whisper ends and starts words with these; they do not make words differ.
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
@@ -106,9 +106,13 @@ class CommitPolicy:
     #: Words starting this much before the last committed end are overlap
     #: from the trim point, not new speech.
     overlap_s: float = 0.15
+    #: A word of the previous hypothesis that ended less than this before
+    #: that decode's audio end is not evidence for agreement (see update()).
+    edge_s: float = 0.0
     #: Recent committed words (for the overlap check and the prompt).
     committed: list[Word] = field(default_factory=list)
     _previous: list[Word] = field(default_factory=list)
+    _previous_now: float = float("inf")
 
     @property
     def committed_end(self) -> float:
@@ -153,7 +157,12 @@ class CommitPolicy:
     def update(self, hypothesis: Sequence[Word], now: float, audio_start: float = float("-inf")) -> PolicyStep:
         """A new decode of the audio from ``audio_start`` to ``now``."""
         words = self._clean(hypothesis, audio_start)
-        agreed = _agreed_prefix(words, self._previous) or 0
+        old = self._previous
+        if self.edge_s >= 0:
+            old = [w for w in old if w.end <= self._previous_now - self.edge_s]
+        else:
+            old = old[:-1]
+        agreed = _agreed_prefix(words, old) or 0
         reason = "agreement" if agreed else ""
         overdue = 0
         for i, w in enumerate(words):
@@ -161,7 +170,9 @@ class CommitPolicy:
                 overdue = i + 1
         if overdue > agreed:
             agreed, reason = overdue, "timeout"
-        return self._commit(words, agreed, reason)
+        step = self._commit(words, agreed, reason)
+        self._previous_now = now
+        return step
 
     def end_of_speech(self, hypothesis: Sequence[Word], audio_start: float = float("-inf")) -> PolicyStep:
         """The final decode of an utterance (the VAD heard it end): all of it
@@ -201,3 +212,30 @@ class CommitPolicy:
                 break
             text = f"{t} {text}" if text else t
         return text
+
+
+@dataclass(slots=True)
+class AlignmentPolicy(CommitPolicy):
+    """The alignment-based rule (AlignAtt: Papi et al., "AlignAtt: Using
+    Attention-based Audio-Translation Alignments as a Guide for Simultaneous
+    Speech Translation", Interspeech 2023, §2; the rule of ÚFAL's
+    SimulStreaming for Whisper): a word is final once the audio it is
+    aligned to lies at least ``guard_s`` before the end of the decoded
+    audio — the decoder has heard enough right context not to change it.
+    No second hypothesis is needed. The word times are the cross-attention
+    alignment CTranslate2's ``Whisper.align`` computes (faster-whisper's
+    ``word_timestamps=True``), so this costs no extra decode.
+
+    Same interface, cleaning, end-of-speech commit and timeout as
+    :class:`CommitPolicy`; only :meth:`update`'s commit rule differs."""
+
+    guard_s: float = 1.0
+
+    def update(self, hypothesis: Sequence[Word], now: float, audio_start: float = float("-inf")) -> PolicyStep:
+        words = self._clean(hypothesis, audio_start)
+        settled = 0
+        for w in words:
+            if w.end > now - self.guard_s:
+                break
+            settled += 1
+        return self._commit(words, settled, "alignment")

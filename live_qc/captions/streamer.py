@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .policy import CommitPolicy, PolicyStep, normalise
+from .policy import AlignmentPolicy, CommitPolicy, PolicyStep, normalise
 from .types import Caption, CaptionStats, Word
 from .vad import RATE, StreamingVad
 
@@ -188,6 +188,11 @@ class StreamerOptions:
     vad_threshold: float = 0.5
     vad_min_silence_s: float = 0.5
     commit_timeout_s: float = 2.0
+    commit_edge_s: float = 0.0
+    prompt_chars: int = 200
+    #: "local_agreement" (CommitPolicy) or "alignment" (AlignmentPolicy).
+    commit_policy: str = "local_agreement"
+    alignment_guard_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -243,7 +248,11 @@ class Streamer:
         self.decoder = decoder
         self.options = options or StreamerOptions()
         self.vad = vad
-        self.policy = CommitPolicy(timeout_s=self.options.commit_timeout_s)
+        o = self.options
+        if o.commit_policy == "alignment":
+            self.policy: CommitPolicy = AlignmentPolicy(timeout_s=o.commit_timeout_s, guard_s=o.alignment_guard_s)
+        else:
+            self.policy = CommitPolicy(timeout_s=o.commit_timeout_s, edge_s=o.commit_edge_s)
         self.language = self.options.language
         self._loud = _Loudness()
         # Audio kept: from ``_audio_start`` (absolute sample index) on.
@@ -418,7 +427,7 @@ class Streamer:
         self.decodes += 1
         self.decoded_audio_s += len(audio) / RATE
         t0 = self.time_of(max(a, self._audio_start))
-        hyp = self.decoder.decode(audio, prompt=self.policy.prompt(before=t0), language=self.language)
+        hyp = self.decoder.decode(audio, prompt=self.policy.prompt(before=t0, max_chars=self.options.prompt_chars), language=self.language)
         self.rejected_segments += hyp.rejected
         if self.options.language is None and hyp.words and (
                 len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):

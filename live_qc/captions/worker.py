@@ -162,9 +162,15 @@ class CaptionEngine:
         if self._vad_session is None:
             self._vad_session = load_vad_session()
         opts = StreamerOptions(language=language)
-        for key in ("step_s", "commit_timeout_s"):
+        for key in ("step_s", "commit_timeout_s", "commit_edge_s", "alignment_guard_s"):
             if options.get(key) is not None:
                 setattr(opts, key, float(options[key]))
+        if options.get("commit_policy") is not None:
+            if options["commit_policy"] not in ("local_agreement", "alignment"):
+                raise ModelError(f"unknown commit policy {options['commit_policy']!r}")
+            opts.commit_policy = str(options["commit_policy"])
+        if options.get("prompt_chars") is not None:
+            opts.prompt_chars = int(options["prompt_chars"])
         vad = StreamingVad(self._vad_session, threshold=opts.vad_threshold, min_silence_s=opts.vad_min_silence_s)
         decoder = WhisperDecoder(model, translate=translate)
         if "window_margin_s" in options:
