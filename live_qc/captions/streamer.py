@@ -111,6 +111,18 @@ class WhisperDecoder:
     logprob_min: float = -1.5
     no_speech_max: float = 0.6
     no_speech_logprob: float = -0.5
+    #: Crowd babble (reversed voices: speech-like, no words) passes the three
+    #: checks above: VAD-gated, no_speech_prob mostly < 0.2, avg_logprob −0.9
+    #: to −1.5 (above the −1.5 floor), compression ratio normal, and the
+    #: "I'm going to use this one, so …" loops it invents at −0.5 to −0.7.
+    #: What separates it is the words' own probabilities (measured with
+    #: tiny.en, loadtests/captions_bench.py babbles vs espeak speech,
+    #: per decoded segment): the mean word probability was ≤ 0.52 for 95 %
+    #: of babble segments and all its loops, ≥ 0.52 for 95 % of speech
+    #: segments (median 0.83); the speech segments below are mostly
+    #: decodes of cut audio ("The sound then you hear.") that a later
+    #: decode replaces.
+    word_probability_min: float = 0.55
 
     @property
     def multilingual(self) -> bool:
@@ -157,6 +169,9 @@ class WhisperDecoder:
         if seg.avg_logprob < self.logprob_min:
             return False
         if seg.no_speech_prob > self.no_speech_max and seg.avg_logprob < self.no_speech_logprob:
+            return False
+        probabilities = [w.probability for w in seg.words or ()]
+        if probabilities and sum(probabilities) / len(probabilities) < self.word_probability_min:
             return False
         if normalise(seg.text) in HALLUCINATIONS:
             # Said for real it is decoded with confidence and speech-like.
