@@ -106,13 +106,9 @@ class CommitPolicy:
     #: Words starting this much before the last committed end are overlap
     #: from the trim point, not new speech.
     overlap_s: float = 0.15
-    #: A word of the previous hypothesis that ended less than this before
-    #: that decode's audio end is not evidence for agreement (see update()).
-    edge_s: float = 0.0
     #: Recent committed words (for the overlap check and the prompt).
     committed: list[Word] = field(default_factory=list)
     _previous: list[Word] = field(default_factory=list)
-    _previous_now: float = float("inf")
 
     @property
     def committed_end(self) -> float:
@@ -157,12 +153,7 @@ class CommitPolicy:
     def update(self, hypothesis: Sequence[Word], now: float, audio_start: float = float("-inf")) -> PolicyStep:
         """A new decode of the audio from ``audio_start`` to ``now``."""
         words = self._clean(hypothesis, audio_start)
-        old = self._previous
-        if self.edge_s >= 0:
-            old = [w for w in old if w.end <= self._previous_now - self.edge_s]
-        else:
-            old = old[:-1]
-        agreed = _agreed_prefix(words, old) or 0
+        agreed = _agreed_prefix(words, self._previous) or 0
         reason = "agreement" if agreed else ""
         overdue = 0
         for i, w in enumerate(words):
@@ -170,9 +161,7 @@ class CommitPolicy:
                 overdue = i + 1
         if overdue > agreed:
             agreed, reason = overdue, "timeout"
-        step = self._commit(words, agreed, reason)
-        self._previous_now = now
-        return step
+        return self._commit(words, agreed, reason)
 
     def end_of_speech(self, hypothesis: Sequence[Word], audio_start: float = float("-inf")) -> PolicyStep:
         """The final decode of an utterance (the VAD heard it end): all of it

@@ -203,9 +203,12 @@ class StreamerOptions:
     vad_threshold: float = 0.5
     vad_min_silence_s: float = 0.5
     commit_timeout_s: float = 2.0
-    commit_edge_s: float = 0.0
+    #: Committed text given as Whisper's prompt (0: none). Measured with
+    #: tiny.en on the benchmark: without it the streaming WER was 1.3
+    #: points worse (22.3 % vs 21.0 %).
     prompt_chars: int = 200
-    #: "local_agreement" (CommitPolicy) or "alignment" (AlignmentPolicy).
+    #: "local_agreement" (CommitPolicy, the default) or "alignment"
+    #: (AlignmentPolicy); see AlignmentPolicy for the comparison.
     commit_policy: str = "local_agreement"
     alignment_guard_s: float = 1.0
 
@@ -267,7 +270,7 @@ class Streamer:
         if o.commit_policy == "alignment":
             self.policy: CommitPolicy = AlignmentPolicy(timeout_s=o.commit_timeout_s, guard_s=o.alignment_guard_s)
         else:
-            self.policy = CommitPolicy(timeout_s=o.commit_timeout_s, edge_s=o.commit_edge_s)
+            self.policy = CommitPolicy(timeout_s=o.commit_timeout_s)
         self.language = self.options.language
         self._loud = _Loudness()
         # Audio kept: from ``_audio_start`` (absolute sample index) on.
@@ -442,7 +445,8 @@ class Streamer:
         self.decodes += 1
         self.decoded_audio_s += len(audio) / RATE
         t0 = self.time_of(max(a, self._audio_start))
-        hyp = self.decoder.decode(audio, prompt=self.policy.prompt(before=t0, max_chars=self.options.prompt_chars), language=self.language)
+        prompt = self.policy.prompt(before=t0, max_chars=self.options.prompt_chars)
+        hyp = self.decoder.decode(audio, prompt=prompt, language=self.language)
         self.rejected_segments += hyp.rejected
         if self.options.language is None and hyp.words and (
                 len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):
