@@ -60,7 +60,7 @@ class _Model:
         self.model = SimpleNamespace(is_multilingual=False)
 
     def transcribe(self, audio, **options):
-        return iter(self.segments), SimpleNamespace(language="en", language_probability=1.0)
+        return iter(self.segments), SimpleNamespace(language=options.get("language") or "en", language_probability=1.0)
 
 
 def test_captured_babble_yields_no_words() -> None:
@@ -89,3 +89,17 @@ def test_thank_you_on_silence_is_still_rejected() -> None:
     thanks = segment(" Thank you.", 0.35, -0.6, 0.7, [(" Thank", 0.7), (" you.", 0.9)])
     hyp = WhisperDecoder(_Model([thanks])).decode(np.zeros(16000, np.float32), prompt="", language="en")
     assert hyp.words == ()
+
+
+def test_word_probability_guard_is_for_english_transcription_only() -> None:
+    # Multilingual base on espeak-ng Spanish: real words at the babble's
+    # word probabilities (captured); other languages and translation keep
+    # the segment-level guards only.
+    spanish = segment(" Buenos nias", 0.07, -0.97, 0.8, [(" Buenos", 0.52), (" nias", 0.26)])
+    model = _Model([spanish])
+    model.model.is_multilingual = True
+    hyp = WhisperDecoder(model).decode(np.zeros(16000, np.float32), prompt="", language="es")
+    assert [w.text for w in hyp.words] == ["Buenos", "nias"]
+    hyp = WhisperDecoder(_Model([spanish]), translate=True).decode(np.zeros(16000, np.float32), prompt="",
+                                                                   language="en")
+    assert len(hyp.words) == 2
