@@ -266,6 +266,8 @@ def main() -> int:
     ap.add_argument("--commit-timeout", type=float, help="policy timeout (default: the streamer's)")
     ap.add_argument("--commit-policy", choices=["local_agreement", "alignment"],
                     help="commit rule (default: the streamer's)")
+    ap.add_argument("--word-probability-min", type=float,
+                    help="English word-probability guard (default: the decoder's, off)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="what a decode step costs on the simulated clock (see stream())")
@@ -283,6 +285,8 @@ def main() -> int:
         options["commit_timeout_s"] = args.commit_timeout
     if args.commit_policy is not None:
         options["commit_policy"] = args.commit_policy
+    if args.word_probability_min is not None:
+        options["word_probability_min"] = args.word_probability_min
     engine = CaptionEngine()
     load = os.getloadavg()[0]
     run = stream(engine, options, speech, args.clock)
@@ -295,6 +299,7 @@ def main() -> int:
         "model": args.model, "input_min": round(total / 60, 2), "cpu_threads": args.cpu_threads,
         "clock": args.clock, "window_margin": args.window_margin,
         "commit_timeout": args.commit_timeout, "commit_policy": args.commit_policy,
+        "word_probability_min": args.word_probability_min,
         "loadavg_1m_at_start": round(load, 2),
         "commit_latency_s": summary([lat for _, lat in commits]),
         "commit_latency_first_10min_s": summary(first),

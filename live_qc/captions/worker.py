@@ -173,6 +173,8 @@ class CaptionEngine:
             opts.prompt_chars = int(options["prompt_chars"])
         vad = StreamingVad(self._vad_session, threshold=opts.vad_threshold, min_silence_s=opts.vad_min_silence_s)
         decoder = WhisperDecoder(model, translate=translate)
+        if options.get("word_probability_min") is not None:
+            decoder.word_probability_min = float(options["word_probability_min"])
         if "window_margin_s" in options:
             # None: the full 30 s encoder window (the benchmark compares both).
             margin = options["window_margin_s"]

@@ -64,23 +64,23 @@ class _Model:
 
 
 def test_captured_babble_yields_no_words() -> None:
-    decoder = WhisperDecoder(_Model(BABBLE))
+    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.5)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert hyp.words == ()
     assert hyp.rejected == len(BABBLE)
 
 
 def test_speech_segments_pass_the_guards() -> None:
-    decoder = WhisperDecoder(_Model(SPEECH))
+    decoder = WhisperDecoder(_Model(SPEECH), word_probability_min=0.5)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert " ".join(w.text for w in hyp.words) == "My grandmother will start the story on the last. My friend mother..."
     assert hyp.rejected == 0
 
 
 def test_word_probability_guard_is_what_rejects_babble() -> None:
-    # Without it (the previous guards only) the babble gets through: the
-    # word probabilities are the evidence, not the segment scores.
-    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0)
+    # Without it (the default: the segment guards only) the babble gets
+    # through: the word probabilities are the evidence, not the segment scores.
+    decoder = WhisperDecoder(_Model(BABBLE))
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert len(hyp.words) > 40
 
@@ -98,8 +98,9 @@ def test_word_probability_guard_is_for_english_transcription_only() -> None:
     spanish = segment(" Buenos nias", 0.07, -0.97, 0.8, [(" Buenos", 0.52), (" nias", 0.26)])
     model = _Model([spanish])
     model.model.is_multilingual = True
-    hyp = WhisperDecoder(model).decode(np.zeros(16000, np.float32), prompt="", language="es")
+    hyp = WhisperDecoder(model, word_probability_min=0.5).decode(np.zeros(16000, np.float32), prompt="",
+                                                                 language="es")
     assert [w.text for w in hyp.words] == ["Buenos", "nias"]
-    hyp = WhisperDecoder(_Model([spanish]), translate=True).decode(np.zeros(16000, np.float32), prompt="",
-                                                                   language="en")
+    hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5).decode(
+        np.zeros(16000, np.float32), prompt="", language="en")
     assert len(hyp.words) == 2
