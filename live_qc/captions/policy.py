@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from .types import Word
 
-__all__ = ["CommitPolicy", "PolicyStep", "normalise", "drop_loops"]
+__all__ = ["CommitPolicy", "AlignmentPolicy", "PolicyStep", "normalise", "drop_loops"]
 
 # Whisper ends and starts words with these; they do not make words differ.
 _PUNCT = re.compile(r"[\W_]+", re.UNICODE)
@@ -201,3 +201,42 @@ class CommitPolicy:
                 break
             text = f"{t} {text}" if text else t
         return text
+
+
+@dataclass(slots=True)
+class AlignmentPolicy(CommitPolicy):
+    """The alignment-based rule (AlignAtt: Papi et al., "AlignAtt: Using
+    Attention-based Audio-Translation Alignments as a Guide for Simultaneous
+    Speech Translation", Interspeech 2023, §2; the rule of ÚFAL's
+    SimulStreaming for Whisper): a word is final once the audio it is
+    aligned to lies at least ``guard_s`` before the end of the decoded
+    audio — the decoder has heard enough right context not to change it.
+    No second hypothesis is needed. The word times are the cross-attention
+    alignment CTranslate2's ``Whisper.align`` computes (faster-whisper's
+    ``word_timestamps=True``), so this costs no extra decode.
+
+    Same interface, cleaning, end-of-speech commit and timeout as
+    :class:`CommitPolicy`; only :meth:`update`'s commit rule differs.
+
+    Compared on loadtests/captions_bench.py (tiny.en, 4 min of espeak-ng
+    speech, ``--clock cpu``, the same input): LocalAgreement-2 WER 21.0 %,
+    word end → commit median 0.87 s / p95 2.18 s / max 2.84 s; this rule
+    with ``guard_s`` = 1.0 WER 20.6 %, 1.41 / 1.83 / 2.69 s. The WER
+    difference is inside the run-to-run spread (±1 point between knobs
+    that change nothing systematic), so the latency decides: the default
+    stays LocalAgreement-2, whose median is half a second lower — what a
+    viewer sees most of the time. This rule is kept selectable
+    (``commit_policy="alignment"``) because it needs one decode, not two:
+    its latency does not grow with the interval between decodes, which
+    widens when the worker falls behind or decodes less often."""
+
+    guard_s: float = 1.0
+
+    def update(self, hypothesis: Sequence[Word], now: float, audio_start: float = float("-inf")) -> PolicyStep:
+        words = self._clean(hypothesis, audio_start)
+        settled = 0
+        for w in words:
+            if w.end > now - self.guard_s:
+                break
+            settled += 1
+        return self._commit(words, settled, "alignment")

@@ -162,11 +162,19 @@ class CaptionEngine:
         if self._vad_session is None:
             self._vad_session = load_vad_session()
         opts = StreamerOptions(language=language)
-        for key in ("step_s", "commit_timeout_s"):
+        for key in ("step_s", "commit_timeout_s", "alignment_guard_s", "max_context_s", "preroll_s", "tail_s"):
             if options.get(key) is not None:
                 setattr(opts, key, float(options[key]))
+        if options.get("commit_policy") is not None:
+            if options["commit_policy"] not in ("local_agreement", "alignment"):
+                raise ModelError(f"unknown commit policy {options['commit_policy']!r}")
+            opts.commit_policy = str(options["commit_policy"])
+        if options.get("prompt_chars") is not None:
+            opts.prompt_chars = int(options["prompt_chars"])
         vad = StreamingVad(self._vad_session, threshold=opts.vad_threshold, min_silence_s=opts.vad_min_silence_s)
         decoder = WhisperDecoder(model, translate=translate)
+        if options.get("word_probability_min") is not None:
+            decoder.word_probability_min = float(options["word_probability_min"])
         if "window_margin_s" in options:
             # None: the full 30 s encoder window (the benchmark compares both).
             margin = options["window_margin_s"]

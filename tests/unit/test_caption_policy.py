@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from live_qc.captions.policy import CommitPolicy, drop_loops, normalise
+from live_qc.captions.policy import AlignmentPolicy, CommitPolicy, drop_loops, normalise
 from live_qc.captions.types import Word
 
 
@@ -152,3 +152,25 @@ def test_normalise() -> None:
     assert normalise(" Hello,") == "hello"
     assert normalise("¿Qué?") == "qué"
     assert normalise("...") == ""
+
+
+def test_alignment_policy_commits_words_aligned_before_the_guard() -> None:
+    p = AlignmentPolicy(timeout_s=10.0, guard_s=1.0)
+    # One hypothesis is enough: "the" (ends 0.27) and "quick" (0.57) lie a
+    # second before the decoded audio's end, "brown" (0.87) does not.
+    step = p.update(hyp("the quick brown"), 1.6)
+    assert texts(step.committed) == "the quick" and step.reason == "alignment"
+    assert texts(step.partial) == "brown"
+    # A revision of the unsettled tail is free; the settled words stay.
+    step = p.update(hyp("the quick frown fox"), 2.0)
+    assert texts(step.committed) == "frown"
+    assert texts(p.committed) == "the quick frown"
+    step = p.end_of_speech(hyp("the quick frown fox jumps"))
+    assert texts(step.committed) == "fox jumps" and step.reason == "end_of_speech"
+
+
+def test_alignment_policy_keeps_the_cleaning_of_the_agreement_policy() -> None:
+    p = AlignmentPolicy(timeout_s=10.0, guard_s=0.5)
+    p.update(hyp("go go go go go go go go"), 4.0)
+    assert texts(p.committed) == "go go go"
+    assert p.update([], 4.5).committed == ()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from caption_audio import RATE, espeak, music, pink_noise, ts_packets, wer
+from live_qc.captions.policy import AlignmentPolicy
 from live_qc.captions.streamer import Hypothesis, Streamer, StreamerOptions
 from live_qc.captions.types import Caption, CaptionStats, Word
 from live_qc.captions.vad import StreamingVad, load_vad_session
@@ -239,3 +240,12 @@ def test_encoder_window_is_trimmed_to_the_audio(engine, speech) -> None:
     assert wer(SENTENCES[0], " ".join(w.text for w in hyp.words)) <= MAX_WER
     # The full 30 s window stays available (the benchmark compares both).
     assert engine.new_streamer("full", {"window_margin_s": None}).decoder.window_margin_s is None
+
+
+def test_alignment_policy_is_selectable_and_commits_the_same_speech(engine, speech) -> None:
+    streamer = engine.new_streamer("al", {"commit_policy": "alignment", "language": "en"})
+    assert isinstance(streamer.policy, AlignmentPolicy)
+    captions = stream_through(streamer, speech, 0.0)
+    assert wer(REFERENCE, finals_text(captions)) <= MAX_WER
+    out = engine.handle(("attach", "bad", {"commit_policy": "sometimes"}))
+    assert out[0][2] == "model_error" and "sometimes" in out[0][3]

@@ -1,0 +1,106 @@
+"""The guards against invented speech, on segments faster-whisper returned
+(captured from tiny.en in loadtests/captions_bench.py: crowd babble and
+espeak speech), without a model."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from live_qc.captions.streamer import WhisperDecoder
+
+
+def segment(text: str, no_speech: float, logprob: float, ratio: float,
+            words: list[tuple[str, float]]) -> SimpleNamespace:
+    return SimpleNamespace(
+        text=text, no_speech_prob=no_speech, avg_logprob=logprob, compression_ratio=ratio,
+        words=[SimpleNamespace(word=w, probability=p, start=0.3 * i, end=0.3 * i + 0.25)
+               for i, (w, p) in enumerate(words)])
+
+
+# Crowd babble (reversed voices) that passed the VAD and the no-speech,
+# log-probability and compression-ratio checks before the word-probability
+# guard: 101 and 131 committed words on two minutes each.
+BABBLE = [
+    segment(" More, and room and room on the phone this side very much.", 0.126, -1.329, 1.04,
+            [(" More,", 0.284), (" and", 0.103), (" room", 0.126), (" and", 0.278), (" room", 0.335),
+             (" on", 0.241), (" the", 0.459), (" phone", 0.118), (" this", 0.257), (" side", 0.464),
+             (" very", 0.26), (" much.", 0.994)]),
+    segment(" even for men", 0.098, -1.341, 0.6, [(" even", 0.122), (" for", 0.285), (" men", 0.382)]),
+    segment(" I'm not even a human, I'm not even a human, I'm not even a human", 0.083, -1.372, 1.94,
+            [(" I'm", 0.129), (" not", 0.276), (" even", 0.168), (" a", 0.111), (" human,", 0.006),
+             (" I'm", 0.43), (" not", 0.438), (" even", 0.405), (" a", 0.544), (" human,", 0.9),
+             (" I'm", 0.718), (" not", 0.541), (" even", 0.565), (" a", 0.77), (" human", 0.942)]),
+    segment(" I'm going to be using this one, so I'm going to use this one, so I'm going to use this one.",
+            0.457, -1.247, 1.86,
+            [(" I'm", 0.164), (" going", 0.158), (" to", 0.953), (" be", 0.075), (" using", 0.32), (" this", 0.274),
+             (" one,", 0.131), (" so", 0.12), (" I'm", 0.307), (" going", 0.421), (" to", 0.957), (" use", 0.112),
+             (" this", 0.272), (" one,", 0.637), (" so", 0.267), (" I'm", 0.554), (" going", 0.611), (" to", 0.969),
+             (" use", 0.4), (" this", 0.384), (" one.", 0.858)]),
+    segment(" but I see I'll be the dream of the", 0.049, -1.317, 0.87,
+            [(" but", 0.021), (" I", 0.197), (" see", 0.284), (" I'll", 0.182), (" be", 0.181), (" the", 0.104),
+             (" dream", 0.261), (" of", 0.235), (" the", 0.217)]),
+]
+
+SPEECH = [
+    segment(" My grandmother will start the story on the last.", 0.203, -0.514, 0.96,
+            [(" My", 0.644), (" grandmother", 0.519), (" will", 0.947), (" start", 0.985), (" the", 0.906),
+             (" story", 0.992), (" on", 0.828), (" the", 0.96), (" last.", 0.496)]),
+    segment(" My friend mother...", 0.203, -0.684, 1.18,
+            [(" My", 0.974), (" friend", 0.981), (" mother...", 0.555)]),
+]
+
+
+class _Model:
+    """faster-whisper's transcribe() shape, returning captured segments."""
+
+    def __init__(self, segments: list[SimpleNamespace]) -> None:
+        self.segments = segments
+        self.model = SimpleNamespace(is_multilingual=False)
+
+    def transcribe(self, audio, **options):
+        return iter(self.segments), SimpleNamespace(language=options.get("language") or "en", language_probability=1.0)
+
+
+def test_captured_babble_yields_no_words() -> None:
+    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.5)
+    hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    assert hyp.words == ()
+    assert hyp.rejected == len(BABBLE)
+
+
+def test_speech_segments_pass_the_guards() -> None:
+    decoder = WhisperDecoder(_Model(SPEECH), word_probability_min=0.5)
+    hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    assert " ".join(w.text for w in hyp.words) == "My grandmother will start the story on the last. My friend mother..."
+    assert hyp.rejected == 0
+
+
+def test_word_probability_guard_is_what_rejects_babble() -> None:
+    # Without it (the default: the segment guards only) the babble gets
+    # through: the word probabilities are the evidence, not the segment scores.
+    decoder = WhisperDecoder(_Model(BABBLE))
+    hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    assert len(hyp.words) > 40
+
+
+def test_thank_you_on_silence_is_still_rejected() -> None:
+    thanks = segment(" Thank you.", 0.35, -0.6, 0.7, [(" Thank", 0.7), (" you.", 0.9)])
+    hyp = WhisperDecoder(_Model([thanks])).decode(np.zeros(16000, np.float32), prompt="", language="en")
+    assert hyp.words == ()
+
+
+def test_word_probability_guard_is_for_english_transcription_only() -> None:
+    # Multilingual base on espeak-ng Spanish: real words at the babble's
+    # word probabilities (captured); other languages and translation keep
+    # the segment-level guards only.
+    spanish = segment(" Buenos nias", 0.07, -0.97, 0.8, [(" Buenos", 0.52), (" nias", 0.26)])
+    model = _Model([spanish])
+    model.model.is_multilingual = True
+    hyp = WhisperDecoder(model, word_probability_min=0.5).decode(np.zeros(16000, np.float32), prompt="",
+                                                                 language="es")
+    assert [w.text for w in hyp.words] == ["Buenos", "nias"]
+    hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5).decode(
+        np.zeros(16000, np.float32), prompt="", language="en")
+    assert len(hyp.words) == 2
