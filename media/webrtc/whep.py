@@ -474,7 +474,7 @@ class WhepSession:
             self._timer.cancel()
             self._timer = None
         self.fanout.detach(self)
-        self.service._forget(self)
+        self.service.session_ended(self)
         event(log, logging.WARNING if reason in _FAILURE_REASONS else logging.INFO, "webrtc.viewer_closed",
               session=self.id, stream=self.stream_name, reason=reason, detail=detail, layer=self.layer_name,
               **self.counters())
@@ -610,7 +610,10 @@ class WhepService:
             del self.fanouts[fanout.stream.name]
         self.free_unconnected(time.monotonic())
 
-    def _forget(self, session: WhepSession) -> None:
+    def session_ended(self, session: WhepSession) -> None:
+        """A session closed (called once by the session itself): it leaves
+        the registry, its stream's fan-out closes with its last viewer, and
+        its counters join the service's totals."""
         if self.sessions.pop(session.id, None) is None:
             return
         name = session.stream_name

@@ -105,9 +105,9 @@ def test_the_last_session_leaving_closes_the_fanout() -> None:
         b.stats = SessionStats()
         svc._admit(a)  # type: ignore[arg-type]
         svc._admit(b)  # type: ignore[arg-type]
-        svc._forget(a)  # type: ignore[arg-type]
+        svc.session_ended(a)  # type: ignore[arg-type]
         assert fo.closes == 0 and svc.fanouts["cam1"] is fo
-        svc._forget(b)  # type: ignore[arg-type]
+        svc.session_ended(b)  # type: ignore[arg-type]
         assert fo.closes == 1 and "cam1" not in svc.fanouts
         assert svc.closed_by_reason == {"deleted": 2}
 

@@ -289,7 +289,7 @@ class WhipSession:
         pub, self.publisher = self.publisher, None
         if pub is not None:
             pub.stream.detach_publisher(pub, time.monotonic())
-        self.service._forget(self)
+        self.service.session_ended(self)
         event(log, logging.INFO, "whip.closed", session=self.id, stream=self.stream_name, reason=reason,
               stats=self.ingest.stats.as_dict() if self.ingest else {})
         try:
@@ -385,7 +385,9 @@ class WhipService:
                 other.close_soon("taken over by another publisher")
         return pub
 
-    def _forget(self, session: WhipSession) -> None:
+    def session_ended(self, session: WhipSession) -> None:
+        """A session closed (called once by the session itself): it leaves
+        the registry and its counters join the service's totals."""
         if self.sessions.pop(session.id, None) is not None and session.ingest is not None:
             t = self.totals
             for k, v in session.ingest.stats.as_dict().items():
