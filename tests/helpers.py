@@ -587,3 +587,128 @@ async def first_purge_done(timeout: float = 10.0) -> None:
             return
         assert time.monotonic() < deadline, "the first refresh-token purge did not finish"
         await asyncio.sleep(0.01)
+
+
+# -- shared by the browser and ICE tests -----------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+#: Chromium for WebRTC tests: headless-safe, autoplay allowed, host
+#: candidates as addresses (not mDNS names) so the server can reach them.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns"]
+#: getUserMedia without a prompt, from Chromium's fake camera and microphone.
+FAKE_MEDIA_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+
+
+def track_pcs_script(var: str = "__rfnPcs") -> str:
+    """An init script that keeps every RTCPeerConnection the page makes in
+    ``window[var]`` (the pages own theirs; a reconnect makes a new one), so a
+    test can read their getStats itself."""
+    return f"""(() => {{
+  const Native = window.RTCPeerConnection;
+  window.{var} = [];
+  window.RTCPeerConnection = class extends Native {{
+    constructor(...args) {{ super(...args); window.{var}.push(this); }}
+  }};
+}})();"""
+
+
+@contextlib.contextmanager
+def launched_chromium(args: list[str], executable: str | Path = CHROMIUM) -> Iterator[Any]:
+    """A Playwright (sync) Chromium, closed on exit; ``executable`` may be a
+    wrapper that starts it inside a network namespace (Playwright drives it
+    over a pipe, which crosses namespaces)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(executable), args=args)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def grant_wake_lock(ctx: Any, page: Any, origin: str) -> None:
+    """Granting camera and microphone denies every other permission (CDP
+    Browser.grantPermissions); a phone's browser grants the screen wake lock
+    to a secure context by itself, so grant it to ``origin`` as well."""
+    cdp = ctx.new_cdp_session(page)
+    context_id = cdp.send("Target.getTargetInfo")["targetInfo"]["browserContextId"]
+    cdp.send("Browser.setPermission", {"permission": {"name": "screen-wake-lock"}, "setting": "granted",
+                                       "origin": origin, "browserContextId": context_id})
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in Prometheus text, 0 when absent."""
+    line = next((ln for ln in text.splitlines() if ln.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def local_srt_url(srt_url: str, srt_port: int) -> str:
+    """An API-issued SRT URL pointed at a test server's real (ephemeral) SRT port."""
+    return (srt_url.replace("localhost:8890", f"127.0.0.1:{srt_port}").replace(":8890?", f":{srt_port}?")
+            .replace(":0?", f":{srt_port}?"))
+
+
+def publish_live(base: str, token: str, production: str, stream: str, srt_port: int, *,
+                 seconds: float) -> subprocess.Popen:
+    """A new production with one stream, fed by ffmpeg over SRT until it is
+    live; returns the ffmpeg process (the caller stops it)."""
+    r = http("POST", f"{base}/api/v1/productions", {"name": production}, token=token)
+    assert r.status == 201, r.body
+    r = http("POST", f"{base}/api/v1/streams", {"name": stream, "production": production}, token=token)
+    assert r.status == 201, r.body
+    proc = ffmpeg_publish(local_srt_url(r.json()["srt_url"], srt_port), seconds=seconds)
+    try:
+        wait_live(base, stream, token)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
+#: Plays ``url`` over WHEP in the page (recvonly video + audio, the whole
+#: offer after gathering): ``{status, answer}``; the peer connection is
+#: ``window._pc``, each track's stream ids in ``window._streams``.
+WHEP_PLAY = """async ([url, token]) => {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver('video', {direction: 'recvonly'});
+  pc.addTransceiver('audio', {direction: 'recvonly'});
+  const v = document.createElement('video'); v.muted = true; v.autoplay = true; document.body.appendChild(v);
+  window._streams = {};
+  pc.ontrack = e => { v.srcObject = e.streams[0] || new MediaStream([e.track]);
+    window._streams[e.track.kind] = e.streams.map(s => s.id); };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise(r => { if (pc.iceGatheringState === 'complete') r();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === 'complete' && r(); setTimeout(r, 2000); });
+  const res = await fetch(url, {method: 'POST', body: pc.localDescription.sdp,
+    headers: {'Content-Type': 'application/sdp', 'Authorization': 'Bearer ' + token}});
+  const answer = await res.text();
+  if (res.status !== 201) return {status: res.status, body: answer};
+  await pc.setRemoteDescription({type: 'answer', sdp: answer});
+  window._pc = pc;
+  return {status: 201, answer};
+}"""
+
+
+async def chromium_whep_samples(base: str, stream: str, token: str, seconds: float, stats: str,
+                                args: list[str]) -> tuple[dict, list[dict]]:
+    """Chromium plays ``stream`` over WHEP (:data:`WHEP_PLAY`); ``stats``
+    (a page function) is sampled once a second for ``seconds``. Returns the
+    play result and the samples."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = await browser.new_page()
+            await page.goto(base + "/healthz")
+            started = await page.evaluate(WHEP_PLAY, [f"{base}/whep/{stream}", token])
+            assert started["status"] == 201, started
+            samples = []
+            for _ in range(int(seconds)):
+                await asyncio.sleep(1)
+                samples.append(await page.evaluate(stats))
+            return started, samples
+        finally:
+            await browser.close()

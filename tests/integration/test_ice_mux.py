@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerProcess, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live
+from helpers import ServerProcess, http, login, metrics_url, publish_live, stop_process, wait_live
 
 pytestmark = pytest.mark.integration
 
@@ -69,13 +69,7 @@ def env(module_db_url, tmp_path_factory):  # type: ignore[no-untyped-def]
     try:
         base = srv.url
         admin = login(base, "admin", "icemux-admin-pw")["access_token"]
-        assert http("POST", f"{base}/api/v1/productions", {"name": "Mux"}, token=admin).status == 201
-        r = http("POST", f"{base}/api/v1/streams", {"name": "mux1", "production": "Mux"}, token=admin)
-        assert r.status == 201, r.body
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        proc = ffmpeg_publish(srt, seconds=120)
-        wait_live(base, "mux1", admin)
+        proc = publish_live(base, admin, "Mux", "mux1", srv.srt_port, seconds=120)
         yield {"base": base, "admin": admin, "server": srv}
     finally:
         if proc is not None:
@@ -165,12 +159,7 @@ def test_replace_mode_answers_only_the_announced_address(module_db_url, tmp_path
     try:
         base = srv.url
         admin = login(base, "admin", "icemux-admin-pw")["access_token"]
-        assert http("POST", f"{base}/api/v1/productions", {"name": "Nat"}, token=admin).status == 201
-        r = http("POST", f"{base}/api/v1/streams", {"name": "nat1", "production": "Nat"}, token=admin)
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        proc = ffmpeg_publish(srt, seconds=30)
-        wait_live(base, "nat1", admin)
+        proc = publish_live(base, admin, "Nat", "nat1", srv.srt_port, seconds=30)
         r = http("POST", f"{base}/whep/nat1", raw=WHEP_OFFER.encode(), token=admin,
                  headers={"Content-Type": "application/sdp"})
         assert r.status == 201, r.body
@@ -210,12 +199,7 @@ def test_dual_stack_socket_forwards_to_viewers(module_db_url, tmp_path_factory) 
     try:
         base = srv.url
         admin = login(base, "admin", "icemux-admin-pw")["access_token"]
-        assert http("POST", f"{base}/api/v1/productions", {"name": "Dual"}, token=admin).status == 201
-        r = http("POST", f"{base}/api/v1/streams", {"name": "dual1", "production": "Dual"}, token=admin)
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        proc = ffmpeg_publish(srt, seconds=30)
-        wait_live(base, "dual1", admin)
+        proc = publish_live(base, admin, "Dual", "dual1", srv.srt_port, seconds=30)
 
         async def watch() -> tuple[int, str, dict]:
             async with WhepViewer(f"{base}/whep/dual1", token=admin) as v4:  # 127.0.0.1 only
