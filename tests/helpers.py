@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -23,7 +24,7 @@ import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"ReturnFeed is running: https?://[^:]+:(\d+)/")
@@ -614,18 +615,21 @@ def track_pcs_script(var: str = "__rfnPcs") -> str:
 
 
 @contextlib.contextmanager
-def launched_chromium(args: list[str], executable: str | Path = CHROMIUM) -> Iterator[Any]:
-    """A Playwright (sync) Chromium, closed on exit; ``executable`` may be a
-    wrapper that starts it inside a network namespace (Playwright drives it
-    over a pipe, which crosses namespaces)."""
+def launched_chromium(args: list[str], wrap: Callable[[Path], Path] | None = None) -> Iterator[Any]:
+    """A Playwright (sync) Chromium, closed on exit. ``wrap`` writes, into
+    the directory it is given, an executable that starts ``CHROMIUM`` inside
+    a network namespace (Playwright drives it over a pipe, which crosses
+    namespaces; a CDP port would not)."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(executable), args=args)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with tempfile.TemporaryDirectory(prefix="rfn-chromium-") as tmp:
+        exe = wrap(Path(tmp)) if wrap is not None else CHROMIUM
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(exe), args=args)
+            try:
+                yield browser
+            finally:
+                browser.close()
 
 
 def grant_wake_lock(ctx: Any, page: Any, origin: str) -> None:
@@ -648,6 +652,14 @@ def local_srt_url(srt_url: str, srt_port: int) -> str:
     """An API-issued SRT URL pointed at a test server's real (ephemeral) SRT port."""
     return (srt_url.replace("localhost:8890", f"127.0.0.1:{srt_port}").replace(":8890?", f":{srt_port}?")
             .replace(":0?", f":{srt_port}?"))
+
+
+def watch_url(base: str, stream: str, token: str) -> str:
+    """A new hour-long read link's watch page URL, made through ``base`` (the
+    URL points at the host the API was asked on)."""
+    link = http("POST", f"{base}/api/v1/streams/{stream}/links", {"action": "read", "ttl_s": 3600}, token=token)
+    assert link.status == 201, link.body
+    return link.json()["watch_url"]
 
 
 def publish_live(base: str, token: str, production: str, stream: str, srt_port: int, *,

@@ -39,15 +39,19 @@ run's (it also runs when a test fails: callers use it in a ``finally``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
-__all__ = ["CLEAN", "PREFIX", "Shaping", "ViewerNetwork", "free_subnet", "netns_unavailable", "owner_alive", "remove_leftovers",
-           "run"]
+import pytest
+
+__all__ = ["CLEAN", "PREFIX", "Shaping", "ViewerNetwork", "free_subnet", "module_network", "netns_unavailable",
+           "owner_alive", "remove_leftovers", "run"]
 
 PREFIX = "rfn-"
 NFT_TABLE = "rfn_viewer"
@@ -278,3 +282,24 @@ class ViewerNetwork:
         path.write_text(f'#!/bin/sh\nexec ip netns exec {self.namespace} {program} "$@"\n')
         path.chmod(0o755)
         return path
+
+
+@contextlib.contextmanager
+def module_network(net: Any, unavailable: Callable[[], str | None] = netns_unavailable,
+                   leftovers: Callable[[], list[str]] = remove_leftovers) -> Iterator[Any]:
+    """A module fixture's network (a :class:`ViewerNetwork`, or a
+    tests/natnet.py ``NatNetwork`` with that module's ``unavailable`` and
+    ``leftovers``): skipped where namespaces cannot be made, a crashed run's
+    leftovers removed first, ``net`` created, and destroyed on exit, also
+    after a failure; that it is gone is asserted."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    removed = leftovers()
+    if removed:
+        print(f"removed leftovers of an earlier run: {removed}")
+    try:
+        yield net.create()
+    finally:
+        net.destroy()
+        assert not net.exists(), f"{net} still present after cleanup"
