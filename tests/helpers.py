@@ -724,3 +724,22 @@ async def chromium_whep_samples(base: str, stream: str, token: str, seconds: flo
             return started, samples
         finally:
             await browser.close()
+
+
+@contextlib.contextmanager
+def udp_socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(tx, rx) on loopback for the send-path tests: tx non-blocking, rx
+    bound with a 2 s timeout, both with 8 MiB buffers so a whole keyframe
+    fits in flight without drops that are the kernel's, not the sender's."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        rx.settimeout(2)
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        tx.setblocking(False)
+        yield tx, rx
+    finally:
+        tx.close()
+        rx.close()
