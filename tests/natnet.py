@@ -58,12 +58,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
+import netns
 from netns import owner_alive, run
 
 __all__ = ["CLIENT_ADDR", "NAT_INSIDE_ADDR", "PREFIX", "PUBLIC_ADDR", "SERVER_ADDR", "NatNetwork", "Published",
@@ -86,24 +86,14 @@ T = TypeVar("T")
 def netns_unavailable() -> str | None:
     """Why these namespaces cannot be made here, or ``None`` when they can
     (including the NAT: a masquerade table is loaded in a probe namespace)."""
-    if os.geteuid() != 0:
-        return "network namespace tests need root (ip netns, nft)"
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (apt: iproute2, nftables)"
-    probe = f"{PREFIX}probe{os.getpid()}"
-    made = run("ip", "netns", "add", probe, check=False)
-    if made.returncode != 0:
-        return f"network namespaces unavailable: {made.stderr.strip()}"
-    try:
-        nat = run("ip", "netns", "exec", probe, "nft", "-f", "-", check=False,
-                   stdin="table ip probe {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
-                         "  masquerade\n }\n}\n")
-        if nat.returncode != 0:
-            return f"nftables NAT unavailable: {nat.stderr.strip()}"
-    finally:
-        run("ip", "netns", "del", probe, check=False)
-    return None
+
+    def nat(probe: str) -> str | None:
+        loaded = run("ip", "netns", "exec", probe, "nft", "-f", "-", check=False,
+                     stdin="table ip probe {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
+                           "  masquerade\n }\n}\n")
+        return f"nftables NAT unavailable: {loaded.stderr.strip()}" if loaded.returncode != 0 else None
+
+    return netns.netns_unavailable(("ip", "nft"), PREFIX, nat)
 
 
 def _namespaces() -> list[str]:

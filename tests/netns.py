@@ -65,19 +65,24 @@ def run(*cmd: str, check: bool = True, stdin: str | None = None) -> subprocess.C
     return proc
 
 
-def netns_unavailable() -> str | None:
-    """Why namespaces cannot be used here, or ``None`` when they can."""
+def netns_unavailable(tools: tuple[str, ...] = ("ip", "tc", "nft"), prefix: str = PREFIX,
+                      probe: Callable[[str], str | None] | None = None) -> str | None:
+    """Why namespaces cannot be used here, or ``None`` when they can.
+    ``probe`` checks more inside a fresh namespace (it gets its name) and
+    says why that fails; tests/natnet.py loads its NAT table there."""
     if os.geteuid() != 0:
-        return "network namespace tests need root (ip netns, nft, tc)"
-    for tool in ("ip", "tc", "nft"):
+        return f"network namespace tests need root (ip netns, {', '.join(t for t in tools if t != 'ip')})"
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"{tool} not installed (apt: iproute2, nftables)"
-    probe = f"{PREFIX}probe{os.getpid()}"
-    made = run("ip", "netns", "add", probe, check=False)
+    name = f"{prefix}probe{os.getpid()}"
+    made = run("ip", "netns", "add", name, check=False)
     if made.returncode != 0:
         return f"network namespaces unavailable: {made.stderr.strip()}"
-    run("ip", "netns", "del", probe, check=False)
-    return None
+    try:
+        return probe(name) if probe is not None else None
+    finally:
+        run("ip", "netns", "del", name, check=False)
 
 
 def owner_alive(name: str, prefix: str = PREFIX) -> bool:
