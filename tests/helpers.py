@@ -679,6 +679,22 @@ def publish_live(base: str, token: str, production: str, stream: str, srt_port: 
     return proc
 
 
+@contextlib.contextmanager
+def live_stream(srv: "ServerProcess", admin_password: str, production: str, stream: str, *,
+                seconds: float) -> Iterator[str]:
+    """On the started ``srv``: :func:`publish_live`, yielding the admin's
+    token; ffmpeg and the server are stopped on exit, also after a failure."""
+    proc = None
+    try:
+        admin = login(srv.url, "admin", admin_password)["access_token"]
+        proc = publish_live(srv.url, admin, production, stream, srv.srt_port, seconds=seconds)
+        yield admin
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        srv.stop()
+
+
 #: Plays ``url`` over WHEP in the page (recvonly video + audio, the whole
 #: offer after gathering): ``{status, answer}``; the peer connection is
 #: ``window._pc``, each track's stream ids in ``window._streams``.

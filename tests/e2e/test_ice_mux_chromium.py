@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from helpers import CHROMIUM_ARGS, ServerProcess, chromium_whep_samples, login, publish_live, stop_process
+from helpers import CHROMIUM_ARGS, ServerProcess, chromium_whep_samples, live_stream
 
 pytestmark = pytest.mark.browser
 
@@ -28,16 +28,8 @@ def test_chromium_plays_whep_through_the_shared_port(module_db_url, tmp_path_fac
     srv = ServerProcess(tmp_path_factory.mktemp("muxchrome"), env={
         "DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": "muxchrome-admin",
         "RETURNFEED_WEBRTC__ICE_HOST_ADDRESSES": '["127.0.0.1"]'}).start()
-    proc = None
-    try:
-        base = srv.url
-        admin = login(base, "admin", "muxchrome-admin")["access_token"]
-        proc = publish_live(base, admin, "MuxChrome", "muxc", srv.srt_port, seconds=60)
-        started, samples = asyncio.run(chromium_whep_samples(base, "muxc", admin, 5, STATS, CHROMIUM_ARGS))
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        srv.stop()
+    with live_stream(srv, "muxchrome-admin", "MuxChrome", "muxc", seconds=60) as admin:
+        started, samples = asyncio.run(chromium_whep_samples(srv.url, "muxc", admin, 5, STATS, CHROMIUM_ARGS))
     cands = [ln.split() for ln in started["answer"].splitlines() if ln.startswith("a=candidate:")]
     ports = {int(c[5]) for c in cands}
     assert {c[4] for c in cands} == {"127.0.0.1"} and len(ports) == 1, cands

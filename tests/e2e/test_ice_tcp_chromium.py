@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import (CHROMIUM, CHROMIUM_ARGS, FAKE_MEDIA_ARGS, ServerProcess, http, launched_chromium, login,
-                     metric_value, metrics_url, publish_live, stop_process, track_pcs_script, wait_until, watch_url)
+from helpers import (CHROMIUM, CHROMIUM_ARGS, FAKE_MEDIA_ARGS, ServerProcess, http, launched_chromium, live_stream,
+                     metric_value, metrics_url, track_pcs_script, wait_until, watch_url)
 from netns import ViewerNetwork, module_network
 
 pytestmark = pytest.mark.browser
@@ -115,16 +115,9 @@ def stack(net: ViewerNetwork, e2e_db_url: str, tmp_path_factory: pytest.TempPath
         "DATABASE_URL": e2e_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "RETURNFEED_WEBRTC__ICE_TCP": "true", "RETURNFEED_WEBRTC__ICE_TCP_PORT": "0"})
     srv.start()
-    source: subprocess.Popen | None = None
-    try:
+    with live_stream(srv, ADMIN_PASSWORD, "TCP", STREAM, seconds=300) as token:
         base = f"http://{net.host_addr}:{srv.port}"
-        token = login(srv.url, "admin", ADMIN_PASSWORD)["access_token"]
-        source = publish_live(srv.url, token, "TCP", STREAM, srv.srt_port, seconds=300)
         yield {"server": srv, "base": base, "token": token, "watch_url": watch_url(base, STREAM, token)}
-    finally:
-        if source is not None:
-            stop_process(source)
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aioice import stun
 
-from helpers import ServerProcess, http, login, metrics_url, publish_live, stop_process, wait_until
+from helpers import ServerProcess, http, live_stream, metrics_url, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -23,16 +23,8 @@ def env(module_db_url, tmp_path_factory):
         "DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
         "RETURNFEED_WEBRTC__ICE_TCP": "true", "RETURNFEED_WEBRTC__ICE_TCP_PORT": "0"})
     srv.start()
-    proc = None
-    try:
-        base = f"http://127.0.0.1:{srv.port}"
-        admin = login(base, "admin", "admin-password-1")["access_token"]
-        proc = publish_live(base, admin, "TCP show", "tcp1", srv.srt_port, seconds=90)
-        yield {"base": base, "admin": admin, "server": srv}
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        srv.stop()
+    with live_stream(srv, "admin-password-1", "TCP show", "tcp1", seconds=90) as admin:
+        yield {"base": srv.url, "admin": admin, "server": srv}
 
 
 def _answer(env) -> tuple[str, list[list[str]]]:
