@@ -26,6 +26,7 @@ Numbers are the median of several timed rounds, single thread.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -130,6 +131,32 @@ def make_rewriter(ssrc: int, extensions: bool, tseq: TransportSeq | None = None)
 
 def prime(rw: Rewriter, first: LayerPacket) -> None:
     rw.rewrite(0, LayerPacket((first.seq - 1) & 0xFFFF, first.timestamp, False, b"x", True, True), 0.0)
+
+
+def loopback_pair(rcvbuf: int, *, sndbuf: int | None = None,
+                  connect: bool = False) -> tuple[socket.socket, socket.socket, Callable[[], None]]:
+    """Non-blocking (tx, rx) UDP sockets on loopback (tx connected to rx
+    when ``connect``), and ``drain()``, which empties rx between timed
+    rounds so the sender never measures a full receive buffer."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    rx.setblocking(False)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if sndbuf is not None:
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    tx.setblocking(False)
+    if connect:
+        tx.connect(rx.getsockname())
+
+    def drain() -> None:
+        try:
+            while True:
+                rx.recv(2048)
+        except BlockingIOError:
+            pass
+
+    return tx, rx, drain
 
 
 def run(quick: bool) -> dict[str, Stat]:
@@ -244,20 +271,7 @@ def run(quick: bool) -> dict[str, Stat]:
 
     # -- rewrite + protect (+ sendto) --------------------------------------
     def bench_chain(send: bool) -> Callable[[], int]:
-        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        rx.bind(("127.0.0.1", 0))
-        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        tx.setblocking(False)
-        tx.connect(rx.getsockname())
-        rx.setblocking(False)
-
-        def drain() -> None:
-            try:
-                while True:
-                    rx.recv(2048)
-            except BlockingIOError:
-                pass
+        tx, _rx, drain = loopback_pair(1 << 20, connect=True)
 
         def fn() -> int:
             sess = srtp_session()
@@ -453,20 +467,7 @@ def bench_frame_path(rounds: int) -> dict[str, Stat]:
                        for k in range(len(sizes))])
     per_round = frames * len(sizes)
     out: dict[str, Stat] = {}
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    rx.setblocking(False)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-    tx.setblocking(False)
-
-    def drain() -> None:
-        try:
-            while True:
-                rx.recv(2048)
-        except BlockingIOError:
-            pass
+    tx, rx, drain = loopback_pair(8 << 20, sndbuf=8 << 20)
 
     def chain(per_frame: bool, steps: str) -> Callable[[], int]:
         cursor = [0]
@@ -474,6 +475,8 @@ def bench_frame_path(rounds: int) -> dict[str, Stat]:
         prime(rw, stream[0][0])
         sess = srtp_session()
         sender = DatagramSender(tx, rx.getsockname())
+        # Chosen once, not per frame: both paths pay the same one call.
+        send = functools.partial(send_runs, sender) if per_frame else sender.send_batch
 
         def fn() -> int:
             k = cursor[0]
@@ -483,10 +486,7 @@ def bench_frame_path(rounds: int) -> dict[str, Stat]:
                 prepared = [[sess.protect(w) for w in rw.rewrite_frame(0, f, 1.0)] for f in batch]
                 t0 = time.perf_counter_ns()
                 for datas in prepared:
-                    if per_frame:
-                        send_runs(sender, datas)
-                    else:
-                        sender.send_batch(datas)
+                    send(datas)
                 fn.spent += time.perf_counter_ns() - t0  # type: ignore[attr-defined]
                 drain()
                 return per_round
@@ -500,10 +500,7 @@ def bench_frame_path(rounds: int) -> dict[str, Stat]:
                     continue
                 datas = protect_all(sess, wire) if per_frame else [sess.protect(w) for w in wire]
                 if steps == "all":
-                    if per_frame:
-                        send_runs(sender, datas)
-                    else:
-                        sender.send_batch(datas)
+                    send(datas)
             fn.spent += time.perf_counter_ns() - t0  # type: ignore[attr-defined]
             drain()
             return per_round

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -23,7 +24,7 @@ import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 BANNER = re.compile(r"ReturnFeed is running: https?://[^:]+:(\d+)/")
@@ -587,3 +588,174 @@ async def first_purge_done(timeout: float = 10.0) -> None:
             return
         assert time.monotonic() < deadline, "the first refresh-token purge did not finish"
         await asyncio.sleep(0.01)
+
+
+# -- shared by the browser and ICE tests -----------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+#: Chromium for WebRTC tests: headless-safe, autoplay allowed, host
+#: candidates as addresses (not mDNS names) so the server can reach them.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns"]
+#: getUserMedia without a prompt, from Chromium's fake camera and microphone.
+FAKE_MEDIA_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+
+
+def track_pcs_script(var: str = "__rfnPcs") -> str:
+    """An init script that keeps every RTCPeerConnection the page makes in
+    ``window[var]`` (the pages own theirs; a reconnect makes a new one), so a
+    test can read their getStats itself."""
+    return f"""(() => {{
+  const Native = window.RTCPeerConnection;
+  window.{var} = [];
+  window.RTCPeerConnection = class extends Native {{
+    constructor(...args) {{ super(...args); window.{var}.push(this); }}
+  }};
+}})();"""
+
+
+@contextlib.contextmanager
+def launched_chromium(args: list[str], wrap: Callable[[Path], Path] | None = None) -> Iterator[Any]:
+    """A Playwright (sync) Chromium, closed on exit. ``wrap`` writes, into
+    the directory it is given, an executable that starts ``CHROMIUM`` inside
+    a network namespace (Playwright drives it over a pipe, which crosses
+    namespaces; a CDP port would not)."""
+    from playwright.sync_api import sync_playwright
+
+    with tempfile.TemporaryDirectory(prefix="rfn-chromium-") as tmp:
+        exe = wrap(Path(tmp)) if wrap is not None else CHROMIUM
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(exe), args=args)
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+
+def grant_wake_lock(ctx: Any, page: Any, origin: str) -> None:
+    """Granting camera and microphone denies every other permission (CDP
+    Browser.grantPermissions); a phone's browser grants the screen wake lock
+    to a secure context by itself, so grant it to ``origin`` as well."""
+    cdp = ctx.new_cdp_session(page)
+    context_id = cdp.send("Target.getTargetInfo")["targetInfo"]["browserContextId"]
+    cdp.send("Browser.setPermission", {"permission": {"name": "screen-wake-lock"}, "setting": "granted",
+                                       "origin": origin, "browserContextId": context_id})
+
+
+def metric_value(text: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in Prometheus text, 0 when absent."""
+    line = next((ln for ln in text.splitlines() if ln.startswith(name + " ")), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def local_srt_url(srt_url: str, srt_port: int) -> str:
+    """An API-issued SRT URL pointed at a test server's real (ephemeral) SRT port."""
+    return (srt_url.replace("localhost:8890", f"127.0.0.1:{srt_port}").replace(":8890?", f":{srt_port}?")
+            .replace(":0?", f":{srt_port}?"))
+
+
+def watch_url(base: str, stream: str, token: str) -> str:
+    """A new hour-long read link's watch page URL, made through ``base`` (the
+    URL points at the host the API was asked on)."""
+    link = http("POST", f"{base}/api/v1/streams/{stream}/links", {"action": "read", "ttl_s": 3600}, token=token)
+    assert link.status == 201, link.body
+    return link.json()["watch_url"]
+
+
+def publish_live(base: str, token: str, production: str, stream: str, srt_port: int, *,
+                 seconds: float) -> subprocess.Popen:
+    """A new production with one stream, fed by ffmpeg over SRT until it is
+    live; returns the ffmpeg process (the caller stops it)."""
+    r = http("POST", f"{base}/api/v1/productions", {"name": production}, token=token)
+    assert r.status == 201, r.body
+    r = http("POST", f"{base}/api/v1/streams", {"name": stream, "production": production}, token=token)
+    assert r.status == 201, r.body
+    proc = ffmpeg_publish(local_srt_url(r.json()["srt_url"], srt_port), seconds=seconds)
+    try:
+        wait_live(base, stream, token)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc
+
+
+@contextlib.contextmanager
+def live_stream(srv: "ServerProcess", admin_password: str, production: str, stream: str, *,
+                seconds: float) -> Iterator[str]:
+    """On the started ``srv``: :func:`publish_live`, yielding the admin's
+    token; ffmpeg and the server are stopped on exit, also after a failure."""
+    proc = None
+    try:
+        admin = login(srv.url, "admin", admin_password)["access_token"]
+        proc = publish_live(srv.url, admin, production, stream, srv.srt_port, seconds=seconds)
+        yield admin
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        srv.stop()
+
+
+#: Plays ``url`` over WHEP in the page (recvonly video + audio, the whole
+#: offer after gathering): ``{status, answer}``; the peer connection is
+#: ``window._pc``, each track's stream ids in ``window._streams``.
+WHEP_PLAY = """async ([url, token]) => {
+  const pc = new RTCPeerConnection();
+  pc.addTransceiver('video', {direction: 'recvonly'});
+  pc.addTransceiver('audio', {direction: 'recvonly'});
+  const v = document.createElement('video'); v.muted = true; v.autoplay = true; document.body.appendChild(v);
+  window._streams = {};
+  pc.ontrack = e => { v.srcObject = e.streams[0] || new MediaStream([e.track]);
+    window._streams[e.track.kind] = e.streams.map(s => s.id); };
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise(r => { if (pc.iceGatheringState === 'complete') r();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === 'complete' && r(); setTimeout(r, 2000); });
+  const res = await fetch(url, {method: 'POST', body: pc.localDescription.sdp,
+    headers: {'Content-Type': 'application/sdp', 'Authorization': 'Bearer ' + token}});
+  const answer = await res.text();
+  if (res.status !== 201) return {status: res.status, body: answer};
+  await pc.setRemoteDescription({type: 'answer', sdp: answer});
+  window._pc = pc;
+  return {status: 201, answer};
+}"""
+
+
+async def chromium_whep_samples(base: str, stream: str, token: str, seconds: float, stats: str,
+                                args: list[str]) -> tuple[dict, list[dict]]:
+    """Chromium plays ``stream`` over WHEP (:data:`WHEP_PLAY`); ``stats``
+    (a page function) is sampled once a second for ``seconds``. Returns the
+    play result and the samples."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=args)
+        try:
+            page = await browser.new_page()
+            await page.goto(base + "/healthz")
+            started = await page.evaluate(WHEP_PLAY, [f"{base}/whep/{stream}", token])
+            assert started["status"] == 201, started
+            samples = []
+            for _ in range(int(seconds)):
+                await asyncio.sleep(1)
+                samples.append(await page.evaluate(stats))
+            return started, samples
+        finally:
+            await browser.close()
+
+
+@contextlib.contextmanager
+def udp_socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """(tx, rx) on loopback for the send-path tests: tx non-blocking, rx
+    bound with a 2 s timeout, both with 8 MiB buffers so a whole keyframe
+    fits in flight without drops that are the kernel's, not the sender's."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+        rx.settimeout(2)
+        tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+        tx.setblocking(False)
+        yield tx, rx
+    finally:
+        tx.close()
+        rx.close()

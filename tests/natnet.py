@@ -58,12 +58,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import shutil
-import subprocess
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
+
+import netns
+from netns import owner_alive, run
 
 __all__ = ["CLIENT_ADDR", "NAT_INSIDE_ADDR", "PREFIX", "PUBLIC_ADDR", "SERVER_ADDR", "NatNetwork", "Published",
            "netns_unavailable", "remove_leftovers"]
@@ -82,53 +83,21 @@ CLONE_NEWNET = 0x40000000  # <sched.h>
 T = TypeVar("T")
 
 
-def _run(*cmd: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, input=stdin, text=True, capture_output=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
 def netns_unavailable() -> str | None:
     """Why these namespaces cannot be made here, or ``None`` when they can
     (including the NAT: a masquerade table is loaded in a probe namespace)."""
-    if os.geteuid() != 0:
-        return "network namespace tests need root (ip netns, nft)"
-    for tool in ("ip", "nft"):
-        if shutil.which(tool) is None:
-            return f"{tool} not installed (apt: iproute2, nftables)"
-    probe = f"{PREFIX}probe{os.getpid()}"
-    made = _run("ip", "netns", "add", probe, check=False)
-    if made.returncode != 0:
-        return f"network namespaces unavailable: {made.stderr.strip()}"
-    try:
-        nat = _run("ip", "netns", "exec", probe, "nft", "-f", "-", check=False,
-                   stdin="table ip probe {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
-                         "  masquerade\n }\n}\n")
-        if nat.returncode != 0:
-            return f"nftables NAT unavailable: {nat.stderr.strip()}"
-    finally:
-        _run("ip", "netns", "del", probe, check=False)
-    return None
 
+    def nat(probe: str) -> str | None:
+        loaded = run("ip", "netns", "exec", probe, "nft", "-f", "-", check=False,
+                     stdin="table ip probe {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
+                           "  masquerade\n }\n}\n")
+        return f"nftables NAT unavailable: {loaded.stderr.strip()}" if loaded.returncode != 0 else None
 
-def _owner_alive(name: str) -> bool:
-    """Names carry the creating process's id (``rfx-1234s``): is that
-    process still running (a concurrent run of these tests)?"""
-    digits = "".join(ch for ch in name[len(PREFIX):] if ch.isdigit())
-    if not digits or int(digits) == os.getpid():
-        return False
-    try:
-        os.kill(int(digits), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return netns.netns_unavailable(("ip", "nft"), PREFIX, nat)
 
 
 def _namespaces() -> list[str]:
-    return [line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines() if line.split()]
+    return [line.split()[0] for line in run("ip", "netns", "list", check=False).stdout.splitlines() if line.split()]
 
 
 def remove_leftovers() -> list[str]:
@@ -137,8 +106,8 @@ def remove_leftovers() -> list[str]:
     their names."""
     removed = []
     for name in _namespaces():
-        if name.startswith(PREFIX) and not _owner_alive(name):
-            _run("ip", "netns", "del", name, check=False)
+        if name.startswith(PREFIX) and not owner_alive(name, PREFIX):
+            run("ip", "netns", "del", name, check=False)
             removed.append(name)
     return removed
 
@@ -199,29 +168,29 @@ class NatNetwork:
         way leaves only namespaces, which :meth:`destroy` removes)."""
         s, n, c = self.namespaces
         for ns in self.namespaces:
-            _run("ip", "netns", "add", ns)
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            run("ip", "netns", "add", ns)
+            run("ip", "-n", ns, "link", "set", "lo", "up")
         # Both veth pairs are made inside the NAT namespace with their peer
         # end moved straight into its neighbour: no interface ever exists in
         # the host's namespace, so nothing can be left behind there.
-        _run("ip", "-n", n, "link", "add", "in0", "type", "veth", "peer", "name", "eth0", "netns", s)
-        _run("ip", "-n", n, "link", "add", "pub0", "type", "veth", "peer", "name", "eth0", "netns", c)
-        _run("ip", "-n", n, "addr", "add", f"{NAT_INSIDE_ADDR}/{INSIDE_PREFIX}", "dev", "in0")
-        _run("ip", "-n", n, "addr", "add", f"{PUBLIC_ADDR}/{PUBLIC_PREFIX}", "dev", "pub0")
-        _run("ip", "-n", s, "addr", "add", f"{SERVER_ADDR}/{INSIDE_PREFIX}", "dev", "eth0")
-        _run("ip", "-n", c, "addr", "add", f"{CLIENT_ADDR}/{PUBLIC_PREFIX}", "dev", "eth0")
+        run("ip", "-n", n, "link", "add", "in0", "type", "veth", "peer", "name", "eth0", "netns", s)
+        run("ip", "-n", n, "link", "add", "pub0", "type", "veth", "peer", "name", "eth0", "netns", c)
+        run("ip", "-n", n, "addr", "add", f"{NAT_INSIDE_ADDR}/{INSIDE_PREFIX}", "dev", "in0")
+        run("ip", "-n", n, "addr", "add", f"{PUBLIC_ADDR}/{PUBLIC_PREFIX}", "dev", "pub0")
+        run("ip", "-n", s, "addr", "add", f"{SERVER_ADDR}/{INSIDE_PREFIX}", "dev", "eth0")
+        run("ip", "-n", c, "addr", "add", f"{CLIENT_ADDR}/{PUBLIC_PREFIX}", "dev", "eth0")
         for ns, dev in ((n, "in0"), (n, "pub0"), (s, "eth0"), (c, "eth0")):
-            _run("ip", "-n", ns, "link", "set", dev, "up")
-        _run("ip", "-n", s, "route", "add", "default", "via", NAT_INSIDE_ADDR)
-        _run("ip", "netns", "exec", n, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
-        _run("ip", "netns", "exec", n, "nft", "-f", "-", stdin=self._nat_rules())
+            run("ip", "-n", ns, "link", "set", dev, "up")
+        run("ip", "-n", s, "route", "add", "default", "via", NAT_INSIDE_ADDR)
+        run("ip", "netns", "exec", n, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        run("ip", "netns", "exec", n, "nft", "-f", "-", stdin=self._nat_rules())
         return self
 
     def destroy(self) -> None:
         """Remove the three namespaces (and with them every link and rule);
         safe to call twice or after a partial :meth:`create`."""
         for ns in self.namespaces:
-            _run("ip", "netns", "del", ns, check=False)
+            run("ip", "netns", "del", ns, check=False)
 
     def exists(self) -> bool:
         present = _namespaces()
@@ -272,7 +241,7 @@ class NatNetwork:
                        "  chain out {\n    type filter hook postrouting priority raw; policy accept;\n"
                        '    oifname "pub0" meta l4proto udp counter drop comment "udp-out"\n  }\n'
                        "}\n")
-        _run("ip", "netns", "exec", self.nat, "nft", "-f", "-", stdin=script)
+        run("ip", "netns", "exec", self.nat, "nft", "-f", "-", stdin=script)
         self.udp_blocked = blocked
 
     def counters(self) -> dict[str, int]:
@@ -281,7 +250,7 @@ class NatNetwork:
         packet only), ``inbound-dropped``, ``input-dropped``, and ``udp-in`` /
         ``udp-out`` while UDP is blocked."""
         out: dict[str, int] = {}
-        text = _run("ip", "netns", "exec", self.nat, "nft", "list", "ruleset").stdout
+        text = run("ip", "netns", "exec", self.nat, "nft", "list", "ruleset").stdout
         for line in text.splitlines():
             if "counter packets" not in line:
                 continue

@@ -39,45 +39,57 @@ run's (it also runs when a test fails: callers use it in a ``finally``).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
-__all__ = ["CLEAN", "PREFIX", "Shaping", "ViewerNetwork", "free_subnet", "netns_unavailable", "remove_leftovers"]
+import pytest
+
+__all__ = ["CLEAN", "PREFIX", "Shaping", "ViewerNetwork", "free_subnet", "module_network", "netns_unavailable",
+           "owner_alive", "remove_leftovers", "run"]
 
 PREFIX = "rfn-"
 NFT_TABLE = "rfn_viewer"
 
 
-def _run(*cmd: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(*cmd: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command (``ip``, ``nft``, ``tc``); its failure, with stderr, raises when ``check``."""
     proc = subprocess.run(cmd, input=stdin, text=True, capture_output=True, timeout=30)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc
 
 
-def netns_unavailable() -> str | None:
-    """Why namespaces cannot be used here, or ``None`` when they can."""
+def netns_unavailable(tools: tuple[str, ...] = ("ip", "tc", "nft"), prefix: str = PREFIX,
+                      probe: Callable[[str], str | None] | None = None) -> str | None:
+    """Why namespaces cannot be used here, or ``None`` when they can.
+    ``probe`` checks more inside a fresh namespace (it gets its name) and
+    says why that fails; tests/natnet.py loads its NAT table there."""
     if os.geteuid() != 0:
-        return "network namespace tests need root (ip netns, nft, tc)"
-    for tool in ("ip", "tc", "nft"):
+        return f"network namespace tests need root (ip netns, {', '.join(t for t in tools if t != 'ip')})"
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"{tool} not installed (apt: iproute2, nftables)"
-    probe = f"{PREFIX}probe{os.getpid()}"
-    made = _run("ip", "netns", "add", probe, check=False)
+    name = f"{prefix}probe{os.getpid()}"
+    made = run("ip", "netns", "add", name, check=False)
     if made.returncode != 0:
         return f"network namespaces unavailable: {made.stderr.strip()}"
-    _run("ip", "netns", "del", probe, check=False)
-    return None
+    try:
+        return probe(name) if probe is not None else None
+    finally:
+        run("ip", "netns", "del", name, check=False)
 
 
-def _owner_alive(name: str) -> bool:
-    """Names end in the creating process's id (``rfn-q1234``, ``rfn-q1234h``):
-    is that process still running (another run of these tests)?"""
-    digits = "".join(ch for ch in name[len(PREFIX):] if ch.isdigit())
+def owner_alive(name: str, prefix: str = PREFIX) -> bool:
+    """Names end in the creating process's id (``rfn-q1234``, ``rfn-q1234h``;
+    tests/natnet.py's ``rfx-1234s``): is that process still running
+    (another run of these tests)?"""
+    digits = "".join(ch for ch in name[len(prefix):] if ch.isdigit())
     if not digits or int(digits) == os.getpid():
         return False
     try:
@@ -94,17 +106,17 @@ def remove_leftovers() -> list[str]:
     process is gone (a crashed run's); returns what was removed. Deleting a
     namespace removes its veth end, nft table and the pair's host end."""
     removed = []
-    for line in _run("ip", "netns", "list", check=False).stdout.splitlines():
+    for line in run("ip", "netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        if name.startswith(PREFIX) and not _owner_alive(name):
-            _run("ip", "netns", "del", name, check=False)
+        if name.startswith(PREFIX) and not owner_alive(name):
+            run("ip", "netns", "del", name, check=False)
             removed.append(f"netns {name}")
-    for line in _run("ip", "-o", "link", "show", check=False).stdout.splitlines():
+    for line in run("ip", "-o", "link", "show", check=False).stdout.splitlines():
         parts = line.split(":")
         if len(parts) > 1:
             name = parts[1].strip().split("@")[0]
-            if name.startswith(PREFIX) and not _owner_alive(name):
-                _run("ip", "link", "del", name, check=False)
+            if name.startswith(PREFIX) and not owner_alive(name):
+                run("ip", "link", "del", name, check=False)
                 removed.append(f"link {name}")
     return removed
 
@@ -114,7 +126,7 @@ def free_subnet() -> ipaddress.IPv4Network:
     on the machine make veth pairs too: a clash would send the server's
     packets to their namespace)."""
     used = []
-    for line in _run("ip", "-o", "-4", "route", "show", "table", "all", check=False).stdout.splitlines():
+    for line in run("ip", "-o", "-4", "route", "show", "table", "all", check=False).stdout.splitlines():
         first = line.split()[0] if line.split() else ""
         if first in ("default", "broadcast", "local", "unreachable", "prohibit", "blackhole"):
             first = line.split()[1] if len(line.split()) > 1 else ""
@@ -192,16 +204,16 @@ class ViewerNetwork:
         self.subnet = str(subnet)
         self.host_addr, self.ns_addr = (str(a) for a in subnet.hosts())
         ns, h, v = self.namespace, self.host_if, self.ns_if
-        _run("ip", "netns", "add", ns)
-        _run("ip", "link", "add", h, "type", "veth", "peer", "name", v)
-        _run("ip", "link", "set", v, "netns", ns)
-        _run("ip", "link", "set", h, "gso_max_segs", "1")
-        _run("ip", "addr", "add", f"{self.host_addr}/30", "dev", h)
-        _run("ip", "link", "set", h, "up")
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", ns, "addr", "add", f"{self.ns_addr}/30", "dev", v)
-        _run("ip", "-n", ns, "link", "set", v, "up")
-        details = _run("ip", "-d", "link", "show", h).stdout
+        run("ip", "netns", "add", ns)
+        run("ip", "link", "add", h, "type", "veth", "peer", "name", v)
+        run("ip", "link", "set", v, "netns", ns)
+        run("ip", "link", "set", h, "gso_max_segs", "1")
+        run("ip", "addr", "add", f"{self.host_addr}/30", "dev", h)
+        run("ip", "link", "set", h, "up")
+        run("ip", "-n", ns, "link", "set", "lo", "up")
+        run("ip", "-n", ns, "addr", "add", f"{self.ns_addr}/30", "dev", v)
+        run("ip", "-n", ns, "link", "set", v, "up")
+        details = run("ip", "-d", "link", "show", h).stdout
         if "gso_max_segs 1 " not in details:
             raise RuntimeError(f"gso_max_segs 1 did not stick on {h}: {details}")
         self.shape(CLEAN)
@@ -210,12 +222,12 @@ class ViewerNetwork:
     def destroy(self) -> None:
         """Remove the namespace (its veth end, nft table) and the host end
         (its qdisc); safe to call twice or after a partial ``create``."""
-        _run("ip", "netns", "del", self.namespace, check=False)
-        _run("ip", "link", "del", self.host_if, check=False)
+        run("ip", "netns", "del", self.namespace, check=False)
+        run("ip", "link", "del", self.host_if, check=False)
 
     def exists(self) -> bool:
-        names = [line.split()[0] for line in _run("ip", "netns", "list").stdout.splitlines() if line.split()]
-        links = _run("ip", "-o", "link", "show").stdout
+        names = [line.split()[0] for line in run("ip", "netns", "list").stdout.splitlines() if line.split()]
+        links = run("ip", "-o", "link", "show").stdout
         return self.namespace in names or f" {self.host_if}@" in links or f" {self.host_if}:" in links
 
     # -- shaping ---------------------------------------------------------------------
@@ -237,26 +249,26 @@ class ViewerNetwork:
         script = (f"table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\n"
                   f"table inet {NFT_TABLE} {{\n  chain pre {{\n"
                   f"    type filter hook prerouting priority -300; policy accept;\n{body}\n  }}\n}}\n")
-        _run("ip", "netns", "exec", self.namespace, "nft", "-f", "-", stdin=script)
+        run("ip", "netns", "exec", self.namespace, "nft", "-f", "-", stdin=script)
         if shaping.queue_kbit is not None:
             # tbf's limit counts the burst too: queue_ms of backlog on top of it.
             limit = 3000 + shaping.queue_kbit * 1000 // 8 * shaping.queue_ms // 1000
-            _run("tc", "qdisc", "replace", "dev", self.host_if, "root", "tbf", "rate", f"{shaping.queue_kbit}kbit",
+            run("tc", "qdisc", "replace", "dev", self.host_if, "root", "tbf", "rate", f"{shaping.queue_kbit}kbit",
                  "burst", "3000", "limit", str(limit))
         else:
-            _run("tc", "qdisc", "del", "dev", self.host_if, "root", check=False)
+            run("tc", "qdisc", "del", "dev", self.host_if, "root", check=False)
         self.current = shaping
 
     def drops(self) -> dict[str, int]:
         """Packets dropped so far by the current nft rules and the tbf."""
         out: dict[str, int] = {}
-        nft = _run("ip", "netns", "exec", self.namespace, "nft", "list", "table", "inet", NFT_TABLE,
+        nft = run("ip", "netns", "exec", self.namespace, "nft", "list", "table", "inet", NFT_TABLE,
                    check=False).stdout
         for line in nft.splitlines():
             if "counter packets" in line:
                 kind = "loss" if "numgen" in line else "policer"
                 out[kind] = int(line.split("counter packets")[1].split()[0])
-        tc = _run("tc", "-s", "qdisc", "show", "dev", self.host_if, check=False).stdout
+        tc = run("tc", "-s", "qdisc", "show", "dev", self.host_if, check=False).stdout
         if "tbf" in tc and "dropped" in tc:
             out["queue"] = int(tc.split("dropped")[1].split(",")[0])
         return out
@@ -275,3 +287,24 @@ class ViewerNetwork:
         path.write_text(f'#!/bin/sh\nexec ip netns exec {self.namespace} {program} "$@"\n')
         path.chmod(0o755)
         return path
+
+
+@contextlib.contextmanager
+def module_network(net: Any, unavailable: Callable[[], str | None] = netns_unavailable,
+                   leftovers: Callable[[], list[str]] = remove_leftovers) -> Iterator[Any]:
+    """A module fixture's network (a :class:`ViewerNetwork`, or a
+    tests/natnet.py ``NatNetwork`` with that module's ``unavailable`` and
+    ``leftovers``): skipped where namespaces cannot be made, a crashed run's
+    leftovers removed first, ``net`` created, and destroyed on exit, also
+    after a failure; that it is gone is asserted."""
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    removed = leftovers()
+    if removed:
+        print(f"removed leftovers of an earlier run: {removed}")
+    try:
+        yield net.create()
+    finally:
+        net.destroy()
+        assert not net.exists(), f"{net} still present after cleanup"

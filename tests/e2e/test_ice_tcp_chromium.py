@@ -16,36 +16,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live, wait_until
-from netns import ViewerNetwork, netns_unavailable, remove_leftovers
+from helpers import (CHROMIUM, CHROMIUM_ARGS, FAKE_MEDIA_ARGS, ServerProcess, http, launched_chromium, live_stream,
+                     metric_value, metrics_url, track_pcs_script, wait_until, watch_url)
+from netns import ViewerNetwork, module_network
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
 ADMIN_PASSWORD = "admin-password-1"
 STREAM = "tcpcam"
 NFT_TABLE = "rfn_icetcp"
 
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-]
-
-TRACK_PCS = """(() => {
-  const Native = window.RTCPeerConnection;
-  window.__rfnPcs = [];
-  window.RTCPeerConnection = class extends Native {
-    constructor(...args) { super(...args); window.__rfnPcs.push(this); }
-  };
-})();"""
+TRACK_PCS = track_pcs_script()
 
 # The newest peer connection's decoded video frames and the selected pair's
 # candidates (RTCTransportStats.selectedCandidatePairId, W3C webrtc-stats §7).
@@ -117,18 +104,9 @@ def udp_dropped(net: ViewerNetwork) -> int:
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[ViewerNetwork]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    remove_leftovers()
-    viewer = ViewerNetwork(f"t{os.getpid()}")
-    try:
-        viewer.create()
+    with module_network(ViewerNetwork(f"t{os.getpid()}")) as viewer:
         block_udp(viewer)
         yield viewer
-    finally:
-        viewer.destroy()
-        assert not viewer.exists(), f"{viewer.namespace} still present after cleanup"
 
 
 @pytest.fixture(scope="module")
@@ -137,46 +115,19 @@ def stack(net: ViewerNetwork, e2e_db_url: str, tmp_path_factory: pytest.TempPath
         "DATABASE_URL": e2e_db_url, "RETURNFEED_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "RETURNFEED_WEBRTC__ICE_TCP": "true", "RETURNFEED_WEBRTC__ICE_TCP_PORT": "0"})
     srv.start()
-    source: subprocess.Popen | None = None
-    try:
+    with live_stream(srv, ADMIN_PASSWORD, "TCP", STREAM, seconds=300) as token:
         base = f"http://{net.host_addr}:{srv.port}"
-        token = login(srv.url, "admin", ADMIN_PASSWORD)["access_token"]
-        http("POST", f"{srv.url}/api/v1/productions", {"name": "TCP"}, token=token)
-        r = http("POST", f"{srv.url}/api/v1/streams", {"name": STREAM, "production": "TCP"}, token=token)
-        assert r.status == 201, r.body
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        source = ffmpeg_publish(srt, seconds=300)
-        wait_live(srv.url, STREAM, token)
-        link = http("POST", f"{base}/api/v1/streams/{STREAM}/links", {"action": "read", "ttl_s": 3600}, token=token)
-        assert link.status == 201, link.body
-        yield {"server": srv, "base": base, "token": token, "watch_url": link.json()["watch_url"]}
-    finally:
-        if source is not None:
-            stop_process(source)
-        srv.stop()
+        yield {"server": srv, "base": base, "token": token, "watch_url": watch_url(base, STREAM, token)}
 
 
 @pytest.fixture(scope="module")
 def ns_browser(net: ViewerNetwork, stack: dict) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
     if not Path(CHROMIUM).exists():
         pytest.skip("no system Chromium")
-    with tempfile.TemporaryDirectory(prefix="rfn-chromium-") as tmp:
-        exe = net.wrapper(Path(tmp), CHROMIUM)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(exe), args=[
-                *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={stack['base']}"])
-            try:
-                yield browser
-            finally:
-                browser.close()
-
-
-def _metric(text: str, name: str) -> float:
-    line = next((ln for ln in text.splitlines() if ln.startswith(name + " ")), None)
-    return float(line.split()[-1]) if line else 0.0
+    with launched_chromium([*CHROMIUM_ARGS, *FAKE_MEDIA_ARGS,
+                            f"--unsafely-treat-insecure-origin-as-secure={stack['base']}"],
+                           wrap=lambda d: net.wrapper(d, CHROMIUM)) as browser:
+        yield browser
 
 
 def test_whep_plays_over_ice_tcp_when_udp_is_blocked(net: ViewerNetwork, stack: dict, ns_browser: Any) -> None:
@@ -206,15 +157,15 @@ def test_whep_plays_over_ice_tcp_when_udp_is_blocked(net: ViewerNetwork, stack: 
         assert udp_dropped(net) > 0  # Chromium did try UDP first, and it went nowhere
 
         metrics = http("GET", metrics_url(stack["server"].url)).body.decode()
-        assert _metric(metrics, "returnfeed_webrtc_ice_tcp_accepted_total") >= 1
-        assert _metric(metrics, "returnfeed_webrtc_ice_tcp_connections") >= 1
-        assert _metric(metrics, "returnfeed_webrtc_packets_sent_total") > 0
+        assert metric_value(metrics, "returnfeed_webrtc_ice_tcp_accepted_total") >= 1
+        assert metric_value(metrics, "returnfeed_webrtc_ice_tcp_connections") >= 1
+        assert metric_value(metrics, "returnfeed_webrtc_packets_sent_total") > 0
     finally:
         page.close()
 
     def closed() -> bool:
         text = http("GET", metrics_url(stack["server"].url)).body.decode()
-        return _metric(text, "returnfeed_webrtc_ice_tcp_connections") == 0
+        return metric_value(text, "returnfeed_webrtc_ice_tcp_connections") == 0
 
     # Leaving the page ends the session and its TCP connection.
     wait_until(closed, timeout=30, interval=0.5)

@@ -39,7 +39,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,9 +46,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, ffmpeg_publish, stop_process, wait_until
+from helpers import (CHROMIUM, CHROMIUM_ARGS, FAKE_MEDIA_ARGS, ServerProcess, ffmpeg_publish, grant_wake_lock,
+                     launched_chromium, stop_process, track_pcs_script, wait_until)
 from natnet import CLIENT_ADDR, PUBLIC_ADDR, SERVER_ADDR, NatNetwork, Published, netns_unavailable, remove_leftovers
-from test_tls_camera import CHROMIUM, CHROMIUM_ARGS, PHONE, _spki_sha256
+from netns import module_network
+from test_tls_camera import PHONE, _spki_sha256
 
 pytestmark = pytest.mark.browser
 
@@ -78,10 +79,8 @@ ice_tcp_port = {ICE_PORT}
 # every WHIP/WHEP answer it receives (a POST's 201 body, read from a clone in
 # the page itself: Playwright's response events come asynchronously and may
 # miss a body the page has already consumed).
-TRACK_PCS = """(() => { const Native = window.RTCPeerConnection; window.__natPcs = [];
-  window.RTCPeerConnection = class extends Native {
-    constructor(...args) { super(...args); window.__natPcs.push(this); } };
-  const nativeFetch = window.fetch; window.__natAnswers = [];
+TRACK_PCS = track_pcs_script("__natPcs") + """
+(() => { const nativeFetch = window.fetch; window.__natAnswers = [];
   window.fetch = async (input, init) => {
     const res = await nativeFetch(input, init);
     const url = String(input && input.url || input);
@@ -117,18 +116,8 @@ PAIR_STATS = """async () => {
 
 @pytest.fixture(scope="module")
 def net() -> Iterator[NatNetwork]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    leftovers = remove_leftovers()
-    if leftovers:
-        print(f"removed leftovers of an earlier run: {leftovers}")
-    network = NatNetwork.for_this_process(PUBLISHED)
-    try:
-        yield network.create()
-    finally:
-        network.destroy()
-        assert not network.exists(), f"{network.namespaces} still present after cleanup"
+    with module_network(NatNetwork.for_this_process(PUBLISHED), netns_unavailable, remove_leftovers) as network:
+        yield network
 
 
 @pytest.fixture(scope="module")
@@ -211,17 +200,9 @@ def stack(net: NatNetwork, server: dict[str, Any]) -> Iterator[dict[str, Any]]:
 def chromium(net: NatNetwork, server: dict[str, Any]) -> Iterator[Any]:
     """Chromium inside the client namespace (``ip netns exec`` wrapper;
     Playwright's pipe crosses namespaces, a CDP port would not)."""
-    from playwright.sync_api import sync_playwright
-
-    with tempfile.TemporaryDirectory(prefix="rfx-chromium-") as tmp:
-        exe = net.wrapper(Path(tmp), net.client, CHROMIUM)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(exe), args=[
-                *CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={server['spki']}"])
-            try:
-                yield browser
-            finally:
-                browser.close()
+    args = [*CHROMIUM_ARGS, *FAKE_MEDIA_ARGS, f"--ignore-certificate-errors-spki-list={server['spki']}"]
+    with launched_chromium(args, wrap=lambda d: net.wrapper(d, net.client, CHROMIUM)) as browser:
+        yield browser
 
 
 # ---------------------------------------------------------------- helpers
@@ -381,12 +362,7 @@ def test_camera_page_publishes_and_gets_tally_over_wss(chromium: Any, stack: dic
     ctx = chromium.new_context(**PHONE, permissions=["camera", "microphone"])
     try:
         page = ctx.new_page()
-        # As in test_tls_camera: granting camera and microphone denies every
-        # other permission; a phone grants the wake lock to a secure context.
-        cdp = ctx.new_cdp_session(page)
-        context_id = cdp.send("Target.getTargetInfo")["targetInfo"]["browserContextId"]
-        cdp.send("Browser.setPermission", {"permission": {"name": "screen-wake-lock"}, "setting": "granted",
-                                           "origin": BASE, "browserContextId": context_id})
+        grant_wake_lock(ctx, page, BASE)
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.add_init_script(TRACK_PCS)

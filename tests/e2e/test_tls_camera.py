@@ -27,19 +27,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from helpers import ServerProcess, wait_until
+from helpers import CHROMIUM_ARGS, FAKE_MEDIA_ARGS, ServerProcess, grant_wake_lock, launched_chromium, wait_until
 
 pytestmark = pytest.mark.browser
 
 ADMIN_PASSWORD = "admin-password-1"
 PHONE = {"viewport": {"width": 390, "height": 844}, "device_scale_factor": 2, "is_mobile": True, "has_touch": True}
 FALLBACK_NAME = "returnfeed-e2e.lan"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
-]
 
 
 def _lan_host() -> tuple[str, list[str]]:
@@ -101,15 +95,10 @@ def _api(env: dict[str, Any], method: str, path: str, body: Any = None, token: s
 
 @pytest.fixture(scope="module")
 def chromium(https_server: dict[str, Any]) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    args = [*CHROMIUM_ARGS, *https_server["flags"], f"--ignore-certificate-errors-spki-list={https_server['spki']}"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    args = [*CHROMIUM_ARGS, *FAKE_MEDIA_ARGS, *https_server["flags"],
+            f"--ignore-certificate-errors-spki-list={https_server['spki']}"]
+    with launched_chromium(args) as browser:
+        yield browser
 
 
 def test_camera_page_is_a_secure_context_over_https(chromium, https_server) -> None:
@@ -125,13 +114,7 @@ def test_camera_page_is_a_secure_context_over_https(chromium, https_server) -> N
     ctx = chromium.new_context(**PHONE, permissions=["camera", "microphone"])
     try:
         page = ctx.new_page()
-        # Granting camera and microphone denies every other permission
-        # (CDP Browser.grantPermissions); a phone's browser grants the wake
-        # lock to a secure context by itself.
-        cdp = ctx.new_cdp_session(page)
-        context_id = cdp.send("Target.getTargetInfo")["targetInfo"]["browserContextId"]
-        cdp.send("Browser.setPermission", {"permission": {"name": "screen-wake-lock"}, "setting": "granted",
-                                           "origin": env["base"], "browserContextId": context_id})
+        grant_wake_lock(ctx, page, env["base"])
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.add_init_script(RECORD_PC_CONFIGS)

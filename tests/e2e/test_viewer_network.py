@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,15 +37,15 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import ServerProcess, http, login, metrics_url, stop_process, wait_until
-from netns import CLEAN, Shaping, ViewerNetwork, netns_unavailable, remove_leftovers
+from helpers import (CHROMIUM, CHROMIUM_ARGS, ServerProcess, http, launched_chromium, login, metrics_url, stop_process,
+                     track_pcs_script, wait_until, watch_url)
+from netns import CLEAN, Shaping, ViewerNetwork, module_network
 from viewer_timeline import Phase, Probe, Sample, ServerView, Switch, Timeline
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts" / "viewer-network"
-CHROMIUM = "/usr/bin/chromium"
 ADMIN_PASSWORD = "admin-password-1"
 STREAM = "netcam"
 HIGH, LOW = 720, 180
@@ -83,22 +82,13 @@ SCENARIOS = [
     Scenario("queue-then-clean", (Step(BASELINE_S, CLEAN), Step(20, Shaping(queue_kbit=400)), Step(60, CLEAN))),
 ]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
-]
-
 # Keep every RTCPeerConnection the page makes (the watch page's player owns
 # its own; a reconnect makes a new one), so the test can read getStats
 # itself, more often than the page's own once-a-second overlay; and note, from
 # the video element's frame callbacks, when each new picture height was first
 # presented (frame-exact, where sampling getStats is up to 250 ms late).
-TRACK_PAGE = """(() => {
-  const Native = window.RTCPeerConnection;
-  window.__rfnPcs = [];
-  window.RTCPeerConnection = class extends Native {
-    constructor(...args) { super(...args); window.__rfnPcs.push(this); }
-  };
+TRACK_PAGE = track_pcs_script() + """
+(() => {
   window.__rfnShown = [];
   const watch = () => {
     const v = document.querySelector('video');
@@ -134,18 +124,8 @@ VIDEO_STATS = """async (shownFrom) => {
 
 @pytest.fixture(scope="module")
 def viewer_net() -> Iterator[ViewerNetwork]:
-    reason = netns_unavailable()
-    if reason:
-        pytest.skip(reason)
-    leftovers = remove_leftovers()
-    if leftovers:
-        print(f"removed leftovers of an earlier run: {leftovers}")
-    net = ViewerNetwork.for_this_process()
-    try:
-        yield net.create()
-    finally:
-        net.destroy()
-        assert not net.exists(), f"{net.namespace} / {net.host_if} still present after cleanup"
+    with module_network(ViewerNetwork.for_this_process()) as net:
+        yield net
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +153,7 @@ def stack(viewer_net: ViewerNetwork, e2e_db_url: str, tmp_path_factory: pytest.T
         except AssertionError:
             pytest.fail(f"the two-layer SRT source did not go live in 30 s: {source_log.read_text()[-2000:]}")
         # The read link is made through the veth address so its watch_url points there.
-        link = http("POST", f"{base}/api/v1/streams/{STREAM}/links", {"action": "read", "ttl_s": 3600}, token=token)
-        assert link.status == 201, link.body
-        yield {"server": srv, "base": base, "token": token, "watch_url": link.json()["watch_url"]}
+        yield {"server": srv, "base": base, "token": token, "watch_url": watch_url(base, STREAM, token)}
     finally:
         if source is not None:
             stop_process(source)
@@ -206,20 +184,11 @@ def publish_two_layers(srt_port: int, passphrase: str, log: Path) -> subprocess.
 def ns_browser(viewer_net: ViewerNetwork, stack: dict) -> Iterator[Any]:
     """Chromium inside the namespace (launched through ``ip netns exec``;
     Playwright drives it over a pipe)."""
-    from playwright.sync_api import sync_playwright
-
-    with tempfile.TemporaryDirectory(prefix="rfn-chromium-") as tmp:
-        exe = viewer_net.wrapper(Path(tmp), CHROMIUM)
-        # The page is served over plain HTTP from the veth address; treat that
-        # origin as secure, as localhost would be.
-        origin = stack["base"]
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(exe), args=[
-                *CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={origin}"])
-            try:
-                yield browser
-            finally:
-                browser.close()
+    # The page is served over plain HTTP from the veth address; treat that
+    # origin as secure, as localhost would be.
+    with launched_chromium([*CHROMIUM_ARGS, f"--unsafely-treat-insecure-origin-as-secure={stack['base']}"],
+                           wrap=lambda d: viewer_net.wrapper(d, CHROMIUM)) as browser:
+        yield browser
 
 
 # ---------------------------------------------------------------- recording

@@ -6,32 +6,10 @@ import asyncio
 
 import pytest
 
-from helpers import ffmpeg_publish, http, login, stop_process, wait_live
+from helpers import (CHROMIUM_ARGS, FAKE_MEDIA_ARGS, chromium_whep_samples, ffmpeg_publish, http, login, stop_process,
+                     wait_live)
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
-
-PLAY = """async ([url, token]) => {
-  const pc = new RTCPeerConnection();
-  pc.addTransceiver('video', {direction: 'recvonly'});
-  pc.addTransceiver('audio', {direction: 'recvonly'});
-  const v = document.createElement('video'); v.muted = true; v.autoplay = true; document.body.appendChild(v);
-  window._streams = {};
-  pc.ontrack = e => { v.srcObject = e.streams[0] || new MediaStream([e.track]);
-    window._streams[e.track.kind] = e.streams.map(s => s.id); };
-  await pc.setLocalDescription(await pc.createOffer());
-  await new Promise(r => { if (pc.iceGatheringState === 'complete') r();
-    pc.onicegatheringstatechange = () => pc.iceGatheringState === 'complete' && r(); setTimeout(r, 2000); });
-  const res = await fetch(url, {method: 'POST', body: pc.localDescription.sdp,
-    headers: {'Content-Type': 'application/sdp', 'Authorization': 'Bearer ' + token}});
-  if (res.status !== 201) return {status: res.status, body: await res.text()};
-  await pc.setRemoteDescription({type: 'answer', sdp: await res.text()});
-  window._pc = pc;
-  return {status: 201};
-}"""
 
 STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r => {
   if (r.type === 'inbound-rtp') out[r.kind] = {framesDecoded: r.framesDecoded || 0, freezeCount: r.freezeCount || 0,
@@ -40,22 +18,8 @@ STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r
 
 
 async def _play(base: str, stream: str, token: str, seconds: float) -> list[dict]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page()
-            await page.goto(base + "/healthz")
-            r = await page.evaluate(PLAY, [f"{base}/whep/{stream}", token])
-            assert r["status"] == 201, r
-            samples = []
-            for _ in range(int(seconds)):
-                await asyncio.sleep(1)
-                samples.append(await page.evaluate(STATS))
-            return samples
-        finally:
-            await browser.close()
+    _, samples = await chromium_whep_samples(base, stream, token, seconds, STATS, [*CHROMIUM_ARGS, *FAKE_MEDIA_ARGS])
+    return samples
 
 
 @pytest.mark.parametrize("profile, size", [("baseline", "640x360"), ("high", "1280x720")])

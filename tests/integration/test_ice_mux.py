@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ServerProcess, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live
+from helpers import ServerProcess, http, live_stream, metrics_url, wait_live
 
 pytestmark = pytest.mark.integration
 
@@ -65,22 +65,8 @@ def env(module_db_url, tmp_path_factory):  # type: ignore[no-untyped-def]
     # leads nowhere here: the viewers connect on the others).
     srv = _server(tmp_path_factory, module_db_url, "icemux", ice_loopback="true",
                   ice_announce=f'["{ANNOUNCED}"]', ice_announce_mode="add")
-    proc = None
-    try:
-        base = srv.url
-        admin = login(base, "admin", "icemux-admin-pw")["access_token"]
-        assert http("POST", f"{base}/api/v1/productions", {"name": "Mux"}, token=admin).status == 201
-        r = http("POST", f"{base}/api/v1/streams", {"name": "mux1", "production": "Mux"}, token=admin)
-        assert r.status == 201, r.body
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        proc = ffmpeg_publish(srt, seconds=120)
-        wait_live(base, "mux1", admin)
-        yield {"base": base, "admin": admin, "server": srv}
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        srv.stop()
+    with live_stream(srv, "icemux-admin-pw", "Mux", "mux1", seconds=120) as admin:
+        yield {"base": srv.url, "admin": admin, "server": srv}
 
 
 def test_twenty_viewers_on_one_server_port(env) -> None:
@@ -161,26 +147,13 @@ def test_whip_publisher_and_whep_viewer_share_the_port(env) -> None:
 
 def test_replace_mode_answers_only_the_announced_address(module_db_url, tmp_path_factory) -> None:
     srv = _server(tmp_path_factory, module_db_url, "announce", ice_announce=f'["{ANNOUNCED}"]')
-    proc = None
-    try:
-        base = srv.url
-        admin = login(base, "admin", "icemux-admin-pw")["access_token"]
-        assert http("POST", f"{base}/api/v1/productions", {"name": "Nat"}, token=admin).status == 201
-        r = http("POST", f"{base}/api/v1/streams", {"name": "nat1", "production": "Nat"}, token=admin)
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        proc = ffmpeg_publish(srt, seconds=30)
-        wait_live(base, "nat1", admin)
-        r = http("POST", f"{base}/whep/nat1", raw=WHEP_OFFER.encode(), token=admin,
+    with live_stream(srv, "icemux-admin-pw", "Nat", "nat1", seconds=30) as admin:
+        r = http("POST", f"{srv.url}/whep/nat1", raw=WHEP_OFFER.encode(), token=admin,
                  headers={"Content-Type": "application/sdp"})
         assert r.status == 201, r.body
         cands = candidates(r.body.decode(), 0)
         assert len(cands) == 1 and cands[0][0] == ANNOUNCED and cands[0][2:] == ("udp", "host"), cands
         assert cands[0][1] in udp_ports(srv.proc.pid)
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        srv.stop()
 
 
 def test_an_announced_name_that_does_not_resolve_stops_the_server(tmp_path) -> None:
@@ -206,16 +179,8 @@ def test_dual_stack_socket_forwards_to_viewers(module_db_url, tmp_path_factory) 
 
     srv = _server(tmp_path_factory, module_db_url, "dualstack", ice_bind_address="::", ice_loopback="true",
                   ice_host_addresses='["127.0.0.1", "::1"]')
-    proc = None
-    try:
-        base = srv.url
-        admin = login(base, "admin", "icemux-admin-pw")["access_token"]
-        assert http("POST", f"{base}/api/v1/productions", {"name": "Dual"}, token=admin).status == 201
-        r = http("POST", f"{base}/api/v1/streams", {"name": "dual1", "production": "Dual"}, token=admin)
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        proc = ffmpeg_publish(srt, seconds=30)
-        wait_live(base, "dual1", admin)
+    base = srv.url
+    with live_stream(srv, "icemux-admin-pw", "Dual", "dual1", seconds=30) as admin:
 
         async def watch() -> tuple[int, str, dict]:
             async with WhepViewer(f"{base}/whep/dual1", token=admin) as v4:  # 127.0.0.1 only
@@ -225,10 +190,6 @@ def test_dual_stack_socket_forwards_to_viewers(module_db_url, tmp_path_factory) 
                 return (v4.stats.video.packets if v4.stats.video else 0), v4._pc.remoteDescription.sdp, decoded
 
         packets, answer, decoded = asyncio.run(watch())
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        srv.stop()
     cands = candidates(answer, 0)
     assert [c[0] for c in cands] == ["127.0.0.1", "::1"] and len({c[1] for c in cands}) == 1, cands
     assert packets > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aioice import stun
 
-from helpers import ServerProcess, ffmpeg_publish, http, login, metrics_url, stop_process, wait_live, wait_until
+from helpers import ServerProcess, http, live_stream, metrics_url, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -23,22 +23,8 @@ def env(module_db_url, tmp_path_factory):
         "DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
         "RETURNFEED_WEBRTC__ICE_TCP": "true", "RETURNFEED_WEBRTC__ICE_TCP_PORT": "0"})
     srv.start()
-    proc = None
-    try:
-        base = f"http://127.0.0.1:{srv.port}"
-        admin = login(base, "admin", "admin-password-1")["access_token"]
-        assert http("POST", f"{base}/api/v1/productions", {"name": "TCP show"}, token=admin).status == 201
-        r = http("POST", f"{base}/api/v1/streams", {"name": "tcp1", "production": "TCP show"}, token=admin)
-        assert r.status == 201, r.body
-        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
-            ":0?", f":{srv.srt_port}?")
-        proc = ffmpeg_publish(srt, seconds=90)
-        wait_live(base, "tcp1", admin)
-        yield {"base": base, "admin": admin, "server": srv}
-    finally:
-        if proc is not None:
-            stop_process(proc)
-        srv.stop()
+    with live_stream(srv, "admin-password-1", "TCP show", "tcp1", seconds=90) as admin:
+        yield {"base": srv.url, "admin": admin, "server": srv}
 
 
 def _answer(env) -> tuple[str, list[list[str]]]:

@@ -8,21 +8,14 @@ import socket
 
 import pytest
 
+from helpers import udp_socket_pair
 from media.webrtc.aiortc_adapter import GSO_MAX_BYTES, GSO_MAX_SEGMENTS, DatagramSender
 
 
 @pytest.fixture()
 def pair():
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-    rx.settimeout(2)
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
-    tx.setblocking(False)
-    yield tx, rx
-    tx.close()
-    rx.close()
+    with udp_socket_pair() as tx_rx:
+        yield tx_rx
 
 
 def _receive(rx: socket.socket, n: int) -> list[bytes]:
