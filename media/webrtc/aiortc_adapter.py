@@ -400,14 +400,7 @@ class FastPath:
             # An ICE-TCP pair (media/webrtc/icetcp.py): RFC 4571 frames on its
             # TCP connection, one write per batch; no socket of ours to dup.
             fresh = transport.framed_sender(pair.remote_addr)
-            if sender is not None:
-                fresh.backlogged, fresh.errors, fresh.gso_fallbacks = (
-                    sender.backlogged, sender.errors, sender.gso_fallbacks)
-                fresh.errors_by_errno = sender.errors_by_errno
-                fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
-                sender.sock.close()
-            self.sender = fresh
-            self._sock_of = transport
+            self._replace(sender, fresh, transport)
             return fresh
         if self._sock_of is not transport or sender is None:
             shared = getattr(transport, "mux_socket", None)
@@ -421,16 +414,8 @@ class FastPath:
                 if self._sndbuf:
                     # The viewer's send queue: the kernel buffer of its socket.
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
-            fresh = DatagramSender(sock, pair.remote_addr)
-            if sender is not None:
-                # Counters describe the viewer, not one socket.
-                fresh.backlogged, fresh.errors, fresh.gso_fallbacks = (
-                    sender.backlogged, sender.errors, sender.gso_fallbacks)
-                fresh.errors_by_errno = sender.errors_by_errno
-                fresh.failing_since, fresh.last_errno = sender.failing_since, sender.last_errno
-                self._release(sender)
-            self.sender = sender = fresh
-            self._sock_of = transport
+            sender = DatagramSender(sock, pair.remote_addr)
+            self._replace(self.sender, sender, transport)
         elif sender.addr is not pair.remote_addr:
             sender.addr = pair.remote_addr
         if shared_ancillary := getattr(transport, "ancillary_for", None):
@@ -440,6 +425,19 @@ class FastPath:
             sender.addr = transport.wire_addr(remote)
             sender.ancillary = shared_ancillary(remote)
         return sender
+
+    def _replace(self, old: Any, fresh: Any, transport: Any) -> None:
+        """``fresh`` sends for this viewer from now on (a new nominated pair,
+        UDP or ICE-TCP); ``old``'s counters carry over and its socket, if it
+        was ours, closes."""
+        if old is not None:
+            # Counters describe the viewer, not one socket.
+            fresh.backlogged, fresh.errors, fresh.gso_fallbacks = old.backlogged, old.errors, old.gso_fallbacks
+            fresh.errors_by_errno = old.errors_by_errno
+            fresh.failing_since, fresh.last_errno = old.failing_since, old.last_errno
+            self._release(old)
+        self.sender = fresh
+        self._sock_of = transport
 
     def _release(self, sender: DatagramSender) -> None:
         # Only our duplicate is ours to close, never the shared ICE socket.

@@ -165,3 +165,54 @@ def test_a_closed_socket_is_not_transient() -> None:
     sender.gso = False
     with pytest.raises(OSError):
         sender.send(b"x")
+
+
+def test_a_viewer_moving_between_pairs_never_closes_the_shared_ice_socket() -> None:
+    """FastPath follows the nominated pair from the shared ICE socket to an
+    ICE-TCP connection and back: the viewer's counters carry over, and the
+    shared socket — every session's — stays open."""
+    from types import SimpleNamespace
+
+    from media.webrtc.aiortc_adapter import FastPath
+
+    shared = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    shared.bind(("127.0.0.1", 0))
+    try:
+        class MuxTransport:
+            mux_socket = shared
+
+            @staticmethod
+            def ancillary_for(addr):
+                return []
+
+            @staticmethod
+            def wire_addr(addr):
+                return addr
+
+        class Framed:
+            framed = True
+
+            @staticmethod
+            def framed_sender(addr):
+                return SimpleNamespace(addr=addr, backlogged=0, errors=0, gso_fallbacks=0, errors_by_errno={},
+                                       failing_since=None, last_errno=None,
+                                       sock=SimpleNamespace(close=lambda: None))
+
+        conn = SimpleNamespace(_nominated={})
+        fast = FastPath(SimpleNamespace(_tx_srtp=object(), transport=SimpleNamespace(_connection=conn)))
+        conn._nominated[1] = SimpleNamespace(protocol=SimpleNamespace(transport=MuxTransport()),
+                                             remote_addr=("127.0.0.1", 9))
+        udp = fast._current()
+        udp.backlogged = 3
+        conn._nominated[1] = SimpleNamespace(protocol=SimpleNamespace(transport=Framed()),
+                                             remote_addr=("127.0.0.1", 10))
+        tcp = fast._current()
+        assert tcp is not udp and tcp.backlogged == 3
+        assert shared.fileno() != -1  # not closed by the move to TCP
+        conn._nominated[1] = SimpleNamespace(protocol=SimpleNamespace(transport=MuxTransport()),
+                                             remote_addr=("127.0.0.1", 9))
+        assert fast._current().sock is shared and fast.sender.backlogged == 3
+        fast.close()
+        assert shared.fileno() != -1
+    finally:
+        shared.close()
