@@ -194,65 +194,67 @@ def _encode_packets(ev: PacketsEvent, stream: bytes, max_message: int) -> list[b
 def decode(data: bytes | bytearray | memoryview) -> FeedEvent:
     """One feed message → its event; :class:`FeedError` for anything that is
     not exactly a message of this version."""
-    mv = memoryview(data)
-    n = len(mv)
+    n = len(data)
     if n < _PREFIX.size:
         raise FeedError(f"truncated feed message ({n} bytes)")
     if n > MAX_MESSAGE:
         raise FeedError(f"oversized feed message ({n} bytes)")
-    version, kind, flags, layer_len, stream_len = _PREFIX.unpack_from(mv, 0)
+    # One copy of the message, then the payloads are plain bytes slices
+    # (cheaper per packet than slicing a memoryview and copying each).
+    data = bytes(data)
+    version, kind, flags, layer_len, stream_len = _PREFIX.unpack_from(data, 0)
     if version != VERSION:
         raise FeedError(f"feed version {version}, expected {VERSION}")
     if kind == KIND_PACKETS:
-        return _decode_packets(mv, n, flags, layer_len, stream_len)
+        return _decode_packets(data, n, flags, layer_len, stream_len)
     if kind == KIND_DISCONTINUITY:
         if flags & ~_ALL_LAYERS or (flags and layer_len):
             raise FeedError(f"bad discontinuity flags {flags:#x}")
         if n != _PREFIX.size + stream_len + layer_len:
             raise FeedError("discontinuity message length does not match its names")
         off = _PREFIX.size
-        stream = _text(mv, off, stream_len)
-        layer = None if flags else _text(mv, off + stream_len, layer_len)
+        stream = _text(data, off, stream_len)
+        layer = None if flags else _text(data, off + stream_len, layer_len)
         return DiscontinuityEvent(stream, layer)
     if kind == KIND_ENDED:
         if flags or layer_len or n != _PREFIX.size + stream_len:
             raise FeedError("malformed ended message")
-        return EndedEvent(_text(mv, _PREFIX.size, stream_len))
+        return EndedEvent(_text(data, _PREFIX.size, stream_len))
     raise FeedError(f"unknown feed message kind {kind}")
 
 
-def _text(mv: memoryview, off: int, length: int) -> str:
+def _text(data: bytes, off: int, length: int) -> str:
     try:
-        return str(mv[off:off + length], "utf-8")
+        return data[off:off + length].decode()
     except UnicodeDecodeError as exc:
         raise FeedError(f"feed name is not UTF-8: {exc}") from None
 
 
-def _decode_packets(mv: memoryview, n: int, flags: int, layer_len: int, stream_len: int) -> PacketsEvent:
+def _decode_packets(data: bytes, n: int, flags: int, layer_len: int, stream_len: int) -> PacketsEvent:
     if flags & ~(_CACHED | _ANCHOR | _FIRST_BYTE):
         raise FeedError(f"bad packets flags {flags:#x}")
     head = _PACKETS_HEAD.size
     if n < head:
         raise FeedError(f"truncated packets message ({n} bytes)")
-    count, arrival, first_byte, anchor_at, anchor_ts = _PACKETS_HEAD.unpack_from(mv, 0)[5:]
+    count, arrival, first_byte, anchor_at, anchor_ts = _PACKETS_HEAD.unpack_from(data, 0)[5:]
     off = head + stream_len + layer_len
     table_end = off + count * _PACKET_SIZE
     if count == 0 or table_end > n:
         raise FeedError(f"packets message of {n} bytes cannot hold {count} packets")
     if not (math.isfinite(arrival) and math.isfinite(first_byte) and math.isfinite(anchor_at)):
         raise FeedError("non-finite time in a packets message")
-    stream = _text(mv, head, stream_len)
-    layer = _text(mv, head + stream_len, layer_len)
+    stream = _text(data, head, stream_len)
+    layer = _text(data, head + stream_len, layer_len)
     packets = []
     append = packets.append
     pos = table_end
-    for seq, ts, pflags, length in _PACKET.iter_unpack(mv[off:table_end]):
+    for seq, ts, pflags, length in _PACKET.iter_unpack(memoryview(data)[off:table_end]):
         if pflags & ~7:
             raise FeedError(f"bad packet flags {pflags:#x}")
         end = pos + length
         if end > n:
             raise FeedError("packets message truncated inside a payload")
-        append(LayerPacket(seq, ts, pflags & _MARKER != 0, bytes(mv[pos:end]), pflags & _KEYFRAME_START != 0,
+        append(LayerPacket(seq, ts, pflags & _MARKER != 0, data[pos:end], pflags & _KEYFRAME_START != 0,
                            pflags & _DISCONTINUITY != 0))
         pos = end
     if pos != n:
