@@ -313,7 +313,6 @@ def run(transport: str, events: list[tuple[float, PacketsEvent]], speed: float, 
         child_fd = fd
     else:
         main_end, worker_end = feed.socketpair()
-        main_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         sender = EventSender(main_end) if transport == "event" else PacketSender(main_end)
         child_fd = worker_end.fileno()
     cmd = [sys.executable, __file__, "--child", transport, "--fd", str(child_fd), "--ring", str(ring)]

@@ -308,6 +308,9 @@ class StreamPacketizer:
         self.max_payload = max_payload
         self.gop_cache_bytes = gop_cache_bytes
         self._reader_size = reader_size
+        # Not read here: every time the packetizer hands on is a frame's own
+        # (Frame.arrival, the anchors). Accepted so that both halves and
+        # StreamFanout are constructed alike.
         self._clock = clock
         #: When the frame's first byte came in (SRT ingest), for the
         #: forwarding_latency_from_first_byte histogram; None: unknown.

@@ -74,7 +74,7 @@ from .fanout import DiscontinuityEvent, EndedEvent, FeedEvent, PacketsEvent
 
 log = logging.getLogger("returnfeed.webrtc")
 
-__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_MESSAGE", "VERSION",
+__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_MESSAGE", "SEND_BUFFER", "VERSION",
            "decode", "encode", "socketpair"]
 
 VERSION = 1
@@ -98,6 +98,11 @@ MAX_MESSAGE = 1 << 18
 #: and one ~40-packet keyframe of a 1 Mbit/s stream in one message.
 DEFAULT_MAX_MESSAGE = 60000
 
+#: What may wait in the socket for one worker: the default (208 kB) is a few
+#: keyframes; this is over half a second of 20 streams at 1.15 Mbit/s, so a worker
+#: busy with a long fan-out loses nothing, one stalled longer resyncs.
+SEND_BUFFER = 1 << 20
+
 _PREFIX = struct.Struct("!BBBBH")
 _PACKETS_HEAD = struct.Struct("!BBBBHHdddI")
 _PACKET = struct.Struct("!HIBH")
@@ -115,9 +120,14 @@ def _table(count: int) -> struct.Struct:
     return struct.Struct("!" + "HIBH" * count)
 
 
-def socketpair() -> tuple[socket.socket, socket.socket]:
-    """A connected Unix SOCK_SEQPACKET pair: (the main end, the worker end)."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def socketpair(send_buffer: int = SEND_BUFFER) -> tuple[socket.socket, socket.socket]:
+    """A connected Unix SOCK_SEQPACKET pair: (the main end, the worker end),
+    the main end's send buffer (which bounds what waits for the worker)
+    raised to ``send_buffer``."""
+    main_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # The kernel caps it at net.core.wmem_max (and doubles it for overhead).
+    main_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    return main_end, worker_end
 
 
 # -- codec (sans-I/O) -------------------------------------------------------------------
