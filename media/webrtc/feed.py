@@ -319,7 +319,12 @@ class FeedSender:
         if self._owed and not self._flush():
             self._drop(ev)
             return False
-        messages = encode(ev, self.max_message)
+        try:
+            messages = encode(ev, self.max_message)
+        except ValueError as exc:  # a bug upstream: this worker loses the event, the others do not
+            event(log, logging.ERROR, "webrtc.feed_unencodable", stream=ev.stream, error=str(exc))
+            self._drop(ev)
+            return False
         for data in messages:
             if not self._send(data):
                 self._drop(ev)
@@ -432,6 +437,8 @@ class FeedReceiver:
         self.bytes = 0
         #: Messages that did not decode (logged, dropped).
         self.errors = 0
+        #: Events whose handler raised (logged; the feed goes on).
+        self.handler_errors = 0
         self.closed = False
 
     def start(self) -> None:
@@ -467,7 +474,11 @@ class FeedReceiver:
                 self.errors += 1
                 event(log, logging.WARNING, "webrtc.feed_garbage", error=str(exc), size=n)
                 continue
-            self._on_event(ev)
+            try:
+                self._on_event(ev)
+            except Exception:  # one stream's bug must not stop the feed of the others
+                self.handler_errors += 1
+                log.exception("feed event handler failed")
         return count
 
     def _eof(self) -> None:

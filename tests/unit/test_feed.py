@@ -265,3 +265,28 @@ def test_a_gone_worker_stops_the_sender() -> None:
     assert sender.closed and isinstance(sender.error, OSError) and len(errors) == 1
     assert not sender.send(frame_event())
     main_end.close()
+
+
+def test_a_failing_handler_or_an_unencodable_event_costs_only_that_event(caplog) -> None:
+    main_end, worker_end = sender_and_receiver()
+    got: list = []
+
+    def handler(ev) -> None:
+        if ev == EndedEvent("bad"):
+            raise RuntimeError("a bug in one stream's fan-out")
+        got.append(ev)
+
+    receiver = FeedReceiver(worker_end, handler)
+    sender = FeedSender(main_end)
+    assert sender.send(EndedEvent("bad")) and sender.send(EndedEvent("good"))
+    assert receiver.read_available() == 2
+    assert got == [EndedEvent("good")] and receiver.handler_errors == 1
+    # A packet the format cannot carry (a bug upstream): dropped, owed as a
+    # discontinuity, the next event still goes.
+    assert not sender.send(PacketsEvent("s", "high", (LayerPacket(70000, 0, True, b"x"),), None, 0.0, None))
+    assert sender.dropped == 1 and sender.pending == 1
+    assert sender.send(EndedEvent("good"))
+    receiver.read_available()
+    assert got[-2:] == [DiscontinuityEvent("s", "high"), EndedEvent("good")]
+    main_end.close()
+    worker_end.close()
