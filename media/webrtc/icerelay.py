@@ -52,6 +52,20 @@ TCP        main→worker  an ICE-TCP connection (SCM_RIGHTS fd) for ``ufrag``;
                         payload: the RFC 4571 bytes main already read
 ========== ============ ===================================================
 
+Wiring (the egress host, server/egress_host.py)::
+
+    # main
+    hub = IceRelayHub(mux, ice_tcp)                  # once
+    main_end, worker_end = relay_socketpair()        # per worker
+    hub.add_worker(i, main_end)
+    spawn(worker, hub.worker_handoff(), worker_end, hub.udp_socket)   # spawn args or send_fds
+    ufrag, pwd = answer_credentials(answer_sdp)      # before answering the HTTP request
+    hub.register(ufrag, pwd, i)
+    hub.remove_worker(i)                             # the worker exited (EOF does it too)
+    # worker
+    mux = RelayedIceMux(handoff, relay_sock, udp_sock); await mux.start()
+    mux.attach(pc)    # as IceMux.attach; also offers main's ICE-TCP port (mux.ice_tcp)
+
 Every queue is bounded: the relay socket's send buffer (a full one drops
 the datagram and counts it, as a full UDP buffer would; STUN and DTLS
 retransmit, SRTCP is periodic). A worker that dies (EOF on its relay socket,
@@ -87,7 +101,8 @@ log = logging.getLogger("returnfeed.webrtc.icerelay")
 
 __all__ = [
     "DATA", "SEND", "REGISTER", "UNREGISTER", "TCP", "VERIFIED", "IceRelayHub", "RelayError", "RelayHandoff",
-    "RelayMessage", "RelayStats", "RelayedIceMux", "TcpHandoff", "decode", "encode", "relay_socketpair",
+    "RelayMessage", "RelayStats", "RelayedIceMux", "TcpHandoff", "WorkerRelayStats", "answer_credentials",
+    "decode", "encode", "relay_socketpair",
 ]
 
 DATA, SEND, REGISTER, UNREGISTER, TCP = 1, 2, 3, 4, 5
@@ -149,6 +164,20 @@ def decode(data: bytes) -> RelayMessage:
     except UnicodeDecodeError:
         raise RelayError("relay message names do not decode") from None
     return RelayMessage(kind, ufrag, (rip, port) if lr else None, lip or None, bytes(data[end:]), flags)
+
+
+def answer_credentials(sdp: str) -> tuple[str, str]:
+    """The ice-ufrag and ice-pwd of an SDP (session level or the first media
+    section: aiortc bundles, so every section repeats the same pair)."""
+    ufrag = pwd = None
+    for line in sdp.splitlines():
+        if ufrag is None and line.startswith("a=ice-ufrag:"):
+            ufrag = line.split(":", 1)[1].strip()
+        elif pwd is None and line.startswith("a=ice-pwd:"):
+            pwd = line.split(":", 1)[1].strip()
+    if not ufrag or not pwd:
+        raise ValueError("the SDP has no ice-ufrag/ice-pwd")
+    return ufrag, pwd
 
 
 def relay_socketpair(buffer_bytes: int = RELAY_BUFFER_BYTES) -> tuple[socket.socket, socket.socket]:
@@ -261,6 +290,7 @@ class IceRelayHub:
         self.mux = mux
         self.ice_tcp = ice_tcp
         self.workers: dict[int, _Worker] = {}
+        self._retired = RelayStats()  # counters of removed workers
         if ice_tcp is not None:
             ice_tcp.handoff = self._tcp_handoff
 
@@ -303,6 +333,8 @@ class IceRelayHub:
             if entry is not None and entry.target is worker:
                 table.unregister(entry)
         worker.ufrags.clear()
+        for name in RelayStats.__dataclass_fields__:
+            setattr(self._retired, name, getattr(self._retired, name) + getattr(worker.stats, name))
         try:
             asyncio.get_running_loop().remove_reader(worker.sock.fileno())
         except (RuntimeError, ValueError):
@@ -318,6 +350,15 @@ class IceRelayHub:
 
     def stats(self, worker_id: int) -> RelayStats:
         return self.workers[worker_id].stats
+
+    def totals(self) -> RelayStats:
+        """Every worker's counters summed, those of removed workers included
+        (monotonic, for Prometheus counters)."""
+        out = RelayStats()
+        for st in [self._retired, *(w.stats for w in self.workers.values())]:
+            for name in RelayStats.__dataclass_fields__:
+                setattr(out, name, getattr(out, name) + getattr(st, name))
+        return out
 
     # -- routes ----------------------------------------------------------------------
 

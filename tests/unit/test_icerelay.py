@@ -69,9 +69,12 @@ def _messages(sock: socket.socket) -> list[icerelay.RelayMessage]:
     sock.setblocking(False)
     while True:
         try:
-            out.append(decode(sock.recv(icerelay.MAX_MESSAGE)))
+            data = sock.recv(icerelay.MAX_MESSAGE)
         except BlockingIOError:
             return out
+        if not data:  # the other end closed
+            return out
+        out.append(decode(data))
 
 
 async def _until(cond, timeout: float = 3.0) -> None:
@@ -296,5 +299,116 @@ def test_an_aioice_session_in_a_worker_connects_through_main_and_sends_on_the_sh
             hub.close()
             await mux.close()
         assert mux.sock is None and worker_end.fileno() == -1
+
+    asyncio.run(main())
+
+
+def test_answer_credentials_and_totals_survive_a_removed_worker() -> None:
+    creds = "a=ice-ufrag:AbCd1234\r\na=ice-pwd:" + "p" * 22 + "\r\n"
+    sdp = ("v=0\r\na=group:BUNDLE 0 1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n" + creds
+           + "m=audio 9 UDP/TLS/RTP/SAVPF 111\r\n" + creds)
+    assert icerelay.answer_credentials(sdp) == ("AbCd1234", "p" * 22)
+    with pytest.raises(ValueError):
+        icerelay.answer_credentials("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n")
+
+    async def main() -> None:
+        mux = await _started(loopback=True)
+        hub = IceRelayHub(mux)
+        main_end, worker_end = relay_socketpair()
+        try:
+            hub.add_worker(1, main_end)
+            with pytest.raises(KeyError):
+                hub.add_worker(1, main_end)
+            hub.register("evtj", RFC5769_PWD, 1)
+            mux.received(RFC5769_REQUEST, PEER)
+            mux.received(SRTCP, PEER)
+            hub.remove_worker(1)
+            assert hub.totals().relayed_packets == 2 and hub.totals().registered == 1
+            with pytest.raises(KeyError):
+                hub.register("abcdefgh", "x" * 22, 1)  # no such worker any more
+        finally:
+            hub.close()
+            worker_end.close()
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_worker_side_routes_relayed_datagrams_and_learns_only_verified_addresses() -> None:
+    """RelayedIceMux.relayed without sockets in between: an unknown ufrag is
+    counted; a VERIFIED datagram teaches the local address replies (and
+    FastPath) must leave from; an unverified one teaches nothing."""
+    from media.webrtc.icemux import pktinfo
+
+    async def main() -> None:
+        mux = await _started(bind_address="0.0.0.0", host_addresses=["127.0.0.1"])
+        hub = IceRelayHub(mux)
+        main_end, worker_end = relay_socketpair()  # main's end read here, not by the hub
+        worker = RelayedIceMux(hub.worker_handoff(), worker_end, socket.socket(fileno=os.dup(mux.sock.fileno())))
+        await worker.start()
+        conn = Connection(ice_controlling=False)
+        try:
+            worker._hook(conn)
+            await conn.gather_candidates()
+            ufrag = conn.local_username
+            (m,) = _messages(main_end)
+            assert (m.kind, m.ufrag, m.payload) == (REGISTER, ufrag, conn.local_password.encode())
+            got: list = []
+            worker.sessions[ufrag].protocol.datagram_received = lambda data, addr: got.append((data, addr))
+            worker.relayed(decode(encode(DATA, "zzzzzzzz", PEER, "192.0.2.10", DTLS, VERIFIED)))
+            assert worker.counters.dropped_unknown_ufrag == 1 and got == []
+            worker.relayed(decode(encode(DATA, ufrag, SPOOF, "192.0.2.10", DTLS)))
+            assert worker.table.local_for(SPOOF) is None and got == [(DTLS, SPOOF)]
+            worker.relayed(decode(encode(DATA, ufrag, PEER, "192.0.2.10", DTLS, VERIFIED)))
+            assert worker.table.local_for(PEER) == "192.0.2.10"
+            transport = worker.sessions[ufrag].protocol.transport
+            assert transport.ancillary_for(PEER) == [pktinfo("192.0.2.10")]
+            # The worker's own check: via main, its response back to the sending protocol.
+            check = _request("peer", ufrag, "q" * 22)
+            transport.sendto(check, PEER)
+            (m,) = _messages(main_end)
+            assert (m.kind, m.ufrag, m.remote, m.payload) == (SEND, ufrag, PEER, check)
+            worker.relayed(decode(encode(DATA, ufrag, PEER, "192.0.2.10", _response(check), VERIFIED)))
+            assert worker.table.by_txid == {} and got[-1][0][8:20] == check[8:20]
+            # Anything else leaves directly (here: to a documentation address, dropped by the kernel or sent).
+            transport.sendto(DTLS, PEER)
+            assert worker.relay_stats.sent_direct == 1 and _messages(main_end) == []
+        finally:
+            await conn.close()
+            await worker.close()
+            (m,) = _messages(main_end)
+            assert (m.kind, m.ufrag) == (UNREGISTER, ufrag)
+            main_end.close()
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_an_adopted_tcp_connection_keeps_the_listener_limits() -> None:
+    from media.webrtc.icetcp import IceTcpListener, frame
+
+    async def main() -> None:
+        listener = IceTcpListener(None, 9, max_connections=1, max_anonymous=1)
+        listener.start_adopting({socket.AF_INET})
+        pairs = [socket.socketpair() for _ in range(2)]
+        try:
+            listener.adopt(pairs[0][0])
+            await _until(lambda: listener.open_connections == 1)
+            listener.adopt(pairs[1][0], frame(b"\x00\x01"))
+            await _until(lambda: listener.stats.refused.get("limit") == 1)
+            pairs[1][1].settimeout(2)
+            assert pairs[1][1].recv(10) == b""  # closed by the worker's listener
+            # The bytes main read come first: not STUN, refused.
+            listener.sweep(1e12)  # the first one's first-request deadline
+            assert listener.stats.timed_out == 1 and listener.open_connections == 0
+            pairs.append(socket.socketpair())
+            listener.adopt(pairs[2][0], frame(b"\x00\x01"))
+            await _until(lambda: listener.stats.refused.get("not_stun") == 1)
+            assert listener.stats.adopted == 3 and listener.open_connections == 0
+        finally:
+            await listener.close()
+            for a, b in pairs:
+                a.close()
+                b.close()
 
     asyncio.run(main())
