@@ -117,15 +117,31 @@ MAX_MESSAGE = 65536 + 1024
 #: The relay socket's kernel buffers: ~3,600 relayed 1,200-byte datagrams
 #: (measured on a socketpair), a busy worker's backlog of RTCP and checks.
 RELAY_BUFFER_BYTES = 4 * 1024 * 1024
+#: DATA headers cached per worker (cleared when full).
+_MAX_HEADERS = 4096
 #: Messages read per readiness callback before other callbacks get a turn.
 _READ_BATCH = 64
+
+
+_FD_SPACE = socket.CMSG_SPACE(struct.calcsize("i"))
+_NO_FDS: list[int] = []
+
+
+def _fds(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message carried."""
+    out: list[int] = []
+    for level, kind, value in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(value) - len(value) % 4
+            out += struct.unpack(f"{usable // 4}i", value[:usable])
+    return out
 
 
 class RelayError(ValueError):
     """A relay message that does not parse (never from a healthy peer)."""
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class RelayMessage:
     kind: int
     ufrag: str
@@ -259,19 +275,31 @@ class _Worker(RemoteTarget):
         self.sock = sock
         self.ufrags: set[str] = set()
         self.stats = RelayStats()
+        #: (ufrag, remote, local) -> the DATA header of a verified address:
+        #: the steady state (a viewer's RTCP) encodes nothing per datagram.
+        self.headers: dict[tuple[str, tuple[str, int], str | None], bytes] = {}
 
     def deliver(self, entry: MuxEntry, data: bytes, addr: tuple[str, int]) -> None:
         # Only a verified request puts an address in ``entry.addresses``
         # (with the local address it was sent to, when the kernel said).
-        if addr in entry.addresses:
-            message = encode(DATA, entry.ufrag, addr, entry.addresses[addr], data, VERIFIED)
+        addresses = entry.addresses
+        if addr in addresses:
+            key = (entry.ufrag, addr, addresses[addr])
+            header = self.headers.get(key)
+            if header is None:
+                if len(self.headers) >= _MAX_HEADERS:
+                    self.headers.clear()
+                header = self.headers[key] = encode(DATA, entry.ufrag, addr, addresses[addr], b"", VERIFIED)
         else:
-            message = encode(DATA, entry.ufrag, addr, None, data)
-        self.send(message, len(data))
+            header = encode(DATA, entry.ufrag, addr, None, b"")
+        self.send((header, data), len(data))
 
-    def send(self, message: bytes, size: int) -> bool:
+    def send(self, message: Any, size: int) -> bool:
         try:
-            self.sock.send(message)
+            if type(message) is tuple:
+                self.sock.sendmsg(message)  # header and datagram: one SEQPACKET message
+            else:
+                self.sock.send(message)
         except OSError:
             # Full (a busy worker: bounded, like a UDP buffer) or gone (EOF
             # is on its way to the reader, which drops the routes).
@@ -593,11 +621,12 @@ class RelayedIceMux(IceMux):
         sock = self.relay_sock
         for _ in range(_READ_BATCH):
             try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 1)
+                data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, _FD_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                data, fds = b"", []
+                data, anc = b"", []
+            fds = _fds(anc) if anc else _NO_FDS
             if not data:
                 for fd in fds:
                     os.close(fd)

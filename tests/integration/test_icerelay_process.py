@@ -71,8 +71,14 @@ async def _worker_main(handoff: Any, relay_sock: socket.socket, udp_sock: socket
                 packet = RtpPacket(payload_type=parameters.codecs[0].payloadType, sequence_number=1, timestamp=90000,
                                    ssrc=sender.ssrc, marker=1, payload=PAYLOAD).serialize()
                 sent = fast.send_rtp(packet)
+                # A frame's run of equal-sized packets: one GSO sendmsg on the dup.
+                run = [RtpPacket(payload_type=parameters.codecs[0].payloadType, sequence_number=2 + i,
+                                 timestamp=93000, ssrc=sender.ssrc, payload=PAYLOAD).serialize() for i in range(4)]
+                batch = fast.send_batch(run)
                 sock = fast.sender.sock
-                conn.send({"sent": sent, "port": sock.getsockname()[1], "is_mux_socket": sock is mux.sock,
+                conn.send({"sent": sent, "batch": batch, "gso": fast.sender.gso,
+                           "gso_fallbacks": fast.sender.gso_fallbacks, "errors": fast.sender.errors,
+                           "port": sock.getsockname()[1], "is_mux_socket": sock is mux.sock,
                            "requests_via_main": mux.relay_stats.requests_via_main})
             elif command == "stats":
                 conn.send({"tcp_adopted": mux.relay_stats.tcp_adopted, 
@@ -227,8 +233,10 @@ def test_worker_session_connects_through_main_port_and_its_fastpath_rtp_arrives_
                 assert client.nominated() == ("127.0.0.1", main.mux.port)
                 result = await main.ask(1, "send")
                 assert result["sent"] > 0 and result["is_mux_socket"] and result["port"] == main.mux.port
+                assert result["batch"] == 4 * result["sent"] and result["errors"] == 0
+                assert result["gso"] and result["gso_fallbacks"] == 0
                 assert result["requests_via_main"] > 0 and main.hub.stats(1).requests_sent > 0
-                await _until(lambda: any(PAYLOAD in p for p in client.rtp))
+                await _until(lambda: sum(PAYLOAD in p for p in client.rtp) == 5)
                 # Every datagram the client got (STUN, DTLS, SRTP) came from main's one port.
                 assert set(client.sources) == {("127.0.0.1", main.mux.port)}, set(client.sources)
                 assert main.hub.stats(1).relayed_packets > 0 and main.mux.counters.handler_errors == 0
