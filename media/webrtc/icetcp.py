@@ -332,12 +332,15 @@ class IceTcpListener:
         loop = asyncio.get_running_loop()
         task = loop.create_task(loop.connect_accepted_socket(lambda: _Link(self, initial), sock))
         self._adopting.add(task)
-        task.add_done_callback(self._adopted)
+        task.add_done_callback(lambda t: self._adopted(t, sock))
 
-    def _adopted(self, task: "asyncio.Task") -> None:
+    def _adopted(self, task: "asyncio.Task", sock: socket.socket) -> None:
         self._adopting.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            event(log, logging.INFO, "webrtc.ice_tcp_adopt_failed", detail=str(task.exception()))
+        if task.cancelled() or task.exception() is not None:
+            # No transport owns the socket (the listener closed first).
+            sock.close()
+            if not task.cancelled():
+                event(log, logging.INFO, "webrtc.ice_tcp_adopt_failed", detail=str(task.exception()))
 
     async def close(self) -> None:
         for task in list(self._adopting):
