@@ -81,7 +81,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from ..log import event
 from . import icetcp
@@ -534,6 +534,9 @@ class RelayedIceMux(IceMux):
         self._family = udp_sock.family
         self.sndbuf = handoff.sndbuf
         self.relay_stats = WorkerRelayStats()
+        #: Called once when main's end of the relay closes (main exited):
+        #: nothing reaches this worker's sessions any more.
+        self.on_main_lost: Callable[[], None] | None = None
         self.ice_tcp: icetcp.IceTcpListener | None = None
         if handoff.tcp is not None:
             t = handoff.tcp
@@ -655,6 +658,8 @@ class RelayedIceMux(IceMux):
         if not self.relay_stats.main_lost:
             self.relay_stats.main_lost = True
             event(log, logging.WARNING, "webrtc.ice_relay_main_lost")
+            if self.on_main_lost is not None:
+                self.on_main_lost()
 
     def relayed(self, msg: RelayMessage) -> None:
         """One datagram main routed to this worker (sans socket)."""

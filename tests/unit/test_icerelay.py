@@ -373,11 +373,18 @@ def test_worker_side_routes_relayed_datagrams_and_learns_only_verified_addresses
             # Anything else leaves directly (here: to a documentation address, dropped by the kernel or sent).
             transport.sendto(DTLS, PEER)
             assert worker.relay_stats.sent_direct == 1 and _messages(main_end) == []
+            await conn.close()
+            (m,) = _messages(main_end)
+            assert (m.kind, m.ufrag) == (UNREGISTER, ufrag)
+            # Main exits: the worker hears it once.
+            lost: list = []
+            worker.on_main_lost = lambda: lost.append(True)
+            main_end.close()
+            await _until(lambda: worker.relay_stats.main_lost)
+            assert lost == [True]
         finally:
             await conn.close()
             await worker.close()
-            (m,) = _messages(main_end)
-            assert (m.kind, m.ufrag) == (UNREGISTER, ufrag)
             main_end.close()
             await mux.close()
 
