@@ -445,7 +445,7 @@ class IceRelayHub:
                 return
             try:
                 self._message(worker, decode(data))
-            except (RelayError, KeyError) as exc:
+            except (ValueError, KeyError) as exc:  # RelayError, a password that is not UTF-8, a clash
                 worker.stats.bad_messages += 1
                 event(log, logging.WARNING, "webrtc.ice_relay_bad_message", worker=worker.worker_id,
                       detail=str(exc))
@@ -456,6 +456,10 @@ class IceRelayHub:
             entry = table.by_ufrag.get(msg.ufrag)
             if entry is None or entry.target is not worker or msg.remote is None:
                 return  # unregistered meanwhile: its checks are moot
+            if stun_class(msg.payload) != 0:
+                # Main sends only what it must know the transaction of; the
+                # rest the worker sends itself.
+                raise RelayError("SEND carries no STUN request")
             # Registered before the request leaves: the response cannot race it.
             table.note_request(entry, msg.payload)
             self.mux.send_datagram(msg.payload, msg.remote)

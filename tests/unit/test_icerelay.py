@@ -161,9 +161,13 @@ def test_routes_to_the_worker_by_ufrag_address_and_transaction_and_drop_the_rest
             worker_end.send(encode(UNREGISTER, "evtj"))
             await _until(lambda: "evtj" not in mux.table.by_ufrag)
             assert PEER not in mux.table.by_addr and hub.worker_of("evtj") is None
-            # Garbage from a worker is counted, never fatal.
+            # Garbage from a worker is counted, never fatal; main sends nothing but STUN requests.
             worker_end.send(b"\x07garbage")
-            await _until(lambda: hub.stats(1).bad_messages == 1)
+            worker_end.send(encode(REGISTER, "pwbad", payload=b"\xff\xfe"))
+            hub.register("evtj", RFC5769_PWD, 1)
+            worker_end.send(encode(SEND, "evtj", target, None, DTLS))
+            await _until(lambda: hub.stats(1).bad_messages == 3)
+            assert hub.stats(1).requests_sent == 1 and hub.worker_of("pwbad") is None
             assert 1 in hub.workers
         finally:
             hub.close()
