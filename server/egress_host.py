@@ -114,7 +114,11 @@ class ProcessWorker:
 
     def __init__(self, index: int, config: WorkerConfig) -> None:
         self.index = index
-        self.config = config
+        mux = config.ice_mux
+        if mux is not None:
+            # Its own ICE port next to the server's (0 stays 0: any free port).
+            mux = dataclasses.replace(mux, port=mux.port + 1 + index if mux.port else 0)
+        self.config = dataclasses.replace(config, index=index, ice_mux=mux)
         self.pid: int | None = None
         self.proc: Any = None
         self.on_message: Callable[[tuple], None] = lambda msg: None
@@ -313,7 +317,10 @@ class EgressSession:
         return SessionInfo(self.id, self.stream_name, st.layer, st.pinned, st.state, self.created, dict(st.counters))
 
     async def add_remote_candidates(self, frag: str) -> None:
-        await self._call("trickle", self.id, frag)
+        try:
+            await self._call("trickle", self.id, frag)
+        except KeyError:
+            pass  # it closed meanwhile: candidates for nobody, as in one process
 
     async def pin(self, layer: str | None) -> None:
         """Pin to a layer name, or ``None`` for automatic selection (a call

@@ -57,9 +57,11 @@ from media.webrtc.icemux import IceMux
 from media.webrtc.whep import WhepService
 from media.webrtc.icetcp import IceTcpListener
 from media.webrtc.whip import WhipService
+from media.webrtc.egress_worker import WorkerConfig
 
 from .auth import TokenError, TokenService
 from .config import Settings
+from .egress_host import EgressHost
 from .grants import Grant
 from .log import event
 from .media_metrics import collect
@@ -181,6 +183,21 @@ class MediaService:
                                 rtx_share=settings.webrtc.rtx_share,
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent)
+        #: With ``webrtc.egress_workers`` (issue 15) the WHEP viewers live in
+        #: worker processes and ``self.whep`` is their host: the same surface
+        #: for the routes and metrics (server/egress_host.py).
+        self.egress: EgressHost | None = None
+        if settings.webrtc.egress_worker_count() > 0:
+            self.egress = self._egress_host(settings)
+            self.whep = self.egress  # type: ignore[assignment]
+            self.forwarding_latency = self.egress.histogram(  # type: ignore[assignment]
+                "returnfeed_forwarding_latency_seconds",
+                "Frame complete at ingest (last byte in) to its last RTP packet sent to every viewer",
+                "forwarding")
+            self.first_byte_latency = self.egress.histogram(  # type: ignore[assignment]
+                "returnfeed_forwarding_latency_from_first_byte_seconds",
+                "SRT ingest: a video frame's first byte in to its last RTP packet sent to every viewer",
+                "first_byte")
         w = settings.webrtc
         self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(),
                                 takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
@@ -204,6 +221,24 @@ class MediaService:
         self._tasks: set[asyncio.Task] = set()
         self._timer: asyncio.Task | None = None
         self._catalog_lock = threading.Lock()
+
+    def _egress_host(self, settings: Settings) -> EgressHost:
+        """The egress workers' host: each worker gets what WhepService gets
+        here, and its own ICE port until the shared port is relayed."""
+        w = settings.webrtc
+        config = WorkerConfig(index=0, ice_servers=w.agent_ice_servers(), max_viewers=w.max_viewers,
+                              backlog_limit=w.backlog_bytes, send_failure_timeout=w.send_failure_timeout_s,
+                              connect_timeout=w.connect_timeout_s, layer_policy=w.layer_policy(),
+                              rtx_share=w.rtx_share, rtx_playout_allowance=w.rtx_playout_allowance_s,
+                              ice_mux=w.ice_mux_config(), log_level=logging.getLogger().getEffectiveLevel())
+        host = EgressHost(w.egress_worker_count(), config, max_viewers=w.max_viewers)
+        host.first_byte = self.first_byte_of
+        return host
+
+    def first_byte_of(self, frame: Any) -> float | None:
+        """When the first byte of ``frame`` came in (SRT ingest), once."""
+        entry = self._first_bytes.pop(id(frame.data), None)
+        return entry[1] if entry is not None and entry[0] is frame.data else None
 
     # -- lifecycle -------------------------------------------------------------
 

@@ -527,11 +527,34 @@ class EgressWorker:
         self._arm_stats()
 
 
+class _FieldsFormatter(logging.Formatter):
+    """One line per event with its structured fields (``media.log.event``),
+    tagged with the worker, on the server's stderr."""
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
+        parts = [f"{ts}.{int(record.msecs):03d}", f"{record.levelname:<7}", self.tag, record.name,
+                 record.getMessage()]
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            parts.extend(f"{k}={v!r}" if isinstance(v, str) and (" " in v or not v.isprintable()) else f"{k}={v}"
+                         for k, v in fields.items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
 def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socket,
                 parent_pid: int | None = None) -> None:
     """The process entry point (multiprocessing, spawn context)."""
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s egress-worker-{config.index} %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_FieldsFormatter(f"egress-worker-{config.index}"))
+    logging.basicConfig(level=config.log_level, handlers=[handler])
     # Ctrl-C reaches the whole process group: the server orders our stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -437,3 +437,18 @@ def test_latency_counts_bucket_like_prometheus() -> None:
     d.add(c)
     d.add(c)
     assert d.counts == [4, 2, 2] and d.total == pytest.approx(2 * 0.5035)
+
+
+def test_egress_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from server.config import WebRtcSettings
+
+    assert WebRtcSettings().egress_worker_count() == 0  # today's single process by default
+    assert WebRtcSettings(egress_workers=2).egress_worker_count() == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert WebRtcSettings(egress_workers="auto").egress_worker_count() == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert WebRtcSettings(egress_workers=-1).egress_worker_count() == 1
+    with pytest.raises(ValidationError):
+        WebRtcSettings(egress_workers=-2)
