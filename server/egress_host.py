@@ -379,6 +379,7 @@ class _Slot:
     streams: dict[str, _Sub] = field(default_factory=dict)
     stats: WorkerStats | None = None
     feed_drops_retired: int = 0
+    cpu_retired: float = 0.0
 
     @property
     def load(self) -> int:
@@ -524,6 +525,7 @@ class EgressHost:
         st = slot.stats
         slot.stats = None
         if st is not None:
+            slot.cpu_retired += st.cpu_s
             self._retired_totals.add(st.totals)
             _add(self._retired_errors, st.send_errors)
             _add(self._retired_switches, st.switches)
@@ -759,7 +761,7 @@ class EgressHost:
         return MergedHistogram(self, name, doc, which, buckets)
 
     def collect_workers(self) -> Iterable[Metric]:
-        """``returnfeed_egress_worker_*``: up, restarts, viewers, feed drops."""
+        """``returnfeed_egress_worker_*``: up, restarts, viewers, feed drops, CPU."""
         up = GaugeMetricFamily("returnfeed_egress_worker_up", "1 while the egress worker process runs",
                                labels=["worker"])
         viewers = GaugeMetricFamily("returnfeed_egress_worker_viewers", "WHEP viewers of each egress worker",
@@ -775,7 +777,12 @@ class EgressHost:
             viewers.add_metric(label, len(s.sessions))
             restarts.add_metric(label, s.restarts)
             drops.add_metric(label, s.feed_drops_retired + (s.link.feed_drops if s.link is not None else 0))
-        yield from (up, viewers, restarts, drops)
+        cpu = CounterMetricFamily("returnfeed_egress_worker_cpu_seconds",
+                                  "CPU seconds of each egress worker process (user + system; as of its last "
+                                  "report)", labels=["worker"])
+        for s in self.slots:
+            cpu.add_metric([str(s.index)], s.cpu_retired + (s.stats.cpu_s if s.stats is not None else 0.0))
+        yield from (up, viewers, restarts, drops, cpu)
 
 
 def _add(into: dict, other: dict) -> None:

@@ -248,6 +248,8 @@ class WorkerStats:
     feed_events: int = 0
     feed_errors: int = 0
     control_dropped: int = 0
+    #: CPU seconds of the worker process (user + system, all threads).
+    cpu_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -513,7 +515,8 @@ class EgressWorker:
         return WorkerStats(sessions=sessions, totals=totals, send_errors=errors, switches=dict(svc.switches),
                            drops=dict(svc.drops), closed_by_reason=dict(svc.closed_by_reason),
                            forwarding=self.forwarding, first_byte=self.first_byte, feed_events=self.feed_events,
-                           feed_errors=self.feed_errors, control_dropped=self.control.dropped)
+                           feed_errors=self.feed_errors, control_dropped=self.control.dropped,
+                           cpu_s=time.process_time())
 
     def _arm_stats(self) -> None:
         self._stats_timer = asyncio.get_running_loop().call_later(self.config.stats_interval, self._on_stats)
