@@ -251,6 +251,10 @@ class MediaService:
         if self.ice_mux is not None:
             await self.ice_mux.start()
         self.whep.start()
+        if self.egress is not None and not await self.egress.wait_ready():
+            # Serving goes on: a worker that came up takes viewers, the
+            # others keep being restarted (their backoff is in the log).
+            event(log, logging.ERROR, "egress.workers_not_ready", workers=len(self.egress.slots))
         self.whip.start()
         await self._start_ice_tcp()
         s = self.settings.srt
