@@ -182,7 +182,8 @@ class MediaService:
                                 layer_policy=settings.webrtc.layer_policy(),
                                 rtx_share=settings.webrtc.rtx_share,
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
-                                on_frame_sent=self._frame_sent)
+                                on_frame_sent=self._frame_sent,
+                                first_byte=self.frame_first_byte)
         #: With ``webrtc.egress_workers`` (issue 15) the WHEP viewers live in
         #: worker processes and ``self.whep`` is their host: the same surface
         #: for the routes and metrics (server/egress_host.py).
@@ -232,13 +233,8 @@ class MediaService:
                               rtx_share=w.rtx_share, rtx_playout_allowance=w.rtx_playout_allowance_s,
                               ice_mux=w.ice_mux_config(), log_level=logging.getLogger().getEffectiveLevel())
         host = EgressHost(w.egress_worker_count(), config, max_viewers=w.max_viewers)
-        host.first_byte = self.first_byte_of
+        host.first_byte = self.frame_first_byte
         return host
-
-    def first_byte_of(self, frame: Any) -> float | None:
-        """When the first byte of ``frame`` came in (SRT ingest), once."""
-        entry = self._first_bytes.pop(id(frame.data), None)
-        return entry[1] if entry is not None and entry[0] is frame.data else None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -458,11 +454,22 @@ class MediaService:
         if len(first_bytes) > FIRST_BYTE_FRAMES:
             first_bytes.popitem(last=False)
 
-    def _frame_sent(self, frame: Any, now: float) -> None:
-        self.forwarding_latency.observe(max(0.0, now - frame.arrival))
+    def frame_first_byte(self, frame: Any) -> float | None:
+        """When the first byte of the video frame ``frame`` came in (once:
+        the entry is forgotten); None when unknown (not from SRT, or evicted).
+        The packetizer stamps it on the frame's PacketsEvent, which may be
+        sent to viewers in another process."""
         entry = self._first_bytes.pop(id(frame.data), None)
         if entry is not None and entry[0] is frame.data:
-            self.first_byte_latency.observe(max(0.0, now - entry[1]))
+            return entry[1]
+        return None
+
+    def _frame_sent(self, sent: Any, now: float) -> None:
+        """A video frame's last packet went to every viewer (``sent``: its
+        media.webrtc.fanout.PacketsEvent, with the frame's arrival times)."""
+        self.forwarding_latency.observe(max(0.0, now - sent.arrival))
+        if sent.first_byte is not None:
+            self.first_byte_latency.observe(max(0.0, now - sent.first_byte))
 
     def connection_failures(self, name: str, limit: int = 10) -> list[dict[str, Any]]:
         """The last SRT callers for ``name`` that did not get through, newest

@@ -1,13 +1,35 @@
 """Packetize a stream once per layer and hand the packets to every viewer.
 
-One :class:`StreamFanout` per live stream with WebRTC viewers. It subscribes
-to the :class:`~media.stream.Stream` once, with a callback reader, and for
-every frame:
+Two halves, so that the packets can cross a process boundary between them
+(egress worker processes, issue 15; the wire is media/webrtc/feed.py)::
 
-1. packetizes it once for its layer (H.264 RFC 6184 / Opus RFC 7587),
-2. stores the packets in the layer's NACK history and packet GOP cache,
-3. calls every attached :class:`ViewerSink` synchronously, on the event loop,
-   starting one viewer further along the attach order each frame.
+    Stream ──frames──► StreamPacketizer ──events──► PacketFanout ──► ViewerSink × N
+    (hub, main)         one per stream,    (emit)     one per stream per process:
+                        main process                  histories, GOP cache, replays,
+                                                      anchors, fair order, stats
+
+* :class:`StreamPacketizer` subscribes to the :class:`~media.stream.Stream`
+  once, with a callback reader, and for every frame packetizes it once for
+  its layer (H.264 RFC 6184 / Opus RFC 7587), places it on the presentation
+  clock (its :class:`~media.rtp.rewrite.MediaAnchor`) and emits one
+  :class:`PacketsEvent` to each subscriber; a source restart or reader
+  overflow is a :class:`DiscontinuityEvent`, the stream's end an
+  :class:`EndedEvent`. It keeps each layer's events since its last keyframe
+  (bounded by ``gop_cache_bytes``), so that a subscriber that comes late
+  (a worker started or restarted while the stream runs) first receives them,
+  flagged ``cached``: it fills its GOP cache and histories, sends nothing.
+* :class:`PacketFanout` takes those events (:meth:`PacketFanout.handle`),
+  stores the packets in the layer's NACK history and packet GOP cache, and
+  calls every attached :class:`ViewerSink` synchronously, on the event loop,
+  starting one viewer further along the attach order each frame.
+* :class:`StreamFanout` is the two in one process, wired directly (one
+  function call per event): the single-process path.
+
+Events after a gap: a :class:`DiscontinuityEvent` for a layer flags that
+layer's next packet ``discontinuity`` unless the packetizer already did (a
+source restart does; events lost on the way to a worker do not), so every
+viewer re-bases there and, mid-GOP, waits for the layer's next keyframe,
+which is asked of the source at once.
 
 Fair order: one thread hands a frame to viewer after viewer, so the viewer
 served last waits for all the others (a keyframe to 500 viewers: tens of
@@ -75,7 +97,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, Union
 
 from ..log import event
 from ..layer import AUDIO, Layer, order_layers
@@ -88,13 +110,54 @@ from ..stream import Discontinuity, Frame, Reader, Stream, StreamClosed
 
 log = logging.getLogger("returnfeed.webrtc")
 
-__all__ = ["AUDIO", "FanoutStats", "JoinPolicy", "StreamFanout", "ViewerSink"]
+__all__ = ["AUDIO", "AUDIO_LAYER", "DiscontinuityEvent", "EndedEvent", "FanoutStats", "FeedEvent", "JoinPolicy",
+           "PacketFanout", "PacketizerStats", "PacketsEvent", "StreamFanout", "StreamPacketizer", "ViewerSink"]
 
 #: Tracks whose arrival − PTS differ by less than this share one media clock:
 #: more than any transcoding or interleaving delay, far less than random RTP
 #: timestamp origins (hours apart).
 SAME_CLOCK_S = 2.0
 _PTS_WRAP_S = (1 << 33) / 90000  # MPEG-TS PTS: 33 bits at 90 kHz
+#: The ``layer`` of the audio track's events.
+AUDIO_LAYER = "audio"
+
+
+# -- events: what the packetizer hands on (in-process calls, or media/webrtc/feed.py) --
+
+
+@dataclass(slots=True, frozen=True)
+class PacketsEvent:
+    """One frame's packets of one track, or a run of whole packets of it (a
+    large keyframe crosses to a worker in several chunks; the frame's last
+    chunk ends in the packet with the marker bit)."""
+
+    stream: str
+    layer: str  # the layer's name, or AUDIO_LAYER
+    packets: tuple[LayerPacket, ...]
+    anchor: MediaAnchor | None  # the track's anchor after this frame
+    arrival: float  # Frame.arrival (monotonic: the same clock in every process)
+    first_byte: float | None  # the frame's first byte in, when the ingest knows it
+    #: Replayed from the packetizer's GOP cache to a late subscriber: fills
+    #: the fan-out's caches and histories, is sent to no viewer.
+    cached: bool = False
+
+
+@dataclass(slots=True, frozen=True)
+class DiscontinuityEvent:
+    """The next packets of ``layer`` (``None``: of every track) do not follow
+    the ones before: the source restarted, the reader overflowed, or events
+    were lost on the way."""
+
+    stream: str
+    layer: str | None
+
+
+@dataclass(slots=True, frozen=True)
+class EndedEvent:
+    stream: str
+
+
+FeedEvent = Union[PacketsEvent, DiscontinuityEvent, EndedEvent]
 
 
 class ViewerSink(Protocol):
@@ -108,22 +171,45 @@ class ViewerSink(Protocol):
 
 
 @dataclass(slots=True)
-class _LayerState:
+class _TrackState:
+    """The packetizer's side of one layer or the audio track."""
+
     name: str
     packetizer: H264Packetizer | OpusPacketizer
+    #: The events since the layer's last keyframe (for late subscribers).
+    gop: list[PacketsEvent] = field(default_factory=list)
+    gop_bytes: int = 0
+    base: float | None = None  # presentation time − PTS (s)
+    last_media: float | None = None
+    media_wrap: float = 0.0
+    anchor: MediaAnchor | None = None
+
+
+@dataclass(slots=True)
+class _LayerState:
+    """The fan-out's side of one layer or the audio track."""
+
+    name: str
     history: PacketHistory
     gop: list[LayerPacket] = field(default_factory=list)
     gop_bytes: int = 0
     frames: int = 0
     packets: int = 0
-    base: float | None = None  # presentation time − PTS (s)
-    last_media: float | None = None
-    media_wrap: float = 0.0
     anchor: MediaAnchor | None = None
     #: Payload bit rate over the last whole second (the join replay's pace).
     rate_bps: float = 0.0
     window_bytes: int = 0
     window_start: float | None = None
+    #: A DiscontinuityEvent came: the next packet must start a new run.
+    resync: bool = False
+
+
+@dataclass(slots=True)
+class PacketizerStats:
+    frames: int = 0
+    packets: int = 0
+    reader_drops: int = 0
+    packetize_failures: int = 0
 
 
 @dataclass(slots=True)
@@ -136,6 +222,9 @@ class FanoutStats:
     joins_replayed: int = 0
     joins_fresh_keyframe: int = 0
     replay_skipped_to_keyframe: int = 0
+    #: DiscontinuityEvents whose layer's next packet was not flagged (events
+    #: lost on the way): those viewers re-based at it.
+    resyncs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,16 +295,220 @@ class _ReplayHistory:
         return 0.0 if r.done_at is None else now - r.done_at
 
 
-class StreamFanout:
-    """Per-stream packetizer and dispatcher for WebRTC viewers."""
+class StreamPacketizer:
+    """Reads one hub :class:`Stream` and emits its packets once per layer to
+    every subscriber (the in-process :class:`StreamFanout`, or one
+    ``FeedSender`` per egress worker)."""
 
     def __init__(self, stream: Stream, *, max_payload: int = 1200, gop_cache_bytes: int = 8 << 20,
                  reader_size: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 on_frame_sent: Callable[[Frame, float], None] | None = None,
-                 request_keyframe: Callable[[str], int] | None = None,
-                 on_closed: Callable[["StreamFanout"], None] | None = None,
-                 join: JoinPolicy = JoinPolicy()) -> None:
+                 first_byte: Callable[[Frame], float | None] | None = None,
+                 on_closed: Callable[["StreamPacketizer"], None] | None = None) -> None:
         self.stream = stream
+        self.max_payload = max_payload
+        self.gop_cache_bytes = gop_cache_bytes
+        self._reader_size = reader_size
+        self._clock = clock
+        #: When the frame's first byte came in (SRT ingest), for the
+        #: forwarding_latency_from_first_byte histogram; None: unknown.
+        self._first_byte = first_byte
+        self._on_closed = on_closed
+        # Subscription order (a dict keeps it); the list is what a frame
+        # iterates (an emit may unsubscribe while it runs).
+        self._subscribers: dict[Callable[[FeedEvent], None], None] = {}
+        self._emits: list[Callable[[FeedEvent], None]] = []
+        self._layers: dict[str, _TrackState] = {}
+        self._audio = _TrackState(AUDIO_LAYER, OpusPacketizer())
+        #: The audio track's last event: a late subscriber gets its anchor
+        #: (lip sync) at once rather than one audio frame later.
+        self._last_audio: PacketsEvent | None = None
+        self._ref_base: float | None = None
+        self._reader: Reader | None = None
+        self.stats = PacketizerStats()
+        self.closed = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        # Every frame must be seen: the reader's queue is only a hand-off
+        # inside one synchronous callback, drained at once.
+        self._reader = self.stream.subscribe(self._reader_size, callback=self._on_reader, from_cache=True)
+        self._on_reader(self._reader)
+
+    def close(self) -> None:
+        """Stop reading; every subscriber gets an :class:`EndedEvent`."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        ended = EndedEvent(self.stream.name)
+        for emit in self._emits:
+            emit(ended)
+        self._subscribers.clear()
+        self._emits = []
+        for st in self._tracks():
+            st.gop, st.gop_bytes = [], 0
+        self._last_audio = None
+        if self._on_closed is not None:
+            self._on_closed(self)
+
+    # -- subscribers -------------------------------------------------------------------
+
+    def subscribe(self, emit: Callable[[FeedEvent], None]) -> None:
+        """Add a subscriber. It first receives each layer's cached GOP (and
+        the audio track's last event), flagged ``cached``, so that its
+        viewers can start at once (see the module docstring)."""
+        if emit in self._subscribers:
+            return
+        if self.closed:
+            emit(EndedEvent(self.stream.name))
+            return
+        for st in self._layers.values():
+            for ev in st.gop:
+                emit(dataclasses.replace(ev, cached=True))
+        if self._last_audio is not None:
+            emit(dataclasses.replace(self._last_audio, cached=True))
+        self._subscribers[emit] = None
+        self._emits = list(self._subscribers)
+
+    def unsubscribe(self, emit: Callable[[FeedEvent], None]) -> None:
+        if emit in self._subscribers:
+            del self._subscribers[emit]
+            self._emits = list(self._subscribers)
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in increasing bitrate."""
+        return [layer.name for layer in order_layers(self._layers)]
+
+    def _tracks(self) -> list[_TrackState]:
+        return [*self._layers.values(), self._audio]
+
+    # -- frames --------------------------------------------------------------------
+
+    def _on_reader(self, reader: Reader) -> None:
+        if reader.closed:
+            if not self.closed:
+                self.close()
+            return
+        try:
+            items = reader.drain()
+        except StreamClosed:
+            self.close()
+            return
+        for item in items:
+            if isinstance(item, Frame):
+                self._frame(item)
+            elif isinstance(item, Discontinuity):
+                self._discontinuity(item)
+        self.stats.reader_drops = reader.drops
+
+    def _frame(self, frame: Frame) -> None:
+        if frame.kind == "video":
+            if frame.codec != "h264" or frame.layer is None:
+                return
+            st = self._layers.get(frame.layer)
+            if st is None:
+                st = self._layers[frame.layer] = _TrackState(frame.layer, H264Packetizer(max_payload=self.max_payload))
+            ts = (frame.pts if frame.pts is not None else frame.dts or 0) & 0xFFFFFFFF
+            try:
+                packets = st.packetizer.packetize(frame.data, ts)
+            except Exception as exc:  # malformed AU from a remote source: count, skip
+                self.stats.packetize_failures += 1
+                event(log, logging.WARNING, "webrtc.packetize_failed", stream=self.stream.name, error=str(exc))
+                return
+            if not packets:
+                return
+        elif frame.kind == "audio":
+            if frame.codec != "opus" or frame.pts is None:
+                return
+            st = self._audio
+            ts = frame.pts if frame.clock_rate == 48000 else frame.pts * 48000 // frame.clock_rate
+            try:
+                packets = [st.packetizer.packetize(frame.data, ts & 0xFFFFFFFF)]
+            except Exception as exc:  # an empty or oversized Opus packet: count, skip
+                self.stats.packetize_failures += 1
+                event(log, logging.WARNING, "webrtc.packetize_failed", stream=self.stream.name, error=str(exc))
+                return
+        else:
+            return
+        self._anchor(st, frame, ts & 0xFFFFFFFF)
+        ev = PacketsEvent(self.stream.name, st.name, tuple(packets), st.anchor, frame.arrival,
+                          self._first_byte(frame) if self._first_byte is not None else None)
+        if st is self._audio:
+            self._last_audio = ev
+        elif packets[0].keyframe_start:
+            st.gop = [ev]
+            st.gop_bytes = sum(len(p.payload) for p in packets)
+        elif st.gop:
+            st.gop.append(ev)
+            st.gop_bytes += sum(len(p.payload) for p in packets)
+            if st.gop_bytes > self.gop_cache_bytes:
+                st.gop, st.gop_bytes = [], 0
+        self.stats.frames += 1
+        self.stats.packets += len(packets)
+        for emit in self._emits:
+            emit(ev)
+
+    def _anchor(self, st: _TrackState, frame: Frame, ts: int) -> None:
+        pts = frame.pts if frame.pts is not None else frame.dts
+        if pts is None:
+            return
+        media = pts / frame.clock_rate + st.media_wrap
+        if st.last_media is not None and media < st.last_media - _PTS_WRAP_S / 2:
+            st.media_wrap += _PTS_WRAP_S
+            media += _PTS_WRAP_S
+        st.last_media = media
+        own = frame.arrival - media
+        if st.base is None or abs(own - st.base) > SAME_CLOCK_S:
+            # First frame, or the PTS jumped while the arrivals did not (the
+            # source reset its clock, with or without telling): join the
+            # reference clock if this track is on it, else become it.
+            ref = self._ref_base
+            if ref is None or abs(own - ref) > SAME_CLOCK_S:
+                self._ref_base = ref = own
+            st.base = ref
+        st.anchor = MediaAnchor(ts, media + st.base)
+
+    def _discontinuity(self, marker: Discontinuity) -> None:
+        """A publisher restart or reader overflow: the next packets of the
+        layer(s) are flagged so every viewer re-bases seq/ts (never backwards)."""
+        targets = list(self._layers.values()) if marker.layer is None else [
+            st for st in self._layers.values() if st.name == marker.layer]
+        if marker.layer is None:
+            targets.append(self._audio)
+            self._ref_base = None
+            self._last_audio = None
+        for st in targets:
+            st.packetizer.restart()
+            st.gop, st.gop_bytes = [], 0
+            # The PTS may start anywhere now: measure the clock again.
+            st.base = st.last_media = st.anchor = None
+            st.media_wrap = 0.0
+        ev = DiscontinuityEvent(self.stream.name, marker.layer)
+        for emit in self._emits:
+            emit(ev)
+
+
+class PacketFanout:
+    """One stream's packets → its viewers in this process: NACK histories,
+    GOP cache, join replays, anchors, fair order, stats. Fed by
+    :meth:`handle` (from a :class:`StreamPacketizer`, directly or over the
+    feed); needs no :class:`Stream`."""
+
+    def __init__(self, stream_name: str, *, gop_cache_bytes: int = 8 << 20,
+                 clock: Callable[[], float] = time.monotonic,
+                 on_frame_sent: Callable[[PacketsEvent, float], None] | None = None,
+                 request_keyframe: Callable[[str], int] | None = None,
+                 on_closed: Callable[["PacketFanout"], None] | None = None,
+                 join: JoinPolicy = JoinPolicy()) -> None:
+        self.stream_name = stream_name
         self.join = join
         #: Asks the stream's source for a keyframe; returns how many requests
         #: were really sent (0: the source cannot be asked, e.g. SRT, or a
@@ -227,32 +520,24 @@ class StreamFanout:
         self._on_closed = on_closed
         self._replays: dict[ViewerSink, _Replay] = {}
         self._timer: asyncio.TimerHandle | None = None
-        self.max_payload = max_payload
         self.gop_cache_bytes = gop_cache_bytes
         self._clock = clock
-        self._reader_size = reader_size
+        #: Told after each video frame went to every viewer (the forwarding
+        #: latency histograms: the event has the frame's arrival times).
         self._on_frame_sent = on_frame_sent
         self._layers: dict[str, _LayerState] = {}
         self._order: tuple[Layer, ...] = ()
         self._index: dict[str, int] = {}  # layer name → index in _order
-        self._audio = _LayerState("audio", OpusPacketizer(), PacketHistory(capacity=512, max_age=1.0))
+        self._audio = _LayerState(AUDIO_LAYER, PacketHistory(capacity=512, max_age=1.0))
         # Attach order (a dict keeps it; a set's hash order served the same
         # viewers last on every frame) and its list, rebuilt on attach/detach.
         self._sinks: dict[ViewerSink, None] = {}
         self._sink_list: list[ViewerSink] = []
         self._turn = 0  # frames fanned out: the rotation of the start position
-        self._reader: Reader | None = None
-        self._ref_base: float | None = None
         self.stats = FanoutStats()
         self.closed = False
 
     # -- lifecycle ---------------------------------------------------------------
-
-    def start(self) -> None:
-        # The fan-out must see every frame: its queue is only a hand-off
-        # inside one synchronous callback, drained at once.
-        self._reader = self.stream.subscribe(self._reader_size, callback=self._on_reader, from_cache=True)
-        self._on_reader(self._reader)
 
     def close(self) -> None:
         if self.closed:
@@ -262,9 +547,6 @@ class StreamFanout:
             self._timer.cancel()
             self._timer = None
         self._replays.clear()
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
         for sink in list(self._sinks):
             sink.on_stream_ended()
         self._sinks.clear()
@@ -318,7 +600,7 @@ class StreamFanout:
             return
         span = ((st.gop[-1].timestamp - st.gop[0].timestamp) & 0xFFFFFFFF) / 90000.0
         if span > self.join.fresh_keyframe_after_s and self._request_keyframe is not None:
-            if self._request_keyframe(self.stream.name) > 0:
+            if self._request_keyframe(self.stream_name) > 0:
                 # The source makes a keyframe within a round trip: start there
                 # rather than replaying seconds of old pictures.
                 self.stats.joins_fresh_keyframe += 1
@@ -418,7 +700,7 @@ class StreamFanout:
                 packets = [dataclasses.replace(packets[0], discontinuity=True), *packets[1:]]
                 if not packets[0].keyframe_start and self._request_keyframe is not None:
                     # Mid-GOP: the rewriter waits for a keyframe; ask for one.
-                    self._request_keyframe(self.stream.name)
+                    self._request_keyframe(self.stream_name)
             sink.on_packets(self._index[replay.layer], packets, now)
             return
         replay.queue.extend(packets)
@@ -433,30 +715,23 @@ class StreamFanout:
             return list(self._layers[self._order[index].name].gop)
         return []
 
-    # -- frames --------------------------------------------------------------------
+    # -- events --------------------------------------------------------------------
 
-    def _on_reader(self, reader: Reader) -> None:
-        if reader.closed:
-            if not self.closed:
-                self.close()
+    def handle(self, ev: FeedEvent) -> None:
+        """One event of the stream's packetizer (see the module docstring)."""
+        if self.closed:
             return
-        try:
-            items = reader.drain()
-        except StreamClosed:
+        if type(ev) is PacketsEvent:
+            self._packets(ev)
+        elif type(ev) is DiscontinuityEvent:
+            self._discontinuity(ev.layer)
+        elif type(ev) is EndedEvent:
             self.close()
-            return
-        for item in items:
-            if isinstance(item, Frame):
-                self._frame(item)
-            elif isinstance(item, Discontinuity):
-                self._discontinuity(item)
-        self.stats.reader_drops = reader.drops
 
     def _layer(self, name: str) -> _LayerState:
         st = self._layers.get(name)
         if st is None:
-            st = _LayerState(name, H264Packetizer(max_payload=self.max_payload),
-                             PacketHistory(capacity=2048, max_age=1.0))
+            st = _LayerState(name, PacketHistory(capacity=2048, max_age=1.0))
             self._layers[name] = st
             self._order = order_layers(self._layers)
             self._index = {layer.name: layer.index for layer in self._order}
@@ -464,51 +739,63 @@ class StreamFanout:
                 sink.on_layers_changed(self._order)
         return st
 
-    def _frame(self, frame: Frame) -> None:
+    def _packets(self, ev: PacketsEvent) -> None:
         now = self._clock()
-        if frame.kind == "video":
-            if frame.codec != "h264" or frame.layer is None:
-                return
-            st = self._layer(frame.layer)
-            ts = (frame.pts if frame.pts is not None else frame.dts or 0) & 0xFFFFFFFF
-            try:
-                packets = st.packetizer.packetize(frame.data, ts)
-            except Exception as exc:  # malformed AU from a remote source: count, skip
-                event(log, logging.WARNING, "webrtc.packetize_failed", stream=self.stream.name, error=str(exc))
-                return
-            if not packets:
-                return
+        packets = list(ev.packets)
+        if not packets:
+            return
+        video = ev.layer != AUDIO_LAYER
+        st = self._layer(ev.layer) if video else self._audio
+        if st.resync and not ev.cached:
+            st.resync = False
+            first = packets[0]
+            if not first.discontinuity:
+                # Events were lost on the way (not a source restart, which
+                # the packetizer flags itself): every viewer re-bases here
+                # and, mid-GOP, waits for the next keyframe — asked for now.
+                self.stats.resyncs += 1
+                packets[0] = dataclasses.replace(first, discontinuity=True)
+                if video and not first.keyframe_start and self._request_keyframe is not None:
+                    self._request_keyframe(self.stream_name)
+        if video:
+            size = sum(len(p.payload) for p in packets)
             if packets[0].keyframe_start:
-                st.gop = list(packets)
-                st.gop_bytes = sum(len(p.payload) for p in packets)
+                st.gop = packets[:]
+                st.gop_bytes = size
             elif st.gop:
                 st.gop.extend(packets)
-                st.gop_bytes += sum(len(p.payload) for p in packets)
+                st.gop_bytes += size
                 if st.gop_bytes > self.gop_cache_bytes:
                     st.gop, st.gop_bytes = [], 0
+            if not ev.cached:
+                if st.window_start is None:
+                    st.window_start = now
+                st.window_bytes += size
+                if now - st.window_start >= 1.0:
+                    st.rate_bps = st.window_bytes * 8.0 / (now - st.window_start)
+                    st.window_start, st.window_bytes = now, 0
             index = self._index[st.name]
-            if st.window_start is None:
-                st.window_start = now
-            st.window_bytes += sum(len(p.payload) for p in packets)
-            if now - st.window_start >= 1.0:
-                st.rate_bps = st.window_bytes * 8.0 / (now - st.window_start)
-                st.window_start, st.window_bytes = now, 0
-        elif frame.kind == "audio":
-            if frame.codec != "opus" or frame.pts is None:
-                return
-            st = self._audio
-            ts = frame.pts if frame.clock_rate == 48000 else frame.pts * 48000 // frame.clock_rate
-            packets = [st.packetizer.packetize(frame.data, ts & 0xFFFFFFFF)]
-            index = AUDIO
         else:
-            return
-        self._anchor(st, frame, ts & 0xFFFFFFFF)
+            index = AUDIO
+        if ev.anchor is not None:
+            st.anchor = ev.anchor
         history = st.history
+        if ev.cached:
+            # Produced before this fan-out existed: aged from its arrival, so
+            # the history forgets it when it would have anyway.
+            at = min(ev.arrival, now)
+            for p in packets:
+                history.put(p, at)
+            return
         for p in packets:
             history.put(p, now)
-        st.frames += 1
+        # A frame ends in its marker packet (a keyframe may come in chunks);
+        # an Opus packet is a frame.
+        frame_end = not video or packets[-1].marker
+        if frame_end:
+            st.frames += 1
+            self.stats.frames += 1
         st.packets += len(packets)
-        self.stats.frames += 1
         self.stats.packets += len(packets)
         sinks = self.fanout_order()
         replays = self._replays
@@ -523,8 +810,8 @@ class StreamFanout:
             for sink in sinks:
                 sink.on_packets(index, packets, now)
         self.stats.packet_sends += len(packets) * len(sinks)
-        if self._on_frame_sent is not None and index != AUDIO:
-            self._on_frame_sent(frame, self._clock())
+        if self._on_frame_sent is not None and video and frame_end:
+            self._on_frame_sent(ev, self._clock())
 
     def fanout_order(self) -> list[ViewerSink]:
         """The viewers in the order the next frame goes to them: attach
@@ -538,42 +825,22 @@ class StreamFanout:
         self._turn = start + 1
         return sinks[start:] + sinks[:start]
 
-    def _anchor(self, st: _LayerState, frame: Frame, ts: int) -> None:
-        pts = frame.pts if frame.pts is not None else frame.dts
-        if pts is None:
-            return
-        media = pts / frame.clock_rate + st.media_wrap
-        if st.last_media is not None and media < st.last_media - _PTS_WRAP_S / 2:
-            st.media_wrap += _PTS_WRAP_S
-            media += _PTS_WRAP_S
-        st.last_media = media
-        own = frame.arrival - media
-        if st.base is None or abs(own - st.base) > SAME_CLOCK_S:
-            # First frame, or the PTS jumped while the arrivals did not (the
-            # source reset its clock, with or without telling): join the
-            # reference clock if this track is on it, else become it.
-            ref = self._ref_base
-            if ref is None or abs(own - ref) > SAME_CLOCK_S:
-                self._ref_base = ref = own
-            st.base = ref
-        st.anchor = MediaAnchor(ts, media + st.base)
 
-    def _discontinuity(self, marker: Discontinuity) -> None:
-        """A publisher restart or reader overflow: the next packets of the
-        layer(s) are flagged so every viewer re-bases seq/ts (never backwards)."""
-        targets = list(self._layers.values()) if marker.layer is None else [
-            st for st in self._layers.values() if st.name == marker.layer]
-        if marker.layer is None:
-            targets.append(self._audio)
-            self._ref_base = None
+    def _discontinuity(self, layer: str | None) -> None:
+        """The next packets of ``layer`` (None: every track) start a new run:
+        the old GOP cache and anchor are unusable, and a replay of the old
+        run would end in packets unrelated to the new one — those viewers go
+        straight to the new run."""
+        if layer is None:
+            targets = [*self._layers.values(), self._audio]
+        elif layer == AUDIO_LAYER:
+            targets = [self._audio]
+        else:
+            targets = [st for st in self._layers.values() if st.name == layer]
         for st in targets:
-            st.packetizer.restart()
             st.gop, st.gop_bytes = [], 0
-            # The PTS may start anywhere now: measure the clock again.
-            st.base = st.last_media = st.anchor = None
-            st.media_wrap = 0.0
-        # A replay of the old run would end in packets unrelated to the new
-        # one: those viewers go straight to the restarted layer.
+            st.anchor = None
+            st.resync = True
         names = {st.name for st in targets}
         now = self._clock()
         for replay in self._replays.values():
@@ -581,3 +848,37 @@ class StreamFanout:
                 replay.queue.clear()
                 replay.queued_bytes = 0
                 replay.done_at = now
+
+
+class StreamFanout(PacketFanout):
+    """A :class:`StreamPacketizer` and a :class:`PacketFanout` in one process,
+    wired by a direct call per event: the single-process path."""
+
+    def __init__(self, stream: Stream, *, max_payload: int = 1200, gop_cache_bytes: int = 8 << 20,
+                 reader_size: int = 4096, clock: Callable[[], float] = time.monotonic,
+                 on_frame_sent: Callable[[PacketsEvent, float], None] | None = None,
+                 request_keyframe: Callable[[str], int] | None = None,
+                 on_closed: Callable[["StreamFanout"], None] | None = None,
+                 join: JoinPolicy = JoinPolicy(),
+                 first_byte: Callable[[Frame], float | None] | None = None) -> None:
+        super().__init__(stream.name, gop_cache_bytes=gop_cache_bytes, clock=clock, on_frame_sent=on_frame_sent,
+                         request_keyframe=request_keyframe, on_closed=on_closed, join=join)  # type: ignore[arg-type]
+        self.stream = stream
+        self.max_payload = max_payload
+        self.packetizer = StreamPacketizer(stream, max_payload=max_payload, gop_cache_bytes=gop_cache_bytes,
+                                           reader_size=reader_size, clock=clock, first_byte=first_byte)
+        self.packetizer.subscribe(self._from_packetizer)
+
+    def start(self) -> None:
+        self.packetizer.start()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        # The packetizer's EndedEvent comes back here (closed by then).
+        self.packetizer.close()
+        super().close()
+
+    def _from_packetizer(self, ev: FeedEvent) -> None:
+        self.handle(ev)
+        self.stats.reader_drops = self.packetizer.stats.reader_drops

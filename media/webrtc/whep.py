@@ -494,7 +494,8 @@ class WhepService:
                  connect_timeout: float = 15.0, layer_policy: LayerPolicy | None = None,
                  rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
                  on_keyframe_request: Callable[[str], int | None] | None = None,
-                 on_frame_sent: Callable[[Any, float], None] | None = None) -> None:
+                 on_frame_sent: Callable[[Any, float], None] | None = None,
+                 first_byte: Callable[[Any], float | None] | None = None) -> None:
         adapter.ensure_h264_profiles()
         self.ice_servers = ice_servers or []
         #: The ICE-TCP listener whose passive candidates every answer offers
@@ -518,6 +519,8 @@ class WhepService:
         self.keyframe_handlers: list[Callable[[str], int | None]] = (
             [on_keyframe_request] if on_keyframe_request is not None else [])
         self._on_frame_sent = on_frame_sent
+        #: When a frame's first byte came in (StreamFanout stamps it on its PacketsEvent).
+        self._first_byte = first_byte
         self.switches: dict[tuple[str, str, str], int] = {}
         self.drops: dict[str, int] = {}
         #: Totals of closed sessions, so that every ``_total`` stays a counter.
@@ -574,7 +577,7 @@ class WhepService:
             if fo is not None:
                 fo.close()
             fo = StreamFanout(stream, on_frame_sent=self._on_frame_sent, request_keyframe=self.on_keyframe_request,
-                              on_closed=self._on_fanout_closed)
+                              on_closed=self._on_fanout_closed, first_byte=self._first_byte)
             fo.start()
             self.fanouts[stream.name] = fo
         return fo

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from helpers import udp_capture
 from media.stream import Frame
+from media.webrtc.fanout import PacketsEvent
 from server.config import Settings
 from server.media_service import MediaService, SrtIngest
 
@@ -70,7 +71,9 @@ def test_quiet_timer_releases_a_frame_before_the_next_one_arrives() -> None:
             feeding, fed = None, i
         await asyncio.sleep(0.05)
         for _, _, frame in delivered:  # as the WHEP fan-out reports each frame sent
-            service._frame_sent(frame, time.monotonic())
+            sent = PacketsEvent("cam1", frame.layer or "high", (), None, frame.arrival,
+                                service.frame_first_byte(frame))
+            service._frame_sent(sent, time.monotonic())
         conn.on_close("closed")
         return delivered, service
 
