@@ -1,0 +1,267 @@
+"""The packet feed (media/webrtc/feed.py): the codec round-trips every event
+and refuses anything that is not exactly a message; a real SOCK_SEQPACKET
+pair carries events in order; a worker that stops reading makes the sender
+drop and count, never block, and a DiscontinuityEvent for what was lost
+arrives first once it reads again, so its viewers re-base."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import struct
+import time
+
+import pytest
+
+from media.rtp.packet import LayerPacket
+from media.rtp.rewrite import MediaAnchor
+from media.stream import SourceInfo, StreamHub
+from media.webrtc import feed
+from media.webrtc.fanout import (AUDIO_LAYER, DiscontinuityEvent, EndedEvent, PacketFanout, PacketsEvent,
+                                 StreamPacketizer)
+from media.webrtc.feed import FeedError, FeedReceiver, FeedSender, decode, encode
+
+
+def packets(n: int, *, size: int = 1100, seq0: int = 65530, key: bool = True) -> tuple[LayerPacket, ...]:
+    return tuple(LayerPacket((seq0 + i) & 0xFFFF, 0xFFFFFFF0, i == n - 1, bytes([i & 0xFF]) * (size - i % 7),
+                             keyframe_start=key and i == 0, discontinuity=i == 1) for i in range(n))
+
+
+def frame_event(n: int = 5, **kw) -> PacketsEvent:
+    args = dict(stream="cam-ü", layer="high", packets=packets(n), anchor=MediaAnchor(0xFFFFFFF0, 1234.5),
+                arrival=1234.25, first_byte=1234.0, cached=False)
+    args.update(kw)
+    return PacketsEvent(**args)
+
+
+@pytest.mark.parametrize("ev", [
+    frame_event(),
+    frame_event(1, layer=AUDIO_LAYER, anchor=None, first_byte=None),
+    frame_event(3, cached=True, first_byte=None),
+    DiscontinuityEvent("cam", "low"),
+    DiscontinuityEvent("cam", None),
+    EndedEvent("cam"),
+])
+def test_every_event_round_trips(ev) -> None:
+    messages = encode(ev)
+    assert len(messages) == 1
+    assert decode(messages[0]) == ev
+    assert decode(bytearray(messages[0])) == ev and decode(memoryview(messages[0])) == ev
+
+
+def test_a_large_keyframe_is_split_into_whole_packets_under_max_message() -> None:
+    ev = frame_event(40)
+    messages = encode(ev, max_message=10_000)
+    assert len(messages) > 4 and all(len(m) <= 10_000 for m in messages)
+    chunks = [decode(m) for m in messages]
+    assert tuple(p for c in chunks for p in c.packets) == ev.packets
+    assert all(c == PacketsEvent(ev.stream, ev.layer, c.packets, ev.anchor, ev.arrival, ev.first_byte)
+               for c in chunks)
+    assert [m for c in chunks for m in (p.marker for p in c.packets)].count(True) == 1
+    assert len(encode(ev)) == 1  # 40 × 1.1 kB fits the default message
+
+
+def test_what_the_format_cannot_carry_is_refused_at_encode() -> None:
+    with pytest.raises(ValueError):
+        encode(frame_event(2), max_message=500)  # one packet alone is larger
+    with pytest.raises(ValueError):
+        encode(PacketsEvent("s", "high", (LayerPacket(70000, 0, True, b"x"),), None, 0.0, None))
+    with pytest.raises(ValueError):
+        encode(frame_event(packets=()))
+    with pytest.raises(ValueError):
+        encode(frame_event(layer="x" * 256))
+    with pytest.raises(ValueError):
+        encode(EndedEvent("s"), max_message=feed.MAX_MESSAGE + 1)
+
+
+def test_every_truncation_and_any_padding_is_a_feed_error() -> None:
+    for ev in (frame_event(3), DiscontinuityEvent("cam", "low"), DiscontinuityEvent("cam", None), EndedEvent("c")):
+        data = encode(ev)[0]
+        for cut in range(len(data)):
+            with pytest.raises(FeedError):
+                decode(data[:cut])
+        with pytest.raises(FeedError):
+            decode(data + b"\x00")
+
+
+def test_garbage_is_a_feed_error() -> None:
+    good = encode(frame_event(2))[0]
+    bad = [
+        b"\x02" + good[1:],  # another version
+        good[:1] + b"\x09" + good[2:],  # unknown kind
+        good[:2] + b"\x10" + good[3:],  # unknown event flag
+        good[:6] + b"\x00\x00" + good[8:],  # zero packets
+        good[:8] + struct.pack("!d", float("nan")) + good[16:],  # arrival not finite
+        good[:36] + b"\xff" + good[37:],  # stream name not UTF-8
+        bytes(feed.MAX_MESSAGE + 1),  # oversized
+        encode(DiscontinuityEvent("c", None))[0][:2] + b"\x08\x01" + encode(DiscontinuityEvent("c", None))[0][4:],
+    ]
+    table = 36 + len("cam-ü".encode()) + len("high")
+    bad.append(good[:table + 6] + b"\x08" + good[table + 7:])  # unknown packet flag
+    bad.append(good[:table + 7] + b"\xff\xff" + good[table + 9:])  # payload longer than the message
+    for data in bad:
+        with pytest.raises(FeedError):
+            decode(data)
+    rng = random.Random(15)
+    for _ in range(3000):  # random bytes, and valid messages with one byte changed
+        if rng.random() < 0.5:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(60)))
+        else:
+            mutated = bytearray(good)
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+            data = bytes(mutated)
+        try:
+            decode(data)
+        except FeedError:
+            pass
+
+
+def sender_and_receiver(sndbuf: int | None = None):
+    main_end, worker_end = feed.socketpair()
+    if sndbuf is not None:
+        main_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    return main_end, worker_end
+
+
+def test_events_cross_a_real_socket_pair_in_order() -> None:
+    async def run():
+        main_end, worker_end = sender_and_receiver()
+        got: list = []
+        eof: list = []
+        receiver = FeedReceiver(worker_end, got.append, on_eof=eof.append)
+        receiver.start()
+        sender = FeedSender(main_end, max_message=8000)
+        events = [frame_event(5, arrival=float(i)) for i in range(20)] + [
+            DiscontinuityEvent("cam-ü", "high"), frame_event(30), EndedEvent("cam-ü")]
+        for ev in events:
+            assert sender.send(ev)
+        main_end.send(b"garbage")  # counted and skipped, the feed goes on
+        assert sender.send(EndedEvent("other"))
+        deadline = time.monotonic() + 5
+        while len(got) < 24 + 4 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        main_end.close()
+        while not eof and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        worker_end.close()
+        return got, sender, receiver, eof
+
+    got, sender, receiver, eof = asyncio.run(run())
+    chunks = [e for e in got if isinstance(e, PacketsEvent) and len(e.packets) < 30 and e.arrival == 1234.25]
+    assert len(chunks) > 1 and tuple(p for c in chunks for p in c.packets) == frame_event(30).packets
+    assert [e for e in got if not (isinstance(e, PacketsEvent) and e.arrival == 1234.25)] == (
+        [frame_event(5, arrival=float(i)) for i in range(20)]
+        + [DiscontinuityEvent("cam-ü", "high"), EndedEvent("cam-ü"), EndedEvent("other")])
+    assert sender.sent == 24 and sender.dropped == 0 and sender.messages == receiver.received - 1
+    assert receiver.errors == 1 and receiver.bytes == sender.bytes + len(b"garbage")
+    assert eof == [receiver] and receiver.closed
+
+
+def test_the_receiver_reads_at_most_max_per_wakeup() -> None:
+    main_end, worker_end = sender_and_receiver()
+    got: list = []
+    receiver = FeedReceiver(worker_end, got.append, max_per_wakeup=3)
+    sender = FeedSender(main_end)
+    for i in range(7):
+        sender.send(EndedEvent(str(i)))
+    assert [receiver.read_available() for _ in range(4)] == [3, 3, 1, 0]
+    assert got == [EndedEvent(str(i)) for i in range(7)]
+    main_end.close()
+    worker_end.close()
+
+
+def test_a_worker_that_stops_reading_costs_drops_never_a_block_then_a_resync() -> None:
+    """End to end: packetizer → sender ═ socket ═ receiver → fan-out → viewer."""
+
+    class Sink:
+        def __init__(self) -> None:
+            self.sent: list[LayerPacket] = []
+
+        def on_packets(self, index, pkts, now) -> None:
+            if index >= 0:
+                self.sent += pkts
+
+        def on_layers_changed(self, layers) -> None:
+            pass
+
+        def on_stream_ended(self) -> None:
+            pass
+
+    class Unit:
+        def __init__(self, i: int, key: bool) -> None:
+            self.codec, self.pts, self.dts, self.keyframe, self.pid = "h264", i * 3600, None, key, None
+            self.data = b"\x00\x00\x00\x01" + bytes([0x65 if key else 0x41]) + bytes([(i % 250) + 1]) * 4000
+
+    main_end, worker_end = sender_and_receiver(sndbuf=32 * 1024)
+    stream = StreamHub().get_or_create("s")
+    pub = stream.attach_publisher(SourceInfo("whip"), now=0.0)
+    packetizer = StreamPacketizer(stream)
+    sender = FeedSender(main_end)
+    packetizer.subscribe(sender.send)
+    packetizer.start()
+    asked: list[str] = []
+    fanout = PacketFanout("s", request_keyframe=lambda name: asked.append(name) or 1)
+    receiver = FeedReceiver(worker_end, fanout.handle, max_per_wakeup=1000)
+    sink = Sink()
+    fanout.attach(sink, None, 0.0)
+    # The worker reads nothing: the socket fills, then every frame is dropped
+    # at once (a blocking send would hang this test).
+    started = time.monotonic()
+    i = 0
+    while sender.dropped < 20:
+        pub.publish(Unit(i, i == 0))
+        i += 1
+        assert i < 500, "the socket never filled"
+    assert time.monotonic() - started < 2.0
+    assert sender.sent > 0 and sender.pending == 1
+    delivered_frames = sender.sent
+    # The worker reads again: the frames before the gap, then the resync.
+    receiver.read_available()
+    assert fanout.stats.frames == delivered_frames and fanout.stats.resyncs == 0
+    before = len(sink.sent)
+    pub.publish(Unit(i, False))  # the first frame after the gap: the owed discontinuity goes first
+    assert sender.pending == 0
+    receiver.read_available()
+    after = sink.sent[before:]
+    assert after and after[0].discontinuity and not after[0].keyframe_start
+    assert fanout.stats.resyncs == 1 and asked == ["s"]
+    assert sender.dropped == 20 and receiver.errors == 0
+    main_end.close()
+    worker_end.close()
+
+
+def test_an_end_that_found_no_room_is_sent_as_soon_as_there_is() -> None:
+    async def run():
+        main_end, worker_end = sender_and_receiver(sndbuf=16 * 1024)
+        sender = FeedSender(main_end)
+        n = 0
+        while sender.send(frame_event(5)):
+            n += 1
+        assert not sender.send(EndedEvent("cam-ü")) and sender.pending == 1
+        got: list = []
+        receiver = FeedReceiver(worker_end, got.append)
+        receiver.start()  # reading makes room; no further send is needed
+        deadline = time.monotonic() + 5
+        while (not got or got[-1] != EndedEvent("cam-ü")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        receiver.close()
+        main_end.close()
+        worker_end.close()
+        return n, got, sender
+
+    n, got, sender = asyncio.run(run())
+    # The lost frame's discontinuity was superseded by the end.
+    assert len(got) == n + 1 and got[-1] == EndedEvent("cam-ü") and sender.pending == 0
+    assert sender.dropped == 2
+
+
+def test_a_gone_worker_stops_the_sender() -> None:
+    main_end, worker_end = sender_and_receiver()
+    errors: list = []
+    sender = FeedSender(main_end, on_error=lambda s, exc: errors.append(exc))
+    worker_end.close()
+    assert not sender.send(frame_event())
+    assert sender.closed and isinstance(sender.error, OSError) and len(errors) == 1
+    assert not sender.send(frame_event())
+    main_end.close()
