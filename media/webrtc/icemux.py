@@ -218,6 +218,15 @@ class MuxEntry:
     registered: bool = True
 
 
+class RemoteTarget:
+    """A :class:`MuxTable` target in another process (an egress worker,
+    media/webrtc/icerelay.py): :meth:`IceMux.received` hands it the
+    datagram instead of a local ``StunProtocol``."""
+
+    def deliver(self, entry: MuxEntry, data: bytes, addr: Addr) -> None:
+        raise NotImplementedError
+
+
 @dataclass(slots=True)
 class Route:
     entry: MuxEntry
@@ -703,6 +712,9 @@ class IceMux:
         if route is None:
             return
         session: MuxSession = route.entry.target
+        if isinstance(session, RemoteTarget):
+            session.deliver(route.entry, data, addr)
+            return
         protocol = route.hint if route.hint is not None else session.protocol_for(addr)
         try:
             protocol.datagram_received(data, addr)
@@ -727,6 +739,25 @@ class IceMux:
         except BlockingIOError:
             # An 8 MB buffer full: STUN and DTLS retransmit; never queue
             # without bound.
+            self.counters.send_dropped += 1
+        except OSError:
+            self.counters.send_errors += 1
+
+    def send_datagram(self, data: bytes, addr: Any) -> None:
+        """Send ``data`` to ``addr`` on the shared socket, from the local
+        address ``addr`` checked (a worker's STUN requests, which the ICE
+        relay registered with :meth:`MuxTable.note_request` first)."""
+        sock = self.sock
+        if sock is None:
+            return
+        addr = (addr[0], addr[1])
+        try:
+            anc = self.ancillary_for(addr)
+            if anc:
+                sock.sendmsg([data], anc, 0, self.wire_addr(addr))
+            else:
+                sock.sendto(data, self.wire_addr(addr))
+        except BlockingIOError:
             self.counters.send_dropped += 1
         except OSError:
             self.counters.send_errors += 1
@@ -768,6 +799,8 @@ class IceMux:
 
     def session_for_ufrag(self, ufrag: str) -> MuxSession | None:
         entry = self.table.by_ufrag.get(ufrag)
+        if entry is not None and isinstance(entry.target, RemoteTarget):
+            return None  # another process's session (the ICE relay's)
         return entry.target if entry is not None else None
 
     def attach(self, pc: Any) -> None:

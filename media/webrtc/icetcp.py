@@ -123,6 +123,13 @@ class Framer:
         """Bytes held for an incomplete frame."""
         return len(self._buf)
 
+    def take(self) -> bytes:
+        """The bytes of an incomplete frame, removed (a connection handed to
+        another process carries them along)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf
         buf += data
@@ -152,6 +159,11 @@ class IceTcpStats:
     #: connections), ``not_stun``, ``unknown_ufrag``, ``bad_integrity``,
     #: ``session_limit``, ``oversized``.
     refused: dict[str, int] = field(default_factory=dict)
+    #: Connections whose first request named another process's session
+    #: (an egress worker, media/webrtc/icerelay.py), handed over to it.
+    handed_off: int = 0
+    #: Connections received from another process (the worker's listener).
+    adopted: int = 0
     #: No valid first request within ``first_request_timeout``.
     timed_out: int = 0
     #: Bound connections closed after ``idle_timeout`` without a frame.
@@ -168,9 +180,12 @@ class IceTcpStats:
 class _Link(asyncio.Protocol):
     """One accepted TCP connection (asyncio side; decisions in the listener)."""
 
-    def __init__(self, listener: "IceTcpListener") -> None:
+    def __init__(self, listener: "IceTcpListener", initial: bytes = b"") -> None:
         self.listener = listener
         self.framer = Framer(listener.max_frame)
+        #: Bytes another process read from this connection before handing
+        #: it over (IceTcpListener.adopt): parsed before anything new.
+        self.initial = initial
         self.transport: asyncio.Transport | None = None
         self.peer: tuple[str, int] = ("", 0)
         self.local: tuple[str, int] = ("", 0)
@@ -186,6 +201,11 @@ class _Link(asyncio.Protocol):
         self.peer = (peer[0], peer[1])
         self.local = (local[0], local[1])
         self.listener._accepted(self, time.monotonic())
+        if self.initial and not self.closed:
+            # asyncio adds the reader only after connection_made: these
+            # bytes come first.
+            data, self.initial = self.initial, b""
+            self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -258,6 +278,12 @@ class IceTcpListener:
         self._timer: asyncio.TimerHandle | None = None
         #: Address families the listening sockets accept (set by start()).
         self.families: set[int] = set()
+        #: The ICE relay's hook for a first request no local session knows
+        #: (media/webrtc/icerelay.py): ``(link, frames) -> False`` (not
+        #: another process's either), ``True`` (handed over: the link is
+        #: closed here, its socket lives on there) or a refusal reason.
+        self.handoff: Any = None
+        self._adopting: set[asyncio.Task] = set()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -290,7 +316,35 @@ class IceTcpListener:
         self._arm()
         event(log, logging.INFO, "webrtc.ice_tcp_listening", host=self.host or "*", port=self.port)
 
+    def start_adopting(self, families: set[int]) -> None:
+        """Run without a listening socket: connections arrive by
+        :meth:`adopt` (an egress worker's listener; its candidates name
+        main's port, ``self.port``)."""
+        self.families = set(families)
+        self._arm()
+
+    def adopt(self, sock: socket.socket, initial: bytes = b"") -> None:
+        """Serve a connection another process accepted and read ``initial``
+        from (its first frames), under this listener's limits and
+        deadlines."""
+        self.stats.adopted += 1
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(loop.connect_accepted_socket(lambda: _Link(self, initial), sock))
+        self._adopting.add(task)
+        task.add_done_callback(lambda t: self._adopted(t, sock))
+
+    def _adopted(self, task: "asyncio.Task", sock: socket.socket) -> None:
+        self._adopting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            # No transport owns the socket (the listener closed first).
+            sock.close()
+            if not task.cancelled():
+                event(log, logging.INFO, "webrtc.ice_tcp_adopt_failed", detail=str(task.exception()))
+
     async def close(self) -> None:
+        for task in list(self._adopting):
+            task.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -390,6 +444,14 @@ class IceTcpListener:
         if session is None:
             session = self.authenticate(frames[0])
             if isinstance(session, str):
+                if session == "unknown_ufrag" and self.handoff is not None:
+                    taken = self.handoff(link, frames)
+                    if taken is True:
+                        self.stats.handed_off += 1
+                        link.close()  # our descriptor only: the other process holds the connection
+                        return
+                    if isinstance(taken, str):
+                        session = taken
                 self._refuse(link, session)
                 return
             if not session._bind(link):
@@ -445,6 +507,10 @@ class IceTcpSession:
         """Create one passive host candidate (and its protocol) per address
         and register for the listener's connections (RFC 6544 §4.5:
         ``tcptype passive``, the port the listener is bound to)."""
+        # The UDP gathering may have drawn a new ufrag since attach (the ICE
+        # mux replaces one that clashes; an egress worker's always does).
+        self.ufrag = self.connection.local_username
+        self.password = self.connection.local_password
         made = []
         for i, host in enumerate(dict.fromkeys(hosts)):
             protocol = TcpStunProtocol(self.connection, self)
