@@ -40,9 +40,12 @@ not care which process a viewer lives in.
   sessions and sends its last figures), then joined, terminated, killed
   — in that order, with timeouts.
 
-The per-worker ICE port: until the shared-port relay is used, each worker
-runs its own ICE mux on ``webrtc.ice_udp_port + 1 + index`` (0 stays 0:
-any free port), so those ports must be open too.
+* **ICE**: every viewer stays on the main process's one ICE port (and its
+  ICE-TCP port): :class:`~media.webrtc.icerelay.IceRelayHub` routes a
+  worker's datagrams to it over its relay socket, the worker sends on a
+  duplicate of the shared socket. The ufrag/password of each answer is
+  registered with the hub before the answer leaves, and unregistered when
+  the session ends; a dead worker's routes go with it.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ __all__ = ["EgressHost", "EgressSession", "MergedHistogram", "ProcessWorker"]
 READY_TIMEOUT_S = 30.0
 #: How long one call may take (an answer needs ICE gathering: seconds).
 CALL_TIMEOUT_S = 20.0
+#: Send buffer of each worker's feed socket (bytes).
+FEED_SNDBUF = 4 << 20
 #: Sessions the worker reported closed before the host had their proxy.
 _EARLY_CLOSED = 1024
 
@@ -112,13 +117,12 @@ class WorkerLink(Protocol):
 class ProcessWorker:
     """A worker process (spawn context) and the main ends of its sockets."""
 
-    def __init__(self, index: int, config: WorkerConfig) -> None:
+    def __init__(self, index: int, config: WorkerConfig, relay: Any = None) -> None:
         self.index = index
-        mux = config.ice_mux
-        if mux is not None:
-            # Its own ICE port next to the server's (0 stays 0: any free port).
-            mux = dataclasses.replace(mux, port=mux.port + 1 + index if mux.port else 0)
-        self.config = dataclasses.replace(config, index=index, ice_mux=mux)
+        self.config = dataclasses.replace(config, index=index)
+        #: The main process's IceRelayHub (None: ICE mux off, aioice's
+        #: sockets per session in the worker).
+        self.relay = relay
         self.pid: int | None = None
         self.proc: Any = None
         self.on_message: Callable[[tuple], None] = lambda msg: None
@@ -134,25 +138,40 @@ class ProcessWorker:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
-        from media.webrtc.feed import FeedSender
+        from media.webrtc import feed as feeds
 
         loop = self._loop = asyncio.get_running_loop()
         control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        feed, child_feed = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        feed, child_feed = feeds.socketpair()
+        # A Unix socket queues up to the sender's buffer: room for a worker
+        # that is busy for a few frames before anything is dropped (the
+        # kernel caps it at net.core.wmem_max).
+        feed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FEED_SNDBUF)
+        relay_args = child_relay = None
+        if self.relay is not None:
+            from media.webrtc.icerelay import relay_socketpair
+
+            self.relay.remove_worker(self.index)  # an earlier life's routes, if any are left
+            main_relay, child_relay = relay_socketpair()
+            self.relay.add_worker(self.index, main_relay)
+            relay_args = (self.relay.worker_handoff(), child_relay, self.relay.udp_socket)
         ctx = multiprocessing.get_context("spawn")
-        self.proc = ctx.Process(target=worker_main, args=(self.config, child_control, child_feed, os.getpid()),
+        self.proc = ctx.Process(target=worker_main,
+                                args=(self.config, child_control, child_feed, os.getpid(), relay_args),
                                 name=f"returnfeed-egress-{self.index}", daemon=True)
         try:
             self.proc.start()
         finally:
             child_control.close()
             child_feed.close()
+            if child_relay is not None:
+                child_relay.close()
         self.pid = self.proc.pid
         self._ready = loop.create_future()
         self._channel = ControlChannel(control, self._on_message, self._on_gone)
         self._channel.start()
         self._feed_sock = feed
-        self._sender = FeedSender(feed)
+        self._sender = feeds.FeedSender(feed)
         loop.add_reader(self.proc.sentinel, self._on_gone)
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), READY_TIMEOUT_S)
@@ -198,6 +217,10 @@ class ProcessWorker:
             self._stopped.exception()
         if self._sender is not None:
             self._sender.close()
+        if self._feed_sock is not None:
+            self._feed_sock.close()
+        if self.relay is not None:
+            self.relay.remove_worker(self.index)
         self.on_exit()
 
     async def call(self, method: str, *args: Any) -> Any:
@@ -288,6 +311,8 @@ class EgressSession:
         self.stream_name = stream
         self.owner = owner
         self.sync = sync
+        #: The ICE ufrag of our answer: the relay's route to the worker.
+        self.ufrag: str | None = None
         self.etag: str = reply["etag"]
         self.sdp_answer: str = reply["sdp"]
         self.answer_note: str = reply["answer_note"]
@@ -421,19 +446,26 @@ class EgressHost:
     def __init__(self, workers: int, config: WorkerConfig, *,
                  make_worker: Callable[[int, WorkerConfig], WorkerLink] | None = None,
                  make_packetizer: Callable[[Any], Any] | None = None, max_viewers: int = 2000,
-                 stop_timeout: float = 5.0) -> None:
+                 stop_timeout: float = 5.0, wait_for_ice: bool = False) -> None:
         self.config = config
         self.max_viewers = max_viewers
         self.stop_timeout = stop_timeout
-        self._make_worker = make_worker or ProcessWorker
+        self._make_worker = make_worker or (lambda i, c: ProcessWorker(i, c, self.relay))
         self._make_packetizer = make_packetizer
         self.slots = [_Slot(i) for i in range(workers)]
         self.sessions: dict[str, EgressSession] = {}
         self.keyframe_handlers: list[Callable[[str], int | None]] = []
-        #: Set by the owner like WhepService's (the main process's ICE socket
-        #: and ICE-TCP listener; the workers do not use them yet).
+        #: Set by the owner like WhepService's: the main process's ICE
+        #: socket and ICE-TCP listener, which the workers' viewers share
+        #: through :attr:`relay` (made in :meth:`use_ice`).
         self.ice_mux: Any = None
         self.ice_tcp: Any = None
+        self.relay: Any = None
+        #: Workers are spawned once the ICE side is known (:meth:`use_ice`);
+        #: a host without the ICE wait (the unit tests') spawns at once.
+        self._ice_known = asyncio.Event()
+        if not wait_for_ice:
+            self._ice_known.set()
         self.packetizers: dict[str, Any] = {}
         #: What dead workers had reached, so that every counter only goes up.
         self._retired_totals = SessionStats()
@@ -467,7 +499,18 @@ class EgressHost:
             await asyncio.sleep(0.05)
         return False
 
+    def use_ice(self, mux: Any, ice_tcp: Any) -> None:
+        """The main process's started ICE socket and ICE-TCP listener (either
+        may be None): workers relay through them; spawning may begin."""
+        from media.webrtc.icerelay import IceRelayHub
+
+        self.ice_mux, self.ice_tcp = mux, ice_tcp
+        if mux is not None and self.relay is None:
+            self.relay = IceRelayHub(mux, ice_tcp)
+        self._ice_known.set()
+
     async def _run_slot(self, slot: _Slot, delay: float) -> None:
+        await self._ice_known.wait()
         if delay:
             await asyncio.sleep(delay)
         while not self._closing:
@@ -547,6 +590,8 @@ class EgressHost:
         for p in list(self.packetizers.values()):
             p.close()
         self.packetizers.clear()
+        if self.relay is not None:
+            self.relay.close()
 
     # -- messages from the workers ----------------------------------------------
 
@@ -587,6 +632,8 @@ class EgressHost:
         self.sessions.pop(session.id, None)
         if count:
             self._host_closed[reason] = self._host_closed.get(reason, 0) + 1
+        if self.relay is not None and session.ufrag is not None:
+            self.relay.unregister(session.ufrag)
 
     # -- feeds ------------------------------------------------------------------
 
@@ -701,6 +748,20 @@ class EgressHost:
             if slot.link is link:
                 self._release(slot, stream.name)
             return session
+        if self.relay is not None:
+            # Before the answer reaches the viewer: its first check must
+            # find the route (the worker registers it too, at gathering).
+            from media.webrtc.icerelay import answer_credentials
+
+            try:
+                session.ufrag, pwd = answer_credentials(session.sdp_answer)
+                self.relay.register(session.ufrag, pwd, slot.index)
+            except (ValueError, KeyError) as exc:
+                session.ufrag = None
+                await session.close("ice_failed", str(exc))
+                if slot.link is link:
+                    self._release(slot, stream.name)
+                raise OverflowError(f"cannot route the viewer's ICE: {exc}") from None
         slot.sessions[session.id] = session
         self.sessions[session.id] = session
         return session

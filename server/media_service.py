@@ -225,14 +225,14 @@ class MediaService:
 
     def _egress_host(self, settings: Settings) -> EgressHost:
         """The egress workers' host: each worker gets what WhepService gets
-        here, and its own ICE port until the shared port is relayed."""
+        here; its viewers share this process's ICE ports (relayed)."""
         w = settings.webrtc
         config = WorkerConfig(index=0, ice_servers=w.agent_ice_servers(), max_viewers=w.max_viewers,
                               backlog_limit=w.backlog_bytes, send_failure_timeout=w.send_failure_timeout_s,
                               connect_timeout=w.connect_timeout_s, layer_policy=w.layer_policy(),
                               rtx_share=w.rtx_share, rtx_playout_allowance=w.rtx_playout_allowance_s,
-                              ice_mux=w.ice_mux_config(), log_level=logging.getLogger().getEffectiveLevel())
-        host = EgressHost(w.egress_worker_count(), config, max_viewers=w.max_viewers)
+                              log_level=logging.getLogger().getEffectiveLevel())
+        host = EgressHost(w.egress_worker_count(), config, max_viewers=w.max_viewers, wait_for_ice=True)
         host.first_byte = self.frame_first_byte
         return host
 
@@ -247,12 +247,16 @@ class MediaService:
         if self.ice_mux is not None:
             await self.ice_mux.start()
         self.whep.start()
-        if self.egress is not None and not await self.egress.wait_ready():
-            # Serving goes on: a worker that came up takes viewers, the
-            # others keep being restarted (their backoff is in the log).
-            event(log, logging.ERROR, "egress.workers_not_ready", workers=len(self.egress.slots))
         self.whip.start()
         await self._start_ice_tcp()
+        if self.egress is not None:
+            # The workers' viewers share this process's ICE ports (relayed),
+            # so they are spawned once both are bound.
+            self.egress.use_ice(self.ice_mux, self.ice_tcp)
+            if not await self.egress.wait_ready():
+                # Serving goes on: a worker that came up takes viewers, the
+                # others keep being restarted (their backoff is in the log).
+                event(log, logging.ERROR, "egress.workers_not_ready", workers=len(self.egress.slots))
         s = self.settings.srt
         if s.enabled:
             listener = SrtListener(

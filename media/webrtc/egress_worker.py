@@ -9,8 +9,8 @@ here is today's :class:`~media.webrtc.whep.WhepService` and
 :class:`~media.webrtc.fanout.PacketFanout` per stream fed by a
 :class:`~media.webrtc.feed.FeedReceiver` instead of a hub reader.
 
-Three sockets reach the process (passed as arguments of the spawned
-process, so their descriptors are inherited):
+The sockets reach the process as arguments of the spawned process (their
+descriptors are inherited):
 
 * ``control`` (``SOCK_SEQPACKET``): :class:`ControlChannel` carries pickled
   tuples both ways, one message per record, larger ones in fragments.
@@ -24,9 +24,12 @@ process, so their descriptors are inherited):
   reason)``, ``("keyframe", stream)`` and every ``stats_interval``
   ``("stats", WorkerStats)``.
 * ``feed``: the packets (media/webrtc/feed.py), read with ``loop.add_reader``.
-* the ICE side: until the shared-port relay is used, the worker runs its own
-  :class:`~media.webrtc.icemux.IceMux` on the port in its config (the
-  per-worker-port fallback: every worker needs a UDP port of its own).
+* the ICE side (media/webrtc/icerelay.py): the main process's one ICE UDP
+  socket (a duplicate: DTLS, STUN answers and SRTP leave from it directly)
+  and the relay socket that brings this worker's datagrams from main,
+  served by a :class:`~media.webrtc.icerelay.RelayedIceMux`; with
+  ``webrtc.ice_mux`` off there is none and aioice opens a socket per session
+  (the same fallback as in one process).
 
 The worker exits when the control socket ends (the host closed it or died)
 or its parent process is gone: a killed server leaves no orphan behind.
@@ -265,9 +268,6 @@ class WorkerConfig:
     layer_policy: LayerPolicy = field(default_factory=LayerPolicy)
     rtx_share: float = 0.25
     rtx_playout_allowance: float = 0.5
-    #: The worker's own ICE mux (IceMuxConfig) on a port of its own; None:
-    #: aioice's socket per session.
-    ice_mux: Any = None
     stats_interval: float = 0.5
     forwarding_buckets: tuple[float, ...] = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
     first_byte_buckets: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2)
@@ -325,8 +325,10 @@ class EgressWorker:
     _CALLS = ("create", "trickle", "pin", "close", "open", "close_stream", "snapshots")
 
     def __init__(self, config: WorkerConfig, control: socket.socket, feed: socket.socket,
-                 parent_pid: int | None) -> None:
+                 parent_pid: int | None, relay: tuple[Any, socket.socket, socket.socket] | None = None) -> None:
         self.config = config
+        #: (RelayHandoff, relay socket, the shared UDP socket), or None.
+        self._relay = relay
         self.parent_pid = parent_pid
         self.control = ControlChannel(control, self._on_message, self._on_eof)
         self._feed_sock = feed
@@ -342,7 +344,6 @@ class EgressWorker:
         #: before can be asked now).
         self._keyframe_results: dict[str, int] = {}
         self.feed_events = 0
-        self.feed_errors = 0
         self._done = asyncio.Event()
         self._stats_timer: asyncio.TimerHandle | None = None
         self._stopping = False
@@ -352,10 +353,12 @@ class EgressWorker:
     async def start(self) -> None:
         from .feed import FeedReceiver
 
-        if self.config.ice_mux is not None:
-            from .icemux import IceMux
+        if self._relay is not None:
+            from .icerelay import RelayedIceMux
 
-            self.ice_mux = IceMux(self.config.ice_mux)
+            handoff, relay_sock, udp_sock = self._relay
+            self.ice_mux = RelayedIceMux(handoff, relay_sock, udp_sock)
+            self.ice_mux.on_main_lost = self._done.set  # nothing reaches our viewers any more
             await self.ice_mux.start()
             self.service.ice_mux = self.ice_mux
         self.feed = FeedReceiver(self._feed_sock, self._on_feed)
@@ -376,6 +379,7 @@ class EgressWorker:
         await self.service.close()
         if self.feed is not None:
             self.feed.close()
+        self._feed_sock.close()
         if self.ice_mux is not None:
             await self.ice_mux.close()
 
@@ -515,7 +519,8 @@ class EgressWorker:
         return WorkerStats(sessions=sessions, totals=totals, send_errors=errors, switches=dict(svc.switches),
                            drops=dict(svc.drops), closed_by_reason=dict(svc.closed_by_reason),
                            forwarding=self.forwarding, first_byte=self.first_byte, feed_events=self.feed_events,
-                           feed_errors=self.feed_errors, control_dropped=self.control.dropped,
+                           feed_errors=self.feed.errors if self.feed is not None else 0,
+                           control_dropped=self.control.dropped,
                            cpu_s=time.process_time())
 
     def _arm_stats(self) -> None:
@@ -553,7 +558,7 @@ class _FieldsFormatter(logging.Formatter):
 
 
 def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socket,
-                parent_pid: int | None = None) -> None:
+                parent_pid: int | None = None, relay: tuple[Any, socket.socket, socket.socket] | None = None) -> None:
     """The process entry point (multiprocessing, spawn context)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_FieldsFormatter(f"egress-worker-{config.index}"))
@@ -568,6 +573,6 @@ def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socke
         runner = asyncio.run
 
     async def main() -> None:
-        await EgressWorker(config, control, feed, parent_pid).run()
+        await EgressWorker(config, control, feed, parent_pid, relay).run()
 
     runner(main())
