@@ -175,7 +175,8 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace,
             "receiving": report["viewers"]["receiving"], "lost": report["sequence_window"]["lost"],
             "viewers": args.viewers, "packets": report["swarm"]["packets"],
             "pps_p50": report["per_viewer"]["packets_per_s"]["p50"], "failures": report["viewers"]["failures"],
-            "server_drops": server_drops(sv.get("metrics") or [])}
+            "server_drops": server_drops(sv.get("metrics") or []),
+            "main_cpu_s": sv.get("main_cpu_s"), "worker_cpu_s": sv.get("worker_cpu_s")}
 
 
 def main() -> None:
@@ -223,7 +224,9 @@ def main() -> None:
                       f"{r['lost']} lost, {r['packets']} packets in the window "
                       f"(median {r['pps_p50'] or 0:.0f}/s per viewer)"
                       + (f", failures {r['failures']}" if r["failures"] else "")
-                      + (f", server drops {r['server_drops']}" if r["server_drops"] else ""),
+                      + (f", server drops {r['server_drops']}" if r["server_drops"] else "")
+                      + (f" (CPU s: main {r['main_cpu_s']:.1f}, workers {r['worker_cpu_s']:.1f})"
+                         if r.get("worker_cpu_s") else ""),
                       flush=True)
     print()
     for label, _, _ in runs:

@@ -844,6 +844,20 @@ class EgressHost:
         for s in self.slots:
             cpu.add_metric([str(s.index)], s.cpu_retired + (s.stats.cpu_s if s.stats is not None else 0.0))
         yield from (up, viewers, restarts, drops, cpu)
+        if self.relay is not None:
+            t = self.relay.totals()
+            for name, value, doc in (
+                    ("returnfeed_webrtc_ice_relay_packets", t.relayed_packets,
+                     "Datagrams on the shared ICE port relayed to egress workers"),
+                    ("returnfeed_webrtc_ice_relay_dropped", t.dropped_full,
+                     "Datagrams for egress workers dropped: their relay socket was full or gone"),
+                    ("returnfeed_webrtc_ice_relay_requests", t.requests_sent,
+                     "STUN requests of egress workers sent by the server process"),
+                    ("returnfeed_webrtc_ice_relay_tcp_handed_off", t.tcp_handed_off,
+                     "ICE-TCP connections handed to egress workers")):
+                fam = CounterMetricFamily(name, doc)
+                fam.add_metric([], value)
+                yield fam
 
 
 def _add(into: dict, other: dict) -> None:

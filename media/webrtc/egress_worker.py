@@ -283,7 +283,6 @@ class _StreamRef:
 
 
 def _make_service(config: WorkerConfig, worker: "EgressWorker") -> Any:
-    from .fanout import PacketFanout
     from .whep import WhepService
 
     class WorkerWhepService(WhepService):

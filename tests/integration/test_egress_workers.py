@@ -144,6 +144,7 @@ def test_viewers_spread_over_both_workers_and_play(env) -> None:
     assert sum(v for k, v in m.items() if k.startswith("returnfeed_viewers{")) == 4
     assert m["returnfeed_webrtc_packets_sent_total"] >= sum(out["packets"])
     assert m["returnfeed_forwarding_latency_seconds_count"] > 0
+    assert m["returnfeed_webrtc_ice_relay_packets_total"] > 0  # the viewers' RTCP came through main's port
     assert out["state"]["viewers"] == 4 and sum(out["state"]["viewers_by_layer"].values()) == 4
     assert len(out["listed"]["viewers"]) == 4
     assert all(v["packets_sent"] > 0 for v in out["listed"]["viewers"])
