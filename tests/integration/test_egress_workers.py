@@ -316,3 +316,21 @@ def test_shutdown_is_ordered_and_leaves_no_worker_behind(env) -> None:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
     assert not [line for line in srv.output if "Traceback" in line], "\n".join(srv.output[-60:])
+
+
+def test_workers_exit_when_the_server_process_is_killed(db_url: str, tmp_path_factory) -> None:
+    srv = ServerProcess(tmp_path_factory.mktemp("srv-kill"), env={
+        "DATABASE_URL": db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
+        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "2"})
+    srv.start()
+    try:
+        pids = wait_until(lambda: list(worker_pids(srv).values()) if len(worker_pids(srv)) == 2 else None, 60, 0.2)
+        assert all(alive(p) for p in pids)
+        os.kill(srv.proc.pid, signal.SIGKILL)  # no ordered stop: the workers find out by themselves
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in pids)
+    finally:
+        srv.kill()
