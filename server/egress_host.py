@@ -521,6 +521,8 @@ class EgressHost:
             slot.started_at = time.monotonic()
             try:
                 await link.start()
+                if slot.link is not link:
+                    raise ConnectionError("it exited as soon as it was ready")
             except (ConnectionError, OSError) as exc:
                 event(log, logging.ERROR, "egress.worker_start_failed", worker=slot.index, error=str(exc))
                 if slot.link is link:
@@ -528,8 +530,6 @@ class EgressHost:
                 slot.delay = next_backoff(slot.delay)
                 await asyncio.sleep(slot.delay)
                 continue
-            if slot.link is not link:
-                continue  # it died while starting; _on_exit scheduled what follows
             slot.live = True
             event(log, logging.INFO, "egress.worker_started", worker=slot.index, pid=link.pid)
             break

@@ -129,6 +129,11 @@ def test_viewers_spread_over_both_workers_and_play(env) -> None:
             out["state"] = http("GET", f"{base}/api/v1/streams/live1", token=admin).json()
             out["listed"] = http("GET", f"{base}/api/v1/streams/live1/viewers", token=admin).json()
             out["sessions"] = [http("GET", v.stats.location, token=admin) for v in viewers]
+            # Layer control is a call to the viewer's worker: its answers and refusals.
+            first = viewers[0].stats.location
+            current = http("GET", first, token=admin).json()["layer"]
+            out["pin"] = [http("POST", first.split("?")[0] + "/layer", {"layer": name}, token=admin)
+                          for name in (current, "auto", "nope")]
             return out
         finally:
             for v in viewers:
@@ -151,6 +156,10 @@ def test_viewers_spread_over_both_workers_and_play(env) -> None:
     for r in out["sessions"]:
         assert r.status == 200, r.body
         assert r.json()["state"] == "connected" and r.json()["stats"]["packets_sent"] > 0
+    pinned, auto, nope = out["pin"]
+    assert pinned.status == 200 and pinned.json()["pinned"] is True, pinned.body
+    assert auto.status == 200 and auto.json() == {"layer": auto.json()["layer"], "pinned": False}
+    assert nope.status == 400 and nope.json()["error"] == "bad_request", nope.body
 
 
 def test_every_viewer_is_on_the_one_ice_port_of_the_server(env) -> None:
