@@ -13,15 +13,19 @@ Two halves, so that the packets can cross a process boundary between them
   its layer (H.264 RFC 6184 / Opus RFC 7587), places it on the presentation
   clock (its :class:`~media.rtp.rewrite.MediaAnchor`) and emits one
   :class:`PacketsEvent` to each subscriber; a source restart or reader
-  overflow is a :class:`DiscontinuityEvent`, the stream's end an
-  :class:`EndedEvent`. It keeps each layer's events since its last keyframe
+  overflow is a :class:`DiscontinuityEvent`; its close (by its owner, or
+  when its reader finds the stream closed) an :class:`EndedEvent`. It keeps each layer's events since its last keyframe
   (bounded by ``gop_cache_bytes``), so that a subscriber that comes late
   (a worker started or restarted while the stream runs) first receives them,
   flagged ``cached``: it fills its GOP cache and histories, sends nothing.
 * :class:`PacketFanout` takes those events (:meth:`PacketFanout.handle`),
   stores the packets in the layer's NACK history and packet GOP cache, and
   calls every attached :class:`ViewerSink` synchronously, on the event loop,
-  starting one viewer further along the attach order each frame.
+  starting one viewer further along the attach order each frame. A video
+  frame ends at its marker packet (a large keyframe may come from the feed
+  in chunks): only then is it counted and reported (``on_frame_sent(event,
+  now)``, the forwarding-latency histograms: the event carries the frame's
+  arrival and first-byte times).
 * :class:`StreamFanout` is the two in one process, wired directly (one
   function call per event): the single-process path.
 
@@ -74,8 +78,9 @@ Timestamps: a video layer's RTP timestamps are the TS PTS (90 kHz) modulo
 §5.1); Opus from TS is rescaled 90 kHz → 48 kHz; Opus produced by the AAC
 transcoder is already on 48 kHz.
 
-Presentation clock (for the viewers' sender reports, lip sync): each layer
-and the audio track keep a :class:`~media.rtp.rewrite.MediaAnchor` — the
+Presentation clock (for the viewers' sender reports, lip sync): the
+packetizer places each layer and the audio track with a
+:class:`~media.rtp.rewrite.MediaAnchor`, carried on every PacketsEvent — the
 RTP timestamp of their latest frame and the monotonic time at which that
 frame's PTS is presented, ``PTS (s) + base``. ``base`` is taken from the
 stream's first frame (its arrival minus its PTS) and shared by every track
@@ -308,6 +313,9 @@ class StreamPacketizer:
         self.max_payload = max_payload
         self.gop_cache_bytes = gop_cache_bytes
         self._reader_size = reader_size
+        # Not read here: every time the packetizer hands on is a frame's own
+        # (Frame.arrival, the anchors). Accepted so that both halves and
+        # StreamFanout are constructed alike.
         self._clock = clock
         #: When the frame's first byte came in (SRT ingest), for the
         #: forwarding_latency_from_first_byte histogram; None: unknown.

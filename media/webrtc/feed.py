@@ -74,7 +74,7 @@ from .fanout import DiscontinuityEvent, EndedEvent, FeedEvent, PacketsEvent
 
 log = logging.getLogger("returnfeed.webrtc")
 
-__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_MESSAGE", "VERSION",
+__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_MESSAGE", "SEND_BUFFER", "VERSION",
            "decode", "encode", "socketpair"]
 
 VERSION = 1
@@ -98,6 +98,11 @@ MAX_MESSAGE = 1 << 18
 #: and one ~40-packet keyframe of a 1 Mbit/s stream in one message.
 DEFAULT_MAX_MESSAGE = 60000
 
+#: What may wait in the socket for one worker: the default (208 kB) is a few
+#: keyframes; this is over half a second of 20 streams at 1.15 Mbit/s, so a worker
+#: busy with a long fan-out loses nothing, one stalled longer resyncs.
+SEND_BUFFER = 1 << 20
+
 _PREFIX = struct.Struct("!BBBBH")
 _PACKETS_HEAD = struct.Struct("!BBBBHHdddI")
 _PACKET = struct.Struct("!HIBH")
@@ -115,9 +120,14 @@ def _table(count: int) -> struct.Struct:
     return struct.Struct("!" + "HIBH" * count)
 
 
-def socketpair() -> tuple[socket.socket, socket.socket]:
-    """A connected Unix SOCK_SEQPACKET pair: (the main end, the worker end)."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+def socketpair(send_buffer: int = SEND_BUFFER) -> tuple[socket.socket, socket.socket]:
+    """A connected Unix SOCK_SEQPACKET pair: (the main end, the worker end),
+    the main end's send buffer (which bounds what waits for the worker)
+    raised to ``send_buffer``."""
+    main_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # The kernel caps it at net.core.wmem_max (and doubles it for overhead).
+    main_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    return main_end, worker_end
 
 
 # -- codec (sans-I/O) -------------------------------------------------------------------
@@ -194,65 +204,67 @@ def _encode_packets(ev: PacketsEvent, stream: bytes, max_message: int) -> list[b
 def decode(data: bytes | bytearray | memoryview) -> FeedEvent:
     """One feed message → its event; :class:`FeedError` for anything that is
     not exactly a message of this version."""
-    mv = memoryview(data)
-    n = len(mv)
+    n = len(data)
     if n < _PREFIX.size:
         raise FeedError(f"truncated feed message ({n} bytes)")
     if n > MAX_MESSAGE:
         raise FeedError(f"oversized feed message ({n} bytes)")
-    version, kind, flags, layer_len, stream_len = _PREFIX.unpack_from(mv, 0)
+    # One copy of the message, then the payloads are plain bytes slices
+    # (cheaper per packet than slicing a memoryview and copying each).
+    data = bytes(data)
+    version, kind, flags, layer_len, stream_len = _PREFIX.unpack_from(data, 0)
     if version != VERSION:
         raise FeedError(f"feed version {version}, expected {VERSION}")
     if kind == KIND_PACKETS:
-        return _decode_packets(mv, n, flags, layer_len, stream_len)
+        return _decode_packets(data, n, flags, layer_len, stream_len)
     if kind == KIND_DISCONTINUITY:
         if flags & ~_ALL_LAYERS or (flags and layer_len):
             raise FeedError(f"bad discontinuity flags {flags:#x}")
         if n != _PREFIX.size + stream_len + layer_len:
             raise FeedError("discontinuity message length does not match its names")
         off = _PREFIX.size
-        stream = _text(mv, off, stream_len)
-        layer = None if flags else _text(mv, off + stream_len, layer_len)
+        stream = _text(data, off, stream_len)
+        layer = None if flags else _text(data, off + stream_len, layer_len)
         return DiscontinuityEvent(stream, layer)
     if kind == KIND_ENDED:
         if flags or layer_len or n != _PREFIX.size + stream_len:
             raise FeedError("malformed ended message")
-        return EndedEvent(_text(mv, _PREFIX.size, stream_len))
+        return EndedEvent(_text(data, _PREFIX.size, stream_len))
     raise FeedError(f"unknown feed message kind {kind}")
 
 
-def _text(mv: memoryview, off: int, length: int) -> str:
+def _text(data: bytes, off: int, length: int) -> str:
     try:
-        return str(mv[off:off + length], "utf-8")
+        return data[off:off + length].decode()
     except UnicodeDecodeError as exc:
         raise FeedError(f"feed name is not UTF-8: {exc}") from None
 
 
-def _decode_packets(mv: memoryview, n: int, flags: int, layer_len: int, stream_len: int) -> PacketsEvent:
+def _decode_packets(data: bytes, n: int, flags: int, layer_len: int, stream_len: int) -> PacketsEvent:
     if flags & ~(_CACHED | _ANCHOR | _FIRST_BYTE):
         raise FeedError(f"bad packets flags {flags:#x}")
     head = _PACKETS_HEAD.size
     if n < head:
         raise FeedError(f"truncated packets message ({n} bytes)")
-    count, arrival, first_byte, anchor_at, anchor_ts = _PACKETS_HEAD.unpack_from(mv, 0)[5:]
+    count, arrival, first_byte, anchor_at, anchor_ts = _PACKETS_HEAD.unpack_from(data, 0)[5:]
     off = head + stream_len + layer_len
     table_end = off + count * _PACKET_SIZE
     if count == 0 or table_end > n:
         raise FeedError(f"packets message of {n} bytes cannot hold {count} packets")
     if not (math.isfinite(arrival) and math.isfinite(first_byte) and math.isfinite(anchor_at)):
         raise FeedError("non-finite time in a packets message")
-    stream = _text(mv, head, stream_len)
-    layer = _text(mv, head + stream_len, layer_len)
+    stream = _text(data, head, stream_len)
+    layer = _text(data, head + stream_len, layer_len)
     packets = []
     append = packets.append
     pos = table_end
-    for seq, ts, pflags, length in _PACKET.iter_unpack(mv[off:table_end]):
+    for seq, ts, pflags, length in _PACKET.iter_unpack(memoryview(data)[off:table_end]):
         if pflags & ~7:
             raise FeedError(f"bad packet flags {pflags:#x}")
         end = pos + length
         if end > n:
             raise FeedError("packets message truncated inside a payload")
-        append(LayerPacket(seq, ts, pflags & _MARKER != 0, bytes(mv[pos:end]), pflags & _KEYFRAME_START != 0,
+        append(LayerPacket(seq, ts, pflags & _MARKER != 0, data[pos:end], pflags & _KEYFRAME_START != 0,
                            pflags & _DISCONTINUITY != 0))
         pos = end
     if pos != n:
@@ -307,7 +319,12 @@ class FeedSender:
         if self._owed and not self._flush():
             self._drop(ev)
             return False
-        messages = encode(ev, self.max_message)
+        try:
+            messages = encode(ev, self.max_message)
+        except ValueError as exc:  # a bug upstream: this worker loses the event, the others do not
+            event(log, logging.ERROR, "webrtc.feed_unencodable", stream=ev.stream, error=str(exc))
+            self._drop(ev)
+            return False
         for data in messages:
             if not self._send(data):
                 self._drop(ev)
@@ -420,6 +437,8 @@ class FeedReceiver:
         self.bytes = 0
         #: Messages that did not decode (logged, dropped).
         self.errors = 0
+        #: Events whose handler raised (logged; the feed goes on).
+        self.handler_errors = 0
         self.closed = False
 
     def start(self) -> None:
@@ -455,7 +474,11 @@ class FeedReceiver:
                 self.errors += 1
                 event(log, logging.WARNING, "webrtc.feed_garbage", error=str(exc), size=n)
                 continue
-            self._on_event(ev)
+            try:
+                self._on_event(ev)
+            except Exception:  # one stream's bug must not stop the feed of the others
+                self.handler_errors += 1
+                log.exception("feed event handler failed")
         return count
 
     def _eof(self) -> None:

@@ -265,3 +265,126 @@ def test_a_gone_worker_stops_the_sender() -> None:
     assert sender.closed and isinstance(sender.error, OSError) and len(errors) == 1
     assert not sender.send(frame_event())
     main_end.close()
+
+
+def test_a_failing_handler_or_an_unencodable_event_costs_only_that_event(caplog) -> None:
+    main_end, worker_end = sender_and_receiver()
+    got: list = []
+
+    def handler(ev) -> None:
+        if ev == EndedEvent("bad"):
+            raise RuntimeError("a bug in one stream's fan-out")
+        got.append(ev)
+
+    receiver = FeedReceiver(worker_end, handler)
+    sender = FeedSender(main_end)
+    assert sender.send(EndedEvent("bad")) and sender.send(EndedEvent("good"))
+    assert receiver.read_available() == 2
+    assert got == [EndedEvent("good")] and receiver.handler_errors == 1
+    # A packet the format cannot carry (a bug upstream): dropped, owed as a
+    # discontinuity, the next event still goes.
+    assert not sender.send(PacketsEvent("s", "high", (LayerPacket(70000, 0, True, b"x"),), None, 0.0, None))
+    assert sender.dropped == 1 and sender.pending == 1
+    assert sender.send(EndedEvent("good"))
+    receiver.read_available()
+    assert got[-2:] == [DiscontinuityEvent("s", "high"), EndedEvent("good")]
+    main_end.close()
+    worker_end.close()
+
+
+# -- across a real process boundary ------------------------------------------------------
+
+
+def worker_process(sock: socket.socket, results) -> None:
+    """An egress worker's feed side in a spawned process: receiver → fan-out
+    → one viewer attached from the start and one attached after the
+    cached GOP arrived (its join replay starts from it)."""
+    from media.layer import AUDIO
+
+    class Sink:
+        def __init__(self) -> None:
+            self.seqs: list[int] = []
+            self.audio = 0
+
+        def on_packets(self, index, pkts, now) -> None:
+            if index == AUDIO:
+                self.audio += len(pkts)
+            else:
+                self.seqs += [p.seq for p in pkts]
+
+        def on_layers_changed(self, layers) -> None:
+            pass
+
+        def on_stream_ended(self) -> None:
+            pass
+
+    async def run() -> dict:
+        ended = asyncio.get_running_loop().create_future()
+        fanout = PacketFanout("cam", on_closed=lambda fo: ended.set_result(None))
+        early, late = Sink(), Sink()
+        fanout.attach(early, None, time.monotonic())
+        cached = []
+
+        def on_event(ev) -> None:
+            if isinstance(ev, PacketsEvent) and ev.cached:
+                cached.append(len(ev.packets))
+            elif isinstance(ev, PacketsEvent) and late not in fanout.fanout_order():
+                fanout.attach(late, None, time.monotonic())
+            fanout.handle(ev)
+
+        receiver = FeedReceiver(sock, on_event)
+        receiver.start()
+        await asyncio.wait_for(ended, 20)
+        receiver.close()
+        return {"cached_packets": sum(cached), "early": early.seqs, "late": late.seqs,
+                "early_audio": early.audio, "frames": fanout.stats.frames, "errors": receiver.errors,
+                "replays": fanout.stats.joins_replayed}
+
+    results.put(asyncio.run(run()))
+
+
+def test_a_spawned_worker_gets_the_cached_gop_then_every_live_packet_once() -> None:
+    import multiprocessing
+
+    class Unit:
+        def __init__(self, i: int, key: bool) -> None:
+            self.codec, self.pts, self.dts, self.keyframe, self.pid = "h264", i * 3000, None, key, None
+            self.data = b"\x00\x00\x00\x01" + bytes([0x65 if key else 0x41]) + bytes([(i % 250) + 1]) * 4000
+
+    class Opus:
+        def __init__(self, k: int) -> None:
+            self.codec, self.pts, self.dts, self.keyframe, self.pid = "opus", k * 960, k * 960, True, None
+            self.clock_rate = 48000
+            self.data = bytes([0xFC]) * 130
+
+    stream = StreamHub().get_or_create("cam")
+    pub = stream.attach_publisher(SourceInfo("whip"), now=0.0)
+    packetizer = StreamPacketizer(stream)
+    packetizer.start()
+    for i in range(10):  # before the worker exists: one keyframe, nine P frames
+        pub.publish(Unit(i, i == 0))
+    cached = packetizer.stats.packets
+    main_end, worker_end = feed.socketpair()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=worker_process, args=(worker_end, results), daemon=True)
+    proc.start()
+    worker_end.close()
+    sender = FeedSender(main_end)
+    packetizer.subscribe(sender.send)
+    for i in range(10, 40):
+        pub.publish(Unit(i, False))
+        pub.publish(Opus(i))
+    packetizer.close()
+    try:
+        out = results.get(timeout=30)
+    finally:
+        proc.join(10)
+        main_end.close()
+    assert out["errors"] == 0 and sender.dropped == 0
+    assert out["cached_packets"] == cached
+    # The early viewer: every live packet once, in order (no cached one).
+    assert out["early"] == list(range(cached, packetizer.stats.packets - 30))
+    assert out["early_audio"] == 30 and out["frames"] == 60
+    # The late one starts with the replayed keyframe of the cached GOP.
+    assert out["replays"] == 1 and out["late"][0] == 0
