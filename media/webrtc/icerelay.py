@@ -36,8 +36,9 @@ address.
 
 Wire format of the relay socket (sans-I/O :func:`encode` / :func:`decode`;
 one message per datagram, so SOCK_SEQPACKET keeps the boundaries and the
-order): a 6-byte header ``kind, flags, len(ufrag), len(remote ip),
-len(local ip)`` + remote port, then the three strings and the payload.
+order): an 8-byte header ``kind, flags, len(ufrag), len(remote ip),
+len(local ip), 0, remote port`` (network order), then the three strings
+(UTF-8 ufrag, IP addresses as text) and the payload.
 
 ========== ============ ===================================================
 kind       direction    meaning
@@ -65,6 +66,12 @@ Wiring (the egress host, server/egress_host.py)::
     # worker
     mux = RelayedIceMux(handoff, relay_sock, udp_sock); await mux.start()
     mux.attach(pc)    # as IceMux.attach; also offers main's ICE-TCP port (mux.ice_tcp)
+
+ICE-TCP limits: until the handoff a connection is main's (its total and
+anonymous limits, the first-request deadline; a wrong password is refused
+there and never reaches a worker); from then on the worker's listener's,
+built with main's limits (:class:`TcpHandoff`): per session, idle deadline,
+write buffer, and a total per worker.
 
 Every queue is bounded: the relay socket's send buffer (a full one drops
 the datagram and counts it, as a full UDP buffer would; STUN and DTLS
@@ -438,7 +445,7 @@ class IceRelayHub:
                 return
             try:
                 self._message(worker, decode(data))
-            except (RelayError, KeyError) as exc:
+            except (ValueError, KeyError) as exc:  # RelayError, a password that is not UTF-8, a clash
                 worker.stats.bad_messages += 1
                 event(log, logging.WARNING, "webrtc.ice_relay_bad_message", worker=worker.worker_id,
                       detail=str(exc))
@@ -449,6 +456,10 @@ class IceRelayHub:
             entry = table.by_ufrag.get(msg.ufrag)
             if entry is None or entry.target is not worker or msg.remote is None:
                 return  # unregistered meanwhile: its checks are moot
+            if stun_class(msg.payload) != 0:
+                # Main sends only what it must know the transaction of; the
+                # rest the worker sends itself.
+                raise RelayError("SEND carries no STUN request")
             # Registered before the request leaves: the response cannot race it.
             table.note_request(entry, msg.payload)
             self.mux.send_datagram(msg.payload, msg.remote)
@@ -664,7 +675,9 @@ class RelayedIceMux(IceMux):
     def relayed(self, msg: RelayMessage) -> None:
         """One datagram main routed to this worker (sans socket)."""
         data, addr = msg.payload, msg.remote
-        assert addr is not None
+        if addr is None:
+            self.relay_stats.bad_messages += 1
+            return
         c = self.table.counters
         c.received_packets += 1
         c.received_bytes += len(data)

@@ -41,6 +41,7 @@ async def _worker_main(handoff: Any, relay_sock: socket.socket, udp_sock: socket
 
     from media.webrtc import aiortc_adapter as adapter
     from media.webrtc.icerelay import RelayedIceMux
+    from media.webrtc.icetcp import FramedSender
 
     loop = asyncio.get_running_loop()
     mux = RelayedIceMux(handoff, relay_sock, udp_sock)
@@ -76,9 +77,10 @@ async def _worker_main(handoff: Any, relay_sock: socket.socket, udp_sock: socket
                                  timestamp=93000, ssrc=sender.ssrc, payload=PAYLOAD).serialize() for i in range(4)]
                 batch = fast.send_batch(run)
                 sock = fast.sender.sock
-                conn.send({"sent": sent, "batch": batch, "gso": fast.sender.gso,
+                framed = isinstance(fast.sender, FramedSender)
+                conn.send({"sent": sent, "batch": batch, "gso": fast.sender.gso, "framed": framed,
                            "gso_fallbacks": fast.sender.gso_fallbacks, "errors": fast.sender.errors,
-                           "port": sock.getsockname()[1], "is_mux_socket": sock is mux.sock,
+                           "port": None if framed else sock.getsockname()[1], "is_mux_socket": sock is mux.sock,
                            "requests_via_main": mux.relay_stats.requests_via_main})
             elif command == "stats":
                 conn.send({"tcp_adopted": mux.relay_stats.tcp_adopted, 
@@ -161,17 +163,95 @@ def _candidates(sdp: str) -> list[list[str]]:
     return [ln.split() for ln in sdp.splitlines() if ln.startswith("a=candidate:")]
 
 
+class _ActiveTcp:
+    """The client's side of ICE-TCP (RFC 6544 "tcptype active"), as a
+    browser does it and aioice does not: a datagram for a remote address
+    opens a TCP connection there and goes framed (RFC 4571); frames read
+    back are the protocol's datagrams from that address."""
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.writers: dict[tuple[str, int], asyncio.StreamWriter] = {}
+        self.pending: dict[tuple[str, int], list[bytes]] = {}
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False
+
+    def sendto(self, data: bytes, addr: Any) -> None:
+        addr = (addr[0], addr[1])
+        writer = self.writers.get(addr)
+        if writer is not None:
+            writer.write(frame(data))
+        elif addr in self.pending:
+            self.pending[addr].append(data)
+        else:
+            self.pending[addr] = [data]
+            task = asyncio.get_running_loop().create_task(self._run(addr))
+            self.tasks.add(task)
+
+    async def _run(self, addr: tuple[str, int]) -> None:
+        from media.webrtc.icetcp import Framer
+
+        reader, writer = await asyncio.open_connection(*addr)
+        self.writers[addr] = writer
+        for data in self.pending.pop(addr):
+            writer.write(frame(data))
+        framer = Framer()
+        while chunk := await reader.read(65536):
+            for data in framer.feed(chunk):
+                self.protocol.datagram_received(data, addr)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        for writer in self.writers.values():
+            writer.close()
+        for task in self.tasks:
+            task.cancel()
+        # aioice's StunProtocol.close waits for this.
+        asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+
 class Client:
     """An aiortc receiver that records which address each datagram came
-    from and every decrypted RTP packet."""
+    from and every decrypted RTP packet; with ``tcp``, its only candidate
+    is an ICE-TCP active one."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
         from aiortc import RTCConfiguration, RTCPeerConnection
 
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.pc.addTransceiver("video", direction="recvonly")
         self.sources: list[tuple[str, int]] = []
         self.rtp: list[bytes] = []
+        self.tcp: _ActiveTcp | None = None
+        if tcp:
+            connection = self.pc.getTransceivers()[0].receiver.transport.transport._connection
+            gather = connection.gather_candidates
+
+            async def tcp_only() -> None:
+                from aioice import Candidate
+                from aioice.ice import StunProtocol
+
+                await gather()
+                for protocol in list(connection._protocols):
+                    await protocol.close()  # no UDP: the worker must be reached over main's TCP port
+                protocol = StunProtocol(connection)
+                protocol.local_candidate = Candidate(
+                    foundation="tcpactive", component=1, transport="tcp", priority=1_000_000, host="127.0.0.1",
+                    port=9, type="host", tcptype="active")
+                self.tcp = _ActiveTcp(protocol)
+                protocol.connection_made(self.tcp)
+                connection._protocols[:] = [protocol]
+                connection._local_candidates[:] = [protocol.local_candidate]
+
+            connection.gather_candidates = tcp_only
 
     async def offer(self) -> str:
         await self.pc.setLocalDescription(await self.pc.createOffer())
@@ -182,11 +262,10 @@ class Client:
 
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp, "answer"))
         dtls = self.pc.getTransceivers()[0].receiver.transport
-        original = dtls._handle_rtp_data
 
         async def handle(data: bytes, arrival_time_ms: int) -> None:
+            # Recorded, not decoded: the worker's test payload is no VP8 frame.
             self.rtp.append(bytes(data))
-            await original(data, arrival_time_ms)
 
         dtls._handle_rtp_data = handle
         for protocol in dtls.transport._connection._protocols:
@@ -358,6 +437,35 @@ def test_ice_tcp_connection_for_a_worker_session_is_handed_to_the_worker() -> No
                 assert await asyncio.to_thread(bad) == b""
                 assert main.listener.stats.refused.get("bad_integrity") == 1
                 assert main.hub.stats(1).tcp_handed_off == 1
+            finally:
+                await client.pc.close()
+
+    asyncio.run(run())
+
+
+def test_aiortc_client_on_ice_tcp_reaches_a_worker_session_through_main_and_gets_its_rtp() -> None:
+    """The whole path over ICE-TCP: checks, DTLS and the worker's FastPath
+    RTP (framed on the adopted connection) between an aiortc client whose
+    only candidate is TCP-active and a worker's session, through main's
+    ICE-TCP port."""
+    async def run() -> None:
+        async with Main(tcp=True) as main:
+            main.spawn(1)
+            client = Client(tcp=True)
+            try:
+                answer = await main.offer_answer(1, await client.offer())
+                # Only the TCP candidates: the client has no UDP to pair them with anyway.
+                await client.answer("\r\n".join(
+                    ln for ln in answer.split("\r\n")
+                    if not (ln.startswith("a=candidate:") and ln.split()[2].lower() == "udp")))
+                await client.connected()
+                assert client.nominated() == ("127.0.0.1", main.listener.port)
+                result = await main.ask(1, "send")
+                assert result["framed"] and result["sent"] > 0 and result["batch"] == 4 * result["sent"]
+                assert result["errors"] == 0
+                await _until(lambda: sum(PAYLOAD in p for p in client.rtp) == 5)
+                assert set(client.sources) == {("127.0.0.1", main.listener.port)}
+                assert main.listener.stats.handed_off >= 1 and main.hub.stats(1).tcp_handed_off >= 1
             finally:
                 await client.pc.close()
 

@@ -161,9 +161,13 @@ def test_routes_to_the_worker_by_ufrag_address_and_transaction_and_drop_the_rest
             worker_end.send(encode(UNREGISTER, "evtj"))
             await _until(lambda: "evtj" not in mux.table.by_ufrag)
             assert PEER not in mux.table.by_addr and hub.worker_of("evtj") is None
-            # Garbage from a worker is counted, never fatal.
+            # Garbage from a worker is counted, never fatal; main sends nothing but STUN requests.
             worker_end.send(b"\x07garbage")
-            await _until(lambda: hub.stats(1).bad_messages == 1)
+            worker_end.send(encode(REGISTER, "pwbad", payload=b"\xff\xfe"))
+            hub.register("evtj", RFC5769_PWD, 1)
+            worker_end.send(encode(SEND, "evtj", target, None, DTLS))
+            await _until(lambda: hub.stats(1).bad_messages == 3)
+            assert hub.stats(1).requests_sent == 1 and hub.worker_of("pwbad") is None
             assert 1 in hub.workers
         finally:
             hub.close()
@@ -246,22 +250,30 @@ def test_handoff_pickles() -> None:
     asyncio.run(main())
 
 
-def test_an_aioice_session_in_a_worker_connects_through_main_and_sends_on_the_shared_socket() -> None:
+@pytest.mark.parametrize("bind,hosts,family", [
+    ("0.0.0.0", ["127.0.0.1"], "127.0.0.1"),
+    # A dual-stack socket: the worker's direct sends must IPv4-map the peer
+    # (wire_addr from the dup's family), and an IPv6 peer works too.
+    ("::", ["127.0.0.1", "::1"], "127.0.0.1"),
+    ("::", ["::1"], "::1"),
+])
+def test_an_aioice_session_in_a_worker_connects_through_main_and_sends_on_the_shared_socket(
+        bind: str, hosts: list[str], family: str) -> None:
     """Main's mux and a RelayedIceMux on a duplicate of its socket (in one
-    process here; tests/integration/test_icerelay.py runs a real worker
-    process): a plain aioice agent connects to the worker's session on
-    main's port, and what the worker sends arrives from that port."""
+    process here; tests/integration/test_icerelay_process.py runs a real
+    worker process): a plain aioice agent connects to the worker's session
+    on main's port, and what the worker sends arrives from that port."""
     async def main() -> None:
-        mux = await _started(host_addresses=["127.0.0.1"])
+        mux = await _started(bind_address=bind, host_addresses=hosts)
         hub = IceRelayHub(mux)
         main_end, worker_end = relay_socketpair()
         hub.add_worker(7, main_end)
         dup = socket.socket(fileno=os.dup(hub.udp_socket.fileno()))
         worker = RelayedIceMux(pickle.loads(pickle.dumps(hub.worker_handoff())), worker_end, dup)
         await worker.start()
-        assert worker.port == mux.port and worker.addresses == ["127.0.0.1"]
+        assert worker.port == mux.port and worker.addresses == hosts
         server = Connection(ice_controlling=False)
-        client = Connection(ice_controlling=True, use_ipv6=False)
+        client = Connection(ice_controlling=True, use_ipv4=":" not in family, use_ipv6=":" in family)
         try:
             worker._hook(server)
             await server.gather_candidates()
@@ -278,7 +290,7 @@ def test_an_aioice_session_in_a_worker_connects_through_main_and_sends_on_the_sh
             server.remote_username, server.remote_password = client.local_username, client.local_password
             await asyncio.wait_for(asyncio.gather(client.connect(), server.connect()), 10)
             pair = client._nominated[1]
-            assert (pair.remote_candidate.host, pair.remote_candidate.port) == ("127.0.0.1", mux.port)
+            assert (pair.remote_candidate.host, pair.remote_candidate.port) == (family, mux.port)
             # The worker's checks went through main; data both ways.
             assert worker.relay_stats.requests_via_main > 0 and hub.stats(7).requests_sent > 0
             await server.send(b"\x80from-the-worker")
