@@ -82,8 +82,6 @@ __all__ = ["EgressHost", "EgressSession", "MergedHistogram", "ProcessWorker"]
 READY_TIMEOUT_S = 30.0
 #: How long one call may take (an answer needs ICE gathering: seconds).
 CALL_TIMEOUT_S = 20.0
-#: Send buffer of each worker's feed socket (bytes).
-FEED_SNDBUF = 4 << 20
 #: Sessions the worker reported closed before the host had their proxy.
 _EARLY_CLOSED = 1024
 
@@ -142,11 +140,7 @@ class ProcessWorker:
 
         loop = self._loop = asyncio.get_running_loop()
         control, child_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        feed, child_feed = feeds.socketpair()
-        # A Unix socket queues up to the sender's buffer: room for a worker
-        # that is busy for a few frames before anything is dropped (the
-        # kernel caps it at net.core.wmem_max).
-        feed.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, FEED_SNDBUF)
+        feed, child_feed = feeds.socketpair()  # its send buffer raised: room for a busy worker
         relay_args = child_relay = None
         if self.relay is not None:
             from media.webrtc.icerelay import relay_socketpair
