@@ -609,6 +609,14 @@ class EgressHost:
         elif kind == "keyframe":
             n = self.on_keyframe_request(msg[1])
             link.send(("keyframe_result", msg[1], n))
+        elif kind == "log":
+            # The worker's log line, through this process's handlers (format,
+            # redaction), tagged with the worker.
+            _, level, name, text, fields, exc = msg
+            logger = logging.getLogger(name)
+            if logger.isEnabledFor(level):
+                logger.log(level, text + ("\n" + exc if exc else ""),
+                           extra={"fields": {**fields, "worker": slot.index}})
 
     def on_keyframe_request(self, stream: str) -> int:
         return sum(handler(stream) or 0 for handler in self.keyframe_handlers)

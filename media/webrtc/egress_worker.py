@@ -21,8 +21,10 @@ descriptors are inherited):
   ``("reply", id, ok, value)`` (an error is ``(kind, text)``, kind one of
   :data:`ERROR_KINDS`, re-raised there as the same exception the in-process
   service raises, so the HTTP answer is the same), ``("closed", session,
-  reason)``, ``("keyframe", stream)`` and every ``stats_interval``
-  ``("stats", WorkerStats)``.
+  reason)``, ``("keyframe", stream)``, every ``stats_interval``
+  ``("stats", WorkerStats)``, its log records (``("log", …)``: the host
+  logs them with the server's handlers, redaction included) and, last,
+  ``("stopped",)``.
 * ``feed``: the packets (media/webrtc/feed.py), read with ``loop.add_reader``.
 * the ICE side (media/webrtc/icerelay.py): the main process's one ICE UDP
   socket (a duplicate: DTLS, STUN answers and SRTP leave from it directly)
@@ -46,7 +48,6 @@ import os
 import pickle
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -534,34 +535,32 @@ class EgressWorker:
         self._arm_stats()
 
 
-class _FieldsFormatter(logging.Formatter):
-    """One line per event with its structured fields (``media.log.event``),
-    tagged with the worker, on the server's stderr."""
+class _ControlLogHandler(logging.Handler):
+    """The worker's log records go to the host, which logs them with the
+    server's own handlers (its format, JSON or text, and its redaction of
+    tokens), tagged with the worker: ``("log", level, logger, event,
+    fields, exception text)``. Dropped while the channel is backed up."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, control: ControlChannel) -> None:
         super().__init__()
-        self.tag = tag
+        self.control = control
 
-    def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%H:%M:%S", time.localtime(record.created))
-        parts = [f"{ts}.{int(record.msecs):03d}", f"{record.levelname:<7}", self.tag, record.name,
-                 record.getMessage()]
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            parts.extend(f"{k}={v!r}" if isinstance(v, str) and (" " in v or not v.isprintable()) else f"{k}={v}"
-                         for k, v in fields.items())
-        line = " ".join(parts)
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = getattr(record, "fields", None)
+            plain = {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+                     for k, v in (fields.items() if isinstance(fields, dict) else ())}
+            exc = logging.Formatter().formatException(record.exc_info) if record.exc_info else None
+            self.control.send(("log", record.levelno, record.name, record.getMessage(), plain, exc),
+                              droppable=True)
+        except Exception:  # logging must never take the worker down
+            self.handleError(record)
 
 
 def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socket,
                 parent_pid: int | None = None, relay: tuple[Any, socket.socket, socket.socket] | None = None) -> None:
     """The process entry point (multiprocessing, spawn context)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_FieldsFormatter(f"egress-worker-{config.index}"))
-    logging.basicConfig(level=config.log_level, handlers=[handler])
+    logging.getLogger().setLevel(config.log_level)
     # Ctrl-C reaches the whole process group: the server orders our stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -572,6 +571,8 @@ def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socke
         runner = asyncio.run
 
     async def main() -> None:
-        await EgressWorker(config, control, feed, parent_pid, relay).run()
+        worker = EgressWorker(config, control, feed, parent_pid, relay)
+        logging.getLogger().addHandler(_ControlLogHandler(worker.control))
+        await worker.run()
 
     runner(main())

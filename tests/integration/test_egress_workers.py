@@ -325,6 +325,8 @@ def test_shutdown_is_ordered_and_leaves_no_worker_behind(env) -> None:
         time.sleep(0.1)
     assert not any(alive(p) for p in pids)
     assert not [line for line in srv.output if "Traceback" in line], "\n".join(srv.output[-60:])
+    # The workers' own log lines reach the server's log, tagged with the worker.
+    assert [line for line in srv.output if "webrtc.viewer_started" in line and " worker=" in line]
 
 
 def test_workers_exit_when_the_server_process_is_killed(db_url: str, tmp_path_factory) -> None:

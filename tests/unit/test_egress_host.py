@@ -452,3 +452,21 @@ def test_egress_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert WebRtcSettings(egress_workers=-1).egress_worker_count() == 1
     with pytest.raises(ValidationError):
         WebRtcSettings(egress_workers=-2)
+
+
+def test_worker_log_records_are_logged_here_tagged_with_the_worker(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    async def main() -> None:
+        host = await _started(2)
+        w1 = FakeLink.made[1]
+        with caplog.at_level(logging.INFO, logger="returnfeed.webrtc"):
+            host._on_message(host.slots[1], w1, ("log", logging.INFO, "returnfeed.webrtc", "webrtc.viewer_closed",
+                                                 {"session": "abc", "reason": "deleted"}, None))
+            host._on_message(host.slots[1], w1, ("log", logging.DEBUG, "returnfeed.webrtc", "noise", {}, None))
+        await host.close()
+
+    asyncio.run(main())
+    records = [r for r in caplog.records if r.name == "returnfeed.webrtc"]
+    assert [r.getMessage() for r in records] == ["webrtc.viewer_closed"]
+    assert records[0].fields == {"session": "abc", "reason": "deleted", "worker": 1}
