@@ -345,3 +345,57 @@ def test_workers_exit_when_the_server_process_is_killed(db_url: str, tmp_path_fa
         assert not any(alive(p) for p in pids)
     finally:
         srv.kill()
+
+
+def tcp_listen_ports(pid: int) -> set[int]:
+    """Local ports of the listening TCP sockets process ``pid`` holds."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            next(f)
+            for row in f:
+                cols = row.split()
+                if cols[9] in inodes and cols[3] == "0A":  # LISTEN
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_answers_from_workers_offer_the_servers_ice_tcp_port(db_url: str, tmp_path_factory) -> None:
+    srv = ServerProcess(tmp_path_factory.mktemp("srv-tcp"), env={
+        "DATABASE_URL": db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
+        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "2", "RETURNFEED_WEBRTC__ICE_TCP": "true",
+        "RETURNFEED_WEBRTC__ICE_TCP_PORT": "0"})
+    srv.start()
+    proc = None
+    try:
+        base = srv.url
+        admin = login(base, "admin", "admin-password-1")["access_token"]
+        assert http("POST", f"{base}/api/v1/productions", {"name": "TCP show"}, token=admin).status == 201
+        r = http("POST", f"{base}/api/v1/streams", {"name": "tcp1", "production": "TCP show"}, token=admin)
+        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
+            ":0?", f":{srv.srt_port}?")
+        proc = ffmpeg_publish(srt, seconds=60)
+        wait_live(base, "tcp1", admin)
+        offer = (Path(__file__).parent.parent / "fixtures" / "sdp" / "chromium_whep_offer.sdp").read_text()
+        answers = [http("POST", f"{base}/whep/tcp1", raw=offer.encode(), token=admin,
+                        headers={"Content-Type": "application/sdp"}) for _ in range(2)]
+        assert all(a.status == 201 for a in answers), [a.body for a in answers]
+        m = metrics(base)
+        tcp = {int(line.split()[5]) for a in answers for line in a.body.decode().splitlines()
+               if line.startswith("a=candidate:") and " tcp " in line.lower() and "tcptype passive" in line}
+        listening = tcp_listen_ports(srv.proc.pid)
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        srv.stop()
+    assert m['returnfeed_egress_worker_viewers{worker="0"}'] == 1
+    assert m['returnfeed_egress_worker_viewers{worker="1"}'] == 1
+    assert len(tcp) == 1 and tcp <= listening, (tcp, listening)  # main's own ICE-TCP listener
