@@ -476,6 +476,7 @@ class EgressHost:
         #: owner's SRT ingest knows), for the first-byte latency histogram.
         self.first_byte: Callable[[Any], float | None] | None = None
         self._closing = False
+        self._tasks: set[asyncio.Task] = set()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -688,7 +689,10 @@ class EgressHost:
         link = slot.link
         self._unsubscribe(link, name, sub)
         if link is not None:
-            asyncio.get_running_loop().create_task(self._close_stream(link, name))
+            # Held until done: the loop keeps only weak references to tasks.
+            task = asyncio.get_running_loop().create_task(self._close_stream(link, name))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _close_stream(self, link: WorkerLink, name: str) -> None:
         try:

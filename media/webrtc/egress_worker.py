@@ -347,6 +347,7 @@ class EgressWorker:
         self._done = asyncio.Event()
         self._stats_timer: asyncio.TimerHandle | None = None
         self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -392,11 +393,17 @@ class EgressWorker:
         kind = msg[0]
         if kind == "call":
             _, call_id, method, args = msg
-            asyncio.get_running_loop().create_task(self._call(call_id, method, args))
+            self._spawn(self._call(call_id, method, args))
         elif kind == "keyframe_result":
             self._keyframe_results[msg[1]] = msg[2]
         elif kind == "stop":
-            asyncio.get_running_loop().create_task(self._stop())
+            self._spawn(self._stop())
+
+    def _spawn(self, coro: Any) -> None:
+        # The loop keeps only weak references to tasks: hold each until done.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _call(self, call_id: int, method: str, args: tuple) -> None:
         try:
