@@ -399,3 +399,37 @@ def test_answers_from_workers_offer_the_servers_ice_tcp_port(db_url: str, tmp_pa
     assert m['returnfeed_egress_worker_viewers{worker="0"}'] == 1
     assert m['returnfeed_egress_worker_viewers{worker="1"}'] == 1
     assert len(tcp) == 1 and tcp <= listening, (tcp, listening)  # main's own ICE-TCP listener
+
+
+def test_without_the_shared_ice_port_workers_use_a_socket_per_session(db_url: str, tmp_path_factory) -> None:
+    srv = ServerProcess(tmp_path_factory.mktemp("srv-nomux"), env={
+        "DATABASE_URL": db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
+        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "1", "RETURNFEED_WEBRTC__ICE_MUX": "false"})
+    srv.start()
+    proc = None
+    try:
+        base = srv.url
+        admin = login(base, "admin", "admin-password-1")["access_token"]
+        assert http("POST", f"{base}/api/v1/productions", {"name": "No mux"}, token=admin).status == 201
+        r = http("POST", f"{base}/api/v1/streams", {"name": "nomux1", "production": "No mux"}, token=admin)
+        srt = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
+            ":0?", f":{srv.srt_port}?")
+        proc = ffmpeg_publish(srt, seconds=60)
+        wait_live(base, "nomux1", admin)
+
+        async def main() -> int:
+            from whep_client import WhepViewer
+
+            async with WhepViewer(f"{base}/whep/nomux1", token=admin) as v:
+                await asyncio.sleep(2)
+                return _video_packets(v)
+
+        packets = asyncio.run(main())
+        m = metrics(base)
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        srv.stop()
+    assert packets >= 50
+    assert "returnfeed_webrtc_ice_relay_packets_total" not in m  # nothing relayed: no shared port
+    assert m["returnfeed_webrtc_packets_sent_total"] >= packets
