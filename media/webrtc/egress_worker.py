@@ -568,8 +568,11 @@ def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socke
                 parent_pid: int | None = None, relay: tuple[Any, socket.socket, socket.socket] | None = None) -> None:
     """The process entry point (multiprocessing, spawn context)."""
     logging.getLogger().setLevel(config.log_level)
-    # Ctrl-C reaches the whole process group: the server orders our stop.
+    # Ctrl-C, or a service manager's SIGTERM, reaches the whole process
+    # group: the server orders our stop (its sessions closed in order), and
+    # if it is gone the control socket's end stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         import uvloop
 
