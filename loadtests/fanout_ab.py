@@ -22,6 +22,15 @@ servers on the machine may hold 8189)::
         --set shared:webrtc.ice_mux=true --set shared:webrtc.ice_udp_port=0 \\
         --set per-session:webrtc.ice_mux=false --viewers 200 --hold 30 --rounds 2
 
+Issue 15's comparison, the viewers served by N egress worker processes
+(``--workers N``, repeatable: one variant per N, ``webrtc.egress_workers``
+set to it; 0 is the single process). The server's CPU is then the main
+process's plus every worker's (``returnfeed_egress_worker_cpu_seconds_total``
+over the same window)::
+
+    .venv/bin/python loadtests/fanout_ab.py --workers 1 --workers 2 \
+        --viewers 200 --hold 30 --rounds 2
+
 Prints one line per run and the median per checkout (and variant). A
 benchmark, not a test: figures depend on the machine; compare only within
 one sitting.
@@ -95,6 +104,27 @@ def server_drops(changes: list[dict]) -> dict[str, float]:
             if DROP_SERIES.search(c["series"]) and c.get("delta")}
 
 
+WORKER_CPU = "returnfeed_egress_worker_cpu_seconds_total"
+
+
+def add_worker_cpu(sv: dict) -> None:
+    """The swarm measured the server's main process; egress workers are
+    processes of their own: their CPU over the same window (from the
+    metrics) joins the figure, so that µs per packet-viewer and % of a core
+    cover every process of the server."""
+    changes = sv.get("metrics") or []
+    worker_cpu = sum(c["delta"] or 0.0 for c in changes if c["series"].startswith(WORKER_CPU))
+    if not worker_cpu or not sv.get("cpu_s"):
+        return
+    main_cpu = sv["cpu_s"]
+    total = main_cpu + worker_cpu
+    sv["main_cpu_s"], sv["worker_cpu_s"], sv["cpu_s"] = main_cpu, worker_cpu, total
+    if sv.get("core_pct"):
+        sv["core_pct"] *= total / main_cpu
+    if sv.get("us_per_packet"):
+        sv["us_per_packet"] *= total / main_cpu
+
+
 def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace,
             settings: dict[str, str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="rf-ab-") as tmp:
@@ -140,11 +170,13 @@ def one_run(label: str, checkout: Path, clip: Path, args: argparse.Namespace,
                 publisher.wait(10)
             server.stop()
     sv = report["server"]
+    add_worker_cpu(sv)
     return {"label": label, "us_per_packet": sv.get("us_per_packet"), "core_pct": sv.get("core_pct"),
             "receiving": report["viewers"]["receiving"], "lost": report["sequence_window"]["lost"],
             "viewers": args.viewers, "packets": report["swarm"]["packets"],
             "pps_p50": report["per_viewer"]["packets_per_s"]["p50"], "failures": report["viewers"]["failures"],
-            "server_drops": server_drops(sv.get("metrics") or [])}
+            "server_drops": server_drops(sv.get("metrics") or []),
+            "main_cpu_s": sv.get("main_cpu_s"), "worker_cpu_s": sv.get("worker_cpu_s")}
 
 
 def main() -> None:
@@ -164,6 +196,8 @@ def main() -> None:
                          "cores then takes less of them)")
     ap.add_argument("--plain-rtcp", action="store_true",
                     help="viewers send one RR+REMB a second (the swarm's default) instead of --browser-rtcp")
+    ap.add_argument("--workers", type=int, action="append", default=[], metavar="N",
+                    help="a variant with N egress worker processes (webrtc.egress_workers; repeatable)")
     ap.add_argument("--server-cpus", help="taskset list for the server (e.g. 0,1)")
     ap.add_argument("--swarm-cpus", help="taskset list for the swarm (e.g. 2-15)")
     args = ap.parse_args()
@@ -171,7 +205,10 @@ def main() -> None:
     for spec in args.checkout or [f"this={HERE.parent}"]:
         label, _, path = spec.partition("=")
         checkouts.append((label, Path(path).resolve()))
-    variants = parse_variants(args.settings) or {"": {}}
+    variants = parse_variants(args.settings)
+    for n in args.workers:
+        variants[f"workers={n}"] = {**variants.get(f"workers={n}", {}), "RETURNFEED_WEBRTC__EGRESS_WORKERS": str(n)}
+    variants = variants or {"": {}}
     runs = [(f"{label} {variant}".strip(), path, settings)
             for label, path in checkouts for variant, settings in variants.items()]
     with tempfile.TemporaryDirectory(prefix="rf-ab-clip-") as tmp:
@@ -187,7 +224,9 @@ def main() -> None:
                       f"{r['lost']} lost, {r['packets']} packets in the window "
                       f"(median {r['pps_p50'] or 0:.0f}/s per viewer)"
                       + (f", failures {r['failures']}" if r["failures"] else "")
-                      + (f", server drops {r['server_drops']}" if r["server_drops"] else ""),
+                      + (f", server drops {r['server_drops']}" if r["server_drops"] else "")
+                      + (f" (CPU s: main {r['main_cpu_s']:.1f}, workers {r['worker_cpu_s']:.1f})"
+                         if r.get("worker_cpu_s") else ""),
                       flush=True)
     print()
     for label, _, _ in runs:

@@ -17,6 +17,10 @@ Usage::
     # "arrival" = our own TS demuxer completing the access unit
     python loadtests/latency_probe.py --srt-only
 
+    # the viewers in N egress worker processes (issue 15): an own server
+    # with webrtc.egress_workers = N, then the usual runs
+    python loadtests/latency_probe.py --workers 2 --viewers 1,100
+
     # live QC's cost on forwarding (issue 12): own servers, alternating QC
     # off / on ([qc] enabled), 3 more SRT streams published beside the
     # probe's, so that QC analyses 4 streams; 100 viewers on the probe stream
@@ -656,6 +660,37 @@ def qc_run(args: argparse.Namespace, aus: list[bytes], clip: Path, qc: bool, log
             server.stop()
 
 
+def workers_run(args: argparse.Namespace, aus: list[bytes], log: Any) -> dict[str, Any]:
+    """An own server whose viewers live in ``--workers`` egress worker
+    processes (``webrtc.egress_workers``), the probe's stream provisioned on
+    it, then the usual runs."""
+    import tempfile
+
+    import uvloop
+
+    from server_process import ServerProcess
+
+    password = "probe-" + secrets.token_hex(8)
+    env = {"RETURNFEED_WEBRTC__EGRESS_WORKERS": str(args.workers), "RETURNFEED_LOG__LEVEL": "warning",
+           "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "0"}  # every viewer comes from 127.0.0.1
+    with tempfile.TemporaryDirectory(prefix="rf-probe-") as tmp:
+        server = ServerProcess(Path(tmp) / "data", password=password, env=env, cpus=args.server_cpus)
+        prov = None
+        try:
+            prov = provision(server.url, "admin", password)
+            srt = urllib.parse.urlsplit(prov.srt_url)
+            srt_url = urllib.parse.urlunsplit(srt._replace(netloc=f"127.0.0.1:{server.srt_port}"))
+            result = uvloop.run(run_whep(args, SrtTarget.parse(srt_url), prov.whep_url, args.token, aus, log,
+                                         metrics_url=server.metrics))
+            result["workers"] = args.workers
+            result["server_errors"] = list(server.errors)
+            return result
+        finally:
+            if prov is not None:
+                prov.delete()
+            server.stop()
+
+
 def run_qc_ab(args: argparse.Namespace, aus: list[bytes], log: Any) -> list[dict[str, Any]]:
     import tempfile
 
@@ -728,7 +763,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qc-streams", type=int, default=4,
                     help="with --qc-ab: streams QC analyses, the probe's included")
     ap.add_argument("--qc-size", default="1280x720", help="with --qc-ab: picture size of the extra streams")
-    ap.add_argument("--server-cpus", help="with --qc-ab: taskset CPU list for the servers (their QC workers too)")
+    ap.add_argument("--server-cpus", help="with --qc-ab or --workers: taskset CPU list for the servers (their "
+                    "worker processes too)")
+    src.add_argument("--workers", type=int, metavar="N",
+                     help="an own server with N egress worker processes (webrtc.egress_workers)")
     ap.add_argument("--whep-url", help="WHEP endpoint of the stream (with --srt-url)")
     ap.add_argument("--token", help="bearer token for WHEP (or ?token= in --whep-url)")
     ap.add_argument("--username", default="admin")
@@ -779,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.srt_only:
             result = asyncio.run(run_srt_only(args, aus, log))
+        elif args.workers is not None:
+            result = workers_run(args, aus, log)
         else:
             if args.api:
                 prov = provision(args.api.rstrip("/"), args.username, args.password)

@@ -298,6 +298,24 @@ class WebRtcSettings(_Section):
             return self.ice_tcp_max_connections
         return 4 * (self.max_viewers + self.whip_max_sessions)
 
+    #: WHEP viewers served by this many worker processes (issue 15;
+    #: server/egress_host.py): each has its own event loop and GIL, and the
+    #: ingest hands every layer's packets to each worker once. 0: every
+    #: viewer in the server process (the default); -1 or "auto": one per
+    #: core minus one, at least 1.
+    egress_workers: int = Field(0, ge=-1, le=64)
+
+    @field_validator("egress_workers", mode="before")
+    @classmethod
+    def _egress_auto(cls, v: Any) -> Any:
+        return -1 if isinstance(v, str) and v.strip().lower() == "auto" else v
+
+    def egress_worker_count(self) -> int:
+        """How many egress worker processes to run (0: none)."""
+        if self.egress_workers >= 0:
+            return self.egress_workers
+        return max(1, (os.cpu_count() or 1) - 1)
+
     @model_validator(mode="after")
     def _backoffs_ordered(self) -> WebRtcSettings:
         if self.layer_up_backoff_max_s < self.layer_up_backoff_s:

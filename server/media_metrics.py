@@ -102,6 +102,9 @@ def collect(media: Any) -> Iterable[Metric]:
     yield from media.forwarding_latency.collect()
     yield from media.first_byte_latency.collect()
     yield from _ice_mux(getattr(media, "ice_mux", None))
+    egress = getattr(media, "egress", None)
+    if egress is not None:  # the egress worker processes (issue 15)
+        yield from egress.collect_workers()
 
     ing = media.ingest
     yield from counters((

@@ -57,9 +57,11 @@ from media.webrtc.icemux import IceMux
 from media.webrtc.whep import WhepService
 from media.webrtc.icetcp import IceTcpListener
 from media.webrtc.whip import WhipService
+from media.webrtc.egress_worker import WorkerConfig
 
 from .auth import TokenError, TokenService
 from .config import Settings
+from .egress_host import EgressHost
 from .grants import Grant
 from .log import event
 from .media_metrics import collect
@@ -182,6 +184,21 @@ class MediaService:
                                 rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
                                 on_frame_sent=self._frame_sent,
                                 first_byte=self.frame_first_byte)
+        #: With ``webrtc.egress_workers`` (issue 15) the WHEP viewers live in
+        #: worker processes and ``self.whep`` is their host: the same surface
+        #: for the routes and metrics (server/egress_host.py).
+        self.egress: EgressHost | None = None
+        if settings.webrtc.egress_worker_count() > 0:
+            self.egress = self._egress_host(settings)
+            self.whep = self.egress  # type: ignore[assignment]
+            self.forwarding_latency = self.egress.histogram(  # type: ignore[assignment]
+                "returnfeed_forwarding_latency_seconds",
+                "Frame complete at ingest (last byte in) to its last RTP packet sent to every viewer",
+                "forwarding")
+            self.first_byte_latency = self.egress.histogram(  # type: ignore[assignment]
+                "returnfeed_forwarding_latency_from_first_byte_seconds",
+                "SRT ingest: a video frame's first byte in to its last RTP packet sent to every viewer",
+                "first_byte")
         w = settings.webrtc
         self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(),
                                 takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,
@@ -206,6 +223,19 @@ class MediaService:
         self._timer: asyncio.Task | None = None
         self._catalog_lock = threading.Lock()
 
+    def _egress_host(self, settings: Settings) -> EgressHost:
+        """The egress workers' host: each worker gets what WhepService gets
+        here; its viewers share this process's ICE ports (relayed)."""
+        w = settings.webrtc
+        config = WorkerConfig(index=0, ice_servers=w.agent_ice_servers(), max_viewers=w.max_viewers,
+                              backlog_limit=w.backlog_bytes, send_failure_timeout=w.send_failure_timeout_s,
+                              connect_timeout=w.connect_timeout_s, layer_policy=w.layer_policy(),
+                              rtx_share=w.rtx_share, rtx_playout_allowance=w.rtx_playout_allowance_s,
+                              log_level=logging.getLogger().getEffectiveLevel())
+        host = EgressHost(w.egress_worker_count(), config, max_viewers=w.max_viewers, wait_for_ice=True)
+        host.first_byte = self.frame_first_byte
+        return host
+
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
@@ -219,6 +249,14 @@ class MediaService:
         self.whep.start()
         self.whip.start()
         await self._start_ice_tcp()
+        if self.egress is not None:
+            # The workers' viewers share this process's ICE ports (relayed),
+            # so they are spawned once both are bound.
+            self.egress.use_ice(self.ice_mux, self.ice_tcp)
+            if not await self.egress.wait_ready():
+                # Serving goes on: a worker that came up takes viewers, the
+                # others keep being restarted (their backoff is in the log).
+                event(log, logging.ERROR, "egress.workers_not_ready", workers=len(self.egress.slots))
         s = self.settings.srt
         if s.enabled:
             listener = SrtListener(

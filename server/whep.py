@@ -31,6 +31,7 @@ Errors: 400 malformed SDP, 401/403 auth, 404 unknown stream or session, 409 +
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -136,7 +137,11 @@ async def whep_layer(request: web.Request) -> web.StreamResponse:
     if not isinstance(layer, str):
         raise BadRequest("'layer' must be a layer name or 'auto'")
     try:
-        session.pin(None if layer == "auto" else layer)
+        pinned = session.pin(None if layer == "auto" else layer)
+        if inspect.isawaitable(pinned):  # a viewer in an egress worker: a call to it
+            await pinned
+    except KeyError:
+        raise NotFound("no such session") from None
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     return web.json_response({"layer": session.layer_name, "pinned": layer != "auto"})
@@ -174,7 +179,11 @@ async def stream_viewers(request: web.Request) -> web.StreamResponse:
         raise NotFound("no such stream")
     await require_production_role(request, p, row["production_id"], "director")
     now = time.monotonic()
-    viewers = [s.snapshot(now) for s in request.app[MEDIA].whep.viewers(name)]
+    whep = request.app[MEDIA].whep
+    if hasattr(whep, "snapshots"):  # egress workers: each asked for its viewers
+        viewers = await whep.snapshots(name)
+    else:
+        viewers = [s.snapshot(now) for s in whep.viewers(name)]
     by_layer: dict[str, int] = {}
     for v in viewers:
         by_layer[v.layer or "starting"] = by_layer.get(v.layer or "starting", 0) + 1

@@ -1,0 +1,61 @@
+"""Issue 15: real Chromium plays WHEP from a server whose viewers live in two
+egress worker processes (``webrtc.egress_workers = 2``), fed by ffmpeg over SRT."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from helpers import (CHROMIUM_ARGS, FAKE_MEDIA_ARGS, ServerProcess, chromium_whep_samples, ffmpeg_publish, http,
+                     login, metrics_url, stop_process, wait_live)
+
+pytestmark = pytest.mark.browser
+
+STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r => {
+  if (r.type === 'inbound-rtp') out[r.kind] = {framesDecoded: r.framesDecoded || 0, freezeCount: r.freezeCount || 0,
+    packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0}; }); return out; }"""
+
+
+def test_chromium_plays_whep_served_by_egress_workers(module_db_url, tmp_path_factory) -> None:
+    srv = ServerProcess(tmp_path_factory.mktemp("srv"), env={
+        "DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
+        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "2"})
+    srv.start()
+    proc = None
+    try:
+        base = srv.url
+        admin = login(base, "admin", "admin-password-1")["access_token"]
+        assert http("POST", f"{base}/api/v1/productions", {"name": "Chromium"}, token=admin).status == 201
+        r = http("POST", f"{base}/api/v1/streams", {"name": "chrome-egress", "production": "Chromium"}, token=admin)
+        assert r.status == 201, r.body
+        url = r.json()["srt_url"].replace(":8890?", f":{srv.srt_port}?").replace(":0?", f":{srv.srt_port}?")
+        proc = ffmpeg_publish(url, seconds=60)
+        wait_live(base, "chrome-egress", admin)
+        _, samples = asyncio.run(chromium_whep_samples(base, "chrome-egress", admin, 6, STATS,
+                                                       [*CHROMIUM_ARGS, *FAKE_MEDIA_ARGS]))
+        metrics = http("GET", metrics_url(base)).body.decode()
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        assert srv.stop() == 0
+    video = [s["video"] for s in samples if "video" in s]
+    decoded = [v["framesDecoded"] for v in video]
+    print(f"framesDecoded per second {decoded}, last {video[-1]}")
+    assert decoded[-1] >= 80, decoded  # 25 fps for ~6 s
+    assert all(b > a for a, b in zip(decoded[1:], decoded[2:])), decoded  # keeps growing
+    egress = [line for line in metrics.splitlines() if line.startswith(("returnfeed_egress_worker_feed_drops",
+                                                                        "returnfeed_webrtc_plis_total"))]
+    # One process asserts no freeze at all. Here each frame takes one more
+    # process wake-up (server → worker) on its way: on a loaded 2-core
+    # machine Chromium counted one render gap (≥ 150 ms) in 2 of 3 runs, with
+    # no feed drop and no PLI; more than one is a failure.
+    assert video[-1]["freezeCount"] <= 1 and video[-1]["frameWidth"] == 640, (video[-1], egress)
+    assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
+    # The viewer was served by a worker process, not the server's own loop.
+    assert 'returnfeed_egress_worker_up{worker="0"} 1.0' in metrics
+    assert 'returnfeed_egress_worker_up{worker="1"} 1.0' in metrics
+    # Every packet counted here was sent by a worker (the host sums theirs).
+    sent = next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("returnfeed_webrtc_packets_sent_total "))
+    assert sent >= 1000, sent
