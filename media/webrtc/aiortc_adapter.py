@@ -432,7 +432,7 @@ class FastPath:
     errors counted and survived, a full buffer drops for this viewer only).
     """
 
-    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair")
+    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair", "_protect")
 
     def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
         self._dtls = dtls_transport
@@ -441,6 +441,8 @@ class FastPath:
         if self._srtp is None:
             raise ConnectionError("DTLS transport has no SRTP session yet")
         self._conn = dtls_transport.transport._connection  # aioice.Connection
+        #: libsrtp's context, buffer and length cell, read once (see protect_all).
+        self._protect = _protect_handles(self._srtp)
         #: The current socket's sender (its counters), once anything was sent.
         self.sender: DatagramSender | None = None
         self._pair: Any = None  # the nominated pair the sender was made for
@@ -536,11 +538,46 @@ class FastPath:
         fan-out's per-packet path); return the bytes written. What
         :meth:`send_batch` does, cheaper: :func:`protect_all`, and the
         frame's shorter last packet rides in its GSO run (:func:`send_runs`)."""
-        protected = protect_all(self._srtp, packets)
+        handles = self._protect
+        if handles is None:
+            protected = protect_all(self._srtp, packets)
+        else:
+            # protect_all's loop with the handles it would look up per call
+            # already in hand: this runs once per viewer per frame.
+            ctx, cdata, buf, cell, room = handles
+            protected = []
+            for p in packets:
+                n = len(p)
+                if n > room or type(p) is not bytes:
+                    protected.append(self._srtp.protect(p))
+                    continue
+                buf[0:n] = p
+                cell[0] = n
+                rc = _srtp_protect(ctx, cdata, cell)
+                if rc:
+                    _srtp_check(rc)
+                protected.append(buf[0:cell[0]])
         sender = self._current()
         if len(protected) == 1:
             return sender.send(protected[0], now)
         return send_runs(sender, protected, now)
+
+
+def _protect_handles(session: Any) -> tuple[Any, Any, Any, Any, int] | None:
+    """(libsrtp context, cffi buffer, its Python view, length cell, room)
+    of a pylibsrtp session, for calling ``srtp_protect`` directly; None
+    when this pylibsrtp is laid out differently (use ``session.protect``)."""
+    handle = getattr(session, "_srtp", None)
+    buf = getattr(session, "_buffer", None)
+    if handle is None or buf is None or _srtp_protect is None:
+        return None
+    cdata = session._cdata
+    # The length cell lives beside the session's own buffer: allocating one
+    # per call cost as much as the rest of the Python work around libsrtp.
+    cell = getattr(session, "_rf_len_cell", None)
+    if cell is None:
+        cell = session._rf_len_cell = _len_cell()
+    return handle[0], cdata, buf, cell, len(cdata) - _SRTP_TRAILER
 
 
 def protect_all(session: Any, packets: list[bytes]) -> list[bytes]:

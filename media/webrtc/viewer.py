@@ -303,6 +303,11 @@ class ViewerEgress:
         last one succeeded)."""
         stats = self.stats
         stats.bytes_sent += nbytes
+        if kind == SendKind.MEDIA and not overflowed and failing_since is None and self._failing_since is None:
+            # The per-frame case (sent, nothing failing):
+            # nothing below applies.
+            stats.packets_sent += count
+            return
         if kind == SendKind.MEDIA:
             stats.packets_sent += count
         elif kind == SendKind.RETRANSMIT:
