@@ -557,7 +557,12 @@ class FastPath:
                 if rc:
                     _srtp_check(rc)
                 protected.append(buf[0:cell[0]])
-        sender = self._current()
+        pair = self._conn._nominated.get(1)
+        if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
+                and transport is not None):
+            sender = self.sender  # _current()'s per-packet case, without the call
+        else:
+            sender = self._current()
         if len(protected) == 1:
             return sender.send(protected[0], now)
         return send_runs(sender, protected, now)
