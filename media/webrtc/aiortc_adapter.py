@@ -214,6 +214,10 @@ def check_rtcp_capture_internals() -> None:
         raise AiortcInternalsChanged("aioice's StunProtocol no longer hands data to Connection.data_received")
     if "_rx_srtp" not in RTCDtlsTransport.__init__.__code__.co_names:
         raise AiortcInternalsChanged("RTCDtlsTransport no longer keeps _rx_srtp")
+    if "_protocols" not in aioice.Connection.__init__.__code__.co_names:
+        raise AiortcInternalsChanged("aioice Connection no longer keeps its StunProtocols in _protocols")
+    if list(inspect.signature(aioice.ice.StunProtocol.datagram_received).parameters) != ["self", "data", "addr"]:
+        raise AiortcInternalsChanged("aioice StunProtocol.datagram_received signature changed")
     if "is_rtcp" not in RTCDtlsTransport._recv_next.__code__.co_names:
         raise AiortcInternalsChanged("RTCDtlsTransport._recv_next no longer tells SRTCP by aiortc.rtp.is_rtcp")
 
@@ -235,6 +239,7 @@ def capture_rtcp(dtls_transport: Any, on_rtcp: Callable[[bytes], None]) -> bool:
     window, RFC 3711 §3.3.2), a datagram failing authentication dropped as
     aiortc drops it. ``on_rtcp``'s exceptions are logged, never raised into
     aioice's receive path."""
+    import aioice
     import pylibsrtp
     from aiortc.rtp import is_rtcp
 
@@ -260,7 +265,29 @@ def capture_rtcp(dtls_transport: Any, on_rtcp: Callable[[bytes], None]) -> bool:
         queued(data, component)
 
     connection.data_received = data_received
+    # The protocols of the host candidates (the shared ICE socket's among
+    # them) see every datagram first and try it as STUN, which an SRTCP
+    # datagram fails by raising: route those to the capture before that.
+    # A protocol added later (ICE-TCP, TURN) still reaches it through
+    # ``data_received``.
+    stun_protocol = aioice.ice.StunProtocol
+    for protocol in list(connection._protocols):
+        if type(protocol) is stun_protocol:
+            protocol.datagram_received = _srtcp_first(protocol.datagram_received, data_received)
     return True
+
+
+def _srtcp_first(datagram_received: Callable[[bytes, Any], None],
+                 data_received: Callable[[bytes, int], None]) -> Callable[[bytes, Any], None]:
+    from aiortc.rtp import is_rtcp
+
+    def received(data: bytes, addr: Any) -> None:
+        if len(data) > 1 and 127 < data[0] < 192 and is_rtcp(data):
+            data_received(data, 1)  # rtcp-mux (RFC 5761): RTCP rides component 1
+        else:
+            datagram_received(data, addr)
+
+    return received
 
 
 def install_sender(transceiver: Any, sender: ForwardingSender, stream_id: str) -> None:

@@ -103,3 +103,32 @@ def test_check_internals_covers_the_rtcp_capture(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(aioice.Connection, "data_received", data_received)
     with pytest.raises(adapter.AiortcInternalsChanged, match="data_received"):
         adapter.check_internals()
+
+
+async def _before_stun(monkeypatch: pytest.MonkeyPatch) -> None:
+    tx, rx = _srtp_pair()
+    connection = aioice.Connection(ice_controlling=False)
+    protocol = aioice.ice.StunProtocol(connection)
+    protocol.local_candidate = SimpleNamespace(component=1)
+    connection._protocols.append(protocol)
+    tried_as_stun: list[bytes] = []
+    parse = aioice.stun.parse_message
+
+    def parse_message(data: bytes, *args, **kwargs):  # type: ignore[no-untyped-def]
+        tried_as_stun.append(data)
+        return parse(data, *args, **kwargs)
+
+    monkeypatch.setattr(aioice.ice.stun, "parse_message", parse_message)
+    got: list[bytes] = []
+    adapter.capture_rtcp(SimpleNamespace(_rx_srtp=rx, transport=SimpleNamespace(_connection=connection)), got.append)
+    compound = serialize_rtcp((Pli(9, 1111),))
+    protocol.datagram_received(tx.protect_rtcp(compound), ("127.0.0.1", 5000))
+    assert got == [compound] and tried_as_stun == []
+    # Anything else still goes through aioice's STUN attempt into its queue.
+    dtls_record = b"\x17\xfe\xfd" + bytes(20)
+    protocol.datagram_received(dtls_record, ("127.0.0.1", 5000))
+    assert tried_as_stun == [dtls_record] and _queued(connection) == [dtls_record]
+
+
+def test_srtcp_on_a_host_candidate_is_never_tried_as_stun(monkeypatch: pytest.MonkeyPatch) -> None:
+    asyncio.run(_before_stun(monkeypatch))
