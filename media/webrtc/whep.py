@@ -7,7 +7,10 @@ retransmissions, sender reports, statistics and close reasons — is decided
 by its sans-I/O core, :class:`~media.webrtc.viewer.ViewerEgress` (see there
 for the RTCP rules). The session keeps only what needs I/O:
 
-* aiortc negotiation (ICE, DTLS, SRTP keys) and its RTCP callbacks;
+* aiortc negotiation (ICE, DTLS, SRTP keys) and its RTCP callbacks, until
+  the session is attached; from then on the viewer's SRTCP is taken off the
+  ICE connection (:func:`~media.webrtc.aiortc_adapter.capture_rtcp`) and
+  the core parses and routes it (``on_rtcp_datagram``);
 * the send path: SRTP-protect and ``sendto``
   (:class:`~media.webrtc.aiortc_adapter.FastPath`), each batch's outcome
   reported back to the core;
