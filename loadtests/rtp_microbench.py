@@ -35,7 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -337,6 +337,8 @@ def run(quick: bool) -> dict[str, Stat]:
     results.update(bench_frame_path(rounds))
     results.update(bench_keyframe_interleave(rounds))
     results.update(bench_fastpath(rounds))
+    results.update(bench_session_path(rounds))
+    results.update(bench_rtcp_receive(rounds))
     return results
 
 
@@ -521,6 +523,147 @@ def bench_frame_path(rounds: int) -> dict[str, Stat]:
     return out
 
 
+def _viewer_core(ssrc: int = 0x7300) -> tuple[Any, Rewriter, Rewriter]:
+    """A ``ViewerEgress`` with a primed video (layer 0) and audio rewriter,
+    on a stand-in source with empty histories (what ``WhepSession`` holds)."""
+    from media.layer import AUDIO
+    from media.rtp.layers import LayerPolicy
+    from media.webrtc.viewer import ViewerEgress
+
+    class Source:
+        ordered_layers = ()
+
+        def histories(self, sink: Any = None) -> dict:
+            return {}
+
+        def anchors(self) -> dict:
+            return {}
+
+    core = ViewerEgress(Source(), None, cname=b"bench", policy=LayerPolicy())
+    video = make_rewriter(ssrc, True)
+    audio = Rewriter(TrackParams(ssrc=ssrc + 2, payload_type=111, clock_rate=48000, mid="1", mid_id=4,
+                                 abs_send_time_id=2), initial_layer=AUDIO, initial_seq=10, initial_ts=0)
+    core.set_track("video", video, ssrc)
+    core.set_track("audio", audio, ssrc + 2)
+    return core, video, audio
+
+
+def bench_session_path(rounds: int) -> dict[str, Stat]:
+    """One viewer's share of a frame as ``WhepSession.on_packets`` runs it:
+    the core's ``on_packets`` (layer check, rewrite), ``FastPath.send_frame``
+    (protect, send) and the core's ``on_sent``; P frames of 4 packets and
+    Opus packets (one per call), µs per packet."""
+    from types import SimpleNamespace
+
+    from media.layer import AUDIO
+    from media.webrtc.aiortc_adapter import FastPath
+    from media.webrtc.viewer import SendKind
+
+    tx, rx, drain = loopback_pair(8 << 20, sndbuf=8 << 20)
+
+    class Transport:
+        def get_extra_info(self, key: str) -> socket.socket:
+            return tx
+
+    out: dict[str, Stat] = {}
+    per_round = 300
+    for key, sizes, index in (("session_p_frame", (1200, 1200, 1200, 457), 0), ("session_audio", (160,), AUDIO)):
+        frames = [[LayerPacket((f * len(sizes) + k) & 0xFFFF, f * 3000, k == len(sizes) - 1, os.urandom(sizes[k]))
+                   for k in range(len(sizes))] for f in range(per_round * (rounds + 1))]
+        core, video, audio = _viewer_core()
+        first = frames[0][0]
+        (video if index == 0 else audio).rewrite(
+            index, LayerPacket((first.seq - 1) & 0xFFFF, first.timestamp, False, b"x", True, True), 0.0)
+        pair = SimpleNamespace(protocol=SimpleNamespace(transport=Transport()), remote_addr=rx.getsockname())
+        fast = FastPath(SimpleNamespace(_tx_srtp=srtp_session(), transport=SimpleNamespace(
+            _connection=SimpleNamespace(_nominated={1: pair}))), sndbuf=8 << 20)
+        samples = []
+        for r in range(rounds + 1):
+            chunk = frames[r * per_round:(r + 1) * per_round]
+            t0 = time.perf_counter_ns()
+            for f in chunk:  # WhepSession.on_packets, less its closed check
+                datas = core.on_packets(index, f, 1.0)
+                if not datas:
+                    continue
+                sender = fast.sender
+                before = sender.backlogged if sender is not None else 0
+                nbytes = fast.send_frame(datas, 1.0)
+                sender = fast.sender
+                core.on_sent(SendKind.MEDIA, len(datas), nbytes, sender.backlogged != before, sender.failing_since,
+                             1.0, index)
+            spent = time.perf_counter_ns() - t0
+            drain()
+            if r:
+                samples.append(spent / (per_round * len(sizes)))
+        fast.close()
+        out[key] = summarize(samples)
+    tx.close()
+    rx.close()
+    return out
+
+
+def bench_rtcp_receive(rounds: int) -> dict[str, Stat]:
+    """A viewer's compound RR + REMB (what Chromium sends 3–4 times a
+    second) from SRTCP to the viewer core, µs per datagram: through aiortc
+    (aioice's queue and a task wake-up, ``RtcpPacket.parse``, its router,
+    the packets re-serialized for ``parse_rtcp``, ``on_rtcp``) against
+    ``capture_rtcp`` (unprotect, ``on_rtcp_datagram``), on uvloop."""
+    import asyncio
+
+    import uvloop
+    from aiortc.rtcdtlstransport import RtpRouter
+    from aiortc.rtp import RtcpPacket
+
+    from media.rtp.rtcp import Remb, ReportBlock, ReceiverReport, parse_rtcp, serialize_rtcp
+
+    key = os.urandom(30)
+    per_round = 2000
+    compound = serialize_rtcp((
+        ReceiverReport(9, (ReportBlock(0x7300, 0, 0, 1000, 0, 0, 0),)), Remb(9, 1_200_000, (0x7300,))))
+    out: dict[str, list[float]] = {"rtcp_receive_aiortc": [], "rtcp_receive_captured": []}
+
+    async def one(kind: str) -> float:
+        tx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+        rx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND))
+        wire = [tx.protect_rtcp(compound) for _ in range(per_round)]
+        core, _video, _audio = _viewer_core()
+        ntp = 0
+        if kind == "rtcp_receive_captured":
+            t0 = time.perf_counter_ns()
+            for d in wire:
+                core.on_rtcp_datagram(rx.unprotect_rtcp(d), 1.0, ntp)
+            return (time.perf_counter_ns() - t0) / per_round
+        router = RtpRouter()
+        router.register_sender(object(), ssrc=0x7300)
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def dtls_task() -> None:  # RTCDtlsTransport.__run → _recv_next → _handle_rtcp_data
+            for _ in range(per_round):
+                data = rx.unprotect_rtcp(await queue.get())
+                for packet in RtcpPacket.parse(data):
+                    for _recipient in router.route_rtcp(packet):
+                        for p in parse_rtcp(bytes(packet)):  # ForwardingSender._handle_rtcp_packet
+                            core.on_rtcp("video", p, 1.0, ntp)
+
+        task = asyncio.ensure_future(dtls_task())
+        await asyncio.sleep(0)
+        t0 = time.perf_counter_ns()
+        for d in wire:  # one datagram per loop turn, as they arrive
+            queue.put_nowait(d)
+            await asyncio.sleep(0)
+        await task
+        return (time.perf_counter_ns() - t0) / per_round
+
+    loop = uvloop.new_event_loop()
+    try:
+        for _ in range(rounds):
+            for kind in out:
+                out[kind].append(loop.run_until_complete(one(kind)))
+    finally:
+        loop.close()
+    return {k: summarize(v) for k, v in out.items()}
+
+
 def bench_uvloop(pkts: list[LayerPacket], n: int, rounds: int) -> Stat:
     """rewrite + protect + ``DatagramTransport.sendto`` on a uvloop loop (the
     transport kind aioice hands packets to), receiver drained between rounds."""
@@ -601,7 +744,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer packets and rounds")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--only", choices=("session", "rtcp"),
+                    help="only one section: the session's per-frame path, or the RTCP receive path")
     args = ap.parse_args()
+    rounds = 5 if args.quick else 25
+    if args.only:
+        results = bench_session_path(rounds) if args.only == "session" else bench_rtcp_receive(rounds)
+        for key, (lo, med) in results.items():
+            print(f"{LABELS.get(key, key):<60} {lo:>7.2f} {med:>7.2f}")
+        return
     results = run(args.quick)
     if args.json:
         print(json.dumps({k: {"min_us": lo, "median_us": med} for k, (lo, med) in results.items()}, indent=2))

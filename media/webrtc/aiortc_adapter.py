@@ -16,6 +16,9 @@ everything, which a passthrough forwarder must not do, so this module:
 * :class:`FastPath` sends already-built RTP/RTCP without a coroutine per
   packet: SRTP-protect with the DTLS transport's pylibsrtp session, then
   ``sendto`` on the nominated ICE pair's datagram transport.
+* :func:`capture_rtcp` takes a WHEP viewer's SRTCP off its aioice
+  connection, unprotects it and hands the bytes to the session
+  synchronously: no aioice queue, no DTLS task wake-up, no aiortc objects.
 * WHIP ingest: :class:`CapturingReceiver` (installed by
   :func:`install_receiver`) never starts aiortc's decoder thread, jitter
   buffer or RTCP loop; :func:`capture_rtp` takes the SRTP-decrypted RTP and
@@ -104,6 +107,7 @@ def check_internals() -> None:
     if describe is None or "_stream_id" not in describe.__code__.co_names:
         raise AiortcInternalsChanged("the answer's a=msid no longer comes from RTCRtpSender._stream_id")
     check_ingest_internals()
+    check_rtcp_capture_internals()
     from . import icetcp
 
     try:
@@ -194,6 +198,96 @@ class ForwardingSender(RTCRtpSender):
                 self._on_rtcp(p)
             except Exception:  # a viewer's RTCP must never break the transport
                 log.exception("webrtc.rtcp_handler_failed")
+
+
+def check_rtcp_capture_internals() -> None:
+    """The internals :func:`capture_rtcp` relies on (part of :func:`check_internals`)."""
+    import inspect
+
+    import aioice
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+    params = list(inspect.signature(aioice.Connection.data_received).parameters)
+    if params != ["self", "data", "component"]:
+        raise AiortcInternalsChanged(f"aioice Connection.data_received signature changed: {params}")
+    if "data_received" not in aioice.ice.StunProtocol.datagram_received.__code__.co_names:
+        raise AiortcInternalsChanged("aioice's StunProtocol no longer hands data to Connection.data_received")
+    if "_rx_srtp" not in RTCDtlsTransport.__init__.__code__.co_names:
+        raise AiortcInternalsChanged("RTCDtlsTransport no longer keeps _rx_srtp")
+    if "_protocols" not in aioice.Connection.__init__.__code__.co_names:
+        raise AiortcInternalsChanged("aioice Connection no longer keeps its StunProtocols in _protocols")
+    if list(inspect.signature(aioice.ice.StunProtocol.datagram_received).parameters) != ["self", "data", "addr"]:
+        raise AiortcInternalsChanged("aioice StunProtocol.datagram_received signature changed")
+    if "is_rtcp" not in RTCDtlsTransport._recv_next.__code__.co_names:
+        raise AiortcInternalsChanged("RTCDtlsTransport._recv_next no longer tells SRTCP by aiortc.rtp.is_rtcp")
+
+
+def capture_rtcp(dtls_transport: Any, on_rtcp: Callable[[bytes], None]) -> bool:
+    """Take the viewer's SRTCP off its ICE connection as it arrives: unprotect
+    it with the DTLS transport's SRTP session and hand the plain compound
+    packet to ``on_rtcp`` (synchronous, bytes). Returns False, changing
+    nothing, before DTLS has keyed SRTP.
+
+    aiortc's own path queues every datagram in aioice, wakes the DTLS task
+    for it, parses it into aiortc's objects and routes those to senders
+    (which re-serialize them for :mod:`media.rtp.rtcp`): with browsers
+    reporting 4–5 times a second per viewer, that was a tenth of a
+    forwarding process's CPU. Everything else (STUN and consent — never
+    seen here, aioice answers those before ``data_received`` — DTLS, and
+    SRTP) still takes aioice's queue to aiortc. Same predicate as aiortc
+    (``aiortc.rtp.is_rtcp``, RFC 5761 §4), same SRTP session (its replay
+    window, RFC 3711 §3.3.2), a datagram failing authentication dropped as
+    aiortc drops it. ``on_rtcp``'s exceptions are logged, never raised into
+    aioice's receive path."""
+    import aioice
+    import pylibsrtp
+    from aiortc.rtp import is_rtcp
+
+    srtp = dtls_transport._rx_srtp
+    if srtp is None:
+        return False
+    connection = dtls_transport.transport._connection
+    queued = connection.data_received  # aioice's own: into the queue aiortc reads
+    unprotect = srtp.unprotect_rtcp
+    srtp_error = pylibsrtp.Error
+
+    def data_received(data: bytes, component: int) -> None:
+        if len(data) > 1 and 127 < data[0] < 192 and is_rtcp(data):
+            try:
+                plain = unprotect(data)
+            except srtp_error:
+                return
+            try:
+                on_rtcp(plain)
+            except Exception:  # a viewer's RTCP must never break the transport
+                log.exception("webrtc.rtcp_handler_failed")
+            return
+        queued(data, component)
+
+    connection.data_received = data_received
+    # The protocols of the host candidates (the shared ICE socket's among
+    # them) see every datagram first and try it as STUN, which an SRTCP
+    # datagram fails by raising: route those to the capture before that.
+    # A protocol added later (ICE-TCP, TURN) still reaches it through
+    # ``data_received``.
+    stun_protocol = aioice.ice.StunProtocol
+    for protocol in list(connection._protocols):
+        if type(protocol) is stun_protocol:
+            protocol.datagram_received = _srtcp_first(protocol.datagram_received, data_received)
+    return True
+
+
+def _srtcp_first(datagram_received: Callable[[bytes, Any], None],
+                 data_received: Callable[[bytes, int], None]) -> Callable[[bytes, Any], None]:
+    from aiortc.rtp import is_rtcp
+
+    def received(data: bytes, addr: Any) -> None:
+        if len(data) > 1 and 127 < data[0] < 192 and is_rtcp(data):
+            data_received(data, 1)  # rtcp-mux (RFC 5761): RTCP rides component 1
+        else:
+            datagram_received(data, addr)
+
+    return received
 
 
 def install_sender(transceiver: Any, sender: ForwardingSender, stream_id: str) -> None:
@@ -365,7 +459,7 @@ class FastPath:
     errors counted and survived, a full buffer drops for this viewer only).
     """
 
-    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair")
+    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair", "_protect")
 
     def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
         self._dtls = dtls_transport
@@ -374,6 +468,8 @@ class FastPath:
         if self._srtp is None:
             raise ConnectionError("DTLS transport has no SRTP session yet")
         self._conn = dtls_transport.transport._connection  # aioice.Connection
+        #: libsrtp's context, buffer and length cell, read once (see protect_all).
+        self._protect = _protect_handles(self._srtp)
         #: The current socket's sender (its counters), once anything was sent.
         self.sender: DatagramSender | None = None
         self._pair: Any = None  # the nominated pair the sender was made for
@@ -469,11 +565,51 @@ class FastPath:
         fan-out's per-packet path); return the bytes written. What
         :meth:`send_batch` does, cheaper: :func:`protect_all`, and the
         frame's shorter last packet rides in its GSO run (:func:`send_runs`)."""
-        protected = protect_all(self._srtp, packets)
-        sender = self._current()
+        handles = self._protect
+        if handles is None:
+            protected = protect_all(self._srtp, packets)
+        else:
+            # protect_all's loop with the handles it would look up per call
+            # already in hand: this runs once per viewer per frame.
+            ctx, cdata, buf, cell, room = handles
+            protected = []
+            for p in packets:
+                n = len(p)
+                if n > room or type(p) is not bytes:
+                    protected.append(self._srtp.protect(p))
+                    continue
+                buf[0:n] = p
+                cell[0] = n
+                rc = _srtp_protect(ctx, cdata, cell)
+                if rc:
+                    _srtp_check(rc)
+                protected.append(buf[0:cell[0]])
+        pair = self._conn._nominated.get(1)
+        if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
+                and transport is not None):
+            sender = self.sender  # _current()'s per-packet case, without the call
+        else:
+            sender = self._current()
         if len(protected) == 1:
             return sender.send(protected[0], now)
         return send_runs(sender, protected, now)
+
+
+def _protect_handles(session: Any) -> tuple[Any, Any, Any, Any, int] | None:
+    """(libsrtp context, cffi buffer, its Python view, length cell, room)
+    of a pylibsrtp session, for calling ``srtp_protect`` directly; None
+    when this pylibsrtp is laid out differently (use ``session.protect``)."""
+    handle = getattr(session, "_srtp", None)
+    buf = getattr(session, "_buffer", None)
+    if handle is None or buf is None or _srtp_protect is None:
+        return None
+    cdata = session._cdata
+    # The length cell lives beside the session's own buffer: allocating one
+    # per call cost as much as the rest of the Python work around libsrtp.
+    cell = getattr(session, "_rf_len_cell", None)
+    if cell is None:
+        cell = session._rf_len_cell = _len_cell()
+    return handle[0], cdata, buf, cell, len(cdata) - _SRTP_TRAILER
 
 
 def protect_all(session: Any, packets: list[bytes]) -> list[bytes]:

@@ -37,6 +37,7 @@ import errno
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
+from ..errors import RtpError
 from ..layer import AUDIO, Layer, layer_named
 from ..rtp.budget import RateMeter, RetransmitBudget
 from ..rtp.layers import Action, LayerDecision, LayerPolicy, LayerSelector, Reason
@@ -44,8 +45,8 @@ from ..rtp.packet import LayerPacket
 from ..rtp.probe import ProbePacer
 from ..rtp.rewrite import MediaAnchor, Rewriter
 from ..rtp.rtcp import (
-    Fir, Nack, Pli, ReceiverReport, Remb, Sdes, SdesChunk, SenderReport, ntp_middle32, rtt_from_report,
-    serialize_rtcp,
+    Fir, Nack, Pli, ReceiverReport, Remb, Sdes, SdesChunk, SenderReport, ntp_middle32, parse_rtcp,
+    rtt_from_report, serialize_rtcp,
 )
 
 __all__ = [
@@ -302,6 +303,11 @@ class ViewerEgress:
         last one succeeded)."""
         stats = self.stats
         stats.bytes_sent += nbytes
+        if kind == SendKind.MEDIA and not overflowed and failing_since is None and self._failing_since is None:
+            # The per-frame case (sent, nothing failing):
+            # nothing below applies.
+            stats.packets_sent += count
+            return
         if kind == SendKind.MEDIA:
             stats.packets_sent += count
         elif kind == SendKind.RETRANSMIT:
@@ -338,6 +344,48 @@ class ViewerEgress:
         self.events.append(CloseWanted(reason, detail))
 
     # -- RTCP ------------------------------------------------------------------------
+
+    def on_rtcp_datagram(self, data: bytes, now: float, ntp_now: int) -> list[bytes]:
+        """One unprotected (compound) RTCP datagram from the viewer, as it
+        came off SRTCP: parsed here and each packet given to the track it
+        names, the way :meth:`on_rtcp` expects it. Returns the
+        retransmissions to send; a datagram that does not parse is dropped
+        (RFC 3550 §6.1: a compound packet is validated as a whole).
+
+        The track is found by SSRC, as a receiver of a BUNDLE group must
+        (RFC 8843 §9.2): a report block's SSRC, the feedback's media source
+        (RFC 4585 §6.1), a FIR entry's SSRC — RFC 5104 §4.3.1.2: the media
+        source field of a FIR "SHALL be set to 0", the target is in the
+        FCI — and the SSRCs a REMB lists. Audio receiver reports change
+        nothing (loss and RTT drive the video layer only), so they stop at
+        the parse.
+        """
+        try:
+            packets = parse_rtcp(data)
+        except RtpError:
+            return []
+        video_ssrc = self.video_ssrc if self.video is not None else None
+        audio_ssrc = self.audio_ssrc if self.audio is not None else None
+        out: list[bytes] = []
+        for packet in packets:
+            kind: str | None = None
+            if isinstance(packet, (ReceiverReport, SenderReport)):
+                if video_ssrc is not None and any(b.ssrc == video_ssrc for b in packet.reports):
+                    kind = "video"
+            elif isinstance(packet, (Nack, Pli)):
+                if packet.media_ssrc == video_ssrc:
+                    kind = "video"
+                elif packet.media_ssrc == audio_ssrc:
+                    kind = "audio"
+            elif isinstance(packet, Fir):
+                if video_ssrc is not None and any(e.ssrc == video_ssrc for e in packet.entries):
+                    kind = "video"
+            elif isinstance(packet, Remb):
+                if video_ssrc is not None and video_ssrc in packet.ssrcs:
+                    kind = "video"
+            if kind is not None:
+                out.extend(self.on_rtcp(kind, packet, now, ntp_now))
+        return out
 
     def on_rtcp(self, kind: str, packet: Any, now: float, ntp_now: int) -> list[bytes]:
         """One RTCP packet from the viewer on track ``kind``; ``ntp_now`` is

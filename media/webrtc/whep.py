@@ -7,7 +7,10 @@ retransmissions, sender reports, statistics and close reasons — is decided
 by its sans-I/O core, :class:`~media.webrtc.viewer.ViewerEgress` (see there
 for the RTCP rules). The session keeps only what needs I/O:
 
-* aiortc negotiation (ICE, DTLS, SRTP keys) and its RTCP callbacks;
+* aiortc negotiation (ICE, DTLS, SRTP keys) and its RTCP callbacks, until
+  the session is attached; from then on the viewer's SRTCP is taken off the
+  ICE connection (:func:`~media.webrtc.aiortc_adapter.capture_rtcp`) and
+  the core parses and routes it (``on_rtcp_datagram``);
 * the send path: SRTP-protect and ``sendto``
   (:class:`~media.webrtc.aiortc_adapter.FastPath`), each batch's outcome
   reported back to the core;
@@ -268,6 +271,10 @@ class WhepSession:
                 return
         if all(t.rewriter is not None for t in self._tracks.values()) and not self._attached:
             self._attached = True
+            # From here on the viewer's RTCP skips aiortc (aiortc_adapter.capture_rtcp);
+            # what already sits in aioice's queue still comes through _on_rtcp.
+            for transport in {id(t.sender.transport): t.sender.transport for t in self._tracks.values()}.values():
+                adapter.capture_rtcp(transport, self._on_rtcp_datagram)
             now = time.monotonic()
             self.fanout.attach(self, core.initial_layer(self.fanout.ordered_layers), now)
             core.start(now)
@@ -315,6 +322,27 @@ class WhepSession:
         now = time.monotonic()
         core = self.core
         out = core.on_rtcp(kind, packet, now, ntp_from_unix(time.time()))
+        if out:
+            try:
+                nbytes = fast.send_batch(out, now)
+            except _TRANSPORT_GONE:
+                self.close_soon("transport_closed")
+                self._after(now)
+                return
+            sender = fast.sender
+            core.on_sent(SendKind.RETRANSMIT, len(out), nbytes, False,
+                         sender.failing_since if sender is not None else None, now)
+        self._after(now)
+
+    def _on_rtcp_datagram(self, data: bytes) -> None:
+        """A compound RTCP datagram, unprotected, straight off the ICE
+        connection: the core parses it and finds the tracks by SSRC."""
+        fast = self._fast
+        if fast is None or self.closed:
+            return
+        now = time.monotonic()
+        core = self.core
+        out = core.on_rtcp_datagram(data, now, ntp_from_unix(time.time()))
         if out:
             try:
                 nbytes = fast.send_batch(out, now)
