@@ -565,25 +565,7 @@ class FastPath:
         fan-out's per-packet path); return the bytes written. What
         :meth:`send_batch` does, cheaper: :func:`protect_all`, and the
         frame's shorter last packet rides in its GSO run (:func:`send_runs`)."""
-        handles = self._protect
-        if handles is None:
-            protected = protect_all(self._srtp, packets)
-        else:
-            # protect_all's loop with the handles it would look up per call
-            # already in hand: this runs once per viewer per frame.
-            ctx, cdata, buf, cell, room = handles
-            protected = []
-            for p in packets:
-                n = len(p)
-                if n > room or type(p) is not bytes:
-                    protected.append(self._srtp.protect(p))
-                    continue
-                buf[0:n] = p
-                cell[0] = n
-                rc = _srtp_protect(ctx, cdata, cell)
-                if rc:
-                    _srtp_check(rc)
-                protected.append(buf[0:cell[0]])
+        protected = _protect_with(self._protect, self._srtp, packets)
         pair = self._conn._nominated.get(1)
         if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
                 and transport is not None):
@@ -618,18 +600,16 @@ def protect_all(session: Any, packets: list[bytes]) -> list[bytes]:
     allocates an ``int *`` and checks types per call (measured here 6.3 →
     5.1 µs for a 1.2 kB packet). Same bytes, same errors (a packet too long
     for the buffer goes through ``protect`` and raises there)."""
-    handle = getattr(session, "_srtp", None)
-    buf = getattr(session, "_buffer", None)
-    if handle is None or buf is None or _srtp_protect is None:
+    return _protect_with(_protect_handles(session), session, packets)
+
+
+def _protect_with(handles: tuple[Any, Any, Any, Any, int] | None, session: Any, packets: list[bytes]) -> list[bytes]:
+    """:func:`protect_all` with the session's handles already looked up
+    (:func:`_protect_handles`; FastPath keeps them: it runs once per viewer
+    per frame)."""
+    if handles is None:
         return [session.protect(p) for p in packets]
-    cdata = session._cdata
-    ctx = handle[0]
-    room = len(cdata) - _SRTP_TRAILER
-    # The length cell lives beside the session's own buffer: allocating one
-    # per call cost as much as the rest of the Python work around libsrtp.
-    cell = getattr(session, "_rf_len_cell", None)
-    if cell is None:
-        cell = session._rf_len_cell = _len_cell()
+    ctx, cdata, buf, cell, room = handles
     out = []
     for p in packets:
         n = len(p)

@@ -726,6 +726,13 @@ class IceMux:
         entry = session.entry
         if entry is not None:
             self.table.note_request(entry, data, protocol)
+        self.send_datagram(data, addr)
+
+    def send_datagram(self, data: bytes, addr: Any) -> None:
+        """Send ``data`` to ``addr`` on the shared socket, from the local
+        address ``addr`` checked (every session's datagrams, and a worker's
+        STUN requests, which the ICE relay registered with
+        :meth:`MuxTable.note_request` first)."""
         sock = self.sock
         if sock is None:
             return
@@ -739,25 +746,6 @@ class IceMux:
         except BlockingIOError:
             # An 8 MB buffer full: STUN and DTLS retransmit; never queue
             # without bound.
-            self.counters.send_dropped += 1
-        except OSError:
-            self.counters.send_errors += 1
-
-    def send_datagram(self, data: bytes, addr: Any) -> None:
-        """Send ``data`` to ``addr`` on the shared socket, from the local
-        address ``addr`` checked (a worker's STUN requests, which the ICE
-        relay registered with :meth:`MuxTable.note_request` first)."""
-        sock = self.sock
-        if sock is None:
-            return
-        addr = (addr[0], addr[1])
-        try:
-            anc = self.ancillary_for(addr)
-            if anc:
-                sock.sendmsg([data], anc, 0, self.wire_addr(addr))
-            else:
-                sock.sendto(data, self.wire_addr(addr))
-        except BlockingIOError:
             self.counters.send_dropped += 1
         except OSError:
             self.counters.send_errors += 1

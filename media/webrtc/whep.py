@@ -320,19 +320,7 @@ class WhepSession:
         if track is None or track.rewriter is None or fast is None:
             return
         now = time.monotonic()
-        core = self.core
-        out = core.on_rtcp(kind, packet, now, ntp_from_unix(time.time()))
-        if out:
-            try:
-                nbytes = fast.send_batch(out, now)
-            except _TRANSPORT_GONE:
-                self.close_soon("transport_closed")
-                self._after(now)
-                return
-            sender = fast.sender
-            core.on_sent(SendKind.RETRANSMIT, len(out), nbytes, False,
-                         sender.failing_since if sender is not None else None, now)
-        self._after(now)
+        self._retransmit(fast, self.core.on_rtcp(kind, packet, now, ntp_from_unix(time.time())), now)
 
     def _on_rtcp_datagram(self, data: bytes) -> None:
         """A compound RTCP datagram, unprotected, straight off the ICE
@@ -341,8 +329,11 @@ class WhepSession:
         if fast is None or self.closed:
             return
         now = time.monotonic()
-        core = self.core
-        out = core.on_rtcp_datagram(data, now, ntp_from_unix(time.time()))
+        self._retransmit(fast, self.core.on_rtcp_datagram(data, now, ntp_from_unix(time.time())), now)
+
+    def _retransmit(self, fast: adapter.FastPath, out: list[bytes], now: float) -> None:
+        """Send what the core answered to a viewer's RTCP (retransmissions),
+        report the outcome to it, and act on its events."""
         if out:
             try:
                 nbytes = fast.send_batch(out, now)
@@ -351,8 +342,8 @@ class WhepSession:
                 self._after(now)
                 return
             sender = fast.sender
-            core.on_sent(SendKind.RETRANSMIT, len(out), nbytes, False,
-                         sender.failing_since if sender is not None else None, now)
+            self.core.on_sent(SendKind.RETRANSMIT, len(out), nbytes, False,
+                              sender.failing_since if sender is not None else None, now)
         self._after(now)
 
     # -- the one timer -----------------------------------------------------------------
