@@ -51,17 +51,19 @@ def test_chromium_plays_whep_served_by_egress_workers(module_db_url, tmp_path_fa
     egress = [line for line in metrics.splitlines() if line.startswith(("returnfeed_egress_worker_feed_drops",
                                                                         "returnfeed_webrtc_plis_total"))]
     # One freeze is tolerated, and not for the worker hop: measured per frame
-    # (issue 15, 15 runs with 2 workers, 8 with one process, alternating, on
+    # (issue 15: 18 runs with 2 workers, 10 with one process, alternating, on
     # a 2-core machine shared with other CPU-bound jobs), the worker forwards
-    # a frame 1.2-1.7 ms (median) after the server's ingest stamped it, its
-    # loop never stalled on its own work (every loop lag > 20 ms came with
-    # < 6 ms of its CPU, at the same instant in the server and the worker: the
-    # machine, not the process), no NACK, no dropped frame. Both freezes seen
-    # (2 of 15; 0 of 8 in one process, whose test shows the same gaps) came
-    # 0.2-0.3 s after the join, when the *ingest* (ffmpeg → SRT → demux) had
-    # delivered no frame for 137-170 ms, right after the join replay, which
-    # Chromium renders at once: its interframe average is then low, so its
-    # freeze threshold (max(3 × average, average + 150 ms)) is at its lowest.
+    # a frame 1.2-1.7 ms (median) after the server's ingest stamped it; every
+    # loop lag > 20 ms came with < 6 ms of the loop's own CPU, at the same
+    # instant in the server and the worker (the machine, not the process); no
+    # NACK, no dropped frame. The freezes seen (3 of 18; 0 of 10 in one
+    # process, p ≈ 0.25) all fell in the first second; the two logged per
+    # frame came 0.2-0.3 s after the join, after the *ingest* (ffmpeg → SRT
+    # → demux) had delivered no frame for 137-170 ms, just after the join
+    # replay, which Chromium renders at once: its interframe
+    # average is then low and so its freeze threshold (max(3 × average,
+    # average + 150 ms)). An ffmpeg paused (SIGSTOP) 250 ms in the steady
+    # state freezes both modes alike, 170 ms neither.
     # More than one is a failure.
     assert video[-1]["freezeCount"] <= 1 and video[-1]["frameWidth"] == 640, (video[-1], egress)
     assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
