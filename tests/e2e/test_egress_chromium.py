@@ -14,6 +14,9 @@ pytestmark = pytest.mark.browser
 
 STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r => {
   if (r.type === 'inbound-rtp') out[r.kind] = {framesDecoded: r.framesDecoded || 0, freezeCount: r.freezeCount || 0,
+    totalFreezesDuration: r.totalFreezesDuration || 0, nackCount: r.nackCount || 0,
+    framesDropped: r.framesDropped || 0, jitterBufferDelay: r.jitterBufferDelay || 0,
+    jitterBufferEmittedCount: r.jitterBufferEmittedCount || 0,
     packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0}; }); return out; }"""
 
 
@@ -41,15 +44,27 @@ def test_chromium_plays_whep_served_by_egress_workers(module_db_url, tmp_path_fa
         assert srv.stop() == 0
     video = [s["video"] for s in samples if "video" in s]
     decoded = [v["framesDecoded"] for v in video]
-    print(f"framesDecoded per second {decoded}, last {video[-1]}")
+    print(f"framesDecoded per second {decoded}, freezeCount per second {[v['freezeCount'] for v in video]}, "
+          f"last {video[-1]}")
     assert decoded[-1] >= 80, decoded  # 25 fps for ~6 s
     assert all(b > a for a, b in zip(decoded[1:], decoded[2:])), decoded  # keeps growing
     egress = [line for line in metrics.splitlines() if line.startswith(("returnfeed_egress_worker_feed_drops",
                                                                         "returnfeed_webrtc_plis_total"))]
-    # One process asserts no freeze at all. Here each frame takes one more
-    # process wake-up (server → worker) on its way: on a loaded 2-core
-    # machine Chromium counted one render gap (≥ 150 ms) in 2 of 3 runs, with
-    # no feed drop and no PLI; more than one is a failure.
+    # One freeze is tolerated, and not for the worker hop: measured per frame
+    # (issue 15: 18 runs with 2 workers, 10 with one process, alternating, on
+    # a 2-core machine shared with other CPU-bound jobs), the worker forwards
+    # a frame 1.2-1.7 ms (median) after the server's ingest stamped it; every
+    # loop lag > 20 ms came with < 6 ms of the loop's own CPU, at the same
+    # instant in the server and the worker (the machine, not the process); no
+    # NACK, no dropped frame. The freezes seen (3 of 18; 0 of 10 in one
+    # process, p ≈ 0.25) all fell in the first second; the two logged per
+    # frame came 0.2-0.3 s after the join, after the *ingest* (ffmpeg → SRT
+    # → demux) had delivered no frame for 137-170 ms, just after the join
+    # replay, which Chromium renders at once: its interframe
+    # average is then low and so its freeze threshold (max(3 × average,
+    # average + 150 ms)). An ffmpeg paused (SIGSTOP) 250 ms in the steady
+    # state freezes both modes alike, 170 ms neither.
+    # More than one is a failure.
     assert video[-1]["freezeCount"] <= 1 and video[-1]["frameWidth"] == 640, (video[-1], egress)
     assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
     # The viewer was served by a worker process, not the server's own loop.
