@@ -300,10 +300,11 @@ class WebRtcSettings(_Section):
 
     #: WHEP viewers served by this many worker processes (issue 15;
     #: server/egress_host.py): each has its own event loop and GIL, and the
-    #: ingest hands every layer's packets to each worker once. 0: every
-    #: viewer in the server process (the default); -1 or "auto": one per
-    #: core minus one, at least 1.
-    egress_workers: int = Field(0, ge=-1, le=64)
+    #: ingest hands every layer's packets to each worker once. -1 or "auto"
+    #: (the default): one per core minus the one the server process needs
+    #: for ingest, HTTP, tally and the taps' hand-off, at least 1; 0: every
+    #: viewer in the server process.
+    egress_workers: int = Field(-1, ge=-1, le=64)
 
     @field_validator("egress_workers", mode="before")
     @classmethod

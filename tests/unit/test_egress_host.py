@@ -444,9 +444,10 @@ def test_egress_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
     from server.config import WebRtcSettings
 
-    assert WebRtcSettings().egress_worker_count() == 0  # today's single process by default
+    assert WebRtcSettings(egress_workers=0).egress_worker_count() == 0  # every viewer in the server process
     assert WebRtcSettings(egress_workers=2).egress_worker_count() == 2
     monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert WebRtcSettings().egress_worker_count() == 3  # "auto" by default
     assert WebRtcSettings(egress_workers="auto").egress_worker_count() == 3
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert WebRtcSettings(egress_workers=-1).egress_worker_count() == 1
