@@ -115,6 +115,14 @@ class CommitPolicy:
     #: the prompt (words before the decoded audio) was empty.
     history_s: float = 45.0
     history_words: int = 32
+    #: Agreement commits only words that end at least this long before the
+    #: end of the newer decode's audio: two decodes that both end just after
+    #: a word agree on it without having heard what follows, and that is
+    #: where they agree on the wrong word ("the lost, time" for "the lost
+    #: dog" at a sentence end, committed from two decodes 0.5 s apart).
+    #: 0: plain LocalAgreement-2; the streamer's default is 1.0 s
+    #: (StreamerOptions.agree_guard_s, measured there).
+    agree_guard_s: float = 0.0
     #: Recent committed words (for the overlap check and the prompt).
     committed: list[Word] = field(default_factory=list)
     _previous: list[Word] = field(default_factory=list)
@@ -163,6 +171,8 @@ class CommitPolicy:
         """A new decode of the audio from ``audio_start`` to ``now``."""
         words = self._clean(hypothesis, audio_start)
         agreed = _agreed_prefix(words, self._previous) or 0
+        while agreed and words[agreed - 1].end > now - self.agree_guard_s:
+            agreed -= 1
         reason = "agreement" if agreed else ""
         overdue = 0
         for i, w in enumerate(words):

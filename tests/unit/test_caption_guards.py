@@ -104,3 +104,24 @@ def test_word_probability_guard_is_for_english_transcription_only() -> None:
     hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5).decode(
         np.zeros(16000, np.float32), prompt="", language="en")
     assert len(hyp.words) == 2
+
+
+def _timed(text: str, times: list[tuple[float, float]]) -> SimpleNamespace:
+    return SimpleNamespace(text=text, no_speech_prob=0.05, avg_logprob=-0.3, compression_ratio=1.4,
+                           words=[SimpleNamespace(word=f" {w}", probability=0.9, start=a, end=b)
+                                  for w, (a, b) in zip(text.split(), times)])
+
+
+def test_words_the_alignment_gives_no_audio_are_dropped_at_the_end() -> None:
+    # Captured (tiny.en, benchmark): the end-of-speech decode of 4.6 s said
+    # the sentence twice, the copy's words all at 4.18–4.18 s.
+    said = "The new teacher asked before midnight."
+    real = [(0.0, 0.56), (0.56, 0.82), (0.82, 1.16), (1.16, 1.56), (3.44, 3.84), (3.84, 4.18)]
+    copy = [(4.18, 4.18)] * 6
+    seg = _timed(f"{said} {said}", real + copy)
+    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    assert " ".join(w.text for w in hyp.words) == said
+    # One squeezed last word (cut by the end of the audio) is real: kept.
+    seg = _timed("before midnight", [(3.44, 3.84), (3.84, 3.84)])
+    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 4, np.float32), prompt="", language="en")
+    assert [w.text for w in hyp.words] == ["before", "midnight"]

@@ -195,3 +195,21 @@ def test_a_long_utterance_keeps_its_committed_words_and_the_prompt_before_it() -
     step = p.update(again, start + 15.0, audio_start=start - 0.3)
     assert texts(step.committed) + texts(step.partial) in ("w45end", "w45 end", "end")
     assert texts(p.committed).split().count("w44") == 1
+
+
+def test_agreement_guard_waits_for_right_context_after_the_agreed_words() -> None:
+    # Two decodes 0.5 s apart both end just after "time" (words 0.3 s each):
+    # plain LocalAgreement-2 commits it, the guard waits until a decode has
+    # heard a second past it — and by then the decoder has changed its mind.
+    plain = CommitPolicy(timeout_s=10.0)
+    plain.update(hyp("the lost time"), 0.9)
+    assert texts(plain.update(hyp("the lost time"), 1.4).committed) == "the lost time"
+    guarded = CommitPolicy(timeout_s=10.0, agree_guard_s=1.0)
+    guarded.update(hyp("the lost time"), 0.9)
+    step = guarded.update(hyp("the lost time"), 1.4)
+    # "the" ends at 0.27 ≤ 1.4 − 1.0; "lost" at 0.57 and "time" at 0.87 do not.
+    assert texts(step.committed) == "the" and texts(step.partial) == "lost time"
+    guarded.update(hyp("the lost dog this"), 1.9)
+    step = guarded.update(hyp("the lost dog this evening"), 2.4)
+    assert texts(guarded.committed) == "the lost dog this"
+    assert "time" not in texts(guarded.committed)
