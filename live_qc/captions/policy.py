@@ -106,6 +106,23 @@ class CommitPolicy:
     #: Words starting this much before the last committed end are overlap
     #: from the trim point, not new speech.
     overlap_s: float = 0.15
+    #: Committed words kept at least this long (media seconds) besides the
+    #: last ``history_words``: the streamer re-decodes an utterance from its
+    #: start (up to a 30 s window), and every committed word it hears again
+    #: must still be here to be recognised — a 15 s utterance of read speech
+    #: holds about 40 words; with only the last 32 kept, the match failed,
+    #: the time-based fallback dropped or repeated words at the seam, and
+    #: the prompt (words before the decoded audio) was empty.
+    history_s: float = 45.0
+    history_words: int = 32
+    #: Agreement commits only words that end at least this long before the
+    #: end of the newer decode's audio: two decodes that both end just after
+    #: a word agree on it without having heard what follows, and that is
+    #: where they agree on the wrong word ("the lost, time" for "the lost
+    #: dog" at a sentence end, committed from two decodes 0.5 s apart).
+    #: 0: plain LocalAgreement-2; the streamer's default is 1.0 s
+    #: (StreamerOptions.agree_guard_s, measured there).
+    agree_guard_s: float = 0.0
     #: Recent committed words (for the overlap check and the prompt).
     committed: list[Word] = field(default_factory=list)
     _previous: list[Word] = field(default_factory=list)
@@ -154,6 +171,8 @@ class CommitPolicy:
         """A new decode of the audio from ``audio_start`` to ``now``."""
         words = self._clean(hypothesis, audio_start)
         agreed = _agreed_prefix(words, self._previous) or 0
+        while agreed and words[agreed - 1].end > now - self.agree_guard_s:
+            agreed -= 1
         reason = "agreement" if agreed else ""
         overdue = 0
         for i, w in enumerate(words):
@@ -184,7 +203,12 @@ class CommitPolicy:
         done = tuple(words[:n])
         rest = words[n:]
         self.committed.extend(done)
-        del self.committed[:-32]
+        if len(self.committed) > self.history_words:
+            horizon = self.committed[-1].end - self.history_s
+            cut = 0
+            while len(self.committed) - cut > self.history_words and self.committed[cut].end < horizon:
+                cut += 1
+            del self.committed[:cut]
         self._previous = rest
         return PolicyStep(done, tuple(rest), reason if done else "")
 

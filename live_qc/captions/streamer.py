@@ -125,12 +125,26 @@ class WhisperDecoder:
     #: measured. base on espeak-ng Spanish, Korean and Spanish→English has
     #: mean word probabilities of 0.2–0.4 on real (synthetic) speech — the
     #: babble's range — so elsewhere the threshold would drop speech.
-    #: Off by default (0.0): at 0.5–0.55 it also dropped a whole espeak-ng
-    #: sentence ("Fox jump sover the lazy dog") in the live Opus test
-    #: (tests/integration/test_captions_live.py: WER 0.23 without it, 0.41–0.45
-    #: with it), i.e. it loses real words; ``word_probability_min`` in the
-    #: attach options (0.5) switches it on where babble matters more.
-    word_probability_min: float = 0.0
+    #: Alone (as first landed, off by default) it also dropped real speech:
+    #: espeak-ng "The quick brown fox jumps over the lazy dog" through Opus
+    #: (tests/integration/test_captions_live.py) decodes as "The quick
+    #: round-fark jump over the lazy nog", and the misheard words (0.1–0.35)
+    #: pull the segment means to 0.42–0.60 — 11 of its 74 decoded segments
+    #: fell under 0.5, so the sentence lost words (WER 0.23 → 0.41–0.45).
+    #: The decodes of the sentence are not weak (avg_logprob −0.78 to −1.0)
+    #: nor likely silence (no_speech_prob 0.1–0.22), while the babble that
+    #: passes the segment checks has avg_logprob ≤ −1.0 or no_speech_prob
+    #: ≥ 0.3 (16 segments in 3 min of 3-voice babble). So a segment is
+    #: dropped for its word probabilities only with one of those two signs.
+    #: Measured (tiny.en, bench, ``--clock model``): 3-voice babble 49 words
+    #: in 3 min → 0; streaming WER on two 4-min inputs 18.2 / 21.4 % →
+    #: 18.8 / 20.8 % (mean unchanged); the Opus clip 0.27 either way. On
+    #: by default at 0.5 (English transcription only, see above).
+    word_probability_min: float = 0.5
+    #: The word-probability guard drops a segment only with a second sign
+    #: of non-speech: a weak decode or a likely no-speech window.
+    word_logprob_max: float = -1.0
+    word_no_speech_min: float = 0.3
 
     @property
     def multilingual(self) -> bool:
@@ -169,7 +183,7 @@ class WhisperDecoder:
                 text = w.word.strip()
                 if text:
                     words.append(Word(text, float(w.start), float(w.end), float(w.probability)))
-        return Hypothesis(tuple(words), info.language or language or "en", rejected,
+        return Hypothesis(tuple(_drop_unheard(words)), info.language or language or "en", rejected,
                           float(info.language_probability or 0.0))
 
     def _plausible(self, seg: Any, english: bool = True) -> bool:
@@ -180,12 +194,34 @@ class WhisperDecoder:
         if seg.no_speech_prob > self.no_speech_max and seg.avg_logprob < self.no_speech_logprob:
             return False
         probabilities = [w.probability for w in seg.words or ()] if english else []
-        if probabilities and sum(probabilities) / len(probabilities) < self.word_probability_min:
+        if probabilities and sum(probabilities) / len(probabilities) < self.word_probability_min \
+                and (seg.avg_logprob < self.word_logprob_max or seg.no_speech_prob > self.word_no_speech_min):
             return False
         if normalise(seg.text) in HALLUCINATIONS:
             # Said for real it is decoded with confidence and speech-like.
             return seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4
         return True
+
+
+#: A word shorter than this has no audio of its own (the aligner gave it none).
+UNHEARD_S = 0.02
+
+
+def _drop_unheard(words: list[Word]) -> list[Word]:
+    """Drop the words at the end of a decode that the alignment gives no
+    audio: two or more in a row at the end, each of zero length.
+    That is the decoder going on after the audio — measured on the
+    benchmark (tiny.en): a final decode of "The new teacher asked to come
+    out the price on fresh rent before midnight." came back with the
+    whole sentence a second time, every word of the copy at 4.18–4.18 s of
+    4.6 s, and was committed as new speech; in partial decodes the same
+    runs ("Thank you for joining. Thank …", "The home team is …") sit on
+    the audio's last instant. A single short last word is kept: a word cut
+    by the end of the audio is squeezed too, and is real."""
+    n = len(words)
+    while n and words[n - 1].end - words[n - 1].start < UNHEARD_S:
+        n -= 1
+    return words[:n] if len(words) - n >= 2 else words
 
 
 @dataclass(slots=True)
@@ -220,6 +256,14 @@ class StreamerOptions:
     #: (AlignmentPolicy); see AlignmentPolicy for the comparison.
     commit_policy: str = "local_agreement"
     alignment_guard_s: float = 1.0
+    #: LocalAgreement-2 commits agreed words only once a decode has heard
+    #: this much audio after them (CommitPolicy.agree_guard_s). Measured on
+    #: loadtests/captions_bench.py (tiny.en, 4 min, ``--clock model``, two
+    #: seeds; offline 17.2 / 15.4 %): streaming WER 19.5 / 23.9 % without
+    #: it, 17.8 / 21.4 % with 1.0 s; commit latency median 0.9 → 1.5 s,
+    #: p95 2.0–2.2 → 2.3–2.5 s, max 2.9–3.0 → 3.0–4.6 s (budget 2.0 /
+    #: 3.5 / 5 s).
+    agree_guard_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -279,7 +323,7 @@ class Streamer:
         if o.commit_policy == "alignment":
             self.policy: CommitPolicy = AlignmentPolicy(timeout_s=o.commit_timeout_s, guard_s=o.alignment_guard_s)
         else:
-            self.policy = CommitPolicy(timeout_s=o.commit_timeout_s)
+            self.policy = CommitPolicy(timeout_s=o.commit_timeout_s, agree_guard_s=o.agree_guard_s)
         self.language = self.options.language
         self._loud = _Loudness()
         # Audio kept: from ``_audio_start`` (absolute sample index) on.

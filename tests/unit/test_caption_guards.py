@@ -43,6 +43,30 @@ BABBLE = [
              (" dream", 0.261), (" of", 0.235), (" the", 0.217)]),
 ]
 
+# Three-voice babble (loadtests/captions_bench.py crowd_babble_3, 3 min,
+# tiny.en) that passed the segment guards: a decode as strong as weak speech
+# (avg_logprob above −1.0) comes with a likely no-speech window.
+BABBLE += [
+    segment(" So that's mine.", 0.377, -0.88, 0.65, [(" So", 0.228), (" that's", 0.706), (" mine.", 0.165)]),
+    segment(" the up top.", 0.406, -0.957, 0.58, [(" the", 0.22), (" up", 0.542), (" top.", 0.48)]),
+    segment(" I've been born now.", 0.19, -1.148, 0.7,
+            [(" I've", 0.227), (" been", 0.977), (" born", 0.063), (" now.", 0.105)]),
+    segment(" I've been running and I was home in not a fast.", 0.115, -1.109, 0.85,
+            [(" I've", 0.265), (" been", 0.758), (" running", 0.113), (" and", 0.143), (" I", 0.316),
+             (" was", 0.451), (" home", 0.205), (" in", 0.861), (" not", 0.592), (" a", 0.352), (" fast.", 0.375)]),
+]
+
+# Real speech at the babble's word probabilities: espeak-ng "The quick brown
+# fox …" through Opus (the live test's audio), misheard words pulling the
+# mean under 0.5 — the mean alone dropped these (and with them the
+# sentence in the live Opus test); the decode is not weak and the window
+# is not a likely no-speech one.
+LOW_CONFIDENCE_SPEECH = [
+    segment(" The quick round-fark storm.", 0.158, -0.903, 0.77,
+            [(" The", 0.591), (" quick", 0.691), (" round", 0.68), ("-fark", 0.35), (" storm.", 0.181)]),
+    segment(" The quick route.", 0.121, -0.985, 0.67, [(" The", 0.228), (" quick", 0.648), (" route.", 0.469)]),
+]
+
 SPEECH = [
     segment(" My grandmother will start the story on the last.", 0.203, -0.514, 0.96,
             [(" My", 0.644), (" grandmother", 0.519), (" will", 0.947), (" start", 0.985), (" the", 0.906),
@@ -64,7 +88,7 @@ class _Model:
 
 
 def test_captured_babble_yields_no_words() -> None:
-    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.5)
+    decoder = WhisperDecoder(_Model(BABBLE))  # the default guard
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert hyp.words == ()
     assert hyp.rejected == len(BABBLE)
@@ -77,10 +101,17 @@ def test_speech_segments_pass_the_guards() -> None:
     assert hyp.rejected == 0
 
 
+def test_low_confidence_speech_passes_the_word_probability_guard() -> None:
+    decoder = WhisperDecoder(_Model(LOW_CONFIDENCE_SPEECH))  # the default guard
+    hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    assert " ".join(w.text for w in hyp.words) == "The quick round -fark storm. The quick route."
+    assert hyp.rejected == 0
+
+
 def test_word_probability_guard_is_what_rejects_babble() -> None:
-    # Without it (the default: the segment guards only) the babble gets
-    # through: the word probabilities are the evidence, not the segment scores.
-    decoder = WhisperDecoder(_Model(BABBLE))
+    # Without it (word_probability_min 0: the segment guards only) the
+    # babble gets through: the word probabilities are the evidence.
+    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert len(hyp.words) > 40
 
@@ -104,3 +135,24 @@ def test_word_probability_guard_is_for_english_transcription_only() -> None:
     hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5).decode(
         np.zeros(16000, np.float32), prompt="", language="en")
     assert len(hyp.words) == 2
+
+
+def _timed(text: str, times: list[tuple[float, float]]) -> SimpleNamespace:
+    return SimpleNamespace(text=text, no_speech_prob=0.05, avg_logprob=-0.3, compression_ratio=1.4,
+                           words=[SimpleNamespace(word=f" {w}", probability=0.9, start=a, end=b)
+                                  for w, (a, b) in zip(text.split(), times)])
+
+
+def test_words_the_alignment_gives_no_audio_are_dropped_at_the_end() -> None:
+    # Captured (tiny.en, benchmark): the end-of-speech decode of 4.6 s said
+    # the sentence twice, the copy's words all at 4.18–4.18 s.
+    said = "The new teacher asked before midnight."
+    real = [(0.0, 0.56), (0.56, 0.82), (0.82, 1.16), (1.16, 1.56), (3.44, 3.84), (3.84, 4.18)]
+    copy = [(4.18, 4.18)] * 6
+    seg = _timed(f"{said} {said}", real + copy)
+    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    assert " ".join(w.text for w in hyp.words) == said
+    # One squeezed last word (cut by the end of the audio) is real: kept.
+    seg = _timed("before midnight", [(3.44, 3.84), (3.84, 3.84)])
+    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 4, np.float32), prompt="", language="en")
+    assert [w.text for w in hyp.words] == ["before", "midnight"]

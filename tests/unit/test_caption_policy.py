@@ -174,3 +174,42 @@ def test_alignment_policy_keeps_the_cleaning_of_the_agreement_policy() -> None:
     p.update(hyp("go go go go go go go go"), 4.0)
     assert texts(p.committed) == "go go go"
     assert p.update([], 4.5).committed == ()
+
+
+def test_a_long_utterance_keeps_its_committed_words_and_the_prompt_before_it() -> None:
+    # The streamer re-decodes an utterance from its start: after 45
+    # committed words (a 15 s utterance of read speech) the policy must still
+    # hold all of them to recognise them in the next decode, and the text
+    # before the utterance is still there for the prompt.
+    p = CommitPolicy(timeout_s=10.0)
+    p.end_of_speech(hyp("good evening and welcome back", start=0.0))
+    start = 10.0
+    words = [f"w{i}" for i in range(46)]
+    for k in range(2, len(words) + 1):
+        p.update(hyp(" ".join(words[:k]), start), start + 0.3 * k, audio_start=start - 0.3)
+    assert len([w for w in p.committed if w.start >= start]) == 45
+    assert p.prompt(before=start - 0.3) == "good evening and welcome back"
+    # The next decode of the whole utterance, its words re-timed 0.4 s
+    # later and the first two spelt as one: only the new word is new.
+    again = hyp(" ".join(["w0w1", *words[2:], "end"]), start + 0.4)
+    step = p.update(again, start + 15.0, audio_start=start - 0.3)
+    assert texts(step.committed) + texts(step.partial) in ("w45end", "w45 end", "end")
+    assert texts(p.committed).split().count("w44") == 1
+
+
+def test_agreement_guard_waits_for_right_context_after_the_agreed_words() -> None:
+    # Two decodes 0.5 s apart both end just after "time" (words 0.3 s each):
+    # plain LocalAgreement-2 commits it, the guard waits until a decode has
+    # heard a second past it — and by then the decoder has changed its mind.
+    plain = CommitPolicy(timeout_s=10.0)
+    plain.update(hyp("the lost time"), 0.9)
+    assert texts(plain.update(hyp("the lost time"), 1.4).committed) == "the lost time"
+    guarded = CommitPolicy(timeout_s=10.0, agree_guard_s=1.0)
+    guarded.update(hyp("the lost time"), 0.9)
+    step = guarded.update(hyp("the lost time"), 1.4)
+    # "the" ends at 0.27 ≤ 1.4 − 1.0; "lost" at 0.57 and "time" at 0.87 do not.
+    assert texts(step.committed) == "the" and texts(step.partial) == "lost time"
+    guarded.update(hyp("the lost dog this"), 1.9)
+    step = guarded.update(hyp("the lost dog this evening"), 2.4)
+    assert texts(guarded.committed) == "the lost dog this"
+    assert "time" not in texts(guarded.committed)
