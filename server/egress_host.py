@@ -466,6 +466,8 @@ class EgressHost:
         self._retired_errors: dict[str, int] = {}
         self._retired_switches: dict[tuple[str, str, str], int] = {}
         self._retired_drops: dict[str, int] = {}
+        #: Dead workers' ICE-TCP counters (idle closed, frames dropped).
+        self._retired_ice_tcp = [0, 0]
         self._retired_closed: dict[str, int] = {}
         self._retired_latency = {"forwarding": LatencyCounts(config.forwarding_buckets),
                                  "first_byte": LatencyCounts(config.first_byte_buckets)}
@@ -568,6 +570,8 @@ class EgressHost:
             _add(self._retired_errors, st.send_errors)
             _add(self._retired_switches, st.switches)
             _add(self._retired_drops, st.drops)
+            self._retired_ice_tcp[0] += st.ice_tcp_idle_closed
+            self._retired_ice_tcp[1] += st.ice_tcp_frames_dropped
             _add(self._retired_closed, st.closed_by_reason)
             self._retired_latency["forwarding"].add(st.forwarding)
             self._retired_latency["first_byte"].add(st.first_byte)
@@ -819,6 +823,15 @@ class EgressHost:
         for st in self._live_stats():
             _add(out, st.closed_by_reason)
         return out
+
+    def ice_tcp_figures(self) -> tuple[int, int, int]:
+        """The workers' ICE-TCP connections (handed over by the server's
+        listener): open now, closed after idling, frames dropped — added to
+        the server's own ``returnfeed_webrtc_ice_tcp_*``."""
+        live = self._live_stats()
+        return (sum(st.ice_tcp_open for st in live),
+                self._retired_ice_tcp[0] + sum(st.ice_tcp_idle_closed for st in live),
+                self._retired_ice_tcp[1] + sum(st.ice_tcp_frames_dropped for st in live))
 
     def _latencies(self, which: str) -> list[LatencyCounts]:
         return [self._retired_latency[which], *(getattr(st, which) for st in self._live_stats())]

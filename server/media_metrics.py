@@ -153,15 +153,20 @@ def collect(media: Any) -> Iterable[Metric]:
     ice_tcp = getattr(media, "ice_tcp", None)
     if ice_tcp is not None:
         st = ice_tcp.stats
+        # Connections handed to egress workers live on there (their figures
+        # come with the workers' reports).
+        figures = getattr(media.whep, "ice_tcp_figures", None)
+        w_open, w_idle, w_dropped = figures() if figures is not None else (0, 0, 0)
         g = GaugeMetricFamily("returnfeed_webrtc_ice_tcp_connections", "ICE-TCP connections open")
-        g.add_metric([], ice_tcp.open_connections)
+        g.add_metric([], ice_tcp.open_connections + w_open)
         yield g
         yield from counters((
             ("returnfeed_webrtc_ice_tcp_accepted", st.accepted, "ICE-TCP connections accepted"),
             ("returnfeed_webrtc_ice_tcp_timed_out", st.timed_out,
              "ICE-TCP connections closed without a valid STUN request in time"),
-            ("returnfeed_webrtc_ice_tcp_idle_closed", st.idle_closed, "ICE-TCP connections closed after idling"),
-            ("returnfeed_webrtc_ice_tcp_frames_dropped", st.frames_dropped,
+            ("returnfeed_webrtc_ice_tcp_idle_closed", st.idle_closed + w_idle,
+             "ICE-TCP connections closed after idling"),
+            ("returnfeed_webrtc_ice_tcp_frames_dropped", st.frames_dropped + w_dropped,
              "Packets not sent on ICE-TCP because the connection's write buffer was full"),
         ))
         refused = CounterMetricFamily("returnfeed_webrtc_ice_tcp_refused", "ICE-TCP connections refused",

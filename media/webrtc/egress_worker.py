@@ -254,6 +254,11 @@ class WorkerStats:
     control_dropped: int = 0
     #: CPU seconds of the worker process (user + system, all threads).
     cpu_s: float = 0.0
+    #: The worker's ICE-TCP listener (the connections main handed over):
+    #: open now, and its idle-closed / dropped-frame counters.
+    ice_tcp_open: int = 0
+    ice_tcp_idle_closed: int = 0
+    ice_tcp_frames_dropped: int = 0
 
 
 @dataclass(slots=True)
@@ -523,12 +528,16 @@ class EgressWorker:
             sessions[sid] = SessionState(s.layer_name, s.core.pinned, s.pc.connectionState, s.struggling(),
                                          s.counters())
         totals, errors = svc.totals()
+        tcp = getattr(self.ice_mux, "ice_tcp", None)
         return WorkerStats(sessions=sessions, totals=totals, send_errors=errors, switches=dict(svc.switches),
                            drops=dict(svc.drops), closed_by_reason=dict(svc.closed_by_reason),
                            forwarding=self.forwarding, first_byte=self.first_byte, feed_events=self.feed_events,
                            feed_errors=self.feed.errors if self.feed is not None else 0,
                            control_dropped=self.control.dropped,
-                           cpu_s=time.process_time())
+                           cpu_s=time.process_time(),
+                           ice_tcp_open=tcp.open_connections if tcp is not None else 0,
+                           ice_tcp_idle_closed=tcp.stats.idle_closed if tcp is not None else 0,
+                           ice_tcp_frames_dropped=tcp.stats.frames_dropped if tcp is not None else 0)
 
     def _arm_stats(self) -> None:
         self._stats_timer = asyncio.get_running_loop().call_later(self.config.stats_interval, self._on_stats)

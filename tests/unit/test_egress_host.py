@@ -296,11 +296,14 @@ def test_figures_are_summed_over_workers() -> None:
              c.id: SessionState("low", True, "connected", True, {})},
             totals=SessionStats(packets_sent=10, nacks=1), send_errors={"EPERM": 1},
             switches={("cam", "high", "low"): 1}, drops={"cam": 1}, closed_by_reason={"deleted": 1},
-            latencies=[0.0001, 0.003])))
+            latencies=[0.0001, 0.003], ice_tcp_open=1, ice_tcp_idle_closed=2)))
         host._on_message(host.slots[1], w1, ("stats", _stats(
             {b.id: SessionState("high", False, "connected", False, {})},
             totals=SessionStats(packets_sent=7, nacks=2), send_errors={"EPERM": 2, "ENOBUFS": 1},
-            switches={("cam", "high", "low"): 2}, closed_by_reason={"ice_failed": 1}, latencies=[0.003])))
+            switches={("cam", "high", "low"): 2}, closed_by_reason={"ice_failed": 1}, latencies=[0.003],
+            ice_tcp_open=2, ice_tcp_frames_dropped=5)))
+        # ICE-TCP connections handed to the workers count as the server's.
+        assert host.ice_tcp_figures() == (3, 2, 5)
         total, errors = host.totals()
         assert (total.packets_sent, total.nacks) == (17, 3)
         assert errors == {"EPERM": 3, "ENOBUFS": 1}
