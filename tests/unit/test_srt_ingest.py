@@ -51,7 +51,9 @@ def test_quiet_timer_releases_a_frame_before_the_next_one_arrives() -> None:
     exact = last_video_packet_of_full_message(msgs)
 
     async def run() -> tuple[list[tuple[int | None, int, Frame]], MediaService]:
-        service = MediaService(Settings(), None, None)
+        # The server process's own fan-out reports frames sent (egress
+        # workers report theirs in their figures).
+        service = MediaService(Settings(webrtc={"egress_workers": 0}), None, None)
         stream = service.hub.get_or_create("cam1")
         feeding: int | None = None  # the message being fed, None between feeds
         fed = -1  # the last message fed
