@@ -16,6 +16,7 @@ turns it into exit code 2.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -156,6 +157,27 @@ class IceServer(_Section):
             if not self.urls.startswith(("turn:", "turns:")):
                 raise ValueError("a shared secret only makes sense for a turn: or turns: URL")
         return self
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The cores this process may really use: its CPU affinity, capped by a
+    cgroup v2 CPU quota (``cpu.max``, "QUOTA PERIOD" or "max PERIOD").
+
+    ``os.cpu_count()`` is the host's count: in a container limited to 2 CPUs
+    on a 64-core node it says 64, and "one egress worker per core" would
+    start 63 processes fighting over 2 cores."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:
+        with open(os.path.join(cgroup_root, "cpu.max")) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max" and int(period) > 0:
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota readable: the affinity stands
+    return max(1, n)
 
 
 class WebRtcSettings(_Section):
@@ -315,7 +337,7 @@ class WebRtcSettings(_Section):
         """How many egress worker processes to run (0: none)."""
         if self.egress_workers >= 0:
             return self.egress_workers
-        return max(1, (os.cpu_count() or 1) - 1)
+        return max(1, usable_cpus() - 1)
 
     @model_validator(mode="after")
     def _backoffs_ordered(self) -> WebRtcSettings:

@@ -449,13 +449,34 @@ def test_egress_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert WebRtcSettings(egress_workers=0).egress_worker_count() == 0  # every viewer in the server process
     assert WebRtcSettings(egress_workers=2).egress_worker_count() == 2
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("server.config.usable_cpus", lambda: 4)
     assert WebRtcSettings().egress_worker_count() == 3  # "auto" by default
     assert WebRtcSettings(egress_workers="auto").egress_worker_count() == 3
-    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    monkeypatch.setattr("server.config.usable_cpus", lambda: 1)
     assert WebRtcSettings(egress_workers=-1).egress_worker_count() == 1
     with pytest.raises(ValidationError):
         WebRtcSettings(egress_workers=-2)
+
+
+def test_usable_cpus_follow_affinity_and_the_cgroup_quota(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A container limited to 2 CPUs on a 64-core node gets 1 egress worker,
+    not 63 (os.cpu_count() is the node's)."""
+    from server.config import usable_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    assert usable_cpus(str(tmp_path)) == 64  # no cpu.max: the affinity stands
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    assert usable_cpus(str(tmp_path)) == 2
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(str(tmp_path)) == 2  # 1.5 CPUs: two cores run it
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(str(tmp_path)) == 64
+    (tmp_path / "cpu.max").write_text("garbage")
+    assert usable_cpus(str(tmp_path)) == 64
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    (tmp_path / "cpu.max").write_text("800000 100000\n")
+    assert usable_cpus(str(tmp_path)) == 3  # pinned to 3 cores: the quota of 8 does not add any
 
 
 def test_worker_log_records_are_logged_here_tagged_with_the_worker(caplog: pytest.LogCaptureFixture) -> None:
