@@ -57,7 +57,7 @@ from media.webrtc.icemux import IceMux
 from media.webrtc.whep import WhepService
 from media.webrtc.icetcp import IceTcpListener
 from media.webrtc.whip import WhipService
-from media.webrtc.egress_worker import WorkerConfig
+from media.webrtc.egress_worker import FIRST_BYTE_BUCKETS, FORWARDING_BUCKETS, WorkerConfig
 
 from .auth import TokenError, TokenService
 from .config import Settings
@@ -158,47 +158,42 @@ class MediaService:
         self.directory = directory
         self.catalog = StreamCatalog()
         self.hub = StreamHub(grace=settings.srt.reconnect_grace_s)
-        self.forwarding_latency = Histogram(
-            "returnfeed_forwarding_latency_seconds",
-            "Frame complete at ingest (last byte in) to its last RTP packet sent to every viewer",
-            buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1), registry=None)
-        # The same end point timed from the frame's first byte: includes how
-        # long the frame took to arrive and any wait in the demuxer for its
-        # end (a frame released only when the next one starts shows a whole
-        # frame interval here, not in the histogram above).
-        self.first_byte_latency = Histogram(
-            "returnfeed_forwarding_latency_from_first_byte_seconds",
-            "SRT ingest: a video frame's first byte in to its last RTP packet sent to every viewer",
-            buckets=(0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2), registry=None)
         # media.stream.Frame carries only the completion time, and hands
         # the access unit's bytes through unchanged: the bytes object is the
         # key (kept alive here, so its id cannot be reused meanwhile).
         self._first_bytes: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
-        self.whep = WhepService(ice_servers=settings.webrtc.agent_ice_servers(),
-                                max_viewers=settings.webrtc.max_viewers,
-                                backlog_limit=settings.webrtc.backlog_bytes,
-                                send_failure_timeout=settings.webrtc.send_failure_timeout_s,
-                                connect_timeout=settings.webrtc.connect_timeout_s,
-                                layer_policy=settings.webrtc.layer_policy(),
-                                rtx_share=settings.webrtc.rtx_share,
-                                rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
-                                on_frame_sent=self._frame_sent,
-                                first_byte=self.frame_first_byte)
+        # Forwarding latency: frame complete at ingest to its last packet sent
+        # to every viewer; and the same end point timed from the frame's
+        # first byte, which includes how long the frame took to arrive and
+        # any wait in the demuxer for its end (a frame released only when the
+        # next one starts shows a whole frame interval there, not here).
+        forwarding = ("returnfeed_forwarding_latency_seconds",
+                      "Frame complete at ingest (last byte in) to its last RTP packet sent to every viewer")
+        first_byte = ("returnfeed_forwarding_latency_from_first_byte_seconds",
+                      "SRT ingest: a video frame's first byte in to its last RTP packet sent to every viewer")
         #: With ``webrtc.egress_workers`` (issue 15) the WHEP viewers live in
         #: worker processes and ``self.whep`` is their host: the same surface
-        #: for the routes and metrics (server/egress_host.py).
+        #: for the routes and metrics (server/egress_host.py); the latency
+        #: histograms are the workers' counts, summed.
         self.egress: EgressHost | None = None
         if settings.webrtc.egress_worker_count() > 0:
             self.egress = self._egress_host(settings)
             self.whep = self.egress  # type: ignore[assignment]
-            self.forwarding_latency = self.egress.histogram(  # type: ignore[assignment]
-                "returnfeed_forwarding_latency_seconds",
-                "Frame complete at ingest (last byte in) to its last RTP packet sent to every viewer",
-                "forwarding")
-            self.first_byte_latency = self.egress.histogram(  # type: ignore[assignment]
-                "returnfeed_forwarding_latency_from_first_byte_seconds",
-                "SRT ingest: a video frame's first byte in to its last RTP packet sent to every viewer",
-                "first_byte")
+            self.forwarding_latency = self.egress.histogram(*forwarding, "forwarding")  # type: ignore[assignment]
+            self.first_byte_latency = self.egress.histogram(*first_byte, "first_byte")  # type: ignore[assignment]
+        else:
+            self.forwarding_latency = Histogram(*forwarding, buckets=FORWARDING_BUCKETS, registry=None)
+            self.first_byte_latency = Histogram(*first_byte, buckets=FIRST_BYTE_BUCKETS, registry=None)
+            self.whep = WhepService(ice_servers=settings.webrtc.agent_ice_servers(),
+                                    max_viewers=settings.webrtc.max_viewers,
+                                    backlog_limit=settings.webrtc.backlog_bytes,
+                                    send_failure_timeout=settings.webrtc.send_failure_timeout_s,
+                                    connect_timeout=settings.webrtc.connect_timeout_s,
+                                    layer_policy=settings.webrtc.layer_policy(),
+                                    rtx_share=settings.webrtc.rtx_share,
+                                    rtx_playout_allowance=settings.webrtc.rtx_playout_allowance_s,
+                                    on_frame_sent=self._frame_sent,
+                                    first_byte=self.frame_first_byte)
         w = settings.webrtc
         self.whip = WhipService(self.hub, ice_servers=w.agent_ice_servers(),
                                 takeover=settings.srt.takeover, max_sessions=w.whip_max_sessions,

@@ -31,10 +31,8 @@ Errors: 400 malformed SDP, 401/403 auth, 404 unknown stream or session, 409 +
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
-import time
 from typing import Any
 
 from aiohttp import web
@@ -137,9 +135,7 @@ async def whep_layer(request: web.Request) -> web.StreamResponse:
     if not isinstance(layer, str):
         raise BadRequest("'layer' must be a layer name or 'auto'")
     try:
-        pinned = session.pin(None if layer == "auto" else layer)
-        if inspect.isawaitable(pinned):  # a viewer in an egress worker: a call to it
-            await pinned
+        await session.pin(None if layer == "auto" else layer)
     except KeyError:
         raise NotFound("no such session") from None
     except ValueError as exc:
@@ -178,12 +174,7 @@ async def stream_viewers(request: web.Request) -> web.StreamResponse:
     if row is None:
         raise NotFound("no such stream")
     await require_production_role(request, p, row["production_id"], "director")
-    now = time.monotonic()
-    whep = request.app[MEDIA].whep
-    if hasattr(whep, "snapshots"):  # egress workers: each asked for its viewers
-        viewers = await whep.snapshots(name)
-    else:
-        viewers = [s.snapshot(now) for s in whep.viewers(name)]
+    viewers = await request.app[MEDIA].whep.snapshots(name)
     by_layer: dict[str, int] = {}
     for v in viewers:
         by_layer[v.layer or "starting"] = by_layer.get(v.layer or "starting", 0) + 1

@@ -261,6 +261,13 @@ class WorkerStats:
     ice_tcp_frames_dropped: int = 0
 
 
+#: The forwarding-latency histograms' buckets (s): frame complete at ingest,
+#: and its first byte in, to its last packet sent to every viewer — one set
+#: for the server process's own histograms and the workers' counts.
+FORWARDING_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+FIRST_BYTE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2)
+
+
 @dataclass(slots=True)
 class WorkerConfig:
     """Everything a worker needs, picklable (media never reads server settings)."""
@@ -275,8 +282,8 @@ class WorkerConfig:
     rtx_share: float = 0.25
     rtx_playout_allowance: float = 0.5
     stats_interval: float = 0.5
-    forwarding_buckets: tuple[float, ...] = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
-    first_byte_buckets: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2)
+    forwarding_buckets: tuple[float, ...] = FORWARDING_BUCKETS
+    first_byte_buckets: tuple[float, ...] = FIRST_BYTE_BUCKETS
     log_level: int = logging.INFO
 
 
@@ -469,7 +476,7 @@ class EgressWorker:
 
     async def call_pin(self, sid: str, layer: str | None) -> str | None:
         session = self._session(sid)
-        session.pin(layer)
+        await session.pin(layer)
         return session.layer_name
 
     async def call_close(self, sid: str, reason: str, detail: str) -> bool:
@@ -480,8 +487,7 @@ class EgressWorker:
         return True
 
     async def call_snapshots(self, stream: str) -> list[Any]:
-        now = time.monotonic()
-        return [s.snapshot(now) for s in self.service.viewers(stream)]
+        return await self.service.snapshots(stream)
 
     # -- the service's callbacks --------------------------------------------------
 

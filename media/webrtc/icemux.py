@@ -68,6 +68,7 @@ sends on :attr:`MuxTransport.mux_socket` directly, with the same GSO batching
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import hashlib
 import hmac
@@ -218,13 +219,13 @@ class MuxEntry:
     registered: bool = True
 
 
-class RemoteTarget:
+class RemoteTarget(abc.ABC):
     """A :class:`MuxTable` target in another process (an egress worker,
     media/webrtc/icerelay.py): :meth:`IceMux.received` hands it the
     datagram instead of a local ``StunProtocol``."""
 
-    def deliver(self, entry: MuxEntry, data: bytes, addr: Addr) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def deliver(self, entry: MuxEntry, data: bytes, addr: Addr) -> None: ...
 
 
 @dataclass(slots=True)

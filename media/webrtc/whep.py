@@ -435,8 +435,10 @@ class WhepSession:
 
     # -- control -----------------------------------------------------------------------
 
-    def pin(self, layer: str | None) -> None:
-        """Pin to a layer name, or ``None`` for automatic selection."""
+    async def pin(self, layer: str | None) -> None:
+        """Pin to a layer name, or ``None`` for automatic selection. A
+        coroutine, as the pin of a viewer in an egress worker is (a call to
+        it; server/egress_host.py), so the route awaits either alike."""
         now = time.monotonic()
         self.core.pin(layer, now)
         self._after(now)
@@ -663,6 +665,12 @@ class WhepService:
 
     def viewers(self, stream: str) -> list[WhepSession]:
         return [s for s in self.sessions.values() if s.stream_name == stream]
+
+    async def snapshots(self, stream: str) -> list[ViewerSnapshot]:
+        """Every viewer of ``stream`` as a director sees it (a coroutine, as
+        the egress host's, which asks its workers)."""
+        now = time.monotonic()
+        return [s.snapshot(now) for s in self.viewers(stream)]
 
     def on_keyframe_request(self, stream: str) -> int:
         """Ask the stream's source for a keyframe; returns how many requests
