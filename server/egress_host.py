@@ -107,6 +107,9 @@ class WorkerLink(Protocol):
     @property
     def feed_drops(self) -> int: ...
 
+    @property
+    def feed_queued_bytes(self) -> int: ...
+
     async def stop(self, timeout: float) -> None: ...
 
     def kill(self) -> None: ...
@@ -239,7 +242,12 @@ class ProcessWorker:
 
     @property
     def feed_drops(self) -> int:
-        return getattr(self._sender, "dropped", 0) if self._sender is not None else 0
+        return self._sender.dropped if self._sender is not None else 0
+
+    @property
+    def feed_queued_bytes(self) -> int:
+        """What waits in the feed's queue for room in the worker's socket."""
+        return self._sender.pending_bytes if self._sender is not None else 0
 
     async def stop(self, timeout: float) -> None:
         """Ordered: ``stop`` (the worker closes its sessions, sends its last
@@ -849,20 +857,24 @@ class EgressHost:
         restarts = CounterMetricFamily("returnfeed_egress_worker_restarts", "Egress worker restarts after dying",
                                        labels=["worker"])
         drops = CounterMetricFamily("returnfeed_egress_worker_feed_drops",
-                                    "Packet feed messages to an egress worker dropped (its socket was full)",
-                                    labels=["worker"])
+                                    "Packet feed events to an egress worker lost (its queue was full or stale; "
+                                    "its viewers resync at the next keyframe)", labels=["worker"])
+        queued = GaugeMetricFamily("returnfeed_egress_worker_feed_queued_bytes",
+                                   "Packet feed bytes waiting for room in an egress worker's socket",
+                                   labels=["worker"])
         for s in self.slots:
             label = [str(s.index)]
             up.add_metric(label, 1 if s.live else 0)
             viewers.add_metric(label, len(s.sessions))
             restarts.add_metric(label, s.restarts)
             drops.add_metric(label, s.feed_drops_retired + (s.link.feed_drops if s.link is not None else 0))
+            queued.add_metric(label, s.link.feed_queued_bytes if s.link is not None and s.live else 0)
         cpu = CounterMetricFamily("returnfeed_egress_worker_cpu_seconds",
                                   "CPU seconds of each egress worker process (user + system; as of its last "
                                   "report)", labels=["worker"])
         for s in self.slots:
             cpu.add_metric([str(s.index)], s.cpu_retired + (s.stats.cpu_s if s.stats is not None else 0.0))
-        yield from (up, viewers, restarts, drops, cpu)
+        yield from (up, viewers, restarts, drops, queued, cpu)
         if self.relay is not None:
             t = self.relay.totals()
             for name, value, doc in (

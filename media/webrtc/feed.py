@@ -44,13 +44,20 @@ packets; the receiving fan-out handles each as it comes (the frame ends at
 its marker packet).
 
 Back-pressure: the sender never blocks the ingest loop. When the worker's
-socket buffer is full (``EAGAIN``) the event is dropped and counted, and the
-layers that lost something are remembered; once the socket takes messages
-again, a :class:`DiscontinuityEvent` per such layer goes first, so that
-worker's fan-out flags the layer's next packet and its viewers re-base and
-wait for the next keyframe (which the fan-out asks the source for) rather
-than NACK packets no history has. An :class:`EndedEvent` is never lost: it
-waits in the same small pending set. The receiver reads at most
+socket buffer is full (``EAGAIN``) the messages wait in the sender's queue,
+in order, and go as the socket has room (the loop's writer callback). A
+worker that subscribes to a running stream gets the cached GOP (up to
+``gop_cache_bytes``) in one burst, far more than a socket buffer holds, so
+the queue's bound (``MAX_QUEUE_BYTES``) is above any cached GOP: what a
+worker needs to start its viewers is never dropped. Past the bound, or once
+the oldest waiting message is older than ``MAX_LAG_S`` (a stalled worker),
+packets are let go and counted, and a :class:`DiscontinuityEvent` for each
+layer that lost something takes their place in the queue, so that worker's
+fan-out flags the layer's next packet and its viewers re-base and wait for
+the next keyframe (which the fan-out asks the source for) rather than NACK
+packets no history has, or play seconds late. Discontinuities and
+:class:`EndedEvent` are never refused (a few bytes each, at most one per
+layer per run of packets). The receiver reads at most
 ``max_per_wakeup`` messages per wake-up, so one busy feed cannot starve the
 worker's loop of its viewers' RTCP.
 """
@@ -64,6 +71,8 @@ import logging
 import math
 import socket
 import struct
+import time
+from collections import deque
 from typing import Callable
 
 from ..errors import LocalMediaError
@@ -74,7 +83,7 @@ from .fanout import DiscontinuityEvent, EndedEvent, FeedEvent, PacketsEvent
 
 log = logging.getLogger("returnfeed.webrtc")
 
-__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_MESSAGE", "SEND_BUFFER", "VERSION",
+__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_LAG_S", "MAX_MESSAGE", "MAX_QUEUE_BYTES", "SEND_BUFFER", "VERSION",
            "decode", "encode", "socketpair"]
 
 VERSION = 1
@@ -97,6 +106,19 @@ MAX_MESSAGE = 1 << 18
 #: default Unix socket send buffer (a SEQPACKET message must fit it whole),
 #: and one ~40-packet keyframe of a 1 Mbit/s stream in one message.
 DEFAULT_MAX_MESSAGE = 60000
+
+#: What may wait in the sender's queue for one worker, beyond its socket:
+#: at least a whole cached GOP (the packetizer keeps up to 8 MiB), which a
+#: worker that just subscribed gets at once.
+MAX_QUEUE_BYTES = 24 << 20
+#: A queue whose oldest message waited longer than this is stale: the worker
+#: is stalled, and its viewers are better re-based on the next keyframe than
+#: served seconds late.
+MAX_LAG_S = 2.0
+
+_Q_PACKETS = 0
+_Q_DISCONTINUITY = 1
+_Q_ENDED = 2
 
 #: What may wait in the socket for one worker: the default (208 kB) is a few
 #: keyframes; this is over half a second of 20 streams at 1.15 Mbit/s, so a worker
@@ -280,56 +302,107 @@ def _decode_packets(data: bytes, n: int, flags: int, layer_len: int, stream_len:
 class FeedSender:
     """The main end of one worker's feed socket. :meth:`send` is a
     StreamPacketizer subscriber (``packetizer.subscribe(sender.send)``): it
-    never blocks; see the module docstring for what happens when the worker
-    falls behind."""
+    never blocks; what the socket cannot take at once waits in a bounded
+    queue, in order (see the module docstring)."""
 
     def __init__(self, sock: socket.socket, *, max_message: int = DEFAULT_MAX_MESSAGE,
-                 on_error: Callable[["FeedSender", OSError], None] | None = None) -> None:
+                 max_queue_bytes: int = MAX_QUEUE_BYTES, max_lag: float = MAX_LAG_S,
+                 on_error: Callable[["FeedSender", OSError], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 < max_message <= MAX_MESSAGE:
             raise ValueError(f"max_message must be in 1..{MAX_MESSAGE}")
+        if max_queue_bytes < 0 or not max_lag > 0:
+            raise ValueError("max_queue_bytes must be >= 0 and max_lag > 0")
         sock.setblocking(False)
         self._sock = sock
         self.max_message = max_message
+        self.max_queue_bytes = max_queue_bytes
+        self.max_lag = max_lag
+        self._clock = clock
         #: Told once when the socket fails for good (the worker is gone).
         self._on_error = on_error
-        #: Events sent whole, events dropped (whole or after some chunks),
-        #: bytes and messages sent.
+        #: Events taken (sent or queued), events lost (refused by the
+        #: bound, or queued and then let go by a resync), bytes and messages
+        #: written to the socket, resyncs of a queue that grew too old.
         self.sent = 0
         self.dropped = 0
         self.bytes = 0
         self.messages = 0
-        #: What was lost, to be said once there is room, oldest first:
-        #: ("lost", stream, layer) → a DiscontinuityEvent (layer None covers
-        #: the stream), ("ended", stream, None) → an EndedEvent. Bounded by
-        #: the streams and layers there are.
-        self._owed: dict[tuple[str, str, str | None], FeedEvent] = {}
+        self.resyncs = 0
+        #: Messages waiting for room in the socket, oldest first:
+        #: (message, queued at, (stream, layer or None, kind, last chunk)).
+        self._queue: deque[tuple[bytes, float, tuple[str, str | None, int, bool]]] = deque()
+        self._queued_bytes = 0
+        #: (stream, layer) → True when the last thing queued for that layer
+        #: is a discontinuity (a second loss needs no second one), False when
+        #: packets were queued after it. Cleared when the queue empties.
+        self._tail: dict[tuple[str, str | None], bool] = {}
         self._writer: asyncio.AbstractEventLoop | None = None
         self.error: OSError | None = None
         self.closed = False
 
     @property
     def pending(self) -> int:
-        """Control events waiting for room in the socket."""
-        return len(self._owed)
+        """Messages waiting for room in the socket."""
+        return len(self._queue)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._queued_bytes
 
     def send(self, ev: FeedEvent) -> bool:
-        """Hand ``ev`` to the worker; False when it was dropped."""
+        """Hand ``ev`` to the worker: sent, or queued behind what waits;
+        False when it was lost (the layer then resyncs at the worker)."""
         if self.closed:
             return False
-        if self._owed and not self._flush():
-            self._drop(ev)
-            return False
+        queue = self._queue
+        if queue:
+            self._flush()
         try:
             messages = encode(ev, self.max_message)
         except ValueError as exc:  # a bug upstream: this worker loses the event, the others do not
             event(log, logging.ERROR, "webrtc.feed_unencodable", stream=ev.stream, error=str(exc))
-            self._drop(ev)
+            self._lose(ev.stream, getattr(ev, "layer", None))
+            self._flush()
             return False
-        for data in messages:
-            if not self._send(data):
-                self._drop(ev)
+        done = 0
+        if not queue:
+            for data in messages:
+                if not self._send(data):
+                    break
+                done += 1
+            if self.closed:
                 return False
+            if done == len(messages):
+                self.sent += 1
+                return True
+        rest = messages[done:] if done else messages
+        kind = type(ev)
+        now = self._clock()
+        if kind is PacketsEvent:
+            if queue and now - queue[0][1] > self.max_lag:
+                self._resync()
+            size = sum(map(len, rest))
+            if self._queued_bytes + size > self.max_queue_bytes:
+                self._lose(ev.stream, ev.layer)  # type: ignore[union-attr]
+                return False
+            key = (ev.stream, ev.layer)  # type: ignore[union-attr]
+            self._tail[key] = False
+            code = _Q_PACKETS
+        elif kind is DiscontinuityEvent:
+            key = (ev.stream, ev.layer)  # type: ignore[union-attr]
+            self._mark_discontinuity(key)
+            code = _Q_DISCONTINUITY
+        else:
+            key = (ev.stream, None)
+            self._forget(ev.stream)
+            code = _Q_ENDED
+        last = len(rest) - 1
+        for i, data in enumerate(rest):
+            queue.append((data, now, (key[0], key[1], code, i == last)))
+            self._queued_bytes += len(data)
         self.sent += 1
+        self._watch()
         return True
 
     def _send(self, data: bytes) -> bool:
@@ -346,35 +419,81 @@ class FeedSender:
         self.bytes += len(data)
         return True
 
-    def _drop(self, ev: FeedEvent) -> None:
+    # -- the queue's bookkeeping
+
+    def _mark_discontinuity(self, key: tuple[str, str | None]) -> None:
+        if key[1] is None:  # covers every layer of the stream
+            self._forget(key[0])
+        self._tail[key] = True
+
+    def _forget(self, stream: str) -> None:
+        tail = self._tail
+        for k in [k for k in tail if k[0] == stream]:
+            del tail[k]
+
+    def _lose(self, stream: str, layer: str | None) -> None:
+        """One event of ``layer`` is lost: queue its discontinuity (never
+        refused: a few bytes, and at most one per run of queued packets)
+        unless the last thing queued for the layer already is one."""
         if self.closed:
             return
         self.dropped += 1
-        owed = self._owed
-        stream = ev.stream
-        if type(ev) is EndedEvent:
-            # The end says more than any gap before it.
-            for key in [k for k in owed if k[1] == stream]:
-                del owed[key]
-            owed[("ended", stream, None)] = ev
-        elif ("lost", stream, None) not in owed:
-            layer = ev.layer  # type: ignore[union-attr]
-            if layer is None:
-                for key in [k for k in owed if k[0] == "lost" and k[1] == stream]:
-                    del owed[key]
-            key = ("lost", stream, layer)
-            if key not in owed:
-                owed[key] = DiscontinuityEvent(stream, layer)
+        tail = self._tail
+        if tail.get((stream, layer)) or ((stream, layer) not in tail and tail.get((stream, None))):
+            return
+        self._queue_control(DiscontinuityEvent(stream, layer), _Q_DISCONTINUITY, layer)
+
+    def _queue_control(self, ev: FeedEvent, code: int, layer: str | None) -> None:
+        data = encode(ev)[0]
+        self._queue.append((data, self._clock(), (ev.stream, layer, code, True)))
+        self._queued_bytes += len(data)
+        if code == _Q_DISCONTINUITY:
+            self._mark_discontinuity((ev.stream, layer))
         self._watch()
 
+    def _resync(self) -> None:
+        """The worker has not read for ``max_lag``: what waits is stale.
+        Let every queued packet go and keep, in order, each stream's end
+        and one discontinuity per layer that lost something, so that the
+        worker's viewers re-base on the next keyframe instead of playing
+        seconds late."""
+        self.resyncs += 1
+        lost: dict[tuple[str, str | None], None] = {}
+        ends: list[FeedEvent] = []
+        for _data, _at, (stream, layer, code, last) in self._queue:
+            if code == _Q_ENDED:
+                for k in [k for k in lost if k[0] == stream]:
+                    del lost[k]
+                ends.append(EndedEvent(stream))
+                continue
+            if code == _Q_PACKETS and last:
+                self.dropped += 1
+            if layer is None:
+                for k in [k for k in lost if k[0] == stream]:
+                    del lost[k]
+                lost[(stream, None)] = None
+            elif (stream, None) not in lost:
+                lost[(stream, layer)] = None
+        event(log, logging.WARNING, "webrtc.feed_resync", queued=len(self._queue),
+              queued_bytes=self._queued_bytes, layers=len(lost))
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._tail.clear()
+        for ev in ends:
+            self._queue_control(ev, _Q_ENDED, None)
+        for stream, layer in lost:
+            self._queue_control(DiscontinuityEvent(stream, layer), _Q_DISCONTINUITY, layer)
+
     def _flush(self) -> bool:
-        """Send what is owed, oldest first; True when nothing is left."""
-        owed = self._owed
-        while owed:
-            key = next(iter(owed))
-            if not self._send(encode(owed[key])[0]):
+        """Send what waits, oldest first; True when nothing is left."""
+        queue = self._queue
+        while queue:
+            data = queue[0][0]
+            if not self._send(data):
                 return False
-            del owed[key]
+            queue.popleft()
+            self._queued_bytes -= len(data)
+        self._tail.clear()
         self._unwatch()
         return True
 
@@ -412,7 +531,9 @@ class FeedSender:
             return
         self._unwatch()
         self.closed = True
-        self._owed.clear()
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._tail.clear()
 
 
 class FeedReceiver:

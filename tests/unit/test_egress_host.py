@@ -61,6 +61,7 @@ class FakeLink:
         self.errors: dict[str, BaseException] = {}
         self.stopped = False
         self.feed_drops = 0
+        self.feed_queued_bytes = 0
         self.fail_start = False
         FakeLink.made.append(self)
 

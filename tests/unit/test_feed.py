@@ -1,8 +1,10 @@
 """The packet feed (media/webrtc/feed.py): the codec round-trips every event
 and refuses anything that is not exactly a message; a real SOCK_SEQPACKET
-pair carries events in order; a worker that stops reading makes the sender
-drop and count, never block, and a DiscontinuityEvent for what was lost
-arrives first once it reads again, so its viewers re-base."""
+pair carries events in order; what the socket cannot take waits in the
+sender's bounded queue (a whole cached GOP fits); a worker that stops
+reading makes the sender queue, then drop and count, never block, and a
+DiscontinuityEvent for what was lost comes before anything after it, so its
+viewers re-base; a queue gone stale resyncs to live."""
 
 from __future__ import annotations
 
@@ -171,74 +173,164 @@ def test_the_receiver_reads_at_most_max_per_wakeup() -> None:
     worker_end.close()
 
 
-def test_a_worker_that_stops_reading_costs_drops_never_a_block_then_a_resync() -> None:
+class _Sink:
+    def __init__(self) -> None:
+        self.sent: list[LayerPacket] = []
+
+    def on_packets(self, index, pkts, now) -> None:
+        if index >= 0:
+            self.sent += pkts
+
+    def on_layers_changed(self, layers) -> None:
+        pass
+
+    def on_stream_ended(self) -> None:
+        pass
+
+
+class _Unit:
+    def __init__(self, i: int, key: bool, size: int = 4000) -> None:
+        self.codec, self.pts, self.dts, self.keyframe, self.pid = "h264", i * 3600, None, key, None
+        self.data = b"\x00\x00\x00\x01" + bytes([0x65 if key else 0x41]) + bytes([(i % 250) + 1]) * size
+
+
+def test_a_worker_that_stops_reading_costs_queue_then_drops_never_a_block_then_a_resync() -> None:
     """End to end: packetizer → sender ═ socket ═ receiver → fan-out → viewer."""
-
-    class Sink:
-        def __init__(self) -> None:
-            self.sent: list[LayerPacket] = []
-
-        def on_packets(self, index, pkts, now) -> None:
-            if index >= 0:
-                self.sent += pkts
-
-        def on_layers_changed(self, layers) -> None:
-            pass
-
-        def on_stream_ended(self) -> None:
-            pass
-
-    class Unit:
-        def __init__(self, i: int, key: bool) -> None:
-            self.codec, self.pts, self.dts, self.keyframe, self.pid = "h264", i * 3600, None, key, None
-            self.data = b"\x00\x00\x00\x01" + bytes([0x65 if key else 0x41]) + bytes([(i % 250) + 1]) * 4000
-
     main_end, worker_end = sender_and_receiver(sndbuf=32 * 1024)
     stream = StreamHub().get_or_create("s")
     pub = stream.attach_publisher(SourceInfo("whip"), now=0.0)
     packetizer = StreamPacketizer(stream)
-    sender = FeedSender(main_end)
+    sender = FeedSender(main_end, max_queue_bytes=64 * 1024)
     packetizer.subscribe(sender.send)
     packetizer.start()
     asked: list[str] = []
     fanout = PacketFanout("s", request_keyframe=lambda name: asked.append(name) or 1)
     receiver = FeedReceiver(worker_end, fanout.handle, max_per_wakeup=1000)
-    sink = Sink()
+    sink = _Sink()
     fanout.attach(sink, None, 0.0)
-    # The worker reads nothing: the socket fills, then every frame is dropped
-    # at once (a blocking send would hang this test).
+    # The worker reads nothing: the socket fills, then the queue, then every
+    # frame is dropped at once (a blocking send would hang this test).
     started = time.monotonic()
     i = 0
     while sender.dropped < 20:
-        pub.publish(Unit(i, i == 0))
+        pub.publish(_Unit(i, i == 0))
         i += 1
-        assert i < 500, "the socket never filled"
+        assert i < 500, "the socket and the queue never filled"
     assert time.monotonic() - started < 2.0
-    assert sender.sent > 0 and sender.pending == 1
-    delivered_frames = sender.sent
-    # The worker reads again: the frames before the gap, then the resync.
+    assert sender.pending > 1 and 0 < sender.pending_bytes <= 64 * 1024
+    assert sender.sent == i - 20
+    # The worker reads again: every frame taken (socket, then queue, in
+    # order), then the one discontinuity for the 20 lost, then what follows.
+    while sender.pending:
+        receiver.read_available()
+        pub.publish(_Unit(i, False))  # driven by hand: each send flushes what fits
+        i += 1
     receiver.read_available()
-    assert fanout.stats.frames == delivered_frames and fanout.stats.resyncs == 0
-    before = len(sink.sent)
-    pub.publish(Unit(i, False))  # the first frame after the gap: the owed discontinuity goes first
-    assert sender.pending == 0
-    receiver.read_available()
-    after = sink.sent[before:]
-    assert after and after[0].discontinuity and not after[0].keyframe_start
     assert fanout.stats.resyncs == 1 and asked == ["s"]
     assert sender.dropped == 20 and receiver.errors == 0
+    assert sink.sent[0].keyframe_start  # the viewer's start
+    flagged = [k for k, p in enumerate(sink.sent) if p.discontinuity and k > 0]
+    assert len(flagged) == 1 and not sink.sent[flagged[0]].keyframe_start
+    # Before the gap, nothing is missing: the sequence numbers run on.
+    seqs = [p.seq for p in sink.sent[:flagged[0]]]
+    assert seqs == [(seqs[0] + k) & 0xFFFF for k in range(len(seqs))]
     main_end.close()
     worker_end.close()
 
 
-def test_an_end_that_found_no_room_is_sent_as_soon_as_there_is() -> None:
+def test_a_multi_megabyte_cached_gop_reaches_a_slow_worker_whole() -> None:
+    """A worker that subscribes to a running stream gets the cached GOP in
+    one burst (the whole GOP is what its first viewer needs when the source
+    sends no keyframe on request); a socket holds a fraction of it, and the
+    worker reads it a few messages at a time: nothing may be dropped."""
+
+    async def run():
+        main_end, worker_end = sender_and_receiver(sndbuf=64 * 1024)
+        stream = StreamHub().get_or_create("s")
+        pub = stream.attach_publisher(SourceInfo("whip"), now=0.0)
+        packetizer = StreamPacketizer(stream)
+        packetizer.start()
+        for k in range(300):  # one keyframe then 299 P frames of ~12 kB: a ~3.6 MB GOP
+            pub.publish(_Unit(k, k == 0, size=12000))
+        cached_packets = packetizer.stats.packets
+        # The source refuses keyframe requests (a one-keyframe stream).
+        fanout = PacketFanout("s", request_keyframe=lambda name: 0)
+        seqs: list[int] = []
+
+        def handle(ev) -> None:
+            seqs.extend(p.seq for p in getattr(ev, "packets", ()))
+            fanout.handle(ev)
+
+        receiver = FeedReceiver(worker_end, handle, max_per_wakeup=2)
+        receiver.start()
+        sender = FeedSender(main_end)
+        packetizer.subscribe(sender.send)  # the cached GOP, at once
+        assert sender.pending_bytes > 1 << 20 and sender.dropped == 0
+        for k in range(300, 320):  # live frames go on while it drains
+            pub.publish(_Unit(k, False, size=12000))
+            await asyncio.sleep(0.001)
+        deadline = time.monotonic() + 10
+        while (sender.pending or len(seqs) < packetizer.stats.packets) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        sink = _Sink()
+        fanout.attach(sink, None, time.monotonic())  # a late viewer: the cached GOP's replay starts
+        receiver.close()
+        main_end.close()
+        worker_end.close()
+        return sender, fanout, packetizer, cached_packets, seqs, sink
+
+    sender, fanout, packetizer, cached_packets, seqs, sink = asyncio.run(run())
+    assert sender.dropped == 0 and sender.resyncs == 0 and sender.pending == 0
+    assert cached_packets > 3000 and fanout.stats.resyncs == 0
+    # Every packet, cached and live, once and in order.
+    assert len(seqs) == packetizer.stats.packets
+    assert seqs == [(seqs[0] + k) & 0xFFFF for k in range(len(seqs))]
+    assert fanout.stats.joins_replayed == 1 and sink.sent[0].keyframe_start and sink.sent[0].seq == seqs[0]
+
+
+def test_a_queue_older_than_max_lag_resyncs_to_live() -> None:
+    now = [100.0]
+    main_end, worker_end = sender_and_receiver(sndbuf=16 * 1024)
+    sender = FeedSender(main_end, max_lag=2.0, clock=lambda: now[0])
+    sent = 0
+    while not sender.pending:
+        assert sender.send(frame_event(5, layer="high", arrival=float(sent)))
+        sent += 1
+    in_socket = sent - 1
+    assert sender.send(frame_event(5, layer="low", arrival=-1.0))
+    assert sender.send(EndedEvent("gone"))
+    now[0] += 2.5  # the worker read nothing for longer than max_lag
+    assert sender.send(frame_event(5, layer="high", arrival=999.0))
+    assert sender.resyncs == 1 and sender.dropped == 2
+    got: list = []
+    receiver = FeedReceiver(worker_end, got.append, max_per_wakeup=10000)
+    while True:
+        receiver.read_available()
+        if not sender.pending:
+            break
+        sender._on_writable()  # what the loop's writer callback does
+    receiver.read_available()
+    assert got[:in_socket] == [frame_event(5, layer="high", arrival=float(k)) for k in range(in_socket)]
+    # What waited went stale: its end is kept, each layer that lost packets
+    # gets one discontinuity, and the live frame comes after them.
+    assert got[in_socket:] == [EndedEvent("gone"), DiscontinuityEvent("cam-ü", "high"),
+                               DiscontinuityEvent("cam-ü", "low"), frame_event(5, layer="high", arrival=999.0)]
+    main_end.close()
+    worker_end.close()
+
+
+def test_an_end_waits_its_turn_behind_queued_frames_and_goes_as_soon_as_there_is_room() -> None:
     async def run():
         main_end, worker_end = sender_and_receiver(sndbuf=16 * 1024)
         sender = FeedSender(main_end)
         n = 0
-        while sender.send(frame_event(5)):
+        while not sender.pending:
+            assert sender.send(frame_event(5, arrival=float(n)))
             n += 1
-        assert not sender.send(EndedEvent("cam-ü")) and sender.pending == 1
+        for _ in range(5):
+            assert sender.send(frame_event(5, arrival=float(n)))
+            n += 1
+        assert sender.send(EndedEvent("cam-ü"))
         got: list = []
         receiver = FeedReceiver(worker_end, got.append)
         receiver.start()  # reading makes room; no further send is needed
@@ -251,9 +343,8 @@ def test_an_end_that_found_no_room_is_sent_as_soon_as_there_is() -> None:
         return n, got, sender
 
     n, got, sender = asyncio.run(run())
-    # The lost frame's discontinuity was superseded by the end.
-    assert len(got) == n + 1 and got[-1] == EndedEvent("cam-ü") and sender.pending == 0
-    assert sender.dropped == 2
+    assert got == [frame_event(5, arrival=float(k)) for k in range(n)] + [EndedEvent("cam-ü")]
+    assert sender.pending == 0 and sender.dropped == 0 and sender.sent == n + 1
 
 
 def test_a_gone_worker_stops_the_sender() -> None:
@@ -281,10 +372,10 @@ def test_a_failing_handler_or_an_unencodable_event_costs_only_that_event(caplog)
     assert sender.send(EndedEvent("bad")) and sender.send(EndedEvent("good"))
     assert receiver.read_available() == 2
     assert got == [EndedEvent("good")] and receiver.handler_errors == 1
-    # A packet the format cannot carry (a bug upstream): dropped, owed as a
-    # discontinuity, the next event still goes.
+    # A packet the format cannot carry (a bug upstream): dropped, and its
+    # layer's discontinuity sent in its place; the next event still goes.
     assert not sender.send(PacketsEvent("s", "high", (LayerPacket(70000, 0, True, b"x"),), None, 0.0, None))
-    assert sender.dropped == 1 and sender.pending == 1
+    assert sender.dropped == 1 and sender.pending == 0
     assert sender.send(EndedEvent("good"))
     receiver.read_available()
     assert got[-2:] == [DiscontinuityEvent("s", "high"), EndedEvent("good")]
