@@ -38,6 +38,8 @@ from typing import Any, Protocol
 
 import av
 
+from media.procs import join_or_kill
+
 from .engine import Meters, QcEngine
 from .filescan import _luma
 from .loudness import RATE
@@ -211,15 +213,8 @@ class TapWorker:
 
     def close(self, timeout: float = 5.0) -> None:
         """Blocking: join (after request_stop), terminate, kill; run it off the loop."""
-        proc = self.proc
-        if proc is not None:
-            proc.join(timeout)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(2.0)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(2.0)
+        if self.proc is not None:
+            join_or_kill(self.proc, timeout)
         self.discard()
 
     def discard(self) -> None:

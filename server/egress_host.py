@@ -65,8 +65,9 @@ from typing import Any, Callable, Iterable, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from media.errors import UnsupportedMedia
+from media.procs import join_or_kill
 from media.webrtc.egress_worker import (
-    ControlChannel, LatencyCounts, SessionState, WorkerConfig, WorkerStats, error_from_reply, worker_main,
+    ControlChannel, LatencyCounts, SessionState, WorkerConfig, WorkerStats, add_counts, error_from_reply, worker_main,
 )
 from media.webrtc.viewer import SessionStats
 from media.webrtc.whep import SessionInfo
@@ -261,22 +262,12 @@ class ProcessWorker:
                 pass
         proc = self.proc
         if proc is not None:
-            await asyncio.to_thread(_join, proc, timeout)
+            await asyncio.to_thread(join_or_kill, proc, timeout)
         self._on_gone()
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.is_alive():
             self.proc.kill()
-
-
-def _join(proc: Any, timeout: float) -> None:
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(2.0)
-    if proc.is_alive():
-        proc.kill()
-        proc.join(2.0)
 
 
 class _RemoteDescription:
@@ -470,15 +461,7 @@ class EgressHost:
             self._ice_known.set()
         self.packetizers: dict[str, Any] = {}
         #: What dead workers had reached, so that every counter only goes up.
-        self._retired_totals = SessionStats()
-        self._retired_errors: dict[str, int] = {}
-        self._retired_switches: dict[tuple[str, str, str], int] = {}
-        self._retired_drops: dict[str, int] = {}
-        #: Dead workers' ICE-TCP counters (idle closed, frames dropped).
-        self._retired_ice_tcp = [0, 0]
-        self._retired_closed: dict[str, int] = {}
-        self._retired_latency = {"forwarding": LatencyCounts(config.forwarding_buckets),
-                                 "first_byte": LatencyCounts(config.first_byte_buckets)}
+        self._retired = WorkerStats.empty(config.forwarding_buckets, config.first_byte_buckets)
         #: Sessions the host ended itself (worker_died).
         self._host_closed: dict[str, int] = {}
         self._early_closed: deque[str] = deque(maxlen=_EARLY_CLOSED)
@@ -574,15 +557,7 @@ class EgressHost:
         slot.stats = None
         if st is not None:
             slot.cpu_retired += st.cpu_s
-            self._retired_totals.add(st.totals)
-            _add(self._retired_errors, st.send_errors)
-            _add(self._retired_switches, st.switches)
-            _add(self._retired_drops, st.drops)
-            self._retired_ice_tcp[0] += st.ice_tcp_idle_closed
-            self._retired_ice_tcp[1] += st.ice_tcp_frames_dropped
-            _add(self._retired_closed, st.closed_by_reason)
-            self._retired_latency["forwarding"].add(st.forwarding)
-            self._retired_latency["first_byte"].add(st.first_byte)
+            self._retired.add(st)
 
     async def close(self) -> None:
         self._closing = True
@@ -801,48 +776,45 @@ class EgressHost:
     def _live_stats(self) -> list[WorkerStats]:
         return [s.stats for s in self.slots if s.stats is not None]
 
+    def _all_stats(self) -> list[WorkerStats]:
+        """The dead workers' sum, then each live worker's last report."""
+        return [self._retired, *self._live_stats()]
+
+    def _summed(self, field: str, extra: dict | None = None) -> dict:
+        out = dict(extra or {})
+        for st in self._all_stats():
+            add_counts(out, getattr(st, field))
+        return out
+
     def totals(self) -> tuple[SessionStats, dict[str, int]]:
         total = SessionStats()
-        total.add(self._retired_totals)
-        errors = dict(self._retired_errors)
-        for st in self._live_stats():
+        for st in self._all_stats():
             total.add(st.totals)
-            _add(errors, st.send_errors)
-        return total, errors
+        return total, self._summed("send_errors")
 
     @property
     def switches(self) -> dict[tuple[str, str, str], int]:
-        out = dict(self._retired_switches)
-        for st in self._live_stats():
-            _add(out, st.switches)
-        return out
+        return self._summed("switches")
 
     @property
     def drops(self) -> dict[str, int]:
-        out = dict(self._retired_drops)
-        for st in self._live_stats():
-            _add(out, st.drops)
-        return out
+        return self._summed("drops")
 
     @property
     def closed_by_reason(self) -> dict[str, int]:
-        out = dict(self._retired_closed)
-        _add(out, self._host_closed)
-        for st in self._live_stats():
-            _add(out, st.closed_by_reason)
-        return out
+        return self._summed("closed_by_reason", self._host_closed)
 
     def ice_tcp_figures(self) -> tuple[int, int, int]:
         """The workers' ICE-TCP connections (handed over by the server's
         listener): open now, closed after idling, frames dropped — added to
         the server's own ``returnfeed_webrtc_ice_tcp_*``."""
-        live = self._live_stats()
-        return (sum(st.ice_tcp_open for st in live),
-                self._retired_ice_tcp[0] + sum(st.ice_tcp_idle_closed for st in live),
-                self._retired_ice_tcp[1] + sum(st.ice_tcp_frames_dropped for st in live))
+        every = self._all_stats()
+        return (sum(st.ice_tcp_open for st in self._live_stats()),
+                sum(st.ice_tcp_idle_closed for st in every),
+                sum(st.ice_tcp_frames_dropped for st in every))
 
     def _latencies(self, which: str) -> list[LatencyCounts]:
-        return [self._retired_latency[which], *(getattr(st, which) for st in self._live_stats())]
+        return [getattr(st, which) for st in self._all_stats()]
 
     def histogram(self, name: str, doc: str, which: str) -> MergedHistogram:
         buckets = self.config.forwarding_buckets if which == "forwarding" else self.config.first_byte_buckets
@@ -889,8 +861,3 @@ class EgressHost:
                 fam = CounterMetricFamily(name, doc)
                 fam.add_metric([], value)
                 yield fam
-
-
-def _add(into: dict, other: dict) -> None:
-    for k, n in other.items():
-        into[k] = into.get(k, 0) + n

@@ -260,6 +260,34 @@ class WorkerStats:
     ice_tcp_idle_closed: int = 0
     ice_tcp_frames_dropped: int = 0
 
+    @classmethod
+    def empty(cls, forwarding_buckets: tuple[float, ...], first_byte_buckets: tuple[float, ...]) -> "WorkerStats":
+        return cls({}, SessionStats(), {}, {}, {}, {}, LatencyCounts(forwarding_buckets),
+                   LatencyCounts(first_byte_buckets))
+
+    def add(self, other: "WorkerStats") -> None:
+        """Add ``other``'s counters to these (the host keeps dead workers'
+        last figures this way, so that every ``_total`` only goes up). The
+        gauges — ``sessions``, ``ice_tcp_open`` — are not summed."""
+        self.totals.add(other.totals)
+        for mine, theirs in ((self.send_errors, other.send_errors), (self.switches, other.switches),
+                             (self.drops, other.drops), (self.closed_by_reason, other.closed_by_reason)):
+            add_counts(mine, theirs)
+        self.forwarding.add(other.forwarding)
+        self.first_byte.add(other.first_byte)
+        self.feed_events += other.feed_events
+        self.feed_errors += other.feed_errors
+        self.control_dropped += other.control_dropped
+        self.cpu_s += other.cpu_s
+        self.ice_tcp_idle_closed += other.ice_tcp_idle_closed
+        self.ice_tcp_frames_dropped += other.ice_tcp_frames_dropped
+
+
+def add_counts(into: dict, other: dict) -> None:
+    """``into[k] += other[k]`` for every key of ``other``."""
+    for k, n in other.items():
+        into[k] = into.get(k, 0) + n
+
 
 #: The forwarding-latency histograms' buckets (s): frame complete at ingest,
 #: and its first byte in, to its last packet sent to every viewer — one set

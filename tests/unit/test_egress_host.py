@@ -496,3 +496,19 @@ def test_worker_log_records_are_logged_here_tagged_with_the_worker(caplog: pytes
     records = [r for r in caplog.records if r.name == "returnfeed.webrtc"]
     assert [r.getMessage() for r in records] == ["webrtc.viewer_closed"]
     assert records[0].fields == {"session": "abc", "reason": "deleted", "worker": 1}
+
+
+def test_dead_workers_figures_add_up_counters_but_not_gauges() -> None:
+    cfg = WorkerConfig(index=0)
+    retired = WorkerStats.empty(cfg.forwarding_buckets, cfg.first_byte_buckets)
+    for k in range(2):
+        retired.add(_stats({"s": SessionState("high", False, "connected", False, {})},
+                           totals=SessionStats(packets_sent=10), send_errors={"EPERM": 1},
+                           switches={("cam", "low", "high"): 2}, drops={"backlog": 3},
+                           closed_by_reason={"deleted": 1}, latencies=[0.001, 0.05],
+                           cpu_s=1.5, ice_tcp_open=4, ice_tcp_idle_closed=1, ice_tcp_frames_dropped=k))
+    assert retired.totals.packets_sent == 20 and retired.send_errors == {"EPERM": 2}
+    assert retired.switches == {("cam", "low", "high"): 4} and retired.drops == {"backlog": 6}
+    assert retired.closed_by_reason == {"deleted": 2} and sum(retired.forwarding.counts) == 4
+    assert retired.cpu_s == 3.0 and retired.ice_tcp_idle_closed == 2 and retired.ice_tcp_frames_dropped == 1
+    assert retired.sessions == {} and retired.ice_tcp_open == 0  # gauges of dead workers are gone
