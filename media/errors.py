@@ -6,7 +6,12 @@ Hierarchy::
     ├── LocalMediaError             our side is misconfigured or misused
     │   ├── SrtUnavailable          no loadable libsrt (says what to install)
     │   ├── SrtApiError             a libsrt call failed (carries errno/text)
-    │   └── StreamClosed            (media.stream) the stream or reader ended
+    │   ├── StreamClosed            (media.stream) the stream or reader ended
+    │   ├── NoCapacity              no room for another session now: a
+    │   │                           session limit, or no egress worker
+    │   │                           running; HTTP 503 with its text
+    │   └── SessionGone             (also a KeyError) the session asked
+    │                               for has ended or never was; HTTP 404
     └── RemoteMediaError            a peer sent something we cannot use
         ├── TsError                 malformed MPEG-TS (sync, PSI CRC, PES)
         ├── BitstreamError          malformed H.264/AAC/Opus data
@@ -47,6 +52,19 @@ class SrtApiError(LocalMediaError):
         self.call = call
         self.code = code
         self.text = text
+
+
+class NoCapacity(LocalMediaError):
+    """No room for another session now (a configured limit, or no egress
+    worker to take it); the text says which, the client may retry."""
+
+
+class SessionGone(LocalMediaError, KeyError):
+    """The session a call names has ended (or never existed). A
+    ``KeyError`` too, for the mappings that look sessions up by id."""
+
+    def __str__(self) -> str:  # KeyError would quote the text
+        return str(self.args[0]) if self.args else ""
 
 
 class RemoteMediaError(MediaError):

@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterable, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from media.errors import UnsupportedMedia
+from media.errors import NoCapacity, SessionGone, UnsupportedMedia
 from media.procs import join_or_kill
 from media.webrtc.egress_worker import (
     ControlChannel, LatencyCounts, SessionState, WorkerConfig, WorkerStats, add_counts, error_from_reply, worker_main,
@@ -337,7 +337,7 @@ class EgressSession:
     async def add_remote_candidates(self, frag: str) -> None:
         try:
             await self._call("trickle", self.id, frag)
-        except KeyError:
+        except SessionGone:
             pass  # it closed meanwhile: candidates for nobody, as in one process
 
     async def pin(self, layer: str | None) -> None:
@@ -349,11 +349,11 @@ class EgressSession:
     async def _call(self, method: str, *args: Any) -> Any:
         link = self.slot.link
         if self.closed or link is None:
-            raise KeyError("session closed")
+            raise SessionGone("session closed")
         try:
             return await link.call(method, *args)
         except ConnectionError:
-            raise KeyError("session closed") from None
+            raise SessionGone("session closed") from None
 
     def close_soon(self, reason: str, detail: str = "") -> None:
         if self._closing is None and not self.closed:
@@ -712,10 +712,10 @@ class EgressHost:
                 "the source sends B-frames, which WebRTC cannot play passthrough; encode with "
                 "B-frames off (x264: -bf 0 or -tune zerolatency)")
         if len(self.sessions) + sum(s.pending for s in self.slots) >= self.max_viewers:
-            raise OverflowError("viewer limit reached")
+            raise NoCapacity("viewer limit reached")
         slot = self.pick()
         if slot is None:
-            raise OverflowError("no egress worker is running")
+            raise NoCapacity("no egress worker is running")
         link = slot.link
         assert link is not None
         slot.pending += 1
@@ -726,7 +726,7 @@ class EgressHost:
             reply = await link.call("create", stream.name, offer_sdp, offer, owner, pin, source_plid, b_frames,
                                     sync)
         except (ConnectionError, asyncio.TimeoutError):
-            raise OverflowError("the viewer's egress worker went away; try again") from None
+            raise NoCapacity("the viewer's egress worker went away; try again") from None
         except BaseException:
             if subscribed and slot.link is link:
                 self._release(slot, stream.name)
@@ -754,7 +754,7 @@ class EgressHost:
                 await session.close("ice_failed", str(exc))
                 if slot.link is link:
                     self._release(slot, stream.name)
-                raise OverflowError(f"cannot route the viewer's ICE: {exc}") from None
+                raise NoCapacity(f"cannot route the viewer's ICE: {exc}") from None
         slot.sessions[session.id] = session
         self.sessions[session.id] = session
         return session

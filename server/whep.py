@@ -37,7 +37,7 @@ from typing import Any
 
 from aiohttp import web
 
-from media.errors import UnsupportedMedia
+from media.errors import NoCapacity, UnsupportedMedia
 from media.webrtc.sdp import SdpError
 
 from . import repo
@@ -88,8 +88,8 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
         raise Unprocessable(str(exc)) from None
     except SdpError as exc:
         raise Unprocessable(f"cannot serve this offer: {exc}") from None
-    except OverflowError:
-        raise ServiceUnavailable("viewer limit reached", headers={"Retry-After": "10"}) from None
+    except NoCapacity as exc:
+        raise ServiceUnavailable(str(exc), headers={"Retry-After": "10"}) from None
     await register_grant(request, "whep", p, _row, MEMBER_ROLES, session,
                          lambda reason: session.close_soon("access ended", reason))
     event(log, logging.INFO, "whep.session", stream=name, session=session.id, who=p.label,

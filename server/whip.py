@@ -47,7 +47,7 @@ from typing import Any, Callable
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from media.errors import UnsupportedMedia
+from media.errors import NoCapacity, UnsupportedMedia
 from media.stream import StreamBusy
 from media.webrtc.sdp import SdpError
 from media.webrtc.whip import WhipService, WhipSession
@@ -78,8 +78,8 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
         raise Conflict(str(exc), headers={"Retry-After": str(settings.webrtc.retry_after_s)}) from None
     except (SdpError, UnsupportedMedia) as exc:
         raise Unprocessable(f"cannot ingest this offer: {exc}") from None
-    except OverflowError:
-        raise ServiceUnavailable("WHIP session limit reached", headers={"Retry-After": "10"}) from None
+    except NoCapacity as exc:
+        raise ServiceUnavailable(str(exc), headers={"Retry-After": "10"}) from None
     await register_grant(request, "whip", p, _row, PUBLISH_ROLES, session,
                          lambda reason: session.close_soon(f"access ended: {reason}"))
     plan = session.plan

@@ -53,7 +53,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..errors import UnsupportedMedia
+from ..errors import NoCapacity, SessionGone, UnsupportedMedia
 from ..log import event
 from ..rtp.layers import LayerPolicy
 from .sdp import Offer, SdpError
@@ -70,11 +70,11 @@ RECORD_BYTES = 60000
 _MORE, _LAST = b"\x01", b"\x00"
 
 #: Errors a call may end with, re-raised by the host as the same type (what
-#: server/whep.py maps to HTTP: SdpError/UnsupportedMedia 422, OverflowError
-#: 503, ValueError 400, KeyError: the session is gone, 404).
+#: server/whep.py maps to HTTP: SdpError/UnsupportedMedia 422, NoCapacity
+#: 503, ValueError 400, SessionGone and any other KeyError 404).
 ERROR_KINDS: dict[str, type[BaseException]] = {
-    "SdpError": SdpError, "UnsupportedMedia": UnsupportedMedia, "OverflowError": OverflowError,
-    "ValueError": ValueError, "KeyError": KeyError, "IndexError": IndexError,
+    "SdpError": SdpError, "UnsupportedMedia": UnsupportedMedia, "NoCapacity": NoCapacity,
+    "ValueError": ValueError, "SessionGone": SessionGone, "KeyError": KeyError, "IndexError": IndexError,
 }
 
 
@@ -486,7 +486,7 @@ class EgressWorker:
     async def call_create(self, stream: str, offer_sdp: str, offer: Offer, owner: str, pin: str | None,
                           source_plid: str | None, b_frames: bool, sync: bool) -> dict[str, Any]:
         if self._stopping:
-            raise OverflowError("worker stopping")
+            raise NoCapacity("the egress worker is stopping")
         session = await self.service.create_session(_StreamRef(stream), offer_sdp, offer, owner=owner, pin=pin,
                                                     source_plid=source_plid, b_frames=b_frames, sync=sync)
         return {"id": session.id, "sdp": session.sdp_answer, "etag": session.etag,
@@ -495,7 +495,7 @@ class EgressWorker:
     def _session(self, sid: str) -> Any:
         session = self.service.sessions.get(sid)
         if session is None:
-            raise KeyError("no such session")
+            raise SessionGone("no such session")
         return session
 
     async def call_trickle(self, sid: str, frag: str) -> bool:

@@ -44,7 +44,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters, RTCRtpSendParameters
 
 from ..log import event
-from ..errors import UnsupportedMedia
+from ..errors import NoCapacity, UnsupportedMedia
 from ..layer import AUDIO, Layer
 from ..rtp.layers import LayerPolicy
 from ..rtp.packet import LayerPacket
@@ -611,7 +611,7 @@ class WhepService:
                 "the source sends B-frames, which WebRTC cannot play passthrough; encode with "
                 "B-frames off (x264: -bf 0 or -tune zerolatency)")
         if len(self.sessions) >= self.max_viewers:
-            raise OverflowError("viewer limit reached")
+            raise NoCapacity("viewer limit reached")
         session = WhepSession(self, stream.name, self.fanout(stream), owner=owner, pin=pin, sync=sync)
         self._admit(session)
         try:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "loadtests"))
 
+OFFER = (Path(__file__).parent.parent / "fixtures" / "sdp" / "chromium_whep_offer.sdp").read_text()
 STARTED = re.compile(r"egress\.worker_started.*?worker=(\d+).*?pid=(\d+)")
 
 
@@ -402,9 +403,11 @@ def test_answers_from_workers_offer_the_servers_ice_tcp_port(db_url: str, tmp_pa
 
 
 def test_without_the_shared_ice_port_workers_use_a_socket_per_session(db_url: str, tmp_path_factory) -> None:
+    """Also: the viewer limit across workers is a 503 that says so."""
     srv = ServerProcess(tmp_path_factory.mktemp("srv-nomux"), env={
         "DATABASE_URL": db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
-        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "1", "RETURNFEED_WEBRTC__ICE_MUX": "false"})
+        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "1", "RETURNFEED_WEBRTC__ICE_MUX": "false",
+        "RETURNFEED_WEBRTC__MAX_VIEWERS": "1"})
     srv.start()
     proc = None
     try:
@@ -422,14 +425,19 @@ def test_without_the_shared_ice_port_workers_use_a_socket_per_session(db_url: st
 
             async with WhepViewer(f"{base}/whep/nomux1", token=admin) as v:
                 await asyncio.sleep(2)
-                return _video_packets(v)
+                full = await asyncio.to_thread(
+                    http, "POST", f"{base}/whep/nomux1", token=admin, raw=OFFER.encode(),
+                    headers={"Content-Type": "application/sdp"})
+                return _video_packets(v), full
 
-        packets = asyncio.run(main())
+        packets, full = asyncio.run(main())
         m = metrics(base)
     finally:
         if proc is not None:
             stop_process(proc)
         srv.stop()
     assert packets >= 50
+    assert full.status == 503 and full.headers["Retry-After"] == "10", full.body
+    assert full.json() == {"error": "unavailable", "detail": "viewer limit reached"}
     assert "returnfeed_webrtc_ice_relay_packets_total" not in m  # nothing relayed: no shared port
     assert m["returnfeed_webrtc_packets_sent_total"] >= packets

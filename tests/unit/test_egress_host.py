@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from media.errors import UnsupportedMedia
+from media.errors import NoCapacity, UnsupportedMedia
 from media.webrtc.egress_worker import (
     ControlChannel, LatencyCounts, SessionState, WorkerConfig, WorkerStats, error_from_reply,
 )
@@ -210,11 +210,11 @@ def test_refusals_are_the_in_process_ones() -> None:
         with pytest.raises(UnsupportedMedia):
             await _view(host, FakeStream("cam"), b_frames=True)
         await _view(host, FakeStream("cam"))
-        with pytest.raises(OverflowError):
+        with pytest.raises(NoCapacity, match="^viewer limit reached$"):
             await _view(host, FakeStream("cam"))
         await host.close()
-        empty = _host(1)  # never started: no worker
-        with pytest.raises(OverflowError):
+        empty = _host(1)  # never started: no worker (the 503 says so, not "limit")
+        with pytest.raises(NoCapacity, match="^no egress worker is running$"):
             await _view(empty, FakeStream("cam"))
 
     asyncio.run(main())
@@ -427,7 +427,7 @@ def test_control_channel_drops_only_droppable_messages_while_backed_up() -> None
 def test_call_errors_become_the_same_exceptions() -> None:
     assert isinstance(error_from_reply(("SdpError", "bad")), SdpError)
     assert isinstance(error_from_reply(("UnsupportedMedia", "x")), UnsupportedMedia)
-    assert isinstance(error_from_reply(("OverflowError", "x")), OverflowError)
+    assert isinstance(error_from_reply(("NoCapacity", "x")), NoCapacity)
     err = error_from_reply(("Surprise", "boom"))
     assert type(err) is RuntimeError and str(err) == "boom"
 

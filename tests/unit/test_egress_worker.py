@@ -78,7 +78,7 @@ def test_calls_feed_keyframes_figures_and_ordered_stop() -> None:
         bad = OFFER.replace("a=recvonly", "a=sendonly")
         ok, (kind, _text) = await host.call("create", "cam", bad, parse_offer(bad), "u:1", None, None, False, True)
         assert not ok and kind == "SdpError"
-        assert (await host.call("pin", "nope", "low"))[1][0] == "KeyError"
+        assert (await host.call("pin", "nope", "low"))[1][0] == "SessionGone"
         assert (await host.call("rm -rf", 1))[1][0] == "ValueError"
         assert not worker.service.sessions  # the refused offer's session is gone again
         # The feed reaches the fan-out of a stream the host opened, and only that.

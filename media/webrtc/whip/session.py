@@ -27,6 +27,7 @@ from typing import Any
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpparameters import RTCRtcpFeedback, RTCRtpCodecParameters
 
+from ...errors import NoCapacity
 from ...log import event
 from ...stream import Publisher, SourceInfo, StreamBusy, StreamClosed, StreamHub
 from .. import aiortc_adapter as adapter
@@ -351,7 +352,7 @@ class WhipService:
 
     async def create_session(self, name: str, offer_sdp: str, offer: Offer, *, owner: str, remote: str = "",
                              label: str = "") -> WhipSession:
-        """Raises StreamBusy (409), SdpError/UnsupportedMedia (422), OverflowError (503).
+        """Raises StreamBusy (409), SdpError/UnsupportedMedia (422), NoCapacity (503).
 
         A session of ``name`` that has not connected yet does not hold the
         stream: a publisher with valid rights replaces it (one that never
@@ -361,7 +362,7 @@ class WhipService:
             await s.close("replaced before it connected")
         self.check_free(name)
         if len(self.sessions) >= self.max_sessions:
-            raise OverflowError("WHIP session limit reached")
+            raise NoCapacity("WHIP session limit reached")
         session = WhipSession(self, name, owner=owner, remote=remote, label=label)
         self.sessions[session.id] = session  # before any await: a concurrent POST sees it
         self.sessions_total += 1
