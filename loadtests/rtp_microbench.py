@@ -17,7 +17,10 @@ Reports µs per packet for:
   (``Rewriter.rewrite`` per packet, ``Session.protect``,
   ``DatagramSender.send_batch``) and the fan-out's per-frame path
   (``Rewriter.rewrite_frame``, ``protect_all``, ``send_runs``: the short
-  last packet in the GSO run), each step alone and the whole chain.
+  last packet in the GSO run), each step alone and the whole chain,
+* ``--only send``: one datagram to each of 200 viewers by ``sendto``,
+  ``sendmsg`` and one ctypes ``sendmmsg``, and what a reader process's
+  wake-ups add (issue 15's "consider sendmmsg").
 
 Usage: ``python loadtests/rtp_microbench.py [--quick] [--json]``.
 Numbers are the median of several timed rounds, single thread.
@@ -664,6 +667,129 @@ def bench_rtcp_receive(rounds: int) -> dict[str, Stat]:
     return {k: summarize(v) for k, v in out.items()}
 
 
+def bench_send_across_viewers(rounds: int, viewers: int = 200, size: int = 1100) -> dict[str, Stat]:
+    """Issue 15's "consider sendmmsg": one datagram to each of ``viewers``
+    loopback destinations (a distinct payload each, as SRTP makes them),
+    µs of this process's CPU per datagram: ``sendto`` per viewer,
+    ``sendmsg`` per viewer (what the fan-out calls), and one ``sendmmsg``
+    for all of them through ctypes (Python's ``socket`` has no sendmmsg),
+    where each call points the message vector at that frame's datagrams.
+    Then ``sendto`` and ``sendmsg`` again with a second process blocked in
+    ``epoll`` on every destination socket (what a swarm of viewers on the
+    same machine does): its wake-ups are charged to the sender."""
+    import ctypes
+    import ctypes.util
+    import multiprocessing
+    import select
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    class SockaddrIn(ctypes.Structure):
+        _fields_ = [("family", ctypes.c_ushort), ("port", ctypes.c_uint16), ("addr", ctypes.c_uint32),
+                    ("zero", ctypes.c_char * 8)]
+
+    class MsgHdr(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(IoVec)),
+                    ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                    ("flags", ctypes.c_int)]
+
+    class MMsgHdr(ctypes.Structure):
+        _fields_ = [("hdr", MsgHdr), ("len", ctypes.c_uint)]
+
+    libc.sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    rx = []
+    for _ in range(viewers):
+        r = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        r.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        r.bind(("127.0.0.1", 0))
+        r.setblocking(False)
+        rx.append(r)
+    addrs = [r.getsockname() for r in rx]
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+    payloads = [os.urandom(size) for _ in range(viewers)]
+    msgs, iovs, names = (MMsgHdr * viewers)(), (IoVec * viewers)(), (SockaddrIn * viewers)()
+    for i, (host, port) in enumerate(addrs):
+        names[i].family, names[i].port = socket.AF_INET, socket.htons(port)
+        names[i].addr = int.from_bytes(socket.inet_aton(host), "little")
+        msgs[i].hdr.name, msgs[i].hdr.namelen = ctypes.addressof(names[i]), ctypes.sizeof(SockaddrIn)
+        msgs[i].hdr.iov, msgs[i].hdr.iovlen = ctypes.pointer(iovs[i]), 1
+
+    def drain() -> None:
+        for r in rx:
+            try:
+                while True:
+                    r.recv(2048)
+            except BlockingIOError:
+                pass
+
+    def per_sendto() -> None:
+        for d, a in zip(payloads, addrs):
+            tx.sendto(d, a)
+
+    def per_sendmsg() -> None:
+        for d, a in zip(payloads, addrs):
+            tx.sendmsg([d], (), 0, a)
+
+    def one_sendmmsg() -> None:
+        for i, d in enumerate(payloads):
+            iovs[i].base = ctypes.cast(ctypes.c_char_p(d), ctypes.c_void_p).value
+            iovs[i].len = len(d)
+        done = 0
+        while done < viewers:
+            n = libc.sendmmsg(tx.fileno(), ctypes.addressof(msgs) + done * ctypes.sizeof(MMsgHdr), viewers - done, 0)
+            if n < 0:
+                raise OSError(ctypes.get_errno(), "sendmmsg")
+            done += n
+
+    def measure(fns: dict[str, Callable[[], None]], *, pause: float = 0.0) -> dict[str, list[float]]:
+        got: dict[str, list[float]] = {k: [] for k in fns}
+        for _ in range(rounds):
+            for key, fn in fns.items():
+                drain()
+                t0 = time.process_time_ns()
+                for _ in range(10):
+                    fn()
+                    if pause:
+                        time.sleep(pause)  # frames apart: the reader sleeps again in between
+                got[key].append((time.process_time_ns() - t0) / (10 * viewers))
+        return got
+
+    out = measure({"send_sendto": per_sendto, "send_sendmsg": per_sendmsg, "send_sendmmsg_ctypes": one_sendmmsg})
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+
+    def reader() -> None:
+        ep = select.epoll()
+        for r in rx:
+            ep.register(r.fileno(), select.EPOLLIN)
+        by_fd = {r.fileno(): r for r in rx}
+        while not stop.is_set():
+            for fd, _ in ep.poll(0.1):
+                try:
+                    while True:
+                        by_fd[fd].recv(2048)
+                except BlockingIOError:
+                    pass
+
+    proc = ctx.Process(target=reader, daemon=True)
+    proc.start()
+    try:
+        time.sleep(0.3)
+        woken = measure({"send_sendto_reader": per_sendto, "send_sendmsg_reader": per_sendmsg}, pause=0.002)
+    finally:
+        stop.set()
+        proc.join(5)
+    out.update(woken)
+    for r in rx:
+        r.close()
+    tx.close()
+    return {k: summarize(v) for k, v in out.items()}
+
+
 def bench_uvloop(pkts: list[LayerPacket], n: int, rounds: int) -> Stat:
     """rewrite + protect + ``DatagramTransport.sendto`` on a uvloop loop (the
     transport kind aioice hands packets to), receiver drained between rounds."""
@@ -714,6 +840,11 @@ LABELS = {
     "rewrite_no_ext": "rewrite, no header extensions",
     "rewrite_mid_abs_twcc": "rewrite, mid + abs-send-time + transport-cc",
     "protect_100B_AES128_CM_SHA1_80": "pylibsrtp protect, 100 B payload, AES128_CM_SHA1_80",
+    "send_sendto": "1100 B to each of 200 viewers: sendto per viewer",
+    "send_sendmsg": "1100 B to each of 200 viewers: sendmsg per viewer",
+    "send_sendmmsg_ctypes": "1100 B to each of 200 viewers: one sendmmsg (ctypes)",
+    "send_sendto_reader": "  the same, a reader process in epoll: sendto",
+    "send_sendmsg_reader": "  the same, a reader process in epoll: sendmsg",
     "protect_100B_AEAD_AES_128_GCM": "pylibsrtp protect, 100 B payload, AEAD_AES_128_GCM",
     "protect_100B_AEAD_AES_256_GCM": "pylibsrtp protect, 100 B payload, AEAD_AES_256_GCM",
     "protect_1100B_AES128_CM_SHA1_80": "pylibsrtp protect, 1100 B payload, AES128_CM_SHA1_80",
@@ -744,12 +875,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer packets and rounds")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--only", choices=("session", "rtcp"),
-                    help="only one section: the session's per-frame path, or the RTCP receive path")
+    ap.add_argument("--only", choices=("session", "rtcp", "send"),
+                    help="only one section: the session's per-frame path, the RTCP receive path, or one "
+                         "datagram to each of 200 viewers (sendto / sendmsg / sendmmsg)")
     args = ap.parse_args()
     rounds = 5 if args.quick else 25
     if args.only:
-        results = bench_session_path(rounds) if args.only == "session" else bench_rtcp_receive(rounds)
+        section = {"session": bench_session_path, "rtcp": bench_rtcp_receive, "send": bench_send_across_viewers}
+        results = section[args.only](rounds)
         for key, (lo, med) in results.items():
             print(f"{LABELS.get(key, key):<60} {lo:>7.2f} {med:>7.2f}")
         return
