@@ -193,7 +193,8 @@ class WhepSession:
         transceivers = {}
         for section in offer.media:
             if section.kind in ("audio", "video"):
-                transceivers[section.kind] = self.pc.addTransceiver(section.kind, direction="sendonly")
+                tr = transceivers[section.kind] = self.pc.addTransceiver(section.kind, direction="sendonly")
+                adapter.drop_receive_estimator(tr.receiver)  # a viewer sends no media
         self.pc.on("connectionstatechange", self._on_state)
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))

@@ -120,3 +120,39 @@ def test_the_worker_ends_when_the_host_goes_away() -> None:
         await asyncio.wait_for(task, 5)
 
     asyncio.run(main())
+
+
+def test_a_viewers_peer_connection_carries_no_receive_side_estimator() -> None:
+    """aiortc gives every video receiver a REMB estimator of 1,000 GC-tracked
+    buckets; a WHEP viewer sends no media, so its session drops it (and the
+    WHIP ingest's capturing receiver too)."""
+    import gc
+    import types
+
+    from aiortc import RTCPeerConnection
+
+    from media.webrtc import aiortc_adapter as adapter
+
+    async def main() -> None:
+        host = Host()
+        worker, task = await _running(host)
+        assert await host.call("open", "cam") == (True, True)
+        ok, reply = await host.call("create", "cam", OFFER, parse_offer(OFFER), "u:1", None, None, False, True)
+        assert ok, reply
+        session = worker.service.sessions[reply["id"]]
+        transceivers = session.pc.getTransceivers()
+        assert sorted(t.kind for t in transceivers) == ["audio", "video"]
+        assert all(getattr(t.receiver, adapter._ESTIMATOR) is None for t in transceivers)
+        # What it saves: the objects one estimator keeps alive.
+        before = len(gc.get_objects())
+        pc = RTCPeerConnection()
+        pc.addTransceiver("video", direction="sendonly")
+        assert len(gc.get_objects()) - before > 1000
+        await pc.close()
+        whip = adapter.CapturingReceiver("video", types.SimpleNamespace(state="new"))
+        assert getattr(whip, adapter._ESTIMATOR) is None
+        host.channel.send(("stop",))
+        await asyncio.wait_for(task, 5)
+        host.channel.close()
+
+    asyncio.run(main())
