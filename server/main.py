@@ -27,6 +27,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from media.procs import freeze_startup_heap
+
 from . import repo
 from .app import create_app
 from .auth import LEEWAY_S, TokenService, hash_password
@@ -254,6 +256,7 @@ async def serve(settings: Settings) -> int:
     except Exception as exc:
         print(f"returnfeed: could not start: {exc}", file=sys.stderr, flush=True)
         return 1
+    event(log, logging.INFO, "server.heap_frozen", objects=freeze_startup_heap())
     await stop.wait()
     await server.stop()
     return 0

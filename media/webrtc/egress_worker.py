@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import NoCapacity, SessionGone, UnsupportedMedia
+from ..procs import freeze_startup_heap
 from ..log import event
 from ..rtp.layers import LayerPolicy
 from .sdp import Offer, SdpError
@@ -626,6 +627,7 @@ def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socke
     async def main() -> None:
         worker = EgressWorker(config, control, feed, parent_pid, relay)
         logging.getLogger().addHandler(_ControlLogHandler(worker.control))
+        event(log, logging.INFO, "egress.heap_frozen", objects=freeze_startup_heap())
         await worker.run()
 
     runner(main())

@@ -328,6 +328,9 @@ def test_shutdown_is_ordered_and_leaves_no_worker_behind(env) -> None:
     assert not [line for line in srv.output if "Traceback" in line], "\n".join(srv.output[-60:])
     # The workers' own log lines reach the server's log, tagged with the worker.
     assert [line for line in srv.output if "webrtc.viewer_started" in line and " worker=" in line]
+    # Start-up's objects are out of the full collections' way, in both kinds of process.
+    assert [line for line in srv.output if "server.heap_frozen" in line]
+    assert len([line for line in srv.output if "egress.heap_frozen" in line and " worker=" in line]) >= 2
 
 
 def test_workers_exit_when_the_server_process_is_killed(db_url: str, tmp_path_factory) -> None:

@@ -512,3 +512,15 @@ def test_dead_workers_figures_add_up_counters_but_not_gauges() -> None:
     assert retired.closed_by_reason == {"deleted": 2} and sum(retired.forwarding.counts) == 4
     assert retired.cpu_s == 3.0 and retired.ice_tcp_idle_closed == 2 and retired.ice_tcp_frames_dropped == 1
     assert retired.sessions == {} and retired.ice_tcp_open == 0  # gauges of dead workers are gone
+
+
+def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
+    import gc
+
+    from media.procs import freeze_startup_heap
+
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() > 10000  # this test process's modules at least
+    finally:
+        gc.unfreeze()
