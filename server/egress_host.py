@@ -65,6 +65,7 @@ from typing import Any, Callable, Iterable, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from media.errors import NoCapacity, SessionGone, UnsupportedMedia
+from media.histogram import GC_PAUSE_BUCKETS
 from media.procs import join_or_kill
 from media.webrtc.egress_worker import (
     ControlChannel, LatencyCounts, SessionState, WorkerConfig, WorkerStats, add_counts, error_from_reply, worker_main,
@@ -73,6 +74,7 @@ from media.webrtc.viewer import SessionStats
 from media.webrtc.whep import SessionInfo
 
 from .log import event
+from .metrics import gc_pause_family
 from .tap_host import BACKOFF_RESET_AFTER_S, next_backoff
 
 log = logging.getLogger("returnfeed.egress")
@@ -423,13 +425,8 @@ class MergedHistogram:
 
     def collect(self) -> Iterable[Metric]:
         c = self.counts()
-        running = 0
-        buckets = []
-        for bound, n in zip((*self.buckets, float("inf")), c.counts):
-            running += n
-            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
         fam = HistogramMetricFamily(self.name, self.doc)
-        fam.add_metric([], buckets, c.total)
+        fam.add_metric([], c.cumulative(), c.total)
         yield fam
 
 
@@ -816,6 +813,15 @@ class EgressHost:
     def _latencies(self, which: str) -> list[LatencyCounts]:
         return [getattr(st, which) for st in self._all_stats()]
 
+    def gc_pauses(self) -> list[LatencyCounts]:
+        """Every worker's garbage-collector pauses (dead ones' too), summed
+        per generation."""
+        total = [LatencyCounts(GC_PAUSE_BUCKETS) for _ in range(3)]
+        for st in self._all_stats():
+            for mine, theirs in zip(total, st.gc_pauses):
+                mine.add(theirs)
+        return total
+
     def histogram(self, name: str, doc: str, which: str) -> MergedHistogram:
         buckets = self.config.forwarding_buckets if which == "forwarding" else self.config.first_byte_buckets
         return MergedHistogram(self, name, doc, which, buckets)
@@ -847,6 +853,7 @@ class EgressHost:
         for s in self.slots:
             cpu.add_metric([str(s.index)], s.cpu_retired + (s.stats.cpu_s if s.stats is not None else 0.0))
         yield from (up, viewers, restarts, drops, queued, cpu)
+        yield gc_pause_family({"egress_worker": self.gc_pauses()})
         if self.relay is not None:
             t = self.relay.totals()
             for name, value, doc in (

@@ -39,6 +39,7 @@ from .health import healthz, metrics_app
 from .http_guard import GuardedRunner, HttpGuard
 from .keys import DB, STARTED, TALLY
 from .log import event
+from .metrics import PROCESS_GC
 from .media_service import MediaService
 from .tally_service import TallyService
 from .tls import TlsCertificate, TlsSite, install_hsts, redirect_app, tls_files
@@ -257,6 +258,7 @@ async def serve(settings: Settings) -> int:
         print(f"returnfeed: could not start: {exc}", file=sys.stderr, flush=True)
         return 1
     event(log, logging.INFO, "server.heap_frozen", objects=freeze_startup_heap())
+    PROCESS_GC.install()
     await stop.wait()
     await server.stop()
     return 0

@@ -13,13 +13,34 @@ import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric,
+)
 from prometheus_client.registry import Collector
+
+from media.histogram import GcPauses, LatencyCounts
 
 if TYPE_CHECKING:
     from .db import Database
 
 VERSION = "0.1.0"
+
+#: This process's garbage-collector pauses; ``server.main`` installs it
+#: once the server has started.
+PROCESS_GC = GcPauses()
+
+
+def gc_pause_family(by_process: dict[str, list[LatencyCounts]]) -> HistogramMetricFamily:
+    """``returnfeed_gc_pause_seconds{process, generation}`` from each kind
+    of process's per-generation counts."""
+    fam = HistogramMetricFamily(
+        "returnfeed_gc_pause_seconds",
+        "Garbage-collector pauses (generation 2: full collections, which stall every viewer of the process)",
+        labels=["process", "generation"])
+    for process, generations in by_process.items():
+        for gen, counts in enumerate(generations):
+            fam.add_metric([process, str(gen)], counts.cumulative(), counts.total)
+    return fam
 
 
 class _DynamicCollector(Collector):
@@ -31,6 +52,7 @@ class _DynamicCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("returnfeed_uptime_seconds", "Seconds since the server started",
                                 value=time.time() - self.started)
+        yield gc_pause_family({"server": PROCESS_GC.by_generation})
         info = InfoMetricFamily("returnfeed_build", "ReturnFeed build information")
         info.add_metric([], {"version": VERSION, "python": sys.version.split()[0]})
         yield info

@@ -42,7 +42,6 @@ then the reply.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import os
 import pickle
@@ -54,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import NoCapacity, SessionGone, UnsupportedMedia
+from ..histogram import GC_PAUSE_BUCKETS, GcPauses, LatencyCounts
 from ..procs import freeze_startup_heap
 from ..log import event
 from ..rtp.layers import LayerPolicy
@@ -207,29 +207,6 @@ class ControlChannel:
 
 
 @dataclass(slots=True)
-class LatencyCounts:
-    """A histogram as cumulative bucket counts (``buckets`` upper bounds,
-    the last count is +Inf), summable across processes."""
-
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.counts:
-            self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-
-    def add(self, other: "LatencyCounts") -> None:
-        for i, n in enumerate(other.counts):
-            self.counts[i] += n
-        self.total += other.total
-
-
-@dataclass(slots=True)
 class SessionState:
     """What the host shows of one viewer between two stats messages."""
 
@@ -260,6 +237,8 @@ class WorkerStats:
     ice_tcp_open: int = 0
     ice_tcp_idle_closed: int = 0
     ice_tcp_frames_dropped: int = 0
+    #: The worker's garbage-collector pauses, per generation (0, 1, 2).
+    gc_pauses: list[LatencyCounts] = field(default_factory=lambda: [LatencyCounts(GC_PAUSE_BUCKETS) for _ in range(3)])
 
     @classmethod
     def empty(cls, forwarding_buckets: tuple[float, ...], first_byte_buckets: tuple[float, ...]) -> "WorkerStats":
@@ -282,6 +261,8 @@ class WorkerStats:
         self.cpu_s += other.cpu_s
         self.ice_tcp_idle_closed += other.ice_tcp_idle_closed
         self.ice_tcp_frames_dropped += other.ice_tcp_frames_dropped
+        for mine, theirs in zip(self.gc_pauses, other.gc_pauses):
+            mine.add(theirs)
 
 
 def add_counts(into: dict, other: dict) -> None:
@@ -378,6 +359,8 @@ class EgressWorker:
         self.ice_mux: Any = None
         self.forwarding = LatencyCounts(config.forwarding_buckets)
         self.first_byte = LatencyCounts(config.first_byte_buckets)
+        #: Installed by worker_main (a callback on the process's collector).
+        self.gc_pauses = GcPauses()
         #: The last answer of the host to a keyframe request per stream: how
         #: many requests it really sent upstream. A fan-out asks before
         #: deciding how to start a joining viewer and needs the answer at
@@ -572,7 +555,8 @@ class EgressWorker:
                            cpu_s=time.process_time(),
                            ice_tcp_open=tcp.open_connections if tcp is not None else 0,
                            ice_tcp_idle_closed=tcp.stats.idle_closed if tcp is not None else 0,
-                           ice_tcp_frames_dropped=tcp.stats.frames_dropped if tcp is not None else 0)
+                           ice_tcp_frames_dropped=tcp.stats.frames_dropped if tcp is not None else 0,
+                           gc_pauses=self.gc_pauses.snapshot())
 
     def _arm_stats(self) -> None:
         self._stats_timer = asyncio.get_running_loop().call_later(self.config.stats_interval, self._on_stats)
@@ -628,6 +612,7 @@ def worker_main(config: WorkerConfig, control: socket.socket, feed: socket.socke
         worker = EgressWorker(config, control, feed, parent_pid, relay)
         logging.getLogger().addHandler(_ControlLogHandler(worker.control))
         event(log, logging.INFO, "egress.heap_frozen", objects=freeze_startup_heap())
+        worker.gc_pauses.install()
         await worker.run()
 
     runner(main())

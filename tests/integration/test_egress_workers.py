@@ -151,6 +151,10 @@ def test_viewers_spread_over_both_workers_and_play(env) -> None:
     assert m["returnfeed_webrtc_packets_sent_total"] >= sum(out["packets"])
     assert m["returnfeed_forwarding_latency_seconds_count"] > 0
     assert m["returnfeed_webrtc_ice_relay_packets_total"] > 0  # the viewers' RTCP came through main's port
+    # Garbage-collector pauses, the server's and the workers' (young collections happen within seconds).
+    assert m['returnfeed_gc_pause_seconds_count{generation="0",process="server"}'] > 0
+    assert m['returnfeed_gc_pause_seconds_count{generation="0",process="egress_worker"}'] > 0
+    assert 'returnfeed_gc_pause_seconds_bucket{generation="2",le="0.05",process="egress_worker"}' in m
     assert out["state"]["viewers"] == 4 and sum(out["state"]["viewers_by_layer"].values()) == 4
     assert len(out["listed"]["viewers"]) == 4
     assert all(v["packets_sent"] > 0 for v in out["listed"]["viewers"])

@@ -524,3 +524,31 @@ def test_the_startup_heap_is_frozen_out_of_full_collections() -> None:
         assert frozen == gc.get_freeze_count() > 10000  # this test process's modules at least
     finally:
         gc.unfreeze()
+
+
+def test_gc_pauses_are_timed_per_generation_and_summed_across_workers() -> None:
+    import gc
+
+    from media.histogram import GcPauses
+
+    ticks = iter([1.0, 1.004, 2.0, 2.0002])
+    was_enabled = gc.isenabled()
+    gc.disable()  # only the two collections below
+    pauses = GcPauses(clock=lambda: next(ticks)).install()
+    try:
+        gc.collect(2)
+        gc.collect(0)
+    finally:
+        pauses.uninstall()
+        if was_enabled:
+            gc.enable()
+    full, young = pauses.by_generation[2], pauses.by_generation[0]
+    assert sum(full.counts) == 1 and full.counts[3] == 1 and abs(full.total - 0.004) < 1e-9  # ≤ 5 ms bucket
+    assert sum(young.counts) == 1 and young.counts[0] == 1  # ≤ 0.5 ms
+    assert dict(full.cumulative())["0.005"] == 1 and dict(full.cumulative())["0.002"] == 0
+    # The host sums every worker's, the dead ones' included.
+    cfg = WorkerConfig(index=0)
+    retired = WorkerStats.empty(cfg.forwarding_buckets, cfg.first_byte_buckets)
+    retired.add(_stats({}, gc_pauses=pauses.snapshot()))
+    retired.add(_stats({}, gc_pauses=pauses.snapshot()))
+    assert sum(retired.gc_pauses[2].counts) == 2 and sum(pauses.by_generation[2].counts) == 1
