@@ -147,7 +147,10 @@ def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, 
 
 #: The offline reference decodes with the streamer's options
 #: (WhisperDecoder._decode), so that the WER gap measures streaming, not a
-#: beam or a temperature fallback the streamer does not use.
+#: beam or a temperature fallback the streamer does not use. This one is
+#: greedy (``wer_offline``, the reference of rounds 1–2); where the streamer
+#: decodes with a beam (beam 5 since round 3) the same options at that beam
+#: are reported too (``wer_offline_beam5``).
 OFFLINE_SAME = dict(beam_size=1, best_of=1, temperature=0.0, compression_ratio_threshold=None,
                     log_prob_threshold=None, no_speech_threshold=None, condition_on_previous_text=False,
                     word_timestamps=True, vad_filter=False)

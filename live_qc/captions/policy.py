@@ -187,7 +187,7 @@ class CommitPolicy:
         dropped it): the last hypothesis stands, and the timeout applies to
         it as to a new one — without this, a run of looping decodes held
         every word for as long as it lasted (benchmark, tiny.en: five in a
-        row held "new teacher is waiting" for 4.6 s, and 7 s where each loop
+        row held "new teacher is waiting" for 4.6 s, and 5 s where each loop
         also cost 1–3 s to decode)."""
         words = self._previous
         overdue = 0

@@ -162,8 +162,14 @@ class WhisperDecoder:
     #: only 17.5 / 21.5 %; beam 5 on every decode 16.7 / 19.5 %, commit
     #: latency median 1.5 → 1.6 s, partial median 0.39 → 0.52 s. Offline
     #: on the whole file: 17.2 / 15.4 % greedy, 11.9 / 11.2 % at beam 5.
-    beam_size: int = 5
-    final_beam_size: int = 5
+    #: Not the default: at beam 5 the crowd babbles that give no words
+    #: greedily gave words ("Thank you so much for watching, I'll see you
+    #: guys in the next video, bye bye": 17 and 27 words in 1 min each,
+    #: ``--clock cpu``, 10 min + 5 min of non-speech) — a beam finds the
+    #: confident sign-off the babble guard lets through. Beam 5 needs its
+    #: own babble guard first.
+    beam_size: int = 1
+    final_beam_size: int = 1
     #: The most tokens one decode pass may generate: ``max_tokens_base`` +
     #: ``max_tokens_per_s`` per second of audio (None: Whisper's 224 a pass,
     #: up to 448 with the prompt). Speech holds far fewer (fast speech, 5
@@ -392,6 +398,7 @@ class Streamer:
         self.skipped_s = 0.0
         self.decodes = 0
         self.rejected_segments = 0
+        self.looped_segments = 0
         self._looped = False  # the last decode had no words because it looped
         self.words_committed = 0
         self.decoded_audio_s = 0.0
@@ -521,6 +528,10 @@ class Streamer:
                 else:
                     # A decode that looped says nothing about the speech: the
                     # last hypothesis stands and its timeout still applies.
+                    # Only loops: a decode the other guards dropped whole
+                    # (weak, likely no speech) clears it — holding those too
+                    # let 3-voice babble commit 28 words in 1 min (bench,
+                    # ``--clock cpu``), 0 without.
                     step = self.policy.hold(self.media_end)
                 out += self._emit(step)
                 self._drop_before(self._trim - round(o.preroll_s * RATE))
@@ -565,6 +576,7 @@ class Streamer:
         hyp = self.decoder.decode(audio, prompt=prompt, language=self.language, final=final)
         self.rejected_segments += hyp.rejected
         self._looped = hyp.looped > 0
+        self.looped_segments += hyp.looped
         if self.options.language is None and hyp.words and (
                 len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):
             # Detected once with enough audio or confidence, then kept:
@@ -622,6 +634,7 @@ class Streamer:
         return CaptionStats(lag_s=lag, skipped_s=self.skipped_s,
                             extra={"decodes": self.decodes, "words": self.words_committed,
                                    "rejected_segments": self.rejected_segments,
+                                   "looped_segments": self.looped_segments,
                                    "language": self.language or ""})
 
 

@@ -168,23 +168,25 @@ def test_only_the_end_of_speech_decode_is_final(speech) -> None:
 
 
 class LoopingDecoder(ScriptedDecoder):
-    """From the ``loop_from``-th decode on, every decode loops: the guards
-    reject all of it (a segment that compresses too well)."""
+    """From the ``loop_from``-th decode on, the guards drop every decode
+    whole: a loop (a segment that compresses too well) or, ``looped``
+    False, a weak fragment (the decoder skipped the speech)."""
 
-    def __init__(self, loop_from: int, final_only: bool = False) -> None:
+    def __init__(self, loop_from: int, final_only: bool = False, looped: bool = True) -> None:
         super().__init__()
-        self.loop_from, self.final_only = loop_from, final_only
+        self.loop_from, self.final_only, self.looped = loop_from, final_only, looped
 
     def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
                final: bool = False) -> Hypothesis:
         hyp = super().decode(audio, prompt=prompt, language=language, final=final)
         if len(self.calls) > self.loop_from and (final or not self.final_only):
-            return Hypothesis((), "en", rejected=1, looped=1)
+            return Hypothesis((), "en", rejected=1, looped=int(self.looped))
         return hyp
 
 
-def test_looping_decodes_neither_hold_nor_lose_the_words_heard_before(speech) -> None:
-    decoder = LoopingDecoder(loop_from=4)
+@pytest.mark.parametrize("looped", [True, False])
+def test_dropped_decodes_neither_hold_nor_lose_the_words_heard_before(speech, looped) -> None:
+    decoder = LoopingDecoder(loop_from=4, looped=looped)
     streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
                         StreamerOptions(commit_timeout_s=1.0, agree_guard_s=0.0))
     talk = np.concatenate([speech[int(1.2 * RATE):int(3.5 * RATE)]] * 3)  # 6.9 s, no pauses
@@ -194,13 +196,15 @@ def test_looping_decodes_neither_hold_nor_lose_the_words_heard_before(speech) ->
         captions = streamer.step()
         if len(decoder.calls) > decoder.loop_from:
             committed_while_looping += [w.text for c in captions if c.final for w in c.words]
-    # The fourth decode's words are committed by the timeout while every
-    # decode after it loops (without hold they waited for a decode that
-    # worked, here: never).
-    assert committed_while_looping
+    # Looping: the fourth decode's words are committed by the timeout while
+    # every decode after it loops (without hold they waited for a decode
+    # that worked, here: never). Dropped by the other guards (what babble
+    # gets): the hypothesis is cleared, nothing of it is committed.
+    assert bool(committed_while_looping) == looped
+    assert (streamer.stats().extra["looped_segments"] > 0) == looped
     # End of speech with a final decode that loops: the rest of the last
     # partial hypothesis is committed, not dropped.
-    decoder = LoopingDecoder(loop_from=0, final_only=True)
+    decoder = LoopingDecoder(loop_from=0, final_only=True, looped=looped)
     streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()), StreamerOptions())
     pending: tuple = ()
     for i in range(0, len(talk), RATE // 10):
@@ -211,7 +215,7 @@ def test_looping_decodes_neither_hold_nor_lose_the_words_heard_before(speech) ->
     assert pending
     last = streamer.finish()
     assert decoder.finals[-1] and not any(decoder.finals[:-1])
-    assert [w.text for c in last if c.final for w in c.words] == [w.text for w in pending]
+    assert [w.text for c in last if c.final for w in c.words] == ([w.text for w in pending] if looped else [])
 
 
 def test_gap_in_media_time_ends_the_utterance(speech) -> None:
