@@ -147,7 +147,10 @@ def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, 
 
 #: The offline reference decodes with the streamer's options
 #: (WhisperDecoder._decode), so that the WER gap measures streaming, not a
-#: beam or a temperature fallback the streamer does not use.
+#: beam or a temperature fallback the streamer does not use. This one is
+#: greedy (``wer_offline``, the reference of rounds 1–2); where the streamer
+#: decodes with a beam (beam 5 since round 3) the same options at that beam
+#: are reported too (``wer_offline_beam5``).
 OFFLINE_SAME = dict(beam_size=1, best_of=1, temperature=0.0, compression_ratio_threshold=None,
                     log_prob_threshold=None, no_speech_threshold=None, condition_on_previous_text=False,
                     word_timestamps=True, vad_filter=False)
@@ -163,6 +166,56 @@ OFFLINE_SAME = dict(beam_size=1, best_of=1, temperature=0.0, compression_ratio_t
 #: says other words — which is why settings are compared on two seeds).
 MODEL_DECODE_S = 0.2
 MODEL_DECODE_PER_AUDIO_S = 0.004
+#: The same for a decode with beam 5 (``--final-beam 5``: the end-of-speech
+#: decode; ``--beam 5``: every decode): 18 slices of 1.5–15 s of speech
+#: (seed 14) decoded at beam 1 and at beam 5, CPU time of 2 threads, no
+#: token cap; leaving out the 4 slices where a decode ran away (0.7–1.0 s
+#: for no words), beam 5 cost 1.5× beam 1 (median of 14; fits 0.066 +
+#: 0.016 s per second of audio at beam 1, 0.071 + 0.026 at beam 5).
+#: Charged 1.6× here.
+MODEL_BEAM_DECODE_S = 1.6 * MODEL_DECODE_S
+MODEL_BEAM_DECODE_PER_AUDIO_S = 1.6 * MODEL_DECODE_PER_AUDIO_S
+
+
+class _TracedDecoder:
+    """The streamer's decoder, recording each decode (``--trace``): audio
+    length, CPU and wall time."""
+
+    def __init__(self, inner: object, log: list) -> None:
+        self._inner, self._log = inner, log
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def decode(self, audio: np.ndarray, **kw: object) -> object:
+        began, cpu_began = time.perf_counter(), _cpu()
+        hyp = self._inner.decode(audio, **kw)
+        self._log.append({"audio_s": round(len(audio) / RATE, 2), "wall_s": round(time.perf_counter() - began, 3),
+                          "cpu_s": round(_cpu() - cpu_began, 3), "words": len(hyp.words)})
+        return hyp
+
+
+class _TracedPolicy:
+    """The streamer's commit policy, recording why each step committed."""
+
+    def __init__(self, inner: object, log: list) -> None:
+        self._inner, self._log = inner, log
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def _traced(self, kind: str, step: object) -> object:
+        self._log.append({"call": kind, "reason": step.reason, "committed": len(step.committed)})
+        return step
+
+    def update(self, *a: object, **kw: object) -> object:
+        return self._traced("update", self._inner.update(*a, **kw))
+
+    def end_of_speech(self, *a: object, **kw: object) -> object:
+        return self._traced("end_of_speech", self._inner.end_of_speech(*a, **kw))
+
+    def flush(self) -> object:
+        return self._traced("flush", self._inner.flush())
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -174,17 +227,28 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str = "wall") -> dict:
+def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str = "wall",
+           trace: list | None = None) -> dict:
     """Feed ``x`` in real-time order against a simulated clock. ``wall``:
     a step costs its wall time (honest on a quiet machine, pessimistic on a
     shared one); ``cpu``: its process CPU time divided by the CTranslate2
     threads (what it would take on otherwise idle cores, if both threads
     were busy all the time — optimistic by the serial part); ``model``: a
-    fixed cost per decode (MODEL_DECODE_S), the same every run."""
+    fixed cost per decode (MODEL_DECODE_S), the same every run. ``trace``:
+    a list that gets one record per step that decoded or emitted (clock,
+    media time, lag before it, its decodes and commit reasons, what it
+    cost on the clock, the committed words' latencies)."""
     threads = float(options.get("cpu_threads") or 2)
     decodes_before = 0
     decoded_before = 0.0
+    finals_before = 0
+    final_audio_before = 0.0
     streamer = engine.new_streamer("bench", options)
+    decodes_log: list = []
+    policy_log: list = []
+    if trace is not None:
+        streamer.decoder = _TracedDecoder(streamer.decoder, decodes_log)
+        streamer.policy = _TracedPolicy(streamer.policy, policy_log)
     clock = 0.0
     pos = 0
     emitted: list[tuple[float, Caption]] = []
@@ -198,19 +262,37 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
             streamer.feed(x[pos:pos + FRAME], pos / RATE)
             pos += FRAME
         clock = max(clock, pos / RATE)
+        lag_before = streamer.stats().lag_s
+        behind_before = (streamer._samples - max(streamer._decoded_to, streamer._trim)) / RATE
+        clock_before = clock
         began, cpu_began = time.perf_counter(), _cpu()
         captions = streamer.step()
         wall_spent = time.perf_counter() - began
+        finals = getattr(streamer.decoder, "beam_decodes", 0)
+        final_audio = getattr(streamer.decoder, "beam_decoded_audio_s", 0.0)
         if clock_kind == "model":
-            spent = (MODEL_DECODE_S * (streamer.decodes - decodes_before)
-                     + MODEL_DECODE_PER_AUDIO_S * (streamer.decoded_audio_s - decoded_before))
+            # Decodes with a beam (the final decode's, ``--final-beam``) at their own cost.
+            n_final, audio_final = finals - finals_before, final_audio - final_audio_before
+            spent = (MODEL_DECODE_S * (streamer.decodes - decodes_before - n_final)
+                     + MODEL_DECODE_PER_AUDIO_S * (streamer.decoded_audio_s - decoded_before - audio_final)
+                     + MODEL_BEAM_DECODE_S * n_final + MODEL_BEAM_DECODE_PER_AUDIO_S * audio_final)
         else:
             spent = wall_spent if clock_kind == "wall" else (_cpu() - cpu_began) / threads
         decodes_before, decoded_before = streamer.decodes, streamer.decoded_audio_s
+        finals_before, final_audio_before = finals, final_audio
         busy += wall_spent
         clock += spent
         emitted += [(clock, c) for c in captions]
         max_lag = max(max_lag, streamer.stats().lag_s, clock - pos / RATE)
+        if trace is not None and (decodes_log or policy_log or captions):
+            trace.append({"clock": round(clock_before, 3), "media": round(pos / RATE, 3),
+                          "behind_s": round(behind_before, 2), "lag_s": round(lag_before, 2),
+                          "spent_s": round(spent, 3), "decodes": decodes_log[:], "policy": policy_log[:],
+                          "skipped_s": round(streamer.skipped_s, 2),
+                          "commits": [(w.text, round(w.end, 2), round(clock - w.end, 2))
+                                      for c in captions if c.final for w in c.words]})
+            decodes_log.clear()
+            policy_log.clear()
     began = time.perf_counter()
     captions = streamer.finish()
     clock += time.perf_counter() - began
@@ -265,10 +347,17 @@ def main() -> int:
     ap.add_argument("--agree-guard", type=float,
                     help="LocalAgreement-2 right-context guard in s (default: the streamer's)")
     ap.add_argument("--prompt-chars", type=int, help="committed text given as prompt (0: none)")
+    ap.add_argument("--max-tokens-per-s", type=float,
+                    help="token cap of a decode pass per second of audio (0: Whisper's own; default: the decoder's)")
+    ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 1)")
+    ap.add_argument("--final-beam", type=int,
+                    help="beam width of the end-of-speech decode (default: the decoder's)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
     ap.add_argument("--clock", choices=["wall", "cpu", "model"], default="wall",
                     help="what a decode step costs on the simulated clock (see stream(), MODEL_DECODE_S)")
     ap.add_argument("--dump", help="write the script, streaming and offline text to this JSON file")
+    ap.add_argument("--trace", help="write one JSON line per decoding step of the speech run to this file "
+                    "(clock, lag, each decode's audio and cost, commit reasons, word latencies)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -288,9 +377,18 @@ def main() -> int:
         options["agree_guard_s"] = args.agree_guard
     if args.prompt_chars is not None:
         options["prompt_chars"] = args.prompt_chars
+    if args.max_tokens_per_s is not None:
+        options["max_tokens_per_s"] = args.max_tokens_per_s or None
+    if args.final_beam is not None:
+        options["final_beam_size"] = args.final_beam
+    if args.beam is not None:
+        options["beam_size"] = args.beam
     engine = CaptionEngine()
     load = os.getloadavg()[0]
-    run = stream(engine, options, speech, args.clock)
+    trace: list | None = [] if args.trace else None
+    run = stream(engine, options, speech, args.clock, trace)
+    if trace is not None:
+        Path(args.trace).write_text("".join(json.dumps(r) + "\n" for r in trace))
     commits, partial_lat = latencies(run["emitted"])
     total = run["media_s"]
     first = [lat for end, lat in commits if end < 600.0]
@@ -301,7 +399,7 @@ def main() -> int:
         "clock": args.clock, "window_margin": args.window_margin,
         "commit_timeout": args.commit_timeout, "commit_policy": args.commit_policy,
         "word_probability_min": args.word_probability_min, "agree_guard": args.agree_guard,
-        "seed": args.seed,
+        "seed": args.seed, "final_beam": args.final_beam, "beam": args.beam, "max_tokens_per_s": args.max_tokens_per_s,
         "loadavg_1m_at_start": round(load, 2),
         "commit_latency_s": summary([lat for _, lat in commits]),
         "commit_latency_first_10min_s": summary(first),
@@ -314,7 +412,8 @@ def main() -> int:
         "decodes": run["decodes"],
     }
     if not args.skip_offline:
-        model = engine.new_streamer("offline", options).decoder.model  # the same loaded model
+        decoder = engine.new_streamer("offline", options).decoder
+        model = decoder.model  # the same loaded model
         began = time.perf_counter()
         segments, _ = model.transcribe(speech, language="en", **OFFLINE_SAME)
         offline = " ".join(s.text for s in segments)
@@ -324,12 +423,18 @@ def main() -> int:
                                        vad_filter=False)
         fallback = " ".join(s.text for s in segments)
         report["wer_offline_fallback"] = round(wer(script, fallback), 4)
+        beam = max(decoder.beam_size, decoder.final_beam_size)
+        if beam > 1:
+            # The streamer decodes with a beam: the same options at that beam.
+            segments, _ = model.transcribe(speech, language="en", **{**OFFLINE_SAME, "beam_size": beam})
+            report[f"wer_offline_beam{beam}"] = round(wer(script, " ".join(s.text for s in segments)), 4)
         if args.dump:
             Path(args.dump).write_text(json.dumps({"script": script, "streaming": committed_text,
                                                    "offline": offline, "offline_fallback": fallback},
                                                   indent=1))
     words = {}
-    for name, x in build_nonspeech(args.nonspeech_minutes, speech, args.seed).items():
+    for name, x in (build_nonspeech(args.nonspeech_minutes, speech, args.seed).items()
+                    if args.nonspeech_minutes > 0 else ()):
         r = stream(engine, options, x, args.clock)
         words[name] = sum(len(c.words) for _, c in r["emitted"] if c.final)
         words[f"{name}_text"] = " ".join(c.text for _, c in r["emitted"] if c.final)[:200]

@@ -182,6 +182,20 @@ class CommitPolicy:
             agreed, reason = overdue, "timeout"
         return self._commit(words, agreed, reason)
 
+    def hold(self, now: float) -> PolicyStep:
+        """No usable hypothesis this time (the decode looped and the guards
+        dropped it): the last hypothesis stands, and the timeout applies to
+        it as to a new one — without this, a run of looping decodes held
+        every word for as long as it lasted (benchmark, tiny.en: five in a
+        row held "new teacher is waiting" for 4.6 s, and 5 s where each loop
+        also cost 1–3 s to decode)."""
+        words = self._previous
+        overdue = 0
+        for i, w in enumerate(words):
+            if w.end <= now - self.timeout_s:
+                overdue = i + 1
+        return self._commit(list(words), overdue, "timeout")
+
     def end_of_speech(self, hypothesis: Sequence[Word], audio_start: float = float("-inf")) -> PolicyStep:
         """The final decode of an utterance (the VAD heard it end): all of it
         is committed, and the next utterance starts without history."""

@@ -59,13 +59,19 @@ class Hypothesis:
     rejected: int = 0
     #: How sure the model was of the detected language (1.0 when fixed).
     language_probability: float = 1.0
+    #: Of the rejected segments, those that were a decoder loop (text that
+    #: compresses too well: the decoder repeating itself).
+    looped: int = 0
 
 
 class Decoder(Protocol):
     #: Whether the model detects languages (auto-detection waits for audio).
     multilingual: bool
 
-    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis: ...
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
+        """``final``: the decode that finalises an utterance (end of
+        speech: nothing later can revise its words)."""
 
 
 def windowed_whisper_class() -> type:
@@ -145,46 +151,93 @@ class WhisperDecoder:
     #: of non-speech: a weak decode or a likely no-speech window.
     word_logprob_max: float = -1.0
     word_no_speech_min: float = 0.3
+    #: Beam width of the decodes whose words a later decode can still revise
+    #: (the partial decodes every ``step_s``) and of the decode that
+    #: finalises an utterance (``final``: end of speech). Greedy decoding is
+    #: where tiny.en loops ("The new tea chask, come out and come out and
+    #: …", the guards then drop the whole decode); a beam rarely does.
+    #: Measured (loadtests/captions_bench.py, tiny.en, 4 min, seeds 13 / 14,
+    #: ``--clock model`` charging a beam-5 decode 1.6× a greedy one; README
+    #: "Round 3"): greedy 18.8 / 20.8 % WER; beam 5 on the final decode
+    #: only 17.5 / 21.5 %; beam 5 on every decode 16.7 / 19.5 %, commit
+    #: latency median 1.5 → 1.6 s, partial median 0.39 → 0.52 s. Offline
+    #: on the whole file: 17.2 / 15.4 % greedy, 11.9 / 11.2 % at beam 5.
+    #: Not the default: at beam 5 the crowd babbles that give no words
+    #: greedily gave words ("Thank you so much for watching, I'll see you
+    #: guys in the next video, bye bye": 17 and 27 words in 1 min each,
+    #: ``--clock cpu``, 10 min + 5 min of non-speech) — a beam finds the
+    #: confident sign-off the babble guard lets through. Beam 5 needs its
+    #: own babble guard first.
+    beam_size: int = 1
+    final_beam_size: int = 1
+    #: The most tokens one decode pass may generate: ``max_tokens_base`` +
+    #: ``max_tokens_per_s`` per second of audio (None: Whisper's 224 a pass,
+    #: up to 448 with the prompt). Speech holds far fewer (fast speech, 5
+    #: words/s, is about 8 tokens/s with punctuation and timestamps); what
+    #: runs past that is a loop — ". . . ." after the speech, the prompt
+    #: said again and again — that the guards reject anyway. Measured on the
+    #: benchmark (tiny.en, 10 min, ``--clock cpu``): 142 of 1011 decodes
+    #: cost 1.1–3.0 s of CPU instead of 0.1–0.5 s, 68 of them returned no
+    #: words at all, 40 % of all decoding CPU; two such decodes in a row put
+    #: the commit latency of the words waiting behind them at 5–7 s.
+    max_tokens_base: int = 16
+    max_tokens_per_s: float | None = 10.0
+    #: Decodes made with a beam wider than 1 and their audio (the
+    #: benchmark's model clock charges them their own cost).
+    beam_decodes: int = 0
+    beam_decoded_audio_s: float = 0.0
 
     @property
     def multilingual(self) -> bool:
         return bool(self.model.model.is_multilingual)
 
-    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
+        beam = self.final_beam_size if final else self.beam_size
+        if beam > 1:
+            self.beam_decodes += 1
+            self.beam_decoded_audio_s += len(audio) / RATE
         windowed = self.window_margin_s is not None and hasattr(self.model, "encoder_frames")
         if windowed:
             # Whole seconds, so that the encoder sees few distinct shapes.
             seconds = min(30, int(np.ceil(len(audio) / RATE + self.window_margin_s)))
             self.model.encoder_frames = seconds * 100
         try:
-            return self._decode(audio, prompt=prompt, language=language)
+            return self._decode(audio, prompt=prompt, language=language, beam=beam)
         finally:
             if windowed:
                 self.model.encoder_frames = None
 
-    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
+    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None, beam: int = 1) -> Hypothesis:
+        max_new_tokens = None
+        if self.max_tokens_per_s is not None:
+            # The prompt takes at most 224 of Whisper's 448 positions.
+            max_new_tokens = min(MAX_NEW_TOKENS, self.max_tokens_base
+                                 + int(np.ceil(self.max_tokens_per_s * len(audio) / RATE)))
         segments, info = self.model.transcribe(
             audio, language=language, task="translate" if self.translate else "transcribe",
-            beam_size=1, best_of=1, temperature=0.0,
+            beam_size=beam, best_of=1, temperature=0.0,
             # One pass, no fallback re-decodes at higher temperatures (they
             # cost a multiple and are where loops and inventions come from);
             # the guards below reject what a fallback would have retried.
             compression_ratio_threshold=None, log_prob_threshold=None, no_speech_threshold=None,
             condition_on_previous_text=False, initial_prompt=prompt or None,
-            word_timestamps=True, vad_filter=False, without_timestamps=False)
+            word_timestamps=True, vad_filter=False, without_timestamps=False,
+            max_new_tokens=max_new_tokens)
         words: list[Word] = []
-        rejected = 0
+        rejected = looped = 0
         english = not self.translate and (info.language or language) == "en"
         for seg in segments:
             if not self._plausible(seg, english):
                 rejected += 1
+                looped += seg.compression_ratio > self.compression_ratio_max
                 continue
             for w in seg.words or ():
                 text = w.word.strip()
                 if text:
                     words.append(Word(text, float(w.start), float(w.end), float(w.probability)))
         return Hypothesis(tuple(_drop_unheard(words)), info.language or language or "en", rejected,
-                          float(info.language_probability or 0.0))
+                          float(info.language_probability or 0.0), looped)
 
     def _plausible(self, seg: Any, english: bool = True) -> bool:
         if seg.compression_ratio > self.compression_ratio_max:
@@ -202,6 +255,10 @@ class WhisperDecoder:
             return seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4
         return True
 
+
+#: faster-whisper's limit for ``max_new_tokens`` with the longest prompt
+#: (448 positions, of which the prompt and the start tokens take up to 228).
+MAX_NEW_TOKENS = 220
 
 #: A word shorter than this has no audio of its own (the aligner gave it none).
 UNHEARD_S = 0.02
@@ -341,6 +398,8 @@ class Streamer:
         self.skipped_s = 0.0
         self.decodes = 0
         self.rejected_segments = 0
+        self.looped_segments = 0
+        self._looped = False  # the last decode had no words because it looped
         self.words_committed = 0
         self.decoded_audio_s = 0.0
         self._hyp_language = self.language or "en"
@@ -434,8 +493,13 @@ class Streamer:
             a = max(start - round(o.preroll_s * RATE), self._trim)
             step = PolicyStep()
             if tail - a > 0.1 * RATE:
-                hyp = self._decode(a, tail)
-                step = self.policy.end_of_speech(hyp, self.time_of(a))
+                hyp = self._decode(a, tail, final=True)
+                if hyp or not self._looped:
+                    step = self.policy.end_of_speech(hyp, self.time_of(a))
+                else:
+                    # The last decode looped: the utterance's words are those
+                    # of the decode before it, not none.
+                    step = self.policy.flush()
             else:
                 step = self.policy.flush()
             out += self._emit(step)
@@ -459,7 +523,17 @@ class Streamer:
                 if (self._samples - a) / RATE > limit:
                     a = self._shorten(self._samples - round(limit * RATE))
                 hyp = self._decode(a, self._samples)
-                out += self._emit(self.policy.update(hyp, self.media_end, self.time_of(a)))
+                if hyp or not self._looped:
+                    step = self.policy.update(hyp, self.media_end, self.time_of(a))
+                else:
+                    # A decode that looped says nothing about the speech: the
+                    # last hypothesis stands and its timeout still applies.
+                    # Only loops: a decode the other guards dropped whole
+                    # (weak, likely no speech) clears it — holding those too
+                    # let 3-voice babble commit 28 words in 1 min (bench,
+                    # ``--clock cpu``), 0 without.
+                    step = self.policy.hold(self.media_end)
+                out += self._emit(step)
                 self._drop_before(self._trim - round(o.preroll_s * RATE))
         return out
 
@@ -493,14 +567,16 @@ class Streamer:
         self._drop_before(keep_from - round(self.options.preroll_s * RATE))
         return out
 
-    def _decode(self, a: int, b: int) -> Sequence[Word]:
+    def _decode(self, a: int, b: int, final: bool = False) -> Sequence[Word]:
         audio = self._slice(a, b)
         self.decodes += 1
         self.decoded_audio_s += len(audio) / RATE
         t0 = self.time_of(max(a, self._audio_start))
         prompt = self.policy.prompt(before=t0, max_chars=self.options.prompt_chars)
-        hyp = self.decoder.decode(audio, prompt=prompt, language=self.language)
+        hyp = self.decoder.decode(audio, prompt=prompt, language=self.language, final=final)
         self.rejected_segments += hyp.rejected
+        self._looped = hyp.looped > 0
+        self.looped_segments += hyp.looped
         if self.options.language is None and hyp.words and (
                 len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):
             # Detected once with enough audio or confidence, then kept:
@@ -558,6 +634,7 @@ class Streamer:
         return CaptionStats(lag_s=lag, skipped_s=self.skipped_s,
                             extra={"decodes": self.decodes, "words": self.words_committed,
                                    "rejected_segments": self.rejected_segments,
+                                   "looped_segments": self.looped_segments,
                                    "language": self.language or ""})
 
 

@@ -176,6 +176,13 @@ class CaptionEngine:
         decoder = WhisperDecoder(model, translate=translate)
         if options.get("word_probability_min") is not None:
             decoder.word_probability_min = float(options["word_probability_min"])
+        for key in ("beam_size", "final_beam_size"):
+            if options.get(key) is not None:
+                setattr(decoder, key, int(options[key]))
+        if "max_tokens_per_s" in options:
+            # None: Whisper's own limit (the benchmark compares both).
+            per_s = options["max_tokens_per_s"]
+            decoder.max_tokens_per_s = None if per_s is None else float(per_s)
         if "window_margin_s" in options:
             # None: the full 30 s encoder window (the benchmark compares both).
             margin = options["window_margin_s"]

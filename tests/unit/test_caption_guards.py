@@ -156,3 +156,46 @@ def test_words_the_alignment_gives_no_audio_are_dropped_at_the_end() -> None:
     seg = _timed("before midnight", [(3.44, 3.84), (3.84, 3.84)])
     hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 4, np.float32), prompt="", language="en")
     assert [w.text for w in hyp.words] == ["before", "midnight"]
+
+
+class _RecordingModel(_Model):
+    """_Model that keeps the options of every transcribe() call."""
+
+    def __init__(self, segments: list[SimpleNamespace]) -> None:
+        super().__init__(segments)
+        self.calls: list[dict] = []
+
+    def transcribe(self, audio, **options):
+        self.calls.append(options)
+        return super().transcribe(audio, **options)
+
+
+def test_only_the_final_decode_uses_the_final_beam() -> None:
+    model = _RecordingModel(SPEECH)
+    decoder = WhisperDecoder(model, beam_size=1, final_beam_size=5)
+    x = np.zeros(16000 * 3, np.float32)
+    decoder.decode(x, prompt="", language="en")  # a partial decode
+    decoder.decode(x, prompt="", language="en", final=True)  # end of speech
+    decoder.decode(x, prompt="", language="en", final=False)
+    assert [c["beam_size"] for c in model.calls] == [1, 5, 1]
+    # Beam search, not sampling: one pass at temperature 0 either way.
+    assert all(c["temperature"] == 0.0 and c["best_of"] == 1 for c in model.calls)
+    assert (decoder.beam_decodes, decoder.beam_decoded_audio_s) == (1, 3.0)
+    # Greedy throughout: nothing counted as a beam decode.
+    greedy = WhisperDecoder(_RecordingModel(SPEECH), beam_size=1, final_beam_size=1)
+    greedy.decode(x, prompt="", language="en", final=True)
+    assert greedy.model.calls[0]["beam_size"] == 1 and greedy.beam_decodes == 0
+
+
+def test_a_decode_pass_generates_at_most_what_its_audio_can_hold() -> None:
+    model = _RecordingModel(SPEECH)
+    decoder = WhisperDecoder(model)  # 16 + 10 tokens per second of audio
+    decoder.decode(np.zeros(int(16000 * 0.8), np.float32), prompt="", language="en")
+    decoder.decode(np.zeros(16000 * 15, np.float32), prompt="a prompt", language="en", final=True)
+    # 30 s: Whisper's own limit with the longest prompt, not more (a longer
+    # one makes faster-whisper raise).
+    decoder.decode(np.zeros(16000 * 30, np.float32), prompt="", language="en")
+    assert [c["max_new_tokens"] for c in model.calls] == [24, 166, 220]
+    decoder.max_tokens_per_s = None
+    decoder.decode(np.zeros(16000 * 15, np.float32), prompt="", language="en")
+    assert model.calls[-1]["max_new_tokens"] is None

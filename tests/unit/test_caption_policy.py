@@ -213,3 +213,29 @@ def test_agreement_guard_waits_for_right_context_after_the_agreed_words() -> Non
     step = guarded.update(hyp("the lost dog this evening"), 2.4)
     assert texts(guarded.committed) == "the lost dog this"
     assert "time" not in texts(guarded.committed)
+
+
+def test_hold_keeps_the_last_hypothesis_and_its_timeout() -> None:
+    # A decode that looped (the guards dropped all of it) is not "no words":
+    # the last hypothesis stands, and its words still commit by the timeout.
+    p = CommitPolicy(timeout_s=2.0)
+    step = p.update(hyp("the new teacher is waiting"), 1.6)  # words end at 0.27 … 1.47 s
+    assert step.committed == ()
+    step = p.hold(2.0)  # nothing is overdue yet
+    assert step.committed == () and texts(step.partial) == "the new teacher is waiting"
+    step = p.hold(3.0)  # words that ended by 1.0 s are overdue
+    assert texts(step.committed) == "the new teacher" and step.reason == "timeout"
+    assert texts(step.partial) == "is waiting"
+    # The next real decode continues from there: nothing repeated.
+    step = p.update(hyp("the new teacher is waiting for the plans"), 3.5)
+    assert texts(p.committed).split().count("teacher") == 1
+    assert texts(p.committed).startswith("the new teacher is waiting")
+
+
+def test_update_with_no_words_drops_the_hypothesis() -> None:
+    # What hold() is for: an empty hypothesis (silence) clears the partial,
+    # so nothing of it is ever committed by the timeout.
+    p = CommitPolicy(timeout_s=2.0)
+    p.update(hyp("the new teacher"), 1.0)
+    assert p.update([], 1.5).partial == ()
+    assert p.update([], 5.0).committed == () and p.committed == []

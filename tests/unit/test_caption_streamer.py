@@ -116,9 +116,12 @@ class ScriptedDecoder:
 
     def __init__(self) -> None:
         self.calls: list[float] = []
+        self.finals: list[bool] = []
 
-    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None) -> Hypothesis:
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
         self.calls.append(len(audio) / RATE)
+        self.finals.append(final)
         n = int(len(audio) / RATE / 0.4)
         return Hypothesis(tuple(Word(f"w{i}", i * 0.4, i * 0.4 + 0.3) for i in range(n)), "en")
 
@@ -149,6 +152,70 @@ def test_back_pressure_shortens_context_then_skips(speech) -> None:
     assert streamer.stats().skipped_s == streamer.skipped_s
     assert streamer.stats().lag_s <= streamer.options.keep_s + 1.0
     assert decoder.calls and max(decoder.calls) <= streamer.options.keep_s + streamer.options.preroll_s + 0.5
+
+
+def test_only_the_end_of_speech_decode_is_final(speech) -> None:
+    decoder = ScriptedDecoder()
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()))
+    captions = stream_through(streamer, speech, t0=0.0)
+    # Three sentences, three utterances: each ends with one decode marked
+    # final (the decoder's final beam); every decode before it is a partial.
+    assert sum(decoder.finals) == 3
+    assert decoder.finals[-1] and len(decoder.finals) > 6
+    ends = [i for i, final in enumerate(decoder.finals) if final]
+    assert all(not decoder.finals[i - 1] for i in ends)
+    assert any(c.final for c in captions)
+
+
+class LoopingDecoder(ScriptedDecoder):
+    """From the ``loop_from``-th decode on, the guards drop every decode
+    whole: a loop (a segment that compresses too well) or, ``looped``
+    False, a weak fragment (the decoder skipped the speech)."""
+
+    def __init__(self, loop_from: int, final_only: bool = False, looped: bool = True) -> None:
+        super().__init__()
+        self.loop_from, self.final_only, self.looped = loop_from, final_only, looped
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
+        hyp = super().decode(audio, prompt=prompt, language=language, final=final)
+        if len(self.calls) > self.loop_from and (final or not self.final_only):
+            return Hypothesis((), "en", rejected=1, looped=int(self.looped))
+        return hyp
+
+
+@pytest.mark.parametrize("looped", [True, False])
+def test_dropped_decodes_neither_hold_nor_lose_the_words_heard_before(speech, looped) -> None:
+    decoder = LoopingDecoder(loop_from=4, looped=looped)
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
+                        StreamerOptions(commit_timeout_s=1.0, agree_guard_s=0.0))
+    talk = np.concatenate([speech[int(1.2 * RATE):int(3.5 * RATE)]] * 3)  # 6.9 s, no pauses
+    committed_while_looping: list[str] = []
+    for i in range(0, len(talk), RATE // 10):
+        streamer.feed(talk[i:i + RATE // 10])
+        captions = streamer.step()
+        if len(decoder.calls) > decoder.loop_from:
+            committed_while_looping += [w.text for c in captions if c.final for w in c.words]
+    # Looping: the fourth decode's words are committed by the timeout while
+    # every decode after it loops (without hold they waited for a decode
+    # that worked, here: never). Dropped by the other guards (what babble
+    # gets): the hypothesis is cleared, nothing of it is committed.
+    assert bool(committed_while_looping) == looped
+    assert (streamer.stats().extra["looped_segments"] > 0) == looped
+    # End of speech with a final decode that loops: the rest of the last
+    # partial hypothesis is committed, not dropped.
+    decoder = LoopingDecoder(loop_from=0, final_only=True, looped=looped)
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()), StreamerOptions())
+    pending: tuple = ()
+    for i in range(0, len(talk), RATE // 10):
+        streamer.feed(talk[i:i + RATE // 10])
+        for c in streamer.step():
+            if not c.final:
+                pending = c.words
+    assert pending
+    last = streamer.finish()
+    assert decoder.finals[-1] and not any(decoder.finals[:-1])
+    assert [w.text for c in last if c.final for w in c.words] == ([w.text for w in pending] if looped else [])
 
 
 def test_gap_in_media_time_ends_the_utterance(speech) -> None:
@@ -240,6 +307,20 @@ def test_encoder_window_is_trimmed_to_the_audio(engine, speech) -> None:
     assert wer(SENTENCES[0], " ".join(w.text for w in hyp.words)) <= MAX_WER
     # The full 30 s window stays available (the benchmark compares both).
     assert engine.new_streamer("full", {"window_margin_s": None}).decoder.window_margin_s is None
+
+
+def test_token_cap_leaves_speech_whole_and_options_reach_the_decoder(engine, speech) -> None:
+    # The cap on generated tokens (per second of audio) must not cut real
+    # speech: the three sentences in one decode say the same with and without it.
+    decoder = engine.new_streamer("cap", {"language": "en"}).decoder
+    assert decoder.max_tokens_per_s is not None
+    capped = decoder.decode(speech, prompt="", language="en")
+    decoder.max_tokens_per_s = None
+    free = decoder.decode(speech, prompt="", language="en")
+    assert [w.text for w in capped.words] == [w.text for w in free.words]
+    assert wer(REFERENCE, " ".join(w.text for w in capped.words)) <= MAX_WER
+    d = engine.new_streamer("opts", {"final_beam_size": 5, "beam_size": 2, "max_tokens_per_s": None}).decoder
+    assert (d.final_beam_size, d.beam_size, d.max_tokens_per_s) == (5, 2, None)
 
 
 def test_alignment_policy_is_selectable_and_commits_the_same_speech(engine, speech) -> None:
