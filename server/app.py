@@ -291,6 +291,8 @@ def create_app(settings: Settings, db: Database, tokens: TokenService, media: An
         app[LIVE_STATE] = _live_state(app, media)
         app[SESSION_SECRET] = secrets.token_bytes(32)
         metrics.add_collector(media.collect)
+        if media.egress is not None:
+            metrics.add_gc_source("egress_worker", media.egress.gc_pauses)
         whep.setup(app)
         whip.setup(app)
         services.append(Service("media", media.start, media.stop))

@@ -74,7 +74,6 @@ from media.webrtc.viewer import SessionStats
 from media.webrtc.whep import SessionInfo
 
 from .log import event
-from .metrics import gc_pause_family
 from .tap_host import BACKOFF_RESET_AFTER_S, next_backoff
 
 log = logging.getLogger("returnfeed.egress")
@@ -853,7 +852,6 @@ class EgressHost:
         for s in self.slots:
             cpu.add_metric([str(s.index)], s.cpu_retired + (s.stats.cpu_s if s.stats is not None else 0.0))
         yield from (up, viewers, restarts, drops, queued, cpu)
-        yield gc_pause_family({"egress_worker": self.gc_pauses()})
         if self.relay is not None:
             t = self.relay.totals()
             for name, value, doc in (

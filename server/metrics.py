@@ -48,11 +48,16 @@ class _DynamicCollector(Collector):
         self.db = db
         self.started = started
         self.extra: list[Callable[[], Iterable[Metric]]] = []
+        #: Each kind of process's garbage-collector pauses, per generation:
+        #: one ``returnfeed_gc_pause_seconds`` family for all of them (a
+        #: family named twice in one scrape is refused by Prometheus).
+        self.gc_sources: dict[str, Callable[[], list[LatencyCounts]]] = {
+            "server": lambda: PROCESS_GC.by_generation}
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("returnfeed_uptime_seconds", "Seconds since the server started",
                                 value=time.time() - self.started)
-        yield gc_pause_family({"server": PROCESS_GC.by_generation})
+        yield gc_pause_family({process: fn() for process, fn in self.gc_sources.items()})
         info = InfoMetricFamily("returnfeed_build", "ReturnFeed build information")
         info.add_metric([], {"version": VERSION, "python": sys.version.split()[0]})
         yield info
@@ -113,6 +118,11 @@ class Metrics:
     def add_collector(self, fn: Callable[[], Iterable[Metric]]) -> None:
         """Register a function yielding metric families at scrape time."""
         self.dynamic.extra.append(fn)
+
+    def add_gc_source(self, process: str, fn: Callable[[], list[LatencyCounts]]) -> None:
+        """Another kind of process's garbage-collector pauses (per
+        generation), read at scrape time into ``returnfeed_gc_pause_seconds``."""
+        self.dynamic.gc_sources[process] = fn
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -155,6 +155,11 @@ def test_viewers_spread_over_both_workers_and_play(env) -> None:
     assert m['returnfeed_gc_pause_seconds_count{generation="0",process="server"}'] > 0
     assert m['returnfeed_gc_pause_seconds_count{generation="0",process="egress_worker"}'] > 0
     assert 'returnfeed_gc_pause_seconds_bucket{generation="2",le="0.05",process="egress_worker"}' in m
+    # One family per name in a scrape (Prometheus refuses a second TYPE line
+    # for a name): the workers' figures are merged into the server's families.
+    types = [line.split()[2] for line in http("GET", metrics_url(base)).body.decode().splitlines()
+             if line.startswith("# TYPE ")]
+    assert len(types) == len(set(types)), sorted(t for t in set(types) if types.count(t) > 1)
     assert out["state"]["viewers"] == 4 and sum(out["state"]["viewers_by_layer"].values()) == 4
     assert len(out["listed"]["viewers"]) == 4
     assert all(v["packets_sent"] > 0 for v in out["listed"]["viewers"])
