@@ -83,8 +83,8 @@ from .fanout import DiscontinuityEvent, EndedEvent, FeedEvent, PacketsEvent
 
 log = logging.getLogger("returnfeed.webrtc")
 
-__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_LAG_S", "MAX_MESSAGE", "MAX_QUEUE_BYTES", "SEND_BUFFER", "VERSION",
-           "decode", "encode", "socketpair"]
+__all__ = ["DEFAULT_MAX_MESSAGE", "FeedError", "FeedReceiver", "FeedSender", "MAX_LAG_S", "MAX_MESSAGE",
+           "MAX_QUEUE_BYTES", "SEND_BUFFER", "VERSION", "decode", "encode", "socketpair"]
 
 VERSION = 1
 KIND_PACKETS = 1
@@ -382,27 +382,15 @@ class FeedSender:
         if kind is PacketsEvent:
             if queue and now - queue[0][1] > self.max_lag:
                 self._resync()
-            size = sum(map(len, rest))
-            if self._queued_bytes + size > self.max_queue_bytes:
+            if self._queued_bytes + sum(map(len, rest)) > self.max_queue_bytes:
                 self._lose(ev.stream, ev.layer)  # type: ignore[union-attr]
                 return False
-            key = (ev.stream, ev.layer)  # type: ignore[union-attr]
-            self._tail[key] = False
-            code = _Q_PACKETS
+            self._enqueue(rest, ev.stream, ev.layer, _Q_PACKETS, now)  # type: ignore[union-attr]
         elif kind is DiscontinuityEvent:
-            key = (ev.stream, ev.layer)  # type: ignore[union-attr]
-            self._mark_discontinuity(key)
-            code = _Q_DISCONTINUITY
+            self._enqueue(rest, ev.stream, ev.layer, _Q_DISCONTINUITY, now)  # type: ignore[union-attr]
         else:
-            key = (ev.stream, None)
-            self._forget(ev.stream)
-            code = _Q_ENDED
-        last = len(rest) - 1
-        for i, data in enumerate(rest):
-            queue.append((data, now, (key[0], key[1], code, i == last)))
-            self._queued_bytes += len(data)
+            self._enqueue(rest, ev.stream, None, _Q_ENDED, now)
         self.sent += 1
-        self._watch()
         return True
 
     def _send(self, data: bytes) -> bool:
@@ -444,11 +432,21 @@ class FeedSender:
         self._queue_control(DiscontinuityEvent(stream, layer), _Q_DISCONTINUITY, layer)
 
     def _queue_control(self, ev: FeedEvent, code: int, layer: str | None) -> None:
-        data = encode(ev)[0]
-        self._queue.append((data, self._clock(), (ev.stream, layer, code, True)))
-        self._queued_bytes += len(data)
-        if code == _Q_DISCONTINUITY:
-            self._mark_discontinuity((ev.stream, layer))
+        self._enqueue(encode(ev), ev.stream, layer, code, self._clock())
+
+    def _enqueue(self, messages: list[bytes], stream: str, layer: str | None, code: int, now: float) -> None:
+        """Queue one event's messages (the last flagged as its end) and
+        note what the layer's tail now is."""
+        last = len(messages) - 1
+        for i, data in enumerate(messages):
+            self._queue.append((data, now, (stream, layer, code, i == last)))
+            self._queued_bytes += len(data)
+        if code == _Q_PACKETS:
+            self._tail[(stream, layer)] = False
+        elif code == _Q_DISCONTINUITY:
+            self._mark_discontinuity((stream, layer))
+        else:  # the end says more than any gap before it
+            self._forget(stream)
         self._watch()
 
     def _resync(self) -> None:
