@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["GC_PAUSE_BUCKETS", "GcPauses", "LatencyCounts"]
+__all__ = ["GC_PAUSE_BUCKETS", "GcPauses", "LatencyCounts", "gc_pause_counts"]
 
 
 @dataclass(slots=True)
@@ -53,6 +53,11 @@ class LatencyCounts:
 GC_PAUSE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25)
 
 
+def gc_pause_counts(buckets: tuple[float, ...] = GC_PAUSE_BUCKETS) -> list[LatencyCounts]:
+    """Empty pause counts for the collector's three generations."""
+    return [LatencyCounts(buckets) for _ in range(3)]
+
+
 class GcPauses:
     """The cycle collector's pauses in this process, per generation (0, 1,
     2 = full), wall-clock from the collector's start callback to its stop:
@@ -60,7 +65,7 @@ class GcPauses:
 
     def __init__(self, buckets: tuple[float, ...] = GC_PAUSE_BUCKETS,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        self.by_generation = [LatencyCounts(buckets) for _ in range(3)]
+        self.by_generation = gc_pause_counts(buckets)
         self._clock = clock
         self._started = 0.0
 

@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterable, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from media.errors import NoCapacity, SessionGone, UnsupportedMedia
-from media.histogram import GC_PAUSE_BUCKETS
+from media.histogram import gc_pause_counts
 from media.procs import join_or_kill
 from media.webrtc.egress_worker import (
     ControlChannel, LatencyCounts, SessionState, WorkerConfig, WorkerStats, add_counts, error_from_reply, worker_main,
@@ -815,7 +815,7 @@ class EgressHost:
     def gc_pauses(self) -> list[LatencyCounts]:
         """Every worker's garbage-collector pauses (dead ones' too), summed
         per generation."""
-        total = [LatencyCounts(GC_PAUSE_BUCKETS) for _ in range(3)]
+        total = gc_pause_counts()
         for st in self._all_stats():
             for mine, theirs in zip(total, st.gc_pauses):
                 mine.add(theirs)

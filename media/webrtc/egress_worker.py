@@ -53,9 +53,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import NoCapacity, SessionGone, UnsupportedMedia
-from ..histogram import GC_PAUSE_BUCKETS, GcPauses, LatencyCounts
-from ..procs import freeze_startup_heap
+from ..histogram import GcPauses, LatencyCounts, gc_pause_counts
 from ..log import event
+from ..procs import freeze_startup_heap
 from ..rtp.layers import LayerPolicy
 from .sdp import Offer, SdpError
 from .viewer import SessionStats
@@ -238,7 +238,7 @@ class WorkerStats:
     ice_tcp_idle_closed: int = 0
     ice_tcp_frames_dropped: int = 0
     #: The worker's garbage-collector pauses, per generation (0, 1, 2).
-    gc_pauses: list[LatencyCounts] = field(default_factory=lambda: [LatencyCounts(GC_PAUSE_BUCKETS) for _ in range(3)])
+    gc_pauses: list[LatencyCounts] = field(default_factory=gc_pause_counts)
 
     @classmethod
     def empty(cls, forwarding_buckets: tuple[float, ...], first_byte_buckets: tuple[float, ...]) -> "WorkerStats":
