@@ -174,10 +174,7 @@ class CommitPolicy:
         while agreed and words[agreed - 1].end > now - self.agree_guard_s:
             agreed -= 1
         reason = "agreement" if agreed else ""
-        overdue = 0
-        for i, w in enumerate(words):
-            if w.end <= now - self.timeout_s:
-                overdue = i + 1
+        overdue = self._overdue(words, now)
         if overdue > agreed:
             agreed, reason = overdue, "timeout"
         return self._commit(words, agreed, reason)
@@ -190,11 +187,16 @@ class CommitPolicy:
         row held "new teacher is waiting" for 4.6 s, and 5 s where each loop
         also cost 1–3 s to decode)."""
         words = self._previous
+        return self._commit(list(words), self._overdue(words, now), "timeout")
+
+    def _overdue(self, words: Sequence[Word], now: float) -> int:
+        """How many leading words the timeout commits: up to the last one
+        that ended ``timeout_s`` or more before ``now``."""
         overdue = 0
         for i, w in enumerate(words):
             if w.end <= now - self.timeout_s:
                 overdue = i + 1
-        return self._commit(list(words), overdue, "timeout")
+        return overdue
 
     def end_of_speech(self, hypothesis: Sequence[Word], audio_start: float = float("-inf")) -> PolicyStep:
         """The final decode of an utterance (the VAD heard it end): all of it
