@@ -16,11 +16,11 @@ ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CH
 # security fixes, and a pinned version disappears from the mirrors with them.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
 # Dependencies first: a change to the code does not reinstall them.
-COPY pyproject.toml ./
+COPY pyproject.toml setup.py ./
 RUN python3 -m venv /opt/returnfeed \
  && /opt/returnfeed/bin/python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(d))" \
  && /opt/returnfeed/bin/pip install -r /tmp/requirements.txt
@@ -31,6 +31,8 @@ COPY live_qc ./live_qc
 COPY web ./web
 COPY config ./config
 # Editable: the server finds web/ and config/ beside its package directory.
+# It also builds media/webrtc/_fastsend.c in place (the compiler stays in
+# this stage; the runtime image gets the built module with /app).
 RUN /opt/returnfeed/bin/pip install --no-deps -e . \
  && /opt/returnfeed/bin/python -m compileall -q server media tally live_qc
 

@@ -101,7 +101,8 @@ pick_python() {
 
 install_python() {
   local want
-  want=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  # setup.py and the C source too: a changed extension is rebuilt.
+  want=$(cat pyproject.toml setup.py media/webrtc/_fastsend.c | sha256sum | cut -c1-16)
   if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     return
   fi

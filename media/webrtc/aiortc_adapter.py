@@ -72,7 +72,20 @@ try:  # libsrtp through pylibsrtp's cffi module (protect_all); None: use Session
         return _srtp_ffi.new("int *")
 except ImportError:  # another pylibsrtp layout
     _srtp_protect = None
+#: The optional C extension (_fastsend.c): one viewer's frame protected and
+#: sent in one call. None where it was not built, or with
+#: RETURNFEED_NO_EXTENSIONS set (aiohttp's AIOHTTP_NO_EXTENSIONS, for the
+#: same reason: measure or debug the pure-Python path, same bytes).
+_fastsend: Any = None
+if not os.environ.get("RETURNFEED_NO_EXTENSIONS") and _srtp_protect is not None:
+    try:
+        from . import _fastsend
+    except ImportError:
+        pass
 _U16 = struct.Struct("=H")
+_U32 = struct.Struct("=I")
+_NET_U16 = struct.Struct("!H")
+_NET_U32 = struct.Struct("!I")
 
 
 class AiortcInternalsChanged(RuntimeError):
@@ -461,7 +474,8 @@ class FastPath:
     errors counted and survived, a full buffer drops for this viewer only).
     """
 
-    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair", "_protect")
+    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair", "_protect", "_native",
+                 "_wire", "_wire_of")
 
     def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
         self._dtls = dtls_transport
@@ -472,6 +486,13 @@ class FastPath:
         self._conn = dtls_transport.transport._connection  # aioice.Connection
         #: libsrtp's context, buffer and length cell, read once (see protect_all).
         self._protect = _protect_handles(self._srtp)
+        #: (srtp_protect, the srtp_t) as addresses and the longest packet,
+        #: for _fastsend; None: the Python path.
+        self._native = _native_handles(self._protect)
+        #: The sender's destination as a struct sockaddr (None: the Python
+        #: path for this address), and the address object it was made from.
+        self._wire: bytes | None = None
+        self._wire_of: Any = None
         #: The current socket's sender (its counters), once anything was sent.
         self.sender: DatagramSender | None = None
         self._pair: Any = None  # the nominated pair the sender was made for
@@ -566,14 +587,30 @@ class FastPath:
         """Protect and send one frame's RTP packets for this viewer (the
         fan-out's per-packet path); return the bytes written. What
         :meth:`send_batch` does, cheaper: :func:`protect_all`, and the
-        frame's shorter last packet rides in its GSO run (:func:`send_runs`)."""
-        protected = _protect_with(self._protect, self._srtp, packets)
+        frame's shorter last packet rides in its GSO run (:func:`send_runs`).
+        With the C extension all of it is one call (:meth:`_send_native`)."""
         pair = self._conn._nominated.get(1)
         if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
                 and transport is not None):
             sender = self.sender  # _current()'s per-packet case, without the call
         else:
             sender = self._current()
+        native = self._native
+        if native is not None and sender.__class__ is DatagramSender:
+            if sender.addr is not self._wire_of:
+                self._wire_of = sender.addr
+                self._wire = sockaddr_bytes(sender.sock.family, sender.addr)
+            wire = self._wire
+            fd = sender.sock.fileno()
+            if wire is not None and fd >= 0:
+                result = _fastsend.send_frame(native[0], native[1], fd, wire, sender.ancillary, packets, sender.gso,
+                                              native[2])
+                if result.__class__ is int:
+                    sender.failing_since = None
+                    return result  # type: ignore[no-any-return]
+                if result is not None:
+                    return _native_outcome(sender, result, now)
+        protected = _protect_with(self._protect, self._srtp, packets)
         if len(protected) == 1:
             return sender.send(protected[0], now)
         return send_runs(sender, protected, now)
@@ -594,6 +631,55 @@ def _protect_handles(session: Any) -> tuple[Any, Any, Any, Any, int] | None:
     if cell is None:
         cell = session._rf_len_cell = _len_cell()
     return handle[0], cdata, buf, cell, len(cdata) - _SRTP_TRAILER
+
+
+def _native_handles(handles: tuple[Any, Any, Any, Any, int] | None) -> tuple[int, int, int] | None:
+    """libsrtp's ``srtp_protect`` and the session's ``srtp_t`` as addresses
+    for :mod:`_fastsend`, and the longest packet pylibsrtp's buffer takes;
+    None when the extension is not there (or pylibsrtp is laid out
+    differently)."""
+    if _fastsend is None or handles is None:
+        return None
+    return (int(_srtp_ffi.cast("uintptr_t", _srtp_protect)), int(_srtp_ffi.cast("uintptr_t", handles[0])),
+            handles[4])
+
+
+def sockaddr_bytes(family: int, addr: Any) -> bytes | None:
+    """``addr`` as the ``struct sockaddr`` a socket of ``family`` sends to
+    (what Python's ``sendto`` builds per call); None for anything but a
+    numeric IPv4/IPv6 address of that family (the Python path sends those,
+    or raises what it always raised)."""
+    # struct sockaddr_in / sockaddr_in6 (Linux): the family and the scope id
+    # in host order, the port and the flow label in network order.
+    try:
+        if family == socket.AF_INET:
+            return b"".join((_U16.pack(socket.AF_INET), _NET_U16.pack(addr[1]),
+                             socket.inet_pton(socket.AF_INET, addr[0]), bytes(8)))
+        if family == socket.AF_INET6:
+            flow = addr[2] if len(addr) > 2 else 0
+            scope = addr[3] if len(addr) > 3 else 0
+            return b"".join((_U16.pack(socket.AF_INET6), _NET_U16.pack(addr[1]), _NET_U32.pack(flow),
+                             socket.inet_pton(socket.AF_INET6, addr[0]), _U32.pack(scope)))
+    except (OSError, ValueError, TypeError, IndexError, struct.error):
+        return None
+    return None
+
+
+def _native_outcome(sender: DatagramSender, result: tuple[int, int, int, list[bytes] | None, int],
+                    now: float) -> int:
+    """:func:`_fastsend.send_frame`'s answer when not every datagram went
+    out: the same counts and errors as the Python path."""
+    sent, backlogged, any_sent, rest, code = result
+    if code > 0:
+        _srtp_check(code)  # libsrtp refused a packet: raises, nothing was sent
+    sender.backlogged += backlogged
+    if any_sent:
+        sender.failing_since = None
+    if rest:
+        # From the datagram whose sendmsg failed on: the Python path counts
+        # the error (or raises it) and tries GSO / one by one as it does.
+        sent += send_runs(sender, rest, now)
+    return sent
 
 
 def protect_all(session: Any, packets: list[bytes]) -> list[bytes]:

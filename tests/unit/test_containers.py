@@ -82,7 +82,7 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
                if ln.strip() and not ln.startswith("#")}
     assert {".git", ".venv", "tests", "data"} <= ignored
     # What the Dockerfile copies must not be ignored.
-    for path in ("server", "media", "tally", "live_qc", "web", "config", "pyproject.toml"):
+    for path in ("server", "media", "tally", "live_qc", "web", "config", "pyproject.toml", "setup.py"):
         assert path not in ignored
 
 

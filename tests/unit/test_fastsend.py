@@ -1,0 +1,269 @@
+"""The C fan-out send (``media/webrtc/_fastsend.c``) against the pure-Python
+path it replaces (``_protect_with`` then ``send_runs``): the same datagrams
+on the wire, the same byte counts, the same counters and the same errors —
+for every frame shape, with and without GSO, IPv4 and IPv6, with the shared
+ICE socket's source-address ancillary data, on a full buffer and on send
+errors. The README's test command builds the extension, so it must be here."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from types import SimpleNamespace
+from typing import Any
+
+import pylibsrtp
+import pytest
+
+from media.webrtc import aiortc_adapter as adapter
+
+fastsend = adapter._fastsend
+
+IP_PKTINFO = 8  # linux/in.h (Python's socket module lacks it)
+
+
+def test_the_extension_is_built_and_used() -> None:
+    # setup.py marks it optional so that a machine without a compiler still
+    # installs; the README's commands install gcc, so here it must exist.
+    assert not os.environ.get("RETURNFEED_NO_EXTENSIONS")
+    assert fastsend is not None, "media/webrtc/_fastsend.c was not built"
+    assert fastsend.GSO_MAX_SEGMENTS == adapter.GSO_MAX_SEGMENTS
+    assert fastsend.GSO_MAX_BYTES == adapter.GSO_MAX_BYTES
+    assert fastsend.SRTP_TRAILER == pylibsrtp.SRTP_MAX_TRAILER_LEN
+
+
+def _rtp(seq: int, size: int) -> bytes:
+    return b"\x80\x60" + (seq & 0xFFFF).to_bytes(2, "big") + bytes(4) + b"\x00\x00\x73\x00" + os.urandom(size - 12)
+
+
+def _session(key: bytes) -> pylibsrtp.Session:
+    return pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+
+
+def _fast_path(tx: socket.socket, addr: Any, srtp: pylibsrtp.Session, native: bool,
+               ancillary: list | None = None) -> adapter.FastPath:
+    transport = SimpleNamespace(get_extra_info=lambda name: tx)
+    pair = SimpleNamespace(protocol=SimpleNamespace(transport=transport), remote_addr=addr)
+    saved = adapter._fastsend
+    if not native:
+        adapter._fastsend = None  # read at construction: this one takes the Python path
+    try:
+        fast = adapter.FastPath(SimpleNamespace(_tx_srtp=srtp, transport=SimpleNamespace(
+            _connection=SimpleNamespace(_nominated={1: pair}))))
+    finally:
+        adapter._fastsend = saved
+    assert (fast._native is not None) == native
+    if ancillary is not None:
+        fast._current().ancillary = ancillary
+    return fast
+
+
+def _drain(rx: socket.socket) -> list[bytes]:
+    """What the receiver has queued. On loopback (UDP and Unix) a datagram
+    is in the receiver's queue when the send returns, so no waiting."""
+    out = []
+    rx.setblocking(False)
+    while True:
+        try:
+            out.append(rx.recv(70_000))
+        except BlockingIOError:
+            return out
+
+
+#: Frame shapes: audio; a P frame whose shorter last fragment rides in the
+#: run; a keyframe past GSO_MAX_SEGMENTS; a shorter packet first; runs of
+#: three sizes; a keyframe past GSO_MAX_BYTES in fewer segments.
+SHAPES = {
+    "audio": [160],
+    "p_frame": [1200] * 4 + [700],
+    "keyframe_130": [600] * 129 + [300],
+    "short_first": [300, 1200, 1200],
+    "three_runs": [1000, 1000, 900, 900, 900, 1200],
+    "big_segments": [1300] * 55,
+}
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("gso", [True, False], ids=["gso", "no_gso"])
+def test_same_datagrams_and_counts_as_the_python_path(family, gso) -> None:
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    rx = socket.socket(family, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    rx.bind((host, 0))
+    tx = socket.socket(family, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    key = os.urandom(30)
+    native = _fast_path(tx, rx.getsockname(), _session(key), native=True)
+    python = _fast_path(tx, rx.getsockname(), _session(key), native=False)
+    for fast in (native, python):
+        fast._current().gso = gso
+    seq = 0
+    try:
+        for name, sizes in SHAPES.items():
+            frame = [_rtp(seq + i, size) for i, size in enumerate(sizes)]
+            seq += len(sizes)
+            got_native = native.send_frame(frame)
+            wire_native = _drain(rx)
+            got_python = python.send_frame(frame)
+            wire_python = _drain(rx)
+            assert len(wire_native) == len(sizes), name
+            assert wire_native == wire_python, name
+            assert got_native == got_python == sum(map(len, wire_native)), name
+        for fast in (native, python):
+            sender = fast.sender
+            assert (sender.backlogged, sender.errors, sender.failing_since) == (0, 0, None)
+    finally:
+        native.close()
+        python.close()
+        tx.close()
+        rx.close()
+
+
+def test_the_shared_ice_sockets_source_address_rides_along() -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    # struct in_pktinfo: ifindex, spec_dst (the source), addr
+    pktinfo = [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=I4s4s", 0, socket.inet_aton("127.0.0.1"), bytes(4)))]
+    key = os.urandom(30)
+    native = _fast_path(tx, rx.getsockname(), _session(key), True, pktinfo)
+    twin = _session(key)
+    frame = [_rtp(1, 1200), _rtp(2, 1200), _rtp(3, 500)]
+    assert native.send_frame(frame) == sum(len(twin.protect(p)) for p in frame)
+    assert len(_drain(rx)) == 3
+    native.close()
+    tx.close()
+    rx.close()
+
+
+def test_a_full_buffer_drops_for_this_viewer_and_counts_like_the_python_path(tmp_path) -> None:
+    # A Unix datagram receiver that never reads: its queue fills and the
+    # sender gets EAGAIN, which a loopback UDP socket never gives.
+    path = str(tmp_path / "viewer")
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    key = os.urandom(30)
+    for native in (True, False):
+        tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        tx.setblocking(False)
+        fast = _fast_path(tx, ("127.0.0.1", 9), _session(key), native)
+        sender = fast._current()
+        sender.gso = False
+        # struct sockaddr_un; the Python path's sendto takes the path itself.
+        sender.addr = path
+        fast._wire_of, fast._wire = path, struct.pack("=H", socket.AF_UNIX) + path.encode() + b"\0"
+        frames = 2000
+        sent = sum(fast.send_frame([_rtp(i * 2, 1200), _rtp(i * 2 + 1, 900)]) for i in range(frames))
+        queued = _drain(rx)  # nobody read while sending: what was not dropped is queued
+        assert sender.backlogged > 0, native
+        assert len(queued) == 2 * frames - sender.backlogged, native
+        assert sent == sum(map(len, queued)), native
+        assert (sender.errors, sender.failing_since) == (0, None), native
+        fast.close()
+        tx.close()
+    rx.close()
+
+
+@pytest.mark.parametrize("addr, code", [(("127.0.0.1", 0), errno.EINVAL), (("255.255.255.255", 9), errno.EACCES)],
+                         ids=["port_0", "broadcast"])
+def test_a_send_error_is_raised_as_the_python_path_raises_it(addr, code) -> None:
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    key = os.urandom(30)
+    for native in (True, False):
+        fast = _fast_path(tx, addr, _session(key), native)
+        with pytest.raises(OSError) as raised:
+            fast.send_frame([_rtp(1, 1200), _rtp(2, 1200), _rtp(3, 500)])
+        assert raised.value.errno == code
+        fast.close()
+    tx.close()
+
+
+def test_a_transient_error_is_counted_as_the_python_path_counts_it(monkeypatch) -> None:
+    # EACCES (broadcast without SO_BROADCAST) counted as transient for this
+    # test: the C path hands the failed run to send_runs, which counts it.
+    monkeypatch.setattr(adapter, "TRANSIENT_SEND_ERRNOS", adapter.TRANSIENT_SEND_ERRNOS | {errno.EACCES})
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    key = os.urandom(30)
+    counters = []
+    for native in (True, False):
+        fast = _fast_path(tx, ("255.255.255.255", 9), _session(key), native)
+        assert fast.send_frame([_rtp(1, 1200), _rtp(2, 1200), _rtp(3, 500)], now=5.0) == 0
+        sender = fast.sender
+        counters.append((sender.errors, dict(sender.errors_by_errno), sender.failing_since, sender.gso_fallbacks))
+        fast.close()
+    assert counters[0] == counters[1]
+    assert counters[0][:3] == (3, {errno.EACCES: 3}, 5.0)
+    tx.close()
+
+
+def test_what_the_c_path_does_not_take_goes_to_the_python_path(monkeypatch) -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    key = os.urandom(30)
+    native = _fast_path(tx, rx.getsockname(), _session(key), native=True)
+    twin = _session(key)
+    # more packets than its buffers hold: the C path declines (None) and
+    # the Python path sends the frame
+    answers = []
+    c_send = fastsend.send_frame
+    monkeypatch.setattr(fastsend, "send_frame", lambda *args: answers.append(c_send(*args)) or answers[-1])
+    frame = [_rtp(i, 40) for i in range(fastsend.MAX_PACKETS + 1)]
+    assert native.send_frame(frame) == sum(len(twin.protect(p)) for p in frame)
+    assert answers == [None]
+    assert _drain(rx)[0] == twin_first(key, frame[0])
+    # a packet longer than pylibsrtp's buffer: declined, and protect's error
+    with pytest.raises(ValueError, match="too long"):
+        native.send_frame([_rtp(len(frame), 1400)])
+    assert answers[-1] is None
+    native.close()
+    tx.close()
+    rx.close()
+
+
+def twin_first(key: bytes, packet: bytes) -> bytes:
+    return _session(key).protect(packet)
+
+
+def test_an_srtp_failure_raises_pylibsrtps_error_and_sends_nothing() -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    native = _fast_path(tx, rx.getsockname(), _session(os.urandom(30)), native=True)
+    frame = [_rtp(7, 1200), _rtp(8, 400)]
+    native.send_frame(frame)
+    assert len(_drain(rx)) == 2
+    with pytest.raises(pylibsrtp.Error, match="replay"):
+        native.send_frame(frame)  # the same packet indexes again: libsrtp refuses
+    assert _drain(rx) == []
+    native.close()
+    tx.close()
+    rx.close()
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_sockaddr_bytes_is_the_kernels_struct_sockaddr(family, host) -> None:
+    import ctypes
+
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    raw = ctypes.create_string_buffer(128)
+    size = ctypes.c_uint32(128)
+    assert ctypes.CDLL(None, use_errno=True).getsockname(sock.fileno(), raw, ctypes.byref(size)) == 0
+    assert adapter.sockaddr_bytes(family, sock.getsockname()) == raw.raw[:size.value]
+    sock.close()
+
+
+def test_sockaddr_bytes_leaves_anything_else_to_the_python_path() -> None:
+    assert adapter.sockaddr_bytes(socket.AF_INET, ("not an address", 1)) is None
+    assert adapter.sockaddr_bytes(socket.AF_INET, ("::1", 1)) is None
+    assert adapter.sockaddr_bytes(socket.AF_INET6, ("fe80::1%eth0", 1)) is None
+    assert adapter.sockaddr_bytes(socket.AF_UNIX, "/a/path") is None
