@@ -552,15 +552,16 @@ def _viewer_core(ssrc: int = 0x7300) -> tuple[Any, Rewriter, Rewriter]:
 
 
 def bench_session_path(rounds: int) -> dict[str, Stat]:
-    """One viewer's share of a frame as ``WhepSession.on_packets`` runs it:
-    the core's ``on_packets`` (layer check, rewrite), ``FastPath.send_frame``
-    (protect, send) and the core's ``on_sent``; P frames of 4 packets and
-    Opus packets (one per call), µs per packet."""
+    """One viewer's share of a frame as ``WhepSession.on_packets`` runs it
+    (``whep.forward_frame``: with the C extension one ``rewrite_send`` call,
+    else the core's ``on_packets`` and ``FastPath.send_frame``; then the
+    core's ``on_sent``); P frames of 4 packets and Opus packets (one per
+    call), µs per packet. RETURNFEED_NO_EXTENSIONS=1: the Python path."""
     from types import SimpleNamespace
 
     from media.layer import AUDIO
     from media.webrtc.aiortc_adapter import FastPath
-    from media.webrtc.viewer import SendKind
+    from media.webrtc.whep import forward_frame
 
     tx, rx, drain = loopback_pair(8 << 20, sndbuf=8 << 20)
 
@@ -585,15 +586,7 @@ def bench_session_path(rounds: int) -> dict[str, Stat]:
             chunk = frames[r * per_round:(r + 1) * per_round]
             t0 = time.perf_counter_ns()
             for f in chunk:  # WhepSession.on_packets, less its closed check
-                datas = core.on_packets(index, f, 1.0)
-                if not datas:
-                    continue
-                sender = fast.sender
-                before = sender.backlogged if sender is not None else 0
-                nbytes = fast.send_frame(datas, 1.0)
-                sender = fast.sender
-                core.on_sent(SendKind.MEDIA, len(datas), nbytes, sender.backlogged != before, sender.failing_since,
-                             1.0, index)
+                forward_frame(core, fast, index, f, 1.0)
             spent = time.perf_counter_ns() - t0
             drain()
             if r:

@@ -170,98 +170,79 @@ send_run(int fd, const void *addr, socklen_t addrlen, PyObject *ancillary, Py_ss
     return rc < 0 ? errno : 0;
 }
 
-static PyObject *
-send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
-{
+/* Where and how a frame goes: the arguments both calls start with. */
+typedef struct {
     srtp_protect_fn protect;
     void *ctx;
-    int fd, gso, i_err = 0;
-    Py_ssize_t n, i, j;
-    size_t pos = 0;
+    int fd;
+    int gso;
     char *addr;
     Py_ssize_t addrlen;
-    PyObject *packets, *ancillary;
-    Py_ssize_t sent = 0, backlogged = 0, max_len;
-    int any_sent = 0;
+    Py_ssize_t max_len;
+    PyObject *ancillary;
+} destination;
 
-    (void)module;
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "send_frame takes 8 arguments");
-        return NULL;
-    }
-    protect = (srtp_protect_fn)PyLong_AsVoidPtr(args[0]);
-    if (protect == NULL) {
+#define DESTINATION_ARGS 7
+
+/* protect, ctx, fd, sockaddr, ancillary, gso, max_len */
+static int
+parse_destination(PyObject *const *args, destination *d)
+{
+    long v;
+    d->protect = (srtp_protect_fn)PyLong_AsVoidPtr(args[0]);
+    d->ctx = PyLong_AsVoidPtr(args[1]);
+    if (d->protect == NULL || d->ctx == NULL) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "protect is NULL");
-        return NULL;
+            PyErr_SetString(PyExc_ValueError, "protect and ctx must not be NULL");
+        return -1;
     }
-    ctx = PyLong_AsVoidPtr(args[1]);
-    if (ctx == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "ctx is NULL");
-        return NULL;
+    v = PyLong_AsLong(args[2]);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "bad file descriptor");
+        return -1;
     }
-    {
-        long v = PyLong_AsLong(args[2]);
-        if (v == -1 && PyErr_Occurred())
-            return NULL;
-        if (v < 0 || v > INT_MAX) {
-            PyErr_SetString(PyExc_ValueError, "bad file descriptor");
-            return NULL;
-        }
-        fd = (int)v;
-    }
-    if (PyBytes_AsStringAndSize(args[3], &addr, &addrlen) < 0)
-        return NULL;
-    ancillary = args[4];
-    packets = args[5];
-    if (!PyList_CheckExact(packets)) {
-        PyErr_SetString(PyExc_TypeError, "packets must be a list");
-        return NULL;
-    }
-    gso = PyObject_IsTrue(args[6]);
-    if (gso < 0)
-        return NULL;
-    max_len = PyLong_AsSsize_t(args[7]);
-    if (max_len == -1 && PyErr_Occurred())
-        return NULL;
+    d->fd = (int)v;
+    if (PyBytes_AsStringAndSize(args[3], &d->addr, &d->addrlen) < 0)
+        return -1;
+    d->ancillary = args[4];
+    d->gso = PyObject_IsTrue(args[5]);
+    if (d->gso < 0)
+        return -1;
+    d->max_len = PyLong_AsSsize_t(args[6]);
+    if (d->max_len == -1 && PyErr_Occurred())
+        return -1;
+    return 0;
+}
 
-    n = PyList_GET_SIZE(packets);
-    if (n > MAX_PACKETS)
-        Py_RETURN_NONE;
-    /* Room first, so that a frame that does not fit protects nothing. */
-    for (i = 0; i < n; i++) {
-        PyObject *p = PyList_GET_ITEM(packets, i);
-        if (!PyBytes_CheckExact(p) || PyBytes_GET_SIZE(p) > max_len)
-            Py_RETURN_NONE;
-        pos += (size_t)PyBytes_GET_SIZE(p) + SRTP_TRAILER;
+/* The answer when not everything went: (handled, sent, backlogged,
+ * any_sent, rest, code); ``rest`` is stolen (may be NULL: None). */
+static PyObject *
+outcome(Py_ssize_t handled, Py_ssize_t sent, Py_ssize_t backlogged, int any_sent, PyObject *rest, int code)
+{
+    if (rest == NULL) {
+        rest = Py_None;
+        Py_INCREF(rest);
     }
-    if (pos > BUF_BYTES)
-        Py_RETURN_NONE;
+    return Py_BuildValue("(nnniNi)", handled, sent, backlogged, any_sent, rest, code);
+}
 
-    /* Protect in place; protected datagrams lie back to back. */
-    pos = 0;
-    for (i = 0; i < n; i++) {
-        PyObject *p = PyList_GET_ITEM(packets, i);
-        int len = (int)PyBytes_GET_SIZE(p);
-        int status;
-        memcpy(buf + pos, PyBytes_AS_STRING(p), (size_t)len);
-        status = protect(ctx, buf + pos, &len);
-        if (status != 0)
-            return Py_BuildValue("(nniOi)", (Py_ssize_t)0, (Py_ssize_t)0, 0, Py_None, status);
-        offsets[i] = pos;
-        lengths[i] = len;
-        pos += (size_t)len;
-    }
+/* Send the ``n`` protected datagrams in buf (offsets/lengths) in runs, as
+ * aiortc_adapter.send_runs groups them. ``handled`` is the caller's count
+ * of packets, returned with the outcome. */
+static PyObject *
+send_prepared(const destination *d, Py_ssize_t n, Py_ssize_t handled, int all_handled)
+{
+    Py_ssize_t i = 0, j, sent = 0, backlogged = 0;
+    int any_sent = 0, py_error = 0;
 
-    /* Send in runs, as aiortc_adapter.send_runs groups them. */
-    i = 0;
     while (i < n) {
         int size = lengths[i];
         size_t run_bytes = (size_t)size;
         int err;
         j = i + 1;
-        if (gso && size > 0) {
+        if (d->gso && size > 0) {
             Py_ssize_t limit = GSO_MAX_BYTES / size;
             if (limit > GSO_MAX_SEGMENTS)
                 limit = GSO_MAX_SEGMENTS;
@@ -278,8 +259,8 @@ send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 }
             }
         }
-        err = send_run(fd, addr, (socklen_t)addrlen, ancillary, i, j - i, run_bytes, &i_err);
-        if (i_err)
+        err = send_run(d->fd, d->addr, (socklen_t)d->addrlen, d->ancillary, i, j - i, run_bytes, &py_error);
+        if (py_error)
             return NULL;
         if (err == 0) {
             sent += (Py_ssize_t)run_bytes;
@@ -293,25 +274,379 @@ send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (rest == NULL)
                 return NULL;
             for (k = i; k < n; k++) {
-                PyObject *d = PyBytes_FromStringAndSize((const char *)buf + offsets[k], lengths[k]);
-                if (d == NULL) {
+                PyObject *datagram = PyBytes_FromStringAndSize((const char *)buf + offsets[k], lengths[k]);
+                if (datagram == NULL) {
                     Py_DECREF(rest);
                     return NULL;
                 }
-                PyList_SET_ITEM(rest, k - i, d);
+                PyList_SET_ITEM(rest, k - i, datagram);
             }
-            return Py_BuildValue("(nniNi)", sent, backlogged, any_sent, rest, -err);
+            return outcome(handled, sent, backlogged, any_sent, rest, -err);
         }
         i = j;
     }
-    if (backlogged == 0)
+    if (backlogged == 0 && all_handled)
         return PyLong_FromSsize_t(sent);
-    return Py_BuildValue("(nniOi)", sent, backlogged, any_sent, Py_None, 0);
+    return outcome(handled, sent, backlogged, any_sent, NULL, 0);
+}
+
+/* The static buffers serve one call at a time. A call cannot re-enter
+ * (nothing here runs Python code) unless a garbage collection triggered by
+ * an allocation runs a finalizer that sends: then the inner call declines. */
+static int busy;
+
+static PyObject *
+send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    destination d;
+    PyObject *packets, *result;
+    Py_ssize_t n, i;
+    size_t pos = 0;
+
+    (void)module;
+    if (nargs != DESTINATION_ARGS + 1) {
+        PyErr_SetString(PyExc_TypeError, "send_frame takes 8 arguments");
+        return NULL;
+    }
+    if (parse_destination(args, &d) < 0)
+        return NULL;
+    packets = args[DESTINATION_ARGS];
+    if (!PyList_CheckExact(packets)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be a list");
+        return NULL;
+    }
+    n = PyList_GET_SIZE(packets);
+    if (n > MAX_PACKETS || busy)
+        Py_RETURN_NONE;
+    /* Room first, so that a frame that does not fit protects nothing. */
+    for (i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i);
+        if (!PyBytes_CheckExact(p) || PyBytes_GET_SIZE(p) > d.max_len)
+            Py_RETURN_NONE;
+        pos += (size_t)PyBytes_GET_SIZE(p) + SRTP_TRAILER;
+    }
+    if (pos > BUF_BYTES)
+        Py_RETURN_NONE;
+
+    /* Protect in place; protected datagrams lie back to back. */
+    pos = 0;
+    for (i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i);
+        int len = (int)PyBytes_GET_SIZE(p);
+        int status;
+        memcpy(buf + pos, PyBytes_AS_STRING(p), (size_t)len);
+        status = d.protect(d.ctx, buf + pos, &len);
+        if (status != 0)
+            return outcome(n, 0, 0, 0, NULL, status);
+        offsets[i] = pos;
+        lengths[i] = len;
+        pos += (size_t)len;
+    }
+    busy = 1;
+    result = send_prepared(&d, n, n, 1);
+    busy = 0;
+    return result;
+}
+
+/* Interned attribute names (module init). */
+static PyObject *s_layer, *s_tmpl, *s_buf, *s_abs_off, *s_abs_top, *s_twcc_off, *s_twcc, *s_value, *s_mpt,
+    *s_ts_off, *s_vseq, *s_lseq, *s_max_gap, *s_map, *s_mask, *s_last_vts, *s_last_now, *s_packets_sent,
+    *s_octets_sent, *s_seq, *s_timestamp, *s_marker, *s_payload, *s_discontinuity;
+
+static int
+get_longlong(PyObject *obj, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+set_longlong(PyObject *obj, PyObject *name, long long value)
+{
+    PyObject *v = PyLong_FromLongLong(value);
+    int rc;
+    if (v == NULL)
+        return -1;
+    rc = PyObject_SetAttr(obj, name, v);
+    Py_DECREF(v);
+    return rc;
+}
+
+static void
+put_be16(unsigned char *p, unsigned v)
+{
+    p[0] = (unsigned char)(v >> 8);
+    p[1] = (unsigned char)v;
+}
+
+static void
+put_be32(unsigned char *p, unsigned long v)
+{
+    p[0] = (unsigned char)(v >> 24);
+    p[1] = (unsigned char)(v >> 16);
+    p[2] = (unsigned char)(v >> 8);
+    p[3] = (unsigned char)v;
+}
+
+/* rewrite_send(protect, ctx, fd, sockaddr, ancillary, gso, max_len,
+ *              rewriter, layer, packets, now)
+ *
+ * media.rtp.rewrite.Rewriter.rewrite_frame's in-order path, fused with
+ * send_frame: the packets of ``layer`` that follow the rewriter's last one
+ * within max_gap (no discontinuity), from the first on, are rewritten
+ * straight into the send buffer (the template, then M/PT, sequence number,
+ * timestamp, abs-send-time and transport-wide sequence number, then the
+ * payload), entered in the rewriter's NACK map, protected and sent; the
+ * rewriter's state and counters move exactly as rewrite_frame moves them.
+ * At the first packet that is anything else it stops: the caller gives the
+ * rest to rewrite_frame (its per-packet rules) and send_frame.
+ * Returns an int (every packet rewritten and every datagram sent: the bytes
+ * written) or send_frame's tuple, whose ``handled`` counts the packets
+ * rewritten here (0: nothing was, the rewriter is not on ``layer``). */
+static PyObject *
+rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    destination d;
+    PyObject *rw, *layer, *packets, *now_obj, *cur, *tmpl = NULL, *tbuf = NULL, *twcc = NULL, *mpt = NULL,
+        *map = NULL, *result = NULL;
+    long long abs_off, abs_top, twcc_off, ts_off, vseq, lseq, max_gap, mask, packets_sent, octets_sent;
+    long long tw_value = 0, vts = 0;
+    unsigned pt0, pt1;
+    unsigned long abs_word = 0;
+    double now;
+    Py_ssize_t n, i, hlen, sent_packets = 0, octets = 0;
+    size_t pos = 0;
+    int same, status = 0;
+
+    (void)module;
+    if (nargs != DESTINATION_ARGS + 4) {
+        PyErr_SetString(PyExc_TypeError, "rewrite_send takes 11 arguments");
+        return NULL;
+    }
+    if (parse_destination(args, &d) < 0)
+        return NULL;
+    rw = args[7];
+    layer = args[8];
+    packets = args[9];
+    now_obj = args[10];
+    if (!PyList_CheckExact(packets) || !PyLong_CheckExact(layer)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be a list and layer an int");
+        return NULL;
+    }
+    now = PyFloat_AsDouble(now_obj);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (busy)
+        return outcome(0, 0, 0, 0, NULL, 0);
+    cur = PyObject_GetAttr(rw, s_layer);
+    if (cur == NULL)
+        return NULL;
+    same = cur != Py_None && PyObject_RichCompareBool(cur, layer, Py_EQ);
+    Py_DECREF(cur);
+    if (same < 0)
+        return NULL;
+    if (!same)
+        return outcome(0, 0, 0, 0, NULL, 0);
+
+    if ((tmpl = PyObject_GetAttr(rw, s_tmpl)) == NULL || (tbuf = PyObject_GetAttr(tmpl, s_buf)) == NULL
+        || (mpt = PyObject_GetAttr(rw, s_mpt)) == NULL || (map = PyObject_GetAttr(rw, s_map)) == NULL
+        || (twcc = PyObject_GetAttr(rw, s_twcc)) == NULL)
+        goto done;
+    if (!PyByteArray_CheckExact(tbuf) || !PyTuple_CheckExact(mpt) || PyTuple_GET_SIZE(mpt) != 2
+        || !PyList_CheckExact(map)) {
+        PyErr_SetString(PyExc_TypeError, "unexpected Rewriter layout");
+        goto done;
+    }
+    if (get_longlong(tmpl, s_abs_off, &abs_off) < 0 || get_longlong(tmpl, s_abs_top, &abs_top) < 0
+        || get_longlong(tmpl, s_twcc_off, &twcc_off) < 0 || get_longlong(rw, s_ts_off, &ts_off) < 0
+        || get_longlong(rw, s_vseq, &vseq) < 0 || get_longlong(rw, s_lseq, &lseq) < 0
+        || get_longlong(rw, s_max_gap, &max_gap) < 0 || get_longlong(rw, s_mask, &mask) < 0
+        || get_longlong(rw, s_packets_sent, &packets_sent) < 0
+        || get_longlong(rw, s_octets_sent, &octets_sent) < 0)
+        goto done;
+    if (twcc_off && (twcc == Py_None || get_longlong(twcc, s_value, &tw_value) < 0)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "transport-cc without a TransportSeq");
+        goto done;
+    }
+    pt0 = (unsigned)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(mpt, 0));
+    pt1 = (unsigned)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(mpt, 1));
+    if (PyErr_Occurred())
+        goto done;
+    hlen = PyByteArray_GET_SIZE(tbuf);
+    if (hlen < 12 || (abs_off && abs_off + 4 > hlen) || (twcc_off && twcc_off + 2 > hlen)
+        || mask + 1 != PyList_GET_SIZE(map)) {
+        PyErr_SetString(PyExc_ValueError, "unexpected Rewriter template");
+        goto done;
+    }
+    /* One now for the whole frame: one abs-send-time for all of it. */
+    abs_word = (unsigned long)(abs_top | ((long long)(now * 262144.0) & 0xFFFFFF));
+
+    busy = 1;
+    n = PyList_GET_SIZE(packets);
+    if (n > MAX_PACKETS)
+        n = MAX_PACKETS;
+    for (i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i), *seq_obj, *ts_obj, *payload, *entry;
+        long long seq, ts, dist;
+        Py_ssize_t plen;
+        unsigned char *out;
+        int disc, marker, len;
+
+        if ((seq_obj = PyObject_GetAttr(p, s_seq)) == NULL)
+            goto fail;
+        seq = PyLong_AsLongLong(seq_obj);
+        if (seq == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq_obj);
+            goto fail;
+        }
+        dist = (seq - lseq) & 0xFFFF;
+        {
+            PyObject *flag = PyObject_GetAttr(p, s_discontinuity);
+            if (flag == NULL) {
+                Py_DECREF(seq_obj);
+                goto fail;
+            }
+            disc = PyObject_IsTrue(flag);
+            Py_DECREF(flag);
+        }
+        if (disc != 0 || dist <= 0 || dist > max_gap) {
+            Py_DECREF(seq_obj);
+            if (disc < 0)
+                goto fail;
+            break;  /* the per-packet rules: rewrite_frame */
+        }
+        if ((payload = PyObject_GetAttr(p, s_payload)) == NULL) {
+            Py_DECREF(seq_obj);
+            goto fail;
+        }
+        plen = PyBytes_CheckExact(payload) ? PyBytes_GET_SIZE(payload) : -1;
+        if (plen < 0 || hlen + plen > d.max_len || pos + (size_t)(hlen + plen) + SRTP_TRAILER > BUF_BYTES) {
+            Py_DECREF(payload);
+            Py_DECREF(seq_obj);
+            break;  /* the Python path sends it, or raises what it raises */
+        }
+        if ((ts_obj = PyObject_GetAttr(p, s_timestamp)) == NULL) {
+            Py_DECREF(payload);
+            Py_DECREF(seq_obj);
+            goto fail;
+        }
+        ts = PyLong_AsLongLong(ts_obj);
+        {
+            PyObject *flag = PyObject_GetAttr(p, s_marker);
+            marker = flag == NULL ? -1 : PyObject_IsTrue(flag);
+            Py_XDECREF(flag);
+        }
+        if ((ts == -1 && PyErr_Occurred()) || marker < 0) {
+            Py_DECREF(ts_obj);
+            Py_DECREF(payload);
+            Py_DECREF(seq_obj);
+            goto fail;
+        }
+        vseq += dist;
+        lseq = seq;
+        vts = (ts + ts_off) & 0xFFFFFFFFLL;
+        out = buf + pos;
+        memcpy(out, PyByteArray_AS_STRING(tbuf), (size_t)hlen);
+        out[1] = (unsigned char)(marker ? pt1 : pt0);
+        put_be16(out + 2, (unsigned)(vseq & 0xFFFF));
+        put_be32(out + 4, (unsigned long)vts);
+        if (abs_off)
+            put_be32(out + abs_off, abs_word);
+        if (twcc_off) {
+            put_be16(out + twcc_off, (unsigned)tw_value);
+            tw_value = (tw_value + 1) & 0xFFFF;
+        }
+        memcpy(out + hlen, PyBytes_AS_STRING(payload), (size_t)plen);
+        Py_DECREF(payload);
+        /* the NACK map: (viewer seq, layer, layer seq, layer ts, viewer ts) */
+        entry = PyTuple_New(5);
+        if (entry == NULL) {
+            Py_DECREF(ts_obj);
+            Py_DECREF(seq_obj);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(entry, 0, PyLong_FromLongLong(vseq));
+        Py_INCREF(layer);
+        PyTuple_SET_ITEM(entry, 1, layer);
+        PyTuple_SET_ITEM(entry, 2, seq_obj);
+        PyTuple_SET_ITEM(entry, 3, ts_obj);
+        PyTuple_SET_ITEM(entry, 4, PyLong_FromLongLong(vts));
+        if (PyTuple_GET_ITEM(entry, 0) == NULL || PyTuple_GET_ITEM(entry, 4) == NULL) {
+            Py_DECREF(entry);
+            goto fail;
+        }
+        if (PyList_SetItem(map, (Py_ssize_t)(vseq & mask), entry) < 0)
+            goto fail;
+        sent_packets++;
+        octets += plen;
+        len = (int)(hlen + plen);
+        status = d.protect(d.ctx, out, &len);
+        if (status != 0) {
+            i++;
+            break;
+        }
+        offsets[i] = pos;
+        lengths[i] = len;
+        pos += (size_t)len;
+    }
+    busy = 0;
+    if (sent_packets) {
+        /* rewrite_frame's write-back */
+        PyObject *now_copy = PyFloat_FromDouble(now);
+        if (now_copy == NULL)
+            goto done;
+        if (set_longlong(rw, s_vseq, vseq) < 0 || set_longlong(rw, s_lseq, lseq) < 0
+            || set_longlong(rw, s_last_vts, vts) < 0 || PyObject_SetAttr(rw, s_last_now, now_copy) < 0
+            || set_longlong(rw, s_packets_sent, packets_sent + sent_packets) < 0
+            || set_longlong(rw, s_octets_sent, octets_sent + octets) < 0
+            || (twcc_off && set_longlong(twcc, s_value, tw_value) < 0)) {
+            Py_DECREF(now_copy);
+            goto done;
+        }
+        Py_DECREF(now_copy);
+    }
+    if (status != 0) {
+        result = outcome(i, 0, 0, 0, NULL, status);
+        goto done;
+    }
+    busy = 1;
+    result = send_prepared(&d, i, i, i == PyList_GET_SIZE(packets));
+    busy = 0;
+    goto done;
+fail:
+    busy = 0;
+    /* An exception mid-frame: what was rewritten stays rewritten (as in
+     * rewrite_frame); nothing was sent. */
+    if (sent_packets) {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        set_longlong(rw, s_vseq, vseq);
+        set_longlong(rw, s_lseq, lseq);
+        set_longlong(rw, s_packets_sent, packets_sent + sent_packets);
+        set_longlong(rw, s_octets_sent, octets_sent + octets);
+        if (twcc_off)
+            set_longlong(twcc, s_value, tw_value);
+        PyErr_Restore(type, value, tb);
+    }
+done:
+    Py_XDECREF(tmpl);
+    Py_XDECREF(tbuf);
+    Py_XDECREF(mpt);
+    Py_XDECREF(map);
+    Py_XDECREF(twcc);
+    return result;
 }
 
 static PyMethodDef methods[] = {
     {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL,
      "Protect one frame's RTP packets with libsrtp and send them in GSO runs."},
+    {"rewrite_send", (PyCFunction)(void (*)(void))rewrite_send, METH_FASTCALL,
+     "Rewriter.rewrite_frame's in-order path fused with send_frame."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -322,7 +657,34 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__fastsend(void)
 {
-    PyObject *m = PyModule_Create(&module_def);
+    PyObject *m;
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return NULL
+    INTERN(s_layer, "_layer");
+    INTERN(s_tmpl, "_tmpl");
+    INTERN(s_buf, "buf");
+    INTERN(s_abs_off, "abs_off");
+    INTERN(s_abs_top, "abs_top");
+    INTERN(s_twcc_off, "twcc_off");
+    INTERN(s_twcc, "_twcc");
+    INTERN(s_value, "value");
+    INTERN(s_mpt, "_mpt");
+    INTERN(s_ts_off, "_ts_off");
+    INTERN(s_vseq, "_vseq");
+    INTERN(s_lseq, "_lseq");
+    INTERN(s_max_gap, "max_gap");
+    INTERN(s_map, "_map");
+    INTERN(s_mask, "_mask");
+    INTERN(s_last_vts, "_last_vts");
+    INTERN(s_last_now, "_last_now");
+    INTERN(s_packets_sent, "packets_sent");
+    INTERN(s_octets_sent, "octets_sent");
+    INTERN(s_seq, "seq");
+    INTERN(s_timestamp, "timestamp");
+    INTERN(s_marker, "marker");
+    INTERN(s_payload, "payload");
+    INTERN(s_discontinuity, "discontinuity");
+#undef INTERN
+    m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "GSO_MAX_SEGMENTS", GSO_MAX_SEGMENTS) < 0

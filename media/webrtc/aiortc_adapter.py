@@ -583,37 +583,63 @@ class FastPath:
     def send_rtcp(self, packet: bytes, now: float = 0.0) -> int:
         return self._current().send(self._srtp.protect_rtcp(packet), now)
 
+    def _sender_now(self) -> DatagramSender:
+        pair = self._conn._nominated.get(1)
+        if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
+                and transport is not None):
+            return self.sender  # type: ignore[return-value]  # _current()'s per-packet case, without the call
+        return self._current()
+
+    def _native_fd(self, sender: DatagramSender) -> int:
+        """The sender's socket for :mod:`_fastsend` (its destination in
+        ``_wire``), or -1: the Python path (not a numeric address, closed)."""
+        if sender.addr is not self._wire_of:
+            self._wire_of = sender.addr
+            self._wire = sockaddr_bytes(sender.sock.family, sender.addr)
+        return sender.sock.fileno() if self._wire is not None else -1
+
     def send_frame(self, packets: list[bytes], now: float = 0.0) -> int:
         """Protect and send one frame's RTP packets for this viewer (the
         fan-out's per-packet path); return the bytes written. What
         :meth:`send_batch` does, cheaper: :func:`protect_all`, and the
         frame's shorter last packet rides in its GSO run (:func:`send_runs`).
-        With the C extension all of it is one call (:meth:`_send_native`)."""
-        pair = self._conn._nominated.get(1)
-        if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
-                and transport is not None):
-            sender = self.sender  # _current()'s per-packet case, without the call
-        else:
-            sender = self._current()
+        With the C extension all of it is one call."""
+        sender = self._sender_now()
         native = self._native
-        if native is not None and sender.__class__ is DatagramSender:
-            if sender.addr is not self._wire_of:
-                self._wire_of = sender.addr
-                self._wire = sockaddr_bytes(sender.sock.family, sender.addr)
-            wire = self._wire
-            fd = sender.sock.fileno()
-            if wire is not None and fd >= 0:
-                result = _fastsend.send_frame(native[0], native[1], fd, wire, sender.ancillary, packets, sender.gso,
-                                              native[2])
-                if result.__class__ is int:
-                    sender.failing_since = None
-                    return result  # type: ignore[no-any-return]
-                if result is not None:
-                    return _native_outcome(sender, result, now)
+        if native is not None and sender.__class__ is DatagramSender and (fd := self._native_fd(sender)) >= 0:
+            result = _fastsend.send_frame(native[0], native[1], fd, self._wire, sender.ancillary, sender.gso,
+                                          native[2], packets)
+            if result.__class__ is int:
+                sender.failing_since = None
+                return result  # type: ignore[no-any-return]
+            if result is not None:
+                return _native_outcome(sender, result, now)
         protected = _protect_with(self._protect, self._srtp, packets)
         if len(protected) == 1:
             return sender.send(protected[0], now)
         return send_runs(sender, protected, now)
+
+    def rewrite_send(self, rewriter: Any, layer: int, packets: list[Any], now: float) -> tuple[int, int]:
+        """``rewriter.rewrite_frame(layer, packets, now)`` then
+        :meth:`send_frame`, in one C call for the packets the rewriter's
+        in-order path takes (``_fastsend.rewrite_send``): returns (packets
+        handled from the first on, bytes written). The caller gives the rest
+        to ``rewrite_frame`` and ``send_frame``; (0, 0) without the extension
+        or when the rewriter is not on ``layer``."""
+        native = self._native
+        if native is None:
+            return 0, 0
+        sender = self._sender_now()
+        if sender.__class__ is not DatagramSender or (fd := self._native_fd(sender)) < 0:
+            return 0, 0
+        result = _fastsend.rewrite_send(native[0], native[1], fd, self._wire, sender.ancillary, sender.gso,
+                                        native[2], rewriter, layer, packets, now)
+        if result.__class__ is int:
+            sender.failing_since = None
+            return len(packets), result
+        if not result[0]:
+            return 0, 0
+        return result[0], _native_outcome(sender, result, now)
 
 
 def _protect_handles(session: Any) -> tuple[Any, Any, Any, Any, int] | None:
@@ -665,11 +691,11 @@ def sockaddr_bytes(family: int, addr: Any) -> bytes | None:
     return None
 
 
-def _native_outcome(sender: DatagramSender, result: tuple[int, int, int, list[bytes] | None, int],
+def _native_outcome(sender: DatagramSender, result: tuple[int, int, int, int, list[bytes] | None, int],
                     now: float) -> int:
-    """:func:`_fastsend.send_frame`'s answer when not every datagram went
-    out: the same counts and errors as the Python path."""
-    sent, backlogged, any_sent, rest, code = result
+    """:mod:`_fastsend`'s answer when not every datagram went out (or not
+    every packet was taken): the same counts and errors as the Python path."""
+    _, sent, backlogged, any_sent, rest, code = result
     if code > 0:
         _srtp_check(code)  # libsrtp refused a packet: raises, nothing was sent
     sender.backlogged += backlogged

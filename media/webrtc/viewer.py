@@ -295,6 +295,19 @@ class ViewerEgress:
             self._frozen_since = None
         return out
 
+    def fast_rewriter(self, index: int, first: LayerPacket) -> Rewriter | None:
+        """The rewriter whose in-order path takes a frame of ``index`` that
+        starts with ``first`` with nothing else for :meth:`on_packets` to do
+        (the I/O shell may then rewrite and send it in one call, e.g.
+        ``FastPath.rewrite_send``, and give what that path does not take to
+        :meth:`on_packets`); None: :meth:`on_packets` takes it all."""
+        rw = self.audio if index == AUDIO else self.video
+        if rw is None or rw.current_layer != index:
+            return None
+        if index != AUDIO and self._frozen_since is not None and first.keyframe_start:
+            return None  # the end of a freeze is counted in on_packets
+        return rw
+
     def on_sent(self, kind: int, count: int, nbytes: int, overflowed: bool, failing_since: float | None,
                 now: float, index: int = 0) -> None:
         """What the send path did with a batch: ``nbytes`` on the wire,

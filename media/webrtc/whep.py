@@ -77,6 +77,33 @@ URI_ABS_SEND_TIME = "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
 _TRANSPORT_GONE = (ConnectionError, OSError, AttributeError)
 
 
+def forward_frame(core: ViewerEgress, fast: adapter.FastPath, index: int, packets: list[LayerPacket],
+                  now: float) -> bool:
+    """One viewer's share of a frame of layer ``index`` (or audio): the
+    packets the rewriter's in-order path takes are rewritten, protected and
+    sent in one C call (``FastPath.rewrite_send``), whatever is left (a gap,
+    a switch, a restart; everything without the extension) goes through the
+    core's ``on_packets`` and ``FastPath.send_frame``; the core hears what
+    was sent. True when the core then has events or a moved timer. A
+    transport that went away raises (``_TRANSPORT_GONE``)."""
+    sender = fast.sender
+    before = sender.backlogged if sender is not None else 0
+    rw = core.fast_rewriter(index, packets[0])
+    count = nbytes = 0
+    if rw is not None:
+        count, nbytes = fast.rewrite_send(rw, index, packets, now)
+    if count < len(packets):
+        out = core.on_packets(index, packets[count:] if count else packets, now)
+        if out:
+            nbytes += fast.send_frame(out, now)
+            count += len(out)
+    if not count:
+        return False
+    sender = fast.sender
+    core.on_sent(SendKind.MEDIA, count, nbytes, sender.backlogged != before, sender.failing_since, now, index)
+    return bool(core.events or core.timer_changed)
+
+
 @dataclass(slots=True)
 class _Track:
     kind: str
@@ -293,22 +320,11 @@ class WhepSession:
         fast = self._fast
         if fast is None or self.closed:
             return
-        core = self.core
-        out = core.on_packets(index, packets, now)
-        if not out:
-            return
-        sender = fast.sender
-        before = sender.backlogged if sender is not None else 0
         try:
-            nbytes = fast.send_frame(out, now)
+            if forward_frame(self.core, fast, index, packets, now):
+                self._after(now)
         except _TRANSPORT_GONE:
             self.close_soon("transport_closed")
-            return
-        sender = fast.sender
-        core.on_sent(SendKind.MEDIA, len(out), nbytes, sender.backlogged != before, sender.failing_since,
-                     now, index)
-        if core.events or core.timer_changed:
-            self._after(now)
 
     def on_stream_ended(self) -> None:
         self.close_soon("stream_ended")

@@ -267,3 +267,143 @@ def test_sockaddr_bytes_leaves_anything_else_to_the_python_path() -> None:
     assert adapter.sockaddr_bytes(socket.AF_INET, ("::1", 1)) is None
     assert adapter.sockaddr_bytes(socket.AF_INET6, ("fe80::1%eth0", 1)) is None
     assert adapter.sockaddr_bytes(socket.AF_UNIX, "/a/path") is None
+
+
+# -- rewrite_send: Rewriter.rewrite_frame's in-order path, fused with the send --
+
+from media.rtp.packet import LayerPacket  # noqa: E402
+from media.rtp.rewrite import Rewriter, TrackParams, TransportSeq  # noqa: E402
+
+_REWRITER_STATE = ("_layer", "_target", "_lseq", "_vseq", "_ts_off", "_last_vts", "_last_now", "packets_sent",
+                   "octets_sent", "rebases", "switches", "dropped_late")
+
+
+def _rewriter(params: TrackParams) -> tuple[Rewriter, TransportSeq]:
+    twcc = TransportSeq(65530)  # wraps within the test
+    return Rewriter(params, 0, transport_seq=twcc, initial_seq=65000, initial_ts=4_000_000_000,
+                    initial_rtx_seq=7, map_size=64, max_gap=8), twcc
+
+
+VIDEO = TrackParams(ssrc=0x1234, payload_type=102, clock_rate=90000, mid="1", mid_id=4, abs_send_time_id=2,
+                    transport_cc_id=3, rtx_ssrc=0x5678, rtx_payload_type=103)
+AUDIO_PLAIN = TrackParams(ssrc=0x9ABC, payload_type=111, clock_rate=48000)
+
+
+def _frames(layer_seq: int = 100) -> list[tuple[int, list[LayerPacket], float]]:
+    """(layer, frame, now): a keyframe, P frames, a gap within max_gap, a
+    duplicate, a frame whose middle packet follows a restart, a jump beyond
+    max_gap, another layer's frame, and packets of the layer again."""
+    seq, ts, now = layer_seq, 3_000_000_000, 10.0
+
+    def frame(n: int, *, key: bool = False, disc_at: int | None = None, skip: int = 0, layer: int = 0,
+              size: int = 1000) -> tuple[int, list[LayerPacket], float]:
+        nonlocal seq, ts, now
+        seq = (seq + skip) & 0xFFFF
+        ts = (ts + 3000) & 0xFFFFFFFF
+        now += 1 / 30
+        packets = []
+        for i in range(n):
+            packets.append(LayerPacket(seq, ts, i == n - 1, os.urandom(size if i < n - 1 else size // 3),
+                                       keyframe_start=key and i == 0, discontinuity=disc_at == i))
+            seq = (seq + 1) & 0xFFFF
+        return layer, packets, now
+
+    out = [frame(6, key=True), frame(3), frame(1), frame(4, skip=3), frame(2)]
+    dup_layer, dup, dup_now = out[-1]
+    out.append((dup_layer, dup[-1:], dup_now + 0.001))  # a duplicate: dropped by both
+    out += [frame(3, disc_at=1), frame(2, key=True), frame(3, skip=500), frame(2, key=True),
+            frame(3, layer=1, key=True), frame(3), frame(200, size=300)]
+    return out
+
+
+@pytest.mark.parametrize("params", [VIDEO, AUDIO_PLAIN], ids=["video_all_extensions", "audio_no_extensions"])
+def test_rewrite_send_matches_rewrite_frame_then_send_frame(params) -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    key = os.urandom(30)
+    native = _fast_path(tx, rx.getsockname(), _session(key), native=True)
+    python = _fast_path(tx, rx.getsockname(), _session(key), native=False)
+    rw_native, twcc_native = _rewriter(params)
+    rw_python, twcc_python = _rewriter(params)
+    handled_any = handled_partly = 0
+    for layer, packets, now in _frames():
+        # the shell's steps (WhepSession.on_packets)
+        handled, sent = native.rewrite_send(rw_native, layer, packets, now)
+        rest = rw_native.rewrite_frame(layer, packets[handled:], now) if handled < len(packets) else []
+        if rest:
+            sent += native.send_frame(rest, now)
+        wire_native = _drain(rx)
+        out = rw_python.rewrite_frame(layer, packets, now)
+        sent_python = python.send_frame(out, now) if out else 0
+        wire_python = _drain(rx)
+        assert wire_native == wire_python
+        assert sent == sent_python == sum(map(len, wire_native))
+        assert [getattr(rw_native, k) for k in _REWRITER_STATE] == [getattr(rw_python, k) for k in _REWRITER_STATE]
+        assert rw_native._map == rw_python._map
+        assert twcc_native.value == twcc_python.value
+        handled_any += handled > 0
+        handled_partly += 0 < handled < len(packets)
+    # the fused path carried most frames, and handed a tail to rewrite_frame
+    assert handled_any >= 7 and handled_partly >= 1
+    # and NACKs find the same packets through either map
+    lost = [vseq & 0xFFFF for vseq in range(rw_python._vseq - 40, rw_python._vseq + 1)]
+    assert rw_native.translate_nack(lost) == rw_python.translate_nack(lost)
+    assert rw_python.translate_nack(lost)
+    native.close()
+    python.close()
+    tx.close()
+    rx.close()
+
+
+def test_rewrite_send_takes_nothing_off_its_layer_or_without_the_extension() -> None:
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    key = os.urandom(30)
+    rw, _ = _rewriter(VIDEO)
+    layer, packets, now = _frames()[0]
+    native = _fast_path(tx, rx.getsockname(), _session(key), native=True)
+    assert native.rewrite_send(rw, layer, packets, now) == (0, 0)  # before its first keyframe: no layer yet
+    rw.rewrite_frame(layer, packets, now)
+    python = _fast_path(tx, rx.getsockname(), _session(key), native=False)
+    _, more, now = _frames()[1]
+    assert python.rewrite_send(rw, 0, more, now) == (0, 0)
+    assert native.rewrite_send(rw, 1, more, now) == (0, 0)
+    assert native.rewrite_send(rw, 0, more, now)[0] == len(more)
+    native.close()
+    python.close()
+    tx.close()
+    rx.close()
+
+
+def test_rewrite_send_hands_what_its_buffers_cannot_hold_to_rewrite_frame() -> None:
+    # A frame of more packets than MAX_PACKETS, to a port nobody reads (the
+    # kernel drops them; no error): the same bytes counted, the same state.
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.setblocking(False)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    key = os.urandom(30)
+    native = _fast_path(tx, sink.getsockname(), _session(key), native=True)
+    python = _fast_path(tx, sink.getsockname(), _session(key), native=False)
+    rw_native, _ = _rewriter(VIDEO)
+    rw_python, _ = _rewriter(VIDEO)
+    keyframe = [LayerPacket(i, 90_000, i == fastsend.MAX_PACKETS + 7, os.urandom(200), keyframe_start=i == 0)
+                for i in range(fastsend.MAX_PACKETS + 8)]
+    rw_native.rewrite_frame(0, keyframe[:1], 1.0)
+    rw_python.rewrite_frame(0, keyframe[:1], 1.0)
+    handled, sent = native.rewrite_send(rw_native, 0, keyframe[1:], 1.0)
+    assert handled == fastsend.MAX_PACKETS
+    sent += native.send_frame(rw_native.rewrite_frame(0, keyframe[1 + handled:], 1.0), 1.0)
+    assert sent == python.send_frame(rw_python.rewrite_frame(0, keyframe[1:], 1.0), 1.0)
+    assert [getattr(rw_native, k) for k in _REWRITER_STATE] == [getattr(rw_python, k) for k in _REWRITER_STATE]
+    assert rw_native._map == rw_python._map
+    native.close()
+    python.close()
+    tx.close()
+    sink.close()
