@@ -556,7 +556,9 @@ def bench_session_path(rounds: int) -> dict[str, Stat]:
     (``whep.forward_frame``: with the C extension one ``rewrite_send`` call,
     else the core's ``on_packets`` and ``FastPath.send_frame``; then the
     core's ``on_sent``); P frames of 4 packets and Opus packets (one per
-    call), µs per packet. RETURNFEED_NO_EXTENSIONS=1: the Python path."""
+    call), µs per packet. Each row twice, rounds alternating: through the C
+    extension and through the pure-Python path (``_python``;
+    ``webrtc.c_fastpath = false``)."""
     from types import SimpleNamespace
 
     from media.layer import AUDIO
@@ -574,25 +576,29 @@ def bench_session_path(rounds: int) -> dict[str, Stat]:
     for key, sizes, index in (("session_p_frame", (1200, 1200, 1200, 457), 0), ("session_audio", (160,), AUDIO)):
         frames = [[LayerPacket((f * len(sizes) + k) & 0xFFFF, f * 3000, k == len(sizes) - 1, os.urandom(sizes[k]))
                    for k in range(len(sizes))] for f in range(per_round * (rounds + 1))]
-        core, video, audio = _viewer_core()
         first = frames[0][0]
-        (video if index == 0 else audio).rewrite(
-            index, LayerPacket((first.seq - 1) & 0xFFFF, first.timestamp, False, b"x", True, True), 0.0)
-        pair = SimpleNamespace(protocol=SimpleNamespace(transport=Transport()), remote_addr=rx.getsockname())
-        fast = FastPath(SimpleNamespace(_tx_srtp=srtp_session(), transport=SimpleNamespace(
-            _connection=SimpleNamespace(_nominated={1: pair}))), sndbuf=8 << 20)
-        samples = []
+        paths = []
+        for native in (True, False):
+            core, video, audio = _viewer_core()
+            (video if index == 0 else audio).rewrite(
+                index, LayerPacket((first.seq - 1) & 0xFFFF, first.timestamp, False, b"x", True, True), 0.0)
+            pair = SimpleNamespace(protocol=SimpleNamespace(transport=Transport()), remote_addr=rx.getsockname())
+            fast = FastPath(SimpleNamespace(_tx_srtp=srtp_session(), transport=SimpleNamespace(
+                _connection=SimpleNamespace(_nominated={1: pair}))), sndbuf=8 << 20, native=native)
+            paths.append((key if native else key + "_python", core, fast, []))
         for r in range(rounds + 1):
             chunk = frames[r * per_round:(r + 1) * per_round]
-            t0 = time.perf_counter_ns()
-            for f in chunk:  # WhepSession.on_packets, less its closed check
-                forward_frame(core, fast, index, f, 1.0)
-            spent = time.perf_counter_ns() - t0
-            drain()
-            if r:
-                samples.append(spent / (per_round * len(sizes)))
-        fast.close()
-        out[key] = summarize(samples)
+            for _, core, fast, samples in paths:
+                t0 = time.perf_counter_ns()
+                for f in chunk:  # WhepSession.on_packets, less its closed check
+                    forward_frame(core, fast, index, f, 1.0)
+                spent = time.perf_counter_ns() - t0
+                drain()
+                if r:
+                    samples.append(spent / (per_round * len(sizes)))
+        for name, _, fast, samples in paths:
+            fast.close()
+            out[name] = summarize(samples)
     tx.close()
     rx.close()
     return out
@@ -861,6 +867,10 @@ LABELS = {
     "frame_all_per_frame": "P frame, whole chain, per-frame path (FastPath.send_frame)",
     "fastpath_send_batch": "FastPath: rewrite per packet + send_batch (before)",
     "fastpath_send_frame": "FastPath: rewrite_frame + send_frame (the fan-out now)",
+    "session_p_frame": "session path, 4-packet P frame (C extension)",
+    "session_p_frame_python": "session path, 4-packet P frame (pure Python)",
+    "session_audio": "session path, Opus packet (C extension)",
+    "session_audio_python": "session path, Opus packet (pure Python)",
 }
 
 

@@ -196,6 +196,11 @@ class WebRtcSettings(_Section):
     #: a firewall that drops all of its packets) is disconnected; shorter
     #: runs of send errors are counted and survived (seconds).
     send_failure_timeout_s: float = Field(5.0, gt=0)
+    #: Rewrite, protect and send each viewer's share of a frame in the C
+    #: extension (media/webrtc/_fastsend.c) where it is built; false: the
+    #: pure-Python path (same bytes on the wire, ~1.4x the CPU per packet).
+    #: For comparing the two and for debugging.
+    c_fastpath: bool = True
     #: Seconds a client should wait before retrying a WHEP request for a
     #: stream that is not live (409 Retry-After).
     retry_after_s: int = Field(2, ge=1)

@@ -13,7 +13,7 @@
  * datagram riding in its run, exactly as send_runs groups them.
  *
  * Optional, like the C speedups of websockets and aiohttp: when it is not
- * built (no compiler) or RETURNFEED_NO_EXTENSIONS is set, the Python path
+ * built (no compiler) or webrtc.c_fastpath is false, the Python path
  * runs and sends the same bytes (tests/unit/test_fastsend.py compares them).
  *
  * send_frame(protect, ctx, fd, sockaddr, ancillary, packets, gso, max_len)
@@ -67,6 +67,8 @@
 /* libsrtp 2's SRTP_MAX_TRAILER_LEN: room protect may append. */
 #define SRTP_TRAILER 144
 #define MAX_PACKETS 512
+/* media.rtp.rewrite._ENTRY: five int64s per NACK-map slot */
+#define MAP_ENTRY 40
 #define BUF_BYTES (1 << 20)
 #define MAX_ANCILLARY 4
 #define CONTROL_BYTES 256
@@ -414,7 +416,7 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *rw, *layer, *packets, *now_obj, *cur, *tmpl = NULL, *tbuf = NULL, *twcc = NULL, *mpt = NULL,
         *map = NULL, *result = NULL;
     long long abs_off, abs_top, twcc_off, ts_off, vseq, lseq, max_gap, mask, packets_sent, octets_sent;
-    long long tw_value = 0, vts = 0;
+    long long tw_value = 0, vts = 0, layer_value;
     unsigned pt0, pt1;
     unsigned long abs_word = 0;
     double now;
@@ -457,7 +459,7 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         || (twcc = PyObject_GetAttr(rw, s_twcc)) == NULL)
         goto done;
     if (!PyByteArray_CheckExact(tbuf) || !PyTuple_CheckExact(mpt) || PyTuple_GET_SIZE(mpt) != 2
-        || !PyList_CheckExact(map)) {
+        || !PyByteArray_CheckExact(map)) {
         PyErr_SetString(PyExc_TypeError, "unexpected Rewriter layout");
         goto done;
     }
@@ -479,10 +481,13 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     hlen = PyByteArray_GET_SIZE(tbuf);
     if (hlen < 12 || (abs_off && abs_off + 4 > hlen) || (twcc_off && twcc_off + 2 > hlen)
-        || mask + 1 != PyList_GET_SIZE(map)) {
+        || (mask + 1) * MAP_ENTRY != PyByteArray_GET_SIZE(map)) {
         PyErr_SetString(PyExc_ValueError, "unexpected Rewriter template");
         goto done;
     }
+    layer_value = PyLong_AsLongLong(layer);
+    if (layer_value == -1 && PyErr_Occurred())
+        goto done;
     /* One now for the whole frame: one abs-send-time for all of it. */
     abs_word = (unsigned long)(abs_top | ((long long)(now * 262144.0) & 0xFFFFFF));
 
@@ -491,7 +496,7 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (n > MAX_PACKETS)
         n = MAX_PACKETS;
     for (i = 0; i < n; i++) {
-        PyObject *p = PyList_GET_ITEM(packets, i), *seq_obj, *ts_obj, *payload, *entry;
+        PyObject *p = PyList_GET_ITEM(packets, i), *seq_obj, *ts_obj, *payload;
         long long seq, ts, dist;
         Py_ssize_t plen;
         unsigned char *out;
@@ -563,25 +568,19 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         memcpy(out + hlen, PyBytes_AS_STRING(payload), (size_t)plen);
         Py_DECREF(payload);
-        /* the NACK map: (viewer seq, layer, layer seq, layer ts, viewer ts) */
-        entry = PyTuple_New(5);
-        if (entry == NULL) {
-            Py_DECREF(ts_obj);
-            Py_DECREF(seq_obj);
-            goto fail;
+        Py_DECREF(ts_obj);
+        Py_DECREF(seq_obj);
+        {
+            /* the NACK map (rewrite._ENTRY): viewer seq, layer, layer seq,
+             * layer ts, viewer ts as native int64s */
+            int64_t entry[5];
+            entry[0] = vseq;
+            entry[1] = layer_value;
+            entry[2] = seq;
+            entry[3] = ts;
+            entry[4] = vts;
+            memcpy(PyByteArray_AS_STRING(map) + (vseq & mask) * MAP_ENTRY, entry, sizeof(entry));
         }
-        PyTuple_SET_ITEM(entry, 0, PyLong_FromLongLong(vseq));
-        Py_INCREF(layer);
-        PyTuple_SET_ITEM(entry, 1, layer);
-        PyTuple_SET_ITEM(entry, 2, seq_obj);
-        PyTuple_SET_ITEM(entry, 3, ts_obj);
-        PyTuple_SET_ITEM(entry, 4, PyLong_FromLongLong(vts));
-        if (PyTuple_GET_ITEM(entry, 0) == NULL || PyTuple_GET_ITEM(entry, 4) == NULL) {
-            Py_DECREF(entry);
-            goto fail;
-        }
-        if (PyList_SetItem(map, (Py_ssize_t)(vseq & mask), entry) < 0)
-            goto fail;
         sent_packets++;
         octets += plen;
         len = (int)(hlen + plen);

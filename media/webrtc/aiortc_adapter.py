@@ -72,12 +72,12 @@ try:  # libsrtp through pylibsrtp's cffi module (protect_all); None: use Session
         return _srtp_ffi.new("int *")
 except ImportError:  # another pylibsrtp layout
     _srtp_protect = None
-#: The optional C extension (_fastsend.c): one viewer's frame protected and
-#: sent in one call. None where it was not built, or with
-#: RETURNFEED_NO_EXTENSIONS set (aiohttp's AIOHTTP_NO_EXTENSIONS, for the
-#: same reason: measure or debug the pure-Python path, same bytes).
+#: The optional C extension (_fastsend.c): one viewer's frame rewritten,
+#: protected and sent in one call. None where it was not built (setup.py
+#: marks it optional: no compiler, no extension); FastPath(native=False)
+#: (``webrtc.c_fastpath = false``) takes the pure-Python path, same bytes.
 _fastsend: Any = None
-if not os.environ.get("RETURNFEED_NO_EXTENSIONS") and _srtp_protect is not None:
+if _srtp_protect is not None:
     try:
         from . import _fastsend
     except ImportError:
@@ -477,7 +477,7 @@ class FastPath:
     __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair", "_protect", "_native",
                  "_wire", "_wire_of")
 
-    def __init__(self, dtls_transport: Any, sndbuf: int | None = None) -> None:
+    def __init__(self, dtls_transport: Any, sndbuf: int | None = None, native: bool = True) -> None:
         self._dtls = dtls_transport
         self._sndbuf = sndbuf
         self._srtp = dtls_transport._tx_srtp
@@ -488,7 +488,7 @@ class FastPath:
         self._protect = _protect_handles(self._srtp)
         #: (srtp_protect, the srtp_t) as addresses and the longest packet,
         #: for _fastsend; None: the Python path.
-        self._native = _native_handles(self._protect)
+        self._native = _native_handles(self._protect) if native else None
         #: The sender's destination as a struct sockaddr (None: the Python
         #: path for this address), and the address object it was made from.
         self._wire: bytes | None = None

@@ -291,6 +291,7 @@ class WorkerConfig:
     layer_policy: LayerPolicy = field(default_factory=LayerPolicy)
     rtx_share: float = 0.25
     rtx_playout_allowance: float = 0.5
+    c_fastpath: bool = True
     stats_interval: float = 0.5
     forwarding_buckets: tuple[float, ...] = FORWARDING_BUCKETS
     first_byte_buckets: tuple[float, ...] = FIRST_BYTE_BUCKETS
@@ -336,7 +337,8 @@ def _make_service(config: WorkerConfig, worker: "EgressWorker") -> Any:
         ice_servers=config.ice_servers, max_viewers=config.max_viewers, backlog_limit=config.backlog_limit,
         send_failure_timeout=config.send_failure_timeout, connect_timeout=config.connect_timeout,
         layer_policy=config.layer_policy, rtx_share=config.rtx_share,
-        rtx_playout_allowance=config.rtx_playout_allowance, on_keyframe_request=worker.request_keyframe,
+        rtx_playout_allowance=config.rtx_playout_allowance, c_fastpath=config.c_fastpath,
+        on_keyframe_request=worker.request_keyframe,
         on_frame_sent=worker.frame_sent)
     return svc
 

@@ -293,7 +293,8 @@ class WhepSession:
         core.set_track(sender.kind, track.rewriter, sender.ssrc)
         if self._fast is None:
             try:
-                self._fast = adapter.FastPath(sender.transport, sndbuf=self.service.backlog_limit)
+                self._fast = adapter.FastPath(sender.transport, sndbuf=self.service.backlog_limit,
+                                              native=self.service.c_fastpath)
             except ConnectionError:
                 self.close_soon("transport_closed")
                 return
@@ -530,7 +531,7 @@ class WhepService:
     def __init__(self, *, ice_servers: list[dict[str, Any]] | None = None, max_viewers: int = 2000,
                  backlog_limit: int = 512 * 1024, send_failure_timeout: float = 5.0,
                  connect_timeout: float = 15.0, layer_policy: LayerPolicy | None = None,
-                 rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
+                 rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5, c_fastpath: bool = True,
                  on_keyframe_request: Callable[[str], int | None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None,
                  first_byte: Callable[[Any], float | None] | None = None) -> None:
@@ -545,6 +546,9 @@ class WhepService:
         self.max_viewers = max_viewers
         self.backlog_limit = backlog_limit
         self.send_failure_timeout = send_failure_timeout
+        #: Viewers' frames through the C extension where it is built
+        #: (FastPath's ``native``); False: the pure-Python path.
+        self.c_fastpath = c_fastpath
         #: A session that has not completed ICE+DTLS this long after its offer
         #: is freed: a client that never connects must not hold sockets.
         self.connect_timeout = connect_timeout

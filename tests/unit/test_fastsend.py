@@ -27,7 +27,6 @@ IP_PKTINFO = 8  # linux/in.h (Python's socket module lacks it)
 def test_the_extension_is_built_and_used() -> None:
     # setup.py marks it optional so that a machine without a compiler still
     # installs; the README's commands install gcc, so here it must exist.
-    assert not os.environ.get("RETURNFEED_NO_EXTENSIONS")
     assert fastsend is not None, "media/webrtc/_fastsend.c was not built"
     assert fastsend.GSO_MAX_SEGMENTS == adapter.GSO_MAX_SEGMENTS
     assert fastsend.GSO_MAX_BYTES == adapter.GSO_MAX_BYTES
@@ -46,14 +45,8 @@ def _fast_path(tx: socket.socket, addr: Any, srtp: pylibsrtp.Session, native: bo
                ancillary: list | None = None) -> adapter.FastPath:
     transport = SimpleNamespace(get_extra_info=lambda name: tx)
     pair = SimpleNamespace(protocol=SimpleNamespace(transport=transport), remote_addr=addr)
-    saved = adapter._fastsend
-    if not native:
-        adapter._fastsend = None  # read at construction: this one takes the Python path
-    try:
-        fast = adapter.FastPath(SimpleNamespace(_tx_srtp=srtp, transport=SimpleNamespace(
-            _connection=SimpleNamespace(_nominated={1: pair}))))
-    finally:
-        adapter._fastsend = saved
+    fast = adapter.FastPath(SimpleNamespace(_tx_srtp=srtp, transport=SimpleNamespace(
+        _connection=SimpleNamespace(_nominated={1: pair}))), native=native)
     assert (fast._native is not None) == native
     if ancillary is not None:
         fast._current().ancillary = ancillary
