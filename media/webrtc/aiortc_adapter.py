@@ -629,8 +629,18 @@ class FastPath:
         native = self._native
         if native is None:
             return 0, 0
-        sender = self._sender_now()
-        if sender.__class__ is not DatagramSender or (fd := self._native_fd(sender)) < 0:
+        # _sender_now() and _native_fd() inline: this runs per viewer per frame
+        pair = self._conn._nominated.get(1)
+        if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
+                and transport is not None):
+            sender = self.sender
+        else:
+            sender = self._current()
+        if sender.__class__ is not DatagramSender:
+            return 0, 0
+        if sender.addr is not self._wire_of:
+            self._native_fd(sender)
+        if self._wire is None or (fd := sender.sock.fileno()) < 0:
             return 0, 0
         result = _fastsend.rewrite_send(native[0], native[1], fd, self._wire, sender.ancillary, sender.gso,
                                         native[2], rewriter, layer, packets, now)

@@ -379,3 +379,29 @@ def test_lip_sync_is_a_per_session_choice_of_stream_id(env) -> None:
     assert video_first["audio"] != video_first["video"]
     r = _post(env, "live1", query="?sync=yes")
     assert r.status == 400 and r.json()["error"] == "bad_request" and "sync" in r.json()["detail"]
+
+
+def test_the_pure_python_fan_out_serves_the_same_viewer(module_db_url, tmp_path) -> None:
+    """``webrtc.c_fastpath = false`` (the path a machine without a compiler
+    takes): an aiortc viewer decodes video and audio, NACKs answered alike."""
+    from helpers import running_server
+
+    with running_server(tmp_path / "srv", module_db_url, "admin-password-1",
+                        env={"RETURNFEED_WEBRTC__C_FASTPATH": "false"}) as srv:
+        base = srv.url
+        admin = login(base, "admin", "admin-password-1")["access_token"]
+        assert http("POST", f"{base}/api/v1/productions", {"name": "Python show"}, token=admin).status == 201
+        r = http("POST", f"{base}/api/v1/streams", {"name": "py1", "production": "Python show"}, token=admin)
+        assert r.status == 201, r.body
+        url = r.json()["srt_url"].replace("localhost:8890", f"127.0.0.1:{srv.srt_port}").replace(
+            ":0?", f":{srv.srt_port}?")
+        proc = ffmpeg_publish(url, seconds=60)
+        try:
+            wait_live(base, "py1", admin)
+            out = asyncio.run(aiortc_whep_receive(f"{base}/whep/py1", admin, 4))
+        finally:
+            stop_process(proc)
+    assert out["status"] == 201, out.get("body")
+    assert out["video"] >= 40, out
+    assert out["audio"] >= 100, out
+    assert out["width"] == 640
