@@ -53,6 +53,26 @@ def _fast_path(tx: socket.socket, addr: Any, srtp: pylibsrtp.Session, native: bo
     return fast
 
 
+@pytest.fixture
+def udp():
+    """``udp(family)`` → (tx, rx): a non-blocking sender and a bound
+    receiver with room for a keyframe, on loopback; closed afterwards."""
+    made: list[socket.socket] = []
+
+    def pair(family: int = socket.AF_INET) -> tuple[socket.socket, socket.socket]:
+        rx = socket.socket(family, socket.SOCK_DGRAM)
+        rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        rx.bind(("127.0.0.1" if family == socket.AF_INET else "::1", 0))
+        tx = socket.socket(family, socket.SOCK_DGRAM)
+        tx.setblocking(False)
+        made.extend((tx, rx))
+        return tx, rx
+
+    yield pair
+    for sock in made:
+        sock.close()
+
+
 def _drain(rx: socket.socket) -> list[bytes]:
     """What the receiver has queued. On loopback (UDP and Unix) a datagram
     is in the receiver's queue when the send returns, so no waiting."""
@@ -80,13 +100,8 @@ SHAPES = {
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
 @pytest.mark.parametrize("gso", [True, False], ids=["gso", "no_gso"])
-def test_same_datagrams_and_counts_as_the_python_path(family, gso) -> None:
-    host = "127.0.0.1" if family == socket.AF_INET else "::1"
-    rx = socket.socket(family, socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    rx.bind((host, 0))
-    tx = socket.socket(family, socket.SOCK_DGRAM)
-    tx.setblocking(False)
+def test_same_datagrams_and_counts_as_the_python_path(udp, family, gso) -> None:
+    tx, rx = udp(family)
     key = os.urandom(30)
     native = _fast_path(tx, rx.getsockname(), _session(key), native=True)
     python = _fast_path(tx, rx.getsockname(), _session(key), native=False)
@@ -110,15 +125,10 @@ def test_same_datagrams_and_counts_as_the_python_path(family, gso) -> None:
     finally:
         native.close()
         python.close()
-        tx.close()
-        rx.close()
 
 
-def test_the_shared_ice_sockets_source_address_rides_along() -> None:
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setblocking(False)
+def test_the_shared_ice_sockets_source_address_rides_along(udp) -> None:
+    tx, rx = udp()
     # struct in_pktinfo: ifindex, spec_dst (the source), addr
     pktinfo = [(socket.IPPROTO_IP, IP_PKTINFO, struct.pack("=I4s4s", 0, socket.inet_aton("127.0.0.1"), bytes(4)))]
     key = os.urandom(30)
@@ -128,8 +138,6 @@ def test_the_shared_ice_sockets_source_address_rides_along() -> None:
     assert native.send_frame(frame) == sum(len(twin.protect(p)) for p in frame)
     assert len(_drain(rx)) == 3
     native.close()
-    tx.close()
-    rx.close()
 
 
 def test_a_full_buffer_drops_for_this_viewer_and_counts_like_the_python_path(tmp_path) -> None:
@@ -156,8 +164,6 @@ def test_a_full_buffer_drops_for_this_viewer_and_counts_like_the_python_path(tmp
         assert sent == sum(map(len, queued)), native
         assert (sender.errors, sender.failing_since) == (0, None), native
         fast.close()
-        tx.close()
-    rx.close()
 
 
 @pytest.mark.parametrize("addr, code", [(("127.0.0.1", 0), errno.EINVAL), (("255.255.255.255", 9), errno.EACCES)],
@@ -194,12 +200,8 @@ def test_a_transient_error_is_counted_as_the_python_path_counts_it(monkeypatch) 
     tx.close()
 
 
-def test_what_the_c_path_does_not_take_goes_to_the_python_path(monkeypatch) -> None:
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    rx.bind(("127.0.0.1", 0))
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setblocking(False)
+def test_what_the_c_path_does_not_take_goes_to_the_python_path(udp, monkeypatch) -> None:
+    tx, rx = udp()
     key = os.urandom(30)
     native = _fast_path(tx, rx.getsockname(), _session(key), native=True)
     twin = _session(key)
@@ -217,19 +219,14 @@ def test_what_the_c_path_does_not_take_goes_to_the_python_path(monkeypatch) -> N
         native.send_frame([_rtp(len(frame), 1400)])
     assert answers[-1] is None
     native.close()
-    tx.close()
-    rx.close()
 
 
 def twin_first(key: bytes, packet: bytes) -> bytes:
     return _session(key).protect(packet)
 
 
-def test_an_srtp_failure_raises_pylibsrtps_error_and_sends_nothing() -> None:
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setblocking(False)
+def test_an_srtp_failure_raises_pylibsrtps_error_and_sends_nothing(udp) -> None:
+    tx, rx = udp()
     native = _fast_path(tx, rx.getsockname(), _session(os.urandom(30)), native=True)
     frame = [_rtp(7, 1200), _rtp(8, 400)]
     native.send_frame(frame)
@@ -238,8 +235,6 @@ def test_an_srtp_failure_raises_pylibsrtps_error_and_sends_nothing() -> None:
         native.send_frame(frame)  # the same packet indexes again: libsrtp refuses
     assert _drain(rx) == []
     native.close()
-    tx.close()
-    rx.close()
 
 
 @pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
@@ -310,12 +305,8 @@ def _frames(layer_seq: int = 100) -> list[tuple[int, list[LayerPacket], float]]:
 
 
 @pytest.mark.parametrize("params", [VIDEO, AUDIO_PLAIN], ids=["video_all_extensions", "audio_no_extensions"])
-def test_rewrite_send_matches_rewrite_frame_then_send_frame(params) -> None:
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    rx.bind(("127.0.0.1", 0))
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setblocking(False)
+def test_rewrite_send_matches_rewrite_frame_then_send_frame(udp, params) -> None:
+    tx, rx = udp()
     key = os.urandom(30)
     native = _fast_path(tx, rx.getsockname(), _session(key), native=True)
     python = _fast_path(tx, rx.getsockname(), _session(key), native=False)
@@ -347,15 +338,10 @@ def test_rewrite_send_matches_rewrite_frame_then_send_frame(params) -> None:
     assert rw_python.translate_nack(lost)
     native.close()
     python.close()
-    tx.close()
-    rx.close()
 
 
-def test_rewrite_send_takes_nothing_off_its_layer_or_without_the_extension() -> None:
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rx.bind(("127.0.0.1", 0))
-    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    tx.setblocking(False)
+def test_rewrite_send_takes_nothing_off_its_layer_or_without_the_extension(udp) -> None:
+    tx, rx = udp()
     key = os.urandom(30)
     rw, _ = _rewriter(VIDEO)
     layer, packets, now = _frames()[0]
@@ -369,8 +355,6 @@ def test_rewrite_send_takes_nothing_off_its_layer_or_without_the_extension() -> 
     assert native.rewrite_send(rw, 0, more, now)[0] == len(more)
     native.close()
     python.close()
-    tx.close()
-    rx.close()
 
 
 def test_rewrite_send_hands_what_its_buffers_cannot_hold_to_rewrite_frame() -> None:
