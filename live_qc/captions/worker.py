@@ -172,6 +172,8 @@ class CaptionEngine:
             opts.commit_policy = str(options["commit_policy"])
         if options.get("prompt_chars") is not None:
             opts.prompt_chars = int(options["prompt_chars"])
+        if options.get("retry_dropped") is not None:
+            opts.retry_dropped = bool(options["retry_dropped"])
         vad = StreamingVad(self._vad_session, threshold=opts.vad_threshold, min_silence_s=opts.vad_min_silence_s)
         decoder = WhisperDecoder(model, translate=translate)
         if options.get("word_probability_min") is not None:
