@@ -351,6 +351,10 @@ def main() -> int:
     ap.add_argument("--prompt-chars", type=int, help="committed text given as prompt (0: none)")
     ap.add_argument("--no-retry", action="store_true",
                     help="no second decode when the guards drop a decode whole (StreamerOptions.retry_dropped)")
+    ap.add_argument("--no-retry-without-prompt", action="store_true",
+                    help="retry a dropped decode only from a committed word, never the same audio without the prompt")
+    ap.add_argument("--no-retry-prompt", action="store_true",
+                    help="the retry from a committed word without the committed text as prompt")
     ap.add_argument("--max-tokens-per-s", type=float,
                     help="token cap of a decode pass per second of audio (0: Whisper's own; default: the decoder's)")
     ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 1)")
@@ -383,6 +387,10 @@ def main() -> int:
         options["prompt_chars"] = args.prompt_chars
     if args.no_retry:
         options["retry_dropped"] = False
+    if args.no_retry_without_prompt:
+        options["retry_without_prompt"] = False
+    if args.no_retry_prompt:
+        options["retry_prompt"] = False
     if args.max_tokens_per_s is not None:
         options["max_tokens_per_s"] = args.max_tokens_per_s or None
     if args.final_beam is not None:
@@ -417,6 +425,7 @@ def main() -> int:
         "skipped_s": round(run["skipped_s"], 2), "max_lag_s": round(run["max_lag_s"], 2),
         "decodes": run["decodes"], "retries": run["retries"],
         "retries_from_committed": run["retries_from_committed"], "retry_dropped": not args.no_retry,
+        "retry_without_prompt": not args.no_retry_without_prompt, "retry_prompt": not args.no_retry_prompt,
     }
     if not args.skip_offline:
         decoder = engine.new_streamer("offline", options).decoder
@@ -445,6 +454,9 @@ def main() -> int:
         r = stream(engine, options, x, args.clock)
         words[name] = sum(len(c.words) for _, c in r["emitted"] if c.final)
         words[f"{name}_text"] = " ".join(c.text for _, c in r["emitted"] if c.final)[:200]
+        # Babble is VAD speech: decoded all along, at the cost of speech or more.
+        words[f"{name}_cpu_pct"] = round(100.0 * r["cpu_s"] / r["media_s"] / 2.0, 1)
+        words[f"{name}_skipped_s"] = round(r["skipped_s"], 2)
     report["nonspeech_min"] = args.nonspeech_minutes
     report["nonspeech_words"] = words
     if args.json:

@@ -267,6 +267,14 @@ def test_a_decode_dropped_whole_with_a_prompt_is_made_again_without_it(speech, r
         assert streamer.stats().extra["retries"] == streamer.retries
     else:
         assert streamer.retries == 0 and "" not in decoder.prompts[len(decoder.prompts) // 2:]
+    # Only from a committed word (retry_without_prompt off): a sentence whose
+    # decodes are all dropped before any of it is committed stays unheard.
+    decoder = PromptSkippingDecoder()
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
+                        StreamerOptions(retry_dropped=retry, retry_without_prompt=False))
+    words = [w for c in stream_through(streamer, speech, t0=0.0) if c.final for w in c.words]
+    assert words and all(w.start < second for w in words)
+    assert streamer.retries == streamer.retries_from_committed
     # Babble after the first sentence: dropped however it is decoded, still
     # no words, and one retry per dropped decode, no more.
     decoder = PromptSkippingDecoder()
@@ -312,11 +320,11 @@ class LongBufferDecoder(ScriptedDecoder):
         return Hypothesis(tuple(words), "en")
 
 
-@pytest.mark.parametrize("retry", [True, False])
+@pytest.mark.parametrize("retry", [True, "no prompt", False])
 def test_a_long_buffer_dropped_whole_is_decoded_again_from_the_last_committed_word(speech, retry) -> None:
     decoder = LongBufferDecoder(limit_s=3.0)
     streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
-                        StreamerOptions(retry_dropped=retry))
+                        StreamerOptions(retry_dropped=bool(retry), retry_prompt=retry is True))
     decoder.streamer = streamer
     talk = np.concatenate([speech[int(1.2 * RATE):int(3.5 * RATE)]] * 4)  # 9.2 s, no pauses
     live: list[Word] = []
@@ -336,6 +344,8 @@ def test_a_long_buffer_dropped_whole_is_decoded_again_from_the_last_committed_wo
         retried = [i for i in range(1, len(decoder.calls)) if decoder.calls[i] <= 3.0 < decoder.calls[i - 1]]
         assert retried and all(decoder.prompts[i] == "" or not decoder.prompts[i].endswith(live[-1].text)
                                for i in retried)
+        # Without the prompt: nothing the decoder could say again.
+        assert (retry is True) == any(decoder.prompts[i] for i in retried)
     else:
         assert not late and streamer.retries == 0
     # Committed once each, in order.
