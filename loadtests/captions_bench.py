@@ -191,7 +191,8 @@ class _TracedDecoder:
         began, cpu_began = time.perf_counter(), _cpu()
         hyp = self._inner.decode(audio, **kw)
         self._log.append({"audio_s": round(len(audio) / RATE, 2), "wall_s": round(time.perf_counter() - began, 3),
-                          "cpu_s": round(_cpu() - cpu_began, 3), "words": len(hyp.words)})
+                          "cpu_s": round(_cpu() - cpu_began, 3), "words": len(hyp.words),
+                          "prompt": bool(kw.get("prompt")), "rejected": hyp.rejected, "looped": hyp.looped})
         return hyp
 
 
@@ -300,7 +301,8 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {"emitted": emitted, "busy_s": busy, "cpu_s": cpu, "media_s": len(x) / RATE,
-            "skipped_s": streamer.skipped_s, "max_lag_s": max_lag, "decodes": streamer.decodes}
+            "skipped_s": streamer.skipped_s, "max_lag_s": max_lag, "decodes": streamer.decodes,
+            "retries": streamer.retries, "retries_from_committed": streamer.retries_from_committed}
 
 
 def latencies(emitted: list[tuple[float, Caption]]) -> tuple[list[tuple[float, float]], list[float]]:
@@ -347,6 +349,12 @@ def main() -> int:
     ap.add_argument("--agree-guard", type=float,
                     help="LocalAgreement-2 right-context guard in s (default: the streamer's)")
     ap.add_argument("--prompt-chars", type=int, help="committed text given as prompt (0: none)")
+    ap.add_argument("--no-retry", action="store_true",
+                    help="no second decode when the guards drop a decode whole (StreamerOptions.retry_dropped)")
+    ap.add_argument("--no-retry-without-prompt", action="store_true",
+                    help="retry a dropped decode only from a committed word, never the same audio without the prompt")
+    ap.add_argument("--no-retry-prompt", action="store_true",
+                    help="the retry from a committed word without the committed text as prompt")
     ap.add_argument("--max-tokens-per-s", type=float,
                     help="token cap of a decode pass per second of audio (0: Whisper's own; default: the decoder's)")
     ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 1)")
@@ -377,6 +385,12 @@ def main() -> int:
         options["agree_guard_s"] = args.agree_guard
     if args.prompt_chars is not None:
         options["prompt_chars"] = args.prompt_chars
+    if args.no_retry:
+        options["retry_dropped"] = False
+    if args.no_retry_without_prompt:
+        options["retry_without_prompt"] = False
+    if args.no_retry_prompt:
+        options["retry_prompt"] = False
     if args.max_tokens_per_s is not None:
         options["max_tokens_per_s"] = args.max_tokens_per_s or None
     if args.final_beam is not None:
@@ -409,7 +423,9 @@ def main() -> int:
         "cpu_pct_of_2_cores": round(100.0 * run["cpu_s"] / total / 2.0, 1),
         "rtf_wall": round(run["busy_s"] / total, 3),
         "skipped_s": round(run["skipped_s"], 2), "max_lag_s": round(run["max_lag_s"], 2),
-        "decodes": run["decodes"],
+        "decodes": run["decodes"], "retries": run["retries"],
+        "retries_from_committed": run["retries_from_committed"], "retry_dropped": not args.no_retry,
+        "retry_without_prompt": not args.no_retry_without_prompt, "retry_prompt": not args.no_retry_prompt,
     }
     if not args.skip_offline:
         decoder = engine.new_streamer("offline", options).decoder
@@ -438,6 +454,9 @@ def main() -> int:
         r = stream(engine, options, x, args.clock)
         words[name] = sum(len(c.words) for _, c in r["emitted"] if c.final)
         words[f"{name}_text"] = " ".join(c.text for _, c in r["emitted"] if c.final)[:200]
+        # Babble is VAD speech: decoded all along, at the cost of speech or more.
+        words[f"{name}_cpu_pct"] = round(100.0 * r["cpu_s"] / r["media_s"] / 2.0, 1)
+        words[f"{name}_skipped_s"] = round(r["skipped_s"], 2)
     report["nonspeech_min"] = args.nonspeech_minutes
     report["nonspeech_words"] = words
     if args.json:

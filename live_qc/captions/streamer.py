@@ -151,6 +151,29 @@ class WhisperDecoder:
     #: of non-speech: a weak decode or a likely no-speech window.
     word_logprob_max: float = -1.0
     word_no_speech_min: float = 0.3
+    #: The same guard for decodes with a beam (mean word probability below,
+    #: and avg_logprob below or no_speech_prob above): a beam finds the
+    #: confident path through babble, so its words look surer than a greedy
+    #: decode's. Measured (tiny.en, beam 5, ``--clock model``, bench seed 13,
+    #: per decoded segment that passed every other guard): 3-voice babble
+    #: (18 segments, 118 committed words in 1 min) mean word probability
+    #: 0.46–0.62, no_speech_prob 0.17–0.60, avg_logprob −1.3 to −0.5;
+    #: speech (409 segments) mean word probability median 0.83 (5 % under
+    #: 0.62), no_speech_prob median 0.06, avg_logprob median −0.24. At
+    #: (0.65, −0.8, 0.15) all 18 babble segments and 12 of the 409 speech
+    #: segments are dropped.
+    beam_word_guard: tuple[float, float, float] = (0.65, -0.8, 0.15)
+    #: With a beam, a likely no-speech window is dropped whatever the
+    #: decode's log-probability: the beam raises avg_logprob (it keeps the
+    #: likeliest path), so the no-speech rule above (also a weak decode)
+    #: lets Whisper's sign-offs through. Measured (same runs, babble built
+    #: from the 10-min input): "Thank you so much for watching, I'll see you
+    #: guys in the next video, bye bye" (no_speech_prob 0.82, avg_logprob
+    #: −0.45, mean word probability 0.74) and "Thank you, thank you, …"
+    #: (0.56, −0.94, 0.77) were the only babble segments to pass — 17 and 4
+    #: words in 1 min each; 2 of the 409 speech segments are above 0.4
+    #: ("the new", "Come on, come on, come on", cut partial decodes).
+    beam_no_speech_max: float = 0.4
     #: Beam width of the decodes whose words a later decode can still revise
     #: (the partial decodes every ``step_s``) and of the decode that
     #: finalises an utterance (``final``: end of speech). Greedy decoding is
@@ -167,7 +190,16 @@ class WhisperDecoder:
     #: guys in the next video, bye bye": 17 and 27 words in 1 min each,
     #: ``--clock cpu``, 10 min + 5 min of non-speech) — a beam finds the
     #: confident sign-off the babble guard lets through. Beam 5 needs its
-    #: own babble guard first.
+    #: own babble guard first. Round 4: with ``beam_word_guard`` and
+    #: ``beam_no_speech_max`` the five non-speech kinds gave 0 words at beam
+    #: 5 (both seeds, and the babbles of the 10-min input that gave 17 and
+    #: 4), WER 14.0 / 19.2 % against 17.2 / 15.4 % offline greedy (mean gap
+    #: 0.3 points; seed 14 run before the no-speech rule was added) — but
+    #: the live Opus test (tests/integration/
+    #: test_captions_live.py) lost "The quick brown fox …" to that guard
+    #: (WER 0.45, bound 0.35): codec-degraded speech has the babble's word
+    #: probabilities. And babble at beam 5 cost 100–108 % of 2 cores
+    #: (process CPU, load 5–8; greedy 53–54 %). Still not the default.
     beam_size: int = 1
     final_beam_size: int = 1
     #: The most tokens one decode pass may generate: ``max_tokens_base`` +
@@ -228,7 +260,7 @@ class WhisperDecoder:
         rejected = looped = 0
         english = not self.translate and (info.language or language) == "en"
         for seg in segments:
-            if not self._plausible(seg, english):
+            if not self._plausible(seg, english, beam):
                 rejected += 1
                 looped += seg.compression_ratio > self.compression_ratio_max
                 continue
@@ -239,16 +271,23 @@ class WhisperDecoder:
         return Hypothesis(tuple(_drop_unheard(words)), info.language or language or "en", rejected,
                           float(info.language_probability or 0.0), looped)
 
-    def _plausible(self, seg: Any, english: bool = True) -> bool:
+    def _plausible(self, seg: Any, english: bool = True, beam: int = 1) -> bool:
         if seg.compression_ratio > self.compression_ratio_max:
             return False
         if seg.avg_logprob < self.logprob_min:
             return False
         if seg.no_speech_prob > self.no_speech_max and seg.avg_logprob < self.no_speech_logprob:
             return False
+        if beam > 1 and seg.no_speech_prob > self.beam_no_speech_max:
+            return False
         probabilities = [w.probability for w in seg.words or ()] if english else []
-        if probabilities and sum(probabilities) / len(probabilities) < self.word_probability_min \
-                and (seg.avg_logprob < self.word_logprob_max or seg.no_speech_prob > self.word_no_speech_min):
+        if beam > 1:
+            word_min, logprob_max, no_speech_min = self.beam_word_guard
+        else:
+            word_min, logprob_max, no_speech_min = \
+                self.word_probability_min, self.word_logprob_max, self.word_no_speech_min
+        if probabilities and sum(probabilities) / len(probabilities) < word_min \
+                and (seg.avg_logprob < logprob_max or seg.no_speech_prob > no_speech_min):
             return False
         if normalise(seg.text) in HALLUCINATIONS:
             # Said for real it is decoded with confidence and speech-like.
@@ -321,6 +360,29 @@ class StreamerOptions:
     #: p95 2.0–2.2 → 2.3–2.5 s, max 2.9–3.0 → 3.0–4.6 s (budget 2.0 /
     #: 3.5 / 5 s).
     agree_guard_s: float = 1.0
+    #: A decode the guards dropped whole is made once more: from the start
+    #: of the last committed word in its audio (at least ``retry_min_cut_s``
+    #: after the audio's start and ``retry_min_rest_s`` before its end), the
+    #: committed text before it as prompt; with no such word, the same
+    #: audio without the prompt (if it had one). Measured on the benchmark
+    #: (tiny.en, 10 min, seed 13, ``--clock model``, which reproduces the
+    #: 6.6 s maximum of the ``--clock cpu`` run): ten decodes in a row of
+    #: the growing 7.3–11.8 s buffer of one utterance returned one weak
+    #: segment ("A local farmer talk to Mount De", avg_logprob −1.3) that
+    #: the babble guard dropped. The same audio without the prompt was
+    #: dropped too, all ten times (max 7.08 s); from the last committed word
+    #: ("camera", 1.8 s before the buffer's end) nine of ten returned the
+    #: sentence. Commit latency max 6.58 → 3.01 s, median 1.53 → 1.52 s,
+    #: p95 2.46 → 2.41 s, WER 21.7 → 21.8 %, process CPU 29.2 → 34.1 % of
+    #: 2 cores (143 retries in 1075 decodes, 30 from a committed word).
+    retry_dropped: bool = True
+    retry_min_cut_s: float = 0.5
+    #: With no committed word inside, retry the same audio without the prompt.
+    retry_without_prompt: bool = True
+    #: The retry from a committed word has the committed text before it as
+    #: prompt.
+    retry_prompt: bool = True
+    retry_min_rest_s: float = 1.0
 
 
 @dataclass(slots=True)
@@ -399,6 +461,9 @@ class Streamer:
         self.decodes = 0
         self.rejected_segments = 0
         self.looped_segments = 0
+        self.retries = 0  # decodes made again (StreamerOptions.retry_dropped)
+        self.retries_from_committed = 0  # of those, from the last committed word
+        self._decoded_from = 0.0  # media time where the last decode's audio started
         self._looped = False  # the last decode had no words because it looped
         self.words_committed = 0
         self.decoded_audio_s = 0.0
@@ -495,7 +560,7 @@ class Streamer:
             if tail - a > 0.1 * RATE:
                 hyp = self._decode(a, tail, final=True)
                 if hyp or not self._looped:
-                    step = self.policy.end_of_speech(hyp, self.time_of(a))
+                    step = self.policy.end_of_speech(hyp, self._decoded_from)
                 else:
                     # The last decode looped: the utterance's words are those
                     # of the decode before it, not none.
@@ -524,7 +589,7 @@ class Streamer:
                     a = self._shorten(self._samples - round(limit * RATE))
                 hyp = self._decode(a, self._samples)
                 if hyp or not self._looped:
-                    step = self.policy.update(hyp, self.media_end, self.time_of(a))
+                    step = self.policy.update(hyp, self.media_end, self._decoded_from)
                 else:
                     # A decode that looped says nothing about the speech: the
                     # last hypothesis stands and its timeout still applies.
@@ -568,15 +633,24 @@ class Streamer:
         return out
 
     def _decode(self, a: int, b: int, final: bool = False) -> Sequence[Word]:
+        """Decode samples ``a``–``b``; the words on the media timeline. When
+        the guards drop the decode whole, it is made once more (``retry``):
+        see StreamerOptions.retry_dropped. ``_decoded_from`` is the media
+        time the returned words' audio starts at."""
         audio = self._slice(a, b)
-        self.decodes += 1
-        self.decoded_audio_s += len(audio) / RATE
         t0 = self.time_of(max(a, self._audio_start))
         prompt = self.policy.prompt(before=t0, max_chars=self.options.prompt_chars)
-        hyp = self.decoder.decode(audio, prompt=prompt, language=self.language, final=final)
-        self.rejected_segments += hyp.rejected
-        self._looped = hyp.looped > 0
-        self.looped_segments += hyp.looped
+        hyp = self._run_decoder(audio, prompt, final)
+        looped = hyp.looped > 0
+        if not hyp.words and hyp.rejected and self.options.retry_dropped:
+            again = self._retry(audio, t0, prompt, final)
+            if again is not None:
+                t0, hyp = again
+                # A loop either way says nothing about the speech (held, as
+                # before); words from the retry are the decode's words.
+                looped = looped or hyp.looped > 0
+        self._looped = looped
+        self._decoded_from = t0
         if self.options.language is None and hyp.words and (
                 len(audio) >= self.options.detect_s * RATE or hyp.language_probability >= 0.6):
             # Detected once with enough audio or confidence, then kept:
@@ -586,6 +660,36 @@ class Streamer:
         self._hyp_language = "en" if getattr(self.decoder, "translate", False) else hyp.language
         self._decoded_to = max(self._decoded_to, b)
         return [Word(w.text, t0 + w.start, t0 + w.end, w.probability) for w in hyp.words]
+
+    def _retry(self, audio: np.ndarray, t0: float, prompt: str, final: bool) -> tuple[float, Hypothesis] | None:
+        """The second decode of audio (starting at media time ``t0``) that
+        the guards dropped whole: from the start of the last committed word
+        heard in it, with the committed text before that word as prompt —
+        or, when no committed word lies inside, the same audio without the
+        prompt. None: nothing to try."""
+        o = self.options
+        end = t0 + len(audio) / RATE
+        last = self.policy.committed[-1] if self.policy.committed else None
+        if last is not None and t0 + o.retry_min_cut_s <= last.start <= end - o.retry_min_rest_s:
+            k = round((last.start - t0) * RATE)
+            t0 = t0 + k / RATE
+            audio = audio[k:]
+            prompt = self.policy.prompt(before=t0, max_chars=o.prompt_chars) if o.retry_prompt else ""
+            self.retries_from_committed += 1
+        elif prompt and o.retry_without_prompt:
+            prompt = ""
+        else:
+            return None
+        self.retries += 1
+        return t0, self._run_decoder(audio, prompt, final)
+
+    def _run_decoder(self, audio: np.ndarray, prompt: str, final: bool) -> Hypothesis:
+        self.decodes += 1
+        self.decoded_audio_s += len(audio) / RATE
+        hyp = self.decoder.decode(audio, prompt=prompt, language=self.language, final=final)
+        self.rejected_segments += hyp.rejected
+        self.looped_segments += hyp.looped
+        return hyp
 
     def _emit(self, step: PolicyStep) -> list[Caption]:
         out: list[Caption] = []
@@ -635,6 +739,8 @@ class Streamer:
                             extra={"decodes": self.decodes, "words": self.words_committed,
                                    "rejected_segments": self.rejected_segments,
                                    "looped_segments": self.looped_segments,
+                                   "retries": self.retries,
+                                   "retries_from_committed": self.retries_from_committed,
                                    "language": self.language or ""})
 
 

@@ -172,6 +172,9 @@ class CaptionEngine:
             opts.commit_policy = str(options["commit_policy"])
         if options.get("prompt_chars") is not None:
             opts.prompt_chars = int(options["prompt_chars"])
+        for key in ("retry_dropped", "retry_without_prompt", "retry_prompt"):
+            if options.get(key) is not None:
+                setattr(opts, key, bool(options[key]))
         vad = StreamingVad(self._vad_session, threshold=opts.vad_threshold, min_silence_s=opts.vad_min_silence_s)
         decoder = WhisperDecoder(model, translate=translate)
         if options.get("word_probability_min") is not None:

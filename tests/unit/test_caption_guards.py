@@ -199,3 +199,53 @@ def test_a_decode_pass_generates_at_most_what_its_audio_can_hold() -> None:
     decoder.max_tokens_per_s = None
     decoder.decode(np.zeros(16000 * 15, np.float32), prompt="", language="en")
     assert model.calls[-1]["max_new_tokens"] is None
+
+
+def _even(text: str, p: float) -> list[tuple[str, float]]:
+    """The words of ``text`` at the captured segment's mean word probability."""
+    return [(f" {w}", p) for w in text.split()]
+
+
+# Beam 5 (tiny.en, loadtests/captions_bench.py seed 13, ``--clock model``):
+# segments of 3-voice babble that passed every other guard — 118 words
+# committed in 1 min, 0 greedily. No-speech probability, avg_logprob and
+# compression ratio as captured; each word at the segment's mean word
+# probability (all the guard reads).
+BEAM_BABBLE = [segment(t, ns, lp, cr, _even(t, wp)) for t, ns, lp, cr, wp in [
+    (" That's what I'm about, hold it.", 0.599, -0.809, 0.84, 0.513),
+    (" I didn't want that at all.", 0.288, -0.873, 0.84, 0.458),
+    (" and I'll see you in the next one. I'll see you in the next", 0.188, -0.739, 2.16, 0.62),
+    (" I'm going to go with it.", 0.265, -0.854, 0.8, 0.561),
+    (" I'll meet more. I'll meet more. I'll meet more.", 0.599, -0.641, 1.74, 0.511),
+    # Babble built from the 10-min input: Whisper's sign-offs, sure of
+    # their words, in a likely no-speech window (17 and 4 words in 1 min).
+    (" Thank you so much for watching, I'll see you guys in the next video, bye bye, bye,",
+     0.819, -0.445, 2.3, 0.739),
+    (" Thank you, thank you, thank you, thank you, thank you.", 0.555, -0.939, 2.35, 0.767),
+]]
+# Speech at beam 5 with the lowest mean word probabilities that pass
+# (same run): the decode is not weak and the window not a no-speech one.
+BEAM_SPEECH = [segment(t, ns, lp, cr, _even(t, wp)) for t, ns, lp, cr, wp in [
+    (" The sound engineer will start the story.", 0.104, -0.591, 0.87, 0.481),
+    (" A young reporter can help.", 0.053, -0.726, 0.76, 0.593),
+    (" The producer will explain the schedule for next week.", 0.009, -0.424, 1.12, 0.675),
+    (" My grandmother will start the story on the last time.", 0.301, -0.388, 1.2, 0.806),
+]]
+
+
+def test_beam_decodes_have_their_own_babble_guard() -> None:
+    x = np.zeros(16000 * 5, np.float32)
+    beam = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=5, final_beam_size=5)
+    assert beam.decode(x, prompt="", language="en").words == ()
+    assert beam.decode(x, prompt="", language="en", final=True).words == ()
+    # The greedy thresholds let every one of them through: the beam's words
+    # look surer than a greedy decode's.
+    greedy = WhisperDecoder(_Model(BEAM_BABBLE))
+    assert greedy.decode(x, prompt="", language="en").rejected == 0
+    beam = WhisperDecoder(_Model(BEAM_SPEECH), beam_size=5, final_beam_size=5)
+    hyp = beam.decode(x, prompt="", language="en")
+    assert hyp.rejected == 0 and len(hyp.words) == 31
+    # A beam only on the final decode: the partials keep the greedy guard.
+    mixed = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=1, final_beam_size=5)
+    assert mixed.decode(x, prompt="", language="en").rejected == 0
+    assert mixed.decode(x, prompt="", language="en", final=True).words == ()

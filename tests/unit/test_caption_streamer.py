@@ -214,8 +214,142 @@ def test_dropped_decodes_neither_hold_nor_lose_the_words_heard_before(speech, lo
                 pending = c.words
     assert pending
     last = streamer.finish()
-    assert decoder.finals[-1] and not any(decoder.finals[:-1])
+    # The final decode, made once more when it was dropped (retry_dropped).
+    k = decoder.finals.index(True)
+    assert all(decoder.finals[k:]) and len(decoder.finals) - k == 2
     assert [w.text for c in last if c.final for w in c.words] == ([w.text for w in pending] if looped else [])
+
+
+class PromptSkippingDecoder(ScriptedDecoder):
+    """Drops every decode made with a prompt whole (not a loop: a weak
+    fragment); ``always``: every decode (babble)."""
+
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
+        self.prompts: list[str] = []
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
+        hyp = super().decode(audio, prompt=prompt, language=language, final=final)
+        self.prompts.append(prompt)
+        if prompt or self.always:
+            return Hypothesis((), "en", rejected=1)
+        return hyp
+
+
+def _sentence_starts(x: np.ndarray) -> list[int]:
+    """Where each sentence of the ``speech`` fixture starts (after 1.2 s of zeros)."""
+    sound = np.flatnonzero(np.abs(x) > 1e-4)
+    return [int(sound[0])] + [int(b) for a, b in zip(sound, sound[1:]) if b - a > RATE]
+
+
+@pytest.mark.parametrize("retry", [True, False])
+def test_a_decode_dropped_whole_with_a_prompt_is_made_again_without_it(speech, retry) -> None:
+    decoder = PromptSkippingDecoder()
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
+                        StreamerOptions(retry_dropped=retry))
+    captions = stream_through(streamer, speech, t0=0.0)
+    words = [w for c in captions if c.final for w in c.words]
+    # The first sentence has no committed text before it (no prompt); the
+    # second and third are decoded with it as prompt.
+    second = _sentence_starts(speech)[1] / RATE
+    later = [w for w in words if w.start > second]
+    assert words and all(w.start < second for w in words) != retry
+    if retry:
+        # A dropped decode with no committed word inside its audio (the start
+        # of a sentence) is made again of the same audio without the prompt;
+        # the retries give the later sentences their words.
+        assert later and streamer.retries > streamer.retries_from_committed
+        same = [i for i, p in enumerate(decoder.prompts[:-1]) if p and decoder.prompts[i + 1] == ""]
+        assert len(same) == streamer.retries - streamer.retries_from_committed
+        assert all(decoder.calls[i + 1] == decoder.calls[i] for i in same)
+        assert streamer.stats().extra["retries"] == streamer.retries
+    else:
+        assert streamer.retries == 0 and "" not in decoder.prompts[len(decoder.prompts) // 2:]
+    # Only from a committed word (retry_without_prompt off): a sentence whose
+    # decodes are all dropped before any of it is committed stays unheard.
+    decoder = PromptSkippingDecoder()
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
+                        StreamerOptions(retry_dropped=retry, retry_without_prompt=False))
+    words = [w for c in stream_through(streamer, speech, t0=0.0) if c.final for w in c.words]
+    assert words and all(w.start < second for w in words)
+    assert streamer.retries == streamer.retries_from_committed
+    # Babble after the first sentence: dropped however it is decoded, still
+    # no words, and one retry per dropped decode, no more.
+    decoder = PromptSkippingDecoder()
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()), StreamerOptions())
+    split = _sentence_starts(speech)[1] - RATE // 2
+    first = stream_through(streamer, speech[:split], t0=0.0)
+    assert [c for c in first if c.final] and streamer.retries == 0
+    decoder.always = True
+    calls = len(decoder.calls)
+    rest = stream_through(streamer, speech[split:], t0=split / RATE)
+    assert not [c for c in rest if c.words]
+    prompted = sum(1 for p in decoder.prompts[calls:] if p)
+    assert prompted and streamer.retries == prompted == len(decoder.calls[calls:]) - prompted
+
+
+class LongBufferDecoder(ScriptedDecoder):
+    """A word every 0.4 s of the stream (named by its place in the stream,
+    so that decodes of different stretches agree), and every decode of more
+    than ``limit_s`` of audio dropped whole, with or without a prompt — the
+    benchmark's failure: ten decodes in a row of a growing 7–12 s buffer
+    returned one weak segment or none, while a decode from the last
+    committed word returned the sentence."""
+
+    def __init__(self, limit_s: float) -> None:
+        super().__init__()
+        self.limit_s = limit_s
+        self.prompts: list[str] = []
+        self.streamer: Streamer | None = None
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
+        self.calls.append(len(audio) / RATE)
+        self.finals.append(final)
+        self.prompts.append(prompt)
+        if len(audio) / RATE > self.limit_s:
+            return Hypothesis((), "en", rejected=1)
+        # Partial decodes end at the newest audio.
+        start = self.streamer.media_end - len(audio) / RATE
+        first = int(np.ceil(start / 0.4 - 1e-6))
+        words = [Word(f"w{k}", k * 0.4 - start, k * 0.4 + 0.3 - start)
+                 for k in range(first, int(self.streamer.media_end / 0.4) + 1)
+                 if k * 0.4 + 0.3 <= self.streamer.media_end]
+        return Hypothesis(tuple(words), "en")
+
+
+@pytest.mark.parametrize("retry", [True, "no prompt", False])
+def test_a_long_buffer_dropped_whole_is_decoded_again_from_the_last_committed_word(speech, retry) -> None:
+    decoder = LongBufferDecoder(limit_s=3.0)
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
+                        StreamerOptions(retry_dropped=bool(retry), retry_prompt=retry is True))
+    decoder.streamer = streamer
+    talk = np.concatenate([speech[int(1.2 * RATE):int(3.5 * RATE)]] * 4)  # 9.2 s, no pauses
+    live: list[Word] = []
+    for i in range(0, len(talk), RATE // 10):
+        streamer.feed(talk[i:i + RATE // 10])
+        live += [w for c in streamer.step() if c.final for w in c.words]
+    # Once the utterance's buffer is longer than 3 s every decode of it is
+    # dropped. Retried from the last committed word (a short buffer), the
+    # words keep being committed while the speaker talks, within the
+    # timeout of their end; without the retry nothing is, to the end.
+    late = [w for w in live if w.end > 4.0]
+    if retry:
+        assert late and max(w.end for w in live) > len(talk) / RATE - 3.5
+        assert streamer.retries_from_committed > 0
+        # The retry's prompt is the committed text before the word it
+        # starts at (that word is in its audio, so not in the prompt).
+        retried = [i for i in range(1, len(decoder.calls)) if decoder.calls[i] <= 3.0 < decoder.calls[i - 1]]
+        assert retried and all(decoder.prompts[i] == "" or not decoder.prompts[i].endswith(live[-1].text)
+                               for i in retried)
+        # Without the prompt: nothing the decoder could say again.
+        assert (retry is True) == any(decoder.prompts[i] for i in retried)
+    else:
+        assert not late and streamer.retries == 0
+    # Committed once each, in order.
+    assert all(a.end <= b.start + 0.05 for a, b in zip(live, live[1:]))
 
 
 def test_gap_in_media_time_ends_the_utterance(speech) -> None:
