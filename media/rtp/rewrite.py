@@ -62,6 +62,7 @@ _SEQ_TS = struct.Struct("!BHI")
 #: garbage collection) and the C fan-out (media/webrtc/_fastsend.c) writes
 #: the same bytes.
 _ENTRY = struct.Struct("=5q")
+_ENTRY_SIZE = _ENTRY.size
 _U32 = struct.Struct("!I")
 _U16 = struct.Struct("!H")
 _join = b"".join
@@ -365,7 +366,7 @@ class Rewriter:
                     _U16.pack_into(buf, t.twcc_off, tw.value)
                     tw.value = (tw.value + 1) & 0xFFFF
                 payload = packet.payload
-                _ENTRY.pack_into(self._map, (vext & self._mask) * 40, vext, layer, seq, packet.timestamp, vts)
+                _ENTRY.pack_into(self._map, (vext & self._mask) * _ENTRY_SIZE, vext, layer, seq, packet.timestamp, vts)
                 self.packets_sent += 1
                 self.octets_sent += len(payload)
                 return _join((buf, payload))
@@ -428,7 +429,7 @@ class Rewriter:
                     _U16.pack_into(buf, twcc_off, tw.value)  # type: ignore[union-attr]
                     tw.value = (tw.value + 1) & 0xFFFF  # type: ignore[union-attr]
                 payload = p.payload
-                put(vmap, (vseq & mask) * 40, vseq, layer, seq, ts, vts)
+                put(vmap, (vseq & mask) * _ENTRY_SIZE, vseq, layer, seq, ts, vts)
                 sent += 1
                 octets += len(payload)
                 append(_join((buf, payload)))
@@ -506,7 +507,7 @@ class Rewriter:
         if in_order:
             self._last_vts = vts
             self._last_now = now
-        _ENTRY.pack_into(self._map, (vext & self._mask) * 40, vext, layer, packet.seq, packet.timestamp, vts)
+        _ENTRY.pack_into(self._map, (vext & self._mask) * _ENTRY_SIZE, vext, layer, packet.seq, packet.timestamp, vts)
         self.packets_sent += 1
         self.octets_sent += len(packet.payload)
         return self._build(self._tmpl, self._mpt[packet.marker], vext & 0xFFFF, vts, packet.payload, now)
@@ -529,7 +530,7 @@ class Rewriter:
         """The map's entry for extended viewer seq ``vext`` (viewer seq,
         layer, layer seq, layer ts, viewer ts), None if another (or none)
         holds its slot."""
-        entry = _ENTRY.unpack_from(self._map, (vext & self._mask) * 40)
+        entry = _ENTRY.unpack_from(self._map, (vext & self._mask) * _ENTRY_SIZE)
         return entry if entry[0] == vext else None
 
     def translate_nack(self, lost: Iterable[int]) -> list[NackTarget]:

@@ -187,11 +187,16 @@ typedef struct {
 
 #define DESTINATION_ARGS 7
 
-/* protect, ctx, fd, sockaddr, ancillary, gso, max_len */
+/* protect, ctx, fd, sockaddr, ancillary, gso, max_len, then ``more``
+ * arguments of the call ``name`` */
 static int
-parse_destination(PyObject *const *args, destination *d)
+parse_destination(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t more, const char *name, destination *d)
 {
     long v;
+    if (nargs != DESTINATION_ARGS + more) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments", name, DESTINATION_ARGS + more);
+        return -1;
+    }
     d->protect = (srtp_protect_fn)PyLong_AsVoidPtr(args[0]);
     d->ctx = PyLong_AsVoidPtr(args[1]);
     if (d->protect == NULL || d->ctx == NULL) {
@@ -307,11 +312,7 @@ send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     size_t pos = 0;
 
     (void)module;
-    if (nargs != DESTINATION_ARGS + 1) {
-        PyErr_SetString(PyExc_TypeError, "send_frame takes 8 arguments");
-        return NULL;
-    }
-    if (parse_destination(args, &d) < 0)
+    if (parse_destination(args, nargs, 1, "send_frame", &d) < 0)
         return NULL;
     packets = args[DESTINATION_ARGS];
     if (!PyList_CheckExact(packets)) {
@@ -487,11 +488,7 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int same, status = 0;
 
     (void)module;
-    if (nargs != DESTINATION_ARGS + 4) {
-        PyErr_SetString(PyExc_TypeError, "rewrite_send takes 11 arguments");
-        return NULL;
-    }
-    if (parse_destination(args, &d) < 0)
+    if (parse_destination(args, nargs, 4, "rewrite_send", &d) < 0)
         return NULL;
     rw = args[7];
     layer = args[8];
@@ -509,7 +506,8 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     cur = GET(rw, s_layer);
     if (cur == NULL)
         return NULL;
-    same = cur != Py_None && PyObject_RichCompareBool(cur, layer, Py_EQ);
+    /* (a failed comparison is -1, which && would turn into true) */
+    same = cur == Py_None ? 0 : PyObject_RichCompareBool(cur, layer, Py_EQ);
     Py_DECREF(cur);
     if (same < 0)
         return NULL;

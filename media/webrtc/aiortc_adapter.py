@@ -590,13 +590,12 @@ class FastPath:
             return self.sender  # type: ignore[return-value]  # _current()'s per-packet case, without the call
         return self._current()
 
-    def _native_fd(self, sender: DatagramSender) -> int:
-        """The sender's socket for :mod:`_fastsend` (its destination in
-        ``_wire``), or -1: the Python path (not a numeric address, closed)."""
-        if sender.addr is not self._wire_of:
-            self._wire_of = sender.addr
-            self._wire = sockaddr_bytes(sender.sock.family, sender.addr)
-        return sender.sock.fileno() if self._wire is not None else -1
+    def _refresh_wire(self, sender: DatagramSender) -> None:
+        """``_wire``: the sender's destination as :mod:`_fastsend` takes it
+        (None: the Python path for this address), made again only when the
+        sender's address object changed."""
+        self._wire_of = sender.addr
+        self._wire = sockaddr_bytes(sender.sock.family, sender.addr)
 
     def send_frame(self, packets: list[bytes], now: float = 0.0) -> int:
         """Protect and send one frame's RTP packets for this viewer (the
@@ -606,14 +605,17 @@ class FastPath:
         With the C extension all of it is one call."""
         sender = self._sender_now()
         native = self._native
-        if native is not None and sender.__class__ is DatagramSender and (fd := self._native_fd(sender)) >= 0:
-            result = _fastsend.send_frame(native[0], native[1], fd, self._wire, sender.ancillary, sender.gso,
-                                          native[2], packets)
-            if result.__class__ is int:
-                sender.failing_since = None
-                return result  # type: ignore[no-any-return]
-            if result is not None:
-                return _native_outcome(sender, result, now)
+        if native is not None and sender.__class__ is DatagramSender:
+            if sender.addr is not self._wire_of:
+                self._refresh_wire(sender)
+            if self._wire is not None and (fd := sender.sock.fileno()) >= 0:
+                result = _fastsend.send_frame(native[0], native[1], fd, self._wire, sender.ancillary, sender.gso,
+                                              native[2], packets)
+                if result.__class__ is int:
+                    sender.failing_since = None
+                    return result  # type: ignore[no-any-return]
+                if result is not None:
+                    return _native_outcome(sender, result, now)
         protected = _protect_with(self._protect, self._srtp, packets)
         if len(protected) == 1:
             return sender.send(protected[0], now)
@@ -629,7 +631,7 @@ class FastPath:
         native = self._native
         if native is None:
             return 0, 0
-        # _sender_now() and _native_fd() inline: this runs per viewer per frame
+        # _sender_now() inline: this runs per viewer per frame
         pair = self._conn._nominated.get(1)
         if (pair is self._pair and pair is not None and (transport := pair.protocol.transport) is self._sock_of
                 and transport is not None):
@@ -639,7 +641,7 @@ class FastPath:
         if sender.__class__ is not DatagramSender:
             return 0, 0
         if sender.addr is not self._wire_of:
-            self._native_fd(sender)
+            self._refresh_wire(sender)
         if self._wire is None or (fd := sender.sock.fileno()) < 0:
             return 0, 0
         result = _fastsend.rewrite_send(native[0], native[1], fd, self._wire, sender.ancillary, sender.gso,
