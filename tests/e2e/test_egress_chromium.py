@@ -70,7 +70,11 @@ def test_chromium_plays_whep_served_by_egress_workers(module_db_url, tmp_path_fa
     # The viewer was served by a worker process, not the server's own loop.
     assert 'returnfeed_egress_worker_up{worker="0"} 1.0' in metrics
     assert 'returnfeed_egress_worker_up{worker="1"} 1.0' in metrics
-    # Every packet counted here was sent by a worker (the host sums theirs).
+    # Every packet counted here was sent by a worker (the host sums theirs),
+    # and they are the packets Chromium received: at least as many, less
+    # what the workers' last 0.5 s report may not hold yet (a fixed 1000
+    # failed at 992 on a loaded machine, where ffmpeg sends fewer).
     sent = next(float(line.split()[-1]) for line in metrics.splitlines()
                 if line.startswith("returnfeed_webrtc_packets_sent_total "))
-    assert sent >= 1000, sent
+    received = sum(samples[-1].get(kind, {}).get("packetsReceived") or 0 for kind in ("audio", "video"))
+    assert received > 300 and sent >= 0.8 * received, (sent, received)
