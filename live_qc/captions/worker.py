@@ -182,6 +182,12 @@ class CaptionEngine:
         for key in ("beam_size", "final_beam_size"):
             if options.get(key) is not None:
                 setattr(decoder, key, int(options[key]))
+        if options.get("segment_word_probability_min") is not None:
+            decoder.segment_word_probability_min = float(options["segment_word_probability_min"])
+        for key in ("phrase_loop_times", "echo_min_words"):
+            if key in options:
+                # None: that guard off (the benchmark compares both).
+                setattr(decoder, key, None if options[key] is None else int(options[key]))
         if "max_tokens_per_s" in options:
             # None: Whisper's own limit (the benchmark compares both).
             per_s = options["max_tokens_per_s"]

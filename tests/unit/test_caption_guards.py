@@ -110,10 +110,16 @@ def test_low_confidence_speech_passes_the_word_probability_guard() -> None:
 
 def test_word_probability_guard_is_what_rejects_babble() -> None:
     # Without it (word_probability_min 0: the segment guards only) the
-    # babble gets through: the word probabilities are the evidence.
-    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0)
+    # babble gets through: the word probabilities are the evidence. Two of
+    # these segments are also loops and one is weak enough on its own
+    # (round 5's guards, below): those off too.
+    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0, segment_word_probability_min=0.0,
+                             phrase_loop_times=None)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert len(hyp.words) > 40
+    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0)
+    hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    assert (hyp.rejected, hyp.looped) == (3, 2)
 
 
 def test_thank_you_on_silence_is_still_rejected() -> None:
@@ -239,13 +245,88 @@ def test_beam_decodes_have_their_own_babble_guard() -> None:
     assert beam.decode(x, prompt="", language="en").words == ()
     assert beam.decode(x, prompt="", language="en", final=True).words == ()
     # The greedy thresholds let every one of them through: the beam's words
-    # look surer than a greedy decode's.
-    greedy = WhisperDecoder(_Model(BEAM_BABBLE))
+    # look surer than a greedy decode's. (Only the loop guard catches one:
+    # "thank you" five times.)
+    greedy = WhisperDecoder(_Model(BEAM_BABBLE), phrase_loop_times=None)
     assert greedy.decode(x, prompt="", language="en").rejected == 0
+    assert WhisperDecoder(_Model(BEAM_BABBLE)).decode(x, prompt="", language="en").looped == 1
     beam = WhisperDecoder(_Model(BEAM_SPEECH), beam_size=5, final_beam_size=5)
     hyp = beam.decode(x, prompt="", language="en")
     assert hyp.rejected == 0 and len(hyp.words) == 31
     # A beam only on the final decode: the partials keep the greedy guard.
-    mixed = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=1, final_beam_size=5)
+    mixed = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=1, final_beam_size=5, phrase_loop_times=None)
     assert mixed.decode(x, prompt="", language="en").rejected == 0
     assert mixed.decode(x, prompt="", language="en", final=True).words == ()
+
+
+# Babble right after speech (loadtests/captions_bench.py babble_after_speech,
+# tiny.en, seed 13, ``--clock model``), as captured: segments that passed
+# every guard of round 4 and were committed. avg_logprob, no_speech_prob and
+# compression ratio are one figure per decoding window, so a segment decoded
+# from babble after real speech in the same window carries the speech's.
+AFTER_SPEECH_WEAK = segment(" Lost, time after the story.", 0.1, -0.68, 1.27,
+                            [(" Lost,", 0.0), (" time", 0.0), (" after", 0.01), (" the", 0.24), (" story.", 0.0)])
+AFTER_SPEECH_LOOP = segment(
+    " was in the morning, I was in the morning, I was in the morning.", 0.18, -0.49, 2.16,
+    [(" was", 0.9), (" in", 0.48), (" the", 0.92), (" morning,", 0.96), (" I", 0.74), (" was", 0.94), (" in", 0.74),
+     (" the", 0.96), (" morning,", 0.96), (" I", 0.79), (" was", 0.96), (" in", 0.83), (" the", 0.97),
+     (" morning.", 0.95)])
+AFTER_SPEECH_WEAK_LOOP = segment(
+    " us. The man cannot find the history on the old bridge right now in the morning. I was waiting for the"
+    " moment. I was waiting for the moment.", 0.16, -0.73, 1.53,
+    [(" us.", 0.32), (" The", 0.73), (" man", 0.32), (" cannot", 0.98), (" find", 0.98), (" the", 0.17),
+     (" history", 1.0), (" on", 0.82), (" the", 0.37), (" old", 0.8), (" bridge", 0.98), (" right", 0.97),
+     (" now", 0.91), (" in", 0.59), (" the", 0.29), (" morning.", 0.12), (" I", 0.21), (" was", 0.2),
+     (" waiting", 0.01), (" for", 0.46), (" the", 0.13), (" moment.", 0.03), (" I", 0.3), (" was", 0.57),
+     (" waiting", 0.1), (" for", 0.83), (" the", 0.75), (" moment.", 0.58)])
+AFTER_SPEECH_YEAH = segment(
+    " Yeah. Yeah. Yeah. Yeah. Yeah. Yeah. Yeah. Yeah. Yeah. Yeah. Yeah. I'm out of the mack. Well.", 0.15, -0.97, 2.14,
+    [(" Yeah.", p) for p in (0.08, 0.25, 0.44, 0.55, 0.55, 0.5, 0.51, 0.46, 0.44, 0.42, 0.4)]
+    + [(" I'm", 0.36), (" out", 0.36), (" of", 0.34), (" the", 0.21), (" mack.", 0.05), (" Well.", 0.47)])
+AFTER_SPEECH_ECHO = segment(
+    " now in the morning. I was waiting for the story on the Lost, time after the break.", 0.18, -0.62, 1.31,
+    [(" now", 0.91), (" in", 0.59), (" the", 0.29), (" morning.", 0.12), (" I", 0.21), (" was", 0.2),
+     (" waiting", 0.01), (" for", 0.46), (" the", 0.13), (" story", 0.0), (" on", 0.05), (" the", 0.52),
+     (" Lost,", 0.0), (" time", 0.0), (" after", 0.01), (" the", 0.33), (" break.", 0.0)])
+ECHO_PROMPT = "Our camera operator is waiting for the story on the Lost, time after the break."
+
+# Read speech that says its phrases again (the bench's, same run), decoded
+# with confidence: not loops, not echoes.
+REPEATING_SPEECH = segment(
+    " The sound engineer will start the story on the Lost, time this evening. The director is waiting for the"
+    " story on the Lost, time. Our camera operator is waiting for the story on the Lost.", 0.05, -0.3, 2.0,
+    _even(" The sound engineer will start the story on the Lost, time this evening. The director is waiting for"
+          " the story on the Lost, time. Our camera operator is waiting for the story on the Lost.", 0.95))
+
+
+def test_babble_after_speech_is_dropped_by_round_5_guards() -> None:
+    x = np.zeros(16000 * 5, np.float32)
+    segments = [AFTER_SPEECH_WEAK, AFTER_SPEECH_LOOP, AFTER_SPEECH_WEAK_LOOP, AFTER_SPEECH_YEAH]
+    # Round 4's guards let every one of them through.
+    off = WhisperDecoder(_Model(segments), segment_word_probability_min=0.0, phrase_loop_times=None)
+    assert off.decode(x, prompt="", language="en").rejected == 0
+    hyp = WhisperDecoder(_Model(segments)).decode(x, prompt="", language="en")
+    assert hyp.words == ()
+    # The loops are counted as loops (the policy holds its last hypothesis);
+    # the weak segment is not.
+    assert (hyp.rejected, hyp.looped) == (4, 3)
+
+
+def test_a_weak_echo_of_the_prompt_is_dropped() -> None:
+    x = np.zeros(16000 * 5, np.float32)
+    decoder = WhisperDecoder(_Model([AFTER_SPEECH_ECHO]))
+    assert decoder.decode(x, prompt="", language="en").rejected == 0  # no prompt, no echo
+    hyp = decoder.decode(x, prompt=ECHO_PROMPT, language="en")
+    assert hyp.words == () and hyp.looped == 1 and decoder.echoed_segments == 1
+    off = WhisperDecoder(_Model([AFTER_SPEECH_ECHO]), echo_min_words=None)
+    assert off.decode(x, prompt=ECHO_PROMPT, language="en").rejected == 0
+
+
+def test_speech_that_repeats_itself_and_its_prompt_is_kept() -> None:
+    x = np.zeros(16000 * 5, np.float32)
+    decoder = WhisperDecoder(_Model([REPEATING_SPEECH]))
+    hyp = decoder.decode(x, prompt="The director is waiting for the story on the Lost, time.", language="en")
+    assert hyp.rejected == 0 and len(hyp.words) == len(REPEATING_SPEECH.words)
+    hyp = WhisperDecoder(_Model(SPEECH + LOW_CONFIDENCE_SPEECH)).decode(
+        x, prompt="My grandmother will start the story on the last.", language="en")
+    assert hyp.rejected == 0

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from live_qc.captions.policy import AlignmentPolicy, CommitPolicy, drop_loops, normalise
+from live_qc.captions.policy import (AlignmentPolicy, CommitPolicy, drop_loops, drop_repeated_clauses, normalise,
+                                    repeats_phrase, weak_echo)
 from live_qc.captions.types import Word
 
 
@@ -239,3 +240,49 @@ def test_update_with_no_words_drops_the_hypothesis() -> None:
     p.update(hyp("the new teacher"), 1.0)
     assert p.update([], 1.5).partial == ()
     assert p.update([], 5.0).committed == () and p.committed == []
+
+
+def test_a_clause_said_again_right_after_itself_is_captioned_once() -> None:
+    # Whisper over babble after speech (bench, tiny.en, seed 15): one copy
+    # per segment, so no single segment loops.
+    said = "He has been in the game for a long time."
+    assert texts(drop_repeated_clauses(hyp(" ".join([said] * 3)))) == said
+    # A speaker's restart loses the repeat, not what follows it.
+    assert texts(drop_repeated_clauses(hyp("I'm not going to do, I'm not going to do anything."))) \
+        == "I'm not going to do anything."
+    # The same clause with other words between is read speech, kept.
+    speech = "The director is waiting for the lost dog. Our camera operator is waiting for the lost dog."
+    assert texts(drop_repeated_clauses(hyp(speech))) == speech
+    # Four words said twice are left to drop_loops (people say "no, no").
+    assert texts(drop_repeated_clauses(hyp("we are live now we are live now"))) == "we are live now we are live now"
+    # Committed words (``keep``) are never touched: the later copy goes.
+    words = hyp("a b c d e a b c d e f")
+    assert texts(drop_repeated_clauses(words, keep=3)) == "a b c d e f"
+
+
+def test_a_clause_repeating_the_committed_text_is_not_committed_again() -> None:
+    p = CommitPolicy(timeout_s=2.0)
+    p.end_of_speech(hyp("He has been in the game for a long time."))
+    step = p.update(hyp("He has been in the game for a long time. And then", start=5.0), 9.0)
+    assert texts(p.committed) == "He has been in the game for a long time."
+    assert texts(step.partial) == "And then"
+
+
+def test_phrase_loops_and_weak_echoes() -> None:
+    keys = [normalise(w) for w in "was in the morning, I was in the morning, I was in the morning.".split()]
+    assert repeats_phrase(keys)  # the third copy stops short: the decode ran out of audio
+    assert not repeats_phrase(keys[:10])
+    assert not repeats_phrase([normalise(w) for w in (
+        "the director is waiting for the story of the lost dog our camera operator is waiting for the story "
+        "of the lost dog the producer talked about the story of the lost dog").split()])
+    twice = [normalise(w) for w in "I was waiting for the moment. I was waiting for the moment.".split()]
+    assert repeats_phrase(twice, times=2)
+    assert repeats_phrase(twice, times=2, probabilities=[0.2] * 12, below=0.5)
+    assert not repeats_phrase(twice, times=2, probabilities=[0.9] * 12, below=0.5)
+    assert repeats_phrase(["yeah"] * 5, min_n=1, max_n=3, times=5)
+    assert not repeats_phrase(["no"] * 4, min_n=1, max_n=3, times=5)
+    prompt = [normalise(w) for w in "is waiting for the story on the Lost, time after the break.".split()]
+    echo = [normalise(w) for w in "I was waiting for the story on the Lost.".split()]
+    assert weak_echo(echo, [0.1] * len(echo), prompt)
+    assert not weak_echo(echo, [0.95] * len(echo), prompt)  # said again for real: heard with confidence
+    assert not weak_echo(echo[:5], [0.1] * 5, prompt)  # "the story on the" is four words of it
