@@ -214,10 +214,50 @@ class WhisperDecoder:
     #: the commit latency of the words waiting behind them at 5–7 s.
     max_tokens_base: int = 16
     max_tokens_per_s: float | None = 10.0
+    #: Greedy confirmation of a doubtful beam segment: a segment of a beam
+    #: decode that only the beam's own guard (``beam_word_guard``,
+    #: ``beam_no_speech_max``) would drop is kept when a greedy decode of
+    #: the same audio, under the greedy guards, says at least this share of
+    #: its words too (None: such segments are dropped, as in round 4).
+    #: Codec-degraded speech is heard the same way by both decodes; babble
+    #: is where the beam finds a confident path that greedy decoding does
+    #: not (round 4: the greedy decode returned no words for 14 of 18
+    #: babble segments that passed the beam's other checks).
+    beam_confirm_overlap: float | None = 0.5
+    #: A doubtful segment whose mean word probability is below this is not
+    #: confirmed (None: no floor). Measured (tiny.en, beam 5, model clock):
+    #: of 53 doubtful segments of the bench's babbles (4-min inputs of seeds
+    #: 13 and 14, 10-min input of seed 13; 8- and 3-voice, 1 min each) the
+    #: greedy decode confirmed one, " I've been here for a long time."
+    #: (mean word probability 0.178, greedy 0.178 at avg_logprob −0.67,
+    #: no_speech_prob 0.16: the greedy guards pass it), and Whisper then
+    #: said it again after it as its prompt (45 words); the live test's
+    #: clip through Opus and AAC (five step phases each) had its confirmed
+    #: segments at 0.37–0.65.
+    beam_confirm_floor: float | None = 0.3
+    #: Back to greedy while nothing is speech: after this many decodes in a
+    #: row whose segments the guards dropped whole, decodes are greedy until
+    #: one yields words again (None: never). Babble and music are decoded
+    #: all along (the VAD hears speech in them); at beam 5 that cost 78–108 %
+    #: of 2 cores, greedily 44–63 %.
+    greedy_after_dropped: int | None = 4
     #: Decodes made with a beam wider than 1 and their audio (the
     #: benchmark's model clock charges them their own cost).
     beam_decodes: int = 0
     beam_decoded_audio_s: float = 0.0
+    #: Greedy decodes made to confirm doubtful beam segments (not counted as
+    #: the caller's decodes) and their audio; segments kept by them.
+    confirm_decodes: int = 0
+    confirm_decoded_audio_s: float = 0.0
+    confirmed_segments: int = 0
+    #: Decodes made greedy only by ``greedy_after_dropped`` (the greedy
+    #: decode heard no words, so no beam decode followed).
+    greedy_switched_decodes: int = 0
+    #: Decodes in a row whose segments were all dropped.
+    dropped_run: int = 0
+    #: When a list: one record per beam-doubtful segment (text, scores,
+    #: the greedy words it was compared with, the overlap, the verdict).
+    doubt_log: list | None = None
 
     @property
     def multilingual(self) -> bool:
@@ -226,41 +266,97 @@ class WhisperDecoder:
     def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
                final: bool = False) -> Hypothesis:
         beam = self.final_beam_size if final else self.beam_size
-        if beam > 1:
-            self.beam_decodes += 1
-            self.beam_decoded_audio_s += len(audio) / RATE
+        # Nothing but dropped decodes lately (babble, music): greedy first,
+        # the beam only once the greedy decode hears words.
+        greedy_first = beam > 1 and self.greedy_after_dropped is not None \
+            and self.dropped_run >= self.greedy_after_dropped
         windowed = self.window_margin_s is not None and hasattr(self.model, "encoder_frames")
         if windowed:
             # Whole seconds, so that the encoder sees few distinct shapes.
             seconds = min(30, int(np.ceil(len(audio) / RATE + self.window_margin_s)))
             self.model.encoder_frames = seconds * 100
         try:
-            return self._decode(audio, prompt=prompt, language=language, beam=beam)
+            hyp = self._decode(audio, prompt=prompt, language=language, beam=beam, greedy_first=greedy_first)
         finally:
             if windowed:
                 self.model.encoder_frames = None
+        if hyp.words:
+            self.dropped_run = 0
+        elif hyp.rejected:
+            self.dropped_run += 1
+        return hyp
 
-    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None, beam: int = 1) -> Hypothesis:
+    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None, beam: int = 1,
+                greedy_first: bool = False) -> Hypothesis:
         max_new_tokens = None
         if self.max_tokens_per_s is not None:
             # The prompt takes at most 224 of Whisper's 448 positions.
             max_new_tokens = min(MAX_NEW_TOKENS, self.max_tokens_base
                                  + int(np.ceil(self.max_tokens_per_s * len(audio) / RATE)))
-        segments, info = self.model.transcribe(
-            audio, language=language, task="translate" if self.translate else "transcribe",
-            beam_size=beam, best_of=1, temperature=0.0,
-            # One pass, no fallback re-decodes at higher temperatures (they
-            # cost a multiple and are where loops and inventions come from);
-            # the guards below reject what a fallback would have retried.
-            compression_ratio_threshold=None, log_prob_threshold=None, no_speech_threshold=None,
-            condition_on_previous_text=False, initial_prompt=prompt or None,
-            word_timestamps=True, vad_filter=False, without_timestamps=False,
-            max_new_tokens=max_new_tokens)
+        options = dict(language=language, task="translate" if self.translate else "transcribe",
+                       best_of=1, temperature=0.0,
+                       # One pass, no fallback re-decodes at higher temperatures (they
+                       # cost a multiple and are where loops and inventions come from);
+                       # the guards below reject what a fallback would have retried.
+                       compression_ratio_threshold=None, log_prob_threshold=None, no_speech_threshold=None,
+                       condition_on_previous_text=False, initial_prompt=prompt or None,
+                       word_timestamps=True, vad_filter=False, without_timestamps=False,
+                       max_new_tokens=max_new_tokens)
+        greedy: tuple[list, Any] | None = None
+        if greedy_first:
+            segments, info = self.model.transcribe(audio, beam_size=1, **options)
+            greedy = (list(segments), info)
+            hyp = self._hypothesis(greedy[0], info, language, 1, set())
+            if not hyp.words:
+                # The greedy decode is the decode (charged as one).
+                self.greedy_switched_decodes += 1
+                return hyp
+            # Words: the beam decides, with this greedy decode as the
+            # confirmation of its doubtful segments (charged as one).
+            self.confirm_decodes += 1
+            self.confirm_decoded_audio_s += len(audio) / RATE
+        if beam > 1:
+            self.beam_decodes += 1
+            self.beam_decoded_audio_s += len(audio) / RATE
+        segments, info = self.model.transcribe(audio, beam_size=beam, **options)
+        english = not self.translate and (info.language or language) == "en"
+        segments = list(segments)
+        doubtful = [seg for seg in segments if self._verdict(seg, english, beam) == DOUBTFUL]
+        confirmed: set[int] = set()
+        if doubtful and self.beam_confirm_overlap is not None:
+            if greedy is None:
+                # One greedy decode of the same audio for all the doubtful
+                # segments, judged by the greedy guards.
+                self.confirm_decodes += 1
+                self.confirm_decoded_audio_s += len(audio) / RATE
+                greedy_segments, _ = self.model.transcribe(audio, beam_size=1, **options)
+                greedy = (list(greedy_segments), None)
+            kept = [g for g in greedy[0] if self._verdict(g, english, 1) == KEEP]
+            heard = [(normalise(w.word), float(w.start), float(w.end))
+                     for g in kept for w in g.words or () if normalise(w.word)]
+            for seg in doubtful:
+                share = _overlap(seg, heard)
+                keep = share >= self.beam_confirm_overlap and (
+                    self.beam_confirm_floor is None or _mean_word_p(seg) >= self.beam_confirm_floor)
+                if keep:
+                    confirmed.add(id(seg))
+                    self.confirmed_segments += 1
+                if self.doubt_log is not None:
+                    self.doubt_log.append({**_doubt_record(seg, heard, share, keep),
+                                           "greedy_segments": [_doubt_record(g, None, None, True) for g in kept]})
+        elif doubtful and self.doubt_log is not None:
+            self.doubt_log += [_doubt_record(seg, None, None, False) for seg in doubtful]
+        return self._hypothesis(segments, info, language, beam, confirmed)
+
+    def _hypothesis(self, segments: list, info: Any, language: str | None, beam: int,
+                    confirmed: set[int]) -> Hypothesis:
+        """The words of the segments the guards keep (or a greedy decode
+        confirmed: ``confirmed`` holds their ids)."""
+        english = not self.translate and (info.language or language) == "en"
         words: list[Word] = []
         rejected = looped = 0
-        english = not self.translate and (info.language or language) == "en"
         for seg in segments:
-            if not self._plausible(seg, english, beam):
+            if self._verdict(seg, english, beam) != KEEP and id(seg) not in confirmed:
                 rejected += 1
                 looped += seg.compression_ratio > self.compression_ratio_max
                 continue
@@ -272,27 +368,73 @@ class WhisperDecoder:
                           float(info.language_probability or 0.0), looped)
 
     def _plausible(self, seg: Any, english: bool = True, beam: int = 1) -> bool:
+        return self._verdict(seg, english, beam) == KEEP
+
+    def _verdict(self, seg: Any, english: bool = True, beam: int = 1) -> str:
+        """KEEP, DROP, or DOUBTFUL: a beam decode's segment that passes
+        every guard but the beam's own (``beam_word_guard``,
+        ``beam_no_speech_max``), which a greedy decode may confirm."""
         if seg.compression_ratio > self.compression_ratio_max:
-            return False
+            return DROP
         if seg.avg_logprob < self.logprob_min:
-            return False
+            return DROP
         if seg.no_speech_prob > self.no_speech_max and seg.avg_logprob < self.no_speech_logprob:
-            return False
-        if beam > 1 and seg.no_speech_prob > self.beam_no_speech_max:
-            return False
+            return DROP
+        if normalise(seg.text) in HALLUCINATIONS \
+                and not (seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4):
+            # Said for real it is decoded with confidence and speech-like.
+            return DROP
         probabilities = [w.probability for w in seg.words or ()] if english else []
         if beam > 1:
             word_min, logprob_max, no_speech_min = self.beam_word_guard
         else:
             word_min, logprob_max, no_speech_min = \
                 self.word_probability_min, self.word_logprob_max, self.word_no_speech_min
-        if probabilities and sum(probabilities) / len(probabilities) < word_min \
-                and (seg.avg_logprob < logprob_max or seg.no_speech_prob > no_speech_min):
-            return False
-        if normalise(seg.text) in HALLUCINATIONS:
-            # Said for real it is decoded with confidence and speech-like.
-            return seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4
-        return True
+        if (beam > 1 and seg.no_speech_prob > self.beam_no_speech_max) or (
+                probabilities and sum(probabilities) / len(probabilities) < word_min
+                and (seg.avg_logprob < logprob_max or seg.no_speech_prob > no_speech_min)):
+            return DOUBTFUL if beam > 1 else DROP
+        return KEEP
+
+
+KEEP, DROP, DOUBTFUL = "keep", "drop", "doubtful"
+
+
+def _overlap(seg: Any, heard: list[tuple[str, float, float]], slack_s: float = 1.0) -> float:
+    """The share of ``seg``'s words that the greedy decode's kept words
+    (normalised text, start, end) near the segment's time span say too, in
+    the same order (longest common subsequence)."""
+    words = list(seg.words or ())
+    mine = [normalise(w.word) for w in words]
+    mine = [w for w in mine if w]
+    if not mine:
+        return 0.0
+    start, end = float(words[0].start), float(words[-1].end)
+    theirs = [t for t, a, b in heard if b >= start - slack_s and a <= end + slack_s]
+    if not theirs:
+        return 0.0
+    prev = [0] * (len(theirs) + 1)
+    for m in mine:
+        cur = [0]
+        for j, t in enumerate(theirs, 1):
+            cur.append(prev[j - 1] + 1 if m == t else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1] / len(mine)
+
+
+def _mean_word_p(seg: Any) -> float:
+    probabilities = [w.probability for w in seg.words or ()]
+    return sum(probabilities) / len(probabilities) if probabilities else 0.0
+
+
+def _doubt_record(seg: Any, heard: list | None, share: float | None, keep: bool) -> dict:
+    probabilities = [w.probability for w in seg.words or ()]
+    return {"text": seg.text, "no_speech": round(float(seg.no_speech_prob), 3),
+            "logprob": round(float(seg.avg_logprob), 3), "ratio": round(float(seg.compression_ratio), 2),
+            "word_p": round(sum(probabilities) / len(probabilities), 3) if probabilities else None,
+            "start": round(float(getattr(seg, "start", 0.0)), 2), "end": round(float(getattr(seg, "end", 0.0)), 2),
+            "greedy": None if heard is None else " ".join(t for t, _, _ in heard),
+            "overlap": None if share is None else round(share, 3), "kept": keep}
 
 
 #: faster-whisper's limit for ``max_new_tokens`` with the longest prompt
