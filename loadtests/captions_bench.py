@@ -369,7 +369,7 @@ def main() -> int:
                     help="the retry from a committed word without the committed text as prompt")
     ap.add_argument("--max-tokens-per-s", type=float,
                     help="token cap of a decode pass per second of audio (0: Whisper's own; default: the decoder's)")
-    ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 1)")
+    ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 5)")
     ap.add_argument("--final-beam", type=int,
                     help="beam width of the end-of-speech decode (default: the decoder's)")
     ap.add_argument("--beam-confirm", type=float,

@@ -200,8 +200,15 @@ class WhisperDecoder:
     #: (WER 0.45, bound 0.35): codec-degraded speech has the babble's word
     #: probabilities. And babble at beam 5 cost 100–108 % of 2 cores
     #: (process CPU, load 5–8; greedy 53–54 %). Still not the default.
-    beam_size: int = 1
-    final_beam_size: int = 1
+    #: Round 5: the default, with ``beam_confirm_overlap`` (a greedy decode
+    #: confirms the segments only the beam guard drops: the live Opus test
+    #: passed three runs of three, Opus WER 0.09–0.18) and
+    #: ``greedy_after_dropped`` (babble 33–46 % of 2 cores): 4-min seeds
+    #: 13 / 14 WER 14.5 / 20.9 % (greedy 19.1 / 20.8 %), commit latency
+    #: 1.61–1.68 / 2.44–2.49 / 3.01–3.44 s, speech CPU 32–37 %, 0 words on
+    #: all five non-speech kinds, both seeds.
+    beam_size: int = 5
+    final_beam_size: int = 5
     #: The most tokens one decode pass may generate: ``max_tokens_base`` +
     #: ``max_tokens_per_s`` per second of audio (None: Whisper's 224 a pass,
     #: up to 448 with the prompt). Speech holds far fewer (fast speech, 5
@@ -221,12 +228,18 @@ class WhisperDecoder:
     #: its words too (None: such segments are dropped, as in round 4).
     #: Codec-degraded speech is heard the same way by both decodes; babble
     #: is where the beam finds a confident path that greedy decoding does
-    #: not (round 4: the greedy decode returned no words for 14 of 18
-    #: babble segments that passed the beam's other checks).
+    #: not. Measured (tiny.en, beam 5, the bench's model clock; README
+    #: "Round 5"): the live test's clip through Opus 96 kb/s and AAC, five
+    #: step phases each — 78 doubtful segments, the confirmed ones at
+    #: overlaps 0.5–1.0, the others 0.0–0.4 (cut partial decodes, loops);
+    #: Opus WER 0.18–0.50 without (the first sentence lost or cut in three of
+    #: five phases), 0.14–0.23 with. The bench's babbles
+    #: (54 doubtful segments): overlap 0.0 for 51, 0.18 and 0.27, and one
+    #: at 1.0 (see ``beam_confirm_floor``).
     beam_confirm_overlap: float | None = 0.5
     #: A doubtful segment whose mean word probability is below this is not
     #: confirmed (None: no floor). Measured (tiny.en, beam 5, model clock):
-    #: of 53 doubtful segments of the bench's babbles (4-min inputs of seeds
+    #: of 54 doubtful segments of the bench's babbles (4-min inputs of seeds
     #: 13 and 14, 10-min input of seed 13; 8- and 3-voice, 1 min each) the
     #: greedy decode confirmed one, " I've been here for a long time."
     #: (mean word probability 0.178, greedy 0.178 at avg_logprob −0.67,
@@ -236,10 +249,15 @@ class WhisperDecoder:
     #: segments at 0.37–0.65.
     beam_confirm_floor: float | None = 0.3
     #: Back to greedy while nothing is speech: after this many decodes in a
-    #: row whose segments the guards dropped whole, decodes are greedy until
-    #: one yields words again (None: never). Babble and music are decoded
-    #: all along (the VAD hears speech in them); at beam 5 that cost 78–108 %
-    #: of 2 cores, greedily 44–63 %.
+    #: row whose segments the guards dropped whole (None: never), each decode
+    #: is greedy first; when the greedy decode hears no words it is the
+    #: decode, when it does the beam decodes the same audio and decides
+    #: (that greedy decode confirming its doubtful segments), and a decode
+    #: with words ends the state. Babble is decoded all along (the VAD hears
+    #: speech in it); at beam 5 that cost 78–108 % of 2 cores, greedily
+    #: 44–63 %. Greedy alone in that state (tried first) let 3-voice babble
+    #: through: 29 words in 1 min, bench seed 14, the greedy guards' leak
+    #: (README "Round 4"); greedy first then the beam: 0.
     greedy_after_dropped: int | None = 4
     #: Decodes made with a beam wider than 1 and their audio (the
     #: benchmark's model clock charges them their own cost).

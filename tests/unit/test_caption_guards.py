@@ -76,6 +76,10 @@ SPEECH = [
 ]
 
 
+#: Greedy decodes (beam 5 is the decoders' default): the greedy guards' tests.
+GREEDY = dict(beam_size=1, final_beam_size=1)
+
+
 class _Model:
     """faster-whisper's transcribe() shape, returning captured segments."""
 
@@ -88,21 +92,21 @@ class _Model:
 
 
 def test_captured_babble_yields_no_words() -> None:
-    decoder = WhisperDecoder(_Model(BABBLE))  # the default guard
+    decoder = WhisperDecoder(_Model(BABBLE), **GREEDY)  # the greedy guard
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert hyp.words == ()
     assert hyp.rejected == len(BABBLE)
 
 
 def test_speech_segments_pass_the_guards() -> None:
-    decoder = WhisperDecoder(_Model(SPEECH), word_probability_min=0.5)
+    decoder = WhisperDecoder(_Model(SPEECH), word_probability_min=0.5, **GREEDY)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert " ".join(w.text for w in hyp.words) == "My grandmother will start the story on the last. My friend mother..."
     assert hyp.rejected == 0
 
 
 def test_low_confidence_speech_passes_the_word_probability_guard() -> None:
-    decoder = WhisperDecoder(_Model(LOW_CONFIDENCE_SPEECH))  # the default guard
+    decoder = WhisperDecoder(_Model(LOW_CONFIDENCE_SPEECH), **GREEDY)  # the greedy guard
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert " ".join(w.text for w in hyp.words) == "The quick round -fark storm. The quick route."
     assert hyp.rejected == 0
@@ -111,14 +115,14 @@ def test_low_confidence_speech_passes_the_word_probability_guard() -> None:
 def test_word_probability_guard_is_what_rejects_babble() -> None:
     # Without it (word_probability_min 0: the segment guards only) the
     # babble gets through: the word probabilities are the evidence.
-    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0)
+    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0, **GREEDY)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert len(hyp.words) > 40
 
 
 def test_thank_you_on_silence_is_still_rejected() -> None:
     thanks = segment(" Thank you.", 0.35, -0.6, 0.7, [(" Thank", 0.7), (" you.", 0.9)])
-    hyp = WhisperDecoder(_Model([thanks])).decode(np.zeros(16000, np.float32), prompt="", language="en")
+    hyp = WhisperDecoder(_Model([thanks]), **GREEDY).decode(np.zeros(16000, np.float32), prompt="", language="en")
     assert hyp.words == ()
 
 
@@ -129,10 +133,10 @@ def test_word_probability_guard_is_for_english_transcription_only() -> None:
     spanish = segment(" Buenos nias", 0.07, -0.97, 0.8, [(" Buenos", 0.52), (" nias", 0.26)])
     model = _Model([spanish])
     model.model.is_multilingual = True
-    hyp = WhisperDecoder(model, word_probability_min=0.5).decode(np.zeros(16000, np.float32), prompt="",
+    hyp = WhisperDecoder(model, word_probability_min=0.5, **GREEDY).decode(np.zeros(16000, np.float32), prompt="",
                                                                  language="es")
     assert [w.text for w in hyp.words] == ["Buenos", "nias"]
-    hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5).decode(
+    hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5, **GREEDY).decode(
         np.zeros(16000, np.float32), prompt="", language="en")
     assert len(hyp.words) == 2
 
@@ -150,11 +154,11 @@ def test_words_the_alignment_gives_no_audio_are_dropped_at_the_end() -> None:
     real = [(0.0, 0.56), (0.56, 0.82), (0.82, 1.16), (1.16, 1.56), (3.44, 3.84), (3.84, 4.18)]
     copy = [(4.18, 4.18)] * 6
     seg = _timed(f"{said} {said}", real + copy)
-    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    hyp = WhisperDecoder(_Model([seg]), **GREEDY).decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert " ".join(w.text for w in hyp.words) == said
     # One squeezed last word (cut by the end of the audio) is real: kept.
     seg = _timed("before midnight", [(3.44, 3.84), (3.84, 3.84)])
-    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 4, np.float32), prompt="", language="en")
+    hyp = WhisperDecoder(_Model([seg]), **GREEDY).decode(np.zeros(16000 * 4, np.float32), prompt="", language="en")
     assert [w.text for w in hyp.words] == ["before", "midnight"]
 
 
@@ -242,7 +246,7 @@ def test_beam_decodes_have_their_own_babble_guard() -> None:
     assert beam.decode(x, prompt="", language="en", final=True).words == ()
     # The greedy thresholds let every one of them through: the beam's words
     # look surer than a greedy decode's.
-    greedy = WhisperDecoder(_Model(BEAM_BABBLE))
+    greedy = WhisperDecoder(_Model(BEAM_BABBLE), **GREEDY)
     assert greedy.decode(x, prompt="", language="en").rejected == 0
     beam = WhisperDecoder(_Model(BEAM_SPEECH), beam_size=5, final_beam_size=5)
     hyp = beam.decode(x, prompt="", language="en")
@@ -383,7 +387,7 @@ def test_decodes_go_greedy_first_while_the_guards_drop_everything() -> None:
     assert model.beams == [5, 1] * 6
     # Greedy decoders are not switched.
     model = _TwoWayModel([], BABBLE)
-    decoder = WhisperDecoder(model, greedy_after_dropped=1)
+    decoder = WhisperDecoder(model, greedy_after_dropped=1, **GREEDY)
     for _ in range(3):
         decoder.decode(x, prompt="", language="en")
     assert model.beams == [1, 1, 1] and decoder.greedy_switched_decodes == 0
