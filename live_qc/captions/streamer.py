@@ -201,8 +201,9 @@ class WhisperDecoder:
     #: probabilities. And babble at beam 5 cost 100–108 % of 2 cores
     #: (process CPU, load 5–8; greedy 53–54 %). Still not the default.
     #: Round 5: the default, with ``beam_confirm_overlap`` (a greedy decode
-    #: confirms the segments only the beam guard drops: the live Opus test
-    #: passed three runs of three, Opus WER 0.09–0.18) and
+    #: confirms the segments only the beam guard drops: the live test
+    #: passed six runs of six, Opus WER 0.09–0.23, AAC 0.05–0.23 and once
+    #: 0.41 at load 10) and
     #: ``greedy_after_dropped`` (babble 33–46 % of 2 cores): 4-min seeds
     #: 13 / 14 WER 14.5 / 20.9 % (greedy 19.1 / 20.8 %), commit latency
     #: 1.61–1.68 / 2.44–2.49 / 3.01–3.44 s, speech CPU 32–37 %, 0 words on
