@@ -202,7 +202,7 @@ class WhisperDecoder:
     #: (process CPU, load 5–8; greedy 53–54 %). Still not the default.
     #: Round 5: the default, with ``beam_confirm_overlap`` (a greedy decode
     #: confirms the segments only the beam guard drops: the live test
-    #: passed six runs of six, Opus WER 0.09–0.23, AAC 0.05–0.23 and once
+    #: passed seven runs of seven, Opus WER 0.09–0.23, AAC 0.05–0.23 and once
     #: 0.41 at load 10) and
     #: ``greedy_after_dropped`` (babble 33–46 % of 2 cores): 4-min seeds
     #: 13 / 14 WER 14.5 / 20.9 % (greedy 19.1 / 20.8 %), commit latency
