@@ -271,6 +271,8 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
     decoded_before = 0.0
     finals_before = 0
     final_audio_before = 0.0
+    confirms_before = 0
+    confirm_audio_before = 0.0
     streamer = engine.new_streamer("bench", options)
     decodes_log: list = []
     policy_log: list = []
@@ -298,16 +300,22 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
         wall_spent = time.perf_counter() - began
         finals = getattr(streamer.decoder, "beam_decodes", 0)
         final_audio = getattr(streamer.decoder, "beam_decoded_audio_s", 0.0)
+        confirms = getattr(streamer.decoder, "confirm_decodes", 0)
+        confirm_audio = getattr(streamer.decoder, "confirm_decoded_audio_s", 0.0)
         if clock_kind == "model":
-            # Decodes with a beam (the final decode's, ``--final-beam``) at their own cost.
+            # Decodes with a beam (the final decode's, ``--final-beam``) at their own cost;
+            # the greedy decodes that confirm a doubtful beam segment as greedy ones.
             n_final, audio_final = finals - finals_before, final_audio - final_audio_before
-            spent = (MODEL_DECODE_S * (streamer.decodes - decodes_before - n_final)
-                     + MODEL_DECODE_PER_AUDIO_S * (streamer.decoded_audio_s - decoded_before - audio_final)
+            n_confirm, audio_confirm = confirms - confirms_before, confirm_audio - confirm_audio_before
+            spent = (MODEL_DECODE_S * (streamer.decodes - decodes_before - n_final + n_confirm)
+                     + MODEL_DECODE_PER_AUDIO_S * (streamer.decoded_audio_s - decoded_before - audio_final
+                                                   + audio_confirm)
                      + MODEL_BEAM_DECODE_S * n_final + MODEL_BEAM_DECODE_PER_AUDIO_S * audio_final)
         else:
             spent = wall_spent if clock_kind == "wall" else (_cpu() - cpu_began) / threads
         decodes_before, decoded_before = streamer.decodes, streamer.decoded_audio_s
         finals_before, final_audio_before = finals, final_audio
+        confirms_before, confirm_audio_before = confirms, confirm_audio
         busy += wall_spent
         clock += spent
         emitted += [(clock, c) for c in captions]
@@ -327,10 +335,14 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
     emitted += [(clock, c) for c in captions]
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    d = streamer.decoder
     return {"emitted": emitted, "busy_s": busy, "cpu_s": cpu, "media_s": len(x) / RATE,
             "skipped_s": streamer.skipped_s, "max_lag_s": max_lag, "decodes": streamer.decodes,
             "retries": streamer.retries, "retries_from_committed": streamer.retries_from_committed,
-            "echoed": getattr(streamer.decoder, "echoed_segments", 0), "looped": streamer.looped_segments}
+            "echoed": getattr(d, "echoed_segments", 0), "looped": streamer.looped_segments,
+            "beam_decodes": getattr(d, "beam_decodes", 0), "confirm_decodes": getattr(d, "confirm_decodes", 0),
+            "confirmed_segments": getattr(d, "confirmed_segments", 0),
+            "greedy_switched_decodes": getattr(d, "greedy_switched_decodes", 0)}
 
 
 def latencies(emitted: list[tuple[float, Caption]]) -> tuple[list[tuple[float, float]], list[float]]:
@@ -396,13 +408,19 @@ def main() -> int:
                     help="the retry from a committed word without the committed text as prompt")
     ap.add_argument("--max-tokens-per-s", type=float,
                     help="token cap of a decode pass per second of audio (0: Whisper's own; default: the decoder's)")
-    ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 1)")
+    ap.add_argument("--beam", type=int, help="beam width of the partial decodes (default: the decoder's, 5)")
     ap.add_argument("--final-beam", type=int,
                     help="beam width of the end-of-speech decode (default: the decoder's)")
     ap.add_argument("--guards-off", nargs="+", default=[], metavar="GUARD",
                     choices=["segment_words", "phrase_loops", "echo"],
                     help="turn off round 5's guards (WhisperDecoder.segment_word_probability_min, "
                     "phrase_loop_times, echo_min_words) to compare")
+    ap.add_argument("--beam-confirm", type=float,
+                    help="greedy confirmation of a doubtful beam segment: word overlap needed (0: off; "
+                    "default: the decoder's)")
+    ap.add_argument("--greedy-after-dropped", type=int,
+                    help="decode greedily after this many decodes in a row dropped whole, until one yields "
+                    "words (0: never; default: the decoder's)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
     ap.add_argument("--clock", choices=["wall", "cpu", "model"], default="wall",
                     help="what a decode step costs on the simulated clock (see stream(), MODEL_DECODE_S)")
@@ -446,6 +464,10 @@ def main() -> int:
         options["phrase_loop_times"] = None
     if "echo" in args.guards_off:
         options["echo_min_words"] = None
+    if args.beam_confirm is not None:
+        options["beam_confirm_overlap"] = args.beam_confirm or None
+    if args.greedy_after_dropped is not None:
+        options["greedy_after_dropped"] = args.greedy_after_dropped or None
     engine = CaptionEngine()
     load = os.getloadavg()[0]
     trace: list | None = [] if args.trace else None
@@ -474,7 +496,11 @@ def main() -> int:
         "skipped_s": round(run["skipped_s"], 2), "max_lag_s": round(run["max_lag_s"], 2),
         "decodes": run["decodes"], "retries": run["retries"],
         "retries_from_committed": run["retries_from_committed"], "echoed_segments": run["echoed"],
-        "looped_segments": run["looped"], "retry_dropped": not args.no_retry,
+        "looped_segments": run["looped"], "beam_decodes": run["beam_decodes"],
+        "confirm_decodes": run["confirm_decodes"], "confirmed_segments": run["confirmed_segments"],
+        "greedy_switched_decodes": run["greedy_switched_decodes"],
+        "beam_confirm": args.beam_confirm, "greedy_after_dropped": args.greedy_after_dropped,
+        "retry_dropped": not args.no_retry,
         "retry_without_prompt": not args.no_retry_without_prompt, "retry_prompt": not args.no_retry_prompt,
     }
     if not args.skip_offline:
@@ -514,6 +540,7 @@ def main() -> int:
         words[f"{name}_echoed"] = r["echoed"]
         if invented_from:
             words[f"{name}_speech_s"] = round(invented_from, 1)
+        words[f"{name}_decodes"] = [r["decodes"], r["beam_decodes"], r["confirm_decodes"]]
     report["nonspeech_min"] = args.nonspeech_minutes
     report["nonspeech_words"] = words
     if args.json:

@@ -239,8 +239,16 @@ class WhisperDecoder:
     #: (WER 0.45, bound 0.35): codec-degraded speech has the babble's word
     #: probabilities. And babble at beam 5 cost 100–108 % of 2 cores
     #: (process CPU, load 5–8; greedy 53–54 %). Still not the default.
-    beam_size: int = 1
-    final_beam_size: int = 1
+    #: Round 5: the default, with ``beam_confirm_overlap`` (a greedy decode
+    #: confirms the segments only the beam guard drops: the live test
+    #: passed seven runs of seven, Opus WER 0.09–0.23, AAC 0.05–0.23 and once
+    #: 0.41 at load 10) and
+    #: ``greedy_after_dropped`` (babble 33–46 % of 2 cores): 4-min seeds
+    #: 13 / 14 WER 14.5 / 20.9 % (greedy 19.1 / 20.8 %), commit latency
+    #: 1.61–1.68 / 2.44–2.49 / 3.01–3.44 s, speech CPU 32–37 %, 0 words on
+    #: all five non-speech kinds, both seeds.
+    beam_size: int = 5
+    final_beam_size: int = 5
     #: The most tokens one decode pass may generate: ``max_tokens_base`` +
     #: ``max_tokens_per_s`` per second of audio (None: Whisper's 224 a pass,
     #: up to 448 with the prompt). Speech holds far fewer (fast speech, 5
@@ -253,10 +261,61 @@ class WhisperDecoder:
     #: the commit latency of the words waiting behind them at 5–7 s.
     max_tokens_base: int = 16
     max_tokens_per_s: float | None = 10.0
+    #: Greedy confirmation of a doubtful beam segment: a segment of a beam
+    #: decode that only the beam's own guard (``beam_word_guard``,
+    #: ``beam_no_speech_max``) would drop is kept when a greedy decode of
+    #: the same audio, under the greedy guards, says at least this share of
+    #: its words too (None: such segments are dropped, as in round 4).
+    #: Codec-degraded speech is heard the same way by both decodes; babble
+    #: is where the beam finds a confident path that greedy decoding does
+    #: not. Measured (tiny.en, beam 5, the bench's model clock; README
+    #: "Round 5"): the live test's clip through Opus 96 kb/s and AAC, five
+    #: step phases each — 78 doubtful segments, the confirmed ones at
+    #: overlaps 0.5–1.0, the others 0.0–0.4 (cut partial decodes, loops);
+    #: Opus WER 0.18–0.50 without (the first sentence lost or cut in three of
+    #: five phases), 0.14–0.23 with. The bench's babbles
+    #: (54 doubtful segments): overlap 0.0 for 51, 0.18 and 0.27, and one
+    #: at 1.0 (see ``beam_confirm_floor``).
+    beam_confirm_overlap: float | None = 0.5
+    #: A doubtful segment whose mean word probability is below this is not
+    #: confirmed (None: no floor). Measured (tiny.en, beam 5, model clock):
+    #: of 54 doubtful segments of the bench's babbles (4-min inputs of seeds
+    #: 13 and 14, 10-min input of seed 13; 8- and 3-voice, 1 min each) the
+    #: greedy decode confirmed one, " I've been here for a long time."
+    #: (mean word probability 0.178, greedy 0.178 at avg_logprob −0.67,
+    #: no_speech_prob 0.16: the greedy guards pass it), and Whisper then
+    #: said it again after it as its prompt (45 words); the live test's
+    #: clip through Opus and AAC (five step phases each) had its confirmed
+    #: segments at 0.37–0.65.
+    beam_confirm_floor: float | None = 0.3
+    #: Back to greedy while nothing is speech: after this many decodes in a
+    #: row whose segments the guards dropped whole (None: never), each decode
+    #: is greedy first; when the greedy decode hears no words it is the
+    #: decode, when it does the beam decodes the same audio and decides
+    #: (that greedy decode confirming its doubtful segments), and a decode
+    #: with words ends the state. Babble is decoded all along (the VAD hears
+    #: speech in it); at beam 5 that cost 78–108 % of 2 cores, greedily
+    #: 44–63 %. Greedy alone in that state (tried first) let 3-voice babble
+    #: through: 29 words in 1 min, bench seed 14, the greedy guards' leak
+    #: (README "Round 4"); greedy first then the beam: 0.
+    greedy_after_dropped: int | None = 4
     #: Decodes made with a beam wider than 1 and their audio (the
     #: benchmark's model clock charges them their own cost).
     beam_decodes: int = 0
     beam_decoded_audio_s: float = 0.0
+    #: Greedy decodes made to confirm doubtful beam segments (not counted as
+    #: the caller's decodes) and their audio; segments kept by them.
+    confirm_decodes: int = 0
+    confirm_decoded_audio_s: float = 0.0
+    confirmed_segments: int = 0
+    #: Decodes made greedy only by ``greedy_after_dropped`` (the greedy
+    #: decode heard no words, so no beam decode followed).
+    greedy_switched_decodes: int = 0
+    #: Decodes in a row whose segments were all dropped.
+    dropped_run: int = 0
+    #: When a list: one record per beam-doubtful segment (text, scores,
+    #: the greedy words it was compared with, the overlap, the verdict).
+    doubt_log: list | None = None
 
     @property
     def multilingual(self) -> bool:
@@ -265,45 +324,106 @@ class WhisperDecoder:
     def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
                final: bool = False) -> Hypothesis:
         beam = self.final_beam_size if final else self.beam_size
-        if beam > 1:
-            self.beam_decodes += 1
-            self.beam_decoded_audio_s += len(audio) / RATE
+        # Nothing but dropped decodes lately (babble, music): greedy first,
+        # the beam only once the greedy decode hears words.
+        greedy_first = beam > 1 and self.greedy_after_dropped is not None \
+            and self.dropped_run >= self.greedy_after_dropped
         windowed = self.window_margin_s is not None and hasattr(self.model, "encoder_frames")
         if windowed:
             # Whole seconds, so that the encoder sees few distinct shapes.
             seconds = min(30, int(np.ceil(len(audio) / RATE + self.window_margin_s)))
             self.model.encoder_frames = seconds * 100
         try:
-            return self._decode(audio, prompt=prompt, language=language, beam=beam)
+            hyp = self._decode(audio, prompt=prompt, language=language, beam=beam, greedy_first=greedy_first)
         finally:
             if windowed:
                 self.model.encoder_frames = None
+        if hyp.words:
+            self.dropped_run = 0
+        elif hyp.rejected:
+            self.dropped_run += 1
+        return hyp
 
-    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None, beam: int = 1) -> Hypothesis:
+    def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None, beam: int = 1,
+                greedy_first: bool = False) -> Hypothesis:
         max_new_tokens = None
         if self.max_tokens_per_s is not None:
             # The prompt takes at most 224 of Whisper's 448 positions.
             max_new_tokens = min(MAX_NEW_TOKENS, self.max_tokens_base
                                  + int(np.ceil(self.max_tokens_per_s * len(audio) / RATE)))
-        segments, info = self.model.transcribe(
-            audio, language=language, task="translate" if self.translate else "transcribe",
-            beam_size=beam, best_of=1, temperature=0.0,
-            # One pass, no fallback re-decodes at higher temperatures (they
-            # cost a multiple and are where loops and inventions come from);
-            # the guards below reject what a fallback would have retried.
-            compression_ratio_threshold=None, log_prob_threshold=None, no_speech_threshold=None,
-            condition_on_previous_text=False, initial_prompt=prompt or None,
-            word_timestamps=True, vad_filter=False, without_timestamps=False,
-            max_new_tokens=max_new_tokens)
+        options = dict(language=language, task="translate" if self.translate else "transcribe",
+                       best_of=1, temperature=0.0,
+                       # One pass, no fallback re-decodes at higher temperatures (they
+                       # cost a multiple and are where loops and inventions come from);
+                       # the guards below reject what a fallback would have retried.
+                       compression_ratio_threshold=None, log_prob_threshold=None, no_speech_threshold=None,
+                       condition_on_previous_text=False, initial_prompt=prompt or None,
+                       word_timestamps=True, vad_filter=False, without_timestamps=False,
+                       max_new_tokens=max_new_tokens)
+        # The prompt's words, for the echo guard (WhisperDecoder._loops).
+        said = [k for k in (normalise(t) for t in prompt.split()) if k] if self.echo_min_words else []
+        greedy: tuple[list, Any] | None = None
+        if greedy_first:
+            segments, info = self.model.transcribe(audio, beam_size=1, **options)
+            greedy = (list(segments), info)
+            hyp = self._hypothesis(greedy[0], info, language, 1, set(), said)
+            if not hyp.words:
+                # The greedy decode is the decode (charged as one).
+                self.greedy_switched_decodes += 1
+                return hyp
+            # Words: the beam decides, with this greedy decode as the
+            # confirmation of its doubtful segments (charged as one).
+            self.confirm_decodes += 1
+            self.confirm_decoded_audio_s += len(audio) / RATE
+        if beam > 1:
+            self.beam_decodes += 1
+            self.beam_decoded_audio_s += len(audio) / RATE
+        segments, info = self.model.transcribe(audio, beam_size=beam, **options)
+        english = not self.translate and (info.language or language) == "en"
+        segments = list(segments)
+        doubtful = [seg for seg in segments
+                    if self._verdict(seg, english, beam) == DOUBTFUL and not self._loops(seg, said)]
+        confirmed: set[int] = set()
+        if doubtful and self.beam_confirm_overlap is not None:
+            if greedy is None:
+                # One greedy decode of the same audio for all the doubtful
+                # segments, judged by the greedy guards.
+                self.confirm_decodes += 1
+                self.confirm_decoded_audio_s += len(audio) / RATE
+                greedy_segments, _ = self.model.transcribe(audio, beam_size=1, **options)
+                greedy = (list(greedy_segments), None)
+            # A greedy loop or echo confirms nothing.
+            kept = [g for g in greedy[0] if self._verdict(g, english, 1) == KEEP and not self._loops(g, said)]
+            heard = [(normalise(w.word), float(w.start), float(w.end))
+                     for g in kept for w in g.words or () if normalise(w.word)]
+            for seg in doubtful:
+                share = _overlap(seg, heard)
+                keep = share >= self.beam_confirm_overlap and (
+                    self.beam_confirm_floor is None or _mean_word_p(seg) >= self.beam_confirm_floor)
+                if keep:
+                    confirmed.add(id(seg))
+                    self.confirmed_segments += 1
+                if self.doubt_log is not None:
+                    self.doubt_log.append({**_doubt_record(seg, heard, share, keep),
+                                           "greedy_segments": [_doubt_record(g, None, None, True) for g in kept]})
+        elif doubtful and self.doubt_log is not None:
+            self.doubt_log += [_doubt_record(seg, None, None, False) for seg in doubtful]
+        return self._hypothesis(segments, info, language, beam, confirmed, said)
+
+    def _hypothesis(self, segments: list, info: Any, language: str | None, beam: int,
+                    confirmed: set[int], said: Sequence[str] = ()) -> Hypothesis:
+        """The words of the segments the guards keep (or a greedy decode
+        confirmed: ``confirmed`` holds their ids)."""
+        english = not self.translate and (info.language or language) == "en"
         words: list[Word] = []
         rejected = looped = 0
-        english = not self.translate and (info.language or language) == "en"
-        said = [k for k in (normalise(t) for t in prompt.split()) if k] if self.echo_min_words else []
         for seg in segments:
             loop = self._loops(seg, said)
-            if loop or not self._plausible(seg, english, beam):
+            if loop == "echo":
+                self.echoed_segments += 1
+            if loop or (self._verdict(seg, english, beam) != KEEP and id(seg) not in confirmed):
                 rejected += 1
-                looped += loop
+                looped += loop is not None
                 continue
             for w in seg.words or ():
                 text = w.word.strip()
@@ -312,12 +432,12 @@ class WhisperDecoder:
         return Hypothesis(tuple(_drop_unheard(words)), info.language or language or "en", rejected,
                           float(info.language_probability or 0.0), looped)
 
-    def _loops(self, seg: Any, prompt: Sequence[str] = ()) -> bool:
-        """The decoder repeating itself: text that compresses too well, a
-        phrase said again and again, or the prompt said again where the
-        audio does not hold it."""
+    def _loops(self, seg: Any, prompt: Sequence[str] = ()) -> str | None:
+        """The decoder repeating itself: "loop" for text that compresses
+        too well or a phrase said again and again, "echo" for the prompt
+        said again where the audio does not hold it; None: neither."""
         if seg.compression_ratio > self.compression_ratio_max:
-            return True
+            return "loop"
         heard = [(k, w.probability) for k, w in ((normalise(w.word), w) for w in seg.words or ()) if k]
         keys = [k for k, _ in heard]
         probabilities = [p for _, p in heard]
@@ -326,20 +446,29 @@ class WhisperDecoder:
                 or repeats_phrase(keys, times=self.phrase_loop_times)
                 or repeats_phrase(keys, times=2, probabilities=probabilities,
                                   below=self.weak_phrase_loop_probability)):
-            return True
+            return "loop"
         if prompt and self.echo_min_words is not None and weak_echo(
                 keys, probabilities, prompt, min_run=self.echo_min_words, below=self.echo_probability_max):
-            self.echoed_segments += 1
-            return True
-        return False
+            return "echo"
+        return None
 
     def _plausible(self, seg: Any, english: bool = True, beam: int = 1) -> bool:
+        return self._verdict(seg, english, beam) == KEEP
+
+    def _verdict(self, seg: Any, english: bool = True, beam: int = 1) -> str:
+        """KEEP, DROP, or DOUBTFUL: a beam decode's segment that passes
+        every guard but the beam's own (``beam_word_guard``,
+        ``beam_no_speech_max``), which a greedy decode may confirm."""
+        if seg.compression_ratio > self.compression_ratio_max:
+            return DROP
         if seg.avg_logprob < self.logprob_min:
-            return False
+            return DROP
         if seg.no_speech_prob > self.no_speech_max and seg.avg_logprob < self.no_speech_logprob:
-            return False
-        if beam > 1 and seg.no_speech_prob > self.beam_no_speech_max:
-            return False
+            return DROP
+        if normalise(seg.text) in HALLUCINATIONS \
+                and not (seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4):
+            # Said for real it is decoded with confidence and speech-like.
+            return DROP
         probabilities = [w.probability for w in seg.words or ()] if english else []
         if beam > 1:
             word_min, logprob_max, no_speech_min = self.beam_word_guard
@@ -348,13 +477,51 @@ class WhisperDecoder:
                 self.word_probability_min, self.word_logprob_max, self.word_no_speech_min
         mean = sum(probabilities) / len(probabilities) if probabilities else 1.0
         if mean < self.segment_word_probability_min:
-            return False
-        if mean < word_min and (seg.avg_logprob < logprob_max or seg.no_speech_prob > no_speech_min):
-            return False
-        if normalise(seg.text) in HALLUCINATIONS:
-            # Said for real it is decoded with confidence and speech-like.
-            return seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4
-        return True
+            return DROP
+        if (beam > 1 and seg.no_speech_prob > self.beam_no_speech_max) or (
+                mean < word_min and (seg.avg_logprob < logprob_max or seg.no_speech_prob > no_speech_min)):
+            return DOUBTFUL if beam > 1 else DROP
+        return KEEP
+
+
+KEEP, DROP, DOUBTFUL = "keep", "drop", "doubtful"
+
+
+def _overlap(seg: Any, heard: list[tuple[str, float, float]], slack_s: float = 1.0) -> float:
+    """The share of ``seg``'s words that the greedy decode's kept words
+    (normalised text, start, end) near the segment's time span say too, in
+    the same order (longest common subsequence)."""
+    words = list(seg.words or ())
+    mine = [normalise(w.word) for w in words]
+    mine = [w for w in mine if w]
+    if not mine:
+        return 0.0
+    start, end = float(words[0].start), float(words[-1].end)
+    theirs = [t for t, a, b in heard if b >= start - slack_s and a <= end + slack_s]
+    if not theirs:
+        return 0.0
+    prev = [0] * (len(theirs) + 1)
+    for m in mine:
+        cur = [0]
+        for j, t in enumerate(theirs, 1):
+            cur.append(prev[j - 1] + 1 if m == t else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1] / len(mine)
+
+
+def _mean_word_p(seg: Any) -> float:
+    probabilities = [w.probability for w in seg.words or ()]
+    return sum(probabilities) / len(probabilities) if probabilities else 0.0
+
+
+def _doubt_record(seg: Any, heard: list | None, share: float | None, keep: bool) -> dict:
+    probabilities = [w.probability for w in seg.words or ()]
+    return {"text": seg.text, "no_speech": round(float(seg.no_speech_prob), 3),
+            "logprob": round(float(seg.avg_logprob), 3), "ratio": round(float(seg.compression_ratio), 2),
+            "word_p": round(sum(probabilities) / len(probabilities), 3) if probabilities else None,
+            "start": round(float(getattr(seg, "start", 0.0)), 2), "end": round(float(getattr(seg, "end", 0.0)), 2),
+            "greedy": None if heard is None else " ".join(t for t, _, _ in heard),
+            "overlap": None if share is None else round(share, 3), "kept": keep}
 
 
 #: faster-whisper's limit for ``max_new_tokens`` with the longest prompt

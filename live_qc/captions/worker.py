@@ -188,6 +188,13 @@ class CaptionEngine:
             if key in options:
                 # None: that guard off (the benchmark compares both).
                 setattr(decoder, key, None if options[key] is None else int(options[key]))
+        # None: off (round 4's beam guard alone; always the beam).
+        if "beam_confirm_overlap" in options:
+            v = options["beam_confirm_overlap"]
+            decoder.beam_confirm_overlap = None if v is None else float(v)
+        if "greedy_after_dropped" in options:
+            v = options["greedy_after_dropped"]
+            decoder.greedy_after_dropped = None if v is None else int(v)
         if "max_tokens_per_s" in options:
             # None: Whisper's own limit (the benchmark compares both).
             per_s = options["max_tokens_per_s"]

@@ -76,6 +76,10 @@ SPEECH = [
 ]
 
 
+#: Greedy decodes (beam 5 is the decoders' default): the greedy guards' tests.
+GREEDY = dict(beam_size=1, final_beam_size=1)
+
+
 class _Model:
     """faster-whisper's transcribe() shape, returning captured segments."""
 
@@ -88,21 +92,21 @@ class _Model:
 
 
 def test_captured_babble_yields_no_words() -> None:
-    decoder = WhisperDecoder(_Model(BABBLE))  # the default guard
+    decoder = WhisperDecoder(_Model(BABBLE), **GREEDY)  # the greedy guard
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert hyp.words == ()
     assert hyp.rejected == len(BABBLE)
 
 
 def test_speech_segments_pass_the_guards() -> None:
-    decoder = WhisperDecoder(_Model(SPEECH), word_probability_min=0.5)
+    decoder = WhisperDecoder(_Model(SPEECH), word_probability_min=0.5, **GREEDY)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert " ".join(w.text for w in hyp.words) == "My grandmother will start the story on the last. My friend mother..."
     assert hyp.rejected == 0
 
 
 def test_low_confidence_speech_passes_the_word_probability_guard() -> None:
-    decoder = WhisperDecoder(_Model(LOW_CONFIDENCE_SPEECH))  # the default guard
+    decoder = WhisperDecoder(_Model(LOW_CONFIDENCE_SPEECH), **GREEDY)  # the greedy guard
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert " ".join(w.text for w in hyp.words) == "The quick round -fark storm. The quick route."
     assert hyp.rejected == 0
@@ -114,17 +118,17 @@ def test_word_probability_guard_is_what_rejects_babble() -> None:
     # these segments are also loops and one is weak enough on its own
     # (round 5's guards, below): those off too.
     decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0, segment_word_probability_min=0.0,
-                             phrase_loop_times=None)
+                             phrase_loop_times=None, **GREEDY)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert len(hyp.words) > 40
-    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0)
+    decoder = WhisperDecoder(_Model(BABBLE), word_probability_min=0.0, **GREEDY)
     hyp = decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert (hyp.rejected, hyp.looped) == (3, 2)
 
 
 def test_thank_you_on_silence_is_still_rejected() -> None:
     thanks = segment(" Thank you.", 0.35, -0.6, 0.7, [(" Thank", 0.7), (" you.", 0.9)])
-    hyp = WhisperDecoder(_Model([thanks])).decode(np.zeros(16000, np.float32), prompt="", language="en")
+    hyp = WhisperDecoder(_Model([thanks]), **GREEDY).decode(np.zeros(16000, np.float32), prompt="", language="en")
     assert hyp.words == ()
 
 
@@ -135,10 +139,10 @@ def test_word_probability_guard_is_for_english_transcription_only() -> None:
     spanish = segment(" Buenos nias", 0.07, -0.97, 0.8, [(" Buenos", 0.52), (" nias", 0.26)])
     model = _Model([spanish])
     model.model.is_multilingual = True
-    hyp = WhisperDecoder(model, word_probability_min=0.5).decode(np.zeros(16000, np.float32), prompt="",
+    hyp = WhisperDecoder(model, word_probability_min=0.5, **GREEDY).decode(np.zeros(16000, np.float32), prompt="",
                                                                  language="es")
     assert [w.text for w in hyp.words] == ["Buenos", "nias"]
-    hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5).decode(
+    hyp = WhisperDecoder(_Model([spanish]), translate=True, word_probability_min=0.5, **GREEDY).decode(
         np.zeros(16000, np.float32), prompt="", language="en")
     assert len(hyp.words) == 2
 
@@ -156,11 +160,11 @@ def test_words_the_alignment_gives_no_audio_are_dropped_at_the_end() -> None:
     real = [(0.0, 0.56), (0.56, 0.82), (0.82, 1.16), (1.16, 1.56), (3.44, 3.84), (3.84, 4.18)]
     copy = [(4.18, 4.18)] * 6
     seg = _timed(f"{said} {said}", real + copy)
-    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
+    hyp = WhisperDecoder(_Model([seg]), **GREEDY).decode(np.zeros(16000 * 5, np.float32), prompt="", language="en")
     assert " ".join(w.text for w in hyp.words) == said
     # One squeezed last word (cut by the end of the audio) is real: kept.
     seg = _timed("before midnight", [(3.44, 3.84), (3.84, 3.84)])
-    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 4, np.float32), prompt="", language="en")
+    hyp = WhisperDecoder(_Model([seg]), **GREEDY).decode(np.zeros(16000 * 4, np.float32), prompt="", language="en")
     assert [w.text for w in hyp.words] == ["before", "midnight"]
 
 
@@ -241,20 +245,23 @@ BEAM_SPEECH = [segment(t, ns, lp, cr, _even(t, wp)) for t, ns, lp, cr, wp in [
 
 def test_beam_decodes_have_their_own_babble_guard() -> None:
     x = np.zeros(16000 * 5, np.float32)
-    beam = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=5, final_beam_size=5)
+    # The guard alone (no greedy confirmation: this model would say the
+    # same segments greedily, see the confirmation tests below).
+    beam = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=5, final_beam_size=5, beam_confirm_overlap=None)
     assert beam.decode(x, prompt="", language="en").words == ()
     assert beam.decode(x, prompt="", language="en", final=True).words == ()
     # The greedy thresholds let every one of them through: the beam's words
     # look surer than a greedy decode's. (Only the loop guard catches one:
     # "thank you" five times.)
-    greedy = WhisperDecoder(_Model(BEAM_BABBLE), phrase_loop_times=None)
+    greedy = WhisperDecoder(_Model(BEAM_BABBLE), phrase_loop_times=None, **GREEDY)
     assert greedy.decode(x, prompt="", language="en").rejected == 0
-    assert WhisperDecoder(_Model(BEAM_BABBLE)).decode(x, prompt="", language="en").looped == 1
+    assert WhisperDecoder(_Model(BEAM_BABBLE), **GREEDY).decode(x, prompt="", language="en").looped == 1
     beam = WhisperDecoder(_Model(BEAM_SPEECH), beam_size=5, final_beam_size=5)
     hyp = beam.decode(x, prompt="", language="en")
     assert hyp.rejected == 0 and len(hyp.words) == 31
     # A beam only on the final decode: the partials keep the greedy guard.
-    mixed = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=1, final_beam_size=5, phrase_loop_times=None)
+    mixed = WhisperDecoder(_Model(BEAM_BABBLE), beam_size=1, final_beam_size=5, beam_confirm_overlap=None,
+                           phrase_loop_times=None)
     assert mixed.decode(x, prompt="", language="en").rejected == 0
     assert mixed.decode(x, prompt="", language="en", final=True).words == ()
 
@@ -303,9 +310,9 @@ def test_babble_after_speech_is_dropped_by_round_5_guards() -> None:
     x = np.zeros(16000 * 5, np.float32)
     segments = [AFTER_SPEECH_WEAK, AFTER_SPEECH_LOOP, AFTER_SPEECH_WEAK_LOOP, AFTER_SPEECH_YEAH]
     # Round 4's guards let every one of them through.
-    off = WhisperDecoder(_Model(segments), segment_word_probability_min=0.0, phrase_loop_times=None)
+    off = WhisperDecoder(_Model(segments), segment_word_probability_min=0.0, phrase_loop_times=None, **GREEDY)
     assert off.decode(x, prompt="", language="en").rejected == 0
-    hyp = WhisperDecoder(_Model(segments)).decode(x, prompt="", language="en")
+    hyp = WhisperDecoder(_Model(segments), **GREEDY).decode(x, prompt="", language="en")
     assert hyp.words == ()
     # The loops are counted as loops (the policy holds its last hypothesis);
     # the weak segment is not.
@@ -314,19 +321,157 @@ def test_babble_after_speech_is_dropped_by_round_5_guards() -> None:
 
 def test_a_weak_echo_of_the_prompt_is_dropped() -> None:
     x = np.zeros(16000 * 5, np.float32)
-    decoder = WhisperDecoder(_Model([AFTER_SPEECH_ECHO]))
+    decoder = WhisperDecoder(_Model([AFTER_SPEECH_ECHO]), **GREEDY)
     assert decoder.decode(x, prompt="", language="en").rejected == 0  # no prompt, no echo
     hyp = decoder.decode(x, prompt=ECHO_PROMPT, language="en")
     assert hyp.words == () and hyp.looped == 1 and decoder.echoed_segments == 1
-    off = WhisperDecoder(_Model([AFTER_SPEECH_ECHO]), echo_min_words=None)
+    off = WhisperDecoder(_Model([AFTER_SPEECH_ECHO]), echo_min_words=None, **GREEDY)
     assert off.decode(x, prompt=ECHO_PROMPT, language="en").rejected == 0
 
 
 def test_speech_that_repeats_itself_and_its_prompt_is_kept() -> None:
     x = np.zeros(16000 * 5, np.float32)
-    decoder = WhisperDecoder(_Model([REPEATING_SPEECH]))
+    decoder = WhisperDecoder(_Model([REPEATING_SPEECH]), **GREEDY)
     hyp = decoder.decode(x, prompt="The director is waiting for the story on the Lost, time.", language="en")
     assert hyp.rejected == 0 and len(hyp.words) == len(REPEATING_SPEECH.words)
-    hyp = WhisperDecoder(_Model(SPEECH + LOW_CONFIDENCE_SPEECH)).decode(
+    hyp = WhisperDecoder(_Model(SPEECH + LOW_CONFIDENCE_SPEECH), **GREEDY).decode(
         x, prompt="My grandmother will start the story on the last.", language="en")
     assert hyp.rejected == 0
+
+
+class _TwoWayModel(_Model):
+    """A beam decode and a greedy decode of the same audio return different
+    segments (as captured); every call's beam width is kept."""
+
+    def __init__(self, beam: list[SimpleNamespace], greedy: list[SimpleNamespace]) -> None:
+        super().__init__(beam)
+        self.greedy = greedy
+        self.beams: list[int] = []
+
+    def transcribe(self, audio, **options):
+        self.beams.append(options["beam_size"])
+        segments = self.segments if options["beam_size"] > 1 else self.greedy
+        return iter(segments), SimpleNamespace(language="en", language_probability=1.0)
+
+
+# Captured (tiny.en, beam 5, loadtests/captions_bench.py's model clock): the
+# live test's clip, espeak-ng "The quick brown fox …" through Opus 96 kb/s,
+# segments that only the beam guard drops, next to the greedy decode of the
+# same audio — misheard the same way, so confirmed.
+OPUS_BEAM = [segment(t, ns, lp, 0.9, _even(t, wp)) for t, ns, lp, wp in [
+    (" The quick brown fox jump over the lazy dog.", 0.095, -0.824, 0.604),
+    (" The quick roundfuck stump over the lazy dog.", 0.059, -0.842, 0.62),
+]]
+OPUS_GREEDY = [segment(" the quick round foc stump so the lazy dog", 0.1, -0.7, 0.9,
+                       _even("the quick round foc stump so the lazy dog", 0.7))]
+
+
+def test_a_doubtful_beam_segment_is_kept_when_greedy_decoding_says_it_too() -> None:
+    x = np.zeros(16000 * 4, np.float32)
+    model = _TwoWayModel(OPUS_BEAM[:1], OPUS_GREEDY)
+    decoder = WhisperDecoder(model, beam_size=5, final_beam_size=5)
+    hyp = decoder.decode(x, prompt="", language="en")
+    # 5 of its 9 words in the greedy decode, in order: ≥ 0.5.
+    assert " ".join(w.text for w in hyp.words) == "The quick brown fox jump over the lazy dog."
+    assert model.beams == [5, 1] and decoder.confirm_decodes == 1 and decoder.confirmed_segments == 1
+    # Without the confirmation (round 4) the beam guard drops the sentence.
+    decoder = WhisperDecoder(_TwoWayModel(OPUS_BEAM[:1], OPUS_GREEDY), beam_size=5, beam_confirm_overlap=None)
+    assert decoder.decode(x, prompt="", language="en").words == ()
+    # Two doubtful segments, one greedy decode.
+    decoder = WhisperDecoder(_TwoWayModel(OPUS_BEAM, OPUS_GREEDY), beam_size=5)
+    hyp = decoder.decode(x, prompt="", language="en")
+    assert len(hyp.words) == 17 and decoder.confirm_decodes == 1
+
+
+def test_doubtful_beam_babble_is_dropped_when_greedy_decoding_does_not_say_it() -> None:
+    x = np.zeros(16000 * 5, np.float32)
+    # Round 4: the greedy decode of the babble returned no words at all for
+    # 14 of 18 such segments ...
+    log: list = []
+    decoder = WhisperDecoder(_TwoWayModel(BEAM_BABBLE, []), beam_size=5, doubt_log=log)
+    hyp = decoder.decode(x, prompt="", language="en")
+    assert hyp.words == () and hyp.rejected == len(BEAM_BABBLE)
+    # ("Thank you" five times is a loop: dropped before any confirmation.)
+    assert hyp.looped == 1
+    assert decoder.confirm_decodes == 1 and [r["kept"] for r in log] == [False] * (len(BEAM_BABBLE) - 1)
+    # ... and what it did return is babble that the greedy guards drop
+    # (greedy confirmation under the greedy rules) ...
+    decoder = WhisperDecoder(_TwoWayModel(BEAM_BABBLE, BABBLE), beam_size=5)
+    assert decoder.decode(x, prompt="", language="en").words == ()
+    # ... or other words: under half of the beam segment's.
+    other = [segment(" I didn't want it to be at all.", 0.1, -0.5, 0.9,
+                     _even("and then I want it to go", 0.8))]
+    decoder = WhisperDecoder(_TwoWayModel(BEAM_BABBLE[1:2], other), beam_size=5, doubt_log=log)
+    assert decoder.decode(x, prompt="", language="en").words == ()
+    assert log[-1]["overlap"] == round(2 / 6, 3)  # "i", "want" of "i didnt want that at all"
+
+
+def test_confirmation_needs_the_words_near_the_segment() -> None:
+    # The same words said 5 s later in the greedy decode do not confirm.
+    late = segment(" the quick round foc stump so the lazy dog", 0.1, -0.7, 0.9,
+                   _even("the quick round foc stump so the lazy dog", 0.7))
+    for w in late.words:
+        w.start += 8.0
+        w.end += 8.0
+    decoder = WhisperDecoder(_TwoWayModel(OPUS_BEAM[:1], [late]), beam_size=5)
+    assert decoder.decode(np.zeros(16000 * 12, np.float32), prompt="", language="en").words == ()
+
+
+def test_no_greedy_decode_when_no_beam_segment_is_doubtful() -> None:
+    model = _TwoWayModel(BEAM_SPEECH, [])
+    decoder = WhisperDecoder(model, beam_size=5)
+    assert len(decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en").words) == 31
+    assert model.beams == [5] and decoder.confirm_decodes == 0
+    # Segments every guard drops (a loop, Whisper's sign-off on a weak
+    # decode) are not doubtful: no confirmation either.
+    loop = segment(" I'll meet more. " * 6, 0.2, -0.6, 3.1, _even("I'll meet more. " * 6, 0.8))
+    thanks = segment(" Thank you.", 0.35, -0.6, 0.7, [(" Thank", 0.7), (" you.", 0.9)])
+    model = _TwoWayModel([loop, thanks], [thanks])
+    decoder = WhisperDecoder(model, beam_size=5)
+    assert decoder.decode(np.zeros(16000 * 5, np.float32), prompt="", language="en").words == ()
+    assert model.beams == [5]
+
+
+def test_decodes_go_greedy_first_while_the_guards_drop_everything() -> None:
+    x = np.zeros(16000 * 3, np.float32)
+    model = _TwoWayModel(BEAM_BABBLE, [])
+    decoder = WhisperDecoder(model, beam_size=5, final_beam_size=5, greedy_after_dropped=2)
+    for _ in range(4):
+        assert decoder.decode(x, prompt="", language="en").words == ()
+    # Two beam decodes (each with its greedy confirmation), then greedy
+    # decodes that hear nothing: no beam after them.
+    assert model.beams == [5, 1, 5, 1, 1, 1]
+    assert decoder.greedy_switched_decodes == 2 and decoder.beam_decodes == 2 and decoder.confirm_decodes == 2
+    # A final decode too.
+    decoder.decode(x, prompt="", language="en", final=True)
+    assert model.beams[-1] == 1
+    # The greedy decode hears babble its guards let through: the beam
+    # decode of the same audio decides, and drops it (what the greedy
+    # decode says does not confirm other words).
+    model.greedy = [segment(" and then I want it to go", 0.1, -0.5, 0.9, _even("and then I want it to go", 0.8))]
+    assert decoder.decode(x, prompt="", language="en").words == ()
+    # (The greedy decodes that said nothing at all did not count: 2, then 3.)
+    assert model.beams[-2:] == [1, 5] and decoder.confirm_decodes == 3 and decoder.dropped_run == 3
+    # Speech again: greedy hears words, the beam's are kept, and the next
+    # decode is a beam one.
+    model.greedy, model.segments = SPEECH, BEAM_SPEECH
+    assert len(decoder.decode(x, prompt="", language="en").words) == 31
+    assert decoder.decode(x, prompt="", language="en").words
+    assert model.beams[-3:] == [1, 5, 5] and decoder.dropped_run == 0
+    # A decode with no segments at all (nothing said) neither counts nor resets.
+    model.segments = []
+    decoder.dropped_run = 1
+    decoder.decode(x, prompt="", language="en")
+    assert decoder.dropped_run == 1
+    # Off: always the beam.
+    model = _TwoWayModel(BEAM_BABBLE, [])
+    decoder = WhisperDecoder(model, beam_size=5, greedy_after_dropped=None)
+    for _ in range(6):
+        decoder.decode(x, prompt="", language="en")
+    assert model.beams == [5, 1] * 6
+    # Greedy decoders are not switched.
+    model = _TwoWayModel([], BABBLE)
+    decoder = WhisperDecoder(model, greedy_after_dropped=1, **GREEDY)
+    for _ in range(3):
+        decoder.decode(x, prompt="", language="en")
+    assert model.beams == [1, 1, 1] and decoder.greedy_switched_decodes == 0

@@ -455,6 +455,10 @@ def test_token_cap_leaves_speech_whole_and_options_reach_the_decoder(engine, spe
     assert wer(REFERENCE, " ".join(w.text for w in capped.words)) <= MAX_WER
     d = engine.new_streamer("opts", {"final_beam_size": 5, "beam_size": 2, "max_tokens_per_s": None}).decoder
     assert (d.final_beam_size, d.beam_size, d.max_tokens_per_s) == (5, 2, None)
+    d = engine.new_streamer("opts2", {"beam_confirm_overlap": 0.75, "greedy_after_dropped": 3}).decoder
+    assert (d.beam_confirm_overlap, d.greedy_after_dropped) == (0.75, 3)
+    d = engine.new_streamer("opts3", {"beam_confirm_overlap": None, "greedy_after_dropped": None}).decoder
+    assert (d.beam_confirm_overlap, d.greedy_after_dropped) == (None, None)
 
 
 def test_alignment_policy_is_selectable_and_commits_the_same_speech(engine, speech) -> None:
