@@ -213,6 +213,30 @@ def run(trace_path: str, dump_path: str, worst: int = 30) -> dict:
             wrong_by_reason[_base(st[j]["reason"])] += 1
     report["wrong_rate_by_reason"] = {r: round(wrong_by_reason[r] / n, 3) for r, n in words_by_reason.items()}
 
+    # By the audio the committing decode heard (the buffer: an utterance's
+    # first words are decoded from a second or two of audio), and how often
+    # the guards dropped a decode whole at each buffer length.
+    buffer_of = {r["clock"]: r["decodes"][-1]["audio_s"] for r in trace if r.get("decodes")}
+    wrong = {e["j"] for e in only if e["type"] != "del"}
+    words_by_buffer: Counter = Counter()
+    wrong_by_buffer: Counter = Counter()
+    for j, w in enumerate(st):
+        b = _bucket(buffer_of.get(w["clock"], 0.0), (3, 6, 10))
+        words_by_buffer[b] += 1
+        wrong_by_buffer[b] += j in wrong
+    report["by_buffer"] = {b: {"committed": n, "wrong_where_offline_right": wrong_by_buffer[b],
+                               "rate": round(wrong_by_buffer[b] / n, 3)} for b, n in sorted(words_by_buffer.items(), key=_low)}
+    decodes: dict = defaultdict(Counter)
+    for r in trace:
+        for d in r.get("decodes", ()):
+            if d.get("retry"):
+                continue
+            c = decodes[_bucket(d["audio_s"], (1.5, 2.5, 5, 10))]
+            c["decodes"] += 1
+            c["dropped_whole"] += d["words"] == 0 and d["rejected"] > 0
+            c["looped"] += d["looped"] > 0
+    report["decodes_by_buffer"] = {b: dict(c) for b, c in sorted(decodes.items(), key=_low)}
+
     # Runs of deleted words (streaming-only): phrases or sentences lost.
     runs, cur = [], []
     for e in sorted((e for e in only if e["type"] == "del"), key=lambda e: e["i"]):
@@ -304,6 +328,20 @@ def run(trace_path: str, dump_path: str, worst: int = 30) -> dict:
             "streaming": " ".join(st[j]["tok"] for j in s_j),
             "reasons": " ".join(sorted({st[j]["reason"] for j in s_j}))})
     return report
+
+
+def _bucket(x: float, edges: tuple) -> str:
+    """"a–b s" for the bucket of ``x`` (seconds) between ``edges``."""
+    lo = 0
+    for e in edges:
+        if x < e:
+            return f"{lo:>4}–{e} s"
+        lo = e
+    return f"{lo:>4}+ s"
+
+
+def _low(item: tuple) -> float:
+    return float(item[0].split("–")[0].replace("+ s", ""))
 
 
 def _base(reason: str) -> str:
@@ -405,6 +443,12 @@ def print_report(report: dict) -> None:
     p(f"by position in the sentence: {report['by_sentence_position']}")
     p(f"  (reference words by position in the sentence: {report['ref_words_by_sentence_position']})")
     p(f"by type: {report['by_type']}")
+    p("\ncommitted words by the audio the committing decode heard (wrong: sub/ins where offline was right):")
+    for b, v in report["by_buffer"].items():
+        p(f"  {b}: {v}")
+    p("decodes (not retries) by their audio: dropped whole by the guards, looped:")
+    for b, v in report["decodes_by_buffer"].items():
+        p(f"  {b}: {v}")
     p(f"\ndeletions: {report['deletion_runs']}")
     for r in report["deletion_run_list"]:
         p(f"  {r['t']:7.1f}s {r['words']:3d} words [{','.join(r['reasons_around'])}] {r['text']!r}\n"
