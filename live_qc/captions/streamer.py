@@ -411,8 +411,13 @@ class StreamerOptions:
     #: buffers over 10 s 6.9 %. With 3 s, 4-min seeds 13 / 14: WER 19.1 /
     #: 20.6 % → 16.8 / 17.8 % (offline 17.2 / 15.4 %), commit latency p95
     #: 2.35–2.38 → 2.15–2.19 s, max 3.0 → 2.7–3.3 s, process CPU 26–27 →
-    #: 32–38 % of 2 cores (README "Round 5").
-    left_context_s: float = 3.0
+    #: 32–38 % of 2 cores (README "Round 5"). Off by default: the live Opus
+    #: test (tests/integration/test_captions_live.py, real server, real
+    #: time, load 6–9) failed 7 of 8 runs with 3 s (WER 0.45–0.73, bound
+    #: 0.45; "brown fox jumps over the lazy dog" lost), 1 of 5 without
+    #: (0.18–0.45), alternating runs; the same audio streamed through the
+    #: bench's clock lost nothing either way — the cause is not found yet.
+    left_context_s: float = 0.0
 
 
 @dataclass(slots=True)
