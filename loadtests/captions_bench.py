@@ -83,9 +83,12 @@ def _sentence(rng: random.Random) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def build_speech(minutes: float, seed: int, workdir: Path) -> tuple[np.ndarray, str]:
+def build_speech(minutes: float, seed: int, workdir: Path,
+                 paragraphs: list | None = None) -> tuple[np.ndarray, str]:
     """Paragraphs of 1–4 sentences, a voice and rate each, separated by
-    pauses (mostly short, some of 3–8 s)."""
+    pauses (mostly short, some of 3–8 s). ``paragraphs``: a list that gets
+    each paragraph's text, start and end (s) — the reference's timing, for
+    the gap report (captions_gap.py)."""
     rng = random.Random(seed)
     parts, script, total, i = [], [], 0.0, 0
     while total < minutes * 60:
@@ -97,6 +100,8 @@ def build_speech(minutes: float, seed: int, workdir: Path) -> tuple[np.ndarray, 
         pause = rng.uniform(3.0, 8.0) if rng.random() < 0.15 else rng.uniform(0.4, 1.5)
         parts += [x, np.zeros(int(pause * RATE), np.float32)]
         script.append(text)
+        if paragraphs is not None:
+            paragraphs.append({"text": text, "start": round(total, 3), "end": round(total + len(x) / RATE, 3)})
         total += len(x) / RATE + pause
         i += 1
     return np.concatenate(parts), " ".join(script)
@@ -208,8 +213,11 @@ class _TracedDecoder:
     """The streamer's decoder, recording each decode (``--trace``): audio
     length, CPU and wall time."""
 
-    def __init__(self, inner: object, log: list) -> None:
-        self._inner, self._log = inner, log
+    def __init__(self, inner: object, log: list, streamer: object = None) -> None:
+        self._inner, self._log, self._streamer = inner, log, streamer
+        self._retries = 0
+        #: Whether the last decode was a retry (StreamerOptions.retry_dropped).
+        self.last_retry = False
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
@@ -217,24 +225,40 @@ class _TracedDecoder:
     def decode(self, audio: np.ndarray, **kw: object) -> object:
         began, cpu_began = time.perf_counter(), _cpu()
         hyp = self._inner.decode(audio, **kw)
+        # The streamer counts a retry before making it.
+        retries = getattr(self._streamer, "retries", 0)
+        self.last_retry, self._retries = retries > self._retries, retries
         self._log.append({"audio_s": round(len(audio) / RATE, 2), "wall_s": round(time.perf_counter() - began, 3),
                           "cpu_s": round(_cpu() - cpu_began, 3), "words": len(hyp.words),
-                          "prompt": bool(kw.get("prompt")), "rejected": hyp.rejected, "looped": hyp.looped})
+                          "prompt": bool(kw.get("prompt")), "rejected": hyp.rejected, "looped": hyp.looped,
+                          "retry": self.last_retry, "final": bool(kw.get("final"))})
         return hyp
 
 
 class _TracedPolicy:
     """The streamer's commit policy, recording why each step committed."""
 
-    def __init__(self, inner: object, log: list) -> None:
-        self._inner, self._log = inner, log
+    def __init__(self, inner: object, log: list, decoder: object = None) -> None:
+        self._inner, self._log, self._decoder = inner, log, decoder
+        self.reasons: dict = {}
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
 
     def _traced(self, kind: str, step: object) -> object:
-        self._log.append({"call": kind, "reason": step.reason, "committed": len(step.committed)})
+        # Words from a retried decode are marked (the policy does not know).
+        retry = kind in ("update", "end_of_speech") and getattr(self._decoder, "last_retry", False)
+        self._log.append({"call": kind, "reason": step.reason, "committed": len(step.committed),
+                          "retry": retry})
+        # Each committed word's reason, looked up when it is emitted (the
+        # words _shorten flushes are emitted in the next step).
+        reason = ("retry:" if retry else "") + (step.reason or kind)
+        for w in step.committed:
+            self.reasons.setdefault((w.text, w.start, w.end), []).append(reason)
         return step
+
+    def hold(self, *a: object, **kw: object) -> object:
+        return self._traced("hold", self._inner.hold(*a, **kw))
 
     def update(self, *a: object, **kw: object) -> object:
         return self._traced("update", self._inner.update(*a, **kw))
@@ -244,6 +268,13 @@ class _TracedPolicy:
 
     def flush(self) -> object:
         return self._traced("flush", self._inner.flush())
+
+
+def _traced_commits(captions: list, reasons: dict, clock: float) -> list:
+    """(text, end, latency, start, reason) of each committed word of a step;
+    reason "retry:<reason>" where the words came from a retried decode."""
+    return [(w.text, round(w.end, 2), round(clock - w.end, 2), round(w.start, 2),
+             (reasons.get((w.text, w.start, w.end)) or ["?"]).pop(0)) for c in captions if c.final for w in c.words]
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -277,8 +308,8 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
     decodes_log: list = []
     policy_log: list = []
     if trace is not None:
-        streamer.decoder = _TracedDecoder(streamer.decoder, decodes_log)
-        streamer.policy = _TracedPolicy(streamer.policy, policy_log)
+        streamer.decoder = _TracedDecoder(streamer.decoder, decodes_log, streamer)
+        streamer.policy = _TracedPolicy(streamer.policy, policy_log, streamer.decoder)
     clock = 0.0
     pos = 0
     emitted: list[tuple[float, Caption]] = []
@@ -325,14 +356,17 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
                           "behind_s": round(behind_before, 2), "lag_s": round(lag_before, 2),
                           "spent_s": round(spent, 3), "decodes": decodes_log[:], "policy": policy_log[:],
                           "skipped_s": round(streamer.skipped_s, 2),
-                          "commits": [(w.text, round(w.end, 2), round(clock - w.end, 2))
-                                      for c in captions if c.final for w in c.words]})
+                          "commits": _traced_commits(captions, streamer.policy.reasons, clock)})
             decodes_log.clear()
             policy_log.clear()
     began = time.perf_counter()
     captions = streamer.finish()
     clock += time.perf_counter() - began
     emitted += [(clock, c) for c in captions]
+    if trace is not None and captions:
+        trace.append({"clock": round(clock, 3), "media": round(pos / RATE, 3), "finish": True,
+                      "decodes": decodes_log[:], "policy": policy_log[:],
+                      "commits": _traced_commits(captions, streamer.policy.reasons, clock)})
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     d = streamer.decoder
@@ -399,6 +433,8 @@ def main() -> int:
                     help="English word-probability guard (default: the decoder's, off)")
     ap.add_argument("--agree-guard", type=float,
                     help="LocalAgreement-2 right-context guard in s (default: the streamer's)")
+    ap.add_argument("--left-context", type=float,
+                    help="committed speech re-decoded before each decode's audio, s (default: the streamer's)")
     ap.add_argument("--prompt-chars", type=int, help="committed text given as prompt (0: none)")
     ap.add_argument("--no-retry", action="store_true",
                     help="no second decode when the guards drop a decode whole (StreamerOptions.retry_dropped)")
@@ -431,8 +467,9 @@ def main() -> int:
     args = ap.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
 
+    paragraphs: list = []
     with tempfile.TemporaryDirectory(prefix="captions-bench-") as tmp:
-        speech, script = build_speech(args.minutes, args.seed, Path(tmp))
+        speech, script = build_speech(args.minutes, args.seed, Path(tmp), paragraphs)
     options = {"model": args.model, "cpu_threads": args.cpu_threads, "data_dir": args.data_dir,
                "language": "en",
                "window_margin_s": None if args.window_margin == "full" else float(args.window_margin)}
@@ -446,6 +483,8 @@ def main() -> int:
         options["agree_guard_s"] = args.agree_guard
     if args.prompt_chars is not None:
         options["prompt_chars"] = args.prompt_chars
+    if args.left_context is not None:
+        options["left_context_s"] = args.left_context
     if args.no_retry:
         options["retry_dropped"] = False
     if args.no_retry_without_prompt:
@@ -484,7 +523,8 @@ def main() -> int:
         "clock": args.clock, "window_margin": args.window_margin,
         "commit_timeout": args.commit_timeout, "commit_policy": args.commit_policy,
         "word_probability_min": args.word_probability_min, "agree_guard": args.agree_guard,
-        "seed": args.seed, "guards_off": args.guards_off, "final_beam": args.final_beam, "beam": args.beam, "max_tokens_per_s": args.max_tokens_per_s,
+        "left_context": args.left_context, "seed": args.seed, "guards_off": args.guards_off,
+        "final_beam": args.final_beam, "beam": args.beam, "max_tokens_per_s": args.max_tokens_per_s,
         "loadavg_1m_at_start": round(load, 2),
         "commit_latency_s": summary([lat for _, lat in commits]),
         "commit_latency_first_10min_s": summary(first),
@@ -508,7 +548,10 @@ def main() -> int:
         model = decoder.model  # the same loaded model
         began = time.perf_counter()
         segments, _ = model.transcribe(speech, language="en", **OFFLINE_SAME)
+        segments = list(segments)
         offline = " ".join(s.text for s in segments)
+        offline_words = [(w.word.strip(), round(w.start, 2), round(w.end, 2))
+                         for s in segments for w in (s.words or ()) if w.word.strip()]
         report["wer_offline"] = round(wer(script, offline), 4)
         report["offline_s"] = round(time.perf_counter() - began, 1)
         segments, _ = model.transcribe(speech, language="en", beam_size=1, condition_on_previous_text=False,
@@ -522,7 +565,9 @@ def main() -> int:
             report[f"wer_offline_beam{beam}"] = round(wer(script, " ".join(s.text for s in segments)), 4)
         if args.dump:
             Path(args.dump).write_text(json.dumps({"script": script, "streaming": committed_text,
-                                                   "offline": offline, "offline_fallback": fallback},
+                                                   "offline": offline, "offline_fallback": fallback,
+                                                   "paragraphs": paragraphs, "offline_words": offline_words,
+                                                   "seed": args.seed, "minutes": args.minutes},
                                                   indent=1))
     words = {}
     kinds = build_nonspeech(args.nonspeech_minutes, speech, args.seed) if args.nonspeech_minutes > 0 else {}

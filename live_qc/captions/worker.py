@@ -163,7 +163,7 @@ class CaptionEngine:
             self._vad_session = load_vad_session()
         opts = StreamerOptions(language=language)
         for key in ("step_s", "commit_timeout_s", "alignment_guard_s", "max_context_s", "preroll_s", "tail_s",
-                    "agree_guard_s"):
+                    "agree_guard_s", "left_context_s"):
             if options.get(key) is not None:
                 setattr(opts, key, float(options[key]))
         if options.get("commit_policy") is not None:

@@ -168,6 +168,22 @@ def test_words_the_alignment_gives_no_audio_are_dropped_at_the_end() -> None:
     assert [w.text for w in hyp.words] == ["before", "midnight"]
 
 
+def test_unheard_words_are_dropped_wherever_they_run() -> None:
+    # Captured (tiny.en, benchmark, 10-min input, 431 s): a 2.3 s partial
+    # decode said the sentence with every word at its first instant, then
+    # the words it heard; the timeout committed the unheard copy.
+    said = "The sound been the near"
+    unheard = [(0.0, 0.0)] * 5
+    heard = [(0.0, 0.56), (0.56, 0.78), (0.78, 1.06), (1.06, 1.16), (1.16, 1.3)]
+    seg = _timed(f"{said} {said}", unheard + heard)
+    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 3, np.float32), prompt="", language="en")
+    assert [(w.text, w.start) for w in hyp.words] == [(w, a) for w, (a, _) in zip(said.split(), heard)]
+    # In the middle too; a single zero-length word between heard ones is kept.
+    seg = _timed("a b c d e f", [(0.0, 0.3), (0.5, 0.5), (0.5, 0.5), (0.5, 0.8), (0.9, 0.9), (0.9, 1.2)])
+    hyp = WhisperDecoder(_Model([seg])).decode(np.zeros(16000 * 2, np.float32), prompt="", language="en")
+    assert [w.text for w in hyp.words] == ["a", "d", "e", "f"]
+
+
 class _RecordingModel(_Model):
     """_Model that keeps the options of every transcribe() call."""
 

@@ -263,7 +263,9 @@ def test_a_decode_dropped_whole_with_a_prompt_is_made_again_without_it(speech, r
         assert later and streamer.retries > streamer.retries_from_committed
         same = [i for i, p in enumerate(decoder.prompts[:-1]) if p and decoder.prompts[i + 1] == ""]
         assert len(same) == streamer.retries - streamer.retries_from_committed
-        assert all(decoder.calls[i + 1] == decoder.calls[i] for i in same)
+        # (The same audio, less the left context the dropped decode had.)
+        assert all(decoder.calls[i + 1] <= decoder.calls[i] for i in same)
+        assert any(decoder.calls[i + 1] == decoder.calls[i] for i in same)
         assert streamer.stats().extra["retries"] == streamer.retries
     else:
         assert streamer.retries == 0 and "" not in decoder.prompts[len(decoder.prompts) // 2:]
@@ -350,6 +352,69 @@ def test_a_long_buffer_dropped_whole_is_decoded_again_from_the_last_committed_wo
         assert not late and streamer.retries == 0
     # Committed once each, in order.
     assert all(a.end <= b.start + 0.05 for a, b in zip(live, live[1:]))
+
+
+class PlacedDecoder(ScriptedDecoder):
+    """A word per 0.4 s of *speech* of the stream, named by its place in the
+    stream (so that decodes of different stretches say the same words for
+    the same audio): the decoded audio is found in ``stream`` by its
+    samples. Records where each decode starts and its prompt."""
+
+    def __init__(self, stream: np.ndarray) -> None:
+        super().__init__()
+        self.stream = stream
+        self.starts: list[float] = []
+        self.prompts: list[str] = []
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
+        self.calls.append(len(audio) / RATE)
+        self.finals.append(final)
+        self.prompts.append(prompt)
+        p = int(np.flatnonzero(audio)[0]) if np.any(audio) else 0
+        offset = next(int(c) - p for c in np.flatnonzero(self.stream == audio[p])
+                      if np.array_equal(self.stream[c - p:c - p + len(audio)], audio))
+        start = offset / RATE
+        self.starts.append(start)
+        words = []
+        for k in range(int(np.ceil(start / 0.4 - 1e-9)), int((start + len(audio) / RATE - 0.3) / 0.4) + 1):
+            a, b = round(k * 0.4 * RATE), round((k * 0.4 + 0.3) * RATE)
+            if np.abs(self.stream[a:b]).max(initial=0.0) > 1e-4:
+                words.append(Word(f"w{k}", k * 0.4 - start, k * 0.4 + 0.3 - start))
+        return Hypothesis(tuple(words), "en")
+
+
+def test_left_context_re_decodes_committed_speech_and_commits_each_word_once(speech) -> None:
+    second = _sentence_starts(speech)[1] / RATE
+    runs = {}
+    for context in (0.0, 3.0):
+        decoder = PlacedDecoder(speech)
+        streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()),
+                            StreamerOptions(left_context_s=context))
+        words = [w for c in stream_through(streamer, speech, t0=0.0) if c.final for w in c.words]
+        runs[context] = [w.text for w in words]
+        # Committed once each, in order.
+        assert all(a.end <= b.start + 0.05 for a, b in zip(words, words[1:]))
+        assert len(set(runs[context])) == len(runs[context])
+        # Decodes of the second sentence: with context they start at a
+        # committed word of the first one (its speech heard again), without
+        # it at the sentence's pre-roll.
+        of_second = [s for s, n in zip(decoder.starts, decoder.calls) if s + n > second + 0.5 and s < second]
+        assert of_second
+        if context:
+            first_words = {f"w{k}" for k in range(int(second / 0.4))}
+            assert min(of_second) < second - 1.0
+            assert any(f"w{round(s / 0.4)}" in first_words for s in of_second)
+        else:
+            assert min(of_second) >= second - streamer.options.preroll_s - 0.2
+        # The prompt never holds words of the decoded audio.
+        for start, prompt in zip(decoder.starts, decoder.prompts):
+            assert all(int(t[1:]) * 0.4 + 0.3 <= start + 0.05 for t in prompt.split())
+    # The same words either way (the re-heard ones are skipped, none lost),
+    # except that with context a sentence's first word, cut by the pre-roll
+    # without it, is heard whole.
+    assert set(runs[0.0]) <= set(runs[3.0]) and len(runs[0.0]) > 10
+    assert len(runs[3.0]) - len(runs[0.0]) <= 2
 
 
 def test_gap_in_media_time_ends_the_utterance(speech) -> None:
