@@ -44,6 +44,17 @@ sys.path.insert(0, str(ROOT))
 from loadtests.speech import _tokens  # noqa: E402
 
 
+
+def _consecutive(items: list, index) -> list[list]:
+    """``items`` (sorted by ``index``) in runs of consecutive indexes."""
+    runs: list[list] = []
+    for item in items:
+        if runs and index(item) == index(runs[-1][-1]) + 1:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
 def align(ref: list[str], hyp: list[str]) -> list[tuple[str, int | None, int | None]]:
     """Word-level Levenshtein alignment: ("ok" | "sub", i, j), ("del", i,
     None), ("ins", None, j), in order. Ties prefer a diagonal step, then a
@@ -238,16 +249,7 @@ def run(trace_path: str, dump_path: str, worst: int = 30) -> dict:
     report["decodes_by_buffer"] = {b: dict(c) for b, c in sorted(decodes.items(), key=_low)}
 
     # Runs of deleted words (streaming-only): phrases or sentences lost.
-    runs, cur = [], []
-    for e in sorted((e for e in only if e["type"] == "del"), key=lambda e: e["i"]):
-        if cur and e["i"] == cur[-1]["i"] + 1:
-            cur.append(e)
-        else:
-            if cur:
-                runs.append(cur)
-            cur = [e]
-    if cur:
-        runs.append(cur)
+    runs = _consecutive(sorted((e for e in only if e["type"] == "del"), key=lambda e: e["i"]), lambda e: e["i"])
     long_runs = [r for r in runs if len(r) >= 3]
     report["deletion_runs"] = {"runs_of_3_or_more": len(long_runs),
                                "words_in_them": sum(len(r) for r in long_runs),
@@ -390,17 +392,7 @@ def _crosstab(items: list[dict], row, col) -> dict:
 
 def _runs_text(ins: list[dict], st: list[dict]) -> list[str]:
     """Consecutive inserted words as phrases, with their time and reason."""
-    js = sorted(e["j"] for e in ins)
-    runs, cur = [], []
-    for j in js:
-        if cur and j == cur[-1] + 1:
-            cur.append(j)
-        else:
-            if cur:
-                runs.append(cur)
-            cur = [j]
-    if cur:
-        runs.append(cur)
+    runs = _consecutive(sorted(e["j"] for e in ins), lambda j: j)
     return [f"{st[r[0]]['start']:.1f}s [{st[r[0]]['reason']}] " + " ".join(st[j]["tok"] for j in r)
             for r in sorted(runs, key=len, reverse=True)]
 

@@ -184,25 +184,16 @@ class CaptionEngine:
                 setattr(decoder, key, int(options[key]))
         if options.get("segment_word_probability_min") is not None:
             decoder.segment_word_probability_min = float(options["segment_word_probability_min"])
-        for key in ("phrase_loop_times", "echo_min_words"):
+        # Guards and limits that None turns off (the benchmark compares both):
+        # round 5's loop and echo guards, the greedy confirmation of doubtful
+        # beam segments and the switch to greedy first (off: round 4's beam
+        # guard alone, always the beam), the token cap (off: Whisper's own
+        # limit) and the encoder window (off: the full 30 s).
+        for key, kind in (("phrase_loop_times", int), ("echo_min_words", int), ("beam_confirm_overlap", float),
+                          ("greedy_after_dropped", int), ("max_tokens_per_s", float), ("window_margin_s", float)):
             if key in options:
-                # None: that guard off (the benchmark compares both).
-                setattr(decoder, key, None if options[key] is None else int(options[key]))
-        # None: off (round 4's beam guard alone; always the beam).
-        if "beam_confirm_overlap" in options:
-            v = options["beam_confirm_overlap"]
-            decoder.beam_confirm_overlap = None if v is None else float(v)
-        if "greedy_after_dropped" in options:
-            v = options["greedy_after_dropped"]
-            decoder.greedy_after_dropped = None if v is None else int(v)
-        if "max_tokens_per_s" in options:
-            # None: Whisper's own limit (the benchmark compares both).
-            per_s = options["max_tokens_per_s"]
-            decoder.max_tokens_per_s = None if per_s is None else float(per_s)
-        if "window_margin_s" in options:
-            # None: the full 30 s encoder window (the benchmark compares both).
-            margin = options["window_margin_s"]
-            decoder.window_margin_s = None if margin is None else float(margin)
+                value = options[key]
+                setattr(decoder, key, None if value is None else kind(value))
         return Streamer(name, decoder, vad, opts)
 
     def attach(self, name: str, options: dict[str, Any]) -> list[tuple]:
