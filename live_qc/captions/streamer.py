@@ -399,7 +399,7 @@ class WhisperDecoder:
             for seg in doubtful:
                 share = _overlap(seg, heard)
                 keep = share >= self.beam_confirm_overlap and (
-                    self.beam_confirm_floor is None or _mean_word_p(seg) >= self.beam_confirm_floor)
+                    self.beam_confirm_floor is None or (_mean_word_p(seg) or 0.0) >= self.beam_confirm_floor)
                 if keep:
                     confirmed.add(id(seg))
                     self.confirmed_segments += 1
@@ -452,9 +452,6 @@ class WhisperDecoder:
             return "echo"
         return None
 
-    def _plausible(self, seg: Any, english: bool = True, beam: int = 1) -> bool:
-        return self._verdict(seg, english, beam) == KEEP
-
     def _verdict(self, seg: Any, english: bool = True, beam: int = 1) -> str:
         """KEEP, DROP, or DOUBTFUL: a beam decode's segment that passes
         every guard but the beam's own (``beam_word_guard``,
@@ -469,13 +466,15 @@ class WhisperDecoder:
                 and not (seg.no_speech_prob < 0.2 and seg.avg_logprob > -0.4):
             # Said for real it is decoded with confidence and speech-like.
             return DROP
-        probabilities = [w.probability for w in seg.words or ()] if english else []
         if beam > 1:
             word_min, logprob_max, no_speech_min = self.beam_word_guard
         else:
             word_min, logprob_max, no_speech_min = \
                 self.word_probability_min, self.word_logprob_max, self.word_no_speech_min
-        mean = sum(probabilities) / len(probabilities) if probabilities else 1.0
+        # Word probabilities are read for English transcription only.
+        mean = _mean_word_p(seg) if english else None
+        if mean is None:
+            mean = 1.0  # nothing to judge by
         if mean < self.segment_word_probability_min:
             return DROP
         if (beam > 1 and seg.no_speech_prob > self.beam_no_speech_max) or (
@@ -509,16 +508,17 @@ def _overlap(seg: Any, heard: list[tuple[str, float, float]], slack_s: float = 1
     return prev[-1] / len(mine)
 
 
-def _mean_word_p(seg: Any) -> float:
+def _mean_word_p(seg: Any) -> float | None:
+    """A segment's mean word probability; None when it has no words."""
     probabilities = [w.probability for w in seg.words or ()]
-    return sum(probabilities) / len(probabilities) if probabilities else 0.0
+    return sum(probabilities) / len(probabilities) if probabilities else None
 
 
 def _doubt_record(seg: Any, heard: list | None, share: float | None, keep: bool) -> dict:
-    probabilities = [w.probability for w in seg.words or ()]
+    mean = _mean_word_p(seg)
     return {"text": seg.text, "no_speech": round(float(seg.no_speech_prob), 3),
             "logprob": round(float(seg.avg_logprob), 3), "ratio": round(float(seg.compression_ratio), 2),
-            "word_p": round(sum(probabilities) / len(probabilities), 3) if probabilities else None,
+            "word_p": None if mean is None else round(mean, 3),
             "start": round(float(getattr(seg, "start", 0.0)), 2), "end": round(float(getattr(seg, "end", 0.0)), 2),
             "greedy": None if heard is None else " ".join(t for t, _, _ in heard),
             "overlap": None if share is None else round(share, 3), "kept": keep}
