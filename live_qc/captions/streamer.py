@@ -647,6 +647,19 @@ class StreamerOptions:
     #: (0.18–0.45), alternating runs; the same audio streamed through the
     #: bench's clock lost nothing either way — the cause is not found yet.
     left_context_s: float = 0.0
+    #: Nothing new heard: after ``idle_after`` partial decodes in a row of
+    #: one utterance that leave nothing to show (no word committed, an empty
+    #: partial: the guards dropped what was heard, or it was committed speech
+    #: heard again), the next decode waits for ``idle_step_s`` of new audio
+    #: instead of ``step_s``, until a decode hears a word (None: never).
+    #: Crowd noise, music under talk and babble are speech to the VAD, so
+    #: they are decoded all along; at beam 5, 3-voice babble right after
+    #: speech cost 85–106 % of 2 cores (bench, tiny.en, ``--clock model``,
+    #: README "Round 5c"), which on a 2-core machine is lag and skipped audio.
+    #: Speech that starts inside such noise waits at most ``idle_step_s`` −
+    #: ``step_s`` longer for its first partial.
+    idle_after: int | None = 4
+    idle_step_s: float = 1.5
 
 
 @dataclass(slots=True)
@@ -733,6 +746,8 @@ class Streamer:
         self.decoded_audio_s = 0.0
         self._hyp_language = self.language or "en"
         self._pending_out: list[Caption] = []
+        self._unheard = 0  # partial decodes in a row with nothing to show (options.idle_after)
+        self.idle_decodes = 0  # partial decodes made at idle_step_s
 
     # -- time
     def time_of(self, sample: int) -> float:
@@ -776,6 +791,7 @@ class Streamer:
         for event in self.vad.feed(x):
             if event.speech:
                 self._utterance = event.sample
+                self._unheard = 0
             else:
                 self._close_utterance(event.sample)
         self._loud.feed(x, self.time_of(start), speaking_before or self.vad.speaking)
@@ -843,7 +859,9 @@ class Streamer:
                 # Language detection on a second of audio is a guess (it
                 # flips between related languages); partials wait for it.
                 new = 0
-            if new >= o.step_s * RATE:
+            idle = o.idle_after is not None and self._unheard >= o.idle_after
+            if new >= (o.idle_step_s if idle else o.step_s) * RATE:
+                self.idle_decodes += idle
                 # The whole utterance is decoded each time (up to a limit):
                 # a decode of audio cut at a committed word's end starts
                 # mid-syllable and invents words there.
@@ -865,6 +883,7 @@ class Streamer:
                     # let 3-voice babble commit 28 words in 1 min (bench,
                     # ``--clock cpu``), 0 without.
                     step = self.policy.hold(self.media_end)
+                self._unheard = 0 if step.committed or step.partial else self._unheard + 1
                 out += self._emit(step)
                 self._drop_before(self._trim - round((o.preroll_s + o.left_context_s) * RATE))
         return out
@@ -1033,6 +1052,7 @@ class Streamer:
                                    "looped_segments": self.looped_segments,
                                    "retries": self.retries,
                                    "retries_from_committed": self.retries_from_committed,
+                                   "idle_decodes": self.idle_decodes,
                                    "language": self.language or ""})
 
 

@@ -163,7 +163,7 @@ class CaptionEngine:
             self._vad_session = load_vad_session()
         opts = StreamerOptions(language=language)
         for key in ("step_s", "commit_timeout_s", "alignment_guard_s", "max_context_s", "preroll_s", "tail_s",
-                    "agree_guard_s", "left_context_s"):
+                    "agree_guard_s", "left_context_s", "idle_step_s"):
             if options.get(key) is not None:
                 setattr(opts, key, float(options[key]))
         if options.get("commit_policy") is not None:
@@ -175,6 +175,8 @@ class CaptionEngine:
         for key in ("retry_dropped", "retry_without_prompt", "retry_prompt"):
             if options.get(key) is not None:
                 setattr(opts, key, bool(options[key]))
+        if "idle_after" in options:  # None: always decode every step_s
+            opts.idle_after = None if options["idle_after"] is None else int(options["idle_after"])
         vad = StreamingVad(self._vad_session, threshold=opts.vad_threshold, min_silence_s=opts.vad_min_silence_s)
         decoder = WhisperDecoder(model, translate=translate)
         if options.get("word_probability_min") is not None:

@@ -292,6 +292,50 @@ def test_a_decode_dropped_whole_with_a_prompt_is_made_again_without_it(speech, r
     assert prompted and streamer.retries == prompted == len(decoder.calls[calls:]) - prompted
 
 
+class BabbleDecoder(ScriptedDecoder):
+    """Every decode dropped whole while ``babble``, then a word per 0.4 s."""
+
+    babble = True
+
+    def decode(self, audio: np.ndarray, *, prompt: str, language: str | None,
+               final: bool = False) -> Hypothesis:
+        hyp = super().decode(audio, prompt=prompt, language=language, final=final)
+        return Hypothesis((), "en", rejected=1) if self.babble else hyp
+
+
+@pytest.mark.parametrize("idle_after", [4, None])
+def test_decodes_space_out_while_nothing_is_heard_and_resume_on_a_word(speech, idle_after) -> None:
+    """Babble, crowd noise, music under talk: speech to the VAD, nothing the
+    guards keep. After ``idle_after`` such decodes the streamer decodes every
+    ``idle_step_s``, and every ``step_s`` again once a decode hears a word."""
+    talk = np.concatenate([speech[int(1.2 * RATE):int(3.5 * RATE)]] * 8)  # 18.4 s, no pauses
+    decoder = BabbleDecoder()
+    options = StreamerOptions(idle_after=idle_after)
+    streamer = Streamer("cam1", decoder, StreamingVad(load_vad_session()), options)
+    at: list[float] = []
+    for i in range(0, len(talk), RATE // 10):
+        decoder.babble = i < 12 * RATE  # words from 12 s on
+        calls = len(decoder.calls)
+        streamer.feed(talk[i:i + RATE // 10], i / RATE)
+        streamer.step()
+        at += [round(i / RATE, 1)] * (len(decoder.calls) - calls)
+    assert streamer.retries == 0  # nothing committed before 12 s: one decode per step
+    unheard = [t for t in at if t < 12.0]
+    gaps = np.diff(at)
+    if idle_after is None:
+        assert len(unheard) >= 20 and max(gaps) <= options.step_s + 0.15
+        assert streamer.idle_decodes == 0
+        return
+    # Four decodes a step apart, then one every idle_step_s.
+    assert all(g <= options.step_s + 0.15 for g in gaps[:idle_after - 1])
+    spaced = [g for t, g in zip(at[1:], gaps) if t < 12.0][idle_after - 1:]
+    assert spaced and all(abs(g - options.idle_step_s) <= 0.15 for g in spaced), spaced
+    assert len(unheard) <= idle_after + 12.0 / options.idle_step_s
+    # The first decode after 12 s hears words: a step apart again.
+    assert all(g <= options.step_s + 0.15 for t, g in zip(at[1:], gaps) if t > 14.0)
+    assert 0 < streamer.idle_decodes == streamer.stats().extra["idle_decodes"] <= len(spaced) + 1
+
+
 class LongBufferDecoder(ScriptedDecoder):
     """A word every 0.4 s of the stream (named by its place in the stream,
     so that decodes of different stretches agree), and every decode of more
