@@ -568,6 +568,10 @@ def test_token_cap_leaves_speech_whole_and_options_reach_the_decoder(engine, spe
     assert (d.beam_confirm_overlap, d.greedy_after_dropped) == (0.75, 3)
     d = engine.new_streamer("opts3", {"beam_confirm_overlap": None, "greedy_after_dropped": None}).decoder
     assert (d.beam_confirm_overlap, d.greedy_after_dropped) == (None, None)
+    o = engine.new_streamer("opts4", {"idle_after": 2, "idle_step_s": 1.0}).options
+    assert (o.idle_after, o.idle_step_s) == (2, 1.0)
+    assert engine.new_streamer("opts5", {"idle_after": None}).options.idle_after is None
+    assert engine.new_streamer("opts6", {}).options.idle_after == StreamerOptions().idle_after
 
 
 def test_alignment_policy_is_selectable_and_commits_the_same_speech(engine, speech) -> None:
