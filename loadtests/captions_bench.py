@@ -472,9 +472,10 @@ def main() -> int:
     ap.add_argument("--final-beam", type=int,
                     help="beam width of the end-of-speech decode (default: the decoder's)")
     ap.add_argument("--guards-off", nargs="+", default=[], metavar="GUARD",
-                    choices=["segment_words", "phrase_loops", "echo"],
+                    choices=["segment_words", "phrase_loops", "echo", "restatements"],
                     help="turn off round 5's guards (WhisperDecoder.segment_word_probability_min, "
-                    "phrase_loop_times, echo_min_words) to compare")
+                    "phrase_loop_times, echo_min_words) or round 6's (CommitPolicy.hold_restatements) "
+                    "to compare")
     ap.add_argument("--beam-confirm", type=float,
                     help="greedy confirmation of a doubtful beam segment: word overlap needed (0: off; "
                     "default: the decoder's)")
@@ -540,6 +541,8 @@ def main() -> int:
         options["phrase_loop_times"] = None
     if "echo" in args.guards_off:
         options["echo_min_words"] = None
+    if "restatements" in args.guards_off:
+        options["hold_restatements"] = False
     if args.beam_confirm is not None:
         options["beam_confirm_overlap"] = args.beam_confirm or None
     if args.greedy_after_dropped is not None:

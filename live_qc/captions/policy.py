@@ -201,6 +201,20 @@ class CommitPolicy:
     #: 0: plain LocalAgreement-2; the streamer's default is 1.0 s
     #: (StreamerOptions.agree_guard_s, measured there).
     agree_guard_s: float = 0.0
+    #: The timeout does not commit a hypothesis whose new words are only the
+    #: start of the last committed clause said again (5–12 words: the clause
+    #: ``_no_loops`` drops once it is said whole) until it says a word of
+    #: its own; agreement still commits it. Measured
+    #: (loadtests/captions_bench.py, README "Round 6"): every decode of the
+    #: babble right after speech re-hears the last sentence, and one said it
+    #: a second time over the babble, cut short ("… right now. The band
+    #: cannot find the history of"): the timeout committed "The band" (10-min
+    #: Piper input, the only words on its non-speech). With this rule 0,
+    #: speech unchanged (the same input: WER 0.92 %, commit latency 1.57 /
+    #: 1.86 / 3.16 s). Holding agreement too was worse: 28 / 4 / 0 words
+    #: against 9 / 4 / 0 on three 1-min inputs with one-voice babble (held
+    #: back, the first words changed what Whisper said next).
+    hold_restatements: bool = True
     #: Recent committed words (for the overlap check and the prompt).
     committed: list[Word] = field(default_factory=list)
     _previous: list[Word] = field(default_factory=list)
@@ -254,10 +268,19 @@ class CommitPolicy:
         while agreed and words[agreed - 1].end > now - self.agree_guard_s:
             agreed -= 1
         reason = "agreement" if agreed else ""
-        overdue = self._overdue(words, now)
+        overdue = 0 if self._restating(words) else self._overdue(words, now)
         if overdue > agreed:
             agreed, reason = overdue, "timeout"
         return self._commit(words, agreed, reason)
+
+    def _restating(self, words: Sequence[Word], min_n: int = 5, max_n: int = 12) -> bool:
+        """Whether ``words`` (new, uncommitted) are all a proper prefix of
+        the last ``min_n``–``max_n`` committed words (``hold_restatements``)."""
+        if not self.hold_restatements or not words:
+            return False
+        keys = [normalise(w.text) for w in words]
+        tail = [normalise(w.text) for w in self.committed[-max_n:]]
+        return any(keys == tail[-n:][:len(keys)] for n in range(max(min_n, len(keys) + 1), len(tail) + 1))
 
     def hold(self, now: float) -> PolicyStep:
         """No usable hypothesis this time (the decode looped and the guards
@@ -267,7 +290,7 @@ class CommitPolicy:
         row held "new teacher is waiting" for 4.6 s, and 5 s where each loop
         also cost 1–3 s to decode)."""
         words = self._previous
-        return self._commit(list(words), self._overdue(words, now), "timeout")
+        return self._commit(list(words), 0 if self._restating(words) else self._overdue(words, now), "timeout")
 
     def _overdue(self, words: Sequence[Word], now: float) -> int:
         """How many leading words the timeout commits: up to the last one

@@ -663,6 +663,8 @@ class StreamerOptions:
     #: at most ``idle_step_s`` − ``step_s`` longer for its first partial.
     idle_after: int | None = 4
     idle_step_s: float = 1.5
+    #: CommitPolicy.hold_restatements (the benchmark compares both).
+    hold_restatements: bool = True
 
 
 @dataclass(slots=True)
@@ -722,7 +724,8 @@ class Streamer:
         if o.commit_policy == "alignment":
             self.policy: CommitPolicy = AlignmentPolicy(timeout_s=o.commit_timeout_s, guard_s=o.alignment_guard_s)
         else:
-            self.policy = CommitPolicy(timeout_s=o.commit_timeout_s, agree_guard_s=o.agree_guard_s)
+            self.policy = CommitPolicy(timeout_s=o.commit_timeout_s, agree_guard_s=o.agree_guard_s,
+                                       hold_restatements=o.hold_restatements)
         self.language = self.options.language
         self._loud = _Loudness()
         # Audio kept: from ``_audio_start`` (absolute sample index) on.

@@ -172,7 +172,7 @@ class CaptionEngine:
             opts.commit_policy = str(options["commit_policy"])
         if options.get("prompt_chars") is not None:
             opts.prompt_chars = int(options["prompt_chars"])
-        for key in ("retry_dropped", "retry_without_prompt", "retry_prompt"):
+        for key in ("retry_dropped", "retry_without_prompt", "retry_prompt", "hold_restatements"):
             if options.get(key) is not None:
                 setattr(opts, key, bool(options[key]))
         if "idle_after" in options:  # None: always decode every step_s

@@ -268,6 +268,44 @@ def test_a_clause_repeating_the_committed_text_is_not_committed_again() -> None:
     assert texts(step.partial) == "And then"
 
 
+def _timed(pairs: str) -> list[Word]:
+    """"word@start …" → words ending 0.2 s after they start (or where the next starts)."""
+    out = []
+    items = [(t.rsplit("@", 1)[0], float(t.rsplit("@", 1)[1])) for t in pairs.split()]
+    for i, (text, start) in enumerate(items):
+        nxt = items[i + 1][1] if i + 1 < len(items) else start + 0.3
+        out.append(Word(text, start, max(start + 0.1, min(nxt, start + 0.4))))
+    return out
+
+
+# Captured (loadtests/captions_bench.py, --voice piper, seed 13, babble right
+# after speech; tiny.en, beam 5): every decode of the babble re-hears the
+# last sentence, and one says it a second time over the babble, cut short.
+SAID = _timed("Thank@24.9 you@25.2 for@25.4 joining@25.6 us.@26.26 The@26.97 band@27.49 cannot@27.69 find@28.01 "
+              "the@28.33 history@28.83 of@28.83 the@29.13 old@29.35 bridge@29.57 right@29.75 now.@30.09")
+AGAIN = _timed("The@26.97 band@27.45 cannot@27.69 find@28.05 the@28.33 history@28.87 of@28.87 the@29.11 old@29.37 "
+               "bridge@29.57 right@29.77 now.@30.09 The@31.85 band@32.81 cannot@33.29 find@33.95 the@34.63 "
+               "history@35.21 of@35.21")
+
+
+def test_the_timeout_does_not_commit_the_start_of_the_last_clause_said_again() -> None:
+    policy = CommitPolicy(timeout_s=2.0, agree_guard_s=1.0)
+    policy.end_of_speech(SAID)
+    step = policy.update(AGAIN, 35.84, audio_start=26.97)
+    assert step.committed == () and texts(step.partial) == "The band cannot find the history of"
+    assert policy.hold(38.0).committed == ()
+    # Without it, the timeout commits the words that ended 2 s ago (the bench: "The band").
+    p = CommitPolicy(timeout_s=2.0, agree_guard_s=1.0, hold_restatements=False)
+    p.end_of_speech(SAID)
+    assert texts(p.update(AGAIN, 35.84, audio_start=26.97).committed) == "The band cannot"
+    # A word of its own: speech that starts as the last sentence did is
+    # committed by the timeout as before.
+    p = CommitPolicy(timeout_s=2.0, agree_guard_s=1.0)
+    p.end_of_speech(SAID)
+    step = p.update(_timed("The@31.85 band@32.81 will@33.29 explain@33.95 it@34.63"), 35.84)
+    assert texts(step.committed) == "The band will"
+
+
 def test_phrase_loops_and_weak_echoes() -> None:
     keys = [normalise(w) for w in "was in the morning, I was in the morning, I was in the morning.".split()]
     assert repeats_phrase(keys)  # the third copy stops short: the decode ran out of audio
