@@ -13,7 +13,7 @@ pytestmark = pytest.mark.browser
 
 STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r => {
   if (r.type === 'inbound-rtp') out[r.kind] = {framesDecoded: r.framesDecoded || 0, freezeCount: r.freezeCount || 0,
-    packetsLost: r.packetsLost, packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0,
+    totalFreezesDuration: r.totalFreezesDuration || 0, packetsLost: r.packetsLost, packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0,
     keyFramesDecoded: r.keyFramesDecoded || 0}; }); out.streams = window._streams; return out; }"""
 
 
@@ -44,7 +44,11 @@ def test_chromium_plays_srt_source(api_server, profile, size) -> None:
     print(f"{profile}: framesDecoded per second {decoded}, last {video[-1]}")
     assert decoded[-1] >= 80, decoded  # 25 fps for ~6 s
     assert all(b > a for a, b in zip(decoded[1:], decoded[2:])), decoded  # keeps growing
-    assert video[-1]["freezeCount"] == 0
+    # A lost or late keyframe freezes the picture until the next one (a GOP
+    # is 1 s here). One short freeze is Chromium's inter-frame timer on a
+    # loaded 2-core runner (seen once in CI: 1 freeze, 0 packets lost, 25
+    # frames decoded every second), as test_egress_chromium allows.
+    assert video[-1]["freezeCount"] <= 1 and video[-1]["totalFreezesDuration"] <= 0.5, video[-1]
     assert video[-1]["frameWidth"] == int(size.split("x")[0])
     assert samples[-1].get("audio", {}).get("packetsReceived", 0) > 100
     # Lip sync: Chromium puts both tracks in one MediaStream (one a=msid), the
