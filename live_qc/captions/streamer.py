@@ -722,7 +722,8 @@ class Streamer:
         self.vad = vad
         o = self.options
         if o.commit_policy == "alignment":
-            self.policy: CommitPolicy = AlignmentPolicy(timeout_s=o.commit_timeout_s, guard_s=o.alignment_guard_s)
+            self.policy: CommitPolicy = AlignmentPolicy(timeout_s=o.commit_timeout_s, guard_s=o.alignment_guard_s,
+                                                        hold_restatements=o.hold_restatements)
         else:
             self.policy = CommitPolicy(timeout_s=o.commit_timeout_s, agree_guard_s=o.agree_guard_s,
                                        hold_restatements=o.hold_restatements)

@@ -13,7 +13,8 @@ pytestmark = pytest.mark.browser
 
 STATS = """async () => { const out = {}; (await window._pc.getStats()).forEach(r => {
   if (r.type === 'inbound-rtp') out[r.kind] = {framesDecoded: r.framesDecoded || 0, freezeCount: r.freezeCount || 0,
-    totalFreezesDuration: r.totalFreezesDuration || 0, packetsLost: r.packetsLost, packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0,
+    totalFreezesDuration: r.totalFreezesDuration || 0, packetsLost: r.packetsLost,
+    packetsReceived: r.packetsReceived, frameWidth: r.frameWidth || 0,
     keyFramesDecoded: r.keyFramesDecoded || 0}; }); out.streams = window._streams; return out; }"""
 
 

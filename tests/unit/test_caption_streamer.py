@@ -574,6 +574,8 @@ def test_token_cap_leaves_speech_whole_and_options_reach_the_decoder(engine, spe
     assert engine.new_streamer("opts6", {}).options.idle_after == StreamerOptions().idle_after
     assert engine.new_streamer("opts7", {}).policy.hold_restatements is True
     assert engine.new_streamer("opts8", {"hold_restatements": False}).policy.hold_restatements is False
+    assert engine.new_streamer("opts9", {"hold_restatements": False, "commit_policy": "alignment"}) \
+        .policy.hold_restatements is False
 
 
 def test_alignment_policy_is_selectable_and_commits_the_same_speech(engine, speech) -> None:
