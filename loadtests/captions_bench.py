@@ -392,7 +392,8 @@ def stream(engine: CaptionEngine, options: dict, x: np.ndarray, clock_kind: str 
             "beam_decodes": getattr(d, "beam_decodes", 0), "confirm_decodes": getattr(d, "confirm_decodes", 0),
             "confirmed_segments": getattr(d, "confirmed_segments", 0),
             "greedy_switched_decodes": getattr(d, "greedy_switched_decodes", 0),
-            "idle_decodes": streamer.idle_decodes}
+            "idle_decodes": streamer.idle_decodes,
+            "beams": [getattr(d, "beam_size", None), getattr(d, "final_beam_size", None)]}
 
 
 def latencies(emitted: list[tuple[float, Caption]]) -> tuple[list[tuple[float, float]], list[float]]:
@@ -482,6 +483,8 @@ def main() -> int:
     ap.add_argument("--greedy-after-dropped", type=int,
                     help="decode greedily after this many decodes in a row dropped whole, until one yields "
                     "words (0: never; default: the decoder's)")
+    ap.add_argument("--step", type=float,
+                    help="new speech between two partial decodes, s (default: the streamer's, 0.5)")
     ap.add_argument("--idle-after", type=int,
                     help="partial decodes with nothing new before decoding every idle step (0: never; "
                          "default: the streamer's, 4)")
@@ -549,6 +552,8 @@ def main() -> int:
         options["greedy_after_dropped"] = args.greedy_after_dropped or None
     if args.idle_after is not None:
         options["idle_after"] = args.idle_after or None
+    if args.step is not None:
+        options["step_s"] = args.step
     engine = CaptionEngine()
     load = os.getloadavg()[0]
     trace: list | None = [] if args.trace else None
@@ -582,7 +587,9 @@ def main() -> int:
         "looped_segments": run["looped"], "beam_decodes": run["beam_decodes"],
         "confirm_decodes": run["confirm_decodes"], "confirmed_segments": run["confirmed_segments"],
         "greedy_switched_decodes": run["greedy_switched_decodes"], "idle_decodes": run["idle_decodes"],
+        "beams_partial_final": run["beams"],
         "idle_after": args.idle_after,
+        "step": args.step,
         "beam_confirm": args.beam_confirm, "greedy_after_dropped": args.greedy_after_dropped,
         "retry_dropped": not args.no_retry,
         "retry_without_prompt": not args.no_retry_without_prompt, "retry_prompt": not args.no_retry_prompt,
