@@ -325,6 +325,11 @@ def test_metrics_not_on_the_public_port(srv, world) -> None:
     base = world["base"]
     assert http("GET", f"{base}/metrics").status == 404
     assert urlsplit(metrics_url(base)).port != srv.port
+    # The revocation test's publisher of hcam1 may still hold it (killed, it
+    # ends at the SRT peer timeout): this publisher would be refused as busy
+    # and wait_live would see the old one (a CI failure, load 2+).
+    wait_until(lambda: not http("GET", f"{base}/api/v1/streams/hcam1", token=world["t"]["dirA"]).json()["live"],
+               timeout=20)
     s = next(s for s in http("GET", f"{base}/api/v1/streams", token=world["t"]["dirA"]).json()["streams"]
              if s["name"] == "hcam1")
     proc = ffmpeg_publish(_local(srv, s["srt_url"]), seconds=30, audio="none")
