@@ -268,7 +268,7 @@ class CommitPolicy:
         while agreed and words[agreed - 1].end > now - self.agree_guard_s:
             agreed -= 1
         reason = "agreement" if agreed else ""
-        overdue = 0 if self._restating(words) else self._overdue(words, now)
+        overdue = self._overdue(words, now)
         if overdue > agreed:
             agreed, reason = overdue, "timeout"
         return self._commit(words, agreed, reason)
@@ -290,11 +290,14 @@ class CommitPolicy:
         row held "new teacher is waiting" for 4.6 s, and 5 s where each loop
         also cost 1–3 s to decode)."""
         words = self._previous
-        return self._commit(list(words), 0 if self._restating(words) else self._overdue(words, now), "timeout")
+        return self._commit(list(words), self._overdue(words, now), "timeout")
 
     def _overdue(self, words: Sequence[Word], now: float) -> int:
         """How many leading words the timeout commits: up to the last one
-        that ended ``timeout_s`` or more before ``now``."""
+        that ended ``timeout_s`` or more before ``now``; none while they only
+        restate the last clause (``hold_restatements``)."""
+        if self._restating(words):
+            return 0
         overdue = 0
         for i, w in enumerate(words):
             if w.end <= now - self.timeout_s:
