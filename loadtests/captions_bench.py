@@ -488,6 +488,9 @@ def main() -> int:
     ap.add_argument("--idle-after", type=int,
                     help="partial decodes with nothing new before decoding every idle step (0: never; "
                          "default: the streamer's, 4)")
+    ap.add_argument("--all-passes", action="store_true",
+                    help="let faster-whisper decode a window again from its last word (WhisperDecoder.one_pass "
+                         "off: round 7 and before)")
     ap.add_argument("--skip-offline", action="store_true", help="no offline WER pass")
     ap.add_argument("--clock", choices=["wall", "cpu", "model"], default="wall",
                     help="what a decode step costs on the simulated clock (see stream(), MODEL_DECODE_S)")
@@ -554,6 +557,8 @@ def main() -> int:
         options["idle_after"] = args.idle_after or None
     if args.step is not None:
         options["step_s"] = args.step
+    if args.all_passes:
+        options["one_pass"] = False
     engine = CaptionEngine()
     load = os.getloadavg()[0]
     trace: list | None = [] if args.trace else None
@@ -589,7 +594,7 @@ def main() -> int:
         "greedy_switched_decodes": run["greedy_switched_decodes"], "idle_decodes": run["idle_decodes"],
         "beams_partial_final": run["beams"],
         "idle_after": args.idle_after,
-        "step": args.step,
+        "step": args.step, "one_pass": not args.all_passes,
         "beam_confirm": args.beam_confirm, "greedy_after_dropped": args.greedy_after_dropped,
         "retry_dropped": not args.no_retry,
         "retry_without_prompt": not args.no_retry_without_prompt, "retry_prompt": not args.no_retry_prompt,

@@ -186,6 +186,8 @@ class CaptionEngine:
                 setattr(decoder, key, int(options[key]))
         if options.get("segment_word_probability_min") is not None:
             decoder.segment_word_probability_min = float(options["segment_word_probability_min"])
+        if options.get("one_pass") is not None:
+            decoder.one_pass = bool(options["one_pass"])
         # Guards and limits that None turns off (the benchmark compares both):
         # round 5's loop and echo guards, the greedy confirmation of doubtful
         # beam segments and the switch to greedy first (off: round 4's beam

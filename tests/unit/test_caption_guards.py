@@ -7,6 +7,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from live_qc.captions.streamer import WhisperDecoder
 
@@ -491,3 +492,56 @@ def test_decodes_go_greedy_first_while_the_guards_drop_everything() -> None:
     for _ in range(3):
         decoder.decode(x, prompt="", language="en")
     assert model.beams == [1, 1, 1] and decoder.greedy_switched_decodes == 0
+
+
+# -- one decoding pass per window (WhisperDecoder.one_pass) -------------------
+
+class _Tokenizer:
+    timestamp_begin = 50364
+
+    def decode(self, tokens: list[int]) -> str:
+        return " ".join(str(t) for t in tokens if t < self.timestamp_begin)
+
+
+def _split(one_pass: bool, tokens: list[int], cap: int | None = 30, duration_s: float = 3.0):
+    from live_qc.captions.streamer import windowed_whisper_class
+
+    model = object.__new__(windowed_whisper_class())  # the splitting needs no model loaded
+    model.time_precision, model.input_stride = 0.02, 2
+    model.one_pass, model.token_cap = one_pass, cap
+    frames = round(duration_s * 100)
+    return model._split_segments_by_timestamps(tokenizer=_Tokenizer(), tokens=tokens, time_offset=0.0,
+                                               segment_size=frames, segment_duration=duration_s, seek=0)
+
+
+def _ts(seconds: float) -> int:
+    return _Tokenizer.timestamp_begin + round(seconds / 0.02)
+
+
+def test_a_decode_that_ends_mid_segment_is_one_pass_keeping_the_open_segment() -> None:
+    # "<0.0> 1 2 <1.0><1.0> 3 4" then end of text: the audio ends mid-speech.
+    tokens = [_ts(0.0), 1, 2, _ts(1.0), _ts(1.0), 3, 4]
+    segments, seek, single = _split(False, tokens)
+    # faster-whisper keeps the closed segment and seeks back to decode the rest again.
+    assert [s["tokens"] for s in segments] == [[_ts(0.0), 1, 2, _ts(1.0)]] and seek == 100 and not single
+    segments, seek, single = _split(True, tokens)
+    assert [s["tokens"] for s in segments] == [[_ts(0.0), 1, 2, _ts(1.0)], [_ts(1.0), 3, 4, _ts(3.0)]]
+    assert segments[1]["start"] == pytest.approx(1.0) and segments[1]["end"] == pytest.approx(3.0)
+    assert seek == 300 and single
+
+
+def test_one_pass_without_consecutive_timestamps_and_after_a_new_segment_opens() -> None:
+    segments, seek, single = _split(True, [_ts(0.2), 1, 2, 3])
+    assert [s["tokens"] for s in segments] == [[_ts(0.2), 1, 2, 3, _ts(3.0)]] and (seek, single) == (300, True)
+    # Closed, then a new segment opened with nothing in it: nothing more to decode.
+    segments, seek, single = _split(True, [_ts(0.0), 1, _ts(0.8), _ts(0.8)])
+    assert [s["tokens"] for s in segments] == [[_ts(0.0), 1, _ts(0.8)]] and (seek, single) == (300, True)
+
+
+@pytest.mark.parametrize("tokens", [
+    [_ts(0.0), 1, 2, _ts(1.0)],  # a lone timestamp at the end: one pass anyway
+    [_ts(0.0)] + [7] * 29,  # the token cap (30): a loop, decoded on from its last word as before
+    [1, 2, 3],  # no timestamps (without_timestamps decodes)
+])
+def test_one_pass_leaves_finished_capped_and_untimed_decodes_to_faster_whisper(tokens) -> None:
+    assert _split(True, tokens) == _split(False, tokens)

@@ -552,6 +552,42 @@ def test_encoder_window_is_trimmed_to_the_audio(engine, speech) -> None:
     assert engine.new_streamer("full", {"window_margin_s": None}).decoder.window_margin_s is None
 
 
+def test_a_decode_of_speech_cut_mid_sentence_is_one_encoder_pass(engine, speech) -> None:
+    """faster-whisper decodes again from the last word when a decode ends
+    mid-segment (a streamer's audio ends mid-speech); ``one_pass`` keeps the
+    first pass's words and makes no second pass."""
+    decoder = engine.new_streamer("one-pass", {"language": "en"}).decoder
+    model = decoder.model
+    assert decoder.one_pass
+    calls = [0]
+    original = model.encode
+
+    def spy(features):
+        calls[0] += 1
+        return original(features)
+
+    def passes(one_pass: bool) -> list[tuple[int, str]]:
+        decoder.one_pass = one_pass
+        out = []
+        for cut in np.arange(2.0, 4.0, 0.2):  # the first sentence, cut at 2.0 … 3.8 s
+            calls[0] = 0
+            hyp = decoder.decode(speech[int(1.2 * RATE):int((1.2 + cut) * RATE)], prompt="", language="en")
+            out.append((calls[0], " ".join(w.text for w in hyp.words)))
+        return out
+
+    model.encode = spy
+    try:
+        before, after = passes(False), passes(True)
+    finally:
+        del model.encode
+        decoder.one_pass = True
+    assert any(n > 1 for n, _ in before), before  # faster-whisper's own passes
+    assert all(n == 1 for n, _ in after), after
+    assert all(wer(SENTENCES[0], text) <= MAX_WER for _, text in after), after
+    assert model.one_pass is False and model.token_cap is None  # set for one decode only
+    assert engine.new_streamer("all-passes", {"one_pass": False}).decoder.one_pass is False
+
+
 def test_token_cap_leaves_speech_whole_and_options_reach_the_decoder(engine, speech) -> None:
     # The cap on generated tokens (per second of audio) must not cut real
     # speech: the three sentences in one decode say the same with and without it.
