@@ -372,21 +372,25 @@ class WhisperDecoder:
         # the beam only once the greedy decode hears words.
         greedy_first = beam > 1 and self.greedy_after_dropped is not None \
             and self.dropped_run >= self.greedy_after_dropped
-        windowed = self.window_margin_s is not None and hasattr(self.model, "encoder_frames")
-        if windowed:
-            # Whole seconds, so that the encoder sees few distinct shapes.
-            seconds = min(30, int(np.ceil(len(audio) / RATE + self.window_margin_s)))
-            self.model.encoder_frames = seconds * 100
-        one_pass = hasattr(self.model, "one_pass")
-        if one_pass:
-            self.model.one_pass = self.one_pass
+        max_new_tokens = None
+        if self.max_tokens_per_s is not None:
+            # The prompt takes at most 224 of Whisper's 448 positions.
+            max_new_tokens = min(MAX_NEW_TOKENS, self.max_tokens_base
+                                 + int(np.ceil(self.max_tokens_per_s * len(audio) / RATE)))
+        # windowed_whisper_class()'s settings hold for this one decode.
+        ours = hasattr(self.model, "encoder_frames")
+        if ours:
+            if self.window_margin_s is not None:
+                # Whole seconds, so that the encoder sees few distinct shapes.
+                seconds = min(30, int(np.ceil(len(audio) / RATE + self.window_margin_s)))
+                self.model.encoder_frames = seconds * 100
+            self.model.one_pass, self.model.token_cap = self.one_pass, max_new_tokens
         try:
-            hyp = self._decode(audio, prompt=prompt, language=language, beam=beam, greedy_first=greedy_first)
+            hyp = self._decode(audio, prompt=prompt, language=language, beam=beam, greedy_first=greedy_first,
+                               max_new_tokens=max_new_tokens)
         finally:
-            if windowed:
-                self.model.encoder_frames = None
-            if one_pass:
-                self.model.one_pass, self.model.token_cap = False, None
+            if ours:
+                self.model.encoder_frames, self.model.one_pass, self.model.token_cap = None, False, None
         if hyp.words:
             self.dropped_run = 0
         elif hyp.rejected:
@@ -394,14 +398,7 @@ class WhisperDecoder:
         return hyp
 
     def _decode(self, audio: np.ndarray, *, prompt: str, language: str | None, beam: int = 1,
-                greedy_first: bool = False) -> Hypothesis:
-        max_new_tokens = None
-        if self.max_tokens_per_s is not None:
-            # The prompt takes at most 224 of Whisper's 448 positions.
-            max_new_tokens = min(MAX_NEW_TOKENS, self.max_tokens_base
-                                 + int(np.ceil(self.max_tokens_per_s * len(audio) / RATE)))
-        if hasattr(self.model, "token_cap"):
-            self.model.token_cap = max_new_tokens
+                greedy_first: bool = False, max_new_tokens: int | None = None) -> Hypothesis:
         options = dict(language=language, task="translate" if self.translate else "transcribe",
                        best_of=1, temperature=0.0,
                        # One pass, no fallback re-decodes at higher temperatures (they
