@@ -20,7 +20,10 @@ Reports µs per packet for:
   last packet in the GSO run), each step alone and the whole chain,
 * ``--only send``: one datagram to each of 200 viewers by ``sendto``,
   ``sendmsg`` and one ctypes ``sendmmsg``, and what a reader process's
-  wake-ups add (issue 15's "consider sendmmsg").
+  wake-ups add (issue 15's "consider sendmmsg"),
+* ``--only fanout``: a frame to 100 and 200 viewers through the fan-out,
+  each viewer's own call chain against one C call for all of them
+  (``webrtc.c_fanout``).
 
 Usage: ``python loadtests/rtp_microbench.py [--quick] [--json]``.
 Numbers are the median of several timed rounds, single thread.
@@ -604,6 +607,99 @@ def bench_session_path(rounds: int) -> dict[str, Stat]:
     return out
 
 
+def bench_fanout_lanes(rounds: int, viewers: tuple[int, ...] = (100, 200)) -> dict[str, Stat]:
+    """A frame to N viewers through ``PacketFanout`` (issue 15): each
+    viewer's own call chain (``WhepSession.on_packets``: ``forward_frame``,
+    ``FastPath.rewrite_send``, the C call, the core's ``on_sent``;
+    ``webrtc.c_fanout = false``) against one ``_fastsend.fanout`` call for
+    all of them (``lane``: the default). P frames of 4 packets (three 1200 B
+    FU-A fragments and a shorter last one) and Opus packets, each viewer
+    with its own SRTP session and rewriters, sending on one loopback socket
+    to one receiver (drained outside the timing); µs per packet-viewer,
+    and ``…_last_ms``: when the last viewer's P frame had gone, ms after
+    the frame reached the fan-out. Rounds alternate the two paths."""
+    from types import SimpleNamespace
+
+    from media.layer import AUDIO
+    from media.rtp.layers import LayerPolicy
+    from media.webrtc.aiortc_adapter import FastPath
+    from media.webrtc.fanout import AUDIO_LAYER, PacketFanout, PacketsEvent
+    from media.webrtc.viewer import ViewerEgress
+    from media.webrtc.whep import FrameLane, WhepSession
+
+    tx, rx, drain = loopback_pair(8 << 20, sndbuf=8 << 20)
+
+    class Transport:
+        def get_extra_info(self, key: str) -> socket.socket:
+            return tx
+
+    class Viewer(WhepSession):  # the session's fan-out side, without aiortc
+        def __init__(self, fanout: PacketFanout, n: int, lane: bool) -> None:
+            self.id, self.closed, self._closing, self._timer, self._timer_at = str(n), False, None, None, None
+            pair = SimpleNamespace(protocol=SimpleNamespace(transport=Transport()), remote_addr=rx.getsockname())
+            self._fast = FastPath(SimpleNamespace(_tx_srtp=srtp_session(), transport=SimpleNamespace(
+                _connection=SimpleNamespace(_nominated={1: pair}))), sndbuf=8 << 20)
+            self.core = ViewerEgress(fanout, self, cname=b"bench", policy=LayerPolicy())
+            self.core.set_track("video", make_rewriter(0x7300 + n, True), 0x7300 + n)
+            self.core.set_track("audio", Rewriter(TrackParams(
+                ssrc=0x9300 + n, payload_type=111, clock_rate=48000, mid="1", mid_id=4, abs_send_time_id=2),
+                initial_layer=AUDIO), 0x9300 + n)
+            self.lane = FrameLane(self._fast, self.core) if lane else None
+
+        def _after(self, now: float | None = None) -> None:
+            self.core.events, self.core.timer_changed = [], False
+
+    rng = random.Random(5)
+    out: dict[str, list[float]] = {}
+    per_round = 60
+    for n in viewers:
+        setups = {}
+        for path in ("own", "lane"):
+            fo = PacketFanout("bench")
+            vs = [Viewer(fo, i, path == "lane") for i in range(n)]
+            for v in vs:
+                fo.attach(v, 0, 0.0)
+            seq, aseq = 100, 100
+            key = [LayerPacket(seq + i, 0, i == 9, os.urandom(1200 if i < 9 else 500), keyframe_start=i == 0)
+                   for i in range(10)]
+            fo.handle(PacketsEvent("bench", "main", tuple(key), None, 0.0, None))
+            fo.handle(PacketsEvent("bench", AUDIO_LAYER, (LayerPacket(aseq, 0, True, os.urandom(120),
+                                                                      keyframe_start=True),), None, 0.0, None))
+            drain()
+            setups[path] = [fo, vs, seq + 10, aseq + 1, 3000, 960]
+        for r in range(rounds + 1):
+            for path, st in setups.items():
+                fo, vs, seq, aseq, ts, ats = st
+                spent_v = spent_a = 0
+                for _ in range(per_round):
+                    frame = tuple(LayerPacket(seq + i, ts, i == 3, os.urandom(1200 if i < 3 else 457))
+                                  for i in range(4))
+                    t0 = time.perf_counter_ns()
+                    fo.handle(PacketsEvent("bench", "main", frame, None, 0.0, None))
+                    t1 = time.perf_counter_ns()
+                    opus = (LayerPacket(aseq & 0xFFFF, ats, True, os.urandom(rng.randrange(80, 160)),
+                                        keyframe_start=True),)
+                    fo.handle(PacketsEvent("bench", AUDIO_LAYER, opus, None, 0.0, None))
+                    t2 = time.perf_counter_ns()
+                    drain()
+                    spent_v += t1 - t0
+                    spent_a += t2 - t1
+                    seq, aseq, ts, ats = (seq + 4) & 0xFFFF, aseq + 1, ts + 3000, ats + 960
+                st[2:] = [seq, aseq, ts, ats]
+                if r:
+                    out.setdefault(f"fanout_{n}v_p_frame_{path}", []).append(spent_v / (per_round * 4 * n))
+                    out.setdefault(f"fanout_{n}v_audio_{path}", []).append(spent_a / (per_round * n))
+                    out.setdefault(f"fanout_{n}v_p_frame_{path}_last_ms", []).append(spent_v / per_round / 1e3)
+        for path, (fo, vs, *_rest) in setups.items():
+            sent = sum(v.core.stats.packets_sent for v in vs)
+            assert sent >= n * (rounds + 1) * per_round * 5, (path, sent)  # every viewer got every frame
+            for v in vs:
+                v._fast.close()
+    tx.close()
+    rx.close()
+    return {k: summarize(v) for k, v in out.items()}
+
+
 def bench_rtcp_receive(rounds: int) -> dict[str, Stat]:
     """A viewer's compound RR + REMB (what Chromium sends 3–4 times a
     second) from SRTCP to the viewer core, µs per datagram: through aiortc
@@ -878,13 +974,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer packets and rounds")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--only", choices=("session", "rtcp", "send"),
-                    help="only one section: the session's per-frame path, the RTCP receive path, or one "
-                         "datagram to each of 200 viewers (sendto / sendmsg / sendmmsg)")
+    ap.add_argument("--only", choices=("session", "rtcp", "send", "fanout"),
+                    help="only one section: the session's per-frame path, the RTCP receive path, one "
+                         "datagram to each of 200 viewers (sendto / sendmsg / sendmmsg), or a frame to "
+                         "100 and 200 viewers per viewer against one C call for all (webrtc.c_fanout)")
     args = ap.parse_args()
     rounds = 5 if args.quick else 25
     if args.only:
-        section = {"session": bench_session_path, "rtcp": bench_rtcp_receive, "send": bench_send_across_viewers}
+        section = {"session": bench_session_path, "rtcp": bench_rtcp_receive, "send": bench_send_across_viewers,
+                   "fanout": bench_fanout_lanes}
         results = section[args.only](rounds)
         for key, (lo, med) in results.items():
             print(f"{LABELS.get(key, key):<60} {lo:>7.2f} {med:>7.2f}")

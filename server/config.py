@@ -201,6 +201,10 @@ class WebRtcSettings(_Section):
     #: pure-Python path (same bytes on the wire, ~1.4x the CPU per packet).
     #: For comparing the two and for debugging.
     c_fastpath: bool = True
+    #: With the C path: one call per frame serves every viewer whose frame
+    #: takes it (media/webrtc/_fastsend.c ``fanout``) instead of one Python
+    #: call chain per viewer; false: one call per viewer. For comparing.
+    c_fanout: bool = True
     #: Seconds a client should wait before retrying a WHEP request for a
     #: stream that is not live (409 Retry-After).
     retry_after_s: int = Field(2, ge=1)

@@ -189,6 +189,7 @@ class MediaService:
                                     backlog_limit=settings.webrtc.backlog_bytes,
                                     send_failure_timeout=settings.webrtc.send_failure_timeout_s,
                                     c_fastpath=settings.webrtc.c_fastpath,
+                                    c_fanout=settings.webrtc.c_fanout,
                                     connect_timeout=settings.webrtc.connect_timeout_s,
                                     layer_policy=settings.webrtc.layer_policy(),
                                     rtx_share=settings.webrtc.rtx_share,
@@ -227,7 +228,7 @@ class MediaService:
                               backlog_limit=w.backlog_bytes, send_failure_timeout=w.send_failure_timeout_s,
                               connect_timeout=w.connect_timeout_s, layer_policy=w.layer_policy(),
                               rtx_share=w.rtx_share, rtx_playout_allowance=w.rtx_playout_allowance_s,
-                              c_fastpath=w.c_fastpath, log_level=logging.getLogger().getEffectiveLevel())
+                              c_fastpath=w.c_fastpath, c_fanout=w.c_fanout, log_level=logging.getLogger().getEffectiveLevel())
         host = EgressHost(w.egress_worker_count(), config, max_viewers=w.max_viewers, wait_for_ice=True)
         host.first_byte = self.frame_first_byte
         return host

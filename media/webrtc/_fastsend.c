@@ -457,52 +457,80 @@ put_be32(unsigned char *p, unsigned long v)
     p[3] = (unsigned char)v;
 }
 
-/* rewrite_send(protect, ctx, fd, sockaddr, ancillary, gso, max_len,
- *              rewriter, layer, packets, now)
- *
- * media.rtp.rewrite.Rewriter.rewrite_frame's in-order path, fused with
- * send_frame: the packets of ``layer`` that follow the rewriter's last one
- * within max_gap (no discontinuity), from the first on, are rewritten
- * straight into the send buffer (the template, then M/PT, sequence number,
- * timestamp, abs-send-time and transport-wide sequence number, then the
- * payload), entered in the rewriter's NACK map, protected and sent; the
- * rewriter's state and counters move exactly as rewrite_frame moves them.
- * At the first packet that is anything else it stops: the caller gives the
- * rest to rewrite_frame (its per-packet rules) and send_frame.
- * Returns an int (every packet rewritten and every datagram sent: the bytes
- * written) or send_frame's tuple, whose ``handled`` counts the packets
- * rewritten here (0: nothing was, the rewriter is not on ``layer``). */
-static PyObject *
-rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* One frame's packets as the rewrite reads them, taken off the LayerPackets
+ * once per frame (the batched fan-out then rewrites it for every viewer
+ * without touching a Python object per packet). ``payload`` is borrowed:
+ * the packet list the caller holds keeps it alive. */
+typedef struct {
+    long long seq;
+    long long ts;
+    const char *payload;
+    Py_ssize_t plen;  /* -1: not bytes (the Python path's case) */
+    int marker;
+    int disc;
+} packet_info;
+
+static packet_info infos[MAX_PACKETS];
+
+/* Fill infos from the first min(len, MAX_PACKETS) packets; returns how many,
+ * or -1 with an exception set. */
+static Py_ssize_t
+read_packets(PyObject *packets)
 {
-    destination d;
-    PyObject *rw, *layer, *packets, *now_obj, *cur, *tmpl = NULL, *tbuf = NULL, *twcc = NULL, *mpt = NULL,
-        *map = NULL, *result = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(packets), i;
+    if (n > MAX_PACKETS)
+        n = MAX_PACKETS;
+    for (i = 0; i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(packets, i), *v;
+        packet_info *info = &infos[i];
+        if ((v = GET(p, s_seq)) == NULL)
+            return -1;
+        info->seq = PyLong_AsLongLong(v);
+        Py_DECREF(v);
+        if ((v = GET(p, s_timestamp)) == NULL)
+            return -1;
+        info->ts = PyLong_AsLongLong(v);
+        Py_DECREF(v);
+        if (PyErr_Occurred())
+            return -1;
+        if ((v = GET(p, s_marker)) == NULL)
+            return -1;
+        info->marker = PyObject_IsTrue(v);
+        Py_DECREF(v);
+        if ((v = GET(p, s_discontinuity)) == NULL)
+            return -1;
+        info->disc = PyObject_IsTrue(v);
+        Py_DECREF(v);
+        if (info->marker < 0 || info->disc < 0)
+            return -1;
+        if ((v = GET(p, s_payload)) == NULL)
+            return -1;
+        if (PyBytes_CheckExact(v)) {
+            info->payload = PyBytes_AS_STRING(v);
+            info->plen = PyBytes_GET_SIZE(v);
+        } else {
+            info->payload = NULL;
+            info->plen = -1;
+        }
+        Py_DECREF(v);  /* the packet keeps it */
+    }
+    return n;
+}
+
+/* The rewrite and send of infos[0..n) (of a frame of ``n_all`` packets) for
+ * one rewriter and destination: see rewrite_send. The caller holds ``busy``. */
+static PyObject *
+rewrite_into(const destination *d, PyObject *rw, PyObject *layer, Py_ssize_t n, Py_ssize_t n_all, double now)
+{
+    PyObject *cur, *tmpl = NULL, *tbuf = NULL, *twcc = NULL, *mpt = NULL, *map = NULL, *result = NULL;
     long long abs_off, abs_top, twcc_off, ts_off, vseq, lseq, max_gap, mask, packets_sent, octets_sent;
     long long tw_value = 0, vts = 0, layer_value;
     unsigned pt0, pt1;
     unsigned long abs_word = 0;
-    double now;
-    Py_ssize_t n, i, hlen, sent_packets = 0, octets = 0;
+    Py_ssize_t i, hlen, sent_packets = 0, octets = 0;
     size_t pos = 0;
     int same, status = 0;
 
-    (void)module;
-    if (parse_destination(args, nargs, 4, "rewrite_send", &d) < 0)
-        return NULL;
-    rw = args[7];
-    layer = args[8];
-    packets = args[9];
-    now_obj = args[10];
-    if (!PyList_CheckExact(packets) || !PyLong_CheckExact(layer)) {
-        PyErr_SetString(PyExc_TypeError, "packets must be a list and layer an int");
-        return NULL;
-    }
-    now = PyFloat_AsDouble(now_obj);
-    if (now == -1.0 && PyErr_Occurred())
-        return NULL;
-    if (busy)
-        return outcome(0, 0, 0, 0, NULL, 0);
     cur = GET(rw, s_layer);
     if (cur == NULL)
         return NULL;
@@ -550,73 +578,23 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* One now for the whole frame: one abs-send-time for all of it. */
     abs_word = (unsigned long)(abs_top | ((long long)(now * 262144.0) & 0xFFFFFF));
 
-    busy = 1;
-    n = PyList_GET_SIZE(packets);
-    if (n > MAX_PACKETS)
-        n = MAX_PACKETS;
     for (i = 0; i < n; i++) {
-        PyObject *p = PyList_GET_ITEM(packets, i), *seq_obj, *ts_obj, *payload;
-        long long seq, ts, dist;
-        Py_ssize_t plen;
+        const packet_info *info = &infos[i];
+        long long dist = (info->seq - lseq) & 0xFFFF;
         unsigned char *out;
-        int disc, marker, len;
+        int len;
 
-        if ((seq_obj = GET(p, s_seq)) == NULL)
-            goto fail;
-        seq = PyLong_AsLongLong(seq_obj);
-        if (seq == -1 && PyErr_Occurred()) {
-            Py_DECREF(seq_obj);
-            goto fail;
-        }
-        dist = (seq - lseq) & 0xFFFF;
-        {
-            PyObject *flag = GET(p, s_discontinuity);
-            if (flag == NULL) {
-                Py_DECREF(seq_obj);
-                goto fail;
-            }
-            disc = PyObject_IsTrue(flag);
-            Py_DECREF(flag);
-        }
-        if (disc != 0 || dist <= 0 || dist > max_gap) {
-            Py_DECREF(seq_obj);
-            if (disc < 0)
-                goto fail;
+        if (info->disc || dist <= 0 || dist > max_gap)
             break;  /* the per-packet rules: rewrite_frame */
-        }
-        if ((payload = GET(p, s_payload)) == NULL) {
-            Py_DECREF(seq_obj);
-            goto fail;
-        }
-        plen = PyBytes_CheckExact(payload) ? PyBytes_GET_SIZE(payload) : -1;
-        if (plen < 0 || hlen + plen > d.max_len || pos + (size_t)(hlen + plen) + SRTP_TRAILER > BUF_BYTES) {
-            Py_DECREF(payload);
-            Py_DECREF(seq_obj);
+        if (info->plen < 0 || hlen + info->plen > d->max_len
+            || pos + (size_t)(hlen + info->plen) + SRTP_TRAILER > BUF_BYTES)
             break;  /* the Python path sends it, or raises what it raises */
-        }
-        if ((ts_obj = GET(p, s_timestamp)) == NULL) {
-            Py_DECREF(payload);
-            Py_DECREF(seq_obj);
-            goto fail;
-        }
-        ts = PyLong_AsLongLong(ts_obj);
-        {
-            PyObject *flag = GET(p, s_marker);
-            marker = flag == NULL ? -1 : PyObject_IsTrue(flag);
-            Py_XDECREF(flag);
-        }
-        if ((ts == -1 && PyErr_Occurred()) || marker < 0) {
-            Py_DECREF(ts_obj);
-            Py_DECREF(payload);
-            Py_DECREF(seq_obj);
-            goto fail;
-        }
         vseq += dist;
-        lseq = seq;
-        vts = (ts + ts_off) & 0xFFFFFFFFLL;
+        lseq = info->seq;
+        vts = (info->ts + ts_off) & 0xFFFFFFFFLL;
         out = buf + pos;
         memcpy(out, PyByteArray_AS_STRING(tbuf), (size_t)hlen);
-        out[1] = (unsigned char)(marker ? pt1 : pt0);
+        out[1] = (unsigned char)(info->marker ? pt1 : pt0);
         put_be16(out + 2, (unsigned)(vseq & 0xFFFF));
         put_be32(out + 4, (unsigned long)vts);
         if (abs_off)
@@ -625,25 +603,22 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             put_be16(out + twcc_off, (unsigned)tw_value);
             tw_value = (tw_value + 1) & 0xFFFF;
         }
-        memcpy(out + hlen, PyBytes_AS_STRING(payload), (size_t)plen);
-        Py_DECREF(payload);
-        Py_DECREF(ts_obj);
-        Py_DECREF(seq_obj);
+        memcpy(out + hlen, info->payload, (size_t)info->plen);
         {
             /* the NACK map (rewrite._ENTRY): viewer seq, layer, layer seq,
              * layer ts, viewer ts as native int64s */
             int64_t entry[5];
             entry[0] = vseq;
             entry[1] = layer_value;
-            entry[2] = seq;
-            entry[3] = ts;
+            entry[2] = info->seq;
+            entry[3] = info->ts;
             entry[4] = vts;
             memcpy(PyByteArray_AS_STRING(map) + (vseq & mask) * MAP_ENTRY, entry, sizeof(entry));
         }
         sent_packets++;
-        octets += plen;
-        len = (int)(hlen + plen);
-        status = d.protect(d.ctx, out, &len);
+        octets += info->plen;
+        len = (int)(hlen + info->plen);
+        status = d->protect(d->ctx, out, &len);
         if (status != 0) {
             i++;
             break;
@@ -652,7 +627,6 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         lengths[i] = len;
         pos += (size_t)len;
     }
-    busy = 0;
     if (sent_packets) {
         /* rewrite_frame's write-back */
         PyObject *now_copy = PyFloat_FromDouble(now);
@@ -668,29 +642,10 @@ rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(now_copy);
     }
-    if (status != 0) {
+    if (status != 0)
         result = outcome(i, 0, 0, 0, NULL, status);
-        goto done;
-    }
-    busy = 1;
-    result = send_prepared(&d, i, i, i == PyList_GET_SIZE(packets));
-    busy = 0;
-    goto done;
-fail:
-    busy = 0;
-    /* An exception mid-frame: what was rewritten stays rewritten (as in
-     * rewrite_frame); nothing was sent. */
-    if (sent_packets) {
-        PyObject *type, *value, *tb;
-        PyErr_Fetch(&type, &value, &tb);
-        set_longlong(rw, s_vseq, vseq);
-        set_longlong(rw, s_lseq, lseq);
-        set_longlong(rw, s_packets_sent, packets_sent + sent_packets);
-        set_longlong(rw, s_octets_sent, octets_sent + octets);
-        if (twcc_off)
-            set_longlong(twcc, s_value, tw_value);
-        PyErr_Restore(type, value, tb);
-    }
+    else
+        result = send_prepared(d, i, i, i == n_all);
 done:
     Py_XDECREF(tmpl);
     Py_XDECREF(tbuf);
@@ -700,11 +655,334 @@ done:
     return result;
 }
 
+/* rewrite_send(protect, ctx, fd, sockaddr, ancillary, gso, max_len,
+ *              rewriter, layer, packets, now)
+ *
+ * media.rtp.rewrite.Rewriter.rewrite_frame's in-order path, fused with
+ * send_frame: the packets of ``layer`` that follow the rewriter's last one
+ * within max_gap (no discontinuity), from the first on, are rewritten
+ * straight into the send buffer (the template, then M/PT, sequence number,
+ * timestamp, abs-send-time and transport-wide sequence number, then the
+ * payload), entered in the rewriter's NACK map, protected and sent; the
+ * rewriter's state and counters move exactly as rewrite_frame moves them.
+ * At the first packet that is anything else it stops: the caller gives the
+ * rest to rewrite_frame (its per-packet rules) and send_frame.
+ * Returns an int (every packet rewritten and every datagram sent: the bytes
+ * written) or send_frame's tuple, whose ``handled`` counts the packets
+ * rewritten here (0: nothing was, the rewriter is not on ``layer``). A
+ * packet without the LayerPacket fields raises before anything is
+ * rewritten. */
+static PyObject *
+rewrite_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    destination d;
+    PyObject *rw, *layer, *packets, *result;
+    double now;
+    Py_ssize_t n;
+
+    (void)module;
+    if (parse_destination(args, nargs, 4, "rewrite_send", &d) < 0)
+        return NULL;
+    rw = args[7];
+    layer = args[8];
+    packets = args[9];
+    if (!PyList_CheckExact(packets) || !PyLong_CheckExact(layer)) {
+        PyErr_SetString(PyExc_TypeError, "packets must be a list and layer an int");
+        return NULL;
+    }
+    now = PyFloat_AsDouble(args[10]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    if (busy)
+        return outcome(0, 0, 0, 0, NULL, 0);
+    busy = 1;
+    n = read_packets(packets);
+    result = n < 0 ? NULL : rewrite_into(&d, rw, layer, n, PyList_GET_SIZE(packets), now);
+    busy = 0;
+    return result;
+}
+
+/* Interned names of what fanout reads of a lane (media.webrtc.whep.FrameLane),
+ * its FastPath, the sender and the viewer core. */
+static PyObject *s_fast, *s_core, *s_native, *s_nominated, *s_pair, *s_protocol, *s_transport, *s_sock_of,
+    *s_sender, *s_addr, *s_wire_of, *s_wire, *s_failing_since, *s_sock, *s_fileno, *s_ancillary, *s_gso,
+    *s_core_failing, *s_audio, *s_video, *s_frozen_since, *s_keyframe_start, *s_stats, *s_bytes_sent,
+    *s_events, *s_timer_changed, *one;
+
+#define MAX_HELD 24
+
+/* Where one lane's frame goes, as FastPath.rewrite_send and
+ * ViewerEgress.fast_rewriter decide it, read straight from those objects:
+ * the nominated pair still the one the sender was made for, on the same
+ * transport, a DatagramSender to the address its wire form was made from,
+ * no send failing (the core's on_sent then needs only its two counters),
+ * the track's rewriter, and no freeze ending on this frame. Returns 1 with
+ * ``d`` and ``*rw`` filled (borrowed from ``held``), 0 when the lane takes
+ * the per-viewer path, -1 with an exception set. */
+static int
+lane_destination(PyObject *lane, PyObject *layer, int audio, int keyframe_start, PyObject *sender_type,
+                 destination *d, PyObject **rw, PyObject **core_out, PyObject **held, int *nheld)
+{
+    PyObject *fast, *native, *nominated, *pair, *v, *sender, *core, *sock;
+    long fd;
+
+#define HOLD(expr) ({ PyObject *h_ = (expr); if (h_ != NULL) held[(*nheld)++] = h_; h_; })
+    if ((fast = HOLD(GET(lane, s_fast))) == NULL)
+        return -1;
+    if (fast == Py_None)
+        return 0;
+    if ((native = HOLD(GET(fast, s_native))) == NULL)
+        return -1;
+    if (!PyTuple_CheckExact(native) || PyTuple_GET_SIZE(native) != 3)
+        return 0;
+    if ((nominated = HOLD(GET(fast, s_nominated))) == NULL || (pair = HOLD(GET(fast, s_pair))) == NULL)
+        return -1;
+    if (!PyDict_CheckExact(nominated) || pair == Py_None || PyDict_GetItemWithError(nominated, one) != pair)
+        return PyErr_Occurred() ? -1 : 0;
+    if ((v = HOLD(PyObject_GetAttr(pair, s_protocol))) == NULL || (v = HOLD(PyObject_GetAttr(v, s_transport))) == NULL)
+        return -1;
+    if (v == Py_None || (v = HOLD(GET(fast, s_sock_of))) == NULL)
+        return v == NULL ? -1 : 0;
+    if (held[*nheld - 2] != v)
+        return 0;
+    if ((sender = HOLD(GET(fast, s_sender))) == NULL)
+        return -1;
+    if ((PyObject *)Py_TYPE(sender) != sender_type)
+        return 0;
+    if ((v = HOLD(GET(sender, s_failing_since))) == NULL)
+        return -1;
+    if (v != Py_None)
+        return 0;
+    if ((v = HOLD(GET(sender, s_addr))) == NULL || HOLD(GET(fast, s_wire_of)) == NULL)
+        return -1;
+    if (held[*nheld - 1] != v)
+        return 0;
+    if ((v = HOLD(GET(fast, s_wire))) == NULL)
+        return -1;
+    if (!PyBytes_CheckExact(v))
+        return 0;
+    d->addr = PyBytes_AS_STRING(v);
+    d->addrlen = PyBytes_GET_SIZE(v);
+    if ((sock = HOLD(GET(sender, s_sock))) == NULL || (v = HOLD(PyObject_CallMethodNoArgs(sock, s_fileno))) == NULL)
+        return -1;
+    fd = PyLong_AsLong(v);
+    if (fd == -1 && PyErr_Occurred())
+        return -1;
+    if (fd < 0 || fd > INT_MAX)
+        return 0;
+    d->fd = (int)fd;
+    if ((d->ancillary = HOLD(GET(sender, s_ancillary))) == NULL || (v = HOLD(GET(sender, s_gso))) == NULL)
+        return -1;
+    if ((d->gso = PyObject_IsTrue(v)) < 0)
+        return -1;
+    d->protect = (srtp_protect_fn)PyLong_AsVoidPtr(PyTuple_GET_ITEM(native, 0));
+    d->ctx = PyLong_AsVoidPtr(PyTuple_GET_ITEM(native, 1));
+    d->max_len = PyLong_AsSsize_t(PyTuple_GET_ITEM(native, 2));
+    if (PyErr_Occurred())
+        return -1;
+    if (d->protect == NULL || d->ctx == NULL)
+        return 0;
+    if ((core = HOLD(GET(lane, s_core))) == NULL || (v = HOLD(PyObject_GetAttr(core, s_core_failing))) == NULL)
+        return -1;
+    if (v != Py_None)
+        return 0;
+    if ((*rw = HOLD(PyObject_GetAttr(core, audio ? s_audio : s_video))) == NULL)
+        return -1;
+    if (*rw == Py_None)
+        return 0;
+    if (!audio && keyframe_start) {
+        if ((v = HOLD(PyObject_GetAttr(core, s_frozen_since))) == NULL)
+            return -1;
+        if (v != Py_None)
+            return 0;  /* the end of a freeze is counted in on_packets */
+    }
+    *core_out = core;
+    return 1;
+#undef HOLD
+}
+
+/* The core's on_sent for a frame that went out whole with nothing failing
+ * (its per-frame case: two counters), then whether its shell has anything
+ * to do (events, a moved timer). Returns 1 (it has), 0, or -1. */
+static int
+count_sent(PyObject *core, Py_ssize_t count, long long nbytes)
+{
+    PyObject *stats = PyObject_GetAttr(core, s_stats), *v;
+    long long value;
+    int rc = -1;
+    if (stats == NULL)
+        return -1;
+    if (get_longlong(stats, s_bytes_sent, &value) < 0 || set_longlong(stats, s_bytes_sent, value + nbytes) < 0
+        || get_longlong(stats, s_packets_sent, &value) < 0
+        || set_longlong(stats, s_packets_sent, value + count) < 0)
+        goto out;
+    if ((v = PyObject_GetAttr(core, s_events)) == NULL)
+        goto out;
+    rc = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (rc != 0)
+        goto out;
+    if ((v = PyObject_GetAttr(core, s_timer_changed)) == NULL) {
+        rc = -1;
+        goto out;
+    }
+    rc = PyObject_IsTrue(v);
+    Py_DECREF(v);
+out:
+    Py_DECREF(stats);
+    return rc;
+}
+
+/* fanout(lanes, start, layer, audio_layer, packets, now, sender_type)
+ *
+ * One frame of ``layer`` (``audio_layer``: the audio track) to every lane
+ * of ``lanes`` (media.webrtc.whep.FrameLane: a viewer's FastPath and core;
+ * None for a viewer without one), starting at position ``start`` and going
+ * round: for each lane on the fast path, exactly what whep.forward_frame
+ * does through FastPath.rewrite_send and the core's on_sent, with no Python
+ * code run per viewer. The packets are read once for all of them.
+ * Returns a list of (position, what) for the lanes whose shell still has
+ * work, in the order they were served:
+ *   None    nothing was done: the viewer's whole per-frame path
+ *           (WhepSession.on_packets)
+ *   True    the frame went out and was counted; the core has events or a
+ *           moved timer for its shell
+ *   tuple   rewrite_send's outcome, for the shell to finish as
+ *           forward_frame does (the rest of the frame, the counters, errors)
+ *   an exception  what rewrite_send (or the counting) raised for this
+ *           viewer, for its shell to raise
+ * None (not a list) when a call is already running: every lane takes the
+ * per-viewer path. */
+static PyObject *
+fanout(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *lanes, *layer, *packets, *sender_type, *todo, *first, *v;
+    Py_ssize_t n_lanes, start, n, n_all, k;
+    long long layer_value, audio_value;
+    int keyframe_start;
+    double now;
+
+    (void)module;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "fanout takes 7 arguments");
+        return NULL;
+    }
+    lanes = args[0];
+    layer = args[2];
+    packets = args[4];
+    sender_type = args[6];
+    if (!PyList_CheckExact(lanes) || !PyList_CheckExact(packets) || !PyLong_CheckExact(layer)
+        || !PyType_Check(sender_type)) {
+        PyErr_SetString(PyExc_TypeError, "fanout(list, int, int, int, list, float, type)");
+        return NULL;
+    }
+    start = PyLong_AsSsize_t(args[1]);
+    layer_value = PyLong_AsLongLong(layer);
+    audio_value = PyLong_AsLongLong(args[3]);
+    now = PyFloat_AsDouble(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (busy)
+        Py_RETURN_NONE;
+    n_lanes = PyList_GET_SIZE(lanes);
+    n_all = PyList_GET_SIZE(packets);
+    if ((todo = PyList_New(0)) == NULL)
+        return NULL;
+    if (n_lanes == 0 || n_all == 0)
+        return todo;
+    first = PyList_GET_ITEM(packets, 0);
+    if ((v = GET(first, s_keyframe_start)) == NULL)
+        goto fail_unlocked;
+    keyframe_start = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (keyframe_start < 0)
+        goto fail_unlocked;
+    busy = 1;
+    if ((n = read_packets(packets)) < 0)
+        goto fail;
+    if (start < 0 || start >= n_lanes)
+        start = 0;
+    for (k = 0; k < n_lanes; k++) {
+        Py_ssize_t pos = (start + k) % n_lanes;
+        PyObject *lane = PyList_GET_ITEM(lanes, pos), *rw = NULL, *core = NULL, *result = NULL, *what;
+        PyObject *held[MAX_HELD];
+        int nheld = 0, route, after = 0;
+        destination d;
+
+        Py_INCREF(lane);
+        route = lane == Py_None ? 0
+            : lane_destination(lane, layer, layer_value == audio_value, keyframe_start, sender_type, &d, &rw,
+                               &core, held, &nheld);
+        if (route < 0) {
+            /* Whatever this lane's objects raised, its per-viewer path
+             * raises (or copes) for this viewer alone. */
+            PyErr_Clear();
+            route = 0;
+        }
+        if (route == 1) {
+            result = rewrite_into(&d, rw, layer, n, n_all, now);
+            if (result != NULL && PyLong_CheckExact(result)) {
+                after = count_sent(core, n_all, PyLong_AsLongLong(result));
+                if (after < 0)
+                    Py_CLEAR(result);
+            }
+        }
+        while (nheld)
+            Py_DECREF(held[--nheld]);
+        Py_DECREF(lane);
+        if (route == 1 && result == NULL) {
+            /* What rewrite_send would have raised: handed over for this
+             * viewer's shell to raise, after the lanes before it were served. */
+            PyObject *type, *value, *tb;
+            PyErr_Fetch(&type, &value, &tb);
+            PyErr_NormalizeException(&type, &value, &tb);
+            if (tb != NULL && value != NULL)
+                PyException_SetTraceback(value, tb);
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            if (value == NULL)
+                goto fail;
+            what = value;
+        } else if (route == 0) {
+            what = Py_None;
+            Py_INCREF(what);
+        } else if (PyLong_CheckExact(result)) {
+            Py_DECREF(result);
+            if (!after)
+                continue;
+            what = Py_True;
+            Py_INCREF(what);
+        } else if (PyTuple_GET_SIZE(result) == 6 && PyLong_AsSsize_t(PyTuple_GET_ITEM(result, 0)) == 0) {
+            /* nothing taken (not on this layer): the per-viewer path */
+            Py_DECREF(result);
+            what = Py_None;
+            Py_INCREF(what);
+        } else {
+            what = result;
+        }
+        v = Py_BuildValue("(nN)", pos, what);
+        if (v == NULL || PyList_Append(todo, v) < 0) {
+            Py_XDECREF(v);
+            goto fail;
+        }
+        Py_DECREF(v);
+    }
+    busy = 0;
+    return todo;
+fail:
+    busy = 0;
+fail_unlocked:
+    Py_DECREF(todo);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL,
      "Protect one frame's RTP packets with libsrtp and send them in GSO runs."},
     {"rewrite_send", (PyCFunction)(void (*)(void))rewrite_send, METH_FASTCALL,
      "Rewriter.rewrite_frame's in-order path fused with send_frame."},
+    {"fanout", (PyCFunction)(void (*)(void))fanout, METH_FASTCALL,
+     "One frame to every viewer on the fast path: rewrite_send and the core's on_sent per lane."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -741,7 +1019,35 @@ PyInit__fastsend(void)
     INTERN(s_marker, "marker");
     INTERN(s_payload, "payload");
     INTERN(s_discontinuity, "discontinuity");
+    INTERN(s_fast, "fast");
+    INTERN(s_core, "core");
+    INTERN(s_native, "_native");
+    INTERN(s_nominated, "_nominated");
+    INTERN(s_pair, "_pair");
+    INTERN(s_protocol, "protocol");
+    INTERN(s_transport, "transport");
+    INTERN(s_sock_of, "_sock_of");
+    INTERN(s_sender, "sender");
+    INTERN(s_addr, "addr");
+    INTERN(s_wire_of, "_wire_of");
+    INTERN(s_wire, "_wire");
+    INTERN(s_failing_since, "failing_since");
+    INTERN(s_sock, "sock");
+    INTERN(s_fileno, "fileno");
+    INTERN(s_ancillary, "ancillary");
+    INTERN(s_gso, "gso");
+    INTERN(s_core_failing, "_failing_since");
+    INTERN(s_audio, "audio");
+    INTERN(s_video, "video");
+    INTERN(s_frozen_since, "_frozen_since");
+    INTERN(s_keyframe_start, "keyframe_start");
+    INTERN(s_stats, "stats");
+    INTERN(s_bytes_sent, "bytes_sent");
+    INTERN(s_events, "events");
+    INTERN(s_timer_changed, "timer_changed");
 #undef INTERN
+    if ((one = PyLong_FromLong(1)) == NULL)
+        return NULL;
     m = PyModule_Create(&module_def);
     if (m == NULL)
         return NULL;

@@ -474,8 +474,8 @@ class FastPath:
     errors counted and survived, a full buffer drops for this viewer only).
     """
 
-    __slots__ = ("_dtls", "_srtp", "_conn", "sender", "_sock_of", "_sndbuf", "_pair", "_protect", "_native",
-                 "_wire", "_wire_of")
+    __slots__ = ("_dtls", "_srtp", "_conn", "_nominated", "sender", "_sock_of", "_sndbuf", "_pair", "_protect",
+                 "_native", "_wire", "_wire_of")
 
     def __init__(self, dtls_transport: Any, sndbuf: int | None = None, native: bool = True) -> None:
         self._dtls = dtls_transport
@@ -484,6 +484,8 @@ class FastPath:
         if self._srtp is None:
             raise ConnectionError("DTLS transport has no SRTP session yet")
         self._conn = dtls_transport.transport._connection  # aioice.Connection
+        #: Its nominated pair per component (the dict itself: _fastsend.fanout reads it).
+        self._nominated = self._conn._nominated
         #: libsrtp's context, buffer and length cell, read once (see protect_all).
         self._protect = _protect_handles(self._srtp)
         #: (srtp_protect, the srtp_t) as addresses and the longest packet,
@@ -615,7 +617,7 @@ class FastPath:
                     sender.failing_since = None
                     return result  # type: ignore[no-any-return]
                 if result is not None:
-                    return _native_outcome(sender, result, now)
+                    return native_outcome(sender, result, now)
         protected = _protect_with(self._protect, self._srtp, packets)
         if len(protected) == 1:
             return sender.send(protected[0], now)
@@ -651,7 +653,7 @@ class FastPath:
             return len(packets), result
         if not result[0]:
             return 0, 0
-        return result[0], _native_outcome(sender, result, now)
+        return result[0], native_outcome(sender, result, now)
 
 
 def _protect_handles(session: Any) -> tuple[Any, Any, Any, Any, int] | None:
@@ -703,7 +705,18 @@ def sockaddr_bytes(family: int, addr: Any) -> bytes | None:
     return None
 
 
-def _native_outcome(sender: DatagramSender, result: tuple[int, int, int, int, list[bytes] | None, int],
+def fanout_lanes(lanes: list[Any], start: int, index: int, audio: int, packets: list[Any],
+                 now: float) -> list[tuple[int, Any]] | None:
+    """``_fastsend.fanout``: one frame to every viewer lane (see
+    ``whep.FrameLane``) from position ``start`` round; None without the
+    extension or while a C call is already running (each viewer its own
+    call then)."""
+    if _fastsend is None:
+        return None
+    return _fastsend.fanout(lanes, start, index, audio, packets, now, DatagramSender)
+
+
+def native_outcome(sender: DatagramSender, result: tuple[int, int, int, int, list[bytes] | None, int],
                     now: float) -> int:
     """:mod:`_fastsend`'s answer when not every datagram went out (or not
     every packet was taken): the same counts and errors as the Python path."""

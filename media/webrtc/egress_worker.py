@@ -292,6 +292,7 @@ class WorkerConfig:
     rtx_share: float = 0.25
     rtx_playout_allowance: float = 0.5
     c_fastpath: bool = True
+    c_fanout: bool = True
     stats_interval: float = 0.5
     forwarding_buckets: tuple[float, ...] = FORWARDING_BUCKETS
     first_byte_buckets: tuple[float, ...] = FIRST_BYTE_BUCKETS
@@ -338,7 +339,7 @@ def _make_service(config: WorkerConfig, worker: "EgressWorker") -> Any:
         send_failure_timeout=config.send_failure_timeout, connect_timeout=config.connect_timeout,
         layer_policy=config.layer_policy, rtx_share=config.rtx_share,
         rtx_playout_allowance=config.rtx_playout_allowance, c_fastpath=config.c_fastpath,
-        on_keyframe_request=worker.request_keyframe,
+        c_fanout=config.c_fanout, on_keyframe_request=worker.request_keyframe,
         on_frame_sent=worker.frame_sent)
     return svc
 

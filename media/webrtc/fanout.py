@@ -21,7 +21,10 @@ Two halves, so that the packets can cross a process boundary between them
 * :class:`PacketFanout` takes those events (:meth:`PacketFanout.handle`),
   stores the packets in the layer's NACK history and packet GOP cache, and
   calls every attached :class:`ViewerSink` synchronously, on the event loop,
-  starting one viewer further along the attach order each frame. A video
+  starting one viewer further along the attach order each frame; sinks
+  with a ``lane`` (a WHEP session on the C path) are all served by one
+  call per frame (the lane's ``fanout_frame``: ``_fastsend.fanout``), which
+  hands back only the viewers whose frame needs their own call. A video
   frame ends at its marker packet (a large keyframe may come from the feed
   in chunks): only then is it counted and reported (``on_frame_sent(event,
   now)``, the forwarding-latency histograms: the event carries the frame's
@@ -541,6 +544,11 @@ class PacketFanout:
         # viewers last on every frame) and its list, rebuilt on attach/detach.
         self._sinks: dict[ViewerSink, None] = {}
         self._sink_list: list[ViewerSink] = []
+        #: The sinks' ``lane``s, position for position (None: a sink without
+        #: one), and the call that serves them all per frame (the lanes'
+        #: ``fanout_frame``); both None while no sink has a lane.
+        self._lanes: list[object | None] | None = None
+        self._batch: Callable[..., list[tuple[int, object]] | None] | None = None
         self._turn = 0  # frames fanned out: the rotation of the start position
         self.stats = FanoutStats()
         self.closed = False
@@ -558,7 +566,7 @@ class PacketFanout:
         for sink in list(self._sinks):
             sink.on_stream_ended()
         self._sinks.clear()
-        self._sink_list = []
+        self._set_sinks()
         if self._on_closed is not None:
             self._on_closed(self)
 
@@ -596,7 +604,7 @@ class PacketFanout:
         """Add a viewer and start it on its layer (see the module docstring)."""
         if sink not in self._sinks:
             self._sinks[sink] = None
-            self._sink_list = list(self._sinks)
+            self._set_sinks()
         self.stats.viewers = len(self._sinks)
         if not self._order:
             return
@@ -622,10 +630,19 @@ class PacketFanout:
         self._pump(sink, replay, now, first=True)
         self._arm()
 
+    def _set_sinks(self) -> None:
+        """New lists (never changed in place: a frame being served keeps
+        the ones it started with) of the sinks and their lanes."""
+        sinks = self._sink_list = list(self._sinks)
+        lanes: list[object | None] = [getattr(s, "lane", None) for s in sinks]
+        first = next((lane for lane in lanes if lane is not None), None)
+        self._lanes = lanes if first is not None else None
+        self._batch = getattr(first, "fanout_frame", None)
+
     def detach(self, sink: ViewerSink) -> None:
         if sink in self._sinks:
             del self._sinks[sink]
-            self._sink_list = list(self._sinks)
+            self._set_sinks()
         self._replays.pop(sink, None)
         self.stats.viewers = len(self._sinks)
 
@@ -805,21 +822,58 @@ class PacketFanout:
             self.stats.frames += 1
         st.packets += len(packets)
         self.stats.packets += len(packets)
-        sinks = self.fanout_order()
         replays = self._replays
-        if replays:
+        sinks = self._sink_list  # (what a frame started with: detaching makes new lists)
+        if self._batch is not None and self._serve_lanes(st.name, index, packets, now):
+            pass
+        elif replays:
+            sinks = self.fanout_order()
             for sink in sinks:
                 replay = replays.get(sink)
                 if replay is not None and replay.layer == st.name and replay.done_at is None:
                     self._queue_for_replay(sink, replay, packets, now)
                 else:
                     sink.on_packets(index, packets, now)
-        else:  # the common case, per packet-viewer: nothing to check
+        else:  # nothing to check per packet-viewer
+            sinks = self.fanout_order()
             for sink in sinks:
                 sink.on_packets(index, packets, now)
         self.stats.packet_sends += len(packets) * len(sinks)
         if self._on_frame_sent is not None and video and frame_end:
             self._on_frame_sent(ev, self._clock())
+
+    def _serve_lanes(self, name: str, index: int, packets: list[LayerPacket], now: float) -> bool:
+        """The common case: one call (the lanes' ``fanout_frame``, C) sends
+        the frame of track ``name`` to every viewer whose frame takes the
+        fast path, in the order :meth:`fanout_order` gives; the viewers it
+        hands back get their own call, and those whose join replay of this
+        layer is still sending get the frame queued behind it, in the same
+        order. False: that call was not made."""
+        sinks, lanes = self._sink_list, self._lanes
+        n = len(sinks)
+        if not n or lanes is None or self._batch is None:
+            return False
+        replays = self._replays
+        if replays:
+            waiting = {s for s, r in replays.items() if r.layer == name and r.done_at is None}
+            if waiting:
+                lanes = [None if s in waiting else lane for s, lane in zip(sinks, lanes)]
+        start = self._turn % n
+        todo = self._batch(lanes, start, index, packets, now)
+        if todo is None:
+            return False
+        self._turn = start + 1
+        for pos, what in todo:
+            sink = sinks[pos]
+            if what is None:
+                replay = replays.get(sink) if replays else None
+                if replay is not None and replay.layer == name and replay.done_at is None:
+                    self._queue_for_replay(sink, replay, packets, now)
+                else:
+                    sink.on_packets(index, packets, now)
+            else:
+                sink.on_lane_result(index, packets, what, now)  # type: ignore[attr-defined]
+        return True
 
     def fanout_order(self) -> list[ViewerSink]:
         """The viewers in the order the next frame goes to them: attach

@@ -92,6 +92,23 @@ def forward_frame(core: ViewerEgress, fast: adapter.FastPath, index: int, packet
     count = nbytes = 0
     if rw is not None:
         count, nbytes = fast.rewrite_send(rw, index, packets, now)
+    return _forward_rest(core, fast, index, packets, now, count, nbytes, before)
+
+
+def finish_frame(core: ViewerEgress, fast: adapter.FastPath, index: int, packets: list[LayerPacket], now: float,
+                 outcome: tuple[int, int, int, int, list[bytes] | None, int]) -> bool:
+    """:func:`forward_frame` after ``_fastsend.fanout`` took the first
+    ``outcome[0]`` packets of this viewer's frame but not everything went
+    out (``rewrite_send``'s tuple): the counters and errors, the rest of the
+    frame, the core's ``on_sent``."""
+    sender = fast.sender
+    before = sender.backlogged  # the C call counts nothing on the sender
+    nbytes = adapter.native_outcome(sender, outcome, now)
+    return _forward_rest(core, fast, index, packets, now, outcome[0], nbytes, before)
+
+
+def _forward_rest(core: ViewerEgress, fast: adapter.FastPath, index: int, packets: list[LayerPacket], now: float,
+                  count: int, nbytes: int, before: int) -> bool:
     if count < len(packets):
         out = core.on_packets(index, packets[count:] if count else packets, now)
         if out:
@@ -102,6 +119,29 @@ def forward_frame(core: ViewerEgress, fast: adapter.FastPath, index: int, packet
     sender = fast.sender
     core.on_sent(SendKind.MEDIA, count, nbytes, sender.backlogged != before, sender.failing_since, now, index)
     return bool(core.events or core.timer_changed)
+
+
+class FrameLane:
+    """What ``_fastsend.fanout`` reads of one viewer to send it a frame with
+    no Python code of its own (a :class:`WhepSession`'s ``lane``, which
+    :class:`~media.webrtc.fanout.PacketFanout` batches): its FastPath (None
+    once closed) and its core. The C call checks per frame what
+    ``FastPath.rewrite_send`` and ``ViewerEgress.fast_rewriter`` check, and
+    hands anything else back to the session (:meth:`WhepSession.on_lane_result`)."""
+
+    __slots__ = ("fast", "core")
+
+    def __init__(self, fast: adapter.FastPath | None, core: ViewerEgress) -> None:
+        self.fast = fast
+        self.core = core
+
+    @staticmethod
+    def fanout_frame(lanes: list[FrameLane | None], start: int, index: int, packets: list[LayerPacket],
+                     now: float) -> list[tuple[int, Any]] | None:
+        """One frame of layer ``index`` (or audio) to every lane from
+        position ``start`` round: (position, what) for the sessions with
+        work left (see ``_fastsend.fanout``); None: every sink its own call."""
+        return adapter.fanout_lanes(lanes, start, index, AUDIO, packets, now)
 
 
 @dataclass(slots=True)
@@ -187,6 +227,9 @@ class WhepSession:
             RTCIceServer(**s) for s in service.ice_servers]))
         self._tracks: dict[str, _Track] = {}
         self._fast: adapter.FastPath | None = None
+        #: This viewer's place in the fan-out's one C call per frame
+        #: (webrtc.c_fanout, with the C path); None: its own on_packets.
+        self.lane: FrameLane | None = None
         self._attached = False
         self.closed = False
         self._closing: asyncio.Task | None = None
@@ -300,6 +343,8 @@ class WhepSession:
                 return
         if all(t.rewriter is not None for t in self._tracks.values()) and not self._attached:
             self._attached = True
+            if self.service.c_fanout and self._fast._native is not None:
+                self.lane = FrameLane(self._fast, core)
             # From here on the viewer's RTCP skips aiortc (aiortc_adapter.capture_rtcp);
             # what already sits in aioice's queue still comes through _on_rtcp.
             for transport in {id(t.sender.transport): t.sender.transport for t in self._tracks.values()}.values():
@@ -323,6 +368,25 @@ class WhepSession:
             return
         try:
             if forward_frame(self.core, fast, index, packets, now):
+                self._after(now)
+        except _TRANSPORT_GONE:
+            self.close_soon("transport_closed")
+
+    def on_lane_result(self, index: int, packets: list[LayerPacket], what: Any, now: float) -> None:
+        """The fan-out's C call served this viewer's lane but left work
+        (``_fastsend.fanout``): True, the core has events or a moved timer;
+        a tuple, the frame did not all go out (finish it as on_packets
+        would); an exception, what on_packets would have raised."""
+        if what is True:
+            self._after(now)
+            return
+        fast = self._fast
+        if fast is None or self.closed:
+            return
+        try:
+            if isinstance(what, BaseException):
+                raise what
+            if finish_frame(self.core, fast, index, packets, now, what):
                 self._after(now)
         except _TRANSPORT_GONE:
             self.close_soon("transport_closed")
@@ -509,6 +573,8 @@ class WhepSession:
             return
         self.closed = True
         self.close_reason = reason
+        if self.lane is not None:
+            self.lane.fast = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -532,6 +598,7 @@ class WhepService:
                  backlog_limit: int = 512 * 1024, send_failure_timeout: float = 5.0,
                  connect_timeout: float = 15.0, layer_policy: LayerPolicy | None = None,
                  rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5, c_fastpath: bool = True,
+                 c_fanout: bool = True,
                  on_keyframe_request: Callable[[str], int | None] | None = None,
                  on_frame_sent: Callable[[Any, float], None] | None = None,
                  first_byte: Callable[[Any], float | None] | None = None) -> None:
@@ -549,6 +616,9 @@ class WhepService:
         #: Viewers' frames through the C extension where it is built
         #: (FastPath's ``native``); False: the pure-Python path.
         self.c_fastpath = c_fastpath
+        #: With the C path, one C call per frame for every viewer on it
+        #: (a session's ``lane``; _fastsend.fanout); False: one per viewer.
+        self.c_fanout = c_fanout
         #: A session that has not completed ICE+DTLS this long after its offer
         #: is freed: a client that never connects must not hold sockets.
         self.connect_timeout = connect_timeout

@@ -384,3 +384,196 @@ def test_rewrite_send_hands_what_its_buffers_cannot_hold_to_rewrite_frame() -> N
     python.close()
     tx.close()
     sink.close()
+
+
+# -- fanout: one C call per frame for every viewer's lane ------------------------
+
+from media.layer import AUDIO  # noqa: E402
+from media.rtp.layers import LayerPolicy  # noqa: E402
+from media.webrtc.fanout import AUDIO_LAYER, PacketFanout, PacketsEvent  # noqa: E402
+from media.webrtc.viewer import ViewerEgress  # noqa: E402
+from media.webrtc.whep import FrameLane, WhepSession  # noqa: E402
+
+
+class _Viewer(WhepSession):
+    """A WhepSession's fan-out side — its own ``on_packets`` and
+    ``on_lane_result`` — without aiortc: the core, the FastPath, the lane;
+    what it would do on the loop (``_after``, ``close_soon``) is recorded."""
+
+    def __init__(self, fanout: PacketFanout, fast: adapter.FastPath, lane: bool, n: int) -> None:
+        self.id = f"viewer-{n}"
+        self.closed = False
+        self._closing = None
+        self._timer = None
+        self._timer_at = None
+        self._fast = fast
+        self.core = ViewerEgress(fanout, self, cname=b"test", policy=LayerPolicy())
+        self.core.set_track("video", Rewriter(VIDEO, 0, transport_seq=TransportSeq(100 * n), initial_seq=1000 * n,
+                                              initial_ts=77 * n, initial_rtx_seq=n, map_size=64, max_gap=8),
+                            VIDEO.ssrc)
+        self.core.set_track("audio", Rewriter(AUDIO_PLAIN, AUDIO, initial_seq=500 * n, initial_ts=11 * n),
+                            AUDIO_PLAIN.ssrc)
+        self.lane = FrameLane(fast, self.core) if lane else None
+        self.calls = 0  # frames that took the per-viewer path
+        self.called: list = []
+        self.afters: list[tuple[list, bool]] = []
+        self.closing: list[str] = []
+
+    def on_packets(self, index: int, packets: list[LayerPacket], now: float) -> None:
+        self.calls += 1
+        self.called.append((index, packets[0].seq))
+        super().on_packets(index, packets, now)
+
+    def _after(self, now: float | None = None) -> None:
+        core = self.core
+        self.afters.append(([type(e).__name__ for e in core.events], core.timer_changed))
+        core.events, core.timer_changed = [], False
+
+    def close_soon(self, reason: str, detail: str = "") -> None:
+        self.closing.append(reason)
+
+    def state(self) -> tuple:
+        fast, core = self._fast, self.core
+        s = fast.sender
+        return ([[getattr(rw, k) for k in _REWRITER_STATE] + [bytes(rw._map)] for rw in (core.video, core.audio)],
+                core.stats, (s.backlogged, s.errors, s.failing_since) if s is not None else None,
+                self.afters, self.closing)
+
+
+def _feed(seed: int) -> list[tuple[str, list[LayerPacket]]]:
+    """A stream's events: a keyframe, P frames, Opus packets between them,
+    a gap within max_gap, a restart, a keyframe after it."""
+    import random
+    rng = random.Random(seed)
+    vseq, aseq, ts, ats = 4000, 9000, 1_000_000, 5_000
+    out: list[tuple[str, list[LayerPacket]]] = []
+    for f in range(40):
+        key = f in (0, 20, 31)
+        n = 9 if key else rng.choice((1, 2, 4, 5))
+        if f == 12:
+            vseq += 3  # lost on the way in: a gap the rewriter bridges
+        restart = f == 30
+        if restart:
+            vseq, ts = 100, 7_000
+        ts += 3000
+        out.append(("main", [LayerPacket(vseq + i & 0xFFFF, ts, i == n - 1,
+                                         os.urandom(1100 if i < n - 1 else rng.randrange(200, 1100)),
+                                         keyframe_start=key and i == 0, discontinuity=restart and i == 0)
+                             for i in range(n)]))
+        vseq += n
+        for _ in range(2):
+            ats += 960
+            out.append((AUDIO_LAYER, [LayerPacket(aseq & 0xFFFF, ats, True, os.urandom(rng.randrange(60, 200)),
+                                                  keyframe_start=True)]))  # as OpusPacketizer makes them
+            aseq += 1
+    return out
+
+
+def test_fanout_lanes_send_what_each_viewers_own_call_sends(udp, tmp_path) -> None:
+    """Six viewers served by the one C call per frame, and their twins —
+    same keys, same rewriter state — each served by its own
+    ``on_packets``: the same datagrams on every viewer's wire, the same
+    rewriter state and NACK map, the same counters and core events, through
+    a keyframe, P frames, Opus, a gap, a restart, a sender whose sends have
+    been failing, a freeze ending on a keyframe, a closed viewer and a
+    viewer whose socket buffer is full (EAGAIN: the C call hands the rest to
+    the session). Only what is not the common case takes a viewer's own
+    call."""
+    clock = [100.0]  # both fan-outs' now: abs-send-time and the NACK map carry it
+    fanouts = {"lane": PacketFanout("cam", clock=lambda: clock[0]), "own": PacketFanout("cam", clock=lambda: clock[0])}
+    viewers: dict[str, list[_Viewer]] = {"lane": [], "own": []}
+    wires: dict[str, list[socket.socket]] = {"lane": [], "own": []}
+    keys = [os.urandom(30) for _ in range(6)]
+    for kind, fo in fanouts.items():
+        for n, key in enumerate(keys):
+            if n == 5:  # a Unix datagram receiver nobody reads: its queue fills, then EAGAIN
+                path = str(tmp_path / f"{kind}-{n}")
+                rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                rx.bind(path)
+                tx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                tx.setblocking(False)
+                fast = _fast_path(tx, ("127.0.0.1", 9), _session(key), True)
+                sender = fast._current()
+                sender.addr = path
+                fast._wire_of, fast._wire = path, struct.pack("=H", socket.AF_UNIX) + path.encode() + b"\0"
+            else:
+                tx, rx = udp()
+                fast = _fast_path(tx, rx.getsockname(), _session(key), True)
+            wires[kind].append(rx)
+            viewers[kind].append(_Viewer(fo, fast, kind == "lane", n))
+    now = 100.0
+    events = _feed(7)
+    for step, (layer, packets) in enumerate(events):
+        now = clock[0] = now + 0.01
+        if step == 0:  # before the stream's first frame: no join replay
+            for kind, fo in fanouts.items():
+                for v in viewers[kind]:
+                    fo.attach(v, 0, now)
+                    v.core.start(now)
+        for kind in fanouts:
+            vs = viewers[kind]
+            if step == 20:
+                vs[1]._fast.sender.failing_since = now - 1.0  # sends failed until now
+            if layer == "main" and packets[0].keyframe_start and step > 30:
+                vs[2].core._frozen_since = now - 0.5  # a PLI before this keyframe
+            if step == 50:
+                vs[3].closed, vs[3].lane and setattr(vs[3].lane, "fast", None)
+        for kind, fo in fanouts.items():
+            fo.handle(PacketsEvent("cam", layer, tuple(packets), None, now, None))
+        for n in range(6):
+            if n != 5:
+                assert _drain(wires["lane"][n]) == _drain(wires["own"][n]), (step, n)
+            assert viewers["lane"][n].state() == viewers["own"][n].state(), (step, n)
+    for n in range(5):
+        assert viewers["lane"][n].core.stats.packets_sent > 0
+    queued = [_drain(wires[kind][5]) for kind in ("lane", "own")]
+    assert queued[0] == queued[1] and queued[0]
+    assert viewers["lane"][5]._fast.sender.backlogged > 0
+    # the viewers' own calls: each track's first frame (the rewriter starts
+    # on it), the restart and the keyframe the rewriter re-bases on, and
+    # what the common case is not; never every frame
+    frames = len(events)
+    own = [v.calls for v in viewers["lane"]]
+    assert [v.calls for v in viewers["own"]] == [frames] * 6
+    assert own[0] == own[4] == 4, viewers["lane"][0].called
+    assert own[1] == own[2] == 5, own  # + the failed sends' end; + the freeze's end
+    assert own[3] == 2 + frames - 50, own  # closed at step 50: its own (empty) call each frame
+    assert own[5] < frames // 2, own  # a full buffer hands the rest of a frame over, not the frame
+    for kind in fanouts:
+        for v in viewers[kind]:
+            v._fast.close()
+
+
+def test_an_error_for_one_lane_is_raised_for_it_after_every_other_viewer_got_the_frame(udp) -> None:
+    fo = PacketFanout("cam")
+    vs, rxs = [], []
+    for n in range(4):
+        tx, rx = udp()
+        rxs.append(rx)
+        vs.append(_Viewer(fo, _fast_path(tx, rx.getsockname(), _session(os.urandom(30)), True), True, n))
+    events = _feed(3)
+    now = 10.0
+    for v in vs:
+        fo.attach(v, 0, now)
+    for layer, packets in events[:4]:
+        fo.handle(PacketsEvent("cam", layer, tuple(packets), None, now, None))
+    for rx in rxs:
+        _drain(rx)
+    # viewer 2's next packet gets the index of its last one: libsrtp
+    # refuses (replay) for it alone
+    vs[2].core.video._vseq -= 1
+    layer, packets = next(e for e in events[4:] if e[0] == "main")
+    with pytest.raises(pylibsrtp.Error, match="replay"):
+        fo.handle(PacketsEvent("cam", layer, tuple(packets), None, now, None))
+    for n, rx in enumerate(rxs):
+        assert len(_drain(rx)) == (0 if n == 2 else len(packets)), n
+    # what the C call itself raises for one lane (here a rewriter it cannot
+    # read) is raised for that viewer, after the others got the frame
+    vs[1].core.video._map = bytes(vs[1].core.video._map)
+    layer, packets = next(e for e in events[5:] if e[0] == "main" and e[1][0].seq > packets[-1].seq)
+    with pytest.raises(TypeError, match="unexpected Rewriter layout"):
+        fo.handle(PacketsEvent("cam", layer, tuple(packets), None, now, None))
+    for n, rx in enumerate(rxs):
+        assert len(_drain(rx)) == (0 if n == 1 else len(packets)), n
+    for v in vs:
+        v._fast.close()
