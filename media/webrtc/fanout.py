@@ -822,25 +822,28 @@ class PacketFanout:
             self.stats.frames += 1
         st.packets += len(packets)
         self.stats.packets += len(packets)
-        replays = self._replays
-        sinks = self._sink_list  # (what a frame started with: detaching makes new lists)
-        if self._batch is not None and self._serve_lanes(st.name, index, packets, now):
-            pass
-        elif replays:
-            sinks = self.fanout_order()
-            for sink in sinks:
-                replay = replays.get(sink)
-                if replay is not None and replay.layer == st.name and replay.done_at is None:
-                    self._queue_for_replay(sink, replay, packets, now)
-                else:
-                    sink.on_packets(index, packets, now)
-        else:  # nothing to check per packet-viewer
-            sinks = self.fanout_order()
-            for sink in sinks:
-                sink.on_packets(index, packets, now)
-        self.stats.packet_sends += len(packets) * len(sinks)
+        viewers = len(self._sink_list)
+        if self._batch is None or not self._serve_lanes(st.name, index, packets, now):
+            self._serve_each(st.name, index, packets, now)
+        self.stats.packet_sends += len(packets) * viewers
         if self._on_frame_sent is not None and video and frame_end:
             self._on_frame_sent(ev, self._clock())
+
+    def _serve_each(self, name: str, index: int, packets: list[LayerPacket], now: float) -> None:
+        """Each viewer its own call, in :meth:`fanout_order`; those whose
+        join replay of this layer is still sending get the frame queued
+        behind it."""
+        replays = self._replays
+        if not replays:  # nothing to check per packet-viewer
+            for sink in self.fanout_order():
+                sink.on_packets(index, packets, now)
+            return
+        for sink in self.fanout_order():
+            replay = replays.get(sink)
+            if replay is not None and replay.layer == name and replay.done_at is None:
+                self._queue_for_replay(sink, replay, packets, now)
+            else:
+                sink.on_packets(index, packets, now)
 
     def _serve_lanes(self, name: str, index: int, packets: list[LayerPacket], now: float) -> bool:
         """The common case: one call (the lanes' ``fanout_frame``, C) sends

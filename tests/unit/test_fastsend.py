@@ -469,7 +469,8 @@ def _feed(seed: int) -> list[tuple[str, list[LayerPacket]]]:
     return out
 
 
-def test_fanout_lanes_send_what_each_viewers_own_call_sends(udp, tmp_path) -> None:
+@pytest.mark.parametrize("join_at", [0, 7], ids=["before_the_first_frame", "mid_gop_with_join_replay"])
+def test_fanout_lanes_send_what_each_viewers_own_call_sends(udp, tmp_path, join_at) -> None:
     """Six viewers served by the one C call per frame, and their twins —
     same keys, same rewriter state — each served by its own
     ``on_packets``: the same datagrams on every viewer's wire, the same
@@ -477,7 +478,9 @@ def test_fanout_lanes_send_what_each_viewers_own_call_sends(udp, tmp_path) -> No
     a keyframe, P frames, Opus, a gap, a restart, a sender whose sends have
     been failing, a freeze ending on a keyframe, a closed viewer and a
     viewer whose socket buffer is full (EAGAIN: the C call hands the rest to
-    the session). Only what is not the common case takes a viewer's own
+    the session); joined before the stream's first frame, or mid-GOP (a
+    join replay, paced by hand here, while the live frames are queued
+    behind it). Only what is not the common case takes a viewer's own
     call."""
     clock = [100.0]  # both fan-outs' now: abs-send-time and the NACK map carry it
     fanouts = {"lane": PacketFanout("cam", clock=lambda: clock[0]), "own": PacketFanout("cam", clock=lambda: clock[0])}
@@ -505,7 +508,7 @@ def test_fanout_lanes_send_what_each_viewers_own_call_sends(udp, tmp_path) -> No
     events = _feed(7)
     for step, (layer, packets) in enumerate(events):
         now = clock[0] = now + 0.01
-        if step == 0:  # before the stream's first frame: no join replay
+        if step == join_at:
             for kind, fo in fanouts.items():
                 for v in viewers[kind]:
                     fo.attach(v, 0, now)
@@ -520,6 +523,7 @@ def test_fanout_lanes_send_what_each_viewers_own_call_sends(udp, tmp_path) -> No
                 vs[3].closed, vs[3].lane and setattr(vs[3].lane, "fast", None)
         for kind, fo in fanouts.items():
             fo.handle(PacketsEvent("cam", layer, tuple(packets), None, now, None))
+            fo.pump_replays(now)
         for n in range(6):
             if n != 5:
                 assert _drain(wires["lane"][n]) == _drain(wires["own"][n]), (step, n)
@@ -529,19 +533,23 @@ def test_fanout_lanes_send_what_each_viewers_own_call_sends(udp, tmp_path) -> No
     queued = [_drain(wires[kind][5]) for kind in ("lane", "own")]
     assert queued[0] == queued[1] and queued[0]
     assert viewers["lane"][5]._fast.sender.backlogged > 0
+    for kind in fanouts:
+        for v in viewers[kind]:
+            v._fast.close()
     # the viewers' own calls: each track's first frame (the rewriter starts
     # on it), the restart and the keyframe the rewriter re-bases on, and
     # what the common case is not; never every frame
-    frames = len(events)
+    frames = len(events) - join_at
     own = [v.calls for v in viewers["lane"]]
+    if join_at:  # + the replay's packets, and the live frames it let through
+        assert fanouts["lane"].stats.joins_replayed == 6
+        assert max(own[:3]) < frames // 4, own
+        return
     assert [v.calls for v in viewers["own"]] == [frames] * 6
     assert own[0] == own[4] == 4, viewers["lane"][0].called
     assert own[1] == own[2] == 5, own  # + the failed sends' end; + the freeze's end
     assert own[3] == 2 + frames - 50, own  # closed at step 50: its own (empty) call each frame
     assert own[5] < frames // 2, own  # a full buffer hands the rest of a frame over, not the frame
-    for kind in fanouts:
-        for v in viewers[kind]:
-            v._fast.close()
 
 
 def test_an_error_for_one_lane_is_raised_for_it_after_every_other_viewer_got_the_frame(udp) -> None:
