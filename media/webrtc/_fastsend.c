@@ -483,15 +483,7 @@ read_packets(PyObject *packets)
     for (i = 0; i < n; i++) {
         PyObject *p = PyList_GET_ITEM(packets, i), *v;
         packet_info *info = &infos[i];
-        if ((v = GET(p, s_seq)) == NULL)
-            return -1;
-        info->seq = PyLong_AsLongLong(v);
-        Py_DECREF(v);
-        if ((v = GET(p, s_timestamp)) == NULL)
-            return -1;
-        info->ts = PyLong_AsLongLong(v);
-        Py_DECREF(v);
-        if (PyErr_Occurred())
+        if (get_longlong(p, s_seq, &info->seq) < 0 || get_longlong(p, s_timestamp, &info->ts) < 0)
             return -1;
         if ((v = GET(p, s_marker)) == NULL)
             return -1;
@@ -720,10 +712,10 @@ static PyObject *s_fast, *s_core, *s_native, *s_nominated, *s_pair, *s_protocol,
  * ``d`` and ``*rw`` filled (borrowed from ``held``), 0 when the lane takes
  * the per-viewer path, -1 with an exception set. */
 static int
-lane_destination(PyObject *lane, PyObject *layer, int audio, int keyframe_start, PyObject *sender_type,
-                 destination *d, PyObject **rw, PyObject **core_out, PyObject **held, int *nheld)
+lane_destination(PyObject *lane, int audio, int keyframe_start, PyObject *sender_type, destination *d,
+                 PyObject **rw, PyObject **core_out, PyObject **held, int *nheld)
 {
-    PyObject *fast, *native, *nominated, *pair, *v, *sender, *core, *sock;
+    PyObject *fast, *native, *nominated, *pair, *transport, *sock_of, *addr, *wire_of, *v, *sender, *core, *sock;
     long fd;
 
 #define HOLD(expr) ({ PyObject *h_ = (expr); if (h_ != NULL) held[(*nheld)++] = h_; h_; })
@@ -739,11 +731,11 @@ lane_destination(PyObject *lane, PyObject *layer, int audio, int keyframe_start,
         return -1;
     if (!PyDict_CheckExact(nominated) || pair == Py_None || PyDict_GetItemWithError(nominated, one) != pair)
         return PyErr_Occurred() ? -1 : 0;
-    if ((v = HOLD(PyObject_GetAttr(pair, s_protocol))) == NULL || (v = HOLD(PyObject_GetAttr(v, s_transport))) == NULL)
+    if ((v = HOLD(PyObject_GetAttr(pair, s_protocol))) == NULL
+        || (transport = HOLD(PyObject_GetAttr(v, s_transport))) == NULL
+        || (sock_of = HOLD(GET(fast, s_sock_of))) == NULL)
         return -1;
-    if (v == Py_None || (v = HOLD(GET(fast, s_sock_of))) == NULL)
-        return v == NULL ? -1 : 0;
-    if (held[*nheld - 2] != v)
+    if (transport == Py_None || transport != sock_of)
         return 0;
     if ((sender = HOLD(GET(fast, s_sender))) == NULL)
         return -1;
@@ -753,9 +745,9 @@ lane_destination(PyObject *lane, PyObject *layer, int audio, int keyframe_start,
         return -1;
     if (v != Py_None)
         return 0;
-    if ((v = HOLD(GET(sender, s_addr))) == NULL || HOLD(GET(fast, s_wire_of)) == NULL)
+    if ((addr = HOLD(GET(sender, s_addr))) == NULL || (wire_of = HOLD(GET(fast, s_wire_of))) == NULL)
         return -1;
-    if (held[*nheld - 1] != v)
+    if (addr != wire_of)
         return 0;
     if ((v = HOLD(GET(fast, s_wire))) == NULL)
         return -1;
@@ -911,8 +903,8 @@ fanout(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
         Py_INCREF(lane);
         route = lane == Py_None ? 0
-            : lane_destination(lane, layer, layer_value == audio_value, keyframe_start, sender_type, &d, &rw,
-                               &core, held, &nheld);
+            : lane_destination(lane, layer_value == audio_value, keyframe_start, sender_type, &d, &rw, &core,
+                               held, &nheld);
         if (route < 0) {
             /* Whatever this lane's objects raised, its per-viewer path
              * raises (or copes) for this viewer alone. */

@@ -833,17 +833,21 @@ class PacketFanout:
         """Each viewer its own call, in :meth:`fanout_order`; those whose
         join replay of this layer is still sending get the frame queued
         behind it."""
-        replays = self._replays
-        if not replays:  # nothing to check per packet-viewer
+        if not self._replays:  # nothing to check per packet-viewer
             for sink in self.fanout_order():
                 sink.on_packets(index, packets, now)
             return
         for sink in self.fanout_order():
-            replay = replays.get(sink)
-            if replay is not None and replay.layer == name and replay.done_at is None:
-                self._queue_for_replay(sink, replay, packets, now)
-            else:
-                sink.on_packets(index, packets, now)
+            self._to_one(sink, name, index, packets, now)
+
+    def _to_one(self, sink: ViewerSink, name: str, index: int, packets: list[LayerPacket], now: float) -> None:
+        """The frame to one viewer by its own call, or queued behind its
+        join replay of this layer while that is still sending."""
+        replay = self._replays.get(sink)
+        if replay is not None and replay.layer == name and replay.done_at is None:
+            self._queue_for_replay(sink, replay, packets, now)
+        else:
+            sink.on_packets(index, packets, now)
 
     def _serve_lanes(self, name: str, index: int, packets: list[LayerPacket], now: float) -> bool:
         """The common case: one call (the lanes' ``fanout_frame``, C) sends
@@ -869,11 +873,7 @@ class PacketFanout:
         for pos, what in todo:
             sink = sinks[pos]
             if what is None:
-                replay = replays.get(sink) if replays else None
-                if replay is not None and replay.layer == name and replay.done_at is None:
-                    self._queue_for_replay(sink, replay, packets, now)
-                else:
-                    sink.on_packets(index, packets, now)
+                self._to_one(sink, name, index, packets, now)
             else:
                 sink.on_lane_result(index, packets, what, now)  # type: ignore[attr-defined]
         return True
