@@ -358,7 +358,8 @@ static PyObject *s_layer, *s_tmpl, *s_buf, *s_abs_off, *s_abs_top, *s_twcc_off, 
     *s_octets_sent, *s_seq, *s_timestamp, *s_marker, *s_payload, *s_discontinuity;
 
 /* Attribute access at a call site that always sees the same __slots__
- * class (Rewriter, its _Template, TransportSeq, LayerPacket): the slot's
+ * class (Rewriter, its _Template, TransportSeq, LayerPacket, and the fan-out's
+ * FrameLane, FastPath, DatagramSender, ViewerEgress, SessionStats): the slot's
  * offset is looked up once and read or written directly, as the member
  * descriptor would (perf: the generic lookups were ~9 % of a worker's CPU).
  * Any other object, or a slot that is not an object slot, takes the generic
@@ -774,16 +775,16 @@ lane_destination(PyObject *lane, int audio, int keyframe_start, PyObject *sender
         return -1;
     if (d->protect == NULL || d->ctx == NULL)
         return 0;
-    if ((core = HOLD(GET(lane, s_core))) == NULL || (v = HOLD(PyObject_GetAttr(core, s_core_failing))) == NULL)
+    if ((core = HOLD(GET(lane, s_core))) == NULL || (v = HOLD(GET(core, s_core_failing))) == NULL)
         return -1;
     if (v != Py_None)
         return 0;
-    if ((*rw = HOLD(PyObject_GetAttr(core, audio ? s_audio : s_video))) == NULL)
+    if ((*rw = HOLD(audio ? GET(core, s_audio) : GET(core, s_video))) == NULL)
         return -1;
     if (*rw == Py_None)
         return 0;
     if (!audio && keyframe_start) {
-        if ((v = HOLD(PyObject_GetAttr(core, s_frozen_since))) == NULL)
+        if ((v = HOLD(GET(core, s_frozen_since))) == NULL)
             return -1;
         if (v != Py_None)
             return 0;  /* the end of a freeze is counted in on_packets */
@@ -799,7 +800,7 @@ lane_destination(PyObject *lane, int audio, int keyframe_start, PyObject *sender
 static int
 count_sent(PyObject *core, Py_ssize_t count, long long nbytes)
 {
-    PyObject *stats = PyObject_GetAttr(core, s_stats), *v;
+    PyObject *stats = GET(core, s_stats), *v;
     long long value;
     int rc = -1;
     if (stats == NULL)
@@ -808,13 +809,13 @@ count_sent(PyObject *core, Py_ssize_t count, long long nbytes)
         || get_longlong(stats, s_packets_sent, &value) < 0
         || set_longlong(stats, s_packets_sent, value + count) < 0)
         goto out;
-    if ((v = PyObject_GetAttr(core, s_events)) == NULL)
+    if ((v = GET(core, s_events)) == NULL)
         goto out;
     rc = PyObject_IsTrue(v);
     Py_DECREF(v);
     if (rc != 0)
         goto out;
-    if ((v = PyObject_GetAttr(core, s_timer_changed)) == NULL) {
+    if ((v = GET(core, s_timer_changed)) == NULL) {
         rc = -1;
         goto out;
     }

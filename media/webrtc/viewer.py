@@ -160,6 +160,14 @@ class ViewerEgress:
     stays retransmittable).
     """
 
+    # Slots: the fan-out's C call (media/webrtc/_fastsend.c) reads a core's
+    # state per viewer per frame at fixed offsets, and Python reads them
+    # without a dict lookup.
+    __slots__ = ("_source", "_sink", "cname", "policy", "send_failure_timeout", "stats", "events", "timer_changed",
+                 "layers", "pin_name", "video", "audio", "video_ssrc", "audio_ssrc", "_selector", "_budget",
+                 "_video_rate", "_wire_rate", "estimate_bps", "_pacer", "_pacer_at", "_probe_sr_at",
+                 "_judge_after_send", "_frozen_since", "_failing_since", "_report_at", "_close_wanted")
+
     def __init__(self, source: PacketSource, sink: Any, *, cname: bytes, policy: LayerPolicy,
                  rtx_share: float = 0.25, rtx_playout_allowance: float = 0.5,
                  send_failure_timeout: float = 5.0, pin: str | None = None) -> None:
