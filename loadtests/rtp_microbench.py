@@ -762,6 +762,123 @@ def bench_rtcp_receive(rounds: int) -> dict[str, Stat]:
     return {k: summarize(v) for k, v in out.items()}
 
 
+def bench_relay_read(rounds: int, viewers: int = 200) -> dict[str, Stat]:
+    """The worker's end of the ICE relay (media/webrtc/icerelay.py): µs per
+    relayed datagram (a viewer's 52-byte SRTCP from its verified address,
+    one of ``viewers`` sessions) from the relay socket to the session's
+    protocol, one message per read as RTCP arrives. ``relay_read`` is
+    ``RelayedIceMux._relay_readable`` (one buffer read into, each header
+    decoded once); ``relay_read_decode`` is the read it replaced, kept here
+    to compare: ``recvmsg`` of a fresh 64 KiB buffer, ``decode``,
+    ``relayed``, and the read that finds the socket empty."""
+    import asyncio
+
+    import uvloop
+    from aioice import Connection
+
+    from media.webrtc.icemux import IceMux, IceMuxConfig
+    from media.webrtc.icerelay import (
+        DATA, MAX_MESSAGE, VERIFIED, IceRelayHub, RelayedIceMux, _FD_SPACE, decode, encode, relay_socketpair,
+    )
+
+    per_round = 2000
+    out: dict[str, list[float]] = {"relay_read": [], "relay_read_decode": []}
+
+    async def main() -> None:
+        mux = IceMux(IceMuxConfig(port=0, bind_address="127.0.0.1", host_addresses=["127.0.0.1"]))
+        await mux.start()
+        hub = IceRelayHub(mux)
+        main_end, worker_end = relay_socketpair()
+        worker = RelayedIceMux(hub.worker_handoff(), worker_end, socket.socket(fileno=os.dup(mux.sock.fileno())))
+        await worker.start()
+        asyncio.get_running_loop().remove_reader(worker_end.fileno())  # read by hand below
+        conns = [Connection(ice_controlling=False) for _ in range(viewers)]
+        got = [0]
+
+        def received(data: bytes, addr: Any) -> None:
+            got[0] += 1
+
+        messages = []
+        for i, conn in enumerate(conns):
+            worker._hook(conn)
+            await conn.gather_candidates()
+            worker.sessions[conn.local_username].protocol.datagram_received = received
+            messages.append(encode(DATA, conn.local_username, ("198.51.100.7", 40000 + i), "127.0.0.1",
+                                   b"\x81\xc9\x00\x07" + os.urandom(48), VERIFIED))
+        sock = worker_end
+
+        def old_read() -> None:  # the read _relay_readable replaced
+            while True:
+                try:
+                    data, _anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, _FD_SPACE)
+                except BlockingIOError:
+                    return
+                worker.relayed(decode(data))
+
+        reads = {"relay_read": worker._relay_readable, "relay_read_decode": old_read}
+        for r in range(rounds + 1):
+            for key, read in reads.items():
+                spent = 0
+                for k in range(per_round):
+                    main_end.send(messages[k % viewers])
+                    t0 = time.perf_counter_ns()
+                    read()
+                    spent += time.perf_counter_ns() - t0
+                if r:
+                    out[key].append(spent / per_round)
+        assert got[0] == (rounds + 1) * per_round * len(reads), got
+        for conn in conns:
+            await conn.close()
+        await worker.close()
+        main_end.close()
+        await mux.close()
+
+    loop = uvloop.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return {k: summarize(v) for k, v in out.items()}
+
+
+def bench_timer_grid(rounds: int, viewers: int = 200, seconds: float = 4.0) -> dict[str, Stat]:
+    """``viewers`` viewers' once-a-second sender-report timers on uvloop,
+    nothing else running: each at its own phase (before) against on the
+    process's grid (media/webrtc/viewer.py ``on_timer_grid``). ``…_cpu_us``:
+    process CPU per timer fired; ``…_wakeups_per_s``: the loop's sleeps that
+    ended (voluntary context switches) per second."""
+    import asyncio
+    import resource
+
+    import uvloop
+
+    from media.webrtc.viewer import REPORT_INTERVAL_S, on_timer_grid
+
+    out: dict[str, list[float]] = {}
+    rounds = max(2, rounds // 5)
+    for _ in range(rounds):
+        for mode in ("own_phase", "grid"):
+            loop = uvloop.new_event_loop()
+            fired = [0]
+            place = (lambda at: at) if mode == "own_phase" else on_timer_grid
+
+            def fire(loop: Any = loop, place: Any = place, fired: list = fired) -> None:
+                fired[0] += 1
+                loop.call_at(place(loop.time() + REPORT_INTERVAL_S), fire)
+
+            start = loop.time()
+            rng = random.Random(7)
+            for _v in range(viewers):
+                loop.call_at(place(start + rng.random() * REPORT_INTERVAL_S), fire)
+            ru0, cpu0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+            loop.run_until_complete(asyncio.sleep(seconds))
+            ru1, cpu1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+            loop.close()
+            out.setdefault(f"timers_{viewers}v_{mode}_cpu_us", []).append((cpu1 - cpu0) * 1e6 / max(fired[0], 1))
+            out.setdefault(f"timers_{viewers}v_{mode}_wakeups_per_s", []).append((ru1.ru_nvcsw - ru0.ru_nvcsw) / seconds)
+    return {k: (min(v), statistics.median(v)) for k, v in out.items()}
+
+
 def bench_send_across_viewers(rounds: int, viewers: int = 200, size: int = 1100) -> dict[str, Stat]:
     """Issue 15's "consider sendmmsg": one datagram to each of ``viewers``
     loopback destinations (a distinct payload each, as SRTP makes them),
@@ -974,15 +1091,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer packets and rounds")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--only", choices=("session", "rtcp", "send", "fanout"),
+    ap.add_argument("--only", choices=("session", "rtcp", "send", "fanout", "relay", "timers"),
                     help="only one section: the session's per-frame path, the RTCP receive path, one "
-                         "datagram to each of 200 viewers (sendto / sendmsg / sendmmsg), or a frame to "
-                         "100 and 200 viewers per viewer against one C call for all (webrtc.c_fanout)")
+                         "datagram to each of 200 viewers (sendto / sendmsg / sendmmsg), a frame to "
+                         "100 and 200 viewers per viewer against one C call for all (webrtc.c_fanout), "
+                         "the worker's relay read, or 200 viewers' report timers (own phase / grid)")
     args = ap.parse_args()
     rounds = 5 if args.quick else 25
     if args.only:
         section = {"session": bench_session_path, "rtcp": bench_rtcp_receive, "send": bench_send_across_viewers,
-                   "fanout": bench_fanout_lanes}
+                   "fanout": bench_fanout_lanes, "relay": bench_relay_read, "timers": bench_timer_grid}
         results = section[args.only](rounds)
         for key, (lo, med) in results.items():
             print(f"{LABELS.get(key, key):<60} {lo:>7.2f} {med:>7.2f}")

@@ -34,6 +34,7 @@ It owns, per viewer:
 from __future__ import annotations
 
 import errno
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Protocol
 
@@ -51,7 +52,7 @@ from ..rtp.rtcp import (
 
 __all__ = [
     "CloseWanted", "KeyframeWanted", "LayerSwitched", "PacketSource", "ProbeFailed", "ProbeStarted",
-    "SendKind", "SessionStats", "ViewerDropped", "ViewerEgress",
+    "SendKind", "SessionStats", "TIMER_GRID_S", "ViewerDropped", "ViewerEgress", "on_timer_grid",
 ]
 
 #: Sender reports per track, RFC 3550 §6.2 (one a second is the product's cadence).
@@ -59,6 +60,18 @@ REPORT_INTERVAL_S = 1.0
 #: While probing: each RR's LSR/DLSR then measures the RTT through the
 #: queue the probe may build.
 PROBE_REPORT_INTERVAL_S = 0.1
+#: Sender reports and the send-failure limit need no finer time than this:
+#: their deadlines are rounded up onto one grid of the process's clock, so
+#: that the viewers a process serves share its event loop's wake-ups
+#: instead of each waking it once a second at its own phase (a probe's
+#: pace and judgement stay exact).
+TIMER_GRID_S = 0.02
+
+
+def on_timer_grid(at: float) -> float:
+    """The first point of the :data:`TIMER_GRID_S` grid at or after ``at``."""
+    slot = math.ceil(at / TIMER_GRID_S) * TIMER_GRID_S
+    return slot if slot >= at else slot + TIMER_GRID_S
 
 
 @dataclass(slots=True)
@@ -553,10 +566,15 @@ class ViewerEgress:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` has something to do: the next sender
-        report, probe batch or probe judgement, or the send-failure limit."""
-        deadlines = []
-        if self._report_at is not None and not self._close_wanted:
-            deadlines.append(self._report_at)
+        report or the send-failure limit (on the :data:`TIMER_GRID_S`
+        grid), a probe batch or probe judgement (exact)."""
+        coarse = None
+        if not self._close_wanted:
+            coarse = self._report_at
+            if self._failing_since is not None:
+                limit = self._failing_since + self.send_failure_timeout
+                coarse = limit if coarse is None else min(coarse, limit)
+        deadlines = [] if coarse is None else [on_timer_grid(coarse)]
         pacer = self._pacer
         sel = self._selector
         if pacer is not None or (sel is not None and sel.probing is not None):
@@ -565,8 +583,6 @@ class ViewerEgress:
                 deadlines.append(self._pacer_at)
             if sel is not None and (d := sel.next_deadline()) is not None:
                 deadlines.append(d)
-        if self._failing_since is not None and not self._close_wanted:
-            deadlines.append(self._failing_since + self.send_failure_timeout)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float, wall: float) -> tuple[list[bytes], list[bytes]]:

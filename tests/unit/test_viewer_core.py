@@ -19,7 +19,8 @@ from media.rtp.layers import Action, LayerPolicy, Reason
 from media.rtp.packet import RtpPacket
 from media.rtp.rtcp import Nack, Pli, SenderReport, parse_rtcp
 from media.webrtc.viewer import (
-    CloseWanted, KeyframeWanted, LayerSwitched, ProbeFailed, ProbeStarted, SendKind, ViewerDropped, ViewerEgress,
+    TIMER_GRID_S, CloseWanted, KeyframeWanted, LayerSwitched, ProbeFailed, ProbeStarted, SendKind, ViewerDropped,
+    ViewerEgress, on_timer_grid,
 )
 
 VIEWER = pathlib.Path(__file__).resolve().parents[2] / "media" / "webrtc" / "viewer.py"
@@ -188,6 +189,42 @@ def test_sender_reports_come_from_the_timer_once_a_second() -> None:
     # Only the track that has sent reports (no audio was published).
     assert isinstance(sr, SenderReport) and sr.ssrc == VIDEO_SSRC
     assert viewer.core.get_timer() == pytest.approx(t0 + 2.0)
+
+
+def test_sender_report_and_failure_deadlines_fall_on_one_grid_for_every_viewer() -> None:
+    """Viewers attached at different moments share their timer's points
+    (one event-loop wake-up serves them all); a probe's pace stays exact
+    (the probe test above)."""
+    for at in (0.0, 0.013, 1001.0, 1001.02, 1234.5678, 86400.019999):
+        slot = on_timer_grid(at)
+        assert at <= slot < at + TIMER_GRID_S + 1e-9
+        assert abs(slot / TIMER_GRID_S - round(slot / TIMER_GRID_S)) < 1e-6
+    studio = Studio()
+    studio.run_frames(30)
+    first = Viewer(studio)
+    studio.clock.now += 0.003
+    first.attach()
+    t0 = studio.clock.now
+    studio.clock.now += 0.011
+    second = Viewer(studio)
+    second.attach()
+    due = first.core.get_timer()
+    assert due == second.core.get_timer() == on_timer_grid(t0 + 1.0) == on_timer_grid(t0 + 1.011)
+    assert t0 + 1.0 <= due < t0 + 1.0 + TIMER_GRID_S
+    for viewer in (first, second):
+        studio.clock.now = due
+        viewer.timers()
+        assert [type(parse_rtcp(d)[0]) for _, d in viewer.rtcp] == [SenderReport]  # due at the grid point
+    # The send-failure limit too (once no sender report comes before it).
+    core = first.core
+    t1 = due + 0.007
+    core.on_sent(SendKind.MEDIA, 1, 0, False, t1, t1)
+    limit = t1 + core.send_failure_timeout
+    while (at := core.get_timer()) < limit:
+        core.handle_timer(at, WALL0 + at)
+    assert at == on_timer_grid(limit) and limit <= at < limit + TIMER_GRID_S
+    core.handle_timer(at, WALL0 + at)
+    assert [type(e) for e in first.events()] == [CloseWanted]
 
 
 def test_every_send_failing_closes_the_viewer_after_the_timeout_not_before() -> None:
