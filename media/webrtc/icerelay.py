@@ -545,6 +545,12 @@ class RelayedIceMux(IceMux):
         self._family = udp_sock.family
         self.sndbuf = handoff.sndbuf
         self.relay_stats = WorkerRelayStats()
+        #: Relay messages are read into one buffer, not a fresh 64 KiB one
+        #: per read (the read that finds the socket empty included).
+        self._rbuf = bytearray(MAX_MESSAGE)
+        #: DATA headers (their bytes) already decoded → (ufrag, remote,
+        #: local, flags): a viewer's RTCP decodes no names per datagram.
+        self._heads: dict[bytes, tuple[str, tuple[str, int], str | None, int]] = {}
         #: Called once when main's end of the relay closes (main exited):
         #: nothing reaches this worker's sessions any more.
         self.on_main_lost: Callable[[], None] | None = None
@@ -633,19 +639,43 @@ class RelayedIceMux(IceMux):
 
     def _relay_readable(self) -> None:
         sock = self.relay_sock
+        view = memoryview(self._rbuf)
+        heads = self._heads
+        hdr = _HDR.size
         for _ in range(_READ_BATCH):
             try:
-                data, anc, _flags, _addr = sock.recvmsg(MAX_MESSAGE, _FD_SPACE)
+                n, anc, _flags, _addr = sock.recvmsg_into((view,), _FD_SPACE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                data, anc = b"", []
+                n, anc = 0, []
             fds = _fds(anc) if anc else _NO_FDS
-            if not data:
+            if not n:
                 for fd in fds:
                     os.close(fd)
                 self._main_lost()
                 return
+            if not anc and n >= hdr and view[0] == DATA:
+                # The steady state: a DATA message whose header was seen before.
+                end = hdr + view[2] + view[3] + view[4]
+                if end <= n:
+                    key = bytes(view[:end])
+                    head = heads.get(key)
+                    if head is None:
+                        try:
+                            msg = decode(key)
+                        except RelayError:
+                            self.relay_stats.bad_messages += 1
+                            continue
+                        if msg.remote is None:
+                            self.relay_stats.bad_messages += 1
+                            continue
+                        if len(heads) >= _MAX_HEADERS:
+                            heads.clear()
+                        head = heads[key] = (msg.ufrag, msg.remote, msg.local, msg.flags)
+                    self._deliver(head[0], head[1], head[2], head[3], bytes(view[end:n]))
+                    continue
+            data = bytes(view[:n])
             try:
                 msg = decode(data)
             except RelayError:
@@ -674,14 +704,16 @@ class RelayedIceMux(IceMux):
 
     def relayed(self, msg: RelayMessage) -> None:
         """One datagram main routed to this worker (sans socket)."""
-        data, addr = msg.payload, msg.remote
-        if addr is None:
+        if msg.remote is None:
             self.relay_stats.bad_messages += 1
             return
+        self._deliver(msg.ufrag, msg.remote, msg.local, msg.flags, msg.payload)
+
+    def _deliver(self, ufrag: str, addr: tuple[str, int], local: str | None, flags: int, data: bytes) -> None:
         c = self.table.counters
         c.received_packets += 1
         c.received_bytes += len(data)
-        entry = self.table.by_ufrag.get(msg.ufrag)
+        entry = self.table.by_ufrag.get(ufrag)
         if entry is None:
             # Closed here, main not told yet (UNREGISTER in flight).
             c.dropped_unknown_ufrag += 1
@@ -693,11 +725,11 @@ class RelayedIceMux(IceMux):
             if self.table.by_txid.get(txid) is entry:
                 del self.table.by_txid[txid]
             hint = entry.pending.pop(txid, None)
-        if msg.flags & VERIFIED:
+        if flags & VERIFIED:
             # Main proved this address for the session (RFC 8489 §14.5) and
             # saw which of our addresses it checked: replies leave from
             # there (RFC 8445 §7.2.5.2.1).
-            self.table.learn(entry, addr, msg.local)
+            self.table.learn(entry, addr, local)
         session: MuxSession = entry.target
         protocol = hint if hint is not None else session.protocol_for(addr)
         if protocol is None:

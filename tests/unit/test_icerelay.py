@@ -381,6 +381,17 @@ def test_worker_side_routes_relayed_datagrams_and_learns_only_verified_addresses
             assert worker.table.local_for(SPOOF) is None and got == [(DTLS, SPOOF)]
             worker.relayed(decode(encode(DATA, ufrag, PEER, "192.0.2.10", DTLS, VERIFIED)))
             assert worker.table.local_for(PEER) == "192.0.2.10"
+            # Through the relay socket: each header decoded once, every payload exact, garbage counted.
+            srtcp = b"\x80\xc9\x00\x01" + bytes(40)
+            for payload in (srtcp, DTLS, srtcp[:30]):
+                main_end.send(encode(DATA, ufrag, PEER, "192.0.2.10", payload, VERIFIED))
+            main_end.send(encode(DATA, ufrag, SPOOF, "192.0.2.10", srtcp))
+            main_end.send(encode(DATA, ufrag, PEER, "192.0.2.10", DTLS)[:12])  # its names cut short
+            await _until(lambda: worker.relay_stats.bad_messages == 1)
+            assert got[2:] == [(srtcp, PEER), (DTLS, PEER), (srtcp[:30], PEER), (srtcp, SPOOF)]
+            assert sorted(head[1:] for head in worker._heads.values()) == [
+                (PEER, "192.0.2.10", VERIFIED), (SPOOF, "192.0.2.10", 0)]
+            del got[2:]
             transport = worker.sessions[ufrag].protocol.transport
             assert transport.ancillary_for(PEER) == [pktinfo("192.0.2.10")]
             # The worker's own check: via main, its response back to the sending protocol.
