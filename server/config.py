@@ -308,7 +308,8 @@ class WebRtcSettings(_Section):
                             host_addresses=list(self.ice_host_addresses), loopback=self.ice_loopback,
                             announce=list(self.ice_announce), announce_mode=self.ice_announce_mode,
                             max_addresses_per_session=self.ice_max_addresses_per_session,
-                            sndbuf_bytes=max(8 * 1024 * 1024, self.backlog_bytes))
+                            sndbuf_bytes=max(8 * 1024 * 1024, self.backlog_bytes),
+                            direct_receive=self.ice_direct_to_workers and self.egress_worker_count() > 0)
     #: ICE-TCP (RFC 6544): every WHEP/WHIP answer also offers passive TCP
     #: host candidates on one TCP port, for networks that block UDP. Off by
     #: default: media over TCP suffers head-of-line blocking (one lost
@@ -336,6 +337,11 @@ class WebRtcSettings(_Section):
     #: for ingest, HTTP, tally and the taps' hand-off, at least 1; 0: every
     #: viewer in the server process.
     egress_workers: int = Field(-1, ge=-1, le=64)
+    #: With egress workers: each receives its viewers' datagrams on a socket
+    #: of its own connected to the viewer, on the ICE port, not through the
+    #: server process (media/webrtc/icemux.py ``share_port``; Linux, IPv4,
+    #: ``ice_bind_address`` 0.0.0.0; elsewhere the relay).
+    ice_direct_to_workers: bool = True
 
     @field_validator("egress_workers", mode="before")
     @classmethod

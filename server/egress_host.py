@@ -862,7 +862,16 @@ class EgressHost:
                     ("returnfeed_webrtc_ice_relay_requests", t.requests_sent,
                      "STUN requests of egress workers sent by the server process"),
                     ("returnfeed_webrtc_ice_relay_tcp_handed_off", t.tcp_handed_off,
-                     "ICE-TCP connections handed to egress workers")):
+                     "ICE-TCP connections handed to egress workers"),
+                    ("returnfeed_webrtc_ice_direct_packets", sum(st.ice_direct_received for st in self._all_stats()),
+                     "Datagrams egress workers received from their viewers on sockets of their own "
+                     "(webrtc.ice_direct_to_workers), past the server process"),
+                    ("returnfeed_webrtc_ice_direct_refused", sum(st.ice_direct_refused for st in self._all_stats()),
+                     "Viewers left on the relay: the route's source address was not the one they checked")):
                 fam = CounterMetricFamily(name, doc)
                 fam.add_metric([], value)
                 yield fam
+            direct = GaugeMetricFamily("returnfeed_webrtc_ice_direct_sockets",
+                                       "Egress workers' sockets connected to one viewer each on the ICE port")
+            direct.add_metric([], sum(st.ice_direct_open for st in self._live_stats()))
+            yield direct

@@ -237,6 +237,11 @@ class WorkerStats:
     ice_tcp_open: int = 0
     ice_tcp_idle_closed: int = 0
     ice_tcp_frames_dropped: int = 0
+    #: Viewers' sockets on the shared ICE port (RelayedIceMux.receive_direct):
+    #: open now, the datagrams they received, the viewers left on the relay.
+    ice_direct_open: int = 0
+    ice_direct_received: int = 0
+    ice_direct_refused: int = 0
     #: The worker's garbage-collector pauses, per generation (0, 1, 2).
     gc_pauses: list[LatencyCounts] = field(default_factory=gc_pause_counts)
 
@@ -248,7 +253,7 @@ class WorkerStats:
     def add(self, other: "WorkerStats") -> None:
         """Add ``other``'s counters to these (the host keeps dead workers'
         last figures this way, so that every ``_total`` only goes up). The
-        gauges — ``sessions``, ``ice_tcp_open`` — are not summed."""
+        gauges — ``sessions``, ``ice_tcp_open``, ``ice_direct_open`` — are not summed."""
         self.totals.add(other.totals)
         for mine, theirs in ((self.send_errors, other.send_errors), (self.switches, other.switches),
                              (self.drops, other.drops), (self.closed_by_reason, other.closed_by_reason)):
@@ -261,6 +266,8 @@ class WorkerStats:
         self.cpu_s += other.cpu_s
         self.ice_tcp_idle_closed += other.ice_tcp_idle_closed
         self.ice_tcp_frames_dropped += other.ice_tcp_frames_dropped
+        self.ice_direct_received += other.ice_direct_received
+        self.ice_direct_refused += other.ice_direct_refused
         for mine, theirs in zip(self.gc_pauses, other.gc_pauses):
             mine.add(theirs)
 
@@ -550,6 +557,7 @@ class EgressWorker:
                                          s.counters())
         totals, errors = svc.totals()
         tcp = getattr(self.ice_mux, "ice_tcp", None)
+        relay = getattr(self.ice_mux, "relay_stats", None)
         return WorkerStats(sessions=sessions, totals=totals, send_errors=errors, switches=dict(svc.switches),
                            drops=dict(svc.drops), closed_by_reason=dict(svc.closed_by_reason),
                            forwarding=self.forwarding, first_byte=self.first_byte, feed_events=self.feed_events,
@@ -559,6 +567,9 @@ class EgressWorker:
                            ice_tcp_open=tcp.open_connections if tcp is not None else 0,
                            ice_tcp_idle_closed=tcp.stats.idle_closed if tcp is not None else 0,
                            ice_tcp_frames_dropped=tcp.stats.frames_dropped if tcp is not None else 0,
+                           ice_direct_open=relay.direct_open if relay is not None else 0,
+                           ice_direct_received=relay.direct_received if relay is not None else 0,
+                           ice_direct_refused=relay.direct_refused if relay is not None else 0,
                            gc_pauses=self.gc_pauses.snapshot())
 
     def _arm_stats(self) -> None:

@@ -379,6 +379,47 @@ class IceMuxConfig:
     #: the one send buffer now (SO_SNDBUFFORCE when permitted).
     sndbuf_bytes: int = 8 * 1024 * 1024
     rcvbuf_bytes: int = 4 * 1024 * 1024
+    #: Let other processes of this user (the egress workers) receive a
+    #: viewer's datagrams on a socket of their own connected to it, on this
+    #: port (:func:`share_port`; IPv4 on the wildcard address only).
+    direct_receive: bool = False
+
+
+SO_ATTACH_REUSEPORT_CBPF = getattr(socket, "SO_ATTACH_REUSEPORT_CBPF", 51)  # Linux ≥ 4.5
+#: A classic BPF reuseport program of one instruction, ``ret #0``: the
+#: group's first socket, i.e. the one it is attached to.
+_FIRST_SOCKET = struct.pack("HBBI", 0x06, 0, 0, 0)
+
+
+def share_port(sock: socket.socket) -> bool:
+    """Before ``sock`` (IPv4, UDP) is bound: let sockets of other processes
+    of this user bind its port and ``connect()`` to one peer each, so that
+    the kernel hands them that peer's datagrams (Linux prefers a connected
+    socket to the unconnected one). Every other datagram still reaches
+    ``sock``: ``SO_REUSEPORT`` with a classic BPF reuseport program that
+    always picks the group's first socket, so a socket bound but not yet
+    connected never takes another peer's datagram (without it, the kernel
+    hashes each flow to any member). With the program attached before
+    ``bind``, the port cannot be shared with another such socket: a second
+    server still fails with EADDRINUSE, and port 0 never lands on one in
+    use. ``loadtests/reuseport_check.py`` shows both on a kernel. Returns
+    False, with nothing set, where the kernel offers neither option."""
+    import ctypes
+
+    program = ctypes.create_string_buffer(_FIRST_SOCKET, len(_FIRST_SOCKET))
+    fprog = struct.pack("H6xQ", 1, ctypes.addressof(program))  # struct sock_fprog (64-bit)
+    try:
+        if struct.calcsize("P") != 8:
+            raise OSError("struct sock_fprog is laid out here for 64-bit pointers")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)  # copied by the kernel
+    except (OSError, AttributeError):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        except (OSError, AttributeError):
+            pass
+        return False
+    return True
 
 
 def _interfaces() -> dict[str, list[str]]:
@@ -619,6 +660,9 @@ class IceMux:
         self._family = socket.AF_INET
         #: remote address -> the source address the kernel picks for it.
         self._route_source: dict[Addr, str] = {}
+        #: Other processes may receive their viewers' datagrams on this
+        #: port directly (``config.direct_receive`` and the kernel agreed).
+        self.direct_receive = False
 
     @property
     def counters(self) -> MuxCounters:
@@ -650,6 +694,8 @@ class IceMux:
                 # "::" serves IPv4 too (IPv4-mapped); another IPv6 address only IPv6.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if families(c.bind_address) == {4, 6} else 1)
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            direct = (c.direct_receive and self._family == socket.AF_INET and c.bind_address == "0.0.0.0"
+                      and share_port(sock))
             try:
                 sock.bind((c.bind_address, c.port))
             except OSError as exc:
@@ -672,8 +718,9 @@ class IceMux:
         self.sock = sock
         self._loop = loop
         self.sockname = sock.getsockname()[:2]
+        self.direct_receive = direct
         event(log, logging.INFO, "webrtc.ice_mux_listening", address=c.bind_address, port=self.sockname[1],
-              candidates=",".join(self.addresses), sndbuf=self.sndbuf)
+              candidates=",".join(self.addresses), sndbuf=self.sndbuf, direct_receive=direct)
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

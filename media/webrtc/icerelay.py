@@ -130,6 +130,27 @@ _MAX_HEADERS = 4096
 _READ_BATCH = 64
 
 
+#: Descriptors a worker keeps free beside its viewers' sockets (receive_direct):
+#: its relay, feed and control sockets, ICE-TCP connections handed over.
+_FD_RESERVE = 256
+
+
+def open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (a
+    worker holds a socket per viewer, receive_direct) and return it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 _FD_SPACE = socket.CMSG_SPACE(struct.calcsize("i"))
 _NO_FDS: list[int] = []
 
@@ -250,6 +271,9 @@ class RelayHandoff:
     port: int
     sndbuf: int
     tcp: TcpHandoff | None = None
+    #: Main's socket lets this worker receive its viewers' datagrams on
+    #: sockets of its own (:func:`media.webrtc.icemux.share_port`).
+    direct: bool = False
 
 
 # -- main side --------------------------------------------------------------------------
@@ -343,7 +367,7 @@ class IceRelayHub:
         if lst is not None and lst.families:
             tcp = TcpHandoff(lst.port, tuple(sorted(lst.families)), lst.max_connections, lst.max_per_session,
                              lst.first_request_timeout, lst.idle_timeout, lst.write_limit, lst.max_frame)
-        return RelayHandoff(mux.config, tuple(mux.addresses), mux.port, mux.sndbuf, tcp)
+        return RelayHandoff(mux.config, tuple(mux.addresses), mux.port, mux.sndbuf, tcp, mux.direct_receive)
 
     # -- workers ---------------------------------------------------------------------
 
@@ -523,6 +547,13 @@ class WorkerRelayStats:
     bad_messages: int = 0
     sent_direct: int = 0
     main_lost: bool = False
+    #: Viewers' sockets of this worker on the shared port (receive_direct):
+    #: opened, refused (the kernel's source for the viewer is not the
+    #: address it checked, or the bind failed), open now; their datagrams.
+    direct_opened: int = 0
+    direct_refused: int = 0
+    direct_open: int = 0
+    direct_received: int = 0
 
 
 class RelayedIceMux(IceMux):
@@ -551,6 +582,11 @@ class RelayedIceMux(IceMux):
         #: DATA headers (their bytes) already decoded → (ufrag, remote,
         #: local, flags): a viewer's RTCP decodes no names per datagram.
         self._heads: dict[bytes, tuple[str, tuple[str, int], str | None, int]] = {}
+        #: ufrag → the socket connected to that viewer (receive_direct).
+        self._direct: dict[str, socket.socket] = {}
+        #: At most this many (set at start from the open-files limit); the
+        #: viewers beyond them keep the relay.
+        self.max_direct = 0
         #: Called once when main's end of the relay closes (main exited):
         #: nothing reaches this worker's sessions any more.
         self.on_main_lost: Callable[[], None] | None = None
@@ -570,6 +606,8 @@ class RelayedIceMux(IceMux):
         self.sock = self._udp
         self.sockname = self._udp.getsockname()[:2]
         self._loop = loop
+        if self.handoff.direct:
+            self.max_direct = max(0, open_files_limit() - _FD_RESERVE)
         loop.add_reader(self.relay_sock.fileno(), self._relay_readable)
         if self.ice_tcp is not None and self.handoff.tcp is not None:
             self.ice_tcp.start_adopting(set(self.handoff.tcp.families))
@@ -579,6 +617,8 @@ class RelayedIceMux(IceMux):
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             self._unregister(session)
+        for ufrag in list(self._direct):
+            self._close_direct(ufrag)
         if self.ice_tcp is not None:
             await self.ice_tcp.close()
         if self._loop is not None and self.relay_sock.fileno() >= 0:
@@ -631,9 +671,85 @@ class RelayedIceMux(IceMux):
 
     def _unregister(self, session: MuxSession) -> None:
         entry = session.entry
+        if entry is not None:
+            self._close_direct(entry.ufrag)
         super()._unregister(session)
         if entry is not None and self.relay_sock.fileno() >= 0:
             self._to_main(encode(UNREGISTER, entry.ufrag))
+
+    # -- straight from the viewer -----------------------------------------------------
+
+    def receive_direct(self, connection: Any) -> bool:
+        """Once ``connection`` (an aioice Connection of this mux) has its
+        nominated pair: receive that viewer's datagrams here, on a socket
+        bound to the shared port and connected to the viewer, instead of
+        through main (one wake-up, read and relay send fewer per datagram;
+        loadtests/README.md "Wake-ups"). False where main's socket does not
+        share its port, for IPv6, without a nominated pair, beyond
+        ``max_direct`` sockets, or when the kernel's source address for the
+        viewer is not the one it checked (its datagrams keep coming through
+        main, as before)."""
+        if not self.handoff.direct or self._loop is None:
+            return False
+        session = self.sessions.get(connection.local_username)
+        pair = connection._nominated.get(1)
+        entry = session.entry if session is not None else None
+        if entry is None or not entry.registered or pair is None:
+            return False
+        addr = (pair.remote_addr[0], pair.remote_addr[1])
+        if ":" in addr[0]:
+            return False
+        self._close_direct(entry.ufrag)
+        if len(self._direct) >= self.max_direct:
+            self.relay_stats.direct_refused += 1
+            return False
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(("0.0.0.0", self.handoff.port))
+            sock.connect(addr)
+            local, source = entry.addresses.get(addr), sock.getsockname()[0]
+            if local is not None and source != local:
+                # Its datagrams to ``local`` would never reach this socket.
+                raise OSError(f"the route's source {source} is not the address the viewer checked ({local})")
+        except OSError as exc:
+            sock.close()
+            self.relay_stats.direct_refused += 1
+            event(log, logging.DEBUG, "webrtc.ice_direct_refused", ufrag=entry.ufrag, detail=str(exc))
+            return False
+        self._loop.add_reader(sock.fileno(), self._direct_readable, entry.ufrag, sock)
+        self._direct[entry.ufrag] = sock
+        self.relay_stats.direct_opened += 1
+        self.relay_stats.direct_open = len(self._direct)
+        return True
+
+    def _direct_readable(self, ufrag: str, sock: socket.socket) -> None:
+        view = memoryview(self._rbuf)
+        for _ in range(_READ_BATCH):
+            try:
+                n, addr = sock.recvfrom_into(view)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                # An ICMP error for a datagram sent to this viewer from the
+                # shared socket lands on the socket connected to it: as on
+                # main's socket, consent freshness ends such sessions.
+                self.table.counters.send_errors += 1
+                continue
+            self.relay_stats.direct_received += 1
+            # Its address was verified before the socket was opened; the
+            # kernel delivers only the connected peer's datagrams here.
+            self._deliver(ufrag, (addr[0], addr[1]), None, 0, bytes(view[:n]))
+
+    def _close_direct(self, ufrag: str) -> None:
+        sock = self._direct.pop(ufrag, None)
+        if sock is None:
+            return
+        if self._loop is not None and sock.fileno() >= 0:
+            self._loop.remove_reader(sock.fileno())
+        sock.close()
+        self.relay_stats.direct_open = len(self._direct)
 
     # -- from main -------------------------------------------------------------------
 

@@ -347,8 +347,13 @@ class WhepSession:
                 self.lane = FrameLane(self._fast, core)
             # From here on the viewer's RTCP skips aiortc (aiortc_adapter.capture_rtcp);
             # what already sits in aioice's queue still comes through _on_rtcp.
+            receive_direct = getattr(self.service.ice_mux, "receive_direct", None)
             for transport in {id(t.sender.transport): t.sender.transport for t in self._tracks.values()}.values():
                 adapter.capture_rtcp(transport, self._on_rtcp_datagram)
+                if receive_direct is not None:
+                    # An egress worker: the viewer's datagrams straight to
+                    # this process, not through main (media/webrtc/icerelay.py).
+                    receive_direct(transport.transport._connection)
             now = time.monotonic()
             self.fanout.attach(self, core.initial_layer(self.fanout.ordered_layers), now)
             core.start(now)

@@ -78,3 +78,12 @@ def test_chromium_plays_whep_served_by_egress_workers(module_db_url, tmp_path_fa
                 if line.startswith("returnfeed_webrtc_packets_sent_total "))
     received = sum(samples[-1].get(kind, {}).get("packetsReceived") or 0 for kind in ("audio", "video"))
     assert received > 300 and sent >= 0.8 * received, (sent, received)
+    # Chromium's RTCP reached its worker on a socket connected to it, past the
+    # server process (webrtc.ice_direct_to_workers), unless the server's route
+    # to Chromium's address leaves from another address than the one Chromium
+    # checked (a host with several interfaces): then through the relay.
+    direct = {line.split()[0]: float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("returnfeed_webrtc_ice_direct_")}
+    assert direct["returnfeed_webrtc_ice_direct_sockets"] + direct["returnfeed_webrtc_ice_direct_refused_total"] == 1
+    if direct["returnfeed_webrtc_ice_direct_sockets"]:
+        assert direct["returnfeed_webrtc_ice_direct_packets_total"] > 0, direct

@@ -28,7 +28,11 @@ STARTED = re.compile(r"egress\.worker_started.*?worker=(\d+).*?pid=(\d+)")
 def env(module_db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     srv = ServerProcess(tmp_path_factory.mktemp("srv"), env={
         "DATABASE_URL": module_db_url, "RETURNFEED_ADMIN_PASSWORD": "admin-password-1",
-        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "2", "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "0"})
+        "RETURNFEED_WEBRTC__EGRESS_WORKERS": "2", "RETURNFEED_HTTP__MAX_CONNECTIONS_PER_IP": "0",
+        # The test's viewers gather only 127.0.0.1: offered the same address,
+        # each checks the address the server's route back to it leaves from,
+        # and its worker can take its datagrams directly (ice_direct_to_workers).
+        "RETURNFEED_WEBRTC__ICE_HOST_ADDRESSES": '["127.0.0.1"]'})
     srv.admin_password = "admin-password-1"
     srv.start()
     procs = []
@@ -150,7 +154,12 @@ def test_viewers_spread_over_both_workers_and_play(env) -> None:
     assert sum(v for k, v in m.items() if k.startswith("returnfeed_viewers{")) == 4
     assert m["returnfeed_webrtc_packets_sent_total"] >= sum(out["packets"])
     assert m["returnfeed_forwarding_latency_seconds_count"] > 0
-    assert m["returnfeed_webrtc_ice_relay_packets_total"] > 0  # the viewers' RTCP came through main's port
+    assert m["returnfeed_webrtc_ice_relay_packets_total"] > 0  # ICE checks and DTLS came through main's port
+    # Once connected, each viewer's datagrams (its RTCP) reach its worker on a
+    # socket connected to it, past the server process (webrtc.ice_direct_to_workers).
+    assert m["returnfeed_webrtc_ice_direct_sockets"] == 4
+    assert m["returnfeed_webrtc_ice_direct_packets_total"] > 0
+    assert m["returnfeed_webrtc_ice_direct_refused_total"] == 0
     # Garbage-collector pauses, the server's and the workers' (young collections happen within seconds).
     assert m['returnfeed_gc_pause_seconds_count{generation="0",process="server"}'] > 0
     assert m['returnfeed_gc_pause_seconds_count{generation="0",process="egress_worker"}'] > 0

@@ -86,7 +86,7 @@ async def _until(cond, timeout: float = 3.0) -> None:
 
 
 async def _started(**kw) -> IceMux:
-    mux = IceMux(IceMuxConfig(port=0, **kw))
+    mux = IceMux(IceMuxConfig(**{"port": 0, **kw}))
     await mux.start()
     return mux
 
@@ -414,6 +414,78 @@ def test_worker_side_routes_relayed_datagrams_and_learns_only_verified_addresses
             await _until(lambda: worker.relay_stats.main_lost)
             assert lost == [True]
         finally:
+            await conn.close()
+            await worker.close()
+            main_end.close()
+            await mux.close()
+
+    asyncio.run(main())
+
+
+def test_a_worker_receives_its_viewers_datagrams_on_a_socket_connected_to_the_viewer() -> None:
+    """receive_direct: main's port is shared (icemux.share_port) and the
+    worker's socket connected to the viewer gets the viewer's datagrams,
+    past main; every other peer's still reach main, also while a socket is
+    bound but not yet connected; the session's end closes the socket; a
+    second server cannot take the port."""
+    from types import SimpleNamespace
+
+    async def main() -> None:
+        mux = await _started(bind_address="0.0.0.0", host_addresses=["127.0.0.1"], direct_receive=True)
+        assert mux.direct_receive
+        port = mux.port
+        for direct in (True, False):  # another server on the port, sharing it or not
+            with pytest.raises(OSError):
+                await _started(bind_address="0.0.0.0", port=port, host_addresses=["127.0.0.1"],
+                               direct_receive=direct)
+        hub = IceRelayHub(mux)
+        main_end, worker_end = relay_socketpair()
+        worker = RelayedIceMux(hub.worker_handoff(), worker_end, socket.socket(fileno=os.dup(mux.sock.fileno())))
+        await worker.start()
+        conn = Connection(ice_controlling=False)
+        viewer, other, idle = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3))
+        try:
+            viewer.bind(("127.0.0.1", 0))
+            vaddr = viewer.getsockname()
+            worker._hook(conn)
+            await conn.gather_candidates()
+            ufrag = conn.local_username
+            got: list = []
+            worker.sessions[ufrag].protocol.datagram_received = lambda data, addr: got.append((data, addr))
+            assert not worker.receive_direct(conn)  # no nominated pair yet
+            worker.relayed(decode(encode(DATA, ufrag, vaddr, "127.0.0.1", DTLS, VERIFIED)))  # main verified it
+            conn._nominated[1] = SimpleNamespace(remote_addr=vaddr)  # all receive_direct reads of the pair
+            limit, worker.max_direct = worker.max_direct, 0  # no descriptors to spare: the relay it stays
+            assert limit > 0 and not worker.receive_direct(conn) and worker.relay_stats.direct_refused == 1
+            worker.max_direct = limit
+            assert worker.receive_direct(conn)
+            assert worker.relay_stats.direct_opened == worker.relay_stats.direct_open == 1
+            main_seen = mux.counters.received_packets
+            srtcp = [b"\x81\xc9\x00\x07" + bytes([i]) * 40 for i in range(5)]
+            for d in srtcp:
+                viewer.sendto(d, ("127.0.0.1", port))
+            other.sendto(b"\x80\xc8", ("127.0.0.1", port))
+            await _until(lambda: len(got) == 6 and mux.counters.received_packets == main_seen + 1)
+            assert got[1:] == [(d, vaddr) for d in srtcp] and worker.relay_stats.direct_received == 5
+            assert hub.totals().relayed_packets == 0 and _messages(main_end)[-1].kind == REGISTER
+            # A socket bound to the port, not connected (a worker between bind and connect): it takes nothing.
+            idle.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            idle.bind(("0.0.0.0", port))
+            idle.setblocking(False)
+            for _ in range(20):
+                other.sendto(b"\x80\xc8", ("127.0.0.1", port))
+            await _until(lambda: mux.counters.received_packets == main_seen + 21)
+            with pytest.raises(BlockingIOError):
+                idle.recv(64)
+            # The session ends: its socket closes and the viewer's datagrams go to main again.
+            await conn.close()
+            assert worker.relay_stats.direct_open == 0
+            viewer.sendto(srtcp[0], ("127.0.0.1", port))
+            await _until(lambda: mux.counters.received_packets == main_seen + 22)
+            assert len(got) == 6
+        finally:
+            for s in (viewer, other, idle):
+                s.close()
             await conn.close()
             await worker.close()
             main_end.close()
