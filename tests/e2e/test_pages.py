@@ -28,7 +28,8 @@ from typing import Any, Iterator
 
 import pytest
 
-from helpers import Console, ServerProcess, free_udp_port, http, login, open_control_room, wait_until
+from helpers import (Console, ServerProcess, free_udp_port, http, login, metrics_url, open_control_room,
+                     wait_until)
 
 pytestmark = pytest.mark.browser
 
@@ -484,10 +485,24 @@ def test_viewer_stats(browser, live_server, show, sources):
         assert "640×360" in page.text_content("#layer")
         shot(page, "watch.png")
         console.assert_clean()
-        # Leaving the page ends the WHEP session with a DELETE (keepalive fetch).
-        deleted = sum("whep.deleted" in line for line in live_server.output)
+        # Leaving the page ends the WHEP session: the page DELETEs it (a
+        # keepalive fetch) and Chromium closes the peer connection. Either may
+        # reach the server first (the DTLS close goes straight to the egress
+        # worker; a DELETE after it finds no session, 404), so: the DELETE
+        # came, and the session ended.
+        def whep_deletes() -> float:
+            return sum(float(line.rsplit(" ", 1)[1])
+                       for line in http("GET", metrics_url(show["base"])).body.decode().splitlines()
+                       if line.startswith("returnfeed_http_requests_total{") and 'method="DELETE"' in line
+                       and "whep" in line)
+
+        def ended() -> int:
+            return sum("whep.deleted" in line or "webrtc.viewer_closed" in line for line in live_server.output)
+
+        deletes, closed = whep_deletes(), ended()
         page.goto("about:blank")
-        wait_until(lambda: sum("whep.deleted" in line for line in live_server.output) > deleted, timeout=20)
+        wait_until(lambda: whep_deletes() > deletes, timeout=20)
+        wait_until(lambda: ended() > closed, timeout=20)
     finally:
         ctx.close()
 
