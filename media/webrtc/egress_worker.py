@@ -567,7 +567,7 @@ class EgressWorker:
                            ice_tcp_open=tcp.open_connections if tcp is not None else 0,
                            ice_tcp_idle_closed=tcp.stats.idle_closed if tcp is not None else 0,
                            ice_tcp_frames_dropped=tcp.stats.frames_dropped if tcp is not None else 0,
-                           ice_direct_open=relay.direct_open if relay is not None else 0,
+                           ice_direct_open=getattr(self.ice_mux, "direct_open", 0),
                            ice_direct_received=relay.direct_received if relay is not None else 0,
                            ice_direct_refused=relay.direct_refused if relay is not None else 0,
                            gc_pauses=self.gc_pauses.snapshot())

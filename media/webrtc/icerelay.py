@@ -549,10 +549,10 @@ class WorkerRelayStats:
     main_lost: bool = False
     #: Viewers' sockets of this worker on the shared port (receive_direct):
     #: opened, refused (the kernel's source for the viewer is not the
-    #: address it checked, or the bind failed), open now; their datagrams.
+    #: address it checked, the bind failed, no descriptors to spare); their
+    #: datagrams. Open now: RelayedIceMux.direct_open.
     direct_opened: int = 0
     direct_refused: int = 0
-    direct_open: int = 0
     direct_received: int = 0
 
 
@@ -721,8 +721,12 @@ class RelayedIceMux(IceMux):
         self._loop.add_reader(sock.fileno(), self._direct_readable, entry.ufrag, sock)
         self._direct[entry.ufrag] = sock
         self.relay_stats.direct_opened += 1
-        self.relay_stats.direct_open = len(self._direct)
         return True
+
+    @property
+    def direct_open(self) -> int:
+        """Viewers' sockets of this worker open now (receive_direct)."""
+        return len(self._direct)
 
     def _direct_readable(self, ufrag: str, sock: socket.socket) -> None:
         view = memoryview(self._rbuf)
@@ -749,7 +753,6 @@ class RelayedIceMux(IceMux):
         if self._loop is not None and sock.fileno() >= 0:
             self._loop.remove_reader(sock.fileno())
         sock.close()
-        self.relay_stats.direct_open = len(self._direct)
 
     # -- from main -------------------------------------------------------------------
 

@@ -459,7 +459,7 @@ def test_a_worker_receives_its_viewers_datagrams_on_a_socket_connected_to_the_vi
             assert limit > 0 and not worker.receive_direct(conn) and worker.relay_stats.direct_refused == 1
             worker.max_direct = limit
             assert worker.receive_direct(conn)
-            assert worker.relay_stats.direct_opened == worker.relay_stats.direct_open == 1
+            assert worker.relay_stats.direct_opened == worker.direct_open == 1
             main_seen = mux.counters.received_packets
             srtcp = [b"\x81\xc9\x00\x07" + bytes([i]) * 40 for i in range(5)]
             for d in srtcp:
@@ -479,7 +479,7 @@ def test_a_worker_receives_its_viewers_datagrams_on_a_socket_connected_to_the_vi
                 idle.recv(64)
             # The session ends: its socket closes and the viewer's datagrams go to main again.
             await conn.close()
-            assert worker.relay_stats.direct_open == 0
+            assert worker.direct_open == 0
             viewer.sendto(srtcp[0], ("127.0.0.1", port))
             await _until(lambda: mux.counters.received_packets == main_seen + 22)
             assert len(got) == 6
